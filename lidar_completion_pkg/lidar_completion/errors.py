@@ -1,0 +1,25 @@
+"""One exception type per domain; every message says what was expected and what was found."""
+
+
+class LidarCompletionError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class CloudFormatError(LidarCompletionError, ValueError):
+    """A point cloud (array, file or PointCloud2 message) is malformed or unusable."""
+
+
+class CheckpointError(LidarCompletionError):
+    """A checkpoint is missing, corrupt, of an unknown layout or does not match the network."""
+
+
+class DatasetError(LidarCompletionError):
+    """A dataset (SemanticKITTI layout, GT cache) is missing files or inconsistent."""
+
+
+class BagError(LidarCompletionError):
+    """A rosbag2 file is unreadable, truncated or lacks the requested topic / type."""
+
+
+class ConfigError(LidarCompletionError, ValueError):
+    """A configuration value is invalid."""

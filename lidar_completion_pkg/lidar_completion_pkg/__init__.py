@@ -1,0 +1,1 @@
+"""ROS 2 layer of the project: the completion node (the only code importing rclpy)."""

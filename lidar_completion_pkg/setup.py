@@ -1,0 +1,61 @@
+"""ament_python package `lidar_completion_pkg` and the ROS-free core library `lidar_completion`.
+
+One setup.py serves both ways of installing it:
+  * ROS 2 / colcon:  colcon build (the workspace in ros2_ws/ links this folder), then
+    `ros2 run lidar_completion_pkg completion_node`;
+  * pip:              pip install -e lidar_completion_pkg   (core library + CLI, no ROS needed).
+"""
+import os
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "lidar_completion_pkg"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return [os.path.relpath(p, HERE) for p in glob(os.path.join(HERE, pattern))]
+
+
+setup(
+    name="lidar-completion",
+    version="0.1.0",
+    description="Few-step diffusion LiDAR scene completion (Distillation-DPO) with a ROS 2 node",
+    packages=find_packages(exclude=["tests", "tests.*"]),
+    package_data={"lidar_completion": ["weights/*.pt", "weights/*.json", "assets/*"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),
+        ("share/" + PACKAGE, ["package.xml"]),
+        ("share/" + PACKAGE + "/launch", _rel("../launch/*.py") + _rel("../launch/*.xml")),
+        ("share/" + PACKAGE + "/launch/params", _rel("../launch/params/*.yaml")),
+        ("share/" + PACKAGE + "/launch/rviz", _rel("../launch/rviz/*.rviz")),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.23",
+        "scipy>=1.10",
+        "torch>=2.1",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+        "POT>=0.9",
+        "fpsample>=0.3",
+        "rosbags>=0.10",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30"],
+        "ros": ["ros-kilted-rclpy[fastrtps]", "ros-kilted-sensor-msgs", "ros-kilted-std-msgs",
+                "ros-kilted-diagnostic-msgs"],
+    },
+    zip_safe=True,
+    entry_points={
+        "console_scripts": [
+            "lidar-completion = lidar_completion.cli:main",
+            "lidar-completion-node = lidar_completion_pkg.completion_node:main",
+            "completion_node = lidar_completion_pkg.completion_node:main",
+        ],
+    },
+)

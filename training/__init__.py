@@ -1,0 +1,1 @@
+"""Offline training: LiDiff teacher, refiner, and Distillation-DPO / VSD students (torch DDP)."""
