@@ -1,0 +1,418 @@
+"""Point-cloud files and renders.
+
+Formats (chosen by file extension):
+
+* ``.bin`` - KITTI / SemanticKITTI velodyne scans: little-endian float32 x, y, z, intensity;
+* ``.npy`` - a numpy array (N, >=3);
+* ``.ply`` - vertex element with float/double/int properties x, y, z (+ others); ascii,
+  binary_little_endian and binary_big_endian;
+* ``.pcd`` - PCL point clouds with fields x, y, z (+ others), ``DATA ascii`` or ``DATA binary``
+  (``binary_compressed`` is refused with a hint).
+
+:func:`read_cloud` returns float32 (N, 3) xyz (or every numeric column with ``xyz_only=False``);
+:func:`write_cloud` writes (N, >=3) arrays. Problems raise :class:`CloudFormatError` with what was
+expected and what was found. Renders use matplotlib's Agg canvas directly (no pyplot, no global
+backend switch), so they work headless and in threads.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CloudFormatError
+
+__all__ = ["FORMATS", "read_cloud", "write_cloud", "render_bev_png", "render_comparison_png"]
+
+FORMATS = (".bin", ".npy", ".ply", ".pcd")
+
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}
+_PCD_TYPES = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4",
+              ("I", 8): "i8", ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"}
+
+
+def _suffix(path: Path) -> str:
+    ext = path.suffix.lower()
+    if ext not in FORMATS:
+        raise CloudFormatError(f"{path}: unsupported point-cloud extension {ext or '(none)'!r}; "
+                               f"expected one of {', '.join(FORMATS)}")
+    return ext
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+def read_cloud(path, xyz_only: bool = True) -> np.ndarray:
+    """Read a point cloud file; float32 (N, 3) xyz, or (N, k) every numeric column if not
+    ``xyz_only`` (x, y, z first). Raises :class:`CloudFormatError`."""
+    path = Path(path)
+    ext = _suffix(path)
+    if not path.exists():
+        raise CloudFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise CloudFormatError(f"{path}: is a directory, expected a {ext} point-cloud file")
+    reader = {".bin": _read_bin, ".npy": _read_npy, ".ply": _read_ply, ".pcd": _read_pcd}[ext]
+    try:
+        cloud = reader(path)
+    except CloudFormatError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
+        raise CloudFormatError(f"{path}: cannot read as {ext}: {exc}") from None
+    cloud = np.asarray(cloud, dtype=np.float32)
+    return np.ascontiguousarray(cloud[:, :3] if xyz_only else cloud)
+
+
+def _read_bin(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if len(raw) % 16:
+        raise CloudFormatError(
+            f"{path}: a KITTI .bin holds float32 (x, y, z, intensity) records of 16 bytes; the file "
+            f"has {len(raw)} bytes, not a multiple of 16 (truncated or not a KITTI scan)")
+    return np.frombuffer(raw, dtype="<f4").reshape(-1, 4)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise CloudFormatError(f"{path}: not a plain numeric .npy array ({exc})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):  # pragma: no cover - .npz renamed .npy
+        raise CloudFormatError(f"{path}: is an .npz archive, expected a single .npy array")
+    if arr.dtype.names:  # structured array with named fields
+        return _columns_from_struct(path, arr, arr.dtype.names)
+    if arr.dtype.kind not in "fiu":
+        raise CloudFormatError(f"{path}: expected a numeric array, found dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] < 3:
+        raise CloudFormatError(f"{path}: expected an array of shape (N, 3+), found {arr.shape}")
+    return arr
+
+
+def _columns_from_struct(path: Path, arr: np.ndarray, names) -> np.ndarray:
+    lower = {n.lower(): n for n in names}
+    missing = [c for c in "xyz" if c not in lower]
+    if missing:
+        raise CloudFormatError(f"{path}: fields x, y, z are required; found {', '.join(names)} "
+                               f"(missing {', '.join(missing)})")
+    order = [lower[c] for c in "xyz"] + [n for n in names if n.lower() not in "xyz"
+                                         and arr.dtype[n].kind in "fiu" and arr.dtype[n].shape == ()]
+    return np.stack([np.asarray(arr[n], dtype=np.float64) for n in order], axis=1).reshape(-1, len(order))
+
+
+def _read_header_lines(f, path: Path, end_marker: str, max_lines: int = 200) -> list:
+    lines = []
+    for _ in range(max_lines):
+        raw = f.readline()
+        if not raw:
+            raise CloudFormatError(f"{path}: header ended before '{end_marker}' (truncated file)")
+        line = raw.decode("ascii", errors="replace").strip()
+        lines.append(line)
+        if line.split(" ", 1)[0].upper() == end_marker.upper():
+            return lines
+    raise CloudFormatError(f"{path}: no '{end_marker}' line in the first {max_lines} header lines")
+
+
+def _read_ply(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        magic = f.readline().strip()
+        if magic != b"ply":
+            raise CloudFormatError(f"{path}: not a PLY file (first line {magic[:20]!r}, expected 'ply')")
+        header = _read_header_lines(f, path, "end_header")
+        fmt, elements = None, []
+        for line in header:
+            tok = line.split()
+            if not tok or tok[0] in ("comment", "obj_info"):
+                continue
+            if tok[0] == "format":
+                fmt = tok[1] if len(tok) > 1 else None
+            elif tok[0] == "element":
+                elements.append({"name": tok[1], "count": int(tok[2]), "props": []})
+            elif tok[0] == "property":
+                if not elements:
+                    raise CloudFormatError(f"{path}: property before any element in the header")
+                if tok[1] == "list":
+                    elements[-1]["props"].append(("list", tok[4], tok[2], tok[3]))
+                else:
+                    if tok[1] not in _PLY_TYPES:
+                        raise CloudFormatError(f"{path}: unknown PLY property type {tok[1]!r}")
+                    elements[-1]["props"].append(("scalar", tok[2], _PLY_TYPES[tok[1]]))
+        if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+            raise CloudFormatError(f"{path}: unknown PLY format {fmt!r}; expected ascii, "
+                                   "binary_little_endian or binary_big_endian")
+        names = [e["name"] for e in elements]
+        if "vertex" not in names:
+            raise CloudFormatError(f"{path}: no 'vertex' element (elements: {', '.join(names) or 'none'})")
+        endian = ">" if fmt == "binary_big_endian" else "<"
+        for el in elements:
+            if el["name"] == "vertex":
+                break
+            # skip an element that precedes the vertices
+            if fmt == "ascii":
+                for _ in range(el["count"]):
+                    f.readline()
+            elif any(p[0] == "list" for p in el["props"]):
+                raise CloudFormatError(f"{path}: element {el['name']!r} with list properties precedes "
+                                       "'vertex' in a binary PLY; this reader needs vertices first")
+            else:
+                size = sum(np.dtype(p[2]).itemsize for p in el["props"])
+                f.seek(size * el["count"], os.SEEK_CUR)
+        vertex = elements[names.index("vertex")]
+        if any(p[0] == "list" for p in vertex["props"]):
+            raise CloudFormatError(f"{path}: list properties in the vertex element are not supported")
+        dtype = np.dtype([(p[1], endian + p[2]) for p in vertex["props"]])
+        count = vertex["count"]
+        if fmt == "ascii":
+            rows = [f.readline() for _ in range(count)]
+            if count and not rows[-1]:
+                got = sum(1 for r in rows if r)
+                raise CloudFormatError(f"{path}: header announces {count} vertices, the file has {got}")
+            text = b"".join(rows).decode("ascii", errors="replace")
+            values = np.array(text.split(), dtype=np.float64) if count else np.zeros(0)
+            if values.size != count * len(dtype.names):
+                raise CloudFormatError(f"{path}: expected {count} vertices x {len(dtype.names)} "
+                                       f"values, found {values.size} values")
+            values = values.reshape(count, len(dtype.names))
+            arr = np.zeros(count, dtype=dtype)
+            for i, n in enumerate(dtype.names):
+                arr[n] = values[:, i]
+        else:
+            need = dtype.itemsize * count
+            raw = f.read(need)
+            if len(raw) < need:
+                raise CloudFormatError(f"{path}: truncated: {count} vertices need {need} bytes of "
+                                       f"data, the file has {len(raw)}")
+            arr = np.frombuffer(raw, dtype=dtype, count=count)
+    return _columns_from_struct(path, arr, dtype.names)
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        header = _read_header_lines(f, path, "DATA")
+        meta = {}
+        for line in header:
+            if not line or line.startswith("#"):
+                continue
+            key, _, rest = line.partition(" ")
+            meta[key.upper()] = rest.split()
+        for key in ("FIELDS", "SIZE", "TYPE", "DATA"):
+            if key not in meta:
+                raise CloudFormatError(f"{path}: PCD header lacks the {key} line")
+        fields, sizes, types = meta["FIELDS"], meta["SIZE"], meta["TYPE"]
+        counts = meta.get("COUNT", ["1"] * len(fields))
+        if not (len(fields) == len(sizes) == len(types) == len(counts)):
+            raise CloudFormatError(f"{path}: FIELDS/SIZE/TYPE/COUNT have different lengths "
+                                   f"({len(fields)}/{len(sizes)}/{len(types)}/{len(counts)})")
+        try:
+            if "POINTS" in meta:
+                npts = int(meta["POINTS"][0])
+            else:
+                npts = int(meta["WIDTH"][0]) * int(meta.get("HEIGHT", ["1"])[0])
+        except (KeyError, IndexError, ValueError):
+            raise CloudFormatError(f"{path}: PCD header gives no valid POINTS or WIDTH/HEIGHT") from None
+        cols = []
+        for name, size, typ, cnt in zip(fields, sizes, types, counts):
+            key = (typ.upper(), int(size))
+            if key not in _PCD_TYPES:
+                raise CloudFormatError(f"{path}: unsupported PCD field type {typ}{size} for {name!r}")
+            cnt = int(cnt)
+            if cnt == 1:
+                cols.append((name, "<" + _PCD_TYPES[key]))
+            else:
+                cols.append((name, "<" + _PCD_TYPES[key], (cnt,)))
+        # fields named "_" are padding in PCL; make them unique for numpy
+        seen = {}
+        uniq = []
+        for c in cols:
+            n = c[0]
+            seen[n] = seen.get(n, 0) + 1
+            uniq.append((n if seen[n] == 1 else f"{n}__{seen[n]}",) + tuple(c[1:]))
+        dtype = np.dtype(uniq)
+        mode = meta["DATA"][0].lower()
+        if mode == "ascii":
+            text = f.read().decode("ascii", errors="replace")
+            width = sum(int(c) for c in counts)
+            values = np.array(text.split(), dtype=np.float64) if npts else np.zeros(0)
+            if values.size != npts * width:
+                raise CloudFormatError(f"{path}: expected {npts} points x {width} values, found "
+                                       f"{values.size} values")
+            values = values.reshape(npts, width)
+            arr = np.zeros(npts, dtype=dtype)
+            col = 0
+            for name in dtype.names:
+                w = int(np.prod(dtype[name].shape)) if dtype[name].shape else 1
+                arr[name] = values[:, col] if w == 1 else values[:, col:col + w]
+                col += w
+        elif mode == "binary":
+            need = dtype.itemsize * npts
+            raw = f.read(need)
+            if len(raw) < need:
+                raise CloudFormatError(f"{path}: truncated: {npts} points need {need} bytes of data, "
+                                       f"the file has {len(raw)}")
+            arr = np.frombuffer(raw, dtype=dtype, count=npts)
+        elif mode == "binary_compressed":
+            raise CloudFormatError(f"{path}: PCD 'DATA binary_compressed' is not supported; convert it "
+                                   "to binary or ascii (e.g. pcl_convert_pcd_ascii_binary IN OUT 1)")
+        else:
+            raise CloudFormatError(f"{path}: unknown PCD DATA mode {mode!r}; expected ascii or binary")
+    return _columns_from_struct(path, arr, dtype.names)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def write_cloud(path, points, binary: bool = True, field_names=None) -> Path:
+    """Write an (N, >=3) array; the format follows the extension. ``binary`` selects binary or
+    ascii for .ply/.pcd. ``.bin`` always writes x, y, z, intensity (0 when not given). Extra columns
+    go to .npy as they are and to .ply/.pcd as ``field_names[3:]`` (default ``intensity`` for the
+    fourth, ``f4``, ``f5``... after it). Creates missing parent directories."""
+    path = Path(path)
+    ext = _suffix(path)
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] < 3 or pts.dtype.kind not in "fiu":
+        raise CloudFormatError(f"{path}: can only write a numeric (N, 3+) array, got shape "
+                               f"{pts.shape} dtype {pts.dtype}")
+    pts = pts.astype(np.float32)
+    names = list(field_names) if field_names else ["x", "y", "z"] + [
+        "intensity" if i == 3 else f"f{i}" for i in range(3, pts.shape[1])]
+    if len(names) != pts.shape[1]:
+        raise CloudFormatError(f"{path}: {len(names)} field names for {pts.shape[1]} columns")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ext == ".bin":
+        out = np.zeros((len(pts), 4), dtype="<f4")
+        out[:, :min(4, pts.shape[1])] = pts[:, :4]
+        path.write_bytes(out.tobytes())
+    elif ext == ".npy":
+        np.save(path, pts)
+    elif ext == ".ply":
+        _write_ply(path, pts, names, binary)
+    else:
+        _write_pcd(path, pts, names, binary)
+    return path
+
+
+def _write_ply(path: Path, pts: np.ndarray, names, binary: bool):
+    fmt = "binary_little_endian" if binary else "ascii"
+    header = ["ply", f"format {fmt} 1.0", "comment written by lidar_completion",
+              f"element vertex {len(pts)}"] + [f"property float {n}" for n in names] + ["end_header"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        if binary:
+            f.write(pts.astype("<f4").tobytes())
+        else:
+            np.savetxt(f, pts, fmt="%.9g")
+
+
+def _write_pcd(path: Path, pts: np.ndarray, names, binary: bool):
+    k = pts.shape[1]
+    header = ["# .PCD v0.7 - Point Cloud Data file format", "VERSION 0.7",
+              "FIELDS " + " ".join(names), "SIZE " + " ".join(["4"] * k), "TYPE " + " ".join(["F"] * k),
+              "COUNT " + " ".join(["1"] * k), f"WIDTH {len(pts)}", "HEIGHT 1",
+              "VIEWPOINT 0 0 0 1 0 0 0", f"POINTS {len(pts)}", "DATA " + ("binary" if binary else "ascii")]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        if binary:
+            f.write(pts.astype("<f4").tobytes())
+        else:
+            np.savetxt(f, pts, fmt="%.9g")
+
+
+# ------------------------------------------------------------------------------------------------
+# renders
+# ------------------------------------------------------------------------------------------------
+def _subsample(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
+    if len(points) <= max_points:
+        return points
+    idx = np.random.default_rng(seed).choice(len(points), size=max_points, replace=False)
+    return points[idx]
+
+
+def _oblique(points: np.ndarray, azimuth_deg: float, elevation_deg: float) -> np.ndarray:
+    """Orthographic view from azimuth / elevation: screen (u, v) and depth for painter's order."""
+    az, el = np.radians(azimuth_deg), np.radians(elevation_deg)
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    u = -x * np.sin(az) + y * np.cos(az)
+    d = x * np.cos(az) + y * np.sin(az)
+    v = z * np.cos(el) - d * np.sin(el)
+    depth = d * np.cos(el) + z * np.sin(el)
+    return np.stack([u, v, depth], axis=1)
+
+
+def _new_figure(ncols: int, nrows: int, size: float, dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(size * ncols, size * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _draw(ax, pts: np.ndarray, view: str, extent: float, zlim, point_size: float, cmap: str):
+    ax.set_facecolor("black")
+    if len(pts) == 0:
+        ax.text(0.5, 0.5, "(empty)", color="white", ha="center", va="center", transform=ax.transAxes)
+    if view == "bev":
+        order = np.argsort(pts[:, 2]) if len(pts) else slice(None)
+        p = pts[order]
+        ax.scatter(p[:, 0], p[:, 1], c=p[:, 2], s=point_size, cmap=cmap, vmin=zlim[0], vmax=zlim[1],
+                   linewidths=0, rasterized=True)
+        ax.set_xlim(-extent, extent)
+        ax.set_ylim(-extent, extent)
+        ax.set_aspect("equal")
+        ax.set_xlabel("x [m]")
+        ax.set_ylabel("y [m]")
+    else:
+        uvd = _oblique(pts, azimuth_deg=-135.0, elevation_deg=30.0)
+        order = np.argsort(-uvd[:, 2]) if len(pts) else slice(None)   # far first
+        ax.scatter(uvd[order, 0], uvd[order, 1], c=pts[order, 2], s=point_size, cmap=cmap,
+                   vmin=zlim[0], vmax=zlim[1], linewidths=0, rasterized=True)
+        ax.set_xlim(-extent, extent)
+        ax.set_ylim(-0.6 * extent, 0.6 * extent)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def render_comparison_png(path, clouds: dict, extent: float = 30.0, max_points: int = 150_000,
+                          point_size: float = 0.3, size: float = 6.0, dpi: int = 110,
+                          cmap: str = "viridis", views=("bev", "oblique"), title: str | None = None) -> Path:
+    """One PNG with a column per cloud (``{"input": scan, "completion": dense}``) and a row per view
+    (bird's-eye and oblique), colour = height with a shared scale. Returns the path."""
+    if not clouds:
+        raise ValueError("nothing to render: `clouds` is empty")
+    path = Path(path)
+    prepared = {name: _subsample(as_xyz(c, name), max_points) for name, c in clouds.items()}
+    allz = np.concatenate([p[:, 2] for p in prepared.values()]) if prepared else np.zeros(1)
+    zlim = (float(np.percentile(allz, 1)), float(np.percentile(allz, 99))) if allz.size else (-2.0, 2.0)
+    if zlim[1] <= zlim[0]:
+        zlim = (zlim[0] - 1.0, zlim[0] + 1.0)
+    fig = _new_figure(len(prepared), len(views), size, dpi)
+    axes = fig.subplots(len(views), len(prepared), squeeze=False)
+    for j, (name, pts) in enumerate(prepared.items()):
+        for i, view in enumerate(views):
+            ax = axes[i][j]
+            _draw(ax, pts, view, extent, zlim, point_size, cmap)
+            label = "bird's-eye" if view == "bev" else "oblique"
+            ax.set_title(f"{name} ({len(clouds[name]):,} points) - {label}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def render_bev_png(path, points, extent: float = 30.0, completion=None, **kwargs) -> Path:
+    """Bird's-eye and oblique render of one cloud, or of input vs ``completion`` side by side."""
+    clouds = {"cloud": points} if completion is None else {"input": points, "completion": completion}
+    return render_comparison_png(path, clouds, extent=extent, **kwargs)
+
+
+def as_xyz(points, name: str = "points") -> np.ndarray:
+    arr = np.asarray(points)
+    if arr.ndim != 2 or arr.shape[1] < 3:
+        raise CloudFormatError(f"{name}: expected an (N, 3+) array to render, got shape {arr.shape}")
+    xyz = arr[:, :3].astype(np.float32)
+    return xyz[np.isfinite(xyz).all(axis=1)]

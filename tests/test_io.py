@@ -1,0 +1,140 @@
+"""Point-cloud files (.bin/.npy/.ply/.pcd) and renders."""
+import numpy as np
+import pytest
+
+from lidar_completion.errors import CloudFormatError
+from lidar_completion.io import read_cloud, render_bev_png, render_comparison_png, write_cloud
+
+
+@pytest.fixture
+def cloud():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(1234, 4)) * np.array([20, 20, 1.5, 0.3])).astype(np.float32)
+
+
+@pytest.mark.parametrize("ext", [".bin", ".npy", ".ply", ".pcd"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_round_trip_is_exact(tmp_path, cloud, ext, binary):
+    path = write_cloud(tmp_path / f"c{ext}", cloud, binary=binary)
+    back = read_cloud(path, xyz_only=False)
+    assert back.dtype == np.float32 and back.shape == cloud.shape
+    assert np.array_equal(back, cloud)
+    xyz = read_cloud(path)
+    assert np.array_equal(xyz, cloud[:, :3])
+
+
+def test_bin_is_kitti_layout_and_pads_intensity(tmp_path, cloud):
+    p = write_cloud(tmp_path / "a.bin", cloud[:, :3])
+    raw = np.fromfile(p, dtype="<f4").reshape(-1, 4)
+    assert np.array_equal(raw[:, :3], cloud[:, :3]) and not raw[:, 3].any()
+    assert p.stat().st_size == 16 * len(cloud)
+
+
+def test_empty_cloud_round_trips(tmp_path):
+    for ext in (".bin", ".npy", ".ply", ".pcd"):
+        p = write_cloud(tmp_path / f"e{ext}", np.zeros((0, 3), np.float32))
+        assert read_cloud(p).shape == (0, 3)
+
+
+def test_foreign_ply_big_endian_double_with_leading_element(tmp_path):
+    pts = np.array([[1.5, -2.0, 0.25], [3.0, 4.0, -1.0]])
+    dtype = np.dtype([("red", ">u1"), ("x", ">f8"), ("y", ">f8"), ("z", ">f8")])
+    arr = np.zeros(2, dtype=dtype)
+    arr["x"], arr["y"], arr["z"], arr["red"] = pts[:, 0], pts[:, 1], pts[:, 2], 200
+    header = ("ply\nformat binary_big_endian 1.0\ncomment made by hand\nelement camera 1\n"
+              "property float fx\nproperty float fy\nelement vertex 2\nproperty uchar red\n"
+              "property double x\nproperty double y\nproperty double z\nelement face 0\n"
+              "property list uchar int vertex_indices\nend_header\n")
+    p = tmp_path / "foreign.ply"
+    p.write_bytes(header.encode() + np.zeros(2, ">f4").tobytes() + arr.tobytes())
+    assert np.allclose(read_cloud(p), pts)
+    assert np.allclose(read_cloud(p, xyz_only=False)[:, 3], 200)
+
+
+def test_foreign_pcd_with_padding_and_rgb(tmp_path):
+    dtype = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("_", "<u1", (4,)), ("rgb", "<u4")])
+    arr = np.zeros(3, dtype=dtype)
+    arr["x"], arr["y"], arr["z"] = [1, 2, 3], [4, 5, 6], [7, 8, 9]
+    header = ("# .PCD v.7\nVERSION .7\nFIELDS x y z _ rgb\nSIZE 4 4 4 1 4\nTYPE F F F U U\n"
+              "COUNT 1 1 1 4 1\nWIDTH 3\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS 3\nDATA binary\n")
+    p = tmp_path / "foreign.pcd"
+    p.write_bytes(header.encode() + arr.tobytes())
+    assert read_cloud(p).tolist() == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
+    ascii_p = tmp_path / "foreign_ascii.pcd"
+    ascii_p.write_text(header.replace("DATA binary", "DATA ascii")
+                       + "1 4 7 0 0 0 0 5\n2 5 8 0 0 0 0 5\n3 6 9 0 0 0 0 5\n")
+    assert read_cloud(ascii_p).tolist() == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
+
+
+def _expect_error(path, pattern):
+    with pytest.raises(CloudFormatError, match=pattern):
+        read_cloud(path)
+
+
+def test_read_error_paths(tmp_path, cloud):
+    _expect_error(tmp_path / "missing.bin", "no such file")
+    _expect_error(tmp_path / "scan.xyz", "unsupported point-cloud extension")
+    (tmp_path / "dir.npy").mkdir()
+    _expect_error(tmp_path / "dir.npy", "is a directory")
+    # truncated KITTI scan
+    (tmp_path / "t.bin").write_bytes(b"\0" * 30)
+    _expect_error(tmp_path / "t.bin", "not a multiple of 16")
+    # .npy of the wrong shape, of strings, pickled objects
+    np.save(tmp_path / "w.npy", np.zeros((10, 2), np.float32))
+    _expect_error(tmp_path / "w.npy", r"shape \(N, 3\+\), found \(10, 2\)")
+    np.save(tmp_path / "s.npy", np.array([["a", "b", "c"]]))
+    _expect_error(tmp_path / "s.npy", "numeric array")
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    _expect_error(tmp_path / "o.npy", "npy")
+    (tmp_path / "garbage.npy").write_bytes(b"not numpy at all")
+    _expect_error(tmp_path / "garbage.npy", "garbage.npy")
+    # PLY: not a PLY, truncated binary, ascii count mismatch, missing field, unknown format
+    (tmp_path / "n.ply").write_text("hello\n")
+    _expect_error(tmp_path / "n.ply", "not a PLY")
+    p = write_cloud(tmp_path / "tb.ply", cloud)
+    p.write_bytes(p.read_bytes()[:-10])
+    _expect_error(p, "truncated")
+    p = write_cloud(tmp_path / "ta.ply", cloud, binary=False)
+    p.write_bytes(p.read_bytes()[:-30])
+    _expect_error(p, "1234 vertices")
+    (tmp_path / "nx.ply").write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float a\n"
+                                     "property float y\nproperty float z\nend_header\n1 2 3\n")
+    _expect_error(tmp_path / "nx.ply", "missing x")
+    (tmp_path / "fmt.ply").write_text("ply\nformat weird 1.0\nelement vertex 0\nend_header\n")
+    _expect_error(tmp_path / "fmt.ply", "unknown PLY format")
+    (tmp_path / "hdr.ply").write_text("ply\nformat ascii 1.0\nelement vertex 1\n")
+    _expect_error(tmp_path / "hdr.ply", "truncated")
+    # PCD: truncated binary, compressed, missing header line, ascii count mismatch
+    p = write_cloud(tmp_path / "tb.pcd", cloud)
+    p.write_bytes(p.read_bytes()[:-4])
+    _expect_error(p, "truncated")
+    comp = (tmp_path / "tb.pcd").read_bytes().replace(b"DATA binary", b"DATA binary_compressed")
+    (tmp_path / "c.pcd").write_bytes(comp)
+    _expect_error(tmp_path / "c.pcd", "binary_compressed")
+    (tmp_path / "h.pcd").write_text("VERSION .7\nFIELDS x y z\nPOINTS 1\nDATA ascii\n1 2 3\n")
+    _expect_error(tmp_path / "h.pcd", "SIZE")
+    p = write_cloud(tmp_path / "ta.pcd", cloud, binary=False)
+    p.write_text(p.read_text().rsplit("\n", 3)[0] + "\n")
+    _expect_error(p, "1234 points")
+
+
+def test_write_error_paths(tmp_path):
+    with pytest.raises(CloudFormatError, match="unsupported"):
+        write_cloud(tmp_path / "x.txt", np.zeros((3, 3)))
+    with pytest.raises(CloudFormatError, match=r"\(N, 3\+\)"):
+        write_cloud(tmp_path / "x.ply", np.zeros((3, 2)))
+    p = write_cloud(tmp_path / "deep" / "er" / "x.npy", np.ones((2, 3)))
+    assert p.exists()
+
+
+def test_render_writes_png(tmp_path, cloud):
+    p = render_comparison_png(tmp_path / "cmp.png", {"input": cloud, "completion": cloud * 1.1},
+                              size=2.5, dpi=60, title="test")
+    data = p.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    p2 = render_bev_png(tmp_path / "one.png", cloud, size=2.5, dpi=60)
+    assert p2.read_bytes()[:4] == b"\x89PNG"
+    p3 = render_bev_png(tmp_path / "empty.png", np.zeros((0, 3)), completion=cloud, size=2, dpi=50)
+    assert p3.exists()
+    with pytest.raises(CloudFormatError):
+        render_bev_png(tmp_path / "bad.png", np.zeros((5, 2)))

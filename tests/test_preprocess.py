@@ -1,0 +1,79 @@
+"""Pre/post-processing around the diffusion: filters, farthest-point sampling, x_init, z band."""
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion.errors import CloudFormatError
+from lidar_completion.preprocess import (as_cloud, farthest_point_sample, filter_scan, make_x_init,
+                                         postprocess, postprocess_mask)
+
+
+def _naive_fps(points, k, start):
+    sel = [start]
+    d = np.linalg.norm(points - points[start], axis=1)
+    for _ in range(k - 1):
+        j = int(d.argmax())
+        sel.append(j)
+        d = np.minimum(d, np.linalg.norm(points - points[j], axis=1))
+    return np.array(sel)
+
+
+def test_filter_scan_limits():
+    pts = np.array([[1, 0, 0], [4, 0, 0], [49, 0, 0], [51, 0, 0], [10, 0, -5], [10, 0, -3.9],
+                    [3.5, 0, 0], [50, 0, 0]], dtype=np.float32)
+    out = filter_scan(pts, 3.5, 50.0, -4.0)
+    assert out.tolist() == [[4, 0, 0], [49, 0, 0], [10, 0, pytest.approx(-3.9)]]
+    assert len(filter_scan(pts, None, None, None)) == len(pts)
+    assert out.dtype == np.float32
+
+
+def test_farthest_point_sampling_is_exact_and_deterministic():
+    rng = np.random.default_rng(3)
+    pts = (rng.random((4000, 3)) * [40, 40, 3]).astype(np.float32)
+    idx = farthest_point_sample(pts, 300)
+    assert idx.dtype == np.int64 and len(np.unique(idx)) == 300
+    assert np.array_equal(idx, _naive_fps(pts.astype(np.float64), 300, int(idx[0])))
+    assert np.array_equal(idx, farthest_point_sample(pts, 300))
+    # fewer points than asked: everything, in order
+    assert np.array_equal(farthest_point_sample(pts[:50], 300), np.arange(50))
+    with pytest.raises(ValueError):
+        farthest_point_sample(pts, 0)
+
+
+def test_make_x_init_tiles_whole_blocks():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(500, 3)).astype(np.float32)
+    scan_fps, x_init = make_x_init(pts, n_fps=100, tile=10)
+    assert scan_fps.shape == (100, 3) and x_init.shape == (1000, 3)
+    for k in range(10):
+        assert np.array_equal(x_init[k * 100:(k + 1) * 100], scan_fps)
+    small_fps, small = make_x_init(pts[:40], n_fps=100, tile=3)
+    assert small_fps.shape == (40, 3) and small.shape == (120, 3)
+
+
+def test_postprocess_band_numpy_and_torch_agree():
+    rng = np.random.default_rng(1)
+    x_init = np.concatenate([rng.normal(size=(900, 3)) * [10, 10, 0.5],
+                             [[0, 0, 3.0]]]).astype(np.float32)
+    z = x_init[:, 2].astype(np.float64)
+    lo, hi = z.mean() - 2 * z.std(ddof=1), z.max()
+    pts = np.array([[1, 1, 0], [1, 1, lo - 0.01], [1, 1, lo + 0.01], [1, 1, hi + 0.01],
+                    [1, 1, hi - 0.01], [49, 0, 0], [51, 0, 0]], dtype=np.float32)
+    expect = [True, False, True, False, True, True, False]
+    assert postprocess_mask(pts, x_init, 50.0).tolist() == expect
+    assert postprocess_mask(torch.from_numpy(pts), torch.from_numpy(x_init), 50.0).tolist() == expect
+    assert postprocess(pts, x_init).shape == (4, 3)
+    assert postprocess_mask(pts, x_init, None).tolist()[-1] is True
+
+
+def test_as_cloud_validates_and_drops_non_finite_rows():
+    pts = np.array([[1, 2, 3, 9], [np.nan, 0, 0, 1], [4, 5, 6, 0], [np.inf, 1, 1, 1],
+                    [1, 1, 1, np.nan]], dtype=np.float64)
+    out = as_cloud(pts)
+    assert out.dtype == np.float32 and out.tolist() == [[1, 2, 3], [4, 5, 6], [1, 1, 1]]
+    assert as_cloud(torch.ones(4, 3)).shape == (4, 3)
+    assert as_cloud(np.ones((4, 3), dtype=np.int32)).dtype == np.float32
+    for bad, msg in ((np.ones((4, 2)), r"\(N, 3\+\)"), (np.ones(12), r"\(N, 3\+\)"),
+                     (np.array([["a", "b", "c"]]), "real-valued"), ([[1, 2, 3], [1, 2]], "numpy cannot convert")):
+        with pytest.raises(CloudFormatError, match=msg):
+            as_cloud(bad)
