@@ -1,0 +1,199 @@
+"""Distillation steps against explicit reference formulas (METHOD.md §4), on the tiny networks.
+
+One ``dpo`` and one ``vsd`` optimisation step are run with plain SGD (no momentum, no clipping), so
+each parameter update must equal ``-lr * grad`` of the stated loss. The reference recomputes every
+quantity from the recorded random draws with fresh copies of the networks taken before the step and
+``torch.autograd`` on the written-out formula:
+
+    G   = x_T - sigma_999 * eps_student(x_T, 999),  x_T = x_init + z  (and x_init + 1.1 z)
+    aux_side: LiDiff loss of aux_side(sg(G_side) + sigma_t' eps') against eps'
+    dpo: L = mean(sg(eps_T(x_w) - eps_aux_w(x_w)) * G_w) - mean(sg(eps_T(x_l) - eps_aux_l(x_l)) * G_l)
+    vsd: L = mean(sg(eps_T(x) - eps_aux(x)) * G)
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion.diffusion import NoiseSchedule, diffusion_loss
+from lidar_completion.models import Condition
+from test_training_utils import scenes_source, tiny_config
+from training.data import make_loader
+from training.distill import DistillTrainer
+from training.losses import chamfer_distance_np
+
+LR_STUDENT = 0.5
+LR_AUX = 0.05
+SCHED = NoiseSchedule()
+SIGMA = torch.sqrt(1.0 - SCHED.alphas_cumprod).float()
+
+
+def _run_one_step(tmp_path, mode: str):
+    torch.manual_seed(0)
+    cfg = tiny_config("distill", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR_STUDENT}}}",
+                      f"distill.aux_optimizer={{name: sgd, lr: {LR_AUX}}}", "train.grad_clip=null",
+                      "distill.t_min=100", "distill.t_max=900", mode=mode)
+    tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
+    tr.record = True
+    before = {"student": copy.deepcopy(tr.student)}
+    before.update({n: copy.deepcopy(a) for n, a in tr.aux.items()})
+    tr.sampler.set_epoch(0, 0)
+    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
+    logs = tr.train_step(batch)
+    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+
+
+@pytest.fixture(scope="module")
+def dpo_step(tmp_path_factory):
+    return _run_one_step(tmp_path_factory.mktemp("dpo"), "dpo")
+
+
+@pytest.fixture(scope="module")
+def vsd_step(tmp_path_factory):
+    return _run_one_step(tmp_path_factory.mktemp("vsd"), "vsd")
+
+
+def _reference_samples(step, sides: int):
+    """Explicit one-step samples from a copy of the student taken before the step (graph kept)."""
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    student = copy.deepcopy(step["before"]["student"]).train()
+    scan, scan_b = batch["scan"], batch["scan_batch"]
+    x_init, xb = batch["x_init"], batch["x_init_batch"]
+    B = batch["batch_size"]
+    with torch.no_grad():
+        cond = tr.encoder(scan, scan_b)
+    z = rec["z"]
+    if sides == 2:
+        X0, Z = torch.cat([x_init, x_init]), torch.cat([z, 1.1 * z])
+        Xb, condk = torch.cat([xb, xb + B]), Condition.concat([cond, cond])
+    else:
+        X0, Z, Xb, condk = x_init, z, xb, cond
+    x_T = X0 + Z
+    eps = student(x_T, Xb, torch.full((sides * B,), 999, dtype=torch.long), condk)
+    G = x_T - SIGMA[999] * eps
+    return student, G, cond
+
+
+def _winners(step, G):
+    batch = step["batch"]
+    N = batch["x_init"].shape[0]
+    xb, tb = batch["x_init_batch"].numpy(), batch["target_batch"].numpy()
+    G1, G2 = G[:N], G[N:]
+    g1, g2, tgt = G1.detach().numpy(), G2.detach().numpy(), batch["target"].numpy()
+    cd = np.array([[chamfer_distance_np(g[xb == b], tgt[tb == b]) for b in range(batch["batch_size"])]
+                   for g in (g1, g2)])
+    first = cd[0] <= cd[1]
+    rows = torch.as_tensor(first)[batch["x_init_batch"]].view(-1, 1)
+    return torch.where(rows, G1, G2), torch.where(rows, G2, G1), first, cd
+
+
+def _assert_update(before: torch.nn.Module, after: torch.nn.Module, grads, lr: float):
+    changed_weights = 0
+    for (name, p0), p1, g in zip(before.named_parameters(), after.parameters(), grads):
+        delta = p1.detach() - p0.detach()
+        expected = torch.zeros_like(delta) if g is None else -lr * g
+        scale = float(expected.abs().max())
+        # float32: p1 = fl(p0 - lr g) carries a rounding error of up to half an ulp of p0
+        tol = 2e-3 * expected.abs() + 2e-3 * scale + 4 * torch.finfo(torch.float32).eps * p0.detach().abs()
+        err = (delta - expected).abs()
+        assert bool((err <= tol).all()), f"{name}: update differs from -lr*grad by {float(err.max()):.3g} " \
+                                         f"(largest expected update {scale:.3g})"
+        if ("kernel" in name or name.endswith("weight")) and float(delta.abs().max()) > 0:
+            changed_weights += 1
+    return changed_weights
+
+
+def test_dpo_step_updates_student_by_the_stop_gradient_loss(dpo_step):
+    tr, batch, rec = dpo_step["tr"], dpo_step["batch"], dpo_step["rec"]
+    student, G, cond = _reference_samples(dpo_step, sides=2)
+    torch.testing.assert_close(G.detach(), rec["G"], rtol=1e-5, atol=1e-5)
+    G_w, G_l, first, cd = _winners(dpo_step, G)
+    assert (first == rec["first"]).all()
+    xb = batch["x_init_batch"]
+    t, eps = rec["t"], rec["eps"]
+    sig = SIGMA[t][xb].view(-1, 1)
+    x_w, x_l = G_w.detach() + sig * eps, G_l.detach() + sig * eps
+    aux_w, aux_l = tr.aux["aux_w"].eval(), tr.aux["aux_l"].eval()   # after their update of this step
+    with torch.no_grad():
+        d_w = tr.teacher(x_w, xb, t, cond) - aux_w(x_w, xb, t, cond)
+        d_l = tr.teacher(x_l, xb, t, cond) - aux_l(x_l, xb, t, cond)
+    assert float(d_w.abs().max()) > 0 and float(d_l.abs().max()) > 0
+    loss = (d_w.detach() * G_w).mean() - (d_l.detach() * G_l).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    assert abs(float(loss.detach()) - dpo_step["logs"]["loss/student"]) < 1e-4 * max(1.0, abs(float(loss.detach())))
+    changed = _assert_update(dpo_step["before"]["student"], tr.student, grads, LR_STUDENT)
+    # trainable weights moved (convolution kernels and linear layers), not only batch-norm buffers
+    assert changed > 20, changed
+
+
+def test_published_distillation_term_has_zero_gradient(dpo_step):
+    """The released code's mean((eps_T - eps_aux) * (x_t - G)): no gradient reaches the student."""
+    tr, batch, rec = dpo_step["tr"], dpo_step["batch"], dpo_step["rec"]
+    student, G, cond = _reference_samples(dpo_step, sides=2)
+    G_w, G_l, _, _ = _winners(dpo_step, G)
+    xb, t, eps = batch["x_init_batch"], rec["t"], rec["eps"]
+    sig = SIGMA[t][xb].view(-1, 1)
+    x_w, x_l = G_w + sig * eps, G_l + sig * eps            # built from G *with* its graph
+    with torch.no_grad():
+        d_w = tr.teacher(x_w, xb, t, cond) - tr.aux["aux_w"].eval()(x_w, xb, t, cond)
+        d_l = tr.teacher(x_l, xb, t, cond) - tr.aux["aux_l"].eval()(x_l, xb, t, cond)
+    published = (d_w * (x_w - G_w)).mean() - (d_l * (x_l - G_l)).mean()
+    grads = torch.autograd.grad(published, list(student.parameters()), allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_dpo_aux_nets_learn_from_their_own_side(dpo_step):
+    """aux_w takes a denoising step on noised winners, aux_l on noised losers (not the other way)."""
+    tr, batch, rec = dpo_step["tr"], dpo_step["batch"], dpo_step["rec"]
+    _, G, cond = _reference_samples(dpo_step, sides=2)
+    G_w, G_l, first, cd = _winners(dpo_step, G)
+    winner_cd = np.where(first, cd[0], cd[1])
+    loser_cd = np.where(first, cd[1], cd[0])
+    assert (winner_cd <= loser_cd).all()
+    assert dpo_step["logs"]["metric/winner"] == pytest.approx(winner_cd.mean(), rel=1e-6)
+    assert dpo_step["logs"]["metric/loser"] == pytest.approx(loser_cd.mean(), rel=1e-6)
+    xb = batch["x_init_batch"]
+    samples = {"aux_w": G_w.detach(), "aux_l": G_l.detach()}
+    for name, other in (("aux_w", "aux_l"), ("aux_l", "aux_w")):
+        t_a, eps_a = rec["aux"][0][name]
+
+        def update(points):
+            net = copy.deepcopy(dpo_step["before"][name]).train()
+            x = points + SIGMA[t_a][xb].view(-1, 1) * eps_a
+            loss = diffusion_loss(net(x, xb, t_a, cond), eps_a)   # the core's LiDiff loss
+            return torch.autograd.grad(loss, list(net.parameters()))
+
+        grads = update(samples[name])
+        _assert_update(dpo_step["before"][name], tr.aux[name], grads, LR_AUX)
+        wrong = update(samples[other])
+        actual = torch.cat([(p1 - p0).detach().flatten() for p0, p1 in
+                            zip(dpo_step["before"][name].parameters(), tr.aux[name].parameters())])
+        wrong_delta = torch.cat([(-LR_AUX * g).flatten() for g in wrong])
+        # the other side's samples would give a clearly different update
+        assert float((actual - wrong_delta).abs().max()) > 0.05 * float(actual.abs().max())
+
+
+def test_vsd_step_updates_student_and_aux(vsd_step):
+    tr, batch, rec = vsd_step["tr"], vsd_step["batch"], vsd_step["rec"]
+    student, G, cond = _reference_samples(vsd_step, sides=1)
+    torch.testing.assert_close(G.detach(), rec["G"], rtol=1e-5, atol=1e-5)
+    xb = batch["x_init_batch"]
+    # auxiliary net: LiDiff loss on the noised student samples
+    t_a, eps_a = rec["aux"][0]["aux"]
+    net = copy.deepcopy(vsd_step["before"]["aux"]).train()
+    x_a = G.detach() + SIGMA[t_a][xb].view(-1, 1) * eps_a
+    aux_grads = torch.autograd.grad(diffusion_loss(net(x_a, xb, t_a, cond), eps_a), list(net.parameters()))
+    _assert_update(vsd_step["before"]["aux"], tr.aux["aux"], aux_grads, LR_AUX)
+    # student: mean(sg(eps_T - eps_aux) * G)
+    t, eps = rec["t"], rec["eps"]
+    x = G.detach() + SIGMA[t][xb].view(-1, 1) * eps
+    with torch.no_grad():
+        d = tr.teacher(x, xb, t, cond) - tr.aux["aux"].eval()(x, xb, t, cond)
+    loss = (d.detach() * G).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    changed = _assert_update(vsd_step["before"]["student"], tr.student, grads, LR_STUDENT)
+    assert changed > 20, changed
+    assert "metric/winner" not in vsd_step["logs"]

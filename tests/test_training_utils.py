@@ -1,0 +1,52 @@
+"""Shared helpers of the training tests (no tests here): tiny scenes, configs and trainers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from training.config import load_config
+from training.data import ArraySource
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def plane_scene(seed: int, n_target: int = 2400, n_scan: int = 240, extent: float = 8.0):
+    """A ground plane and two walls (a few metres), and a sparse 'scan' of part of them."""
+    rng = np.random.default_rng(seed)
+    k = n_target // 4
+    ground = np.c_[rng.uniform(-extent, extent, (2 * k, 2)), rng.normal(-1.7, 0.02, 2 * k)]
+    wall1 = np.c_[rng.uniform(-extent, extent, k), np.full(k, 0.6 * extent) + rng.normal(0, 0.02, k),
+                  rng.uniform(-1.7, 1.5, k)]
+    wall2 = np.c_[np.full(k, -0.7 * extent) + rng.normal(0, 0.02, k), rng.uniform(-extent, extent, k),
+                  rng.uniform(-1.7, 1.5, k)]
+    target = np.concatenate([ground, wall1, wall2]).astype(np.float32)
+    near = target[np.linalg.norm(target[:, :2], axis=1) < 0.7 * extent]
+    scan = near[rng.choice(len(near), n_scan, replace=False)]
+    return scan.astype(np.float32), target
+
+
+def scenes_source(n: int = 2, n_target: int = 2400, n_scan: int = 240, seed0: int = 0) -> ArraySource:
+    scans, targets = zip(*(plane_scene(seed0 + i, n_target, n_scan) for i in range(n)))
+    return ArraySource(list(scans), list(targets), target_points=n_target)
+
+
+def write_npz(path, n: int = 2, n_target: int = 2400, n_scan: int = 240, seed0: int = 0) -> Path:
+    arrays = {}
+    for i in range(n):
+        s, t = plane_scene(seed0 + i, n_target, n_scan)
+        arrays[f"scan_{i}"] = s
+        arrays[f"target_{i}"] = t
+    np.savez(path, **arrays)
+    return Path(path)
+
+
+def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
+    """The shipped tiny config of ``kind`` with test settings: CPU, 1 thread, no workers, no
+    TensorBoard / progress bar, SGD (so that an update is -lr * grad)."""
+    name = {"teacher": "tiny_teacher", "refiner": "tiny_refiner", "distill": f"tiny_distill_{mode}"}[kind]
+    base = ["device=cpu", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
+            "log.render_every_steps=0", "checkpoint.every_steps=0", "train.max_steps=null", "train.epochs=1"]
+    if kind == "distill":
+        base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=training.losses.chamfer_distance_np"]
+    return load_config(CONFIGS / f"{name}.yaml", kind=kind, overrides=base + list(overrides))

@@ -1,0 +1,106 @@
+"""``lidar-completion-train {teacher,refiner,distill} --config CONFIG.yaml [--out DIR] [--resume [PATH]]
+[--max-steps N] [--set key=value ...]`` (also ``python -m training ...``).
+
+Several processes / GPUs: ``torchrun --nproc_per_node N -m training distill --config ...``.
+Exit codes: 0 finished, 1 error (message on stderr), 130/143 interrupted by SIGINT/SIGTERM after
+writing a checkpoint (resume with ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lidar_completion.errors import LidarCompletionError
+
+from .config import KINDS, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def trainer_class(kind: str):
+    if kind == "teacher":
+        from .teacher import TeacherTrainer
+        return TeacherTrainer
+    if kind == "refiner":
+        from .refiner import RefinerTrainer
+        return RefinerTrainer
+    from .distill import DistillTrainer
+    return DistillTrainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lidar-completion-train",
+        description="Train the LiDiff teacher, the refiner, or distil a one-step student (Distillation-DPO "
+                    "or score distillation). Several GPUs/processes: torchrun --nproc_per_node N -m training ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configs shipped in training/configs/: " + ", ".join(sorted(x.name for x in CONFIG_DIR.glob("*.yaml"))),
+    )
+    sub = p.add_subparsers(dest="kind", required=True, metavar="{teacher,refiner,distill}")
+    helps = {"teacher": "LiDiff denoiser + condition encoder (denoising loss, condition dropout 0.1)",
+             "refiner": "refinement network (x6 points, Chamfer loss)",
+             "distill": "one-step student from a teacher: distill.mode dpo (Distillation-DPO) or vsd"}
+    for kind in KINDS:
+        s = sub.add_parser(kind, help=helps[kind], description=helps[kind])
+        s.add_argument("--config", required=True,
+                       help="YAML config (a name like tiny_teacher.yaml is looked up in training/configs/)")
+        s.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+        s.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest checkpoint of --out (or from PATH: a checkpoint file "
+                            "or run folder); without a checkpoint there it starts fresh")
+        s.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.optimizer.lr=1e-5 (repeatable)")
+        s.add_argument("--device", default=None, help="override `device` (auto, cpu, cuda)")
+    return p
+
+
+def resolve_config_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists() or p.is_absolute() or len(p.parts) > 1:
+        return p
+    cand = CONFIG_DIR / name
+    if cand.exists():
+        return cand
+    if not name.endswith(".yaml") and (CONFIG_DIR / f"{name}.yaml").exists():
+        return CONFIG_DIR / f"{name}.yaml"
+    return p
+
+
+def run(args) -> int:
+    path = resolve_config_path(args.config)
+    overrides = list(args.set)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    cfg = load_config(path, kind=args.kind, overrides=overrides)
+    out = Path(args.out) if args.out else Path("runs") / path.stem
+    trainer = trainer_class(args.kind)(cfg, out, resume=args.resume, max_steps=args.max_steps)
+    summary = trainer.run()
+    if trainer.dist.is_main:
+        print(json.dumps({k: summary.get(k) for k in ("kind", "status", "step", "seconds", "mean_step_s",
+                                                      "checkpoint", "export")}))
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from . import distributed as D
+    from .engine import TrainingInterrupted
+    try:
+        return run(args)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except LidarCompletionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        D.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

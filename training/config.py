@@ -1,0 +1,250 @@
+"""Training configuration: YAML files merged over built-in defaults, validated, with dotted access.
+
+A config is a nested dict. ``load_config(path, kind)`` reads the YAML file, merges it over
+``DEFAULTS[kind]`` (so a file only states what differs), applies ``--set key.sub=value`` overrides and
+validates the result. Unknown keys are refused (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from typing import Any, Callable
+
+import yaml
+
+from lidar_completion.errors import ConfigError
+
+KINDS = ("teacher", "refiner", "distill")
+
+_COMMON: dict = {
+    "kind": None,
+    "seed": 0,
+    # network widths: "full" (published), "tiny" (a quarter of the widths), or {"channels": [9 ints]}
+    "model": "full",
+    "backend": "auto",          # sparse backend: auto | torch | minkowski
+    "device": "auto",           # auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda
+    "threads": 0,               # torch intra-op threads per process; 0 leaves torch's default
+    "init": None,               # checkpoint to start from (our inference format or a published one)
+    "data": {
+        "kind": "semantickitti",  # semantickitti | synthetic | npz
+        "root": None,             # dataset root (the folder holding sequences/), or the .npz file
+        "sequences": ["00", "01", "02", "03", "04", "05", "06", "07", "09", "10"],
+        "gt_cache": None,         # per-frame target cache folder (built by `lidar-completion build_gt`)
+        "scan_points": 18000,     # farthest-point-sampled scan size
+        "tile": 10,               # x_init = scan tiled this many times
+        "target_points": 180000,  # target shuffled and tiled/truncated to this size
+        "augment": True,
+        "num_workers": 2,
+        # synthetic data (data.kind = synthetic): generated into <out>/data unless root is given
+        "synthetic": {"sequences": ["00"], "scans": 4, "seed": 0},
+        # refiner only: scans aggregated around the centre scan for the dense target
+        "scan_window": 40,
+        "limit": None,            # use only the first N samples (overfitting, smoke runs)
+    },
+    "train": {
+        "batch_size": 1,          # per process
+        "epochs": 1,
+        "max_steps": None,        # stop after this many optimiser steps (overrides epochs when smaller)
+        "batchnorm": "train",     # train | frozen (eval-mode statistics) | sync (SyncBatchNorm, GPU DDP)
+        "grad_clip": None,        # max gradient norm, None = off
+        "optimizer": {"name": "adam", "lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                      "momentum": 0.0},
+        # lr = lr0 * gamma ** (epoch // every_epochs); gamma 1 = constant
+        "lr_schedule": {"gamma": 1.0, "every_epochs": 1},
+    },
+    "checkpoint": {"every_steps": 500, "keep": 3},
+    "log": {"every_steps": 10, "render_every_steps": 500, "tensorboard": True, "progress": True},
+    "diffusion": {"beta_start": 3.5e-5, "beta_end": 0.007, "steps": 1000, "reg_weight": 5.0},
+}
+
+DEFAULTS: dict = {
+    "teacher": {
+        "teacher": {"cond_dropout": 0.1},
+    },
+    "refiner": {
+        "refiner": {
+            "jitter_sigma": 0.2, "jitter_clip": 0.3,
+            "input_points": 180000,     # jittered dense input points per sample
+            "target_points": 360000,    # dense target points per sample (0.1 m subsampled aggregate)
+            "target_voxel": 0.1,
+            # chamfer_l2sq: mean squared NN distance both ways, summed (pytorch3d's default, published);
+            # chamfer_l1: 0.5 * (mean NN distance both ways), the CD of METHOD.md §5
+            "loss": "chamfer_l2sq",
+        },
+    },
+    "distill": {
+        "distill": {
+            "mode": "dpo",                 # dpo | vsd
+            "teacher": None,               # checkpoint of the teacher (ours or published LiDiff / D-DPO)
+            "refiner": None,               # optional refiner checkpoint copied into the exported model
+            "noise_scale": 1.1,            # lambda: the second sample starts from x_init + lambda z
+            "metric": "lidar_completion.metrics.chamfer_distance",
+            "metric_lower_is_better": True,
+            "generator": "local",          # local: G = x_T - sigma_T eps; vp: x_init + (z - sigma_T eps)/alpha_T
+            "t_min": 0, "t_max": 999,      # distillation timesteps t ~ U{t_min..t_max}
+            "teacher_guidance": 1.0,       # 1 = conditional teacher score (published); w > 1 uses CFG
+            "aux_loss": "lidiff",          # lidiff (MSE + 5 * regulariser) | mse (published aux loss)
+            "aux_updates_per_step": 1,
+            "aux_warmup_steps": 0,         # first steps train only the auxiliary network(s)
+            "weighting": "linear",         # linear | logsigmoid (Diffusion-DPO style weight, dpo only)
+            "dpo_beta": 1.0,
+            "aux_optimizer": None,         # None = same as train.optimizer
+            "aux_grad_clip": "same",       # "same" = train.grad_clip
+        },
+    },
+}
+
+PUBLISHED_NOTE = "published hyper-parameters: see docs/training.md"
+
+
+def deep_merge(base: dict, over: dict, path: str = "", strict: bool = True) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        where = f"{path}{k}"
+        if strict and k not in out:
+            raise ConfigError(f"unknown config key {where!r}; expected one of {sorted(out)}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model",):
+            out[k] = deep_merge(out[k], v, where + ".", strict=strict and k not in ("synthetic",))
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def defaults(kind: str) -> dict:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown training kind {kind!r}; expected one of {', '.join(KINDS)}")
+    base = copy.deepcopy(_COMMON)
+    base.update(copy.deepcopy(DEFAULTS[kind]))
+    base["kind"] = kind
+    return base
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override must look like key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse the value of override {text!r}: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: dict, overrides) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for text in overrides or ():
+        keys, value = parse_override(text)
+        node = cfg
+        for k in keys[:-1]:
+            if not isinstance(node, dict) or k not in node:
+                raise ConfigError(f"override {text!r}: no config section {k!r}")
+            node = node[k]
+        if not isinstance(node, dict) or keys[-1] not in node:
+            raise ConfigError(f"override {text!r}: unknown key {keys[-1]!r}")
+        node[keys[-1]] = value
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, kind: str | None = None, overrides=None) -> dict:
+    """Read a YAML config (or only the defaults when ``path`` is None) and validate it.
+
+    ``kind`` must match the file's ``kind`` when both are given."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, found {type(data).__name__}")
+    file_kind = data.get("kind")
+    if kind and file_kind and kind != file_kind:
+        raise ConfigError(f"config {path} is for {file_kind!r} training, but {kind!r} was requested")
+    kind = kind or file_kind
+    if not kind:
+        raise ConfigError(f"config {path} does not say which training it is for (kind: teacher|refiner|distill)")
+    cfg = deep_merge(defaults(kind), data)
+    cfg["kind"] = kind
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: dict) -> None:
+    tr = cfg["train"]
+    _check(int(tr["batch_size"]) >= 1, f"train.batch_size must be >= 1, got {tr['batch_size']}")
+    _check(int(tr["epochs"]) >= 1, f"train.epochs must be >= 1, got {tr['epochs']}")
+    _check(tr["max_steps"] is None or int(tr["max_steps"]) >= 0,
+           f"train.max_steps must be None or >= 0, got {tr['max_steps']}")
+    _check(tr["batchnorm"] in ("train", "frozen", "sync"),
+           f"train.batchnorm must be train|frozen|sync, got {tr['batchnorm']!r}")
+    _check(tr["optimizer"]["name"] in ("adam", "adamw", "sgd"),
+           f"train.optimizer.name must be adam|adamw|sgd, got {tr['optimizer']['name']!r}")
+    _check(float(tr["optimizer"]["lr"]) > 0, f"train.optimizer.lr must be positive, got {tr['optimizer']['lr']}")
+    _check(cfg["data"]["kind"] in ("semantickitti", "synthetic", "npz"),
+           f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
+    _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")
+    _check(int(cfg["checkpoint"]["keep"]) >= 1, "checkpoint.keep must be >= 1")
+    model = cfg["model"]
+    _check(model in ("full", "tiny") or (isinstance(model, dict) and "channels" in model),
+           f"model must be 'full', 'tiny' or a mapping with 'channels', got {model!r}")
+    if cfg["kind"] == "teacher":
+        p = float(cfg["teacher"]["cond_dropout"])
+        _check(0.0 <= p < 1.0, f"teacher.cond_dropout must be in [0, 1), got {p}")
+    if cfg["kind"] == "refiner":
+        _check(cfg["refiner"]["loss"] in ("chamfer_l2sq", "chamfer_l1"),
+               f"refiner.loss must be chamfer_l2sq|chamfer_l1, got {cfg['refiner']['loss']!r}")
+    if cfg["kind"] == "distill":
+        d = cfg["distill"]
+        _check(d["mode"] in ("dpo", "vsd"), f"distill.mode must be dpo|vsd, got {d['mode']!r}")
+        _check(d["generator"] in ("local", "vp"), f"distill.generator must be local|vp, got {d['generator']!r}")
+        _check(d["aux_loss"] in ("lidiff", "mse"), f"distill.aux_loss must be lidiff|mse, got {d['aux_loss']!r}")
+        _check(d["weighting"] in ("linear", "logsigmoid"),
+               f"distill.weighting must be linear|logsigmoid, got {d['weighting']!r}")
+        steps = int(cfg["diffusion"]["steps"])
+        _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
+               f"distill.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")
+        _check(float(d["noise_scale"]) > 0, f"distill.noise_scale must be positive, got {d['noise_scale']}")
+        _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
+        if d["mode"] == "dpo":
+            resolve_callable(d["metric"])  # fail early on a bad dotted path
+
+
+def resolve_callable(dotted: str | Callable) -> Callable:
+    """``"package.module.function"`` -> the function (a callable passes through)."""
+    if callable(dotted):
+        return dotted
+    if not isinstance(dotted, str) or "." not in dotted:
+        raise ConfigError(f"expected a dotted path like 'package.module.function', got {dotted!r}")
+    mod_name, _, attr = dotted.rpartition(".")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {mod_name!r} for {dotted!r}: {exc}") from exc
+    fn = getattr(mod, attr, None)
+    if fn is None or not callable(fn):
+        raise ConfigError(f"{mod_name!r} has no callable {attr!r} (from {dotted!r})")
+    return fn
+
+
+def model_config(cfg: dict):
+    from lidar_completion.models import ModelConfig
+    m = cfg["model"]
+    if m == "full":
+        return ModelConfig.full()
+    if m == "tiny":
+        return ModelConfig.tiny()
+    return ModelConfig.from_dict(m)
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

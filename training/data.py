@@ -1,0 +1,164 @@
+"""Data plumbing of the trainers: resumable per-rank sharding, keyed samples, collation.
+
+A *source* is anything with ``__len__`` and ``sample(index, rng) -> dict`` (or ``__getitem__``)
+returning float32 numpy arrays:
+
+* ``scan``   (n, 3): the farthest-point-sampled input scan (the condition),
+* ``x_init`` (n * tile, 3): the scan tiled (optional; built from ``scan`` when absent),
+* ``target`` (m, 3): the dense ground truth (teacher / distillation), or for the refiner
+  ``input`` (k, 3) jittered dense points and ``target`` (m, 3) the dense aggregate.
+
+:class:`ShardSampler` is torch's DistributedSampler sharding (rank r takes global positions r, r + R,
+r + 2R, ... of each epoch's permutation) made resumable at any step, and it yields
+``(index, epoch, position)`` so that :class:`KeyedDataset` can seed each sample's randomness by its
+position in the global order (see :mod:`training.rng`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lidar_completion.errors import DatasetError
+
+from . import rng as R
+
+
+class ShardSampler(DistributedSampler):
+    """Batch sampler: one list of ``(index, epoch, position)`` per step for this rank.
+
+    ``steps_per_epoch = max(1, N // (world * batch))``; global positions of step s are
+    ``s * world * batch + r + j * world`` for rank r and local slot j (DistributedSampler's
+    interleaving); index = permutation[position % N]. The union over ranks of one step is therefore
+    the same set of samples for any split of a global batch across ranks.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        if num_samples <= 0:
+            raise DatasetError("the training set is empty: expected at least one sample, found 0")
+        super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=True)
+        self.n = int(num_samples)
+        self.batch = int(batch_size)
+        self.world = int(world_size)
+        self.rank_ = int(rank)
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // (self.world * self.batch))
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:  # noqa: D401
+        super().set_epoch(epoch)
+        self.start_step = int(start_step)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        g = R.generator(self.seed, epoch, "permutation")
+        return torch.randperm(self.n, generator=g).numpy()
+
+    def __iter__(self) -> Iterator[list]:
+        perm = self.permutation(self.epoch)
+        gb = self.world * self.batch
+        for s in range(self.start_step, self.steps_per_epoch):
+            out = []
+            for j in range(self.batch):
+                pos = s * gb + self.rank_ + j * self.world
+                out.append((int(perm[pos % self.n]), int(self.epoch), int(pos)))
+            yield out
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+class KeyedDataset(Dataset):
+    """Wraps a source; item ``(index, epoch, position)`` -> the sample, with its augmentation seeded
+    by (seed, epoch, position) and the key stored as ``key``."""
+
+    def __init__(self, source, seed: int, tile: int = 10):
+        self.source = source
+        self.seed = int(seed)
+        self.tile = int(tile)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item):
+        index, epoch, pos = item
+        rng = R.numpy_rng(self.seed, epoch, pos, "data")
+        if hasattr(self.source, "sample"):
+            s = self.source.sample(index, rng)
+        else:
+            s = self.source[index]
+        s = dict(s)
+        if "scan" in s and "x_init" not in s:
+            s["x_init"] = np.tile(np.asarray(s["scan"], dtype=np.float32), (self.tile, 1))
+        s["key"] = (int(epoch), int(pos))
+        s["index"] = int(index)
+        return s
+
+
+def collate(samples: list) -> dict:
+    """Pack a list of samples into flat point tensors with batch indices (rows grouped by element)."""
+    out: dict = {"batch_size": len(samples)}
+    names = [k for k in samples[0] if isinstance(samples[0][k], np.ndarray)]
+    for name in names:
+        arrs = [np.asarray(s[name], dtype=np.float32)[:, :3] for s in samples]
+        out[name] = torch.from_numpy(np.concatenate(arrs, axis=0))
+        out[name + "_batch"] = torch.cat([torch.full((len(a),), b, dtype=torch.long)
+                                          for b, a in enumerate(arrs)])
+        out[name + "_counts"] = torch.tensor([len(a) for a in arrs], dtype=torch.long)
+    out["key"] = torch.tensor([s["key"] for s in samples], dtype=torch.long)
+    out["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    return out
+
+
+def make_loader(dataset: KeyedDataset, sampler: ShardSampler, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=int(num_workers),
+                      persistent_workers=False, pin_memory=False)
+
+
+def split_rows(x: torch.Tensor, counts: torch.Tensor) -> list:
+    return list(torch.split(x, [int(c) for c in counts]))
+
+
+class ArraySource:
+    """In-memory source from lists of arrays (tests, overfitting, single scans).
+
+    ``scans[i]`` is used as is (already sampled); ``targets[i]`` is the dense ground truth. With
+    ``target_points`` the target is shuffled and tiled/truncated to that size with the sample's rng."""
+
+    def __init__(self, scans, targets, target_points: int | None = None, inputs=None):
+        if len(scans) != len(targets):
+            raise DatasetError(f"expected as many scans as targets, found {len(scans)} and {len(targets)}")
+        self.scans = [np.asarray(s, dtype=np.float32)[:, :3] for s in scans]
+        self.targets = [np.asarray(t, dtype=np.float32)[:, :3] for t in targets]
+        self.inputs = None if inputs is None else [np.asarray(a, dtype=np.float32)[:, :3] for a in inputs]
+        self.target_points = target_points
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict:
+        tgt = self.targets[index]
+        if self.target_points:
+            tgt = tile_to(tgt, int(self.target_points), rng)
+        out = {"scan": self.scans[index], "target": tgt}
+        if self.inputs is not None:
+            out["input"] = self.inputs[index]
+        return out
+
+
+def tile_to(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Shuffle ``points`` and tile/truncate to exactly ``n`` rows."""
+    if len(points) == 0:
+        raise DatasetError("cannot tile an empty cloud")
+    perm = rng.permutation(len(points))
+    reps = math.ceil(n / len(points))
+    return np.ascontiguousarray(np.tile(points[perm], (reps, 1))[:n])

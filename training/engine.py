@@ -1,0 +1,387 @@
+"""The training loop shared by the teacher, refiner and distillation trainers.
+
+Responsibilities: process group and device, DDP wrapping of the trainable modules, batch-norm mode,
+optimisers and the epoch-wise learning-rate schedule, the resumable data order, atomic training
+checkpoints (every N steps, at the end, and on SIGTERM/SIGINT), the NaN/inf guard, rank-0 logging,
+and the export of an inference checkpoint when training finishes.
+
+Subclasses implement ``build()`` (modules, optimisers) ``train_step(batch) -> dict`` and
+``export(path)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lidar_completion.diffusion import NoiseSchedule
+from lidar_completion.errors import CheckpointError, ConfigError, LidarCompletionError
+
+from . import distributed as D
+from . import rng as R
+from .checkpoint import CheckpointManager, load_state
+from .config import dump, model_config
+from .data import KeyedDataset, ShardSampler, make_loader
+from .logs import RunLogger
+
+
+class TrainingDivergedError(LidarCompletionError, FloatingPointError):
+    """A loss became NaN or infinite; the run stopped without overwriting the last good checkpoint."""
+
+
+class TrainingInterrupted(LidarCompletionError):
+    """SIGTERM/SIGINT: a checkpoint was written and the run stopped."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum
+
+
+def set_bn_mode(module: nn.Module, mode: str) -> None:
+    """After ``module.train()``: with mode "frozen" every batch norm keeps using (and not updating)
+    its running statistics."""
+    if mode == "frozen":
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def make_optimizer(params, spec: dict) -> torch.optim.Optimizer:
+    name = spec.get("name", "adam").lower()
+    lr = float(spec["lr"])
+    wd = float(spec.get("weight_decay", 0.0) or 0.0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.999))), weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.999))), weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(spec.get("momentum", 0.0) or 0.0), weight_decay=wd)
+    raise ConfigError(f"unknown optimizer {name!r}; expected adam, adamw or sgd")
+
+
+def params_digest(modules: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        for k, v in sorted(modules[name].state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    kind = "base"
+
+    def __init__(self, cfg: dict, out_dir: str | os.PathLike, resume=None, max_steps: int | None = None,
+                 source=None, dist_info: D.DistInfo | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.dist = dist_info or D.init(cfg.get("device", "auto"))
+        self.device = self.dist.device
+        if int(cfg.get("threads") or 0) > 0:
+            torch.set_num_threads(int(cfg["threads"]))
+        self.seed = int(cfg["seed"])
+        self.bn_mode = cfg["train"]["batchnorm"]
+        if self.bn_mode == "sync" and self.dist.distributed and self.device.type != "cuda":
+            raise ConfigError("train.batchnorm: sync needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
+                              "on CPU use batchnorm: frozen (or train, unsynchronised)")
+        dcfg = cfg["diffusion"]
+        self.schedule = NoiseSchedule(float(dcfg["beta_start"]), float(dcfg["beta_end"]), int(dcfg["steps"]))
+        self.sigmas = torch.sqrt(1.0 - self.schedule.alphas_cumprod).float()   # (T,), CPU
+        self.model_config = model_config(cfg)
+        self.backend = cfg.get("backend", "auto")
+
+        self.modules: dict[str, nn.Module] = {}     # everything that is saved
+        self.trainable: dict[str, nn.Module] = {}   # subset that is optimised (DDP-wrapped)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.base_lrs: dict[str, list] = {}
+        self.build()
+        for name, m in self.modules.items():
+            m.to(self.device)
+        self.wrapped: dict[str, nn.Module] = {}
+        for name, m in self.trainable.items():
+            if self.bn_mode == "sync" and self.dist.distributed:
+                m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+                self.trainable[name] = m
+                self.modules[name] = m
+            if self.dist.distributed:
+                kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+                self.wrapped[name] = DDP(m, broadcast_buffers=(self.bn_mode != "frozen"), **kw)
+            else:
+                self.wrapped[name] = m
+        self.make_optimizers()
+        for name, opt in self.optimizers.items():
+            self.base_lrs[name] = [g["lr"] for g in opt.param_groups]
+
+        self.source = source if source is not None else self.build_source()
+        tile = int(cfg["data"]["tile"])
+        self.dataset = KeyedDataset(self.source, self.seed, tile=tile)
+        bs = int(cfg["train"]["batch_size"])
+        self.sampler = ShardSampler(len(self.dataset), bs, self.dist.world_size, self.dist.rank,
+                                    seed=self.seed, shuffle=True)
+        self.loader_workers = int(cfg["data"].get("num_workers", 0) or 0)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = int(cfg["train"]["epochs"]) * self.steps_per_epoch
+        ms = max_steps if max_steps is not None else cfg["train"]["max_steps"]
+        if ms is not None:  # an explicit step budget replaces the epoch count
+            self.total_steps = int(ms)
+        self.step = 0
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=int(cfg["checkpoint"]["keep"]))
+        self._stop_signal = None
+        self.resumed_from = None
+        if resume:
+            path = self.ckpt.resolve(resume)
+            if path is None:
+                if resume is True:
+                    pass  # nothing to resume: fresh start (documented behaviour of --resume)
+                else:
+                    raise CheckpointError(f"--resume {resume}: no checkpoint found there")
+            else:
+                self.load(path)
+                self.resumed_from = str(path)
+
+    # -- to implement -------------------------------------------------------------------------
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def make_optimizers(self) -> None:
+        opt = self.cfg["train"]["optimizer"]
+        params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
+        self.optimizers["main"] = make_optimizer(params, opt)
+
+    def train_step(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def export(self, path: Path) -> Path | None:
+        return None
+
+    def render(self, batch: dict) -> dict | None:
+        """Clouds for the bird's-eye image ({name: (N, 3) array}) of the first sample, or None."""
+        return None
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def build_source(self):
+        from .sources import build_source
+        return build_source(self.cfg, self.out, self.kind)
+
+    def sample_keys(self, batch: dict) -> list:
+        return [(int(e), int(p)) for e, p in batch["key"].tolist()]
+
+    def draw_t(self, keys, purpose: str, low: int = 0, high: int | None = None) -> torch.Tensor:
+        high = self.schedule.num_train_timesteps - 1 if high is None else high
+        return torch.tensor([R.randint(low, high, self.seed, e, p, purpose) for e, p in keys],
+                            dtype=torch.long, device=self.device)
+
+    def draw_noise(self, keys, counts, purpose: str) -> torch.Tensor:
+        return torch.cat([R.randn((int(n), 3), self.seed, e, p, purpose)
+                          for (e, p), n in zip(keys, counts)]).to(self.device)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas.to(t.device)[t]
+
+    def set_train(self, module: nn.Module, train: bool = True) -> None:
+        module.train(train)
+        if train:
+            set_bn_mode(module, self.bn_mode)
+
+    def guard(self, name: str, value: torch.Tensor) -> None:
+        """Stop (on every rank) when ``value`` is NaN/inf, before any optimiser step uses it."""
+        bad = not bool(torch.isfinite(value.detach()).all())
+        if D.any_flag(bad, self.device):
+            last = self.ckpt.latest_path()
+            where = f"the last good checkpoint is {last}" if last and last.exists() else \
+                "no checkpoint was written yet"
+            raise TrainingDivergedError(
+                f"{self.kind} training: loss {name!r} became {float(value.detach().flatten()[0])} at step "
+                f"{self.step} (epoch {self.step // self.steps_per_epoch}); expected a finite value. The run "
+                f"stopped without saving; {where}. Resume from it with --resume, e.g. with a lower "
+                f"learning rate or gradient clipping.")
+
+    def clip_and_step(self, name: str, clip) -> float:
+        opt = self.optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = float("nan")
+        if params:  # with clip None the norm is only measured (for the logs)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip) if clip is not None else float("inf")))
+        opt.step()
+        return norm
+
+    # -- learning rate ---------------------------------------------------------------------------
+    def lr_factor(self, epoch: int) -> float:
+        s = self.cfg["train"]["lr_schedule"]
+        gamma, every = float(s.get("gamma", 1.0)), max(1, int(s.get("every_epochs", 1)))
+        return gamma ** (epoch // every)
+
+    def apply_lr(self, epoch: int) -> None:
+        f = self.lr_factor(epoch)
+        for name, opt in self.optimizers.items():
+            for g, lr0 in zip(opt.param_groups, self.base_lrs[name]):
+                g["lr"] = lr0 * f
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        rngs = D.gather_objects(R.capture_state())
+        return {
+            "kind": self.kind,
+            "version": 1,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "data": {"steps_per_epoch": self.steps_per_epoch,
+                     "global_batch": self.dist.world_size * int(self.cfg["train"]["batch_size"]),
+                     "num_samples": len(self.dataset)},
+            "world_size": self.dist.world_size,
+            "models": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "rng": rngs,
+            "model_config": self.model_config.to_dict(),
+            "config_yaml": dump(self.cfg),
+        }
+
+    def save(self) -> Path | None:
+        st = self.state()  # collective (RNG gather): every rank calls it
+        path = None
+        if self.dist.is_main:
+            path = self.ckpt.save(st)
+        D.barrier()
+        return path
+
+    def load(self, path) -> None:
+        st = load_state(path, map_location="cpu")
+        if st.get("kind") != self.kind:
+            raise CheckpointError(f"{path} is a {st.get('kind')!r} training state, expected {self.kind!r}")
+        gb = self.dist.world_size * int(self.cfg["train"]["batch_size"])
+        if st["data"]["global_batch"] != gb or st["data"]["num_samples"] != len(self.dataset):
+            raise CheckpointError(
+                f"{path}: the data order cannot be resumed: it was written with global batch "
+                f"{st['data']['global_batch']} over {st['data']['num_samples']} samples, this run has global "
+                f"batch {gb} over {len(self.dataset)} samples")
+        missing = set(self.modules) - set(st["models"])
+        if missing:
+            raise CheckpointError(f"{path} lacks the modules {sorted(missing)} (has {sorted(st['models'])})")
+        for k, m in self.modules.items():
+            try:
+                m.load_state_dict(st["models"][k])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: module {k!r} does not match this configuration: {exc}") from exc
+        for k, o in self.optimizers.items():
+            o.load_state_dict(st["optimizers"][k])
+        self.step = int(st["step"])
+        rngs = st.get("rng") or []
+        if self.dist.rank < len(rngs):
+            R.restore_state(rngs[self.dist.rank])
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _install_signals(self):
+        old = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            return {}
+        return old
+
+    @staticmethod
+    def _restore_signals(old):
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        logc = cfg["log"]
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+        logger = RunLogger(self.out, self.dist.is_main, tensorboard=bool(logc["tensorboard"]),
+                           progress=bool(logc["progress"]), total_steps=self.total_steps,
+                           initial_step=self.step, desc=f"{self.kind}")
+        every_ckpt = int(cfg["checkpoint"]["every_steps"])
+        every_log = max(1, int(logc["every_steps"]))
+        every_render = int(logc["render_every_steps"] or 0)
+        old = self._install_signals()
+        t_start = time.time()
+        steps_done = 0
+        status = "finished"
+        step_times = []
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
+                self.apply_lr(epoch)
+                loader = make_loader(self.dataset, self.sampler, self.loader_workers)
+                for batch in loader:
+                    if self.step >= self.total_steps:
+                        break
+                    t0 = time.time()
+                    logs = self.train_step(batch)
+                    self.step += 1
+                    steps_done += 1
+                    step_times.append(time.time() - t0)
+                    logs["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+                    logs["time/step_s"] = step_times[-1]
+                    if self.step % every_log == 0 or self.step == 1 or self.step == self.total_steps:
+                        logger.scalars(self.step, logs)
+                    if every_render and (self.step % every_render == 0 or self.step == 1):
+                        clouds = self.render(batch)
+                        if clouds:
+                            logger.bev(self.step, f"{self.kind}/bev", clouds)
+                    logger.progress(1, {k: v for k, v in logs.items() if k.startswith("loss")})
+                    stop = D.any_flag(self._stop_signal is not None, self.device)
+                    if every_ckpt and self.step % every_ckpt == 0 and not stop:
+                        self.save()
+                    if stop:
+                        path = self.save()
+                        sig = self._stop_signal or signal.SIGTERM
+                        raise TrainingInterrupted(
+                            f"{self.kind} training interrupted by signal {int(sig)} at step {self.step}; "
+                            f"checkpoint {path or self.ckpt.latest_path()} written; continue with --resume",
+                            int(sig))
+            final_ckpt = self.save()
+            export_path = None
+            if self.dist.is_main:
+                export_path = self.export(self.out / f"{self.kind}.pt")
+            D.barrier()
+        except TrainingInterrupted:
+            status = "interrupted"
+            raise
+        finally:
+            self._restore_signals(old)
+            digests = D.gather_objects(params_digest(self.trainable))
+            summary = {
+                "kind": self.kind, "status": status, "step": self.step, "total_steps": self.total_steps,
+                "steps_this_run": steps_done, "seconds": round(time.time() - t_start, 3),
+                "mean_step_s": (sum(step_times[1:]) / max(1, len(step_times) - 1)) if len(step_times) > 1
+                else (step_times[0] if step_times else None),
+                "world_size": self.dist.world_size, "device": str(self.device),
+                "rank_weight_digests": digests, "resumed_from": self.resumed_from,
+            }
+            if self.dist.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            logger.close()
+        summary["checkpoint"] = str(final_ckpt) if final_ckpt else None
+        summary["export"] = str(export_path) if export_path else None
+        return summary
+
+
+def finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)

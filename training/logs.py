@@ -1,0 +1,104 @@
+"""Rank-0 logging: TensorBoard scalars and bird's-eye renders, a JSON-lines metrics file, tqdm.
+
+Every rank holds a :class:`RunLogger`; only rank 0 writes. ``metrics.jsonl`` in the run folder gets one
+line per logged step (the same scalars as TensorBoard), which tests and scripts read without
+TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class RunLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True, progress: bool = True,
+                 total_steps: int | None = None, initial_step: int = 0, desc: str = "train"):
+        self.enabled = bool(enabled)
+        self.out = Path(out_dir)
+        self.writer = None
+        self.bar = None
+        self._jsonl = None
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
+                            unit="step", smoothing=0.1)
+        self._t0 = time.time()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None and np.isscalar(float(v))}
+        if self.writer is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+        rec = {"step": int(step), "time": round(time.time() - self._t0, 3)}
+        rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+
+    def progress(self, n: int = 1, postfix: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def bev(self, step: int, tag: str, clouds: dict, extent: float | None = None) -> None:
+        """Bird's-eye scatter of several clouds side by side (name -> (N, 3) array)."""
+        if not self.enabled or self.writer is None:
+            return
+        fig = render_bev(clouds, extent=extent)
+        self.writer.add_figure(tag, fig, global_step=step, close=True)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self.enabled = False
+
+
+def render_bev(clouds: dict, extent: float | None = None, max_points: int = 60000):
+    """A matplotlib figure with one bird's-eye panel per cloud (points coloured by height)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(clouds))
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    if extent is None:
+        allp = [np.asarray(c)[:, :2] for c in clouds.values() if len(c)]
+        extent = float(np.percentile(np.abs(np.concatenate(allp)), 99)) if allp else 1.0
+        extent = max(extent, 1.0)
+    rng = np.random.default_rng(0)
+    for ax, (name, pts) in zip(axes[0], clouds.items()):
+        pts = np.asarray(pts, dtype=np.float32)
+        if len(pts) > max_points:
+            pts = pts[rng.choice(len(pts), max_points, replace=False)]
+        if len(pts):
+            ax.scatter(pts[:, 0], pts[:, 1], c=pts[:, 2], s=0.2, cmap="viridis", linewidths=0)
+        ax.set_title(f"{name} ({len(pts)} pts)", fontsize=9)
+        ax.set_xlim(-extent, extent)
+        ax.set_ylim(-extent, extent)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig

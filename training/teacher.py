@@ -1,0 +1,98 @@
+"""Teacher training: LiDiff's denoising objective with condition dropout (METHOD.md §3).
+
+For each sample: t ~ U{0..T-1}, eps ~ N(0, I) over the target points, x_t = x_0 + sqrt(1 - abar_t) eps
+(the local forward process), loss = MSE(eps_hat, eps) + 5 (mean(eps_hat)^2 + (std(eps_hat) - 1)^2)
+over the global batch. With probability ``teacher.cond_dropout`` (0.1) a sample's condition is the
+encoding of an all-zero cloud (its scan points all moved to the origin), which trains the
+unconditional branch used by classifier-free guidance. The published code drops the condition for the
+whole batch at once (and never with batch size 1); we draw it per sample, so batch size 1 per GPU
+still trains the unconditional branch. The condition encoder trains jointly with the denoiser.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import rng as R
+from .engine import Trainer
+from .losses import denoising_loss_terms
+from .netio import build_networks, export_inference, load_init
+
+
+class TeacherNet(nn.Module):
+    """Condition encoder + denoiser as one module (one DDP wrapper, one forward per step)."""
+
+    def __init__(self, encoder: nn.Module, denoiser: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.denoiser = denoiser
+
+    def forward(self, scan, scan_batch, x_t, x_batch, t):
+        cond = self.encoder(scan, scan_batch)
+        return self.denoiser(x_t, x_batch, t, cond)
+
+
+class TeacherTrainer(Trainer):
+    kind = "teacher"
+
+    def build(self) -> None:
+        enc, den, _ = build_networks(self.model_config, self.backend, refiner=False)
+        if self.cfg.get("init"):
+            load_init(self.cfg["init"], encoder=enc, denoiser=den)
+        self.net = TeacherNet(enc, den)
+        self.modules["teacher"] = self.net
+        self.trainable["teacher"] = self.net
+
+    def train_step(self, batch: dict) -> dict:
+        dev = self.device
+        keys = self.sample_keys(batch)
+        scan = batch["scan"].to(dev)
+        scan_b = batch["scan_batch"].to(dev)
+        x0 = batch["target"].to(dev)
+        x_b = batch["target_batch"].to(dev)
+        t = self.draw_t(keys, "teacher/t")
+        eps = self.draw_noise(keys, batch["target_counts"], "teacher/eps")
+        x_t = x0 + self.sigma(t)[x_b].view(-1, 1) * eps
+        p = float(self.cfg["teacher"]["cond_dropout"])
+        drop = torch.tensor([R.uniform(self.seed, e, q, "teacher/drop") < p for e, q in keys],
+                            dtype=torch.bool, device=dev)
+        if bool(drop.any()):
+            scan = torch.where(drop[scan_b].view(-1, 1), torch.zeros_like(scan), scan)
+        model = self.wrapped["teacher"]
+        self.set_train(self.net, True)
+        eps_hat = model(scan, scan_b, x_t, x_b, t)
+        terms = denoising_loss_terms(eps_hat, eps, float(self.cfg["diffusion"]["reg_weight"]))
+        self.guard("loss", terms["loss"])
+        opt = self.optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
+        return {"loss": float(terms["loss"]), "loss/mse": float(terms["mse"]), "loss/mean": float(terms["mean"]),
+                "loss/std": float(terms["std"]), "grad_norm": gnorm, "cond_dropped": float(drop.float().mean())}
+
+    @torch.no_grad()
+    def render(self, batch: dict) -> dict | None:
+        """One-step x0 estimate of the first sample at t = 500 next to its target and scan."""
+        dev = self.device
+        m0 = batch["target_batch"] == 0
+        s0 = batch["scan_batch"] == 0
+        x0 = batch["target"][m0].to(dev)
+        scan = batch["scan"][s0].to(dev)
+        t = torch.tensor([500], device=dev)
+        eps = torch.randn(x0.shape, generator=R.generator(self.seed, self.step, "render")).to(dev)
+        x_t = x0 + self.sigma(t) * eps
+        self.net.eval()
+        zb = torch.zeros(len(x0), dtype=torch.long, device=dev)
+        eps_hat = self.net(scan, torch.zeros(len(scan), dtype=torch.long, device=dev), x_t, zb, t)
+        self.set_train(self.net, True)
+        est = x_t - self.sigma(t) * eps_hat
+        return {"scan": scan.cpu().numpy(), "x_t (t=500)": x_t.cpu().numpy(),
+                "estimate of x_0": est.cpu().numpy(), "target": x0.cpu().numpy()}
+
+    def export(self, path: Path):
+        return export_inference(path, self.model_config, encoder=self.net.encoder, denoiser=self.net.denoiser,
+                                refiner=None, sampling={"steps": 50, "guidance": 6.0},
+                                meta={"trained_by": "training.teacher", "step": self.step,
+                                      "config": self.cfg})
