@@ -1,0 +1,303 @@
+"""The inference API: one scan in, the completed scene out.
+
+>>> c = Completer.from_checkpoint("student.pt", steps=8, guidance=3.5, seed=0)   # doctest: +SKIP
+>>> dense = c.complete(scan)            # (N, >=3) float array -> (M, 3) float32   # doctest: +SKIP
+
+One code path serves the CLI, the ROS node, evaluation and the benchmarks:
+
+1. validation (finite rows of an (N, >=3) real array) and the range / z filters;
+2. farthest-point sampling to ``n_fps`` points, tiled ``tile`` times: ``x_init``;
+3. the condition encoder, once per scan; the unconditional condition (an all-zero cloud) is cached
+   per point count since it does not depend on the scan;
+4. the SDE-DPM-Solver++ loop on offsets from ``x_init``, one guided (cond + uncond) denoiser call
+   per step;
+5. the range / z band post-processing, then optionally the refinement network (x6 points).
+
+Every piece of solver state and randomness belongs to one call: completing scan A then scan B
+gives exactly what completing B alone gives with the same seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
+from .errors import CheckpointError, CloudFormatError, ConfigError
+from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
+
+__all__ = ["Completer", "CompletionResult", "STAGES", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+#: Stage names of :attr:`CompletionResult.timings`, in pipeline order.
+STAGES = ("preprocess", "encoder", "denoiser", "solver", "postprocess", "refinement")
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CompletionResult:
+    """Everything one completion produced."""
+    points: np.ndarray             # final cloud (M, 3) float32: refined if refinement ran, else raw
+    raw: np.ndarray                # post-processed diffusion output, before refinement (K, 3)
+    refined: np.ndarray | None     # refinement output (6 K', 3) or None
+    timings: dict = field(default_factory=dict)   # stage -> seconds (see STAGES), plus "total"
+    num_input: int = 0             # valid points of the input
+    num_filtered: int = 0          # points left after the range / z filters
+    num_fps: int = 0               # points after farthest-point sampling
+    seed: int | None = None        # the seed the noise was drawn with (reproduces this result)
+    steps: int = 0
+    guidance: float = 0.0
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; otherwise whatever torch.device accepts."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+    return dev
+
+
+class _Clock:
+    """Accumulates wall time per stage; synchronises CUDA so GPU work lands in the right stage."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.times = {s: 0.0 for s in STAGES}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class Completer:
+    """Scene completion with a condition encoder, a denoiser and an optional refiner.
+
+    Parameters: ``steps`` solver steps (1..1000; 8 for the student); ``guidance`` the CFG weight w
+    (3.5 student, 6 teacher; 1 = conditional only); ``refine`` whether to run the refiner;
+    ``device`` ("cpu", "cuda", "cuda:1", "auto"); ``seed`` None for fresh randomness on each call or
+    an int for the same output for the same input on every call; ``precision`` "fp32" | "bf16" |
+    "fp16" (autocast, CUDA only; fp32 elsewhere); pre/post-processing limits with the published
+    defaults (``min_range`` 3.5 m, ``max_range`` 50 m, ``min_z`` -4 m, ``n_fps`` 18,000,
+    ``tile`` 10; ``post_max_range`` 50 m) and ``min_points``, the fewest filtered input points
+    accepted.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
+                 refiner: torch.nn.Module | None = None, *, steps: int = 8, guidance: float = 3.5,
+                 refine: bool = True, device="cpu", seed: int | None = None, precision: str = "fp32",
+                 min_range: float | None = DEFAULTS["min_range"],
+                 max_range: float | None = DEFAULTS["max_range"],
+                 min_z: float | None = DEFAULTS["min_z"], n_fps: int = DEFAULTS["n_fps"],
+                 tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
+                 min_points: int = 100, schedule: NoiseSchedule | None = None):
+        self.device = resolve_device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.denoiser = denoiser.to(self.device).eval()
+        self.refiner = refiner.to(self.device).eval() if refiner is not None else None
+        self.schedule = schedule or NoiseSchedule()
+        self.steps = steps            # property: builds the solver
+        self.guidance = float(guidance)
+        if refine and self.refiner is None:
+            log.warning("refinement requested but no refiner network is loaded; returning the "
+                        "unrefined completion")
+        self.refine = bool(refine) and self.refiner is not None
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+            raise ConfigError(f"seed must be None or an integer, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and self.device.type != "cuda":
+            log.info("precision %s applies on CUDA only; running fp32 on %s", precision, self.device)
+        self.precision = precision
+        if int(n_fps) < 1 or int(tile) < 1:
+            raise ConfigError(f"n_fps and tile must be >= 1, got n_fps={n_fps}, tile={tile}")
+        self.min_range, self.max_range, self.min_z = min_range, max_range, min_z
+        self.n_fps, self.tile = int(n_fps), int(tile)
+        self.post_max_range = post_max_range
+        self.min_points = max(2, int(min_points))
+        self._uncond_cache: dict = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path=None, steps: int | None = None, guidance: float | None = None,
+                        refine: bool = True, device="cpu", seed: int | None = None,
+                        backend: str | None = "auto", **kwargs) -> "Completer":
+        """Load a checkpoint (ours or a published layout) and build a Completer.
+
+        ``path=None`` takes the shipped student checkpoint. ``steps`` / ``guidance`` left at None
+        take the checkpoint's sampling defaults (8 / 3.5 when it names none). ``backend`` is the
+        sparse backend ("auto" | "minkowski" | "torch"; "auto" or None honours
+        ``LIDAR_COMPLETION_BACKEND``). Other keyword arguments go to the constructor.
+        """
+        from . import checkpoints
+        if path is None:
+            path = checkpoints.default_checkpoint_path()
+            if path is None:
+                raise CheckpointError("no checkpoint given and no shipped default checkpoint is "
+                                      "installed; pass a checkpoint path (--checkpoint)")
+        if backend in (None, "", "auto"):
+            backend = None   # the sparse package reads LIDAR_COMPLETION_BACKEND, default auto
+        dev = resolve_device(device)
+        loaded = checkpoints.load_checkpoint(path, device=str(dev), backend=backend)
+        sampling = dict(getattr(loaded, "sampling", None) or {})
+        if steps is None:
+            steps = int(sampling.get("steps", 8))
+        if guidance is None:
+            guidance = float(sampling.get("guidance", 3.5))
+        if refine and loaded.refiner is None:
+            log.warning("checkpoint %s has no refiner; completions are not refined", path)
+            refine = False
+        return cls(loaded.encoder, loaded.denoiser, loaded.refiner, steps=steps, guidance=guidance,
+                   refine=refine, device=dev, seed=seed, **kwargs)
+
+    # -- settings -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self._solver.num_steps
+
+    @steps.setter
+    def steps(self, value: int):
+        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            raise ConfigError(f"steps must be a positive integer, got {value!r}")
+        self._solver = DPMSolverSDE(self.schedule, int(value))
+
+    @property
+    def solver(self) -> DPMSolverSDE:
+        return self._solver
+
+    def _autocast(self):
+        dtype = _PRECISIONS[self.precision]
+        if dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _generator(self, seed: int | None) -> tuple[torch.Generator, int]:
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            seed = int(gen.seed())   # fresh, non-deterministic; recorded so the result reproduces
+        else:
+            gen.manual_seed(int(seed))
+        return gen, int(seed)
+
+    # -- pipeline pieces ------------------------------------------------------------------------
+    def prepare(self, points) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Validated and filtered scan, its FPS subset and ``x_init``; raises CloudFormatError."""
+        xyz = as_cloud(points)
+        n_valid = len(xyz)
+        if n_valid == 0:
+            raise CloudFormatError("the input cloud has no finite points (empty or all NaN/inf)")
+        filtered = filter_scan(xyz, self.min_range, self.max_range, self.min_z)
+        if len(filtered) < self.min_points:
+            raise CloudFormatError(
+                f"too few points to complete: {len(filtered)} of {n_valid} finite points lie within "
+                f"{self.min_range} m < range < {self.max_range} m and z > {self.min_z} m; at least "
+                f"{self.min_points} are needed")
+        scan_fps, x_init = make_x_init(filtered, self.n_fps, self.tile)
+        return filtered, scan_fps, x_init, n_valid
+
+    def unconditional(self, num_points: int):
+        """The condition of an all-zero cloud of ``num_points`` points (cached; scan-independent)."""
+        key = (int(num_points), str(self.device), self.precision)
+        cond = self._uncond_cache.get(key)
+        if cond is None:
+            zeros = torch.zeros(int(num_points), 3, device=self.device)
+            batch = torch.zeros(int(num_points), dtype=torch.long, device=self.device)
+            with torch.inference_mode(), self._autocast():
+                cond = self.encoder(zeros, batch)
+            self._uncond_cache = {key: cond}   # one entry: the point count rarely changes
+        return cond
+
+    def denoise_guided(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
+        """Guided noise prediction for one solver step (float32, shape of ``points``)."""
+        with self._autocast():
+            eps = guided_noise(self.denoiser, points, t, cond, uncond, self.guidance)
+        return eps.float()
+
+    # -- public API -----------------------------------------------------------------------------
+    def complete(self, points) -> np.ndarray:
+        """Completed scene (M, 3) float32 for a scan given as an (N, >=3) float array."""
+        return self.complete_detailed(points).points
+
+    @torch.inference_mode()
+    def complete_detailed(self, points, seed: int | None = None) -> CompletionResult:
+        """Like :meth:`complete`, returning the intermediate clouds and per-stage timings.
+
+        ``seed`` overrides the Completer's seed for this call.
+        """
+        clock = _Clock(self.device)
+        t_start = time.perf_counter()
+        with clock("preprocess"):
+            filtered, scan_fps, x_init_np, n_valid = self.prepare(points)
+            scan_t = torch.from_numpy(scan_fps).to(self.device)
+            x_init = torch.from_numpy(x_init_np).to(self.device)
+            gen, used_seed = self._generator(self.seed if seed is None else seed)
+        with clock("encoder"):
+            # voxel averages of the tiled x_init equal those of the FPS subset: encode the subset
+            zero_batch = torch.zeros(len(scan_t), dtype=torch.long, device=self.device)
+            with self._autocast():
+                cond = self.encoder(scan_t, zero_batch)
+            uncond = self.unconditional(len(scan_t)) if self.guidance != 1.0 else None
+
+        def denoise(x, t):
+            with clock("denoiser"):
+                return self.denoise_guided(x, t, cond, uncond)
+
+        loop_start = _now(clock)
+        x0 = sample(denoise, x_init, self._solver, gen)
+        # solver = the loop minus the denoiser calls (noise draws, solver arithmetic)
+        clock.times["solver"] = _now(clock) - loop_start - clock.times["denoiser"]
+
+        with clock("postprocess"):
+            raw_t = postprocess(x0, x_init, self.post_max_range)
+            raw = raw_t.float().cpu().numpy()
+        refined = None
+        if self.refine and self.refiner is not None and len(raw_t) > 0:
+            with clock("refinement"):
+                refined = self.refine_points(raw_t).cpu().numpy()
+        times = dict(clock.times)
+        times["total"] = time.perf_counter() - t_start
+        return CompletionResult(points=refined if refined is not None else raw, raw=raw,
+                                refined=refined, timings=times, num_input=n_valid,
+                                num_filtered=len(filtered), num_fps=len(scan_fps), seed=used_seed,
+                                steps=self.steps, guidance=self.guidance)
+
+    def refine_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Refiner: (N, 3 k) offsets in metres, k points per input point -> (k N, 3)."""
+        batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+        with self._autocast():
+            off = self.refiner(points, batch)
+        off = off.float()
+        if off.ndim != 2 or off.shape[0] != points.shape[0] or off.shape[1] % 3:
+            raise ConfigError(f"refiner output must be (N, 3k) for N={points.shape[0]}, got "
+                              f"{tuple(off.shape)}")
+        k = off.shape[1] // 3
+        return (points[:, None, :3].float() + off.view(-1, k, 3)).reshape(-1, 3).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"Completer(steps={self.steps}, guidance={self.guidance}, refine={self.refine}, "
+                f"device={self.device}, seed={self.seed}, precision={self.precision}, "
+                f"n_fps={self.n_fps}, tile={self.tile})")
+
+
+def _now(clock: _Clock) -> float:
+    if clock.cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
