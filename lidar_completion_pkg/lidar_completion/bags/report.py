@@ -94,7 +94,9 @@ def markdown(report: dict) -> str:
         live = report["live"]
         rows += [("replay rate", f"{live['rate']}x ({_fmt(live['input_hz'], 2)} Hz input)"),
                  ("node keeps up", "yes" if live["keeps_up"] else "no"),
-                 ("dropped as reported by the node", live.get("node_dropped")),
+                 ("node counters (/diagnostics)", ", ".join(
+                     f"{k} {v}" for k, v in (live.get("node_counters") or {}).items()) or "n/a"),
+                 ("no output, not explained by the node", live.get("unexplained_missing")),
                  ("node ready after", f"{_fmt(live.get('ready_s'), 2)} s")]
     rows += [("peak RSS", f"{_fmt(mem.get('peak_rss_mb'))} MB ({mem.get('process', 'this process')})"),
              ("RSS start / end", f"{_fmt(mem.get('start_rss_mb'))} / {_fmt(mem.get('end_rss_mb'))} MB"),

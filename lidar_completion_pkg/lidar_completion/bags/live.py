@@ -1,0 +1,186 @@
+"""Live bag benchmark, core side: runs the ROS-layer player in a child process and builds the report.
+
+The player (``python -m lidar_completion_pkg.replay``) starts the node, replays the bag over DDS and
+records every publish / receipt / memory sample into an events JSON; this module never imports rclpy.
+The child gets an isolated DDS setup: a random ``ROS_DOMAIN_ID`` (unless one is given) and
+``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``; the player adds the Fast DDS profile.
+
+Every input is classified: ``completed`` when an output with its header stamp arrived, otherwise
+``dropped`` with a reason (unreadable in the bag, or no output - skipped by the node's latest-only
+worker or lost in transport). The node's own dropped count from /diagnostics is reported next to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import BagError, LidarCompletionError
+from . import report as rep
+
+REPLAY_MODULE = "lidar_completion_pkg.replay"
+
+
+class LiveBenchError(LidarCompletionError):
+    """The live benchmark could not run (player or node failed)."""
+
+
+def live_environment(domain_id: int | None = None, base: dict | None = None) -> dict:
+    """Environment for the player and the node: isolated domain, localhost discovery."""
+    env = dict(os.environ if base is None else base)
+    if domain_id is None:
+        domain_id = random.Random().randint(1, 100)  # own generator: no global RNG state touched
+    env["ROS_DOMAIN_ID"] = str(int(domain_id))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | None = None,
+               rate: float = 1.0, output_topic: str = "/completed_points", node_params=(),
+               node_cmd: str | None = None, ready_timeout: float = 120.0, drain_timeout: float = 30.0,
+               domain_id: int | None = None, write_bag=None, write_storage: str = "mcap",
+               limit: int | None = None, progress: bool = True, timeout: float | None = None,
+               meta: dict | None = None) -> dict:
+    """Run the live replay and return the report dict (``events`` kept in out_dir/live_events.json)."""
+    if rate <= 0:
+        raise BagError(f"--rate must be > 0, found {rate}")
+    bag_path = Path(bag_path)
+    if not bag_path.exists():
+        raise BagError(f"bag not found: {bag_path} (expected a rosbag2 directory with metadata.yaml, "
+                       "or a .mcap / .db3 file)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    events_path = out_dir / "live_events.json"
+    if events_path.exists():
+        events_path.unlink()
+    cmd = [sys.executable, "-m", REPLAY_MODULE, str(bag_path), "--topic", topic,
+           "--output-topic", output_topic, "--events", str(events_path), "--rate", str(rate),
+           "--ready-timeout", str(ready_timeout), "--drain-timeout", str(drain_timeout)]
+    if checkpoint:
+        cmd += ["--checkpoint", str(checkpoint)]
+    if steps is not None:
+        cmd += ["--steps", str(int(steps))]
+    for p in node_params or ():
+        cmd += ["--node-param", str(p)]
+    if node_cmd:
+        cmd += ["--node-cmd", node_cmd]
+    if write_bag:
+        cmd += ["--write-bag", str(write_bag), "--write-storage", write_storage]
+    if limit is not None:
+        cmd += ["--limit", str(int(limit))]
+    if not progress:
+        cmd.append("--no-progress")
+    env = live_environment(domain_id)
+    try:
+        child_out = sys.stderr.fileno()  # the player's chatter goes to stderr: stdout ends in the summary
+    except (AttributeError, OSError, ValueError):
+        child_out = None
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=child_out)
+    except subprocess.TimeoutExpired:
+        raise LiveBenchError(f"the live replay did not finish within {timeout:.0f} s") from None
+    if not events_path.exists():
+        raise LiveBenchError(f"the live replay ({' '.join(cmd[:3])}) exited with status "
+                             f"{proc.returncode} without writing {events_path}; is the ROS 2 layer "
+                             "installed (pip install -e 'lidar_completion_pkg[ros]')?")
+    events = json.loads(events_path.read_text())
+    if events.get("error"):
+        raise LiveBenchError(events["error"])
+    if proc.returncode != 0:
+        raise LiveBenchError(f"the live replay exited with status {proc.returncode}")
+    report = report_from_events(events, bag=str(bag_path), topic=topic, rate=rate, meta=meta)
+    report["events_file"] = str(events_path)
+    if write_bag:
+        report["written_bag"] = str(write_bag)
+    return report
+
+
+NO_OUTPUT = "no output received (skipped by the node or lost)"
+NODE_COUNTERS = ("received", "processed", "dropped", "rejected", "failed")
+
+
+def node_counters(diagnostics: list[dict]) -> dict | None:
+    """The node's last counters (received, processed, dropped, rejected, failed) from /diagnostics."""
+    last = None
+    for d in diagnostics:
+        values = d.get("values") or {}
+        try:
+            last = {k: int(float(values[k])) for k in NODE_COUNTERS}
+        except (KeyError, ValueError):
+            continue
+    return last
+
+
+def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta: dict | None = None) -> dict:
+    """Classify every input as completed / dropped and compute the live report."""
+    inputs = events.get("inputs") or []
+    outputs = [o for o in events.get("outputs") or [] if o.get("stamp_ns") is not None]
+    t0 = events.get("t_first_pub_ns") or (inputs[0]["t_pub_ns"] if inputs else 0)
+    first_out: dict[int, dict] = {}
+    for o in sorted(outputs, key=lambda o: o["t_recv_ns"]):
+        first_out.setdefault(int(o["stamp_ns"]), o)
+    scans, used = [], set()
+    for inp in inputs:
+        stamp = int(inp["stamp_ns"])
+        rec = {"index": inp["index"], "stamp_ns": stamp, "t_s": (inp["t_pub_ns"] - t0) / 1e9,
+               "points_in": inp.get("points_in"), "points_out": None, "latency_ms": None}
+        out = first_out.get(stamp)
+        if out is not None and stamp not in used and out["t_recv_ns"] >= inp["t_pub_ns"]:
+            used.add(stamp)
+            rec.update(status="completed", points_out=out.get("points_out"),
+                       latency_ms=(out["t_recv_ns"] - inp["t_pub_ns"]) / 1e6)
+        else:
+            rec.update(status="dropped", reason=NO_OUTPUT)
+        scans.append(rec)
+    for bad in events.get("unusable_inputs") or []:
+        scans.append({"index": bad["index"], "stamp_ns": None, "t_s": None, "points_in": None,
+                      "points_out": None, "latency_ms": None, "status": "dropped",
+                      "reason": f"unusable message in the bag: {bad.get('error')}"})
+    expected = events.get("expected_total")
+    seen = len(scans)
+    if expected is not None and seen < expected:
+        for i in range(seen, expected):
+            scans.append({"index": i, "stamp_ns": None, "t_s": None, "points_in": None,
+                          "points_out": None, "latency_ms": None, "status": "dropped",
+                          "reason": "unreadable (damaged or truncated bag)"})
+    scans.sort(key=lambda s: s["index"])
+    report = {"mode": "live", "bag": bag, "topic": topic, **(meta or {}), "scans": scans,
+              "bag_problems": events.get("bag_problems") or []}
+    rep.finish(report)
+    t_first, t_last = events.get("t_first_pub_ns"), events.get("t_last_pub_ns")
+    recv = sorted(first_out[s]["t_recv_ns"] for s in used)
+    span_in = (t_last - t_first) / 1e9 if t_first and t_last and t_last > t_first else 0.0
+    span_out = (recv[-1] - t_first) / 1e9 if recv and t_first else 0.0
+    report["throughput_hz"] = report["completed"] / span_out if span_out > 0 else float("nan")
+    input_hz = (len(inputs) - 1) / span_in if span_in > 0 and len(inputs) > 1 else float("nan")
+    no_output = sum(1 for s in scans if s.get("reason") == NO_OUTPUT)
+    counters = node_counters(events.get("diagnostics") or [])
+    node_dropped = None if counters is None else counters["dropped"]
+    ready_s = None
+    if events.get("t_ready_ns") and events.get("t_node_start_ns"):
+        ready_s = (events["t_ready_ns"] - events["t_node_start_ns"]) / 1e9
+    report["live"] = {
+        "rate": rate, "input_hz": input_hz, "ready_s": ready_s,
+        "keeps_up": report["total"] > 0 and report["dropped"] == 0,
+        "node_dropped": node_dropped, "node_counters": counters,
+        # scans with no output that the node does not account for (never arrived, or output lost)
+        "unexplained_missing": (None if counters is None else max(0, no_output - (
+            counters["dropped"] + counters["rejected"] + counters["failed"]))),
+        "unmatched_outputs": len(outputs) - len(used),
+        "duplicate_input_stamps": sum(1 for i in inputs if i.get("duplicate_stamp")),
+        "node_returncode": (events.get("node") or {}).get("returncode"),
+        "node_log": (events.get("node") or {}).get("log"),
+        "profile": events.get("profile"), "domain_id": events.get("domain_id"),
+    }
+    mem = [((t - t0) / 1e9, rss / 2**20) for t, rss in events.get("memory") or []]
+    report["memory_samples"] = mem
+    during = [m for m in mem if m[0] >= 0.0] or mem
+    report["memory"] = {"process": "node", "peak_rss_mb": max((m[1] for m in mem), default=None),
+                        "start_rss_mb": during[0][1] if during else None,
+                        "end_rss_mb": during[-1][1] if during else None,
+                        "growth_mb_per_min": rep.growth_per_min(during), "gpu_peak_mb": None}
+    return report

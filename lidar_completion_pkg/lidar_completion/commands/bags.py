@@ -1,0 +1,195 @@
+"""`bag-from-kitti` and `bag-bench`: rosbag2 conversion and replay benchmarks (no ROS needed offline)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bag-from-kitti", help="write a SemanticKITTI-layout sequence into a rosbag2 bag",
+        description="Write the scans of a SemanticKITTI-layout sequence (real or synthetic) into a "
+                    "rosbag2 bag: sensor_msgs/PointCloud2 (float32 x, y, z, intensity; frame "
+                    "'velodyne') stamped from times.txt, and /tf odom -> velodyne from poses.txt "
+                    "(in the LiDAR frame through calib.txt). Written with rosbags: no ROS needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset_root", help="dataset root holding sequences/SS/velodyne/*.bin")
+    p.add_argument("--sequence", required=True, help="sequence id, e.g. 08")
+    p.add_argument("--out", required=True, help="output bag directory (must not exist)")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage")
+    p.add_argument("--limit", type=int, default=None, help="write only the first N scans")
+    p.add_argument("--topic", default="/velodyne_points", help="PointCloud2 topic")
+    p.add_argument("--frame-id", default="velodyne", help="frame of the clouds (tf child frame)")
+    p.add_argument("--start-time", type=float, default=None,
+                   help="seconds since the epoch added to times.txt (default 2011-10-03 00:00 UTC) "
+                        "so that no stamp is 0")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run_from_kitti)
+
+    b = subparsers.add_parser(
+        "bag-bench", help="benchmark completion on a bag (offline, or live through the ROS 2 node)",
+        description="Benchmark scene completion on the PointCloud2 messages of a bag.\n\n"
+                    "Offline (default): complete every message in this process; per-stage and "
+                    "end-to-end latency, throughput, peak RSS (and GPU memory on CUDA). --write-bag "
+                    "writes input clouds, completed clouds (/completed_points) and /tf into a new "
+                    "bag for rviz.\n\n"
+                    "--live: start the node (lidar-completion-node) as a separate process, replay the "
+                    "bag over DDS in real time (or --rate R times faster) with our own player, and "
+                    "measure publish-to-receipt latency, drops, whether the node keeps up and its "
+                    "memory over time (needs the ROS 2 wheels: pip install -e "
+                    "'lidar_completion_pkg[ros]').\n\n"
+                    "Writes report.json, report.md and PNG plots into --out; the last line printed "
+                    "is 'p50_ms=<x> p95_ms=<y> dropped=<n>/<total>'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("bag", help="rosbag2 directory (or a .mcap / .db3 file)")
+    b.add_argument("--topic", default="/velodyne_points", help="PointCloud2 input topic (default %(default)s)")
+    b.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped student)")
+    b.add_argument("--steps", type=int, default=None, help="solver steps (default: the checkpoint's)")
+    b.add_argument("--guidance", type=float, default=None, help="CFG weight (default: the checkpoint's)")
+    b.add_argument("--no-refine", dest="refine", action="store_false", help="skip the refiner")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    b.add_argument("--seed", type=int, default=None, help="noise seed (default: fresh per scan)")
+    b.add_argument("--n-fps", type=int, default=None,
+                   help="farthest-point-sampled input points per scan (default 18000; smaller = faster)")
+    b.add_argument("--tile", type=int, default=None, help="x_init tiling factor (default 10)")
+    b.add_argument("--limit", type=int, default=None, help="use only the first N scans")
+    b.add_argument("--out", default=None,
+                   help="report directory (default runs/bag-bench/<bag name>-<offline|live>)")
+    b.add_argument("--write-bag", default=None, metavar="OUT_BAG",
+                   help="also write input clouds, completed clouds and /tf into this new bag")
+    b.add_argument("--write-storage", choices=("mcap", "sqlite3"), default="mcap",
+                   help="storage of --write-bag (default %(default)s)")
+    b.add_argument("--output-topic", default="/completed_points",
+                   help="topic of the completed clouds (default %(default)s)")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    live = b.add_argument_group("live mode")
+    live.add_argument("--live", action="store_true", help="replay through the ROS 2 node over DDS")
+    live.add_argument("--rate", type=float, default=1.0,
+                      help="replay speed: 1 = real time, R = R times faster (default %(default)s)")
+    live.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                      help="extra ROS parameter for the node (repeatable)")
+    live.add_argument("--node-cmd", default=None, help="command that starts the node instead of "
+                      "lidar-completion-node (--ros-args and parameters are appended)")
+    live.add_argument("--ready-timeout", type=float, default=120.0,
+                      help="seconds to wait for the node to start and match (default %(default)s)")
+    live.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="seconds without output after the replay before stopping (default %(default)s)")
+    live.add_argument("--domain-id", type=int, default=None,
+                      help="ROS_DOMAIN_ID for the player and the node (default: a random one)")
+    b.set_defaults(func=run_bench)
+
+
+def run_from_kitti(args) -> int:
+    from ..bags.kitti import DEFAULT_START_NS, bag_from_kitti
+
+    start = DEFAULT_START_NS if args.start_time is None else int(round(args.start_time * 1e9))
+    summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
+                             limit=args.limit, start_time_ns=start, topic=args.topic,
+                             frame_id=args.frame_id, progress=args.progress)
+    print(f"wrote {summary['scans']} scans ({summary['points']} points, {summary['duration_s']:.1f} s) "
+          f"of sequence {summary['sequence']} to {summary['bag']} ({summary['storage']}): "
+          f"{summary['topic']} and /tf")
+    return 0
+
+
+def _check_args(args) -> None:
+    for name in ("steps", "n_fps", "tile", "limit"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
+    if args.rate <= 0:
+        raise ConfigError(f"--rate must be > 0, found {args.rate}")
+
+
+def _check_bag(bag, topic) -> None:
+    from ..bags.io import CLOUD_TYPE, BagReader
+
+    with BagReader(bag) as reader:
+        reader.require_topic(topic, CLOUD_TYPE)
+
+
+def _meta(args) -> dict:
+    return {"checkpoint": args.checkpoint, "steps": args.steps, "guidance": args.guidance,
+            "refine": args.refine, "n_fps": args.n_fps, "tile": args.tile, "seed": args.seed}
+
+
+def run_bench(args) -> int:
+    from ..bags.report import summary_line, write_report
+
+    _check_args(args)
+    _check_bag(args.bag, args.topic)  # before loading a model or starting a node
+    mode = "live" if args.live else "offline"
+    out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{Path(args.bag).name}-{mode}"
+    if args.live:
+        report = _run_live(args, out)
+    else:
+        report = _run_offline(args)
+    paths = write_report(report, out)
+    for problem in report.get("bag_problems") or []:
+        print(f"warning: {problem}")
+    print(f"report: {paths['json']} {paths['md']}")
+    print("plots: " + " ".join(str(p) for p in paths["plots"]))
+    if report.get("written_bag"):
+        print(f"bag with input and completed clouds: {report['written_bag']}")
+    if mode == "live":
+        live = report["live"]
+        print(f"live x{live['rate']}: {report['completed']}/{report['total']} completed, node "
+              f"{'keeps up' if live['keeps_up'] else 'does not keep up'}"
+              f" (node-reported drops: {live['node_dropped'] if live['node_dropped'] is not None else 'n/a'})")
+    else:
+        print(f"offline: {report['completed']}/{report['total']} completed, "
+              f"{report['throughput_hz']:.2f} scans/s, peak RSS {report['memory']['peak_rss_mb']:.0f} MB")
+    print(summary_line(report))
+    return 0
+
+
+def _run_offline(args) -> dict:
+    from ..bags.bench import bench_offline
+    from ..completer import Completer
+
+    kwargs = {}
+    if args.n_fps is not None:
+        kwargs["n_fps"] = args.n_fps
+    if args.tile is not None:
+        kwargs["tile"] = args.tile
+    completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
+                                          refine=args.refine, device=args.device, seed=args.seed,
+                                          **kwargs)
+    meta = _meta(args)
+    meta.update(steps=completer.steps, guidance=completer.guidance, refine=completer.refine,
+                device=str(completer.device))
+    return bench_offline(args.bag, args.topic, completer, write_bag=args.write_bag,
+                         write_storage=args.write_storage, output_topic=args.output_topic,
+                         limit=args.limit, progress=args.progress, meta=meta)
+
+
+def _run_live(args, out: Path) -> dict:
+    from ..bags.live import bench_live
+
+    params = []
+    if args.guidance is not None:
+        params.append(f"guidance:={float(args.guidance)}")
+    if not args.refine:
+        params.append("refine:=false")
+    if args.device:
+        params.append(f"device:={args.device}")
+    if args.seed is not None:
+        params.append(f"seed:={args.seed}")
+    if args.n_fps is not None:
+        params.append(f"n_fps:={args.n_fps}")
+    if args.tile is not None:
+        params.append(f"tile:={args.tile}")
+    params += list(args.node_param)
+    meta = _meta(args)
+    meta["device"] = args.device
+    return bench_live(args.bag, args.topic, out, checkpoint=args.checkpoint, steps=args.steps,
+                      rate=args.rate, output_topic=args.output_topic, node_params=params,
+                      node_cmd=args.node_cmd, ready_timeout=args.ready_timeout,
+                      drain_timeout=args.drain_timeout, domain_id=args.domain_id,
+                      write_bag=args.write_bag, write_storage=args.write_storage, limit=args.limit,
+                      progress=args.progress, meta=meta)
