@@ -1,0 +1,59 @@
+# lidar-completion: `make demo` and `make test` are the two commands a newcomer needs; both set up
+# the environment first (once). `make help` lists everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PYTEST     ?= $(PY) -m pytest
+PYTEST_ARGS ?=
+
+# `make setup` is a no-op while none of the files that define the environment change.
+SETUP_INPUTS := Makefile scripts/setup_venv.sh scripts/install_minkowski.sh \
+                lidar_completion_pkg/setup.py pyproject.toml
+SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI)") 2>/dev/null | sha256sum | cut -c1-16)
+SETUP_STAMP  := $(VENV)/.stamp-setup-$(SETUP_HASH)
+
+.PHONY: help setup test test-slow test-torch test-all demo clean distclean
+
+help: ## list the targets
+	@echo "lidar-completion - make targets:"
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
+	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
+	@echo "MinkowskiEngine), PYTHON_SYS=python3.11 (interpreter used to create $(VENV))."
+
+setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, project, ROS 2 wheels); idempotent
+
+$(SETUP_STAMP):
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) bash scripts/setup_venv.sh
+	@rm -f $(VENV)/.stamp-setup-*
+	@touch $@
+
+test: setup ## fast test suite (pytest -m "not slow")
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup ## slow tests only (pytest -m slow)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
+
+test-torch: setup ## fast suite on the pure-PyTorch sparse backend, MinkowskiEngine hidden
+	LIDAR_COMPLETION_BACKEND=torch LIDAR_COMPLETION_HIDE_MINKOWSKI=1 $(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup ## every test, slow ones included
+	$(PYTEST) $(PYTEST_ARGS)
+
+demo: setup ## run the demo (scripts/demo.sh when present, else the model summary)
+	@if [ -f scripts/demo.sh ]; then \
+	    PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh; \
+	else \
+	    $(VENV)/bin/lidar-completion models; \
+	fi
+
+clean: ## remove build artefacts and caches of the working tree (keeps .venv)
+	rm -rf build dist .pytest_cache ros2_ws/build ros2_ws/install ros2_ws/log
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -print0 | \
+	    xargs -0 rm -rf
+
+distclean: clean ## also remove .venv (the cached MinkowskiEngine wheel in ~/.cache is kept)
+	rm -rf $(VENV)

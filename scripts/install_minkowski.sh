@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Build (once) and install MinkowskiEngine 0.5.4 into the active virtual environment.
+#
+# MinkowskiEngine's last release (2021) does not build or import as published with Python 3.11 and
+# torch 2.x. This script downloads its source distribution from PyPI (hash-checked), patches a copy in
+# a temporary directory (nothing patched is kept or committed), builds a wheel for the installed torch
+# (CPU; CUDA when nvcc and a CUDA build of torch are both present), caches that wheel under
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/lidar-completion/wheels/<key>/
+# keyed by MinkowskiEngine version, torch version, cpu/cuXY, Python tag and patch revision, and
+# installs it. Later runs reuse the cached wheel and take seconds. It ends with a smoke test: import
+# and one small sparse convolution forward and backward.
+#
+# Usage: scripts/install_minkowski.sh            (inside an activated venv, or with PYTHON=...)
+# Environment:
+#   PYTHON            interpreter of the target venv (default: $VIRTUAL_ENV/bin/python)
+#   MAX_JOBS          parallel compile jobs (default 2; the build needs ~1.5 GB RAM per job)
+#   ME_FORCE_REBUILD  1: ignore the cached wheel and build again
+#   ME_SDIST          path to MinkowskiEngine-0.5.4.tar.gz (offline machines; else downloaded)
+#   ME_INDEX_URL      simple index to download from (default https://pypi.org/simple)
+#   ME_VARIANT        cpu | cuda  (default: cuda when nvcc and a CUDA torch are present, else cpu)
+set -euo pipefail
+
+ME_VERSION=0.5.4
+ME_SDIST_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
+# Bump when the patches below change, so that cached wheels built with older patches are not reused.
+PATCH_REV=1
+
+log() { printf '[install_minkowski] %s\n' "$*" >&2; }
+die() { printf '[install_minkowski] error: %s\n' "$*" >&2; exit 1; }
+
+# --- target interpreter -----------------------------------------------------------------------
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -n "${VIRTUAL_ENV:-}" ]]; then
+        PYTHON="$VIRTUAL_ENV/bin/python"
+    else
+        die "no virtual environment: activate one (source .venv/bin/activate) or set PYTHON=.venv/bin/python"
+    fi
+fi
+[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable interpreter"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)' \
+    || die "$PYTHON is not inside a virtual environment; refusing to install into the system Python"
+"$PYTHON" -c 'import torch' 2>/dev/null \
+    || die "torch is not installed in $PYTHON's environment; install it first (make setup does)"
+
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lidar-completion"
+MAX_JOBS="${MAX_JOBS:-2}"
+export MAX_JOBS
+
+# --- what to build --------------------------------------------------------------------------------
+read -r TORCH_VERSION TORCH_CUDA PY_TAG PLAT < <("$PYTHON" - <<'EOF'
+import sys, sysconfig, torch
+version = torch.__version__.split("+")[0]
+cuda = torch.version.cuda or "none"
+tag = "cp%d%d" % sys.version_info[:2]
+plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+print(version, cuda, tag, plat)
+EOF
+)
+if [[ -z "${ME_VARIANT:-}" ]]; then
+    if [[ "$TORCH_CUDA" != none ]] && command -v nvcc >/dev/null 2>&1; then
+        ME_VARIANT=cuda
+    else
+        ME_VARIANT=cpu
+    fi
+fi
+case "$ME_VARIANT" in
+    cpu) VARIANT_TAG=cpu ;;
+    cuda)
+        [[ "$TORCH_CUDA" != none ]] || die "ME_VARIANT=cuda but the installed torch is a CPU build"
+        command -v nvcc >/dev/null 2>&1 || die "ME_VARIANT=cuda but nvcc is not on PATH"
+        VARIANT_TAG="cu${TORCH_CUDA//./}" ;;
+    *) die "ME_VARIANT must be cpu or cuda, got '$ME_VARIANT'" ;;
+esac
+KEY="me${ME_VERSION}-torch${TORCH_VERSION}-${VARIANT_TAG}-${PY_TAG}-${PLAT}-p${PATCH_REV}"
+WHEEL_DIR="$CACHE_ROOT/wheels/$KEY"
+log "target: MinkowskiEngine $ME_VERSION for torch $TORCH_VERSION ($VARIANT_TAG), $PY_TAG, $PLAT"
+
+find_cached_wheel() {
+    compgen -G "$WHEEL_DIR/[Mm]inkowski[Ee]ngine-${ME_VERSION}-*.whl" | head -n 1 || true
+}
+
+# --- system prerequisites (only needed to build) --------------------------------------------------
+check_prereqs() {
+    local missing=()
+    command -v c++ >/dev/null 2>&1 || missing+=(build-essential)
+    if command -v c++ >/dev/null 2>&1; then
+        # libopenblas-dev provides the unversioned libopenblas.so the extension links against.
+        echo 'int main(){return 0;}' | c++ -x c++ - -lopenblas -o /dev/null >/dev/null 2>&1 \
+            || missing+=(libopenblas-dev)
+    else
+        missing+=(libopenblas-dev)
+    fi
+    "$PYTHON" - <<'EOF' || missing+=(python3-dev)
+import os, sysconfig, sys
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
+EOF
+    ((${#missing[@]} == 0)) && return 0
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing system packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+            apt-get update -q >/dev/null
+            apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+        }
+    else
+        die "missing system packages to build MinkowskiEngine: ${missing[*]}
+  install them with:  sudo apt-get install -y ${missing[*]}
+  then run this script again."
+    fi
+}
+
+# --- source distribution ----------------------------------------------------------------------------
+fetch_sdist() {  # prints the path of the verified sdist
+    local dest="$CACHE_ROOT/sdists/MinkowskiEngine-${ME_VERSION}.tar.gz"
+    local src="${ME_SDIST:-}"
+    if [[ -z "$src" && -f "$dest" ]]; then src="$dest"; fi
+    if [[ -z "$src" ]]; then
+        mkdir -p "$(dirname "$dest")"
+        log "downloading the MinkowskiEngine $ME_VERSION source distribution"
+        "$PYTHON" - "${ME_INDEX_URL:-https://pypi.org/simple}" "$ME_VERSION" "$dest.part" <<'EOF'
+import json, sys, urllib.request
+index, version, out = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
+want = f"MinkowskiEngine-{version}.tar.gz"
+req = urllib.request.Request(f"{index}/minkowskiengine/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    files = json.load(r)["files"]
+urls = [f["url"] for f in files if f["filename"] == want]
+if not urls:
+    sys.exit(f"{want} not listed by {index}")
+with urllib.request.urlopen(urls[0], timeout=300) as r, open(out, "wb") as f:
+    f.write(r.read())
+EOF
+        mv "$dest.part" "$dest"
+        src="$dest"
+    fi
+    [[ -f "$src" ]] || die "source distribution not found: $src"
+    local got
+    got=$(sha256sum "$src" | cut -d' ' -f1)
+    if [[ "$got" != "$ME_SDIST_SHA256" ]]; then
+        [[ "$src" == "$dest" ]] && rm -f "$dest"
+        die "sha256 of $src is $got, expected $ME_SDIST_SHA256"
+    fi
+    printf '%s\n' "$src"
+}
+
+# --- source fixes, applied to a temporary copy ------------------------------------------------------
+patch_source() {  # $1: unpacked source tree
+    "$PYTHON" - "$1" "$ME_VARIANT" <<'EOF'
+import pathlib, re, sys
+
+root, variant = pathlib.Path(sys.argv[1]), sys.argv[2]
+
+
+def edit(rel, old, new, count=1):
+    """Replace `old` by `new` in one file; fail loudly when the source is not the expected one."""
+    path = root / rel
+    text = path.read_text()
+    found = text.count(old)
+    if found != count:
+        sys.exit(f"patch: expected {count} occurrence(s) of {old!r} in {rel}, found {found}")
+    path.write_text(text.replace(old, new))
+
+
+# setup.py deletes ./build and runs `pip uninstall MinkowskiEngine -y` at import time: a build must
+# not modify the environment it builds for (and pip calls setup.py more than once).
+edit("setup.py", 'run_command("rm", "-rf", "build")\n', "")
+edit("setup.py", 'run_command("pip", "uninstall", "MinkowskiEngine", "-y")\n', "")
+
+# Python 3.10 removed the ABC aliases from `collections`.
+for rel in ["MinkowskiEngine/MinkowskiCoordinateManager.py", "MinkowskiEngine/MinkowskiTensorField.py",
+            "MinkowskiEngine/MinkowskiCommon.py", "MinkowskiEngine/utils/quantization.py"]:
+    edit(rel, "from collections import Sequence\n", "from collections.abc import Sequence\n")
+edit("MinkowskiEngine/MinkowskiKernelGenerator.py", "from collections import Sequence, namedtuple\n",
+     "from collections import namedtuple\nfrom collections.abc import Sequence\n")
+
+# torch._six was removed in torch 2.0. Only utils.gradcheck used it; that module is not imported by
+# the package and still needs torch.autograd internals that torch 2.x no longer has.
+edit("MinkowskiEngine/utils/gradcheck.py", "from torch._six import container_abcs, istuple\n",
+     "import collections.abc as container_abcs\n\n\ndef istuple(obj):\n    return isinstance(obj, tuple)\n\n\n")
+
+leftover = [str(p.relative_to(root)) for p in root.rglob("*.py")
+            if re.search(r"^from collections import .*\b(Sequence|Iterable|Mapping|Callable)\b",
+                         p.read_text(), re.M) or "torch._six" in p.read_text()]
+if leftover:
+    sys.exit(f"patch: unpatched collections ABC / torch._six imports remain in {leftover}")
+print(f"patched {root.name} for Python 3.11 / torch 2.x ({variant})")
+EOF
+}
+
+# --- build --------------------------------------------------------------------------------------------
+build_wheel() {
+    check_prereqs
+    local sdist work
+    sdist=$(fetch_sdist)
+    work=$(mktemp -d "${TMPDIR:-/tmp}/minkowski-build.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    tar -xzf "$sdist" -C "$work"
+    local src="$work/MinkowskiEngine-$ME_VERSION"
+    patch_source "$src" >&2
+    "$PYTHON" -m pip install -q setuptools wheel ninja numpy >&2
+    local flag=--cpu_only
+    [[ "$ME_VARIANT" == cuda ]] && flag=--force_cuda
+    log "building the wheel (MAX_JOBS=$MAX_JOBS; about 4-10 minutes on 2 cores); log: $work/build.log"
+    local start=$SECONDS
+    if ! CFLAGS="-DNDEBUG -fwrapv -O3 -g0" SETUPTOOLS_USE_DISTUTILS=stdlib \
+        "$PYTHON" -m pip wheel -v --no-deps --no-build-isolation -w "$work/dist" \
+            --config-settings="--global-option=--blas=openblas" \
+            --config-settings="--global-option=$flag" \
+            "$src" >"$work/build.log" 2>&1; then
+        grep -E -m 40 -B2 -A6 'error|Error' "$work/build.log" >&2 || tail -n 60 "$work/build.log" >&2
+        cp "$work/build.log" "$CACHE_ROOT/last-build.log" 2>/dev/null || true
+        die "MinkowskiEngine build failed (full log kept in $CACHE_ROOT/last-build.log)"
+    fi
+    log "built in $((SECONDS - start)) s"
+    local built
+    built=$(compgen -G "$work/dist/[Mm]inkowski[Ee]ngine-*.whl" | head -n 1) || die "no wheel produced"
+    mkdir -p "$WHEEL_DIR"
+    cp "$built" "$WHEEL_DIR/.tmp.whl"
+    mv "$WHEEL_DIR/.tmp.whl" "$WHEEL_DIR/$(basename "$built")"
+    rm -rf "$work"
+    trap - EXIT
+}
+
+WHEEL=""
+[[ "${ME_FORCE_REBUILD:-0}" == 1 ]] || WHEEL=$(find_cached_wheel)
+if [[ -n "$WHEEL" ]]; then
+    log "using cached wheel $WHEEL"
+else
+    build_wheel
+    WHEEL=$(find_cached_wheel)
+    [[ -n "$WHEEL" ]] || die "wheel missing from $WHEEL_DIR after the build"
+fi
+
+# --- install (skipped when this very wheel is already installed) ----------------------------------
+installed_from=$("$PYTHON" - <<'EOF'
+import json
+from importlib import metadata
+try:
+    text = metadata.distribution("MinkowskiEngine").read_text("direct_url.json") or "{}"
+    print(json.loads(text).get("url", ""))
+except metadata.PackageNotFoundError:
+    print("")
+EOF
+)
+if [[ "$installed_from" == "file://$WHEEL" && "${ME_FORCE_REBUILD:-0}" != 1 ]]; then
+    log "already installed from the cached wheel"
+else
+    log "installing $(basename "$WHEEL")"
+    "$PYTHON" -m pip install -q --no-deps --force-reinstall "$WHEEL"
+fi
+
+# --- smoke test: import, then one small sparse convolution forward and backward ------------------
+"$PYTHON" - <<'EOF'
+import warnings
+
+import torch
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+    import MinkowskiEngine as ME
+print(ME.__version__)
+
+g = torch.Generator().manual_seed(0)
+coords = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0], [1, 2, 2, 2], [1, 2, 3, 2]],
+                      dtype=torch.int32)
+feats = torch.randn(5, 3, generator=g, requires_grad=True)
+x = ME.SparseTensor(feats, coordinates=coords)
+conv = ME.MinkowskiConvolution(3, 4, kernel_size=3, stride=1, dimension=3)
+y = conv(x)
+assert y.F.shape == (5, 4), y.F.shape
+assert torch.isfinite(y.F).all()
+y.F.sum().backward()
+assert feats.grad is not None and torch.isfinite(feats.grad).all()
+print(f"sparse conv smoke test ok: {tuple(x.F.shape)} -> {tuple(y.F.shape)}, backward ok")
+EOF

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment (called by `make setup`; safe to re-run).
+#
+#   1. .venv/ with Python 3.11 (the interpreter in $PYTHON_SYS, default python3)
+#   2. torch 2.13.0, CPU build (TORCH_SPEC), pinned for every later step so no CUDA build sneaks in
+#   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
+#      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
+#   4. MinkowskiEngine 0.5.4 through scripts/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
+#      pure-PyTorch sparse backend then serves)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON_SYS="${PYTHON_SYS:-python3}"
+VENV="${VENV:-.venv}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+is_py311() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    command -v "$PYTHON_SYS" >/dev/null 2>&1 || die "$PYTHON_SYS not found; install Python 3.11"
+    is_py311 "$PYTHON_SYS" || die "$PYTHON_SYS is Python $("$PYTHON_SYS" -c 'import sys; print(sys.version.split()[0])'), \
+this project needs 3.11: run 'make setup PYTHON_SYS=python3.11'"
+    log "creating $VENV with $("$PYTHON_SYS" --version)"
+    "$PYTHON_SYS" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+is_py311 "$PY" || die "$VENV holds Python $("$PY" -c 'import sys; print(sys.version.split()[0])'), not 3.11: \
+remove it (rm -rf $VENV) and run make setup again"
+
+# Keep torch pinned to the CPU build in every pip call below.
+CONSTRAINTS="$VENV/.setup-constraints.txt"
+printf '%s\n' "$TORCH_SPEC" "setuptools<80" > "$CONSTRAINTS"
+# (pip's notes about this machine's local index mirrors lacking a project are dropped.)
+pip_install() {
+    "$PY" -m pip install -q -c "$CONSTRAINTS" "$@" \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
+
+log "torch ($TORCH_SPEC) and build tools"
+pip_install "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
+"$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
+import sys, torch
+want = sys.argv[1].split("==", 1)[-1]
+if torch.__version__ != want:
+    sys.exit(f"torch {torch.__version__} installed, {want} wanted")
+EOF
+
+log "project (editable, with test extras), training package, ROS 2 wheels, colcon"
+pip_install \
+    -e "lidar_completion_pkg[test]" -e . \
+    "ros-kilted-rclpy[fastrtps]" ros-kilted-sensor-msgs ros-kilted-std-msgs \
+    ros-kilted-diagnostic-msgs ros-kilted-visualization-msgs \
+    rosbags mcap mcap-ros2-support colcon-common-extensions
+
+if [[ "${SKIP_MINKOWSKI:-0}" == 1 ]]; then
+    log "SKIP_MINKOWSKI=1: not installing MinkowskiEngine (the pure-PyTorch backend will be used)"
+else
+    PYTHON="$PY" bash scripts/install_minkowski.sh
+fi
+
+"$VENV/bin/lidar-completion" --help >/dev/null || die "the lidar-completion entry point does not run"
+log "done: $("$PY" -c 'import torch, lidar_completion; print("torch", torch.__version__, "| lidar_completion", lidar_completion.__version__)')"
