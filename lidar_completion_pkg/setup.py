@@ -23,7 +23,8 @@ setup(
     version="0.1.0",
     description="Few-step diffusion LiDAR scene completion (Distillation-DPO) with a ROS 2 node",
     packages=find_packages(exclude=["tests", "tests.*"]),
-    package_data={"lidar_completion": ["weights/*.pt", "weights/*.json", "assets/*"]},
+    package_data={"lidar_completion": ["weights/*.pt", "weights/*.json", "assets/*"],
+                  "lidar_completion_pkg": ["*.xml"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),

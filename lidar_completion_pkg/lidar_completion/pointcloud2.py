@@ -44,16 +44,25 @@ _NP_TO_DATATYPE = {v.str.lstrip("<>|="): k for k, v in DATATYPES.items()}
 
 
 # --------------------------------------------------------------------------------------------- reading
+def _error(reason: str, message: str) -> CloudFormatError:
+    """CloudFormatError with a short machine-readable ``reason`` (the node counts rejections by it):
+    empty, missing_field, truncated, inconsistent_step, inconsistent_header, unsupported_datatype,
+    no_finite_points, bad_data, bad_field, not_pointcloud2, bad_request."""
+    exc = CloudFormatError(message)
+    exc.reason = reason
+    return exc
+
+
 def _as_int(msg, name: str) -> int:
     try:
         value = int(getattr(msg, name))
     except AttributeError:
-        raise CloudFormatError(f"not a PointCloud2: the message has no '{name}' attribute") from None
+        raise _error("not_pointcloud2", f"not a PointCloud2: the message has no '{name}' attribute") from None
     except (TypeError, ValueError):
-        raise CloudFormatError(f"PointCloud2.{name} must be an integer, found "
+        raise _error("inconsistent_header", f"PointCloud2.{name} must be an integer, found "
                                f"{getattr(msg, name)!r}") from None
     if value < 0:
-        raise CloudFormatError(f"PointCloud2.{name} must be >= 0, found {value}")
+        raise _error("inconsistent_header", f"PointCloud2.{name} must be >= 0, found {value}")
     return value
 
 
@@ -72,20 +81,20 @@ def _buffer(data) -> np.ndarray:
             return np.asarray(data, dtype=np.uint8).reshape(-1)
         except (TypeError, ValueError, OverflowError):
             pass
-    raise CloudFormatError(f"PointCloud2.data must be a byte buffer (bytes, array.array('B'), uint8 "
+    raise _error("bad_data", f"PointCloud2.data must be a byte buffer (bytes, array.array('B'), uint8 "
                            f"array), found {type(data).__name__}")
 
 
 def _field_table(msg) -> dict:
     fields = getattr(msg, "fields", None)
     if fields is None:
-        raise CloudFormatError("not a PointCloud2: the message has no 'fields' attribute")
+        raise _error("not_pointcloud2", "not a PointCloud2: the message has no 'fields' attribute")
     table = {}
     for f in fields:
         try:
             table[str(f.name)] = (int(f.offset), int(f.datatype), int(getattr(f, "count", 1)))
         except (AttributeError, TypeError, ValueError):
-            raise CloudFormatError(f"malformed PointField {f!r}: expected name, offset, datatype, "
+            raise _error("bad_field", f"malformed PointField {f!r}: expected name, offset, datatype, "
                                    "count") from None
     return table
 
@@ -101,21 +110,21 @@ def dtype_from_fields(fields, point_step: int, field_names: Sequence[str] | None
     names = list(table) if field_names is None else list(field_names)
     missing = [n for n in names if n not in table]
     if missing:
-        raise CloudFormatError(f"PointCloud2 lacks field(s) {missing}; it has {sorted(table)}")
+        raise _error("missing_field", f"PointCloud2 lacks field(s) {missing}; it has {sorted(table)}")
     if len(set(names)) != len(names):
-        raise CloudFormatError(f"duplicate field names requested: {names}")
+        raise _error("bad_request", f"duplicate field names requested: {names}")
     order = ">" if is_bigendian else "<"
     formats, offsets = [], []
     for n in names:
         offset, datatype, count = table[n]
         if datatype not in DATATYPES:
-            raise CloudFormatError(f"field '{n}' has unsupported datatype {datatype} "
+            raise _error("unsupported_datatype", f"field '{n}' has unsupported datatype {datatype} "
                                    f"(expected 1..8, INT8..FLOAT64)")
         if count != 1:
-            raise CloudFormatError(f"field '{n}' has count {count}; only count 1 is supported")
+            raise _error("unsupported_datatype", f"field '{n}' has count {count}; only count 1 is supported")
         dt = DATATYPES[datatype].newbyteorder(order)
         if offset + dt.itemsize > point_step:
-            raise CloudFormatError(f"field '{n}' ({_DATATYPE_NAMES[datatype]} at offset {offset}) "
+            raise _error("inconsistent_step", f"field '{n}' ({_DATATYPE_NAMES[datatype]} at offset {offset}) "
                                    f"does not fit in point_step {point_step}")
         formats.append(dt)
         offsets.append(offset)
@@ -134,19 +143,19 @@ def read_points(msg, field_names: Sequence[str] | None = None, skip_nans: bool =
     point_step, row_step = _as_int(msg, "point_step"), _as_int(msg, "row_step")
     table = _field_table(msg)
     if not table:
-        raise CloudFormatError("PointCloud2 has no fields")
+        raise _error("missing_field", "PointCloud2 has no fields")
     if height * width == 0:
-        raise CloudFormatError(f"empty cloud: height={height}, width={width}")
+        raise _error("empty", f"empty cloud: height={height}, width={width}")
     if point_step == 0:
-        raise CloudFormatError("inconsistent PointCloud2: point_step is 0")
+        raise _error("inconsistent_step", "inconsistent PointCloud2: point_step is 0")
     dtype = dtype_from_fields(table, point_step, field_names, bool(getattr(msg, "is_bigendian", False)))
     if row_step < width * point_step:
-        raise CloudFormatError(f"inconsistent PointCloud2: row_step {row_step} < width {width} x "
+        raise _error("inconsistent_step", f"inconsistent PointCloud2: row_step {row_step} < width {width} x "
                                f"point_step {point_step}")
     buf = _buffer(getattr(msg, "data", None))
     needed = (height - 1) * row_step + width * point_step
     if buf.size < needed:
-        raise CloudFormatError(f"truncated PointCloud2: data has {buf.size} bytes, the header "
+        raise _error("truncated", f"truncated PointCloud2: data has {buf.size} bytes, the header "
                                f"(height {height}, row_step {row_step}, width {width}, point_step "
                                f"{point_step}) needs {needed}")
     if row_step == width * point_step:
@@ -180,7 +189,7 @@ def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
     """
     field_names = tuple(field_names)
     if not field_names:
-        raise CloudFormatError("read_points_numpy needs at least one field name")
+        raise _error("bad_request", "read_points_numpy needs at least one field name")
     structured = read_points(msg, field_names, skip_nans=False)
     n = structured.shape[0]
     view = _float32_view(structured, field_names)
@@ -195,7 +204,7 @@ def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
         if not finite.all():
             out = out[finite]
             if out.shape[0] == 0:
-                raise CloudFormatError(f"no finite points: all {n} points have NaN or inf in "
+                raise _error("no_finite_points", f"no finite points: all {n} points have NaN or inf in "
                                        f"{list(field_names)}")
     return out
 

@@ -1,0 +1,112 @@
+"""Launch the LiDAR completion node, optionally with rviz2 and a rosbag2 replay (system ROS 2 only).
+
+    ros2 launch lidar_completion_pkg completion.launch.py
+    ros2 launch lidar_completion_pkg completion.launch.py checkpoint:=/path/student.pt steps:=4 \\
+        rviz:=true bag:=/data/kitti_08.mcap
+
+Parameters come from ``params_file`` (default: params/completion.yaml next to this file); launch
+arguments given on the command line override it. Arguments left empty are not passed, so the params
+file keeps its values. The shipped Fast DDS profile (fastdds_profile.xml next to this file) is set in
+FASTDDS_DEFAULT_PROFILES_FILE for every process started here (node, bag player, rviz2) unless the
+environment already names one: large best-effort clouds are lost between processes without it.
+
+``launch`` and ``launch_ros`` are imported inside generate_launch_description only, so this file can be
+read (and its tables checked) without a ROS 2 installation.
+"""
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = "lidar_completion_pkg"
+EXECUTABLE = "completion_node"
+NODE_NAME = "lidar_completion"
+PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
+
+# (name, default, description). An empty default means "not given: keep the params file's value".
+ARGUMENTS = (
+    ("checkpoint", "", "checkpoint file; empty = the params file's value (the shipped student)"),
+    ("input_topic", "", "input PointCloud2 topic (params file default: /velodyne_points)"),
+    ("output_topic", "", "completed PointCloud2 topic (params file default: /completed_points)"),
+    ("steps", "", "solver steps (params file default: the checkpoint's, 8 for the student)"),
+    ("device", "", "torch device: cpu, cuda, cuda:N, auto (params file default: cpu)"),
+    ("use_sim_time", "", "use /clock; empty = true when bag is given, else false"),
+    ("params_file", os.path.join(HERE, "params", "completion.yaml"), "node parameters (YAML)"),
+    ("rviz", "false", "start rviz2 with rviz/completion.rviz (input and completed clouds)"),
+    ("bag", "", "rosbag2 to play with `ros2 bag play --clock` (its cloud topic must be input_topic)"),
+)
+# Launch arguments that become node parameters (on top of the params file), with their types.
+NODE_PARAMETER_ARGUMENTS = {
+    "checkpoint": "string", "input_topic": "string", "output_topic": "string", "steps": "integer",
+    "device": "string", "use_sim_time": "bool",
+}
+RVIZ_CONFIG = os.path.join(HERE, "rviz", "completion.rviz")
+FASTDDS_PROFILE = os.path.join(HERE, "fastdds_profile.xml")
+DEFAULT_TOPICS = {"input_topic": "/velodyne_points", "output_topic": "/completed_points"}
+
+
+def typed(name, text):
+    """A launch argument's text as the node parameter's type."""
+    kind = NODE_PARAMETER_ARGUMENTS[name]
+    if kind == "integer":
+        return int(text)
+    if kind == "bool":
+        if text.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name} must be true or false, got {text!r}")
+        return text.strip().lower() in ("true", "1")
+    return text
+
+
+def node_overrides(values):
+    """{parameter: typed value} for the arguments given (non-empty), in ARGUMENTS order."""
+    overrides = {}
+    for name, _default, _doc in ARGUMENTS:
+        if name in NODE_PARAMETER_ARGUMENTS and values.get(name, "") != "":
+            overrides[name] = typed(name, values[name])
+    if "use_sim_time" not in overrides and values.get("bag", ""):
+        overrides["use_sim_time"] = True  # the bag player publishes /clock
+    return overrides
+
+
+def rviz_config_for(values, out_dir):
+    """The shipped rviz config, with the topics replaced when input/output_topic are given."""
+    topics = {k: values.get(k) or v for k, v in DEFAULT_TOPICS.items()}
+    if topics == DEFAULT_TOPICS:
+        return RVIZ_CONFIG
+    with open(RVIZ_CONFIG) as f:
+        text = f.read()
+    for key, default in DEFAULT_TOPICS.items():
+        text = text.replace(f"Value: {default}\n", f"Value: {topics[key]}\n")
+    path = os.path.join(out_dir, "lidar_completion.rviz")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def generate_launch_description():
+    import tempfile
+
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction, SetEnvironmentVariable
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import Node
+
+    def setup(context, *args, **kwargs):
+        values = {name: LaunchConfiguration(name).perform(context) for name, _d, _h in ARGUMENTS}
+        actions = []
+        if not os.environ.get(PROFILE_ENV) and os.path.isfile(FASTDDS_PROFILE):
+            actions.append(SetEnvironmentVariable(PROFILE_ENV, FASTDDS_PROFILE))
+        params = [values["params_file"]] if values["params_file"] else []
+        params.append(node_overrides(values))  # last wins: command line over the params file
+        actions.append(Node(package=PACKAGE, executable=EXECUTABLE, name=NODE_NAME, output="screen",
+                            emulate_tty=True, parameters=params))
+        if values["rviz"].strip().lower() in ("true", "1"):
+            config = rviz_config_for(values, tempfile.mkdtemp(prefix="lidar_completion_rviz_"))
+            actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
+                                arguments=["-d", config]))
+        if values["bag"]:
+            actions.append(ExecuteProcess(cmd=["ros2", "bag", "play", values["bag"], "--clock"],
+                                          output="screen"))
+        return actions
+
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=doc)
+         for name, default, doc in ARGUMENTS] + [OpaqueFunction(function=setup)])

@@ -1,0 +1,188 @@
+"""Counters, latency percentiles, the latest-only mailbox and throttled warnings of the node.
+
+Plain Python (no rclpy), shared by the subscription callback and the worker thread: every method takes
+the lock it needs.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+# DiagnosticStatus levels (diagnostic_msgs/msg/DiagnosticStatus)
+OK, WARN, ERROR = 0, 1, 2
+
+
+class Mailbox:
+    """One slot holding the newest item: putting into a full slot replaces (drops) the older item."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._full = False
+        self._closed = False
+
+    def put(self, item) -> bool:
+        """Store ``item``; True when it displaced an item the worker had not taken yet."""
+        with self._cond:
+            displaced = self._full
+            self._item, self._full = item, True
+            self._cond.notify()
+            return displaced
+
+    def get(self, timeout: Optional[float] = None):
+        """The newest item, or None after ``timeout`` seconds or when closed."""
+        with self._cond:
+            if not self._full and not self._closed:
+                self._cond.wait(timeout)
+            if not self._full:
+                return None
+            item, self._item, self._full = self._item, None, False
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Throttle:
+    """At most one message per ``period`` seconds per key; reports how many were suppressed."""
+
+    def __init__(self, period: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.period, self.clock = float(period), clock
+        self._last: dict = {}
+        self._suppressed: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> Optional[int]:
+        """None when a message for ``key`` should be suppressed now, else the count suppressed since."""
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.period:
+                self._suppressed[key] += 1
+                return None
+            self._last[key] = now
+            return self._suppressed.pop(key, 0)
+
+
+class Stats:
+    """What /diagnostics reports: counts, latency p50/p95 (receipt to publish), input rate."""
+
+    def __init__(self, window: int = 200, rate_window_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.rate_window_s = rate_window_s
+        self._lock = threading.Lock()
+        self.received = 0
+        self.processed = 0      # completions published
+        self.dropped = 0        # replaced in the mailbox by a newer cloud before the worker took them
+        self.rejected = 0       # malformed / unusable input, never completed
+        self.failed = 0         # completion or publication raised, or gave an unusable result
+        self.subsampled = 0     # clouds above max_points, subsampled then completed
+        self.reasons: collections.Counter = collections.Counter()
+        self.last_problem = ""
+        self._latencies: collections.deque = collections.deque(maxlen=window)
+        self._compute: collections.deque = collections.deque(maxlen=window)
+        self._arrivals: collections.deque = collections.deque()
+        self._outputs: collections.deque = collections.deque()
+        self._problems_since_report = 0
+
+    def _trim(self, q: collections.deque, now: float) -> None:
+        while q and now - q[0] > self.rate_window_s:
+            q.popleft()
+
+    def note_input(self) -> float:
+        now = self.clock()
+        with self._lock:
+            self.received += 1
+            self._arrivals.append(now)
+            self._trim(self._arrivals, now)
+        return now
+
+    def note_dropped(self, n: int = 1) -> None:
+        with self._lock:
+            self.dropped += n
+
+    def note_subsampled(self) -> None:
+        with self._lock:
+            self.subsampled += 1
+
+    def note_rejected(self, reason: str, message: str) -> None:
+        with self._lock:
+            self.rejected += 1
+            self.reasons[reason] += 1
+            self.last_problem = message
+            self._problems_since_report += 1
+
+    def note_failed(self, reason: str, message: str) -> None:
+        with self._lock:
+            self.failed += 1
+            self.reasons[reason] += 1
+            self.last_problem = message
+            self._problems_since_report += 1
+
+    def note_published(self, t_received: float, compute_s: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self.processed += 1
+            self._latencies.append(now - t_received)
+            self._compute.append(compute_s)
+            self._outputs.append(now)
+            self._trim(self._outputs, now)
+
+    @staticmethod
+    def _rate(q: collections.deque, now: float, window: float) -> float:
+        """Events per second over the last ``window`` seconds (decays to 0 when events stop)."""
+        if len(q) < 2:
+            return 0.0
+        return (len(q) - 1) / max(now - q[0], 1e-9)
+
+    def snapshot(self) -> dict:
+        """Current figures (and resets the 'problems since the last report' counter)."""
+        now = self.clock()
+        with self._lock:
+            self._trim(self._arrivals, now)
+            self._trim(self._outputs, now)
+            lat = np.asarray(self._latencies, dtype=float) * 1e3
+            comp = np.asarray(self._compute, dtype=float) * 1e3
+            snap = {
+                "received": self.received, "processed": self.processed, "dropped": self.dropped,
+                "rejected": self.rejected, "failed": self.failed, "subsampled": self.subsampled,
+                "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+                "latency_p95_ms": float(np.percentile(lat, 95)) if lat.size else float("nan"),
+                "completion_p50_ms": float(np.percentile(comp, 50)) if comp.size else float("nan"),
+                "input_rate_hz": self._rate(self._arrivals, now, self.rate_window_s),
+                "output_rate_hz": self._rate(self._outputs, now, self.rate_window_s),
+                "reasons": dict(self.reasons), "last_problem": self.last_problem,
+                "problems_since_report": self._problems_since_report,
+            }
+            self._problems_since_report = 0
+        return snap
+
+
+def diagnostic_summary(snap: dict, worker_alive: bool = True) -> tuple[int, str, list]:
+    """(level, message, [(key, value str)]) of one DiagnosticStatus from a :meth:`Stats.snapshot`."""
+    if not worker_alive:
+        level, message = ERROR, "completion worker stopped"
+    elif snap["problems_since_report"]:
+        level, message = WARN, f"{snap['problems_since_report']} unusable input(s) or failure(s): " \
+                               f"{snap['last_problem']}"[:300]
+    elif snap["received"] == 0:
+        level, message = OK, "waiting for clouds"
+    else:
+        level, message = OK, "completing"
+
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    keys = ("latency_p50_ms", "latency_p95_ms", "completion_p50_ms", "input_rate_hz",
+            "output_rate_hz", "received", "processed", "dropped", "rejected", "failed", "subsampled")
+    values = [(k, fmt(snap[k])) for k in keys]
+    values += [(f"count.{reason}", str(n)) for reason, n in sorted(snap["reasons"].items())]
+    values.append(("last_problem", snap["last_problem"]))
+    return level, message, values
