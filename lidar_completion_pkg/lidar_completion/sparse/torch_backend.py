@@ -1,0 +1,321 @@
+"""Pure-PyTorch sparse backend with MinkowskiEngine's semantics.
+
+Coordinates follow MinkowskiEngine: a row at tensor stride ``s`` has integer coordinates that are
+multiples of ``s`` (in voxel units), the minimum corner of its cell (floor towards -inf). Kernel maps
+are built from sorted int64 keys with ``searchsorted`` once per coordinate set and cached in the
+:class:`CoordinateManager` that every tensor of one forward pass shares, so all layers (and the
+conditional / unconditional guidance passes, see ``Denoiser.forward_cfg``) reuse them.
+
+Convolution = for each kernel offset: gather input rows -> matmul with that offset's weight ->
+scatter-add into output rows. Kernel offsets are enumerated x fastest, then y, then z, exactly as
+MinkowskiEngine stores ``kernel[k]`` (``k = dx + 3 dy + 9 dz`` shifted to 0..26 for size 3;
+``k = dx + 2 dy + 4 dz`` for size 2).
+
+Features may carry leading "group" dimensions, ``(G, M, C)``: G feature sets that share one coordinate
+set (and so one set of kernel maps). The denoiser uses this for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import (AXIS_BITS, AXIS_OFFSET, Field, check_coordinate_range, offset_key, pack_keys,
+                     voxel_indices)
+
+KERNEL3_OFFSETS = [(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+KERNEL2_OFFSETS = [(dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+
+def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
+    mask = (1 << AXIS_BITS) - 1
+    z = (keys & mask) - AXIS_OFFSET
+    y = ((keys >> AXIS_BITS) & mask) - AXIS_OFFSET
+    x = ((keys >> (2 * AXIS_BITS)) & mask) - AXIS_OFFSET
+    b = keys >> (3 * AXIS_BITS)
+    return torch.stack([b, x, y, z], dim=1)
+
+
+class Level:
+    """One coordinate set: rows sorted by (b, x, y, z)."""
+
+    __slots__ = ("stride", "keys", "_coords")
+
+    def __init__(self, stride: int, keys: torch.Tensor, coords: torch.Tensor | None = None):
+        self.stride = stride
+        self.keys = keys
+        self._coords = coords
+
+    @property
+    def coords(self) -> torch.Tensor:
+        if self._coords is None:
+            self._coords = unpack_keys(self.keys)
+        return self._coords
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+
+class CoordinateManager:
+    """Coordinate sets of every tensor stride of one input, and their kernel maps (built lazily)."""
+
+    def __init__(self, base: Level):
+        self.levels = {base.stride: base}
+        self._down = {}
+        self._nbr = {}
+        self.cache = {}  # free-form cache for users (e.g. nearest condition cells per level)
+
+    def level(self, stride: int) -> Level:
+        if stride not in self.levels:
+            if stride // 2 not in self.levels and stride > 1:
+                self.level(stride // 2)
+            self.downsample_map(stride // 2)
+        return self.levels[stride]
+
+    def downsample_map(self, stride: int):
+        """Map of the level at ``stride`` onto its parent level at ``2 * stride``.
+
+        Returns (parent_index per fine row, list over the 8 offsets of the fine rows at that offset).
+        Every fine row belongs to exactly one coarse cell and one offset.
+        """
+        if stride in self._down:
+            return self._down[stride]
+        fine = self.levels[stride]
+        c = fine.coords
+        s2 = 2 * stride
+        parent_xyz = torch.div(c[:, 1:], s2, rounding_mode="floor") * s2
+        parent = torch.cat([c[:, :1], parent_xyz], dim=1)
+        pkeys, inverse = torch.unique(pack_keys(parent), sorted=True, return_inverse=True)
+        if s2 not in self.levels:
+            self.levels[s2] = Level(s2, pkeys)
+        rel = torch.div(c[:, 1:] - parent_xyz, stride, rounding_mode="floor")
+        k = rel[:, 0] + 2 * rel[:, 1] + 4 * rel[:, 2]
+        order = torch.argsort(k, stable=True)
+        counts = torch.bincount(k, minlength=8).tolist()
+        rows = list(torch.split(order, counts))
+        self._down[stride] = (inverse, rows)
+        return self._down[stride]
+
+    def neighbour_map(self, stride: int):
+        """For the 27 offsets of a 3x3x3 kernel at ``stride``: (out_rows, in_rows) pairs, or None for
+        the centre (identity)."""
+        if stride in self._nbr:
+            return self._nbr[stride]
+        lv = self.levels[stride]
+        keys = lv.keys
+        n = keys.shape[0]
+        maps = []
+        for dx, dy, dz in KERNEL3_OFFSETS:
+            if dx == 0 and dy == 0 and dz == 0:
+                maps.append(None)
+                continue
+            q = keys + offset_key(dx * stride, dy * stride, dz * stride)
+            idx = torch.searchsorted(keys, q)
+            idx.clamp_(max=n - 1)
+            hit = keys[idx] == q
+            out_rows = torch.nonzero(hit, as_tuple=True)[0]
+            maps.append((out_rows, idx[out_rows]))
+        self._nbr[stride] = maps
+        return maps
+
+
+class TorchSparseTensor:
+    """Features (..., M, C) on the coordinate set ``manager.levels[stride]``."""
+
+    __slots__ = ("feats", "stride", "manager")
+
+    def __init__(self, feats: torch.Tensor, stride: int, manager: CoordinateManager):
+        self.feats = feats
+        self.stride = stride
+        self.manager = manager
+
+    @property
+    def level(self) -> Level:
+        return self.manager.levels[self.stride]
+
+    @property
+    def coords(self) -> torch.Tensor:
+        return self.level.coords
+
+    def replace(self, feats: torch.Tensor) -> "TorchSparseTensor":
+        return TorchSparseTensor(feats, self.stride, self.manager)
+
+    def __add__(self, other: "TorchSparseTensor") -> "TorchSparseTensor":
+        if other.manager is not self.manager or other.stride != self.stride:
+            raise ValueError("adding sparse tensors on different coordinate sets")
+        return self.replace(self.feats + other.feats)
+
+
+def _reset_kernel(kernel: torch.Tensor, in_channels: int, kernel_volume: int) -> None:
+    # the same initialisation as MinkowskiEngine's convolutions
+    stdv = 1.0 / math.sqrt(in_channels * kernel_volume)
+    with torch.no_grad():
+        kernel.uniform_(-stdv, stdv)
+
+
+class Convolution(nn.Module):
+    """Sparse convolution, kernel size 1 or 3 at stride 1, or kernel size 2 at stride 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__()
+        if (kernel_size, stride) not in ((1, 1), (3, 1), (2, 2)):
+            raise ValueError(f"unsupported convolution kernel_size={kernel_size} stride={stride}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+        volume = kernel_size ** 3
+        shape = (in_channels, out_channels) if kernel_size == 1 else (volume, in_channels, out_channels)
+        self.kernel = nn.Parameter(torch.empty(shape))
+        _reset_kernel(self.kernel, in_channels, volume)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+    def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
+        f = x.feats
+        w = self.kernel
+        if self.kernel_size == 1:
+            return x.replace(f @ w)
+        dim = f.dim() - 2
+        if self.kernel_size == 3:
+            maps = x.manager.neighbour_map(x.stride)
+            out = f @ w[13]
+            for k, m in enumerate(maps):
+                if m is None or m[0].numel() == 0:
+                    continue
+                out_rows, in_rows = m
+                out.index_add_(dim, out_rows, f.index_select(dim, in_rows) @ w[k])
+            return x.replace(out)
+        # kernel 2, stride 2: every fine row contributes to its parent cell through one offset
+        inverse, rows = x.manager.downsample_map(x.stride)
+        coarse = x.manager.levels[2 * x.stride]
+        shape = list(f.shape)
+        shape[-2] = len(coarse)
+        shape[-1] = self.out_channels
+        out = f.new_zeros(shape)
+        for k, r in enumerate(rows):
+            if r.numel() == 0:
+                continue
+            out.index_add_(dim, inverse[r], f.index_select(dim, r) @ w[k])
+        return TorchSparseTensor(out, 2 * x.stride, x.manager)
+
+
+class ConvolutionTranspose(nn.Module):
+    """Transposed sparse convolution, kernel size 2 and stride 2, onto the existing finer coordinates."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 2, stride: int = 2):
+        super().__init__()
+        if (kernel_size, stride) != (2, 2):
+            raise ValueError("only kernel_size=2, stride=2 transposed convolutions are supported")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel = nn.Parameter(torch.empty(8, in_channels, out_channels))
+        _reset_kernel(self.kernel, in_channels, 8)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=2, stride=2"
+
+    def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
+        fine_stride = x.stride // 2
+        if fine_stride < 1 or fine_stride not in x.manager.levels:
+            raise ValueError(f"no finer coordinate set at stride {fine_stride} to write onto")
+        inverse, rows = x.manager.downsample_map(fine_stride)
+        f = x.feats
+        dim = f.dim() - 2
+        shape = list(f.shape)
+        shape[-2] = len(x.manager.levels[fine_stride])
+        shape[-1] = self.out_channels
+        out = f.new_zeros(shape)
+        w = self.kernel
+        for k, r in enumerate(rows):
+            if r.numel() == 0:
+                continue
+            out.index_copy_(dim, r, f.index_select(dim, inverse[r]) @ w[k])
+        return TorchSparseTensor(out, fine_stride, x.manager)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over voxel features; the torch module sits in ``.bn`` as in MinkowskiEngine."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+
+    def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
+        f = x.feats
+        if f.dim() == 2:
+            return x.replace(self.bn(f))
+        shape = f.shape
+        return x.replace(self.bn(f.reshape(-1, shape[-1])).reshape(shape))
+
+
+class ReLU(nn.Module):
+    def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
+        return x.replace(F.relu(x.feats))
+
+
+class TorchBackend:
+    name = "torch"
+    supports_groups = True
+
+    Convolution = Convolution
+    ConvolutionTranspose = ConvolutionTranspose
+    BatchNorm = BatchNorm
+    ReLU = ReLU
+
+    @staticmethod
+    def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float):
+        """Points (N, 3) float32 and batch index (N,) -> (Field, stride-1 tensor of mean xyz)."""
+        points = points.float()
+        idx = voxel_indices(points, voxel_size)
+        coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
+        check_coordinate_range(coords)
+        keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)
+        m = keys.shape[0]
+        counts = torch.bincount(inverse, minlength=m)
+        inv_count = (1.0 / counts.to(points.dtype))
+        feats = points.new_zeros((m, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
+        manager = CoordinateManager(Level(1, keys))
+        return Field(inverse, points.shape[0]), TorchSparseTensor(feats, 1, manager)
+
+    @staticmethod
+    def slice(x: TorchSparseTensor, field: Field) -> torch.Tensor:
+        if x.stride != 1:
+            raise ValueError("slicing needs a stride-1 tensor")
+        return x.feats.index_select(x.feats.dim() - 2, field.inverse)
+
+    @staticmethod
+    def feats(x: TorchSparseTensor) -> torch.Tensor:
+        return x.feats
+
+    @staticmethod
+    def with_feats(x: TorchSparseTensor, feats: torch.Tensor) -> TorchSparseTensor:
+        return x.replace(feats)
+
+    @staticmethod
+    def coords(x: TorchSparseTensor) -> torch.Tensor:
+        return x.coords
+
+    @staticmethod
+    def stride(x: TorchSparseTensor) -> int:
+        return x.stride
+
+    @staticmethod
+    def cat(a: TorchSparseTensor, b: TorchSparseTensor) -> TorchSparseTensor:
+        if a.manager is not b.manager or a.stride != b.stride:
+            raise ValueError("concatenating sparse tensors on different coordinate sets")
+        fa, fb = a.feats, b.feats
+        if fa.dim() != fb.dim():  # one side grouped, the other not: broadcast the shared one
+            if fa.dim() < fb.dim():
+                fa = fa.expand(fb.shape[:-1] + fa.shape[-1:])
+            else:
+                fb = fb.expand(fa.shape[:-1] + fb.shape[-1:])
+        return a.replace(torch.cat([fa, fb], dim=-1))
+
+    @staticmethod
+    def cache(x: TorchSparseTensor) -> dict:
+        return x.manager.cache
+
+
+BACKEND = TorchBackend()
