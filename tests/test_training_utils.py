@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from training.config import load_config
 from training.data import ArraySource
@@ -41,11 +42,27 @@ def write_npz(path, n: int = 2, n_target: int = 2400, n_scan: int = 240, seed0: 
     return Path(path)
 
 
+def assert_same_update(init: dict, a: dict, b: dict, what: str = "", rtol: float = 1e-3) -> None:
+    """State dicts ``a`` and ``b`` reached from ``init`` by (nominally) the same update: per tensor
+    the updates agree within ``rtol`` of that tensor's largest update, plus 1e-5 of the module's
+    largest update (tensors whose gradient nearly cancels), plus float32 rounding of the weights."""
+    floats = [k for k, w in init.items() if w.dtype.is_floating_point]
+    scale = max(float((b[k] - init[k]).abs().max()) for k in floats)
+    for k, w0 in init.items():
+        if k not in floats:
+            assert torch.equal(a[k], b[k]), f"{what}{k}"
+            continue
+        da, db = a[k] - w0, b[k] - w0
+        tol = rtol * float(db.abs().max()) + 1e-5 * scale + 4 * torch.finfo(torch.float32).eps * w0.abs()
+        err = (da - db).abs()
+        assert bool((err <= tol + 1e-30).all()), f"{what}{k}: updates differ by {float(err.max()):.3g}"
+
+
 def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     """The shipped tiny config of ``kind`` with test settings: CPU, 1 thread, no workers, no
     TensorBoard / progress bar, SGD (so that an update is -lr * grad)."""
     name = {"teacher": "tiny_teacher", "refiner": "tiny_refiner", "distill": f"tiny_distill_{mode}"}[kind]
-    base = ["device=cpu", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
+    base = ["device=cpu", "backend=torch", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
             "log.render_every_steps=0", "checkpoint.every_steps=0", "train.max_steps=null", "train.epochs=1"]
     if kind == "distill":
         base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=training.losses.chamfer_distance_np"]

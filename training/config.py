@@ -53,7 +53,9 @@ _COMMON: dict = {
         # lr = lr0 * gamma ** (epoch // every_epochs); gamma 1 = constant
         "lr_schedule": {"gamma": 1.0, "every_epochs": 1},
     },
-    "checkpoint": {"every_steps": 500, "keep": 3},
+    # every_steps: training-state checkpoint period (0: only at the end / on a signal);
+    # export: write the inference checkpoint <out>/<kind>.pt when training finishes
+    "checkpoint": {"every_steps": 500, "keep": 3, "export": True},
     "log": {"every_steps": 10, "render_every_steps": 500, "tensorboard": True, "progress": True},
     "diffusion": {"beta_start": 3.5e-5, "beta_end": 0.007, "steps": 1000, "reg_weight": 5.0},
 }

@@ -86,8 +86,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     loss: each rank's local gradient is world_size x (dL/dS) x dS_r/dtheta."""
     if not active():
         return t
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(t)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward pass sums the upstream gradients over ranks (the adjoint)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = t.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.detach().clone().contiguous()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
 
 
 def all_reduce_sum_nograd(t: torch.Tensor) -> torch.Tensor:

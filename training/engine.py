@@ -109,6 +109,9 @@ class Trainer:
         self.trainable: dict[str, nn.Module] = {}   # subset that is optimised (DDP-wrapped)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.base_lrs: dict[str, list] = {}
+        # networks are initialised from torch's global RNG: seed it so that every rank (and every
+        # run with this seed) starts from the same weights, frozen modules included
+        torch.manual_seed(R.key_seed(self.seed, "init"))
         self.build()
         for name, m in self.modules.items():
             m.to(self.device)
@@ -120,7 +123,7 @@ class Trainer:
                 self.modules[name] = m
             if self.dist.distributed:
                 kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-                self.wrapped[name] = DDP(m, broadcast_buffers=(self.bn_mode != "frozen"), **kw)
+                self.wrapped[name] = DDP(m, **kw)
             else:
                 self.wrapped[name] = m
         self.make_optimizers()
@@ -357,7 +360,7 @@ class Trainer:
                             int(sig))
             final_ckpt = self.save()
             export_path = None
-            if self.dist.is_main:
+            if self.dist.is_main and cfg["checkpoint"].get("export", True):
                 export_path = self.export(self.out / f"{self.kind}.pt")
             D.barrier()
         except TrainingInterrupted:

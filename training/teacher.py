@@ -29,8 +29,21 @@ class TeacherNet(nn.Module):
         self.encoder = encoder
         self.denoiser = denoiser
 
-    def forward(self, scan, scan_batch, x_t, x_batch, t):
-        cond = self.encoder(scan, scan_batch)
+    def forward(self, scan, scan_batch, x_t, x_batch, t, all_dropped: bool = False):
+        if all_dropped:
+            # every condition of this batch is the all-zero cloud: a single voxel, on which batch norm
+            # cannot compute training statistics; encode it with the running statistics, as at inference
+            bns = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            modes = [m.training for m in bns]
+            for m in bns:
+                m.eval()
+            try:
+                cond = self.encoder(scan, scan_batch)
+            finally:
+                for m, mode in zip(bns, modes):
+                    m.train(mode)
+        else:
+            cond = self.encoder(scan, scan_batch)
         return self.denoiser(x_t, x_batch, t, cond)
 
 
@@ -62,7 +75,7 @@ class TeacherTrainer(Trainer):
             scan = torch.where(drop[scan_b].view(-1, 1), torch.zeros_like(scan), scan)
         model = self.wrapped["teacher"]
         self.set_train(self.net, True)
-        eps_hat = model(scan, scan_b, x_t, x_b, t)
+        eps_hat = model(scan, scan_b, x_t, x_b, t, all_dropped=bool(drop.all()))
         terms = denoising_loss_terms(eps_hat, eps, float(self.cfg["diffusion"]["reg_weight"]))
         self.guard("loss", terms["loss"])
         opt = self.optimizers["main"]

@@ -1,0 +1,201 @@
+"""The training loop: kill-and-resume is bit-identical, corrupt checkpoints are refused, NaN stops the
+run keeping the last good checkpoint, configs and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lidar_completion.errors import CheckpointError, ConfigError
+from test_training_utils import CONFIGS, scenes_source, tiny_config, write_npz
+from training.__main__ import main
+from training.checkpoint import CheckpointManager, load_state, save_state
+from training.config import load_config
+from training.engine import TrainingDivergedError
+from training.teacher import TeacherTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(npz: Path, out: Path, *extra) -> list:
+    return ["teacher", "--config", "tiny_teacher.yaml", "--out", str(out),
+            "--set", "device=cpu", "--set", "backend=torch", "--set", "threads=1",
+            "--set", "data.kind=npz", "--set", f"data.root={npz}", "--set", "data.scan_points=120",
+            "--set", "data.target_points=1200", "--set", "data.num_workers=0",
+            "--set", "train.batch_size=1", "--set", "log.progress=false", "--set", "log.tensorboard=false",
+            "--set", "log.render_every_steps=0", "--set", "checkpoint.export=false",
+            "--set", "teacher.cond_dropout=0.3", *extra]
+
+
+def _weights(out: Path) -> dict:
+    st = load_state(CheckpointManager(out / "checkpoints").latest_path())
+    return {"models": st["models"], "optim": st["optimizers"], "step": st["step"]}
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for name, sd in a["models"].items():
+        for k, v in sd.items():
+            assert torch.equal(v, b["models"][name][k]), f"{name}.{k} differs"
+    for k, v in a["optim"]["main"]["state"].items():
+        for kk, vv in v.items():
+            assert torch.equal(torch.as_tensor(vv), torch.as_tensor(b["optim"]["main"]["state"][k][kk])), kk
+
+
+def _start(args: list) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "training", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, mgr: CheckpointManager, step: int, timeout: float = 240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        p = mgr.latest_path() if (mgr.folder / "latest.json").exists() else None
+        if p is not None and p.name == mgr.path_for(step).name:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training exited ({proc.returncode}) before step {step}:\n{err[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """20 steps without interruption (2 scans, 10 epochs: permutations, lr schedule and dropout
+    draws all change across epochs)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    npz = write_npz(tmp / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp / "run"
+    assert main(_args(npz, out, "--max-steps", "20", "--set", "train.lr_schedule={gamma: 0.9, every_epochs: 2}")) == 0
+    return npz, _weights(out)
+
+
+def test_resume_after_kill_is_identical(straight_run, tmp_path):
+    npz, straight = straight_run
+    out = tmp_path / "killed"
+    args = _args(npz, out, "--max-steps", "20", "--set", "checkpoint.every_steps=10",
+                 "--set", "train.lr_schedule={gamma: 0.9, every_epochs: 2}")
+    proc = _start(args)
+    _wait_for_checkpoint(proc, CheckpointManager(out / "checkpoints"), 10)
+    proc.kill()   # SIGKILL: no handler runs, whatever step it was in is lost
+    proc.wait()
+    assert not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["step"] < 20
+    assert main(args + ["--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_000000010.ckpt") and summary["steps_this_run"] == 10
+    _assert_identical(straight, _weights(out))
+
+
+def test_sigterm_writes_checkpoint_and_resume_is_identical(straight_run, tmp_path):
+    npz, straight = straight_run
+    out = tmp_path / "terminated"
+    args = _args(npz, out, "--max-steps", "20", "--set", "checkpoint.every_steps=7",
+                 "--set", "train.lr_schedule={gamma: 0.9, every_epochs: 2}")
+    proc = _start(args)
+    _wait_for_checkpoint(proc, CheckpointManager(out / "checkpoints"), 7)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted" in err and "--resume" in err
+    stopped_at = load_state(CheckpointManager(out / "checkpoints").latest_path())["step"]
+    assert 7 <= stopped_at < 20
+    assert main(args + ["--resume"]) == 0
+    _assert_identical(straight, _weights(out))
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "state.ckpt"
+    save_state(path, {"step": 3, "models": {"w": torch.arange(1000.0)}})
+    assert load_state(path)["step"] == 3
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.ckpt"
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_state(flipped)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(path.read_bytes()[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_state(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"step": 1}, other)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_state(other)
+
+
+def test_resume_from_corrupt_checkpoint_fails_with_clear_error(tmp_path, capsys):
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "2")) == 0
+    latest = CheckpointManager(out / "checkpoints").latest_path()
+    latest.write_bytes(latest.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(_args(npz, out, "--max-steps", "4", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "corrupt" in err and str(latest) in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config("teacher", "checkpoint.every_steps=1", "checkpoint.keep=5", "checkpoint.export=false",
+                      "train.max_steps=6")
+    tr = TeacherTrainer(cfg, tmp_path, source=scenes_source(2, n_target=1200, n_scan=120))
+    import training.teacher as T
+    real = T.denoising_loss_terms
+
+    def poisoned(eps_hat, eps, reg):
+        terms = real(eps_hat, eps, reg)
+        if tr.step == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(T, "denoising_loss_terms", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"became nan at step 3.*step_000000003\.ckpt"):
+        tr.run()
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    good = load_state(mgr.latest_path())
+    assert good["step"] == 3
+    for k, v in good["models"]["teacher"].items():
+        assert torch.isfinite(v.float()).all()
+    for k, p in tr.net.named_parameters():   # no optimiser step was taken with the NaN loss
+        assert torch.equal(p.detach(), good["models"]["teacher"][k]), k
+
+
+def test_configs_load_and_reject_mistakes(tmp_path):
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path, overrides=["distill.metric=training.losses.chamfer_distance_np"]
+                          if "distill" in path.name else [])
+        assert cfg["kind"] in ("teacher", "refiner", "distill")
+    full = load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=training.losses.chamfer_distance_np"])
+    assert full["train"]["optimizer"]["name"] == "sgd" and full["train"]["optimizer"]["lr"] == 1e-5
+    assert full["train"]["grad_clip"] == 0.05 and full["distill"]["noise_scale"] == 1.1
+    teacher = load_config(CONFIGS / "teacher.yaml")
+    assert teacher["teacher"]["cond_dropout"] == 0.1 and teacher["train"]["optimizer"]["lr"] == 1e-4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: teacher\ntrain: {batch_sise: 2}\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="distill.mode"):
+        load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.mode=sdpo"])
+    with pytest.raises(ConfigError, match="no callable|cannot import"):
+        load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=training.losses.nope"])
+    with pytest.raises(ConfigError, match="is for 'teacher'"):
+        load_config(CONFIGS / "teacher.yaml", kind="distill")
+
+
+def test_cli_help_lists_the_three_trainings(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("teacher", "refiner", "distill", "torchrun"):
+        assert word in out
