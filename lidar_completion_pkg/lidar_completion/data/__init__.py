@@ -24,6 +24,16 @@ from .synthetic import (  # noqa: F401
     SyntheticConfig, SyntheticScene, generate_dataset, generate_sequence, synthetic_pairs,
 )
 
+__all__ = [
+    "SemanticKittiSequence", "list_sequences", "read_scan", "read_labels", "read_poses", "read_calib",
+    "read_times", "semantic_of", "instance_of", "cam_to_velo_poses", "velo_to_cam_poses",
+    "GTConfig", "GTCache", "BuildStats", "VoxelMap", "VoxelHashSet", "MapIndex", "build_gt",
+    "build_sequence", "accumulate_map", "batch_voxel_map", "frame_target", "viewpoint_mask",
+    "static_label_mask", "input_mask", "iter_pairs", "SyntheticConfig", "SyntheticScene",
+    "generate_dataset", "generate_sequence", "synthetic_pairs", "CompletionDataset", "TrainingDataset",
+    "EvaluationDataset", "collate_completion", "augmentation_matrix", "tile_to", "fps_indices",
+]
+
 _DATASET_NAMES = ("CompletionDataset", "TrainingDataset", "EvaluationDataset", "collate_completion",
                   "augmentation_matrix", "tile_to", "fps_indices")
 

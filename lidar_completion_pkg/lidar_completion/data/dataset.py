@@ -23,6 +23,7 @@ that label-filtered scan.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -34,7 +35,7 @@ from ..errors import ConfigError, DatasetError
 from . import gt as gt_mod
 from . import kitti
 
-PathLike = Union[str, "os.PathLike"]
+PathLike = Union[str, os.PathLike]
 
 
 def augmentation_matrix(rng: np.random.Generator, jitter_std: float = 0.06,

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -355,16 +355,19 @@ class MapIndex:
         gx, gy = np.meshgrid(np.arange(t0x, t1x + 1), np.arange(t0y, t1y + 1), indexing="ij")
         keys = ((gx.ravel() + _KEY_OFFSET) << 32) | (gy.ravel() + _KEY_OFFSET)
         pos = np.searchsorted(self.tile_keys, keys)
-        pos = pos[pos < len(self.tile_keys)]
-        pos = pos[np.isin(self.tile_keys[pos], keys)] if len(pos) else pos
+        found = pos < len(self.tile_keys)
+        found[found] = self.tile_keys[pos[found]] == keys[found]
+        pos = pos[found]
         if len(pos) == 0:
             empty = np.zeros((0, 3), np.float32)
             return (empty, np.zeros(0, np.int64)) if return_indices else empty
-        sel = np.concatenate([np.arange(self.starts[p], self.ends[p]) for p in pos])
-        pts = self.points[sel]
-        d = pts.astype(np.float64) - np.asarray(center[:3], dtype=np.float64)
-        inside = (d * d).sum(1) <= radius * radius
+        starts, ends = self.starts[pos], self.ends[pos]
+        pts = np.concatenate([self.points[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+        c32 = np.asarray(center[:3], dtype=np.float64).astype(np.float32)
+        d = pts - c32
+        inside = np.einsum("ij,ij->i", d, d) <= np.float32(radius * radius)
         if return_indices:
+            sel = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist())])
             return pts[inside], self.order[sel[inside]]
         return pts[inside]
 
@@ -380,12 +383,17 @@ def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10
     sc = np.floor(scan.astype(np.float64) / cell).astype(np.int64)
     lo = sc.min(0)
     dims = sc.max(0) - lo + 1
-    grid = np.zeros(tuple(dims), dtype=bool)
+    grid = np.zeros(int(np.prod(dims)), dtype=bool)
     s = sc - lo
-    grid[s[:, 0], s[:, 1], s[:, 2]] = True
-    pc = np.floor(pts.astype(np.float64) / cell).astype(np.int64) - lo
-    ok = ((pc >= 0) & (pc < dims)).all(1)
-    out[ok] = grid[pc[ok, 0], pc[ok, 1], pc[ok, 2]]
+    grid[(s[:, 0] * dims[1] + s[:, 1]) * dims[2] + s[:, 2]] = True
+    # cell coordinates of the points, clipped into the grid's box (+1 margin cell that stays False)
+    flat = np.zeros(len(pts), dtype=np.int64)
+    ok = np.ones(len(pts), dtype=bool)
+    for axis in range(3):
+        c = np.floor(pts[:, axis].astype(np.float64) / cell).astype(np.int64) - lo[axis]
+        ok &= (c >= 0) & (c < dims[axis])
+        flat = flat * dims[axis] + np.clip(c, 0, dims[axis] - 1)
+    out[ok] = grid[flat[ok]]
     return out
 
 
@@ -393,16 +401,18 @@ def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
                  config: GTConfig = GTConfig(), return_indices: bool = False):
     """The target of one frame: map points within ``crop_radius`` of the pose, in the scan frame,
     z > ``z_min``, inside the 10 m cells the input scan (range and z filtered) occupies."""
-    pts_w, idx = map_index.query(pose[:3, 3], config.crop_radius, return_indices=True)
+    if return_indices:
+        pts_w, idx = map_index.query(pose[:3, 3], config.crop_radius, return_indices=True)
+    else:
+        pts_w, idx = map_index.query(pose[:3, 3], config.crop_radius), None
     local = inverse_transform(pts_w, pose)
-    keep = local[:, 2] > config.z_min
-    local, idx = local[keep], idx[keep]
     inp = np.asarray(scan)[:, :3]
     inp = inp[input_mask(inp, config)]
-    vm = viewpoint_mask(local, inp, config.view_voxel)
-    out = local[vm].astype(np.float32)
+    keep = local[:, 2] > config.z_min
+    keep &= viewpoint_mask(local, inp, config.view_voxel)
+    out = local[keep].astype(np.float32)
     if return_indices:
-        return out, idx[vm]
+        return out, idx[keep]
     return out
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError
 from . import kitti
 from .gt import rotate
 
@@ -461,8 +461,6 @@ class SyntheticScene:
                                  len(prims)))
 
     def _populate(self, rng) -> None:
-        cfg = self.config
-        P = self._static_list
         streets: List[_Street] = []
         route = self.route
         lane = self.lane_w

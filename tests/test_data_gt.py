@@ -1,0 +1,243 @@
+"""Ground-truth builder: voxel hash, incremental == batch map, target invariants, resumable cache."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from lidar_completion.data import gt, kitti, synthetic
+from lidar_completion.errors import DatasetError
+
+N_SCANS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gt_data")
+    synthetic.generate_dataset(root, 1, N_SCANS, seed=11,
+                               config=synthetic.SyntheticConfig(azimuth_steps=512))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(dataset, tmp_path_factory):
+    """A complete cache built once (read-only for the tests that use it)."""
+    out = tmp_path_factory.mktemp("gt_cache")
+    seq = kitti.SemanticKittiSequence(dataset, "00", require_labels=True)
+    cache = gt.build_sequence(seq, out)
+    return seq, cache, out
+
+
+# ---------------------------------------------------------------------------------------------- hash
+def test_voxel_hash_set_matches_python_set():
+    rng = np.random.default_rng(0)
+    hs = gt.VoxelHashSet(capacity=16)
+    ref = set()
+    for _ in range(30):
+        keys = rng.integers(0, 5000, rng.integers(0, 400))   # many duplicates, forces growth
+        new = hs.insert(keys)
+        expect = np.zeros(len(keys), bool)
+        seen = set()
+        for j, k in enumerate(keys.tolist()):
+            if k not in ref and k not in seen:
+                expect[j] = True
+                seen.add(k)
+        ref |= seen
+        np.testing.assert_array_equal(new, expect)
+        assert len(hs) == len(ref)
+    probe = np.arange(0, 6000)
+    np.testing.assert_array_equal(hs.contains(probe), [k in ref for k in probe.tolist()])
+    assert sorted(hs.keys().tolist()) == sorted(ref)
+    assert hs.capacity >= 2 * len(ref)
+
+
+def test_pack_keys_round_trip_and_range():
+    ijk = np.array([[0, 0, 0], [-5, 7, -(1 << 20)], [(1 << 20) - 1, -1, 3]])
+    keys = gt.pack_keys(ijk)
+    assert (keys >= 0).all() and len(set(keys.tolist())) == 3
+    np.testing.assert_array_equal(gt.unpack_keys(keys), ijk)
+    with pytest.raises(DatasetError, match="out of range"):
+        gt.pack_keys(np.array([[1 << 20, 0, 0]]))
+
+
+# ---------------------------------------------------------------------------------------------- map
+def test_incremental_equals_batch(dataset):
+    seq = kitti.SemanticKittiSequence(dataset, "00", require_labels=True)
+    cfg = gt.GTConfig()
+    incremental = gt.accumulate_map(seq, cfg).points
+    per_scan = [gt.sequence_world_points(seq, i, cfg) for i in range(len(seq))]
+    batch = gt.batch_voxel_map(per_scan, cfg.voxel_size)
+    # the same voxel set ...
+    ki = gt.pack_keys(gt.voxel_indices(incremental, 0.1))
+    kb = gt.pack_keys(gt.voxel_indices(batch, 0.1))
+    np.testing.assert_array_equal(np.sort(ki), np.sort(kb))
+    # ... and even the same representative points in the same order
+    np.testing.assert_array_equal(incremental, batch)
+    assert len(incremental) > 50_000
+
+
+def test_map_invariants(dataset, built):
+    seq, cache, _ = built
+    m = cache.load_map(verify=True)
+    keys = gt.pack_keys(gt.voxel_indices(m, 0.1))
+    assert len(np.unique(keys)) == len(m), "more than one point in some 0.1 m voxel"
+    # no moving-class, unlabeled or outlier point, and nothing closer than 3.5 m to its sensor
+    tree = cKDTree(m.astype(np.float64))
+    excluded_total = 0
+    for i in range(len(seq)):
+        scan = seq.scan(i)
+        sem = seq.semantic(i)
+        world = gt.transform(scan, seq.pose(i)).astype(np.float32)
+        bad = ~gt.static_label_mask(sem) | (gt.range_of(scan) <= 3.5)
+        excluded_total += int(bad.sum())
+        d, _ = tree.query(world[bad].astype(np.float64))
+        assert (d > 0).all(), f"frame {i}: an excluded point is in the map"
+    moving = sum(int((seq.semantic(i) >= 252).sum()) for i in range(len(seq)))
+    assert moving > 100 and excluded_total > moving
+
+
+def test_target_invariants(built):
+    seq, cache, _ = built
+    cfg = cache.config
+    m = cache.load_map()
+    tree = cKDTree(m.astype(np.float64))
+    for i in range(len(seq)):
+        target = cache.load_target(i, verify=True)
+        scan = seq.scan(i)
+        pose = seq.pose(i)
+        assert target.dtype == np.float32 and target.shape[1] == 3 and len(target) > 10_000
+        # inside the crop: within 50 m of the pose (the pose is the origin of the scan frame)
+        assert np.linalg.norm(target.astype(np.float64), axis=1).max() <= cfg.crop_radius + 1e-3
+        assert target[:, 2].min() > cfg.z_min
+        # inside the viewpoint mask of the filtered input scan
+        inp = scan[gt.input_mask(scan, cfg), :3]
+        assert gt.viewpoint_mask(target, inp, cfg.view_voxel).all()
+        # frame -> world -> map point (round trip)
+        world = gt.transform(target, pose)
+        d, _ = tree.query(world)
+        assert d.max() < 1e-3
+        back = gt.inverse_transform(world, pose)
+        np.testing.assert_allclose(back, target, atol=1e-6)
+        # complete: a brute-force crop of the whole map gives the same number of points
+        local = gt.inverse_transform(m, pose)
+        brute = local[(np.linalg.norm(m.astype(np.float64) - pose[:3, 3], axis=1) <= cfg.crop_radius)
+                      & (local[:, 2] > cfg.z_min)]
+        brute = brute[gt.viewpoint_mask(brute, inp, cfg.view_voxel)]
+        assert len(brute) == len(target)
+
+
+def test_viewpoint_mask_cells():
+    scan = np.array([[1.0, 1.0, 0.5], [15.0, -3.0, 0.2]])
+    pts = np.array([[9.9, 9.9, 9.9], [10.1, 0.5, 0.5], [12.0, -0.1, 0.0], [-0.1, 0.0, 0.0],
+                    [19.9, -9.9, 9.9]])
+    np.testing.assert_array_equal(gt.viewpoint_mask(pts, scan, 10.0),
+                                  [True, False, True, False, True])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def _manifest(out):
+    return json.loads((Path(out) / "00" / "manifest.json").read_text())
+
+
+def test_resume_after_interrupted_build(dataset, built, tmp_path):
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+
+    def boom(phase, i):
+        if phase == "target" and i == 2:
+            raise KeyboardInterrupt  # what a Ctrl-C / kill leaves behind: frames 0..2 written
+
+    with pytest.raises(KeyboardInterrupt):
+        gt.build_sequence(seq, out, on_frame=boom)
+    assert not (out / "00" / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="not in the cache"):
+        gt.GTCache(out, "00").load_target(4)
+    # a torn manifest line and a stray temporary file, as a kill during a write leaves them
+    with open(out / "00" / "manifest.jsonl", "a") as fh:
+        fh.write('{"type": "frame", "frame": 3, "fi')
+    (out / "00" / "targets" / "000003.bin.tmp").write_bytes(b"\0" * 10)
+    stats = gt.BuildStats("00")
+    cache = gt.build_sequence(seq, out, stats=stats)
+    assert stats.frames_reused == 3 and stats.frames_built == N_SCANS - 3 and stats.map_reused
+    assert cache.complete
+    assert not list((out / "00" / "targets").glob("*.tmp"))
+    got, ref = _manifest(out), _manifest(ref_out)
+    assert [f["sha256"] for f in got["frames"]] == [f["sha256"] for f in ref["frames"]]
+    assert got["map"]["sha256"] == ref["map"]["sha256"]
+
+
+def test_corrupt_and_partial_files_rebuilt(built, tmp_path):
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+    shutil.copytree(ref_out, out)
+    t1 = out / "00" / "targets" / "000001.bin"
+    t4 = out / "00" / "targets" / "000004.bin"
+    good1, good4 = t1.read_bytes(), t4.read_bytes()
+    # same size, flipped bytes: only the checksum can tell
+    data = bytearray(good1)
+    data[100:108] = bytes(8)
+    t1.write_bytes(bytes(data))
+    # a partial file
+    t4.write_bytes(good4[: len(good4) // 2])
+    cache = gt.GTCache(out, "00")
+    cache.load_target(1)  # the size is right: loads without verification
+    with pytest.raises(DatasetError, match="sha256"):
+        cache.load_target(1, verify=True)
+    with pytest.raises(DatasetError, match="partial or stale"):
+        cache.load_target(4)
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats)
+    assert stats.frames_built == 2 and stats.frames_reused == N_SCANS - 2
+    assert t1.read_bytes() == good1 and t4.read_bytes() == good4
+    # a complete, valid cache is only verified
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats)
+    assert stats.frames_built == 0 and stats.frames_reused == N_SCANS
+    # a corrupt map is rebuilt too
+    (out / "00" / "map.bin").write_bytes(b"\0" * 12)
+    (out / "00" / "targets" / "000000.bin").unlink()
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats)
+    assert not stats.map_reused and stats.frames_built == 1
+    assert _manifest(out)["map"]["sha256"] == _manifest(ref_out)["map"]["sha256"]
+
+
+def test_changed_parameters_rebuild(built, tmp_path):
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+    shutil.copytree(ref_out, out)
+    stats = gt.BuildStats("00")
+    cache = gt.build_sequence(seq, out, config=gt.GTConfig(crop_radius=20.0), stats=stats,
+                              verify="size")
+    assert stats.frames_built == N_SCANS
+    assert cache.config.crop_radius == 20.0
+    assert np.linalg.norm(cache.load_target(0), axis=1).max() <= 20.0 + 1e-3
+
+
+def test_cache_errors(dataset, tmp_path):
+    with pytest.raises(DatasetError, match="build-gt"):
+        gt.GTCache(tmp_path, "00")
+    root = tmp_path / "nolabels"
+    shutil.copytree(dataset, root)
+    shutil.rmtree(root / "sequences" / "00" / "labels")
+    seq = kitti.SemanticKittiSequence(root, "00")
+    with pytest.raises(DatasetError, match="no labels"):
+        gt.build_sequence(seq, tmp_path / "c")
+    with pytest.raises(DatasetError, match="no semantic labels"):
+        gt.build_gt(root, ["00"], out=tmp_path / "c")
+
+
+def test_iter_pairs_and_synthetic_pairs(dataset, built, tmp_path):
+    _, cache, out = built
+    pairs = list(gt.iter_pairs(dataset, "00", out))
+    assert len(pairs) == N_SCANS
+    scan, target = pairs[2]
+    assert scan.shape[1] == 4 and target.shape[1] == 3
+    np.testing.assert_array_equal(target, cache.load_target(2))
+    cfg = synthetic.SyntheticConfig(azimuth_steps=256)
+    got = list(synthetic.synthetic_pairs(tmp_path / "syn", sequence=3, scans=3, seed=2, config=cfg))
+    assert len(got) == 3
+    assert (tmp_path / "syn" / "gt_cache" / "03" / "manifest.json").is_file()
+    assert all(len(t) > 1000 and s.shape[1] == 4 for s, t in got)
