@@ -241,3 +241,41 @@ def test_iter_pairs_and_synthetic_pairs(dataset, built, tmp_path):
     assert len(got) == 3
     assert (tmp_path / "syn" / "gt_cache" / "03" / "manifest.json").is_file()
     assert all(len(t) > 1000 and s.shape[1] == 4 for s, t in got)
+
+
+def test_resume_after_sigkill(tmp_path):
+    """Kill a real `build-gt` process while it writes targets, then resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 24
+    root = tmp_path / "data"
+    synthetic.generate_dataset(root, 1, n, seed=4, config=synthetic.SyntheticConfig(azimuth_steps=256))
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "lidar_completion", "build-gt", str(root), "--sequences", "00",
+           "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl = out / "00" / "manifest.jsonl"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if jsonl.is_file() and '"type": "frame"' in jsonl.read_text():
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "build-gt finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "00" / "manifest.json").exists()
+    seq = kitti.SemanticKittiSequence(root, "00", require_labels=True)
+    stats = gt.BuildStats("00")
+    cache = gt.build_sequence(seq, out, stats=stats)
+    assert stats.map_reused and 1 <= stats.frames_reused < n
+    assert stats.frames_reused + stats.frames_built == n
+    clean = gt.build_sequence(seq, tmp_path / "clean")
+    for i in range(n):
+        np.testing.assert_array_equal(cache.load_target(i, verify=True), clean.load_target(i))
