@@ -265,7 +265,7 @@ class Denoiser(_SparseNet):
         if batch is None:
             batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
         nb = int(t.shape[0])
-        both = Condition.concat([cond, Condition(uncond.coords + torch.tensor([nb, 0, 0, 0], device=uncond.coords.device), uncond.feats)])
+        both = Condition.concat([cond, uncond])  # concat renumbers uncond's elements to nb..
         out = self.forward(torch.cat([points, points]), torch.cat([batch, batch + nb]), torch.cat([t, t]), both)
         n = points.shape[0]
         return out[:n], out[n:]
