@@ -87,10 +87,10 @@ def calibrate_batchnorm(module, *inputs):
     return out
 
 
-def test_guidance_limits_with_the_real_networks():
+def test_guidance_limits_with_the_real_networks(backend):
     torch.manual_seed(0)
     cfg = ModelConfig.tiny()
-    enc, den = ConditionEncoder(cfg, backend="torch"), Denoiser(cfg, backend="torch")
+    enc, den = ConditionEncoder(cfg, backend=backend), Denoiser(cfg, backend=backend)
     g = torch.Generator().manual_seed(1)
     scan = torch.randn(300, 3, generator=g) * torch.tensor([8.0, 8.0, 1.0])
     noisy = scan + torch.randn(300, 3, generator=g)
