@@ -22,7 +22,7 @@ class ModelConfig:
     voxel_size: float = 0.05
     head_hidden: int = 20
     refine_up: int = 6
-    name: str = "full"
+    name: str = field(default="full", compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

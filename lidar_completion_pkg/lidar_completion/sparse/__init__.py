@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from functools import lru_cache
 
 from ..errors import ConfigError
@@ -35,7 +36,9 @@ def minkowski_hidden() -> bool:
 @lru_cache(maxsize=1)
 def _minkowski_importable() -> bool:
     try:
-        importlib.import_module("MinkowskiEngine")
+        with warnings.catch_warnings():  # its CPU-only build warns on every import
+            warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+            importlib.import_module("MinkowskiEngine")
     except Exception:  # ImportError, or a broken build raising OSError/RuntimeError
         return False
     return True

@@ -1,0 +1,174 @@
+"""Checkpoints: our format round trip, published Lightning layouts, and every error path."""
+import json
+
+import pytest
+import torch
+
+from lidar_completion.checkpoints import (detect_layout, load_checkpoint, make_random_checkpoint,
+                                          read_state_dicts, save_checkpoint, split_prefixed)
+from lidar_completion.errors import CheckpointError
+from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+from lidiff_reference import FIXTURES, synth_param
+
+REF = json.loads((FIXTURES / "lidiff_state_dicts.json").read_text())["networks"]
+LISTS = {"encoder": REF["condition_encoder"]["state_dict"], "denoiser": REF["denoiser"]["state_dict"],
+         "refiner": REF["refiner"]["state_dict"]}
+
+
+def lightning_file(path, parts: dict, extra=None):
+    """A Lightning-style file whose state_dict has the reference names/shapes under the given
+    prefixes ({prefix: "encoder"|"denoiser"|"refiner"}), filled with the deterministic weight rule."""
+    sd = {}
+    for prefix, role in parts.items():
+        for name, shape, _ in LISTS[role]:
+            sd[prefix + name] = torch.from_numpy(synth_param(prefix + name, shape))
+    obj = {"state_dict": sd, "epoch": 3, "global_step": 1234, "hyper_parameters": {"lr": 1e-4}}
+    if extra:
+        obj.update(extra)
+    torch.save(obj, path)
+    return sd
+
+
+def _points(n=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g) * torch.tensor([10.0, 10.0, 1.0])
+
+
+def test_round_trip_our_format(tmp_path):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(1)
+    enc, den, ref = ConditionEncoder(cfg, "torch"), Denoiser(cfg, "torch"), Refiner(cfg, "torch")
+    digest = save_checkpoint(tmp_path / "m.pt", {"encoder": enc, "denoiser": den, "refiner": ref}, cfg,
+                             sampling={"steps": 4, "guidance": 2.0}, kind="teacher", meta={"note": "x"})
+    loaded = load_checkpoint(tmp_path / "m.pt", backend="torch")
+    assert loaded.content_hash == digest and loaded.kind == "teacher"
+    assert loaded.config == cfg and loaded.sampling == {"steps": 4, "guidance": 2.0}
+    assert loaded.meta["note"] == "x"
+    for a, b in ((enc, loaded.encoder), (den, loaded.denoiser), (ref, loaded.refiner)):
+        for (k1, v1), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2)
+    x = _points()
+    with torch.no_grad():
+        enc.eval(), den.eval()
+        c1, c2 = enc(x), loaded.encoder(x)
+        assert torch.equal(c1.feats, c2.feats)
+        assert torch.equal(den(x, None, torch.tensor([3]), c1), loaded.denoiser(x, None, torch.tensor([3]), c2))
+
+
+def test_half_precision_storage(tmp_path):
+    make_random_checkpoint(tmp_path / "a.pt")
+    a = load_checkpoint(tmp_path / "a.pt")
+    save_checkpoint(tmp_path / "h.pt", {"encoder": a.encoder, "denoiser": a.denoiser}, a.config, half=True)
+    h = load_checkpoint(tmp_path / "h.pt")
+    assert h.refiner is None
+    w1, w2 = a.denoiser.stem[0].kernel, h.denoiser.stem[0].kernel
+    assert w2.dtype == torch.float32 and torch.allclose(w1, w2, rtol=1e-3, atol=1e-4)
+    assert (tmp_path / "h.pt").stat().st_size < 0.6 * (tmp_path / "a.pt").stat().st_size
+
+
+@pytest.mark.parametrize("layout,parts,roles", [
+    ("lidiff", {"partial_enc.": "encoder", "model.": "denoiser"}, {"encoder", "denoiser"}),
+    ("lidiff_refiner", {"model_refine.": "refiner"}, {"refiner"}),
+    ("student", {"partial_enc.": "encoder", "generator.": "denoiser", "teacher.": "denoiser",
+                 "auxDiffBetter.": "denoiser", "auxDiffWorse.": "denoiser"}, {"encoder", "denoiser"}),
+    ("dpo_teacher", {"DM_encoder.": "encoder", "DiffModel.": "denoiser"}, {"encoder", "denoiser"}),
+])
+def test_published_layouts(tmp_path, layout, parts, roles):
+    sd = lightning_file(tmp_path / "x.ckpt", parts)
+    assert detect_layout(sd) == layout
+    kind, got, cfg, sampling, meta, _ = read_state_dicts(tmp_path / "x.ckpt")
+    assert kind == layout and set(got) == roles and cfg == ModelConfig.full()
+    assert meta["global_step"] == 1234
+    if layout == "lidiff_refiner":
+        return  # building the full refiner is covered by the refiner-pair test below
+    loaded = load_checkpoint(tmp_path / "x.ckpt", backend="torch")
+    enc_prefix = [p for p, r in parts.items() if r == "encoder"][0]
+    den_prefix = [p for p, r in parts.items() if r == "denoiser"][0]
+    for prefix, net in ((enc_prefix, loaded.encoder), (den_prefix, loaded.denoiser)):
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, sd[prefix + k]), k
+    if layout == "student":
+        assert loaded.extras == {}
+        with_teacher = load_checkpoint(tmp_path / "x.ckpt", backend="torch", include=("teacher",))
+        assert torch.equal(with_teacher.extras["teacher"].last[2].weight, sd["teacher.last.2.weight"])
+
+
+def test_lidiff_pair_with_refiner_file(tmp_path):
+    lightning_file(tmp_path / "diff_net.ckpt", {"partial_enc.": "encoder", "model.": "denoiser"})
+    sd = lightning_file(tmp_path / "refine_net.ckpt", {"model_refine.": "refiner"})
+    loaded = load_checkpoint(tmp_path / "diff_net.ckpt", refiner_path=tmp_path / "refine_net.ckpt")
+    assert loaded.refiner is not None and loaded.sampling["guidance"] == 6.0
+    assert torch.equal(loaded.refiner.last[2].bias, sd["model_refine.last.2.bias"])
+
+
+def test_key_mapping_is_prefix_split():
+    sd = {"model.a.b": 1, "partial_enc.c": 2, "model_refine.d": 3}
+    assert split_prefixed(sd, "model.") == {"a.b": 1}
+    assert split_prefixed(sd, "model_refine.") == {"d": 3}
+
+
+def test_error_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_error_truncated_file(tmp_path):
+    make_random_checkpoint(tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "t.pt")
+    (tmp_path / "g.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "g.pt")
+
+
+def test_error_modified_content(tmp_path):
+    make_random_checkpoint(tmp_path / "a.pt")
+    obj = torch.load(tmp_path / "a.pt", weights_only=True)
+    obj["state_dicts"]["denoiser"]["last.2.bias"] += 1.0
+    torch.save(obj, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="content hash mismatch"):
+        load_checkpoint(tmp_path / "b.pt")
+
+
+def test_error_wrong_prefix_names_the_prefixes(tmp_path):
+    lightning_file(tmp_path / "x.ckpt", {"net.": "denoiser"})
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout.*net\\."):
+        load_checkpoint(tmp_path / "x.ckpt")
+
+
+def test_error_missing_and_misshaped_keys(tmp_path):
+    sd = lightning_file(tmp_path / "x.ckpt", {"partial_enc.": "encoder", "model.": "denoiser"})
+    del sd["model.up4.1.1.net.3.kernel"]
+    sd["model.last.0.weight"] = torch.zeros(20, 95)
+    sd["model.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bad.ckpt")
+    msg = str(info.value)
+    assert "1 missing: up4.1.1.net.3.kernel" in msg
+    assert "1 unexpected: extra.weight" in msg
+    assert "last.0.weight: file (20, 95) vs network (20, 96)" in msg
+
+
+class Opaque:
+    """An arbitrary Python object: not loadable with weights_only=True."""
+
+
+def test_error_unsafe_pickle_refused_then_allowed(tmp_path):
+    make_random_checkpoint(tmp_path / "a.pt")
+    obj = torch.load(tmp_path / "a.pt", weights_only=True)
+    sd = {"partial_enc." + k: v for k, v in obj["state_dicts"]["encoder"].items()}
+    sd.update({"model." + k: v for k, v in obj["state_dicts"]["denoiser"].items()})
+    torch.save({"state_dict": sd, "hyper_parameters": Opaque()}, tmp_path / "p.ckpt")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(tmp_path / "p.ckpt")
+    loaded = load_checkpoint(tmp_path / "p.ckpt", allow_pickle=True)
+    assert loaded.config == ModelConfig.tiny() and loaded.kind == "lidiff"
+
+
+def test_error_asking_for_absent_network(tmp_path):
+    lightning_file(tmp_path / "x.ckpt", {"partial_enc.": "encoder", "model.": "denoiser"})
+    with pytest.raises(CheckpointError, match="no 'teacher.' keys"):
+        read_state_dicts(tmp_path / "x.ckpt", include=("teacher",))
