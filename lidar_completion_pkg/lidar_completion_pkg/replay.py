@@ -324,7 +324,7 @@ class Replay:
         if not a.no_node:
             self.start_node()
         context = rclpy.Context()
-        rclpy.init(context=context)
+        rclpy.init(args=["lidar_completion_replay"], context=context)  # not sys.argv: no ROS args here
         executor = None
         spin = None
         try:
@@ -351,12 +351,12 @@ class Replay:
             self.drain()
             self.events["t_end_ns"] = time.monotonic_ns()
         finally:
+            if self.sampler is not None:  # before stopping the node: its shutdown is not measured
+                self.sampler.stop()
+                self.events["memory"] = self.sampler.samples
             if self.proc is not None:
                 rc = _stop_process(self.proc)
                 self.events["node"]["returncode"] = rc
-            if self.sampler is not None:
-                self.sampler.stop()
-                self.events["memory"] = self.sampler.samples
             if executor is not None:
                 executor.shutdown(timeout_sec=2.0)
             if spin is not None:

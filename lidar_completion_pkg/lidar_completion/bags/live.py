@@ -44,7 +44,7 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
                node_cmd: str | None = None, ready_timeout: float = 120.0, drain_timeout: float = 30.0,
                domain_id: int | None = None, write_bag=None, write_storage: str = "mcap",
                limit: int | None = None, progress: bool = True, timeout: float | None = None,
-               meta: dict | None = None) -> dict:
+               threads: int | None = None, meta: dict | None = None) -> dict:
     """Run the live replay and return the report dict (``events`` kept in out_dir/live_events.json)."""
     if rate <= 0:
         raise BagError(f"--rate must be > 0, found {rate}")
@@ -75,6 +75,8 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
     if not progress:
         cmd.append("--no-progress")
     env = live_environment(domain_id)
+    if threads is not None:  # read by torch when the node starts
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(threads))
     try:
         child_out = sys.stderr.fileno()  # the player's chatter goes to stderr: stdout ends in the summary
     except (AttributeError, OSError, ValueError):

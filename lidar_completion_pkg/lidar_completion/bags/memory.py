@@ -39,6 +39,8 @@ class MemorySampler:
                         pass
         except psutil.Error:
             return None
+        if rss <= 0:  # an exited (zombie) process reports 0
+            return None
         self.samples.append((time.monotonic_ns(), int(rss)))
         self.peak = max(self.peak, int(rss))
         return rss

@@ -30,15 +30,23 @@ def stats(values: Iterable[float]) -> dict:
             "max": float(arr.max())}
 
 
-def growth_per_min(samples: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope of (t_s, mb) samples in MB per minute (NaN with < 2 samples or < 1 s)."""
+MIN_GROWTH_SPAN_S = 10.0
+
+
+def growth_per_min(samples: Sequence[tuple[float, float]], min_span: float = MIN_GROWTH_SPAN_S) -> float:
+    """Memory growth in MB per minute: the least-squares slope of (t_s, mb) samples over the second
+    half of the run, so that warm-up (allocator pools, lazy initialisation) does not count as
+    growth. NaN for runs shorter than ``min_span`` seconds, where a slope says nothing."""
     if len(samples) < 2:
         return float("nan")
     t = np.asarray([s[0] for s in samples], dtype=np.float64)
     m = np.asarray([s[1] for s in samples], dtype=np.float64)
-    if t.max() - t.min() < 1.0:
+    if t.max() - t.min() < min_span:
         return float("nan")
-    slope = np.polyfit(t, m, 1)[0]
+    late = t >= t.min() + (t.max() - t.min()) / 2
+    if late.sum() < 2:
+        return float("nan")
+    slope = np.polyfit(t[late], m[late], 1)[0]
     return float(slope * 60.0)
 
 
@@ -61,6 +69,10 @@ def _fmt(x, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "nan"
     return f"{x:.{digits}f}"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _json_safe(obj):
@@ -100,7 +112,9 @@ def markdown(report: dict) -> str:
                  ("node ready after", f"{_fmt(live.get('ready_s'), 2)} s")]
     rows += [("peak RSS", f"{_fmt(mem.get('peak_rss_mb'))} MB ({mem.get('process', 'this process')})"),
              ("RSS start / end", f"{_fmt(mem.get('start_rss_mb'))} / {_fmt(mem.get('end_rss_mb'))} MB"),
-             ("RSS growth", f"{_fmt(mem.get('growth_mb_per_min'), 2)} MB/min")]
+             ("RSS growth (second half of the run)",
+              f"{_fmt(mem.get('growth_mb_per_min'), 2)} MB/min" if _finite(mem.get("growth_mb_per_min"))
+              else f"n/a (runs shorter than {MIN_GROWTH_SPAN_S:.0f} s)")]
     if mem.get("gpu_peak_mb") is not None:
         rows.append(("peak GPU memory", f"{_fmt(mem['gpu_peak_mb'])} MB"))
     lines += [f"| {k} | {v} |" for k, v in rows]

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     b.add_argument("--n-fps", type=int, default=None,
                    help="farthest-point-sampled input points per scan (default 18000; smaller = faster)")
     b.add_argument("--tile", type=int, default=None, help="x_init tiling factor (default 10)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (offline: this process; live: the node, through "
+                        "OMP_NUM_THREADS); default: torch's choice")
     b.add_argument("--limit", type=int, default=None, help="use only the first N scans")
     b.add_argument("--out", default=None,
                    help="report directory (default runs/bag-bench/<bag name>-<offline|live>)")
@@ -98,7 +101,7 @@ def run_from_kitti(args) -> int:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "n_fps", "tile", "limit"):
+    for name in ("steps", "n_fps", "tile", "limit", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
@@ -115,7 +118,8 @@ def _check_bag(bag, topic) -> None:
 
 def _meta(args) -> dict:
     return {"checkpoint": args.checkpoint, "steps": args.steps, "guidance": args.guidance,
-            "refine": args.refine, "n_fps": args.n_fps, "tile": args.tile, "seed": args.seed}
+            "refine": args.refine, "n_fps": args.n_fps, "tile": args.tile, "seed": args.seed,
+            "threads": args.threads}
 
 
 def run_bench(args) -> int:
@@ -152,6 +156,9 @@ def _run_offline(args) -> dict:
     from ..bags.bench import bench_offline
     from ..completer import Completer
 
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     kwargs = {}
     if args.n_fps is not None:
         kwargs["n_fps"] = args.n_fps
@@ -192,4 +199,4 @@ def _run_live(args, out: Path) -> dict:
                       node_cmd=args.node_cmd, ready_timeout=args.ready_timeout,
                       drain_timeout=args.drain_timeout, domain_id=args.domain_id,
                       write_bag=args.write_bag, write_storage=args.write_storage, limit=args.limit,
-                      progress=args.progress, meta=meta)
+                      progress=args.progress, threads=args.threads, meta=meta)

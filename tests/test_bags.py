@@ -1,0 +1,312 @@
+"""rosbag2 tools: round trips in both storages, KITTI -> bag, damaged bags, the offline bench and the
+live report's accounting (the live run itself is in test_bags_live.py)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lidar_completion.bags import (
+    CLOUD_TYPE, STORAGES, BagReader, BagWriter, deserialize, make_cloud, make_tf, read_clouds,
+    serialize, tf_to_matrix, write_clouds,
+)
+from lidar_completion.bags.bench import bench_offline
+from lidar_completion.bags.live import report_from_events
+from lidar_completion.bags.report import summary_line, write_report
+from lidar_completion.errors import BagError
+
+FIELDS4 = ("x", "y", "z", "intensity")
+START = 1_600_000_000 * 10**9
+SUMMARY_RE = re.compile(r"^p50_ms=(\d+\.\d+|nan) p95_ms=(\d+\.\d+|nan) dropped=(\d+)/(\d+)$")
+
+
+def _clouds(n, points, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(START + i * 100_000_000, (rng.standard_normal((points, 4)) * 10).astype(np.float32))
+            for i in range(n)]
+
+
+def _storage_file(bag: Path) -> Path:
+    return next(p for p in bag.iterdir() if p.suffix in (".mcap", ".db3"))
+
+
+# --------------------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("storage", STORAGES)
+def test_round_trip_arrays_equal(tmp_path, storage):
+    clouds = _clouds(4, 1000 + 7)
+    clouds[2][1][5] = np.nan  # a NaN point is skipped on reading, like the node does
+    bag = write_clouds(tmp_path / "bag", clouds, storage=storage, field_names=FIELDS4)
+    assert (bag / "metadata.yaml").exists() and _storage_file(bag).suffix == \
+        (".mcap" if storage == "mcap" else ".db3")
+    read = read_clouds(bag, field_names=FIELDS4)
+    assert [c.stamp_ns for c in read] == [s for s, _ in clouds]
+    assert [c.log_time_ns for c in read] == [s for s, _ in clouds]
+    assert all(c.frame_id == "velodyne" for c in read)
+    for (_, arr), c in zip(clouds, read):
+        finite = np.isfinite(arr).all(axis=1)
+        assert c.points.dtype == np.float32
+        np.testing.assert_array_equal(c.points, arr[finite])
+    with BagReader(bag) as reader:
+        assert reader.topics["/velodyne_points"].msgtype == CLOUD_TYPE
+        assert reader.expected_count("/velodyne_points") == 4
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_round_trip_mixed_topics_and_tf(tmp_path, storage):
+    rng = np.random.default_rng(1)
+    rot = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    rot *= np.sign(np.linalg.det(rot))
+    pose = np.eye(4)
+    pose[:3, :3], pose[:3, 3] = rot, [1.5, -2.0, 0.25]
+    pts = rng.standard_normal((50, 3)).astype(np.float32)
+    with BagWriter(tmp_path / "bag", storage) as w:
+        w.write("/velodyne_points", make_cloud(pts, START), START)
+        w.write("/tf", make_tf(START, "odom", "velodyne", pose), START)
+    with BagReader(tmp_path / "bag") as reader:
+        msgs = list(reader.messages())
+    assert [m.topic for m in msgs] == ["/velodyne_points", "/tf"]
+    tf = deserialize(msgs[1].data, msgs[1].msgtype).transforms[0]
+    assert (tf.header.frame_id, tf.child_frame_id) == ("odom", "velodyne")
+    np.testing.assert_allclose(tf_to_matrix(tf.transform), pose, atol=1e-12)
+    cloud = deserialize(msgs[0].data, CLOUD_TYPE)
+    assert serialize(cloud) == msgs[0].data
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_missing_bag_topic_and_wrong_type_are_clear(tmp_path):
+    with pytest.raises(BagError, match="bag not found"):
+        BagReader(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(BagError, match="not a rosbag2 bag"):
+        BagReader(tmp_path / "notes.txt")
+    with BagWriter(tmp_path / "bag", "mcap") as w:
+        w.write("/velodyne_points", make_cloud(np.zeros((3, 3), np.float32), START), START)
+        w.write("/tf", make_tf(START, "odom", "velodyne", np.eye(4)), START)
+    with BagReader(tmp_path / "bag") as reader:
+        with pytest.raises(BagError, match=r"'/points' is not in bag .*topics present: /tf "
+                                           r"\(tf2_msgs/msg/TFMessage, 1 msgs\); /velodyne_points"):
+            reader.require_topic("/points")
+        with pytest.raises(BagError, match="carries tf2_msgs/msg/TFMessage, expected "
+                                           "sensor_msgs/msg/PointCloud2"):
+            list(reader.clouds("/tf"))
+    with pytest.raises(BagError, match="exists already"):
+        BagWriter(tmp_path / "bag")
+    with pytest.raises(BagError, match="unknown bag storage"):
+        BagWriter(tmp_path / "other", storage="rosbag1")
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_truncated_bag_reads_what_is_there_and_reports_the_rest(tmp_path, storage):
+    # 70k points x 16 B > 1 MiB: each message is its own mcap chunk, so whole messages survive
+    clouds = _clouds(5, 70_000, seed=2)
+    bag = write_clouds(tmp_path / "bag", clouds, storage=storage, field_names=FIELDS4)
+    f = _storage_file(bag)
+    os.truncate(f, int(f.stat().st_size * 0.62))
+    with BagReader(bag) as reader:
+        assert reader.require_topic("/velodyne_points").count == 5
+        got = list(reader.clouds("/velodyne_points", FIELDS4))
+        problems = reader.problems
+    assert 1 <= len(got) < 5
+    for c in got:  # what was read is intact
+        np.testing.assert_array_equal(c.points, dict(clouds)[c.stamp_ns])
+    text = " | ".join(problems)
+    assert "truncated or damaged" in text
+    assert f"read {len(got)} of 5 messages; {5 - len(got)} could not be read" in text
+
+
+def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
+    clouds = _clouds(5, 70_000, seed=3)
+    bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)
+    f = _storage_file(bag)
+    os.truncate(f, int(f.stat().st_size * 0.5))
+
+    class Halver:  # stand-in completer: the bench's accounting, not the model, is tested here
+        def complete_detailed(self, points):
+            return types.SimpleNamespace(points=np.asarray(points[::2, :3]), timings={"solver": 0.001})
+
+    report = bench_offline(bag, "/velodyne_points", Halver(), progress=False)
+    assert report["total"] == 5 and report["completed"] + report["dropped"] == 5
+    assert 1 <= report["completed"] < 5
+    assert report["drop_reasons"] == {"unreadable (damaged or truncated bag)": report["dropped"]}
+    assert any("could not be read" in p for p in report["bag_problems"])
+    done = [s for s in report["scans"] if s["status"] == "completed"]
+    assert all(s["points_out"] == (70_000 + 1) // 2 for s in done)
+    assert SUMMARY_RE.match(summary_line(report)).group(3, 4) == (str(report["dropped"]), "5")
+
+
+# ------------------------------------------------------------------------------------- KITTI -> bag
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from lidar_completion.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, sequences=["00"], scans=5, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_bag(synthetic_root, tmp_path_factory):
+    from lidar_completion.bags.kitti import bag_from_kitti
+
+    out = tmp_path_factory.mktemp("bags") / "seq00"
+    bag_from_kitti(synthetic_root, "00", out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_bag_from_kitti_cli(synthetic_root, tmp_path, storage, capsys):
+    from lidar_completion.cli import main
+    from lidar_completion.data.kitti import SemanticKittiSequence
+
+    out = tmp_path / "bag"
+    assert main(["bag-from-kitti", str(synthetic_root), "--sequence", "00", "--out", str(out),
+                 "--storage", storage, "--limit", "3", "--start-time", "1000.5", "--no-progress"]) == 0
+    assert "wrote 3 scans" in capsys.readouterr().out
+    seq = SemanticKittiSequence(synthetic_root, "00")
+    with BagReader(out) as reader:
+        assert {t: i.msgtype for t, i in reader.topics.items()} == {
+            "/velodyne_points": CLOUD_TYPE, "/tf": "tf2_msgs/msg/TFMessage"}
+        msgs = list(reader.messages())
+    clouds = [m for m in msgs if m.topic == "/velodyne_points"]
+    tfs = [deserialize(m.data, m.msgtype).transforms[0] for m in msgs if m.topic == "/tf"]
+    assert len(clouds) == len(tfs) == 3
+    for i, raw in enumerate(clouds):
+        msg = deserialize(raw.data, CLOUD_TYPE)
+        assert [f.name for f in msg.fields] == list(FIELDS4)
+        assert msg.header.frame_id == "velodyne"
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        assert stamp == 1000_500_000_000 + round(seq.times[i] * 1e9) == raw.log_time_ns
+        from lidar_completion.pointcloud2 import read_points_numpy
+        np.testing.assert_array_equal(read_points_numpy(msg, FIELDS4, skip_nans=False), seq.scan(i))
+        assert (tfs[i].header.frame_id, tfs[i].child_frame_id) == ("odom", "velodyne")
+        np.testing.assert_allclose(tf_to_matrix(tfs[i].transform), seq.poses[i], atol=1e-9)
+
+
+def test_bag_from_kitti_errors(synthetic_root, tmp_path):
+    from lidar_completion.cli import main
+
+    assert main(["bag-from-kitti", str(synthetic_root), "--sequence", "07", "--out",
+                 str(tmp_path / "b")]) == 1
+    assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------ offline bench
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from lidar_completion.checkpoints import make_random_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    make_random_checkpoint(path, seed=0)
+    return path
+
+
+# small preprocessing budgets keep a CPU completion of a synthetic scan well under a second
+SMALL = ["--steps", "2", "--n-fps", "256", "--tile", "2", "--seed", "0", "--threads", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine their spinning
+    costs seconds per scan."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_offline_bench_report(synthetic_bag, tiny_checkpoint, tmp_path, capsys, one_thread):
+    from lidar_completion.cli import main
+
+    out, wb = tmp_path / "report", tmp_path / "completed_bag"
+    rc = main(["bag-bench", str(synthetic_bag), "--checkpoint", str(tiny_checkpoint), *SMALL,
+               "--out", str(out), "--write-bag", str(wb), "--no-progress"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = SUMMARY_RE.match(last)
+    assert m, last
+    for name in ("report.json", "report.md", "latency_hist.png", "latency_memory_over_time.png",
+                 "points_in_out.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "latency_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads((out / "report.json").read_text())
+    assert (rep["mode"], rep["total"], rep["completed"], rep["dropped"]) == ("offline", 5, 5, 0)
+    lat = rep["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["max"] < 60_000
+    assert m.group(3, 4) == ("0", "5") and float(m.group(1)) == pytest.approx(lat["p50"], abs=0.06)
+    assert 0 < rep["throughput_hz"] < 1e4
+    assert 30 < rep["memory"]["peak_rss_mb"] < 24_000
+    assert rep["memory"]["gpu_peak_mb"] is None
+    stages = rep["stages_ms"]
+    assert {"decode", "complete", "encode", "solver"} <= set(stages)
+    assert all(stages[k]["p50"] <= lat["p50"] for k in ("decode", "complete", "encode"))
+    for s in rep["scans"]:
+        assert s["status"] == "completed" and s["points_in"] > 0 and s["points_out"] > 0
+    assert rep["steps"] == 2 and rep["checkpoint"] == str(tiny_checkpoint)
+    md = (out / "report.md").read_text()
+    assert "Latency" in md and last in md
+    with BagReader(wb) as reader:
+        counts = {t: i.count for t, i in reader.topics.items()}
+        assert counts == {"/velodyne_points": 5, "/completed_points": 5, "/tf": 5}
+        outs = list(reader.clouds("/completed_points"))
+    assert [c.n_points for c in outs] == [s["points_out"] for s in rep["scans"]]
+    assert [c.stamp_ns for c in outs] == [s["stamp_ns"] for s in rep["scans"]]
+
+
+def test_bag_bench_cli_errors(synthetic_bag, tmp_path, capsys):
+    from lidar_completion.cli import main
+
+    assert main(["bag-bench", str(synthetic_bag), "--topic", "/points", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "'/points' is not in bag" in err and "/velodyne_points (sensor_msgs/msg/PointCloud2" in err
+    assert main(["bag-bench", str(synthetic_bag), "--topic", "/tf", "--out", str(tmp_path)]) == 1
+    assert "carries tf2_msgs/msg/TFMessage" in capsys.readouterr().err
+    assert main(["bag-bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+    assert "bag not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ live accounting
+def test_live_report_accounts_for_every_input(tmp_path):
+    ms = 1_000_000
+    inputs = [{"index": i, "stamp_ns": START + i * 100 * ms, "log_time_ns": START + i * 100 * ms,
+               "t_pub_ns": 10_000 * ms + i * 100 * ms, "points_in": 1000 + i} for i in range(6)]
+    outputs = [  # scan 0 and 3 completed; 3 twice (only the first counts); one stray output
+        {"stamp_ns": START, "t_recv_ns": 10_000 * ms + 40 * ms, "points_out": 500},
+        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 80 * ms, "points_out": 600},
+        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 95 * ms, "points_out": 600},
+        {"stamp_ns": 5, "t_recv_ns": 10_900 * ms, "points_out": 1},
+    ]
+    events = {"inputs": inputs, "outputs": outputs, "expected_total": 8,
+              "unusable_inputs": [{"index": 6, "error": "cannot deserialize"}],
+              "diagnostics": [{"values": {"dropped": "2", "received": "6", "processed": "3",
+                                          "rejected": "0", "failed": "1"}}],
+              # 20 s of node memory: flat warm-up plateau, then +1 MB/s in the second half
+              "memory": [[10_000 * ms + k * 1000 * ms, (100 + max(0, k - 10)) * 2**20] for k in range(21)],
+              "t_first_pub_ns": 10_000 * ms, "t_last_pub_ns": 10_500 * ms,
+              "t_node_start_ns": 8_000 * ms, "t_ready_ns": 9_500 * ms, "node": {"returncode": 0}}
+    rep = report_from_events(events, bag="b", topic="/velodyne_points", rate=2.0)
+    assert [s["index"] for s in rep["scans"]] == list(range(8))
+    assert (rep["total"], rep["completed"], rep["dropped"]) == (8, 2, 6)
+    assert [s["status"] for s in rep["scans"]][:4] == ["completed", "dropped", "dropped", "completed"]
+    assert [s["latency_ms"] for s in rep["scans"] if s["status"] == "completed"] == \
+        pytest.approx([40.0, 80.0])
+    assert rep["drop_reasons"] == {"no output received (skipped by the node or lost)": 4,
+                                   "unusable message in the bag: cannot deserialize": 1,
+                                   "unreadable (damaged or truncated bag)": 1}
+    live = rep["live"]
+    assert live["node_dropped"] == 2 and live["unmatched_outputs"] == 2 and not live["keeps_up"]
+    assert live["unexplained_missing"] == 1  # 4 without output, the node accounts for 2 + 1
+    assert live["ready_s"] == pytest.approx(1.5)
+    assert rep["memory"]["growth_mb_per_min"] == pytest.approx(60.0)
+    assert (rep["memory"]["peak_rss_mb"], rep["memory"]["end_rss_mb"]) == (110.0, 110.0)
+    assert summary_line(rep) == "p50_ms=60.0 p95_ms=78.0 dropped=6/8"
+    paths = write_report(rep, tmp_path)
+    assert all(p.exists() for p in paths["plots"])
+    assert "node keeps up | no" in paths["md"].read_text()
