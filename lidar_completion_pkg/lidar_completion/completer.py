@@ -149,14 +149,16 @@ class Completer:
         """
         from . import checkpoints
         if path is None:
-            path = checkpoints.default_checkpoint_path()
-            if path is None:
-                raise CheckpointError("no checkpoint given and no shipped default checkpoint is "
-                                      "installed; pass a checkpoint path (--checkpoint)")
+            path = checkpoints.default_checkpoint_path()   # CheckpointError when none is shipped
         if backend in (None, "", "auto"):
             backend = None   # the sparse package reads LIDAR_COMPLETION_BACKEND, default auto
         dev = resolve_device(device)
         loaded = checkpoints.load_checkpoint(path, device=str(dev), backend=backend)
+        missing = [r for r in ("encoder", "denoiser") if getattr(loaded, r, None) is None]
+        if missing:
+            raise CheckpointError(f"{path}: holds no {' and no '.join(missing)} network (found "
+                                  f"{getattr(loaded, 'kind', 'an unknown')} checkpoint); completion "
+                                  "needs a condition encoder and a denoiser")
         sampling = dict(getattr(loaded, "sampling", None) or {})
         if steps is None:
             steps = int(sampling.get("steps", 8))

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
                    help="sparse-convolution backend (auto honours LIDAR_COMPLETION_BACKEND)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision on CUDA (CPU always runs fp32)")
+    p.add_argument("--n-fps", type=int, default=18000, metavar="N",
+                   help="farthest-point-sampling budget of the input scan (the published 18,000; "
+                        "reduced-width models and quick tests use less)")
+    p.add_argument("--tile", type=int, default=10,
+                   help="x_init = the sampled scan tiled this many times (published: 10)")
     p.add_argument("--ascii", action="store_true", help="write .ply/.pcd as ascii instead of binary")
     p.add_argument("--render", metavar="PNG", default=None,
                    help="also draw input vs completion (bird's-eye and oblique views) to this PNG")
@@ -63,7 +68,8 @@ def run(args) -> int:
     completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
                                           refine=not args.no_refine, device=args.device,
                                           seed=args.seed, backend=args.backend,
-                                          precision=args.precision)
+                                          precision=args.precision, n_fps=args.n_fps,
+                                          tile=args.tile)
     result = completer.complete_detailed(scan)
     write_cloud(out, result.points, binary=not args.ascii)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)

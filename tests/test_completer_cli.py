@@ -1,0 +1,90 @@
+"""`lidar-completion complete` and Completer.from_checkpoint on a tiny random checkpoint."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lidar_completion.checkpoints import make_random_checkpoint
+from lidar_completion.cli import main
+from lidar_completion.completer import Completer
+from lidar_completion.errors import CheckpointError
+from lidar_completion.io import read_cloud, write_cloud
+
+FAST = ["--steps", "1", "--seed", "0", "--backend", "torch", "--n-fps", "150", "--tile", "4"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n = 600
+    r, a = rng.uniform(5, 25, n), rng.uniform(0, 2 * np.pi, n)
+    pts = np.stack([r * np.cos(a), r * np.sin(a), rng.normal(-1.5, 0.3, n), rng.random(n)], 1)
+    return write_cloud(tmp_path_factory.mktemp("scan") / "scan.bin", pts)
+
+
+def test_from_checkpoint_uses_checkpoint_sampling_defaults(ckpt, monkeypatch):
+    c = Completer.from_checkpoint(ckpt, backend="torch", seed=1, n_fps=100, tile=3)
+    assert c.steps == 8 and c.guidance == 3.5 and c.refine and c.seed == 1
+    c2 = Completer.from_checkpoint(ckpt, steps=3, guidance=1.0, refine=False, backend="torch")
+    assert c2.steps == 3 and c2.guidance == 1.0 and not c2.refine
+    with pytest.raises(CheckpointError):
+        Completer.from_checkpoint(ckpt.parent / "missing.pt")
+    from lidar_completion import checkpoints
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", ckpt.parent / "no_weights_here")
+    with pytest.raises(CheckpointError, match="no default checkpoint"):
+        Completer.from_checkpoint(None)
+
+
+def test_complete_cli_writes_output_and_render(ckpt, scan_file, tmp_path, capsys):
+    out, png = tmp_path / "out" / "dense.ply", tmp_path / "cmp.png"
+    rc = main(["complete", str(scan_file), "-o", str(out), "--checkpoint", str(ckpt), "--render",
+               str(png), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    dense = read_cloud(out)
+    assert dense.ndim == 2 and dense.shape[1] == 3 and len(dense) % 6 == 0   # refined: x6
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "-> " in capsys.readouterr().out
+    # --no-refine gives the raw completion (same seed: the same raw points, 6 times fewer)
+    raw = tmp_path / "raw.npy"
+    assert main(["complete", str(scan_file), "-o", str(raw), "--checkpoint", str(ckpt),
+                 "--no-refine", *FAST]) == 0
+    assert len(read_cloud(raw)) * 6 == len(dense)
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_shape", "empty", "nan_only", "bad_ext"])
+def test_complete_cli_bad_input_exits_with_one_line(ckpt, tmp_path, capsys, case):
+    inp = tmp_path / "in.npy"
+    out = tmp_path / "out.npy"
+    if case == "wrong_shape":
+        np.save(inp, np.zeros((100, 2), np.float32))
+    elif case == "empty":
+        inp = tmp_path / "in.bin"
+        inp.write_bytes(b"")
+    elif case == "nan_only":
+        np.save(inp, np.full((100, 3), np.nan, np.float32))
+    elif case == "bad_ext":
+        np.save(inp, np.zeros((100, 3), np.float32))
+        out = tmp_path / "out.xyz"
+    rc = main(["complete", str(inp), "-o", str(out), "--checkpoint", str(ckpt), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_complete_entry_point_subprocess(ckpt, scan_file, tmp_path):
+    out = tmp_path / "o.pcd"
+    proc = subprocess.run([sys.executable, "-m", "lidar_completion", "complete", str(scan_file),
+                           "-o", str(out), "--checkpoint", str(ckpt), "--ascii", *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().splitlines()[10] == "DATA ascii" and len(read_cloud(out)) > 0
+    bad = subprocess.run([sys.executable, "-m", "lidar_completion", "complete", str(tmp_path / "nope.bin"),
+                          "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
