@@ -211,3 +211,17 @@ def test_rclpy_message_roundtrip_with_field_checks(monkeypatch):
                           fields=msg.fields, is_bigendian=msg.is_bigendian, point_step=msg.point_step,
                           row_step=msg.row_step, data=msg.data, is_dense=msg.is_dense)
     np.testing.assert_array_equal(pc.read_points_numpy(checked), pts)
+
+
+@pytest.mark.parametrize("msg, reason", [
+    (cloud(XYZ, b"", 0), "empty"),
+    (cloud(XYZ[:2], pack_xyz32(PTS), 4), "missing_field"),
+    (cloud(XYZ, pack_xyz32(PTS)[:-1], 4), "truncated"),
+    (cloud(XYZ, pack_xyz32(PTS), 4, row_step=40), "inconsistent_step"),
+    (cloud(XYZ[:2] + [field("z", 8, 42)], pack_xyz32(PTS), 4), "unsupported_datatype"),
+    (cloud(XYZ, pack_xyz32([(math.nan, 0, 0)]), 1), "no_finite_points"),
+])
+def test_errors_carry_a_reason_for_counting(msg, reason):
+    with pytest.raises(CloudFormatError) as info:
+        pc.read_points_numpy(msg)
+    assert info.value.reason == reason

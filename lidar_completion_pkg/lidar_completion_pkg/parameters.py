@@ -61,7 +61,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("max_z", "double", 100.0, "Input points above this height (m, sensor frame) are ignored",
           range=(-1000.0, 1000.0)),
     Param("max_points", "integer", 300_000,
-          "Clouds with more finite points are subsampled to this many (with a warning)",
+          "Clouds with more points (finite, within the range / z limits) are evenly subsampled to "
+          "this many, with a warning",
           range=(100, 10_000_000)),
     Param("n_fps", "integer", 18_000,
           "Farthest-point-sampled input points per scan (the published budget; smaller = faster)",
