@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -209,27 +210,19 @@ def tiny_checkpoint(tmp_path_factory):
 # small preprocessing budgets keep a CPU completion of a synthetic scan well under a second
 SMALL = ["--steps", "2", "--n-fps", "256", "--tile", "2", "--seed", "0", "--threads", "1"]
 
+# Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning
+# (torch's and MinkowskiEngine's own runtime, which only reads OMP_NUM_THREADS when it loads) costs
+# seconds per scan: the bench runs in a fresh process with one thread.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine their spinning
-    costs seconds per scan."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_offline_bench_report(synthetic_bag, tiny_checkpoint, tmp_path, capsys, one_thread):
-    from lidar_completion.cli import main
-
+def test_offline_bench_report(synthetic_bag, tiny_checkpoint, tmp_path):
     out, wb = tmp_path / "report", tmp_path / "completed_bag"
-    rc = main(["bag-bench", str(synthetic_bag), "--checkpoint", str(tiny_checkpoint), *SMALL,
-               "--out", str(out), "--write-bag", str(wb), "--no-progress"])
-    assert rc == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    proc = subprocess.run([sys.executable, "-m", "lidar_completion", "bag-bench", str(synthetic_bag),
+                           "--checkpoint", str(tiny_checkpoint), *SMALL, "--out", str(out),
+                           "--write-bag", str(wb), "--no-progress"],
+                          env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
     m = SUMMARY_RE.match(last)
     assert m, last
     for name in ("report.json", "report.md", "latency_hist.png", "latency_memory_over_time.png",

@@ -67,3 +67,14 @@ def test_live_replay_rate_and_recording_with_a_stand_in_node(synthetic_bag, tmp_
         counts = {t: i.count for t, i in reader.topics.items()}
     assert counts["/velodyne_points"] == 5 and counts["/tf"] == 5
     assert counts.get("/completed_points", 0) == rep["completed"]
+
+
+def test_live_bench_reports_a_node_that_cannot_start(synthetic_bag, tmp_path, capfd):
+    out = tmp_path / "live"
+    rc = main(["bag-bench", str(synthetic_bag), "--live", "--checkpoint", str(tmp_path / "missing.pt"),
+               "--threads", "1", "--out", str(out), "--ready-timeout", "60", "--no-progress"])
+    err = capfd.readouterr().err
+    assert rc == 1
+    assert "error: the node exited with status 1 before it was ready" in err
+    assert "missing.pt" in err and err.count("error:") == 1
+    assert (out / "node.log").exists() and not (out / "report.json").exists()

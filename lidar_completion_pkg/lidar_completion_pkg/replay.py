@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-bag", default=None, help="also record inputs, received outputs and /tf here")
     p.add_argument("--write-storage", default="mcap", choices=("mcap", "sqlite3"))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--errors-in-events-only", action="store_true",
+                   help="do not print an error, only record it in the events file (the caller reports it)")
     return p
 
 
@@ -412,7 +414,8 @@ def main(argv=None) -> int:
         replay.run()
     except LidarCompletionError as exc:
         replay.events["error"] = str(exc)
-        print(f"error: {exc}", file=sys.stderr)
+        if not args.errors_in_events_only:
+            print(f"error: {exc}", file=sys.stderr)
         rc = 1
     except KeyboardInterrupt:
         replay.events["error"] = "interrupted"

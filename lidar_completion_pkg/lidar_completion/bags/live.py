@@ -59,7 +59,8 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
         events_path.unlink()
     cmd = [sys.executable, "-m", REPLAY_MODULE, str(bag_path), "--topic", topic,
            "--output-topic", output_topic, "--events", str(events_path), "--rate", str(rate),
-           "--ready-timeout", str(ready_timeout), "--drain-timeout", str(drain_timeout)]
+           "--ready-timeout", str(ready_timeout), "--drain-timeout", str(drain_timeout),
+           "--errors-in-events-only"]
     if checkpoint:
         cmd += ["--checkpoint", str(checkpoint)]
     if steps is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -54,6 +55,8 @@ def register(subparsers) -> None:
     b.add_argument("--no-refine", dest="refine", action="store_false", help="skip the refiner")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
     b.add_argument("--seed", type=int, default=None, help="noise seed (default: fresh per scan)")
+    b.add_argument("--backend", choices=("auto", "torch", "minkowski"), default="auto",
+                   help="sparse-convolution backend (default %(default)s: MinkowskiEngine when built)")
     b.add_argument("--n-fps", type=int, default=None,
                    help="farthest-point-sampled input points per scan (default 18000; smaller = faster)")
     b.add_argument("--tile", type=int, default=None, help="x_init tiling factor (default 10)")
@@ -119,7 +122,7 @@ def _check_bag(bag, topic) -> None:
 def _meta(args) -> dict:
     return {"checkpoint": args.checkpoint, "steps": args.steps, "guidance": args.guidance,
             "refine": args.refine, "n_fps": args.n_fps, "tile": args.tile, "seed": args.seed,
-            "threads": args.threads}
+            "threads": args.threads, "backend": args.backend}
 
 
 def run_bench(args) -> int:
@@ -157,6 +160,8 @@ def _run_offline(args) -> dict:
     from ..completer import Completer
 
     if args.threads is not None:
+        # OpenMP runtimes other than torch's (MinkowskiEngine's) read the variable when they load
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
     kwargs = {}
@@ -166,7 +171,7 @@ def _run_offline(args) -> dict:
         kwargs["tile"] = args.tile
     completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
                                           refine=args.refine, device=args.device, seed=args.seed,
-                                          **kwargs)
+                                          backend=args.backend, **kwargs)
     meta = _meta(args)
     meta.update(steps=completer.steps, guidance=completer.guidance, refine=completer.refine,
                 device=str(completer.device))
@@ -187,6 +192,8 @@ def _run_live(args, out: Path) -> dict:
         params.append(f"device:={args.device}")
     if args.seed is not None:
         params.append(f"seed:={args.seed}")
+    if args.backend != "auto":
+        params.append(f"backend:={args.backend}")
     if args.n_fps is not None:
         params.append(f"n_fps:={args.n_fps}")
     if args.tile is not None:
