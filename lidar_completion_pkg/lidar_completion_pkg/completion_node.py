@@ -95,7 +95,9 @@ def _make_node_class():
                 self.completer = factory(self.config)
             except Exception as exc:  # noqa: BLE001 - every load failure becomes one fatal line
                 what = self.config["checkpoint"] or "the shipped default checkpoint"
-                raise StartupError(f"cannot load {what}: {exc}") from exc
+                hint = "" if self.config["checkpoint"] else \
+                    " (node parameter: --ros-args -p checkpoint:=/path/model.pt)"
+                raise StartupError(f"cannot load {what}: {exc}{hint}") from exc
             resolved = []  # 0 / -1 meant "the checkpoint's default": show the values in use
             for name, cast in (("steps", int), ("guidance", float)):
                 value = getattr(self.completer, name, None)
@@ -215,9 +217,10 @@ def _make_node_class():
 
         def _limit(self, points: np.ndarray) -> Optional[np.ndarray]:
             c = self.config
-            r = np.linalg.norm(points, axis=1)
-            keep = (r > c["min_range"]) & (r < c["max_range"]) & (points[:, 2] > c["min_z"]) & \
-                (points[:, 2] < c["max_z"])
+            r2 = np.einsum("ij,ij->i", points, points)  # squared range, no temporary (N, 3)
+            z = points[:, 2]
+            keep = (r2 > c["min_range"] ** 2) & (r2 < c["max_range"] ** 2) & (z > c["min_z"]) & \
+                (z < c["max_z"])
             n_finite = len(points)
             points = points[keep]
             if len(points) == 0:
@@ -369,7 +372,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
     user_args = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
     if any(a in ("-h", "--help") for a in user_args):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `--help | head`
+            sys.stdout = None
         return 0
     dds.configure_environment(os.environ, warn=lambda m: print(f"[WARN] [{NODE_NAME}]: {m}",
                                                                file=sys.stderr, flush=True))
