@@ -91,7 +91,8 @@ def test_parameter_table_checks():
     assert BY_NAME["output_topic"].default == "/completed_points"
 
 
-def test_configure_environment_sets_the_shipped_profile():
+def test_configure_environment_sets_the_shipped_profile(monkeypatch):
+    monkeypatch.setattr(dds, "shm_free_bytes", lambda directory=dds.SHM_DIR: 2**30)
     env, warnings = {}, []
     assert dds.configure_environment(env, warnings.append) == dds.profile_path()
     assert env[dds.PROFILE_ENV] == dds.profile_path() and warnings == []
