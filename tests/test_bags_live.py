@@ -3,7 +3,6 @@ the report's accounting - every input scan is either completed or dropped, none 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 

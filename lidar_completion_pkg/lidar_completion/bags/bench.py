@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from ..errors import LidarCompletionError
 from . import report as rep
