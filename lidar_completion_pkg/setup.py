@@ -44,6 +44,7 @@ setup(
         "POT>=0.9",
         "fpsample>=0.3",
         "rosbags>=0.10",
+        "mcap>=1.1",  # reading truncated .mcap bags record by record (bags.io)
         "psutil",
     ],
     extras_require={
