@@ -28,8 +28,10 @@ class MinkowskiBackend:
 
     @staticmethod
     def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float):
-        points = points.float().contiguous()
-        idx = voxel_indices(points, voxel_size)
+        if not points.is_floating_point():
+            points = points.float()
+        points = points.contiguous()
+        idx = voxel_indices(points, voxel_size)  # always from float32 values, as LiDiff
         coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
         check_coordinate_range(coords)
         field = ME.TensorField(features=points, coordinates=coords.int(),

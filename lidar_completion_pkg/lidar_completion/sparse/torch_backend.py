@@ -267,8 +267,9 @@ class TorchBackend:
     @staticmethod
     def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float):
         """Points (N, 3) float32 and batch index (N,) -> (Field, stride-1 tensor of mean xyz)."""
-        points = points.float()
-        idx = voxel_indices(points, voxel_size)
+        if not points.is_floating_point():
+            points = points.float()
+        idx = voxel_indices(points, voxel_size)  # always from float32 values, as LiDiff
         coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
         check_coordinate_range(coords)
         keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)

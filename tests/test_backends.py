@@ -1,0 +1,157 @@
+"""The pure-torch sparse backend against MinkowskiEngine (the reference) and against the measured
+kernel-offset order of the published networks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion import sparse
+from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+from lidiff_reference import FIXTURES
+
+needs_minkowski = pytest.mark.skipif(not sparse.minkowski_available(),
+                                     reason="MinkowskiEngine is not built here (or hidden): nothing to compare with")
+
+
+def _batch_clouds():
+    """Three clouds in one batch: a street-like scan, a small blob, and a single point."""
+    g = np.random.default_rng(3)
+    r = g.uniform(4, 25, 4000)
+    a = g.uniform(0, 2 * np.pi, 4000)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.3, 4000)], 1)
+    blob = g.normal([2.0, -3.0, 0.5], 0.4, (700, 3))
+    single = np.array([[1.23, -4.56, 0.2]])
+    pts = torch.from_numpy(np.concatenate([scan, blob, single]).astype(np.float32))
+    batch = torch.from_numpy(np.repeat([0, 1, 2], [4000, 700, 1]))
+    return pts, batch
+
+
+def _pair(cls, cfg, train=False):
+    torch.manual_seed(7)
+    a = cls(cfg, "torch")
+    b = cls(cfg, "minkowski")
+    b.load_state_dict(a.state_dict(), strict=True)
+    return (a.train(train), b.train(train))
+
+
+def _levels(net, pts, batch):
+    """(stride -> sorted coordinates) of every encoder level of a network's forward pass."""
+    B = net._B
+    _, x = net._voxelize(pts, batch)
+    out = {}
+    x = net.stem(x)
+    for i in range(1, 5):
+        c = B.coords(x).long()
+        out[B.stride(x)] = c[torch.argsort(sparse.common.pack_keys(c))]
+        x = getattr(net, f"stage{i}")(x)
+    c = B.coords(x).long()
+    out[B.stride(x)] = c[torch.argsort(sparse.common.pack_keys(c))]
+    return out
+
+
+def _close(a, b, rel=1e-4, floor=1e-6):
+    scale = max(float(b.abs().max()), floor)
+    return float((a - b).abs().max()) <= rel * scale
+
+
+@needs_minkowski
+def test_same_coordinates_at_every_level():
+    pts, batch = _batch_clouds()
+    a, b = _pair(ConditionEncoder, ModelConfig.tiny())
+    la, lb = _levels(a, pts, batch), _levels(b, pts, batch)
+    assert sorted(la) == sorted(lb) == [1, 2, 4, 8, 16]
+    for s in la:
+        assert torch.equal(la[s], lb[s]), s
+
+
+@needs_minkowski
+@pytest.mark.parametrize("cls", [ConditionEncoder, Denoiser, Refiner], ids=lambda c: c.__name__)
+def test_outputs_and_gradients_agree(cls):
+    """Same weights, same inputs (3 clouds incl. a single point): outputs within 1e-4 relative and
+    the gradient of a scalar loss w.r.t. every parameter too.
+
+    BatchNorm uses its running statistics here. In training mode (batch statistics) the outputs
+    still agree to ~1e-4, but the two backends' float32 summation orders, amplified through batch
+    statistics of 8-channel layers, move some gradients by ~1e-3 relative, which says nothing about
+    the kernel maps this test is for."""
+    cfg = ModelConfig.tiny()
+    pts, batch = _batch_clouds()
+    a, b = _pair(cls, cfg, train=False)
+    outs = []
+    for net in (a, b):
+        if cls is ConditionEncoder:
+            c = net(pts, batch)
+            y = c.feats
+        elif cls is Denoiser:
+            enc = ConditionEncoder(cfg, "torch").eval()
+            torch.manual_seed(11)
+            with torch.no_grad():
+                cond = enc(pts, batch)
+            y = net(pts + 0.05, batch, torch.tensor([900, 400, 10]), cond)
+        else:
+            y = net(pts, batch)
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+        loss.backward()
+        outs.append((y.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}))
+    (ya, ga), (yb, gb) = outs
+    assert ya.shape == yb.shape
+    assert _close(ya, yb), float((ya - yb).abs().max())
+    assert ga.keys() == gb.keys()
+    # relative to the tensor's own scale, or to 1e-3 of the largest gradient for tensors whose
+    # gradient is vanishingly small (deep BatchNorm biases: ~1e-7)
+    floor = 1e-3 * max(float(g.abs().max()) for g in gb.values())
+    for k in ga:
+        assert _close(ga[k], gb[k], rel=1e-4, floor=floor), (k, float((ga[k] - gb[k]).abs().max()))
+
+
+@needs_minkowski
+def test_training_mode_outputs_agree():
+    pts, batch = _batch_clouds()
+    a, b = _pair(Refiner, ModelConfig.tiny(), train=True)
+    ya, yb = a(pts, batch), b(pts, batch)
+    assert _close(ya.detach(), yb.detach(), rel=1e-3)
+
+
+def _single_offset_conv(backend, k):
+    B = sparse.get_backend(backend)
+    conv = B.Convolution(1, 1, kernel_size=3, stride=1)
+    with torch.no_grad():
+        conv.kernel.zero_()
+        conv.kernel[k, 0, 0] = 1.0
+    # a 3x3x3 block of voxels around the origin, feature 1 only at the origin
+    grid = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).view(-1, 3)
+    pts = grid.float() * 0.05
+    field, x = B.voxelize(pts, torch.zeros(len(pts), dtype=torch.long), 0.05)
+    feats = (B.coords(x)[:, 1:].abs().sum(1) == 0).float().view(-1, 1)
+    y = conv(B.with_feats(x, feats))
+    nz = B.coords(y)[B.feats(y).view(-1) != 0][:, 1:]
+    return [tuple(r) for r in nz.tolist()]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 9, 14, 22, 26])
+def test_kernel_offset_order(k, backend):
+    """kernel[k] reads the input at u + offset_k (x fastest, then y, then z - as MinkowskiEngine
+    stores it), so a feature at the origin appears at -offset_k."""
+    offsets = json.loads((FIXTURES / "lidiff_state_dicts.json").read_text())["kernel_offsets"]
+    dx, dy, dz = offsets["kernel_size_3_stride_1"][k]
+    assert _single_offset_conv(backend, k) == [(-dx, -dy, -dz)]
+
+
+@needs_minkowski
+def test_kernel_offset_order_matches_minkowski():
+    for k in range(27):
+        assert _single_offset_conv("torch", k) == _single_offset_conv("minkowski", k)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("LIDAR_COMPLETION_BACKEND", "torch")
+    assert sparse.resolve_backend(None) == "torch"
+    monkeypatch.setenv("LIDAR_COMPLETION_HIDE_MINKOWSKI", "1")
+    monkeypatch.delenv("LIDAR_COMPLETION_BACKEND")
+    assert sparse.resolve_backend("auto") == "torch"
+    from lidar_completion.errors import ConfigError
+    with pytest.raises(ConfigError, match="hidden"):
+        sparse.resolve_backend("minkowski")
+    with pytest.raises(ConfigError, match="unknown sparse backend"):
+        sparse.resolve_backend("cuda-magic")
