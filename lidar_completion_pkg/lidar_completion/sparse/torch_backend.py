@@ -17,6 +17,7 @@ set (and so one set of kernel maps). The denoiser uses this for classifier-free 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -71,17 +72,15 @@ class CoordinateManager:
         if stride not in self.levels:
             if stride // 2 not in self.levels and stride > 1:
                 self.level(stride // 2)
-            self.downsample_map(stride // 2)
+            self.parent_map(stride // 2)
         return self.levels[stride]
 
-    def downsample_map(self, stride: int):
-        """Map of the level at ``stride`` onto its parent level at ``2 * stride``.
-
-        Returns (parent_index per fine row, list over the 8 offsets of the fine rows at that offset).
-        Every fine row belongs to exactly one coarse cell and one offset.
-        """
-        if stride in self._down:
-            return self._down[stride]
+    def parent_map(self, stride: int):
+        """Parent cell (row of the level at ``2 * stride``) and kernel offset index of every row of
+        the level at ``stride``. Every fine row belongs to exactly one coarse cell and one offset."""
+        key = ("parent", stride)
+        if key in self._down:
+            return self._down[key]
         fine = self.levels[stride]
         c = fine.coords
         s2 = 2 * stride
@@ -92,11 +91,45 @@ class CoordinateManager:
             self.levels[s2] = Level(s2, pkeys)
         rel = torch.div(c[:, 1:] - parent_xyz, stride, rounding_mode="floor")
         k = rel[:, 0] + 2 * rel[:, 1] + 4 * rel[:, 2]
-        order = torch.argsort(k, stable=True)
-        counts = torch.bincount(k, minlength=8).tolist()
-        rows = list(torch.split(order, counts))
-        self._down[stride] = (inverse, rows)
-        return self._down[stride]
+        self._down[key] = (inverse, k)
+        return self._down[key]
+
+    def downsample_map(self, stride: int):
+        """(parent index per fine row, list over the 8 offsets of the fine rows at that offset)."""
+        key = ("rows", stride)
+        if key not in self._down:
+            inverse, k = self.parent_map(stride)
+            order = torch.argsort(k, stable=True)
+            counts = torch.bincount(k, minlength=8).tolist()
+            self._down[key] = (inverse, list(torch.split(order, counts)))
+        return self._down[key]
+
+    def child_table(self, stride: int) -> torch.Tensor:
+        """(M_coarse, 8) fine-row index of each child of the cells at ``2 * stride`` (x fastest), or
+        M_fine where that child does not exist (the index of a zero padding row)."""
+        key = ("children", stride)
+        if key not in self._down:
+            inverse, k = self.parent_map(stride)
+            n_fine = len(self.levels[stride])
+            table = torch.full((len(self.levels[2 * stride]), 8), n_fine, dtype=torch.long, device=k.device)
+            table[inverse, k] = torch.arange(n_fine, device=k.device)
+            self._down[key] = table
+        return self._down[key]
+
+    def neighbour_table(self, stride: int) -> torch.Tensor:
+        """(M, 27) row index of the neighbour at each 3x3x3 offset, or M where there is none."""
+        key = ("table", stride)
+        if key in self._nbr:
+            return self._nbr[key]
+        keys = self.levels[stride].keys
+        n = keys.shape[0]
+        deltas = torch.tensor([offset_key(dx * stride, dy * stride, dz * stride) for dx, dy, dz in KERNEL3_OFFSETS],
+                              dtype=torch.long, device=keys.device)
+        q = keys[:, None] + deltas[None, :]
+        idx = torch.searchsorted(keys, q.reshape(-1)).view(n, 27).clamp_(max=max(n - 1, 0))
+        table = torch.where(keys[idx] == q, idx, torch.full_like(idx, n))
+        self._nbr[key] = table
+        return table
 
     def neighbour_map(self, stride: int):
         """For the 27 offsets of a 3x3x3 kernel at ``stride``: (out_rows, in_rows) pairs, or None for
@@ -148,6 +181,45 @@ class TorchSparseTensor:
         return self.replace(self.feats + other.feats)
 
 
+ENV_ALGO = "LIDAR_COMPLETION_CONV_ALGO"
+# bytes of gathered features per chunk of the gather-GEMM path
+_GATHER_BUDGET = {"cuda": 1 << 30, "cpu": 64 << 20}
+
+
+def _use_gather(device: torch.device) -> bool:
+    """Which convolution algorithm: 'gather' (one neighbour table, one GEMM per chunk of rows: few,
+    large kernels - the GPU path) or 'scatter' (per kernel offset: gather -> matmul -> scatter-add;
+    no (M, 27, C) temporary - the CPU path). LIDAR_COMPLETION_CONV_ALGO overrides."""
+    algo = os.environ.get(ENV_ALGO, "auto").strip().lower()
+    if algo == "gather":
+        return True
+    if algo == "scatter":
+        return False
+    return device.type != "cpu"
+
+
+def _gather_gemm(f: torch.Tensor, table: torch.Tensor, w2d: torch.Tensor) -> torch.Tensor:
+    """out[..., i, :] = concat_k f_pad[..., table[i, k], :] @ w2d, with f_pad = f plus a zero row."""
+    k = table.shape[1]
+    c = f.shape[-1]
+    pad = f.new_zeros(f.shape[:-2] + (1, c))
+    fp = torch.cat([f, pad], dim=-2)
+    lead = f.shape[:-2]
+    n = table.shape[0]
+    groups = 1
+    for d in lead:
+        groups *= d
+    budget = _GATHER_BUDGET.get(f.device.type, _GATHER_BUDGET["cuda"])
+    chunk = max(1024, budget // max(1, k * c * f.element_size() * groups))
+    dim = f.dim() - 2
+    outs = []
+    for s in range(0, n, chunk):
+        t = table[s:s + chunk]
+        g = fp.index_select(dim, t.reshape(-1)).reshape(lead + (t.shape[0], k * c))
+        outs.append(g @ w2d)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
 def _reset_kernel(kernel: torch.Tensor, in_channels: int, kernel_volume: int) -> None:
     # the same initialisation as MinkowskiEngine's convolutions
     stdv = 1.0 / math.sqrt(in_channels * kernel_volume)
@@ -178,6 +250,14 @@ class Convolution(nn.Module):
         if self.kernel_size == 1:
             return x.replace(f @ w)
         dim = f.dim() - 2
+        gather = _use_gather(f.device)
+        if self.kernel_size == 3 and gather:
+            table = x.manager.neighbour_table(x.stride)
+            return x.replace(_gather_gemm(f, table, w.reshape(-1, self.out_channels)))
+        if self.kernel_size == 2 and gather:
+            table = x.manager.child_table(x.stride)
+            out = _gather_gemm(f, table, w.reshape(-1, self.out_channels))
+            return TorchSparseTensor(out, 2 * x.stride, x.manager)
         if self.kernel_size == 3:
             maps = x.manager.neighbour_map(x.stride)
             out = f @ w[13]
@@ -220,14 +300,20 @@ class ConvolutionTranspose(nn.Module):
         fine_stride = x.stride // 2
         if fine_stride < 1 or fine_stride not in x.manager.levels:
             raise ValueError(f"no finer coordinate set at stride {fine_stride} to write onto")
-        inverse, rows = x.manager.downsample_map(fine_stride)
         f = x.feats
         dim = f.dim() - 2
+        w = self.kernel
+        if _use_gather(f.device):
+            # all 8 child outputs of every coarse cell in one GEMM, then pick each fine row's own
+            inverse, k = x.manager.parent_map(fine_stride)
+            y = f @ w.permute(1, 0, 2).reshape(self.in_channels, 8 * self.out_channels)
+            y = y.reshape(f.shape[:-2] + (f.shape[-2] * 8, self.out_channels))
+            return TorchSparseTensor(y.index_select(dim, inverse * 8 + k), fine_stride, x.manager)
+        inverse, rows = x.manager.downsample_map(fine_stride)
         shape = list(f.shape)
         shape[-2] = len(x.manager.levels[fine_stride])
         shape[-1] = self.out_channels
         out = f.new_zeros(shape)
-        w = self.kernel
         for k, r in enumerate(rows):
             if r.numel() == 0:
                 continue
