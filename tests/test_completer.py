@@ -164,3 +164,23 @@ def test_real_tiny_networks_end_to_end():
     assert res.raw.shape[1] == 3 and res.refined.shape == (6 * len(res.raw), 3)
     assert np.isfinite(res.points).all()
     assert np.array_equal(c.complete(scan), res.points)
+
+
+def test_encoding_the_fps_subset_equals_encoding_the_tiled_x_init(backend):
+    """The Completer encodes the n_fps points instead of x_init (their 10 copies): voxel averages
+    of duplicated points are the same, so the condition must be the same."""
+    from lidar_completion.models import ConditionEncoder, ModelConfig
+    from lidar_completion.preprocess import make_x_init
+    torch.manual_seed(0)
+    enc = ConditionEncoder(ModelConfig.tiny(), backend=backend).eval()
+    for m in enc.modules():               # non-trivial BatchNorm statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.01, 0.1)
+    fps, x_init = make_x_init(_scan(8, n=2000), n_fps=400, tile=10)
+    with torch.inference_mode():
+        a = enc(torch.from_numpy(fps), torch.zeros(len(fps), dtype=torch.long))
+        b = enc(torch.from_numpy(x_init), torch.zeros(len(x_init), dtype=torch.long))
+    assert torch.equal(a.coords, b.coords)
+    assert float(a.feats.abs().mean()) > 1e-3
+    assert torch.allclose(a.feats, b.feats, rtol=1e-4, atol=1e-5 * float(a.feats.abs().max()))
