@@ -39,7 +39,10 @@ pip_install() {
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 
-log "torch ($TORCH_SPEC) and build tools"
+# pip >= 25.1: editable installs go through PEP 660, so the console scripts land in $VENV/bin (older
+# pips run `setup.py develop`, which honours setup.cfg's ament script_dir and hides them in lib/).
+log "pip, torch ($TORCH_SPEC) and build tools"
+pip_install --upgrade "pip>=25.1"
 pip_install "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
 "$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
 import sys, torch
