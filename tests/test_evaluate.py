@@ -235,3 +235,31 @@ def test_evaluate_files_pairs_by_stem(tmp_path, capsys):
     assert main(["evaluate-files", str(pred_dir), str(tmp_path / "empty"), "--out",
                  str(tmp_path / "o3")]) == 1
     assert "no file stem is common" in capsys.readouterr().err
+
+
+def test_run_evaluation_records_failed_frames(tmp_path):
+    """A frame the predictor cannot complete is recorded with its error, not fatal, not retried."""
+    from lidar_completion.errors import CloudFormatError
+    from lidar_completion.evaluation import run_evaluation
+    r = np.random.default_rng(2)
+    gts = {k: r.uniform(-5, 5, (500, 3)) for k in "abcd"}
+    calls = []
+
+    def load(key):
+        return None, gts[key]
+
+    def predict(key, index, inp):
+        calls.append(key)
+        if key == "b":
+            raise CloudFormatError("too few points to complete: 3 of 3")
+        return gts[key] + 0.01 * index, {"total": 0.5}
+
+    run = {"label": "fake", "identity_keys": []}
+    s = run_evaluation(list("abcd"), load, predict, tmp_path, run, emd="none", plots=False,
+                       progress=False, metric_workers=2)
+    assert s["frames"] == 4 and s["failed_frames"] == ["b"] and s["cd"]["frames"] == 3
+    assert s["cd"]["undefined"] == 1 and s["time_per_scan"]["mean"] == 0.5
+    assert "could not be completed" in (tmp_path / "summary.md").read_text()
+    s = run_evaluation(list("abcd"), load, predict, tmp_path, run, emd="none", plots=False,
+                       progress=False)
+    assert calls == list("abcd") and s["failed_frames"] == ["b"]

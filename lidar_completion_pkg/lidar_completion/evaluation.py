@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import metrics as M
-from .errors import ConfigError, DatasetError
+from .errors import CloudFormatError, ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def _stats(values: Sequence[float]) -> Dict:
 
 def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     """Aggregate per-frame records into the summary dict (also written as summary.json)."""
-    s: Dict = {"run": dict(run or {}), "frames": len(records)}
+    s: Dict = {"run": dict(run or {}), "frames": len(records),
+               "failed_frames": [r["frame"] for r in records if r.get("error")]}
     for name in ("cd", "jsd_bev", "jsd_3d", "emd", "emd_published"):
         if any(name in r for r in records):
             s[name] = _stats([r.get(name) for r in records])
@@ -329,6 +330,10 @@ def summary_markdown(s: Dict) -> str:
     ms = s.get("metric_seconds") or {}
     if ms.get("mean") is not None:
         lines.append(f"| metric computation per frame [s] | {ms['mean']:.2f} | | |")
+    if s.get("failed_frames"):
+        lines += ["", f"{len(s['failed_frames'])} frames could not be completed and are left out: "
+                      f"{', '.join(map(str, s['failed_frames'][:20]))}"
+                      f"{' ...' if len(s['failed_frames']) > 20 else ''} (see frames.jsonl)."]
     if s.get("best_frames"):
         lines += ["", f"Best frames by CD: {', '.join(map(str, s['best_frames']))}; worst: "
                       f"{', '.join(map(str, s['worst_frames']))}."]
@@ -407,7 +412,6 @@ def _render_frame(path: Path, frame: str, rank: str, pred, gt, inp, cd: float) -
 
 
 # ------------------------------------------------------------------------------------- main loop
-Source = Tuple[List[str], Callable[[str], Tuple[Optional[np.ndarray], np.ndarray]]]
 Predictor = Callable[[str, int, Optional[np.ndarray]], Tuple[np.ndarray, Dict]]
 
 
@@ -507,7 +511,15 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics") as pool:
             for key in todo:
                 inp, gt = load(key)
-                pred, timings = predict(key, index_of[key], inp)
+                try:
+                    pred, timings = predict(key, index_of[key], inp)
+                except CloudFormatError as exc:       # e.g. a scan with too few valid points
+                    log.warning("frame %s not evaluated: %s", key, exc)
+                    rec = {"frame": key, "index": index_of[key], "error": str(exc)}
+                    _append_record(frames_path, rec)
+                    new_records.append(rec)
+                    bar.update(1)
+                    continue
                 pred = np.asarray(pred, dtype=np.float32)
                 base = {"frame": key, "index": index_of[key], "timings": timings}
                 pending.append((key, pool.submit(frame_metrics, pred, gt, emd), base, pred))
