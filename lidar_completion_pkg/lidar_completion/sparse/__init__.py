@@ -10,8 +10,8 @@ Both produce modules whose parameters carry MinkowskiEngine's names and layouts 
 ``kernel`` of shape ``(kernel_volume, in, out)``, ``(in, out)`` for 1x1; BatchNorm wrapped as ``.bn``),
 so one state dict serves both backends and the published LiDiff checkpoints load into either.
 
-Backend choice: ``backend="auto"|"minkowski"|"torch"``; ``None`` reads ``LIDAR_COMPLETION_BACKEND``
-(default ``auto``). ``auto`` takes MinkowskiEngine when it imports, else torch. Setting
+Backend choice: ``backend="auto"|"minkowski"|"torch"``; ``None`` and ``"auto"`` follow
+``LIDAR_COMPLETION_BACKEND`` when it is set. ``auto`` takes MinkowskiEngine when it imports, else torch. Setting
 ``LIDAR_COMPLETION_HIDE_MINKOWSKI=1`` makes MinkowskiEngine invisible (used by CI to prove that every
 command runs without it).
 """
@@ -51,9 +51,9 @@ def minkowski_available() -> bool:
 
 def resolve_backend(name: str | None = None) -> str:
     """Turn ``None``/``"auto"``/a backend name into ``"minkowski"`` or ``"torch"``."""
-    if name is None or name == "":
-        name = os.environ.get(ENV_BACKEND, "auto") or "auto"
-    name = str(name).strip().lower()
+    name = "" if name is None else str(name).strip().lower()
+    if name in ("", "auto"):  # the environment variable sets what "auto" means
+        name = (os.environ.get(ENV_BACKEND, "") or "auto").strip().lower()
     if name not in BACKENDS:
         raise ConfigError(f"unknown sparse backend {name!r}; expected one of {', '.join(BACKENDS)}")
     if name == "auto":
