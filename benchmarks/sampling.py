@@ -13,7 +13,7 @@ post-processing and refinement are shared code, so the two outputs agree up to f
 Prints per-stage times for both paths and, as its last line, ``ratio_vs_lidiff_style=<x>``
 (reference total / our total; min over ``--repeats`` runs of each).
 
-    python benchmarks/sampling.py --quick            # tiny networks, 5,000-point x_init, CPU minutes
+    python benchmarks/sampling.py --quick            # tiny networks, 3,000-point x_init, CPU minutes
     python benchmarks/sampling.py --device cuda      # published sizes: full networks, 180,000 points
 """
 from __future__ import annotations
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="tiny networks and a 5,000-point x_init (n_fps 500 x tile 10): CPU minutes")
+                    help="tiny networks and a 3,000-point x_init (n_fps 300 x tile 10): CPU minutes")
     ap.add_argument("--config", choices=("full", "tiny"), default=None,
                     help="network widths (default: full, tiny with --quick)")
     ap.add_argument("--checkpoint", default=None, help="load weights from a checkpoint instead of random")
-    ap.add_argument("--n-fps", type=int, default=None, help="FPS budget (default 18000; 500 with --quick)")
+    ap.add_argument("--n-fps", type=int, default=None, help="FPS budget (default 18000; 300 with --quick)")
     ap.add_argument("--tile", type=int, default=10)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=3.5)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    n_fps = args.n_fps or (500 if args.quick else 18000)
+    n_fps = args.n_fps or (300 if args.quick else 18000)
     config_name = args.config or ("tiny" if args.quick else "full")
     kw = dict(steps=args.steps, guidance=args.guidance, refine=not args.no_refine,
               device=args.device, seed=args.seed, n_fps=n_fps, tile=args.tile,
