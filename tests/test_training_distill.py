@@ -35,7 +35,9 @@ def _run_one_step(tmp_path, mode: str):
     torch.manual_seed(0)
     cfg = tiny_config("distill", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR_STUDENT}}}",
                       f"distill.aux_optimizer={{name: sgd, lr: {LR_AUX}}}", "train.grad_clip=null",
-                      "distill.t_min=100", "distill.t_max=900", mode=mode)
+                      "distill.t_min=100", "distill.t_max=900", "train.batchnorm=train",
+                      "distill.aux_updates_per_step=1", "distill.aux_warmup_steps=0",
+                      *(["distill.vsd_weight=0"] if mode == "dpo" else []), mode=mode)
     tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
     tr.record = True
     before = {"student": copy.deepcopy(tr.student)}

@@ -30,7 +30,8 @@ _COMMON: dict = {
         "kind": "semantickitti",  # semantickitti | synthetic | npz
         "root": None,             # dataset root (the folder holding sequences/), or the .npz file
         "sequences": ["00", "01", "02", "03", "04", "05", "06", "07", "09", "10"],
-        "gt_cache": None,         # per-frame target cache folder (built by `lidar-completion build_gt`)
+        "gt_cache": None,         # per-frame target cache folder (default <root>/gt_cache, `lidar-completion build-gt`)
+        "build_gt": None,         # build missing target caches first (None: yes for synthetic data only)
         "scan_points": 18000,     # farthest-point-sampled scan size
         "tile": 10,               # x_init = scan tiled this many times
         "target_points": 180000,  # target shuffled and tiled/truncated to this size
@@ -91,6 +92,9 @@ DEFAULTS: dict = {
             "aux_warmup_steps": 0,         # first steps train only the auxiliary network(s)
             "weighting": "linear",         # linear | logsigmoid (Diffusion-DPO style weight, dpo only)
             "dpo_beta": 1.0,
+            # dpo only: add vsd_weight * mean of the two sides' score-distillation losses (0 = the
+            # published objective; 2 = score distillation on the winners only)
+            "vsd_weight": 0.0,
             "aux_optimizer": None,         # None = same as train.optimizer
             "aux_grad_clip": "same",       # "same" = train.grad_clip
         },

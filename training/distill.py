@@ -51,13 +51,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lidar_completion.errors import CheckpointError
 from lidar_completion.models import Condition
 
 from . import distributed as D
 from .config import resolve_callable
 from .engine import Trainer, freeze, make_optimizer
 from .losses import aux_loss, dpo_loss, logsigmoid_weights, vsd_loss
-from .netio import build_networks, export_inference, load_init, load_pretrained
+from .netio import build_networks, export_inference, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,29 @@ class DistillTrainer(Trainer):
     def build(self) -> None:
         d = self.cfg["distill"]
         self.mode = d["mode"]
-        enc, teacher, _ = build_networks(self.model_config, self.backend)
         src = d.get("teacher") or self.cfg.get("init")
+        student_init = None
         if src:
-            load_init(src, encoder=enc, denoiser=teacher)
+            loaded = load_pretrained(src)
+            if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
+                loaded = load_pretrained(src, include=("teacher",))
+                student_init = loaded.denoiser
+            if loaded.encoder is None or (loaded.denoiser is None and "teacher" not in loaded.extras):
+                raise CheckpointError(f"{src}: a teacher checkpoint needs a condition encoder and a denoiser")
+            if loaded.config != self.model_config:
+                log.info("model size taken from the teacher checkpoint %s: %s", src, loaded.config.channels)
+                self.model_config = loaded.config
+            enc, teacher, _ = build_networks(self.model_config, self.backend)
+            enc.load_state_dict(loaded.encoder.state_dict())
+            teacher.load_state_dict(loaded.extras.get("teacher", loaded.denoiser).state_dict())
         else:
             log.warning("distill.teacher is not set: distilling from a randomly initialised teacher")
+            enc, teacher, _ = build_networks(self.model_config, self.backend)
         self.encoder = freeze(enc)
         self.teacher = freeze(teacher)
         self.student = copy.deepcopy(teacher)
+        if student_init is not None:
+            self.student.load_state_dict(student_init.state_dict())
         for p in self.student.parameters():
             p.requires_grad_(True)
         self.aux_names = ["aux_w", "aux_l"] if self.mode == "dpo" else ["aux"]
@@ -271,6 +286,9 @@ class DistillTrainer(Trainer):
                 row_w = wts[xb]
                 logs["dpo/weight"] = float(wts.mean())
             loss = dpo_loss(d_w, G_w, d_l, G_l, row_w)
+            alpha = float(d["vsd_weight"])
+            if alpha:
+                loss = loss + alpha * 0.5 * (vsd_loss(d_w, G_w) + vsd_loss(d_l, G_l))
             logs["score_diff/winner"] = float(d_w.abs().mean())
             logs["score_diff/loser"] = float(d_l.abs().mean())
         else:
@@ -310,7 +328,9 @@ class DistillTrainer(Trainer):
         ref_src = self.cfg["distill"].get("refiner")
         if ref_src:
             refiner = load_pretrained(ref_src).refiner
-        return export_inference(path, self.model_config, encoder=self.encoder, denoiser=self.student,
-                                refiner=refiner, sampling={"steps": 8, "guidance": 3.5},
+        dc = self.cfg["data"]
+        return export_inference(path, self.model_config, "student", encoder=self.encoder, denoiser=self.student,
+                                refiner=refiner, sampling={"steps": 8, "guidance": 3.5,
+                                                           "n_fps": int(dc["scan_points"]), "tile": int(dc["tile"])},
                                 meta={"trained_by": f"training.distill ({self.mode})", "step": self.step,
                                       "config": self.cfg})

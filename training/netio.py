@@ -19,10 +19,10 @@ def build_networks(model_config, backend="auto", refiner: bool = False, encoder:
     return enc, den, ref
 
 
-def load_pretrained(path):
+def load_pretrained(path, include=()):
     """Load a checkpoint on the CPU (any layout the core knows) -> ``Loaded``."""
     from lidar_completion.checkpoints import load_checkpoint
-    return load_checkpoint(str(path), device="cpu", backend="torch")
+    return load_checkpoint(str(path), device="cpu", backend="torch", include=tuple(include))
 
 
 def _copy(dst: nn.Module, src: nn.Module | None, what: str, path) -> None:
@@ -48,14 +48,14 @@ def load_init(path, encoder: nn.Module | None = None, denoiser: nn.Module | None
     return loaded
 
 
-def export_inference(path, model_config, encoder=None, denoiser=None, refiner=None, sampling=None,
-                     meta=None) -> Path:
+def export_inference(path, model_config, kind: str, encoder=None, denoiser=None, refiner=None,
+                     sampling=None, meta=None) -> Path:
     """Write an inference checkpoint (the format ``Completer.from_checkpoint`` loads)."""
     from lidar_completion.checkpoints import save_checkpoint
     meta = dict(meta or {})
     if "config" in meta:  # keep the YAML text, not a nested dict of arbitrary objects
         from .config import dump
         meta["training_config"] = dump(meta.pop("config"))
-    save_checkpoint(str(path), encoder=encoder, denoiser=denoiser, refiner=refiner, config=model_config,
-                    sampling=sampling, meta=meta)
+    models = {k: m for k, m in (("encoder", encoder), ("denoiser", denoiser), ("refiner", refiner)) if m is not None}
+    save_checkpoint(str(path), models, model_config, sampling=sampling, kind=kind, meta=meta)
     return Path(path)

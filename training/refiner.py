@@ -52,7 +52,7 @@ class RefinerTrainer(Trainer):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
-        return {"loss": float(loss), "grad_norm": gnorm}
+        return {"loss": float(loss.detach()), "grad_norm": gnorm}
 
     @torch.no_grad()
     def render(self, batch: dict) -> dict | None:
@@ -66,5 +66,5 @@ class RefinerTrainer(Trainer):
                 "target": batch["target"][batch["target_batch"] == 0].numpy()}
 
     def export(self, path: Path):
-        return export_inference(path, self.model_config, refiner=self.net,
+        return export_inference(path, self.model_config, "refiner", refiner=self.net,
                                 meta={"trained_by": "training.refiner", "step": self.step, "config": self.cfg})

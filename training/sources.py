@@ -81,14 +81,9 @@ class RefinerView:
         return {"input": inp + jit, "target": tile_to(dense, self.target_points, rng)}
 
 
-def _kitti_source(cfg: dict, root, train: bool):
-    try:
-        from lidar_completion.data import TrainingDataset  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"data.kind {cfg['data']['kind']!r} needs lidar_completion.data.TrainingDataset, "
-                          f"which is not available: {exc}") from exc
+def _kitti_source(cfg: dict, root, whole_target: bool):
     from .kitti_adapter import KittiSource
-    return KittiSource(cfg, root, train=train)
+    return KittiSource(cfg, root, whole_target=whole_target)
 
 
 def build_source(cfg: dict, out_dir, kind: str):
@@ -105,7 +100,7 @@ def build_source(cfg: dict, out_dir, kind: str):
             _ensure_synthetic(root, d["synthetic"])
         if not root:
             raise ConfigError("data.kind semantickitti needs data.root (the folder holding sequences/)")
-        base = _kitti_source(cfg, root, train=True)
+        base = _kitti_source(cfg, root, whole_target=(kind == "refiner"))
     else:
         raise ConfigError(f"unknown data.kind {k!r}; expected semantickitti, synthetic or npz")
     if d.get("limit"):
@@ -136,6 +131,6 @@ def _ensure_synthetic(root: Path, spec: dict) -> None:
         from lidar_completion.data.synthetic import generate_dataset
         seqs = [str(s) for s in spec.get("sequences", ["00"])]
         generate_dataset(str(root), sequences=seqs, scans=int(spec.get("scans", 4)),
-                         seed=int(spec.get("seed", 0)))
+                         seed=int(spec.get("seed", 0)), progress=True)
         marker.write_text("ok\n")
     D.barrier()

@@ -82,6 +82,7 @@ class TeacherTrainer(Trainer):
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         gnorm = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
+        terms = {k: v.detach() for k, v in terms.items()}
         return {"loss": float(terms["loss"]), "loss/mse": float(terms["mse"]), "loss/mean": float(terms["mean"]),
                 "loss/std": float(terms["std"]), "grad_norm": gnorm, "cond_dropped": float(drop.float().mean())}
 
@@ -105,7 +106,10 @@ class TeacherTrainer(Trainer):
                 "estimate of x_0": est.cpu().numpy(), "target": x0.cpu().numpy()}
 
     def export(self, path: Path):
-        return export_inference(path, self.model_config, encoder=self.net.encoder, denoiser=self.net.denoiser,
-                                refiner=None, sampling={"steps": 50, "guidance": 6.0},
+        d = self.cfg["data"]
+        return export_inference(path, self.model_config, "teacher", encoder=self.net.encoder,
+                                denoiser=self.net.denoiser, sampling={"steps": 50, "guidance": 6.0,
+                                                                      "n_fps": int(d["scan_points"]),
+                                                                      "tile": int(d["tile"])},
                                 meta={"trained_by": "training.teacher", "step": self.step,
                                       "config": self.cfg})
