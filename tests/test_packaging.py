@@ -72,15 +72,41 @@ def test_training_package_imports_core_not_node():
     assert not ros, f"importing training loaded ROS modules: {ros}"
 
 
+_BACKEND_PROBE = """
+import importlib
+for name in {names!r}:
+    importlib.import_module(name)
+from lidar_completion.sparse import get_backend, resolve_backend
+print("backend=" + resolve_backend())
+get_backend()
+"""
+
+
+def _sparse_modules() -> list[str]:
+    return [n for n in ("lidar_completion", "lidar_completion.sparse", "lidar_completion.models",
+                        "lidar_completion.checkpoints", "lidar_completion.completer") if _spec_exists(n)]
+
+
+def _minkowski_loaded(mods: set[str]) -> list[str]:
+    return sorted(m for m in mods if m.split(".")[0] in ("MinkowskiEngine", "MinkowskiEngineBackend"))
+
+
 def test_hidden_minkowski_is_not_imported():
-    # Every core module that touches the sparse backend, as far as it exists in this checkout.
-    names = [n for n in ("lidar_completion", "lidar_completion.sparse", "lidar_completion.models",
-                         "lidar_completion.checkpoints", "lidar_completion.completer")
-             if _spec_exists(n)]
-    code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
-    mods = _loaded_modules(code, {"LIDAR_COMPLETION_HIDE_MINKOWSKI": "1"})
-    leaked = sorted(m for m in mods if m.split(".")[0] in ("MinkowskiEngine", "MinkowskiEngineBackend"))
-    assert not leaked, f"with LIDAR_COMPLETION_HIDE_MINKOWSKI=1 importing {names} loaded {leaked[:5]}"
+    # Import every core module that touches the sparse backend, then resolve and load the backend.
+    names = _sparse_modules()
+    mods = _loaded_modules(_BACKEND_PROBE.format(names=names), {"LIDAR_COMPLETION_HIDE_MINKOWSKI": "1"})
+    leaked = _minkowski_loaded(mods)
+    assert not leaked, f"with LIDAR_COMPLETION_HIDE_MINKOWSKI=1, {names} + get_backend() loaded {leaked[:5]}"
+
+
+def test_minkowski_is_the_auto_backend_when_installed():
+    """Counterpart of the test above: without the variable, an installed MinkowskiEngine is used (and
+    shows up in sys.modules, so the check above would see it)."""
+    if not _spec_exists("MinkowskiEngine"):  # not imported here: this process may be hiding it
+        pytest.skip("MinkowskiEngine is not installed (scripts/install_minkowski.sh builds it)")
+    mods = _loaded_modules(_BACKEND_PROBE.format(names=_sparse_modules()),
+                           {"LIDAR_COMPLETION_BACKEND": "auto"})
+    assert _minkowski_loaded(mods), "MinkowskiEngine is installed but the auto backend did not load it"
 
 
 def _spec_exists(name: str) -> bool:
