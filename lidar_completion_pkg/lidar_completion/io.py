@@ -388,8 +388,10 @@ def render_comparison_png(path, clouds: dict, extent: float = 30.0, max_points: 
     zlim = (float(np.percentile(allz, 1)), float(np.percentile(allz, 99))) if allz.size else (-2.0, 2.0)
     if zlim[1] <= zlim[0]:
         zlim = (zlim[0] - 1.0, zlim[0] + 1.0)
-    fig = _new_figure(len(prepared), len(views), size, dpi)
-    axes = fig.subplots(len(views), len(prepared), squeeze=False)
+    heights = [1.0 if v == "bev" else 0.6 for v in views]
+    fig = _new_figure(len(prepared), sum(heights), size, dpi)
+    axes = fig.subplots(len(views), len(prepared), squeeze=False,
+                        gridspec_kw={"height_ratios": heights})
     for j, (name, pts) in enumerate(prepared.items()):
         for i, view in enumerate(views):
             ax = axes[i][j]
