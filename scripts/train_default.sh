@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Reproduce the shipped default models: a small (ModelConfig.tiny) LiDiff teacher, a refiner and a
+# Distillation-DPO student, trained on synthetic SemanticKITTI-layout street scenes.
+#
+#   scripts/train_default.sh [RUN_DIR]            # default RUN_DIR=runs/default
+#
+# Environment (defaults in brackets):
+#   DEVICE [auto]        cuda or cpu
+#   SEQUENCES [4]        synthetic training sequences 00..(N-1), SCANS scans each [60], SEED [0]
+#   T_TEACHER [150]      wall-clock seconds for each stage (the run is stopped with SIGTERM, which
+#   T_REFINER [40]       writes a checkpoint; the stage is then resumed for zero steps to export
+#   T_DISTILL [80]       its inference checkpoint). Set MAX_STEPS_* instead for step-exact runs.
+#   BATCH [8]            batch size of teacher and refiner
+#   PYTHON [python3]     the interpreter (the venv's when you ran `make setup`)
+#
+# Outputs: RUN_DIR/teacher/teacher.pt, RUN_DIR/refiner/refiner.pt, RUN_DIR/distill/distill.pt
+# (student + teacher's condition encoder + refiner), with TensorBoard logs and metrics.jsonl.
+set -uo pipefail
+RUN=${1:-runs/default}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-auto}
+SEQUENCES=${SEQUENCES:-4}
+SCANS=${SCANS:-60}
+SEED=${SEED:-0}
+BATCH=${BATCH:-8}
+export LIDAR_COMPLETION_BACKEND=${LIDAR_COMPLETION_BACKEND:-torch}
+mkdir -p "$RUN"
+DATA="$RUN/data"
+seqs=$(seq -f "%02g" 0 $((SEQUENCES - 1)) | paste -sd, -)
+yaml_seqs="[$(echo "$seqs" | sed 's/\([0-9][0-9]\)/"\1"/g')]"
+log() { echo "[train_default $(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$DATA/.complete" ]; then
+  log "generating $SEQUENCES synthetic sequences x $SCANS scans in parallel"
+  pids=()
+  for i in $(seq 0 $((SEQUENCES - 1))); do
+    $PY -m lidar_completion make-synthetic "$DATA" --sequences 1 --first-sequence "$i" --scans "$SCANS" \
+        --seed "$SEED" > "$RUN/make_synthetic_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { log "make-synthetic failed"; exit 1; }; done
+  log "building ground truth"
+  pids=()
+  for i in $(seq 0 $((SEQUENCES - 1))); do
+    s=$(printf "%02d" "$i")
+    $PY -m lidar_completion build-gt "$DATA" --sequences "$s" > "$RUN/build_gt_$s.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { log "build-gt failed"; exit 1; }; done
+  echo ok > "$DATA/.complete"
+fi
+
+common=(--device "$DEVICE" --set "data.root=$DATA" --set "data.sequences=$yaml_seqs" --set "seed=$SEED"
+        --set "log.progress=false" --set "data.num_workers=${WORKERS:-4}")
+
+stage() {  # stage KIND CONFIG SECONDS MAX_STEPS extra-args...
+  local kind=$1 cfg=$2 secs=$3 steps=$4; shift 4
+  local out="$RUN/$kind"
+  log "$kind: up to ${secs}s / ${steps} steps"
+  timeout -s TERM "$secs" $PY -m training "$kind" --config "$cfg" --out "$out" --max-steps "$steps" \
+      "${common[@]}" "$@" > "$out.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    # stopped by the time limit (a checkpoint was written on SIGTERM): resume for zero more steps,
+    # which finishes the run and exports the inference checkpoint
+    log "$kind: stopped (rc=$rc); exporting the last checkpoint"
+    $PY -m training "$kind" --config "$cfg" --out "$out" --resume --max-steps 0 "${common[@]}" "$@" >> "$out.log" 2>&1 \
+      || { log "$kind: export failed, see $out.log"; tail -20 "$out.log"; return 1; }
+  fi
+  tail -1 "$out.log"
+}
+
+stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
+    --set "train.batch_size=$BATCH" || exit 1
+stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
+    --set "train.batch_size=$BATCH" || exit 1
+stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
+    --set "distill.teacher=$RUN/teacher/teacher.pt" --set "distill.refiner=$RUN/refiner/refiner.pt" || exit 1
+log "done: $(ls "$RUN"/*/*.pt)"
