@@ -80,34 +80,41 @@ find_cached_wheel() {
     compgen -G "$WHEEL_DIR/[Mm]inkowski[Ee]ngine-${ME_VERSION}-*.whl" | head -n 1 || true
 }
 
-# --- system prerequisites (only needed to build) --------------------------------------------------
-check_prereqs() {
+# --- system prerequisites ----------------------------------------------------------------------
+apt_install() {  # $1: what for; rest: Debian packages
+    local why=$1; shift
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing system packages ($why): $*"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
+            apt-get update -q >/dev/null
+            apt-get install -y -q --no-install-recommends "$@" >/dev/null
+        }
+    else
+        die "missing system packages $why: $*
+  install them with:  sudo apt-get install -y $*
+  then run this script again."
+    fi
+}
+
+check_build_prereqs() {
     local missing=()
-    command -v c++ >/dev/null 2>&1 || missing+=(build-essential)
     if command -v c++ >/dev/null 2>&1; then
         # libopenblas-dev provides the unversioned libopenblas.so the extension links against.
         echo 'int main(){return 0;}' | c++ -x c++ - -lopenblas -o /dev/null >/dev/null 2>&1 \
             || missing+=(libopenblas-dev)
     else
-        missing+=(libopenblas-dev)
+        missing+=(build-essential libopenblas-dev)
     fi
     "$PYTHON" - <<'EOF' || missing+=(python3-dev)
 import os, sysconfig, sys
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 EOF
-    ((${#missing[@]} == 0)) && return 0
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing system packages: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-            apt-get update -q >/dev/null
-            apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-        }
-    else
-        die "missing system packages to build MinkowskiEngine: ${missing[*]}
-  install them with:  sudo apt-get install -y ${missing[*]}
-  then run this script again."
-    fi
+    ((${#missing[@]} == 0)) || apt_install "to build MinkowskiEngine" "${missing[@]}"
+}
+
+check_runtime_prereqs() {  # a cached wheel still needs the OpenBLAS shared library at run time
+    ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' || apt_install "to run MinkowskiEngine" libopenblas0
 }
 
 # --- source distribution ----------------------------------------------------------------------------
@@ -204,7 +211,7 @@ EOF
 
 # --- build --------------------------------------------------------------------------------------------
 build_wheel() {
-    check_prereqs
+    check_build_prereqs
     local sdist work
     sdist=$(fetch_sdist)
     work=$(mktemp -d "${TMPDIR:-/tmp}/minkowski-build.XXXXXX")
@@ -258,6 +265,7 @@ else
 fi
 
 # --- install (skipped when this very wheel is already installed) ----------------------------------
+check_runtime_prereqs
 installed_from=$("$PYTHON" - <<'EOF'
 import json
 from importlib import metadata
