@@ -27,7 +27,7 @@ help: ## list the targets
 setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, project, ROS 2 wheels); idempotent
 
 $(SETUP_STAMP):
-	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) bash scripts/setup_venv.sh
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) bash scripts/setup_venv.sh
 	@rm -f $(VENV)/.stamp-setup-*
 	@touch $@
 
