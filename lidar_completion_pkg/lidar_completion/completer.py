@@ -143,7 +143,8 @@ class Completer:
         """Load a checkpoint (ours or a published layout) and build a Completer.
 
         ``path=None`` takes the shipped student checkpoint. ``steps`` / ``guidance`` left at None
-        take the checkpoint's sampling defaults (8 / 3.5 when it names none). ``backend`` is the
+        take the checkpoint's sampling defaults (8 / 3.5 when it names none); so do the point
+        budgets ``n_fps`` / ``tile`` when the checkpoint records them and they are not given. ``backend`` is the
         sparse backend ("auto" | "minkowski" | "torch"; "auto" or None honours
         ``LIDAR_COMPLETION_BACKEND``). Other keyword arguments go to the constructor.
         """
@@ -164,6 +165,9 @@ class Completer:
             steps = int(sampling.get("steps", 8))
         if guidance is None:
             guidance = float(sampling.get("guidance", 3.5))
+        for key in ("n_fps", "tile"):  # the point budgets the model was trained with
+            if key in sampling and key not in kwargs:
+                kwargs[key] = int(sampling[key])
         if refine and loaded.refiner is None:
             log.warning("checkpoint %s has no refiner; completions are not refined", path)
             refine = False
