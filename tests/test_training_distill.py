@@ -31,13 +31,13 @@ SCHED = NoiseSchedule()
 SIGMA = torch.sqrt(1.0 - SCHED.alphas_cumprod).float()
 
 
-def _run_one_step(tmp_path, mode: str):
+def _run_one_step(tmp_path, mode: str, *extra):
     torch.manual_seed(0)
     cfg = tiny_config("distill", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR_STUDENT}}}",
                       f"distill.aux_optimizer={{name: sgd, lr: {LR_AUX}}}", "train.grad_clip=null",
                       "distill.t_min=100", "distill.t_max=900", "train.batchnorm=train",
                       "distill.aux_updates_per_step=1", "distill.aux_warmup_steps=0",
-                      *(["distill.vsd_weight=0"] if mode == "dpo" else []), mode=mode)
+                      *(["distill.vsd_weight=0"] if mode == "dpo" else []), *extra, mode=mode)
     tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
     tr.record = True
     before = {"student": copy.deepcopy(tr.student)}
@@ -108,11 +108,11 @@ def _assert_update(before: torch.nn.Module, after: torch.nn.Module, grads, lr: f
     return changed_weights
 
 
-def test_dpo_step_updates_student_by_the_stop_gradient_loss(dpo_step):
-    tr, batch, rec = dpo_step["tr"], dpo_step["batch"], dpo_step["rec"]
-    student, G, cond = _reference_samples(dpo_step, sides=2)
+def _check_dpo_student_update(step, alpha: float = 0.0):
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    student, G, cond = _reference_samples(step, sides=2)
     torch.testing.assert_close(G.detach(), rec["G"], rtol=1e-5, atol=1e-5)
-    G_w, G_l, first, cd = _winners(dpo_step, G)
+    G_w, G_l, first, cd = _winners(step, G)
     assert (first == rec["first"]).all()
     xb = batch["x_init_batch"]
     t, eps = rec["t"], rec["eps"]
@@ -123,12 +123,21 @@ def test_dpo_step_updates_student_by_the_stop_gradient_loss(dpo_step):
         d_w = tr.teacher(x_w, xb, t, cond) - aux_w(x_w, xb, t, cond)
         d_l = tr.teacher(x_l, xb, t, cond) - aux_l(x_l, xb, t, cond)
     assert float(d_w.abs().max()) > 0 and float(d_l.abs().max()) > 0
-    loss = (d_w.detach() * G_w).mean() - (d_l.detach() * G_l).mean()
+    loss_w, loss_l = (d_w.detach() * G_w).mean(), (d_l.detach() * G_l).mean()
+    loss = loss_w - loss_l + alpha * 0.5 * (loss_w + loss_l)
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
-    assert abs(float(loss.detach()) - dpo_step["logs"]["loss/student"]) < 1e-4 * max(1.0, abs(float(loss.detach())))
-    changed = _assert_update(dpo_step["before"]["student"], tr.student, grads, LR_STUDENT)
+    assert abs(float(loss.detach()) - step["logs"]["loss/student"]) < 1e-4 * max(1.0, abs(float(loss.detach())))
+    changed = _assert_update(step["before"]["student"], tr.student, grads, LR_STUDENT)
     # trainable weights moved (convolution kernels and linear layers), not only batch-norm buffers
     assert changed > 20, changed
+
+
+def test_dpo_step_updates_student_by_the_stop_gradient_loss(dpo_step):
+    _check_dpo_student_update(dpo_step)
+
+
+def test_dpo_with_vsd_weight_adds_the_symmetric_distillation_term(tmp_path):
+    _check_dpo_student_update(_run_one_step(tmp_path, "dpo", "distill.vsd_weight=1.0"), alpha=1.0)
 
 
 def test_published_distillation_term_has_zero_gradient(dpo_step):

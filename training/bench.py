@@ -1,0 +1,109 @@
+"""Time per training step: ``python -m training.bench [--sizes tiny full] [--kinds teacher refiner
+distill] [--steps 3] [--device cpu] [--threads 2]``.
+
+Each measurement builds the trainer of a shipped config (``tiny_*.yaml`` for ``tiny``, the
+published ``teacher.yaml`` / ``refiner.yaml`` / ``distill_dpo.yaml`` for ``full``) on synthetic
+scenes in the SemanticKITTI layout (generated once into ``--data``), runs one warm-up step and then
+``--steps`` timed steps, and prints one line per configuration and, last, a JSON summary. Point
+counts are those of the configs (full: 18,000 x 10 = 180,000 points per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+NAMES = {("tiny", "teacher"): "tiny_teacher", ("tiny", "refiner"): "tiny_refiner",
+         ("tiny", "distill"): "tiny_distill_dpo", ("full", "teacher"): "teacher",
+         ("full", "refiner"): "refiner", ("full", "distill"): "distill_dpo"}
+
+
+def measure(size: str, kind: str, data_root: Path, steps: int, device: str, threads: int, batch: int | None,
+            backend: str = "torch", points: int | None = None):
+    from .__main__ import trainer_class
+    over = [f"device={device}", f"backend={backend}", f"threads={threads}", "data.kind=synthetic", f"data.root={data_root}",
+            "data.sequences=['00']", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
+            "log.render_every_steps=0", "checkpoint.every_steps=0", "checkpoint.export=false",
+            "train.max_steps=null", "data.build_gt=true"]
+    if batch:
+        over.append(f"train.batch_size={batch}")
+    if points:  # points per sample: scan_points x tile = target = refiner input; refiner target 2x
+        over += [f"data.scan_points={points // 10}", "data.tile=10", f"data.target_points={points}"]
+        if kind == "refiner":
+            over += [f"refiner.input_points={points}", f"refiner.target_points={2 * points}"]
+    if kind == "distill":
+        over += ["distill.teacher=null", "distill.refiner=null", "distill.aux_warmup_steps=0"]
+    cfg = load_config(CONFIGS / f"{NAMES[(size, kind)]}.yaml", kind=kind, overrides=over)
+    out = Path(tempfile.mkdtemp(prefix=f"bench_{size}_{kind}_"))
+    try:
+        tr = trainer_class(kind)(cfg, out, max_steps=steps + 1)
+        times = []
+        orig = tr.train_step
+
+        def timed(batch_):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = orig(batch_)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            return r
+
+        tr.train_step = timed
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        tr.run()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+        per = sum(times[1:]) / max(1, len(times) - 1)
+        return {"size": size, "kind": kind, "batch": int(cfg["train"]["batch_size"]), "steps": len(times) - 1,
+                "s_per_step": round(per, 3), "first_step_s": round(times[0], 3),
+                "points_per_sample": int(cfg["data"]["scan_points"]) * int(cfg["data"]["tile"])
+                if kind != "refiner" else int(cfg["refiner"]["input_points"]),
+                "peak_gpu_gib": round(peak, 2) if peak is not None else None}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=["tiny", "full"])
+    p.add_argument("--kinds", nargs="+", default=["teacher", "refiner", "distill"],
+                   choices=["teacher", "refiner", "distill"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--points", type=int, default=None,
+                   help="points per sample instead of the configs' (full: 180,000; tiny: 40,000)")
+    p.add_argument("--backend", default="torch", help="sparse backend (torch, minkowski, auto)")
+    p.add_argument("--batch", type=int, default=None, help="override the configs' per-process batch size")
+    p.add_argument("--data", default=None, help="synthetic dataset folder (default: a temporary one)")
+    p.add_argument("--scans", type=int, default=4)
+    a = p.parse_args(argv)
+    data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="bench_data_"))
+    if not (data / "sequences" / "00" / "poses.txt").exists():
+        from lidar_completion.data import generate_dataset
+        generate_dataset(data, sequences=["00"], scans=a.scans, seed=0)
+    rows = []
+    for size in a.sizes:
+        for kind in a.kinds:
+            r = measure(size, kind, data, a.steps, a.device, a.threads, a.batch, a.backend, a.points)
+            rows.append(r)
+            print(f"{size:5s} {kind:8s} batch {r['batch']}  {r['s_per_step']:8.3f} s/step  "
+                  f"(first {r['first_step_s']:.2f} s, {r['points_per_sample']} points/sample"
+                  + (f", peak {r['peak_gpu_gib']} GiB" if r["peak_gpu_gib"] is not None else "") + ")",
+                  flush=True)
+    print(json.dumps({"device": a.device, "backend": a.backend, "points": a.points, "threads": a.threads, "torch": torch.__version__, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
