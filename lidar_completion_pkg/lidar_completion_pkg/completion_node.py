@@ -44,12 +44,13 @@ def default_completer_factory(config: dict):
     from lidar_completion.completer import Completer
 
     seed = None if config["seed"] < 0 else int(config["seed"])
+    budgets = {k: int(config[k]) for k in ("n_fps", "tile") if int(config[k]) > 0}  # 0: the checkpoint's
     return Completer.from_checkpoint(
         config["checkpoint"] or None, steps=config["steps"] or None,
         guidance=None if config["guidance"] < 0 else config["guidance"],
         refine=config["refine"], device=config["device"], seed=seed, backend=config["backend"],
         precision=config["precision"], min_range=config["min_range"], max_range=config["max_range"],
-        min_z=config["min_z"], n_fps=config["n_fps"], tile=config["tile"])
+        min_z=config["min_z"], **budgets)
 
 
 def _make_node_class():

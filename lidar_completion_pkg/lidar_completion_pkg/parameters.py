@@ -64,11 +64,13 @@ PARAMETERS: tuple[Param, ...] = (
           "Clouds with more points (finite, within the range / z limits) are evenly subsampled to "
           "this many, with a warning",
           range=(100, 10_000_000)),
-    Param("n_fps", "integer", 18_000,
-          "Farthest-point-sampled input points per scan (the published budget; smaller = faster)",
-          range=(16, 100_000)),
-    Param("tile", "integer", 10, "x_init = the sampled scan tiled this many times (published: 10)",
-          range=(1, 100)),
+    Param("n_fps", "integer", 0,
+          "Farthest-point-sampled input points per scan; 0 = the checkpoint's budget (18000, the "
+          "published one, when it records none); smaller = faster",
+          range=(0, 100_000)),
+    Param("tile", "integer", 0, "x_init = the sampled scan tiled this many times; 0 = the "
+          "checkpoint's (published: 10)",
+          range=(0, 100)),
     # topics and QoS
     Param("input_topic", "string", "/velodyne_points", "Input sensor_msgs/PointCloud2 topic"),
     Param("output_topic", "string", "/completed_points", "Completed cloud (float32 x, y, z)"),

@@ -40,11 +40,12 @@ def register(subparsers) -> None:
                    help="sparse-convolution backend (auto honours LIDAR_COMPLETION_BACKEND)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision on CUDA (CPU always runs fp32)")
-    p.add_argument("--n-fps", type=int, default=18000, metavar="N",
-                   help="farthest-point-sampling budget of the input scan (the published 18,000; "
-                        "reduced-width models and quick tests use less)")
-    p.add_argument("--tile", type=int, default=10,
-                   help="x_init = the sampled scan tiled this many times (published: 10)")
+    p.add_argument("--n-fps", type=int, default=None, metavar="N",
+                   help="farthest-point-sampling budget of the input scan (default: the checkpoint's; "
+                        "the published models use 18,000)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="x_init = the sampled scan tiled this many times (default: the checkpoint's; "
+                        "published: 10)")
     p.add_argument("--ascii", action="store_true", help="write .ply/.pcd as ascii instead of binary")
     p.add_argument("--render", metavar="PNG", default=None,
                    help="also draw input vs completion (bird's-eye and oblique views) to this PNG")
@@ -68,8 +69,9 @@ def run(args) -> int:
     completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
                                           refine=not args.no_refine, device=args.device,
                                           seed=args.seed, backend=args.backend,
-                                          precision=args.precision, n_fps=args.n_fps,
-                                          tile=args.tile)
+                                          precision=args.precision,
+                                          **{k: v for k, v in (("n_fps", args.n_fps), ("tile", args.tile))
+                                             if v is not None})
     result = completer.complete_detailed(scan)
     write_cloud(out, result.points, binary=not args.ascii)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
