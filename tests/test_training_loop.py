@@ -200,3 +200,41 @@ def test_cli_help_lists_the_three_trainings(capsys):
     out = capsys.readouterr().out
     for word in ("teacher", "refiner", "distill", "torchrun"):
         assert word in out
+
+
+def test_tensorboard_scalars_and_birds_eye_render(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_config("distill", "train.max_steps=2", "log.tensorboard=true", "log.render_every_steps=1",
+                      "log.every_steps=1", "checkpoint.export=false", "distill.aux_warmup_steps=0", mode="dpo")
+    from training.distill import DistillTrainer
+    DistillTrainer(cfg, tmp_path, source=scenes_source(1, n_target=800, n_scan=80)).run()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("loss/student", "loss/aux_w", "loss/aux_l", "lr", "metric/winner", "metric/loser",
+                "metric/margin"):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+        assert len(acc.Scalars(tag)) == 2
+    assert "distill/bev" in tags["images"] and len(acc.Images("distill/bev")) == 2
+
+
+def test_distillation_starts_from_a_published_lightning_checkpoint(tmp_path):
+    """A Distillation-DPO teacher file (``DiffModel.`` / ``DM_encoder.`` prefixes) initialises the
+    encoder, the teacher and the student/auxiliary copies."""
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
+    from training.distill import DistillTrainer
+    torch.manual_seed(3)
+    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
+    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
+    path = tmp_path / "published.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 100}, path)
+    cfg = tiny_config("distill", f"distill.teacher={path}", "checkpoint.export=false", mode="dpo")
+    tr = DistillTrainer(cfg, tmp_path / "run", source=scenes_source(1, n_target=800, n_scan=80))
+    for name in ("teacher", "student", "aux_w", "aux_l"):
+        for k, v in den.state_dict().items():
+            assert torch.equal(tr.modules[name].state_dict()[k], v), (name, k)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(tr.encoder.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in tr.teacher.parameters())
+    assert not any(p.requires_grad for p in tr.encoder.parameters())

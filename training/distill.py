@@ -212,7 +212,8 @@ class DistillTrainer(Trainer):
             G_l = torch.where(rows, G2, G1)
             mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
             stats = D.all_reduce_sum_nograd(torch.tensor(
-                [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(B)], dtype=torch.float64))
+                [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(B)], dtype=torch.float64,
+                device=dev)).cpu()
             n = float(stats[4])
             logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
                          "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
