@@ -187,3 +187,22 @@ def test_gather_and_scatter_convolutions_agree(monkeypatch):
                                         enc.empty_condition(len(pts) // 3 + 1, 3)))
     for a, b in zip(outs[0], outs[1]):
         assert _close(a, b, rel=1e-5)
+
+
+@needs_minkowski
+def test_checkpoint_from_one_backend_completes_the_same_on_the_other(tmp_path):
+    """Weights saved from MinkowskiEngine modules load into the torch backend (and back), and the
+    same seed gives the same completion."""
+    from lidar_completion.checkpoints import save_checkpoint
+    from lidar_completion.completer import Completer
+
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(3)
+    nets = {"encoder": ConditionEncoder(cfg, "minkowski"), "denoiser": Denoiser(cfg, "minkowski"),
+            "refiner": Refiner(cfg, "minkowski")}
+    save_checkpoint(tmp_path / "m.pt", nets, cfg, sampling={"steps": 2, "guidance": 3.5, "n_fps": 400, "tile": 4})
+    scan = _batch_clouds()[0][:4000].numpy()
+    outs = [Completer.from_checkpoint(tmp_path / "m.pt", seed=0, backend=b).complete(scan)
+            for b in ("minkowski", "torch")]
+    assert outs[0].shape == outs[1].shape and len(outs[0]) > 0
+    assert np.abs(outs[0] - outs[1]).max() < 1e-3

@@ -13,6 +13,17 @@ MinkowskiEngine stores ``kernel[k]`` (``k = dx + 3 dy + 9 dz`` shifted to 0..26 
 
 Features may carry leading "group" dimensions, ``(G, M, C)``: G feature sets that share one coordinate
 set (and so one set of kernel maps). The denoiser uses this for classifier-free guidance.
+
+Two convolution algorithms (``LIDAR_COMPLETION_CONV_ALGO``): on CUDA, *gather*: one (M, 27) neighbour
+table per coordinate set and one GEMM per chunk of rows; on the CPU, *scatter*: gather -> matmul ->
+scatter-add per offset, which needs no (M, 27, C) temporary.
+
+Host-device synchronisation on CUDA (the unavoidable ones): the noisy points move at every solver
+step, so each step builds new coordinate sets, and ``torch.unique`` must learn how many voxels each
+level has (one sync per level: 5 per denoiser call). The nearest-condition lookup syncs once per
+level to check whether any row needs the brute-force fallback. Everything else - neighbour and child
+tables, convolutions, batch norm, slicing - is queued without waiting for the device. The scatter
+algorithm (CPU) additionally reads per-offset row counts.
 """
 from __future__ import annotations
 
