@@ -344,11 +344,3 @@ def default_checkpoint_path() -> Path:
         raise CheckpointError("no default checkpoint is shipped with this installation; pass a checkpoint "
                               "path (e.g. --checkpoint model.pt)")
     return WEIGHTS_DIR / name
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

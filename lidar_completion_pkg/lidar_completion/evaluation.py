@@ -20,7 +20,6 @@ or partial run gives the same per-frame numbers as a full one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import metrics as M
+from .fileutil import read_jsonl, sha256_file
 from .errors import CloudFormatError, ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -138,23 +138,7 @@ def _num(v) -> float:
 
 def read_records(path) -> List[Dict]:
     """Per-frame records of a ``frames.jsonl``; a line torn by a kill is ignored."""
-    path = Path(path)
-    records = []
-    if not path.is_file():
-        return records
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: ignoring a torn line (interrupted write)", path)
-                continue
-            if isinstance(rec, dict) and "frame" in rec:
-                records.append(rec)
-    return records
+    return [rec for rec in read_jsonl(path) if "frame" in rec]
 
 
 def _repair_tail(path: Path) -> None:
@@ -568,13 +552,6 @@ def _write_renders(summary, records, extremes, load, predict, index_of, out: Pat
 
 
 # --------------------------------------------------------------------------- evaluate a sequence
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def evaluate_sequence(dataset_root, sequence="08", out="evaluation", checkpoint=None, completer=None,
                       baseline: Optional[str] = None, steps: Optional[int] = None,
@@ -626,7 +603,7 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation", checkpoint=
                                                   refine=refine, device=device, backend=backend)
         ckpt = None
         if checkpoint is not None:
-            ckpt = {"path": str(Path(checkpoint).resolve()), "sha256": _file_sha256(checkpoint)}
+            ckpt = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)}
         run.update(source="completer", checkpoint=ckpt, steps=completer.steps,
                    guidance=completer.guidance, refine=completer.refine,
                    device=str(completer.device), completer=repr(completer),

@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+from ..fileutil import read_jsonl, sha256_file  # noqa: F401 (sha256_file is re-exported)
 from . import kitti
 
 log = logging.getLogger(__name__)
@@ -419,17 +420,6 @@ def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 # cache
 # ----------------------------------------------------------------------------------------------
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def _atomic_write_array(path: Path, arr: np.ndarray) -> Tuple[int, str]:
     data = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
     tmp = path.with_name(path.name + ".tmp")
@@ -466,24 +456,6 @@ def source_fingerprint(sequence: kitti.SemanticKittiSequence) -> Dict:
     }
 
 
-def _read_jsonl(path: Path) -> List[Dict]:
-    records = []
-    if not path.is_file():
-        return records
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
-
-
 class GTCache:
     """Read access to the cache of one sequence (``OUT/SS``)."""
 
@@ -500,7 +472,7 @@ class GTCache:
             header, map_entry, frames = manifest.get("header"), manifest.get("map"), \
                 manifest.get("frames", [])
         else:
-            records = _read_jsonl(self.dir / "manifest.jsonl")
+            records = read_jsonl(self.dir / "manifest.jsonl")
             if not records:
                 raise DatasetError(
                     f"no ground-truth cache for sequence {self.sequence} in {self.dir} "
@@ -607,7 +579,7 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
               "source": source_fingerprint(sequence)}
     jsonl = out / "manifest.jsonl"
     final = out / "manifest.json"
-    records = [] if force else _read_jsonl(jsonl)
+    records = [] if force else read_jsonl(jsonl)
     if records:
         old = records[0]
         if old.get("type") != "header" or any(old.get(k) != header[k] for k in
