@@ -4,8 +4,10 @@ distill] [--steps 3] [--device cpu] [--threads 2]``.
 Each measurement builds the trainer of a shipped config (``tiny_*.yaml`` for ``tiny``, the
 published ``teacher.yaml`` / ``refiner.yaml`` / ``distill_dpo.yaml`` for ``full``) on synthetic
 scenes in the SemanticKITTI layout (generated once into ``--data``), runs one warm-up step and then
-``--steps`` timed steps, and prints one line per configuration and, last, a JSON summary. Point
-counts are those of the configs (full: 18,000 x 10 = 180,000 points per sample).
+``--steps`` timed steps, and prints one line per configuration - wall seconds and CPU seconds of the
+process per step (on a shared machine other jobs inflate the wall time, much less the CPU time) -
+and, last, a JSON summary. Point counts are those of the configs (full: 18,000 x 10 = 180,000 points
+per sample) unless ``--points`` says otherwise.
 """
 from __future__ import annotations
 
@@ -45,17 +47,18 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
     out = Path(tempfile.mkdtemp(prefix=f"bench_{size}_{kind}_"))
     try:
         tr = trainer_class(kind)(cfg, out, max_steps=steps + 1)
-        times = []
+        times, cpu = [], []
         orig = tr.train_step
 
         def timed(batch_):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = orig(batch_)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             return r
 
         tr.train_step = timed
@@ -64,8 +67,10 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
         tr.run()
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
         per = sum(times[1:]) / max(1, len(times) - 1)
+        per_cpu = sum(cpu[1:]) / max(1, len(cpu) - 1)
         return {"size": size, "kind": kind, "batch": int(cfg["train"]["batch_size"]), "steps": len(times) - 1,
-                "s_per_step": round(per, 3), "first_step_s": round(times[0], 3),
+                "s_per_step": round(per, 3), "cpu_s_per_step": round(per_cpu, 3),
+                "first_step_s": round(times[0], 3),
                 "points_per_sample": int(cfg["data"]["scan_points"]) * int(cfg["data"]["tile"])
                 if kind != "refiner" else int(cfg["refiner"]["input_points"]),
                 "peak_gpu_gib": round(peak, 2) if peak is not None else None}
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
             r = measure(size, kind, data, a.steps, a.device, a.threads, a.batch, a.backend, a.points)
             rows.append(r)
             print(f"{size:5s} {kind:8s} batch {r['batch']}  {r['s_per_step']:8.3f} s/step  "
+                  f"{r['cpu_s_per_step']:8.3f} CPU-s/step  "
                   f"(first {r['first_step_s']:.2f} s, {r['points_per_sample']} points/sample"
                   + (f", peak {r['peak_gpu_gib']} GiB" if r["peak_gpu_gib"] is not None else "") + ")",
                   flush=True)

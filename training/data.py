@@ -48,14 +48,25 @@ class ShardSampler(DistributedSampler):
         self.world = int(world_size)
         self.rank_ = int(rank)
         self.start_step = 0
+        self.end_step = None
 
     @property
     def steps_per_epoch(self) -> int:
         return max(1, self.n // (self.world * self.batch))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:  # noqa: D401
+        """Iterate over the rest of ``epoch`` from its step ``start_step``."""
         super().set_epoch(epoch)
         self.start_step = int(start_step)
+        self.end_step = None
+
+    def set_range(self, first_step: int, end_step: int) -> None:
+        """Iterate over global steps ``first_step`` .. ``end_step - 1``, across epochs (one
+        DataLoader, and its workers, for the whole run)."""
+        spe = self.steps_per_epoch
+        super().set_epoch(first_step // spe)
+        self.start_step = first_step % spe
+        self.end_step = int(end_step)
 
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -63,18 +74,34 @@ class ShardSampler(DistributedSampler):
         g = R.generator(self.seed, epoch, "permutation")
         return torch.randperm(self.n, generator=g).numpy()
 
-    def __iter__(self) -> Iterator[list]:
-        perm = self.permutation(self.epoch)
+    def _batch(self, perm, epoch: int, s: int) -> list:
         gb = self.world * self.batch
-        for s in range(self.start_step, self.steps_per_epoch):
-            out = []
-            for j in range(self.batch):
-                pos = s * gb + self.rank_ + j * self.world
-                out.append((int(perm[pos % self.n]), int(self.epoch), int(pos)))
-            yield out
+        out = []
+        for j in range(self.batch):
+            pos = s * gb + self.rank_ + j * self.world
+            out.append((int(perm[pos % self.n]), int(epoch), int(pos)))
+        return out
+
+    def __iter__(self) -> Iterator[list]:
+        spe = self.steps_per_epoch
+        if self.end_step is None:
+            perm = self.permutation(self.epoch)
+            for s in range(self.start_step, spe):
+                yield self._batch(perm, self.epoch, s)
+            return
+        step = self.epoch * spe + self.start_step
+        perm_epoch, perm = None, None
+        while step < self.end_step:
+            epoch, s = divmod(step, spe)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, self.permutation(epoch)
+            yield self._batch(perm, epoch, s)
+            step += 1
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        if self.end_step is None:
+            return self.steps_per_epoch - self.start_step
+        return max(0, self.end_step - (self.epoch * self.steps_per_epoch + self.start_step))
 
 
 class KeyedDataset(Dataset):

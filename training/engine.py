@@ -326,20 +326,19 @@ class Trainer:
         status = "finished"
         step_times = []
         try:
-            while self.step < self.total_steps:
-                epoch = self.step // self.steps_per_epoch
-                self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
-                self.apply_lr(epoch)
+            if self.step < self.total_steps:
+                self.sampler.set_range(self.step, self.total_steps)
                 loader = make_loader(self.dataset, self.sampler, self.loader_workers)
                 for batch in loader:
-                    if self.step >= self.total_steps:
-                        break
+                    epoch = self.step // self.steps_per_epoch
+                    self.apply_lr(epoch)
                     t0 = time.time()
                     logs = self.train_step(batch)
                     self.step += 1
                     steps_done += 1
                     step_times.append(time.time() - t0)
                     logs["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+                    logs["epoch"] = epoch
                     logs["time/step_s"] = step_times[-1]
                     if self.step % every_log == 0 or self.step == 1 or self.step == self.total_steps:
                         logger.scalars(self.step, logs)
