@@ -139,12 +139,15 @@ class Completer:
     @classmethod
     def from_checkpoint(cls, path=None, steps: int | None = None, guidance: float | None = None,
                         refine: bool = True, device="cpu", seed: int | None = None,
-                        backend: str | None = "auto", **kwargs) -> "Completer":
+                        backend: str | None = "auto", refiner_checkpoint=None, allow_pickle=None,
+                        **kwargs) -> "Completer":
         """Load a checkpoint (ours or a published layout) and build a Completer.
 
         ``path=None`` takes the shipped student checkpoint. ``steps`` / ``guidance`` left at None
         take the checkpoint's sampling defaults (8 / 3.5 when it names none); so do the point
-        budgets ``n_fps`` / ``tile`` when the checkpoint records them and they are not given. ``backend`` is the
+        budgets ``n_fps`` / ``tile`` when the checkpoint records them and they are not given.
+        ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
+        ``refine_net.ckpt``); ``allow_pickle=True`` loads Lightning files that need pickled code. ``backend`` is the
         sparse backend ("auto" | "minkowski" | "torch"; "auto" or None honours
         ``LIDAR_COMPLETION_BACKEND``). Other keyword arguments go to the constructor.
         """
@@ -154,7 +157,8 @@ class Completer:
         if backend in (None, "", "auto"):
             backend = None   # the sparse package reads LIDAR_COMPLETION_BACKEND, default auto
         dev = resolve_device(device)
-        loaded = checkpoints.load_checkpoint(path, device=str(dev), backend=backend)
+        loaded = checkpoints.load_checkpoint(path, device=str(dev), backend=backend,
+                                             refiner_path=refiner_checkpoint, allow_pickle=allow_pickle)
         missing = [r for r in ("encoder", "denoiser") if getattr(loaded, r, None) is None]
         if missing:
             raise CheckpointError(f"{path}: holds no {' and no '.join(missing)} network (found "

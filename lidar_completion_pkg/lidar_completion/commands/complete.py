@@ -26,6 +26,11 @@ def register(subparsers) -> None:
                    help="output cloud (.bin, .npy, .ply or .pcd); parent folders are created")
     p.add_argument("--checkpoint", metavar="P", default=None,
                    help="checkpoint (ours or a published Lightning file); default: the shipped student")
+    p.add_argument("--refiner-checkpoint", metavar="R", default=None,
+                   help="take the refiner from this file (e.g. LiDiff's refine_net.ckpt next to diff_net.ckpt)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading a Lightning file that needs pickled Python objects (runs code from "
+                        "the file: only for files you trust)")
     p.add_argument("--steps", type=int, default=None,
                    help="solver steps (default: the checkpoint's, 8 for the student)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
@@ -66,7 +71,9 @@ def run(args) -> int:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
 
     scan = read_cloud(args.input)          # CloudFormatError for missing / malformed files
-    completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
+    completer = Completer.from_checkpoint(args.checkpoint, refiner_checkpoint=args.refiner_checkpoint,
+                                          allow_pickle=True if args.trust_checkpoint else None,
+                                          steps=args.steps, guidance=args.guidance,
                                           refine=not args.no_refine, device=args.device,
                                           seed=args.seed, backend=args.backend,
                                           precision=args.precision,
