@@ -8,6 +8,11 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 PYTEST     ?= $(PY) -m pytest
 PYTEST_ARGS ?=
+# Tests run many small sparse-convolution passes and several processes (node, player) at once on
+# 2 cores: one OpenMP thread per process avoids oversubscription (measured: the batched-forward test
+# took 87-169 s with the default threads under load and 8 s with one). Override: make test OMP_NUM_THREADS=2
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
 
 # `make setup` is a no-op while none of the files that define the environment change.
 SETUP_INPUTS := Makefile scripts/setup_venv.sh scripts/install_minkowski.sh \
