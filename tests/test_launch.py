@@ -156,11 +156,11 @@ def test_command_line_arguments_override_the_params_file(monkeypatch):
     params = node.kwargs["parameters"]
     assert Path(params[0]).resolve() == PARAMS.resolve()
     assert params[1] == {}, "arguments not given must not override the params file"
-    _, actions = run_launch(monkeypatch, {"steps": "4", "checkpoint": "/tmp/s.pt",
-                                          "params_file": "/tmp/mine.yaml", "device": "cuda"})
+    _, actions = run_launch(monkeypatch, {"steps": "4", "checkpoint": "models/s.pt",
+                                          "params_file": "config/mine.yaml", "device": "cuda"})
     params = actions["Node"][0].kwargs["parameters"]
     # launch_ros applies the list in order, later entries win: the file first, then the overrides
-    assert params == ["/tmp/mine.yaml", {"checkpoint": "/tmp/s.pt", "steps": 4, "device": "cuda"}]
+    assert params == ["config/mine.yaml", {"checkpoint": "models/s.pt", "steps": 4, "device": "cuda"}]
     assert "ExecuteProcess" not in actions
 
 
