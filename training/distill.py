@@ -79,6 +79,14 @@ class DistillTrainer(Trainer):
     kind = "distill"
     record = False   # tests set True to keep the last step's draws in ``last_record``
 
+    def _copy_of(self, net):
+        """A new denoiser with ``net``'s weights (and train/eval mode). Built and loaded rather than
+        ``copy.deepcopy``-ed: MinkowskiEngine's modules do not survive deepcopy."""
+        _, fresh, _ = build_networks(self.model_config, self.backend, encoder=False)
+        fresh.load_state_dict(net.state_dict())
+        ref = next(net.parameters())
+        return fresh.to(ref.device).train(net.training)
+
     def build(self) -> None:
         d = self.cfg["distill"]
         self.mode = d["mode"]
@@ -102,7 +110,7 @@ class DistillTrainer(Trainer):
             enc, teacher, _ = build_networks(self.model_config, self.backend)
         self.encoder = freeze(enc)
         self.teacher = freeze(teacher)
-        self.student = copy.deepcopy(teacher)
+        self.student = self._copy_of(teacher)
         if student_init is not None:
             self.student.load_state_dict(student_init.state_dict())
         for p in self.student.parameters():
@@ -110,7 +118,7 @@ class DistillTrainer(Trainer):
         self.aux_names = ["aux_w", "aux_l"] if self.mode == "dpo" else ["aux"]
         self.aux = {}
         for n in self.aux_names:
-            a = copy.deepcopy(teacher)
+            a = self._copy_of(teacher)
             for p in a.parameters():
                 p.requires_grad_(True)
             self.aux[n] = a
