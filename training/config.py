@@ -101,9 +101,6 @@ DEFAULTS: dict = {
     },
 }
 
-PUBLISHED_NOTE = "published hyper-parameters: see docs/training.md"
-
-
 def deep_merge(base: dict, over: dict, path: str = "", strict: bool = True) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():

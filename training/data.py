@@ -151,10 +151,6 @@ def make_loader(dataset: KeyedDataset, sampler: ShardSampler, num_workers: int =
                       persistent_workers=False, pin_memory=False)
 
 
-def split_rows(x: torch.Tensor, counts: torch.Tensor) -> list:
-    return list(torch.split(x, [int(c) for c in counts]))
-
-
 class ArraySource:
     """In-memory source from lists of arrays (tests, overfitting, single scans).
 

@@ -44,7 +44,6 @@ published Distillation-DPO code does; a value w > 1 uses classifier-free guidanc
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import time
@@ -383,7 +382,3 @@ class Trainer:
         summary["checkpoint"] = str(final_ckpt) if final_ckpt else None
         summary["export"] = str(export_path) if export_path else None
         return summary
-
-
-def finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
