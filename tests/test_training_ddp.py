@@ -47,7 +47,7 @@ def _run(cmd: list, cwd: Path) -> None:
     assert r.returncode == 0, f"{' '.join(cmd[:6])} ... failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
-@pytest.mark.parametrize("kind", ["distill", pytest.param("teacher", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["distill", "teacher"])
 def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     npz = write_npz(tmp_path / "two.npz", n=2, n_target=1600, n_scan=160)
     common = _common(npz, kind)

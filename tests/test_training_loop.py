@@ -96,7 +96,6 @@ def test_resume_after_kill_is_identical(straight_run, tmp_path):
     _assert_identical(straight, _weights(out))
 
 
-@pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resume_is_identical(straight_run, tmp_path):
     npz, straight = straight_run
     out = tmp_path / "terminated"
