@@ -206,3 +206,42 @@ def test_checkpoint_from_one_backend_completes_the_same_on_the_other(tmp_path):
             for b in ("minkowski", "torch")]
     assert outs[0].shape == outs[1].shape and len(outs[0]) > 0
     assert np.abs(outs[0] - outs[1]).max() < 1e-3
+
+
+def test_convolution_algorithm_choice(monkeypatch):
+    from lidar_completion.sparse.torch_backend import GATHER_MIN_FILL, _use_gather
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    monkeypatch.delenv("LIDAR_COMPLETION_CONV_ALGO", raising=False)
+    assert not _use_gather(cpu) and not _use_gather(cpu, 0.9)
+    assert _use_gather(cuda) and _use_gather(cuda, GATHER_MIN_FILL) and not _use_gather(cuda, 0.05)
+    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "gather")
+    assert _use_gather(cpu, 0.0)
+    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "scatter")
+    assert not _use_gather(cuda, 1.0)
+
+
+def test_mixed_algorithms_per_level_agree(monkeypatch):
+    """CUDA's automatic choice (gather on dense levels, scatter on sparse ones), run on the CPU by
+    treating it like CUDA, equals the all-scatter result."""
+    from lidar_completion.sparse import torch_backend as tb
+
+    cfg = ModelConfig.tiny()
+    pts, batch = _batch_clouds()
+    torch.manual_seed(0)
+    den, enc = Denoiser(cfg, "torch").eval(), ConditionEncoder(cfg, "torch").eval()
+    monkeypatch.delenv("LIDAR_COMPLETION_CONV_ALGO", raising=False)
+    with torch.no_grad():
+        cond = enc(pts, batch)
+        ref = den(pts + 0.1, batch, torch.tensor([500, 20, 3]), cond)
+        real = tb._use_gather
+        decisions = []
+
+        def like_cuda(device, fill=None):
+            decisions.append(fill)
+            return real(torch.device("cuda"), fill)
+
+        monkeypatch.setattr(tb, "_use_gather", like_cuda)
+        mixed = den(pts + 0.1, batch, torch.tensor([500, 20, 3]), cond)
+    fills = [f for f in decisions if f is not None]
+    assert any(f < tb.GATHER_MIN_FILL for f in fills) and any(f >= tb.GATHER_MIN_FILL for f in fills)
+    assert _close(mixed, ref, rel=1e-5)
