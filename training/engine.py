@@ -10,6 +10,7 @@ Subclasses implement ``build()`` (modules, optimisers) ``train_step(batch) -> di
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -82,7 +83,7 @@ def params_digest(modules: dict) -> str:
     return h.hexdigest()
 
 
-class Trainer:
+class Trainer(abc.ABC):
     kind = "base"
 
     def __init__(self, cfg: dict, out_dir: str | os.PathLike, resume=None, max_steps: int | None = None,
@@ -157,16 +158,18 @@ class Trainer:
                 self.resumed_from = str(path)
 
     # -- to implement -------------------------------------------------------------------------
+    @abc.abstractmethod
     def build(self) -> None:
-        raise NotImplementedError
+        """Create the networks (self.modules / self.trainable) of this kind of run."""
 
     def make_optimizers(self) -> None:
         opt = self.cfg["train"]["optimizer"]
         params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
         self.optimizers["main"] = make_optimizer(params, opt)
 
+    @abc.abstractmethod
     def train_step(self, batch: dict) -> dict:
-        raise NotImplementedError
+        """One optimiser step on ``batch``; returns the scalars to log."""
 
     def export(self, path: Path) -> Path | None:
         return None
