@@ -422,7 +422,7 @@ def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 def _atomic_write_array(path: Path, arr: np.ndarray) -> Tuple[int, str]:
     data = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -430,8 +430,32 @@ def _atomic_write_array(path: Path, arr: np.ndarray) -> Tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name private to this process: several processes (a teacher and a refiner started
+    together) may verify and rewrite the same cache at once."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _stale_tmp(tmp: Path) -> bool:
+    """True for a temporary file whose writer process is gone (or of the old, pid-less naming)."""
+    parts = tmp.name.split(".")
+    try:
+        pid = int(parts[-2])
+    except (ValueError, IndexError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=1)
         fh.flush()
@@ -674,7 +698,8 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
                 "frames": [frame_entries[i] for i in range(len(sequence))]}
     _atomic_write_json(final, manifest)
     for tmp in out.glob("targets/*.tmp"):
-        tmp.unlink()
+        if _stale_tmp(tmp):
+            tmp.unlink(missing_ok=True)
     return GTCache(cache_root, sequence.sequence)
 
 
