@@ -14,8 +14,13 @@
 #   SCAN_POINTS [4000]   farthest-point-sampled scan points per sample (x_init = 10 x this; the
 #                        published models use 18000); the target gets 10 x this many points
 #   PYTHON [python3]     the interpreter (the venv's when you ran `make setup`)
+#   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
 #                        first batch within 125 s while 0 workers trained at 0.28 s per step)
+#
+# The run is restartable: a stage that finished is skipped (RUN_DIR/<stage>/.stage_done), a stage
+# that was interrupted resumes from its last checkpoint, and the same RUN_DIR with a larger
+# T_*/MAX_STEPS_* trains a stage further once its .stage_done is deleted.
 #
 # Outputs: RUN_DIR/teacher/teacher.pt, RUN_DIR/refiner/refiner.pt, RUN_DIR/distill/distill.pt
 # (student + teacher's condition encoder + refiner), with TensorBoard logs and metrics.jsonl.
@@ -62,11 +67,23 @@ common=(--device "$DEVICE" --set "data.root=$DATA" --set "data.sequences=$yaml_s
 stage() {  # stage KIND CONFIG SECONDS MAX_STEPS extra-args...
   local kind=$1 cfg=$2 secs=$3 steps=$4; shift 4
   local out="$RUN/$kind"
-  log "$kind: up to ${secs}s / ${steps} steps"
+  if [ -f "$out/.stage_done" ] && [ -f "$out/$kind.pt" ]; then
+    log "$kind: already done ($out/$kind.pt); delete $out/.stage_done to train it further"
+    return 0
+  fi
+  local resume=()
+  if [ -f "$out/checkpoints/latest.json" ]; then
+    resume=(--resume)   # an interrupted or time-limited stage: go on from its last checkpoint
+    log "$kind: resuming from $out/checkpoints"
+  fi
+  log "$kind: up to ${secs}s / ${steps} steps in total"
   timeout -s TERM "$secs" $PY -m training "$kind" --config "$cfg" --out "$out" --max-steps "$steps" \
-      "${common[@]}" "$@" > "$out.log" 2>&1
+      "${resume[@]}" "${common[@]}" "$@" >> "$out.log" 2>&1
   local rc=$?
-  if [ $rc -ne 0 ]; then
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+    log "$kind: failed (rc=$rc), see $out.log"; tail -20 "$out.log"; return 1
+  fi
+  if [ $rc -eq 124 ]; then
     # stopped by the time limit (a checkpoint was written on SIGTERM): resume for zero more steps,
     # which finishes the run and exports the inference checkpoint
     log "$kind: stopped (rc=$rc); exporting the last checkpoint"
@@ -74,12 +91,23 @@ stage() {  # stage KIND CONFIG SECONDS MAX_STEPS extra-args...
       || { log "$kind: export failed, see $out.log"; tail -20 "$out.log"; return 1; }
   fi
   tail -1 "$out.log"
+  touch "$out/.stage_done"
 }
 
-stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
-    --set "train.batch_size=$BATCH" || exit 1
-stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
-    --set "train.batch_size=$BATCH" || exit 1
+if [ "${PARALLEL:-0}" = 1 ]; then
+  # the refiner does not need the teacher: train both at once, one thread each (on a 2-core CPU
+  # this uses both cores with no oversubscription; the teacher goes on alone once the refiner ends)
+  OMP_NUM_THREADS=1 stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
+      --set "train.batch_size=$BATCH" & tpid=$!
+  OMP_NUM_THREADS=1 stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
+      --set "train.batch_size=$BATCH" || exit 1
+  wait $tpid || exit 1
+else
+  stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
+      --set "train.batch_size=$BATCH" || exit 1
+  stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
+      --set "train.batch_size=$BATCH" || exit 1
+fi
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
     --set "distill.teacher=$RUN/teacher/teacher.pt" --set "distill.refiner=$RUN/refiner/refiner.pt" || exit 1
 log "done: $(ls "$RUN"/*/*.pt)"
