@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Copy the models of a `scripts/train_default.sh` run into the package as the shipped defaults.
+
+    python scripts/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
+
+Writes, with float16 tensors (loaded back as float32; the README's table is measured on these
+files, not on the float32 originals):
+
+  student.pt     the Distillation-DPO student, the teacher's condition encoder and the refiner:
+                 the default checkpoint of the CLI, the Python API and the node
+  teacher.pt     the teacher it was distilled from, with the same refiner (for comparisons)
+  manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
+                 "training": what made them (steps, seconds, hardware, command)}
+
+A file over the size budget (25 MB for everything) is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+BUDGET_BYTES = 25 * 1000 * 1000
+
+
+def _last_status(log: Path) -> dict:
+    """The trainer's final JSON status line (step, seconds, mean_step_s) from RUN/<stage>.log."""
+    if not log.exists():
+        return {}
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"status"' in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return {}
+
+
+def _stage_info(run: Path, stage: str) -> dict:
+    """Steps and wall-clock seconds of a stage, summed over its metrics.jsonl (a resumed run logs the
+    time since it started, so the largest time per contiguous segment is added up)."""
+    info = {}
+    metrics = run / stage / "metrics.jsonl"
+    if metrics.exists():
+        steps, seconds, last_t = 0, 0.0, 0.0
+        for line in metrics.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "step" not in r or "time" not in r:
+                continue
+            if r["time"] < last_t:       # a new segment (resume) began
+                seconds += last_t
+            last_t = float(r["time"])
+            steps = max(steps, int(r["step"]))
+        info.update(steps=steps, seconds=round(seconds + last_t, 1))
+    status = _last_status(run / f"{stage}.log")
+    if status.get("step") is not None:
+        info["steps"] = int(status["step"])
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
+    ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
+    ap.add_argument("--command", default=None, help="the training command to record in the manifest")
+    args = ap.parse_args(argv)
+
+    from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+    from lidar_completion.fileutil import sha256_file
+
+    run = Path(args.run)
+    dest = Path(args.dest) if args.dest else WEIGHTS_DIR
+    sources = {"student.pt": run / "distill" / "distill.pt", "teacher.pt": run / "teacher" / "teacher.pt"}
+    refiner_src = run / "refiner" / "refiner.pt"
+    for p in list(sources.values()) + [refiner_src]:
+        if not p.exists():
+            print(f"error: {p} is missing; run scripts/train_default.sh {run} first", file=sys.stderr)
+            return 2
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, src in sources.items():
+        ld = load_checkpoint(src, refiner_path=refiner_src if name == "teacher.pt" else None)
+        if ld.refiner is None:
+            print(f"error: {src} has no refiner", file=sys.stderr)
+            return 2
+        meta = dict(ld.meta, shipped_from=str(src), source_sha256=sha256_file(src))
+        digest = save_checkpoint(dest / name, {"encoder": ld.encoder, "denoiser": ld.denoiser,
+                                               "refiner": ld.refiner}, ld.config, sampling=ld.sampling,
+                                 kind=ld.kind, meta=meta, half=True)
+        files[name] = {"sha256": sha256_file(dest / name), "content_hash": digest,
+                       "bytes": (dest / name).stat().st_size, "kind": ld.kind,
+                       "sampling": ld.sampling, "trained_by": ld.meta.get("trained_by"),
+                       "training_step": ld.meta.get("step")}
+    total = sum(f["bytes"] for f in files.values())
+    if total > BUDGET_BYTES:
+        for name in files:
+            (dest / name).unlink()
+        print(f"error: {total / 1e6:.1f} MB exceeds the {BUDGET_BYTES / 1e6:.0f} MB budget", file=sys.stderr)
+        return 2
+    manifest = {
+        "default": "student.pt",
+        "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
+                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
+        "files": files,
+        "training": {"stages": {s: _stage_info(run, s) for s in ("teacher", "refiner", "distill")},
+                     "command": args.command,
+                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                 "processor": platform.processor() or platform.machine()}},
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    for name, f in files.items():
+        print(f"{dest / name}: {f['bytes'] / 1e6:.2f} MB sha256 {f['sha256'][:16]}...")
+    print(f"{dest / 'manifest.json'}: default = student.pt ({total / 1e6:.2f} MB in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
