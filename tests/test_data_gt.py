@@ -279,3 +279,29 @@ def test_resume_after_sigkill(tmp_path):
     clean = gt.build_sequence(seq, tmp_path / "clean")
     for i in range(n):
         np.testing.assert_array_equal(cache.load_target(i, verify=True), clean.load_target(i))
+
+
+def test_concurrent_verifications_of_one_cache(built, tmp_path):
+    """Several processes (a teacher and a refiner started together) verify the same complete cache at
+    once: each rewrites manifest.json through its own temporary file, so none fails."""
+    import subprocess
+    import sys
+
+    seq, _, src = built
+    out = tmp_path / "cache"
+    shutil.copytree(src, out)
+    code = ("import sys; from lidar_completion.data import gt\n"
+            "for _ in range(20): gt.build_gt(sys.argv[1], ['00'], out=sys.argv[2], verify='size')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seq.root), str(out)],
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert not list((out / "00").glob("*.tmp"))
+    json.loads((out / "00" / "manifest.json").read_text())
+
+
+def test_stale_temporary_files():
+    assert gt._stale_tmp(Path("targets/000001.bin.tmp"))            # old naming: no writer id
+    assert gt._stale_tmp(Path(f"000001.bin.{2 ** 22 + 12345}.tmp"))  # no such process
+    import os
+    assert not gt._stale_tmp(Path(f"000001.bin.{os.getppid()}.tmp"))  # a live writer
