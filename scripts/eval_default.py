@@ -102,7 +102,11 @@ def evaluate_row(row: str, args, ds, frames):
     if row == "xinit":
         # no denoiser: the cloud the solver starts from (before noise), and the refiner applied to it
         import torch
-        comp = Completer.from_checkpoint(args.student, refine=True, device=args.device, backend=args.backend)
+        src = args.student or args.teacher      # both carry the same refiner
+        if not src:
+            raise SystemExit("row xinit: pass --student or --teacher (for their refiner)")
+        comp = Completer.from_checkpoint(src, refine=True, device=args.device, backend=args.backend,
+                                         refiner_checkpoint=None if args.student else args.refiner)
         raw_x = {}
 
         def predict_xinit_refined(key, index, inp):

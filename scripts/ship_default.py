@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
     ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--command", default=None, help="the training command to record in the manifest")
+    ap.add_argument("--teacher-only", action="store_true",
+                    help="ship the teacher alone (while the student is still training); the manifest "
+                         "then names no default")
     args = ap.parse_args(argv)
 
     from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint, save_checkpoint
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
     sources = {"student.pt": run / "distill" / "distill.pt", "teacher.pt": run / "teacher" / "teacher.pt"}
     refiner_src = run / "refiner" / "refiner.pt"
+    if args.teacher_only:
+        sources.pop("student.pt")
     for p in list(sources.values()) + [refiner_src]:
         if not p.exists():
             print(f"error: {p} is missing; run scripts/train_default.sh {run} first", file=sys.stderr)
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
         print(f"error: {total / 1e6:.1f} MB exceeds the {BUDGET_BYTES / 1e6:.0f} MB budget", file=sys.stderr)
         return 2
     manifest = {
-        "default": "student.pt",
+        "default": "student.pt" if "student.pt" in files else None,
         "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
                        "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
         "files": files,
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for name, f in files.items():
         print(f"{dest / name}: {f['bytes'] / 1e6:.2f} MB sha256 {f['sha256'][:16]}...")
-    print(f"{dest / 'manifest.json'}: default = student.pt ({total / 1e6:.2f} MB in all)")
+    print(f"{dest / 'manifest.json'}: default = {manifest['default']} ({total / 1e6:.2f} MB in all)")
     return 0
 
 

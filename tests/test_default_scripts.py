@@ -1,0 +1,102 @@
+"""scripts/ship_default.py (float16 copies + manifest) and scripts/eval_default.py (results table) on a
+fake training run made of random tiny checkpoints."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion.checkpoints import load_checkpoint, make_random_checkpoint
+from lidar_completion.fileutil import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    run = tmp_path / "run"
+    samp = {"steps": 8, "guidance": 3.5, "n_fps": 300, "tile": 4}
+    make_random_checkpoint(run / "distill" / "distill.pt", seed=1, sampling=samp)
+    make_random_checkpoint(run / "teacher" / "teacher.pt", seed=2, refine=False,
+                           sampling=dict(samp, steps=50, guidance=6.0))
+    make_random_checkpoint(run / "refiner" / "refiner.pt", seed=3)
+    (run / "teacher" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "time": t}) for s, t in [(1, 2.0), (10, 20.0), (11, 1.0), (20, 9.0)]))
+    (run / "teacher.log").write_text('noise\n{"kind": "teacher", "status": "finished", "step": 20}\n')
+    return run
+
+
+def test_ship_writes_half_precision_copies_and_a_manifest(fake_run, tmp_path):
+    ship = _script("ship_default")
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest), "--command", "make it"]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert m["default"] == "student.pt" and m["training"]["command"] == "make it"
+    assert m["training"]["stages"]["teacher"] == {"steps": 20, "seconds": 29.0}   # two segments: 20 + 9 s
+    for name in ("student.pt", "teacher.pt"):
+        assert sha256_file(dest / name) == m["files"][name]["sha256"]
+        raw = torch.load(dest / name, weights_only=True)
+        assert all(t.dtype == torch.float16 for sd in raw["state_dicts"].values()
+                   for t in sd.values() if t.is_floating_point())
+        ld = load_checkpoint(dest / name, backend="torch")
+        assert ld.content_hash == m["files"][name]["content_hash"] and ld.refiner is not None
+    # the teacher got the refiner of the refiner run, rounded to float16
+    ref = load_checkpoint(fake_run / "refiner" / "refiner.pt", backend="torch").refiner.state_dict()
+    got = load_checkpoint(dest / "teacher.pt", backend="torch").refiner.state_dict()
+    k = next(k for k, v in ref.items() if v.is_floating_point() and v.numel() > 10)
+    torch.testing.assert_close(got[k], ref[k].half().float())
+
+
+def test_ship_teacher_only_and_missing_inputs(fake_run, tmp_path, capsys):
+    ship = _script("ship_default")
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest), "--teacher-only"]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert m["default"] is None and set(m["files"]) == {"teacher.pt"}
+    (fake_run / "distill" / "distill.pt").unlink()
+    assert ship.main([str(fake_run), "--dest", str(tmp_path / "w2")]) == 2
+    assert "distill.pt is missing" in capsys.readouterr().err
+
+
+def test_ship_refuses_over_budget(fake_run, tmp_path, monkeypatch):
+    ship = _script("ship_default")
+    monkeypatch.setattr(ship, "BUDGET_BYTES", 1000)
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest)]) == 2
+    assert not list(dest.glob("*.pt"))
+
+
+def test_eval_default_rows_and_table(fake_run, tmp_path):
+    from lidar_completion.data import build_gt, generate_dataset
+    from lidar_completion.data.synthetic import SyntheticConfig
+
+    ev = _script("eval_default")
+    data = tmp_path / "data"
+    generate_dataset(data, sequences=[8], scans=3, seed=1, config=SyntheticConfig(azimuth_steps=256))
+    build_gt(data, ["08"], progress=False)
+    out = tmp_path / "table"
+    ev.main(["--data", str(data), "--every", "2", "--limit", "2", "--student", str(fake_run / "distill" / "distill.pt"),
+             "--rows", "input,xinit,student1,student1w1", "--out", str(out), "--emd", "none", "--no-progress",
+             "--threads", "1"])
+    md = (out / "table.md").read_text().splitlines()
+    names = [line.split("|")[1].strip() for line in md[2:]]
+    assert names == ["input scan alone", "x_init, no denoiser", "x_init, no denoiser",
+                     "student", "student", "student", "student"]
+    t = json.loads((out / "table.json").read_text())
+    by = {(r["run"]["label"]): r for r in t["rows"]}
+    raw, ref = by["student 1 steps, w=3.5"], by["student 1 steps, w=3.5 + refine"]
+    # the unrefined row is the same completion before the refiner: the refined one takes longer
+    assert ref["time_per_scan"]["mean"] > raw["time_per_scan"]["mean"]
+    assert np.isfinite(ref["cd"]["mean"]) and ref["cd"]["mean"] != raw["cd"]["mean"]
+    assert "student 1 steps, w=1 + refine" in by
+    with pytest.raises(SystemExit):
+        ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
