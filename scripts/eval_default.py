@@ -99,6 +99,30 @@ def evaluate_row(row: str, args, ds, frames):
                                         indices=frames)}
     from lidar_completion.completer import Completer
 
+    def both_variants(name, label, run_extra, identity, complete):
+        """Rows OUT/<name>_refine and OUT/<name>_raw from one completion per frame:
+        ``complete(key, index, inp) -> (refined, timings, raw, raw_timings)``."""
+        raw = {}
+
+        def predict_refined(key, index, inp):
+            refined, t, unrefined, t_raw = complete(key, index, inp)
+            raw[key] = (unrefined, t_raw)
+            return refined, t
+
+        def predict_raw(key, index, inp):
+            if key not in raw:    # resumed run: the refined row was already complete for this frame
+                predict_refined(key, index, inp)
+            return raw[key]
+
+        res = {}
+        for refine, fn in ((True, predict_refined), (False, predict_raw)):
+            lab = f"{label}{' + refine' if refine else ''}"
+            run = dict(base, **run_extra, label=lab, refine=refine, identity_keys=identity + ["refine"],
+                       title=f"sequence {args.sequence}, {lab}")
+            res[lab] = run_evaluation(keys, load, fn, Path(args.out) / f"{name}_{'refine' if refine else 'raw'}",
+                                      run, emd=args.emd, plots=False, progress=progress, indices=frames)
+        return res
+
     if row == "xinit":
         # no denoiser: the cloud the solver starts from (before noise), and the refiner applied to it
         import torch
@@ -107,65 +131,38 @@ def evaluate_row(row: str, args, ds, frames):
             raise SystemExit("row xinit: pass --student or --teacher (for their refiner)")
         comp = Completer.from_checkpoint(src, refine=True, device=args.device, backend=args.backend,
                                          refiner_checkpoint=None if args.student else args.refiner)
-        raw_x = {}
 
-        def predict_xinit_refined(key, index, inp):
+        def complete_xinit(key, index, inp):
             t0 = time.perf_counter()
             _, _, x_init, _ = comp.prepare(inp)
             t1 = time.perf_counter()
             with torch.inference_mode():
                 pts = comp.refine_points(torch.as_tensor(x_init, device=comp.device)).cpu().numpy()
             t2 = time.perf_counter()
-            raw_x[key] = (x_init, {"total": t1 - t0, "preprocess": t1 - t0})
-            return pts, {"total": t2 - t0, "preprocess": t1 - t0, "refinement": t2 - t1}
+            return (pts, {"total": t2 - t0, "preprocess": t1 - t0, "refinement": t2 - t1},
+                    x_init, {"total": t1 - t0, "preprocess": t1 - t0})
 
-        def predict_xinit_raw(key, index, inp):
-            if key not in raw_x:
-                predict_xinit_refined(key, index, inp)
-            return raw_x[key]
-
-        res = {}
-        for refine, fn in ((True, predict_xinit_refined), (False, predict_xinit_raw)):
-            label = f"x_init (no denoiser){' + refine' if refine else ''}"
-            run = dict(base, source="x_init", label=label, steps=0, refine=refine,
-                       identity_keys=["dataset", "sequence", "seed", "source", "refine"],
-                       title=f"sequence {args.sequence}, {label}",
-                       description="The farthest-point-sampled scan tiled (the solver's start before noise)")
-            res[label] = run_evaluation(keys, load, fn, Path(args.out) / ("xinit" + ("_refine" if refine else "_raw")),
-                                        run, emd=args.emd, plots=False, progress=progress, indices=frames)
-        return res
+        return both_variants("xinit", "x_init (no denoiser)",
+                             dict(source="x_init", steps=0, description="The farthest-point-sampled scan "
+                                  "tiled (the solver's start before noise)"),
+                             ["dataset", "sequence", "seed", "source"], complete_xinit)
 
     kind, steps, w, ckpt = _row_spec(row, args)
     refiner = args.refiner if kind == "teacher" else None
     comp = Completer.from_checkpoint(ckpt, steps=steps, guidance=w, refine=True, device=args.device,
                                      backend=args.backend, refiner_checkpoint=refiner)
-    raw = {}
 
-    def predict_refined(key, index, inp):
+    def complete_model(key, index, inp):
         res = comp.complete_detailed(inp, seed=args.seed + int(index))
         t = dict(res.timings)
-        t_raw = dict(t, total=t["total"] - t.get("refinement", 0.0), refinement=0.0)
-        raw[key] = (res.raw, t_raw)
-        return res.points, t
+        return res.points, t, res.raw, dict(t, total=t["total"] - t.get("refinement", 0.0), refinement=0.0)
 
-    def predict_raw(key, index, inp):
-        if key not in raw:    # resumed run: the refined row was already complete for this frame
-            predict_refined(key, index, inp)
-        return raw[key]
-
-    out = {}
-    for refine, fn in ((True, predict_refined), (False, predict_raw)):
-        label = f"{kind} {steps} steps, w={comp.guidance:g}{' + refine' if refine else ''}"
-        run = dict(base, source="completer", label=label, steps=steps, guidance=comp.guidance,
-                   refine=refine, checkpoint={"path": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt)},
-                   refiner=refiner, backend=args.backend, device=args.device,
-                   identity_keys=["dataset", "sequence", "seed", "checkpoint", "steps", "guidance", "refine"],
-                   title=f"sequence {args.sequence}, {label}",
-                   description=f"{steps} steps, w={comp.guidance:g}, refine={refine}, seed {args.seed} + frame")
-        sub = Path(args.out) / (row + ("_refine" if refine else "_raw"))
-        out[label] = run_evaluation(keys, load, fn, sub, run, emd=args.emd, plots=False,
-                                    progress=progress, indices=frames)
-    return out
+    return both_variants(row, f"{kind} {steps} steps, w={comp.guidance:g}",
+                         dict(source="completer", steps=steps, guidance=comp.guidance,
+                              checkpoint={"path": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt)},
+                              refiner=refiner, backend=args.backend, device=args.device,
+                              description=f"{steps} steps, w={comp.guidance:g}, seed {args.seed} + frame"),
+                         ["dataset", "sequence", "seed", "checkpoint", "steps", "guidance"], complete_model)
 
 
 def table(out_dir: Path):
