@@ -41,6 +41,28 @@ def test_from_checkpoint_uses_checkpoint_sampling_defaults(ckpt, monkeypatch):
         Completer.from_checkpoint(None)
 
 
+def test_solver_process_comes_from_the_checkpoint_and_can_be_overridden(ckpt, scan_file, tmp_path, capsys):
+    from lidar_completion.errors import ConfigError
+    assert Completer.from_checkpoint(ckpt, backend="torch").process == "vp"      # names none: published
+    local = make_random_checkpoint(tmp_path / "local.pt", sampling={"steps": 2, "guidance": 1.0,
+                                                                    "process": "local"})
+    c = Completer.from_checkpoint(local, backend="torch", n_fps=100, tile=3, seed=0)
+    assert c.process == "local" and c.solver.process == "local"
+    res = c.complete_detailed(read_cloud(scan_file))
+    assert res.process == "local" and np.isfinite(res.points).all()
+    c.process = "vp"
+    assert c.solver.process == "vp" and c.steps == 2
+    assert Completer.from_checkpoint(local, backend="torch", process="vp").process == "vp"
+    with pytest.raises(ConfigError, match="process"):
+        Completer.from_checkpoint(local, backend="torch", process="ve")
+    out = tmp_path / "o.npy"
+    assert main(["complete", str(scan_file), "-o", str(out), "--checkpoint", str(local),
+                 "--process", "vp", *FAST]) == 0
+    assert "1 vp steps" in capsys.readouterr().out
+    assert main(["complete", str(scan_file), "-o", str(out), "--checkpoint", str(local), *FAST]) == 0
+    assert "1 local steps" in capsys.readouterr().out
+
+
 def test_complete_cli_writes_output_and_render(ckpt, scan_file, tmp_path, capsys):
     out, png = tmp_path / "out" / "dense.ply", tmp_path / "cmp.png"
     rc = main(["complete", str(scan_file), "-o", str(out), "--checkpoint", str(ckpt), "--render",

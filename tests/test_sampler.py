@@ -114,3 +114,52 @@ def test_sample_calls_the_model_on_absolute_points_at_the_scheduled_timesteps():
     assert seen[0][1] == pytest.approx(100.0)       # x_T = x_init + 0
     # eps = 0 everywhere: x0 = y / alpha; the chain stays finite and returns absolute points
     assert out.shape == (10, 3) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- the "local" process
+def _local_oracle(x0):
+    """The exact noise of the local process x_t = x_0 + sigma_t eps (a point set with one answer)."""
+    def eps(x, t):
+        return (x - x0) / float((1 - ABAR[t]).sqrt())
+    return eps
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_local_solver_returns_the_clean_points_of_an_exact_local_model(steps):
+    g = torch.Generator().manual_seed(0)
+    x_init = torch.randn(500, 3, generator=g)
+    x0 = x_init + 0.3 * torch.randn(500, 3, generator=g)
+    out = sample(_local_oracle(x0), x_init, DPMSolverSDE(SCHEDULE, steps, process="local"),
+                 torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+def test_published_vp_solver_magnifies_a_local_models_offsets():
+    # the published sampler treats the offsets from x_init as a VP process: one step from t = 999
+    # returns x_init + (x_0 - x_init) / alpha_999, about 5.8 times the true offsets
+    g = torch.Generator().manual_seed(0)
+    x_init = torch.randn(500, 3, generator=g)
+    x0 = x_init + 0.3 * torch.randn(500, 3, generator=g)
+    out = sample(_local_oracle(x0), x_init, DPMSolverSDE(SCHEDULE, 1), torch.Generator().manual_seed(1))
+    alpha = float(ABAR[999].sqrt())
+    torch.testing.assert_close(out - x_init, (x0 - x_init) / alpha, atol=1e-4, rtol=1e-4)
+    assert 5.5 < 1 / alpha < 6.0
+
+
+def test_local_first_order_step_is_the_gaussian_posterior_of_the_local_process():
+    s = DPMSolverSDE(SCHEDULE, 8, order=1, process="local")
+    t, t_next = 999, 874
+    var, var_next = float(1 - ABAR[t]), float(1 - ABAR[t_next])
+    y = torch.randn(200, 3)
+    x0 = torch.randn(200, 3)
+    z = torch.randn(200, 3)
+    eps = (y - x0) / var ** 0.5
+    out = s.step(eps, 0, y, noise=z).prev_sample
+    # q(x_s | x_t, x_0) for x_t = x_0 + sigma_t eps: mean (v_s / v_t) x_t + (1 - v_s / v_t) x_0,
+    # variance v_s (1 - v_s / v_t)
+    r = var_next / var
+    want = r * y + (1 - r) * x0 + (var_next * (1 - r)) ** 0.5 * z
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError):
+        DPMSolverSDE(SCHEDULE, 8, process="ve")
+    assert "local" in repr(s)

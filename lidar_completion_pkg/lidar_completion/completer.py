@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
+from .diffusion.sampler import PROCESSES
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
 
@@ -52,6 +53,7 @@ class CompletionResult:
     seed: int | None = None        # the seed the noise was drawn with (reproduces this result)
     steps: int = 0
     guidance: float = 0.0
+    process: str = "vp"            # the solver's forward process ("vp" published, "local")
 
 
 def resolve_device(device) -> torch.device:
@@ -107,12 +109,15 @@ class Completer:
                  max_range: float | None = DEFAULTS["max_range"],
                  min_z: float | None = DEFAULTS["min_z"], n_fps: int = DEFAULTS["n_fps"],
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
-                 min_points: int = 100, schedule: NoiseSchedule | None = None):
+                 min_points: int = 100, schedule: NoiseSchedule | None = None, process: str = "vp"):
         self.device = resolve_device(device)
         self.encoder = encoder.to(self.device).eval()
         self.denoiser = denoiser.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
         self.schedule = schedule or NoiseSchedule()
+        if process not in PROCESSES:
+            raise ConfigError(f"process must be one of {', '.join(PROCESSES)}, got {process!r}")
+        self._process = process
         self.steps = steps            # property: builds the solver
         self.guidance = float(guidance)
         if refine and self.refiner is None:
@@ -140,13 +145,15 @@ class Completer:
     def from_checkpoint(cls, path=None, steps: int | None = None, guidance: float | None = None,
                         refine: bool = True, device="cpu", seed: int | None = None,
                         backend: str | None = "auto", refiner_checkpoint=None, allow_pickle=None,
-                        **kwargs) -> "Completer":
+                        process: str | None = None, **kwargs) -> "Completer":
         """Load a checkpoint (ours or a published layout) and build a Completer.
 
         ``path=None`` takes the shipped student checkpoint. ``steps`` / ``guidance`` left at None
         take the checkpoint's sampling defaults (8 / 3.5 when it names none); so do the point
         budgets ``n_fps`` / ``tile`` when the checkpoint records them and they are not given.
-        ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
+        ``process`` (None: the checkpoint's ``sampling["process"]``, "vp" when it names none, as
+        for published checkpoints) picks the solver's forward process (see
+        :mod:`lidar_completion.diffusion.sampler`). ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
         ``refine_net.ckpt``); ``allow_pickle=True`` loads Lightning files that need pickled code. ``backend`` is the
         sparse backend ("auto" | "minkowski" | "torch"; "auto" or None honours
         ``LIDAR_COMPLETION_BACKEND``). Other keyword arguments go to the constructor.
@@ -169,6 +176,8 @@ class Completer:
             steps = int(sampling.get("steps", 8))
         if guidance is None:
             guidance = float(sampling.get("guidance", 3.5))
+        if process is None:
+            process = str(sampling.get("process", "vp"))
         for key in ("n_fps", "tile"):  # the point budgets the model was trained with
             if key in sampling and key not in kwargs:
                 kwargs[key] = int(sampling[key])
@@ -176,7 +185,7 @@ class Completer:
             log.warning("checkpoint %s has no refiner; completions are not refined", path)
             refine = False
         return cls(loaded.encoder, loaded.denoiser, loaded.refiner, steps=steps, guidance=guidance,
-                   refine=refine, device=dev, seed=seed, **kwargs)
+                   refine=refine, device=dev, seed=seed, process=process, **kwargs)
 
     # -- settings -------------------------------------------------------------------------------
     @property
@@ -187,7 +196,19 @@ class Completer:
     def steps(self, value: int):
         if isinstance(value, bool) or int(value) != value or int(value) < 1:
             raise ConfigError(f"steps must be a positive integer, got {value!r}")
-        self._solver = DPMSolverSDE(self.schedule, int(value))
+        self._solver = DPMSolverSDE(self.schedule, int(value), process=self._process)
+
+    @property
+    def process(self) -> str:
+        """The forward process the solver assumes: "vp" (the published LiDiff sampler) or "local"."""
+        return self._process
+
+    @process.setter
+    def process(self, value: str):
+        if value not in PROCESSES:
+            raise ConfigError(f"process must be one of {', '.join(PROCESSES)}, got {value!r}")
+        self._process = value
+        self._solver = DPMSolverSDE(self.schedule, self._solver.num_steps, process=value)
 
     @property
     def solver(self) -> DPMSolverSDE:
@@ -287,7 +308,7 @@ class Completer:
         return CompletionResult(points=refined if refined is not None else raw, raw=raw,
                                 refined=refined, timings=times, num_input=n_valid,
                                 num_filtered=len(filtered), num_fps=len(scan_fps), seed=used_seed,
-                                steps=self.steps, guidance=self.guidance)
+                                steps=self.steps, guidance=self.guidance, process=self.process)
 
     def refine_points(self, points: torch.Tensor) -> torch.Tensor:
         """Refiner: (N, 3 k) offsets in metres, k points per input point -> (k N, 3)."""
@@ -302,7 +323,7 @@ class Completer:
         return (points[:, None, :3].float() + off.view(-1, k, 3)).reshape(-1, 3).contiguous()
 
     def __repr__(self) -> str:
-        return (f"Completer(steps={self.steps}, guidance={self.guidance}, refine={self.refine}, "
+        return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
                 f"n_fps={self.n_fps}, tile={self.tile})")
 

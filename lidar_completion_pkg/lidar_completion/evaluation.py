@@ -600,22 +600,24 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation", checkpoint=
         if completer is None:
             from .completer import Completer
             completer = Completer.from_checkpoint(checkpoint, steps=steps, guidance=guidance,
-                                                  refine=refine, device=device, backend=backend)
+                                                  refine=refine, device=device, backend=backend,
+                                                  process=process)
         ckpt = None
         if checkpoint is not None:
             ckpt = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)}
         run.update(source="completer", checkpoint=ckpt, steps=completer.steps,
-                   guidance=completer.guidance, refine=completer.refine,
+                   guidance=completer.guidance, refine=completer.refine, process=completer.process,
                    device=str(completer.device), completer=repr(completer),
                    label=label or (Path(checkpoint).stem if checkpoint else "model"))
-        identity += ["checkpoint", "steps", "guidance", "refine"]
+        identity += ["checkpoint", "steps", "guidance", "refine", "process"]
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {seq_id}, {run['label']}"
     run["description"] = ("Ground truth: the cached per-frame targets (z band -4..4.4 m, viewpoint "
                           "mask). Prediction: " + ("the filtered input scan itself."
                                                    if baseline == "input" else
-                                                   f"{run['steps']} steps, w={run['guidance']:g}, "
+                                                   f"{run['steps']} steps ({run['process']} solver), "
+                                                   f"w={run['guidance']:g}, "
                                                    f"refine={run['refine']}, per-frame seed = "
                                                    f"{seed} + frame."))
     cache: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}

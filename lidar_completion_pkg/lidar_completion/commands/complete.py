@@ -33,6 +33,10 @@ def register(subparsers) -> None:
                         "the file: only for files you trust)")
     p.add_argument("--steps", type=int, default=None,
                    help="solver steps (default: the checkpoint's, 8 for the student)")
+    p.add_argument("--process", choices=("local", "vp"), default=None,
+                   help="the solver's forward process: 'local' (x_t = x_0 + sigma_t eps, what the networks are "
+                        "trained on) or 'vp' (the published LiDiff sampler); default: the checkpoint's "
+                        "(vp for published checkpoints)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight w (default: the checkpoint's, 3.5 for the "
                         "student; 1 = conditional only)")
@@ -74,7 +78,7 @@ def run(args) -> int:
     completer = Completer.from_checkpoint(args.checkpoint, refiner_checkpoint=args.refiner_checkpoint,
                                           allow_pickle=True if args.trust_checkpoint else None,
                                           steps=args.steps, guidance=args.guidance,
-                                          refine=not args.no_refine, device=args.device,
+                                          process=args.process, refine=not args.no_refine, device=args.device,
                                           seed=args.seed, backend=args.backend,
                                           precision=args.precision,
                                           **{k: v for k, v in (("n_fps", args.n_fps), ("tile", args.tile))
@@ -83,7 +87,7 @@ def run(args) -> int:
     write_cloud(out, result.points, binary=not args.ascii)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
     print(f"{args.input}: {result.num_input} points -> {len(result.points)} points in "
-          f"{result.timings['total']:.2f} s ({result.steps} steps, w={result.guidance:g}, "
+          f"{result.timings['total']:.2f} s ({result.steps} {result.process} steps, w={result.guidance:g}, "
           f"seed {result.seed}) -> {out}")
     log.info("stage times: %s", times)
     if args.render:

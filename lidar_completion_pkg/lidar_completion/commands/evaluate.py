@@ -82,6 +82,10 @@ def register(subparsers) -> None:
                         "scan itself")
     p.add_argument("--steps", type=_positive, default=None,
                    help="solver steps (default: the checkpoint's)")
+    p.add_argument("--process", choices=("local", "vp"), default=None,
+                   help="the solver's forward process: 'local' (x_t = x_0 + sigma_t eps, what the networks are "
+                        "trained on) or 'vp' (the published LiDiff sampler); default: the checkpoint's "
+                        "(vp for published checkpoints)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight (default: the checkpoint's)")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
@@ -127,7 +131,7 @@ def run(args) -> int:
         limit=args.limit, every=args.every, seed=args.seed, device=args.device,
         backend=args.backend, cache_root=args.gt_cache, build_gt=args.build_gt, emd=args.emd,
         plots=not args.no_plots, progress=not args.no_progress, restart=args.restart,
-        metric_workers=args.metric_workers, label=args.label)
+        metric_workers=args.metric_workers, label=args.label, process=args.process)
     print_summary(summary, out)
     return 0
 
@@ -141,6 +145,6 @@ def run_files(args) -> int:
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
                              limit=args.limit, emd=args.emd, plots=not args.no_plots,
                              progress=not args.no_progress, restart=args.restart,
-                             metric_workers=args.metric_workers, label=args.label)
+                             metric_workers=args.metric_workers, label=args.label, process=args.process)
     print_summary(summary, out)
     return 0

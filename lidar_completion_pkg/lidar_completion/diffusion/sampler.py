@@ -37,7 +37,12 @@ import torch
 from ..errors import ConfigError
 from .schedule import NoiseSchedule
 
-__all__ = ["DPMSolverSDE", "StepOutput", "linspace_timesteps", "sample"]
+__all__ = ["DPMSolverSDE", "PROCESSES", "StepOutput", "linspace_timesteps", "sample"]
+
+# "vp": the published sampler (diffusers' formulas for x_t = alpha_t x_0 + sigma_t eps applied to the
+# offsets from x_init, although the networks are trained on x_t = x_0 + sigma_t eps); "local": the
+# same solver for the process the networks are trained on (alpha_t = 1; see the module docstring)
+PROCESSES = ("vp", "local")
 
 
 def linspace_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -77,17 +82,24 @@ class DPMSolverSDE:
     [999, 874, 749, 624, 500, 375, 250, 125]
     """
 
-    def __init__(self, schedule: NoiseSchedule | None = None, num_steps: int = 8, order: int = 2):
+    def __init__(self, schedule: NoiseSchedule | None = None, num_steps: int = 8, order: int = 2,
+                 process: str = "vp"):
         if order not in (1, 2):
             raise ConfigError(f"solver order must be 1 or 2, got {order!r}")
+        if process not in PROCESSES:
+            raise ConfigError(f"solver process must be one of {', '.join(PROCESSES)}, got {process!r}")
         self.schedule = schedule or NoiseSchedule()
         self.order = int(order)
+        self.process = process
         ts = linspace_timesteps(num_steps, self.schedule.num_train_timesteps)
         self.timesteps = torch.from_numpy(ts)
         self.num_steps = len(ts)
         # float32 tables, like the published sampler; the arithmetic below is float64
         abar = self.schedule.alphas_cumprod_in(torch.float32).double().numpy()[ts]
-        alphas = [math.sqrt(a) for a in abar] + [1.0]          # final: sigma = 0, alpha = 1
+        if process == "local":   # x_t = x_0 + sigma_t eps: alpha_t = 1 at every t
+            alphas = [1.0] * (len(abar) + 1)
+        else:
+            alphas = [math.sqrt(a) for a in abar] + [1.0]      # final: sigma = 0, alpha = 1
         sigmas = [math.sqrt(1.0 - a) for a in abar] + [0.0]
         lambdas = [math.log(a) - math.log(s) for a, s in zip(alphas[:-1], sigmas[:-1])] + [math.inf]
         self._coef = []
@@ -110,7 +122,7 @@ class DPMSolverSDE:
             self._coef.append(_Coefficients(step_order, a_c, s_c, c_sample, c_x0, c_d1, c_noise))
 
     def __repr__(self) -> str:
-        return (f"DPMSolverSDE(num_steps={self.num_steps}, order={self.order}, "
+        return (f"DPMSolverSDE(num_steps={self.num_steps}, order={self.order}, process={self.process!r}, "
                 f"timesteps={self.timesteps.tolist()})")
 
     def __len__(self) -> int:
