@@ -55,21 +55,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-ROW_RE = re.compile(r"^(teacher|student)(\d+)(?:w([0-9.]+))?$")
+ROW_RE = re.compile(r"^(teacher|student)(\d+)(?:w([0-9.]+))?(vp|local)?$")
 
 
 def _row_spec(row: str, args):
-    """'teacher8' -> ("teacher", 8, None, path); 'teacher8w3.5': guidance 3.5 instead of the
-    checkpoint's (an ablation: the teacher at the student's guidance weight)."""
+    """'teacher8' -> ("teacher", 8, None, None, path); 'teacher8w3.5': guidance 3.5 instead of the
+    checkpoint's (an ablation: the teacher at the student's guidance weight); a 'vp' or 'local'
+    suffix ('student8vp') picks the solver's process instead of the checkpoint's."""
     m = ROW_RE.match(row)
     if not m:
         raise SystemExit(f"unknown row {row!r}: expected input, xinit, teacherN, studentN or "
-                         "teacherNwW / studentNwW")
+                         "teacherNwW / studentNwW, optionally followed by vp or local")
     kind, steps, w = m.group(1), int(m.group(2)), (float(m.group(3)) if m.group(3) else None)
+    process = m.group(4)
     ckpt = args.teacher if kind == "teacher" else args.student
     if not ckpt:
         raise SystemExit(f"row {row}: pass --{kind}")
-    return kind, steps, w, ckpt
+    return kind, steps, w, process, ckpt
 
 
 def evaluate_row(row: str, args, ds, frames):
@@ -147,22 +149,24 @@ def evaluate_row(row: str, args, ds, frames):
                                   "tiled (the solver's start before noise)"),
                              ["dataset", "sequence", "seed", "source"], complete_xinit)
 
-    kind, steps, w, ckpt = _row_spec(row, args)
+    kind, steps, w, process, ckpt = _row_spec(row, args)
     refiner = args.refiner if kind == "teacher" else None
     comp = Completer.from_checkpoint(ckpt, steps=steps, guidance=w, refine=True, device=args.device,
-                                     backend=args.backend, refiner_checkpoint=refiner)
+                                     backend=args.backend, refiner_checkpoint=refiner, process=process)
 
     def complete_model(key, index, inp):
         res = comp.complete_detailed(inp, seed=args.seed + int(index))
         t = dict(res.timings)
         return res.points, t, res.raw, dict(t, total=t["total"] - t.get("refinement", 0.0), refinement=0.0)
 
-    return both_variants(row, f"{kind} {steps} steps, w={comp.guidance:g}",
-                         dict(source="completer", steps=steps, guidance=comp.guidance,
+    return both_variants(row, f"{kind} {steps} steps, w={comp.guidance:g}, {comp.process} solver",
+                         dict(source="completer", steps=steps, guidance=comp.guidance, process=comp.process,
                               checkpoint={"path": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt)},
                               refiner=refiner, backend=args.backend, device=args.device,
-                              description=f"{steps} steps, w={comp.guidance:g}, seed {args.seed} + frame"),
-                         ["dataset", "sequence", "seed", "checkpoint", "steps", "guidance"], complete_model)
+                              description=f"{steps} steps, w={comp.guidance:g}, {comp.process} solver, "
+                                          f"seed {args.seed} + frame"),
+                         ["dataset", "sequence", "seed", "checkpoint", "steps", "guidance", "process"],
+                         complete_model)
 
 
 def table(out_dir: Path):
@@ -171,12 +175,13 @@ def table(out_dir: Path):
         base, _, variant = name.rpartition("_") if name != "input" else ("input", "", "")
         m = ROW_RE.match(base)
         rank = (0, 0, 0, 0.0) if base == "input" else (1, 0, 0, 0.0) if base == "xinit" else \
-            (2 if m.group(1) == "teacher" else 3, -int(m.group(2)), 0, float(m.group(3) or 0))
+            (2 if m.group(1) == "teacher" else 3, -int(m.group(2)), int(m.group(4) == "vp"),
+             float(m.group(3) or 0))
         return rank + (variant == "refine",)
 
     rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/summary.json"), key=order)]
-    lines = ["| model | steps | guidance | refine | CD [m] | JSD-BEV | EMD [m] | IoU@0.5 [%] | IoU@0.2 [%] | time per scan [s] |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | solver | guidance | refine | CD [m] | JSD-BEV | EMD [m] | IoU@0.5 [%] | IoU@0.2 [%] | time per scan [s] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, d=3, s=1.0):
         return "-" if v is None else f"{v * s:.{d}f}"
@@ -194,6 +199,7 @@ def table(out_dir: Path):
             name = label
         lines.append(" | ".join([
             f"| {name}", str(run.get("steps") if run.get("steps") is not None else "-"),
+            run.get("process") or ("vp" if run.get("source") == "completer" else "-"),
             f"{run['guidance']:g}" if run.get("guidance") is not None else "-",
             "-" if run.get("source") == "input scan (no model)" else ("yes" if run.get("refine") else "no"),
             f((s.get("cd") or {}).get("mean")), f((s.get("jsd_bev") or {}).get("mean")),

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
             print(f"error: {src} has no refiner", file=sys.stderr)
             return 2
         meta = dict(ld.meta, shipped_from=str(src), source_sha256=sha256_file(src))
+        # our networks are trained on the local process x_t = x_0 + sigma_t eps: sample with the
+        # matching solver (exports made before the solver had the option do not say so)
+        ld.sampling.setdefault("process", "local")
         digest = save_checkpoint(dest / name, {"encoder": ld.encoder, "denoiser": ld.denoiser,
                                                "refiner": ld.refiner}, ld.config, sampling=ld.sampling,
                                  kind=ld.kind, meta=meta, half=True)

@@ -338,7 +338,7 @@ class DistillTrainer(Trainer):
             refiner = load_pretrained(ref_src).refiner
         dc = self.cfg["data"]
         return export_inference(path, self.model_config, "student", encoder=self.encoder, denoiser=self.student,
-                                refiner=refiner, sampling={"steps": 8, "guidance": 3.5,
+                                refiner=refiner, sampling={"steps": 8, "guidance": 3.5, "process": "local",
                                                            "n_fps": int(dc["scan_points"]), "tile": int(dc["tile"])},
                                 meta={"trained_by": f"training.distill ({self.mode})", "step": self.step,
                                       "config": self.cfg})

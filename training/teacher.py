@@ -109,6 +109,7 @@ class TeacherTrainer(Trainer):
         d = self.cfg["data"]
         return export_inference(path, self.model_config, "teacher", encoder=self.net.encoder,
                                 denoiser=self.net.denoiser, sampling={"steps": 50, "guidance": 6.0,
+                                                                      "process": "local",
                                                                       "n_fps": int(d["scan_points"]),
                                                                       "tile": int(d["tile"])},
                                 meta={"trained_by": "training.teacher", "step": self.step,
