@@ -170,16 +170,18 @@ def evaluate_row(row: str, args, ds, frames):
 
 
 def table(out_dir: Path):
-    def order(p: Path):
-        name = p.parent.name
-        base, _, variant = name.rpartition("_") if name != "input" else ("input", "", "")
-        m = ROW_RE.match(base)
-        rank = (0, 0, 0, 0.0) if base == "input" else (1, 0, 0, 0.0) if base == "xinit" else \
-            (2 if m.group(1) == "teacher" else 3, -int(m.group(2)), int(m.group(4) == "vp"),
-             float(m.group(3) or 0))
-        return rank + (variant == "refine",)
+    def order(s: dict):
+        run = s["run"]
+        src = run.get("source")
+        if src == "input scan (no model)":
+            return (0,)
+        if src == "x_init":
+            return (1, bool(run.get("refine")))
+        kind = 2 if run.get("label", "").startswith("teacher") else 3
+        return (kind, -int(run.get("steps") or 0), run.get("process") == "vp",
+                float(run.get("guidance") or 0), bool(run.get("refine")))
 
-    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/summary.json"), key=order)]
+    rows = sorted((json.loads(p.read_text()) for p in out_dir.glob("*/summary.json")), key=order)
     lines = ["| model | steps | solver | guidance | refine | CD [m] | JSD-BEV | EMD [m] | IoU@0.5 [%] | IoU@0.2 [%] | time per scan [s] |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 

@@ -85,7 +85,7 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     build_gt(data, ["08"], progress=False)
     out = tmp_path / "table"
     ev.main(["--data", str(data), "--every", "2", "--limit", "2", "--student", str(fake_run / "distill" / "distill.pt"),
-             "--rows", "input,xinit,student1,student1w1", "--out", str(out), "--emd", "none", "--no-progress",
+             "--rows", "input,xinit,student1,student1w1local", "--out", str(out), "--emd", "none", "--no-progress",
              "--threads", "1"])
     md = (out / "table.md").read_text().splitlines()
     names = [line.split("|")[1].strip() for line in md[2:]]
@@ -93,10 +93,13 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
                      "student", "student", "student", "student"]
     t = json.loads((out / "table.json").read_text())
     by = {(r["run"]["label"]): r for r in t["rows"]}
-    raw, ref = by["student 1 steps, w=3.5"], by["student 1 steps, w=3.5 + refine"]
+    raw, ref = by["student 1 steps, w=3.5, vp solver"], by["student 1 steps, w=3.5, vp solver + refine"]
     # the unrefined row is the same completion before the refiner: the refined one takes longer
     assert ref["time_per_scan"]["mean"] > raw["time_per_scan"]["mean"]
     assert np.isfinite(ref["cd"]["mean"]) and ref["cd"]["mean"] != raw["cd"]["mean"]
-    assert "student 1 steps, w=1 + refine" in by
+    # the suffix picks the solver; the checkpoint names none, so the plain row is the published vp
+    assert by["student 1 steps, w=1, local solver + refine"]["run"]["process"] == "local"
+    assert raw["run"]["process"] == "vp"
+    assert [line.split("|")[3].strip() for line in md[2:]] == ["-", "-", "-", "local", "local", "vp", "vp"]
     with pytest.raises(SystemExit):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
