@@ -143,3 +143,14 @@ def test_node_module_imports_no_ros_until_used():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_completer_factory_takes_the_process_from_the_checkpoint_or_the_parameter(tmp_path):
+    from lidar_completion.checkpoints import make_random_checkpoint
+    from lidar_completion_pkg.completion_node import default_completer_factory
+
+    ckpt = make_random_checkpoint(tmp_path / "c.pt", sampling={"steps": 2, "guidance": 1.0, "process": "local"})
+    config = dict(default_values(), checkpoint=str(ckpt), backend="torch")
+    assert BY_NAME["process"].default == "" and check_value("process", "ve") is not None
+    assert default_completer_factory(config).process == "local"          # '' = the checkpoint's
+    assert default_completer_factory(dict(config, process="vp")).process == "vp"

@@ -48,7 +48,8 @@ def default_completer_factory(config: dict):
     return Completer.from_checkpoint(
         config["checkpoint"] or None, steps=config["steps"] or None,
         guidance=None if config["guidance"] < 0 else config["guidance"],
-        refine=config["refine"], device=config["device"], seed=seed, backend=config["backend"],
+        process=config.get("process") or None, refine=config["refine"], device=config["device"],
+        seed=seed, backend=config["backend"],
         precision=config["precision"], min_range=config["min_range"], max_range=config["max_range"],
         min_z=config["min_z"], **budgets)
 

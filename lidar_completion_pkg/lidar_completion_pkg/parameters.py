@@ -42,6 +42,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("guidance", "double", -1.0,
           "Classifier-free guidance weight w (3.5 student, 6 teacher; 1 = conditional only); "
           "-1 = the checkpoint's default. At run time 0..20", dynamic=True, range=(-1.0, 20.0)),
+    Param("process", "string", "",
+          "Forward process the solver assumes: 'local' (what our networks are trained on) or 'vp' (the "
+          "published LiDiff sampler); empty = the checkpoint's (local for ours, vp for published files)",
+          choices=("", "local", "vp")),
     Param("refine", "bool", True, "Run the refinement network (x6 points) when the checkpoint has one"),
     Param("device", "string", "cpu", "Torch device: cpu, cuda, cuda:N or auto"),
     Param("backend", "string", "auto", "Sparse backend: auto, torch or minkowski",
