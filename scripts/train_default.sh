@@ -15,6 +15,11 @@
 #                        published models use 18000); the target gets 10 x this many points
 #   PYTHON [python3]     the interpreter (the venv's when you ran `make setup`)
 #   TEACHER_LR [{gamma: 0.3, every_epochs: 3}]   the teacher's learning-rate schedule (per epoch)
+#   MAX_STEPS_CALIBRATE [0]  >0: then fine-tune the teacher this many steps without LiDiff's std
+#                        regulariser (diffusion.reg_weight=0, Adam 3e-4, stage "calibrate"), which
+#                        stops it inflating its noise predictions (docs/training.md), and distil
+#                        from that teacher (auxiliary nets also without the regulariser);
+#                        T_CALIBRATE [100000] bounds it in seconds
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
 #                        first batch within 125 s while 0 workers trained at 0.28 s per step)
@@ -24,7 +29,8 @@
 # T_*/MAX_STEPS_* trains a stage further once its .stage_done is deleted.
 #
 # Outputs: RUN_DIR/teacher/teacher.pt, RUN_DIR/refiner/refiner.pt, RUN_DIR/distill/distill.pt
-# (student + teacher's condition encoder + refiner), with TensorBoard logs and metrics.jsonl.
+# (student + teacher's condition encoder + refiner), RUN_DIR/calibrate/teacher.pt when calibrated,
+# with TensorBoard logs and metrics.jsonl.
 set -uo pipefail
 RUN=${1:-runs/default}
 PY=${PYTHON:-python3}
@@ -67,31 +73,33 @@ common=(--device "$DEVICE" --set "data.root=$DATA" --set "data.sequences=$yaml_s
         --set "log.progress=false" --set "data.num_workers=${WORKERS:-0}"
         --set "data.scan_points=$SCAN_POINTS" --set "data.target_points=$((SCAN_POINTS * 10))")
 
-stage() {  # stage KIND CONFIG SECONDS MAX_STEPS extra-args...
-  local kind=$1 cfg=$2 secs=$3 steps=$4; shift 4
-  local out="$RUN/$kind"
+stage() {  # stage NAME CONFIG SECONDS MAX_STEPS extra-args...  (NAME: teacher, refiner, distill, calibrate)
+  local name=$1 cfg=$2 secs=$3 steps=$4; shift 4
+  local kind=$name
+  [ "$name" = calibrate ] && kind=teacher
+  local out="$RUN/$name"
   if [ -f "$out/.stage_done" ] && [ -f "$out/$kind.pt" ]; then
-    log "$kind: already done ($out/$kind.pt); delete $out/.stage_done to train it further"
+    log "$name: already done ($out/$kind.pt); delete $out/.stage_done to train it further"
     return 0
   fi
   local resume=()
   if [ -f "$out/checkpoints/latest.json" ]; then
     resume=(--resume)   # an interrupted or time-limited stage: go on from its last checkpoint
-    log "$kind: resuming from $out/checkpoints"
+    log "$name: resuming from $out/checkpoints"
   fi
-  log "$kind: up to ${secs}s / ${steps} steps in total"
+  log "$name: up to ${secs}s / ${steps} steps in total"
   timeout -s TERM "$secs" $PY -m training "$kind" --config "$cfg" --out "$out" --max-steps "$steps" \
       "${resume[@]}" "${common[@]}" "$@" >> "$out.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
-    log "$kind: failed (rc=$rc), see $out.log"; tail -20 "$out.log"; return 1
+    log "$name: failed (rc=$rc), see $out.log"; tail -20 "$out.log"; return 1
   fi
   if [ $rc -eq 124 ]; then
     # stopped by the time limit (a checkpoint was written on SIGTERM): resume for zero more steps,
     # which finishes the run and exports the inference checkpoint
-    log "$kind: stopped (rc=$rc); exporting the last checkpoint"
+    log "$name: stopped (rc=$rc); exporting the last checkpoint"
     $PY -m training "$kind" --config "$cfg" --out "$out" --resume --max-steps 0 "${common[@]}" "$@" >> "$out.log" 2>&1 \
-      || { log "$kind: export failed, see $out.log"; tail -20 "$out.log"; return 1; }
+      || { log "$name: export failed, see $out.log"; tail -20 "$out.log"; return 1; }
   fi
   tail -1 "$out.log"
   touch "$out/.stage_done"
@@ -111,6 +119,17 @@ else
   stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
       --set "train.batch_size=$BATCH" || exit 1
 fi
+TEACHER_PT="$RUN/teacher/teacher.pt"
+DISTILL_REG=5.0
+if [ "${MAX_STEPS_CALIBRATE:-0}" -gt 0 ]; then
+  # the teacher again, fine-tuned without the std regulariser (constant Adam 3e-4)
+  stage calibrate tiny_teacher.yaml "${T_CALIBRATE:-100000}" "$MAX_STEPS_CALIBRATE" \
+      --set "init=$TEACHER_PT" --set diffusion.reg_weight=0 --set train.optimizer.lr=3e-4 \
+      --set "train.batch_size=$BATCH" || exit 1
+  TEACHER_PT="$RUN/calibrate/teacher.pt"
+  DISTILL_REG=0
+fi
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
-    --set "distill.teacher=$RUN/teacher/teacher.pt" --set "distill.refiner=$RUN/refiner/refiner.pt" || exit 1
+    --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$RUN/refiner/refiner.pt" \
+    --set "diffusion.reg_weight=$DISTILL_REG" || exit 1
 log "done: $(ls "$RUN"/*/*.pt)"

@@ -103,3 +103,33 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     assert [line.split("|")[3].strip() for line in md[2:]] == ["-", "-", "-", "local", "local", "vp", "vp"]
     with pytest.raises(SystemExit):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_train_default_runs_every_stage_with_calibration(tmp_path):
+    """scripts/train_default.sh end to end at toy sizes: data, teacher, refiner, the calibration
+    stage (teacher without the std regulariser) and a distillation from the calibrated teacher."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
+               SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
+               MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
+               T_DISTILL="900", OMP_NUM_THREADS="1")
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("teacher", "refiner", "calibrate", "distill"):
+        assert (run / stage / ".stage_done").exists(), stage
+    calib = load_checkpoint(run / "calibrate" / "teacher.pt", backend="torch")
+    assert calib.sampling["process"] == "local" and calib.meta["step"] == 2
+    cfg = (run / "calibrate" / "config.yaml").read_text()
+    assert "reg_weight: 0" in cfg and "init: " + str(run / "teacher" / "teacher.pt") in cfg
+    distill_cfg = (run / "distill" / "config.yaml").read_text()
+    assert str(run / "calibrate" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
+    # a second call finds every stage done and trains nothing
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already done") == 4, again.stdout
