@@ -8,7 +8,8 @@ files, not on the float32 originals):
 
   student.pt     the Distillation-DPO student, the teacher's condition encoder and the refiner:
                  the default checkpoint of the CLI, the Python API and the node
-  teacher.pt     the teacher it was distilled from, with the same refiner (for comparisons)
+  teacher.pt     the teacher it was distilled from (RUN/calibrate/teacher.pt when the run has the
+                 calibration stage, else RUN/teacher/teacher.pt), with the same refiner
   manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
                  "training": what made them (steps, seconds, hardware, command)}
 
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
 
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
-    sources = {"student.pt": run / "distill" / "distill.pt", "teacher.pt": run / "teacher" / "teacher.pt"}
+    calibrated = run / "calibrate" / "teacher.pt"
+    sources = {"student.pt": run / "distill" / "distill.pt",
+               "teacher.pt": calibrated if calibrated.exists() else run / "teacher" / "teacher.pt"}
     refiner_src = run / "refiner" / "refiner.pt"
     if args.teacher_only:
         sources.pop("student.pt")
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
         "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
                        "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
         "files": files,
-        "training": {"stages": {s: _stage_info(run, s) for s in ("teacher", "refiner", "distill")},
+        "training": {"stages": {s: _stage_info(run, s) for s in ("teacher", "refiner", "calibrate", "distill")
+                                if s != "calibrate" or calibrated.exists()},
                      "command": args.command,
                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "processor": platform.processor() or platform.machine()}},
