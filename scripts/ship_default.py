@@ -8,8 +8,10 @@ files, not on the float32 originals):
 
   student.pt     the Distillation-DPO student, the teacher's condition encoder and the refiner:
                  the default checkpoint of the CLI, the Python API and the node
-  teacher.pt     the teacher it was distilled from (RUN/calibrate/teacher.pt when the run has the
-                 calibration stage, else RUN/teacher/teacher.pt), with the same refiner
+  teacher.pt     the teacher it was distilled from (named in the student's training config; else
+                 RUN/teacher/teacher.pt), with the same refiner
+  teacher_calibrated.pt  RUN/calibrate/teacher.pt, when the run has the calibration stage and the
+                 student was not distilled from it
   manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
                  "training": what made them (steps, seconds, hardware, command)}
 
@@ -66,6 +68,17 @@ def _stage_info(run: Path, stage: str) -> dict:
     return info
 
 
+def _student_teacher(meta: dict):
+    """The teacher checkpoint named in a distillation export's training config, or None."""
+    import yaml
+    try:
+        cfg = yaml.safe_load(meta.get("training_config") or "") or {}
+    except yaml.YAMLError:
+        return None
+    path = (cfg.get("distill") or {}).get("teacher")
+    return Path(path) if path else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
@@ -82,8 +95,15 @@ def main(argv=None) -> int:
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
     calibrated = run / "calibrate" / "teacher.pt"
-    sources = {"student.pt": run / "distill" / "distill.pt",
-               "teacher.pt": calibrated if calibrated.exists() else run / "teacher" / "teacher.pt"}
+    student_src = run / "distill" / "distill.pt"
+    teacher_src = run / "teacher" / "teacher.pt"
+    if student_src.exists() and not args.teacher_only:
+        named = _student_teacher(load_checkpoint(student_src).meta)
+        if named is not None:
+            teacher_src = named
+    sources = {"student.pt": student_src, "teacher.pt": teacher_src}
+    if calibrated.exists() and calibrated.resolve() != teacher_src.resolve():
+        sources["teacher_calibrated.pt"] = calibrated
     refiner_src = run / "refiner" / "refiner.pt"
     if args.teacher_only:
         sources.pop("student.pt")
@@ -94,7 +114,7 @@ def main(argv=None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, src in sources.items():
-        ld = load_checkpoint(src, refiner_path=refiner_src if name == "teacher.pt" else None)
+        ld = load_checkpoint(src, refiner_path=refiner_src if name.startswith("teacher") else None)
         if ld.refiner is None:
             print(f"error: {src} has no refiner", file=sys.stderr)
             return 2

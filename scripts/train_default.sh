@@ -18,8 +18,11 @@
 #   MAX_STEPS_CALIBRATE [0]  >0: then fine-tune the teacher this many steps without LiDiff's std
 #                        regulariser (diffusion.reg_weight=0, Adam 3e-4, stage "calibrate"), which
 #                        stops it inflating its noise predictions (docs/training.md), and distil
-#                        from that teacher (auxiliary nets also without the regulariser);
-#                        T_CALIBRATE [100000] bounds it in seconds
+#                        from that teacher (auxiliary nets also without the regulariser) unless
+#                        DISTILL_FROM=teacher; T_CALIBRATE [100000] bounds it in seconds
+#   DISTILL_FROM [calibrate when calibrated, else teacher]   the teacher the student is distilled
+#                        from (the shipped student: teacher - distilling from the calibrated teacher
+#                        made the student worse, README "Results")
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
 #                        first batch within 125 s while 0 workers trained at 0.28 s per step)
@@ -126,8 +129,10 @@ if [ "${MAX_STEPS_CALIBRATE:-0}" -gt 0 ]; then
   stage calibrate tiny_teacher.yaml "${T_CALIBRATE:-100000}" "$MAX_STEPS_CALIBRATE" \
       --set "init=$TEACHER_PT" --set diffusion.reg_weight=0 --set train.optimizer.lr=3e-4 \
       --set "train.batch_size=$BATCH" || exit 1
-  TEACHER_PT="$RUN/calibrate/teacher.pt"
-  DISTILL_REG=0
+  if [ "${DISTILL_FROM:-calibrate}" = calibrate ]; then
+    TEACHER_PT="$RUN/calibrate/teacher.pt"
+    DISTILL_REG=0
+  fi
 fi
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
     --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$RUN/refiner/refiner.pt" \

@@ -56,7 +56,7 @@ def test_ship_writes_half_precision_copies_and_a_manifest(fake_run, tmp_path):
     torch.testing.assert_close(got[k], ref[k].half().float())
 
 
-def test_ship_takes_the_calibrated_teacher_when_the_run_has_one(fake_run, tmp_path):
+def test_ship_adds_the_calibrated_teacher_when_the_student_was_not_distilled_from_it(fake_run, tmp_path):
     ship = _script("ship_default")
     make_random_checkpoint(fake_run / "calibrate" / "teacher.pt", seed=4, refine=False,
                            sampling={"steps": 50, "guidance": 6.0, "process": "local"})
@@ -64,12 +64,16 @@ def test_ship_takes_the_calibrated_teacher_when_the_run_has_one(fake_run, tmp_pa
     dest = tmp_path / "weights"
     assert ship.main([str(fake_run), "--dest", str(dest)]) == 0
     m = json.loads((dest / "manifest.json").read_text())
+    assert m["default"] == "student.pt"
+    assert set(m["files"]) == {"student.pt", "teacher.pt", "teacher_calibrated.pt"}
     assert m["training"]["stages"]["calibrate"] == {"steps": 5, "seconds": 7.5}
-    assert m["files"]["teacher.pt"]["sampling"]["process"] == "local"
-    want = load_checkpoint(fake_run / "calibrate" / "teacher.pt", backend="torch").denoiser.state_dict()
-    got = load_checkpoint(dest / "teacher.pt", backend="torch").denoiser.state_dict()
-    k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
-    torch.testing.assert_close(got[k], want[k].half().float())
+    assert m["files"]["teacher_calibrated.pt"]["sampling"]["process"] == "local"
+    for name, src in (("teacher_calibrated.pt", fake_run / "calibrate" / "teacher.pt"),
+                      ("teacher.pt", fake_run / "teacher" / "teacher.pt")):
+        want = load_checkpoint(src, backend="torch").denoiser.state_dict()
+        got = load_checkpoint(dest / name, backend="torch").denoiser.state_dict()
+        k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
+        torch.testing.assert_close(got[k], want[k].half().float())
     # exports that name no process (made before the option) are shipped with the local solver
     assert m["files"]["student.pt"]["sampling"]["process"] == "local"
 
