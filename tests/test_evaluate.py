@@ -187,10 +187,13 @@ def test_evaluate_cli_with_checkpoint(synth, tiny_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "cli"
     assert main(["evaluate", str(synth), "--sequence", "08", "--checkpoint", str(tiny_ckpt),
                  "--steps", "1", "--guidance", "2", "--no-refine", "--limit", "1", "--emd", "none",
-                 "--no-plots", "--no-progress", "--backend", "torch", "--out", str(out)]) == 0
+                 "--no-plots", "--no-progress", "--backend", "torch", "--process", "local",
+                 "--out", str(out)]) == 0
     assert seen["steps"] == 1 and seen["guidance"] == 2.0 and seen["refine"] is False
+    assert seen["process"] == "local"
     s = json.loads((out / "summary.json").read_text())
     assert s["frames"] == 1 and s["run"]["label"] == "tiny" and s["run"]["guidance"] == 2.0
+    assert s["run"]["process"] == "local"
     assert "| tiny | 1 |" in (out / "summary.md").read_text()
 
 

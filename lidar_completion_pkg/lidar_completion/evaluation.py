@@ -560,11 +560,12 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation", checkpoint=
                       device: str = "cpu", backend: str = "auto", cache_root=None,
                       build_gt: bool = False, emd: str = "both", plots: bool = True,
                       progress: bool = True, restart: bool = False, metric_workers: int = 1,
-                      label: Optional[str] = None) -> Dict:
+                      label: Optional[str] = None, process: Optional[str] = None) -> Dict:
     """Evaluate one SemanticKITTI-layout sequence and return the summary dict.
 
     The prediction comes from ``completer`` (a :class:`~lidar_completion.completer.Completer`), else
-    from ``Completer.from_checkpoint(checkpoint, steps, guidance, refine, device, backend=...)``, or,
+    from ``Completer.from_checkpoint(checkpoint, steps, guidance, refine, device, backend=...,
+    process=...)`` (``process`` None: the checkpoint's solver process), or,
     with ``baseline="input"``, is the filtered input scan itself (no model). Ground truth: the
     evaluation targets of the data package's cache (``cache_root``, default DATASET_ROOT/gt_cache;
     ``build_gt=True`` builds a missing cache first). Frames ``0, every, 2 every, ...`` in order, at most

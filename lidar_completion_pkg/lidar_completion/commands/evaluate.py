@@ -145,6 +145,6 @@ def run_files(args) -> int:
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
                              limit=args.limit, emd=args.emd, plots=not args.no_plots,
                              progress=not args.no_progress, restart=args.restart,
-                             metric_workers=args.metric_workers, label=args.label, process=args.process)
+                             metric_workers=args.metric_workers, label=args.label)
     print_summary(summary, out)
     return 0
