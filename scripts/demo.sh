@@ -43,7 +43,7 @@ elif ! $PY -c "from lidar_completion.checkpoints import default_checkpoint_path 
 fi
 if [ ${#CKPT_ARGS[@]} -eq 0 ]; then
   echo "checkpoint: the shipped student, $($PY -c "from lidar_completion.checkpoints import default_checkpoint_path as d; print(d())")"
-  echo "  (trained briefly on a CPU: it completes worse than the input scan - README, 'Results')"
+  echo "  (trained briefly on a CPU; held-out results and their caveats: README, 'Results')"
 fi
 say "1/5 synthetic drive: $SCANS scans of sequence 08 -> $OUT/data"
 $LC make-synthetic "$OUT/data" --sequences 1 --first-sequence 8 --scans "$SCANS" --seed 7 --no-progress
