@@ -40,15 +40,28 @@ from lidar_completion.data.dataset import TrainingDataset  # noqa: E402
 from lidar_completion.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 
+class Posterior:
+    """Bayes-optimal noise for points x_t = x_0 + sigma eps, x_0 a uniform draw from ``target``.
+
+    The target's distinct points and their KD-tree are built once and serve every t."""
+
+    def __init__(self, target: np.ndarray):
+        self.points = np.unique(target, axis=0)
+        self.tree = cKDTree(self.points)
+
+    def eps(self, x_t: np.ndarray, sigma: float, k: int) -> np.ndarray:
+        """(x_t - E[x_0 | x_t]) / sigma, the posterior mean over the k nearest target points."""
+        d, j = self.tree.query(x_t, k=min(k, len(self.points)))
+        logw = -(d ** 2) / (2 * sigma ** 2)
+        w = np.exp(logw - logw.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        mean = np.einsum("nk,nkc->nc", w, self.points[j])
+        return (x_t - mean) / sigma
+
+
 def posterior_eps(target: np.ndarray, x_t: np.ndarray, sigma: float, k: int) -> np.ndarray:
     """Bayes-optimal noise for x_t given that x_0 is a uniform draw from ``target`` (k nearest)."""
-    uniq = np.unique(target, axis=0)
-    d, j = cKDTree(uniq).query(x_t, k=min(k, len(uniq)))
-    logw = -(d ** 2) / (2 * sigma ** 2)
-    w = np.exp(logw - logw.max(axis=1, keepdims=True))
-    w /= w.sum(axis=1, keepdims=True)
-    mean = np.einsum("nk,nkc->nc", w, uniq[j])
-    return (x_t - mean) / sigma
+    return Posterior(target).eps(x_t, sigma, k)
 
 
 def stats(eps_hat: np.ndarray, eps: np.ndarray, sigma: float) -> dict:
@@ -104,17 +117,19 @@ def run(args) -> int:
     for f in frames:
         s = ds.sample(f, np.random.default_rng([args.seed, f]))
         x0 = s["target"].astype(np.float64)
+        posterior = Posterior(x0)
         scan = torch.from_numpy(s["scan"])
+        with torch.no_grad():   # the condition does not depend on t: encode once per frame
+            conds = {name: net.encoder(scan, None) for name, net in nets.items()}
         sel = rng.choice(len(x0), min(args.eval_points, len(x0)), replace=False)
         for t in ts:
             sigma = float(sched.noise_std(torch.tensor([t]))[0])
             eps = rng.standard_normal(x0.shape)
             x_t = x0 + sigma * eps
-            rows["bayes"][t].append(stats(posterior_eps(x0, x_t[sel], sigma, args.k), eps[sel], sigma))
+            rows["bayes"][t].append(stats(posterior.eps(x_t[sel], sigma, args.k), eps[sel], sigma))
             for name, net in nets.items():
                 with torch.no_grad():
-                    cond = net.encoder(scan, None)
-                    eh = net.denoiser(torch.from_numpy(x_t).float(), None, torch.tensor([t]), cond)
+                    eh = net.denoiser(torch.from_numpy(x_t).float(), None, torch.tensor([t]), conds[name])
                 rows[name][t].append(stats(eh.numpy().astype(np.float64)[sel], eps[sel], sigma))
         print(f"frame {f} done", file=sys.stderr)
     out = {}

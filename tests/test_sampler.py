@@ -129,9 +129,20 @@ def test_local_solver_returns_the_clean_points_of_an_exact_local_model(steps):
     g = torch.Generator().manual_seed(0)
     x_init = torch.randn(500, 3, generator=g)
     x0 = x_init + 0.3 * torch.randn(500, 3, generator=g)
-    out = sample(_local_oracle(x0), x_init, DPMSolverSDE(SCHEDULE, steps, process="local"),
-                 torch.Generator().manual_seed(1))
+    solver = DPMSolverSDE(SCHEDULE, steps, process="local")
+    ts = solver.timesteps.tolist()[1:]
+    seen = []
+
+    def check(i, t, x):   # every intermediate state has the local process's noise level
+        if i < len(ts):
+            seen.append(float((x - x0).std()) / float((1 - ABAR[ts[i]]).sqrt()))
+
+    # start exactly on the process's marginal at t = 999: x_T = x_0 + sigma_999 z
+    start = x0 - x_init + float((1 - ABAR[999]).sqrt()) * torch.randn(500, 3, generator=g)
+    out = sample(_local_oracle(x0), x_init, solver, torch.Generator().manual_seed(1), initial_noise=start,
+                 callback=check)
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert len(seen) == steps - 1 and all(0.93 < r < 1.07 for r in seen), seen
 
 
 def test_published_vp_solver_magnifies_a_local_models_offsets():

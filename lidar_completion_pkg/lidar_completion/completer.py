@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
-from .diffusion.sampler import PROCESSES
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
 
@@ -115,10 +114,8 @@ class Completer:
         self.denoiser = denoiser.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
         self.schedule = schedule or NoiseSchedule()
-        if process not in PROCESSES:
-            raise ConfigError(f"process must be one of {', '.join(PROCESSES)}, got {process!r}")
         self._process = process
-        self.steps = steps            # property: builds the solver
+        self.steps = steps            # property: builds the solver (it checks ``process``)
         self.guidance = float(guidance)
         if refine and self.refiner is None:
             log.warning("refinement requested but no refiner network is loaded; returning the "
@@ -205,10 +202,8 @@ class Completer:
 
     @process.setter
     def process(self, value: str):
-        if value not in PROCESSES:
-            raise ConfigError(f"process must be one of {', '.join(PROCESSES)}, got {value!r}")
+        self._solver = DPMSolverSDE(self.schedule, self._solver.num_steps, process=value)  # checks it
         self._process = value
-        self._solver = DPMSolverSDE(self.schedule, self._solver.num_steps, process=value)
 
     @property
     def solver(self) -> DPMSolverSDE:
@@ -323,7 +318,8 @@ class Completer:
         return (points[:, None, :3].float() + off.view(-1, k, 3)).reshape(-1, 3).contiguous()
 
     def __repr__(self) -> str:
-        return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, refine={self.refine}, "
+        return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, "
+                f"refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
                 f"n_fps={self.n_fps}, tile={self.tile})")
 
