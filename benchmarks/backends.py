@@ -115,10 +115,10 @@ def main(argv=None) -> int:
     sizes = (18_000, 180_000) if not args.quick else (18_000, 60_000)
     repeats = args.repeats or (1 if args.quick else 3)
     scan = synthetic_scan(120_000 if not args.quick else 60_000)
-    results = {"device": str(device), "config": cfg.name, "torch": torch.__version__,
+    results = {"device": str(device), "config": cfg.name, "checkpoint": args.checkpoint, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "threads": torch.get_num_threads(), "forward": {}, "end_to_end": []}
-    print(f"# device={device} config={cfg.name} threads={torch.get_num_threads()} backends={backends}", flush=True)
+    print(f"# device={device} config={cfg.name if not args.checkpoint else args.checkpoint} threads={torch.get_num_threads()} backends={backends}", flush=True)
     base = synthetic_scan(max(sizes), seed=1)
     for n in (() if args.no_forward else sizes):
         # LiDiff's inputs: FPS-like subset tiled x10 (duplicated points); here a random subset tiled

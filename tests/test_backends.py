@@ -159,34 +159,46 @@ def test_backend_selection(monkeypatch):
 
 def test_nearest_cell_paths_agree():
     """The CPU k-d tree, the lattice search (GPU path) and brute force give the same cells."""
-    from lidar_completion.sparse.common import (_nearest_bruteforce, _nearest_kdtree, _nearest_lattice,
-                                                pack_keys)
+    from lidar_completion.sparse.common import (_nearest_bruteforce, _nearest_device, _nearest_kdtree,
+                                                _nearest_lattice, pack_keys)
     g = torch.Generator().manual_seed(0)
     cells = torch.unique(torch.randint(-6, 6, (400, 3), generator=g) * 16, dim=0)
     zero = torch.zeros(len(cells), 1, dtype=torch.long)
     cells = cells[torch.argsort(pack_keys(torch.cat([zero, cells], 1)))]
     q = torch.randint(-200, 200, (5000, 3), generator=g)  # includes rows far outside (fallback path)
     brute = _nearest_bruteforce(q, cells)
-    assert torch.equal(_nearest_lattice(q, cells), brute)
+    d2 = ((q[:, None, :] - cells[None, :, :]) ** 2).sum(-1)
+    assert torch.equal(brute, torch.argmin(d2, dim=1))     # the float64 expansion is exact
+    lattice, unresolved, off = _nearest_lattice(q, cells)
+    assert not bool(off) and 0 < int(unresolved.sum()) < len(q)
+    assert torch.equal(lattice[~unresolved], brute[~unresolved])
     assert torch.equal(torch.from_numpy(_nearest_kdtree(q.numpy(), cells.numpy())), brute)
+    qz = torch.cat([torch.zeros(len(q), 1, dtype=torch.long), q], 1)
+    rz = torch.cat([zero, cells], 1)
+    assert torch.equal(_nearest_device(qz, rz), brute)
 
 
-def test_gather_and_scatter_convolutions_agree(monkeypatch):
-    """The GPU-oriented gather-GEMM algorithm equals the per-offset scatter algorithm (run on CPU)."""
-    cfg = ModelConfig.tiny()
-    pts, batch = _batch_clouds()
-    torch.manual_seed(0)
-    den = Denoiser(cfg, "torch").eval()
-    enc = ConditionEncoder(cfg, "torch").eval()
-    outs = []
-    for algo in ("scatter", "gather"):
-        monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", algo)
-        with torch.no_grad():
-            cond = enc(pts, batch)
-            outs.append(den.forward_cfg(pts + 0.1, batch, torch.tensor([500, 20, 3]), cond,
-                                        enc.empty_condition(len(pts) // 3 + 1, 3)))
-    for a, b in zip(outs[0], outs[1]):
-        assert _close(a, b, rel=1e-5)
+def test_nearest_cell_device_path_with_several_batch_elements():
+    """The device path (one search over every batch element, no per-element loop) equals the CPU
+    path, stays inside each element, handles a one-cell condition and names a missing element."""
+    from lidar_completion.errors import CloudFormatError
+    from lidar_completion.sparse.common import _nearest_device, pack_keys
+    g = torch.Generator().manual_seed(1)
+    cells = torch.cat([torch.randint(0, 3, (300, 1), generator=g),
+                       torch.randint(-6, 6, (300, 3), generator=g) * 16], 1)
+    cells = torch.unique(cells, dim=0)
+    cells = cells[torch.argsort(pack_keys(cells))]
+    q = torch.cat([torch.randint(0, 3, (4000, 1), generator=g),
+                   torch.randint(-150, 150, (4000, 3), generator=g)], 1)
+    got = _nearest_device(q, cells)
+    assert torch.equal(got, sparse.nearest_cell(q, cells))          # CPU: k-d tree per element
+    assert torch.equal(cells[got, 0], q[:, 0])
+    one = torch.tensor([[0, 16, 0, 0]])
+    assert _nearest_device(q[q[:, 0] == 0], one).eq(0).all()
+    with pytest.raises(CloudFormatError, match="batch element 2"):
+        _nearest_device(q, cells[cells[:, 0] != 2])
+    with pytest.raises(CloudFormatError, match="batch element 1"):
+        _nearest_device(q[q[:, 0] <= 1], one)
 
 
 @needs_minkowski
@@ -209,39 +221,112 @@ def test_checkpoint_from_one_backend_completes_the_same_on_the_other(tmp_path):
 
 
 def test_convolution_algorithm_choice(monkeypatch):
-    from lidar_completion.sparse.torch_backend import GATHER_MIN_FILL, _use_gather
+    from lidar_completion.sparse.torch_backend import GROUPED_MAX_WORK, conv_algorithm
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     monkeypatch.delenv("LIDAR_COMPLETION_CONV_ALGO", raising=False)
-    assert not _use_gather(cpu) and not _use_gather(cpu, 0.9)
-    assert _use_gather(cuda) and _use_gather(cuda, GATHER_MIN_FILL) and not _use_gather(cuda, 0.05)
-    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "gather")
-    assert _use_gather(cpu, 0.0)
-    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "scatter")
-    assert not _use_gather(cuda, 1.0)
+    assert conv_algorithm(cpu) == conv_algorithm(cpu, (1000, 1000)) == "scatter"
+    assert conv_algorithm(cuda) == "gather"                   # one-to-one maps
+    assert conv_algorithm(cuda, (1000, 100)) == "grouped"     # sparse level: 26 * 100 + 1000 rows
+    assert conv_algorithm(cuda, (1000, 900)) == "gather"      # dense level
+    edge = int(GROUPED_MAX_WORK * 27 * 1000 - 1000) // 26
+    assert conv_algorithm(cuda, (1000, edge - 1)) == "grouped" and conv_algorithm(cuda, (1000, edge + 1)) == "gather"
+    for algo in ("gather", "grouped", "scatter"):
+        monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", algo)
+        assert conv_algorithm(cpu, (10, 1)) == conv_algorithm(cuda, (10, 9)) == algo
+    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "fastest")
+    with pytest.raises(ValueError, match="LIDAR_COMPLETION_CONV_ALGO"):
+        conv_algorithm(cuda)
 
 
-def test_mixed_algorithms_per_level_agree(monkeypatch):
-    """CUDA's automatic choice (gather on dense levels, scatter on sparse ones), run on the CPU by
-    treating it like CUDA, equals the all-scatter result."""
+@pytest.mark.parametrize("algo", ["gather", "grouped"])
+def test_convolution_algorithms_agree(algo, monkeypatch):
+    """Each GPU-oriented algorithm, run on the CPU, equals the per-offset scatter algorithm, for the
+    guided (grouped features) and the plain denoiser pass, and so does CUDA's automatic per-level
+    choice (both grouped and gather levels occur)."""
     from lidar_completion.sparse import torch_backend as tb
 
     cfg = ModelConfig.tiny()
     pts, batch = _batch_clouds()
     torch.manual_seed(0)
     den, enc = Denoiser(cfg, "torch").eval(), ConditionEncoder(cfg, "torch").eval()
-    monkeypatch.delenv("LIDAR_COMPLETION_CONV_ALGO", raising=False)
+    t = torch.tensor([500, 20, 3])
+    outs = []
+    for a in ("scatter", algo, "auto-as-cuda"):
+        if a == "auto-as-cuda":
+            monkeypatch.delenv("LIDAR_COMPLETION_CONV_ALGO", raising=False)
+            real = tb.conv_algorithm
+            chosen = []
+
+            def like_cuda(device, stats=None):
+                chosen.append(real(torch.device("cuda"), stats))
+                return chosen[-1]
+            monkeypatch.setattr(tb, "conv_algorithm", like_cuda)
+        else:
+            monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", a)
+        with torch.no_grad():
+            cond = enc(pts, batch)
+            uncond = enc.empty_condition(len(pts) // 3 + 1, 3)
+            outs.append(den.forward_cfg(pts + 0.1, batch, t, cond, uncond) + (den(pts + 0.1, batch, t, cond),))
+    assert {"grouped", "gather"} <= set(chosen)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert _close(b, a, rel=1e-5)
+
+
+def test_offset_pairs_cover_every_neighbour_once():
+    """The padded per-offset row lists hold exactly the table's neighbour pairs; padding reads the
+    zero row and writes distinct rows."""
+    from lidar_completion.sparse import torch_backend as tb
+    pts, batch = _batch_clouds()
+    _, x = tb.BACKEND.voxelize(pts, batch, 0.05)
+    x = tb.TorchSparseTensor(x.feats, 1, x.manager)
+    m = x.manager
+    for stride in (1, 2, 4):
+        if stride > 1:
+            m.level(stride)
+        n, width = m.neighbour_stats(stride)
+        out_rows, in_rows = m.offset_pairs(stride)
+        table = m.neighbour_table(stride)
+        assert out_rows.shape == in_rows.shape == (26, width)
+        side = [k for k in range(27) if k != 13]
+        for j, k in enumerate(side):
+            real = in_rows[j] < n
+            expect = torch.nonzero(table[:, k] < n, as_tuple=True)[0]
+            assert torch.equal(torch.sort(out_rows[j][real]).values, expect)
+            assert torch.equal(in_rows[j][real], table[out_rows[j][real], k])
+            assert len(torch.unique(out_rows[j])) == width
+
+
+def test_batchnorm_inference_is_the_running_statistics_affine_map():
+    from lidar_completion.sparse import torch_backend as tb
+    bn = tb.BatchNorm(5).eval()
     with torch.no_grad():
-        cond = enc(pts, batch)
-        ref = den(pts + 0.1, batch, torch.tensor([500, 20, 3]), cond)
-        real = tb._use_gather
-        decisions = []
-
-        def like_cuda(device, fill=None):
-            decisions.append(fill)
-            return real(torch.device("cuda"), fill)
-
-        monkeypatch.setattr(tb, "_use_gather", like_cuda)
-        mixed = den(pts + 0.1, batch, torch.tensor([500, 20, 3]), cond)
-    fills = [f for f in decisions if f is not None]
-    assert any(f < tb.GATHER_MIN_FILL for f in fills) and any(f >= tb.GATHER_MIN_FILL for f in fills)
-    assert _close(mixed, ref, rel=1e-5)
+        bn.bn.running_mean.uniform_(-1, 1)
+        bn.bn.running_var.uniform_(0.2, 2)
+        bn.bn.weight.uniform_(-2, 2)
+        bn.bn.bias.uniform_(-1, 1)
+    f = torch.randn(2, 40, 5)
+    _, x = tb.BACKEND.voxelize(torch.randn(40, 3) * 10, torch.zeros(40, dtype=torch.long), 0.05)
+    y = bn(x.replace(f)).feats
+    ref = torch.nn.functional.batch_norm(f.reshape(-1, 5), bn.bn.running_mean, bn.bn.running_var,
+                                         bn.bn.weight, bn.bn.bias, False, 0.0, bn.bn.eps).view_as(f)
+    assert torch.allclose(y, ref, atol=1e-6)
+    # the inference map is cached: a change of the statistics (load_state_dict, optimiser) is seen
+    with torch.no_grad():
+        bn.bn.running_mean.add_(1.0)
+    ref2 = torch.nn.functional.batch_norm(f.reshape(-1, 5), bn.bn.running_mean, bn.bn.running_var,
+                                          bn.bn.weight, bn.bn.bias, False, 0.0, bn.bn.eps).view_as(f)
+    assert torch.allclose(bn(x.replace(f)).feats, ref2, atol=1e-6)
+    # gradients reach the affine parameters in eval mode, and a map cached under inference_mode
+    # does not leak inference tensors into autograd afterwards (a frozen teacher in distillation)
+    loss = bn(x.replace(f)).feats.sum()
+    loss.backward()
+    assert bn.bn.weight.grad is not None and bn.bn.bias.grad.abs().sum() > 0
+    bn.bn.requires_grad_(False)
+    with torch.inference_mode():
+        bn(x.replace(f))
+    fg = f.clone().requires_grad_(True)
+    bn(x.replace(fg)).feats.square().sum().backward()
+    assert fg.grad is not None and torch.isfinite(fg.grad).all()
+    bn.train()
+    assert torch.allclose(bn(x.replace(f)).feats.reshape(-1, 5).mean(0), bn.bn.bias, atol=1e-5)

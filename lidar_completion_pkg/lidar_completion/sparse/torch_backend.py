@@ -14,19 +14,20 @@ MinkowskiEngine stores ``kernel[k]`` (``k = dx + 3 dy + 9 dz`` shifted to 0..26 
 Features may carry leading "group" dimensions, ``(G, M, C)``: G feature sets that share one coordinate
 set (and so one set of kernel maps). The denoiser uses this for classifier-free guidance.
 
-Two convolution algorithms (``LIDAR_COMPLETION_CONV_ALGO``): *gather*: one (M, 27) neighbour table
-per coordinate set and one GEMM per chunk of rows (few, large kernels; used on CUDA for levels whose
-neighbourhoods are at least 30 % full and for the stride-2 maps); *scatter*: gather -> matmul ->
-scatter-add per offset over the rows that have that neighbour (the CPU path, and CUDA's for sparse
-levels such as the noisy stride-1 points).
+Three convolution algorithms (``LIDAR_COMPLETION_CONV_ALGO``, see :func:`conv_algorithm`):
+*scatter* (gather -> matmul -> scatter-add per offset over the rows that have that neighbour; the
+CPU's), *gather* (one (M, 27) neighbour table, one GEMM per chunk of rows; CUDA's for dense levels
+and the stride-2 maps) and *grouped* (the rows with a neighbour at each offset padded to one length,
+one batched GEMM over the 26 offsets; CUDA's for sparse levels such as the noisy stride-1 points).
 
-Host-device synchronisation on CUDA (the unavoidable ones): the noisy points move at every solver
-step, so each step builds new coordinate sets, and ``torch.unique`` must learn how many voxels each
-level has (one sync per level: 5 per denoiser call). The nearest-condition lookup syncs once per
-level to check whether any row needs the brute-force fallback, and the algorithm choice reads each
-level's neighbour fill once. Everything else - neighbour and child
-tables, convolutions, batch norm, slicing - is queued without waiting for the device. The scatter
-algorithm (CPU) additionally reads per-offset row counts.
+Host-device synchronisation on CUDA (the unavoidable ones, per denoiser call): the noisy points move
+at every solver step, so each step builds new coordinate sets, and ``torch.unique`` must learn how
+many voxels each level has (voxelisation and 4 downsamplings: 5 reads); each 3x3x3 level reads the
+longest per-offset neighbour list once (5 reads: the padded length and the algorithm choice); the
+coordinate range check reads once; the nearest-condition lookup reads once per level (and once more
+when some rows need the brute-force fallback). Everything else - neighbour and child tables,
+convolutions, batch norm (an affine map at inference), slicing - is queued without waiting for the
+device. The scatter algorithm additionally reads per-offset row counts (26 per level).
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
     x = ((keys >> (2 * AXIS_BITS)) & mask) - AXIS_OFFSET
     b = keys >> (3 * AXIS_BITS)
     return torch.stack([b, x, y, z], dim=1)
+
+
+_DELTAS: dict = {}
+
+
+def _kernel3_deltas(stride: int, device: torch.device) -> torch.Tensor:
+    """Key differences of the 27 offsets of a 3x3x3 kernel at ``stride``, kept on the device (a
+    fresh host-to-device copy per level would wait for the device)."""
+    key = (stride, str(device))
+    if key not in _DELTAS:
+        _DELTAS[key] = torch.tensor([offset_key(dx * stride, dy * stride, dz * stride)
+                                     for dx, dy, dz in KERNEL3_OFFSETS], dtype=torch.long, device=device)
+    return _DELTAS[key]
 
 
 class Level:
@@ -91,20 +105,26 @@ class CoordinateManager:
 
     def parent_map(self, stride: int):
         """Parent cell (row of the level at ``2 * stride``) and kernel offset index of every row of
-        the level at ``stride``. Every fine row belongs to exactly one coarse cell and one offset."""
+        the level at ``stride``. Every fine row belongs to exactly one coarse cell and one offset.
+
+        Works on the packed keys: each axis field holds ``coordinate + 2**17`` and the offset is a
+        multiple of ``2 * stride``, so flooring a coordinate to the coarse grid clears the field's
+        low bits, and the offset inside the parent cell is the bit at ``log2(stride)``."""
         key = ("parent", stride)
         if key in self._down:
             return self._down[key]
-        fine = self.levels[stride]
-        c = fine.coords
+        if stride & (stride - 1) or not 1 <= stride < AXIS_OFFSET // 2:
+            raise ValueError(f"tensor strides are powers of two, got {stride}")
+        keys = self.levels[stride].keys
+        sh = stride.bit_length() - 1
+        low = (1 << (sh + 1)) - 1
+        pkeys, inverse = torch.unique(keys & ~(low | (low << AXIS_BITS) | (low << (2 * AXIS_BITS))),
+                                      sorted=True, return_inverse=True)
         s2 = 2 * stride
-        parent_xyz = torch.div(c[:, 1:], s2, rounding_mode="floor") * s2
-        parent = torch.cat([c[:, :1], parent_xyz], dim=1)
-        pkeys, inverse = torch.unique(pack_keys(parent), sorted=True, return_inverse=True)
         if s2 not in self.levels:
             self.levels[s2] = Level(s2, pkeys)
-        rel = torch.div(c[:, 1:] - parent_xyz, stride, rounding_mode="floor")
-        k = rel[:, 0] + 2 * rel[:, 1] + 4 * rel[:, 2]
+        k = (((keys >> (2 * AXIS_BITS + sh)) & 1) + 2 * ((keys >> (AXIS_BITS + sh)) & 1)
+             + 4 * ((keys >> sh) & 1))
         self._down[key] = (inverse, k)
         return self._down[key]
 
@@ -137,22 +157,41 @@ class CoordinateManager:
             return self._nbr[key]
         keys = self.levels[stride].keys
         n = keys.shape[0]
-        deltas = torch.tensor([offset_key(dx * stride, dy * stride, dz * stride) for dx, dy, dz in KERNEL3_OFFSETS],
-                              dtype=torch.long, device=keys.device)
-        q = keys[:, None] + deltas[None, :]
+        q = keys[:, None] + _kernel3_deltas(stride, keys.device)[None, :]
         idx = torch.searchsorted(keys, q.reshape(-1)).view(n, 27).clamp_(max=max(n - 1, 0))
         table = torch.where(keys[idx] == q, idx, torch.full_like(idx, n))
         self._nbr[key] = table
         return table
 
-    def neighbour_fill(self, stride: int) -> float:
-        """Share of the 27 neighbour slots of the level that exist (one host sync per level)."""
-        key = ("fill", stride)
+    def neighbour_stats(self, stride: int) -> tuple[int, int]:
+        """``(M, L)``: rows of the level and the largest number of rows that have a neighbour at any
+        one of the 26 non-centre offsets (one host read per level, shared by every layer)."""
+        key = ("stats", stride)
         if key not in self._nbr:
             table = self.neighbour_table(stride)
             n = table.shape[0]
-            self._nbr[key] = float((table < n).sum()) / max(1, table.numel())
+            counts = (table < n).sum(0)
+            self._nbr[key] = (n, int(torch.cat([counts[:13], counts[14:]]).max()) if n else 0)
         return self._nbr[key]
+
+    def offset_pairs(self, stride: int):
+        """For the 26 non-centre offsets of a 3x3x3 kernel: ``(out_rows, in_rows)``, each (26, L)
+        with L from :meth:`neighbour_stats`. Row ``j`` of offset ``k`` pairs an output row with its
+        neighbour at that offset; offsets with fewer than L pairs are padded with ``in_rows = M``
+        (the index of a zero feature row) and distinct output rows, so the padding adds exact zeros
+        without two padded entries hitting one row. Built without host reads."""
+        key = ("pairs", stride)
+        if key in self._nbr:
+            return self._nbr[key]
+        n, width = self.neighbour_stats(stride)
+        table = self.neighbour_table(stride)
+        side = torch.cat([table[:, :13], table[:, 14:]], dim=1)            # (M, 26)
+        missing = (side >= n).to(torch.uint8)
+        order = torch.argsort(missing, dim=0, stable=True)[:width]         # (L, 26): existing first
+        in_rows = torch.gather(side, 0, order)                             # M where padded
+        pairs = (order.t().contiguous(), in_rows.t().contiguous())
+        self._nbr[key] = pairs
+        return pairs
 
     def neighbour_map(self, stride: int):
         """For the 27 offsets of a 3x3x3 kernel at ``stride``: (out_rows, in_rows) pairs, or None for
@@ -205,31 +244,43 @@ class TorchSparseTensor:
 
 
 ENV_ALGO = "LIDAR_COMPLETION_CONV_ALGO"
-# bytes of gathered features per chunk of the gather-GEMM path
+ALGOS = ("auto", "gather", "grouped", "scatter")
+# bytes of gathered features per chunk of the gather-GEMM and grouped paths
 _GATHER_BUDGET = {"cuda": 1 << 30, "cpu": 64 << 20}
 
-
-# 3x3x3 convolutions on CUDA use the gather-GEMM only where at least this share of the 27
-# neighbours exists; it multiplies missing neighbours' zero rows too, so on sparse levels (the noisy
-# stride-1 points) the per-offset path does far less work. Measured on an H200 with the published
-# widths at 180k points, 8 steps, fp32: per-offset everywhere 2.5 s, gather everywhere 4.1 s.
-GATHER_MIN_FILL = 0.3
+# On CUDA, a 3x3x3 convolution uses the grouped path when its padded work (26 L + M rows) is below
+# this share of the gather path's (27 M rows; it multiplies every missing neighbour's zero row).
+GROUPED_MAX_WORK = 0.8
 
 
-def _use_gather(device: torch.device, fill: float | None = None) -> bool:
-    """Which convolution algorithm: 'gather' (one neighbour table, one GEMM per chunk of rows: few,
-    large kernels) or 'scatter' (per kernel offset: gather -> matmul -> scatter-add over the rows
-    that have that neighbour; no (M, 27, C) temporary). LIDAR_COMPLETION_CONV_ALGO overrides; 'auto'
-    takes scatter on the CPU and, on CUDA, gather where the neighbour table is at least
-    GATHER_MIN_FILL full (``fill`` None: a one-to-one map, always gather on CUDA)."""
+def conv_algorithm(device: torch.device, stats: tuple[int, int] | None = None) -> str:
+    """Convolution algorithm for a layer: LIDAR_COMPLETION_CONV_ALGO when set to one of
+    'gather' | 'grouped' | 'scatter', else ('auto') 'scatter' on the CPU and, on other devices,
+    'grouped' where the level is sparse (``stats`` = :meth:`CoordinateManager.neighbour_stats`) and
+    'gather' where it is dense or the map is one-to-one (``stats`` None).
+
+    * gather: one (M, 27) neighbour table and one GEMM per chunk of rows - 3 kernels a layer;
+    * grouped: the rows with a neighbour at each offset, padded to the same length L, one batched
+      GEMM over the 26 offsets and one scatter-add - 6 kernels a layer, 26 L + M rows of work;
+    * scatter: gather -> matmul -> scatter-add per offset over exactly the rows that have that
+      neighbour - least work, ~80 kernels and (on CUDA) 26 host reads per level. The CPU's choice.
+    """
     algo = os.environ.get(ENV_ALGO, "auto").strip().lower()
-    if algo == "gather":
-        return True
-    if algo == "scatter":
-        return False
+    if algo in ("gather", "grouped", "scatter"):
+        return algo
+    if algo not in ("", "auto"):
+        raise ValueError(f"{ENV_ALGO}={algo!r}: expected one of {', '.join(ALGOS)}")
     if device.type == "cpu":
-        return False
-    return fill is None or fill >= GATHER_MIN_FILL
+        return "scatter"
+    if stats is None:
+        return "gather"
+    m, width = stats
+    return "grouped" if 26 * width + m < GROUPED_MAX_WORK * 27 * m else "gather"
+
+
+def _use_gather(device: torch.device) -> bool:
+    """Whether one-to-one maps (stride-2 convolutions, transposed ones) take the table/GEMM form."""
+    return conv_algorithm(device) != "scatter"
 
 
 def _gather_gemm(f: torch.Tensor, table: torch.Tensor, w2d: torch.Tensor) -> torch.Tensor:
@@ -252,6 +303,32 @@ def _gather_gemm(f: torch.Tensor, table: torch.Tensor, w2d: torch.Tensor) -> tor
         g = fp.index_select(dim, t.reshape(-1)).reshape(lead + (t.shape[0], k * c))
         outs.append(g @ w2d)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _grouped_offsets(f: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor,
+                     w: torch.Tensor) -> torch.Tensor:
+    """Centre offset as one GEMM, the 26 others as batched GEMMs over their padded row lists."""
+    dim = f.dim() - 2
+    lead = f.shape[:-2]
+    c, cout = f.shape[-1], w.shape[-1]
+    out = f @ w[13]
+    width = in_rows.shape[1]
+    if width == 0:
+        return out
+    fp = torch.cat([f, f.new_zeros(lead + (1, c))], dim=-2)
+    side = torch.cat([w[:13], w[14:]], dim=0).to(f.dtype)                  # (26, C, Cout)
+    groups = 1
+    for d in lead:
+        groups *= d
+    budget = _GATHER_BUDGET.get(f.device.type, _GATHER_BUDGET["cuda"])
+    per = max(1, budget // max(1, width * c * f.element_size() * groups))   # offsets per chunk
+    for k0 in range(0, 26, per):
+        k1 = min(26, k0 + per)
+        idx = in_rows[k0:k1].reshape(-1)
+        g = fp.index_select(dim, idx).reshape(lead + (k1 - k0, width, c))
+        y = torch.matmul(g, side[k0:k1])                                    # (..., k, L, Cout)
+        out.index_add_(dim, out_rows[k0:k1].reshape(-1), y.reshape(lead + ((k1 - k0) * width, cout)))
+    return out
 
 
 def _reset_kernel(kernel: torch.Tensor, in_channels: int, kernel_volume: int) -> None:
@@ -285,9 +362,14 @@ class Convolution(nn.Module):
             return x.replace(f @ w)
         dim = f.dim() - 2
         gather = _use_gather(f.device)
-        if self.kernel_size == 3 and gather and _use_gather(f.device, x.manager.neighbour_fill(x.stride)):
-            table = x.manager.neighbour_table(x.stride)
-            return x.replace(_gather_gemm(f, table, w.reshape(-1, self.out_channels)))
+        if self.kernel_size == 3 and gather:
+            algo = conv_algorithm(f.device, x.manager.neighbour_stats(x.stride))
+            if algo == "grouped":
+                out_rows, in_rows = x.manager.offset_pairs(x.stride)
+                return x.replace(_grouped_offsets(f, out_rows, in_rows, w))
+            if algo == "gather":
+                table = x.manager.neighbour_table(x.stride)
+                return x.replace(_gather_gemm(f, table, w.reshape(-1, self.out_channels)))
         if self.kernel_size == 2 and gather:
             table = x.manager.child_table(x.stride)
             out = _gather_gemm(f, table, w.reshape(-1, self.out_channels))
@@ -361,9 +443,41 @@ class BatchNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+        self._affine_cache = None
+
+    def _affine(self, dtype: torch.dtype):
+        """(shift, scale) of the inference map, recomputed only when a statistic or parameter
+        changed (tensor version counters: load_state_dict, optimiser steps, .to() all move them)."""
+        bn = self.bn
+        parts = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in parts):
+            return self._affine_terms(dtype)   # differentiable, not cached
+        # inference tensors (made under torch.inference_mode) must not reach autograd outside it
+        stamp = (dtype, bn.eps, torch.is_inference_mode_enabled()) + tuple(None if t is None else (t.data_ptr(), t._version) for t in parts)
+        cache = self._affine_cache
+        if cache is None or cache[0] != stamp:
+            with torch.no_grad():
+                cache = self._affine_cache = (stamp,) + self._affine_terms(dtype)
+        return cache[1], cache[2]
+
+    def _affine_terms(self, dtype: torch.dtype):
+        bn = self.bn
+        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        shift = -bn.running_mean.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        return shift.to(dtype), scale.to(dtype)
 
     def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
         f = x.feats
+        bn = self.bn
+        if not bn.training and bn.track_running_stats and bn.running_var is not None:
+            # inference: the same affine map as F.batch_norm with running statistics, one kernel on
+            # any feature shape (F.batch_norm costs a host read per call on CUDA here)
+            shift, scale = self._affine(f.dtype)
+            return x.replace(torch.addcmul(shift, f, scale))
         if f.dim() == 2:
             return x.replace(self.bn(f))
         shape = f.shape
@@ -394,8 +508,9 @@ class TorchBackend:
         check_coordinate_range(coords)
         keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)
         m = keys.shape[0]
-        counts = torch.bincount(inverse, minlength=m)
-        inv_count = (1.0 / counts.to(points.dtype))
+        # per-voxel point counts by a scatter-add (torch.bincount reads the maximum back to the host)
+        counts = points.new_zeros(m).index_add_(0, inverse, points.new_ones(points.shape[0]))
+        inv_count = 1.0 / counts
         feats = points.new_zeros((m, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
         manager = CoordinateManager(Level(1, keys))
         return Field(inverse, points.shape[0]), TorchSparseTensor(feats, 1, manager)
