@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import ConfigError
 from .common import (AXIS_BITS, AXIS_OFFSET, Field, check_coordinate_range, offset_key, pack_keys,
                      voxel_indices)
 
@@ -269,7 +270,7 @@ def conv_algorithm(device: torch.device, stats: tuple[int, int] | None = None) -
     if algo in ("gather", "grouped", "scatter"):
         return algo
     if algo not in ("", "auto"):
-        raise ValueError(f"{ENV_ALGO}={algo!r}: expected one of {', '.join(ALGOS)}")
+        raise ConfigError(f"{ENV_ALGO}={algo!r}: expected one of {', '.join(ALGOS)}")
     if device.type == "cpu":
         return "scatter"
     if stats is None:
