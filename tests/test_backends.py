@@ -199,6 +199,12 @@ def test_nearest_cell_device_path_with_several_batch_elements():
         _nearest_device(q, cells[cells[:, 0] != 2])
     with pytest.raises(CloudFormatError, match="batch element 1"):
         _nearest_device(q[q[:, 0] <= 1], one)
+    # the sorted reference keys are kept per ref tensor: an in-place change is seen
+    moved = cells.clone()
+    assert torch.equal(_nearest_device(q, moved), got)
+    moved[:, 1] += 16
+    assert torch.equal(_nearest_device(q, moved), sparse.nearest_cell(q, moved))
+    assert not torch.equal(_nearest_device(q, moved), got)
 
 
 @needs_minkowski
@@ -330,3 +336,29 @@ def test_batchnorm_inference_is_the_running_statistics_affine_map():
     assert fg.grad is not None and torch.isfinite(fg.grad).all()
     bn.train()
     assert torch.allclose(bn(x.replace(f)).feats.reshape(-1, 5).mean(0), bn.bn.bias, atol=1e-5)
+
+
+def test_inference_caches_follow_weight_and_condition_changes(monkeypatch):
+    """The condition-only MLP outputs and the grouped kernels kept between solver steps are
+    recomputed when the weights or the condition change, and never used with autograd on."""
+    monkeypatch.setenv("LIDAR_COMPLETION_CONV_ALGO", "grouped")
+    cfg = ModelConfig.tiny()
+    pts, batch = _batch_clouds()
+    torch.manual_seed(0)
+    den, enc = Denoiser(cfg, "torch").eval(), ConditionEncoder(cfg, "torch").eval()
+    t = torch.tensor([500, 20, 3])
+    with torch.no_grad():
+        cond = enc(pts, batch)
+        first = den(pts + 0.1, batch, t, cond)
+        assert torch.equal(den(pts + 0.1, batch, t, cond), first)          # cached path, same result
+        other = Denoiser(cfg, "torch").eval()                                # new weights, same cond
+        den.load_state_dict(other.state_dict())
+        assert torch.allclose(den(pts + 0.1, batch, t, cond), other(pts + 0.1, batch, t, cond), atol=1e-6)
+        cond2 = enc(pts * 1.5, batch)                                        # another condition
+        assert torch.allclose(den(pts + 0.1, batch, t, cond2), other(pts + 0.1, batch, t, cond2), atol=1e-6)
+        den.stem[0].kernel.mul_(2.0)                                         # in-place weight change
+        other.stem[0].kernel.mul_(2.0)
+        assert torch.allclose(den(pts + 0.1, batch, t, cond2), other(pts + 0.1, batch, t, cond2), atol=1e-6)
+    y = den(pts + 0.1, batch, t, cond2)                                      # autograd on: no cache
+    y.square().sum().backward()
+    assert den.latent_stage1[0].weight.grad is not None and den.stem[0].kernel.grad.abs().sum() > 0

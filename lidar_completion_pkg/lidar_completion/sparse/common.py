@@ -40,6 +40,13 @@ def check_coordinate_range(coords: torch.Tensor) -> None:
             "(is the cloud in metres and centred on the sensor?)")
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place modification counter of ``t`` for caches keyed on it; -1 for inference tensors
+    (made under ``torch.inference_mode``), which track none: a cache keyed on one assumes it is not
+    modified in place."""
+    return -1 if t.is_inference() else t._version
+
+
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
     """(M, 4) int64 (b, x, y, z) -> (M,) int64 keys, monotonic in lexicographic order."""
     b = coords[:, 0]
@@ -61,7 +68,7 @@ class Field:
     num_points: int
 
 
-def nearest_cell(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
     """Index into ``ref`` of the nearest cell of the same batch element, for every ``query`` row.
 
     ``query`` (M, 4) and ``ref`` (E, 4) are int64 ``(b, x, y, z)`` integer coordinates; ``ref`` must be
@@ -71,14 +78,17 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
     CPU: a k-d tree per batch element. Other devices: one lattice search over all rows and batch
     elements at once (:func:`_nearest_lattice`), exact brute force for the rows it cannot settle;
-    one host read in all (two when some rows fall back), whatever the batch size.
+    one host read in all (two when some rows fall back), whatever the batch size. The reference
+    side (sorted keys) is kept for the last few ``ref`` tensors, so the solver steps that look up
+    the same condition share it. ``check_batches=False`` skips the check that every query's batch
+    element has cells (for callers that checked the same batch elements already).
     """
     if query.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=query.device)
     if ref.shape[0] == 0:
         raise CloudFormatError("condition has no cells")
     if query.device.type != "cpu":
-        return _nearest_device(query, ref)
+        return _nearest_device(query, ref, check_batches)
     out = torch.empty(query.shape[0], dtype=torch.long)
     qb = query[:, 0]
     rb = ref[:, 0]
@@ -92,19 +102,21 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nearest_device(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
     """The device path of :func:`nearest_cell` (few large kernels, no per-batch loop on the host)."""
     qb, rb = query[:, 0], ref[:, 0]
-    present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=query.device).index_fill_(0, rb, True)
-    missing = ~present[qb]                  # query rows whose batch element has no cell
+    missing = None
+    if check_batches:
+        present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=query.device).index_fill_(0, rb, True)
+        missing = ~present[qb]              # query rows whose batch element has no cell
     if ref.shape[0] == 1:  # the unconditional condition of one cloud: a single cell
-        if bool(missing.any()):
+        if missing is not None and bool(missing.any()):
             _raise_missing(qb, missing)
         return torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    out, unresolved, off_lattice = _nearest_lattice(query[:, 1:], ref[:, 1:], qb, rb)
-    any_unresolved, any_off, any_missing = torch.stack(
-        [unresolved.any(), off_lattice, missing.any()]).tolist()           # the one host read
-    if any_missing:
+    out, unresolved, off_lattice = _nearest_lattice(query[:, 1:], ref[:, 1:], qb, rb, _reference_index(ref))
+    flags = [unresolved.any(), off_lattice] + ([missing.any()] if missing is not None else [])
+    any_unresolved, any_off, *any_missing = torch.stack(flags).tolist()     # the one host read
+    if any_missing and any_missing[0]:
         _raise_missing(qb, missing)
     if any_off:          # cells not on the 16-lattice (not an encoder output): brute force everywhere
         return _nearest_bruteforce(query[:, 1:], ref[:, 1:], qb, rb, check=False)
@@ -112,6 +124,24 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         rows = torch.nonzero(unresolved, as_tuple=True)[0]
         out[rows] = _nearest_bruteforce(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
     return out
+
+
+_REF_CACHE: list = []   # [(ref tensor, version, index)], most recent last
+
+
+def _reference_index(ref: torch.Tensor):
+    """(sorted keys, their order, off-lattice flag) of the reference cells, kept for the last 4
+    ``ref`` tensors (the same condition is looked up at every solver step and level)."""
+    version = tensor_version(ref)
+    for i, (r, v, index) in enumerate(_REF_CACHE):
+        if r is ref and v == version:
+            return index
+    rkeys = pack_keys(ref)
+    order = torch.argsort(rkeys)
+    index = (rkeys[order], order, (ref[:, 1:] % LATTICE != 0).any())
+    _REF_CACHE.append((ref, version, index))
+    del _REF_CACHE[:-4]
+    return index
 
 
 def _raise_missing(qb: torch.Tensor, missing: torch.Tensor):
@@ -150,8 +180,22 @@ def _nearest_kdtree(q: np.ndarray, r: np.ndarray) -> np.ndarray:
 LATTICE = 16  # the condition cells are stride-16 cell corners
 
 
+_LATTICE_BLOCK: dict = {}
+
+
+def _lattice_block(device):
+    """The 64 candidate offsets (-16..+32 per axis) as (64, 3) coordinates and (64,) key deltas."""
+    key = str(device)
+    if key not in _LATTICE_BLOCK:
+        d = [-LATTICE, 0, LATTICE, 2 * LATTICE]
+        offs = [(dx, dy, dz) for dx in d for dy in d for dz in d]
+        _LATTICE_BLOCK[key] = (torch.tensor(offs, dtype=torch.long, device=device),
+                               torch.tensor([offset_key(*o) for o in offs], dtype=torch.long, device=device))
+    return _LATTICE_BLOCK[key]
+
+
 def _nearest_lattice(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
-                     rb: torch.Tensor | None = None):
+                     rb: torch.Tensor | None = None, index=None):
     """Exact 1-NN of the rows that have a reference cell close by, when every reference cell lies on
     the 16-lattice. Returns ``(index, unresolved, off_lattice)``: ``unresolved`` marks the rows this
     search cannot settle (their index is meaningless), ``off_lattice`` is a 0-d bool tensor, true when
@@ -160,31 +204,28 @@ def _nearest_lattice(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None =
     Looks at the 4x4x4 lattice points around each query (its own cell's corner -16..+32 per axis),
     within the query's own batch element (``qb`` / ``rb``, default all 0). Any lattice point outside
     that block differs by >= 32 along some axis, so a best candidate with squared distance < 32**2
-    is the global nearest."""
+    is the global nearest. ``index``: :func:`_reference_index` of the reference cells, if known."""
     L = LATTICE
     if qb is None:
         qb = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    if rb is None:
-        rb = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
-    rkeys = pack_keys(torch.cat([rb.view(-1, 1), r], 1))
-    order = torch.argsort(rkeys)
-    skeys = rkeys[order]
+    if index is None:
+        if rb is None:
+            rb = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
+        index = _reference_index(torch.cat([rb.view(-1, 1), r], 1))
+    skeys, order, off_lattice = index
+    offs, deltas = _lattice_block(q.device)
     base = torch.div(q, L, rounding_mode="floor") * L
-    d = torch.arange(-1, 3, device=q.device) * L
-    offs = torch.stack(torch.meshgrid(d, d, d, indexing="ij"), -1).reshape(-1, 3)  # (64, 3)
-    cand = base[:, None, :] + offs[None, :, :]                                    # (M, 64, 3)
-    cb = qb.view(-1, 1, 1).expand(-1, 64, 1)
-    ckeys = pack_keys(torch.cat([cb, cand], -1).reshape(-1, 4)).view(-1, 64)
+    # candidate keys: the base corner's key plus each offset's key delta (packing is linear here:
+    # |coordinates| < AXIS_LIMIT leaves room for the -16..+32 offsets)
+    ckeys = pack_keys(torch.cat([qb.view(-1, 1), base], 1))[:, None] + deltas[None, :]
     pos = torch.searchsorted(skeys, ckeys).clamp_(max=skeys.shape[0] - 1)
     hit = skeys[pos] == ckeys
-    d2 = ((q[:, None, :] - cand) ** 2).sum(-1)
-    idx = order[pos]
+    d2 = (((q - base)[:, None, :] - offs[None, :, :]) ** 2).sum(-1)
     big = torch.iinfo(torch.long).max
-    score = torch.where(hit, (d2 << 40) + idx, torch.full_like(d2, big))
+    score = torch.where(hit, (d2 << 40) + order[pos], big)
     best = score.min(dim=1).values
     out = best & ((1 << 40) - 1)
     unresolved = (best == big) | ((best >> 40) >= (2 * L) ** 2)
-    off_lattice = (r % L != 0).any()
     return out, unresolved, off_lattice
 
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from .common import (AXIS_BITS, AXIS_OFFSET, Field, check_coordinate_range, offset_key, pack_keys,
-                     voxel_indices)
+                     tensor_version, voxel_indices)
 
 KERNEL3_OFFSETS = [(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 KERNEL2_OFFSETS = [(dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
@@ -307,8 +307,9 @@ def _gather_gemm(f: torch.Tensor, table: torch.Tensor, w2d: torch.Tensor) -> tor
 
 
 def _grouped_offsets(f: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tensor,
-                     w: torch.Tensor) -> torch.Tensor:
-    """Centre offset as one GEMM, the 26 others as batched GEMMs over their padded row lists."""
+                     w: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """Centre offset as one GEMM, the 26 others as batched GEMMs over their padded row lists
+    (``side``: the kernel without its centre, (26, C, Cout))."""
     dim = f.dim() - 2
     lead = f.shape[:-2]
     c, cout = f.shape[-1], w.shape[-1]
@@ -317,7 +318,6 @@ def _grouped_offsets(f: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Ten
     if width == 0:
         return out
     fp = torch.cat([f, f.new_zeros(lead + (1, c))], dim=-2)
-    side = torch.cat([w[:13], w[14:]], dim=0).to(f.dtype)                  # (26, C, Cout)
     groups = 1
     for d in lead:
         groups *= d
@@ -352,9 +352,21 @@ class Convolution(nn.Module):
         shape = (in_channels, out_channels) if kernel_size == 1 else (volume, in_channels, out_channels)
         self.kernel = nn.Parameter(torch.empty(shape))
         _reset_kernel(self.kernel, in_channels, volume)
+        self._side_cache = None
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+    def _side_kernel(self) -> torch.Tensor:
+        """The 26 non-centre offsets' weights, (26, in, out); kept between calls at inference."""
+        w = self.kernel
+        if torch.is_grad_enabled() and w.requires_grad:
+            return torch.cat([w[:13], w[14:]], dim=0)
+        stamp = (w.data_ptr(), tensor_version(w), torch.is_inference_mode_enabled())
+        if self._side_cache is None or self._side_cache[0] != stamp:
+            with torch.no_grad():
+                self._side_cache = (stamp, torch.cat([w[:13], w[14:]], dim=0))
+        return self._side_cache[1]
 
     def forward(self, x: TorchSparseTensor) -> TorchSparseTensor:
         f = x.feats
@@ -367,7 +379,7 @@ class Convolution(nn.Module):
             algo = conv_algorithm(f.device, x.manager.neighbour_stats(x.stride))
             if algo == "grouped":
                 out_rows, in_rows = x.manager.offset_pairs(x.stride)
-                return x.replace(_grouped_offsets(f, out_rows, in_rows, w))
+                return x.replace(_grouped_offsets(f, out_rows, in_rows, w, self._side_kernel()))
             if algo == "gather":
                 table = x.manager.neighbour_table(x.stride)
                 return x.replace(_gather_gemm(f, table, w.reshape(-1, self.out_channels)))
@@ -454,7 +466,8 @@ class BatchNorm(nn.Module):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in parts):
             return self._affine_terms(dtype)   # differentiable, not cached
         # inference tensors (made under torch.inference_mode) must not reach autograd outside it
-        stamp = (dtype, bn.eps, torch.is_inference_mode_enabled()) + tuple(None if t is None else (t.data_ptr(), t._version) for t in parts)
+        stamp = (dtype, bn.eps, torch.is_inference_mode_enabled()) + tuple(
+            None if t is None else (t.data_ptr(), tensor_version(t)) for t in parts)
         cache = self._affine_cache
         if cache is None or cache[0] != stamp:
             with torch.no_grad():
