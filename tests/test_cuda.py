@@ -7,6 +7,7 @@ import torch
 
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 from lidar_completion.sparse import torch_backend
+from test_backends import _batch_clouds, _close  # the same three clouds: scan, blob, single point
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,30 +22,12 @@ def _exact_matmul():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _batch_clouds():
-    """Three clouds in one batch: a street-like scan, a small blob and a single point."""
-    g = np.random.default_rng(5)
-    r = g.uniform(4, 25, 6000)
-    a = g.uniform(0, 2 * np.pi, 6000)
-    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.3, 6000)], 1)
-    blob = g.normal([2.0, -3.0, 0.5], 0.4, (900, 3))
-    single = np.array([[1.23, -4.56, 0.2]])
-    pts = torch.from_numpy(np.concatenate([scan, blob, single]).astype(np.float32))
-    batch = torch.from_numpy(np.repeat([0, 1, 2], [6000, 900, 1]))
-    return pts, batch
-
-
 def _randomise_bn(net, seed):
     g = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-
-
-def _close(a, b, rel=1e-4, floor=1e-6):
-    scale = max(float(b.abs().max()), floor)
-    return float((a - b).abs().max()) <= rel * scale
 
 
 def _run(cls, net, pts, batch, cond=None):
@@ -103,7 +86,7 @@ def test_guided_pass_on_cuda_equals_two_plain_passes():
     enc = ConditionEncoder(cfg, "torch").to(CUDA).eval()
     den = Denoiser(cfg, "torch").to(CUDA).eval()
     pts, _ = _batch_clouds()
-    pts = pts[:6000].to(CUDA)
+    pts = pts[:4000].to(CUDA)
     batch = torch.zeros(len(pts), dtype=torch.long, device=CUDA)
     with torch.no_grad():
         cond = enc(pts, batch)
