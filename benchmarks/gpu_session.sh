@@ -7,9 +7,10 @@
 #   FAST=1 bash benchmarks/gpu_session.sh     # tests, profile and the headline end-to-end figures
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if ls .whl/*.whl >/dev/null 2>&1; then   # wheels for a machine without network, into a scratch folder
+  SITE=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/lidar_completion_pkg:$PWD:${PYTHONPATH:-} LIDAR_COMPLETION_BACKEND=torch PYTHONUNBUFFERED=1
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
