@@ -136,9 +136,7 @@ def _reference_index(ref: torch.Tensor):
     for i, (r, v, index) in enumerate(_REF_CACHE):
         if r is ref and v == version:
             return index
-    rkeys = pack_keys(ref)
-    order = torch.argsort(rkeys)
-    index = (rkeys[order], order, (ref[:, 1:] % LATTICE != 0).any())
+    index = _build_reference_index(ref)
     _REF_CACHE.append((ref, version, index))
     del _REF_CACHE[:-4]
     return index
@@ -180,6 +178,12 @@ def _nearest_kdtree(q: np.ndarray, r: np.ndarray) -> np.ndarray:
 LATTICE = 16  # the condition cells are stride-16 cell corners
 
 
+def _build_reference_index(ref: torch.Tensor):
+    rkeys = pack_keys(ref)
+    order = torch.argsort(rkeys)
+    return rkeys[order], order, (ref[:, 1:] % LATTICE != 0).any()
+
+
 _LATTICE_BLOCK: dict = {}
 
 
@@ -211,7 +215,8 @@ def _nearest_lattice(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None =
     if index is None:
         if rb is None:
             rb = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
-        index = _reference_index(torch.cat([rb.view(-1, 1), r], 1))
+        # a throw-away tensor: build the index without filling the cache of reused conditions
+        index = _build_reference_index(torch.cat([rb.view(-1, 1), r], 1))
     skeys, order, off_lattice = index
     offs, deltas = _lattice_block(q.device)
     base = torch.div(q, L, rounding_mode="floor") * L
