@@ -89,7 +89,11 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, refine=Tr
 
     t = timed(run, device, repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
-    return t, peak, res[0]
+    g = c._graphed   # CUDA graphs: "replay", "ordinary" (auto found plain calls faster) or "off"
+    mode = "off" if g is None else ("replay" if g.replaying else "ordinary")
+    if g is not None and g.tuning:
+        mode += f"({g.tuning[0] * 1000:.1f}ms/{g.tuning[1] * 1000:.1f}ms)"
+    return t, peak, res[0], mode
 
 
 def main(argv=None) -> int:
@@ -139,12 +143,14 @@ def main(argv=None) -> int:
         for b in backends:
             for steps in steps_list:
                 for prec in precisions:
-                    t, peak, r = end_to_end(ckpt, b, device, scan, steps, prec, repeats)
-                    row = {"backend": b, "steps": steps, "precision": prec, "seconds": t, "peak_mib": peak,
+                    t, peak, r, graphs = end_to_end(ckpt, b, device, scan, steps, prec, repeats)
+                    row = {"backend": b, "steps": steps, "precision": prec, "cuda_graphs": graphs,
+                           "seconds": t, "peak_mib": peak,
                            "points_in": len(scan), "points_out": int(len(r.points)),
                            "stages": {k: round(v, 4) for k, v in r.timings.items()}}
                     results["end_to_end"].append(row)
-                    print(f"complete backend={b} steps={steps} precision={prec} refine=1 time={t * 1000:.0f}ms "
+                    print(f"complete backend={b} steps={steps} precision={prec} graphs={graphs} refine=1 "
+                          f"time={t * 1000:.0f}ms "
                           f"peak_gpu={peak:.0f}MiB out={len(r.points)} stages={row['stages']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh            # everything (about 5 minutes on an H200)
 #   QUICK=1 bash benchmarks/gpu_session.sh    # tests and the shipped student's profile only
 #   FAST=1 bash benchmarks/gpu_session.sh     # tests, profile and the headline end-to-end figures
+# CUDA graphs are on by default on the GPU; the student is also timed with LIDAR_COMPLETION_CUDA_GRAPHS=0.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then   # wheels for a machine without network, into a scratch folder
@@ -18,9 +19,12 @@ step() { echo; echo "=== $*"; local t0=$SECONDS; "$@"; echo "=== rc=$? in $((SEC
 step timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step timeout 120 python3 benchmarks/profile_completion.py --device cuda --top 40 --trace "$OUT/trace_tiny_fp32.json.gz"
 [ -n "${QUICK:-}" ] && exit 0
-if [ -n "${FAST:-}" ]; then   # the headline figures only (about 2 minutes)
+if [ -n "${FAST:-}" ]; then   # the headline figures only (about 3 minutes)
   step timeout 90 python3 benchmarks/backends.py --device cuda --no-forward --repeats 3 \
     --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt --json "$OUT/student.json"
+  step env LIDAR_COMPLETION_CUDA_GRAPHS=0 timeout 90 python3 benchmarks/backends.py --device cuda --no-forward \
+    --repeats 3 --steps 8 --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt \
+    --json "$OUT/student_nographs.json"
   step timeout 150 python3 benchmarks/backends.py --device cuda --config tiny --no-forward --repeats 3 --json "$OUT/tiny_auto.json"
   step timeout 120 python3 benchmarks/backends.py --device cuda --config full --no-forward --repeats 2 --steps 8 --json "$OUT/full_auto.json"
   exit 0

@@ -74,9 +74,17 @@ def test_cuda_matches_cpu(cls, algo, monkeypatch):
     # in a different order on the GPU (atomic adds); with the signed loss weights it cancels, and
     # on an H200 the head biases differed by 1.3e-4 of their largest entry while every other
     # parameter stayed within 1e-4.
-    floor = 1e-3 * max(float(g.abs().max()) for g in ga.values())
+    # Gradients that are tiny by cancellation (the first layer's, ~1e-4 against a largest gradient
+    # of ~40) also carry that noise in absolute terms (6.5e-5 on an H200, 2e-6 of the largest): so
+    # each parameter within 1e-3 of its own scale plus 1e-5 of the largest gradient, and all of them
+    # together within 1e-4 (L2).
+    top = max(float(g.abs().max()) for g in ga.values())
     for k in ga:
-        assert _close(gb[k], ga[k], rel=1e-3, floor=floor), (k, float((ga[k] - gb[k]).abs().max()))
+        diff = float((ga[k] - gb[k]).abs().max())
+        assert diff <= 1e-3 * float(ga[k].abs().max()) + 1e-5 * top, (k, diff)
+    va = torch.cat([g.flatten() for g in ga.values()])
+    vb = torch.cat([gb[k].flatten() for k in ga])
+    assert float((va - vb).norm()) <= 1e-4 * float(va.norm())
 
 
 def test_guided_pass_on_cuda_equals_two_plain_passes():
@@ -117,3 +125,104 @@ def test_shipped_student_completes_on_cuda(precision):
     assert res.timings["denoiser"] > 0 and res.timings["refinement"] > 0
     # a ground plane in, a ground plane out: the completion stays near the scan
     assert chamfer_distance(pts[::7], scan) < 1.0
+
+
+def _student_pieces(seed=0):
+    """The shipped student on the GPU, a synthetic ring scan, its condition and the unconditional one."""
+    from lidar_completion.completer import Completer
+
+    g = np.random.default_rng(seed)
+    r = g.uniform(4, 40, 30000)
+    a = g.uniform(0, 2 * np.pi, 30000)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.7, 0.05, 30000)], 1).astype(np.float32)
+    c = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch")
+    _, scan_fps, x_init, _ = c.prepare(scan)
+    with torch.inference_mode():
+        cond = c.encoder(torch.from_numpy(scan_fps).to(CUDA),
+                         torch.zeros(len(scan_fps), dtype=torch.long, device=CUDA))
+        uncond = c.unconditional(len(scan_fps))
+    return c, scan, torch.from_numpy(x_init).to(CUDA), cond, uncond
+
+
+def test_cuda_graph_replay_equals_ordinary_calls():
+    """The captured guided call replayed at several steps = the ordinary call (gather form vs the
+    grouped one: float summation order only); one capture, no fallback."""
+    from lidar_completion.cuda_graphs import GraphedDenoiser
+    from lidar_completion.diffusion import guided_noise
+
+    c, _, x, cond, uncond = _student_pieces()
+    r = GraphedDenoiser(c.denoiser, c.guidance)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    with torch.inference_mode():
+        for t in (950, 700, 400, 150, 20):
+            xt = x + (t / 1000.0) * torch.randn(x.shape, generator=gen, device=CUDA)
+            got = r(xt, t, cond, uncond)
+            want = guided_noise(c.denoiser, xt, t, cond, uncond, c.guidance).float()
+            assert _close(got, want), t
+    # the first call sizes the levels (at the noisiest step); denser later steps may outgrow a
+    # capacity once or twice (recomputed, then captured again)
+    # (on an H200: 3 captures, 3 replays that did not fit; a robot's later scans then fit)
+    assert r.captures >= 1 and r.captures - 1 <= r.fallbacks <= r.captures and r.replays == 4
+
+
+def test_cuda_graph_grows_when_a_level_does_not_fit():
+    """A much wider cloud than the one the capacities were learnt on: that call is recomputed the
+    ordinary way (same result), the capacities grow and the next call replays a new capture."""
+    from lidar_completion.cuda_graphs import GraphedDenoiser
+    from lidar_completion.diffusion import guided_noise
+
+    c, _, x, cond, uncond = _student_pieces()
+    r = GraphedDenoiser(c.denoiser, c.guidance)
+    with torch.inference_mode():
+        r(x, 500, cond, uncond)
+        r(x, 400, cond, uncond)
+        wide = x + 3.0 * torch.randn_like(x)
+        got = r(wide, 300, cond, uncond)
+        assert r.fallbacks == 1
+        assert _close(got, guided_noise(c.denoiser, wide, 300, cond, uncond, c.guidance).float())
+        got = r(wide, 200, cond, uncond)
+        assert r.fallbacks == 1 and r.captures == 2 and r.replays == 3
+        assert _close(got, guided_noise(c.denoiser, wide, 200, cond, uncond, c.guidance).float())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_completion_with_and_without_cuda_graphs(precision):
+    """Whole completions, same seed, graphs on and off: the same cloud (float summation order only;
+    bf16 rounds differently along the way, so it gets a loose bound)."""
+    from lidar_completion.completer import Completer
+    from lidar_completion.metrics import chamfer_distance
+
+    _, scan, _, _, _ = _student_pieces()
+    on = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch", precision=precision,
+                                   cuda_graphs=True)
+    off = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch", precision=precision,
+                                    cuda_graphs=False)
+    assert on.graphs_active and not off.graphs_active
+    a = on.complete(scan)
+    a2 = on.complete(scan)           # second scan: pure replays
+    b = off.complete(scan)
+    assert on._graphed.captures >= 1 and on._graphed.replays >= on.steps
+    # the SDE solver amplifies float-order differences (atomic adds, the gather vs grouped forms)
+    # over its steps, bf16 much more; so: fp32 close, bf16 the same quality against the scan
+    if precision == "fp32":
+        assert chamfer_distance(a, a2) < 5e-3 and chamfer_distance(a, b) < 5e-3
+    else:
+        ref = chamfer_distance(b[::7], scan)
+        assert abs(chamfer_distance(a[::7], scan) - ref) < 0.1 * ref
+        assert abs(chamfer_distance(a2[::7], scan) - ref) < 0.1 * ref
+
+
+def test_auto_cuda_graphs_measure_and_keep_the_faster_path():
+    """cuda_graphs=None (auto): the first scan times a replay against an ordinary call and keeps
+    the faster; either way the completion is the same cloud as without graphs."""
+    from lidar_completion.completer import Completer
+    from lidar_completion.metrics import chamfer_distance
+
+    _, scan, _, _, _ = _student_pieces()
+    auto = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch")
+    off = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch", cuda_graphs=False)
+    a = auto.complete(scan)
+    g = auto._graphed
+    assert g is not None and g.tuning is not None and all(x > 0 for x in g.tuning)
+    assert g.replaying == (g.tuning[0] <= g.tuning[1])
+    assert chamfer_distance(a, off.complete(scan)) < 5e-3

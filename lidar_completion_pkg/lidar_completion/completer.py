@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cuda_graphs import GraphedDenoiser, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
@@ -98,7 +99,10 @@ class Completer:
     "fp16" (autocast, CUDA only; fp32 elsewhere); pre/post-processing limits with the published
     defaults (``min_range`` 3.5 m, ``max_range`` 50 m, ``min_z`` -4 m, ``n_fps`` 18,000,
     ``tile`` 10; ``post_max_range`` 50 m) and ``min_points``, the fewest filtered input points
-    accepted.
+    accepted. ``cuda_graphs`` replays each solver step's denoiser call from a CUDA graph
+    (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch backend): True always, False never,
+    None (auto, or LIDAR_COMPLETION_CUDA_GRAPHS=auto|1|0) where the first scan measures a replay
+    faster than an ordinary call.
     """
 
     def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
@@ -108,8 +112,11 @@ class Completer:
                  max_range: float | None = DEFAULTS["max_range"],
                  min_z: float | None = DEFAULTS["min_z"], n_fps: int = DEFAULTS["n_fps"],
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
-                 min_points: int = 100, schedule: NoiseSchedule | None = None, process: str = "vp"):
+                 min_points: int = 100, schedule: NoiseSchedule | None = None, process: str = "vp",
+                 cuda_graphs: bool | str | None = None):
         self.device = resolve_device(device)
+        self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
+        self._graphed: GraphedDenoiser | None = None
         self.encoder = encoder.to(self.device).eval()
         self.denoiser = denoiser.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
@@ -251,8 +258,40 @@ class Completer:
             self._uncond_cache = {key: cond}   # one entry: the point count rarely changes
         return cond
 
+    @property
+    def graphs_active(self) -> bool:
+        """Whether solver steps replay CUDA graphs (CUDA device, torch backend, not turned off)."""
+        return (self.cuda_graphs is not False and self.device.type == "cuda"
+                and getattr(self.denoiser, "backend", None) == "torch")
+
+    def graph_runner(self) -> GraphedDenoiser | None:
+        """The CUDA-graph runner of the denoiser when graphs are in use, else None."""
+        if not self.graphs_active:
+            if self.cuda_graphs and self.device.type == "cuda":
+                log.warning("cuda_graphs needs the torch sparse backend; running without graphs")
+                self.cuda_graphs = False
+            return None
+        dtype = _PRECISIONS[self.precision]
+        r = self._graphed
+        if r is None or r.guidance != self.guidance or r.autocast != dtype or r.denoiser is not self.denoiser:
+            # auto (None): graphs where a replay beats an ordinary call on this machine (measured
+            # once per input shape); True: always replay
+            r = self._graphed = GraphedDenoiser(self.denoiser, self.guidance, dtype,
+                                                autotune=self.cuda_graphs is None)
+        return r
+
     def denoise_guided(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
         """Guided noise prediction for one solver step (float32, shape of ``points``)."""
+        runner = self.graph_runner()
+        if runner is not None:
+            try:
+                return runner(points, t, cond, uncond)
+            except (CloudFormatError, ConfigError):
+                raise
+            except RuntimeError as exc:   # capture not possible here: stay on the ordinary path
+                log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
+                self.cuda_graphs = False
+                self._graphed = None
         with self._autocast():
             eps = guided_noise(self.denoiser, points, t, cond, uncond, self.guidance)
         return eps.float()
@@ -321,7 +360,7 @@ class Completer:
         return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, "
                 f"refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
-                f"n_fps={self.n_fps}, tile={self.tile})")
+                f"n_fps={self.n_fps}, tile={self.tile}, cuda_graphs={self.graphs_active})")
 
 
 def _now(clock: _Clock) -> float:

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .. import sparse
 from ..errors import CloudFormatError
-from ..sparse.common import pack_keys, tensor_version
+from ..sparse.common import caching_allowed, pack_keys, static_shapes, tensor_version
 from .config import ModelConfig
 
 SITES = ("stage1", "stage2", "stage3", "stage4", "up1", "up2", "up3", "up4")
@@ -203,7 +203,7 @@ class Denoiser(_SparseNet):
         inference (no autograd) it is kept across solver steps for the same condition tensor and
         recomputed when the tensor or the MLP's weights change (version counters)."""
         mlp = getattr(self, f"latent_{site}")
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not caching_allowed():
             return mlp(cond.feats)
         stamp = (tensor_version(cond.feats), torch.is_inference_mode_enabled(),
                  tuple((p.data_ptr(), tensor_version(p)) for p in mlp.parameters()))
@@ -218,7 +218,10 @@ class Denoiser(_SparseNet):
         """Modulation weight for every condition cell at ``site``: (E, C_site). ``tau_b`` is the
         site's time MLP output per batch element."""
         p = self._latent(site, g, cond)
-        tau = tau_b[cond.coords[:, 0]]
+        b = cond.coords[:, 0]
+        if static_shapes() is not None:   # padding cells carry batch PAD_BATCH: any valid row will do
+            b = b.clamp(max=tau_b.shape[0] - 1)
+        tau = tau_b[b]
         h = torch.cat([tau, p], dim=1) if site == "up1" else torch.cat([p, tau], dim=1)
         return getattr(self, f"latemp_{site}")(h)
 

@@ -1,6 +1,9 @@
 """Backend-independent pieces: voxel indices, coordinate keys, the exact nearest-cell lookup."""
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +21,21 @@ MAX_BATCH = 1 << 9
 AXIS_LIMIT = AXIS_OFFSET - 64
 
 
+_VOXEL_SIZE: dict = {}
+
+
 def voxel_indices(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
-    """Integer voxel index per point, exactly as LiDiff: float32 division, round half to even."""
+    """Integer voxel index per point, exactly as LiDiff: float32 division, round half to even.
+
+    The divisor is a device tensor (a host scalar would be turned into a multiplication by its
+    reciprocal on CUDA, which rounds differently); it is kept per device, so no host-to-device copy
+    happens per call (none is allowed while a CUDA graph is captured)."""
     if points.dtype != torch.float32:
         points = points.float()
-    vs = torch.tensor(voxel_size, dtype=torch.float32, device=points.device)
+    key = (float(voxel_size), str(points.device))
+    vs = _VOXEL_SIZE.get(key)
+    if vs is None:
+        vs = _VOXEL_SIZE[key] = torch.tensor(voxel_size, dtype=torch.float32, device=points.device)
     return torch.round(points / vs).long()
 
 
@@ -68,6 +81,93 @@ class Field:
     num_points: int
 
 
+# -- static shapes ---------------------------------------------------------------------------------
+# A forward pass in "static" mode gives every tensor a shape fixed in advance and never reads the
+# device from the host, which is what CUDA graph capture needs (see lidar_completion.cuda_graphs).
+# Each coordinate set gets a capacity (rows past the real ones carry the key PAD_KEY, sort last and
+# are never anyone's neighbour), and the nearest-cell fallback a capacity of rows. What would have
+# been a host read becomes a device flag ("did not fit" / "invalid input"), read once after the pass
+# by whoever ran it, together with the sizes seen, so that capacities can grow.
+
+PAD_KEY = torch.iinfo(torch.long).max   # key of a padding row: batch field 511, sorts after any real key
+PAD_BATCH = MAX_BATCH - 1               # batch index reserved for padding rows in static mode
+
+_STATE = threading.local()
+
+
+class StaticShapes:
+    """Capacities and findings of one static-mode pass.
+
+    ``caps`` maps a size key to its capacity: ``("level", m, stride)`` for the coordinate set at
+    ``stride`` of the m-th voxelisation in the pass, ``("unresolved", n)`` for the rows of the n-th
+    nearest-cell lookup that need the brute-force fallback. A key without a capacity gets its upper
+    bound (every row). ``flags`` collects 0-d bool device tensors (true: an input was invalid or a
+    size exceeded its capacity, so the pass's output must not be used); ``sizes`` the 0-d device
+    tensors of the sizes seen. :meth:`summary` stacks both for one host read."""
+
+    def __init__(self, caps: dict | None = None):
+        self.caps = dict(caps or {})
+        self.flags: list = []
+        self.sizes: dict = {}
+        self._ordinals: dict = {}
+
+    def ordinal(self, kind: str) -> int:
+        n = self._ordinals.get(kind, 0)
+        self._ordinals[kind] = n + 1
+        return n
+
+    def capacity(self, key, upper: int) -> int:
+        cap = self.caps.get(key)
+        return int(upper) if cap is None else max(1, min(int(cap), int(upper)))
+
+    def flag(self, bad: torch.Tensor) -> None:
+        self.flags.append(bad.reshape(()))
+
+    def size(self, key, value: torch.Tensor, cap: int | None) -> None:
+        """Record a size and flag it when it exceeds ``cap`` (None: record only)."""
+        value = value.reshape(())
+        self.sizes[key] = value
+        if cap is not None:
+            self.flags.append(value > cap)
+
+    def summary(self) -> tuple[list, torch.Tensor]:
+        """(size keys, int64 device tensor [any flag, size_0, size_1, ...]) for one host read."""
+        keys = list(self.sizes)
+        device = (self.flags or list(self.sizes.values()) or [torch.zeros(())])[0].device
+        bad = torch.stack(self.flags).any() if self.flags else torch.zeros((), dtype=torch.bool, device=device)
+        vals = [bad.long()] + [self.sizes[k].long() for k in keys]
+        return keys, torch.stack(vals)
+
+
+def static_shapes() -> StaticShapes | None:
+    """The static-mode plan of the running pass on this thread, or None."""
+    return getattr(_STATE, "static", None)
+
+
+@contextlib.contextmanager
+def use_static_shapes(plan: StaticShapes):
+    """Run the torch backend in static mode inside this block (inference only)."""
+    old = getattr(_STATE, "static", None)
+    _STATE.static = plan
+    try:
+        yield plan
+    finally:
+        _STATE.static = old
+
+
+def caching_allowed() -> bool:
+    """False while a CUDA graph is captured or a static pass runs: caches keyed on tensor identity
+    would be baked into the graph while the buffers behind them change between replays."""
+    if static_shapes() is not None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def grow_capacity(size: int, margin: float = 1.5, align: int = 128) -> int:
+    """Capacity for a size seen: ``size * margin`` plus one block, rounded up to ``align``."""
+    return int(math.ceil((size * margin + align) / align) * align)
+
+
 def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
     """Index into ``ref`` of the nearest cell of the same batch element, for every ``query`` row.
 
@@ -87,6 +187,9 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
         return torch.empty(0, dtype=torch.long, device=query.device)
     if ref.shape[0] == 0:
         raise CloudFormatError("condition has no cells")
+    plan = static_shapes()
+    if plan is not None:
+        return _nearest_static(query, ref, check_batches, plan)
     if query.device.type != "cpu":
         return _nearest_device(query, ref, check_batches)
     out = torch.empty(query.shape[0], dtype=torch.long)
@@ -126,12 +229,47 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool 
     return out
 
 
+def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
+                    plan: StaticShapes) -> torch.Tensor:
+    """:func:`_nearest_device` with fixed shapes and no host read (static mode, any device).
+
+    Query rows of batch :data:`PAD_BATCH` are padding: their answer is meaningless and they never
+    take a place in the fallback. Reference rows of that batch are padding too (never a real
+    query's nearest: other batch elements are excluded). The brute-force fallback runs on a fixed
+    number of rows (the plan's capacity ``("unresolved", n)``); more unresolved rows than that, a
+    reference off the 16-lattice, or a query whose batch element has no cell raise the plan's flag."""
+    key = ("unresolved", plan.ordinal("nearest"))
+    qb, rb = query[:, 0], ref[:, 0]
+    real = qb != PAD_BATCH
+    if check_batches:
+        present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=query.device).index_fill_(0, rb, True)
+        plan.flag((~present[qb] & real).any())
+    m = query.shape[0]
+    cap = plan.capacity(key, m)
+    if ref.shape[0] == 1:
+        plan.size(key, torch.zeros((), dtype=torch.long, device=query.device), cap)
+        return torch.zeros(m, dtype=torch.long, device=query.device)
+    out, unresolved, off_lattice = _nearest_lattice(query[:, 1:], ref[:, 1:], qb, rb,
+                                                    _build_reference_index(ref))
+    plan.flag(off_lattice)
+    unresolved = unresolved & real
+    plan.size(key, unresolved.sum(), cap)
+    # the first ``cap`` unresolved rows (stable order), then resolved ones, whose answers are kept
+    rows = torch.argsort((~unresolved).to(torch.uint8), stable=True)[:cap]
+    brute = _nearest_bruteforce(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
+    out = out.index_copy(0, rows, torch.where(unresolved[rows], brute, out[rows]))
+    # padding rows and rows past the capacity hold no answer: keep them a valid index
+    return out.clamp_(max=ref.shape[0] - 1)
+
+
 _REF_CACHE: list = []   # [(ref tensor, version, index)], most recent last
 
 
 def _reference_index(ref: torch.Tensor):
     """(sorted keys, their order, off-lattice flag) of the reference cells, kept for the last 4
     ``ref`` tensors (the same condition is looked up at every solver step and level)."""
+    if not caching_allowed():
+        return _build_reference_index(ref)
     version = tensor_version(ref)
     for i, (r, v, index) in enumerate(_REF_CACHE):
         if r is ref and v == version:
@@ -234,35 +372,34 @@ def _nearest_lattice(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None =
     return out, unresolved, off_lattice
 
 
-# added to the squared distance of a cell of another batch element: larger than any real squared
-# distance (< 3 * (2 * AXIS_LIMIT)**2 < 2**38) and exact in float64 together with it (< 2**53)
-_OTHER_BATCH = float(2 ** 45)
-
-
 def _nearest_bruteforce(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
                         rb: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Exact 1-NN on any device, restricted to the query's batch element (``qb`` / ``rb``, default
-    all 0): |q|^2 + |r|^2 - 2 q.r in float64 (exact for these integers: every term and sum stays
-    below 2**53), chunked; argmin returns the first minimal index, the canonical tie rule. With
-    ``check``, raises CloudFormatError when a query's batch element has no cell (one host read)."""
+    all 0). Ranks the cells of a query by ``|r|^2 - 2 q.r`` (its squared distance less ``|q|^2``,
+    a per-query constant) in float64: one GEMM with the ``|r|^2`` term fused, exact for these
+    integers (every term stays below 2**53); cells of other batch elements are set to +inf.
+    Chunked; argmin returns the first minimal index, the canonical tie rule. With ``check``,
+    raises CloudFormatError when a query's batch element has no cell (one host read)."""
     rf = r.double()
     qf = q.double()
     r2 = (rf * rf).sum(1)
+    rt = rf.T
+    batched = qb is not None or rb is not None
     chunk = max(1, (1 << 25) // max(1, r.shape[0]))
     out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
     worst = torch.zeros((), dtype=torch.float64, device=q.device)
     for s in range(0, q.shape[0], chunk):
         qc = qf[s:s + chunk]
-        d2 = (qc * qc).sum(1, keepdim=True) + r2[None, :] - 2.0 * (qc @ rf.T)
-        if qb is not None or rb is not None:
+        d2 = torch.addmm(r2[None, :], qc, rt, alpha=-2.0)
+        if batched:
             qbc = (qb[s:s + chunk] if qb is not None else torch.zeros(len(qc), dtype=torch.long, device=q.device))
             rbc = rb if rb is not None else torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
-            d2 = d2 + (qbc[:, None] != rbc[None, :]).double() * _OTHER_BATCH
+            d2.masked_fill_(qbc[:, None] != rbc[None, :], float("inf"))
         i = torch.argmin(d2, dim=1)   # the first minimal index: the canonical tie rule
         out[s:s + chunk] = i
-        if check:
+        if check and batched:
             worst = torch.maximum(worst, d2.gather(1, i[:, None]).max())
-    if check and (qb is not None or rb is not None) and float(worst) >= _OTHER_BATCH:
+    if check and batched and bool(torch.isinf(worst)):
         qbs = set((qb if qb is not None else torch.zeros(1, dtype=torch.long)).unique().tolist())
         rbs = set((rb if rb is not None else torch.zeros(1, dtype=torch.long)).unique().tolist())
         missing = sorted(qbs - rbs)

@@ -39,8 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .common import (AXIS_BITS, AXIS_OFFSET, Field, check_coordinate_range, offset_key, pack_keys,
-                     tensor_version, voxel_indices)
+from .common import (AXIS_BITS, AXIS_LIMIT, AXIS_OFFSET, PAD_BATCH, PAD_KEY, Field, StaticShapes,
+                     check_coordinate_range, offset_key, pack_keys, static_shapes, tensor_version,
+                     voxel_indices)
 
 KERNEL3_OFFSETS = [(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 KERNEL2_OFFSETS = [(dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
@@ -88,14 +89,37 @@ class Level:
         return int(self.keys.shape[0])
 
 
-class CoordinateManager:
-    """Coordinate sets of every tensor stride of one input, and their kernel maps (built lazily)."""
+def _unique_static(keys: torch.Tensor, cap: int):
+    """``torch.unique(keys, sorted=True, return_inverse=True)`` with a fixed output size and no host
+    read. Returns ``(unique keys (cap,) padded with PAD_KEY, inverse clamped to cap - 1,
+    inverse with cap (a dump row) for PAD_KEY rows and for rows past the capacity, number of
+    distinct real keys (0-d))``; PAD_KEY entries of ``keys`` are padding and never counted."""
+    skeys, order = torch.sort(keys)
+    new = torch.ones_like(skeys, dtype=torch.bool)
+    new[1:] = skeys[1:] != skeys[:-1]
+    ids = torch.cumsum(new, 0) - 1
+    real = skeys != PAD_KEY
+    count = (new & real).sum()
+    slot = torch.where(real & (ids < cap), ids, cap)
+    # every row of one group writes the same key; the dump slot (cap) is dropped
+    ukeys = torch.full((cap + 1,), PAD_KEY, dtype=keys.dtype, device=keys.device).index_put_((slot,), skeys)
+    dump = torch.empty_like(slot).scatter_(0, order, slot)
+    return ukeys[:cap], dump.clamp(max=cap - 1), dump, count
 
-    def __init__(self, base: Level):
+
+class CoordinateManager:
+    """Coordinate sets of every tensor stride of one input, and their kernel maps (built lazily).
+
+    ``static``: ``(plan, m)`` in static mode (see :class:`~lidar_completion.sparse.common.StaticShapes`;
+    ``m`` numbers the voxelisations of the pass): every level then has a fixed capacity of rows,
+    the real ones first, padding rows (key PAD_KEY) after them."""
+
+    def __init__(self, base: Level, static: tuple[StaticShapes, int] | None = None):
         self.levels = {base.stride: base}
         self._down = {}
         self._nbr = {}
         self.cache = {}  # free-form cache for users (e.g. nearest condition cells per level)
+        self.static = static
 
     def level(self, stride: int) -> Level:
         if stride not in self.levels:
@@ -119,9 +143,17 @@ class CoordinateManager:
         keys = self.levels[stride].keys
         sh = stride.bit_length() - 1
         low = (1 << (sh + 1)) - 1
-        pkeys, inverse = torch.unique(keys & ~(low | (low << AXIS_BITS) | (low << (2 * AXIS_BITS))),
-                                      sorted=True, return_inverse=True)
+        coarse = keys & ~(low | (low << AXIS_BITS) | (low << (2 * AXIS_BITS)))
         s2 = 2 * stride
+        if self.static is not None:
+            plan, m = self.static
+            size_key = ("level", m, s2)
+            cap = plan.capacity(size_key, keys.shape[0])
+            pkeys, inverse, dump, count = _unique_static(torch.where(keys == PAD_KEY, keys, coarse), cap)
+            plan.size(size_key, count, cap)
+            self._down[("dump", stride)] = dump
+        else:
+            pkeys, inverse = torch.unique(coarse, sorted=True, return_inverse=True)
         if s2 not in self.levels:
             self.levels[s2] = Level(s2, pkeys)
         k = (((keys >> (2 * AXIS_BITS + sh)) & 1) + 2 * ((keys >> (AXIS_BITS + sh)) & 1)
@@ -145,10 +177,12 @@ class CoordinateManager:
         key = ("children", stride)
         if key not in self._down:
             inverse, k = self.parent_map(stride)
+            inverse = self._down.get(("dump", stride), inverse)   # static: padding rows -> dump row
             n_fine = len(self.levels[stride])
-            table = torch.full((len(self.levels[2 * stride]), 8), n_fine, dtype=torch.long, device=k.device)
+            n_coarse = len(self.levels[2 * stride])
+            table = torch.full((n_coarse + 1, 8), n_fine, dtype=torch.long, device=k.device)
             table[inverse, k] = torch.arange(n_fine, device=k.device)
-            self._down[key] = table
+            self._down[key] = table[:n_coarse]
         return self._down[key]
 
     def neighbour_table(self, stride: int) -> torch.Tensor:
@@ -184,7 +218,10 @@ class CoordinateManager:
         key = ("pairs", stride)
         if key in self._nbr:
             return self._nbr[key]
-        n, width = self.neighbour_stats(stride)
+        if self.static is not None:
+            n, width = len(self.levels[stride]), self._nbr[("width", stride)]
+        else:
+            n, width = self.neighbour_stats(stride)
         table = self.neighbour_table(stride)
         side = torch.cat([table[:, :13], table[:, 14:]], dim=1)            # (M, 26)
         missing = (side >= n).to(torch.uint8)
@@ -193,6 +230,32 @@ class CoordinateManager:
         pairs = (order.t().contiguous(), in_rows.t().contiguous())
         self._nbr[key] = pairs
         return pairs
+
+    def static_algorithm(self, stride: int) -> str:
+        """Static mode: 'grouped' or 'gather' for the 3x3x3 convolutions of a level, from the plan's
+        capacity of the longest per-offset neighbour list (``("pairs", m, stride)``). The longest
+        list is recorded either way (so the next plan knows it) and flagged when it exceeds the
+        capacity the grouped form was built with. No capacity yet (a sizing pass): 'gather'."""
+        key = ("algo", stride)
+        if key in self._nbr:
+            return self._nbr[key]
+        plan, m = self.static
+        n = len(self.levels[stride])
+        size_key = ("pairs", m, stride)
+        table = self.neighbour_table(stride)
+        counts = (table < n).sum(0)
+        longest = torch.cat([counts[:13], counts[14:]]).max()
+        cap = plan.caps.get(size_key)
+        forced = os.environ.get(ENV_ALGO, "auto").strip().lower()
+        algo = "gather"
+        if cap is not None and forced != "gather":
+            width = max(1, min(int(cap), n))
+            if forced == "grouped" or 26 * width + n < GROUPED_MAX_WORK * 27 * n:
+                algo = "grouped"
+                self._nbr[("width", stride)] = width
+        plan.size(size_key, longest, self._nbr[("width", stride)] if algo == "grouped" else None)
+        self._nbr[key] = algo
+        return algo
 
     def neighbour_map(self, stride: int):
         """For the 27 offsets of a 3x3x3 kernel at ``stride``: (out_rows, in_rows) pairs, or None for
@@ -328,7 +391,13 @@ def _grouped_offsets(f: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Ten
         idx = in_rows[k0:k1].reshape(-1)
         g = fp.index_select(dim, idx).reshape(lead + (k1 - k0, width, c))
         y = torch.matmul(g, side[k0:k1])                                    # (..., k, L, Cout)
-        out.index_add_(dim, out_rows[k0:k1].reshape(-1), y.reshape(lead + ((k1 - k0) * width, cout)))
+        rows = out_rows[k0:k1].reshape(-1)
+        y = y.reshape(lead + ((k1 - k0) * width, cout))
+        if dim == 0:
+            out.index_add_(0, rows, y)
+        else:   # per feature group: rows of contiguous (M, Cout) slices add faster than a strided dim
+            for o, yy in zip(out.view(-1, *out.shape[-2:]), y.view(-1, *y.shape[-2:])):
+                o.index_add_(0, rows, yy)
     return out
 
 
@@ -374,9 +443,13 @@ class Convolution(nn.Module):
         if self.kernel_size == 1:
             return x.replace(f @ w)
         dim = f.dim() - 2
-        gather = _use_gather(f.device)
+        static = x.manager.static is not None   # fixed shapes: the gather form, no host reads
+        gather = static or _use_gather(f.device)
         if self.kernel_size == 3 and gather:
-            algo = conv_algorithm(f.device, x.manager.neighbour_stats(x.stride))
+            if static:
+                algo = x.manager.static_algorithm(x.stride)
+            else:
+                algo = conv_algorithm(f.device, x.manager.neighbour_stats(x.stride))
             if algo == "grouped":
                 out_rows, in_rows = x.manager.offset_pairs(x.stride)
                 return x.replace(_grouped_offsets(f, out_rows, in_rows, w, self._side_kernel()))
@@ -432,7 +505,7 @@ class ConvolutionTranspose(nn.Module):
         f = x.feats
         dim = f.dim() - 2
         w = self.kernel
-        if _use_gather(f.device):
+        if x.manager.static is not None or _use_gather(f.device):
             # all 8 child outputs of every coarse cell in one GEMM, then pick each fine row's own
             inverse, k = x.manager.parent_map(fine_stride)
             y = f @ w.permute(1, 0, 2).reshape(self.in_channels, 8 * self.out_channels)
@@ -492,6 +565,9 @@ class BatchNorm(nn.Module):
             # any feature shape (F.batch_norm costs a host read per call on CUDA here)
             shift, scale = self._affine(f.dtype)
             return x.replace(torch.addcmul(shift, f, scale))
+        if x.manager.static is not None:
+            raise RuntimeError("static-shape passes are for inference: batch statistics would count "
+                               "the padding rows")
         if f.dim() == 2:
             return x.replace(self.bn(f))
         shape = f.shape
@@ -519,6 +595,9 @@ class TorchBackend:
             points = points.float()
         idx = voxel_indices(points, voxel_size)  # always from float32 values, as LiDiff
         coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
+        plan = static_shapes()
+        if plan is not None:
+            return TorchBackend._voxelize_static(points, coords, plan)
         check_coordinate_range(coords)
         keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)
         m = keys.shape[0]
@@ -528,6 +607,24 @@ class TorchBackend:
         feats = points.new_zeros((m, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
         manager = CoordinateManager(Level(1, keys))
         return Field(inverse, points.shape[0]), TorchSparseTensor(feats, 1, manager)
+
+    @staticmethod
+    def _voxelize_static(points: torch.Tensor, coords: torch.Tensor, plan: StaticShapes):
+        """:meth:`voxelize` in static mode: the stride-1 level has the plan's capacity of rows; an
+        out-of-range coordinate or a batch index outside 0..PAD_BATCH-1 raises the plan's flag."""
+        n = coords.shape[0]
+        b = coords[:, 0]
+        plan.flag((b.min() < 0) | (b.max() >= PAD_BATCH) | (coords[:, 1:].abs().max() >= AXIS_LIMIT))
+        m = plan.ordinal("voxelize")
+        size_key = ("level", m, 1)
+        cap = plan.capacity(size_key, n)
+        keys, inverse, _, count = _unique_static(pack_keys(coords), cap)
+        plan.size(size_key, count, cap)
+        counts = points.new_zeros(cap).index_add_(0, inverse, points.new_ones(n))
+        inv_count = 1.0 / counts.clamp(min=1.0)   # padding rows have no point
+        feats = points.new_zeros((cap, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
+        manager = CoordinateManager(Level(1, keys), static=(plan, m))
+        return Field(inverse, n), TorchSparseTensor(feats, 1, manager)
 
     @staticmethod
     def slice(x: TorchSparseTensor, field: Field) -> torch.Tensor:

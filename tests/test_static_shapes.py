@@ -1,0 +1,248 @@
+"""Static-shape passes of the torch backend (what CUDA graph capture needs) and the graph runner's
+capacity logic, on the CPU: fixed capacities with padding rows give the ordinary pass's numbers,
+a size past its capacity or an invalid input raises the pass's flag instead of a host read, and
+:class:`GraphedDenoiser` (replays off) grows its capacities and falls back to the ordinary path.
+The capture itself needs a GPU: tests/test_cuda.py."""
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion.cuda_graphs import GraphedDenoiser, graphs_requested
+from lidar_completion.diffusion import guided_noise
+from lidar_completion.errors import ConfigError
+from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+from lidar_completion.models.networks import Condition
+from lidar_completion.sparse.common import (PAD_BATCH, StaticShapes, grow_capacity, nearest_cell,
+                                            use_static_shapes)
+from test_backends import _batch_clouds, _close
+
+
+def _nets(seed=3):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(seed)
+    nets = [ConditionEncoder(cfg, "torch").eval(), Denoiser(cfg, "torch").eval(), Refiner(cfg, "torch").eval()]
+    g = torch.Generator().manual_seed(seed)
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return nets
+
+
+def _static(fn, caps=None):
+    plan = StaticShapes(caps)
+    with use_static_shapes(plan):
+        out = fn()
+    keys, summary = plan.summary()
+    values = summary.tolist()
+    return out, bool(values[0]), dict(zip(keys, values[1:]))
+
+
+@torch.inference_mode()
+def test_static_pass_equals_ordinary_pass_for_the_three_networks():
+    """A batch of three clouds (one a single point): upper-bound capacities, then capacities just
+    above the sizes seen, give the ordinary outputs; the sizes are the true level sizes."""
+    enc, den, ref = _nets()
+    pts, batch = _batch_clouds()
+    cond = enc(pts, batch)
+    t = torch.tensor([900, 400, 10])
+    xt = pts + 0.05
+
+    def run_all():
+        c = enc(pts, batch)
+        return c.feats, c.coords, den(xt, batch, t, cond), ref(pts, batch)
+
+    want = run_all()
+    got, bad, sizes = _static(run_all)
+    assert not bad
+    # the condition comes out padded to the capacity: its real cells first, then padding cells
+    e = cond.coords.shape[0]
+    assert torch.equal(got[1][:e], cond.coords) and (got[1][e:, 0] == PAD_BATCH).all()
+    assert _close(got[0][:e], want[0]) and _close(got[2], want[2]) and _close(got[3], want[3])
+    assert sizes[("level", 0, 16)] == e            # the encoder's stride-16 cells
+    _, x = den._voxelize(xt, batch)
+    assert sizes[("level", 1, 1)] == len(x.manager.levels[1])
+    tight = {k: v + 3 for k, v in sizes.items()}
+    got2, bad2, sizes2 = _static(run_all, tight)
+    assert not bad2 and sizes2 == sizes
+    assert _close(got2[2], want[2]) and _close(got2[3], want[3])
+
+
+@torch.inference_mode()
+def test_static_grouped_convolution_with_a_pairs_capacity(monkeypatch):
+    """The grouped form in static mode (each offset's neighbour rows padded to the plan's capacity of
+    the longest list) gives the ordinary numbers; a capacity one short raises the flag."""
+    from lidar_completion.sparse import torch_backend
+
+    _, _, ref = _nets()
+    pts, batch = _batch_clouds()
+    want = ref(pts, batch)
+    _, bad, sizes = _static(lambda: ref(pts, batch))
+    assert not bad
+    pairs = {k: v for k, v in sizes.items() if k[0] == "pairs"}
+    assert set(k[2] for k in pairs) == {1, 2, 4, 8, 16} and all(v > 0 for v in pairs.values())
+    monkeypatch.setenv(torch_backend.ENV_ALGO, "grouped")
+    got, bad, _ = _static(lambda: ref(pts, batch), sizes)
+    assert not bad and _close(got, want)
+    short = dict(sizes)
+    short[("pairs", 0, 1)] -= 1
+    _, bad, _ = _static(lambda: ref(pts, batch), short)
+    assert bad
+
+
+@torch.inference_mode()
+def test_size_past_its_capacity_raises_the_flag():
+    _, den, ref = _nets()
+    pts, batch = _batch_clouds()
+    _, bad, sizes = _static(lambda: ref(pts, batch))
+    assert not bad
+    for key in [k for k in sizes if k[0] == "level"]:       # any one level one row short
+        caps = {k: v for k, v in sizes.items()}
+        caps[key] = max(1, sizes[key] - 1)
+        if caps[key] == sizes[key]:
+            continue
+        _, bad, seen = _static(lambda: ref(pts, batch), caps)
+        assert bad and seen[key] == sizes[key], key
+
+
+@torch.inference_mode()
+def test_invalid_coordinates_raise_the_flag_not_an_error():
+    _, _, ref = _nets()
+    pts, batch = _batch_clouds()
+    far = pts.clone()
+    far[0, 0] = 1e6                                   # 2e7 voxels from the origin
+    _, bad, _ = _static(lambda: ref(far, batch))
+    assert bad
+    _, bad, _ = _static(lambda: ref(pts, torch.full_like(batch, PAD_BATCH)))   # reserved batch index
+    assert bad
+
+
+@torch.inference_mode()
+def test_static_nearest_cell_matches_the_exact_lookup_with_padding_rows():
+    """Padding reference cells (batch PAD_BATCH) never win; padding query rows take no place in the
+    brute-force fallback; a fallback capacity below the unresolved rows raises the flag."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.unique(torch.cat([torch.randint(0, 2, (60, 1), generator=g),
+                                  16 * torch.randint(-6, 6, (60, 3), generator=g)], 1), dim=0)
+    query = torch.cat([torch.randint(0, 2, (500, 1), generator=g), torch.randint(-200, 200, (500, 3), generator=g)], 1)
+    want = nearest_cell(query, ref)
+    pad_ref = torch.cat([ref, torch.tensor([[PAD_BATCH, 0, 0, 0]]).repeat(5, 1)])
+    pad_query = torch.cat([query, torch.tensor([[PAD_BATCH, 7, 7, 7]]).repeat(9, 1)])
+    got, bad, sizes = _static(lambda: nearest_cell(pad_query, pad_ref))
+    assert not bad and torch.equal(got[:500], want)
+    unresolved = sizes[("unresolved", 0)]
+    assert 0 < unresolved <= 500
+    got, bad, _ = _static(lambda: nearest_cell(pad_query, pad_ref), {("unresolved", 0): unresolved})
+    assert not bad and torch.equal(got[:500], want)
+    _, bad, _ = _static(lambda: nearest_cell(pad_query, pad_ref), {("unresolved", 0): unresolved - 1})
+    assert bad
+
+
+def test_static_pass_refuses_training_batch_norm():
+    _, _, ref = _nets()
+    ref.train()
+    pts, batch = _batch_clouds()
+    with pytest.raises(RuntimeError, match="inference"):
+        _static(lambda: ref(pts, batch))
+
+
+def _scene(n=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g) * torch.tensor([8.0, 8.0, 1.0])
+
+
+@torch.inference_mode()
+def test_graph_runner_without_replays_follows_the_ordinary_path_and_grows():
+    enc, den, _ = _nets()
+    pts = _scene()
+    zeros = torch.zeros(500, dtype=torch.long)
+    cond = enc(pts[:500], zeros)
+    uncond = enc(torch.zeros(500, 3), zeros)
+    r = GraphedDenoiser(den, 3.5, use_graphs=False)
+    g = torch.Generator().manual_seed(1)
+    for t in (900, 600, 300, 50):
+        xt = pts + (t / 1000.0) * torch.randn(pts.shape, generator=g)
+        assert _close(r(xt, t, cond, uncond), guided_noise(den, xt, t, cond, uncond, 3.5))
+    assert r.fallbacks == 0
+    state = next(iter(r._states.values()))
+    first_caps = dict(state.caps)
+    # a condition with more cells than the padded capacity: planned again, same numbers
+    cond2 = enc(pts[:2500], torch.zeros(2500, dtype=torch.long))
+    assert cond2.coords.shape[0] > state.cond_cap
+    assert _close(r(pts, 40, cond2, uncond), guided_noise(den, pts, 40, cond2, uncond, 3.5))
+    # a cloud three times wider: levels do not fit -> the ordinary result, capacities grow
+    wide = 3 * pts
+    assert _close(r(wide, 30, cond2, uncond), guided_noise(den, wide, 30, cond2, uncond, 3.5))
+    assert r.fallbacks == 1
+    state = next(iter(r._states.values()))
+    assert state.caps[("level", 0, 16)] > first_caps[("level", 0, 16)]
+    assert _close(r(wide, 20, cond2, uncond), guided_noise(den, wide, 20, cond2, uncond, 3.5))
+    assert r.fallbacks == 1
+    # w = 1: the conditional pass alone
+    r1 = GraphedDenoiser(den, 1.0, use_graphs=False)
+    assert _close(r1(pts, 100, cond, None), den(pts, None, torch.tensor([100]), cond))
+
+
+@torch.inference_mode()
+def test_graph_runner_passes_invalid_input_to_the_ordinary_path():
+    """An input the static pass flags as invalid gets the ordinary path's error."""
+    from lidar_completion.errors import CloudFormatError
+
+    enc, den, _ = _nets()
+    pts = _scene()
+    zeros = torch.zeros(500, dtype=torch.long)
+    cond = enc(pts[:500], zeros)
+    r = GraphedDenoiser(den, 1.0, use_graphs=False)
+    bad = pts.clone()
+    bad[0] = 1e6
+    with pytest.raises(CloudFormatError):
+        r(bad, 10, cond, None)
+
+
+def test_graph_settings():
+    assert graphs_requested(None) is None and graphs_requested("auto") is None
+    assert graphs_requested(True) is True and graphs_requested("off") is False
+    with pytest.raises(ConfigError):
+        graphs_requested("sometimes")
+    assert grow_capacity(1000) >= 1500 and grow_capacity(1000) % 128 == 0
+
+
+def test_graph_settings_from_the_environment(monkeypatch):
+    from lidar_completion.completer import Completer
+
+    monkeypatch.setenv("LIDAR_COMPLETION_CUDA_GRAPHS", "0")
+    assert graphs_requested(None) is False
+    monkeypatch.setenv("LIDAR_COMPLETION_CUDA_GRAPHS", "maybe")
+    with pytest.raises(ConfigError):
+        graphs_requested(None)
+    monkeypatch.delenv("LIDAR_COMPLETION_CUDA_GRAPHS")
+    enc, den, ref = _nets()
+    c = Completer(enc, den, ref, device="cpu")
+    assert not c.graphs_active and c.graph_runner() is None     # CPU: never graphs
+    with pytest.raises(ConfigError):
+        Completer(enc, den, ref, device="cpu", cuda_graphs="sometimes")
+
+
+def test_graph_runner_needs_the_torch_backend():
+    class Fake(torch.nn.Module):
+        backend = "minkowski"
+    with pytest.raises(ConfigError, match="torch sparse backend"):
+        GraphedDenoiser(Fake(), 3.5)
+
+
+def test_condition_padding_changes_nothing():
+    """Padding cells appended to a condition (batch PAD_BATCH, zero features) do not move a static
+    pass's output (the graph runner pads every condition to a capacity)."""
+    enc, den, _ = _nets()
+    pts = _scene()
+    with torch.inference_mode():
+        cond = enc(pts[:500], torch.zeros(500, dtype=torch.long))
+        e, c = cond.feats.shape
+        padded = Condition(torch.cat([cond.coords, torch.tensor([[PAD_BATCH, 0, 0, 0]]).repeat(50, 1)]),
+                           torch.cat([cond.feats, torch.zeros(50, c)]))
+        t = torch.tensor([300])
+        want = den(pts, None, t, cond)
+        got, bad, _ = _static(lambda: den(pts, None, t, padded))
+    assert not bad and _close(got, want)
+    assert np.isfinite(got.numpy()).all()
