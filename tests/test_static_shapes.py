@@ -152,13 +152,17 @@ def _scene(n=3000, seed=0):
     return torch.randn(n, 3, generator=g) * torch.tensor([8.0, 8.0, 1.0])
 
 
-@torch.inference_mode()
-def test_graph_runner_without_replays_follows_the_ordinary_path_and_grows():
+def _scene_and_condition():
+    """(encoder, denoiser, a 3,000-point scene, the condition of its first 500 points)."""
     enc, den, _ = _nets()
     pts = _scene()
-    zeros = torch.zeros(500, dtype=torch.long)
-    cond = enc(pts[:500], zeros)
-    uncond = enc(torch.zeros(500, 3), zeros)
+    return enc, den, pts, enc(pts[:500], torch.zeros(500, dtype=torch.long))
+
+
+@torch.inference_mode()
+def test_graph_runner_without_replays_follows_the_ordinary_path_and_grows():
+    enc, den, pts, cond = _scene_and_condition()
+    uncond = enc(torch.zeros(500, 3), torch.zeros(500, dtype=torch.long))
     r = GraphedDenoiser(den, 3.5, use_graphs=False)
     g = torch.Generator().manual_seed(1)
     for t in (900, 600, 300, 50):
@@ -189,10 +193,7 @@ def test_graph_runner_passes_invalid_input_to_the_ordinary_path():
     """An input the static pass flags as invalid gets the ordinary path's error."""
     from lidar_completion.errors import CloudFormatError
 
-    enc, den, _ = _nets()
-    pts = _scene()
-    zeros = torch.zeros(500, dtype=torch.long)
-    cond = enc(pts[:500], zeros)
+    _, den, pts, cond = _scene_and_condition()
     r = GraphedDenoiser(den, 1.0, use_graphs=False)
     bad = pts.clone()
     bad[0] = 1e6
