@@ -89,11 +89,13 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, refine=Tr
 
     t = timed(run, device, repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
-    g = c._graphed   # CUDA graphs: "replay", "ordinary" (auto found plain calls faster) or "off"
-    mode = "off" if g is None else ("replay" if g.replaying else "ordinary")
-    if g is not None and g.tuning:
-        mode += f"({g.tuning[0] * 1000:.1f}ms/{g.tuning[1] * 1000:.1f}ms)"
-    return t, peak, res[0], mode
+    modes = []   # CUDA graphs of the denoiser and the refiner: replay / ordinary (auto) / off
+    for g in (c._graphed, c._graphed_refiner):
+        mode = "off" if g is None else ("replay" if g.replaying else "ordinary")
+        if g is not None and g.tuning:
+            mode += f"({g.tuning[0] * 1000:.1f}ms/{g.tuning[1] * 1000:.1f}ms)"
+        modes.append(mode)
+    return t, peak, res[0], ",".join(modes)
 
 
 def main(argv=None) -> int:

@@ -132,10 +132,10 @@ def main(argv=None) -> int:
           + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in r.timings.items()), flush=True)
     print(f"per denoiser call={r.timings['denoiser'] / args.steps * 1000:.1f}ms "
           f"points_out={len(r.points)}", flush=True)
-    g = c._graphed
-    print(f"cuda graphs: active={c.graphs_active}" + ("" if g is None else
-          f" captures={g.captures} replays={g.replays} fallbacks={g.fallbacks} replaying={g.replaying}"
-          f" tuning(replay s, ordinary s)={g.tuning}"), flush=True)
+    for name, g in (("denoiser", c._graphed), ("refiner", c._graphed_refiner)):
+        print(f"cuda graphs {name}: active={c.graphs_active}" + ("" if g is None else
+              f" captures={g.captures} replays={g.replays} fallbacks={g.fallbacks} replaying={g.replaying}"
+              f" tuning(replay s, ordinary s)={g.tuning}"), flush=True)
 
     if device.type == "cuda":
         filtered, scan_fps, x_init_np, _ = c.prepare(scan)

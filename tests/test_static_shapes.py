@@ -161,31 +161,40 @@ def _scene_and_condition():
 
 @torch.inference_mode()
 def test_graph_runner_without_replays_follows_the_ordinary_path_and_grows():
+    """Per timestep: the first call plans (sizing pass), later calls run static passes with the
+    learnt capacities; a condition with more cells re-plans; a wider cloud at a known timestep
+    overflows, is recomputed and grows that timestep's capacities. Always the ordinary numbers."""
     enc, den, pts, cond = _scene_and_condition()
     uncond = enc(torch.zeros(500, 3), torch.zeros(500, dtype=torch.long))
     r = GraphedDenoiser(den, 3.5, use_graphs=False)
     g = torch.Generator().manual_seed(1)
-    for t in (900, 600, 300, 50):
-        xt = pts + (t / 1000.0) * torch.randn(pts.shape, generator=g)
-        assert _close(r(xt, t, cond, uncond), guided_noise(den, xt, t, cond, uncond, 3.5))
-    assert r.fallbacks == 0
-    state = next(iter(r._states.values()))
-    first_caps = dict(state.caps)
+    for scan in range(2):
+        for t in (900, 300):
+            xt = pts + (t / 1000.0) * torch.randn(pts.shape, generator=g)
+            assert _close(r(xt, t, cond, uncond), guided_noise(den, xt, t, cond, uncond, 3.5)), (scan, t)
+    assert r.fallbacks == 0 and sorted(r._states) == [300, 900]
+    assert r._states[900].caps[("level", 0, 16)] >= r._states[300].caps[("level", 0, 16)]
+    first_caps = dict(r._states[300].caps)
     # a condition with more cells than the padded capacity: planned again, same numbers
     cond2 = enc(pts[:2500], torch.zeros(2500, dtype=torch.long))
-    assert cond2.coords.shape[0] > state.cond_cap
-    assert _close(r(pts, 40, cond2, uncond), guided_noise(den, pts, 40, cond2, uncond, 3.5))
-    # a cloud three times wider: levels do not fit -> the ordinary result, capacities grow
+    assert cond2.coords.shape[0] > r._states[300].cap
+    assert _close(r(pts, 300, cond2, uncond), guided_noise(den, pts, 300, cond2, uncond, 3.5))
+    assert r.fallbacks == 0
+    # a cloud three times wider at a known timestep: levels do not fit -> recomputed, grown
     wide = 3 * pts
-    assert _close(r(wide, 30, cond2, uncond), guided_noise(den, wide, 30, cond2, uncond, 3.5))
+    assert _close(r(wide, 300, cond2, uncond), guided_noise(den, wide, 300, cond2, uncond, 3.5))
     assert r.fallbacks == 1
-    state = next(iter(r._states.values()))
-    assert state.caps[("level", 0, 16)] > first_caps[("level", 0, 16)]
-    assert _close(r(wide, 20, cond2, uncond), guided_noise(den, wide, 20, cond2, uncond, 3.5))
+    assert r._states[300].caps[("level", 0, 16)] > first_caps[("level", 0, 16)]
+    assert _close(r(wide, 300, cond2, uncond), guided_noise(den, wide, 300, cond2, uncond, 3.5))
     assert r.fallbacks == 1
     # w = 1: the conditional pass alone
     r1 = GraphedDenoiser(den, 1.0, use_graphs=False)
     assert _close(r1(pts, 100, cond, None), den(pts, None, torch.tensor([100]), cond))
+    # bounded number of timesteps kept
+    r2 = GraphedDenoiser(den, 1.0, use_graphs=False, max_states=2)
+    for t in (10, 20, 30):
+        r2(pts, t, cond, None)
+    assert sorted(r2._states) == [20, 30]
 
 
 @torch.inference_mode()
@@ -247,3 +256,19 @@ def test_condition_padding_changes_nothing():
         got, bad, _ = _static(lambda: den(pts, None, t, padded))
     assert not bad and _close(got, want)
     assert np.isfinite(got.numpy()).all()
+
+
+@torch.inference_mode()
+def test_refiner_runner_pads_with_a_separate_batch_element():
+    """GraphedRefiner pads the points with batch element 1 at the origin: the real rows equal the
+    ordinary refiner's, for clouds of different sizes sharing one capacity and for a larger one."""
+    from lidar_completion.cuda_graphs import GraphedRefiner
+
+    _, _, ref = _nets()
+    pts = _scene(4000)
+    r = GraphedRefiner(ref, use_graphs=False)
+    for n in (3000, 2500, 3000, 3900):
+        got = r(pts[:n])
+        assert got.shape == (n, 3 * ref.config.refine_up)
+        assert _close(got, ref(pts[:n], torch.zeros(n, dtype=torch.long))), n
+    assert r.fallbacks == 0 and len(r._states) == 1

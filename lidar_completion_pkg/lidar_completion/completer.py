@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cuda_graphs import GraphedDenoiser, graphs_requested
+from .cuda_graphs import GraphedDenoiser, GraphedRefiner, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
@@ -99,8 +99,8 @@ class Completer:
     "fp16" (autocast, CUDA only; fp32 elsewhere); pre/post-processing limits with the published
     defaults (``min_range`` 3.5 m, ``max_range`` 50 m, ``min_z`` -4 m, ``n_fps`` 18,000,
     ``tile`` 10; ``post_max_range`` 50 m) and ``min_points``, the fewest filtered input points
-    accepted. ``cuda_graphs`` replays each solver step's denoiser call from a CUDA graph
-    (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch backend): True always, False never,
+    accepted. ``cuda_graphs`` replays each solver step's denoiser call and the refiner from CUDA
+    graphs (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch backend): True always, False never,
     None (auto, or LIDAR_COMPLETION_CUDA_GRAPHS=auto|1|0) where the first scan measures a replay
     faster than an ordinary call.
     """
@@ -117,6 +117,7 @@ class Completer:
         self.device = resolve_device(device)
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
         self._graphed: GraphedDenoiser | None = None
+        self._graphed_refiner: GraphedRefiner | None = None
         self.encoder = encoder.to(self.device).eval()
         self.denoiser = denoiser.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
@@ -280,6 +281,16 @@ class Completer:
                                                 autotune=self.cuda_graphs is None)
         return r
 
+    def refiner_runner(self) -> GraphedRefiner | None:
+        """The CUDA-graph runner of the refiner when graphs are in use, else None."""
+        if self.refiner is None or self.graph_runner() is None:
+            return None
+        dtype = _PRECISIONS[self.precision]
+        r = self._graphed_refiner
+        if r is None or r.autocast != dtype or r.net is not self.refiner:
+            r = self._graphed_refiner = GraphedRefiner(self.refiner, dtype, autotune=self.cuda_graphs is None)
+        return r
+
     def denoise_guided(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
         """Guided noise prediction for one solver step (float32, shape of ``points``)."""
         runner = self.graph_runner()
@@ -291,7 +302,7 @@ class Completer:
             except RuntimeError as exc:   # capture not possible here: stay on the ordinary path
                 log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
                 self.cuda_graphs = False
-                self._graphed = None
+                self._graphed = self._graphed_refiner = None
         with self._autocast():
             eps = guided_noise(self.denoiser, points, t, cond, uncond, self.guidance)
         return eps.float()
@@ -346,9 +357,21 @@ class Completer:
 
     def refine_points(self, points: torch.Tensor) -> torch.Tensor:
         """Refiner: (N, 3 k) offsets in metres, k points per input point -> (k N, 3)."""
-        batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-        with self._autocast():
-            off = self.refiner(points, batch)
+        off = None
+        runner = self.refiner_runner()
+        if runner is not None:
+            try:
+                off = runner(points)
+            except (CloudFormatError, ConfigError):
+                raise
+            except RuntimeError as exc:   # capture not possible here: stay on the ordinary path
+                log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
+                self.cuda_graphs = False
+                self._graphed = self._graphed_refiner = None
+        if off is None:
+            batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+            with self._autocast():
+                off = self.refiner(points, batch)
         off = off.float()
         if off.ndim != 2 or off.shape[0] != points.shape[0] or off.shape[1] % 3:
             raise ConfigError(f"refiner output must be (N, 3k) for N={points.shape[0]}, got "

@@ -8,14 +8,17 @@ with one host call.
 How: the torch backend has a *static* mode (:class:`~lidar_completion.sparse.common.StaticShapes`)
 in which every coordinate set has a fixed capacity of rows (padding rows sort last and are nobody's
 neighbour), the nearest-cell fallback a fixed number of rows, and every would-be host read becomes
-a device flag. :class:`GraphedDenoiser` learns the capacities from one static pass with
-upper-bound capacities (every level as many rows as points: always fits), adds a margin, captures
-the guided call into a CUDA graph and replays it. After each replay it reads one small tensor (the
-flag and the sizes seen): when something did not fit, that call is recomputed by a static pass
-with upper-bound capacities (which also measures the true sizes), the capacities grow and the
-graph is captured again at the next call. Invalid inputs go to the ordinary path, which raises. The condition is padded to a
-capacity of cells (padding cells belong to no real batch element) so that scans with different
-numbers of condition cells share a graph.
+a device flag. :class:`GraphedDenoiser` keeps, per solver timestep (the solver visits the same
+timesteps at every scan, and the noisy points fill many more cells at the first steps than at the
+last), the capacities and a captured graph. The first call at a timestep runs a static pass with
+upper-bound capacities (every level as many rows as points: always fits), which gives its result
+and the true sizes; capacities get a 1.5x margin and the call is captured. Later calls at that
+timestep copy their inputs into the graph's buffers, replay it, and read one small tensor (the flag
+and the sizes seen): when something did not fit, the call is recomputed by the upper-bound pass,
+the capacities grow and the graph is captured again. Invalid inputs go to the ordinary path, which
+raises the usual error. The condition is padded to a capacity of cells (padding cells belong to no
+real batch element) so that scans with different numbers of condition cells share the graphs.
+All graphs of a runner share one memory pool (the calls run one at a time).
 
 Results equal the ordinary path's up to float summation order (the static mode convolves with the
 gather form). Inference only: batch norm must use running statistics.
@@ -58,76 +61,82 @@ def graphs_requested(value: bool | str | None) -> bool | None:
 
 @dataclass
 class _State:
-    """Capacities, static buffers and the captured graph for one input shape."""
+    """Capacities, static buffers and the captured graph for one kind of call."""
     caps: dict
-    cond_cap: int
+    cap: int                         # rows of the padded input (condition cells / refiner points)
     points: torch.Tensor | None = None
     t: torch.Tensor | None = None
-    cond: tuple | None = None        # (coords, feats) padded to cond_cap
+    cond: tuple | None = None        # (coords, feats) padded to ``cap``
     uncond: tuple | None = None
     graph: object = None
     weights: tuple = ()              # the weights the graph was captured with (pointers, versions)
-    ordinary_faster: bool | None = None   # autotune's finding for this shape (None: not measured)
     out: torch.Tensor | None = None
     summary: torch.Tensor | None = None
     size_keys: list = field(default_factory=list)
 
 
-class GraphedDenoiser:
-    """Guided noise predictions ``eps(points, t)`` for one scan at a time, by CUDA graph replay.
+class _GraphRunner:
+    """What the graph runners share: planning (sizing pass), capture into one memory pool, replay
+    with one host read, regrowth after an overflow, autotune against ordinary calls."""
 
-    ``denoiser``: a torch-backend :class:`~lidar_completion.models.networks.Denoiser` in eval mode;
-    ``guidance``: the CFG weight; ``autocast``: None or the autocast dtype; ``use_graphs=False`` runs
-    the same static passes eagerly (what the tests do on the CPU); ``margin``: capacity over the
-    sizes seen; ``autotune``: after the first capture for a shape, time a replay against an ordinary
-    call and keep the faster for that shape. Counters: ``captures``, ``replays``, ``fallbacks`` (calls whose capacities did not
-    fit, recomputed by a sizing pass, and invalid inputs, passed to the ordinary path).
-    """
-
-    def __init__(self, denoiser: torch.nn.Module, guidance: float, autocast: torch.dtype | None = None,
-                 use_graphs: bool = True, margin: float = 1.5, autotune: bool = False):
-        if getattr(denoiser, "backend", None) != "torch":
+    def __init__(self, net: torch.nn.Module, autocast: torch.dtype | None, use_graphs: bool,
+                 margin: float, autotune: bool, max_states: int):
+        if getattr(net, "backend", None) != "torch":
             raise ConfigError("CUDA graphs need the torch sparse backend (MinkowskiEngine reads the "
                               "host inside every layer)")
-        self.denoiser = denoiser
-        self.guidance = float(guidance)
+        self.net = net
         self.autocast = autocast
         self.use_graphs = bool(use_graphs)
         self.margin = float(margin)
         self.autotune = bool(autotune) and self.use_graphs
+        self.max_states = int(max_states)
         self._states: dict = {}
+        self._shape = None
+        self._pool = None                   # one memory pool shared by this runner's graphs
+        self.ordinary_faster: bool | None = None   # autotune's verdict (None: not measured)
         self.captures = self.replays = self.fallbacks = 0
         self.tuning: tuple | None = None    # (seconds per replay, per ordinary call) once measured
 
-    # -- public ---------------------------------------------------------------------------------
-    def __call__(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
-        """The guided noise prediction, float32, shape of ``points``; a fresh tensor."""
-        if self.denoiser.training:
-            raise RuntimeError("GraphedDenoiser is for inference; the denoiser is in training mode")
-        points = points.float().contiguous()
-        key = (points.shape[0], points.device, self.autocast, None if uncond is None else uncond.coords.shape[0],
-               cond.feats.shape[1], cond.feats.dtype)
+    # -- to provide -------------------------------------------------------------------------------
+    def _load(self, st: _State, args) -> None:
+        """Copy a call's inputs into the state's static buffers (allocated on first use)."""
+        raise NotImplementedError
+
+    def _forward(self, st: _State) -> torch.Tensor:
+        """The network on the static buffers (called inside a static-shape pass)."""
+        raise NotImplementedError
+
+    def _ordinary(self, args) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    def _check(self):
+        if self.net.training:
+            raise RuntimeError(f"{type(self).__name__} is for inference; the network is in training mode")
+
+    def _select(self, shape, key, cap_needed: int, new_cap) -> tuple[_State, bool]:
+        """The state for ``key`` (a fresh one when missing or when ``cap_needed`` exceeds its input
+        capacity); returns (state, is_new)."""
+        if shape != self._shape:            # one shape at a time: a robot's scans share N
+            self._states, self._shape = {}, shape
         st = self._states.get(key)
-        n_cond = cond.coords.shape[0]
-        if st is not None and n_cond > st.cond_cap:     # more condition cells than ever: re-plan
-            st = None
-        if st is None:
-            st = _State(caps={}, cond_cap=grow_capacity(n_cond, 1.25, 256))
-            self._states = {key: st}      # one shape at a time: a robot's scans share N
-            self._load(st, points, t, cond, uncond)
-            return self._sizing_pass(st, points, t, cond, uncond)
-        if st.ordinary_faster:
-            return self._ordinary(points, t, cond, uncond)
-        self._load(st, points, t, cond, uncond)
+        if st is not None and cap_needed <= st.cap:
+            return st, False
+        self._states.pop(key, None)
+        while len(self._states) >= self.max_states:
+            self._states.pop(next(iter(self._states)))
+        st = self._states[key] = _State(caps={}, cap=new_cap)
+        return st, True
+
+    def _run(self, st: _State, is_new: bool, args) -> torch.Tensor:
+        self._load(st, args)
+        if is_new:
+            return self._plan(st, args)
         if self.use_graphs:
-            weights = self._weights_stamp()
-            if st.graph is not None and st.weights != weights:   # moved or updated in place
+            if st.graph is not None and st.weights != self._weights_stamp():   # moved or updated
                 st.graph = st.out = st.summary = None
             if st.graph is None:
                 self._capture(st)
-                st.weights = weights
-                if self.autotune and st.ordinary_faster is None:
-                    return self._tune(st, points, t, cond, uncond)
             st.graph.replay()
             self.replays += 1
             out, summary = st.out, st.summary
@@ -137,31 +146,37 @@ class GraphedDenoiser:
         if ok:
             return out.clone()
         # something did not fit (or the input is invalid): the sizes past the first overflow are
-        # not the true ones, so measure them all again; capture again next time
+        # not the true ones, so measure them all again and capture again
         st.graph = st.out = st.summary = None
-        return self._sizing_pass(st, points, t, cond, uncond, overflow=True)
+        self.fallbacks += 1
+        return self._plan(st, args)
 
-    def _sizing_pass(self, st: _State, points, t, cond, uncond, overflow: bool = False) -> torch.Tensor:
-        """A static pass with every capacity at its upper bound (it always fits): this call's result
-        and the true sizes, from which the capacities grow (never shrink). ``overflow``: called
-        because a replay did not fit. An invalid input goes to the ordinary path, which raises the
-        right error."""
+    def _plan(self, st: _State, args) -> torch.Tensor:
+        """Sizing pass (a static pass with every capacity at its upper bound: it always fits), which
+        gives this call's result and the true sizes; capacities grow from them (never shrink) and
+        the graph is captured for the next such call (the runner's first capture is also timed
+        against an ordinary call when autotuning). An invalid input goes to the ordinary path,
+        which raises the right error."""
         old = st.caps
         st.caps = {}
         out, summary = self._static_pass(st)
         ok, sizes = self._read(st, summary)
-        if overflow or not ok:
-            self.fallbacks += 1
         if not ok:
             st.caps = old
-            return self._ordinary(points, t, cond, uncond)
+            self.fallbacks += 1
+            return self._ordinary(args)
         st.caps = {k: max(old.get(k, 0), grow_capacity(v, self.margin)) for k, v in sizes.items()}
-        return out.clone()
+        out = out.clone()
+        if self.use_graphs:
+            self._capture(st)
+            if self.autotune and self.ordinary_faster is None:
+                self._tune(st, args)
+        return out
 
-    def _tune(self, st: _State, points, t, cond, uncond) -> torch.Tensor:
-        """Time a replay against an ordinary call on this input and keep the faster for this shape
-        (a large network at a large budget keeps the GPU busy either way, and its static pass
-        pads more work than the launches it saves). Returns the replay's result."""
+    def _tune(self, st: _State, args) -> None:
+        """Time a replay against an ordinary call on this input and keep the faster from now on (a
+        large network at a large budget keeps the GPU busy either way, and its static pass pads
+        more work than the launches it saves)."""
         st.graph.replay()                       # the first launch uploads the graph
         ok, _ = self._read(st, st.summary)
         t0 = time.perf_counter()
@@ -169,86 +184,51 @@ class GraphedDenoiser:
         ok, _ = self._read(st, st.summary)
         t_graph = time.perf_counter() - t0
         self.replays += 2
-        if not ok:       # did not fit: no verdict yet; measure sizes again and capture again
-            st.graph = st.out = st.summary = None
-            return self._sizing_pass(st, points, t, cond, uncond, overflow=True)
-        out = st.out.clone()
+        if not ok:       # cannot happen with capacities from this very input; no verdict then
+            return
+        device = st.points.device
         t_ord = float("inf")
         for _ in range(2):                      # the first ordinary call may warm kernels up
-            torch.cuda.synchronize(points.device)
+            torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            self._ordinary(points, t, cond, uncond)
-            torch.cuda.synchronize(points.device)
+            self._ordinary(args)
+            torch.cuda.synchronize(device)
             t_ord = min(t_ord, time.perf_counter() - t0)
-        st.ordinary_faster = t_ord < t_graph
+        self.ordinary_faster = t_ord < t_graph
         self.tuning = (t_graph, t_ord)
-        log.info("CUDA graph replay %.1f ms vs ordinary call %.1f ms for %d points: %s", 1e3 * t_graph,
-                 1e3 * t_ord, points.shape[0], "ordinary calls" if st.ordinary_faster else "graphs")
-        if st.ordinary_faster:
-            st.graph = st.out = st.summary = None    # free the graph's memory
-        return out
+        log.info("%s: CUDA graph replay %.1f ms vs ordinary call %.1f ms for %d points: %s",
+                 type(self).__name__, 1e3 * t_graph, 1e3 * t_ord, st.points.shape[0],
+                 "ordinary calls" if self.ordinary_faster else "graphs")
+        if self.ordinary_faster:                # free the graphs' memory
+            self._states, self._shape, self._pool = {}, None, None
 
     @property
     def replaying(self) -> bool:
-        """Whether the current shape runs by graph replay (False before the first capture, and
-        where autotune found the ordinary call faster)."""
-        return any(st.graph is not None and not st.ordinary_faster for st in self._states.values())
+        """Whether calls run by graph replay (False before the first capture, and where autotune
+        found the ordinary call faster)."""
+        return not self.ordinary_faster and any(st.graph is not None for st in self._states.values())
 
-    # -- pieces ---------------------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast(self, capture: bool = True):
         if self.autocast is None:
             return contextlib.nullcontext()
         # the autocast weight cache must stay off while capturing (torch.cuda.graph's rule)
-        return torch.autocast(self._device_type(), dtype=self.autocast, cache_enabled=False)
+        return torch.autocast(self._device_type(), dtype=self.autocast, cache_enabled=not capture)
 
     def _weights_stamp(self) -> tuple:
         """Storage and version of every parameter and buffer: the graph holds their addresses and
         values derived from them (batch-norm affine maps), so any change means a new capture."""
-        d = self.denoiser
+        d = self.net
         return tuple((t.data_ptr(), tensor_version(t)) for t in (*d.parameters(), *d.buffers()))
 
     def _device_type(self) -> str:
-        return next(self.denoiser.parameters()).device.type
-
-    def _ordinary(self, points, t, cond, uncond) -> torch.Tensor:
-        ctx = contextlib.nullcontext() if self.autocast is None else torch.autocast(
-            self._device_type(), dtype=self.autocast)
-        with ctx:
-            return guided_noise(self.denoiser, points, t, cond, uncond, self.guidance).float()
-
-    def _load(self, st: _State, points, t, cond, uncond) -> None:
-        """Copy this call's inputs into the state's static buffers (allocated on first use)."""
-        dev = points.device
-        if st.points is None:
-            st.points = torch.empty_like(points)
-            st.t = torch.zeros(1, dtype=torch.long, device=dev)
-            c = cond.feats.shape[1]
-            coords = torch.zeros(st.cond_cap, 4, dtype=torch.long, device=dev)
-            coords[:, 0] = PAD_BATCH
-            st.cond = (coords, torch.zeros(st.cond_cap, c, dtype=cond.feats.dtype, device=dev))
-            if uncond is not None:
-                st.uncond = (torch.empty_like(uncond.coords), torch.empty_like(uncond.feats))
-        st.points.copy_(points)
-        st.t.fill_(int(t))
-        e = cond.coords.shape[0]
-        coords, feats = st.cond
-        coords[:e].copy_(cond.coords)
-        coords[e:, 0] = PAD_BATCH
-        coords[e:, 1:] = 0
-        feats[:e].copy_(cond.feats)
-        feats[e:] = 0
-        if uncond is not None:
-            st.uncond[0].copy_(uncond.coords)
-            st.uncond[1].copy_(uncond.feats)
+        return next(self.net.parameters()).device.type
 
     def _static_pass(self, st: _State):
-        from .models.networks import Condition
         plan = StaticShapes(st.caps)
-        uncond = None if st.uncond is None else Condition(*st.uncond)
         with use_static_shapes(plan), self._autocast():
-            eps = guided_noise(self.denoiser, st.points, st.t, Condition(*st.cond), uncond, self.guidance)
+            out = self._forward(st).float()
         st.size_keys, summary = plan.summary()
-        return eps.float(), summary
+        return out, summary
 
     def _read(self, st: _State, summary: torch.Tensor) -> tuple[bool, dict]:
         values = summary.tolist()            # the one host read of the call
@@ -261,8 +241,127 @@ class GraphedDenoiser:
         with torch.cuda.stream(side):    # warm-up: allocations and constant tensors outside the graph
             self._static_pass(st)
         torch.cuda.current_stream(device).wait_stream(side)
+        st.graph = st.out = st.summary = None           # the old graph's memory back to the pool
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Sharing one pool is safe here: calls run one at a time on one stream, every graph reads
+        # only its own static inputs (allocated outside the pool) and its own intermediates
+        # (written before read within a replay), and its outputs stay referenced until recaptured.
+        with torch.cuda.graph(graph, pool=self._pool):
             out, summary = self._static_pass(st)
         st.graph, st.out, st.summary = graph, out, summary
+        st.weights = self._weights_stamp()
         self.captures += 1
+
+
+class GraphedDenoiser(_GraphRunner):
+    """Guided noise predictions ``eps(points, t)`` for one scan at a time, by CUDA graph replay.
+
+    ``denoiser``: a torch-backend :class:`~lidar_completion.models.networks.Denoiser` in eval mode;
+    ``guidance``: the CFG weight; ``autocast``: None or the autocast dtype; ``use_graphs=False`` runs
+    the same static passes eagerly (what the tests do on the CPU); ``margin``: capacity over the
+    sizes seen; ``autotune``: after the first capture, time a replay against an ordinary call and
+    keep the faster; ``max_states``: timesteps kept. Counters: ``captures``, ``replays``,
+    ``fallbacks`` (replays that did not fit, recomputed, and invalid inputs, passed to the ordinary
+    path).
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, guidance: float, autocast: torch.dtype | None = None,
+                 use_graphs: bool = True, margin: float = 1.5, autotune: bool = False, max_states: int = 32):
+        super().__init__(denoiser, autocast, use_graphs, margin, autotune, max_states)
+        self.guidance = float(guidance)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.net
+
+    def __call__(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
+        """The guided noise prediction, float32, shape of ``points``; a fresh tensor.
+
+        Each timestep ``t`` has its own capacities and graph (the solver visits the same timesteps
+        at every scan, and the noisy points occupy far more cells at the first steps than at the
+        last)."""
+        self._check()
+        args = (points.float().contiguous(), int(t), cond, uncond)
+        if self.ordinary_faster:
+            return self._ordinary(args)
+        shape = (points.shape[0], points.device, self.autocast, None if uncond is None else uncond.coords.shape[0],
+                 cond.feats.shape[1], cond.feats.dtype)
+        n_cond = cond.coords.shape[0]
+        st, is_new = self._select(shape, int(t), n_cond, grow_capacity(n_cond, 1.25, 256))
+        return self._run(st, is_new, args)
+
+    def _ordinary(self, args) -> torch.Tensor:
+        points, t, cond, uncond = args
+        with self._autocast(capture=False):
+            return guided_noise(self.net, points, t, cond, uncond, self.guidance).float()
+
+    def _load(self, st: _State, args) -> None:
+        points, t, cond, uncond = args
+        dev = points.device
+        if st.points is None:
+            st.points = torch.empty_like(points)
+            st.t = torch.zeros(1, dtype=torch.long, device=dev)
+            coords = torch.zeros(st.cap, 4, dtype=torch.long, device=dev)
+            coords[:, 0] = PAD_BATCH
+            st.cond = (coords, torch.zeros(st.cap, cond.feats.shape[1], dtype=cond.feats.dtype, device=dev))
+            if uncond is not None:
+                st.uncond = (torch.empty_like(uncond.coords), torch.empty_like(uncond.feats))
+        st.points.copy_(points)
+        st.t.fill_(t)
+        e = cond.coords.shape[0]
+        coords, feats = st.cond
+        coords[:e].copy_(cond.coords)
+        coords[e:, 0] = PAD_BATCH
+        coords[e:, 1:] = 0
+        feats[:e].copy_(cond.feats)
+        feats[e:] = 0
+        if uncond is not None:
+            st.uncond[0].copy_(uncond.coords)
+            st.uncond[1].copy_(uncond.feats)
+
+    def _forward(self, st: _State) -> torch.Tensor:
+        from .models.networks import Condition
+        uncond = None if st.uncond is None else Condition(*st.uncond)
+        return guided_noise(self.net, st.points, st.t, Condition(*st.cond), uncond, self.guidance)
+
+
+class GraphedRefiner(_GraphRunner):
+    """The refiner's raw output (N, 3k) for the points of one scan, by CUDA graph replay.
+
+    The points are padded to a capacity with points of batch element 1 at the origin: a separate
+    batch element, which never shares a cell (and so a neighbour) with element 0's points and only
+    adds one cell per level; their output rows are dropped."""
+
+    def __init__(self, refiner: torch.nn.Module, autocast: torch.dtype | None = None, use_graphs: bool = True,
+                 margin: float = 1.5, autotune: bool = False):
+        super().__init__(refiner, autocast, use_graphs, margin, autotune, max_states=1)
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        self._check()
+        args = (points.float().contiguous(),)
+        if self.ordinary_faster:
+            return self._ordinary(args)
+        n = points.shape[0]
+        st, is_new = self._select((points.device, self.autocast), 0, n, grow_capacity(n, 1.1, 1024))
+        return self._run(st, is_new, args)[:n]
+
+    def _ordinary(self, args) -> torch.Tensor:
+        (points,) = args
+        with self._autocast(capture=False):
+            return self.net(points, torch.zeros(points.shape[0], dtype=torch.long, device=points.device)).float()
+
+    def _load(self, st: _State, args) -> None:
+        (points,) = args
+        n = points.shape[0]
+        if st.points is None:
+            st.points = torch.zeros(st.cap, 3, dtype=torch.float32, device=points.device)
+            st.t = torch.ones(st.cap, dtype=torch.long, device=points.device)   # the batch index
+        st.points[:n].copy_(points[:, :3])
+        st.points[n:] = 0
+        st.t[:n] = 0
+        st.t[n:] = 1
+
+    def _forward(self, st: _State) -> torch.Tensor:
+        return self.net(st.points, st.t)
