@@ -133,9 +133,7 @@ class _GraphRunner:
         if is_new:
             return self._plan(st, args)
         if self.use_graphs:
-            if st.graph is not None and st.weights != self._weights_stamp():   # moved or updated
-                st.graph = st.out = st.summary = None
-            if st.graph is None:
+            if st.graph is None or st.weights != self._weights_stamp():   # weights moved or updated
                 self._capture(st)
             st.graph.replay()
             self.replays += 1
@@ -147,7 +145,6 @@ class _GraphRunner:
             return out.clone()
         # something did not fit (or the input is invalid): the sizes past the first overflow are
         # not the true ones, so measure them all again and capture again
-        st.graph = st.out = st.summary = None
         self.fallbacks += 1
         return self._plan(st, args)
 
@@ -241,8 +238,10 @@ class _GraphRunner:
         with torch.cuda.stream(side):    # warm-up: allocations and constant tensors outside the graph
             self._static_pass(st)
         torch.cuda.current_stream(device).wait_stream(side)
-        st.graph = st.out = st.summary = None           # the old graph's memory back to the pool
-        if self._pool is None:
+        # A pool lives while a graph uses it: capturing into the handle of a pool whose graphs are
+        # all gone fails inside PyTorch, so a new handle then. The state's old graph (if any) stays
+        # alive until the new one is captured.
+        if self._pool is None or not any(s.graph is not None for s in self._states.values()):
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # Sharing one pool is safe here: calls run one at a time on one stream, every graph reads
@@ -250,7 +249,7 @@ class _GraphRunner:
         # (written before read within a replay), and its outputs stay referenced until recaptured.
         with torch.cuda.graph(graph, pool=self._pool):
             out, summary = self._static_pass(st)
-        st.graph, st.out, st.summary = graph, out, summary
+        st.graph, st.out, st.summary = graph, out, summary    # the old graph is released here
         st.weights = self._weights_stamp()
         self.captures += 1
 
