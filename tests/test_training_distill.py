@@ -217,3 +217,25 @@ def test_dpo_logsigmoid_weighting_runs_and_weights_each_scan(tmp_path):
     moved = max(float((p1 - p0).detach().abs().max()) for p0, p1 in
                 zip(step["before"]["student"].parameters(), step["tr"].student.parameters()))
     assert moved > 0
+
+
+def test_dpo_pairs_from_independent_noise(tmp_path):
+    """pair_noise: independent - the second sample of each pair starts from x_init + 1.1 z2 with a
+    second draw z2 (not 1.1 z): the recorded samples are the student's on exactly those starts."""
+    step = _run_one_step(tmp_path, "dpo", "distill.pair_noise=independent")
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    z, z2 = rec["z"], rec["z2"]
+    assert z2.shape == z.shape and float((z2 - z).abs().mean()) > 0.5      # unrelated draws
+    student = copy.deepcopy(step["before"]["student"]).train()
+    x_init, xb, B = batch["x_init"], batch["x_init_batch"], batch["batch_size"]
+    with torch.no_grad():
+        cond = tr.encoder(batch["scan"], batch["scan_batch"])
+        x_T = torch.cat([x_init + z, x_init + 1.1 * z2])
+        eps = student(x_T, torch.cat([xb, xb + B]), torch.full((2 * B,), 999, dtype=torch.long),
+                      Condition.concat([cond, cond]))
+    torch.testing.assert_close(x_T - SIGMA[999] * eps, rec["G"], rtol=1e-5, atol=1e-5)
+
+
+def test_pair_noise_setting_is_checked():
+    with pytest.raises(Exception, match="pair_noise"):
+        tiny_config("distill", "distill.pair_noise=sometimes", mode="dpo")

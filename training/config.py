@@ -82,6 +82,9 @@ DEFAULTS: dict = {
             "teacher": None,               # checkpoint of the teacher (ours or published LiDiff / D-DPO)
             "refiner": None,               # optional refiner checkpoint copied into the exported model
             "noise_scale": 1.1,            # lambda: the second sample starts from x_init + lambda z
+            # dpo pairs: "scaled" (z and lambda z, published) or "independent" (z and a second draw
+            # z2, times lambda): two unrelated samples, a larger winner/loser margin
+            "pair_noise": "scaled",
             "metric": "lidar_completion.metrics.chamfer_distance",
             "metric_lower_is_better": True,
             "generator": "local",          # local: G = x_T - sigma_T eps; vp: x_init + (z - sigma_T eps)/alpha_T
@@ -217,6 +220,8 @@ def validate(cfg: dict) -> None:
         _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
                f"distill.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")
         _check(float(d["noise_scale"]) > 0, f"distill.noise_scale must be positive, got {d['noise_scale']}")
+        _check(d.get("pair_noise", "scaled") in ("scaled", "independent"),
+               f"distill.pair_noise must be scaled|independent, got {d.get('pair_noise')!r}")
         _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
         if d["mode"] == "dpo":
             resolve_callable(d["metric"])  # fail early on a bad dotted path

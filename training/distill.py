@@ -22,7 +22,8 @@ One optimisation step on a batch (per rank):
 
 1. encode the scans once (frozen encoder, no gradient);
 2. generate with gradient: ``dpo`` two samples per scan from ``x_init + z`` and
-   ``x_init + lambda z`` (lambda = 1.1) in one batched student pass; ``vsd`` one sample;
+   ``x_init + lambda z`` (lambda = 1.1; ``pair_noise: independent``: ``x_init + lambda z2`` with a
+   second, independent draw z2) in one batched student pass; ``vsd`` one sample;
 3. ``dpo``: score both against the target with the preference metric (Chamfer distance by default;
    any callable ``(pred, target) -> float`` on numpy arrays, named by dotted path in the config),
    the better is the winner ``G_w``, the other the loser ``G_l`` (ties: the z sample wins);
@@ -200,7 +201,8 @@ class DistillTrainer(Trainer):
         if sides == 2:
             lam = float(d["noise_scale"])
             X0 = torch.cat([x_init, x_init])
-            Z = torch.cat([z, lam * z])
+            z2 = z if d.get("pair_noise", "scaled") == "scaled" else self.draw_noise(keys, counts, "distill/z2")
+            Z = torch.cat([z, lam * z2])
             Xb = torch.cat([xb, xb + B])
         else:
             X0, Z, Xb = x_init, z, xb
@@ -230,7 +232,8 @@ class DistillTrainer(Trainer):
         else:
             side_samples = {"aux": G_all}
         if rec is not None:
-            rec.update(keys=keys, z=z.detach().clone(), G=G_all.detach().clone(),
+            rec.update(keys=keys, z=z.detach().clone(), z2=None if sides == 1 else z2.detach().clone(),
+                       G=G_all.detach().clone(),
                        side_samples={k: v.detach().clone() for k, v in side_samples.items()}, aux=[])
 
         # 2. auxiliary update(s) on the detached samples of their own side
