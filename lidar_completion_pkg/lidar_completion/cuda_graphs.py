@@ -247,6 +247,8 @@ class _GraphRunner:
         # Sharing one pool is safe here: calls run one at a time on one stream, every graph reads
         # only its own static inputs (allocated outside the pool) and its own intermediates
         # (written before read within a replay), and its outputs stay referenced until recaptured.
+        # (capture mode "global", as tested: CUDA work of another thread during a capture makes it
+        # fail, and the Completer then runs without graphs)
         with torch.cuda.graph(graph, pool=self._pool):
             out, summary = self._static_pass(st)
         st.graph, st.out, st.summary = graph, out, summary    # the old graph is released here
