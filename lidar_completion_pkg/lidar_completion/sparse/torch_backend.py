@@ -28,6 +28,14 @@ coordinate range check reads once; the nearest-condition lookup reads once per l
 when some rows need the brute-force fallback). Everything else - neighbour and child tables,
 convolutions, batch norm (an affine map at inference), slicing - is queued without waiting for the
 device. The scatter algorithm additionally reads per-offset row counts (26 per level).
+
+Static mode (``common.use_static_shapes``; what CUDA graph capture needs, see
+``lidar_completion.cuda_graphs``): every level has a fixed capacity of rows from the plan (real rows
+first, padding rows with the key PAD_KEY after them, which sort last and are nobody's neighbour),
+``torch.unique`` becomes sort + cumsum + scatter into the capacity, the 3x3x3 convolutions take
+the grouped form with the per-offset lists padded to a planned capacity (or the gather form), and
+every check that would read the device (coordinate range, sizes past their capacity) becomes a
+flag of the plan, read once by whoever ran the pass. No host read happens inside the pass.
 """
 from __future__ import annotations
 
@@ -443,7 +451,7 @@ class Convolution(nn.Module):
         if self.kernel_size == 1:
             return x.replace(f @ w)
         dim = f.dim() - 2
-        static = x.manager.static is not None   # fixed shapes: the gather form, no host reads
+        static = x.manager.static is not None   # fixed shapes: gather or padded grouped, no host reads
         gather = static or _use_gather(f.device)
         if self.kernel_size == 3 and gather:
             if static:
