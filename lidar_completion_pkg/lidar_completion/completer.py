@@ -291,18 +291,27 @@ class Completer:
             r = self._graphed_refiner = GraphedRefiner(self.refiner, dtype, autotune=self.cuda_graphs is None)
         return r
 
+    def _replay(self, runner, *args) -> torch.Tensor | None:
+        """``runner(*args)``; None when there is no runner or CUDA graphs fail here (a capture that
+        is not possible on this setup): graphs are then turned off and the caller runs the
+        ordinary path. Input errors propagate."""
+        if runner is None:
+            return None
+        try:
+            return runner(*args)
+        except (CloudFormatError, ConfigError):
+            raise
+        except RuntimeError as exc:
+            log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
+            self.cuda_graphs = False
+            self._graphed = self._graphed_refiner = None
+            return None
+
     def denoise_guided(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
         """Guided noise prediction for one solver step (float32, shape of ``points``)."""
-        runner = self.graph_runner()
-        if runner is not None:
-            try:
-                return runner(points, t, cond, uncond)
-            except (CloudFormatError, ConfigError):
-                raise
-            except RuntimeError as exc:   # capture not possible here: stay on the ordinary path
-                log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
-                self.cuda_graphs = False
-                self._graphed = self._graphed_refiner = None
+        eps = self._replay(self.graph_runner(), points, t, cond, uncond)
+        if eps is not None:
+            return eps
         with self._autocast():
             eps = guided_noise(self.denoiser, points, t, cond, uncond, self.guidance)
         return eps.float()
@@ -357,17 +366,7 @@ class Completer:
 
     def refine_points(self, points: torch.Tensor) -> torch.Tensor:
         """Refiner: (N, 3 k) offsets in metres, k points per input point -> (k N, 3)."""
-        off = None
-        runner = self.refiner_runner()
-        if runner is not None:
-            try:
-                off = runner(points)
-            except (CloudFormatError, ConfigError):
-                raise
-            except RuntimeError as exc:   # capture not possible here: stay on the ordinary path
-                log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
-                self.cuda_graphs = False
-                self._graphed = self._graphed_refiner = None
+        off = self._replay(self.refiner_runner(), points)
         if off is None:
             batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
             with self._autocast():

@@ -25,6 +25,7 @@ gather form). Inference only: batch norm must use running statistics.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -75,7 +76,7 @@ class _State:
     size_keys: list = field(default_factory=list)
 
 
-class _GraphRunner:
+class _GraphRunner(abc.ABC):
     """What the graph runners share: planning (sizing pass), capture into one memory pool, replay
     with one host read, regrowth after an overflow, autotune against ordinary calls."""
 
@@ -97,17 +98,18 @@ class _GraphRunner:
         self.captures = self.replays = self.fallbacks = 0
         self.tuning: tuple | None = None    # (seconds per replay, per ordinary call) once measured
 
-    # -- to provide -------------------------------------------------------------------------------
+    # -- what each runner provides ------------------------------------------------------------------
+    @abc.abstractmethod
     def _load(self, st: _State, args) -> None:
         """Copy a call's inputs into the state's static buffers (allocated on first use)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _forward(self, st: _State) -> torch.Tensor:
         """The network on the static buffers (called inside a static-shape pass)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _ordinary(self, args) -> torch.Tensor:
-        raise NotImplementedError
+        """The same call the ordinary way (no static shapes, no graph)."""
 
     # -- shared ---------------------------------------------------------------------------------
     def _check(self):
