@@ -237,5 +237,7 @@ def test_dpo_pairs_from_independent_noise(tmp_path):
 
 
 def test_pair_noise_setting_is_checked():
-    with pytest.raises(Exception, match="pair_noise"):
+    from lidar_completion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pair_noise"):
         tiny_config("distill", "distill.pair_noise=sometimes", mode="dpo")

@@ -205,13 +205,16 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
     return out
 
 
+def _without_cells(qb: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Mask of the query rows whose batch element has no reference cell (no host read)."""
+    present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=qb.device).index_fill_(0, rb, True)
+    return ~present[qb]
+
+
 def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
     """The device path of :func:`nearest_cell` (few large kernels, no per-batch loop on the host)."""
     qb, rb = query[:, 0], ref[:, 0]
-    missing = None
-    if check_batches:
-        present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=query.device).index_fill_(0, rb, True)
-        missing = ~present[qb]              # query rows whose batch element has no cell
+    missing = _without_cells(qb, rb) if check_batches else None
     if ref.shape[0] == 1:  # the unconditional condition of one cloud: a single cell
         if missing is not None and bool(missing.any()):
             _raise_missing(qb, missing)
@@ -242,8 +245,7 @@ def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
     qb, rb = query[:, 0], ref[:, 0]
     real = qb != PAD_BATCH
     if check_batches:
-        present = torch.zeros(MAX_BATCH, dtype=torch.bool, device=query.device).index_fill_(0, rb, True)
-        plan.flag((~present[qb] & real).any())
+        plan.flag((_without_cells(qb, rb) & real).any())
     m = query.shape[0]
     cap = plan.capacity(key, m)
     if ref.shape[0] == 1:
