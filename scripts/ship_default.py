@@ -2,12 +2,16 @@
 """Copy the models of a `scripts/train_default.sh` run into the package as the shipped defaults.
 
     python scripts/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
+    python scripts/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
+        --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
 
 Writes, with float16 tensors (loaded back as float32; the README's table is measured on these
 files, not on the float32 originals):
 
-  student.pt     the Distillation-DPO student, the teacher's condition encoder and the refiner:
-                 the default checkpoint of the CLI, the Python API and the node
+  student.pt     the Distillation-DPO student (RUN/distill/distill.pt, or --student), the teacher's
+                 condition encoder and the refiner: the default checkpoint of the CLI, the Python
+                 API and the node; --student-guidance W replaces the guidance weight it samples with
+                 (choose it on data the table does not use)
   teacher.pt     the teacher it was distilled from (named in the student's training config; else
                  RUN/teacher/teacher.pt), with the same refiner
   teacher_calibrated.pt  RUN/calibrate/teacher.pt, when the run has the calibration stage and the
@@ -15,7 +19,9 @@ files, not on the float32 originals):
   manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
                  "training": what made them (steps, seconds, hardware, command)}
 
-A file over the size budget (25 MB for everything) is refused.
+A file over the size budget (25 MB for everything) is refused. Checkpoints named in the previous
+manifest of DEST that this shipping does not write are deleted, so the folder holds exactly what the
+new manifest lists.
 """
 from __future__ import annotations
 
@@ -43,11 +49,12 @@ def _last_status(log: Path) -> dict:
     return {}
 
 
-def _stage_info(run: Path, stage: str) -> dict:
-    """Steps and wall-clock seconds of a stage, summed over its metrics.jsonl (a resumed run logs the
-    time since it started, so the largest time per contiguous segment is added up)."""
+def _stage_info(out: Path, log: Path) -> dict:
+    """Steps and wall-clock seconds of a stage (its output folder OUT and log file LOG), summed over
+    its metrics.jsonl (a resumed run logs the time since it started, so the largest time per
+    contiguous segment is added up)."""
     info = {}
-    metrics = run / stage / "metrics.jsonl"
+    metrics = out / "metrics.jsonl"
     if metrics.exists():
         steps, seconds, last_t = 0, 0.0, 0.0
         for line in metrics.read_text().splitlines():
@@ -62,7 +69,7 @@ def _stage_info(run: Path, stage: str) -> dict:
             last_t = float(r["time"])
             steps = max(steps, int(r["step"]))
         info.update(steps=steps, seconds=round(seconds + last_t, 1))
-    status = _last_status(run / f"{stage}.log")
+    status = _last_status(log)
     if status.get("step") is not None:
         info["steps"] = int(status["step"])
     return info
@@ -84,6 +91,12 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
     ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--command", default=None, help="the training command to record in the manifest")
+    ap.add_argument("--student", default=None,
+                    help="the distillation export to ship as the student (default RUN/distill/distill.pt); "
+                         "its stage figures come from its folder and the log beside it (FOLDER.log)")
+    ap.add_argument("--student-guidance", type=float, default=None, metavar="W",
+                    help="the classifier-free guidance weight the shipped student samples with (default: "
+                         "the export's, 3.5); the manifest records the export's value beside it")
     ap.add_argument("--teacher-only", action="store_true",
                     help="ship the teacher alone (while the student is still training); the manifest "
                          "then names no default")
@@ -95,7 +108,10 @@ def main(argv=None) -> int:
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
     calibrated = run / "calibrate" / "teacher.pt"
-    student_src = run / "distill" / "distill.pt"
+    student_src = Path(args.student) if args.student else run / "distill" / "distill.pt"
+    if args.student_guidance is not None and not args.student_guidance >= 0:
+        print(f"error: --student-guidance must be >= 0, got {args.student_guidance}", file=sys.stderr)
+        return 2
     teacher_src = run / "teacher" / "teacher.pt"
     if student_src.exists() and not args.teacher_only:
         named = _student_teacher(load_checkpoint(student_src).meta)
@@ -112,6 +128,10 @@ def main(argv=None) -> int:
             print(f"error: {p} is missing; run scripts/train_default.sh {run} first", file=sys.stderr)
             return 2
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        previous = set(json.loads((dest / "manifest.json").read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        previous = set()
     files = {}
     for name, src in sources.items():
         ld = load_checkpoint(src, refiner_path=refiner_src if name.startswith("teacher") else None)
@@ -122,6 +142,11 @@ def main(argv=None) -> int:
         # our networks are trained on the local process x_t = x_0 + sigma_t eps: sample with the
         # matching solver (exports made before the solver had the option do not say so)
         ld.sampling.setdefault("process", "local")
+        override = None
+        if name == "student.pt" and args.student_guidance is not None:
+            override = {"guidance": {"export": ld.sampling.get("guidance"), "shipped": args.student_guidance}}
+            ld.sampling["guidance"] = float(args.student_guidance)
+            meta["sampling_override"] = override
         digest = save_checkpoint(dest / name, {"encoder": ld.encoder, "denoiser": ld.denoiser,
                                                "refiner": ld.refiner}, ld.config, sampling=ld.sampling,
                                  kind=ld.kind, meta=meta, half=True)
@@ -129,24 +154,34 @@ def main(argv=None) -> int:
                        "bytes": (dest / name).stat().st_size, "kind": ld.kind,
                        "sampling": ld.sampling, "trained_by": ld.meta.get("trained_by"),
                        "training_step": ld.meta.get("step")}
+        if override:
+            files[name]["sampling_override"] = override
     total = sum(f["bytes"] for f in files.values())
     if total > BUDGET_BYTES:
         for name in files:
             (dest / name).unlink()
         print(f"error: {total / 1e6:.1f} MB exceeds the {BUDGET_BYTES / 1e6:.0f} MB budget", file=sys.stderr)
         return 2
+    stages = {s: _stage_info(run / s, run / f"{s}.log") for s in ("teacher", "refiner", "calibrate")
+              if s != "calibrate" or calibrated.exists()}
+    if "student.pt" in files:
+        stages["distill"] = _stage_info(student_src.parent, student_src.parent.with_suffix(".log"))
+        stages["distill"]["export"] = str(student_src)
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,
         "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
                        "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
         "files": files,
-        "training": {"stages": {s: _stage_info(run, s) for s in ("teacher", "refiner", "calibrate", "distill")
-                                if s != "calibrate" or calibrated.exists()},
+        "training": {"stages": stages,
                      "command": args.command,
                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "processor": platform.processor() or platform.machine()}},
     }
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    for stale in sorted(previous - set(files)):
+        if Path(stale).name == stale and stale.endswith(".pt") and (dest / stale).is_file():
+            (dest / stale).unlink()
+            print(f"{dest / stale}: removed (shipped before, not by this run)")
     for name, f in files.items():
         print(f"{dest / name}: {f['bytes'] / 1e6:.2f} MB sha256 {f['sha256'][:16]}...")
     print(f"{dest / 'manifest.json'}: default = {manifest['default']} ({total / 1e6:.2f} MB in all)")

@@ -21,8 +21,11 @@
 #                        from that teacher (auxiliary nets also without the regulariser) unless
 #                        DISTILL_FROM=teacher; T_CALIBRATE [100000] bounds it in seconds
 #   DISTILL_FROM [calibrate when calibrated, else teacher]   the teacher the student is distilled
-#                        from (the shipped student: teacher - distilling from the calibrated teacher
-#                        made the student worse, README "Results")
+#                        from (the shipped student: calibrate)
+#   DISTILL_LR, DISTILL_AUX_WARMUP, DISTILL_TEACHER_GUIDANCE   when set, the student's Adam rate
+#                        (train.optimizer.lr), the auxiliary-only warm-up steps
+#                        (distill.aux_warmup_steps) and the guidance of the teacher's score
+#                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
 #                        first batch within 125 s while 0 workers trained at 0.28 s per step)
@@ -134,7 +137,11 @@ if [ "${MAX_STEPS_CALIBRATE:-0}" -gt 0 ]; then
     DISTILL_REG=0
   fi
 fi
+dextra=()
+[ -n "${DISTILL_LR:-}" ] && dextra+=(--set "train.optimizer.lr=$DISTILL_LR")
+[ -n "${DISTILL_AUX_WARMUP:-}" ] && dextra+=(--set "distill.aux_warmup_steps=$DISTILL_AUX_WARMUP")
+[ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
     --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$RUN/refiner/refiner.pt" \
-    --set "diffusion.reg_weight=$DISTILL_REG" || exit 1
+    --set "diffusion.reg_weight=$DISTILL_REG" "${dextra[@]}" || exit 1
 log "done: $(ls "$RUN"/*/*.pt)"

@@ -78,6 +78,43 @@ def test_ship_adds_the_calibrated_teacher_when_the_student_was_not_distilled_fro
     assert m["files"]["student.pt"]["sampling"]["process"] == "local"
 
 
+def test_ship_another_student_with_its_own_guidance_and_drop_stale_files(fake_run, tmp_path):
+    """--student ships a distillation from another folder of the run (its teacher: the one its config
+    names, here the calibrated one, so no separate teacher_calibrated.pt), --student-guidance
+    replaces the guidance it samples with, and files of the previous shipping that are not
+    shipped again are removed."""
+    ship = _script("ship_default")
+    make_random_checkpoint(fake_run / "calibrate" / "teacher.pt", seed=4, refine=False,
+                           sampling={"steps": 50, "guidance": 6.0, "process": "local"})
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest)]) == 0
+    assert (dest / "teacher_calibrated.pt").exists()
+    other = fake_run / "distill_cal"
+    make_random_checkpoint(other / "distill.pt", seed=5, sampling={"steps": 8, "guidance": 3.5, "n_fps": 300,
+                                                                     "tile": 4})
+    raw = torch.load(other / "distill.pt", weights_only=False)
+    raw.setdefault("meta", {})["training_config"] = f"distill:\n  teacher: {fake_run / 'calibrate' / 'teacher.pt'}\n"
+    torch.save(raw, other / "distill.pt")
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 7, "time": 70.0}))
+    (fake_run / "distill_cal.log").write_text('{"kind": "distill", "status": "finished", "step": 7}\n')
+    assert ship.main([str(fake_run), "--dest", str(dest), "--student", str(other / "distill.pt"),
+                      "--student-guidance", "2"]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert set(m["files"]) == {"student.pt", "teacher.pt"}
+    assert sorted(p.name for p in dest.glob("*.pt")) == ["student.pt", "teacher.pt"]
+    assert m["files"]["student.pt"]["sampling"]["guidance"] == 2.0
+    assert m["files"]["student.pt"]["sampling_override"] == {"guidance": {"export": 3.5, "shipped": 2.0}}
+    assert m["training"]["stages"]["distill"]["steps"] == 7
+    assert m["training"]["stages"]["distill"]["export"] == str(other / "distill.pt")
+    from lidar_completion.completer import Completer
+    assert Completer.from_checkpoint(dest / "student.pt", backend="torch").guidance == 2.0
+    want = load_checkpoint(fake_run / "calibrate" / "teacher.pt", backend="torch").denoiser.state_dict()
+    got = load_checkpoint(dest / "teacher.pt", backend="torch").denoiser.state_dict()
+    k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
+    torch.testing.assert_close(got[k], want[k].half().float())
+    assert ship.main([str(fake_run), "--dest", str(tmp_path / "w3"), "--student-guidance", "-1"]) == 2
+
+
 def test_ship_teacher_only_and_missing_inputs(fake_run, tmp_path, capsys):
     ship = _script("ship_default")
     dest = tmp_path / "weights"
