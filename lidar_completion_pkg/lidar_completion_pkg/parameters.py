@@ -40,8 +40,8 @@ PARAMETERS: tuple[Param, ...] = (
           "Solver steps per scan; 0 = the checkpoint's default (8 for the student, 50 for LiDiff). "
           "At run time 1..200", dynamic=True, range=(0, 200)),
     Param("guidance", "double", -1.0,
-          "Classifier-free guidance weight w (3.5 student, 6 teacher; 1 = conditional only); "
-          "-1 = the checkpoint's default. At run time 0..20", dynamic=True, range=(-1.0, 20.0)),
+          "Classifier-free guidance weight w (published: 3.5 student, 6 teacher; the shipped student: 2; "
+          "1 = conditional only); -1 = the checkpoint's default. At run time 0..20", dynamic=True, range=(-1.0, 20.0)),
     Param("process", "string", "",
           "Forward process the solver assumes: 'local' (what our networks are trained on) or 'vp' (the "
           "published LiDiff sampler); empty = the checkpoint's (local for ours, vp for published files)",
