@@ -26,6 +26,7 @@
 #                        (train.optimizer.lr), the auxiliary-only warm-up steps
 #                        (distill.aux_warmup_steps) and the guidance of the teacher's score
 #                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
+#   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
 #                        first batch within 125 s while 0 workers trained at 0.28 s per step)
@@ -141,6 +142,7 @@ dextra=()
 [ -n "${DISTILL_LR:-}" ] && dextra+=(--set "train.optimizer.lr=$DISTILL_LR")
 [ -n "${DISTILL_AUX_WARMUP:-}" ] && dextra+=(--set "distill.aux_warmup_steps=$DISTILL_AUX_WARMUP")
 [ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
+[ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
     --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$RUN/refiner/refiner.pt" \
     --set "diffusion.reg_weight=$DISTILL_REG" "${dextra[@]}" || exit 1
