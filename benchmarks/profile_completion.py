@@ -31,26 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import synthetic_scan  # noqa: E402
 
 from lidar_completion import completer as completer_mod  # noqa: E402
-from lidar_completion import sparse  # noqa: E402
 from lidar_completion.checkpoints import make_random_checkpoint  # noqa: E402
 from lidar_completion.completer import Completer  # noqa: E402
 from lidar_completion.models import ModelConfig, networks  # noqa: E402
-from lidar_completion.sparse import common, torch_backend  # noqa: E402
+from lidar_completion.sparse import kmap, layers, nearest, torch_backend  # noqa: E402
 
 # (owner, attribute, region name): functions wrapped with a named profiler range
 REGIONS = [
     (torch_backend.TorchBackend, "voxelize", "voxelize"),
-    (torch_backend.CoordinateManager, "parent_map", "map.parent"),
-    (torch_backend.CoordinateManager, "downsample_map", "map.downsample"),
-    (torch_backend.CoordinateManager, "child_table", "map.children"),
-    (torch_backend.CoordinateManager, "neighbour_table", "map.neighbour_table"),
-    (torch_backend.CoordinateManager, "neighbour_map", "map.neighbour_pairs"),
-    (torch_backend.CoordinateManager, "neighbour_stats", "map.stats"),
-    (torch_backend.CoordinateManager, "offset_pairs", "map.offset_pairs"),
-    (common, "_nearest_bruteforce", "cond.nearest_fallback"),
-    (torch_backend.Convolution, "forward", "conv"),
-    (torch_backend.ConvolutionTranspose, "forward", "deconv"),
-    (torch_backend.BatchNorm, "forward", "batchnorm"),
+    (kmap.CoordinateManager, "parent_map", "map.parent"),
+    (kmap.CoordinateManager, "downsample_map", "map.downsample"),
+    (kmap.CoordinateManager, "child_table", "map.children"),
+    (kmap.CoordinateManager, "neighbour_table", "map.neighbour_table"),
+    (kmap.CoordinateManager, "neighbour_map", "map.neighbour_pairs"),
+    (kmap.CoordinateManager, "neighbour_stats", "map.stats"),
+    (kmap.CoordinateManager, "offset_pairs", "map.offset_pairs"),
+    (kmap.CoordinateManager, "gather_plan", "map.gather_plan"),
+    (nearest, "_nearest_bruteforce", "cond.nearest_fallback"),
+    (layers.Convolution, "forward", "conv"),
+    (layers.ConvolutionTranspose, "forward", "deconv"),
+    (layers.BatchNorm, "forward", "batchnorm"),
     (networks.Denoiser, "_site_weights", "cond.site_mlps"),
     (networks.Denoiser, "_modulate", "cond.modulate"),
     (completer_mod, "make_x_init", "fps+tile"),
@@ -67,8 +67,9 @@ def _wrap(fn, name):
 
 
 def install_regions():
-    # nearest_cell is imported by name into networks via the sparse package
-    sparse.nearest_cell = _wrap(common.nearest_cell, "cond.nearest_cell")
+    # the networks look the nearest cell up through their backend object
+    for owner in (torch_backend.TorchBackend,):
+        owner.nearest_cell = staticmethod(_wrap(nearest.nearest_cell, "cond.nearest_cell"))
     for owner, attr, name in REGIONS:
         wrapped = _wrap(getattr(owner, attr), name)
         if isinstance(inspect.getattr_static(owner, attr), staticmethod):

@@ -44,6 +44,10 @@ pip_install() {
 log "pip, torch ($TORCH_SPEC) and build tools"
 pip_install --upgrade "pip>=25.1"
 pip_install "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
+# Triton: the GPU path of the sparse engine. On this CPU build its kernels run only in the
+# interpreter (TRITON_INTERPRET=1), which the tests use; 3.9 is the first whose interpreter works
+# with numpy 2.4 (CUDA builds of torch bring their own Triton).
+pip_install "triton==3.9.0"
 "$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
 import sys, torch
 want = sys.argv[1].split("==", 1)[-1]

@@ -43,10 +43,10 @@ def _levels(net, pts, batch):
     x = net.stem(x)
     for i in range(1, 5):
         c = B.coords(x).long()
-        out[B.stride(x)] = c[torch.argsort(sparse.common.pack_keys(c))]
+        out[B.stride(x)] = c[torch.argsort(sparse.pack_keys(c))]
         x = getattr(net, f"stage{i}")(x)
     c = B.coords(x).long()
-    out[B.stride(x)] = c[torch.argsort(sparse.common.pack_keys(c))]
+    out[B.stride(x)] = c[torch.argsort(sparse.pack_keys(c))]
     return out
 
 
@@ -159,8 +159,9 @@ def test_backend_selection(monkeypatch):
 
 def test_nearest_cell_paths_agree():
     """The CPU k-d tree, the lattice search (GPU path) and brute force give the same cells."""
-    from lidar_completion.sparse.common import (_nearest_bruteforce, _nearest_device, _nearest_kdtree,
-                                                _nearest_lattice, pack_keys)
+    from lidar_completion.sparse import pack_keys
+    from lidar_completion.sparse.nearest import (_nearest_bruteforce, _nearest_device, _nearest_kdtree,
+                                                 _nearest_lattice)
     g = torch.Generator().manual_seed(0)
     cells = torch.unique(torch.randint(-6, 6, (400, 3), generator=g) * 16, dim=0)
     zero = torch.zeros(len(cells), 1, dtype=torch.long)
@@ -182,7 +183,8 @@ def test_nearest_cell_device_path_with_several_batch_elements():
     """The device path (one search over every batch element, no per-element loop) equals the CPU
     path, stays inside each element, handles a one-cell condition and names a missing element."""
     from lidar_completion.errors import CloudFormatError
-    from lidar_completion.sparse.common import _nearest_device, pack_keys
+    from lidar_completion.sparse import pack_keys
+    from lidar_completion.sparse.nearest import _nearest_device
     g = torch.Generator().manual_seed(1)
     cells = torch.cat([torch.randint(0, 3, (300, 1), generator=g),
                        torch.randint(-6, 6, (300, 3), generator=g) * 16], 1)

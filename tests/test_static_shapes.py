@@ -12,8 +12,7 @@ from lidar_completion.diffusion import guided_noise
 from lidar_completion.errors import ConfigError
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 from lidar_completion.models.networks import Condition
-from lidar_completion.sparse.common import (PAD_BATCH, StaticShapes, grow_capacity, nearest_cell,
-                                            use_static_shapes)
+from lidar_completion.sparse import PAD_BATCH, StaticShapes, grow_capacity, nearest_cell, use_static_shapes
 from test_backends import _batch_clouds, _close
 
 

@@ -5,7 +5,7 @@ Why: on a GPU the few-step student is host-bound. One guided call of the torch b
 every step builds new coordinate sets and kernel maps). Replaying a captured graph issues them all
 with one host call.
 
-How: the torch backend has a *static* mode (:class:`~lidar_completion.sparse.common.StaticShapes`)
+How: the torch backend has a *static* mode (:class:`~lidar_completion.sparse.StaticShapes`)
 in which every coordinate set has a fixed capacity of rows (padding rows sort last and are nobody's
 neighbour), the nearest-cell fallback a fixed number of rows, and every would-be host read becomes
 a device flag. :class:`GraphedDenoiser` keeps, per solver timestep (the solver visits the same
@@ -36,7 +36,7 @@ import torch
 
 from .diffusion.guidance import guided_noise
 from .errors import ConfigError
-from .sparse.common import PAD_BATCH, StaticShapes, grow_capacity, tensor_version, use_static_shapes
+from .sparse import PAD_BATCH, StaticShapes, grow_capacity, tensor_version, use_static_shapes
 
 log = logging.getLogger(__name__)
 

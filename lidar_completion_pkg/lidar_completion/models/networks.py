@@ -17,11 +17,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import sparse
 from ..errors import CloudFormatError
-from ..sparse.common import caching_allowed, pack_keys, static_shapes, tensor_version
+from ..sparse import caching_allowed, pack_keys, static_shapes, tensor_version
 from .config import ModelConfig
 
 SITES = ("stage1", "stage2", "stage3", "stage4", "up1", "up2", "up3", "up4")
@@ -106,11 +105,10 @@ class ResidualBlock(nn.Module):
             self.downsample = nn.Identity()
         else:
             self.downsample = nn.Sequential(B.Convolution(cin, cout, 1, 1), B.BatchNorm(cout))
+        self.relu = B.ReLU()   # no parameters: the state dict keeps the published names
 
     def forward(self, x):
-        B = self._B
-        s = self.net(x) + self.downsample(x)
-        return B.with_feats(s, F.relu(B.feats(s)))
+        return self.relu(self.net(x) + self.downsample(x))
 
 
 def _stem(B, cin: int, c: int) -> nn.Sequential:
@@ -241,7 +239,7 @@ class Denoiser(_SparseNet):
                 # the first lookup of a condition in this pass checks that every batch element
                 # has cells; the other levels hold the same batch elements
                 first = all(k[1] != g for k in cache)
-                cache[key] = sparse.nearest_cell(coords, cond.coords, check_batches=first)
+                cache[key] = B.nearest_cell(coords, cond.coords, check_batches=first)
             ws.append(self._site_weights(site, g, cond, tau_b).index_select(0, cache[key]))
         f = B.feats(x)
         if len(conds) == 1:

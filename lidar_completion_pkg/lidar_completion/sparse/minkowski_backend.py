@@ -5,7 +5,8 @@ from __future__ import annotations
 import MinkowskiEngine as ME
 import torch
 
-from .common import Field, check_coordinate_range, voxel_indices
+from .coords import Field, check_coordinate_range, voxel_indices
+from .nearest import nearest_cell
 
 
 def _convolution(in_channels, out_channels, kernel_size=3, stride=1):
@@ -68,6 +69,8 @@ class MinkowskiBackend:
     @staticmethod
     def cache(x) -> dict:
         return {}
+
+    nearest_cell = staticmethod(nearest_cell)
 
 
 BACKEND = MinkowskiBackend()

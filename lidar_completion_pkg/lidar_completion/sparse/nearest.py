@@ -1,174 +1,22 @@
-"""Backend-independent pieces: voxel indices, coordinate keys, the exact nearest-cell lookup."""
-from __future__ import annotations
+"""The exact nearest condition cell of every voxel (1-NN within the same batch element).
 
-import contextlib
-import math
-import threading
-from dataclasses import dataclass
+The denoiser conditions each voxel on the feature of its nearest stride-16 cell of the condition
+encoder. Distances are squared Euclidean between integer cell coordinates, so ties are frequent
+(corners of a regular grid); they are broken by the smallest ``(b, x, y, z)``, a rule that does not
+depend on any hash order and that the reference fixtures use.
+"""
+from __future__ import annotations
 
 import numpy as np
 import torch
 
 from ..errors import CloudFormatError
-
-# Coordinates are packed into one int64 key: 9 bits of batch index, 18 bits per axis (offset 2**17).
-# Keys sort exactly like (b, x, y, z) lexicographically, so torch.unique(sorted=True) yields the
-# canonical row order. 2**17 voxels of 5 cm = 6.5 km from the sensor: far beyond any LiDAR scene.
-AXIS_BITS = 18
-AXIS_OFFSET = 1 << (AXIS_BITS - 1)
-MAX_BATCH = 1 << 9
-# keep a margin so that neighbour queries (up to 16 voxels x 2) never carry into the next field
-AXIS_LIMIT = AXIS_OFFSET - 64
+from .coords import MAX_BATCH, offset_key, pack_keys
+from .static import StaticShapes, PAD_BATCH, caching_allowed, static_shapes, tensor_version
 
 
-_VOXEL_SIZE: dict = {}
-
-
-def voxel_indices(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
-    """Integer voxel index per point, exactly as LiDiff: float32 division, round half to even.
-
-    The divisor is a device tensor (a host scalar would be turned into a multiplication by its
-    reciprocal on CUDA, which rounds differently); it is kept per device, so no host-to-device copy
-    happens per call (none is allowed while a CUDA graph is captured)."""
-    if points.dtype != torch.float32:
-        points = points.float()
-    key = (float(voxel_size), str(points.device))
-    vs = _VOXEL_SIZE.get(key)
-    if vs is None:
-        vs = _VOXEL_SIZE[key] = torch.tensor(voxel_size, dtype=torch.float32, device=points.device)
-    return torch.round(points / vs).long()
-
-
-def check_coordinate_range(coords: torch.Tensor) -> None:
-    """Raise CloudFormatError when voxel coordinates cannot be packed into keys (one host read)."""
-    if coords.numel() == 0:
-        return
-    bmin, bmax, extent = torch.stack([coords[:, 0].min(), coords[:, 0].max(),
-                                      coords[:, 1:].abs().max()]).tolist()
-    if bmin < 0 or bmax >= MAX_BATCH:
-        raise CloudFormatError(f"batch index out of range 0..{MAX_BATCH - 1}")
-    if extent >= AXIS_LIMIT:
-        raise CloudFormatError(
-            f"a point lies {extent} voxels from the origin; at most {AXIS_LIMIT} are supported "
-            "(is the cloud in metres and centred on the sensor?)")
-
-
-def tensor_version(t: torch.Tensor) -> int:
-    """The in-place modification counter of ``t`` for caches keyed on it; -1 for inference tensors
-    (made under ``torch.inference_mode``), which track none: a cache keyed on one assumes it is not
-    modified in place."""
-    return -1 if t.is_inference() else t._version
-
-
-def pack_keys(coords: torch.Tensor) -> torch.Tensor:
-    """(M, 4) int64 (b, x, y, z) -> (M,) int64 keys, monotonic in lexicographic order."""
-    b = coords[:, 0]
-    x = coords[:, 1] + AXIS_OFFSET
-    y = coords[:, 2] + AXIS_OFFSET
-    z = coords[:, 3] + AXIS_OFFSET
-    return (((((b << AXIS_BITS) + x) << AXIS_BITS) + y) << AXIS_BITS) + z
-
-
-def offset_key(dx: int, dy: int, dz: int) -> int:
-    """Key difference of a coordinate offset (packing is linear inside the valid range)."""
-    return (dx << (2 * AXIS_BITS)) + (dy << AXIS_BITS) + dz
-
-
-@dataclass
-class Field:
-    """Points of a batch and their voxel: ``inverse[i]`` is the stride-1 row of point ``i``."""
-    inverse: torch.Tensor
-    num_points: int
-
-
-# -- static shapes ---------------------------------------------------------------------------------
-# A forward pass in "static" mode gives every tensor a shape fixed in advance and never reads the
-# device from the host, which is what CUDA graph capture needs (see lidar_completion.cuda_graphs).
-# Each coordinate set gets a capacity (rows past the real ones carry the key PAD_KEY, sort last and
-# are never anyone's neighbour), and the nearest-cell fallback a capacity of rows. What would have
-# been a host read becomes a device flag ("did not fit" / "invalid input"), read once after the pass
-# by whoever ran it, together with the sizes seen, so that capacities can grow.
-
-PAD_KEY = torch.iinfo(torch.long).max   # key of a padding row: batch field 511, sorts after any real key
-PAD_BATCH = MAX_BATCH - 1               # batch index reserved for padding rows in static mode
-
-_STATE = threading.local()
-
-
-class StaticShapes:
-    """Capacities and findings of one static-mode pass.
-
-    ``caps`` maps a size key to its capacity: ``("level", m, stride)`` for the coordinate set at
-    ``stride`` of the m-th voxelisation in the pass, ``("unresolved", n)`` for the rows of the n-th
-    nearest-cell lookup that need the brute-force fallback. A key without a capacity gets its upper
-    bound (every row). ``flags`` collects 0-d bool device tensors (true: an input was invalid or a
-    size exceeded its capacity, so the pass's output must not be used); ``sizes`` the 0-d device
-    tensors of the sizes seen. :meth:`summary` stacks both for one host read."""
-
-    def __init__(self, caps: dict | None = None):
-        self.caps = dict(caps or {})
-        self.flags: list = []
-        self.sizes: dict = {}
-        self._ordinals: dict = {}
-
-    def ordinal(self, kind: str) -> int:
-        n = self._ordinals.get(kind, 0)
-        self._ordinals[kind] = n + 1
-        return n
-
-    def capacity(self, key, upper: int) -> int:
-        cap = self.caps.get(key)
-        return int(upper) if cap is None else max(1, min(int(cap), int(upper)))
-
-    def flag(self, bad: torch.Tensor) -> None:
-        self.flags.append(bad.reshape(()))
-
-    def size(self, key, value: torch.Tensor, cap: int | None) -> None:
-        """Record a size and flag it when it exceeds ``cap`` (None: record only)."""
-        value = value.reshape(())
-        self.sizes[key] = value
-        if cap is not None:
-            self.flags.append(value > cap)
-
-    def summary(self) -> tuple[list, torch.Tensor]:
-        """(size keys, int64 device tensor [any flag, size_0, size_1, ...]) for one host read."""
-        keys = list(self.sizes)
-        device = (self.flags or list(self.sizes.values()) or [torch.zeros(())])[0].device
-        bad = torch.stack(self.flags).any() if self.flags else torch.zeros((), dtype=torch.bool, device=device)
-        vals = [bad.long()] + [self.sizes[k].long() for k in keys]
-        return keys, torch.stack(vals)
-
-
-def static_shapes() -> StaticShapes | None:
-    """The static-mode plan of the running pass on this thread, or None."""
-    return getattr(_STATE, "static", None)
-
-
-@contextlib.contextmanager
-def use_static_shapes(plan: StaticShapes):
-    """Run the torch backend in static mode inside this block (inference only)."""
-    old = getattr(_STATE, "static", None)
-    _STATE.static = plan
-    try:
-        yield plan
-    finally:
-        _STATE.static = old
-
-
-def caching_allowed() -> bool:
-    """False while a CUDA graph is captured or a static pass runs: caches keyed on tensor identity
-    would be baked into the graph while the buffers behind them change between replays."""
-    if static_shapes() is not None:
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def grow_capacity(size: int, margin: float = 1.5, align: int = 128) -> int:
-    """Capacity for a size seen: ``size * margin`` plus one block, rounded up to ``align``."""
-    return int(math.ceil((size * margin + align) / align) * align)
-
-
-def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
+def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True,
+                 bruteforce=None) -> torch.Tensor:
     """Index into ``ref`` of the nearest cell of the same batch element, for every ``query`` row.
 
     ``query`` (M, 4) and ``ref`` (E, 4) are int64 ``(b, x, y, z)`` integer coordinates; ``ref`` must be
@@ -181,7 +29,9 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
     one host read in all (two when some rows fall back), whatever the batch size. The reference
     side (sorted keys) is kept for the last few ``ref`` tensors, so the solver steps that look up
     the same condition share it. ``check_batches=False`` skips the check that every query's batch
-    element has cells (for callers that checked the same batch elements already).
+    element has cells (for callers that checked the same batch elements already). ``bruteforce``
+    replaces the exact fallback off the CPU (the signature of :func:`_nearest_bruteforce`; the
+    Triton backend passes its integer kernel).
     """
     if query.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=query.device)
@@ -189,9 +39,9 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
         raise CloudFormatError("condition has no cells")
     plan = static_shapes()
     if plan is not None:
-        return _nearest_static(query, ref, check_batches, plan)
+        return _nearest_static(query, ref, check_batches, plan, bruteforce or _nearest_bruteforce)
     if query.device.type != "cpu":
-        return _nearest_device(query, ref, check_batches)
+        return _nearest_device(query, ref, check_batches, bruteforce or _nearest_bruteforce)
     out = torch.empty(query.shape[0], dtype=torch.long)
     qb = query[:, 0]
     rb = ref[:, 0]
@@ -211,7 +61,8 @@ def _without_cells(qb: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
     return ~present[qb]
 
 
-def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
+def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True,
+                    bruteforce=None) -> torch.Tensor:
     """The device path of :func:`nearest_cell` (few large kernels, no per-batch loop on the host)."""
     qb, rb = query[:, 0], ref[:, 0]
     missing = _without_cells(qb, rb) if check_batches else None
@@ -224,16 +75,17 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool 
     any_unresolved, any_off, *any_missing = torch.stack(flags).tolist()     # the one host read
     if any_missing and any_missing[0]:
         _raise_missing(qb, missing)
+    bruteforce = bruteforce or _nearest_bruteforce
     if any_off:          # cells not on the 16-lattice (not an encoder output): brute force everywhere
-        return _nearest_bruteforce(query[:, 1:], ref[:, 1:], qb, rb, check=False)
+        return bruteforce(query[:, 1:], ref[:, 1:], qb, rb, check=False)
     if any_unresolved:   # no cell within the searched block: exact brute force for those rows
         rows = torch.nonzero(unresolved, as_tuple=True)[0]
-        out[rows] = _nearest_bruteforce(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
+        out[rows] = bruteforce(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
     return out
 
 
 def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
-                    plan: StaticShapes) -> torch.Tensor:
+                    plan: StaticShapes, bruteforce=None) -> torch.Tensor:
     """:func:`_nearest_device` with fixed shapes and no host read (static mode, any device).
 
     Query rows of batch :data:`PAD_BATCH` are padding: their answer is meaningless and they never
@@ -258,7 +110,7 @@ def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
     plan.size(key, unresolved.sum(), cap)
     # the first ``cap`` unresolved rows (stable order), then resolved ones, whose answers are kept
     rows = torch.argsort((~unresolved).to(torch.uint8), stable=True)[:cap]
-    brute = _nearest_bruteforce(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
+    brute = (bruteforce or _nearest_bruteforce)(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
     out = out.index_copy(0, rows, torch.where(unresolved[rows], brute, out[rows]))
     # padding rows and rows past the capacity hold no answer: keep them a valid index
     return out.clamp_(max=ref.shape[0] - 1)

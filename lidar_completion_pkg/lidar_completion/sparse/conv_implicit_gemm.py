@@ -1,0 +1,261 @@
+"""Convolution by masked implicit GEMM (Triton): the launcher of :func:`.triton_kernels.implicit_gemm_kernel`.
+
+Output-stationary: each program owns a tile of output rows and channels, gathers its input rows
+through the kernel map straight from the feature matrix (nothing is materialised), and writes each
+output row once (no atomics). The kernel map comes sorted by neighbour bitmask with one OR-ed mask
+per tile (:meth:`.kmap.CoordinateManager.gather_plan`), so a tile only visits the offsets its rows
+use. The same kernel serves every convolution of the networks:
+
+* 3x3x3 at stride s: the (M, 27) neighbour table;
+* 2x2x2 stride 2: the (M_coarse, 8) child table;
+* transposed 2x2x2: the (M_fine, 8) parent table (one entry per row; rows sorted by offset, so a tile
+  mostly holds one offset: no padded rows, no writing all 8 children);
+* 1x1: no table (``IDENTITY``).
+
+Inputs may be the concatenation of two feature matrices (the decoder's skip connection: two K
+segments, never concatenated in memory), and batch norm (eval), the residual add and ReLU run in the
+epilogue. Features carry an optional leading group dimension (the two halves of classifier-free
+guidance share the kernel map and the weights; grid axis 2).
+
+Tile sizes: a fixed small configuration under the interpreter; on CUDA, a few candidates are timed
+the first time a (map kind, rows bucket, channels, dtype) key is seen and the fastest is kept for the
+process and in a JSON file under the user's cache folder (:class:`Tuner`). While a CUDA graph is
+captured nothing is timed: the cached choice, or the first candidate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_TUNE = "LIDAR_COMPLETION_TRITON_TUNE"          # 0: no timing, first candidate
+ENV_TUNE_CACHE = "LIDAR_COMPLETION_TRITON_CACHE"   # JSON file of tuned choices ('' = none)
+
+
+@dataclass(frozen=True)
+class Config:
+    bm: int
+    bn: int
+    bk: int
+    warps: int = 4
+    stages: int = 2
+
+    def key(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
+
+    @staticmethod
+    def parse(text: str) -> "Config":
+        dims, rest = text.split("w")
+        bm, bn, bk = (int(v) for v in dims.split("x"))
+        warps, stages = (int(v) for v in rest.split("s"))
+        return Config(bm, bn, bk, warps, stages)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def candidates(rows: int, cin: int, cout: int, interpreted: bool) -> list[Config]:
+    """Tile configurations worth trying for a convolution of this shape (the first is the default).
+    ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked."""
+    bk = _pow2(min(cin, 64), 16, 64)
+    bn = _pow2(cout, 16, 128)
+    if interpreted:     # every program is a Python loop: few, large programs
+        return [Config(_pow2(rows, 16, 64), bn, bk, 1, 1)]
+    out = [Config(64, bn, bk, 4, 2)]
+    for bm in (64, 128):
+        for b_n in sorted({bn, min(bn, 64)}):
+            for warps in (4, 8):
+                cfg = Config(bm, b_n, bk, warps, 2 if bk >= 64 else 3)
+                if cfg not in out and not (bm == 128 and b_n == 128 and warps == 4):
+                    out.append(cfg)
+    if rows < 4096:     # small levels: small tiles keep the SMs busy
+        out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
+    return out
+
+
+def _bucket(rows: int) -> int:
+    return 1 << max(0, (rows - 1).bit_length())
+
+
+class Tuner:
+    """The fastest tile configuration per key, timed once per process (CUDA events, median of a few
+    runs) and remembered in a JSON file so that the next process starts tuned."""
+
+    def __init__(self):
+        self._best: dict = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    @staticmethod
+    def cache_path() -> str | None:
+        path = os.environ.get(ENV_TUNE_CACHE)
+        if path is not None:
+            return path or None
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "lidar-completion", "triton-tune.json")
+
+    def _device_tag(self, device: torch.device) -> str:
+        import triton
+        return f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}"
+
+    def _load(self, tag: str) -> None:
+        self._loaded = True
+        path = self.cache_path()
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path) as fh:
+                saved = json.load(fh).get(tag, {})
+            self._best.update({tuple(json.loads(k)): Config.parse(v) for k, v in saved.items()})
+        except (OSError, ValueError, KeyError) as exc:   # a damaged cache only costs a re-tune
+            log.warning("ignoring the Triton tuning cache %s: %s", path, exc)
+
+    def _save(self, tag: str) -> None:
+        path = self.cache_path()
+        if not path:
+            return
+        try:
+            data = {}
+            if os.path.exists(path):
+                with open(path) as fh:
+                    data = json.load(fh)
+            data[tag] = {json.dumps(list(k)): v.key() for k, v in self._best.items()}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except (OSError, ValueError) as exc:
+            log.warning("could not save the Triton tuning cache %s: %s", path, exc)
+
+    def choose(self, key: tuple, options: list[Config], run, device: torch.device) -> Config:
+        """The configuration for ``key``: remembered, else timed now (``run(config)`` launches one),
+        else (no timing allowed) the first option."""
+        hit = self._best.get(key)
+        if hit is not None:
+            return hit
+        if len(options) == 1 or device.type != "cuda" or os.environ.get(ENV_TUNE, "1") == "0":
+            return options[0]
+        tag = self._device_tag(device)
+        with self._lock:
+            if not self._loaded:
+                self._load(tag)
+            hit = self._best.get(key)
+            if hit is not None:
+                return hit
+            if torch.cuda.is_current_stream_capturing():
+                return options[0]      # nothing may be timed (or synchronised) inside a capture
+            best = min(options, key=lambda cfg: _time(run, cfg))
+            self._best[key] = best
+            self._save(tag)
+            log.debug("triton tile for %s: %s", key, best.key())
+            return best
+
+
+def _time(run, cfg: Config, reps: int = 5) -> float:
+    try:
+        run(cfg)     # compile and warm up
+    except Exception as exc:   # e.g. out of shared memory for this tile: not a candidate
+        log.debug("tile %s failed: %s", cfg.key(), exc)
+        return float("inf")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run(cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+TUNER = Tuner()
+
+
+@dataclass
+class Epilogue:
+    scale: torch.Tensor | None = None      # (N,) float32, with shift: eval-mode batch norm
+    shift: torch.Tensor | None = None
+    residual: torch.Tensor | None = None   # (..., M, N), added after the affine map
+    relu: bool = False
+
+
+def _segment(t: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
+    """(tensor, group stride, row stride) of a (M, C) or (G, M, C) feature matrix whose rows are
+    contiguous; a matrix without groups is broadcast (group stride 0)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t, 0, t.stride(0)
+    if t.shape[0] == 1 and groups > 1:
+        return t, 0, t.stride(1)
+    return t, t.stride(0), t.stride(1)
+
+
+def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, epilogue: Epilogue,
+                  out_dtype: torch.dtype, kind: str, interpreted: bool) -> torch.Tensor:
+    """One sparse convolution.
+
+    ``segments``: one or two input feature matrices (..., M_in, C_i), concatenated along channels;
+    ``weight``: (KVOL, sum C_i, N) in the compute dtype, contiguous (KVOL = 1 for a 1x1);
+    ``plan_for(block)``: the gather plan (order, table, tile masks) for tiles of ``block`` rows, or
+    None for a 1x1 convolution; ``rows``: output rows. Returns (G, rows, N) or (rows, N)."""
+    kvol, cin, n = weight.shape
+    grouped = [s.shape[0] for s in segments if s.dim() == 3]
+    if epilogue.residual is not None and epilogue.residual.dim() == 3:
+        grouped.append(epilogue.residual.shape[0])
+    groups = max(grouped) if grouped else 1
+    if any(g not in (1, groups) for g in grouped):
+        raise ValueError(f"feature groups do not match: {grouped}")
+    segs = [_segment(s, groups) for s in segments]
+    ca = segs[0][0].shape[-1]
+    cb = segs[1][0].shape[-1] if len(segs) > 1 else 0
+    if ca + cb != cin:
+        raise ValueError(f"convolution expects {cin} input channels, got {ca} + {cb}")
+    device = weight.device
+    out = torch.empty((groups, rows, n), dtype=out_dtype, device=device)
+    if rows == 0:
+        return out if grouped else out[0]
+    res = epilogue.residual
+    if res is not None:
+        res, srg, srm = _segment(res, groups)
+    else:
+        srg = srm = 0
+    a, sag, sam = segs[0]
+    b, sbg, sbm = segs[1] if len(segs) > 1 else (a, 0, 0)
+    affine = epilogue.scale is not None
+    dummy = weight
+    precision = "tf32" if (weight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+                           and device.type == "cuda") else "ieee"
+    dot_f32 = interpreted or weight.dtype == torch.float32
+
+    from . import triton_kernels as K
+
+    def run(cfg: Config):
+        plan = plan_for(cfg.bm)
+        order, table, tile_masks = plan if plan is not None else (dummy, dummy, dummy)
+        grid = (-(-rows // cfg.bm), -(-n // cfg.bn), groups)
+        K.implicit_gemm_kernel[grid](
+            a, b, weight, out, order, table, tile_masks,
+            epilogue.scale if affine else dummy, epilogue.shift if affine else dummy,
+            res if res is not None else dummy,
+            rows, ca, cb, n, sag, sam, sbg, sbm, srg, srm,
+            KVOL=kvol, IDENTITY=plan is None, HAS_B=len(segs) > 1, AFFINE=affine,
+            RESIDUAL=res is not None, RELU=bool(epilogue.relu), DOT_F32=dot_f32, PRECISION=precision,
+            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+
+    options = candidates(rows, cin, n, interpreted)
+    key = (kind, kvol, _bucket(rows), ca, cb, n, groups, str(weight.dtype), res is not None)
+    cfg = TUNER.choose(key, options, run, device)
+    run(cfg)
+    return out if grouped else out[0]

@@ -1,0 +1,251 @@
+"""Triton sparse backend: the torch backend's kernel maps, convolutions as fused Triton kernels.
+
+Coordinates, voxelisation, kernel-map building (on the device, once per coordinate set, shared by
+every layer and both guidance halves) and static mode are the torch backend's (:mod:`.kmap`,
+:mod:`.static`). The convolutions run :func:`.conv_implicit_gemm.implicit_gemm`.
+
+Fusion without changing the networks: a convolution returns a *pending* tensor (the convolution not
+yet run). Eval-mode batch norm, a residual add and ReLU applied to it are recorded in its epilogue,
+and a concatenation of two tensors stays two segments; the kernel runs when something reads the
+features (the next convolution, the modulation, slicing). So ``conv -> BN -> ReLU`` is one kernel,
+``conv -> BN (+ identity or the 1x1 branch) -> ReLU`` of a residual block is one kernel (plus the
+1x1 branch's own), and the decoder's skip concatenation is never materialised.
+
+Training (autograd recording through the weights or features) runs the torch algorithms on the same
+maps, so a model on this backend trains as on the torch backend; inference runs the kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from . import triton_refusal, triton_interpreted
+from .conv_implicit_gemm import Epilogue, implicit_gemm
+from .coords import Field
+from .layers import BatchNorm, Convolution, ConvolutionTranspose, frozen
+from .nearest import nearest_cell as _nearest_cell
+from .torch_backend import TORCH_ENGINE, TorchBackend, broadcast_groups, voxelize_points
+
+_KINDS = {1: "identity", 3: "conv3", 2: "down"}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Pending:
+    """A convolution that has not run yet and the element-wise work fused after it."""
+
+    __slots__ = ("conv", "kind", "in_stride", "segments", "epilogue", "dtype")
+
+    def __init__(self, conv, kind: str, in_stride: int, segments: tuple, epilogue: Epilogue, dtype):
+        self.conv, self.kind, self.in_stride = conv, kind, in_stride
+        self.segments, self.epilogue, self.dtype = segments, epilogue, dtype
+
+    def with_epilogue(self, **changes) -> "Pending":
+        e = self.epilogue
+        fields = dict(scale=e.scale, shift=e.shift, residual=e.residual, relu=e.relu)
+        fields.update(changes)
+        return Pending(self.conv, self.kind, self.in_stride, self.segments, Epilogue(**fields), self.dtype)
+
+    @property
+    def takes_affine(self) -> bool:
+        e = self.epilogue
+        return e.scale is None and e.residual is None and not e.relu
+
+    @property
+    def takes_residual(self) -> bool:
+        return self.epilogue.residual is None and not self.epilogue.relu
+
+    def run(self, manager, out_stride: int) -> torch.Tensor:
+        conv, kind, dtype = self.conv, self.kind, self.dtype
+        cin, cout = conv.in_channels, conv.out_channels
+        kvol = 1 if kind == "identity" else conv.kernel_size ** 3
+        weight = conv.derived(f"igemm-{dtype}", lambda w: w.reshape(kvol, cin, cout).to(dtype).contiguous())
+        rows = len(manager.level(out_stride))
+        if kind == "identity":
+            def plan_for(block):
+                return None
+        else:
+            def plan_for(block):
+                return manager.gather_plan(kind, self.in_stride, block)
+        return implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
+                             triton_interpreted())
+
+
+class TritonSparseTensor:
+    """Features (..., M, C) on ``manager.levels[stride]``: materialised, two segments of a pending
+    concatenation, or a pending convolution (see the module docstring)."""
+
+    __slots__ = ("_feats", "_segments", "_pending", "stride", "manager")
+
+    def __init__(self, feats: torch.Tensor | None, stride: int, manager, segments: tuple | None = None,
+                 pending: Pending | None = None):
+        self._feats = feats
+        self._segments = segments
+        self._pending = pending
+        self.stride = stride
+        self.manager = manager
+
+    @property
+    def feats(self) -> torch.Tensor:
+        if self._feats is None:
+            if self._pending is not None:
+                self._feats = self._pending.run(self.manager, self.stride)
+                self._pending = None
+            else:
+                self._feats = torch.cat(broadcast_groups(*self._segments), dim=-1)
+            self._segments = None
+        return self._feats
+
+    @property
+    def pending(self) -> Pending | None:
+        return self._pending
+
+    def segments(self) -> tuple:
+        """The input of a convolution reading this tensor: its segments, concatenated by the kernel."""
+        if self._feats is None and self._pending is None:
+            return self._segments
+        return (self.feats,)
+
+    @property
+    def level(self):
+        return self.manager.levels[self.stride]
+
+    @property
+    def coords(self) -> torch.Tensor:
+        return self.level.coords
+
+    def replace(self, feats: torch.Tensor, stride: int | None = None) -> "TritonSparseTensor":
+        return TritonSparseTensor(feats, self.stride if stride is None else stride, self.manager)
+
+    def __add__(self, other: "TritonSparseTensor") -> "TritonSparseTensor":
+        if other.manager is not self.manager or other.stride != self.stride:
+            raise ValueError("adding sparse tensors on different coordinate sets")
+        return TRITON_ENGINE.add(self, other)
+
+
+def _compute_dtype(segments: tuple, device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = segments[0].dtype
+        for s in segments[1:]:
+            dtype = torch.promote_types(dtype, s.dtype)
+    return dtype if dtype in _DTYPES else None
+
+
+class TritonEngine:
+    """What the layers compute on the Triton backend (see :mod:`.layers`)."""
+
+    name = "triton"
+
+    @staticmethod
+    def _check_device(device: torch.device) -> None:
+        why = triton_refusal(device)
+        if why is not None:
+            raise ConfigError(why)
+
+    def _pending_conv(self, conv, x, kind: str, out_stride: int):
+        """A pending convolution of ``x``, or None where the torch algorithms must run (autograd
+        recording, an unsupported dtype)."""
+        segments = x.segments()
+        device = segments[0].device
+        if not frozen(conv.kernel, *segments):
+            return None
+        dtype = _compute_dtype(segments, device)
+        if dtype is None:
+            return None
+        self._check_device(device)
+        pending = Pending(conv, kind, x.stride, segments, Epilogue(), dtype)
+        return TritonSparseTensor(None, out_stride, x.manager, pending=pending)
+
+    def convolution(self, conv: Convolution, x):
+        kind = _KINDS[conv.kernel_size]
+        out = self._pending_conv(conv, x, kind, x.stride * (2 if kind == "down" else 1))
+        return out if out is not None else TORCH_ENGINE.convolution(conv, x)
+
+    def transposed(self, conv: ConvolutionTranspose, x):
+        out = self._pending_conv(conv, x, "up", x.stride // 2)
+        return out if out is not None else TORCH_ENGINE.transposed(conv, x)
+
+    @staticmethod
+    def batch_norm(bn: BatchNorm, x):
+        p = getattr(x, "pending", None)
+        if p is not None and p.takes_affine and bn.uses_running_stats and frozen(*bn.parameters()):
+            shift, scale = bn.affine(torch.float32)
+            return TritonSparseTensor(None, x.stride, x.manager, pending=p.with_epilogue(scale=scale, shift=shift))
+        return TORCH_ENGINE.batch_norm(bn, x)
+
+    @staticmethod
+    def relu(x):
+        p = getattr(x, "pending", None)
+        if p is not None and not p.epilogue.relu:
+            return TritonSparseTensor(None, x.stride, x.manager, pending=p.with_epilogue(relu=True))
+        return TORCH_ENGINE.relu(x)
+
+    @staticmethod
+    def add(a, b):
+        for first, second in ((a, b), (b, a)):   # the sum is symmetric: fuse into whichever is pending
+            p = first.pending
+            if p is not None and p.takes_residual:
+                res = second.feats
+                if frozen(res):
+                    return TritonSparseTensor(None, a.stride, a.manager, pending=p.with_epilogue(residual=res))
+        return a.replace(a.feats + b.feats)
+
+    @staticmethod
+    def cat(a, b):
+        sa, sb = a.segments(), b.segments()
+        if len(sa) == 1 and len(sb) == 1:
+            return TritonSparseTensor(None, a.stride, a.manager, segments=(sa[0], sb[0]))
+        return a.replace(torch.cat(broadcast_groups(a.feats, b.feats), dim=-1))
+
+
+TRITON_ENGINE = TritonEngine()
+
+
+def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
+                       rb: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """Exact nearest reference cell of the same batch element by the Triton brute-force kernel
+    (integer arithmetic, ties to the smallest index); the drop-in for the float64 GEMM fallback
+    of :mod:`.nearest`. With ``check``, raises when a query's batch element has no cell."""
+    from ..errors import CloudFormatError
+    from . import triton_kernels as K
+
+    def with_batch(coords, b):
+        b = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device) if b is None else b
+        return torch.cat([b.view(-1, 1).long(), coords.long()], 1).contiguous()
+
+    query, ref = with_batch(q, qb), with_batch(r, rb)
+    m, e = query.shape[0], ref.shape[0]
+    out = torch.empty(m, dtype=torch.long, device=q.device)
+    if m == 0:
+        return out
+    if e >= (1 << K.NEAREST_INDEX_BITS):
+        raise CloudFormatError(f"condition has {e} cells; at most {(1 << K.NEAREST_INDEX_BITS) - 1} are supported")
+    interpreted = triton_interpreted()
+    bq, br = (64, 64) if interpreted else (128, 64)
+    K.nearest_cell_kernel[(-(-m // bq),)](query, ref, out, m, e, BQ=bq, BR=br,
+                                          INDEX_BITS=K.NEAREST_INDEX_BITS, num_warps=4)
+    if check and bool((out < 0).any()):
+        missing = int(query[torch.nonzero(out < 0)[0, 0], 0])
+        raise CloudFormatError(f"condition has no cells for batch element {missing}")
+    return out.clamp_(min=0)
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+    supports_groups = True
+
+    @staticmethod
+    def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float):
+        """Points (N, 3) float32 and batch index (N,) -> (Field, stride-1 tensor of mean xyz)."""
+        TRITON_ENGINE._check_device(points.device)
+        return voxelize_points(points, batch, voxel_size, TRITON_ENGINE, TritonSparseTensor)
+
+    @staticmethod
+    def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
+        return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest)
+
+
+BACKEND = TritonBackend()
+
+__all__ = ["BACKEND", "Field", "TritonBackend", "TritonSparseTensor", "bruteforce_nearest"]
