@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helper modules (lidiff_reference, ...)
 
+# Without CUDA, Triton kernels run in its interpreter, which must be chosen before Triton is first
+# imported (tests/test_triton.py runs the Triton backend on CPU tensors that way).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two cores are shared by the whole suite; more intra-op threads only add contention.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

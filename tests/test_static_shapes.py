@@ -233,10 +233,10 @@ def test_graph_settings_from_the_environment(monkeypatch):
         Completer(enc, den, ref, device="cpu", cuda_graphs="sometimes")
 
 
-def test_graph_runner_needs_the_torch_backend():
+def test_graph_runner_needs_a_backend_with_a_static_mode():
     class Fake(torch.nn.Module):
         backend = "minkowski"
-    with pytest.raises(ConfigError, match="torch sparse backend"):
+    with pytest.raises(ConfigError, match="torch or Triton sparse backend"):
         GraphedDenoiser(Fake(), 3.5)
 
 

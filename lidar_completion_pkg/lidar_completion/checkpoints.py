@@ -307,7 +307,10 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, refiner_path
                     include=(), allow_pickle: bool | None = None) -> Loaded:
     """Build the networks stored in ``path`` (our format or a published Lightning file).
 
-    ``refiner_path`` adds a refiner from a second file (e.g. LiDiff's ``refine_net.ckpt``)."""
+    ``refiner_path`` adds a refiner from a second file (e.g. LiDiff's ``refine_net.ckpt``).
+    ``backend`` (None / "auto": chosen for ``device``, see :func:`lidar_completion.sparse.resolve_backend`)."""
+    from . import sparse
+    backend = sparse.resolve_backend(backend, device)
     kind, roles, config, sampling, meta, digest = read_state_dicts(path, include, allow_pickle)
     if refiner_path is not None:
         _, r_roles, r_config, _, _, _ = read_state_dicts(refiner_path, (), allow_pickle)

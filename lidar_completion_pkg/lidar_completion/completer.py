@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cuda_graphs import GraphedDenoiser, GraphedRefiner, graphs_requested
+from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedRefiner, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
@@ -160,8 +160,9 @@ class Completer:
         for published checkpoints) picks the solver's forward process (see
         :mod:`lidar_completion.diffusion.sampler`). ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
         ``refine_net.ckpt``); ``allow_pickle=True`` loads Lightning files that need pickled code. ``backend`` is the
-        sparse backend ("auto" | "minkowski" | "torch"; "auto" or None honours
-        ``LIDAR_COMPLETION_BACKEND``). Other keyword arguments go to the constructor.
+        sparse backend ("auto" | "minkowski" | "torch" | "triton"; "auto" or None honours
+        ``LIDAR_COMPLETION_BACKEND``, else takes Triton on CUDA, else MinkowskiEngine when built, else
+        torch). Other keyword arguments go to the constructor.
         """
         from . import checkpoints
         if path is None:
@@ -261,15 +262,15 @@ class Completer:
 
     @property
     def graphs_active(self) -> bool:
-        """Whether solver steps replay CUDA graphs (CUDA device, torch backend, not turned off)."""
+        """Whether solver steps replay CUDA graphs (CUDA device, torch or Triton backend, not turned off)."""
         return (self.cuda_graphs is not False and self.device.type == "cuda"
-                and getattr(self.denoiser, "backend", None) == "torch")
+                and getattr(self.denoiser, "backend", None) in GRAPH_BACKENDS)
 
     def graph_runner(self) -> GraphedDenoiser | None:
         """The CUDA-graph runner of the denoiser when graphs are in use, else None."""
         if not self.graphs_active:
             if self.cuda_graphs and self.device.type == "cuda":
-                log.warning("cuda_graphs needs the torch sparse backend; running without graphs")
+                log.warning("cuda_graphs needs the torch or Triton sparse backend; running without graphs")
                 self.cuda_graphs = False
             return None
         dtype = _PRECISIONS[self.precision]

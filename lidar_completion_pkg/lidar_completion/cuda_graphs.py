@@ -41,6 +41,7 @@ from .sparse import PAD_BATCH, StaticShapes, grow_capacity, tensor_version, use_
 log = logging.getLogger(__name__)
 
 ENV_GRAPHS = "LIDAR_COMPLETION_CUDA_GRAPHS"
+GRAPH_BACKENDS = ("torch", "triton")   # the backends with a static mode (no host reads in a pass)
 
 
 def graphs_requested(value: bool | str | None) -> bool | None:
@@ -83,9 +84,9 @@ class _GraphRunner(abc.ABC):
 
     def __init__(self, net: torch.nn.Module, autocast: torch.dtype | None, use_graphs: bool,
                  margin: float, autotune: bool, max_states: int):
-        if getattr(net, "backend", None) != "torch":
-            raise ConfigError("CUDA graphs need the torch sparse backend (MinkowskiEngine reads the "
-                              "host inside every layer)")
+        if getattr(net, "backend", None) not in GRAPH_BACKENDS:
+            raise ConfigError("CUDA graphs need the torch or Triton sparse backend (MinkowskiEngine "
+                              "reads the host inside every layer)")
         self.net = net
         self.autocast = autocast
         self.use_graphs = bool(use_graphs)

@@ -231,6 +231,32 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
     return out.clamp_(min=0)
 
 
+def farthest_point_sample_device(clouds: list, counts: list) -> list:
+    """Exact farthest-point sampling of several clouds on their device, one program per cloud
+    (:func:`.triton_kernels.fps_kernel`): for cloud i (an (n_i, 3) tensor) the indices of
+    ``counts[i]`` samples, the first being point 0, as :func:`lidar_completion.preprocess.
+    farthest_point_sample` picks them (a cloud of ``counts[i]`` points: every index, in order)."""
+    from . import triton_kernels as K
+
+    if len(clouds) != len(counts) or not clouds:
+        raise ValueError("one sample count per cloud, at least one cloud")
+    sizes = [int(c.shape[0]) for c in clouds]
+    if any(k < 1 or k > n for k, n in zip(counts, sizes)):
+        raise ValueError(f"sample counts {counts} must lie in 1..cloud size {sizes}")
+    device = clouds[0].device
+    pts = torch.cat([c[:, :3].float() for c in clouds]).contiguous()
+    starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
+    out_starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
+    dist = torch.empty(pts.shape[0], dtype=torch.float32, device=device)
+    out = torch.empty(int(sum(counts)), dtype=torch.long, device=device)
+    block = 256 if triton_interpreted() else 1024
+    K.fps_kernel[(len(clouds),)](pts, starts, torch.tensor(sizes, dtype=torch.int32, device=device),
+                                 torch.tensor(list(counts), dtype=torch.int32, device=device), out_starts,
+                                 dist, out, BLOCK=block, num_warps=8)
+    return [torch.arange(n, device=device) if k == n else idx - s
+            for idx, s, n, k in zip(torch.split(out, list(counts)), starts.tolist(), sizes, counts)]
+
+
 class TritonBackend(TorchBackend):
     name = "triton"
     supports_groups = True
@@ -248,4 +274,5 @@ class TritonBackend(TorchBackend):
 
 BACKEND = TritonBackend()
 
-__all__ = ["BACKEND", "Field", "TritonBackend", "TritonSparseTensor", "bruteforce_nearest"]
+__all__ = ["BACKEND", "Field", "TritonBackend", "TritonSparseTensor", "bruteforce_nearest",
+           "farthest_point_sample_device"]

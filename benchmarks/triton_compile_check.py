@@ -1,0 +1,164 @@
+"""Compile every Triton kernel variant the networks launch for a GPU target, on any machine.
+
+Triton compiles ahead of time for a named target (``GPUTarget``) with the ptxas it ships, no GPU
+needed, so a kernel that would not compile on the GPU (or that spills registers, or wants more shared
+memory than the chip has) shows up here before any GPU time is spent. The variants are recorded
+from one forward pass of the three networks at the chosen widths: each convolution launch (map kind,
+channel counts, fused epilogue) with every tile configuration the tuner may try on CUDA, in bf16
+and fp32, plus the nearest-cell and farthest-point-sampling kernels.
+
+Prints one line per compiled variant (registers, spilled bytes, shared memory) and a summary; exits
+non-zero when a variant fails to compile or spills. Needs only Triton (and this package's torch
+import for the recording pass, which runs with the kernels stubbed out)::
+
+    python benchmarks/triton_compile_check.py --widths full --arch 90
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def record_launches(widths: str):
+    """Distinct (kind, kvol, ca, cb, n, flags) of the convolutions of one forward pass of the
+    encoder, the guided denoiser and the refiner, with the kernels replaced by a recorder."""
+    import torch
+
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+    from lidar_completion.sparse import conv_implicit_gemm as igemm
+
+    seen = {}
+    real = igemm.implicit_gemm
+
+    def recorder(segments, weight, plan_for, rows, epilogue, out_dtype, kind, interpreted):
+        kvol, cin, n = weight.shape
+        ca = segments[0].shape[-1]
+        cb = segments[1].shape[-1] if len(segments) > 1 else 0
+        flags = (epilogue.scale is not None, epilogue.residual is not None, bool(epilogue.relu))
+        seen[(kind, kvol, ca, cb, n) + flags] = seen.get((kind, kvol, ca, cb, n) + flags, 0) + 1
+        groups = max([s.shape[0] for s in segments if s.dim() == 3] or [0])
+        shape = (groups, rows, n) if groups else (rows, n)
+        return torch.zeros(shape, dtype=out_dtype, device=weight.device)
+
+    from lidar_completion.sparse import triton_backend
+    refusal = triton_backend.triton_refusal
+    igemm.implicit_gemm = triton_backend.implicit_gemm = recorder
+    triton_backend.triton_refusal = lambda device: None     # nothing runs: the CPU will do
+    try:
+        cfg = ModelConfig.full() if widths == "full" else ModelConfig.tiny()
+        g = torch.Generator().manual_seed(0)
+        pts = torch.randn(400, 3, generator=g) * 6
+        batch = torch.zeros(400, dtype=torch.long)
+        with torch.no_grad():
+            enc = ConditionEncoder(cfg, "torch").eval()
+            cond = enc(pts, batch)
+            uncond = enc.empty_condition(100, 1)
+            Denoiser(cfg, "triton").eval().forward_cfg(pts + 0.1, batch, torch.tensor([500]), cond, uncond)
+            Refiner(cfg, "triton").eval()(pts, batch)
+            ConditionEncoder(cfg, "triton").eval()(pts, batch)
+    finally:
+        igemm.implicit_gemm = triton_backend.implicit_gemm = real
+        triton_backend.triton_refusal = refusal
+    return seen
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, spill bytes) of the one kernel in a cubin, from cuobjdump's resource usage."""
+    import re
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", text).group(1)) if "REG:" in text else -1
+    spill = sum(int(v) for v in re.findall(r"(?:STORE|LOAD):(\d+)", text))   # spill stores / loads
+    return regs, spill
+
+
+def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lidar_completion.sparse import triton_kernels as K
+    from lidar_completion.sparse.conv_implicit_gemm import candidates
+
+    target = GPUTarget("cuda", arch, 32)
+    fn = K.implicit_gemm_kernel
+    failures = spills = count = 0
+    done = set()
+    t0 = time.time()
+    for (kind, kvol, ca, cb, n, affine, residual, relu) in sorted(seen):
+        for dtype in dtypes:
+            ptr = "*" + dtype
+            for cfg in candidates(1 << 15, ca + cb, n, interpreted=False) + candidates(2000, ca + cb, n, False):
+                constexprs = dict(KVOL=kvol, IDENTITY=kind == "identity", HAS_B=cb > 0, AFFINE=affine,
+                                  RESIDUAL=residual, RELU=relu, DOT_F32=dtype == "fp32",
+                                  PRECISION="tf32" if dtype == "fp32" else "ieee",
+                                  BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
+                key = (tuple(sorted(constexprs.items())), dtype, cfg.warps, cfg.stages, ca % 16, cb % 16, n % 16)
+                if key in done:
+                    continue
+                done.add(key)
+                signature = {"a_ptr": ptr, "b_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr,
+                             "order_ptr": "*i32", "table_ptr": "*i32", "tile_mask_ptr": "*i32",
+                             "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": ptr,
+                             "M": "i32", "CA": "i32", "CB": "i32", "N": "i32",
+                             "stride_ag": "i32", "stride_am": "i32", "stride_bg": "i32", "stride_bm": "i32",
+                             "stride_rg": "i32", "stride_rm": "i32"}
+                signature.update({k: "constexpr" for k in constexprs})
+                name = f"{kind} k{kvol} {ca}+{cb}->{n} {dtype} {cfg.key()} aff{int(affine)} res{int(residual)} relu{int(relu)}"
+                count += 1
+                try:
+                    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                       target=target, options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+                except Exception as exc:   # noqa: BLE001 - report every failure, keep going
+                    failures += 1
+                    print(f"FAIL  {name}: {str(exc).splitlines()[0][:200]}")
+                    continue
+                regs, spill = _resources(k.asm["cubin"])
+                spills += spill > 0
+                print(f"{'SPILL' if spill else 'ok   '} {name}: regs {regs} spill {spill} B smem {k.metadata.shared} B")
+    for name, sig, consts, warps in (
+            ("nearest", {"q_ptr": "*i64", "r_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "E": "i32",
+                         "BQ": "constexpr", "BR": "constexpr", "INDEX_BITS": "constexpr"},
+             dict(BQ=128, BR=64, INDEX_BITS=K.NEAREST_INDEX_BITS), 4),
+            ("fps", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
+                     "out_start_ptr": "*i64", "dist_ptr": "*fp32", "out_ptr": "*i64", "BLOCK": "constexpr"},
+             dict(BLOCK=2048), 16)):
+        kfn = K.nearest_cell_kernel if name == "nearest" else K.fps_kernel
+        count += 1
+        try:
+            k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,
+                               options={"num_warps": warps})
+            regs, spill = _resources(k.asm["cubin"])
+            spills += spill > 0
+            print(f"{'SPILL' if spill else 'ok   '} {name}: regs {regs} spill {spill} B smem {k.metadata.shared} B")
+        except Exception as exc:   # noqa: BLE001
+            failures += 1
+            print(f"FAIL  {name}: {str(exc).splitlines()[0][:200]}")
+    print(f"compiled {count} variants for sm_{arch} with triton {triton.__version__} in {time.time() - t0:.0f} s: "
+          f"{failures} failed, {spills} spill")
+    return 1 if failures or spills else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--widths", choices=("full", "tiny"), default="full",
+                    help="network widths whose convolutions are recorded (default: the published ones)")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated operand dtypes (bf16, fp16, fp32)")
+    args = ap.parse_args(argv)
+    seen = record_launches(args.widths)
+    print(f"{len(seen)} distinct convolutions in one pass of the encoder, guided denoiser and refiner")
+    return compile_all(seen, args.arch, args.dtypes.split(","))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

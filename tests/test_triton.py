@@ -1,0 +1,308 @@
+"""The Triton backend against the torch backend, on the CPU under the Triton interpreter.
+
+Every layer type (3x3x3 at several strides, 1x1, stride-2, transposed; with the fused batch norm /
+residual / ReLU epilogue and the two-segment skip input; grouped features), whole networks, the
+kernel-map plans, the integer nearest-cell kernel, farthest-point sampling, backend selection and
+the tile tuner. fp32 throughout: the interpreter's bf16 ``tl.dot`` is wrong (triton-lang/triton
+#11584), and fp32 lets the two backends agree to float summation order (1e-5 relative).
+Clouds are small: every Triton program is a Python loop here.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion import sparse
+from lidar_completion.errors import CloudFormatError, ConfigError
+from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+
+pytestmark = pytest.mark.skipif(
+    not (sparse.triton_available() and (sparse.triton_interpreted() or torch.cuda.is_available())),
+    reason="Triton is not installed (make setup installs it), or it was imported without "
+           "TRITON_INTERPRET=1 on a machine without CUDA")
+
+DEVICE = "cuda" if torch.cuda.is_available() and not sparse.triton_interpreted() else "cpu"
+
+
+def _close(a, b, rel=1e-5):
+    scale = max(float(b.abs().max()), 1e-6)
+    err = float((a.float() - b.float()).abs().max())
+    assert err <= rel * scale, (err, scale)
+
+
+def _clouds(n=300, seed=3, far=False):
+    """A scan-like cloud (batch 0), a single point (batch 2; batch 1 is empty) and, with ``far``,
+    points at large negative and positive coordinates."""
+    g = np.random.default_rng(seed)
+    r = g.uniform(4, 25, n)
+    a = g.uniform(0, 2 * np.pi, n)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.3, n)], 1)
+    parts, ids = [scan, [[1.23, -4.56, 0.2]]], [0, 2]
+    if far:
+        parts.append(g.normal([-3000.0, 2500.0, -40.0], 0.3, (40, 3)))
+        ids.append(3)
+    pts = torch.from_numpy(np.concatenate(parts).astype(np.float32)).to(DEVICE)
+    batch = torch.from_numpy(np.repeat(ids, [len(p) for p in parts])).to(DEVICE)
+    return pts, batch
+
+
+def _random_bn(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0),
+                                  (m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2)):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return net
+
+
+def _pair(cls, cfg=None):
+    torch.manual_seed(7)
+    a = _random_bn(cls(cfg or ModelConfig.tiny(), "torch")).eval().to(DEVICE)
+    b = cls(cfg or ModelConfig.tiny(), "triton").eval().to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+# -- layers ------------------------------------------------------------------------------------------
+def _tensors(pts, batch):
+    """The same stride-1 input on both backends."""
+    ta = sparse.get_backend("torch").voxelize(pts, batch, 0.05)[1]
+    tb = sparse.get_backend("triton").voxelize(pts, batch, 0.05)[1]
+    return ta, tb
+
+
+def _layer_cases():
+    B = sparse.get_backend("torch")
+    torch.manual_seed(1)
+    return {
+        "conv3": B.Convolution(3, 24, 3, 1),
+        "conv1": B.Convolution(3, 40, 1, 1),
+        "down": B.Convolution(3, 17, 2, 2),
+    }
+
+
+@pytest.mark.parametrize("case", ["conv3", "conv1", "down"])
+@pytest.mark.parametrize("stride", [1, 4])
+def test_convolutions_equal_the_torch_backend(case, stride):
+    """Every convolution type at a fine and a coarse level, output widths that are not multiples of
+    a tile, negative and large coordinates, an empty batch element and a one-point cloud."""
+    pts, batch = _clouds(far=True)
+    conv = _layer_cases()[case].to(DEVICE)
+    ta, tb = _tensors(pts, batch)
+    down = sparse.get_backend("torch").Convolution(3, 3, 2, 2).to(DEVICE)
+    with torch.no_grad():
+        while ta.stride < stride:
+            ta, tb = down(ta), down(tb)
+        ya, yb = conv(ta), conv(tb)
+        assert yb.stride == ya.stride and yb.feats.shape == ya.feats.shape
+        _close(yb.feats, ya.feats)
+
+
+def test_transposed_convolution_equals_the_torch_backend():
+    pts, batch = _clouds(far=True)
+    B = sparse.get_backend("torch")
+    torch.manual_seed(2)
+    d1, d2 = B.Convolution(3, 20, 2, 2).to(DEVICE), B.Convolution(20, 20, 2, 2).to(DEVICE)
+    up = B.ConvolutionTranspose(20, 19).to(DEVICE)
+    ta, tb = _tensors(pts, batch)
+    with torch.no_grad():
+        ya, yb = up(d2(d1(ta))), up(d2(d1(tb)))
+    assert ya.stride == yb.stride == 2
+    _close(yb.feats, ya.feats)
+
+
+def test_fused_residual_block_and_skip_concatenation():
+    """conv3 -> BN -> ReLU -> conv3 -> BN (+ a 1x1 -> BN branch) -> ReLU over the concatenation of
+    a grouped and an ungrouped tensor (the decoder's skip): one pending kernel per convolution with
+    the element-wise work in its epilogue, equal to the torch backend."""
+    from lidar_completion.models.networks import ResidualBlock
+    from lidar_completion.sparse.triton_backend import TritonSparseTensor
+
+    pts, batch = _clouds()
+    torch.manual_seed(3)
+    block = _random_bn(ResidualBlock(sparse.get_backend("torch"), 16 + 3, 21)).eval().to(DEVICE)
+    lift = sparse.get_backend("torch").Convolution(3, 16, 3, 1).to(DEVICE)
+    ta, tb = _tensors(pts, batch)
+    with torch.no_grad():
+        outs = []
+        for t in (ta, tb):
+            y = lift(t)
+            y = y.replace(torch.stack([y.feats, -2 * y.feats]))          # two feature groups
+            cat = sparse.get_backend("torch").cat(y, t)                   # grouped | ungrouped
+            if isinstance(t, TritonSparseTensor):
+                assert cat.pending is None and len(cat.segments()) == 2  # not materialised
+                pending = block.net(cat)
+                assert pending.pending is not None and pending.pending.epilogue.scale is not None
+            outs.append(block(cat).feats)
+    assert outs[1].shape == outs[0].shape == (2, outs[0].shape[1], 21)
+    _close(outs[1], outs[0])
+
+
+def test_batch_norm_in_training_mode_and_autograd_fall_back_to_torch():
+    """Training runs the torch algorithms on the Triton backend's maps: batch statistics and
+    gradients as on the torch backend."""
+    pts, batch = _clouds()
+    a, b = _pair(Refiner)
+    a.train(), b.train()
+    ya, yb = a(pts, batch), b(pts, batch)
+    _close(yb.detach(), ya.detach(), rel=1e-4)
+    (ya * torch.linspace(-1, 1, ya.numel(), device=DEVICE).view_as(ya)).sum().backward()
+    (yb * torch.linspace(-1, 1, yb.numel(), device=DEVICE).view_as(yb)).sum().backward()
+    ga, gb = dict(a.named_parameters()), dict(b.named_parameters())
+    for k in ("stem.0.kernel", "up4.1.1.net.3.kernel", "last.0.weight"):
+        _close(gb[k].grad, ga[k].grad, rel=1e-3)
+
+
+# -- networks -----------------------------------------------------------------------------------------
+def test_networks_equal_the_torch_backend():
+    pts, batch = _clouds()
+    with torch.no_grad():
+        a, b = _pair(ConditionEncoder)
+        ca, cb = a(pts, batch), b(pts, batch)
+        assert torch.equal(ca.coords, cb.coords)
+        _close(cb.feats, ca.feats)
+        a, b = _pair(Refiner)
+        _close(b(pts, batch), a(pts, batch))
+        a, b = _pair(Denoiser)
+        t = torch.tensor([900, 10, 400], device=DEVICE)
+        _close(b(pts + 0.05, batch, t, ca), a(pts + 0.05, batch, t, ca))
+        uncond = ConditionEncoder(ModelConfig.tiny(), "torch").eval().to(DEVICE).empty_condition(50, 3)
+        for ya, yb in zip(a.forward_cfg(pts + 0.05, batch, t, ca, uncond),
+                          b.forward_cfg(pts + 0.05, batch, t, ca, uncond)):
+            _close(yb, ya)
+
+
+def test_static_mode_equals_the_ordinary_pass():
+    """The Triton backend in static mode (what CUDA graph capture runs: fixed capacities, padding
+    rows, no host reads) gives the ordinary pass's output."""
+    pts, batch = _clouds()
+    _, den = _pair(Denoiser)
+    enc = ConditionEncoder(ModelConfig.tiny(), "torch").eval().to(DEVICE)
+    t = torch.tensor([500, 500, 500], device=DEVICE)
+    with torch.inference_mode():
+        cond = enc(pts, batch)
+        ref = den(pts + 0.1, batch, t, cond)
+        plan = sparse.StaticShapes()
+        with sparse.use_static_shapes(plan):
+            got = den(pts + 0.1, batch, t, cond)
+        _, summary = plan.summary()
+    assert not bool(summary[0])
+    _close(got, ref)
+
+
+# -- kernel maps and helpers --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,stride", [("conv3", 1), ("conv3", 2), ("down", 1), ("up", 4)])
+def test_gather_plan_sorts_rows_and_masks_tiles(kind, stride):
+    pts, batch = _clouds()
+    _, x = sparse.get_backend("torch").voxelize(pts, batch, 0.05)
+    m = x.manager
+    m.level(8)
+    table, missing = m.table(kind, stride)
+    for block in (16, 64):
+        order, sorted_table, masks = m.gather_plan(kind, stride, block)
+        assert torch.equal(torch.sort(order.long()).values, torch.arange(len(table), device=DEVICE))
+        expect = torch.where(table == missing, -1, table)[order.long()]
+        assert torch.equal(sorted_table.long(), expect)
+        bits = (sorted_table >= 0).long() * (2 ** torch.arange(table.shape[1], device=DEVICE))
+        row_masks = bits.sum(1)
+        assert torch.equal(row_masks, torch.sort(row_masks).values)          # sorted by bitmask
+        rows = row_masks.cpu().numpy()
+        assert masks.tolist() == [int(np.bitwise_or.reduce(rows[i:i + block])) for i in range(0, len(rows), block)]
+
+
+def test_nearest_cell_kernel_is_exact_with_ties_and_batches():
+    from lidar_completion.sparse.nearest import _nearest_bruteforce
+    from lidar_completion.sparse.triton_backend import bruteforce_nearest
+
+    g = torch.Generator().manual_seed(0)
+    cells = torch.cat([torch.randint(0, 3, (200, 1), generator=g),
+                       torch.randint(-6, 6, (200, 3), generator=g) * 16], 1)
+    cells = torch.unique(cells, dim=0)
+    cells = cells[torch.argsort(sparse.pack_keys(cells))].to(DEVICE)
+    q = torch.cat([torch.randint(0, 3, (700, 1), generator=g),
+                   torch.randint(-150, 150, (700, 3), generator=g)], 1).to(DEVICE)
+    got = bruteforce_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0])
+    assert torch.equal(got, _nearest_bruteforce(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0]))
+    assert torch.equal(got, sparse.nearest_cell(q, cells))     # ties: the smallest index
+    with pytest.raises(CloudFormatError, match="batch element 2"):
+        bruteforce_nearest(q[:, 1:], cells[cells[:, 0] != 2][:, 1:], q[:, 0], cells[cells[:, 0] != 2][:, 0])
+    far = torch.tensor([[0, -131000, 131000, 0]], device=DEVICE)
+    assert int(bruteforce_nearest(far[:, 1:], cells[:, 1:], far[:, 0], cells[:, 0])) == \
+        int(_nearest_bruteforce(far[:, 1:], cells[:, 1:], far[:, 0], cells[:, 0]))
+
+
+def test_device_farthest_point_sampling_is_exact():
+    from lidar_completion.preprocess import farthest_point_sample
+    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+
+    g = np.random.default_rng(5)
+    clouds = [g.normal(0, 10, (n, 3)).astype(np.float32) for n in (700, 1, 333)]
+    want = [min(k, len(c)) for c, k in zip(clouds, (150, 5, 333))]
+    got = farthest_point_sample_device([torch.from_numpy(c).to(DEVICE) for c in clouds], want)
+    for c, k, idx in zip(clouds, want, got):
+        assert idx.shape == (k,)
+        assert np.array_equal(idx.cpu().numpy(), farthest_point_sample(c, k))
+
+
+# -- selection and tuning -----------------------------------------------------------------------------
+def test_backend_selection():
+    assert sparse.resolve_backend("triton", DEVICE) == "triton"
+    assert "triton" in sparse.BACKENDS
+    assert isinstance(sparse.get_backend("triton"), sparse.SparseBackend)
+    assert isinstance(sparse.get_backend("torch"), sparse.SparseBackend)
+    assert sparse.resolve_backend("auto", torch.device("cuda")) == "triton"   # a device object needs no GPU
+    with pytest.raises(ConfigError, match="CUDA devices"):
+        sparse.resolve_backend("triton", "mps")
+
+
+def test_cpu_without_the_interpreter_is_refused_with_the_reason():
+    code = ("import sys\nfrom lidar_completion.completer import Completer\n"
+            "try:\n    Completer.from_checkpoint(backend='triton', device='cpu')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ConfigError" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_tuner_times_once_and_remembers_on_disk(tmp_path, monkeypatch):
+    from lidar_completion.sparse import conv_implicit_gemm as ig
+
+    monkeypatch.setenv(ig.ENV_TUNE_CACHE, str(tmp_path / "tune.json"))
+    timed = []
+    monkeypatch.setattr(ig, "_time", lambda run, cfg, reps=5: timed.append(cfg) or (1.0 if cfg.bm == 128 else 2.0))
+    monkeypatch.setattr(ig.Tuner, "_device_tag", lambda self, device: "fake-gpu|triton x")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    options = ig.candidates(100000, 64, 64, interpreted=False)
+    assert len(options) > 2 and len(set(options)) == len(options)
+    cuda = torch.device("cuda")
+    tuner = ig.Tuner()
+    best = tuner.choose(("conv3", 1), options, None, cuda)
+    assert best.bm == 128 and len(timed) == len(options)
+    assert tuner.choose(("conv3", 1), options, None, cuda) == best and len(timed) == len(options)
+    fresh = ig.Tuner()                                   # a new process reads the file
+    assert fresh.choose(("conv3", 1), options, None, cuda) == best and len(timed) == len(options)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert ig.Tuner().choose(("other",), options, None, cuda) == options[0]   # never time in a capture
+
+
+def test_completer_with_the_triton_backend_completes_like_torch(tmp_path):
+    """The API end to end (encoder, guided solver steps, refiner) on the Triton backend equals the
+    torch backend's completion for the same seed."""
+    from lidar_completion.checkpoints import make_random_checkpoint
+    from lidar_completion.completer import Completer
+
+    path = make_random_checkpoint(tmp_path / "r.pt", seed=2,
+                                  sampling={"steps": 2, "guidance": 2.0, "n_fps": 150, "tile": 3, "process": "local"})
+    scan = _clouds(n=500)[0][:500].cpu().numpy()
+    outs = []
+    for backend in ("torch", "triton"):
+        c = Completer.from_checkpoint(path, seed=0, backend=backend, device=DEVICE)
+        assert c.denoiser.backend == backend
+        outs.append(c.complete(scan))
+    assert outs[0].shape == outs[1].shape and len(outs[0]) > 0
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
