@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU session (the figures of README "Benchmarks"): CUDA correctness tests, a profile of
-# one scan, and the end-to-end timings. Runs on a machine with torch preinstalled and no network:
-# wheels of the missing packages (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/.
-#   bash benchmarks/gpu_session.sh            # everything (about 5 minutes on an H200)
-#   QUICK=1 bash benchmarks/gpu_session.sh    # tests and the shipped student's profile only
-#   FAST=1 bash benchmarks/gpu_session.sh     # tests, profile and the headline end-to-end figures
-# CUDA graphs are on by default on the GPU; the student is also timed with LIDAR_COMPLETION_CUDA_GRAPHS=0.
+# One prepared GPU session for the sparse engines (docs/benchmarks.md keeps what each session measured):
+#   1. the Triton backend against the torch backend on the GPU (tests/test_triton.py on CUDA),
+#   2. benchmarks/backends.py: triton vs torch, published widths and the shipped student, fp32/bf16,
+#   3. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time),
+#   4. the rest of the CUDA tests (torch backend, CUDA graphs, Triton completions),
+#   5. exact farthest-point sampling on the device against the CPU's.
+# Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
+# (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. About 6 minutes on an H200, most of it
+# Triton compiling its kernels the first time (they are cached on disk for the later steps).
+#   bash benchmarks/gpu_session.sh            # everything
+#   QUICK=1 bash benchmarks/gpu_session.sh    # steps 1 and 2 only
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then   # wheels for a machine without network, into a scratch folder
@@ -13,30 +17,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then   # wheels for a machine without network,
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     && export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD/lidar_completion_pkg:$PWD:${PYTHONPATH:-} LIDAR_COMPLETION_BACKEND=torch PYTHONUNBUFFERED=1
-nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+export PYTHONPATH=$PWD/lidar_completion_pkg:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export LIDAR_COMPLETION_TRITON_CACHE="$OUT/triton-tune.json"   # the tuned tiles come back with the logs
+unset LIDAR_COMPLETION_BACKEND TRITON_INTERPRET
+nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step() { echo; echo "=== $*"; local t0=$SECONDS; "$@"; echo "=== rc=$? in $((SECONDS - t0)) s"; }
-step timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step timeout 120 python3 benchmarks/profile_completion.py --device cuda --top 40 --trace "$OUT/trace_tiny_fp32.json.gz"
+step timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py
+step timeout 300 python3 benchmarks/backends.py --device cuda --cases published student --repeats 3 --json "$OUT/backends.json"
 [ -n "${QUICK:-}" ] && exit 0
-if [ -n "${FAST:-}" ]; then   # the headline figures only (about 3 minutes)
-  step timeout 90 python3 benchmarks/backends.py --device cuda --no-forward --repeats 3 \
-    --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt --json "$OUT/student.json"
-  step env LIDAR_COMPLETION_CUDA_GRAPHS=0 timeout 90 python3 benchmarks/backends.py --device cuda --no-forward \
-    --repeats 3 --steps 8 --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt \
-    --json "$OUT/student_nographs.json"
-  step timeout 150 python3 benchmarks/backends.py --device cuda --config tiny --no-forward --repeats 3 --json "$OUT/tiny_auto.json"
-  step timeout 120 python3 benchmarks/backends.py --device cuda --config full --no-forward --repeats 2 --steps 8 --json "$OUT/full_auto.json"
-  exit 0
-fi
-step timeout 150 python3 benchmarks/backends.py --device cuda --config tiny --no-forward --repeats 3 --json "$OUT/tiny_auto.json"
-for algo in gather grouped scatter; do
-  export LIDAR_COMPLETION_CONV_ALGO=$algo
-  step timeout 60 python3 benchmarks/backends.py --device cuda --config tiny \
-    --no-forward --repeats 3 --steps 8 --json "$OUT/tiny_$algo.json"
-done
-unset LIDAR_COMPLETION_CONV_ALGO
-step timeout 90 python3 benchmarks/backends.py --device cuda --no-forward --repeats 3 \
-  --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt --json "$OUT/student.json"
-step timeout 120 python3 benchmarks/backends.py --device cuda --config full --no-forward --repeats 2 --steps 8 --json "$OUT/full_auto.json"
-step timeout 90 python3 benchmarks/profile_completion.py --device cuda --config full --top 20
+step timeout 120 python3 benchmarks/profile_completion.py --device cuda --config full --backend triton --precision bf16 \
+  --top 30 --trace "$OUT/trace_triton_full_bf16.json.gz"
+step timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step timeout 120 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"

@@ -34,7 +34,7 @@ from lidar_completion import completer as completer_mod  # noqa: E402
 from lidar_completion.checkpoints import make_random_checkpoint  # noqa: E402
 from lidar_completion.completer import Completer  # noqa: E402
 from lidar_completion.models import ModelConfig, networks  # noqa: E402
-from lidar_completion.sparse import kmap, layers, nearest, torch_backend  # noqa: E402
+from lidar_completion.sparse import conv_implicit_gemm, kmap, layers, nearest, torch_backend  # noqa: E402
 
 # (owner, attribute, region name): functions wrapped with a named profiler range
 REGIONS = [
@@ -51,6 +51,7 @@ REGIONS = [
     (layers.Convolution, "forward", "conv"),
     (layers.ConvolutionTranspose, "forward", "deconv"),
     (layers.BatchNorm, "forward", "batchnorm"),
+    (conv_implicit_gemm, "implicit_gemm", "triton.conv"),
     (networks.Denoiser, "_site_weights", "cond.site_mlps"),
     (networks.Denoiser, "_modulate", "cond.modulate"),
     (completer_mod, "make_x_init", "fps+tile"),
@@ -68,8 +69,9 @@ def _wrap(fn, name):
 
 def install_regions():
     # the networks look the nearest cell up through their backend object
-    for owner in (torch_backend.TorchBackend,):
-        owner.nearest_cell = staticmethod(_wrap(nearest.nearest_cell, "cond.nearest_cell"))
+    from lidar_completion.sparse import triton_backend
+    for owner in (torch_backend.TorchBackend, triton_backend.TritonBackend):
+        owner.nearest_cell = staticmethod(_wrap(owner.nearest_cell, "cond.nearest_cell"))
     for owner, attr, name in REGIONS:
         wrapped = _wrap(getattr(owner, attr), name)
         if isinstance(inspect.getattr_static(owner, attr), staticmethod):
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=3.5)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--backend", default="torch", choices=("torch", "triton"), help="sparse backend")
     p.add_argument("--points", type=int, default=120_000, help="points of the synthetic scan")
     p.add_argument("--n-fps", type=int, default=None, help="FPS budget (default: the checkpoint's, 18,000)")
     p.add_argument("--top", type=int, default=30, help="rows of each profiler table")
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
             cfg = ModelConfig.full() if args.config == "full" else ModelConfig.tiny()
             ckpt = make_random_checkpoint(Path(d) / "random.pt", config=cfg)
         c = Completer.from_checkpoint(ckpt, steps=args.steps, guidance=args.guidance, device=str(device),
-                                      seed=0, backend="torch", precision=args.precision, **kw)
+                                      seed=0, backend=args.backend, precision=args.precision, **kw)
     print(f"# {c!r} gpu={torch.cuda.get_device_name() if device.type == 'cuda' else None} "
           f"torch={torch.__version__} points={len(scan)}", flush=True)
     c.complete_detailed(scan)  # warm-up: allocator, kernels, unconditional cache

@@ -46,7 +46,7 @@ def record_launches(widths: str):
 
     from lidar_completion.sparse import triton_backend
     refusal = triton_backend.triton_refusal
-    igemm.implicit_gemm = triton_backend.implicit_gemm = recorder
+    igemm.implicit_gemm = recorder
     triton_backend.triton_refusal = lambda device: None     # nothing runs: the CPU will do
     try:
         cfg = ModelConfig.full() if widths == "full" else ModelConfig.tiny()
@@ -61,7 +61,7 @@ def record_launches(widths: str):
             Refiner(cfg, "triton").eval()(pts, batch)
             ConditionEncoder(cfg, "triton").eval()(pts, batch)
     finally:
-        igemm.implicit_gemm = triton_backend.implicit_gemm = real
+        igemm.implicit_gemm = real
         triton_backend.triton_refusal = refusal
     return seen
 

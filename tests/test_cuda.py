@@ -1,6 +1,7 @@
 """The pure-torch backend on a CUDA device against itself on the CPU (the CPU path is proven against
-MinkowskiEngine in test_backends.py). Skipped where no GPU is visible (CI); run on a GPU machine with
-``python -m pytest tests/test_cuda.py``."""
+MinkowskiEngine in test_backends.py), CUDA graphs, and the Triton backend against the torch backend
+on the GPU. Skipped where no GPU is visible (CI); run on a GPU machine with
+``python -m pytest tests/test_cuda.py tests/test_triton.py``."""
 import numpy as np
 import pytest
 import torch
@@ -238,3 +239,75 @@ def test_refiner_graph_equals_the_ordinary_refiner():
             want = c.refiner(pts, torch.zeros(n, dtype=torch.long, device=CUDA))
             assert _close(r(pts), want), n
     assert r.captures >= 1 and r.replays >= 1
+
+
+# -- the Triton backend on the GPU (its CPU checks under the interpreter: tests/test_triton.py) --------
+def _triton_pair(cls, cfg):
+    torch.manual_seed(3)
+    ref = cls(cfg, "torch").eval()
+    _randomise_bn(ref, 4)
+    tri = cls(cfg, "triton").to(CUDA).eval()
+    tri.load_state_dict(ref.state_dict())
+    return ref.to(CUDA), tri
+
+
+@pytest.mark.parametrize("cls", [ConditionEncoder, Denoiser, Refiner], ids=lambda c: c.__name__)
+def test_triton_matches_torch_on_cuda(cls):
+    """fp32 (TF32 off): the Triton kernels give the torch backend's outputs within 1e-4 relative,
+    with the guided pass too; bf16 (operands rounded to 8 significant bits, fp32 accumulation in
+    both backends): the Triton result is no further from the fp32 result than the torch backend's
+    own bf16 result is, with a 1.5x allowance for the different summation order."""
+    cfg = ModelConfig.tiny()
+    ref, tri = _triton_pair(cls, cfg)
+    pts, batch = (t.to(CUDA) for t in _batch_clouds())
+    cond = None
+    if cls is Denoiser:
+        with torch.no_grad():
+            cond = ConditionEncoder(cfg, "torch").to(CUDA).eval()(pts, batch)
+    with torch.no_grad():
+        want = _run(cls, ref, pts, batch, cond)[0].float()
+        got = _run(cls, tri, pts, batch, cond)[0].float()
+        assert _close(got, want), float((got - want).abs().max())
+        if cls is Denoiser:
+            uncond = ConditionEncoder(cfg, "torch").to(CUDA).eval().empty_condition(100, 3)
+            t = torch.tensor([900, 400, 10], device=CUDA)
+            for a, b in zip(ref.forward_cfg(pts + 0.05, batch, t, cond, uncond),
+                            tri.forward_cfg(pts + 0.05, batch, t, cond, uncond)):
+                assert _close(b, a)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch_bf16 = _run(cls, ref, pts, batch, cond)[0].float()
+            triton_bf16 = _run(cls, tri, pts, batch, cond)[0].float()
+    err_torch = float((torch_bf16 - want).abs().max())
+    err_triton = float((triton_bf16 - want).abs().max())
+    assert err_triton <= 1.5 * err_torch + 1e-3 * float(want.abs().max()), (err_triton, err_torch)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_triton_completion_with_graphs_equals_torch(precision):
+    """The shipped student on the Triton backend with CUDA graphs (replays on the second scan):
+    the torch backend's completion in fp32, the same quality against the scan in bf16."""
+    from lidar_completion.completer import Completer
+    from lidar_completion.metrics import chamfer_distance
+
+    _, scan, _, _, _ = _student_pieces()
+    tri = Completer.from_checkpoint(None, device="cuda", seed=0, backend="triton", precision=precision,
+                                    cuda_graphs=True)
+    ref = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch", precision=precision,
+                                    cuda_graphs=False)
+    assert tri.graphs_active and tri.denoiser.backend == "triton"
+    a, a2, b = tri.complete(scan), tri.complete(scan), ref.complete(scan)
+    assert tri._graphed.replays >= tri.steps
+    if precision == "fp32":
+        assert chamfer_distance(a, b) < 5e-3 and chamfer_distance(a2, b) < 5e-3
+    else:
+        want = chamfer_distance(b[::7], scan)
+        assert abs(chamfer_distance(a[::7], scan) - want) < 0.1 * want
+        assert abs(chamfer_distance(a2[::7], scan) - want) < 0.1 * want
+
+
+def test_auto_backend_on_cuda_is_triton(monkeypatch):
+    from lidar_completion.completer import Completer
+
+    monkeypatch.delenv("LIDAR_COMPLETION_BACKEND", raising=False)
+    c = Completer.from_checkpoint(None, device="cuda", seed=0)
+    assert c.denoiser.backend == c.encoder.backend == c.refiner.backend == "triton"

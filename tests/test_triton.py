@@ -237,16 +237,20 @@ def test_nearest_cell_kernel_is_exact_with_ties_and_batches():
 
 
 def test_device_farthest_point_sampling_is_exact():
-    from lidar_completion.preprocess import farthest_point_sample
+    """The textbook algorithm from point 0 (fpsample's reference implementation), for several
+    clouds in one launch: a scan-like one, a single point, one sampled whole."""
+    import fpsample
+
     from lidar_completion.sparse.triton_backend import farthest_point_sample_device
 
     g = np.random.default_rng(5)
-    clouds = [g.normal(0, 10, (n, 3)).astype(np.float32) for n in (700, 1, 333)]
+    clouds = [g.normal(0, 10, (n, 3)).astype(np.float32) for n in (2000, 1, 333)]
     want = [min(k, len(c)) for c, k in zip(clouds, (150, 5, 333))]
     got = farthest_point_sample_device([torch.from_numpy(c).to(DEVICE) for c in clouds], want)
     for c, k, idx in zip(clouds, want, got):
         assert idx.shape == (k,)
-        assert np.array_equal(idx.cpu().numpy(), farthest_point_sample(c, k))
+        expect = np.arange(k) if k == len(c) else np.asarray(fpsample.fps_sampling(c, k, start_idx=0))
+        assert np.array_equal(idx.cpu().numpy(), expect)
 
 
 # -- selection and tuning -----------------------------------------------------------------------------
@@ -287,7 +291,13 @@ def test_tuner_times_once_and_remembers_on_disk(tmp_path, monkeypatch):
     fresh = ig.Tuner()                                   # a new process reads the file
     assert fresh.choose(("conv3", 1), options, None, cuda) == best and len(timed) == len(options)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert ig.Tuner().choose(("other",), options, None, cuda) == options[0]   # never time in a capture
+    n = len(timed)
+    key = ("conv3", 27, 1 << 17, 32, 0, 32, 2, "torch.bfloat16", False)
+    assert fresh.choose(key, options, None, cuda) == options[0]               # never time in a capture
+    fresh._best[key[:2] + (1 << 14,) + key[3:]] = options[2]                  # a sizing pass's choice
+    fresh._best[key[:2] + (1 << 10,) + key[3:]] = options[1]
+    assert fresh.choose(key, options, None, cuda) == options[2]               # the nearest row count
+    assert len(timed) == n
 
 
 def test_completer_with_the_triton_backend_completes_like_torch(tmp_path):

@@ -65,22 +65,17 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def candidates(rows: int, cin: int, cout: int, interpreted: bool) -> list[Config]:
-    """Tile configurations worth trying for a convolution of this shape (the first is the default).
+    """Tile configurations worth trying for a convolution of this shape, the default first (at most
+    four: each is compiled once per process, and compilation is what the first scan waits for).
     ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked."""
     bk = _pow2(min(cin, 64), 16, 64)
     bn = _pow2(cout, 16, 128)
     if interpreted:     # every program is a Python loop: few, large programs
         return [Config(_pow2(rows, 16, 64), bn, bk, 1, 1)]
-    out = [Config(64, bn, bk, 4, 2)]
-    for bm in (64, 128):
-        for b_n in sorted({bn, min(bn, 64)}):
-            for warps in (4, 8):
-                cfg = Config(bm, b_n, bk, warps, 2 if bk >= 64 else 3)
-                if cfg not in out and not (bm == 128 and b_n == 128 and warps == 4):
-                    out.append(cfg)
-    if rows < 4096:     # small levels: small tiles keep the SMs busy
+    out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2), Config(128, min(bn, 64), bk, 4, 2)]
+    if rows < 8192:     # small levels: small tiles keep every SM busy
         out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _bucket(rows: int) -> int:
@@ -154,12 +149,23 @@ class Tuner:
             if hit is not None:
                 return hit
             if torch.cuda.is_current_stream_capturing():
-                return options[0]      # nothing may be timed (or synchronised) inside a capture
+                # nothing may be timed (or compiled and loaded) inside a capture: the choice made
+                # for the nearest row count of the same convolution (the sizing pass ran it), else
+                # the default
+                return self._nearest_choice(key) or options[0]
             best = min(options, key=lambda cfg: _time(run, cfg))
             self._best[key] = best
             self._save(tag)
             log.debug("triton tile for %s: %s", key, best.key())
             return best
+
+
+    def _nearest_choice(self, key: tuple):
+        """The remembered choice of the key that differs from ``key`` only in its row bucket
+        (position 2), the closest bucket first."""
+        near = [(abs(k[2].bit_length() - key[2].bit_length()), k) for k in self._best
+                if len(k) == len(key) and k[:2] == key[:2] and k[3:] == key[3:]]
+        return self._best[min(near)[1]] if near else None
 
 
 def _time(run, cfg: Config, reps: int = 5) -> float:

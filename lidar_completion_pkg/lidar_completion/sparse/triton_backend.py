@@ -20,7 +20,8 @@ import torch
 
 from ..errors import ConfigError
 from . import triton_refusal, triton_interpreted
-from .conv_implicit_gemm import Epilogue, implicit_gemm
+from . import conv_implicit_gemm as igemm
+from .conv_implicit_gemm import Epilogue
 from .coords import Field
 from .layers import BatchNorm, Convolution, ConvolutionTranspose, frozen
 from .nearest import nearest_cell as _nearest_cell
@@ -66,7 +67,7 @@ class Pending:
         else:
             def plan_for(block):
                 return manager.gather_plan(kind, self.in_stride, block)
-        return implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
+        return igemm.implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
                              triton_interpreted())
 
 
@@ -234,8 +235,10 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
 def farthest_point_sample_device(clouds: list, counts: list) -> list:
     """Exact farthest-point sampling of several clouds on their device, one program per cloud
     (:func:`.triton_kernels.fps_kernel`): for cloud i (an (n_i, 3) tensor) the indices of
-    ``counts[i]`` samples, the first being point 0, as :func:`lidar_completion.preprocess.
-    farthest_point_sample` picks them (a cloud of ``counts[i]`` points: every index, in order)."""
+    ``counts[i]`` samples, the textbook algorithm from point 0 in float32 (a cloud of ``counts[i]``
+    points: every index, in order). The CPU path (:func:`lidar_completion.preprocess.
+    farthest_point_sample`, fpsample's k-d tree variant) is exact too but starts from a point of
+    its own choosing, so the two pick different, equally valid samples."""
     from . import triton_kernels as K
 
     if len(clouds) != len(counts) or not clouds:
