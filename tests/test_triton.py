@@ -207,8 +207,8 @@ def test_gather_plan_sorts_rows_and_masks_tiles(kind, stride):
         order, sorted_table, masks = m.gather_plan(kind, stride, block)
         assert torch.equal(torch.sort(order.long()).values, torch.arange(len(table), device=DEVICE))
         expect = torch.where(table == missing, -1, table)[order.long()]
-        assert torch.equal(sorted_table.long(), expect)
-        bits = (sorted_table >= 0).long() * (2 ** torch.arange(table.shape[1], device=DEVICE))
+        assert torch.equal(sorted_table.t().long(), expect)
+        bits = (sorted_table.t() >= 0).long() * (2 ** torch.arange(table.shape[1], device=DEVICE))
         row_masks = bits.sum(1)
         assert torch.equal(row_masks, torch.sort(row_masks).values)          # sorted by bitmask
         rows = row_masks.cpu().numpy()

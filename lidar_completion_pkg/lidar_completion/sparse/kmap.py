@@ -248,7 +248,8 @@ class CoordinateManager:
 
         * ``order`` (M,) int32: output rows sorted by their neighbour bitmask (bit k set when the
           row has an input at offset k), so that the rows of one tile mostly share their offsets;
-        * ``table`` (M, K) int32: the gather table in that order, -1 where there is no input;
+        * ``table`` (K, M) int32: the gather table in that order and transposed (the rows of one
+          tile read one offset's entries contiguously), -1 where there is no input;
         * ``tile_masks`` (ceil(M / block),) int32: the OR of the bitmasks of each tile's rows; a tile
           skips every offset whose bit is clear (no padded rows, no wasted multiply-adds).
 
@@ -262,7 +263,7 @@ class CoordinateManager:
         weights = torch.pow(2, torch.arange(k, device=table.device, dtype=torch.int64))
         bits = (present.to(torch.int64) * weights).sum(1)                    # (M,) bitmask
         order = torch.argsort(bits, stable=True)
-        table_sorted = torch.where(present, table, -1)[order].to(torch.int32)
+        table_sorted = torch.where(present, table, -1)[order].to(torch.int32).t()
         tiles = -(-m // block)
         pad = tiles * block - m
         bits_sorted = present[order]

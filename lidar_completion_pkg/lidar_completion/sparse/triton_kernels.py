@@ -32,7 +32,7 @@ def implicit_gemm_kernel(
     """out[g, r, n] = epilogue(sum_k sum_c in[g, table[r, k], c] * w[k, c, n]).
 
     Output rows come in tiles of BM in the order of ``order`` (rows sorted by neighbour bitmask);
-    ``table`` (M, KVOL) holds, in that order, the input row of each offset or -1; a tile visits
+    ``table`` (KVOL, M) holds, in that order, the input row of each offset or -1; a tile visits
     only the offsets set in its ``tile_mask``. ``IDENTITY``: a 1x1 convolution (row r reads row r,
     no table). The input is the concatenation [a | b] of two segments of CA and CB channels
     (``HAS_B``), each with its own group and row strides (a group stride of 0 broadcasts one
@@ -64,7 +64,7 @@ def implicit_gemm_kernel(
                 src = rows.to(tl.int64)
                 valid = in_range
             else:
-                src32 = tl.load(table_ptr + offs * KVOL + k, mask=in_range, other=-1)
+                src32 = tl.load(table_ptr + k * M + offs, mask=in_range, other=-1)
                 valid = src32 >= 0
                 src = tl.where(valid, src32, 0).to(tl.int64)
             w_k = w_ptr + k * cin * N
