@@ -39,8 +39,9 @@ def record_launches(widths: str):
         ca = segments[0].shape[-1]
         cb = segments[1].shape[-1] if len(segments) > 1 else 0
         flags = (epilogue.scale is not None, epilogue.residual is not None, bool(epilogue.relu))
-        seen[(kind, kvol, ca, cb, n) + flags] = seen.get((kind, kvol, ca, cb, n) + flags, 0) + 1
         groups = max([s.shape[0] for s in segments if s.dim() == 3] or [0])
+        key = (kind, kvol, ca, cb, n, max(1, groups)) + flags
+        seen[key] = seen.get(key, 0) + 1
         shape = (groups, rows, n) if groups else (rows, n)
         return torch.zeros(shape, dtype=out_dtype, device=weight.device)
 
@@ -94,13 +95,13 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
     failures = spills = count = 0
     done = set()
     t0 = time.time()
-    for (kind, kvol, ca, cb, n, affine, residual, relu) in sorted(seen):
+    for (kind, kvol, ca, cb, n, groups, affine, residual, relu) in sorted(seen):
         for dtype in dtypes:
             ptr = "*" + dtype
-            for cfg in candidates(1 << 15, ca + cb, n, interpreted=False) + candidates(2000, ca + cb, n, False):
+            for cfg in candidates(1 << 15, ca + cb, n, False, groups) + candidates(2000, ca + cb, n, False, groups):
                 constexprs = dict(KVOL=kvol, IDENTITY=kind == "identity", HAS_B=cb > 0, AFFINE=affine,
                                   RESIDUAL=residual, RELU=relu, DOT_F32=dtype == "fp32",
-                                  PRECISION="tf32" if dtype == "fp32" else "ieee",
+                                  PRECISION="tf32" if dtype == "fp32" else "ieee", PAIR=cfg.pair,
                                   BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
                 key = (tuple(sorted(constexprs.items())), dtype, cfg.warps, cfg.stages, ca % 16, cb % 16, n % 16)
                 if key in done:
@@ -113,7 +114,8 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                              "stride_ag": "i32", "stride_am": "i32", "stride_bg": "i32", "stride_bm": "i32",
                              "stride_rg": "i32", "stride_rm": "i32"}
                 signature.update({k: "constexpr" for k in constexprs})
-                name = f"{kind} k{kvol} {ca}+{cb}->{n} {dtype} {cfg.key()} aff{int(affine)} res{int(residual)} relu{int(relu)}"
+                name = (f"{kind} k{kvol} {ca}+{cb}->{n} g{groups} {dtype} {cfg.key()} "
+                        f"aff{int(affine)} res{int(residual)} relu{int(relu)}")
                 count += 1
                 try:
                     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

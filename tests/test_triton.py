@@ -116,13 +116,19 @@ def test_transposed_convolution_equals_the_torch_backend():
     _close(yb.feats, ya.feats)
 
 
-def test_fused_residual_block_and_skip_concatenation():
+@pytest.mark.parametrize("pair", [True, False], ids=["groups-paired", "group-per-program"])
+def test_fused_residual_block_and_skip_concatenation(pair, monkeypatch):
     """conv3 -> BN -> ReLU -> conv3 -> BN (+ a 1x1 -> BN branch) -> ReLU over the concatenation of
     a grouped and an ungrouped tensor (the decoder's skip): one pending kernel per convolution with
-    the element-wise work in its epilogue, equal to the torch backend."""
+    the element-wise work in its epilogue, equal to the torch backend; the two feature groups in
+    one program or in one program each."""
     from lidar_completion.models.networks import ResidualBlock
+    from lidar_completion.sparse import conv_implicit_gemm as ig
     from lidar_completion.sparse.triton_backend import TritonSparseTensor
 
+    real = ig.candidates
+    monkeypatch.setattr(ig, "candidates", lambda *a, **k: [
+        ig.Config(c.bm, c.bn, c.bk, c.warps, c.stages, pair and c.pair) for c in real(*a, **k)])
     pts, batch = _clouds()
     torch.manual_seed(3)
     block = _random_bn(ResidualBlock(sparse.get_backend("torch"), 16 + 3, 21)).eval().to(DEVICE)

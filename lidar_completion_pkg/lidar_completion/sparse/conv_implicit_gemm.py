@@ -45,16 +45,18 @@ class Config:
     bk: int
     warps: int = 4
     stages: int = 2
+    pair: bool = False    # two feature groups per program (sharing weight tiles and the table)
 
     def key(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
+        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}" + ("p" if self.pair else "")
 
     @staticmethod
     def parse(text: str) -> "Config":
-        dims, rest = text.split("w")
+        pair = text.endswith("p")
+        dims, rest = text.rstrip("p").split("w")
         bm, bn, bk = (int(v) for v in dims.split("x"))
         warps, stages = (int(v) for v in rest.split("s"))
-        return Config(bm, bn, bk, warps, stages)
+        return Config(bm, bn, bk, warps, stages, pair)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -64,17 +66,23 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def candidates(rows: int, cin: int, cout: int, interpreted: bool) -> list[Config]:
+def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 1) -> list[Config]:
     """Tile configurations worth trying for a convolution of this shape, the default first (at most
     four: each is compiled once per process, and compilation is what the first scan waits for).
-    ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked."""
+    ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked. With an
+    even number of feature groups (guidance), pairs of groups per program are tried too."""
     bk = _pow2(min(cin, 64), 16, 64)
     bn = _pow2(cout, 16, 128)
+    pair = groups % 2 == 0
     if interpreted:     # every program is a Python loop: few, large programs
-        return [Config(_pow2(rows, 16, 64), bn, bk, 1, 1)]
-    out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2), Config(128, min(bn, 64), bk, 4, 2)]
-    if rows < 8192:     # small levels: small tiles keep every SM busy
-        out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
+        return [Config(_pow2(rows, 16, 64), bn, bk, 1, 1, pair)]
+    out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2)]
+    if pair:
+        out += [Config(64, min(bn, 64), bk, 4, 2, True), Config(128, min(bn, 64), bk, 8, 2, True)]
+    else:
+        out.append(Config(128, min(bn, 64), bk, 4, 2))
+        if rows < 8192:     # small levels: small tiles keep every SM busy
+            out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
     return list(dict.fromkeys(out))
 
 
@@ -250,7 +258,7 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
     def run(cfg: Config):
         plan = plan_for(cfg.bm)
         order, table, tile_masks = plan if plan is not None else (dummy, dummy, dummy)
-        grid = (-(-rows // cfg.bm), -(-n // cfg.bn), groups)
+        grid = (-(-rows // cfg.bm), -(-n // cfg.bn), groups // 2 if cfg.pair else groups)
         K.implicit_gemm_kernel[grid](
             a, b, weight, out, order, table, tile_masks,
             epilogue.scale if affine else dummy, epilogue.shift if affine else dummy,
@@ -258,9 +266,9 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
             rows, ca, cb, n, sag, sam, sbg, sbm, srg, srm,
             KVOL=kvol, IDENTITY=plan is None, HAS_B=len(segs) > 1, AFFINE=affine,
             RESIDUAL=res is not None, RELU=bool(epilogue.relu), DOT_F32=dot_f32, PRECISION=precision,
-            BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+            PAIR=cfg.pair, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
 
-    options = candidates(rows, cin, n, interpreted)
+    options = candidates(rows, cin, n, interpreted, groups)
     key = (kind, kvol, _bucket(rows), ca, cb, n, groups, str(weight.dtype), res is not None)
     cfg = TUNER.choose(key, options, run, device)
     run(cfg)

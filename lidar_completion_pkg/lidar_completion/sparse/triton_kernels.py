@@ -17,6 +17,48 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _segment_products(acc, acc2, base, stride_g, stride_m, src, valid, C, w_seg, N, cols, col_ok,
+                      PAIR: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
+    """acc += in[src, :C] @ w_seg[:C, cols] for one K segment; with ``PAIR`` also acc2 for the next
+    feature group (base + stride_g), sharing the weight tile."""
+    ck = tl.arange(0, BK)
+    for c0 in range(0, C, BK):
+        c = c0 + ck
+        a_mask = valid[:, None] & (c[None, :] < C)
+        w = tl.load(w_seg + c[:, None] * N + cols[None, :], mask=(c[:, None] < C) & col_ok[None, :], other=0.0)
+        a = tl.load(base + src[:, None] * stride_m + c[None, :], mask=a_mask, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a.to(w.dtype), w, acc)
+        if PAIR:
+            a2 = tl.load(base + stride_g + src[:, None] * stride_m + c[None, :], mask=a_mask, other=0.0)
+            if DOT_F32:
+                acc2 = tl.dot(a2.to(tl.float32), w.to(tl.float32), acc2, input_precision=PRECISION)
+            else:
+                acc2 = tl.dot(a2.to(w.dtype), w, acc2)
+    return acc, acc2
+
+
+@triton.jit
+def _epilogue_store(acc, g, rows64, out_mask, cols, col_ok, M, N, out_ptr, scale_ptr, shift_ptr, res_ptr,
+                    stride_rg, stride_rm,
+                    AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    if AFFINE:
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    if RESIDUAL:
+        r = tl.load(res_ptr + g * stride_rg + rows64[:, None] * stride_rm + cols[None, :], mask=out_mask,
+                    other=0.0)
+        acc = acc + r.to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + g * M * N + rows64[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
 # Row counts change with every scan: not specialised on (a compiled variant per divisibility class
 # of M would double the compile time for nothing). Channel counts and row strides are per layer.
 @triton.jit(do_not_specialize=["M", "stride_ag", "stride_bg", "stride_rg"])
@@ -28,7 +70,7 @@ def implicit_gemm_kernel(
         stride_ag, stride_am, stride_bg, stride_bm, stride_rg, stride_rm,
         KVOL: tl.constexpr, IDENTITY: tl.constexpr, HAS_B: tl.constexpr, AFFINE: tl.constexpr,
         RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        PAIR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[g, r, n] = epilogue(sum_k sum_c in[g, table[r, k], c] * w[k, c, n]).
 
     Output rows come in tiles of BM in the order of ``order`` (rows sorted by neighbour bitmask);
@@ -37,12 +79,17 @@ def implicit_gemm_kernel(
     no table). The input is the concatenation [a | b] of two segments of CA and CB channels
     (``HAS_B``), each with its own group and row strides (a group stride of 0 broadcasts one
     feature set over all groups). Weights (KVOL, CA + CB, N), contiguous, in the compute dtype.
+    ``PAIR``: the program computes feature groups 2 p and 2 p + 1 together (the two halves of
+    classifier-free guidance), loading each weight tile and table entry once for both.
     Epilogue: ``acc * scale + shift`` (``AFFINE``: eval-mode batch norm), ``+ res`` (``RESIDUAL``),
     ``max(., 0)`` (``RELU``); fp32 accumulation, stored in the output's dtype. Every output row is
     written by exactly one program: no atomics."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    if PAIR:
+        g = 2 * tl.program_id(2).to(tl.int64)
+    else:
+        g = tl.program_id(2).to(tl.int64)
     offs = pid_m * BM + tl.arange(0, BM)
     in_range = offs < M
     if IDENTITY:
@@ -53,11 +100,11 @@ def implicit_gemm_kernel(
         tile_mask = tl.load(tile_mask_ptr + pid_m)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
-    ck = tl.arange(0, BK)
     cin = CA + CB
     a_base = a_ptr + g * stride_ag
     b_base = b_ptr + g * stride_bg
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(KVOL):
         if (tile_mask >> k) & 1:
             if IDENTITY:
@@ -68,41 +115,18 @@ def implicit_gemm_kernel(
                 valid = src32 >= 0
                 src = tl.where(valid, src32, 0).to(tl.int64)
             w_k = w_ptr + k * cin * N
-            for c0 in range(0, CA, BK):
-                c = c0 + ck
-                a = tl.load(a_base + src[:, None] * stride_am + c[None, :],
-                            mask=valid[:, None] & (c[None, :] < CA), other=0.0)
-                w = tl.load(w_k + c[:, None] * N + cols[None, :],
-                            mask=(c[:, None] < CA) & col_ok[None, :], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(a.to(w.dtype), w, acc)
+            acc, acc2 = _segment_products(acc, acc2, a_base, stride_ag, stride_am, src, valid, CA, w_k, N,
+                                          cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
             if HAS_B:
-                for c0 in range(0, CB, BK):
-                    c = c0 + ck
-                    a = tl.load(b_base + src[:, None] * stride_bm + c[None, :],
-                                mask=valid[:, None] & (c[None, :] < CB), other=0.0)
-                    w = tl.load(w_k + (CA + c[:, None]) * N + cols[None, :],
-                                mask=(c[:, None] < CB) & col_ok[None, :], other=0.0)
-                    if DOT_F32:
-                        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-                    else:
-                        acc = tl.dot(a.to(w.dtype), w, acc)
-    if AFFINE:
-        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
+                acc, acc2 = _segment_products(acc, acc2, b_base, stride_bg, stride_bm, src, valid, CB,
+                                              w_k + CA * N, N, cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
     rows64 = rows.to(tl.int64)
     out_mask = in_range[:, None] & col_ok[None, :]
-    if RESIDUAL:
-        r = tl.load(res_ptr + g * stride_rg + rows64[:, None] * stride_rm + cols[None, :], mask=out_mask,
-                    other=0.0)
-        acc = acc + r.to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    out_base = out_ptr + g * M * N
-    tl.store(out_base + rows64[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _epilogue_store(acc, g, rows64, out_mask, cols, col_ok, M, N, out_ptr, scale_ptr, shift_ptr, res_ptr,
+                    stride_rg, stride_rm, AFFINE, RESIDUAL, RELU)
+    if PAIR:
+        _epilogue_store(acc2, g + 1, rows64, out_mask, cols, col_ok, M, N, out_ptr, scale_ptr, shift_ptr,
+                        res_ptr, stride_rg, stride_rm, AFFINE, RESIDUAL, RELU)
 
 
 # squared distance (< 2**39 for |coordinates| < 2**17) and reference index (< 2**22) in one key
