@@ -149,19 +149,58 @@ def test_fused_residual_block_and_skip_concatenation(pair, monkeypatch):
     _close(outs[1], outs[0])
 
 
-def test_batch_norm_in_training_mode_and_autograd_fall_back_to_torch():
-    """Training runs the torch algorithms on the Triton backend's maps: batch statistics and
-    gradients as on the torch backend."""
+@pytest.mark.parametrize("cls", [Refiner, Denoiser], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("train", [True, False], ids=["batch-stats", "running-stats"])
+def test_gradients_equal_the_torch_backend(cls, train):
+    """Training through the Triton kernels (input gradient over the transposed maps, weight
+    gradient per offset): outputs and the gradient of every parameter and of the input points'
+    features within 1e-4 of the torch backend's, with batch norm on batch or running statistics."""
     pts, batch = _clouds()
-    a, b = _pair(Refiner)
-    a.train(), b.train()
-    ya, yb = a(pts, batch), b(pts, batch)
-    _close(yb.detach(), ya.detach(), rel=1e-4)
-    (ya * torch.linspace(-1, 1, ya.numel(), device=DEVICE).view_as(ya)).sum().backward()
-    (yb * torch.linspace(-1, 1, yb.numel(), device=DEVICE).view_as(yb)).sum().backward()
-    ga, gb = dict(a.named_parameters()), dict(b.named_parameters())
-    for k in ("stem.0.kernel", "up4.1.1.net.3.kernel", "last.0.weight"):
-        _close(gb[k].grad, ga[k].grad, rel=1e-3)
+    a, b = _pair(cls)
+    a.train(train), b.train(train)
+    outs = []
+    for net in (a, b):
+        if cls is Denoiser:
+            with torch.no_grad():
+                cond = ConditionEncoder(ModelConfig.tiny(), "torch").eval().to(DEVICE)(pts, batch)
+            y = net(pts + 0.05, batch, torch.tensor([900, 10, 400], device=DEVICE), cond)
+        else:
+            y = net(pts, batch)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        outs.append((y.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}))
+    (ya, ga), (yb, gb) = outs
+    _close(yb, ya, rel=1e-4)
+    assert ga.keys() == gb.keys()
+    floor = 1e-4 * max(float(g.abs().max()) for g in ga.values())
+    for k in ga:
+        err = float((gb[k] - ga[k]).abs().max())
+        assert err <= 1e-4 * float(ga[k].abs().max()) + floor, (k, err)
+
+
+def test_convolution_gradients_for_every_map_kind():
+    """Each convolution type alone (3x3x3, 1x1, stride 2, transposed; two input segments, one of
+    them broadcast over two feature groups): input and weight gradients equal torch's."""
+    pts, batch = _clouds(far=True)
+    B = sparse.get_backend("torch")
+    torch.manual_seed(5)
+    mods = [B.Convolution(3 + 5, 11, 3, 1), B.Convolution(11, 13, 2, 2), B.ConvolutionTranspose(13, 7),
+            B.Convolution(7, 9, 1, 1)]
+    mods = [m.to(DEVICE) for m in mods]
+    results = []
+    for backend in ("torch", "triton"):
+        _, x = sparse.get_backend(backend).voxelize(pts, batch, 0.05)
+        f = x.feats.detach().clone().requires_grad_(True)
+        extra = torch.randn(2, f.shape[0], 5, device=DEVICE, generator=torch.Generator().manual_seed(1)
+                            if DEVICE == "cpu" else None).requires_grad_(True)
+        y = sparse.get_backend(backend).cat(x.replace(f), x.replace(extra))   # (M, 3) broadcast | (2, M, 5)
+        for m in mods:
+            y = m(y)
+        (y.feats * torch.linspace(-1, 1, y.feats.numel(), device=DEVICE).view_as(y.feats)).sum().backward()
+        results.append([f.grad, extra.grad] + [m.kernel.grad.clone() for m in mods])
+        for m in mods:
+            m.kernel.grad = None
+    for ga, gb in zip(*results):
+        _close(gb, ga, rel=1e-4)
 
 
 # -- networks -----------------------------------------------------------------------------------------

@@ -273,3 +273,39 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
     cfg = TUNER.choose(key, options, run, device)
     run(cfg)
     return out if grouped else out[0]
+
+
+def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, interpreted: bool) -> torch.Tensor:
+    """The weight gradient (KVOL, sum C_i, N), float32, of a convolution whose input was ``segments``
+    and whose output gradient is ``grad_out`` (..., M_out, N): per offset, the gathered input rows
+    transposed times the output gradient rows, over every row and feature group (row splits add with
+    atomics). ``plan``: the forward's gather plan (order, table, tile masks), None for a 1x1."""
+    from . import triton_kernels as K
+
+    grouped = [t.shape[0] for t in (*segments, grad_out) if t.dim() == 3]
+    groups = max(grouped) if grouped else 1
+    go, sgg, sgm = _segment(grad_out, groups)
+    m, n = go.shape[-2], go.shape[-1]
+    cin = sum(t.shape[-1] for t in segments)
+    dw = torch.zeros((kvol, cin, n), dtype=torch.float32, device=grad_out.device)
+    if m == 0:
+        return dw
+    order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
+    precision = "tf32" if (go.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+                           and go.device.type == "cuda") else "ieee"
+    br = 32 if interpreted else 64
+    bn = _pow2(n, 16, 64)
+    rows_per_split = max(br, -(-max(1, -(-m // 64)) // br) * br)   # at most ~64 splits of whole blocks
+    splits = -(-m // rows_per_split)
+    offset = 0
+    for seg in segments:
+        x, sxg, sxm = _segment(seg, groups)
+        cx = x.shape[-1]
+        bc = _pow2(cx, 16, 64)
+        grid = (kvol, splits, -(-cx // bc) * -(-n // bn))
+        K.weight_grad_kernel[grid](
+            x, go, dw, order, table, m, cx, offset, cin, n, groups, rows_per_split, sxg, sxm, sgg, sgm,
+            KVOL=kvol, IDENTITY=plan is None, DOT_F32=interpreted or go.dtype == torch.float32,
+            PRECISION=precision, BR=br, BC=bc, BN=bn, num_warps=4)
+        offset += cx
+    return dw

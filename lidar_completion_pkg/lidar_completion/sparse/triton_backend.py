@@ -11,8 +11,11 @@ features (the next convolution, the modulation, slicing). So ``conv -> BN -> ReL
 ``conv -> BN (+ identity or the 1x1 branch) -> ReLU`` of a residual block is one kernel (plus the
 1x1 branch's own), and the decoder's skip concatenation is never materialised.
 
-Training (autograd recording through the weights or features) runs the torch algorithms on the same
-maps, so a model on this backend trains as on the torch backend; inference runs the kernels.
+Training (autograd recording through the weights or features) runs the same kernel without fusion
+through an autograd function: the input gradient is the implicit GEMM over the transposed map
+(which is another map of the same pass: 3x3x3 onto itself with mirrored offsets, stride-2 onto the
+transposed convolution's map and back), the weight gradient a gather-GEMM per offset. Batch norm
+with batch statistics and ReLU run as torch operations then.
 """
 from __future__ import annotations
 
@@ -69,6 +72,65 @@ class Pending:
                 return manager.gather_plan(kind, self.in_stride, block)
         return igemm.implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
                              triton_interpreted())
+
+
+# the gather plan that carries a convolution's input gradient back: (kind, stride of the plan) as a
+# function of the forward's kind and input stride
+_TRANSPOSED = {"conv3": lambda s: ("conv3", s), "down": lambda s: ("up", 2 * s),
+               "up": lambda s: ("down", s // 2), "identity": lambda s: ("identity", s)}
+_PLAN_BLOCK = 64
+
+
+def _transposed_weight(kind: str, w: torch.Tensor) -> torch.Tensor:
+    """Weights (KVOL, N, C) of the convolution that maps an output gradient back to the input:
+    each offset's matrix transposed, and for 3x3x3 the offsets mirrored (the output row that reads
+    input i at offset k is the neighbour of i at offset -k, i.e. index 26 - k)."""
+    wt = w.transpose(1, 2)
+    return (wt.flip(0) if kind == "conv3" else wt).contiguous()
+
+
+class _ImplicitGemmConv(torch.autograd.Function):
+    """A Triton convolution that autograd can differentiate: the input gradient is the same implicit
+    GEMM over the transposed map (mirrored, transposed weights), the weight gradient a gather-GEMM
+    per offset (:func:`.conv_implicit_gemm.weight_gradient`)."""
+
+    @staticmethod
+    def forward(ctx, pending: "Pending", manager, out_stride: int, weight: torch.Tensor, *segments):
+        ctx.pending, ctx.manager = pending, manager
+        ctx.save_for_backward(weight, *segments)
+        return pending.run(manager, out_stride)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, *segments = ctx.saved_tensors
+        p, manager = ctx.pending, ctx.manager
+        interpreted = triton_interpreted()
+        kvol = 1 if p.kind == "identity" else p.conv.kernel_size ** 3
+        w = weight.reshape(kvol, p.conv.in_channels, p.conv.out_channels)
+        grad_out = grad_out.contiguous()
+        grads = [None] * len(segments)
+        if any(ctx.needs_input_grad[4:]):
+            kind, stride = _TRANSPOSED[p.kind](p.in_stride)
+            rows = len(manager.level(p.in_stride))
+
+            def plan_for(block):
+                return None if kind == "identity" else manager.gather_plan(kind, stride, block)
+            grad_in = igemm.implicit_gemm((grad_out,), _transposed_weight(p.kind, w).to(grad_out.dtype), plan_for,
+                                          rows, Epilogue(), grad_out.dtype, kind, interpreted)
+            start = 0
+            for i, seg in enumerate(segments):
+                c = seg.shape[-1]
+                g = grad_in[..., start:start + c]
+                start += c
+                if seg.dim() < g.dim():          # a feature set broadcast over the groups
+                    g = g.sum(0)
+                grads[i] = g.to(seg.dtype) if ctx.needs_input_grad[4 + i] else None
+        dw = None
+        if ctx.needs_input_grad[3]:
+            plan = None if p.kind == "identity" else manager.gather_plan(p.kind, p.in_stride, _PLAN_BLOCK)
+            dw = igemm.weight_gradient(tuple(segments), grad_out, plan, kvol, interpreted)
+            dw = dw.reshape(weight.shape).to(weight.dtype)
+        return (None, None, None, dw, *grads)
 
 
 class TritonSparseTensor:
@@ -145,18 +207,20 @@ class TritonEngine:
             raise ConfigError(why)
 
     def _pending_conv(self, conv, x, kind: str, out_stride: int):
-        """A pending convolution of ``x``, or None where the torch algorithms must run (autograd
-        recording, an unsupported dtype)."""
+        """A pending convolution of ``x`` (at inference), the convolution run at once through the
+        differentiable :class:`_ImplicitGemmConv` (while autograd records), or None where the
+        torch algorithms must run (an unsupported dtype)."""
         segments = x.segments()
         device = segments[0].device
-        if not frozen(conv.kernel, *segments):
-            return None
         dtype = _compute_dtype(segments, device)
         if dtype is None:
             return None
         self._check_device(device)
         pending = Pending(conv, kind, x.stride, segments, Epilogue(), dtype)
-        return TritonSparseTensor(None, out_stride, x.manager, pending=pending)
+        if frozen(conv.kernel, *segments):
+            return TritonSparseTensor(None, out_stride, x.manager, pending=pending)
+        out = _ImplicitGemmConv.apply(pending, x.manager, out_stride, conv.kernel, *segments)
+        return TritonSparseTensor(out, out_stride, x.manager)
 
     def convolution(self, conv: Convolution, x):
         kind = _KINDS[conv.kernel_size]

@@ -211,3 +211,49 @@ def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, 
         top = tl.max(best_d, axis=0)
         last = tl.min(tl.where(best_d == top, best_i, 0x7FFFFFFF), axis=0)
         tl.store(out_ptr + o + s, start + last)
+
+
+@triton.jit(do_not_specialize=["M", "G", "rows_per_split", "stride_xg", "stride_gg"])
+def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr,
+                       M, CX, C_OFF, CIN, N, G, rows_per_split,
+                       stride_xg, stride_xm, stride_gg, stride_gm,
+                       KVOL: tl.constexpr, IDENTITY: tl.constexpr, DOT_F32: tl.constexpr,
+                       PRECISION: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+    """dW[k, C_OFF + c, n] += sum_g sum_r x[g, table[r, k], c] * grad_out[g, order[r], n] over one
+    split of ``rows_per_split`` rows (program axis 1): the weight gradient of one input segment of
+    CX channels, as a gather-GEMM per offset (program axis 0). Splits add into the fp32 ``dW``
+    (KVOL, CIN, N) with atomics; ``table`` / ``order`` are a gather plan (any tile size)."""
+    k = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BN)
+    c = (tl.program_id(2) // tiles_n) * BC + tl.arange(0, BC)
+    n = (tl.program_id(2) % tiles_n) * BN + tl.arange(0, BN)
+    c_ok = c < CX
+    n_ok = n < N
+    acc = tl.zeros((BC, BN), dtype=tl.float32)
+    start = split * rows_per_split
+    for g in range(G):
+        x_base = x_ptr + g * stride_xg
+        go_base = go_ptr + g * stride_gg
+        for r0 in range(start, start + rows_per_split, BR):
+            r = r0 + tl.arange(0, BR)
+            ok = r < M
+            if IDENTITY:
+                src = r.to(tl.int64)
+                valid = ok
+                out_rows = r.to(tl.int64)
+            else:
+                src32 = tl.load(table_ptr + k * M + r, mask=ok, other=-1)
+                valid = src32 >= 0
+                src = tl.where(valid, src32, 0).to(tl.int64)
+                out_rows = tl.load(order_ptr + r, mask=ok, other=0).to(tl.int64)
+            x = tl.load(x_base + src[:, None] * stride_xm + c[None, :], mask=valid[:, None] & c_ok[None, :],
+                        other=0.0)
+            go = tl.load(go_base + out_rows[:, None] * stride_gm + n[None, :],
+                         mask=valid[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(tl.trans(x.to(tl.float32)), go.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tl.trans(x.to(go.dtype)), go, acc)
+    tl.atomic_add(dw_ptr + (k * CIN + C_OFF + c[:, None]) * N + n[None, :], acc,
+                  mask=c_ok[:, None] & n_ok[None, :])
