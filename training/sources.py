@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lidar_completion.data.dataset import tile_to
 from lidar_completion.errors import ConfigError, DatasetError
-
-from .data import tile_to
 
 
 class NpzSource:
