@@ -103,7 +103,7 @@ def test_minkowski_is_the_auto_backend_when_installed():
     """Counterpart of the test above: without the variable, an installed MinkowskiEngine is used (and
     shows up in sys.modules, so the check above would see it)."""
     if not _spec_exists("MinkowskiEngine"):  # not imported here: this process may be hiding it
-        pytest.skip("MinkowskiEngine is not installed (scripts/install_minkowski.sh builds it)")
+        pytest.skip("MinkowskiEngine is not installed (scripts/setup/install_minkowski.sh builds it)")
     mods = _loaded_modules(_BACKEND_PROBE.format(names=_sparse_modules()),
                            {"LIDAR_COMPLETION_BACKEND": "auto"})
     assert _minkowski_loaded(mods), "MinkowskiEngine is installed but the auto backend did not load it"

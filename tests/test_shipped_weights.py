@@ -97,7 +97,7 @@ def held_out_frames(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_completions(held_out_frames):
     """The shipped student's defaults (8 steps, its solver and guidance, refined), seed = frame as in
-    the README's table (scripts/eval_default.py, seed 0 + frame); the first frame twice."""
+    the README's table (scripts/release/eval_default.py, seed 0 + frame); the first frame twice."""
     from lidar_completion.completer import Completer
     comp = Completer.from_checkpoint(None, backend="torch")
     out = [comp.complete_detailed(scan, seed=f) for (scan, _), f in zip(held_out_frames, HELD_OUT_FRAMES)]

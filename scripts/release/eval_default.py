@@ -8,7 +8,7 @@ network. One completion per frame and model gives both
 variants (the refiner runs on the unrefined cloud, so the "without" row is that same cloud), and
 "time per scan" of a "without" row leaves the refinement stage out.
 
-    python scripts/eval_default.py --data runs/eval/data --sequence 08 --every 10 --limit 6 \\
+    python scripts/release/eval_default.py --data runs/eval/data --sequence 08 --every 10 --limit 6 \\
         --teacher runs/default/teacher/teacher.pt --refiner runs/default/refiner/refiner.pt \\
         --student runs/default/distill/distill.pt --out runs/eval/table
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Copy the models of a `scripts/train_default.sh` run into the package as the shipped defaults.
+"""Copy the models of a `scripts/release/train_default.sh` run into the package as the shipped defaults.
 
-    python scripts/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
-    python scripts/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
+    python scripts/release/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
+    python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
         --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
 
 Writes, with float16 tensors (loaded back as float32; the README's table is measured on these
@@ -88,7 +88,7 @@ def _student_teacher(meta: dict):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
+    ap.add_argument("run", help="RUN_DIR of scripts/release/train_default.sh")
     ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--command", default=None, help="the training command to record in the manifest")
     ap.add_argument("--student", default=None,
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         sources.pop("student.pt")
     for p in list(sources.values()) + [refiner_src]:
         if not p.exists():
-            print(f"error: {p} is missing; run scripts/train_default.sh {run} first", file=sys.stderr)
+            print(f"error: {p} is missing; run scripts/release/train_default.sh {run} first", file=sys.stderr)
             return 2
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,
         "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
-                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
+                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/release/train_default.sh",
         "files": files,
         "training": {"stages": stages,
                      "command": args.command,

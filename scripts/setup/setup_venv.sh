@@ -5,10 +5,10 @@
 #   2. torch 2.13.0, CPU build (TORCH_SPEC), pinned for every later step so no CUDA build sneaks in
 #   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
 #      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
-#   4. MinkowskiEngine 0.5.4 through scripts/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
+#   4. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
 #      pure-PyTorch sparse backend then serves)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON_SYS="${PYTHON_SYS:-python3}"
 VENV="${VENV:-.venv}"
@@ -61,7 +61,7 @@ pip_install \
 if [[ "${SKIP_MINKOWSKI:-0}" == 1 ]]; then
     log "SKIP_MINKOWSKI=1: not installing MinkowskiEngine (the pure-PyTorch backend will be used)"
 else
-    PYTHON="$PY" bash scripts/install_minkowski.sh
+    PYTHON="$PY" bash scripts/setup/install_minkowski.sh
 fi
 
 "$VENV/bin/lidar-completion" --help >/dev/null || die "the lidar-completion entry point does not run"
