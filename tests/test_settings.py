@@ -53,11 +53,15 @@ def test_table_is_consistent_and_checks_values():
         s.replace(stepz=5)
 
 
-def test_backend_choices_come_from_the_sparse_package():
+def test_choices_come_from_the_modules_that_use_them():
+    from lidar_completion.diffusion.sampler import PROCESSES
     from lidar_completion.sparse import BACKENDS
     assert tuple(BY_NAME["backend"].choices) == tuple(BACKENDS)
+    assert tuple(BY_NAME["process"].choices) == tuple(PROCESSES)
     for name in BACKENDS:
         assert CompletionSettings(backend=name).backend == name
+    for name in PROCESSES:
+        assert CompletionSettings(process=name).process == name
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -31,7 +31,6 @@ __all__ = ["CompletionSettings", "Option", "OPTIONS", "BY_NAME", "PRECISIONS", "
            "GRAPH_MODES", "BACKENDS", "add_arguments", "checkpoint_fallback"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PROCESSES = ("local", "vp")
 GRAPH_MODES = ("auto", "on", "off")
 CHECKPOINTS = "the checkpoint's"
 
@@ -112,13 +111,17 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class _SparseBackends(Sequence):
-    """``lidar_completion.sparse.BACKENDS``, read on first use: the sparse package loads torch, which
-    building the command line (and commands without a model) does not need."""
+class _Choices(Sequence):
+    """Allowed values kept by the module that uses them, read on first use: the sparse package and
+    the sampler load torch, which building the command line (and commands without a model) does
+    not need."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
 
     def _names(self) -> tuple:
-        from .sparse import BACKENDS
-        return tuple(BACKENDS)
+        import importlib
+        return tuple(getattr(importlib.import_module(self.module), self.name))
 
     def __getitem__(self, index):
         return self._names()[index]
@@ -130,7 +133,8 @@ class _SparseBackends(Sequence):
         return repr(self._names())
 
 
-BACKENDS = _SparseBackends()
+BACKENDS = _Choices("lidar_completion.sparse", "BACKENDS")
+PROCESSES = _Choices("lidar_completion.diffusion.sampler", "PROCESSES")
 
 
 def _opt(default, help: str, type: type, **kw):
@@ -291,7 +295,7 @@ def add_arguments(parser, exclude: Iterable[str] = (), only: Optional[Iterable[s
         metavar = opt.metavar
         if opt.range is not None:
             text += f"; {opt.allowed_text()}"
-        elif isinstance(opt.choices, _SparseBackends):   # listed when the help is printed
+        elif isinstance(opt.choices, _Choices):   # listed when the help is printed
             text += "; one of %(choices)s"
             metavar = metavar or "NAME"
         text += f" [{opt.default_text()}]".replace("%", "%%")
