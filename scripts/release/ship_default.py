@@ -5,7 +5,7 @@
     python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
         --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
 
-Writes, with float16 tensors (loaded back as float32; the README's table is measured on these
+Writes, with float16 tensors (loaded back as float32; docs/results.md's table is measured on these
 files, not on the float32 originals):
 
   student.pt     the Distillation-DPO student (RUN/distill/distill.pt, or --student), the teacher's
@@ -103,14 +103,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+    from lidar_completion.errors import ConfigError
     from lidar_completion.fileutil import sha256_file
+    from lidar_completion.settings import BY_NAME
+
+    GUIDANCE = BY_NAME["guidance"]
 
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
     calibrated = run / "calibrate" / "teacher.pt"
     student_src = Path(args.student) if args.student else run / "distill" / "distill.pt"
-    if args.student_guidance is not None and not args.student_guidance >= 0:
-        print(f"error: --student-guidance must be >= 0, got {args.student_guidance}", file=sys.stderr)
+    try:   # the same range as --guidance and the node's guidance parameter
+        GUIDANCE.check(args.student_guidance)
+    except ConfigError as exc:
+        print(f"error: --student-guidance: {exc}", file=sys.stderr)
         return 2
     teacher_src = run / "teacher" / "teacher.pt"
     if student_src.exists() and not args.teacher_only:
