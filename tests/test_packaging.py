@@ -198,7 +198,7 @@ def test_colcon_builds_the_workspace(tmp_path):
     prefix = ws / "install" / name
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / name).exists()
     assert (prefix / "share" / name / "package.xml").exists()
-    # With setuptools >= 80 colcon silently falls back to copying (ENVIRONMENT.md): make setup pins <80.
+    # With setuptools >= 80 colcon's --symlink-install silently falls back to copying: make setup pins <80.
     assert (prefix / "share" / name / "package.xml").is_symlink(), \
         "colcon --symlink-install copied instead of linking; setuptools must be < 80 in this venv"
     for exe in ("completion_node", "lidar-completion"):

@@ -1,4 +1,4 @@
-"""Distillation steps against explicit reference formulas (METHOD.md §4), on the tiny networks.
+"""Distillation steps against explicit reference formulas (docs/method.md, "Distillation"), on the tiny networks.
 
 One ``dpo`` and one ``vsd`` optimisation step are run with plain SGD (no momentum, no clipping), so
 each parameter update must equal ``-lr * grad`` of the stated loss. The reference recomputes every

@@ -1,5 +1,5 @@
 """Distillation of a one-step student from the teacher: score distillation (``vsd``, the ScoreLiDAR
-baseline) and Distillation-DPO (``dpo``), both in the stop-gradient form of METHOD.md §4.
+baseline) and Distillation-DPO (``dpo``), both in the stop-gradient form of docs/method.md, "Distillation".
 
 Networks: the condition encoder and the teacher denoiser come from a teacher checkpoint (ours or a
 published LiDiff / Distillation-DPO file) and stay frozen in eval mode. The student and the auxiliary
@@ -7,8 +7,8 @@ published LiDiff / Distillation-DPO file) and stay frozen in eval mode. The stud
 and loser), ``vsd`` one.
 
 One-step generation (training only, without guidance). For a scan with tiled input ``x_init`` and
-noise ``z``, ``x_T = x_init + z`` (the sampler's start, METHOD.md §3) and the student's prediction
-at t = T-1 = 999 gives the sample
+noise ``z``, ``x_T = x_init + z`` (the sampler's start, docs/method.md, "Sampling") and the
+student's prediction at t = T-1 = 999 gives the sample
 
     G = x_T - sigma_T * eps_student(x_T, 999)          (generator: local, default)
 

@@ -1,6 +1,6 @@
 """Torch datasets over SemanticKITTI-layout sequences and their ground-truth cache.
 
-One item (METHOD.md section 1):
+One item (docs/method.md, "Data and ground truth"):
 
 * ``x_init``   (n_fps * tile, 3) float32 - the input scan farthest-point-sampled to ``n_fps`` points
   and tiled ``tile`` times (18,000 x 10 = 180,000 by default);

@@ -1,6 +1,6 @@
 """SemanticKITTI layout: reading and writing scans, labels, poses, calibration and times.
 
-Layout (METHOD.md section 1)::
+Layout (docs/method.md, "Data and ground truth")::
 
     ROOT/sequences/SS/velodyne/NNNNNN.bin    float32 (x, y, z, intensity) per point
     ROOT/sequences/SS/labels/NNNNNN.label    uint32 per point; semantic id = value & 0xFFFF,
