@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Evaluate the default models on a held-out synthetic sequence and write the README's results table.
+"""Evaluate the default models on a held-out synthetic sequence and write the results table of
+docs/results.md.
 
 Rows: the input scan alone; "x_init", the diffusion's starting cloud (the farthest-point-sampled scan
 tiled) with no denoising at all, an ablation that shows what the refiner alone does; the teacher at
