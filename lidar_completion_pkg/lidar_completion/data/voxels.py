@@ -93,19 +93,20 @@ class VoxelHashSet:
         if keys.min() < 0:
             raise ValueError("VoxelHashSet keys must be non-negative")
         uniq, first = np.unique(keys, return_index=True)
-        new_u = np.zeros(len(uniq), dtype=bool)
         self._grow(self._n + len(uniq))
         new_u = self._insert_unique(uniq)
         out = np.zeros(len(keys), dtype=bool)
         out[first[new_u]] = True
         return out
 
+    def _probe(self, keys: np.ndarray):
+        """The start of a linear probe for every key: (table, slot mask, rows still probing, their
+        slots)."""
+        return self._table, len(self._table) - 1, np.arange(len(keys)), self._hash(keys)
+
     def _insert_unique(self, keys: np.ndarray) -> np.ndarray:
-        table = self._table
-        mask = len(table) - 1
+        table, mask, pending, slot = self._probe(keys)
         new = np.zeros(len(keys), dtype=bool)
-        pending = np.arange(len(keys))
-        slot = self._hash(keys)
         while pending.size:
             k = keys[pending]
             cur = table[slot]
@@ -127,11 +128,8 @@ class VoxelHashSet:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64)
-        table = self._table
-        mask = len(table) - 1
+        table, mask, pending, slot = self._probe(keys)
         out = np.zeros(len(keys), dtype=bool)
-        pending = np.arange(len(keys))
-        slot = self._hash(keys)
         while pending.size:
             cur = table[slot]
             found = cur == keys[pending]
