@@ -108,13 +108,16 @@ class Completer:
     """
 
     def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 refiner: torch.nn.Module | None = None, *, steps: int = 8, guidance: float = 3.5,
+                 refiner: torch.nn.Module | None = None, *,
+                 steps: int = checkpoint_fallback("steps"),
+                 guidance: float = checkpoint_fallback("guidance"),
                  refine: bool = True, device="cpu", seed: int | None = None, precision: str = "fp32",
                  min_range: float | None = DEFAULTS["min_range"],
                  max_range: float | None = DEFAULTS["max_range"],
                  min_z: float | None = DEFAULTS["min_z"], n_fps: int = DEFAULTS["n_fps"],
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
-                 min_points: int = 100, schedule: NoiseSchedule | None = None, process: str = "vp",
+                 min_points: int = 100, schedule: NoiseSchedule | None = None,
+                 process: str = checkpoint_fallback("process"),
                  cuda_graphs: bool | str | None = None):
         self.device = resolve_device(device)
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
@@ -151,7 +154,8 @@ class Completer:
     @classmethod
     def from_settings(cls, settings: CompletionSettings | None = None, **kwargs) -> "Completer":
         """The Completer that :class:`~lidar_completion.settings.CompletionSettings` describe (the
-        defaults when None); ``kwargs`` go to the constructor (e.g. ``post_max_range``)."""
+        defaults when None); ``kwargs`` are constructor options the settings do not hold
+        (``post_max_range``, ``min_points``, ``schedule``)."""
         s = settings if settings is not None else CompletionSettings()
         return cls.from_checkpoint(s.checkpoint, **s.completer_kwargs(), **kwargs)
 
