@@ -1,5 +1,9 @@
 # lidar-completion: `make demo` and `make test` are the two commands a newcomer needs; both set up
 # the environment first (once). `make help` lists everything.
+#
+# `make demo` sets up only what the demo needs (torch, the project, the ROS 2 wheels) and skips the
+# MinkowskiEngine build (minutes of compiling on 2 cores): the shipped models run on the pure-PyTorch
+# sparse backend, the faster one on a CPU. `make setup` / `make test` build it, for the parity tests.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -15,12 +19,15 @@ OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
 # `make setup` is a no-op while none of the files that define the environment change.
-SETUP_INPUTS := Makefile scripts/setup_venv.sh scripts/install_minkowski.sh \
+SETUP_INPUTS := Makefile scripts/setup/setup_venv.sh scripts/setup/install_minkowski.sh \
                 lidar_completion_pkg/setup.py pyproject.toml
 SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI)") 2>/dev/null | sha256sum | cut -c1-16)
 SETUP_STAMP  := $(VENV)/.stamp-setup-$(SETUP_HASH)
+# the demo's environment: the same inputs, without MinkowskiEngine (a full setup serves as well)
+DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1") 2>/dev/null | sha256sum | cut -c1-16)
+DEMO_STAMP   := $(VENV)/.stamp-demo-$(DEMO_HASH)
 
-.PHONY: help setup test test-slow test-torch test-all demo clean distclean
+.PHONY: help setup demo-setup test test-slow test-torch test-all demo clean distclean
 
 help: ## list the targets
 	@echo "lidar-completion - make targets:"
@@ -32,8 +39,16 @@ help: ## list the targets
 setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, project, ROS 2 wheels); idempotent
 
 $(SETUP_STAMP):
-	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) bash scripts/setup_venv.sh
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) bash scripts/setup/setup_venv.sh
 	@rm -f $(VENV)/.stamp-setup-*
+	@touch $@
+
+demo-setup: ## create/update .venv with what the demo needs (no MinkowskiEngine build); idempotent
+	@if [ ! -f $(SETUP_STAMP) ]; then $(MAKE) --no-print-directory $(DEMO_STAMP); fi
+
+$(DEMO_STAMP):
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=1 SKIP_TRITON=1 bash scripts/setup/setup_venv.sh
+	@rm -f $(VENV)/.stamp-demo-*
 	@touch $@
 
 test: setup ## fast test suite (pytest -m "not slow")
@@ -48,12 +63,8 @@ test-torch: setup ## fast suite on the pure-PyTorch sparse backend, MinkowskiEng
 test-all: setup ## every test, slow ones included
 	$(PYTEST) $(PYTEST_ARGS)
 
-demo: setup ## run the demo (scripts/demo.sh when present, else the model summary)
-	@if [ -f scripts/demo.sh ]; then \
-	    PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh; \
-	else \
-	    $(VENV)/bin/lidar-completion models; \
-	fi
+demo: demo-setup ## set up what the demo needs (once), then run scripts/demo/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo/demo.sh
 
 clean: ## remove build artefacts and caches of the working tree (keeps .venv)
 	rm -rf build dist .pytest_cache ros2_ws/build ros2_ws/install ros2_ws/log

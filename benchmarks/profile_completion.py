@@ -34,6 +34,7 @@ from lidar_completion import completer as completer_mod  # noqa: E402
 from lidar_completion.checkpoints import make_random_checkpoint  # noqa: E402
 from lidar_completion.completer import Completer  # noqa: E402
 from lidar_completion.models import ModelConfig, networks  # noqa: E402
+from lidar_completion.settings import add_arguments  # noqa: E402
 from lidar_completion.sparse import conv_implicit_gemm, kmap, layers, nearest, torch_backend  # noqa: E402
 
 # (owner, attribute, region name): functions wrapped with a named profiler range
@@ -98,14 +99,13 @@ def count_syncs(fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint", default=None, help="default: the shipped student (or random --config weights)")
     p.add_argument("--config", choices=("full", "tiny"), default=None,
                    help="random weights of these widths instead of a checkpoint")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--backend", default="torch", choices=("torch", "triton"), help="sparse backend")
+    add_arguments(p, only=("device", "precision", "backend"))
+    p.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu", backend="torch")
     p.add_argument("--points", type=int, default=120_000, help="points of the synthetic scan")
     p.add_argument("--n-fps", type=int, default=None, help="FPS budget (default: the checkpoint's, 18,000)")
     p.add_argument("--top", type=int, default=30, help="rows of each profiler table")

@@ -30,6 +30,7 @@ from lidar_completion.completer import STAGES, Completer, _Clock
 from lidar_completion.diffusion import sample
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 from lidar_completion.preprocess import postprocess
+from lidar_completion.settings import add_arguments
 
 
 def synthetic_scan(seed: int) -> np.ndarray:
@@ -131,9 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3,
                     help="alternating runs of each path; the fastest of each is reported")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backend", default=None, help="sparse backend (auto/minkowski/torch)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    add_arguments(ap, only=("device", "backend", "precision"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
     args = ap.parse_args(argv)
 
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
               device=args.device, seed=args.seed, n_fps=n_fps, tile=args.tile,
               precision=args.precision)
     if args.checkpoint:
-        c = Completer.from_checkpoint(args.checkpoint, backend=args.backend, **kw)
+        c = Completer.from_checkpoint(args.checkpoint, backend=args.backend, **kw)  # "auto": the env's
         config_name = f"checkpoint {args.checkpoint}"
     else:
         torch.manual_seed(args.seed)

@@ -22,12 +22,15 @@ NODE_NAME = "lidar_completion"
 PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
 
 # (name, default, description). An empty default means "not given: keep the params file's value".
+# Arguments that are Completer options start with the option's description in lidar_completion.settings
+# (tests/test_settings.py checks).
 ARGUMENTS = (
-    ("checkpoint", "", "checkpoint file; empty = the params file's value (the shipped student)"),
+    ("checkpoint", "", "checkpoint file (ours, or a published LiDiff / ScoreLiDAR / Distillation-DPO "
+                       "file); empty = the params file's value"),
     ("input_topic", "", "input PointCloud2 topic (params file default: /velodyne_points)"),
     ("output_topic", "", "completed PointCloud2 topic (params file default: /completed_points)"),
-    ("steps", "", "solver steps (params file default: the checkpoint's, 8 for the student)"),
-    ("device", "", "torch device: cpu, cuda, cuda:N, auto (params file default: cpu)"),
+    ("steps", "", "solver steps per scan; empty = the params file's value"),
+    ("device", "", "torch device: cpu, cuda, cuda:N or auto; empty = the params file's value"),
     ("use_sim_time", "", "use /clock; empty = true when bag is given, else false"),
     ("params_file", os.path.join(HERE, "params", "completion.yaml"), "node parameters (YAML)"),
     ("rviz", "false", "start rviz2 with rviz/completion.rviz (input and completed clouds)"),

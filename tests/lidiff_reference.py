@@ -12,7 +12,7 @@ PREFIXES = {"encoder": "partial_enc.", "denoiser": "model.", "refiner": "model_r
 
 
 def synth_param(name: str, shape) -> np.ndarray:
-    """Deterministic weight of a full checkpoint key (the rule of the fixtures' README, section 2)."""
+    """Deterministic weight of a full checkpoint key (the rule in tests/fixtures/PROVENANCE.md)."""
     shape = tuple(shape)
     if name.endswith("num_batches_tracked"):
         return np.zeros(shape, dtype=np.int64)

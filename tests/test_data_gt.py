@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from lidar_completion.data import gt, kitti, synthetic
+from lidar_completion.data import geometry, gt, kitti, synthetic, voxels
+from lidar_completion.fileutil import stale_tmp
 from lidar_completion.errors import DatasetError
 
 N_SCANS = 6
@@ -33,7 +34,7 @@ def built(dataset, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- hash
 def test_voxel_hash_set_matches_python_set():
     rng = np.random.default_rng(0)
-    hs = gt.VoxelHashSet(capacity=16)
+    hs = voxels.VoxelHashSet(capacity=16)
     ref = set()
     for _ in range(30):
         keys = rng.integers(0, 5000, rng.integers(0, 400))   # many duplicates, forces growth
@@ -55,11 +56,11 @@ def test_voxel_hash_set_matches_python_set():
 
 def test_pack_keys_round_trip_and_range():
     ijk = np.array([[0, 0, 0], [-5, 7, -(1 << 20)], [(1 << 20) - 1, -1, 3]])
-    keys = gt.pack_keys(ijk)
+    keys = voxels.pack_keys(ijk)
     assert (keys >= 0).all() and len(set(keys.tolist())) == 3
-    np.testing.assert_array_equal(gt.unpack_keys(keys), ijk)
+    np.testing.assert_array_equal(voxels.unpack_keys(keys), ijk)
     with pytest.raises(DatasetError, match="out of range"):
-        gt.pack_keys(np.array([[1 << 20, 0, 0]]))
+        voxels.pack_keys(np.array([[1 << 20, 0, 0]]))
 
 
 # ---------------------------------------------------------------------------------------------- map
@@ -68,10 +69,10 @@ def test_incremental_equals_batch(dataset):
     cfg = gt.GTConfig()
     incremental = gt.accumulate_map(seq, cfg).points
     per_scan = [gt.sequence_world_points(seq, i, cfg) for i in range(len(seq))]
-    batch = gt.batch_voxel_map(per_scan, cfg.voxel_size)
+    batch = voxels.batch_voxel_map(per_scan, cfg.voxel_size)
     # the same voxel set ...
-    ki = gt.pack_keys(gt.voxel_indices(incremental, 0.1))
-    kb = gt.pack_keys(gt.voxel_indices(batch, 0.1))
+    ki = voxels.pack_keys(voxels.voxel_indices(incremental, 0.1))
+    kb = voxels.pack_keys(voxels.voxel_indices(batch, 0.1))
     np.testing.assert_array_equal(np.sort(ki), np.sort(kb))
     # ... and even the same representative points in the same order
     np.testing.assert_array_equal(incremental, batch)
@@ -81,7 +82,7 @@ def test_incremental_equals_batch(dataset):
 def test_map_invariants(dataset, built):
     seq, cache, _ = built
     m = cache.load_map(verify=True)
-    keys = gt.pack_keys(gt.voxel_indices(m, 0.1))
+    keys = voxels.pack_keys(voxels.voxel_indices(m, 0.1))
     assert len(np.unique(keys)) == len(m), "more than one point in some 0.1 m voxel"
     # no moving-class, unlabeled or outlier point, and nothing closer than 3.5 m to its sensor
     tree = cKDTree(m.astype(np.float64))
@@ -89,8 +90,8 @@ def test_map_invariants(dataset, built):
     for i in range(len(seq)):
         scan = seq.scan(i)
         sem = seq.semantic(i)
-        world = gt.transform(scan, seq.pose(i)).astype(np.float32)
-        bad = ~gt.static_label_mask(sem) | (gt.range_of(scan) <= 3.5)
+        world = geometry.transform(scan, seq.pose(i)).astype(np.float32)
+        bad = ~gt.static_label_mask(sem) | (geometry.range_of(scan) <= 3.5)
         excluded_total += int(bad.sum())
         d, _ = tree.query(world[bad].astype(np.float64))
         assert (d > 0).all(), f"frame {i}: an excluded point is in the map"
@@ -115,13 +116,13 @@ def test_target_invariants(built):
         inp = scan[gt.input_mask(scan, cfg), :3]
         assert gt.viewpoint_mask(target, inp, cfg.view_voxel).all()
         # frame -> world -> map point (round trip)
-        world = gt.transform(target, pose)
+        world = geometry.transform(target, pose)
         d, _ = tree.query(world)
         assert d.max() < 1e-3
-        back = gt.inverse_transform(world, pose)
+        back = geometry.inverse_transform(world, pose)
         np.testing.assert_allclose(back, target, atol=1e-6)
         # complete: a brute-force crop of the whole map gives the same number of points
-        local = gt.inverse_transform(m, pose)
+        local = geometry.inverse_transform(m, pose)
         brute = local[(np.linalg.norm(m.astype(np.float64) - pose[:3, 3], axis=1) <= cfg.crop_radius)
                       & (local[:, 2] > cfg.z_min)]
         brute = brute[gt.viewpoint_mask(brute, inp, cfg.view_voxel)]
@@ -301,7 +302,7 @@ def test_concurrent_verifications_of_one_cache(built, tmp_path):
 
 
 def test_stale_temporary_files():
-    assert gt._stale_tmp(Path("targets/000001.bin.tmp"))            # old naming: no writer id
-    assert gt._stale_tmp(Path(f"000001.bin.{2 ** 22 + 12345}.tmp"))  # no such process
+    assert stale_tmp(Path("targets/000001.bin.tmp"))            # old naming: no writer id
+    assert stale_tmp(Path(f"000001.bin.{2 ** 22 + 12345}.tmp"))  # no such process
     import os
-    assert not gt._stale_tmp(Path(f"000001.bin.{os.getppid()}.tmp"))  # a live writer
+    assert not stale_tmp(Path(f"000001.bin.{os.getppid()}.tmp"))  # a live writer

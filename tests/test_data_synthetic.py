@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from lidar_completion.data import gt, kitti, synthetic
+from lidar_completion.data import geometry, gt, kitti, synthetic
 from lidar_completion.data.synthetic import SyntheticConfig, SyntheticScene
 
 
@@ -56,17 +56,17 @@ def test_label_ids_valid_and_classes_present(scene):
 
 
 def test_scene_has_all_the_street_furniture(scene):
-    labels = set(np.unique(scene.static.label).tolist())
+    labels = set(np.unique(scene.town.static.label).tolist())
     assert {48, 50, 51, 70, 71, 80, 10} <= labels
-    assert len(scene.streets) >= 2
-    moving = [a for a in scene._agents]
+    assert len(scene.town.streets) >= 2
+    moving = [a for a in scene.town.agents]
     assert any(a.mode == "route" for a in moving) and any(a.mode == "street" for a in moving)
 
 
 def test_moving_objects_move_and_are_labelled(scene):
     # agents are placed at different positions in consecutive sweeps
-    _, w0 = scene.dynamic_prims(0)
-    _, w5 = scene.dynamic_prims(5)
+    _, w0 = scene.town.dynamic_prims(0)
+    _, w5 = scene.town.dynamic_prims(5)
     pos0, pos5 = dict(w0), dict(w5)
     shifts = np.array([np.linalg.norm(pos5[k] - pos0[k]) for k in pos0])
     assert (shifts > 0.3).all()
@@ -77,8 +77,8 @@ def test_moving_objects_move_and_are_labelled(scene):
         assert ((lab & 0xFFFF) >= 252).sum() > 0, f"no moving points in sweep {k}"
     a_pts, a_lab = sweeps[0]
     b_pts, b_lab = sweeps[4]
-    wa = gt.transform(a_pts, scene.world_poses[0])
-    wb = gt.transform(b_pts, scene.world_poses[4])
+    wa = geometry.transform(a_pts, scene.world_poses[0])
+    wb = geometry.transform(b_pts, scene.world_poses[4])
     for inst in np.intersect1d(a_lab[(a_lab & 0xFFFF) == 252] >> 16, b_lab[(b_lab & 0xFFFF) == 252] >> 16):
         ca = wa[(a_lab >> 16) == inst].mean(0)
         cb = wb[(b_lab >> 16) == inst].mean(0)
@@ -95,13 +95,13 @@ def test_moving_objects_excluded_from_gt(small):
         scan, sem = seq.scan(i), seq.semantic(i)
         mov = sem >= 252
         n_moving += int(mov.sum())
-        world = gt.transform(scan[mov], seq.pose(i)).astype(np.float32).astype(np.float64)
+        world = geometry.transform(scan[mov], seq.pose(i)).astype(np.float32).astype(np.float64)
         if len(world):
             d, _ = tree.query(world)
             assert d.min() > 0, "a moving point is in the map"
         # the static points of the same scan are in the map (sanity of the check above)
         stat = gt.map_point_mask(scan, sem)
-        world = gt.transform(scan[stat][:200], seq.pose(i)).astype(np.float32).astype(np.float64)
+        world = geometry.transform(scan[stat][:200], seq.pose(i)).astype(np.float32).astype(np.float64)
         d, _ = tree.query(world)
         assert (d < 0.2).all()
     assert n_moving > 100

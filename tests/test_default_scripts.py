@@ -1,4 +1,4 @@
-"""scripts/ship_default.py (float16 copies + manifest) and scripts/eval_default.py (results table) on a
+"""scripts/release/ship_default.py (float16 copies + manifest) and scripts/release/eval_default.py (results table) on a
 fake training run made of random tiny checkpoints."""
 import importlib.util
 import json
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "release" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -166,7 +166,7 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
 
 @pytest.mark.slow
 def test_train_default_runs_every_stage_with_calibration(tmp_path):
-    """scripts/train_default.sh end to end at toy sizes: data, teacher, refiner, the calibration
+    """scripts/release/train_default.sh end to end at toy sizes: data, teacher, refiner, the calibration
     stage (teacher without the std regulariser) and a distillation from the calibrated teacher."""
     import os
     import subprocess
@@ -177,7 +177,7 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
                SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
                MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
                T_DISTILL="900", OMP_NUM_THREADS="1")
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in ("teacher", "refiner", "calibrate", "distill"):
@@ -189,6 +189,6 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     distill_cfg = (run / "distill" / "config.yaml").read_text()
     assert str(run / "calibrate" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
     # a second call finds every stage done and trains nothing
-    again = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == 4, again.stdout

@@ -16,7 +16,7 @@ def test_demo_quick(tmp_path):
     env = dict(os.environ, DEMO_QUICK="1", DEMO_OUT=str(out), DEMO_RATE="1", OMP_NUM_THREADS="1",
                PYTHON=sys.executable, LIDAR_COMPLETION=str(Path(sys.executable).parent / "lidar-completion"),
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, cwd=tmp_path,
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo" / "demo.sh")], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rel in ("input_bag/metadata.yaml", "completed_bag/metadata.yaml", "latency/report.md",

@@ -1,4 +1,4 @@
-"""scripts/denoiser_floor.py: the Bayes-optimal noise prediction and the per-t denoiser diagnostics."""
+"""scripts/research/denoiser_floor.py: the Bayes-optimal noise prediction and the per-t denoiser diagnostics."""
 import importlib.util
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def floor():
-    spec = importlib.util.spec_from_file_location("denoiser_floor", ROOT / "scripts" / "denoiser_floor.py")
+    spec = importlib.util.spec_from_file_location("denoiser_floor", ROOT / "scripts" / "research" / "denoiser_floor.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

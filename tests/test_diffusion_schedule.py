@@ -1,4 +1,4 @@
-"""Noise schedule, local forward process and the LiDiff loss (METHOD.md §3)."""
+"""Noise schedule, local forward process and the LiDiff loss (docs/method.md, "Diffusion")."""
 import math
 import statistics
 

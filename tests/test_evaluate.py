@@ -1,5 +1,6 @@
 """`lidar-completion evaluate` / `evaluate-files` and the evaluation loop (issue 8)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ from scipy.integrate import simpson
 from lidar_completion import metrics as M
 from lidar_completion.cli import main
 from lidar_completion.evaluation import (
-    evaluate_files, evaluate_sequence, frame_metrics, read_records, summarize, summary_markdown,
+    EvalOptions, evaluate_files, evaluate_sequence, frame_metrics, read_records, summarize,
+    summary_markdown,
 )
+from lidar_completion.settings import CompletionSettings
 
 PLOTS = ["cd_histogram.png", "metrics_over_sequence.png"]
 
@@ -149,12 +152,13 @@ def test_evaluate_model_end_to_end_with_resume(synth, tiny_ckpt, tmp_path):
         return original(points, seed=seed)
 
     completer.complete_detailed = counted
-    kw = dict(sequence="08", checkpoint=tiny_ckpt, completer=completer, seed=7, emd="none",
-              progress=False)
+    kw = dict(sequence="08", settings=CompletionSettings(checkpoint=str(tiny_ckpt)),
+              completer=completer)
+    opts = EvalOptions(seed=7, emd="none", progress=False, plots=False)
     out = tmp_path / "model"
-    s2 = evaluate_sequence(synth, out=out, limit=2, plots=False, **kw)
+    s2 = evaluate_sequence(synth, out=out, options=replace(opts, limit=2), **kw)
     assert s2["frames"] == 2 and calls == [7, 8]                   # frame i uses seed + i
-    s3 = evaluate_sequence(synth, out=out, plots=True, **kw)
+    s3 = evaluate_sequence(synth, out=out, options=replace(opts, plots=True), **kw)
     assert calls[2] == 9                                            # only frame 2 completed anew
     assert all(c in (7, 8, 9) for c in calls[3:])                   # renders may recompute, same seeds
     assert s3["frames"] == 3 and s3["run"]["steps"] == 1 and s3["run"]["refine"] is False
@@ -162,14 +166,15 @@ def test_evaluate_model_end_to_end_with_resume(synth, tiny_ckpt, tmp_path):
     assert s3["run"]["checkpoint"]["sha256"]
     assert (out / "bev_best1_" f"{s3['best_frames'][0]}.png").is_file()
     # seeded: a fresh run in another folder gives the same per-frame numbers
-    evaluate_sequence(synth, out=tmp_path / "again", plots=False, limit=1, **kw)
+    evaluate_sequence(synth, out=tmp_path / "again", options=replace(opts, limit=1),
+                      **kw)
     a = read_records(out / "frames.jsonl")[0]
     b = read_records(tmp_path / "again" / "frames.jsonl")[0]
     assert a["frame"] == b["frame"] == "000000" and a["cd"] == b["cd"] and a["iou"] == b["iou"]
     # a different checkpoint setting on the same folder is refused
     from lidar_completion.errors import ConfigError
     with pytest.raises(ConfigError, match="different run"):
-        evaluate_sequence(synth, out=out, plots=False, **dict(kw, completer=small_completer(
+        evaluate_sequence(synth, out=out, options=opts, **dict(kw, completer=small_completer(
             tiny_ckpt, steps=2)))
 
 
@@ -227,7 +232,8 @@ def test_evaluate_files_pairs_by_stem(tmp_path, capsys):
         assert (out / name).is_file()
     # rerun: nothing recomputed
     before = lines(out / "frames.jsonl")
-    assert evaluate_files(pred_dir, gt_dir, out, progress=False, plots=False)["frames"] == 3
+    assert evaluate_files(pred_dir, gt_dir, out,
+                          options=EvalOptions(progress=False, plots=False))["frames"] == 3
     assert lines(out / "frames.jsonl") == before
     # nothing pairs -> a clear error
     capsys.readouterr()
@@ -258,11 +264,11 @@ def test_run_evaluation_records_failed_frames(tmp_path):
         return gts[key] + 0.01 * index, {"total": 0.5}
 
     run = {"label": "fake", "identity_keys": []}
-    s = run_evaluation(list("abcd"), load, predict, tmp_path, run, emd="none", plots=False,
-                       progress=False, metric_workers=2)
+    s = run_evaluation(list("abcd"), load, predict, tmp_path, run,
+                       EvalOptions(emd="none", plots=False, progress=False, metric_workers=2))
     assert s["frames"] == 4 and s["failed_frames"] == ["b"] and s["cd"]["frames"] == 3
     assert s["cd"]["undefined"] == 1 and s["time_per_scan"]["mean"] == 0.5
     assert "could not be completed" in (tmp_path / "summary.md").read_text()
-    s = run_evaluation(list("abcd"), load, predict, tmp_path, run, emd="none", plots=False,
-                       progress=False)
+    s = run_evaluation(list("abcd"), load, predict, tmp_path, run,
+                       EvalOptions(emd="none", plots=False, progress=False))
     assert calls == list("abcd") and s["failed_frames"] == ["b"]

@@ -103,7 +103,7 @@ def test_minkowski_is_the_auto_backend_when_installed():
     """Counterpart of the test above: without the variable, an installed MinkowskiEngine is used (and
     shows up in sys.modules, so the check above would see it)."""
     if not _spec_exists("MinkowskiEngine"):  # not imported here: this process may be hiding it
-        pytest.skip("MinkowskiEngine is not installed (scripts/install_minkowski.sh builds it)")
+        pytest.skip("MinkowskiEngine is not installed (scripts/setup/install_minkowski.sh builds it)")
     mods = _loaded_modules(_BACKEND_PROBE.format(names=_sparse_modules()),
                            {"LIDAR_COMPLETION_BACKEND": "auto"})
     assert _minkowski_loaded(mods), "MinkowskiEngine is installed but the auto backend did not load it"
@@ -198,7 +198,7 @@ def test_colcon_builds_the_workspace(tmp_path):
     prefix = ws / "install" / name
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / name).exists()
     assert (prefix / "share" / name / "package.xml").exists()
-    # With setuptools >= 80 colcon silently falls back to copying (ENVIRONMENT.md): make setup pins <80.
+    # With setuptools >= 80 colcon's --symlink-install silently falls back to copying: make setup pins <80.
     assert (prefix / "share" / name / "package.xml").is_symlink(), \
         "colcon --symlink-install copied instead of linking; setuptools must be < 80 in this venv"
     for exe in ("completion_node", "lidar-completion"):

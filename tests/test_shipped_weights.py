@@ -78,12 +78,12 @@ def test_the_student_is_the_default_of_api_cli_and_node():
     assert BY_NAME["checkpoint"].default == ""                    # '' = the shipped student
 
 
-HELD_OUT_FRAMES = (0, 10, 20, 30, 40, 50)   # the README's held-out frames (sequence 08 of seed 1)
+HELD_OUT_FRAMES = (0, 10, 20, 30, 40, 50)   # docs/results.md's held-out frames (sequence 08 of seed 1)
 
 
 @pytest.fixture(scope="module")
 def held_out_frames(tmp_path_factory):
-    """Frames of the synthetic drive the README evaluates on, which the models never saw (sequence
+    """Frames of the synthetic drive docs/results.md evaluates on, which the models never saw (sequence
     08 of seed 1; training used sequences 00-05 of seed 0), with their ground truth."""
     from lidar_completion.data import EvaluationDataset, build_gt, generate_dataset
     root = tmp_path_factory.mktemp("heldout")
@@ -97,7 +97,7 @@ def held_out_frames(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_completions(held_out_frames):
     """The shipped student's defaults (8 steps, its solver and guidance, refined), seed = frame as in
-    the README's table (scripts/eval_default.py, seed 0 + frame); the first frame twice."""
+    docs/results.md's table (scripts/release/eval_default.py, seed 0 + frame); the first frame twice."""
     from lidar_completion.completer import Completer
     comp = Completer.from_checkpoint(None, backend="torch")
     out = [comp.complete_detailed(scan, seed=f) for (scan, _), f in zip(held_out_frames, HELD_OUT_FRAMES)]

@@ -33,7 +33,7 @@ def _common(npz: Path, kind: str) -> list:
     if kind == "distill":
         args += ["--set", "distill.teacher=null", "--set", "distill.refiner=null",
                  "--set", "distill.aux_warmup_steps=0", "--set", "distill.aux_updates_per_step=1",
-                 "--set", "distill.metric=training.losses.chamfer_distance_np",
+                 "--set", "distill.metric=lidar_completion.metrics.chamfer_distance",
                  "--set", "train.optimizer={name: sgd, lr: 0.5}",
                  "--set", "distill.aux_optimizer={name: sgd, lr: 0.05}"]
     else:

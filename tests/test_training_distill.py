@@ -1,4 +1,4 @@
-"""Distillation steps against explicit reference formulas (METHOD.md §4), on the tiny networks.
+"""Distillation steps against explicit reference formulas (docs/method.md, "Distillation"), on the tiny networks.
 
 One ``dpo`` and one ``vsd`` optimisation step are run with plain SGD (no momentum, no clipping), so
 each parameter update must equal ``-lr * grad`` of the stated loss. The reference recomputes every
@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from lidar_completion.diffusion import NoiseSchedule, diffusion_loss
+from lidar_completion.metrics import chamfer_distance
 from lidar_completion.models import Condition
 from test_training_utils import scenes_source, tiny_config
 from training.data import make_loader
 from training.distill import DistillTrainer
-from training.losses import chamfer_distance_np
 
 LR_STUDENT = 0.5
 LR_AUX = 0.05
@@ -85,7 +85,7 @@ def _winners(step, G):
     xb, tb = batch["x_init_batch"].numpy(), batch["target_batch"].numpy()
     G1, G2 = G[:N], G[N:]
     g1, g2, tgt = G1.detach().numpy(), G2.detach().numpy(), batch["target"].numpy()
-    cd = np.array([[chamfer_distance_np(g[xb == b], tgt[tb == b]) for b in range(batch["batch_size"])]
+    cd = np.array([[chamfer_distance(g[xb == b], tgt[tb == b]) for b in range(batch["batch_size"])]
                    for g in (g1, g2)])
     first = cd[0] <= cd[1]
     rows = torch.as_tensor(first)[batch["x_init_batch"]].view(-1, 1)

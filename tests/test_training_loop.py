@@ -172,10 +172,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_configs_load_and_reject_mistakes(tmp_path):
     for path in sorted(CONFIGS.glob("*.yaml")):
-        cfg = load_config(path, overrides=["distill.metric=training.losses.chamfer_distance_np"]
+        cfg = load_config(path, overrides=["distill.metric=lidar_completion.metrics.chamfer_distance"]
                           if "distill" in path.name else [])
         assert cfg["kind"] in ("teacher", "refiner", "distill")
-    full = load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=training.losses.chamfer_distance_np"])
+    full = load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=lidar_completion.metrics.chamfer_distance"])
     assert full["train"]["optimizer"]["name"] == "sgd" and full["train"]["optimizer"]["lr"] == 1e-5
     assert full["train"]["grad_clip"] == 0.05 and full["distill"]["noise_scale"] == 1.1
     teacher = load_config(CONFIGS / "teacher.yaml")

@@ -11,8 +11,7 @@ import torch
 from lidar_completion.diffusion import diffusion_loss_terms
 from lidar_completion.metrics import chamfer_distance
 from test_training_utils import scenes_source, tiny_config
-from training.losses import (chamfer_distance_np, chamfer_loss, denoising_loss_terms, dpo_loss,
-                             logsigmoid_weights, vsd_loss)
+from training.losses import chamfer_loss, denoising_loss_terms, dpo_loss, logsigmoid_weights, vsd_loss
 from training.refiner import RefinerTrainer
 from training.sources import RefinerView
 
@@ -45,7 +44,6 @@ def test_chamfer_loss_matches_brute_force_and_its_gradient():
         torch.testing.assert_close(ga, ra)
         torch.testing.assert_close(gb, rb)
     assert float(ref_l1) == pytest.approx(chamfer_distance(a.detach().numpy(), b.detach().numpy()), rel=1e-9)
-    assert float(ref_l1) == pytest.approx(chamfer_distance_np(a.detach().numpy(), b.detach().numpy()), rel=1e-9)
 
 
 def test_distillation_losses_pass_the_score_difference_to_the_samples():

@@ -16,11 +16,11 @@ import torch
 
 from lidar_completion.checkpoints import save_checkpoint
 from lidar_completion.data import TrainingDataset, build_gt, generate_dataset
+from lidar_completion.metrics import chamfer_distance
 from lidar_completion.preprocess import farthest_point_sample
 from test_training_utils import tiny_config
 from training.data import ArraySource
 from training.distill import DistillTrainer, one_step_sample
-from training.losses import chamfer_distance_np
 from training.teacher import TeacherTrainer
 
 
@@ -46,7 +46,7 @@ def _student_cd(trainer: DistillTrainer, scan: np.ndarray, target: np.ndarray, d
             z = torch.randn(x_init.shape, generator=torch.Generator().manual_seed(100 + k))
             G = one_step_sample(trainer.student, x_init, z, zb, cond, 999, trainer.sigma_T, trainer.alpha_T,
                                 "local", 1)
-            cds.append(chamfer_distance_np(G.numpy(), target))
+            cds.append(chamfer_distance(G.numpy(), target))
     return float(np.mean(cds))
 
 

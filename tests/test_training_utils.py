@@ -65,5 +65,5 @@ def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     base = ["device=cpu", "backend=torch", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
             "log.render_every_steps=0", "checkpoint.every_steps=0", "train.max_steps=null", "train.epochs=1"]
     if kind == "distill":
-        base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=training.losses.chamfer_distance_np"]
+        base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=lidar_completion.metrics.chamfer_distance"]
     return load_config(CONFIGS / f"{name}.yaml", kind=kind, overrides=base + list(overrides))

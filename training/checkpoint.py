@@ -1,10 +1,11 @@
 """Training-state checkpoints: atomic, integrity-checked, rotated.
 
 File layout: ``MAGIC`` line, the SHA-256 of the payload as 64 hex digits and a newline, then the
-payload (a ``torch.save`` archive loadable with ``weights_only=True``). Writes go to a temporary file
-in the same folder, are flushed and fsync'ed, then renamed over the final name (atomic on POSIX), and
-the folder is fsync'ed. ``latest.json`` (also written atomically, after the checkpoint) names the
-newest complete checkpoint, so an interruption at any moment leaves the previous good one in place.
+payload (a ``torch.save`` archive loadable with ``weights_only=True``). Writes go through
+``lidar_completion.fileutil.atomic_write`` (a temporary file in the same folder, fsync'ed, renamed
+over the final name, the folder fsync'ed). ``latest.json`` (also written atomically, after the
+checkpoint) names the newest complete checkpoint, so an interruption at any moment leaves the
+previous good one in place.
 
 A checkpoint whose header, digest or archive is wrong is refused with a :class:`CheckpointError`
 that says what was expected and what was found.
@@ -26,44 +27,12 @@ import numpy as np
 import torch
 
 from lidar_completion.errors import CheckpointError
+from lidar_completion.fileutil import atomic_write, atomic_write_json
 
 MAGIC = b"LIDAR-COMPLETION-TRAIN-STATE v1\n"
 FORMAT = "lidar-completion-training-state"
 LATEST = "latest.json"
 _NAME = re.compile(r"^step_(\d{9})\.ckpt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
-    """Write ``chunks`` (bytes or an iterable of bytes) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = [chunks]
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def _to_safe(obj):
@@ -103,7 +72,7 @@ def save_state(path: str | os.PathLike, state: dict) -> str:
     torch.save(_to_safe(state), buf)
     payload = buf.getbuffer()
     digest = hashlib.sha256(payload).hexdigest()
-    atomic_write_bytes(path, [MAGIC, digest.encode("ascii") + b"\n", payload])
+    atomic_write(path, [MAGIC, digest.encode("ascii") + b"\n", payload])
     return digest
 
 
@@ -154,7 +123,7 @@ class CheckpointManager:
         path = self.path_for(step)
         digest = save_state(path, state)
         pointer = {"file": path.name, "step": step, "sha256": digest}
-        atomic_write_bytes(self.folder / LATEST, json.dumps(pointer, indent=1).encode("utf-8"))
+        atomic_write_json(self.folder / LATEST, pointer, indent=1)
         self._rotate()
         return path
 

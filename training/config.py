@@ -72,7 +72,7 @@ DEFAULTS: dict = {
             "target_points": 360000,    # dense target points per sample (0.1 m subsampled aggregate)
             "target_voxel": 0.1,
             # chamfer_l2sq: mean squared NN distance both ways, summed (pytorch3d's default, published);
-            # chamfer_l1: 0.5 * (mean NN distance both ways), the CD of METHOD.md §5
+            # chamfer_l1: 0.5 * (mean NN distance both ways), the CD of docs/method.md, "Metrics"
             "loss": "chamfer_l2sq",
         },
     },

@@ -15,7 +15,6 @@ position in the global order (see :mod:`training.rng`).
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lidar_completion.data.dataset import tile_to
 from lidar_completion.errors import DatasetError
 
 from . import rng as R
@@ -176,12 +176,3 @@ class ArraySource:
         if self.inputs is not None:
             out["input"] = self.inputs[index]
         return out
-
-
-def tile_to(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Shuffle ``points`` and tile/truncate to exactly ``n`` rows."""
-    if len(points) == 0:
-        raise DatasetError("cannot tile an empty cloud")
-    perm = rng.permutation(len(points))
-    reps = math.ceil(n / len(points))
-    return np.ascontiguousarray(np.tile(points[perm], (reps, 1))[:n])

@@ -1,5 +1,5 @@
 """Distillation of a one-step student from the teacher: score distillation (``vsd``, the ScoreLiDAR
-baseline) and Distillation-DPO (``dpo``), both in the stop-gradient form of METHOD.md §4.
+baseline) and Distillation-DPO (``dpo``), both in the stop-gradient form of docs/method.md, "Distillation".
 
 Networks: the condition encoder and the teacher denoiser come from a teacher checkpoint (ours or a
 published LiDiff / Distillation-DPO file) and stay frozen in eval mode. The student and the auxiliary
@@ -7,8 +7,8 @@ published LiDiff / Distillation-DPO file) and stay frozen in eval mode. The stud
 and loser), ``vsd`` one.
 
 One-step generation (training only, without guidance). For a scan with tiled input ``x_init`` and
-noise ``z``, ``x_T = x_init + z`` (the sampler's start, METHOD.md §3) and the student's prediction
-at t = T-1 = 999 gives the sample
+noise ``z``, ``x_T = x_init + z`` (the sampler's start, docs/method.md, "Sampling") and the
+student's prediction at t = T-1 = 999 gives the sample
 
     G = x_T - sigma_T * eps_student(x_T, 999)          (generator: local, default)
 
@@ -46,6 +46,7 @@ published Distillation-DPO code does; a value w > 1 uses classifier-free guidanc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,23 @@ def one_step_sample(student, x_init, z, batch, cond, t_T: int, sigma_T: float, a
     if generator == "local":
         return x_T - sigma_T * eps
     return x_init + (z - sigma_T * eps) / alpha_T
+
+
+@dataclass
+class _Step:
+    """What one distillation step's three parts share (see :meth:`DistillTrainer.train_step`)."""
+    keys: list                       # the batch's sample keys (every random draw is keyed by them)
+    B: int                           # scans in the batch
+    counts: object                   # x_init points per scan
+    xb: torch.Tensor                 # scan index of every x_init row
+    n_scan: int                      # largest scan (points of the unconditional condition)
+    sides: list                      # auxiliary nets: ["aux_w", "aux_l"] (dpo) or ["aux"] (vsd)
+    cond: object = None              # the frozen encoder's condition of the scans
+    cond_k: object = None            # ... repeated once per side
+    Xb: torch.Tensor | None = None   # scan index of the rows of every side's samples together
+    G_all: torch.Tensor | None = None   # the one-step samples, side after side (carry the graph)
+    samples: dict = field(default_factory=dict)   # side -> its samples (winner / loser for dpo)
+    logs: dict = field(default_factory=dict)
 
 
 class DistillTrainer(Trainer):
@@ -179,78 +197,90 @@ class DistillTrainer(Trainer):
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
+        """One optimisation step: :meth:`sample`, :meth:`update_auxiliaries`, then (after the
+        auxiliary-only warm-up) :meth:`update_student`."""
+        student_phase = self.step >= int(self.cfg["distill"]["aux_warmup_steps"])
+        rec = {} if self.record else None
+        step = self.sample(batch, student_phase, rec)
+        logs = dict(step.logs)
+        logs.update(self.update_auxiliaries(step, rec))
+        if student_phase:
+            logs.update(self.update_student(step, rec))
+        else:
+            logs["loss/student"] = float("nan")
+        if rec is not None:
+            self.last_record = rec
+        return logs
+
+    def sample(self, batch: dict, with_grad: bool, rec: dict | None = None) -> "_Step":
+        """Step 1: the one-step samples of every scan (with the student's graph when ``with_grad``),
+        and for ``dpo`` the preference that makes one of each pair the winner."""
         d = self.cfg["distill"]
         dev = self.device
-        keys = self.sample_keys(batch)
         B = int(batch["batch_size"])
-        scan, scan_b = batch["scan"].to(dev), batch["scan_batch"].to(dev)
-        x_init, xb = batch["x_init"].to(dev), batch["x_init_batch"].to(dev)
-        counts = batch["x_init_counts"]
-        N = x_init.shape[0]
-        t_min, t_max = int(d["t_min"]), int(d["t_max"])
-        student_phase = self.step >= int(d["aux_warmup_steps"])
-        rec = {} if self.record else None
-
+        st = _Step(keys=self.sample_keys(batch), B=B, counts=batch["x_init_counts"],
+                   xb=batch["x_init_batch"].to(dev), n_scan=max(1, int(batch["scan_counts"].max())),
+                   sides=list(self.aux_names))
+        x_init = batch["x_init"].to(dev)
         with torch.no_grad():
-            cond = self.encoder(scan, scan_b)
-        sides = 2 if self.mode == "dpo" else 1
-        cond_k = Condition.concat([cond] * sides) if sides > 1 else cond
+            st.cond = self.encoder(batch["scan"].to(dev), batch["scan_batch"].to(dev))
+        k = len(st.sides)
+        st.cond_k = Condition.concat([st.cond] * k) if k > 1 else st.cond
+        st.Xb = torch.cat([st.xb + i * B for i in range(k)])
 
-        # 1. one-step samples (with the student's graph when the student trains this step)
-        z = self.draw_noise(keys, counts, "distill/z")
-        if sides == 2:
-            lam = float(d["noise_scale"])
-            X0 = torch.cat([x_init, x_init])
-            z2 = z if d.get("pair_noise", "scaled") == "scaled" else self.draw_noise(keys, counts, "distill/z2")
-            Z = torch.cat([z, lam * z2])
-            Xb = torch.cat([xb, xb + B])
-        else:
-            X0, Z, Xb = x_init, z, xb
+        z = self.draw_noise(st.keys, st.counts, "distill/z")
+        noises = [z]
+        if k == 2:   # the pair's second noise: lambda z, or lambda z2 with an independent z2
+            z2 = z if d.get("pair_noise", "scaled") == "scaled" else \
+                self.draw_noise(st.keys, st.counts, "distill/z2")
+            noises.append(float(d["noise_scale"]) * z2)
         self.set_train(self.student, True)
-        gen = self.wrapped["student"] if student_phase else self.student
-        with torch.set_grad_enabled(student_phase):
-            G_all = one_step_sample(gen, X0, Z, Xb, cond_k, self.t_T, self.sigma_T, self.alpha_T,
-                                    d["generator"], num_elements=sides * B)
-        logs: dict = {}
-        if sides == 2:
-            G1, G2 = G_all[:N], G_all[N:]
-            m1, m2, first = self.preference(G1, G2, xb, batch["target"], batch["target_batch"], B)
-            first_t = torch.as_tensor(first, device=dev)
-            rows = first_t[xb].view(-1, 1)
-            G_w = torch.where(rows, G1, G2)
-            G_l = torch.where(rows, G2, G1)
-            mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
-            stats = D.all_reduce_sum_nograd(torch.tensor(
-                [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(B)], dtype=torch.float64,
-                device=dev)).cpu()
-            n = float(stats[4])
-            logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
-                         "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
-            side_samples = {"aux_w": G_w, "aux_l": G_l}
-            if rec is not None:
-                rec.update(m1=m1, m2=m2, first=first.copy())
+        gen = self.wrapped["student"] if with_grad else self.student
+        with torch.set_grad_enabled(with_grad):
+            st.G_all = one_step_sample(gen, torch.cat([x_init] * k), torch.cat(noises), st.Xb,
+                                       st.cond_k, self.t_T, self.sigma_T, self.alpha_T, d["generator"],
+                                       num_elements=k * B)
+        if k == 2:
+            st.samples = self._rank_pair(st, batch, rec)
         else:
-            side_samples = {"aux": G_all}
+            st.samples = {"aux": st.G_all}
         if rec is not None:
-            rec.update(keys=keys, z=z.detach().clone(), z2=None if sides == 1 else z2.detach().clone(),
-                       G=G_all.detach().clone(),
-                       side_samples={k: v.detach().clone() for k, v in side_samples.items()}, aux=[])
+            rec.update(keys=st.keys, z=z.detach().clone(), z2=None if k == 1 else z2.detach().clone(),
+                       G=st.G_all.detach().clone(),
+                       side_samples={n: v.detach().clone() for n, v in st.samples.items()}, aux=[])
+        return st
 
-        # 2. auxiliary update(s) on the detached samples of their own side
-        kind = d["aux_loss"]
-        reg = float(self.cfg["diffusion"]["reg_weight"])
+    def _rank_pair(self, st: "_Step", batch: dict, rec: dict | None) -> dict:
+        """Winner and loser of each scan's pair by the preference metric (logs the margins)."""
+        N = st.xb.shape[0]
+        G1, G2 = st.G_all[:N], st.G_all[N:]
+        m1, m2, first = self.preference(G1, G2, st.xb, batch["target"], batch["target_batch"], st.B)
+        rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
+        mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
+        stats = D.all_reduce_sum_nograd(torch.tensor(
+            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(st.B)],
+            dtype=torch.float64, device=self.device)).cpu()
+        n = float(stats[4])
+        st.logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
+                        "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
+        if rec is not None:
+            rec.update(m1=m1, m2=m2, first=first.copy())
+        return {"aux_w": torch.where(rows, G1, G2), "aux_l": torch.where(rows, G2, G1)}
+
+    def update_auxiliaries(self, st: "_Step", rec: dict | None = None) -> dict:
+        """Step 2: each auxiliary net takes ``aux_updates_per_step`` denoising steps on the detached
+        samples of its own side, ``x = sg(G_side) + sigma_t' eps'`` with fresh (t', eps')."""
+        d = self.cfg["distill"]
+        kind, reg = d["aux_loss"], float(self.cfg["diffusion"]["reg_weight"])
         for k in range(int(d["aux_updates_per_step"])):
-            total = 0.0
-            for name in self.aux_names:
+            for name in st.sides:
                 self.set_train(self.aux[name], True)
-            losses = {}
-            draws = {}
-            for name in self.aux_names:
-                t_a = self.draw_t(keys, f"distill/{name}/t/{k}", t_min, t_max)
-                eps_a = self.draw_noise(keys, counts, f"distill/{name}/eps/{k}")
-                x_a = side_samples[name].detach() + self.sigma(t_a)[xb].view(-1, 1) * eps_a
-                pred = self.wrapped[name](x_a, xb, t_a, cond)
-                losses[name] = aux_loss(pred, eps_a, kind, reg)
+            losses, draws, total = {}, {}, 0.0
+            for name in st.sides:
+                t_a = self.draw_t(st.keys, f"distill/{name}/t/{k}", int(d["t_min"]), int(d["t_max"]))
+                eps_a = self.draw_noise(st.keys, st.counts, f"distill/{name}/eps/{k}")
+                x_a = st.samples[name].detach() + self.sigma(t_a)[st.xb].view(-1, 1) * eps_a
+                losses[name] = aux_loss(self.wrapped[name](x_a, st.xb, t_a, st.cond), eps_a, kind, reg)
                 total = total + losses[name]
                 draws[name] = (t_a, eps_a)
             self.guard("aux", total)
@@ -259,42 +289,35 @@ class DistillTrainer(Trainer):
             gn = self.clip_and_step("aux", self._aux_clip())
             if rec is not None:
                 rec["aux"].append({n: (t.clone(), e.clone()) for n, (t, e) in draws.items()})
-        for name in self.aux_names:
-            logs[f"loss/{name}"] = float(losses[name].detach())
+        logs = {f"loss/{name}": float(losses[name].detach()) for name in st.sides}
         logs["grad_norm/aux"] = gn
+        return logs
 
-        if not student_phase:
-            logs["loss/student"] = float("nan")
-            if rec is not None:
-                self.last_record = rec
-            return logs
-
-        # 3. student update through the stop-gradient score-distillation loss
-        t = self.draw_t(keys, "distill/t", t_min, t_max)
-        eps = self.draw_noise(keys, counts, "distill/eps")
-        sig = self.sigma(t)[xb].view(-1, 1)
-        for name in self.aux_names:
+    def update_student(self, st: "_Step", rec: dict | None = None) -> dict:
+        """Step 3: the student descends the stop-gradient score-distillation loss, with one (t, eps)
+        per scan shared by every side and the auxiliary nets as updated in step 2."""
+        d = self.cfg["distill"]
+        t = self.draw_t(st.keys, "distill/t", int(d["t_min"]), int(d["t_max"]))
+        eps = self.draw_noise(st.keys, st.counts, "distill/eps")
+        sig = self.sigma(t)[st.xb].view(-1, 1)
+        for name in st.sides:
             self.aux[name].eval()
-        n_scan = max(1, int(batch["scan_counts"].max()))
         with torch.no_grad():
-            if sides == 2:
-                x_w = G_w.detach() + sig * eps
-                x_l = G_l.detach() + sig * eps
-                eps_T = self.teacher_score(torch.cat([x_w, x_l]), Xb, torch.cat([t, t]), cond_k, n_scan)
-                d_w = eps_T[:N] - self.aux["aux_w"](x_w, xb, t, cond)
-                d_l = eps_T[N:] - self.aux["aux_l"](x_l, xb, t, cond)
-            else:
-                x_s = G_all.detach() + sig * eps
-                d_s = self.teacher_score(x_s, xb, t, cond, n_scan) - self.aux["aux"](x_s, xb, t, cond)
-        if sides == 2:
+            x = {name: st.samples[name].detach() + sig * eps for name in st.sides}
+            k = len(st.sides)
+            eps_T = self.teacher_score(torch.cat([x[n] for n in st.sides]), st.Xb, torch.cat([t] * k),
+                                       st.cond_k, st.n_scan).chunk(k)
+            diff = {n: eps_T[i] - self.aux[n](x[n], st.xb, t, st.cond) for i, n in enumerate(st.sides)}
+        logs = {}
+        if self.mode == "dpo":
+            d_w, d_l, G_w, G_l = diff["aux_w"], diff["aux_l"], st.samples["aux_w"], st.samples["aux_l"]
             row_w = None
             if d["weighting"] == "logsigmoid":
-                div_w = torch.zeros(B, device=dev).index_add_(0, xb, (d_w ** 2).sum(1)) / torch.as_tensor(
-                    counts, device=dev, dtype=torch.float32)
-                div_l = torch.zeros(B, device=dev).index_add_(0, xb, (d_l ** 2).sum(1)) / torch.as_tensor(
-                    counts, device=dev, dtype=torch.float32)
+                counts = torch.as_tensor(st.counts, device=self.device, dtype=torch.float32)
+                div_w = torch.zeros(st.B, device=self.device).index_add_(0, st.xb, (d_w ** 2).sum(1)) / counts
+                div_l = torch.zeros(st.B, device=self.device).index_add_(0, st.xb, (d_l ** 2).sum(1)) / counts
                 wts = logsigmoid_weights(div_w, div_l, float(d["dpo_beta"]))
-                row_w = wts[xb]
+                row_w = wts[st.xb]
                 logs["dpo/weight"] = float(wts.mean())
             loss = dpo_loss(d_w, G_w, d_l, G_l, row_w)
             alpha = float(d["vsd_weight"])
@@ -303,17 +326,15 @@ class DistillTrainer(Trainer):
             logs["score_diff/winner"] = float(d_w.abs().mean())
             logs["score_diff/loser"] = float(d_l.abs().mean())
         else:
-            loss = vsd_loss(d_s, G_all)
-            logs["score_diff"] = float(d_s.abs().mean())
+            loss = vsd_loss(diff["aux"], st.G_all)
+            logs["score_diff"] = float(diff["aux"].abs().mean())
         self.guard("student", loss)
         self.optimizers["student"].zero_grad(set_to_none=True)
         loss.backward()
         logs["grad_norm/student"] = self.clip_and_step("student", self.cfg["train"]["grad_clip"])
-        logs["loss/student"] = float(loss.detach())
-        logs["loss"] = float(loss.detach())
+        logs["loss/student"] = logs["loss"] = float(loss.detach())
         if rec is not None:
             rec.update(t=t.clone(), eps=eps.clone())
-            self.last_record = rec
         return logs
 
     # -- rendering / export ----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """SemanticKITTI-layout data (real or synthetic) for the trainers, through the core's datasets.
 
 Wraps :class:`lidar_completion.data.TrainingDataset` (label-filtered input, farthest-point sampling,
-joint augmentation of METHOD.md §1, cached per-frame targets) and keeps the arrays the trainers use.
+joint augmentation of docs/method.md, "Data and ground truth", cached per-frame targets) and keeps
+the arrays the trainers use.
 Its randomness comes from the generator :class:`training.data.KeyedDataset` passes in, keyed by the
 sample's position in the global order. ``data.build_gt: true`` (default for synthetic data) builds
 missing ground-truth caches first, on rank 0 while the other ranks wait.

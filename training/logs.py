@@ -6,12 +6,13 @@ TensorBoard.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+
+from lidar_completion.fileutil import JsonlWriter
 
 
 class RunLogger:
@@ -25,7 +26,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = JsonlWriter(self.out / "metrics.jsonl")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
@@ -45,8 +46,7 @@ class RunLogger:
                     self.writer.add_scalar(k, v, step)
         rec = {"step": int(step), "time": round(time.time() - self._t0, 3)}
         rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
-        self._jsonl.write(json.dumps(rec) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(rec)
 
     def progress(self, n: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:

@@ -6,8 +6,8 @@ all-reduce (:func:`training.distributed.all_reduce_sum`); with DDP's gradient av
 exact gradient of the loss of the global batch, including LiDiff's non-separable mean/std regulariser.
 Single-process runs skip the all-reduce.
 
-Distillation losses (METHOD.md §4, stop-gradient form). For a one-step student sample ``G`` (which
-carries the student's graph), a timestep ``t`` and noise ``eps``:
+Distillation losses (docs/method.md, "Distillation"; the stop-gradient form). For a one-step student
+sample ``G`` (which carries the student's graph), a timestep ``t`` and noise ``eps``:
 
     x_t = sg(G) + sigma_t * eps
     d   = eps_teacher(x_t) - eps_aux(x_t)          (evaluated without gradient)
@@ -24,44 +24,27 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from lidar_completion.diffusion.losses import REG_WEIGHT, loss_from_sums, loss_sums
+
 from . import distributed as D
 
 
 # ---------------------------------------------------------------------------------------------
 # denoising losses
-def denoising_loss_terms(eps_hat: torch.Tensor, eps: torch.Tensor, reg_weight: float = 5.0) -> dict:
-    """LiDiff loss ``MSE + reg_weight * (mean^2 + (std - 1)^2)`` over the *global* batch.
-
-    Same value as :func:`lidar_completion.diffusion.diffusion_loss` on the union of every rank's
-    rows (unbiased std), computed from float64 sums so that it can be all-reduced."""
-    if eps_hat.shape != eps.shape:
-        raise ValueError(f"eps_hat and eps must have the same shape, got {tuple(eps_hat.shape)} and "
-                         f"{tuple(eps.shape)}")
-    e = eps_hat.double()
-    sums = torch.stack([((e - eps.double()) ** 2).sum(), e.sum(), (e ** 2).sum(),
-                        torch.tensor(float(e.numel()), dtype=torch.float64, device=e.device)])
-    s = D.all_reduce_sum(sums)
-    se, s1, s2, n = s[0], s[1], s[2], s[3].detach()
-    if float(n) < 2:
-        raise ValueError(f"the denoising loss needs at least 2 elements, got {int(n)}")
-    mse = se / n
-    mean = s1 / n
-    var = (s2 - s1 * s1 / n) / (n - 1.0)
-    std = torch.sqrt(torch.clamp(var, min=1e-30))
-    mean_term = mean ** 2
-    std_term = (std - 1.0) ** 2
-    loss = mse + reg_weight * (mean_term + std_term)
-    return {"loss": loss.float(), "mse": mse.float(), "mean": mean_term.float(), "std": std_term.float()}
+def denoising_loss_terms(eps_hat: torch.Tensor, eps: torch.Tensor, reg_weight: float = REG_WEIGHT) -> dict:
+    """The core's LiDiff loss (:mod:`lidar_completion.diffusion.losses`) over the *global* batch:
+    its sums are added over ranks before the loss is formed from them."""
+    terms = loss_from_sums(D.all_reduce_sum(loss_sums(eps_hat, eps)), reg_weight)
+    return {k: v.float() for k, v in terms.items()}
 
 
 def mse_loss_global(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    sums = torch.stack([((eps_hat.double() - eps.double()) ** 2).sum(),
-                        torch.tensor(float(eps_hat.numel()), dtype=torch.float64, device=eps_hat.device)])
-    s = D.all_reduce_sum(sums)
-    return (s[0] / s[1].detach()).float()
+    """Plain MSE over the global batch (the published auxiliary loss)."""
+    s = D.all_reduce_sum(loss_sums(eps_hat, eps))
+    return (s[0] / s[3].detach()).float()
 
 
-def aux_loss(eps_hat: torch.Tensor, eps: torch.Tensor, kind: str, reg_weight: float = 5.0) -> torch.Tensor:
+def aux_loss(eps_hat: torch.Tensor, eps: torch.Tensor, kind: str, reg_weight: float = REG_WEIGHT) -> torch.Tensor:
     if kind == "mse":
         return mse_loss_global(eps_hat, eps)
     return denoising_loss_terms(eps_hat, eps, reg_weight)["loss"]
@@ -100,24 +83,14 @@ def chamfer_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "chamfer_
     """Differentiable Chamfer loss of one sample.
 
     ``chamfer_l2sq``: mean squared NN distance both ways, summed (what the published refiner trains
-    with, pytorch3d's default). ``chamfer_l1``: 0.5 * (mean NN distance both ways), the CD metric."""
+    with, pytorch3d's default). ``chamfer_l1``: 0.5 * (mean NN distance both ways), the CD metric
+    (``lidar_completion.metrics.chamfer_distance``), differentiable."""
     d_pq, d_qp = chamfer_terms(pred, target)
     if kind == "chamfer_l2sq":
         return d_pq.mean() + d_qp.mean()
     if kind == "chamfer_l1":
         return 0.5 * (torch.sqrt(d_pq.clamp_min(1e-12)).mean() + torch.sqrt(d_qp.clamp_min(1e-12)).mean())
     raise ValueError(f"unknown chamfer loss {kind!r}")
-
-
-def chamfer_distance_np(pred, target) -> float:
-    """CD of METHOD.md §5: 0.5 * (mean_p min_g |p-g| + mean_g min_p |g-p|), Euclidean, metres."""
-    p = np.asarray(pred, dtype=np.float64)[:, :3]
-    g = np.asarray(target, dtype=np.float64)[:, :3]
-    if len(p) == 0 or len(g) == 0:
-        return float("inf")
-    d_pg, _ = cKDTree(g).query(p, k=1, workers=-1)
-    d_gp, _ = cKDTree(p).query(g, k=1, workers=-1)
-    return 0.5 * (float(d_pg.mean()) + float(d_gp.mean()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Refiner training (METHOD.md §2): jittered dense points in, 6 points per input point out
+"""Refiner training (docs/method.md, "Networks"): jittered dense points in, 6 points per input point out
 (input + tanh offsets within +-1 m, the input point itself dropped), Chamfer loss to the dense target.
 
 The input is the dense ground truth subsampled and jittered with N(0, 0.2^2) clipped at +-0.3 m

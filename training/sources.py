@@ -1,7 +1,7 @@
 """Where training samples come from (``data.kind`` in the config).
 
 * ``semantickitti``: a SemanticKITTI-layout dataset at ``data.root`` with its per-frame ground-truth
-  cache (``lidar_completion.data``), augmented as METHOD.md §1;
+  cache (``lidar_completion.data``), augmented as in docs/method.md, "Data and ground truth";
 * ``synthetic``: the same, on scenes made by ``lidar_completion.data.synthetic`` (generated once into
   ``<out>/synthetic`` unless ``data.root`` points at an existing synthetic dataset);
 * ``npz``: one ``.npz`` file with arrays ``scan_0, target_0, scan_1, ...`` (tests, overfitting a
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lidar_completion.data.dataset import tile_to
 from lidar_completion.errors import ConfigError, DatasetError
-
-from .data import tile_to
 
 
 class NpzSource:

@@ -1,4 +1,4 @@
-"""Teacher training: LiDiff's denoising objective with condition dropout (METHOD.md §3).
+"""Teacher training: LiDiff's denoising objective with condition dropout (docs/method.md, "Diffusion").
 
 For each sample: t ~ U{0..T-1}, eps ~ N(0, I) over the target points, x_t = x_0 + sqrt(1 - abar_t) eps
 (the local forward process), loss = MSE(eps_hat, eps) + 5 (mean(eps_hat)^2 + (std(eps_hat) - 1)^2)

@@ -32,13 +32,15 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .fileutil import atomic_write
+from .settings import checkpoint_fallback
+from .shipped import WEIGHTS_DIR, shipped_manifest  # noqa: F401 (re-exported)
 from .models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,8 @@ PUBLISHED_LAYOUTS = {
 }
 OPTIONAL_PREFIXES = {"teacher.": "teacher", "auxDiff.": "aux", "auxDiffBetter.": "aux_better",
                      "auxDiffWorse.": "aux_worse", "model_refine.": "refiner"}
-DEFAULT_SAMPLING = {"steps": 8, "guidance": 3.5}
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: What a file that names no sampling defaults is sampled with (lidar_completion.settings).
+DEFAULT_SAMPLING = {k: checkpoint_fallback(k) for k in ("steps", "guidance")}
 
 
 @dataclass
@@ -94,23 +95,6 @@ def content_hash(state_dicts: dict, config: dict, sampling: dict) -> str:
     return h.hexdigest()
 
 
-def atomic_torch_save(obj, path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(path, models: dict, config: ModelConfig, sampling: dict | None = None,
                     kind: str = "student", meta: dict | None = None, half: bool = False) -> str:
     """Save networks (``{"encoder": m, "denoiser": m, "refiner": m}``, any subset; modules or state
@@ -137,7 +121,7 @@ def save_checkpoint(path, models: dict, config: ModelConfig, sampling: dict | No
     digest = content_hash(state_dicts, cfg, sampling)
     obj = {"format": FORMAT, "version": VERSION, "kind": kind, "config": cfg, "sampling": sampling,
            "state_dicts": state_dicts, "meta": dict(meta or {}), "content_hash": digest}
-    atomic_torch_save(obj, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
     return digest
 
 
@@ -331,17 +315,9 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, refiner_path
 
 
 # ----------------------------------------------------------------------------- shipped weights
-def shipped_manifest() -> dict:
-    """The manifest of the weights shipped inside the package ({} when none are shipped)."""
-    p = WEIGHTS_DIR / "manifest.json"
-    if not p.exists():
-        return {}
-    return json.loads(p.read_text())
-
-
 def default_checkpoint_path() -> Path:
     """The shipped Distillation-DPO student (with refiner): the default of the CLI and the node."""
-    manifest = shipped_manifest()
+    manifest = shipped_manifest(WEIGHTS_DIR)
     name = manifest.get("default")
     if not name or not (WEIGHTS_DIR / name).exists():
         raise CheckpointError("no default checkpoint is shipped with this installation; pass a checkpoint "

@@ -1,6 +1,7 @@
 """The inference API: one scan in, the completed scene out.
 
 >>> c = Completer.from_checkpoint("student.pt", steps=8, guidance=3.5, seed=0)   # doctest: +SKIP
+>>> c = Completer.from_settings(CompletionSettings(steps=4))  # the same options as the CLI / node  # doctest: +SKIP
 >>> dense = c.complete(scan)            # (N, >=3) float array -> (M, 3) float32   # doctest: +SKIP
 
 One code path serves the CLI, the ROS node, evaluation and the benchmarks:
@@ -30,6 +31,7 @@ from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedRefiner, graphs
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
+from .settings import PRECISIONS, CompletionSettings, checkpoint_fallback
 
 __all__ = ["Completer", "CompletionResult", "STAGES", "resolve_device"]
 
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Stage names of :attr:`CompletionResult.timings`, in pipeline order.
 STAGES = ("preprocess", "encoder", "denoiser", "solver", "postprocess", "refinement")
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16)))
 
 
 @dataclass
@@ -106,13 +108,16 @@ class Completer:
     """
 
     def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 refiner: torch.nn.Module | None = None, *, steps: int = 8, guidance: float = 3.5,
+                 refiner: torch.nn.Module | None = None, *,
+                 steps: int = checkpoint_fallback("steps"),
+                 guidance: float = checkpoint_fallback("guidance"),
                  refine: bool = True, device="cpu", seed: int | None = None, precision: str = "fp32",
                  min_range: float | None = DEFAULTS["min_range"],
                  max_range: float | None = DEFAULTS["max_range"],
                  min_z: float | None = DEFAULTS["min_z"], n_fps: int = DEFAULTS["n_fps"],
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
-                 min_points: int = 100, schedule: NoiseSchedule | None = None, process: str = "vp",
+                 min_points: int = 100, schedule: NoiseSchedule | None = None,
+                 process: str = checkpoint_fallback("process"),
                  cuda_graphs: bool | str | None = None):
         self.device = resolve_device(device)
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
@@ -147,6 +152,14 @@ class Completer:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
+    def from_settings(cls, settings: CompletionSettings | None = None, **kwargs) -> "Completer":
+        """The Completer that :class:`~lidar_completion.settings.CompletionSettings` describe (the
+        defaults when None); ``kwargs`` are constructor options the settings do not hold
+        (``post_max_range``, ``min_points``, ``schedule``)."""
+        s = settings if settings is not None else CompletionSettings()
+        return cls.from_checkpoint(s.checkpoint, **s.completer_kwargs(), **kwargs)
+
+    @classmethod
     def from_checkpoint(cls, path=None, steps: int | None = None, guidance: float | None = None,
                         refine: bool = True, device="cpu", seed: int | None = None,
                         backend: str | None = "auto", refiner_checkpoint=None, allow_pickle=None,
@@ -154,8 +167,9 @@ class Completer:
         """Load a checkpoint (ours or a published layout) and build a Completer.
 
         ``path=None`` takes the shipped student checkpoint. ``steps`` / ``guidance`` left at None
-        take the checkpoint's sampling defaults (8 / 3.5 when it names none); so do the point
-        budgets ``n_fps`` / ``tile`` when the checkpoint records them and they are not given.
+        take the checkpoint's sampling defaults (:mod:`lidar_completion.settings` names the values
+        for a checkpoint that names none); so do the point budgets ``n_fps`` / ``tile`` when the
+        checkpoint records them and they are not given.
         ``process`` (None: the checkpoint's ``sampling["process"]``, "vp" when it names none, as
         for published checkpoints) picks the solver's forward process (see
         :mod:`lidar_completion.diffusion.sampler`). ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
@@ -179,11 +193,11 @@ class Completer:
                                   "needs a condition encoder and a denoiser")
         sampling = dict(getattr(loaded, "sampling", None) or {})
         if steps is None:
-            steps = int(sampling.get("steps", 8))
+            steps = int(sampling.get("steps", checkpoint_fallback("steps")))
         if guidance is None:
-            guidance = float(sampling.get("guidance", 3.5))
+            guidance = float(sampling.get("guidance", checkpoint_fallback("guidance")))
         if process is None:
-            process = str(sampling.get("process", "vp"))
+            process = str(sampling.get("process", checkpoint_fallback("process")))
         for key in ("n_fps", "tile"):  # the point budgets the model was trained with
             if key in sampling and key not in kwargs:
                 kwargs[key] = int(sampling[key])

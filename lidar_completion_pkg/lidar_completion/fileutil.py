@@ -1,12 +1,25 @@
-"""Small file helpers shared by the caches, the evaluation and the checkpoints."""
+"""File helpers shared by the ground-truth cache, the evaluation, the checkpoints and training.
+
+* :func:`atomic_write` / :func:`atomic_write_json`: a file is written under a temporary name
+  private to this process (:func:`tmp_name`) in the same folder, then renamed over its final name,
+  so a reader sees the old file or the new one, never a part; a failure leaves no temporary file.
+* :class:`JsonlWriter` / :func:`read_jsonl`: append-only JSON-lines journals (one record per line)
+  that a killed writer cannot spoil: a torn last line is ended before the next append and skipped
+  by the reader.
+* :func:`stale_tmp`: whether a temporary file left in a folder belongs to a writer that is gone.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Callable, Iterable, Union
 
 log = logging.getLogger(__name__)
+
+Data = Union[bytes, bytearray, memoryview, str, Iterable[bytes], Callable]
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -18,6 +31,86 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------ atomic writes
+def tmp_name(path) -> Path:
+    """The temporary name :func:`atomic_write` uses for ``path``: private to this process, since
+    several processes (a teacher and a refiner started together) may rewrite one cache at once."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def stale_tmp(tmp) -> bool:
+    """True for a temporary file whose writer process is gone (or of a naming without a writer id)."""
+    parts = Path(tmp).name.split(".")
+    try:
+        pid = int(parts[-2])
+    except (ValueError, IndexError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def fsync_dir(path) -> None:
+    """fsync a folder (its entries: a rename in it), where the platform allows it."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data: Data, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically and return ``path``.
+
+    ``data``: bytes, a str (UTF-8), an iterable of bytes chunks, or a callable that writes into the
+    binary file object it is given (``lambda f: torch.save(obj, f)``). The parent folder is created.
+    ``durable``: fsync the file before the rename and the folder after it (off for bulk caches whose
+    journal records the file only after the rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(data):
+                data(fh)
+            elif isinstance(data, str):
+                fh.write(data.encode("utf-8"))
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                fh.write(data)
+            else:
+                for chunk in data:
+                    fh.write(chunk)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path, obj, **dump_kwargs) -> Path:
+    """:func:`atomic_write` of ``json.dumps(obj, **dump_kwargs)`` and a newline."""
+    return atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+# ---------------------------------------------------------------------------------- JSON-lines
 def read_jsonl(path) -> list:
     """The dict records of a JSON-lines file (none when it does not exist). A line torn by a killed
     writer is skipped with a warning instead of failing the reader."""
@@ -38,3 +131,50 @@ def read_jsonl(path) -> list:
             if isinstance(rec, dict):
                 records.append(rec)
     return records
+
+
+class JsonlWriter:
+    """An append-only JSON-lines journal, one record per :meth:`write`.
+
+    Opening it ends a last line torn by a killed writer with a newline, so that the next record
+    starts a line of its own (``truncate=True`` starts the file afresh instead). Each record is
+    flushed; ``durable=True`` also fsyncs it, else :meth:`sync` does on demand. A context manager.
+    """
+
+    def __init__(self, path, truncate: bool = False, durable: bool = False, sort_keys: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.durable = durable
+        self.sort_keys = sort_keys
+        if not truncate:
+            _end_torn_line(self.path)
+        self._fh = open(self.path, "w" if truncate else "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record, sort_keys=self.sort_keys) + "\n")
+        self._fh.flush()
+        if self.durable:
+            os.fsync(self._fh.fileno())
+
+    def sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _end_torn_line(path: Path) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")

@@ -1,7 +1,7 @@
 """Scene-completion metrics on point clouds: plain functions on (N, 3) numpy arrays returning floats.
 
-Definitions follow METHOD.md section 5 (the LiDiff / ScoreLiDAR / Distillation-DPO evaluation), with
-the published quirks named and offered separately where the published numbers depend on them:
+Definitions follow docs/method.md, "Metrics" (the LiDiff / ScoreLiDAR / Distillation-DPO evaluation),
+with the published quirks named and offered separately where the published numbers depend on them:
 
 ========================  ===========================================================================
 function                  what it computes
@@ -25,6 +25,9 @@ iou / iou_counts          |P n G| / |P u G| over occupied voxels, voxel index ``
                           +-25 / +-10 / +-5 m at 0.5 / 0.2 / 0.1 m: the ScoreLiDAR / DDPO variant).
 precision_recall_fscore   share of predicted points with a ground-truth point closer than the
                           threshold, the converse, and their harmonic mean (fractions, not percent).
+prf_area                  the published P/R/F: the normalised Simpson area of P/R/F over 100
+                          thresholds from 0.05 to 0.10 m.
+frame_metrics             every metric above for one frame, as the JSON record the evaluation keeps.
 ========================  ===========================================================================
 
 Empty clouds: distance-based metrics return NaN (the metric is undefined), IoU counts work as usual.
@@ -46,9 +49,10 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "chamfer_distance", "jsd_bev", "jsd_3d", "emd", "emd_published", "iou", "iou_counts",
-    "precision_recall_fscore", "nn_distances", "prf_from_distances", "voxel_masses",
+    "precision_recall_fscore", "nn_distances", "prf_from_distances", "prf_area", "voxel_masses",
+    "frame_metrics", "chamfer_from_distances",
     "HIST_RANGE", "HIST_VOXEL", "EMD_VOXEL", "EMD_MAX_EXACT_ENTRIES", "EMD_SINKHORN_EPS",
-    "EMD_PUBLISHED_MAX_VOXELS",
+    "EMD_PUBLISHED_MAX_VOXELS", "IOU_VOXEL_SIZES", "PRF_THRESHOLDS", "PRF_AREA_THRESHOLDS", "EMD_MODES",
 ]
 
 #: Histogram metrics (JSD): half-width of the cube in metres and its voxel size (200 bins per axis).
@@ -63,6 +67,14 @@ EMD_MAX_EXACT_ENTRIES = 20_000_000
 EMD_SINKHORN_EPS = 0.05
 #: Distillation-DPO drops a frame when both clouds together occupy more voxels than this.
 EMD_PUBLISHED_MAX_VOXELS = 130_000
+#: Voxel sizes (m) of the IoU columns of a frame record.
+IOU_VOXEL_SIZES = (0.5, 0.2, 0.1)
+#: Thresholds (m) of the single-threshold P/R/F columns of a frame record.
+PRF_THRESHOLDS = (0.05, 0.10)
+#: Published P/R/F: normalised Simpson area over 100 thresholds from 0.05 to 0.10 m.
+PRF_AREA_THRESHOLDS = np.linspace(0.05, 0.10, 100)
+#: Which EMDs a frame record holds: our optimal-transport one, the published variant, both, none.
+EMD_MODES = ("both", "ot", "published", "none")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -98,9 +110,14 @@ def chamfer_distance(pred, gt, workers: int = 1) -> float:
     """
     pred = _points(pred, "pred")
     gt = _points(gt, "gt")
-    if len(pred) == 0 or len(gt) == 0:
+    return chamfer_from_distances(nn_distances(pred, gt, workers), nn_distances(gt, pred, workers))
+
+
+def chamfer_from_distances(d_pred_to_gt: np.ndarray, d_gt_to_pred: np.ndarray) -> float:
+    """The Chamfer distance from precomputed nearest-neighbour distances (NaN if either is empty)."""
+    if len(d_pred_to_gt) == 0 or len(d_gt_to_pred) == 0:
         return float("nan")
-    return float(0.5 * (nn_distances(gt, pred, workers).mean() + nn_distances(pred, gt, workers).mean()))
+    return float(0.5 * (np.mean(d_gt_to_pred) + np.mean(d_pred_to_gt)))
 
 
 def prf_from_distances(d_pred_to_gt: np.ndarray, d_gt_to_pred: np.ndarray, threshold: float):
@@ -127,6 +144,23 @@ def precision_recall_fscore(pred, gt, threshold: float, workers: int = 1):
     pred = _points(pred, "pred")
     gt = _points(gt, "gt")
     return prf_from_distances(nn_distances(pred, gt, workers), nn_distances(gt, pred, workers), threshold)
+
+
+def prf_area(d_pred_to_gt: np.ndarray, d_gt_to_pred: np.ndarray,
+             thresholds: np.ndarray = PRF_AREA_THRESHOLDS) -> list:
+    """The published P/R/F (fractions): precision, recall and F-score at each of ``thresholds``
+    (evenly spaced; strictly closer, as :func:`precision_recall_fscore` counts), integrated with
+    Simpson's rule and divided by the area of 1 over the same range. NaNs if a cloud is empty."""
+    if len(d_pred_to_gt) == 0 or len(d_gt_to_pred) == 0:
+        return [math.nan] * 3
+    from scipy.integrate import simpson
+    sp, sg = np.sort(d_pred_to_gt), np.sort(d_gt_to_pred)
+    p = np.searchsorted(sp, thresholds, side="left") / len(sp)
+    r = np.searchsorted(sg, thresholds, side="left") / len(sg)
+    f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    dx = thresholds[1] - thresholds[0]
+    norm = simpson(np.ones_like(thresholds), dx=dx)
+    return [float(simpson(v, dx=dx) / norm) for v in (p, r, f)]
 
 
 # -------------------------------------------------------------------------------------- JSD metrics
@@ -328,6 +362,9 @@ def emd(pred, gt, voxel_size: float = EMD_VOXEL, method: str = "auto",
     return (value, info) if return_info else value
 
 
+_emd_w1 = emd   # frame_metrics' argument ``emd`` (which EMDs to compute) hides the function's name
+
+
 def emd_published(pred, gt, voxel_size: float = EMD_VOXEL, epsilon: float = 0.001,
                   max_iter: int = 3000, tol: float = 1e-4,
                   max_voxels: int = EMD_PUBLISHED_MAX_VOXELS) -> float:
@@ -385,3 +422,41 @@ def emd_published(pred, gt, voxel_size: float = EMD_VOXEL, epsilon: float = 0.00
     for s in range(0, len(xa), block):
         dense += float(u[s:s + block] @ (cdist(xa[s:s + block], xb) @ v))
     return total + floor * dense
+
+
+# ------------------------------------------------------------------------------------ one frame
+def _key(v: float) -> str:
+    return f"{v:g}"
+
+
+def frame_metrics(pred, gt, emd: str = "both", workers: int = 1) -> dict:
+    """Every metric of one frame as a JSON-ready dict (NaN for undefined values).
+
+    Keys: n_pred, n_gt, cd, jsd_bev, jsd_3d, emd (+ emd_method, emd_cell, emd_bound; with ``emd``
+    "both" or "ot"), emd_published ("both" or "published"), iou ({"full"|"legacy": {"0.5": [tp, fp,
+    fn], ...}} at :data:`IOU_VOXEL_SIZES`), prf ({"0.05": [p, r, f], "0.1": [...], "auc": the
+    :func:`prf_area` variant}), metric_seconds.
+    """
+    if emd not in EMD_MODES:
+        raise ConfigError(f"emd: expected one of {', '.join(EMD_MODES)}, got {emd!r}")
+    t0 = time.perf_counter()
+    pred = _points(pred, "prediction")
+    gt = _points(gt, "ground truth")
+    rec: dict = {"n_pred": int(len(pred)), "n_gt": int(len(gt))}
+    d_pred = nn_distances(pred, gt, workers)
+    d_gt = nn_distances(gt, pred, workers)
+    rec["cd"] = chamfer_from_distances(d_pred, d_gt)
+    rec["jsd_bev"] = jsd_bev(pred, gt)
+    rec["jsd_3d"] = jsd_3d(pred, gt)
+    if emd in ("both", "ot"):
+        value, info = _emd_w1(pred, gt, return_info=True)
+        rec.update(emd=value, emd_method=info["method"], emd_cell=info["cell"],
+                   emd_bound=info["error_bound"])
+    if emd in ("both", "published"):
+        rec["emd_published"] = emd_published(pred, gt)
+    rec["iou"] = {ext: {_key(v): list(iou_counts(pred, gt, v, ext)) for v in IOU_VOXEL_SIZES}
+                  for ext in ("full", "legacy")}
+    rec["prf"] = {_key(t): list(prf_from_distances(d_pred, d_gt, t)) for t in PRF_THRESHOLDS}
+    rec["prf"]["auc"] = prf_area(d_pred, d_gt)
+    rec["metric_seconds"] = time.perf_counter() - t0
+    return rec

@@ -1,4 +1,5 @@
-"""Pre- and post-processing of one scan around the diffusion (METHOD.md §1 and §3).
+"""Pre- and post-processing of one scan around the diffusion (docs/method.md, "Data and ground
+truth" and "Post-processing").
 
 * :func:`filter_scan`: keep xyz with ``min_range < range < max_range`` and ``z > min_z``
   (3.5 m, 50 m, -4 m published);
@@ -102,7 +103,8 @@ def make_x_init(points: np.ndarray, n_fps: int = 18000, tile: int = 10) -> tuple
 
 
 def postprocess_mask(points, x_init, max_range: float | None = 50.0):
-    """Boolean mask of the rows of ``points`` inside the range and z band of METHOD.md §3.
+    """Boolean mask of the rows of ``points`` inside the range and z band of docs/method.md,
+    "Post-processing".
 
     The z band comes from ``x_init``: ``mean_z - 2 std_z < z < max_z`` (unbiased std, as published).
     Works on numpy arrays and on torch tensors (same type in, same type out).

@@ -28,7 +28,7 @@ from lidar_completion.pointcloud2 import create_cloud_xyz32, read_points_numpy
 
 from . import dds
 from .parameters import (BUILTIN, BY_NAME, DYNAMIC, NODE_NAME, PARAMETERS, STARTUP_ONLY,
-                         check_value)
+                         check_value, completion_settings)
 from .stats import Mailbox, Stats, Throttle, diagnostic_summary
 
 # rclpy is imported inside the functions below so that `--help` and the parameter table work (and the
@@ -40,18 +40,11 @@ class StartupError(LidarCompletionError):
 
 
 def default_completer_factory(config: dict):
-    """The real Completer from the `checkpoint` parameter ('' = the shipped default student)."""
+    """The real Completer from the node's Completer parameters (``checkpoint`` '' = the shipped
+    default student; see lidar_completion.settings)."""
     from lidar_completion.completer import Completer
 
-    seed = None if config["seed"] < 0 else int(config["seed"])
-    budgets = {k: int(config[k]) for k in ("n_fps", "tile") if int(config[k]) > 0}  # 0: the checkpoint's
-    return Completer.from_checkpoint(
-        config["checkpoint"] or None, steps=config["steps"] or None,
-        guidance=None if config["guidance"] < 0 else config["guidance"],
-        process=config.get("process") or None, refine=config["refine"], device=config["device"],
-        seed=seed, backend=config["backend"],
-        precision=config["precision"], min_range=config["min_range"], max_range=config["max_range"],
-        min_z=config["min_z"], **budgets)
+    return Completer.from_settings(completion_settings(config))
 
 
 def _make_node_class():

@@ -1,13 +1,20 @@
 """The node's parameters as a plain data table (no rclpy import).
 
-The node declares exactly these (with descriptors built from the table), and the tests check the launch
-file and launch/params/completion.yaml against the same table, so the three cannot drift apart.
+The Completer's options are generated from :class:`lidar_completion.settings.CompletionSettings`
+(:data:`COMPLETER_PARAMETERS`; :func:`completion_settings` turns the node's values back into
+settings); the node's own parameters (topics, QoS, diagnostics, message limits) are plain entries.
+The node declares exactly these (with descriptors built from the table), and the tests check the
+launch file and launch/params/completion.yaml against the same table, so they cannot drift apart.
 Only ``DYNAMIC`` parameters may change while the node runs; the others are read-only after start-up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+from lidar_completion.errors import LidarCompletionError
+from lidar_completion.settings import BY_NAME as OPTION_BY_NAME
+from lidar_completion.settings import OPTIONS, CompletionSettings, Option
 
 NODE_NAME = "lidar_completion"
 
@@ -31,50 +38,45 @@ class Param:
         return ""
 
 
-PARAMETERS: tuple[Param, ...] = (
-    # model and sampling
-    Param("checkpoint", "string", "",
-          "Checkpoint file (ours or a published LiDiff / ScoreLiDAR / Distillation-DPO layout); "
-          "empty = the shipped default student"),
-    Param("steps", "integer", 0,
-          "Solver steps per scan; 0 = the checkpoint's default (8 for the student, 50 for LiDiff). "
-          "At run time 1..200", dynamic=True, range=(0, 200)),
-    Param("guidance", "double", -1.0,
-          "Classifier-free guidance weight w (published: 3.5 student, 6 teacher; the shipped student: 2; "
-          "1 = conditional only); -1 = the checkpoint's default. At run time 0..20", dynamic=True, range=(-1.0, 20.0)),
-    Param("process", "string", "",
-          "Forward process the solver assumes: 'local' (what our networks are trained on) or 'vp' (the "
-          "published LiDiff sampler); empty = the checkpoint's (local for ours, vp for published files)",
-          choices=("", "local", "vp")),
-    Param("refine", "bool", True, "Run the refinement network (x6 points) when the checkpoint has one"),
-    Param("device", "string", "cpu", "Torch device: cpu, cuda, cuda:N or auto"),
-    Param("backend", "string", "auto", "Sparse backend: auto, torch or minkowski",
-          choices=("auto", "torch", "minkowski")),
-    Param("precision", "string", "fp32", "Inference precision on CUDA (fp32 elsewhere)",
-          choices=("fp32", "bf16", "fp16")),
-    Param("seed", "integer", -1,
-          "Noise seed; -1 = fresh randomness for every scan, >= 0 = the same output for the same scan",
-          range=(-1, 2**31 - 1)),
-    # input limits
-    Param("min_range", "double", 3.5, "Input points closer than this (m) are ignored",
-          range=(0.0, 1000.0)),
-    Param("max_range", "double", 50.0, "Input points farther than this (m) are ignored",
-          range=(0.1, 1000.0)),
-    Param("min_z", "double", -4.0, "Input points below this height (m, sensor frame) are ignored",
-          range=(-1000.0, 1000.0)),
+_ROS_TYPES = {str: "string", int: "integer", float: "double", bool: "bool"}
+
+
+def completer_param(opt: Option) -> Param:
+    """The node parameter of one Completer option (:mod:`lidar_completion.settings`): same name,
+    type, default, description and allowed values; ``None`` becomes the option's ``ros_unset``."""
+    description = opt.help[0].upper() + opt.help[1:]
+    value_range = opt.range
+    if opt.default is None:
+        description += f"; {_show(opt.ros_unset)} = {opt.none_text()}"
+        if value_range is not None:
+            value_range = (min(opt.ros_unset, value_range[0]), value_range[1])
+    if opt.runtime:
+        description += ". Can change while the node runs"
+        if opt.range is not None:
+            description += f" ({opt.range[0]:g}..{opt.range[1]:g})"
+    choices = opt.choices
+    if choices is not None and opt.default is None:
+        choices = (opt.ros_unset,) + tuple(choices)
+    default = opt.ros_unset if opt.default is None else opt.default
+    return Param(opt.name, _ROS_TYPES[opt.type], default, description, dynamic=opt.runtime,
+                 range=value_range, choices=choices)
+
+
+def _show(value) -> str:
+    return "empty" if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+#: The Completer's options, one parameter each (generated: change them in lidar_completion.settings).
+COMPLETER_PARAMETERS: tuple[Param, ...] = tuple(completer_param(opt) for opt in OPTIONS)
+
+PARAMETERS: tuple[Param, ...] = COMPLETER_PARAMETERS + (
+    # input limits of the node itself (before the Completer's own range / z filters)
     Param("max_z", "double", 100.0, "Input points above this height (m, sensor frame) are ignored",
           range=(-1000.0, 1000.0)),
     Param("max_points", "integer", 300_000,
           "Clouds with more points (finite, within the range / z limits) are evenly subsampled to "
           "this many, with a warning",
           range=(100, 10_000_000)),
-    Param("n_fps", "integer", 0,
-          "Farthest-point-sampled input points per scan; 0 = the checkpoint's budget (18000, the "
-          "published one, when it records none); smaller = faster",
-          range=(0, 100_000)),
-    Param("tile", "integer", 0, "x_init = the sampled scan tiled this many times; 0 = the "
-          "checkpoint's (published: 10)",
-          range=(0, 100)),
     # topics and QoS
     Param("input_topic", "string", "/velodyne_points", "Input sensor_msgs/PointCloud2 topic"),
     Param("output_topic", "string", "/completed_points", "Completed cloud (float32 x, y, z)"),
@@ -100,7 +102,24 @@ def default_values() -> dict:
 
 
 #: Values allowed at start-up only (they mean "the checkpoint's default").
-STARTUP_ONLY = {"steps": 0, "guidance": -1.0}
+STARTUP_ONLY = {opt.name: opt.ros_unset for opt in OPTIONS if opt.runtime and opt.default is None}
+
+
+def yaml_entry(p: Param, width: int = 100, indent: str = "    ") -> str:
+    """``p`` as launch/params/completion.yaml writes it: its description (and constraints) as
+    comment lines, then ``name: default``."""
+    import json
+    import textwrap
+
+    text = p.description + (f" [{p.constraints}]" if p.constraints else "")
+    comment = textwrap.wrap(text, width - len(indent) - 2)
+    value = str(p.default).lower() if p.type == "bool" else json.dumps(p.default)
+    return "".join(f"{indent}# {line}\n" for line in comment) + f"{indent}{p.name}: {value}\n"
+
+
+def completion_settings(config: dict) -> CompletionSettings:
+    """The Completer settings of the node's parameter values (sentinels back to None)."""
+    return CompletionSettings.from_ros(config)
 
 
 def check_value(name: str, value, runtime: bool = False) -> Optional[str]:
@@ -125,8 +144,19 @@ def check_value(name: str, value, runtime: bool = False) -> Optional[str]:
         return f"{name} must satisfy {p.constraints}, got {value!r}"
     if p.choices is not None and value not in p.choices:
         return f"{name} must be {p.constraints}, got {value!r}"
-    if runtime and name == "steps" and value < 1:
-        return f"steps must be >= 1 at run time, got {value}"
-    if runtime and name == "guidance" and value < 0:
-        return f"guidance must be >= 0 at run time, got {value}"
+    opt = OPTION_BY_NAME.get(name)
+    if opt is None:
+        return None
+    if opt.default is None and value == opt.ros_unset:   # "the checkpoint's" / "none"
+        if runtime and name in STARTUP_ONLY:
+            return f"{name} must be in {opt.allowed_text()} at run time, got {value!r}"
+        return None
+    try:
+        opt.check(value)
+    except LidarCompletionError as exc:
+        return str(exc)
     return None
+
+
+if __name__ == "__main__":   # the Completer section of launch/params/completion.yaml
+    print("".join(yaml_entry(p) for p in COMPLETER_PARAMETERS), end="")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..settings import CompletionSettings, add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,6 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("bag", help="rosbag2 directory (or a .mcap / .db3 file)")
     b.add_argument("--topic", default="/velodyne_points", help="PointCloud2 input topic (default %(default)s)")
-    b.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped student)")
-    b.add_argument("--steps", type=int, default=None, help="solver steps (default: the checkpoint's)")
-    b.add_argument("--guidance", type=float, default=None, help="CFG weight (default: the checkpoint's)")
-    b.add_argument("--no-refine", dest="refine", action="store_false", help="skip the refiner")
-    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    b.add_argument("--seed", type=int, default=None, help="noise seed (default: fresh per scan)")
-    b.add_argument("--backend", choices=("auto", "torch", "minkowski"), default="auto",
-                   help="sparse-convolution backend (default %(default)s: MinkowskiEngine when built)")
-    b.add_argument("--n-fps", type=int, default=None,
-                   help="farthest-point-sampled input points per scan (default 18000; smaller = faster)")
-    b.add_argument("--tile", type=int, default=None, help="x_init tiling factor (default 10)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (offline: this process; live: the node, through "
                         "OMP_NUM_THREADS); default: torch's choice")
@@ -87,6 +77,7 @@ def register(subparsers) -> None:
                       help="seconds without output after the replay before stopping (default %(default)s)")
     live.add_argument("--domain-id", type=int, default=None,
                       help="ROS_DOMAIN_ID for the player and the node (default: a random one)")
+    add_arguments(b)
     b.set_defaults(func=run_bench)
 
 
@@ -104,7 +95,7 @@ def run_from_kitti(args) -> int:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "n_fps", "tile", "limit", "threads"):
+    for name in ("limit", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
@@ -119,23 +110,25 @@ def _check_bag(bag, topic) -> None:
         reader.require_topic(topic, CLOUD_TYPE)
 
 
-def _meta(args) -> dict:
-    return {"checkpoint": args.checkpoint, "steps": args.steps, "guidance": args.guidance,
-            "refine": args.refine, "n_fps": args.n_fps, "tile": args.tile, "seed": args.seed,
-            "threads": args.threads, "backend": args.backend}
+def _meta(settings: CompletionSettings, args) -> dict:
+    meta = {k: v for k, v in settings.as_dict().items()
+            if k in ("checkpoint", "steps", "guidance", "refine", "n_fps", "tile", "seed", "backend")}
+    meta["threads"] = args.threads
+    return meta
 
 
 def run_bench(args) -> int:
     from ..bags.report import summary_line, write_report
 
     _check_args(args)
+    settings = CompletionSettings.from_args(args)
     _check_bag(args.bag, args.topic)  # before loading a model or starting a node
     mode = "live" if args.live else "offline"
     out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{Path(args.bag).name}-{mode}"
     if args.live:
-        report = _run_live(args, out)
+        report = _run_live(args, settings, out)
     else:
-        report = _run_offline(args)
+        report = _run_offline(args, settings)
     paths = write_report(report, out)
     for problem in report.get("bag_problems") or []:
         print(f"warning: {problem}")
@@ -155,7 +148,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def _run_offline(args) -> dict:
+def _run_offline(args, settings: CompletionSettings) -> dict:
     from ..bags.bench import bench_offline
     from ..completer import Completer
 
@@ -164,15 +157,8 @@ def _run_offline(args) -> dict:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
-    kwargs = {}
-    if args.n_fps is not None:
-        kwargs["n_fps"] = args.n_fps
-    if args.tile is not None:
-        kwargs["tile"] = args.tile
-    completer = Completer.from_checkpoint(args.checkpoint, steps=args.steps, guidance=args.guidance,
-                                          refine=args.refine, device=args.device, seed=args.seed,
-                                          backend=args.backend, **kwargs)
-    meta = _meta(args)
+    completer = Completer.from_settings(settings)
+    meta = _meta(settings, args)
     meta.update(steps=completer.steps, guidance=completer.guidance, refine=completer.refine,
                 device=str(completer.device))
     return bench_offline(args.bag, args.topic, completer, write_bag=args.write_bag,
@@ -180,28 +166,14 @@ def _run_offline(args) -> dict:
                          limit=args.limit, progress=args.progress, meta=meta)
 
 
-def _run_live(args, out: Path) -> dict:
+def _run_live(args, settings: CompletionSettings, out: Path) -> dict:
     from ..bags.live import bench_live
 
-    params = []
-    if args.guidance is not None:
-        params.append(f"guidance:={float(args.guidance)}")
-    if not args.refine:
-        params.append("refine:=false")
-    if args.device:
-        params.append(f"device:={args.device}")
-    if args.seed is not None:
-        params.append(f"seed:={args.seed}")
-    if args.backend != "auto":
-        params.append(f"backend:={args.backend}")
-    if args.n_fps is not None:
-        params.append(f"n_fps:={args.n_fps}")
-    if args.tile is not None:
-        params.append(f"tile:={args.tile}")
-    params += list(args.node_param)
-    meta = _meta(args)
-    meta["device"] = args.device
-    return bench_live(args.bag, args.topic, out, checkpoint=args.checkpoint, steps=args.steps,
+    # the node's parameters are the same settings (checkpoint and steps have options of their own)
+    params = settings.ros_overrides(exclude=("checkpoint", "steps")) + list(args.node_param)
+    meta = _meta(settings, args)
+    meta["device"] = settings.device
+    return bench_live(args.bag, args.topic, out, checkpoint=settings.checkpoint, steps=settings.steps,
                       rate=args.rate, output_topic=args.output_topic, node_params=params,
                       node_cmd=args.node_cmd, ready_timeout=args.ready_timeout,
                       drain_timeout=args.drain_timeout, domain_id=args.domain_id,

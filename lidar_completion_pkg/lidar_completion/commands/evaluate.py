@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..metrics import EMD_MODES
+from ..settings import CompletionSettings, add_arguments
 
 METRICS_TEXT = """\
-metrics (lidar_completion.metrics; METHOD.md section 5):
+metrics (lidar_completion.metrics; docs/method.md, "Metrics"):
   CD              0.5 (mean_gt min_pred |g-p| + mean_pred min_gt |p-g|), metres
   JSD-BEV         Jensen-Shannon distance (as published; the papers call it JSD) of 0.5 m
                   bird's-eye occupancy over [-50, 50]^3 m; JSD-3D: raw 200^3 counts
@@ -52,7 +54,7 @@ def _common(p) -> None:
                    help="output folder (created; a rerun with the same settings resumes there)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
                    help="evaluate at most N frames (after --every)")
-    p.add_argument("--emd", choices=("both", "ot", "published", "none"), default="both",
+    p.add_argument("--emd", choices=EMD_MODES, default="both",
                    help="which EMD to compute: ours (ot), the published variant, both or none "
                         "(EMD dominates the metric time: seconds per frame)")
     p.add_argument("--metric-workers", type=_positive, default=1, metavar="N",
@@ -74,33 +76,18 @@ def register(subparsers) -> None:
     p.add_argument("dataset_root", metavar="DATASET_ROOT",
                    help="folder containing sequences/SS/{velodyne,labels,poses.txt,calib.txt}")
     p.add_argument("--sequence", default="08", metavar="SS", help="sequence id (default 08)")
-    p.add_argument("--checkpoint", metavar="P", default=None,
-                   help="checkpoint to evaluate (ours or a published file; default: the shipped "
-                        "student)")
     p.add_argument("--baseline", choices=("input",), default=None,
                    help="evaluate a baseline instead of a model: 'input' scores the filtered input "
                         "scan itself")
-    p.add_argument("--steps", type=_positive, default=None,
-                   help="solver steps (default: the checkpoint's)")
-    p.add_argument("--process", choices=("local", "vp"), default=None,
-                   help="the solver's forward process: 'local' (x_t = x_0 + sigma_t eps, what the networks are "
-                        "trained on) or 'vp' (the published LiDiff sampler); default: the checkpoint's "
-                        "(vp for published checkpoints)")
-    p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="classifier-free guidance weight (default: the checkpoint's)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the x6 refinement network (default: yes)")
     p.add_argument("--every", type=_positive, default=1, metavar="K",
                    help="evaluate every K-th frame (default 1)")
     p.add_argument("--seed", type=int, default=0, help="base seed; frame i uses seed + i (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto")
-    p.add_argument("--backend", default="auto", choices=("auto", "minkowski", "torch"),
-                   help="sparse-convolution backend")
     p.add_argument("--gt-cache", metavar="DIR", default=None,
                    help="ground-truth cache folder (default: DATASET_ROOT/gt_cache)")
     p.add_argument("--build-gt", action="store_true",
                    help="build (or finish) the ground-truth cache of the sequence first")
     _common(p)
+    add_arguments(p, exclude=("seed",))   # --seed above is the base seed of the frames
     p.set_defaults(func=run)
 
     f = subparsers.add_parser(
@@ -118,6 +105,13 @@ def register(subparsers) -> None:
     f.set_defaults(func=run_files)
 
 
+def _options(args, **extra):
+    from ..evaluation import EvalOptions
+    return EvalOptions(limit=args.limit, emd=args.emd, plots=not args.no_plots,
+                       progress=not args.no_progress, restart=args.restart,
+                       metric_workers=args.metric_workers, label=args.label, **extra)
+
+
 def run(args) -> int:
     from ..evaluation import evaluate_sequence, print_summary
 
@@ -126,12 +120,10 @@ def run(args) -> int:
                           "--checkpoint (or --baseline)")
     out = args.out or ("evaluation_" + (args.baseline or "model") + f"_{args.sequence}")
     summary = evaluate_sequence(
-        args.dataset_root, sequence=args.sequence, out=out, checkpoint=args.checkpoint,
-        baseline=args.baseline, steps=args.steps, guidance=args.guidance, refine=args.refine,
-        limit=args.limit, every=args.every, seed=args.seed, device=args.device,
-        backend=args.backend, cache_root=args.gt_cache, build_gt=args.build_gt, emd=args.emd,
-        plots=not args.no_plots, progress=not args.no_progress, restart=args.restart,
-        metric_workers=args.metric_workers, label=args.label, process=args.process)
+        args.dataset_root, sequence=args.sequence, out=out,
+        settings=CompletionSettings.from_args(args),
+        options=_options(args, every=args.every, seed=args.seed), baseline=args.baseline,
+        cache_root=args.gt_cache, build_gt=args.build_gt)
     print_summary(summary, out)
     return 0
 
@@ -143,8 +135,6 @@ def run_files(args) -> int:
 
     out = args.out or f"evaluation_{Path(args.pred_dir).resolve().name}"
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
-                             limit=args.limit, emd=args.emd, plots=not args.no_plots,
-                             progress=not args.no_progress, restart=args.restart,
-                             metric_workers=args.metric_workers, label=args.label)
+                             options=_options(args))
     print_summary(summary, out)
     return 0

@@ -1,6 +1,6 @@
 """Torch datasets over SemanticKITTI-layout sequences and their ground-truth cache.
 
-One item (METHOD.md section 1):
+One item (docs/method.md, "Data and ground truth"):
 
 * ``x_init``   (n_fps * tile, 3) float32 - the input scan farthest-point-sampled to ``n_fps`` points
   and tiled ``tile`` times (18,000 x 10 = 180,000 by default);
@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DatasetError
 from . import gt as gt_mod
 from . import kitti
+from .geometry import rotate
 
 PathLike = Union[str, os.PathLike]
 
@@ -185,9 +186,9 @@ class CompletionDataset(Dataset):
         fps = raw[idx]
         if self.augment:
             m = augmentation_matrix(rng)
-            fps = gt_mod.rotate(fps, m).astype(np.float32)
-            raw = gt_mod.rotate(raw, m).astype(np.float32)
-            target = gt_mod.rotate(target, m).astype(np.float32)
+            fps = rotate(fps, m).astype(np.float32)
+            raw = rotate(raw, m).astype(np.float32)
+            target = rotate(target, m).astype(np.float32)
         else:
             m = np.eye(3)
         if self.target_points is not None:

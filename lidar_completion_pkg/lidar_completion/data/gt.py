@@ -1,6 +1,6 @@
 """Ground truth: the dense static map of a sequence and every frame's cropped target, cached on disk.
 
-Map (METHOD.md section 1): every scan of the sequence in the world frame, keeping points with
+Map (docs/method.md, "Data and ground truth"): every scan of the sequence in the world frame, keeping points with
 ``1 < semantic < 252`` (no unlabeled, outliers or moving classes) and range > 3.5 m, voxel-subsampled
 at 0.1 m keeping the first original point that falls in each voxel. It is accumulated incrementally
 through a vectorised open-addressing hash set of packed voxel keys, so building it costs time linear in
@@ -19,27 +19,29 @@ Cache layout (``OUT/SS/``)::
                             (file, points, bytes, sha256)
     manifest.json           the consolidated manifest, written atomically when the build completes
 
-Every file is written to ``*.tmp`` and renamed, and only then recorded in ``manifest.jsonl``; a
-rebuild re-verifies sizes and sha256 checksums, so a killed build resumes where it stopped and a
-corrupt or partial file is rebuilt.
+Every file is written atomically (``lidar_completion.fileutil``) and only then recorded in
+``manifest.jsonl``; a rebuild re-verifies sizes and sha256 checksums, so a killed build resumes where
+it stopped and a corrupt or partial file is rebuilt. The voxel hash set, the map and its column
+index are in :mod:`.voxels`, the rigid transforms in :mod:`.geometry`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
-from ..fileutil import read_jsonl, sha256_file  # noqa: F401 (sha256_file is re-exported)
+from ..fileutil import JsonlWriter, atomic_write, atomic_write_json, read_jsonl, sha256_file, stale_tmp
 from . import kitti
+from .geometry import inverse_transform, range_of, transform
+from .voxels import MapIndex, VoxelMap
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class GTConfig:
-    """Parameters of the map and of the per-frame targets (METHOD.md section 1)."""
+    """Parameters of the map and of the per-frame targets (docs/method.md, "Data and ground truth")."""
     voxel_size: float = 0.1       # map voxel (m)
     min_range: float = 3.5        # map and input scan: range > min_range
     input_max_range: float = 50.0  # input scan: range < input_max_range
@@ -83,11 +85,6 @@ def static_label_mask(semantic: np.ndarray) -> np.ndarray:
     return (sem > 1) & (sem < 252)
 
 
-def range_of(points: np.ndarray) -> np.ndarray:
-    p = np.asarray(points)[:, :3].astype(np.float64)
-    return np.sqrt((p * p).sum(1))
-
-
 def map_point_mask(points: np.ndarray, labels: np.ndarray, config: GTConfig = GTConfig()) \
         -> np.ndarray:
     """Points of a scan that enter the map: label filter and range > ``min_range``."""
@@ -103,202 +100,6 @@ def input_mask(points: np.ndarray, config: GTConfig = GTConfig(),
     if labels is not None:
         m &= static_label_mask(labels)
     return m
-
-
-def rotate(points: np.ndarray, rot: np.ndarray, offset=None) -> np.ndarray:
-    """``points @ rot.T + offset`` for (N, 3) points, float64, computed column by column (numpy's
-    matmul of a tall (N, 3) array goes through BLAS and is an order of magnitude slower, worse still
-    when BLAS threads compete for the cores)."""
-    p = np.asarray(points)
-    x, y, z = (p[:, i].astype(np.float64) for i in range(3))
-    out = np.empty((len(p), 3), dtype=np.float64)
-    for i in range(3):
-        out[:, i] = x * rot[i, 0] + y * rot[i, 1] + z * rot[i, 2]
-        if offset is not None:
-            out[:, i] += offset[i]
-    return out
-
-
-def transform(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 pose to (N, >=3) points (float64 result, xyz only)."""
-    return rotate(np.asarray(points)[:, :3], pose[:3, :3], pose[:3, 3])
-
-
-def inverse_transform(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """World points -> the frame of ``pose`` (float64)."""
-    rt = pose[:3, :3].T
-    return rotate(np.asarray(points)[:, :3], rt, -(rt @ pose[:3, 3]))
-
-
-# ----------------------------------------------------------------------------------------------
-# voxel keys and the incremental hash set
-# ----------------------------------------------------------------------------------------------
-_KEY_BITS = 21
-_KEY_OFFSET = 1 << (_KEY_BITS - 1)
-_KEY_MASK = (1 << _KEY_BITS) - 1
-
-
-def voxel_indices(points: np.ndarray, voxel_size: float) -> np.ndarray:
-    """Integer voxel coordinates ``floor(p / voxel_size)`` (int64, (N, 3))."""
-    return np.floor(np.asarray(points, dtype=np.float64)[:, :3] / voxel_size).astype(np.int64)
-
-
-def pack_keys(ijk: np.ndarray) -> np.ndarray:
-    """Pack (N, 3) integer voxel coordinates (each within +-2^20) into non-negative int64 keys."""
-    ijk = np.asarray(ijk, dtype=np.int64)
-    if ijk.size and (ijk.min() < -_KEY_OFFSET or ijk.max() >= _KEY_OFFSET):
-        raise DatasetError(f"voxel coordinates out of range (+-{_KEY_OFFSET} voxels): "
-                           f"found {ijk.min()}..{ijk.max()}; is the map in metres?")
-    u = ijk + _KEY_OFFSET
-    return (u[:, 0] << (2 * _KEY_BITS)) | (u[:, 1] << _KEY_BITS) | u[:, 2]
-
-
-def unpack_keys(keys: np.ndarray) -> np.ndarray:
-    keys = np.asarray(keys, dtype=np.int64)
-    return np.stack([(keys >> (2 * _KEY_BITS)) & _KEY_MASK, (keys >> _KEY_BITS) & _KEY_MASK,
-                     keys & _KEY_MASK], 1) - _KEY_OFFSET
-
-
-_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
-
-
-class VoxelHashSet:
-    """Open-addressing (linear probing) hash set of non-negative int64 keys, vectorised in numpy.
-
-    ``insert`` and ``contains`` take whole arrays; the table doubles when half full, so inserting n
-    keys in total costs O(n) amortised.
-    """
-
-    EMPTY = -1
-
-    def __init__(self, capacity: int = 1 << 16):
-        cap = 1 << max(4, int(math.ceil(math.log2(max(capacity, 16)))))
-        self._table = np.full(cap, self.EMPTY, dtype=np.int64)
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    @property
-    def capacity(self) -> int:
-        return len(self._table)
-
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        shift = np.uint64(64 - int(math.log2(len(self._table))))
-        return ((keys.astype(np.uint64) * _HASH_MULT) >> shift).astype(np.int64)
-
-    def _grow(self, needed: int) -> None:
-        cap = len(self._table)
-        while needed * 2 > cap:
-            cap *= 2
-        if cap == len(self._table):
-            return
-        old = self._table[self._table != self.EMPTY]
-        self._table = np.full(cap, self.EMPTY, dtype=np.int64)
-        self._n = 0
-        self._insert_unique(old)
-
-    def insert(self, keys: np.ndarray) -> np.ndarray:
-        """Insert ``keys``; returns a bool array, True where a key was not in the set before.
-        Duplicates inside ``keys`` are allowed (only the first occurrence counts as new)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if keys.size == 0:
-            return np.zeros(0, dtype=bool)
-        if keys.min() < 0:
-            raise ValueError("VoxelHashSet keys must be non-negative")
-        uniq, first = np.unique(keys, return_index=True)
-        new_u = np.zeros(len(uniq), dtype=bool)
-        self._grow(self._n + len(uniq))
-        new_u = self._insert_unique(uniq)
-        out = np.zeros(len(keys), dtype=bool)
-        out[first[new_u]] = True
-        return out
-
-    def _insert_unique(self, keys: np.ndarray) -> np.ndarray:
-        table = self._table
-        mask = len(table) - 1
-        new = np.zeros(len(keys), dtype=bool)
-        pending = np.arange(len(keys))
-        slot = self._hash(keys)
-        while pending.size:
-            k = keys[pending]
-            cur = table[slot]
-            done = cur == k
-            empty = cur == self.EMPTY
-            e_idx = np.flatnonzero(empty)
-            if e_idx.size:
-                _, first = np.unique(slot[e_idx], return_index=True)
-                winners = e_idx[first]
-                table[slot[winners]] = k[winners]
-                new[pending[winners]] = True
-                done[winners] = True
-            advance = ~done & ~empty
-            slot[advance] = (slot[advance] + 1) & mask
-            keep = ~done
-            pending, slot = pending[keep], slot[keep]
-        self._n += int(new.sum())
-        return new
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        keys = np.asarray(keys, dtype=np.int64)
-        table = self._table
-        mask = len(table) - 1
-        out = np.zeros(len(keys), dtype=bool)
-        pending = np.arange(len(keys))
-        slot = self._hash(keys)
-        while pending.size:
-            cur = table[slot]
-            found = cur == keys[pending]
-            out[pending[found]] = True
-            cont = ~found & (cur != self.EMPTY)
-            pending, slot = pending[cont], (slot[cont] + 1) & mask
-        return out
-
-    def keys(self) -> np.ndarray:
-        return self._table[self._table != self.EMPTY]
-
-
-class VoxelMap:
-    """Incremental voxel-subsampled map: ``add(points_world)`` keeps, for every voxel not seen
-    before, the first point of the batch that falls in it. Points are stored as float32 and voxel
-    keys are computed from the float32 values, so stored points and keys always agree."""
-
-    def __init__(self, voxel_size: float = 0.1):
-        self.voxel_size = float(voxel_size)
-        self._set = VoxelHashSet()
-        self._chunks: List[np.ndarray] = []
-        self._cache: Optional[np.ndarray] = None
-
-    def __len__(self) -> int:
-        return len(self._set)
-
-    def add(self, points_world: np.ndarray) -> int:
-        p32 = np.ascontiguousarray(np.asarray(points_world)[:, :3], dtype=np.float32)
-        if not len(p32):
-            return 0
-        keys = pack_keys(voxel_indices(p32, self.voxel_size))
-        new = self._set.insert(keys)
-        if new.any():
-            self._chunks.append(p32[new])
-            self._cache = None
-        return int(new.sum())
-
-    @property
-    def points(self) -> np.ndarray:
-        """(M, 3) float32 map points in insertion order."""
-        if self._cache is None:
-            self._cache = (np.concatenate(self._chunks) if self._chunks
-                           else np.zeros((0, 3), np.float32))
-            self._chunks = [self._cache]
-        return self._cache
-
-
-def batch_voxel_map(points_world: Sequence[np.ndarray], voxel_size: float = 0.1) -> np.ndarray:
-    """Straightforward reference: concatenate everything, keep the first point of every voxel."""
-    p = np.concatenate([np.asarray(x)[:, :3] for x in points_world]).astype(np.float32)
-    keys = pack_keys(voxel_indices(p, voxel_size))
-    _, first = np.unique(keys, return_index=True)
-    return p[np.sort(first)]
 
 
 def sequence_world_points(sequence: kitti.SemanticKittiSequence, frame: int,
@@ -327,52 +128,6 @@ def accumulate_map(sequence: kitti.SemanticKittiSequence, config: GTConfig = GTC
 # ----------------------------------------------------------------------------------------------
 # crops
 # ----------------------------------------------------------------------------------------------
-class MapIndex:
-    """The map bucketed into ``tile`` x ``tile`` m columns (sorted once) for radius queries."""
-
-    def __init__(self, points: np.ndarray, tile: float = 10.0):
-        self.tile = float(tile)
-        pts = np.ascontiguousarray(points[:, :3], dtype=np.float32)
-        if len(pts):
-            txy = np.floor(pts[:, :2].astype(np.float64) / self.tile).astype(np.int64)
-            key = (txy[:, 0] + _KEY_OFFSET) << 32 | (txy[:, 1] + _KEY_OFFSET)
-            order = np.argsort(key, kind="stable")
-            key = key[order]
-            self.points = pts[order]
-            self.order = order
-            self.tile_keys, self.starts = np.unique(key, return_index=True)
-            self.ends = np.append(self.starts[1:], len(key))
-        else:
-            self.points = pts
-            self.order = np.zeros(0, np.int64)
-            self.tile_keys = self.starts = self.ends = np.zeros(0, np.int64)
-
-    def query(self, center: np.ndarray, radius: float, return_indices: bool = False):
-        """Map points within ``radius`` (3D) of ``center``; with ``return_indices`` also their
-        indices in the original map array."""
-        cx, cy = float(center[0]), float(center[1])
-        t0x, t1x = math.floor((cx - radius) / self.tile), math.floor((cx + radius) / self.tile)
-        t0y, t1y = math.floor((cy - radius) / self.tile), math.floor((cy + radius) / self.tile)
-        gx, gy = np.meshgrid(np.arange(t0x, t1x + 1), np.arange(t0y, t1y + 1), indexing="ij")
-        keys = ((gx.ravel() + _KEY_OFFSET) << 32) | (gy.ravel() + _KEY_OFFSET)
-        pos = np.searchsorted(self.tile_keys, keys)
-        found = pos < len(self.tile_keys)
-        found[found] = self.tile_keys[pos[found]] == keys[found]
-        pos = pos[found]
-        if len(pos) == 0:
-            empty = np.zeros((0, 3), np.float32)
-            return (empty, np.zeros(0, np.int64)) if return_indices else empty
-        starts, ends = self.starts[pos], self.ends[pos]
-        pts = np.concatenate([self.points[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
-        c32 = np.asarray(center[:3], dtype=np.float64).astype(np.float32)
-        d = pts - c32
-        inside = np.einsum("ij,ij->i", d, d) <= np.float32(radius * radius)
-        if return_indices:
-            sel = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist())])
-            return pts[inside], self.order[sel[inside]]
-        return pts[inside]
-
-
 def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10.0) -> np.ndarray:
     """True for ``points`` inside a ``cell``-sized voxel that some ``scan_points`` occupy (both in the
     same frame). Dense lookup over the scan's cell bounding box: O(N + M)."""
@@ -420,47 +175,12 @@ def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 # cache
 # ----------------------------------------------------------------------------------------------
-def _atomic_write_array(path: Path, arr: np.ndarray) -> Tuple[int, str]:
+def _array_entry(out: Path, rel: str, arr: np.ndarray, **fields) -> Dict:
+    """Write ``arr`` (float32) to ``out/rel`` atomically and return its manifest record."""
     data = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-    os.replace(tmp, path)
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name private to this process: several processes (a teacher and a refiner started
-    together) may verify and rewrite the same cache at once."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _stale_tmp(tmp: Path) -> bool:
-    """True for a temporary file whose writer process is gone (or of the old, pid-less naming)."""
-    parts = tmp.name.split(".")
-    try:
-        pid = int(parts[-2])
-    except (ValueError, IndexError):
-        return True
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(out / rel, data, durable=False)   # recorded in the journal only once renamed
+    return dict(fields, file=rel, points=int(len(arr)), bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest())
 
 
 def source_fingerprint(sequence: kitti.SemanticKittiSequence) -> Dict:
@@ -577,6 +297,30 @@ def _entry_valid(dir_: Path, entry: Dict, verify: str) -> bool:
     return True
 
 
+def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
+    """The records of ``manifest.jsonl`` when it belongs to ``header``; else a fresh journal holding
+    only the header (and no consolidated manifest)."""
+    jsonl = out / "manifest.jsonl"
+    records = [] if force else read_jsonl(jsonl)
+    if records:
+        old = records[0]
+        if old.get("type") != "header" or any(old.get(k) != header[k] for k in
+                                              ("format", "version", "config", "source")):
+            log.info("cache %s was built from other data or parameters; rebuilding", out)
+            records = []
+    if not records:
+        (out / "manifest.json").unlink(missing_ok=True)
+        with JsonlWriter(jsonl, truncate=True) as journal:
+            journal.write(header)
+        records = [header]
+    return records
+
+
+def _build_map(sequence, out: Path, config: GTConfig, tick=None) -> Tuple[np.ndarray, Dict]:
+    map_pts = accumulate_map(sequence, config, tick).points
+    return map_pts, _array_entry(out, "map.bin", map_pts, type="map")
+
+
 def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
                    config: Optional[GTConfig] = None, verify: str = "sha256", force: bool = False,
                    progress: bool = False, on_frame: Optional[Callable[[str, int], None]] = None,
@@ -601,62 +345,40 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
     header = {"type": "header", "format": FORMAT, "version": VERSION,
               "sequence": sequence.sequence, "config": config.to_dict(),
               "source": source_fingerprint(sequence)}
-    jsonl = out / "manifest.jsonl"
-    final = out / "manifest.json"
-    records = [] if force else read_jsonl(jsonl)
-    if records:
-        old = records[0]
-        if old.get("type") != "header" or any(old.get(k) != header[k] for k in
-                                              ("format", "version", "config", "source")):
-            log.info("cache %s was built from other data or parameters; rebuilding", out)
-            records = []
-    if not records:
-        if final.exists():
-            final.unlink()
-        with open(jsonl, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(header) + "\n")
-        records = [header]
-
+    records = _journal(out, header, force)
     map_entry = next((r for r in reversed(records) if r.get("type") == "map"), None)
-    frame_entries: Dict[int, Dict] = {}
-    for r in records:
-        if r.get("type") == "frame" and 0 <= int(r.get("frame", -1)) < len(sequence):
-            frame_entries[int(r["frame"])] = r
+    frame_entries = {int(r["frame"]): r for r in records
+                     if r.get("type") == "frame" and 0 <= int(r.get("frame", -1)) < len(sequence)}
     valid = {i for i, e in frame_entries.items() if _entry_valid(out, e, verify)}
     map_ok = map_entry is not None and _entry_valid(out, map_entry, verify)
     todo = [i for i in range(len(sequence)) if i not in valid]
     stats.frames_reused = len(valid)
+    stats.map_reused = map_ok or not todo
+    stats.map_points = int(map_entry["points"]) if map_entry else 0
 
     bar = None
-    if progress and (todo or not map_ok):
+    if progress and todo:
         from tqdm import tqdm
-        bar = tqdm(total=(0 if map_ok or not todo else len(sequence)) + len(todo), unit="scan",
+        bar = tqdm(total=(0 if map_ok else len(sequence)) + len(todo), unit="scan",
                    desc=f"build-gt {sequence.sequence}")
-    try:
-        with open(jsonl, "a", encoding="utf-8") as log_fh:
-            def record(rec: Dict) -> None:
-                log_fh.write(json.dumps(rec) + "\n")
-                log_fh.flush()
 
+    def tick(phase, i):
+        if bar is not None:
+            bar.update(1)
+        if on_frame is not None:
+            on_frame(phase, i)
+
+    try:
+        with JsonlWriter(out / "manifest.jsonl") as journal:
             if todo:
                 t0 = time.perf_counter()
                 if map_ok:
                     map_pts = np.fromfile(out / map_entry["file"], dtype=np.float32).reshape(-1, 3)
-                    stats.map_reused = True
                 else:
                     if bar is not None:
                         bar.set_postfix_str("map")
-
-                    def tick(i):
-                        if bar is not None:
-                            bar.update(1)
-                        if on_frame is not None:
-                            on_frame("map", i)
-                    map_pts = accumulate_map(sequence, config, tick).points
-                    nbytes, digest = _atomic_write_array(out / "map.bin", map_pts)
-                    map_entry = {"type": "map", "file": "map.bin", "points": int(len(map_pts)),
-                                 "bytes": nbytes, "sha256": digest}
-                    record(map_entry)
+                    map_pts, map_entry = _build_map(sequence, out, config, lambda i: tick("map", i))
+                    journal.write(map_entry)
                 stats.map_seconds = time.perf_counter() - t0
                 stats.map_points = int(len(map_pts))
                 t0 = time.perf_counter()
@@ -666,39 +388,26 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
                 total_pts = 0
                 for i in todo:
                     target = frame_target(index, sequence.pose(i), sequence.scan(i), config)
-                    rel = f"targets/{i:06d}.bin"
-                    nbytes, digest = _atomic_write_array(out / rel, target)
-                    entry = {"type": "frame", "frame": i, "file": rel, "points": int(len(target)),
-                             "bytes": nbytes, "sha256": digest}
-                    record(entry)
-                    frame_entries[i] = entry
+                    frame_entries[i] = _array_entry(out, f"targets/{i:06d}.bin", target, type="frame",
+                                                    frame=i)
+                    journal.write(frame_entries[i])
                     total_pts += len(target)
                     stats.frames_built += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if on_frame is not None:
-                        on_frame("target", i)
+                    tick("target", i)
                 stats.targets_seconds = time.perf_counter() - t0
                 stats.target_points_mean = total_pts / max(1, len(todo))
-                os.fsync(log_fh.fileno())
-            else:
-                stats.map_points = int(map_entry["points"]) if map_entry else 0
-                stats.map_reused = True
+                journal.sync()
+            if map_entry is None:  # every frame was valid but the map record was lost: rebuild it
+                map_entry = _build_map(sequence, out, config)[1]
+                journal.write(map_entry)
     finally:
         if bar is not None:
             bar.close()
-    if map_entry is None:  # every frame was valid but the map record was lost: rebuild the map
-        map_pts = accumulate_map(sequence, config).points
-        nbytes, digest = _atomic_write_array(out / "map.bin", map_pts)
-        map_entry = {"type": "map", "file": "map.bin", "points": int(len(map_pts)),
-                     "bytes": nbytes, "sha256": digest}
-        with open(jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(map_entry) + "\n")
     manifest = {"header": header, "map": map_entry,
                 "frames": [frame_entries[i] for i in range(len(sequence))]}
-    _atomic_write_json(final, manifest)
+    atomic_write_json(out / "manifest.json", manifest, indent=1)
     for tmp in out.glob("targets/*.tmp"):
-        if _stale_tmp(tmp):
+        if stale_tmp(tmp):
             tmp.unlink(missing_ok=True)
     return GTCache(cache_root, sequence.sequence)
 

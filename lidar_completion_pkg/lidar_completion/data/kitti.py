@@ -1,6 +1,6 @@
 """SemanticKITTI layout: reading and writing scans, labels, poses, calibration and times.
 
-Layout (METHOD.md section 1)::
+Layout (docs/method.md, "Data and ground truth")::
 
     ROOT/sequences/SS/velodyne/NNNNNN.bin    float32 (x, y, z, intensity) per point
     ROOT/sequences/SS/labels/NNNNNN.label    uint32 per point; semantic id = value & 0xFFFF,
@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DatasetError
+from ..fileutil import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -171,11 +172,8 @@ def velo_to_cam_poses(poses_velo: np.ndarray, tr: np.ndarray) -> np.ndarray:
     return tr @ np.asarray(poses_velo, dtype=np.float64) @ np.linalg.inv(tr)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+def _write(path: PathLike, data: bytes) -> None:
+    atomic_write(path, data, durable=False)   # a dataset is written once; no fsync per scan
 
 
 def write_scan(path: PathLike, points: np.ndarray) -> None:
@@ -183,7 +181,7 @@ def write_scan(path: PathLike, points: np.ndarray) -> None:
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] != 4:
         raise DatasetError(f"write_scan expects an (N, 4) array, found shape {points.shape}")
-    _atomic_write_bytes(Path(path), np.ascontiguousarray(points, dtype=SCAN_DTYPE).tobytes())
+    _write(path, np.ascontiguousarray(points, dtype=SCAN_DTYPE).tobytes())
 
 
 def write_labels(path: PathLike, labels: np.ndarray) -> None:
@@ -191,14 +189,14 @@ def write_labels(path: PathLike, labels: np.ndarray) -> None:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise DatasetError(f"write_labels expects an (N,) array, found shape {labels.shape}")
-    _atomic_write_bytes(Path(path), np.ascontiguousarray(labels, dtype=LABEL_DTYPE).tobytes())
+    _write(path, np.ascontiguousarray(labels, dtype=LABEL_DTYPE).tobytes())
 
 
 def write_poses(path: PathLike, poses: np.ndarray) -> None:
     """Write (F, 4, 4) (or (F, 3, 4)) poses as ``poses.txt`` in KITTI's "%e" format."""
     poses = np.asarray(poses, dtype=np.float64)
     lines = [" ".join(f"{v:.12e}" for v in p[:3, :4].reshape(-1)) for p in poses]
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode("ascii"))
+    _write(path, ("\n".join(lines) + "\n").encode("ascii"))
 
 
 def write_calib(path: PathLike, calib: Dict[str, np.ndarray]) -> None:
@@ -209,13 +207,13 @@ def write_calib(path: PathLike, calib: Dict[str, np.ndarray]) -> None:
         if flat.shape == (4, 4):
             flat = flat[:3]
         lines.append(f"{key}: " + " ".join(f"{v:.12e}" for v in flat.reshape(-1)))
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode("ascii"))
+    _write(path, ("\n".join(lines) + "\n").encode("ascii"))
 
 
 def write_times(path: PathLike, times: Sequence[float]) -> None:
     """Write ``times.txt`` (one "%e" number per line)."""
     lines = [f"{float(t):.6e}" for t in times]
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode("ascii"))
+    _write(path, ("\n".join(lines) + "\n").encode("ascii"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Classifier-free guidance: ``eps = eps_u + w (eps_c - eps_u)`` (METHOD.md §3).
+"""Classifier-free guidance: ``eps = eps_u + w (eps_c - eps_u)`` (docs/method.md, "Classifier-free guidance").
 
 :func:`guided_noise` is the single place where a denoiser is evaluated with guidance during sampling.
 The conditional and unconditional predictions come from ONE denoiser call: the denoiser's own

@@ -1,7 +1,7 @@
 """SDE-DPM-Solver++ (multistep, data prediction) of order 2 for epsilon-predicting models.
 
 It reproduces, without depending on it, the diffusers ``DPMSolverMultistepScheduler`` configured as
-LiDiff uses it (METHOD.md §3): ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``,
+LiDiff uses it (docs/method.md, "Sampling"): ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``,
 ``lower_order_final=True``, ``timestep_spacing="linspace"``, ``prediction_type="epsilon"``, linear
 betas 3.5e-5..0.007, and the diffusers defaults ``final_sigmas_type="zero"`` (the last step goes to
 sigma = 0 and therefore returns the model's clean-sample prediction), no Karras / exponential / beta /

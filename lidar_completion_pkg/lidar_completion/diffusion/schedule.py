@@ -1,7 +1,7 @@
 """Noise schedule and the local forward process of LiDiff ("local point denoising").
 
-METHOD.md §3: linear betas from 3.5e-5 to 0.007 over T = 1000 steps, and a forward process that adds
-noise around the clean points without shrinking them:
+docs/method.md, "Noise schedule and forward process": linear betas from 3.5e-5 to 0.007 over
+T = 1000 steps, and a forward process that adds noise around the clean points without shrinking them:
 
     x_t = x_0 + sqrt(1 - alpha_bar_t) * eps
 

@@ -1,7 +1,7 @@
 """The three LiDiff networks: condition encoder, conditioned denoiser U-Net, refinement U-Net.
 
-Structure, names and shapes follow the published networks exactly (METHOD.md §2), so that published
-checkpoints load with ``strict=True`` and the state dicts equal the reference listing. The networks
+Structure, names and shapes follow the published networks exactly (docs/method.md, "Networks"), so
+that published checkpoints load with ``strict=True`` and the state dicts equal the reference listing. The networks
 are written against the backend interface of :mod:`lidar_completion.sparse` only.
 
 Two deliberate differences from the published code, neither of which changes a number it computes

@@ -128,7 +128,7 @@ def resolve_backend(name: str | None = None, device=None) -> str:
         return "minkowski" if minkowski_available() else "torch"
     if name == "minkowski" and not minkowski_available():
         why = ("it is hidden by LIDAR_COMPLETION_HIDE_MINKOWSKI" if minkowski_hidden()
-               else "it does not import (build it with scripts/install_minkowski.sh)")
+               else "it does not import (build it with scripts/setup/install_minkowski.sh)")
         raise ConfigError(f"sparse backend 'minkowski' requested but {why}; use backend='torch'")
     if name == "triton":
         why = triton_refusal(device)

@@ -5,10 +5,10 @@
 #   2. torch 2.13.0, CPU build (TORCH_SPEC), pinned for every later step so no CUDA build sneaks in
 #   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
 #      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
-#   4. MinkowskiEngine 0.5.4 through scripts/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
+#   4. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
 #      pure-PyTorch sparse backend then serves)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON_SYS="${PYTHON_SYS:-python3}"
 VENV="${VENV:-.venv}"
@@ -46,8 +46,10 @@ pip_install --upgrade "pip>=25.1"
 pip_install "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
 # Triton: the GPU path of the sparse engine. On this CPU build its kernels run only in the
 # interpreter (TRITON_INTERPRET=1), which the tests use; 3.9 is the first whose interpreter works
-# with numpy 2.4 (CUDA builds of torch bring their own Triton).
-pip_install "triton==3.9.0"
+# with numpy 2.4 (CUDA builds of torch bring their own Triton). The demo's setup skips it (SKIP_TRITON=1).
+if [[ "${SKIP_TRITON:-0}" != 1 ]]; then
+    pip_install "triton==3.9.0"
+fi
 "$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
 import sys, torch
 want = sys.argv[1].split("==", 1)[-1]
@@ -65,7 +67,7 @@ pip_install \
 if [[ "${SKIP_MINKOWSKI:-0}" == 1 ]]; then
     log "SKIP_MINKOWSKI=1: not installing MinkowskiEngine (the pure-PyTorch backend will be used)"
 else
-    PYTHON="$PY" bash scripts/install_minkowski.sh
+    PYTHON="$PY" bash scripts/setup/install_minkowski.sh
 fi
 
 "$VENV/bin/lidar-completion" --help >/dev/null || die "the lidar-completion entry point does not run"

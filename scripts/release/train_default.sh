@@ -2,7 +2,7 @@
 # Reproduce the shipped default models: a small (ModelConfig.tiny) LiDiff teacher, a refiner and a
 # Distillation-DPO student, trained on synthetic SemanticKITTI-layout street scenes.
 #
-#   scripts/train_default.sh [RUN_DIR]            # default RUN_DIR=runs/default
+#   scripts/release/train_default.sh [RUN_DIR]            # default RUN_DIR=runs/default
 #
 # Environment (defaults in brackets):
 #   DEVICE [auto]        cuda or cpu

@@ -12,9 +12,12 @@
 #
 # Environment: DEMO_OUT [demo_out], DEMO_SCANS [6], DEMO_RATE [replay speed factor of the 10 Hz
 # drive; default 0.3, about what 2 CPU cores keep up with], DEMO_CHECKPOINT [the shipped student],
-# DEMO_QUICK=1 (2 scans,
-# no EMD: the test suite's mode), DEMO_THREADS [2].
+# DEMO_QUICK=1 (2 scans, no EMD: the test suite's mode), DEMO_THREADS [2],
+# LIDAR_COMPLETION_BACKEND [torch].
 set -euo pipefail
+# the pure-PyTorch sparse backend: what the shipped models were measured with, and the faster one on
+# a CPU (`auto` would take MinkowskiEngine when `make setup` built it)
+export LIDAR_COMPLETION_BACKEND=${LIDAR_COMPLETION_BACKEND:-torch}
 OUT=${DEMO_OUT:-demo_out}
 SCANS=${DEMO_SCANS:-6}
 RATE=${DEMO_RATE:-0.3}
@@ -36,14 +39,14 @@ elif ! $PY -c "from lidar_completion.checkpoints import default_checkpoint_path 
   $PY -c "from lidar_completion.checkpoints import make_random_checkpoint as m; m('$OUT/random_tiny.pt', sampling={'steps': 8, 'guidance': 3.5, 'n_fps': 1000, 'tile': 10})"
   CKPT_ARGS=(--checkpoint "$OUT/random_tiny.pt")
   echo "####################################################################################################"
-  echo "# No trained checkpoint is shipped with this checkout (README, 'Status'). The demo runs the whole  #"
+  echo "# No trained checkpoint is shipped with this checkout (see the README). The demo runs the whole    #"
   echo "# pipeline with RANDOMLY INITIALISED tiny networks: the completions are noise and the metrics say #"
   echo "# so. Set DEMO_CHECKPOINT=<student.pt> to run it with a trained model.                            #"
   echo "####################################################################################################"
 fi
 if [ ${#CKPT_ARGS[@]} -eq 0 ]; then
   echo "checkpoint: the shipped student, $($PY -c "from lidar_completion.checkpoints import default_checkpoint_path as d; print(d())")"
-  echo "  (trained briefly on a CPU; held-out results and their caveats: README, 'Results')"
+  echo "  (trained briefly on a CPU; held-out results and their caveats: docs/results.md)"
 fi
 say "1/5 synthetic drive: $SCANS scans of sequence 08 -> $OUT/data"
 $LC make-synthetic "$OUT/data" --sequences 1 --first-sequence 8 --scans "$SCANS" --seed 7 --no-progress

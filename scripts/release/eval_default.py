@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Evaluate the default models on a held-out synthetic sequence and write the README's results table.
+"""Evaluate the default models on a held-out synthetic sequence and write the results table of
+docs/results.md.
 
 Rows: the input scan alone; "x_init", the diffusion's starting cloud (the farthest-point-sampled scan
 tiled) with no denoising at all, an ablation that shows what the refiner alone does; the teacher at
@@ -8,7 +9,7 @@ network. One completion per frame and model gives both
 variants (the refiner runs on the unrefined cloud, so the "without" row is that same cloud), and
 "time per scan" of a "without" row leaves the refinement stage out.
 
-    python scripts/eval_default.py --data runs/eval/data --sequence 08 --every 10 --limit 6 \\
+    python scripts/release/eval_default.py --data runs/eval/data --sequence 08 --every 10 --limit 6 \\
         --teacher runs/default/teacher/teacher.pt --refiner runs/default/refiner/refiner.pt \\
         --student runs/default/distill/distill.pt --out runs/eval/table
 
@@ -27,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from lidar_completion.metrics import EMD_MODES
+from lidar_completion.settings import CompletionSettings, add_arguments
 
 ROWS = ("input", "xinit", "teacher50", "teacher8", "student8", "student4", "student1")
 
@@ -46,12 +48,13 @@ def parse_args(argv=None):
                          "override the guidance weight")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0, help="frame i uses seed + i (default 0)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backend", default="torch", choices=("auto", "torch", "minkowski"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--emd", default="ot", choices=("both", "ot", "published", "none"))
+    ap.add_argument("--emd", default="ot", choices=EMD_MODES)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md from OUT/")
+    # the rows set checkpoint, steps, guidance, process and refinement; these apply to all of them
+    add_arguments(ap, only=("device", "backend", "precision", "min_range", "max_range", "min_z"))
+    ap.set_defaults(backend="torch")   # the results table is measured on the pure-PyTorch backend
     return ap.parse_args(argv)
 
 
@@ -74,31 +77,22 @@ def _row_spec(row: str, args):
     return kind, steps, w, process, ckpt
 
 
-def evaluate_row(row: str, args, ds, frames):
-    from lidar_completion.evaluation import run_evaluation
+def evaluate_row(row: str, args, src):
+    """One row (or its two variants) over the frames of ``src`` (an evaluation SequenceSource)."""
+    from lidar_completion.evaluation import EvalOptions, run_evaluation
     from lidar_completion.fileutil import sha256_file
 
-    keys = [f"{f:06d}" for f in frames]
-    cache = {}
-
-    def load(key):
-        if key not in cache:
-            item = ds.sample(int(key), np.random.default_rng(0))
-            cache.clear()
-            cache[key] = (item["raw_scan"], item["target"])
-        return cache[key]
-
-    base = {"dataset": str(Path(args.data).resolve()), "sequence": args.sequence, "seed": args.seed,
-            "every": args.every, "limit": args.limit}
-    progress = not args.no_progress
+    keys, frames, load = src.keys, src.indices, src.load
+    base = src.run_info(args.seed, args.every, args.limit)
+    options = EvalOptions(emd=args.emd, plots=False, progress=not args.no_progress)
+    settings = CompletionSettings.from_args(args, refine=True)
     if row == "input":
         run = dict(base, source="input scan (no model)", label="input scan alone", steps=None,
                    identity_keys=["dataset", "sequence", "seed", "source"],
                    title=f"sequence {args.sequence}, input scan alone",
                    description="The filtered input scan itself.")
         return {"input": run_evaluation(keys, load, lambda k, i, inp: (inp, {}), Path(args.out) / row,
-                                        run, emd=args.emd, plots=False, progress=progress,
-                                        indices=frames)}
+                                        run, options, indices=frames)}
     from lidar_completion.completer import Completer
 
     def both_variants(name, label, run_extra, identity, complete):
@@ -122,17 +116,17 @@ def evaluate_row(row: str, args, ds, frames):
             run = dict(base, **run_extra, label=lab, refine=refine, identity_keys=identity + ["refine"],
                        title=f"sequence {args.sequence}, {lab}")
             res[lab] = run_evaluation(keys, load, fn, Path(args.out) / f"{name}_{'refine' if refine else 'raw'}",
-                                      run, emd=args.emd, plots=False, progress=progress, indices=frames)
+                                      run, options, indices=frames)
         return res
 
     if row == "xinit":
         # no denoiser: the cloud the solver starts from (before noise), and the refiner applied to it
         import torch
-        src = args.student or args.teacher      # both carry the same refiner
-        if not src:
+        ckpt = args.student or args.teacher      # both carry the same refiner
+        if not ckpt:
             raise SystemExit("row xinit: pass --student or --teacher (for their refiner)")
-        comp = Completer.from_checkpoint(src, refine=True, device=args.device, backend=args.backend,
-                                         refiner_checkpoint=None if args.student else args.refiner)
+        comp = Completer.from_settings(settings.replace(
+            checkpoint=ckpt, refiner_checkpoint=None if args.student else args.refiner))
 
         def complete_xinit(key, index, inp):
             t0 = time.perf_counter()
@@ -151,8 +145,8 @@ def evaluate_row(row: str, args, ds, frames):
 
     kind, steps, w, process, ckpt = _row_spec(row, args)
     refiner = args.refiner if kind == "teacher" else None
-    comp = Completer.from_checkpoint(ckpt, steps=steps, guidance=w, refine=True, device=args.device,
-                                     backend=args.backend, refiner_checkpoint=refiner, process=process)
+    comp = Completer.from_settings(settings.replace(checkpoint=ckpt, steps=steps, guidance=w,
+                                                    process=process, refiner_checkpoint=refiner))
 
     def complete_model(key, index, inp):
         res = comp.complete_detailed(inp, seed=args.seed + int(index))
@@ -225,7 +219,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         import torch
-        from lidar_completion.data import EvaluationDataset
+        from lidar_completion.evaluation import SequenceSource
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -233,11 +227,10 @@ def main(argv=None):
         for r in rows:
             if r not in ("input", "xinit"):
                 _row_spec(r, args)
-        ds = EvaluationDataset(args.data, [args.sequence], n_fps=1, tile=1)
-        frames = list(range(0, len(ds), args.every))[: args.limit]
+        src = SequenceSource(args.data, args.sequence, every=args.every, limit=args.limit)
         for row in rows:
             t0 = time.perf_counter()
-            res = evaluate_row(row, args, ds, frames)
+            res = evaluate_row(row, args, src)
             for label, s in res.items():
                 print(f"{label}: CD {s['cd']['mean']:.4f} m ({time.perf_counter() - t0:.0f} s)", flush=True)
     print(table(out))

@@ -13,7 +13,7 @@ timesteps t, noise the target as in training, ``x_t = x_0 + sigma_t * eps``, and
   ``c`` that would minimise ``MSE(c * eps_hat, eps)`` (c < 1: the prediction is inflated) and how much of
   the noise its one-step estimate ``x_t - sigma_t * eps_hat`` removes (median distance to x_0).
 
-    python scripts/denoiser_floor.py --data runs/eval/data --sequence 08 \\
+    python scripts/research/denoiser_floor.py --data runs/eval/data --sequence 08 \\
         --checkpoint runs/default/teacher/teacher.pt --checkpoint lidar_completion_pkg/lidar_completion/weights/student.pt
 
 The LiDiff loss adds ``5 * (std(eps_hat) - 1)^2``; where the Bayes-optimal prediction has a standard
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "lidar_completion_pkg"))
 
 from lidar_completion.checkpoints import load_checkpoint  # noqa: E402

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Copy the models of a `scripts/train_default.sh` run into the package as the shipped defaults.
+"""Copy the models of a `scripts/release/train_default.sh` run into the package as the shipped defaults.
 
-    python scripts/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
-    python scripts/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
+    python scripts/release/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
+    python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
         --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
 
-Writes, with float16 tensors (loaded back as float32; the README's table is measured on these
+Writes, with float16 tensors (loaded back as float32; docs/results.md's table is measured on these
 files, not on the float32 originals):
 
   student.pt     the Distillation-DPO student (RUN/distill/distill.pt, or --student), the teacher's
@@ -88,7 +88,7 @@ def _student_teacher(meta: dict):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="RUN_DIR of scripts/train_default.sh")
+    ap.add_argument("run", help="RUN_DIR of scripts/release/train_default.sh")
     ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--command", default=None, help="the training command to record in the manifest")
     ap.add_argument("--student", default=None,
@@ -103,14 +103,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+    from lidar_completion.errors import ConfigError
     from lidar_completion.fileutil import sha256_file
+    from lidar_completion.settings import BY_NAME
+
+    GUIDANCE = BY_NAME["guidance"]
 
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
     calibrated = run / "calibrate" / "teacher.pt"
     student_src = Path(args.student) if args.student else run / "distill" / "distill.pt"
-    if args.student_guidance is not None and not args.student_guidance >= 0:
-        print(f"error: --student-guidance must be >= 0, got {args.student_guidance}", file=sys.stderr)
+    try:   # the same range as --guidance and the node's guidance parameter
+        GUIDANCE.check(args.student_guidance)
+    except ConfigError as exc:
+        print(f"error: --student-guidance: {exc}", file=sys.stderr)
         return 2
     teacher_src = run / "teacher" / "teacher.pt"
     if student_src.exists() and not args.teacher_only:
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
         sources.pop("student.pt")
     for p in list(sources.values()) + [refiner_src]:
         if not p.exists():
-            print(f"error: {p} is missing; run scripts/train_default.sh {run} first", file=sys.stderr)
+            print(f"error: {p} is missing; run scripts/release/train_default.sh {run} first", file=sys.stderr)
             return 2
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,
         "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
-                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/train_default.sh",
+                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/release/train_default.sh",
         "files": files,
         "training": {"stages": stages,
                      "command": args.command,

@@ -10,7 +10,7 @@
 # installs it. Later runs reuse the cached wheel and take seconds. It ends with a smoke test: import
 # and one small sparse convolution forward and backward.
 #
-# Usage: scripts/install_minkowski.sh            (inside an activated venv, or with PYTHON=...)
+# Usage: scripts/setup/install_minkowski.sh            (inside an activated venv, or with PYTHON=...)
 # Environment:
 #   PYTHON            interpreter of the target venv (default: $VIRTUAL_ENV/bin/python)
 #   MAX_JOBS          parallel compile jobs (default 2; the build needs ~1.5 GB RAM per job)

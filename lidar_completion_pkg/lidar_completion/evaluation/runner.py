@@ -1,0 +1,236 @@
+"""The evaluation loop and its resumable store.
+
+:func:`run_evaluation` takes frames in a fixed order from a *source* (``load(key) -> (input or None,
+ground truth)``) and a *predictor* (``predict(key, index, input) -> (cloud, timings)``), computes
+each frame's metrics (:func:`lidar_completion.metrics.frame_metrics`) on worker threads while the
+next frame is predicted, and appends each record to ``OUT/frames.jsonl`` as soon as it is known
+(:class:`RunStore`). An interrupted run resumes where it stopped: frames already in the file are
+skipped, provided the settings that change per-frame numbers (``OUT/run.json``) match.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CloudFormatError, ConfigError
+from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
+from ..metrics import EMD_MODES, frame_metrics
+from .report import N_EXTREMES, jsonable, num, render_frame, summarize, summary_markdown, write_plots
+
+__all__ = ["EvalOptions", "RunStore", "run_evaluation", "read_records", "FRAMES_FILE", "RUN_FILE",
+           "Predictor"]
+
+log = logging.getLogger(__name__)
+
+FRAMES_FILE = "frames.jsonl"
+RUN_FILE = "run.json"
+Predictor = Callable[[str, int, Optional[np.ndarray]], Tuple[np.ndarray, Dict]]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation runs (what is evaluated is the source's and the settings' business).
+
+    ``limit``: at most this many frames (after ``every``); ``every``: every K-th frame; ``seed``: frame
+    i is completed with ``seed + i``; ``emd``: which EMDs (``metrics.EMD_MODES``); ``plots``: PNG plots
+    and renders; ``progress``: a progress bar; ``restart``: discard the records already in OUT;
+    ``metric_workers``: threads computing metrics; ``label``: the model's name in the table.
+    """
+    limit: Optional[int] = None
+    every: int = 1
+    seed: int = 0
+    emd: str = "both"
+    plots: bool = True
+    progress: bool = True
+    restart: bool = False
+    metric_workers: int = 1
+    label: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("every", "metric_workers") + (("limit",) if self.limit is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if self.emd not in EMD_MODES:
+            raise ConfigError(f"emd: expected one of {', '.join(EMD_MODES)}, got {self.emd!r}")
+        object.__setattr__(self, "seed", 0 if self.seed is None else int(self.seed))
+
+
+def read_records(path) -> List[Dict]:
+    """Per-frame records of a ``frames.jsonl``; a line torn by a kill is ignored."""
+    return [rec for rec in read_jsonl(path) if "frame" in rec]
+
+
+class RunStore:
+    """``OUT/frames.jsonl`` (one record per frame, appended and fsync'ed as it is computed) and
+    ``OUT/run.json`` (the settings the records were computed with)."""
+
+    def __init__(self, out, run: Dict, restart: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.frames = self.out / FRAMES_FILE
+        self._check(run, restart)
+        self._writer = JsonlWriter(self.frames, durable=True, sort_keys=True)
+
+    def _check(self, run: Dict, restart: bool) -> None:
+        """The settings that change per-frame numbers must match those of the records in OUT."""
+        path = self.out / RUN_FILE
+        identity = {k: v for k, v in run.items() if k in run.get("identity_keys", ())}
+        if restart:
+            for p in (self.frames, path):
+                if p.exists():
+                    p.unlink()
+        if path.is_file() and self.frames.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                old = None
+            old_id = (old or {}).get("identity")
+            if old_id is not None and old_id != jsonable(identity):
+                diff = sorted(k for k in set(old_id) | set(identity)
+                              if old_id.get(k) != jsonable(identity).get(k))
+                raise ConfigError(
+                    f"{self.out} holds results of a different run (settings differ: {', '.join(diff)}); "
+                    "use another --out, or --restart to discard them")
+        elif self.frames.is_file() and not path.is_file():
+            raise ConfigError(f"{self.frames} exists without {RUN_FILE}: cannot tell which run produced "
+                              "it; use another --out, or --restart to discard it")
+        atomic_write_json(path, jsonable({"identity": identity, "run": run}), indent=2, sort_keys=True)
+
+    def records(self, keys: Sequence[str]) -> Dict[str, Dict]:
+        """The records already stored for ``keys``, by frame."""
+        wanted = set(keys)
+        return {str(r["frame"]): r for r in read_records(self.frames) if str(r["frame"]) in wanted}
+
+    def append(self, rec: Dict) -> Dict:
+        rec = jsonable(rec)
+        self._writer.write(rec)
+        return rec
+
+    def write_summary(self, summary: Dict) -> None:
+        atomic_write_json(self.out / "summary.json", jsonable(summary), indent=2, sort_keys=True)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _Extremes:
+    """Keeps the predictions of the current best / worst frames by CD, to render them at the end."""
+
+    def __init__(self, k: int = N_EXTREMES):
+        self.k = k
+        self.kept: Dict[str, np.ndarray] = {}
+        self.scores: Dict[str, float] = {}
+
+    def offer(self, frame: str, cd: float, pred: np.ndarray) -> None:
+        if not math.isfinite(cd):
+            return
+        self.scores[frame] = cd
+        ranked = sorted(self.scores, key=lambda f: (self.scores[f], f))
+        keep = set(ranked[:self.k]) | set(ranked[-self.k:])
+        if frame in keep:
+            self.kept[frame] = pred
+        for f in list(self.kept):
+            if f not in keep:
+                del self.kept[f]
+
+
+def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.ndarray], np.ndarray]],
+                   predict: Predictor, out, run: Dict, options: EvalOptions = EvalOptions(),
+                   indices: Optional[Sequence[int]] = None) -> Dict:
+    """The shared loop: frames ``keys`` in this order, ``load(key) -> (input or None, gt)``,
+    ``predict(key, index, input) -> (cloud, timings)``. Appends to OUT/frames.jsonl (skipping frames
+    already there), then writes summary.json, summary.md and the plots; returns the summary dict.
+    ``options``: emd, plots, progress, restart and metric_workers apply here."""
+    from tqdm import tqdm
+
+    run = dict(run, emd=options.emd)
+    run["identity_keys"] = sorted(set(run.get("identity_keys", [])) | {"emd"})
+    store = RunStore(out, run, options.restart)
+    keys = list(keys)
+    indices = list(indices) if indices is not None else list(range(len(keys)))
+    index_of = dict(zip(keys, indices))
+    done = store.records(keys)
+    todo = [k for k in keys if k not in done]
+    if done:
+        log.info("resuming: %d of %d frames already in %s", len(done), len(keys), store.frames)
+    extremes = _Extremes()
+    new_records: List[Dict] = []
+    pending: List[Tuple[str, Future, Dict, np.ndarray]] = []
+    workers = options.metric_workers
+
+    def finish(item):
+        key, fut, base, pred = item
+        rec = store.append(dict(base, **fut.result()))
+        new_records.append(rec)
+        extremes.offer(key, num(rec.get("cd")), pred)
+        return rec
+
+    bar = tqdm(total=len(keys), initial=len(done), desc=run.get("label", "evaluate"), unit="frame",
+               disable=not options.progress, dynamic_ncols=True, file=sys.stderr)
+    cds = [num(r.get("cd")) for r in done.values()]
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics") as pool:
+            for key in todo:
+                inp, gt = load(key)
+                try:
+                    pred, timings = predict(key, index_of[key], inp)
+                except CloudFormatError as exc:       # e.g. a scan with too few valid points
+                    log.warning("frame %s not evaluated: %s", key, exc)
+                    new_records.append(store.append({"frame": key, "index": index_of[key],
+                                                     "error": str(exc)}))
+                    bar.update(1)
+                    continue
+                pred = np.asarray(pred, dtype=np.float32)
+                base = {"frame": key, "index": index_of[key], "timings": timings}
+                pending.append((key, pool.submit(frame_metrics, pred, gt, options.emd), base, pred))
+                while len(pending) > workers:   # metrics of frame i overlap prediction of i+1
+                    rec = finish(pending.pop(0))
+                    cds.append(num(rec.get("cd")))
+                    bar.update(1)
+                    ok = [c for c in cds if math.isfinite(c)]
+                    if ok:
+                        bar.set_postfix(cd=f"{np.mean(ok):.3f}")
+            while pending:
+                finish(pending.pop(0))
+                bar.update(1)
+    finally:
+        bar.close()
+        store.close()
+    by_key = {r["frame"]: r for r in new_records}
+    records = [done[k] if k in done else by_key[k] for k in keys]
+    summary = summarize(records, {k: v for k, v in run.items() if k != "identity_keys"})
+    store.write_summary(summary)
+    (store.out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    if options.plots and records:
+        try:
+            summary["plots"] = [p.name for p in write_plots(records, store.out, run.get("title", ""))]
+            summary["renders"] = _write_renders(summary, records, extremes, load, predict, index_of,
+                                                store.out)
+        except ImportError as exc:       # matplotlib missing: results stay valid
+            log.warning("plots skipped: %s", exc)
+        store.write_summary(summary)
+    return summary
+
+
+def _write_renders(summary, records, extremes, load, predict, index_of, out: Path) -> List[str]:
+    by_frame = {str(r["frame"]): r for r in records}
+    names = []
+    for rank, frames in (("best", summary["best_frames"]), ("worst", summary["worst_frames"])):
+        for n, frame in enumerate(frames, 1):
+            inp, gt = load(frame)
+            pred = extremes.kept.get(frame)
+            if pred is None:        # computed by an earlier (resumed) run: recompute, same seed
+                pred, _ = predict(frame, index_of[frame], inp)
+            path = out / f"bev_{rank}{n}_{frame}.png"
+            render_frame(path, frame, f"{rank} {n}", pred, gt, inp, num(by_frame[frame]["cd"]))
+            names.append(path.name)
+    return names

@@ -1,0 +1,61 @@
+"""The Makefile's setup logic, dry-run (`make -n`): `make demo` sets up without building
+MinkowskiEngine, `make setup` / `make test` build it, and a full setup serves the demo."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def dry_run(target, venv, *extra):
+    r = subprocess.run(["make", "-n", "--no-print-directory", target, f"VENV={venv}", *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def stamp(target, venv, *extra):
+    """The stamp file the target's setup would create (its last `touch`)."""
+    return next(line.split()[-1] for line in reversed(dry_run(target, venv, *extra).splitlines())
+                if line.startswith("touch "))
+
+
+def test_demo_sets_up_without_minkowski_and_setup_with_it(tmp_path):
+    venv = tmp_path / "venv"
+    demo = dry_run("demo", venv)
+    assert "SKIP_MINKOWSKI=1 bash scripts/setup/setup_venv.sh" in demo
+    assert "bash scripts/demo/demo.sh" in demo
+    for target in ("setup", "test"):
+        out = dry_run(target, venv)
+        assert "SKIP_MINKOWSKI= bash scripts/setup/setup_venv.sh" in out, target
+
+
+def test_an_existing_setup_is_reused(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    # after `make demo`, the demo does not set up again; `make setup` still builds the rest
+    Path(stamp("demo", venv)).touch()
+    assert "setup_venv.sh" not in dry_run("demo", venv)
+    assert "setup_venv.sh" in dry_run("setup", venv)
+    # after a full `make setup`, neither target sets up again
+    Path(stamp("setup", venv)).touch()
+    assert "setup_venv.sh" not in dry_run("demo", venv)
+    assert "setup_venv.sh" not in dry_run("setup", venv)
+
+
+def test_demo_script_runs_on_the_torch_backend_unless_told_otherwise(tmp_path):
+    """demo.sh exports LIDAR_COMPLETION_BACKEND=torch for everything it starts (an existing value
+    wins); checked on the script's first lines, up to where it starts work."""
+    text = (ROOT / "scripts" / "demo" / "demo.sh").read_text()
+    head = text[:text.index("OUT=")]
+    probe = tmp_path / "probe.sh"
+    probe.write_text(head + 'echo "backend=$LIDAR_COMPLETION_BACKEND"\n')
+    run = subprocess.run(["bash", str(probe)], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert run.stdout.strip() == "backend=torch"
+    run = subprocess.run(["bash", str(probe)], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "LIDAR_COMPLETION_BACKEND": "minkowski"})
+    assert run.stdout.strip() == "backend=minkowski"
