@@ -149,8 +149,8 @@ def test_fused_residual_block_and_skip_concatenation(pair, monkeypatch):
     _close(outs[1], outs[0])
 
 
-@pytest.mark.parametrize("cls", [Refiner, Denoiser], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("train", [True, False], ids=["batch-stats", "running-stats"])
+@pytest.mark.parametrize("cls,train", [(Refiner, True), (Denoiser, False)],
+                         ids=["refiner-batch-stats", "denoiser-running-stats"])
 def test_gradients_equal_the_torch_backend(cls, train):
     """Training through the Triton kernels (input gradient over the transposed maps, weight
     gradient per offset): outputs and the gradient of every parameter and of the input points'

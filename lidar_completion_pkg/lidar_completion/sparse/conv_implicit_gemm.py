@@ -74,8 +74,8 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
     bk = _pow2(min(cin, 64), 16, 64)
     bn = _pow2(cout, 16, 128)
     pair = groups % 2 == 0
-    if interpreted:     # every program is a Python loop: few, large programs
-        return [Config(_pow2(rows, 16, 64), bn, bk, 1, 1, pair)]
+    if interpreted:     # every program is a Python loop over NumPy blocks: few, large programs
+        return [Config(_pow2(rows, 16, 256), bn, bk, 1, 1, pair)]
     out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2)]
     if pair:
         out += [Config(64, min(bn, 64), bk, 4, 2, True), Config(128, min(bn, 64), bk, 8, 2, True)]
@@ -293,9 +293,10 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
     order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
     precision = "tf32" if (go.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
                            and go.device.type == "cuda") else "ieee"
-    br = 32 if interpreted else 64
+    br = _pow2(m, 16, 512) if interpreted else 64     # the interpreter: few, large blocks
     bn = _pow2(n, 16, 64)
-    rows_per_split = max(br, -(-max(1, -(-m // 64)) // br) * br)   # at most ~64 splits of whole blocks
+    splits_wanted = 1 if interpreted else 64
+    rows_per_split = max(br, -(-max(1, -(-m // splits_wanted)) // br) * br)   # whole blocks per split
     splits = -(-m // rows_per_split)
     offset = 0
     for seg in segments:
