@@ -113,6 +113,46 @@ def test_sigterm_writes_checkpoint_and_resume_is_identical(straight_run, tmp_pat
     _assert_identical(straight, _weights(out))
 
 
+def test_checkpoint_in_parts_resumes_bit_exactly(straight_run, tmp_path):
+    """checkpoint.part_mib: every training state is written as files of at most that size (an index
+    and its parts), older ones rotate away with their parts, and the resume equals the straight run."""
+    npz, straight = straight_run
+    out = tmp_path / "parts"
+    args = _args(npz, out, "--set", "train.lr_schedule={gamma: 0.9, every_epochs: 2}",
+                 "--set", "checkpoint.part_mib=1", "--set", "checkpoint.keep=1")
+    assert main(args + ["--max-steps", "10"]) == 0
+    folder = out / "checkpoints"
+    files = sorted(p.name for p in folder.iterdir() if p.name != "latest.json")
+    assert files[0] == "step_000000010.ckpt" and len(files) >= 2
+    assert all(name.startswith("step_000000010.ckpt.part") for name in files[1:])
+    assert all((folder / n).stat().st_size <= 2 ** 20 for n in files)
+    assert main(args + ["--max-steps", "20", "--resume"]) == 0
+    assert not any(p.name.startswith("step_000000010") for p in folder.iterdir())   # rotated, parts too
+    _assert_identical(straight, _weights(out))
+
+
+def test_checkpoint_parts_are_checked(tmp_path):
+    from training.checkpoint import state_files
+    path = tmp_path / "state.ckpt"
+    big = {"step": 3, "models": {"w": torch.arange(300_000.0)}, "rng": [torch.get_rng_state()]}
+    save_state(path, big, part_bytes=400_000)
+    parts = state_files(path)[1:]
+    assert len(parts) == 4 and all(p.stat().st_size <= 400_000 for p in parts)
+    st = load_state(path)
+    assert torch.equal(st["models"]["w"], big["models"]["w"]) and torch.equal(st["rng"][0], big["rng"][0])
+    save_state(path, {"step": 4, "models": {"w": torch.arange(10.0)}}, part_bytes=400_000)
+    assert state_files(path) == [path] and load_state(path)["step"] == 4   # one file: stale parts gone
+    save_state(path, big, part_bytes=400_000)
+    data = bytearray(parts[2].read_bytes())
+    data[100] ^= 0xFF
+    parts[2].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="part002 is corrupt"):
+        load_state(path)
+    parts[2].unlink()
+    with pytest.raises(CheckpointError, match="part002, which is missing"):
+        load_state(path)
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "state.ckpt"
     save_state(path, {"step": 3, "models": {"w": torch.arange(1000.0)}})

@@ -55,8 +55,10 @@ _COMMON: dict = {
         "lr_schedule": {"gamma": 1.0, "every_epochs": 1},
     },
     # every_steps: training-state checkpoint period (0: only at the end / on a signal);
-    # export: write the inference checkpoint <out>/<kind>.pt when training finishes
-    "checkpoint": {"every_steps": 500, "keep": 3, "export": True},
+    # export: write the inference checkpoint <out>/<kind>.pt when training finishes;
+    # part_mib: split each training state into files of at most this many MiB (null: one file), for
+    # machines that hand back only files up to a size (a run of a few minutes on a lent GPU)
+    "checkpoint": {"every_steps": 500, "keep": 3, "export": True, "part_mib": None},
     "log": {"every_steps": 10, "render_every_steps": 500, "tensorboard": True, "progress": True},
     "diffusion": {"beta_start": 3.5e-5, "beta_end": 0.007, "steps": 1000, "reg_weight": 5.0},
 }
@@ -200,6 +202,8 @@ def validate(cfg: dict) -> None:
            f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
     _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")
     _check(int(cfg["checkpoint"]["keep"]) >= 1, "checkpoint.keep must be >= 1")
+    part = cfg["checkpoint"].get("part_mib")
+    _check(part is None or float(part) >= 1, f"checkpoint.part_mib must be null or >= 1, got {part!r}")
     model = cfg["model"]
     _check(model in ("full", "tiny") or (isinstance(model, dict) and "channels" in model),
            f"model must be 'full', 'tiny' or a mapping with 'channels', got {model!r}")

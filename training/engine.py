@@ -143,7 +143,9 @@ class Trainer(abc.ABC):
         if ms is not None:  # an explicit step budget replaces the epoch count
             self.total_steps = int(ms)
         self.step = 0
-        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=int(cfg["checkpoint"]["keep"]))
+        part = cfg["checkpoint"].get("part_mib")
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=int(cfg["checkpoint"]["keep"]),
+                                      part_bytes=None if part is None else int(float(part) * 2 ** 20))
         self._stop_signal = None
         self.resumed_from = None
         if resume:
