@@ -277,3 +277,36 @@ def test_distillation_starts_from_a_published_lightning_checkpoint(tmp_path):
         assert torch.equal(tr.encoder.state_dict()[k], v), k
     assert not any(p.requires_grad for p in tr.teacher.parameters())
     assert not any(p.requires_grad for p in tr.encoder.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training(precision, tmp_path, monkeypatch):
+    """train.precision: the forward passes run under autocast (the denoiser's output is in the
+    reduced dtype), the loss and the master weights stay fp32, the weights move, fp16 keeps a
+    loss scaler in the checkpoint, and a resume is bit-exact."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    seen = []
+    real = TeacherTrainer.train_step
+
+    def spy(self, batch):
+        hook = self.net.denoiser.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        try:
+            return real(self, batch)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(TeacherTrainer, "train_step", spy)
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    extra = ["--set", f"train.precision={precision}", "--set", "train.optimizer.lr=1e-3"]
+    assert main(_args(npz, straight, "--max-steps", "6", *extra)) == 0
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float16}
+    st = load_state(CheckpointManager(straight / "checkpoints").latest_path())
+    w = st["models"]["teacher"]["denoiser.stem.0.kernel"]
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    assert ("main" in st["scalers"]) == (precision == "fp16")
+    first = tmp_path / "first"
+    assert main(_args(npz, first, "--max-steps", "1", *extra)) == 0
+    w0 = load_state(CheckpointManager(first / "checkpoints").latest_path())["models"]["teacher"]["denoiser.stem.0.kernel"]
+    assert not torch.equal(w0, w)
+    assert main(_args(npz, parted, "--max-steps", "3", *extra)) == 0
+    assert main(_args(npz, parted, "--max-steps", "6", "--resume", *extra)) == 0
+    _assert_identical(_weights(straight), _weights(parted))

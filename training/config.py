@@ -48,6 +48,9 @@ _COMMON: dict = {
         "epochs": 1,
         "max_steps": None,        # stop after this many optimiser steps (overrides epochs when smaller)
         "batchnorm": "train",     # train | frozen (eval-mode statistics) | sync (SyncBatchNorm, GPU DDP)
+        # fp32 | bf16 | fp16: the networks' forward passes under torch.autocast with fp32 master
+        # weights and optimiser state; fp16 adds loss scaling (a GradScaler per optimiser)
+        "precision": "fp32",
         "grad_clip": None,        # max gradient norm, None = off
         "optimizer": {"name": "adam", "lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
                       "momentum": 0.0},
@@ -193,6 +196,8 @@ def validate(cfg: dict) -> None:
     _check(int(tr["epochs"]) >= 1, f"train.epochs must be >= 1, got {tr['epochs']}")
     _check(tr["max_steps"] is None or int(tr["max_steps"]) >= 0,
            f"train.max_steps must be None or >= 0, got {tr['max_steps']}")
+    _check(tr.get("precision", "fp32") in ("fp32", "bf16", "fp16"),
+           f"train.precision must be fp32|bf16|fp16, got {tr.get('precision')!r}")
     _check(tr["batchnorm"] in ("train", "frozen", "sync"),
            f"train.batchnorm must be train|frozen|sync, got {tr['batchnorm']!r}")
     _check(tr["optimizer"]["name"] in ("adam", "adamw", "sgd"),

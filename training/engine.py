@@ -11,6 +11,7 @@ Subclasses implement ``build()`` (modules, optimisers) ``train_step(batch) -> di
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
@@ -104,6 +105,9 @@ class Trainer(abc.ABC):
         self.sigmas = torch.sqrt(1.0 - self.schedule.alphas_cumprod).float()   # (T,), CPU
         self.model_config = model_config(cfg)
         self.backend = cfg.get("backend", "auto")
+        self.precision = cfg["train"].get("precision", "fp32")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.scalers: dict = {}   # fp16: one GradScaler per optimiser (made in make_optimizers' wake)
 
         self.modules: dict[str, nn.Module] = {}     # everything that is saved
         self.trainable: dict[str, nn.Module] = {}   # subset that is optimised (DDP-wrapped)
@@ -129,6 +133,8 @@ class Trainer(abc.ABC):
         self.make_optimizers()
         for name, opt in self.optimizers.items():
             self.base_lrs[name] = [g["lr"] for g in opt.param_groups]
+            if self.precision == "fp16":
+                self.scalers[name] = torch.amp.GradScaler(self.device.type)
 
         self.source = source if source is not None else self.build_source()
         tile = int(cfg["data"]["tile"])
@@ -218,13 +224,32 @@ class Trainer(abc.ABC):
                 f"stopped without saving; {where}. Resume from it with --resume, e.g. with a lower "
                 f"learning rate or gradient clipping.")
 
+    def autocast(self):
+        """The context for forward passes and losses: torch.autocast in the run's precision (bf16 or
+        fp16 operands, fp32 master weights), nothing in fp32. Losses should leave it in fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor, name: str = "main") -> None:
+        """``loss.backward()``, scaled for the optimiser ``name`` in fp16."""
+        scaler = self.scalers.get(name)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     def clip_and_step(self, name: str, clip) -> float:
         opt = self.optimizers[name]
+        scaler = self.scalers.get(name)
+        if scaler is not None:
+            scaler.unscale_(opt)   # clip and log the true gradient norm
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norm = float("nan")
         if params:  # with clip None the norm is only measured (for the logs)
             norm = float(torch.nn.utils.clip_grad_norm_(params, float(clip) if clip is not None else float("inf")))
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)       # skipped (and the scale lowered) when the gradient overflowed
+            scaler.update()
+        else:
+            opt.step()
         return norm
 
     # -- learning rate ---------------------------------------------------------------------------
@@ -253,6 +278,7 @@ class Trainer(abc.ABC):
             "world_size": self.dist.world_size,
             "models": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scalers": {k: sc.state_dict() for k, sc in self.scalers.items()},
             "rng": rngs,
             "model_config": self.model_config.to_dict(),
             "config_yaml": dump(self.cfg),
@@ -286,6 +312,9 @@ class Trainer(abc.ABC):
                 raise CheckpointError(f"{path}: module {k!r} does not match this configuration: {exc}") from exc
         for k, o in self.optimizers.items():
             o.load_state_dict(st["optimizers"][k])
+        for k, sc in self.scalers.items():
+            if k in st.get("scalers", {}):
+                sc.load_state_dict(st["scalers"][k])
         self.step = int(st["step"])
         rngs = st.get("rng") or []
         if self.dist.rank < len(rngs):

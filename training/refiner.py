@@ -43,14 +43,16 @@ class RefinerTrainer(Trainer):
         tgt = batch["target"].to(dev)
         tgt_b = batch["target_batch"].to(dev)
         self.set_train(self.net, True)
-        out, out_b = self.upsample(self.wrapped["refiner"], inp, inp_b)
+        with self.autocast():
+            out, out_b = self.upsample(self.wrapped["refiner"], inp, inp_b)
+        out = out.float()
         kind = self.cfg["refiner"]["loss"]
         per_sample = [chamfer_loss(out[out_b == b], tgt[tgt_b == b], kind) for b in range(batch["batch_size"])]
         loss = global_mean(torch.stack(per_sample).sum(), len(per_sample))
         self.guard("loss", loss)
         opt = self.optimizers["main"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         gnorm = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
         return {"loss": float(loss.detach()), "grad_norm": gnorm}
 

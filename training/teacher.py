@@ -75,12 +75,13 @@ class TeacherTrainer(Trainer):
             scan = torch.where(drop[scan_b].view(-1, 1), torch.zeros_like(scan), scan)
         model = self.wrapped["teacher"]
         self.set_train(self.net, True)
-        eps_hat = model(scan, scan_b, x_t, x_b, t, all_dropped=bool(drop.all()))
-        terms = denoising_loss_terms(eps_hat, eps, float(self.cfg["diffusion"]["reg_weight"]))
+        with self.autocast():
+            eps_hat = model(scan, scan_b, x_t, x_b, t, all_dropped=bool(drop.all()))
+        terms = denoising_loss_terms(eps_hat.float(), eps, float(self.cfg["diffusion"]["reg_weight"]))
         self.guard("loss", terms["loss"])
         opt = self.optimizers["main"]
         opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.backward(terms["loss"])
         gnorm = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
         terms = {k: v.detach() for k, v in terms.items()}
         return {"loss": float(terms["loss"]), "loss/mse": float(terms["mse"]), "loss/mean": float(terms["mean"]),
