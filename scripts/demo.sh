@@ -59,13 +59,14 @@ $LC bag-from-kitti "$OUT/data" --sequence 08 --out "$OUT/input_bag" --no-progres
 say "3/5 live replay through the ROS 2 node -> $OUT/latency, $OUT/completed_bag"
 # Paced: each scan is published once the node has answered the previous one (at most at ${RATE}x the
 # drive's rate), so a node slower than 10 Hz completes every scan and the latencies are its own. The
-# node warms up before it subscribes, looks the bag's transforms up (velodyne is the frame the
-# networks were trained in) and publishes the completions into odom. bag-bench fails with the reason
-# when no scan is completed.
+# node warms up before it subscribes (the first completion of a process costs over a minute on a
+# CPU: --ready-timeout), looks the bag's transforms up (velodyne is the frame the networks were
+# trained in) and publishes the completions into odom. bag-bench fails with the reason when no scan
+# is completed.
 echo "node: $LIVE_BACKEND backend, $LIVE_NFPS points per scan, $LIVE_DEVICE, $THREADS threads"
 $LC bag-bench "$OUT/input_bag" --live --pace --rate "$RATE" --threads "$THREADS" --seed 0 \
     --backend "$LIVE_BACKEND" --n-fps "$LIVE_NFPS" --device "$LIVE_DEVICE" "${CKPT_ARGS[@]}" \
-    --node-param model_frame:=velodyne --node-param target_frame:=odom \
+    --node-param model_frame:=velodyne --node-param target_frame:=odom --ready-timeout 600 \
     --write-bag "$OUT/completed_bag" --out "$OUT/latency" --no-progress | tee "$OUT/latency.log"
 
 say "4/5 one scan through the CLI -> $OUT/completed_000000.ply, $OUT/input_vs_completion_vs_gt.png"
