@@ -43,6 +43,18 @@ def require(*modules: str, executables: tuple = ()) -> None:
     pytest.skip(why, allow_module_level=True)
 
 
+def tiny_checkpoint_fixture():
+    """A module-scoped ``checkpoint`` fixture: random tiny networks (a completion with small budgets
+    takes a fraction of a second on a CPU)."""
+    @pytest.fixture(scope="module")
+    def checkpoint(tmp_path_factory):
+        from lidar_completion.checkpoints import make_random_checkpoint
+        path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+        make_random_checkpoint(path)
+        return path
+    return checkpoint
+
+
 def random_domain() -> int:
     return random.SystemRandom().randrange(1, 200)
 

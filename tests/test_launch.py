@@ -144,7 +144,7 @@ for name in node._parameters.keys():
     d = node.describe_parameter(name)
     out[name] = {"type": d.type, "read_only": d.read_only, "description": d.description,
                  "value": node.get_parameter(name).value}
-node.stop()
+node.pipeline.stop()
 node.destroy_node()
 rclpy.try_shutdown()
 print(json.dumps(out))
@@ -196,12 +196,7 @@ SMALL = {"n_fps": N_FPS, "tile": TILE, "seed": 0, "backend": "torch", "diagnosti
          "input_qos_depth": 20}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from lidar_completion.checkpoints import make_random_checkpoint
-    path = tmp_path_factory.mktemp("launch_ckpt") / "tiny.pt"
-    make_random_checkpoint(path)
-    return path
+checkpoint = rs.tiny_checkpoint_fixture()
 
 
 def small_params(tmp_path, **extra) -> Path:

@@ -34,12 +34,7 @@ NODE_PARAMS = {"n_fps": N_FPS, "tile": TILE, "steps": 2, "seed": 0, "input_qos_d
                "diagnostics_period": 0.5}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from lidar_completion.checkpoints import make_random_checkpoint
-    path = tmp_path_factory.mktemp("node_ckpt") / "tiny.pt"
-    make_random_checkpoint(path)
-    return path
+checkpoint = rs.tiny_checkpoint_fixture()
 
 
 ros_env, random_domain, _value = rs.ros_env, rs.random_domain, rs.param_value

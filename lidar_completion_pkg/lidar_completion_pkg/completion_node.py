@@ -109,8 +109,8 @@ def _run(argv, lifecycle: bool) -> int:
         pass
     finally:
         if node is not None:
-            finished = node.stop(timeout=5.0)
-            s = node.stats
+            finished = node.pipeline.stop(timeout=5.0)
+            s = node.pipeline.stats
             node.destroy_node()  # before logging: the context may already be shut down (Ctrl-C)
             log = rclpy.logging.get_logger(NODE_NAME)
             if not finished:

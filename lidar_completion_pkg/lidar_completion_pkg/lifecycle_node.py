@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from .node import create_input, create_outputs, qos_summary
@@ -37,26 +36,16 @@ class LifecycleCompletionNode(LifecycleNode):
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=UNCONFIGURED)
         self.sub = None
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.diag_timer = self.create_timer(self.config["diagnostics_period"], self.publish_diagnostics)
+        self.diag_timer = self.create_timer(self.config["diagnostics_period"],
+                                            self.pipeline.publish_diagnostics)
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.get_logger().info("unconfigured: configure loads the checkpoint and warms up, activate "
                                "subscribes")
 
-    @property
-    def stats(self):
-        return self.pipeline.stats
-
-    def publish_diagnostics(self) -> None:
-        try:
-            self.diag_pub.publish(self.pipeline.diagnostics())
-        except Exception as exc:  # noqa: BLE001 - diagnostics must not take the node down
-            self.pipeline._warn("diagnostics", f"cannot publish diagnostics: {exc}")
-
     # -- transitions ------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.pipeline.state = WARMING_UP
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         try:
             self.pipeline.load(self.completer_factory)
         except StartupError as exc:
@@ -67,7 +56,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self.pipeline.open_frames()
         create_outputs(self, self.pipeline, self.create_lifecycle_publisher)
         self.pipeline.state = INACTIVE
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         self.get_logger().info(f"configured: {self.pipeline.describe()}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -78,7 +67,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self.pipeline.start()
         self.sub = create_input(self, self.pipeline)
         self.pipeline.state = ACTIVE
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         self.get_logger().info(f"active: {qos_summary(self.pipeline, self.sub)}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -93,7 +82,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self._unsubscribe()
         self.pipeline.release(drop_model=False)
         self.pipeline.state = INACTIVE
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         self.get_logger().info("inactive: unsubscribed, worker stopped")
         return super().on_deactivate(state)
 
@@ -109,13 +98,10 @@ class LifecycleCompletionNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._drop_everything()
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         self.get_logger().info("unconfigured: model released")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._drop_everything()
         return TransitionCallbackReturn.SUCCESS
-
-    def stop(self, timeout: float = 5.0) -> bool:
-        return self.pipeline.stop(timeout)

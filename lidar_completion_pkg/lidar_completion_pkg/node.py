@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 
@@ -57,8 +56,7 @@ class CompletionNode(Node):
         super().__init__(node_kwargs.pop("node_name", NODE_NAME), **node_kwargs)
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=WARMING_UP)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.diag_pub.publish(self.pipeline.diagnostics())  # "warming up", before the long part
+        self.pipeline.publish_diagnostics()  # "warming up", before the long part
         self.pipeline.load(completer_factory)
         self.pipeline.warm_up()
         self.pipeline.open_frames()
@@ -66,22 +64,9 @@ class CompletionNode(Node):
         self.pipeline.start()
         self.sub = create_input(self, self.pipeline)
         self.pipeline.state = ACTIVE
-        self.diag_timer = self.create_timer(self.config["diagnostics_period"], self.publish_diagnostics)
+        self.diag_timer = self.create_timer(self.config["diagnostics_period"],
+                                            self.pipeline.publish_diagnostics)
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
-        self.publish_diagnostics()
+        self.pipeline.publish_diagnostics()
         self.get_logger().info(f"ready: completing {self.pipeline.describe()}, "
                                f"{qos_summary(self.pipeline, self.sub)}")
-
-    @property
-    def stats(self):
-        return self.pipeline.stats
-
-    def publish_diagnostics(self) -> None:
-        try:
-            self.diag_pub.publish(self.pipeline.diagnostics())
-        except Exception as exc:  # noqa: BLE001 - diagnostics must not take the node down
-            self.pipeline._warn("diagnostics", f"cannot publish diagnostics: {exc}")
-
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop the worker; True when the scan in hand finished within ``timeout`` seconds."""
-        return self.pipeline.stop(timeout)

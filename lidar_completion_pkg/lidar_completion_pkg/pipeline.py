@@ -126,6 +126,9 @@ class CompletionPipeline:
         self.completer = None
         self.frames = None
         self.pub = self.raw_pub = None
+        from diagnostic_msgs.msg import DiagnosticArray
+        # a plain publisher in every node class: /diagnostics reports in every lifecycle state
+        self.diag_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.warmup_s: Optional[float] = None
         self._pending: dict = {}
         self._pending_lock = threading.Lock()
@@ -414,6 +417,13 @@ class CompletionPipeline:
             return None
 
     # -- diagnostics ----------------------------------------------------------------------------
+    def publish_diagnostics(self) -> None:
+        """Publish the status now (the nodes' timer callback; never raises)."""
+        try:
+            self.diag_pub.publish(self.diagnostics())
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not take the node down
+            self._warn("diagnostics", f"cannot publish diagnostics: {exc}")
+
     def diagnostics(self):
         """One DiagnosticArray with this node's status (never raises for a missing completer)."""
         from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue

@@ -115,26 +115,21 @@ class Stats:
         with self._lock:
             self.subsampled += 1
 
-    def note_rejected(self, reason: str, message: str) -> None:
+    def _note_problem(self, counter: str, reason: str, message: str) -> None:
         with self._lock:
-            self.rejected += 1
+            setattr(self, counter, getattr(self, counter) + 1)
             self.reasons[reason] += 1
             self.last_problem = message
             self._problems_since_report += 1
+
+    def note_rejected(self, reason: str, message: str) -> None:
+        self._note_problem("rejected", reason, message)
 
     def note_no_transform(self, reason: str, message: str) -> None:
-        with self._lock:
-            self.no_transform += 1
-            self.reasons[reason] += 1
-            self.last_problem = message
-            self._problems_since_report += 1
+        self._note_problem("no_transform", reason, message)
 
     def note_failed(self, reason: str, message: str) -> None:
-        with self._lock:
-            self.failed += 1
-            self.reasons[reason] += 1
-            self.last_problem = message
-            self._problems_since_report += 1
+        self._note_problem("failed", reason, message)
 
     def note_published(self, t_received: float, compute_s: float,
                        stamp_age_s: Optional[float] = None) -> None:
