@@ -3,7 +3,7 @@
 #
 #   1. generate a synthetic SemanticKITTI-layout sequence (street scenes, HDL-64E pattern) and its
 #      ground truth;
-#   2. write it as a rosbag2 bag (PointCloud2 + /tf);
+#   2. write it as a rosbag2 bag (PointCloud2 + /tf, /tf_static);
 #   3. start the ROS 2 completion node (PyPI wheels, shipped student checkpoint) as its own process
 #      and replay the bag to it over DDS; record its completed clouds into a new bag and measure
 #      latency, drops and memory;
@@ -98,8 +98,8 @@ say "done"
 cat <<EOF
 What the demo made (in $OUT/):
   data/                         synthetic SemanticKITTI-layout sequence 08 and its ground-truth cache
-  input_bag/                    the drive as a rosbag2 bag (PointCloud2 /velodyne_points + /tf)
-  completed_bag/                input and completed clouds (/completed_points, in odom) + /tf, for rviz
+  input_bag/                    the drive as a rosbag2 bag (PointCloud2 /velodyne_points + /tf, /tf_static)
+  completed_bag/                input and completed clouds (/completed_points, in odom) + /tf, /tf_static
   latency/report.md, *.png      live replay through the node: latency, drops, memory
   completed_000000.ply          the completion of the first scan
   input_vs_completion_vs_gt.png bird's-eye and oblique views: input, completion, ground truth
