@@ -49,8 +49,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30"],
+        # the node; its launch / CLI / tf2_msgs / tf_transformations wheels are not on PyPI (make setup
+        # installs them from ROS2_CLI_WHEELS)
         "ros": ["ros-kilted-rclpy[fastrtps]", "ros-kilted-sensor-msgs", "ros-kilted-std-msgs",
-                "ros-kilted-diagnostic-msgs"],
+                "ros-kilted-diagnostic-msgs", "ros-kilted-geometry-msgs", "ros-kilted-lifecycle-msgs",
+                "transforms3d"],
     },
     zip_safe=True,
     entry_points={
@@ -58,6 +61,11 @@ setup(
             "lidar-completion = lidar_completion.cli:main",
             "lidar-completion-node = lidar_completion_pkg.completion_node:main",
             "completion_node = lidar_completion_pkg.completion_node:main",
+            "lifecycle_completion_node = lidar_completion_pkg.completion_node:main_lifecycle",
+        ],
+        # `lidar-completion bag-bench --live`: the core finds the ROS 2 replay through this group
+        "lidar_completion.live_bench": [
+            "ros2 = lidar_completion_pkg.live_bench:bench_live",
         ],
     },
 )

@@ -1,5 +1,5 @@
-"""rosbag2 tools: round trips in both storages, KITTI -> bag, damaged bags, the offline bench and the
-live report's accounting (the live run itself is in test_bags_live.py)."""
+"""rosbag2 tools: round trips in both storages, KITTI -> bag, damaged bags, the offline bench (the live
+bench, which runs through the ROS 2 layer, is in test_bags_live.py)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,6 @@ from lidar_completion.bags import (
     serialize, tf_to_matrix, write_clouds,
 )
 from lidar_completion.bags.bench import bench_offline
-from lidar_completion.bags.live import report_from_events
 from lidar_completion.bags.report import summary_line, write_report
 from lidar_completion.errors import BagError
 
@@ -172,11 +171,19 @@ def test_bag_from_kitti_cli(synthetic_root, tmp_path, storage, capsys):
     seq = SemanticKittiSequence(synthetic_root, "00")
     with BagReader(out) as reader:
         assert {t: i.msgtype for t, i in reader.topics.items()} == {
-            "/velodyne_points": CLOUD_TYPE, "/tf": "tf2_msgs/msg/TFMessage"}
+            "/velodyne_points": CLOUD_TYPE, "/tf": "tf2_msgs/msg/TFMessage",
+            "/tf_static": "tf2_msgs/msg/TFMessage"}
         msgs = list(reader.messages())
     clouds = [m for m in msgs if m.topic == "/velodyne_points"]
     tfs = [deserialize(m.data, m.msgtype).transforms[0] for m in msgs if m.topic == "/tf"]
-    assert len(clouds) == len(tfs) == 3
+    statics = [deserialize(m.data, m.msgtype).transforms for m in msgs if m.topic == "/tf_static"]
+    assert len(clouds) == len(tfs) == 3 and len(statics) == 1
+    # base_link -> velodyne: the LiDAR 1.73 m above the ground, level (KITTI's mounting)
+    mount, = statics[0]
+    assert (mount.header.frame_id, mount.child_frame_id) == ("base_link", "velodyne")
+    base_velo = tf_to_matrix(mount.transform)
+    np.testing.assert_allclose(base_velo, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1.73], [0, 0, 0, 1]],
+                               atol=1e-12)
     for i, raw in enumerate(clouds):
         msg = deserialize(raw.data, CLOUD_TYPE)
         assert [f.name for f in msg.fields] == list(FIELDS4)
@@ -185,8 +192,13 @@ def test_bag_from_kitti_cli(synthetic_root, tmp_path, storage, capsys):
         assert stamp == 1000_500_000_000 + round(seq.times[i] * 1e9) == raw.log_time_ns
         from lidar_completion.pointcloud2 import read_points_numpy
         np.testing.assert_array_equal(read_points_numpy(msg, FIELDS4, skip_nans=False), seq.scan(i))
-        assert (tfs[i].header.frame_id, tfs[i].child_frame_id) == ("odom", "velodyne")
-        np.testing.assert_allclose(tf_to_matrix(tfs[i].transform), seq.poses[i], atol=1e-9)
+        assert (tfs[i].header.frame_id, tfs[i].child_frame_id) == ("odom", "base_link")
+        assert tfs[i].header.stamp == msg.header.stamp
+        # odom <- velodyne through the chain is the LiDAR pose of poses.txt, seen from base_link at
+        # the first scan (odom)
+        odom_velo = tf_to_matrix(tfs[i].transform) @ base_velo
+        np.testing.assert_allclose(odom_velo, base_velo @ seq.poses[i], atol=1e-9)
+    np.testing.assert_allclose(tf_to_matrix(tfs[0].transform), np.eye(4), atol=1e-9)
 
 
 def test_bag_from_kitti_errors(synthetic_root, tmp_path):
@@ -247,7 +259,7 @@ def test_offline_bench_report(synthetic_bag, tiny_checkpoint, tmp_path):
     assert "Latency" in md and last in md
     with BagReader(wb) as reader:
         counts = {t: i.count for t, i in reader.topics.items()}
-        assert counts == {"/velodyne_points": 5, "/completed_points": 5, "/tf": 5}
+        assert counts == {"/velodyne_points": 5, "/completed_points": 5, "/tf": 5, "/tf_static": 1}
         outs = list(reader.clouds("/completed_points"))
     assert [c.n_points for c in outs] == [s["points_out"] for s in rep["scans"]]
     assert [c.stamp_ns for c in outs] == [s["stamp_ns"] for s in rep["scans"]]
@@ -265,41 +277,17 @@ def test_bag_bench_cli_errors(synthetic_bag, tmp_path, capsys):
     assert "bag not found" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ live accounting
-def test_live_report_accounts_for_every_input(tmp_path):
-    ms = 1_000_000
-    inputs = [{"index": i, "stamp_ns": START + i * 100 * ms, "log_time_ns": START + i * 100 * ms,
-               "t_pub_ns": 10_000 * ms + i * 100 * ms, "points_in": 1000 + i} for i in range(6)]
-    outputs = [  # scan 0 and 3 completed; 3 twice (only the first counts); one stray output
-        {"stamp_ns": START, "t_recv_ns": 10_000 * ms + 40 * ms, "points_out": 500},
-        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 80 * ms, "points_out": 600},
-        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 95 * ms, "points_out": 600},
-        {"stamp_ns": 5, "t_recv_ns": 10_900 * ms, "points_out": 1},
-    ]
-    events = {"inputs": inputs, "outputs": outputs, "expected_total": 8,
-              "unusable_inputs": [{"index": 6, "error": "cannot deserialize"}],
-              "diagnostics": [{"values": {"dropped": "2", "received": "6", "processed": "3",
-                                          "rejected": "0", "failed": "1"}}],
-              # 20 s of node memory: flat warm-up plateau, then +1 MB/s in the second half
-              "memory": [[10_000 * ms + k * 1000 * ms, (100 + max(0, k - 10)) * 2**20] for k in range(21)],
-              "t_first_pub_ns": 10_000 * ms, "t_last_pub_ns": 10_500 * ms,
-              "t_node_start_ns": 8_000 * ms, "t_ready_ns": 9_500 * ms, "node": {"returncode": 0}}
-    rep = report_from_events(events, bag="b", topic="/velodyne_points", rate=2.0)
-    assert [s["index"] for s in rep["scans"]] == list(range(8))
-    assert (rep["total"], rep["completed"], rep["dropped"]) == (8, 2, 6)
-    assert [s["status"] for s in rep["scans"]][:4] == ["completed", "dropped", "dropped", "completed"]
-    assert [s["latency_ms"] for s in rep["scans"] if s["status"] == "completed"] == \
-        pytest.approx([40.0, 80.0])
-    assert rep["drop_reasons"] == {"no output received (skipped by the node or lost)": 4,
-                                   "unusable message in the bag: cannot deserialize": 1,
-                                   "unreadable (damaged or truncated bag)": 1}
-    live = rep["live"]
-    assert live["node_dropped"] == 2 and live["unmatched_outputs"] == 2 and not live["keeps_up"]
-    assert live["unexplained_missing"] == 1  # 4 without output, the node accounts for 2 + 1
-    assert live["ready_s"] == pytest.approx(1.5)
-    assert rep["memory"]["growth_mb_per_min"] == pytest.approx(60.0)
-    assert (rep["memory"]["peak_rss_mb"], rep["memory"]["end_rss_mb"]) == (110.0, 110.0)
-    assert summary_line(rep) == "p50_ms=60.0 p95_ms=78.0 dropped=6/8"
-    paths = write_report(rep, tmp_path)
-    assert all(p.exists() for p in paths["plots"])
-    assert "node keeps up | no" in paths["md"].read_text()
+def test_bag_bench_fails_when_no_scan_is_completed(tiny_checkpoint, tmp_path, capsys):
+    """Every scan unusable (too few points to complete): exit status 1 with the reason, after the
+    report is written."""
+    from lidar_completion.cli import main
+
+    bag = write_clouds(tmp_path / "bag", _clouds(2, 10))
+    out = tmp_path / "report"
+    assert main(["bag-bench", str(bag), "--checkpoint", str(tiny_checkpoint), *SMALL, "--out",
+                 str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "error: no scan was completed (0/2: 1 x completion failed: too few points" in captured.err
+    assert captured.err.count("too few points") == 2, captured.err
+    assert captured.out.strip().splitlines()[-1] == "p50_ms=nan p95_ms=nan dropped=2/2"
+    assert (out / "report.json").exists()

@@ -1,5 +1,6 @@
-"""Live bag replay over DDS (needs the ROS 2 wheels): the player, the node as a separate process, and
-the report's accounting - every input scan is either completed or dropped, none unaccounted."""
+"""The live bag benchmark (`bag-bench --live`, provided by the ROS 2 layer): the report's accounting -
+every input scan is either completed or dropped, none unaccounted - and the replay over DDS with the
+node (or a stand-in) as a separate process: pacing, transforms, recording, exit status."""
 from __future__ import annotations
 
 import json
@@ -8,15 +9,65 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy", reason="live replay needs the ROS 2 wheels (pip install -e 'lidar_completion_pkg[ros]')")
-
-from lidar_completion.bags import BagReader  # noqa: E402
-from lidar_completion.cli import main  # noqa: E402
-from test_bags import SMALL, SUMMARY_RE, synthetic_bag, synthetic_root, tiny_checkpoint  # noqa: E402,F401
-
-pytestmark = pytest.mark.ros
+import ros_support as rs
+from lidar_completion.bags import BagReader
+from lidar_completion.bags.report import summary_line, write_report
+from lidar_completion.cli import main
+from lidar_completion_pkg.live_bench import report_from_events
+from test_bags import START, SMALL, SUMMARY_RE, synthetic_bag, synthetic_root, tiny_checkpoint  # noqa: F401
 
 ECHO_NODE = Path(__file__).parent / "fixtures" / "bags" / "echo_node.py"
+
+
+def test_live_report_accounts_for_every_input(tmp_path):
+    ms = 1_000_000
+    inputs = [{"index": i, "stamp_ns": START + i * 100 * ms, "log_time_ns": START + i * 100 * ms,
+               "t_pub_ns": 10_000 * ms + i * 100 * ms, "points_in": 1000 + i} for i in range(6)]
+    outputs = [  # scan 0 and 3 completed; 3 twice (only the first counts); one stray output
+        {"stamp_ns": START, "t_recv_ns": 10_000 * ms + 40 * ms, "points_out": 500},
+        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 80 * ms, "points_out": 600},
+        {"stamp_ns": START + 300 * ms, "t_recv_ns": 10_300 * ms + 95 * ms, "points_out": 600},
+        {"stamp_ns": 5, "t_recv_ns": 10_900 * ms, "points_out": 1},
+    ]
+    events = {"inputs": inputs, "outputs": outputs, "expected_total": 8,
+              "unusable_inputs": [{"index": 6, "error": "cannot deserialize"}],
+              "diagnostics": [{"values": {"dropped": "2", "received": "6", "processed": "3",
+                                          "rejected": "0", "failed": "1"}}],
+              # 20 s of node memory: flat warm-up plateau, then +1 MB/s in the second half
+              "memory": [[10_000 * ms + k * 1000 * ms, (100 + max(0, k - 10)) * 2**20] for k in range(21)],
+              "t_first_pub_ns": 10_000 * ms, "t_last_pub_ns": 10_500 * ms,
+              "t_node_start_ns": 8_000 * ms, "t_ready_ns": 9_500 * ms, "node": {"returncode": 0}}
+    rep = report_from_events(events, bag="b", topic="/velodyne_points", rate=2.0)
+    assert [s["index"] for s in rep["scans"]] == list(range(8))
+    assert (rep["total"], rep["completed"], rep["dropped"]) == (8, 2, 6)
+    assert [s["status"] for s in rep["scans"]][:4] == ["completed", "dropped", "dropped", "completed"]
+    assert [s["latency_ms"] for s in rep["scans"] if s["status"] == "completed"] == \
+        pytest.approx([40.0, 80.0])
+    assert rep["drop_reasons"] == {"no output received (skipped by the node or lost)": 4,
+                                   "unusable message in the bag: cannot deserialize": 1,
+                                   "unreadable (damaged or truncated bag)": 1}
+    live = rep["live"]
+    assert live["node_dropped"] == 2 and live["unmatched_outputs"] == 2 and not live["keeps_up"]
+    assert live["unexplained_missing"] == 1  # 4 without output, the node accounts for 2 + 1
+    assert live["ready_s"] == pytest.approx(1.5)
+    assert rep["memory"]["growth_mb_per_min"] == pytest.approx(60.0)
+    assert (rep["memory"]["peak_rss_mb"], rep["memory"]["end_rss_mb"]) == (110.0, 110.0)
+    assert summary_line(rep) == "p50_ms=60.0 p95_ms=78.0 dropped=6/8"
+    paths = write_report(rep, tmp_path)
+    assert all(p.exists() for p in paths["plots"])
+    assert "node keeps up | no" in paths["md"].read_text()
+
+
+def test_the_core_finds_the_live_bench_through_its_entry_point():
+    from lidar_completion.commands.bags import live_runner
+    from lidar_completion_pkg.live_bench import bench_live
+
+    assert live_runner() is bench_live
+
+
+# ------------------------------------------------------------------------- the replay over DDS
+def _ros():
+    rs.require("rclpy", "tf2_msgs")
 
 
 def _check_accounting(out: Path, lines: list[str]) -> dict:
@@ -37,22 +88,49 @@ def _check_accounting(out: Path, lines: list[str]) -> dict:
     return rep
 
 
-def test_live_bench_with_the_node(synthetic_bag, tiny_checkpoint, tmp_path, capfd):
+@pytest.mark.ros
+def test_live_bench_paced_completes_every_scan_in_the_target_frame(synthetic_bag, tiny_checkpoint,
+                                                                    tmp_path, capfd):
+    """--pace: every scan is completed, however slow the node; the node finds the bag's transforms
+    (replayed on /tf and /tf_static) and publishes into odom."""
+    _ros()
     out = tmp_path / "live"
-    rc = main(["bag-bench", str(synthetic_bag), "--live", "--rate", "1", "--checkpoint",
-               str(tiny_checkpoint), *SMALL, "--out", str(out), "--ready-timeout", "120",
+    rc = main(["bag-bench", str(synthetic_bag), "--live", "--pace", "--rate", "1", "--checkpoint",
+               str(tiny_checkpoint), *SMALL, "--node-param", "model_frame:=velodyne",
+               "--node-param", "target_frame:=odom", "--out", str(out), "--ready-timeout", "120",
                "--drain-timeout", "15", "--no-progress"])
     captured = capfd.readouterr()
     assert rc == 0, captured.err[-3000:]
     rep = _check_accounting(out, captured.out.strip().splitlines())
-    # the first scan reaches an idle node: at least it must come back, with a plausible latency
-    assert rep["completed"] >= 1, (out / "report.md").read_text()
+    assert rep["completed"] == 5, (out / "report.md").read_text()
+    assert rep["live"]["paced"] and rep["live"]["node_counters"]["no_transform"] == 0
     done = [s for s in rep["scans"] if s["status"] == "completed"]
     assert all(0 < s["latency_ms"] < 60_000 and s["points_out"] > 0 for s in done)
-    assert rep["live"]["node_returncode"] is not None
+    events = json.loads((out / "live_events.json").read_text())
+    assert {o["frame_id"] for o in events["outputs"]} == {"odom"}
+    assert rep["live"]["node_returncode"] == 0
+    assert "paced" in (out / "report.md").read_text()
 
 
+@pytest.mark.ros
+def test_live_bench_fails_when_no_scan_is_completed(synthetic_bag, tmp_path, capfd):
+    """A node that never answers within the replay: exit status 1 and the reason, report written."""
+    _ros()
+    out = tmp_path / "live"
+    rc = main(["bag-bench", str(synthetic_bag), "--live", "--rate", "5", "--node-cmd",
+               f"{sys.executable} {ECHO_NODE}", "--node-param", "delay:=30.0", "--limit", "2",
+               "--out", str(out), "--ready-timeout", "60", "--drain-timeout", "1", "--no-progress"])
+    captured = capfd.readouterr()
+    assert rc == 1
+    assert "error: no scan was completed (0/2: 2 x no output received" in captured.err, captured.err
+    assert "--pace" in captured.err
+    assert (out / "report.json").exists()
+    assert captured.out.strip().splitlines()[-1] == "p50_ms=nan p95_ms=nan dropped=2/2"
+
+
+@pytest.mark.ros
 def test_live_replay_rate_and_recording_with_a_stand_in_node(synthetic_bag, tmp_path, capfd):
+    _ros()
     out, rec = tmp_path / "live", tmp_path / "recorded"
     rc = main(["bag-bench", str(synthetic_bag), "--live", "--rate", "2", "--node-cmd",
                f"{sys.executable} {ECHO_NODE}", "--out", str(out), "--write-bag", str(rec),
@@ -64,11 +142,13 @@ def test_live_replay_rate_and_recording_with_a_stand_in_node(synthetic_bag, tmp_
     assert 12 < rep["live"]["input_hz"] < 28
     with BagReader(rec) as reader:
         counts = {t: i.count for t, i in reader.topics.items()}
-    assert counts["/velodyne_points"] == 5 and counts["/tf"] == 5
+    assert counts["/velodyne_points"] == 5 and counts["/tf"] == 5 and counts["/tf_static"] == 1
     assert counts.get("/completed_points", 0) == rep["completed"]
 
 
+@pytest.mark.ros
 def test_live_bench_reports_a_node_that_cannot_start(synthetic_bag, tmp_path, capfd):
+    _ros()
     out = tmp_path / "live"
     rc = main(["bag-bench", str(synthetic_bag), "--live", "--checkpoint", str(tmp_path / "missing.pt"),
                "--threads", "1", "--out", str(out), "--ready-timeout", "60", "--no-progress"])

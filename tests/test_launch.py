@@ -1,20 +1,26 @@
-"""launch/completion.launch.py and launch/params/completion.yaml against the node's declarations.
+"""launch/completion.launch.py through the real `ros2 launch`, and its tables, params file and rviz
+config against the node's declarations.
 
-`launch` / `launch_ros` are not installable from PyPI, so the launch file is read with ast and its
-generate_launch_description() is run against small stand-ins that record what it builds; the node's
-real declarations come from a node process (rclpy) with a stand-in completer.
+`make setup` installs launch / launch_ros / ros2cli (wheels built from the ROS 2 sources) and lays the
+package out in the venv as an ament package, so `.venv/bin/ros2 launch lidar_completion_pkg
+completion.launch.py` runs here exactly as with a colcon install. The launch tests start it in its own
+process group on a private ROS_DOMAIN_ID, feed clouds and static transforms from this process, read the
+node with `ros2 param` / `ros2 topic` / `ros2 lifecycle`, and stop it with SIGINT (exit status 0, no
+traceback). The node runs the real Completer on a tiny random checkpoint with small budgets.
 """
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+import ros_support as rs
 from lidar_completion_pkg import dds
 from lidar_completion_pkg.parameters import BUILTIN, BY_NAME, PARAMETERS, check_value
 
@@ -22,23 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "completion.launch.py"
 PARAMS = ROOT / "launch" / "params" / "completion.yaml"
 RVIZ = ROOT / "launch" / "rviz" / "completion.rviz"
-ISSUE_ARGUMENTS = {"checkpoint", "input_topic", "output_topic", "steps", "device", "use_sim_time",
-                   "params_file", "rviz", "bag"}
+LAUNCH_ARGUMENTS = {"checkpoint", "input_topic", "output_topic", "steps", "device", "model_frame",
+                    "target_frame", "use_sim_time", "params_file", "lifecycle", "autostart", "rviz",
+                    "fixed_frame", "bag"}
+NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag"}
 
 
-def launch_tables():
-    tree = ast.parse(LAUNCH.read_text())
-    tables = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and \
-                isinstance(node.targets[0], ast.Name) and node.targets[0].id in (
-                    "ARGUMENTS", "NODE_PARAMETER_ARGUMENTS"):
-            try:
-                tables[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:  # ARGUMENTS holds os.path.join(...) for params_file
-                tables[node.targets[0].id] = [
-                    (elt.elts[0].value, None, None) for elt in node.value.elts]
-    return tables
+def launch_module():
+    """The launch file's module-level helpers (no launch / launch_ros import happens at that level)."""
+    namespace = {"__file__": str(LAUNCH), "__name__": "completion_launch"}
+    exec(compile(LAUNCH.read_text(), str(LAUNCH), "exec"), namespace)
+    return namespace
 
 
 def yaml_parameters():
@@ -47,6 +47,7 @@ def yaml_parameters():
     return doc["/**"]["ros__parameters"]
 
 
+# --------------------------------------------------------------------------- tables (no ROS needed)
 def test_launch_file_imports_no_ros_at_module_level():
     tree = ast.parse(LAUNCH.read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
@@ -56,17 +57,16 @@ def test_launch_file_imports_no_ros_at_module_level():
 
 
 def test_launch_arguments_are_node_parameters():
-    tables = launch_tables()
-    names = [a[0] for a in tables["ARGUMENTS"]]
-    assert set(names) == ISSUE_ARGUMENTS and len(names) == len(set(names))
-    param_args = tables["NODE_PARAMETER_ARGUMENTS"]
+    m = launch_module()
+    names = [a[0] for a in m["ARGUMENTS"]]
+    assert set(names) == LAUNCH_ARGUMENTS and len(names) == len(set(names))
+    param_args = m["NODE_PARAMETER_ARGUMENTS"]
+    assert set(param_args) == LAUNCH_ARGUMENTS - NOT_PARAMETERS
     for name, kind in param_args.items():
-        assert name in names
         if name in BUILTIN:
             continue
         assert name in BY_NAME, f"launch argument {name} is not a parameter the node declares"
         assert BY_NAME[name].type == kind, f"{name}: launch says {kind}, node {BY_NAME[name].type}"
-    assert set(param_args) == ISSUE_ARGUMENTS - {"params_file", "rviz", "bag"}
 
 
 def test_params_file_matches_declarations_exactly():
@@ -80,16 +80,38 @@ def test_params_file_matches_declarations_exactly():
                                             f"declared default {p.default!r}"
 
 
-def test_rviz_config_shows_both_clouds_in_distinct_colours_in_sensor_frame():
-    cfg = yaml.safe_load(RVIZ.read_text())
-    vm = cfg["Visualization Manager"]
+def test_launch_helpers_type_the_overrides_and_rewrite_the_rviz_config(tmp_path):
+    m = launch_module()
+    assert m["node_overrides"]({}) == {}
+    assert m["node_overrides"]({"steps": "4", "target_frame": "odom", "bag": "/b"}) == \
+        {"steps": 4, "target_frame": "odom", "use_sim_time": True}
+    assert m["node_overrides"]({"bag": "/b", "use_sim_time": "false"}) == {"use_sim_time": False}
+    with pytest.raises(ValueError, match="lifecycle must be true or false"):
+        m["flag"]("lifecycle", "maybe")
+    assert m["rviz_config_for"]({}, str(tmp_path)) == str(RVIZ)
+    config = Path(m["rviz_config_for"]({"output_topic": "/dense", "target_frame": "odom"}, str(tmp_path)))
+    cfg = yaml.safe_load(config.read_text())["Visualization Manager"]
+    assert cfg["Global Options"]["Fixed Frame"] == "odom"
+    topics = {d["Topic"]["Value"] for d in cfg["Displays"] if "Topic" in d}
+    assert topics == {"/velodyne_points", "/dense"}
+    config = Path(m["rviz_config_for"]({"fixed_frame": "map", "target_frame": "odom"}, str(tmp_path)))
+    assert yaml.safe_load(config.read_text())["Visualization Manager"]["Global Options"][
+        "Fixed Frame"] == "map"
+
+
+def test_rviz_config_input_best_effort_output_as_rviz_defaults_and_tf():
+    vm = yaml.safe_load(RVIZ.read_text())["Visualization Manager"]
     assert vm["Global Options"]["Fixed Frame"] == "velodyne"
     clouds = {d["Topic"]["Value"]: d for d in vm["Displays"]
               if d["Class"] == "rviz_default_plugins/PointCloud2"}
     assert set(clouds) == {BY_NAME["input_topic"].default, BY_NAME["output_topic"].default}
-    colours = {d["Color"] for d in clouds.values()}
-    assert len(colours) == 2 and all(d["Color Transformer"] == "FlatColor" for d in clouds.values())
-    assert all(d["Topic"]["Reliability Policy"] == "Best Effort" for d in clouds.values())
+    assert len({d["Color"] for d in clouds.values()}) == 2
+    # a LiDAR driver publishes best effort: a reliable display would not match it
+    assert clouds["/velodyne_points"]["Topic"]["Reliability Policy"] == "Best Effort"
+    # the node publishes reliable by default, what rviz subscribes with by default
+    assert BY_NAME["output_qos_reliability"].default == "reliable"
+    assert clouds["/completed_points"]["Topic"]["Reliability Policy"] == "Reliable"
+    assert any(d["Class"] == "rviz_default_plugins/TF" for d in vm["Displays"])
 
 
 def test_profile_is_shipped_next_to_the_launch_file_and_in_the_package():
@@ -99,100 +121,16 @@ def test_profile_is_shipped_next_to_the_launch_file_and_in_the_package():
     assert 4 * 2**20 <= dds.segment_size_bytes() <= 32 * 2**20  # a few clouds, not more
 
 
-# ----------------------------------------------------------------------- running the launch function
-class _Recorder:
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
+# ---------------------------------------------------------------------- the real launch (ROS 2)
+def _ros():
+    rs.require("rclpy", "launch", "launch_ros", "tf2_msgs", "tf_transformations",
+               executables=("ros2",))
 
 
-def _stub_launch_modules(values):
-    class LaunchConfiguration:
-        def __init__(self, name):
-            self.name = name
-
-        def perform(self, context):
-            return context[self.name]
-
-    mods = {name: types.ModuleType(name) for name in (
-        "launch", "launch.actions", "launch.substitutions", "launch_ros", "launch_ros.actions")}
-    mods["launch"].LaunchDescription = _Recorder
-    for cls in ("DeclareLaunchArgument", "ExecuteProcess", "OpaqueFunction", "SetEnvironmentVariable"):
-        setattr(mods["launch.actions"], cls, type(cls, (_Recorder,), {}))
-    mods["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
-    mods["launch_ros.actions"].Node = type("Node", (_Recorder,), {})
-    return mods
-
-
-def run_launch(monkeypatch, given, environ_profile=None):
-    """Evaluate the launch description with the arguments in ``given`` (others at their defaults)."""
-    if environ_profile is None:
-        monkeypatch.delenv(dds.PROFILE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(dds.PROFILE_ENV, environ_profile)
-    for name, mod in _stub_launch_modules(given).items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    namespace = {"__file__": str(LAUNCH), "__name__": "completion_launch"}
-    exec(compile(LAUNCH.read_text(), str(LAUNCH), "exec"), namespace)
-    ld = namespace["generate_launch_description"]()
-    entities = ld.args[0]
-    declared = {e.kwargs.get("name", e.args[0] if e.args else None): e.kwargs["default_value"]
-                for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    context = {**declared, **given}
-    opaque = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
-    assert len(opaque) == 1
-    actions = opaque[0].kwargs["function"](context)
-    by_kind = {}
-    for a in actions:
-        by_kind.setdefault(type(a).__name__, []).append(a)
-    return declared, by_kind
-
-
-def test_command_line_arguments_override_the_params_file(monkeypatch):
-    declared, actions = run_launch(monkeypatch, {})
-    assert set(declared) == ISSUE_ARGUMENTS
-    node, = actions["Node"]
-    assert node.kwargs["package"] == "lidar_completion_pkg"
-    assert node.kwargs["executable"] == "completion_node"
-    params = node.kwargs["parameters"]
-    assert Path(params[0]).resolve() == PARAMS.resolve()
-    assert params[1] == {}, "arguments not given must not override the params file"
-    _, actions = run_launch(monkeypatch, {"steps": "4", "checkpoint": "models/s.pt",
-                                          "params_file": "config/mine.yaml", "device": "cuda"})
-    params = actions["Node"][0].kwargs["parameters"]
-    # launch_ros applies the list in order, later entries win: the file first, then the overrides
-    assert params == ["config/mine.yaml", {"checkpoint": "models/s.pt", "steps": 4, "device": "cuda"}]
-    assert "ExecuteProcess" not in actions
-
-
-def test_profile_rviz_and_bag(monkeypatch, tmp_path):
-    _, actions = run_launch(monkeypatch, {})
-    env, = actions["SetEnvironmentVariable"]
-    assert env.args[0] == dds.PROFILE_ENV and Path(env.args[1]).is_file()
-    _, actions = run_launch(monkeypatch, {}, environ_profile="/etc/my_profile.xml")
-    assert "SetEnvironmentVariable" not in actions, "a profile the user set must be kept"
-
-    _, actions = run_launch(monkeypatch, {"rviz": "true", "bag": "/data/drive.mcap",
-                                          "output_topic": "/dense"})
-    bag, = actions["ExecuteProcess"]
-    assert bag.kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock"]
-    node = [n for n in actions["Node"] if n.kwargs["package"] == "lidar_completion_pkg"][0]
-    assert node.kwargs["parameters"][1] == {"output_topic": "/dense", "use_sim_time": True}
-    rviz, = [n for n in actions["Node"] if n.kwargs["package"] == "rviz2"]
-    config = Path(rviz.kwargs["arguments"][1])
-    text = config.read_text()
-    assert "Value: /dense\n" in text and "Value: /velodyne_points\n" in text
-    assert config != RVIZ
-    _, actions = run_launch(monkeypatch, {"bag": "/data/drive.mcap", "use_sim_time": "false"})
-    assert actions["Node"][0].kwargs["parameters"][1] == {"use_sim_time": False}
-    _, actions = run_launch(monkeypatch, {"rviz": "true"})
-    assert Path(actions["Node"][1].kwargs["arguments"][1]) == RVIZ
-
-
-# ------------------------------------------------------------------ the node's real declarations (rclpy)
 DUMP_DECLARATIONS = r"""
 import json, sys
 import rclpy
-from lidar_completion_pkg.completion_node import node_class
+from lidar_completion_pkg.node import CompletionNode
 
 class StandIn:
     steps, guidance = 8, 3.5
@@ -200,42 +138,40 @@ class StandIn:
         return points
 
 rclpy.init(args=sys.argv)
-node = node_class()(completer_factory=lambda config: StandIn())
-names = node._parameters.keys()
+node = CompletionNode(completer_factory=lambda config: StandIn())
 out = {}
-for name in names:
+for name in node._parameters.keys():
     d = node.describe_parameter(name)
     out[name] = {"type": d.type, "read_only": d.read_only, "description": d.description,
                  "value": node.get_parameter(name).value}
-node.stop()
+node.pipeline.stop()
 node.destroy_node()
 rclpy.try_shutdown()
 print(json.dumps(out))
 """
 
 
-def node_declarations(*ros_args):
-    pytest.importorskip("rclpy", reason="needs the ROS 2 wheels (pip install .[ros])")
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               ROS_DOMAIN_ID=str(100 + os.getpid() % 100))
-    env[dds.PROFILE_ENV] = dds.profile_path()
-    proc = subprocess.run([sys.executable, "-c", DUMP_DECLARATIONS, "--ros-args", *ros_args],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.ros
 def test_node_declares_exactly_the_table_and_params_file_order_wins(tmp_path):
+    _ros()
     override = tmp_path / "override.yaml"
     override.write_text("/**:\n  ros__parameters:\n    steps: 3\n    input_topic: /points\n")
-    decl = node_declarations("--params-file", str(PARAMS), "--params-file", str(override),
-                             "-p", "guidance:=2")
+    proc = subprocess.run([sys.executable, "-c", DUMP_DECLARATIONS, "--ros-args", "--params-file",
+                           str(PARAMS), "--params-file", str(override), "-p", "guidance:=2"],
+                          capture_output=True, text=True, timeout=60, env=rs.ros_env(rs.random_domain()))
+    assert proc.returncode == 0, proc.stderr
+    decl = json.loads(proc.stdout.strip().splitlines()[-1])
     table = {p.name for p in PARAMETERS}
     assert table <= set(decl)
-    extras = set(decl) - table
-    assert "use_sim_time" in extras and set(BUILTIN) <= extras
-    assert all(not e.startswith(("lidar", "qos_", "input", "output")) for e in extras), extras
+    extras = {e for e in set(decl) - table if not e.startswith("qos_overrides.")}
+    assert set(BUILTIN) <= extras  # and rclpy's own (start_type_description_service, ...)
+    assert all(not e.startswith(("lidar", "qos_", "input", "output", "model", "target")) for e in extras)
+    # rclpy's qos_overrides parameters exist for the input and the output, read-only
+    assert {"qos_overrides./points.subscription.reliability",
+            "qos_overrides./completed_points.publisher.reliability",
+            "qos_overrides./completed_points.publisher.depth"} <= set(decl)
+    assert decl["qos_overrides./completed_points.publisher.reliability"]["value"] == "reliable"
+    assert decl["qos_overrides./points.subscription.reliability"]["value"] == "best_effort"
     for p in PARAMETERS:
         assert decl[p.name]["description"] == p.description
         assert decl[p.name]["read_only"] == (not p.dynamic)
@@ -243,3 +179,244 @@ def test_node_declares_exactly_the_table_and_params_file_order_wins(tmp_path):
     assert decl["steps"]["value"] == 3 and decl["input_topic"]["value"] == "/points"
     assert decl["guidance"]["value"] == 2.0
     assert decl["output_topic"]["value"] == "/completed_points"
+
+
+@pytest.mark.ros
+def test_ros2_launch_shows_the_arguments():
+    _ros()
+    proc = rs.ros2(rs.ros_env(rs.random_domain()), "launch", "lidar_completion_pkg",
+                   "completion.launch.py", "--show-args")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in LAUNCH_ARGUMENTS:
+        assert f"'{name}'" in proc.stdout, name
+
+
+N_FPS, TILE, STEPS = 128, 2, 2
+SMALL = {"n_fps": N_FPS, "tile": TILE, "seed": 0, "backend": "torch", "diagnostics_period": 0.5,
+         "input_qos_depth": 20}
+
+
+checkpoint = rs.tiny_checkpoint_fixture()
+
+
+def small_params(tmp_path, **extra) -> Path:
+    """A params file with small budgets (and ``extra`` entries, e.g. qos_overrides)."""
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": {**SMALL, **extra}}}))
+    return path
+
+
+def launch_cmd(*args) -> list:
+    return [str(rs.BIN / "ros2"), "launch", "lidar_completion_pkg", "completion.launch.py", *args]
+
+
+def street(n=2000, seed=0, quantum=2.0 ** -6):
+    """A scan-like cloud around the sensor; coordinates on a 1/64 m grid, so that the rigid motions of
+    the frames test map them exactly (float32) through float64 arithmetic."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-np.pi, np.pi, n)
+    r = rng.uniform(5.0, 30.0, n)
+    z = np.where(rng.random(n) < 0.5, -1.7, rng.uniform(-1.7, 2.0, n))
+    pts = np.stack([r * np.cos(a), r * np.sin(a), z], 1)
+    return (np.round(pts / quantum) * quantum).astype(np.float32)
+
+
+def cloud(points, frame, sec):
+    from std_msgs.msg import Header
+
+    from lidar_completion import pointcloud2 as pc
+    header = Header(frame_id=frame)
+    header.stamp.sec, header.stamp.nanosec = sec, 250_000_000
+    return pc.create_cloud_xyz32(header, points)
+
+
+def level_of(status) -> int:
+    return status.level[0] if isinstance(status.level, bytes) else int(status.level)
+
+
+def diag_values(msgs):
+    """{key: value} (plus _level, _message) of the node's latest diagnostics, {} when none yet."""
+    mine = [m for m in msgs if m.status and m.status[0].name.startswith("lidar_completion")]
+    if not mine:
+        return {}
+    st = mine[-1].status[0]
+    out = {kv.key: kv.value for kv in st.values}
+    out["_level"] = level_of(st)
+    out["_message"] = st.message
+    return out
+
+
+def publish_until_answered(p, pub, msg, outputs, proc, log, tries=10, wait=3.0):
+    """Publish until the node answers (best-effort input: the first samples may race discovery)."""
+    sec = msg.header.stamp.sec
+    for _ in range(tries):
+        pub.publish(msg)
+        try:
+            p.wait_for(lambda: any(o.header.stamp.sec == sec for o in outputs), wait, "", proc, log)
+            return next(o for o in outputs if o.header.stamp.sec == sec)
+        except AssertionError as exc:
+            if "process exited" in str(exc):
+                raise
+    raise AssertionError(f"no completion for the cloud stamped {sec} after {tries} tries\n"
+                         f"{log.read_text(errors='replace')[-4000:]}")
+
+
+@pytest.mark.ros
+def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp_path):
+    """The plain node through `ros2 launch`: model_frame / target_frame with static and stale
+    transforms, an rviz-QoS subscriber, qos_overrides, `ros2 param` and `ros2 topic`, Ctrl-C."""
+    _ros()
+    import torch
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+    from tf2_msgs.msg import TFMessage
+    from tf_transformations import concatenate_matrices, euler_matrix, translation_matrix
+
+    from lidar_completion import pointcloud2 as pc
+    from lidar_completion.completer import Completer
+
+    # map -> lidar_level (model frame, level) -> lidar_mount: the sensor upside down, turned by 90
+    # degrees and shifted; map -> odom -> moving (a dynamic transform that will be stale)
+    map_level = translation_matrix((10.0, -4.0, 0.5))
+    level_mount = concatenate_matrices(translation_matrix((0.5, -0.25, 1.5)),
+                                       euler_matrix(math.pi, 0.0, math.pi / 2))
+    domain = rs.random_domain()
+    env = rs.ros_env(domain)
+    # rclpy's qos_overrides: the input subscription made reliable (default best effort)
+    params = small_params(tmp_path, qos_overrides={
+        "/velodyne_points": {"subscription": {"reliability": "reliable"}}})
+    log = tmp_path / "launch.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", "device:=cpu",
+                     f"params_file:={params}", "output_topic:=/dense", "model_frame:=lidar_level",
+                     "target_frame:=map")
+    with rs.process_group(cmd, env, log) as proc, rs.participant(domain) as p:
+        static = p.node.create_publisher(TFMessage, "/tf_static", rs.latched_qos())
+        static.publish(rs.static_transforms(0, ("map", "lidar_level", map_level),
+                                            ("lidar_level", "lidar_mount", level_mount),
+                                            ("map", "odom", np.eye(4))))
+        dynamic = p.node.create_publisher(TFMessage, "/tf", 100)
+        pub = p.node.create_publisher(PointCloud2, "/velodyne_points", rs.rviz_qos())  # reliable
+        outputs = p.record(PointCloud2, "/dense", rs.rviz_qos())  # what rviz subscribes with
+        diags = p.record(DiagnosticArray, "/diagnostics", 10)
+        p.wait_for(lambda: diag_values(diags).get("ready") == "true" and
+                   pub.get_subscription_count() > 0, 60, "the node to be ready", proc, log)
+        d = diag_values(diags)
+        assert d["state"] == "active" and float(d["warmup_s"]) > 0
+        assert (d["model_frame"], d["target_frame"]) == ("lidar_level", "map")
+
+        level = street(2000, seed=3)
+        mount = (level.astype(np.float64) - level_mount[:3, 3]) @ level_mount[:3, :3]
+        out_level = publish_until_answered(p, pub, cloud(level, "lidar_level", 100), outputs, proc, log)
+        out_mount = publish_until_answered(p, pub, cloud(mount.astype(np.float32), "lidar_mount", 101),
+                                           outputs, proc, log)
+        # a missing frame and a stale dynamic transform: counted, never published
+        dynamic.publish(rs.static_transforms(50 * 10**9, ("odom", "moving", np.eye(4))))
+        p.spin(0.3)
+        pub.publish(cloud(level, "nowhere", 102))
+        pub.publish(cloud(level, "moving", 103))
+        p.wait_for(lambda: int(diag_values(diags).get("no_transform", 0)) >= 1, 20,
+                   "the untransformable scan to be counted", proc, log)
+        pub.publish(cloud(level, "moving", 104))  # the mailbox may have replaced 102 by 103
+        p.wait_for(lambda: int(diag_values(diags).get("count.tf_stale", 0)) >= 1, 20,
+                   "the stale transform to be counted", proc, log)
+        p.spin(0.5)
+        d = diag_values(diags)
+        assert int(d["count.tf_stale"]) >= 1 and int(d.get("count.tf_missing", 0)) + \
+            int(d["dropped"]) >= 1, d
+        assert {o.header.stamp.sec for o in outputs} == {100, 101}, "published a scan without a transform"
+        assert any(level_of(m.status[0]) == 1 and "transform" in m.status[0].message
+                   for m in diags if m.status), "no WARN diagnostics for the dropped scans"
+        assert float(d["stamp_latency_p50_ms"]) > 0 and float(d["latency_p50_ms"]) > 0
+
+        # the same scan from the tilted, shifted sensor completes exactly as in the model frame,
+        # and both come out in target_frame with the input's stamp
+        for o in (out_level, out_mount):
+            assert o.header.frame_id == "map" and o.header.stamp.nanosec == 250_000_000
+        a, b = pc.read_points_numpy(out_level), pc.read_points_numpy(out_mount)
+        np.testing.assert_array_equal(a, b)
+        # ... and target_frame holds map <- lidar_level applied to the completion in the model frame
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the node (OMP_NUM_THREADS=1): the same arithmetic
+        try:
+            mine = Completer.from_checkpoint(checkpoint, steps=STEPS, n_fps=N_FPS, tile=TILE, seed=0,
+                                             backend="torch").complete(level)
+        finally:
+            torch.set_num_threads(threads)
+        expected = mine @ map_level[:3, :3].T + map_level[:3, 3]
+        np.testing.assert_allclose(a, expected, atol=1e-4)
+
+        # ros2 param / ros2 topic see what the node runs with
+        dump = rs.ros2_until(env, lambda r: "/lidar_completion" in r.stdout, "param", "dump",
+                             *rs.NO_DAEMON, "/lidar_completion")
+        assert dump.returncode == 0, dump.stderr
+        values = yaml.safe_load(dump.stdout)["/lidar_completion"]["ros__parameters"]
+        assert values["steps"] == STEPS and values["n_fps"] == N_FPS
+        assert (values["model_frame"], values["target_frame"]) == ("lidar_level", "map")
+        assert values["output_topic"] == "/dense" and values["output_qos_reliability"] == "reliable"
+        overrides = values["qos_overrides"]
+        assert overrides["/velodyne_points"]["subscription"]["reliability"] == "reliable"
+        assert overrides["/dense"]["publisher"]["reliability"] == "reliable"
+        def node_endpoints(result):
+            return [b for b in result.stdout.split("Node name: ")[1:] if b.startswith("lidar_completion")]
+
+        info = rs.ros2_until(env, node_endpoints, "topic", "info", *rs.NO_DAEMON, "-v",
+                             "/velodyne_points")
+        assert info.returncode == 0, info.stderr
+        mine = node_endpoints(info)
+        assert len(mine) == 1 and "Endpoint type: SUBSCRIPTION" in mine[0], info.stdout
+        assert "Reliability: RELIABLE" in mine[0], mine[0]  # the override is in effect
+
+        rc = rs.stop_group(proc)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    assert "shut down: processed 2," in text and "process has finished cleanly" in text, text[-3000:]
+
+
+@pytest.mark.ros
+def test_ros2_launch_lifecycle_autostart_and_transitions(checkpoint, tmp_path):
+    """lifecycle:=true: the launch configures (warm-up) and activates the node; `ros2 lifecycle`
+    deactivates it (no more output); cleanup, configure (not activated by the launch again) and
+    activate through the lifecycle services bring it back; Ctrl-C ends it cleanly."""
+    _ros()
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    domain = rs.random_domain()
+    env = rs.ros_env(domain)
+    log = tmp_path / "launch.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", "lifecycle:=true",
+                     f"params_file:={small_params(tmp_path)}")
+    with rs.process_group(cmd, env, log) as proc, rs.participant(domain) as p:
+        pub = p.node.create_publisher(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        outputs = p.record(PointCloud2, "/completed_points", rs.rviz_qos())
+        diags = p.record(DiagnosticArray, "/diagnostics", 10)
+        p.wait_for(lambda: diag_values(diags).get("ready") == "true" and
+                   pub.get_subscription_count() > 0, 60, "autostart to reach active", proc, log)
+        assert float(diag_values(diags)["warmup_s"]) > 0  # the warm-up ran in configure
+        publish_until_answered(p, pub, cloud(street(1500, 1), "velodyne", 10), outputs, proc, log)
+
+        r = rs.ros2_until(env, lambda r: True, "lifecycle", "set", *rs.NO_DAEMON, "/lidar_completion",
+                          "deactivate")
+        assert r.returncode == 0 and "Transitioning successful" in r.stdout, r.stdout + r.stderr
+        p.wait_for(lambda: diag_values(diags).get("state") == "inactive", 10, "inactive diagnostics")
+        assert diag_values(diags)["ready"] == "false"
+        p.wait_for(lambda: pub.get_subscription_count() == 0, 10, "the input to be unsubscribed")
+        pub.publish(cloud(street(1500, 2), "velodyne", 11))
+        p.spin(1.0)
+        assert 11 not in {o.header.stamp.sec for o in outputs}, "an inactive node published"
+        assert p.change_state("/lidar_completion", "cleanup")
+        p.wait_for(lambda: diag_values(diags).get("state") == "unconfigured", 10, "cleanup")
+        assert p.change_state("/lidar_completion", "configure")
+        p.wait_for(lambda: diag_values(diags).get("state") == "inactive", 10, "configure")
+        p.spin(1.0)
+        assert diag_values(diags)["state"] == "inactive", "the launch activated a re-configured node"
+        assert p.change_state("/lidar_completion", "activate")
+        p.wait_for(lambda: pub.get_subscription_count() > 0, 10, "the input subscription again")
+        publish_until_answered(p, pub, cloud(street(1500, 3), "velodyne", 12), outputs, proc, log)
+        rc = rs.stop_group(proc)
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "Traceback" not in text, text[-4000:]
+    assert "shut down: processed 2," in text, text[-3000:]

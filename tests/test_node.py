@@ -9,7 +9,6 @@ bounded and every process is killed in a finally block.
 import array
 import math
 import os
-import random
 import re
 import signal
 import struct
@@ -22,39 +21,23 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy", reason="needs the ROS 2 wheels (pip install 'lidar-completion[ros]')")
+import ros_support as rs
+
+rs.require("rclpy")
 
 from lidar_completion import pointcloud2 as pc  # noqa: E402
-from lidar_completion_pkg import dds  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
 N_FPS, TILE, REFINE_UP = 128, 2, 6
-NODE_PARAMS = {"n_fps": N_FPS, "tile": TILE, "steps": 2, "seed": 0, "qos_depth": 20, "backend": "torch",
+NODE_PARAMS = {"n_fps": N_FPS, "tile": TILE, "steps": 2, "seed": 0, "input_qos_depth": 20, "backend": "torch",
                "diagnostics_period": 0.5}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from lidar_completion.checkpoints import make_random_checkpoint
-    path = tmp_path_factory.mktemp("node_ckpt") / "tiny.pt"
-    make_random_checkpoint(path)
-    return path
+checkpoint = rs.tiny_checkpoint_fixture()
 
 
-def ros_env(domain_id):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env[dds.PROFILE_ENV] = dds.profile_path()
-    return env
-
-
-def random_domain():
-    return random.SystemRandom().randrange(1, 200)
-
-
-def _value(v):
-    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+ros_env, random_domain, _value = rs.ros_env, rs.random_domain, rs.param_value
 
 
 @contextmanager
@@ -279,7 +262,7 @@ def test_completes_with_header_passthrough_runtime_params_and_clean_shutdown(che
                         "diagnostics showing the new steps and guidance", proc)
         assert int(d["processed"]) >= 4
         log = stop_cleanly(proc)
-    assert re.search(r"shut down: processed \d+, dropped \d+, rejected 0, failed 0", log), log
+    assert re.search(r"shut down: processed \d+, dropped \d+, rejected 0, no transform 0, failed 0", log), log
 
 
 def malformed_inputs():

@@ -1,15 +1,22 @@
-"""The node's plain-Python pieces: mailbox, throttle, statistics, parameter checks, Fast DDS set-up."""
+"""The node's plain-Python pieces: mailbox, throttle, statistics and diagnostics, parameter checks,
+Fast DDS set-up, the TF buffer (against tf_transformations), the ament layout of the venv."""
 import math
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
+from types import SimpleNamespace as NS
 
+import numpy as np
 import pytest
 
+import ros_support as rs
 from lidar_completion_pkg import dds
 from lidar_completion_pkg.parameters import BY_NAME, DYNAMIC, PARAMETERS, check_value, default_values
 from lidar_completion_pkg.stats import ERROR, OK, WARN, Mailbox, Stats, Throttle, diagnostic_summary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -82,7 +89,7 @@ def test_parameter_table_checks():
     assert check_value("steps", 0) is None and "at run time" in check_value("steps", 0, runtime=True)
     assert "at run time" in check_value("guidance", -1.0, runtime=True)
     assert check_value("guidance", 4) is None  # ints are fine for doubles
-    assert "one of" in check_value("qos_reliability", "sometimes")
+    assert "one of" in check_value("output_qos_reliability", "sometimes")
     assert "unknown parameter" in check_value("stepz", 1)
     for p in PARAMETERS:
         assert p.description and p.type in ("string", "integer", "double", "bool")
@@ -154,3 +161,161 @@ def test_completer_factory_takes_the_process_from_the_checkpoint_or_the_paramete
     assert BY_NAME["process"].default == "" and check_value("process", "ve") is not None
     assert default_completer_factory(config).process == "local"          # '' = the checkpoint's
     assert default_completer_factory(dict(config, process="vp")).process == "vp"
+
+
+def test_diagnostics_report_state_readiness_and_both_latencies():
+    from lidar_completion_pkg.stats import ACTIVE, INACTIVE, UNCONFIGURED, WARMING_UP
+
+    clock = FakeClock()
+    st = Stats(clock=clock)
+    level, message, values = diagnostic_summary(st.snapshot(), None, WARMING_UP)
+    kv = dict(values)
+    assert level == OK and "warming up" in message and kv["ready"] == "false"
+    assert kv["state"] == WARMING_UP
+    for state in (UNCONFIGURED, INACTIVE):
+        level, message, values = diagnostic_summary(st.snapshot(), None, state)
+        assert level == OK and state in message and dict(values)["ready"] == "false"
+    level, message, values = diagnostic_summary(st.snapshot(), True, ACTIVE)
+    assert message == "ready, waiting for clouds" and dict(values)["ready"] == "true"
+    t_in = st.note_input()
+    clock.t += 0.25
+    st.note_published(t_in, 0.2, stamp_age_s=0.4)  # the cloud was stamped 0.15 s before receipt
+    st.note_no_transform("tf_stale", "transform odom -> base_link is not known at ...")
+    level, message, values = diagnostic_summary(st.snapshot(), True, ACTIVE)
+    kv = dict(values)
+    assert level == WARN and "untransformable" in message and "odom -> base_link" in message
+    assert kv["latency_p50_ms"] == "250.000" and kv["stamp_latency_p50_ms"] == "400.000"
+    assert kv["no_transform"] == "1" and kv["count.tf_stale"] == "1"
+
+
+def test_warmup_cloud_lies_within_the_limits():
+    from lidar_completion_pkg.pipeline import WARMUP_POINTS, warmup_cloud
+
+    for lo, hi in ((3.5, 50.0), (1.0, 10.0), (20.0, 80.0)):
+        pts = warmup_cloud(min_range=lo, max_range=hi)
+        r = np.linalg.norm(pts, axis=1)
+        assert pts.shape == (WARMUP_POINTS, 3) and pts.dtype == np.float32
+        assert (r > lo).all() and (r < hi).all()
+
+
+# ------------------------------------------------------------------------------ frames (no rclpy)
+def _ts(parent, child, matrix, t_ns=0):
+    from tf_transformations import quaternion_from_matrix
+
+    x, y, z, w = quaternion_from_matrix(matrix)
+    sec, nanosec = divmod(int(t_ns), 10**9)
+    return NS(header=NS(frame_id=parent, stamp=NS(sec=sec, nanosec=nanosec)), child_frame_id=child,
+              transform=NS(translation=NS(x=matrix[0, 3], y=matrix[1, 3], z=matrix[2, 3]),
+                           rotation=NS(x=x, y=y, z=z, w=w)))
+
+
+def test_transform_buffer_chains_static_transforms_like_tf2():
+    rs.require("tf_transformations")
+    from tf_transformations import concatenate_matrices, euler_matrix, inverse_matrix, translation_matrix
+
+    from lidar_completion_pkg import frames
+
+    buf = frames.TransformBuffer()
+    map_a = translation_matrix((10.0, -2.0, 0.5))
+    a_b = concatenate_matrices(translation_matrix((0.3, 0.0, 1.7)), euler_matrix(0.2, -0.4, 2.0))
+    map_c = euler_matrix(0.0, 0.0, -1.0)
+    for parent, child, m in (("map", "a", map_a), ("a", "b", a_b), ("/map", "c", map_c)):
+        buf.set_transform(_ts(parent, child, m), static=True)
+    np.testing.assert_allclose(buf.lookup_now("map", "b", 5), map_a @ a_b, atol=1e-12)
+    np.testing.assert_allclose(buf.lookup_now("b", "map", 5), inverse_matrix(map_a @ a_b), atol=1e-12)
+    # through the common ancestor: c <- b = inv(map <- c) @ (map <- b)
+    np.testing.assert_allclose(buf.lookup_now("c", "b", 0), inverse_matrix(map_c) @ map_a @ a_b,
+                               atol=1e-12)
+    np.testing.assert_array_equal(buf.lookup_now("b", "/b", 1), np.eye(4))
+    with pytest.raises(frames.TransformUnavailable, match="no transform from 'nowhere' to 'map'.*"
+                                                          "frames known: a, b, c, map") as err:
+        buf.lookup_now("map", "nowhere", 1)
+    assert err.value.reason == frames.MISSING
+    pts = np.array([[1.0, 2.0, 3.0], [-4.0, 0.5, 0.0]], np.float32)
+    expected = (map_a @ a_b @ np.c_[pts, np.ones(2)].T).T[:, :3]
+    np.testing.assert_allclose(frames.apply(buf.lookup_now("map", "b", 0), pts), expected, atol=1e-5)
+
+
+def test_transform_buffer_interpolates_and_never_extrapolates():
+    rs.require("tf_transformations")
+    from tf_transformations import euler_matrix, translation_matrix
+
+    from lidar_completion_pkg import frames
+
+    buf = frames.TransformBuffer(cache_time=10.0)
+    s = 10**9
+    buf.set_transform(_ts("odom", "base", np.eye(4), 1 * s), static=False)
+    buf.set_transform(_ts("odom", "base", translation_matrix((2.0, 0, 0)) @ euler_matrix(0, 0, np.pi / 2),
+                          2 * s), static=False)
+    half = buf.lookup_now("odom", "base", int(1.5 * s))
+    np.testing.assert_allclose(half, translation_matrix((1.0, 0, 0)) @ euler_matrix(0, 0, np.pi / 4),
+                               atol=1e-12)
+    np.testing.assert_allclose(buf.lookup_now("odom", "base", 0)[:3, 3], (2.0, 0, 0))  # 0 = latest
+    for t, words in ((3 * s, "newest is 1.000 s older than the cloud"),
+                     (s // 2, "oldest kept is 0.500 s newer than the cloud")):
+        with pytest.raises(frames.TransformUnavailable, match=words) as err:
+            buf.lookup_now("odom", "base", t)
+        assert err.value.reason == frames.STALE
+    buf.set_transform(_ts("odom", "base", np.eye(4), 20 * s), static=False)  # 1 s and 2 s age out
+    with pytest.raises(frames.TransformUnavailable):
+        buf.lookup_now("odom", "base", int(1.5 * s))
+
+
+def test_transform_buffer_lookup_waits_for_a_late_transform():
+    rs.require("tf_transformations")
+    from lidar_completion_pkg import frames
+
+    buf = frames.TransformBuffer()
+    timer = threading.Timer(0.1, lambda: buf.set_transform(_ts("map", "late", np.eye(4)), static=True))
+    timer.start()
+    try:
+        np.testing.assert_array_equal(buf.lookup("map", "late", 7, timeout=5.0), np.eye(4))
+    finally:
+        timer.cancel()
+    with pytest.raises(frames.TransformUnavailable):
+        buf.lookup("map", "never", 7, timeout=0.05)
+
+
+# ------------------------------------------------------------------------- ament layout of the venv
+def test_ament_install_lays_the_package_out_in_a_prefix(tmp_path):
+    from lidar_completion_pkg import ament_install as ai
+
+    prefix, bin_dir = tmp_path / "prefix", tmp_path / "prefix" / "bin"
+    bin_dir.mkdir(parents=True)
+    for exe in ai.EXECUTABLES:
+        (bin_dir / exe).write_text("#!/bin/sh\necho node\n")
+        (bin_dir / exe).chmod(0o755)
+    site = tmp_path / "site"
+    assert ai.install(prefix, site_packages=site) == []
+    assert (prefix / "share/ament_index/resource_index/packages" / ai.PACKAGE).is_file()
+    share = prefix / "share" / ai.PACKAGE
+    assert (share / "package.xml").resolve() == (ROOT / "lidar_completion_pkg" / "package.xml").resolve()
+    launch = share / "launch"
+    assert launch.is_dir() and not launch.is_symlink()  # ros2 launch does not search linked dirs
+    assert (launch / "completion.launch.py").resolve() == (ROOT / "launch" / "completion.launch.py")
+    assert (launch / "params" / "completion.yaml").is_file()
+    for exe in ai.EXECUTABLES:
+        link = prefix / "lib" / ai.PACKAGE / exe
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert subprocess.run([str(link)], capture_output=True, text=True).stdout == "node\n"
+    assert ai.install(prefix, site_packages=site) == []  # idempotent
+    # the .pth puts sys.prefix first on AMENT_PREFIX_PATH, once
+    code = ("import os, sys; exec(open(sys.argv[1]).read()); "
+            "print(os.environ['AMENT_PREFIX_PATH'] == os.pathsep.join([sys.prefix, '/opt/ros/x']))")
+    for start in ("/opt/ros/x", os.pathsep.join([sys.prefix, "/opt/ros/x"])):
+        out = subprocess.run([sys.executable, "-c", code, str(site / ai.PTH_NAME)], text=True,
+                             capture_output=True, env={**os.environ, "AMENT_PREFIX_PATH": start}).stdout
+        assert out.strip() == "True", (start, out)
+    (bin_dir / ai.EXECUTABLES[0]).unlink()
+    assert "console script" in ai.install(prefix, site_packages=site)[0]
+
+
+def test_the_venv_is_an_ament_prefix_for_the_package():
+    """What `make setup` did: `ros2 pkg` finds the executables, with no environment set up by hand."""
+    rs.require("ament_index_python", executables=("ros2",))
+    env = {k: v for k, v in os.environ.items() if k != "AMENT_PREFIX_PATH"}
+    proc = subprocess.run([str(rs.BIN / "ros2"), "pkg", "executables", "lidar_completion_pkg"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["lidar_completion_pkg", "completion_node", "lidar_completion_pkg",
+                                   "lifecycle_completion_node"]

@@ -77,19 +77,46 @@ PARAMETERS: tuple[Param, ...] = COMPLETER_PARAMETERS + (
           "Clouds with more points (finite, within the range / z limits) are evenly subsampled to "
           "this many, with a warning",
           range=(100, 10_000_000)),
-    # topics and QoS
+    # (the node's own parameters - topics, frames, QoS, start-up, diagnostics - follow in ROS_PARAMETERS)
+)
+
+#: ROS-only parameters: topics, TF frames, per-topic QoS, warm-up and diagnostics.
+ROS_PARAMETERS: tuple[Param, ...] = (
+    # topics
     Param("input_topic", "string", "/velodyne_points", "Input sensor_msgs/PointCloud2 topic"),
     Param("output_topic", "string", "/completed_points", "Completed cloud (float32 x, y, z)"),
     Param("publish_raw", "bool", False, "Also publish the unrefined completion on raw_output_topic"),
     Param("raw_output_topic", "string", "/completed_points_raw", "Unrefined completion topic"),
-    Param("qos_reliability", "string", "best_effort",
-          "Reliability of the input subscription and the outputs (sensor-data QoS is best_effort)",
-          choices=("best_effort", "reliable")),
-    Param("qos_depth", "integer", 5, "History depth of the input subscription and the outputs",
+    # frames
+    Param("model_frame", "string", "",
+          "TF frame the networks see: gravity-aligned, origin at the LiDAR (the frame the training "
+          "scans were in). The input is transformed into it at the cloud's stamp; the range / z "
+          "limits apply in it. Empty = the input cloud's own frame"),
+    Param("target_frame", "string", "",
+          "Frame the completion is published in (transformed at the input's stamp); empty = the "
+          "input cloud's frame"),
+    Param("tf_timeout", "double", 0.2,
+          "Seconds to wait for a transform at the cloud's stamp; a scan whose transform is missing "
+          "or stale after that is dropped and counted", range=(0.0, 10.0)),
+    # QoS (each also overridable with rclpy's qos_overrides.<topic>.<publisher|subscription>.*)
+    Param("input_qos_reliability", "string", "best_effort",
+          "Reliability of the input subscription (best_effort also receives from reliable "
+          "publishers)", choices=("best_effort", "reliable")),
+    Param("input_qos_depth", "integer", 5, "History depth of the input subscription",
           range=(1, 1000)),
+    Param("output_qos_reliability", "string", "reliable",
+          "Reliability of the completed-cloud publishers (reliable: rviz's default subscription "
+          "receives it)", choices=("best_effort", "reliable")),
+    Param("output_qos_depth", "integer", 5, "History depth of the completed-cloud publishers",
+          range=(1, 1000)),
+    # start-up and diagnostics
+    Param("warmup", "bool", True,
+          "Complete one synthetic scan before subscribing (lifecycle node: in configure), so that "
+          "the first real scan does not pay for graph capture and kernel tuning"),
     Param("diagnostics_period", "double", 1.0, "Seconds between /diagnostics messages",
           range=(0.1, 60.0)),
 )
+PARAMETERS = PARAMETERS + ROS_PARAMETERS
 
 BY_NAME = {p.name: p for p in PARAMETERS}
 DYNAMIC = tuple(p.name for p in PARAMETERS if p.dynamic)

@@ -1,18 +1,35 @@
-"""QoS profiles of the node: sensor-data QoS (best effort, keep last, volatile) with configurable
-reliability and depth, as LiDAR drivers publish."""
+"""QoS profiles of the node: keep last, volatile, with the reliability and depth of each topic.
+
+The input defaults to best effort (sensor-data QoS, as LiDAR drivers publish; a best-effort subscription
+also receives from reliable publishers), the outputs to reliable (what rviz and most subscribers ask
+for by default; a reliable publisher serves best-effort subscribers too). Each endpoint is created with
+``qos_overriding_options`` so that ``qos_overrides.<topic>.<publisher|subscription>.<policy>``
+parameters (rclpy's standard mechanism) override these defaults at start-up.
+"""
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 
 RELIABILITIES = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 
 
 def cloud_qos(reliability: str = "best_effort", depth: int = 5) -> QoSProfile:
-    """Sensor-data QoS (like rclpy.qos.qos_profile_sensor_data) with the given reliability and depth."""
+    """Keep-last, volatile QoS with the given reliability and depth (best_effort, 5 = sensor data)."""
     try:
         policy = RELIABILITIES[reliability]
     except KeyError:
-        raise ValueError(f"qos_reliability must be one of {sorted(RELIABILITIES)}, "
+        raise ValueError(f"reliability must be one of {sorted(RELIABILITIES)}, "
                          f"found {reliability!r}") from None
     if int(depth) < 1:
-        raise ValueError(f"qos_depth must be >= 1, found {depth}")
+        raise ValueError(f"QoS depth must be >= 1, found {depth}")
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=policy,
                       durability=DurabilityPolicy.VOLATILE)
+
+
+def overridable() -> QoSOverridingOptions:
+    """qos_overrides.<topic>.* parameters for reliability, history and depth."""
+    return QoSOverridingOptions.with_default_policies()
+
+
+def describe(qos: QoSProfile) -> str:
+    """'reliable/5' style summary of a profile."""
+    return f"{qos.reliability.name.lower()}/{qos.depth}"

@@ -1,7 +1,7 @@
 """Live bag replay over DDS: our own player (no `ros2 bag play` needed), a receiver and a memory probe.
 
     python -m lidar_completion_pkg.replay BAG --topic /velodyne_points --events events.json \
-        [--rate R] [--checkpoint P] [--steps N] [--node-param key:=value ...] [--no-node]
+        [--rate R] [--pace] [--checkpoint P] [--steps N] [--node-param key:=value ...] [--no-node]
 
 What it does, in this order:
   1. points FASTDDS_DEFAULT_PROFILES_FILE at the shipped Fast DDS profile (unless set) before rclpy
@@ -10,11 +10,15 @@ What it does, in this order:
      its output in ``node.log`` next to the events file, and samples its RSS (psutil);
   3. waits (bounded) until the node's input subscription and output publisher are matched with ours;
   4. publishes the bag's serialized PointCloud2 bytes unchanged (so the header stamps are the bag's) on
-     the bag's own schedule, in real time or ``--rate`` times faster;
-  5. receives the node's output (the node passes the input header through, so the stamp identifies
-     the input), and reads /diagnostics;
+     the bag's own schedule, in real time or ``--rate`` times faster, and the bag's /tf and /tf_static
+     (transient local, as tf2's static broadcaster) so that the node can look its frames up; with
+     ``--pace`` each scan waits until the node has answered the previous one (completed it, or counted
+     it as dropped in /diagnostics), so a node slower than the bag still completes every scan;
+  5. receives the node's output (the node keeps the input's stamp, so the stamp identifies the input),
+     and reads /diagnostics;
   6. drains: stops when every input has an output, or ``--drain-timeout`` seconds after the last
-     publish or receipt;
+     publish or receipt while the node has no scan in hand (at most ``--busy-timeout`` s while it
+     has: the scan in hand is finished, however slow the node);
   7. stops the node and writes every event (publish / receipt times, point counts, memory samples,
      diagnostics) to the events JSON, which ``lidar-completion bag-bench --live`` turns into a report.
 
@@ -39,6 +43,8 @@ from lidar_completion.bags.io import (
 )
 from lidar_completion.bags.memory import MemorySampler
 from lidar_completion.errors import LidarCompletionError
+
+from .live_bench import counters_of, unfinished
 
 OUTPUT_TOPIC = "/completed_points"
 TF_TOPICS = ("/tf", "/tf_static")
@@ -102,17 +108,6 @@ def _diag_values(status) -> dict:
     return out
 
 
-NODE_COUNTERS = ("received", "processed", "dropped", "rejected", "failed")
-
-
-def _node_counters(values: dict) -> dict | None:
-    """The completion node's counters from one diagnostics status, or None if it has none."""
-    try:
-        return {k: int(float(values[k])) for k in NODE_COUNTERS}
-    except (KeyError, ValueError):
-        return None
-
-
 class Replay:
     def __init__(self, args):
         self.args = args
@@ -160,7 +155,7 @@ class Replay:
                           "level": int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
                           else int(status.level), "message": str(status.message),
                           "values": _diag_values(status)})
-            counters = _node_counters(diags[-1]["values"])
+            counters = counters_of(diags[-1]["values"])
             if counters is not None:
                 with self._lock:
                     self._node_counters = (t, counters)
@@ -211,21 +206,52 @@ class Replay:
         raise ReplayError(f"the node was not ready within {self.args.ready_timeout:.0f} s "
                           f"({', '.join(what)}){extra}")
 
-    def play(self, pub, bag: BagReader) -> None:
+    def _answered(self, stamp: int, t_pub: int) -> bool:
+        """The node completed the scan published at t_pub, or its /diagnostics (sent after it) account
+        for every scan it received."""
+        if stamp in self._completed:
+            return True
+        if self._node_counters is None:
+            return False
+        t, c = self._node_counters
+        if t <= t_pub or unfinished(c) > 0:
+            return False
+        if c["received"] >= len(self._stamps_published):
+            return True
+        # never arrived (lost in transport): give up after --drain-timeout
+        return (time.monotonic_ns() - t_pub) / 1e9 > self.args.drain_timeout
+
+    def wait_answer(self, stamp: int, t_pub: int) -> None:
+        """--pace: wait until the node has answered the scan (at most --busy-timeout seconds)."""
+        deadline = time.monotonic() + self.args.busy_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._answered(stamp, t_pub):
+                    return
+            if self.proc is not None and self.proc.poll() is not None:
+                return  # reported by the caller
+            time.sleep(0.01)
+
+    def play(self, pub, bag: BagReader, tf_pubs: dict | None = None) -> None:
         from tqdm import tqdm
 
         a = self.args
-        topics = [a.topic] + ([t for t in TF_TOPICS if t in bag.topics] if self._writer else [])
+        tf_pubs = tf_pubs or {}
+        topics = [a.topic] + [t for t in TF_TOPICS if t in bag.topics and (self._writer or t in tf_pubs)]
         bar = tqdm(total=self.events["expected_total"], desc="replay", unit="scan",
                    disable=not a.progress, file=sys.stderr)
         t0_bag = None
         t0_wall = None
         index = 0
+        previous = None  # (stamp, t_pub) of the last scan published
         try:
             for raw in bag.messages(topics):
                 if raw.topic != a.topic:
-                    with self._lock:
-                        self._writer.write_raw(raw.topic, raw.msgtype, raw.data, raw.log_time_ns)
+                    if raw.topic in tf_pubs:
+                        tf_pubs[raw.topic].publish(raw.data)
+                    if self._writer is not None:
+                        with self._lock:
+                            self._writer.write_raw(raw.topic, raw.msgtype, raw.data, raw.log_time_ns)
                     continue
                 if a.limit is not None and index >= a.limit:
                     break
@@ -238,12 +264,16 @@ class Replay:
                     index += 1
                     bar.update(1)
                     continue
+                if a.pace and previous is not None:
+                    self.wait_answer(*previous)
                 if t0_bag is None:
                     t0_bag, t0_wall = raw.log_time_ns, time.monotonic_ns()
                 target = t0_wall + (raw.log_time_ns - t0_bag) / a.rate
                 delay = (target - time.monotonic_ns()) / 1e9
                 if delay > 0:
                     time.sleep(delay)
+                elif a.pace:  # the node set the pace: later scans keep the bag's spacing from here
+                    t0_wall -= delay * 1e9
                 if self.proc is not None and self.proc.poll() is not None:
                     raise ReplayError(f"the node exited with status {self.proc.returncode} during the "
                                       f"replay; last lines of {self.events['node']['log']}:\n"
@@ -256,6 +286,7 @@ class Replay:
                     if self._writer is not None:
                         self._writer.write_raw(a.topic, CLOUD_TYPE, raw.data, raw.log_time_ns)
                 pub.publish(raw.data)
+                previous = (stamp, t_pub)
                 self._last_activity = time.monotonic()
                 self.events["inputs"].append({"index": index, "stamp_ns": stamp,
                                               "log_time_ns": raw.log_time_ns, "t_pub_ns": t_pub,
@@ -276,21 +307,27 @@ class Replay:
         t, c = self._node_counters
         if t <= self.events["t_last_pub_ns"]:
             return False
-        handled = c["processed"] + c["dropped"] + c["rejected"] + c["failed"]
-        received_outputs = len(self._completed)
-        return (c["received"] >= len(self._stamps_published) and handled >= c["received"]
-                and received_outputs >= c["processed"])
+        return (c["received"] >= len(self._stamps_published) and unfinished(c) == 0
+                and len(self._completed) >= c["processed"])
+
+    def _node_busy(self) -> bool:
+        """The node's last /diagnostics show a scan it received and has not finished with."""
+        return self._node_counters is not None and unfinished(self._node_counters[1]) > 0
 
     def drain(self) -> None:
         a = self.args
+        busy_deadline = time.monotonic() + a.busy_timeout
         while True:
             with self._lock:
                 all_done = len(self._completed) >= len(self._stamps_published) or self._node_finished()
+                busy = self._node_busy()
             if all_done:
                 return
-            if time.monotonic() - self._last_activity > a.drain_timeout:
-                return
             if self.proc is not None and self.proc.poll() is not None:
+                return
+            if time.monotonic() > busy_deadline:
+                return
+            if time.monotonic() - self._last_activity > a.drain_timeout and not busy:
                 return
             time.sleep(0.02)
 
@@ -314,6 +351,25 @@ class Replay:
                         self._writer = None
             self.events["bag_problems"] = list(bag.problems)
 
+    def _tf_publishers(self, node, bag: BagReader) -> dict:
+        """Publishers for the bag's /tf (as tf2's broadcaster) and /tf_static (as its static one)."""
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        present = [t for t in TF_TOPICS if t in bag.topics]
+        if not present:
+            return {}
+        try:
+            from tf2_msgs.msg import TFMessage
+        except ImportError:
+            print(f"warning: tf2_msgs is not installed: the bag's {' and '.join(present)} are not "
+                  "replayed (make setup installs it)", file=sys.stderr)
+            return {}
+        qos = {"/tf": QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.VOLATILE),
+               "/tf_static": QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                        durability=DurabilityPolicy.TRANSIENT_LOCAL)}
+        return {t: node.create_publisher(TFMessage, t, qos[t]) for t in present}
+
     def _run_with_bag(self, bag: BagReader) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
@@ -336,6 +392,7 @@ class Replay:
                                  reliability=ReliabilityPolicy.BEST_EFFORT,
                                  durability=DurabilityPolicy.VOLATILE)
             pub = node.create_publisher(PointCloud2, a.topic, pub_qos)
+            tf_pubs = self._tf_publishers(node, bag)
             sub = node.create_subscription(PointCloud2, a.output_topic, self.on_output, sub_qos, raw=True)
             try:
                 from diagnostic_msgs.msg import DiagnosticArray
@@ -347,7 +404,7 @@ class Replay:
             spin = threading.Thread(target=executor.spin, name="replay-executor", daemon=True)
             spin.start()
             self.wait_ready(pub, sub)
-            self.play(pub, bag)
+            self.play(pub, bag, tf_pubs)
             self.drain()
             self.events["t_end_ns"] = time.monotonic_ns()
         finally:
@@ -376,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topic of the node's completed clouds (default %(default)s)")
     p.add_argument("--events", required=True, help="JSON file to write every event to")
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor (default 1 = real time)")
+    p.add_argument("--pace", action="store_true",
+                   help="publish each scan only once the node has answered the previous one")
+    p.add_argument("--busy-timeout", type=float, default=600.0,
+                   help="longest wait for a scan the node has in hand (default %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N scans")
     p.add_argument("--checkpoint", default=None, help="checkpoint for the node (default: the node's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the node")

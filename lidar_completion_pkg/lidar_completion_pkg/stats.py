@@ -71,7 +71,8 @@ class Throttle:
 
 
 class Stats:
-    """What /diagnostics reports: counts, latency p50/p95 (receipt to publish), input rate."""
+    """What /diagnostics reports: counts, latency p50/p95 (from receipt and from the header stamp to
+    publication), input and output rates."""
 
     def __init__(self, window: int = 200, rate_window_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -84,10 +85,12 @@ class Stats:
         self.rejected = 0       # malformed / unusable input, never completed
         self.failed = 0         # completion or publication raised, or gave an unusable result
         self.subsampled = 0     # clouds above max_points, subsampled then completed
+        self.no_transform = 0   # dropped: the transform to model_frame / target_frame was missing or stale
         self.reasons: collections.Counter = collections.Counter()
         self.last_problem = ""
         self._latencies: collections.deque = collections.deque(maxlen=window)
         self._compute: collections.deque = collections.deque(maxlen=window)
+        self._ages: collections.deque = collections.deque(maxlen=window)
         self._arrivals: collections.deque = collections.deque()
         self._outputs: collections.deque = collections.deque()
         self._problems_since_report = 0
@@ -112,25 +115,31 @@ class Stats:
         with self._lock:
             self.subsampled += 1
 
-    def note_rejected(self, reason: str, message: str) -> None:
+    def _note_problem(self, counter: str, reason: str, message: str) -> None:
         with self._lock:
-            self.rejected += 1
+            setattr(self, counter, getattr(self, counter) + 1)
             self.reasons[reason] += 1
             self.last_problem = message
             self._problems_since_report += 1
+
+    def note_rejected(self, reason: str, message: str) -> None:
+        self._note_problem("rejected", reason, message)
+
+    def note_no_transform(self, reason: str, message: str) -> None:
+        self._note_problem("no_transform", reason, message)
 
     def note_failed(self, reason: str, message: str) -> None:
-        with self._lock:
-            self.failed += 1
-            self.reasons[reason] += 1
-            self.last_problem = message
-            self._problems_since_report += 1
+        self._note_problem("failed", reason, message)
 
-    def note_published(self, t_received: float, compute_s: float) -> None:
+    def note_published(self, t_received: float, compute_s: float,
+                       stamp_age_s: Optional[float] = None) -> None:
+        """One completion published: ``stamp_age_s`` = publication time minus the header stamp."""
         now = self.clock()
         with self._lock:
             self.processed += 1
             self._latencies.append(now - t_received)
+            if stamp_age_s is not None:
+                self._ages.append(stamp_age_s)
             self._compute.append(compute_s)
             self._outputs.append(now)
             self._trim(self._outputs, now)
@@ -150,12 +159,15 @@ class Stats:
             self._trim(self._outputs, now)
             lat = np.asarray(self._latencies, dtype=float) * 1e3
             comp = np.asarray(self._compute, dtype=float) * 1e3
+            ages = np.asarray(self._ages, dtype=float) * 1e3
             snap = {
                 "received": self.received, "processed": self.processed, "dropped": self.dropped,
                 "rejected": self.rejected, "failed": self.failed, "subsampled": self.subsampled,
-                "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-                "latency_p95_ms": float(np.percentile(lat, 95)) if lat.size else float("nan"),
-                "completion_p50_ms": float(np.percentile(comp, 50)) if comp.size else float("nan"),
+                "no_transform": self.no_transform,
+                "latency_p50_ms": _percentile(lat, 50), "latency_p95_ms": _percentile(lat, 95),
+                "stamp_latency_p50_ms": _percentile(ages, 50),
+                "stamp_latency_p95_ms": _percentile(ages, 95),
+                "completion_p50_ms": _percentile(comp, 50),
                 "input_rate_hz": self._rate(self._arrivals, now, self.rate_window_s),
                 "output_rate_hz": self._rate(self._outputs, now, self.rate_window_s),
                 "reasons": dict(self.reasons), "last_problem": self.last_problem,
@@ -165,24 +177,46 @@ class Stats:
         return snap
 
 
-def diagnostic_summary(snap: dict, worker_alive: bool = True) -> tuple[int, str, list]:
-    """(level, message, [(key, value str)]) of one DiagnosticStatus from a :meth:`Stats.snapshot`."""
-    if not worker_alive:
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+#: Node states in /diagnostics (``state``); only ACTIVE is ``ready``.
+WARMING_UP, UNCONFIGURED, INACTIVE, ACTIVE = "warming up", "unconfigured", "inactive", "active"
+_STATE_MESSAGES = {
+    WARMING_UP: "warming up (loading the checkpoint, completing a synthetic scan); not subscribed yet",
+    UNCONFIGURED: "unconfigured (lifecycle): configure to load the checkpoint",
+    INACTIVE: "inactive (lifecycle): configured and warmed up; activate to subscribe",
+}
+
+
+def diagnostic_summary(snap: dict, worker_alive: Optional[bool] = True,
+                       state: str = ACTIVE) -> tuple[int, str, list]:
+    """(level, message, [(key, value str)]) of one DiagnosticStatus from a :meth:`Stats.snapshot`.
+
+    ``state``: ACTIVE (subscribed, ``ready`` true) or WARMING_UP / UNCONFIGURED / INACTIVE;
+    ``worker_alive`` None when no worker is expected to run (not active).
+    """
+    if worker_alive is False:
         level, message = ERROR, "completion worker stopped"
     elif snap["problems_since_report"]:
-        level, message = WARN, f"{snap['problems_since_report']} unusable input(s) or failure(s): " \
-                               f"{snap['last_problem']}"[:300]
+        level, message = WARN, f"{snap['problems_since_report']} scan(s) dropped as unusable, " \
+                               f"untransformable or failed: {snap['last_problem']}"[:300]
+    elif state != ACTIVE:
+        level, message = OK, _STATE_MESSAGES.get(state, state)
     elif snap["received"] == 0:
-        level, message = OK, "waiting for clouds"
+        level, message = OK, "ready, waiting for clouds"
     else:
-        level, message = OK, "completing"
+        level, message = OK, "ready, completing"
 
     def fmt(v) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    keys = ("latency_p50_ms", "latency_p95_ms", "completion_p50_ms", "input_rate_hz",
-            "output_rate_hz", "received", "processed", "dropped", "rejected", "failed", "subsampled")
-    values = [(k, fmt(snap[k])) for k in keys]
+    keys = ("latency_p50_ms", "latency_p95_ms", "stamp_latency_p50_ms", "stamp_latency_p95_ms",
+            "completion_p50_ms", "input_rate_hz", "output_rate_hz", "received", "processed",
+            "dropped", "rejected", "no_transform", "failed", "subsampled")
+    values = [("ready", "true" if state == ACTIVE else "false"), ("state", state)]
+    values += [(k, fmt(snap[k])) for k in keys]
     values += [(f"count.{reason}", str(n)) for reason, n in sorted(snap["reasons"].items())]
     values.append(("last_problem", snap["last_problem"]))
     return level, message, values

@@ -1,8 +1,8 @@
 """rosbag2 tools: reading / writing bags (``rosbags``), KITTI -> bag, offline and live benchmarks.
 
 Submodules: ``io`` (BagReader / BagWriter, message helpers), ``kitti`` (bag_from_kitti), ``bench``
-(offline benchmark), ``live`` (live benchmark through the node; the DDS side lives in
-``lidar_completion_pkg.replay``), ``report`` (report.json / report.md / plots), ``memory`` (RSS
+(offline benchmark), ``report`` (report.json / report.md / plots, also of the live benchmark, which the
+ROS 2 layer provides through the ``lidar_completion.live_bench`` entry point group), ``memory`` (RSS
 sampling). Nothing here imports rclpy.
 """
 from .io import (

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 TF_TYPE = "tf2_msgs/msg/TFMessage"
+TF_STATIC_TOPIC = "/tf_static"
 STORAGES = ("mcap", "sqlite3")
 DEFAULT_TOPIC = "/velodyne_points"
 DEFAULT_FRAME = "velodyne"
@@ -486,6 +487,16 @@ class _Salvage:
 
 
 # ------------------------------------------------------------------------------------------- writing
+def _latched_qos():
+    """Reliable, transient-local, depth 1: the offered QoS `ros2 bag play` replays /tf_static with."""
+    from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
+                                    QosTime)
+
+    zero = QosTime(0, 0)
+    return Qos(QosHistory.KEEP_LAST, 1, QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, zero,
+               zero, QosLiveliness.AUTOMATIC, zero, False)
+
+
 class BagWriter:
     """Write a new rosbag2 bag (``storage`` "mcap" or "sqlite3"); never overwrites.
 
@@ -514,7 +525,9 @@ class BagWriter:
     def _connection(self, topic: str, msgtype: str):
         conn = self._conns.get(topic)
         if conn is None:
-            conn = self._writer.add_connection(topic, msgtype, typestore=typestore())
+            qos = [_latched_qos()] if topic == TF_STATIC_TOPIC else []  # as tf2's static broadcaster
+            conn = self._writer.add_connection(topic, msgtype, typestore=typestore(),
+                                               offered_qos_profiles=qos)
             self._conns[topic] = conn
         elif conn.msgtype != msgtype:
             raise BagError(f"topic {topic!r} was opened with {conn.msgtype}, cannot write {msgtype}")

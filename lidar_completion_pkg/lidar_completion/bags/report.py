@@ -104,7 +104,8 @@ def markdown(report: dict) -> str:
             ("throughput", f"{_fmt(report['throughput_hz'], 2)} scans/s")]
     if mode == "live":
         live = report["live"]
-        rows += [("replay rate", f"{live['rate']}x ({_fmt(live['input_hz'], 2)} Hz input)"),
+        paced = ", paced: each scan after the node answered the previous" if live.get("paced") else ""
+        rows += [("replay rate", f"{live['rate']}x{paced} ({_fmt(live['input_hz'], 2)} Hz input)"),
                  ("node keeps up", "yes" if live["keeps_up"] else "no"),
                  ("node counters (/diagnostics)", ", ".join(
                      f"{k} {v}" for k, v in (live.get("node_counters") or {}).items()) or "n/a"),

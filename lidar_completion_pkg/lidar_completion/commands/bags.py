@@ -1,13 +1,21 @@
-"""`bag-from-kitti` and `bag-bench`: rosbag2 conversion and replay benchmarks (no ROS needed offline)."""
+"""`bag-from-kitti` and `bag-bench`: rosbag2 conversion and replay benchmarks (no ROS needed offline).
+
+`bag-bench --live` runs through the ROS 2 layer, which registers its runner in the
+``lidar_completion.live_bench`` entry point group: the core never imports or names the ROS package.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..settings import CompletionSettings, add_arguments
+
+LIVE_BENCH_GROUP = "lidar_completion.live_bench"
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +25,9 @@ def register(subparsers) -> None:
         "bag-from-kitti", help="write a SemanticKITTI-layout sequence into a rosbag2 bag",
         description="Write the scans of a SemanticKITTI-layout sequence (real or synthetic) into a "
                     "rosbag2 bag: sensor_msgs/PointCloud2 (float32 x, y, z, intensity; frame "
-                    "'velodyne') stamped from times.txt, and /tf odom -> velodyne from poses.txt "
-                    "(in the LiDAR frame through calib.txt). Written with rosbags: no ROS needed.",
+                    "'velodyne') stamped from times.txt, /tf odom -> base_link from poses.txt (in "
+                    "the LiDAR frame through calib.txt) and /tf_static base_link -> velodyne (the "
+                    "LiDAR --sensor-height above the ground). Written with rosbags: no ROS needed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset_root", help="dataset root holding sequences/SS/velodyne/*.bin")
     p.add_argument("--sequence", required=True, help="sequence id, e.g. 08")
@@ -27,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="write only the first N scans")
     p.add_argument("--topic", default="/velodyne_points", help="PointCloud2 topic")
     p.add_argument("--frame-id", default="velodyne", help="frame of the clouds (tf child frame)")
+    p.add_argument("--base-frame", default="base_link",
+                   help="vehicle frame on the ground under the LiDAR (odom -> it on /tf)")
+    p.add_argument("--sensor-height", type=float, default=1.73,
+                   help="height of the LiDAR above --base-frame in metres (KITTI: 1.73)")
     p.add_argument("--start-time", type=float, default=None,
                    help="seconds since the epoch added to times.txt (default 2011-10-03 00:00 UTC) "
                         "so that no stamp is 0")
@@ -46,7 +59,8 @@ def register(subparsers) -> None:
                     "memory over time (needs the ROS 2 wheels: pip install -e "
                     "'lidar_completion_pkg[ros]').\n\n"
                     "Writes report.json, report.md and PNG plots into --out; the last line printed "
-                    "is 'p50_ms=<x> p95_ms=<y> dropped=<n>/<total>'.",
+                    "is 'p50_ms=<x> p95_ms=<y> dropped=<n>/<total>'. Exit status 1 (with the "
+                    "reason) when no scan was completed.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("bag", help="rosbag2 directory (or a .mcap / .db3 file)")
     b.add_argument("--topic", default="/velodyne_points", help="PointCloud2 input topic (default %(default)s)")
@@ -67,6 +81,10 @@ def register(subparsers) -> None:
     live.add_argument("--live", action="store_true", help="replay through the ROS 2 node over DDS")
     live.add_argument("--rate", type=float, default=1.0,
                       help="replay speed: 1 = real time, R = R times faster (default %(default)s)")
+    live.add_argument("--pace", action="store_true",
+                      help="publish each scan only once the node has answered the previous one (at "
+                           "most at --rate): every scan is completed on a node slower than the bag, "
+                           "and its latency is the node's own, without queueing")
     live.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
                       help="extra ROS parameter for the node (repeatable)")
     live.add_argument("--node-cmd", default=None, help="command that starts the node instead of "
@@ -74,7 +92,10 @@ def register(subparsers) -> None:
     live.add_argument("--ready-timeout", type=float, default=120.0,
                       help="seconds to wait for the node to start and match (default %(default)s)")
     live.add_argument("--drain-timeout", type=float, default=30.0,
-                      help="seconds without output after the replay before stopping (default %(default)s)")
+                      help="seconds without output after the replay before stopping, while the node "
+                           "has no scan in hand (default %(default)s)")
+    live.add_argument("--busy-timeout", type=float, default=600.0,
+                      help="longest wait for a scan the node is completing (default %(default)s)")
     live.add_argument("--domain-id", type=int, default=None,
                       help="ROS_DOMAIN_ID for the player and the node (default: a random one)")
     add_arguments(b)
@@ -87,10 +108,11 @@ def run_from_kitti(args) -> int:
     start = DEFAULT_START_NS if args.start_time is None else int(round(args.start_time * 1e9))
     summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
                              limit=args.limit, start_time_ns=start, topic=args.topic,
-                             frame_id=args.frame_id, progress=args.progress)
+                             frame_id=args.frame_id, base_frame=args.base_frame,
+                             sensor_height=args.sensor_height, progress=args.progress)
     print(f"wrote {summary['scans']} scans ({summary['points']} points, {summary['duration_s']:.1f} s) "
           f"of sequence {summary['sequence']} to {summary['bag']} ({summary['storage']}): "
-          f"{summary['topic']} and /tf")
+          f"{summary['topic']}, /tf and /tf_static ({summary['frames']})")
     return 0
 
 
@@ -145,7 +167,25 @@ def run_bench(args) -> int:
         print(f"offline: {report['completed']}/{report['total']} completed, "
               f"{report['throughput_hz']:.2f} scans/s, peak RSS {report['memory']['peak_rss_mb']:.0f} MB")
     print(summary_line(report))
+    if report["completed"] == 0:
+        print(f"error: {no_completion_reason(report)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def no_completion_reason(report: dict) -> str:
+    """Why a benchmark completed nothing, from its drop reasons (and the node's counters, live)."""
+    reasons = "; ".join(f"{n} x {r}" for r, n in (report.get("drop_reasons") or {}).items())
+    text = f"no scan was completed ({report['completed']}/{report['total']}: {reasons or 'no scans'})"
+    live = report.get("live")
+    if live is not None:
+        counters = live.get("node_counters")
+        if counters:
+            text += "; the node reported " + ", ".join(f"{k} {v}" for k, v in counters.items())
+        text += (". A node slower than the replay completes nothing when the replay ends first: "
+                 "replay with --pace or a lower --rate, or give the node smaller budgets "
+                 "(--n-fps, --steps); its log: " + str(live.get("node_log")))
+    return text
 
 
 def _run_offline(args, settings: CompletionSettings) -> dict:
@@ -166,8 +206,18 @@ def _run_offline(args, settings: CompletionSettings) -> dict:
                          limit=args.limit, progress=args.progress, meta=meta)
 
 
+def live_runner():
+    """The ROS 2 layer's live benchmark (entry point group ``lidar_completion.live_bench``)."""
+    found = list(metadata.entry_points(group=LIVE_BENCH_GROUP))
+    if not found:
+        raise ConfigError("--live needs the ROS 2 layer, and no installed package registers a "
+                          f"'{LIVE_BENCH_GROUP}' entry point: run `make setup` (or pip install "
+                          "-e 'lidar_completion_pkg[ros]')")
+    return found[0].load()
+
+
 def _run_live(args, settings: CompletionSettings, out: Path) -> dict:
-    from ..bags.live import bench_live
+    bench_live = live_runner()
 
     # the node's parameters are the same settings (checkpoint and steps have options of their own)
     params = settings.ros_overrides(exclude=("checkpoint", "steps")) + list(args.node_param)
@@ -178,4 +228,5 @@ def _run_live(args, settings: CompletionSettings, out: Path) -> dict:
                       node_cmd=args.node_cmd, ready_timeout=args.ready_timeout,
                       drain_timeout=args.drain_timeout, domain_id=args.domain_id,
                       write_bag=args.write_bag, write_storage=args.write_storage, limit=args.limit,
-                      progress=args.progress, threads=args.threads, meta=meta)
+                      progress=args.progress, threads=args.threads, meta=meta, pace=args.pace,
+                      busy_timeout=args.busy_timeout)

@@ -1,9 +1,11 @@
-"""Live bag benchmark, core side: runs the ROS-layer player in a child process and builds the report.
+"""Live bag benchmark (`lidar-completion bag-bench --live`): the player in a child process, the report.
 
-The player (``python -m lidar_completion_pkg.replay``) starts the node, replays the bag over DDS and
-records every publish / receipt / memory sample into an events JSON; this module never imports rclpy.
-The child gets an isolated DDS setup: a random ``ROS_DOMAIN_ID`` (unless one is given) and
-``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``; the player adds the Fast DDS profile.
+The core CLI finds :func:`bench_live` through the ``lidar_completion.live_bench`` entry point group (it
+never names this package). The player (:mod:`.replay`) starts the node, replays the bag over DDS and
+records every publish / receipt / memory sample / diagnostics message into an events JSON, whose format
+:func:`report_from_events` reads; this module itself never imports rclpy. The child gets an isolated
+DDS setup: a random ``ROS_DOMAIN_ID`` (unless one is given) and ``ROS_AUTOMATIC_DISCOVERY_RANGE=
+LOCALHOST``; the player adds the Fast DDS profile.
 
 Every input is classified: ``completed`` when an output with its header stamp arrived, otherwise
 ``dropped`` with a reason (unreadable in the bag, or no output - skipped by the node's latest-only
@@ -18,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import BagError, LidarCompletionError
-from . import report as rep
+from lidar_completion.bags import report as rep
+from lidar_completion.errors import BagError, LidarCompletionError
 
-REPLAY_MODULE = "lidar_completion_pkg.replay"
+REPLAY_MODULE = __package__ + ".replay"
 
 
 class LiveBenchError(LidarCompletionError):
@@ -44,8 +46,13 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
                node_cmd: str | None = None, ready_timeout: float = 120.0, drain_timeout: float = 30.0,
                domain_id: int | None = None, write_bag=None, write_storage: str = "mcap",
                limit: int | None = None, progress: bool = True, timeout: float | None = None,
-               threads: int | None = None, meta: dict | None = None) -> dict:
-    """Run the live replay and return the report dict (``events`` kept in out_dir/live_events.json)."""
+               threads: int | None = None, meta: dict | None = None, pace: bool = False,
+               busy_timeout: float = 600.0) -> dict:
+    """Run the live replay and return the report dict (``events`` kept in out_dir/live_events.json).
+
+    ``pace``: publish each scan only once the node has answered the previous one (at most at
+    ``rate``); ``busy_timeout``: the longest the player waits for a scan the node has in hand.
+    """
     if rate <= 0:
         raise BagError(f"--rate must be > 0, found {rate}")
     bag_path = Path(bag_path)
@@ -60,7 +67,9 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
     cmd = [sys.executable, "-m", REPLAY_MODULE, str(bag_path), "--topic", topic,
            "--output-topic", output_topic, "--events", str(events_path), "--rate", str(rate),
            "--ready-timeout", str(ready_timeout), "--drain-timeout", str(drain_timeout),
-           "--errors-in-events-only"]
+           "--busy-timeout", str(busy_timeout), "--errors-in-events-only"]
+    if pace:
+        cmd.append("--pace")
     if checkpoint:
         cmd += ["--checkpoint", str(checkpoint)]
     if steps is not None:
@@ -89,13 +98,14 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
     if not events_path.exists():
         raise LiveBenchError(f"the live replay ({' '.join(cmd[:3])}) exited with status "
                              f"{proc.returncode} without writing {events_path}; is the ROS 2 layer "
-                             "installed (pip install -e 'lidar_completion_pkg[ros]')?")
+                             "installed (make setup)?")
     events = json.loads(events_path.read_text())
     if events.get("error"):
         raise LiveBenchError(events["error"])
     if proc.returncode != 0:
         raise LiveBenchError(f"the live replay exited with status {proc.returncode}")
-    report = report_from_events(events, bag=str(bag_path), topic=topic, rate=rate, meta=meta)
+    report = report_from_events(events, bag=str(bag_path), topic=topic, rate=rate, meta=meta,
+                                paced=pace)
     report["events_file"] = str(events_path)
     if write_bag:
         report["written_bag"] = str(write_bag)
@@ -103,22 +113,40 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
 
 
 NO_OUTPUT = "no output received (skipped by the node or lost)"
+#: The completion node's counters in /diagnostics; OPTIONAL_COUNTERS may be absent (older nodes).
 NODE_COUNTERS = ("received", "processed", "dropped", "rejected", "failed")
+OPTIONAL_COUNTERS = ("no_transform",)
+
+
+def counters_of(values: dict) -> dict | None:
+    """The node's counters from one diagnostics status's values, or None when it has none."""
+    try:
+        out = {k: int(float(values[k])) for k in NODE_COUNTERS}
+        out.update({k: int(float(values.get(k, 0))) for k in OPTIONAL_COUNTERS})
+    except (KeyError, ValueError):
+        return None
+    return out
+
+
+def unfinished(counters: dict) -> int:
+    """Scans the node received and has not finished with (completed, dropped or refused) yet."""
+    handled = sum(counters.get(k, 0) for k in ("processed", "dropped", "rejected", "failed",
+                                               "no_transform"))
+    return max(0, counters["received"] - handled)
 
 
 def node_counters(diagnostics: list[dict]) -> dict | None:
-    """The node's last counters (received, processed, dropped, rejected, failed) from /diagnostics."""
+    """The node's last counters (received, processed, dropped, ...) from /diagnostics."""
     last = None
     for d in diagnostics:
-        values = d.get("values") or {}
-        try:
-            last = {k: int(float(values[k])) for k in NODE_COUNTERS}
-        except (KeyError, ValueError):
-            continue
+        counters = counters_of(d.get("values") or {})
+        if counters is not None:
+            last = counters
     return last
 
 
-def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta: dict | None = None) -> dict:
+def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta: dict | None = None,
+                       paced: bool = False) -> dict:
     """Classify every input as completed / dropped and compute the live report."""
     inputs = events.get("inputs") or []
     outputs = [o for o in events.get("outputs") or [] if o.get("stamp_ns") is not None]
@@ -167,12 +195,13 @@ def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta:
     if events.get("t_ready_ns") and events.get("t_node_start_ns"):
         ready_s = (events["t_ready_ns"] - events["t_node_start_ns"]) / 1e9
     report["live"] = {
-        "rate": rate, "input_hz": input_hz, "ready_s": ready_s,
+        "rate": rate, "paced": bool(paced), "input_hz": input_hz, "ready_s": ready_s,
         "keeps_up": report["total"] > 0 and report["dropped"] == 0,
         "node_dropped": node_dropped, "node_counters": counters,
         # scans with no output that the node does not account for (never arrived, or output lost)
         "unexplained_missing": (None if counters is None else max(0, no_output - (
-            counters["dropped"] + counters["rejected"] + counters["failed"]))),
+            counters["dropped"] + counters["rejected"] + counters["failed"] +
+            counters.get("no_transform", 0)))),
         "unmatched_outputs": len(outputs) - len(used),
         "duplicate_input_stamps": sum(1 for i in inputs if i.get("duplicate_stamp")),
         "node_returncode": (events.get("node") or {}).get("returncode"),

@@ -1,0 +1,274 @@
+"""TF lookups for the node: the transform between two frames at a cloud's stamp, as a 4x4 matrix.
+
+Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` coordinates into
+``target``, or :class:`TransformUnavailable` with a ``reason``):
+
+* :class:`Tf2Frames` - ``tf2_ros.Buffer`` + ``TransformListener`` where tf2_ros imports (a system ROS 2);
+* :class:`OwnFrames` - the node's own ``/tf`` + ``/tf_static`` listener and buffer where it does not
+  (the PyPI wheels have ``tf2_msgs`` but no tf2_ros): per child frame, the static transform or the
+  recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
+  (translation linearly, rotation by ``tf_transformations.quaternion_slerp``), chained through the
+  tree like tf2. As in tf2, a stamp outside the buffered span is never extrapolated, and stamp 0
+  means "the latest available".
+
+:func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. Only the rotation algebra comes
+from ``tf_transformations``; nothing here writes quaternion code of its own.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from lidar_completion.errors import LidarCompletionError
+
+#: Reasons a transform is unavailable (the node counts dropped scans by them).
+MISSING, STALE = "tf_missing", "tf_stale"
+
+
+class TransformUnavailable(LidarCompletionError):
+    """No transform between two frames at the requested stamp; ``reason`` is MISSING or STALE."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def matrix_from_transform(transform) -> np.ndarray:
+    """4x4 float64 matrix of a geometry_msgs/Transform (maps child coordinates into the parent)."""
+    from tf_transformations import quaternion_matrix
+
+    r, t = transform.rotation, transform.translation
+    m = quaternion_matrix([r.x, r.y, r.z, r.w])
+    m[:3, 3] = (t.x, t.y, t.z)
+    return m
+
+
+def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 points mapped by a 4x4 transform (computed in float64)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    out = np.asarray(points, dtype=np.float64) @ m[:3, :3].T + m[:3, 3]
+    return out.astype(np.float32)
+
+
+def _stamp_text(t_ns: int) -> str:
+    return "latest" if t_ns == 0 else f"{t_ns / 1e9:.3f} s"
+
+
+# ------------------------------------------------------------------------------------ own buffer
+class TransformBuffer:
+    """A tf2-like buffer of static and dynamic transforms (thread-safe; no rclpy)."""
+
+    def __init__(self, cache_time: float = 10.0):
+        self.cache_ns = int(cache_time * 1e9)
+        self._static: dict[str, tuple[str, np.ndarray]] = {}
+        # child -> (parent, sorted stamps, [(translation (3,), quaternion xyzw (4,))])
+        self._dynamic: dict[str, tuple[str, list, list]] = {}
+        self._cond = threading.Condition()
+
+    def set_transform(self, ts, static: bool) -> None:
+        """Add one geometry_msgs/TransformStamped."""
+        parent = str(ts.header.frame_id).lstrip("/")
+        child = str(ts.child_frame_id).lstrip("/")
+        if not parent or not child or parent == child:
+            return
+        with self._cond:
+            if static:
+                self._static[child] = (parent, matrix_from_transform(ts.transform))
+                self._dynamic.pop(child, None)
+            else:
+                stamp = int(ts.header.stamp.sec) * 1_000_000_000 + int(ts.header.stamp.nanosec)
+                r, t = ts.transform.rotation, ts.transform.translation
+                sample = (np.array([t.x, t.y, t.z]), np.array([r.x, r.y, r.z, r.w]))
+                old_parent, stamps, samples = self._dynamic.get(child, (parent, [], []))
+                if old_parent != parent:  # re-parented: its history no longer applies
+                    stamps, samples = [], []
+                i = bisect.bisect_left(stamps, stamp)
+                if i < len(stamps) and stamps[i] == stamp:
+                    samples[i] = sample
+                else:
+                    stamps.insert(i, stamp)
+                    samples.insert(i, sample)
+                cut = bisect.bisect_left(stamps, stamps[-1] - self.cache_ns)
+                self._dynamic[child] = (parent, stamps[cut:], samples[cut:])
+            self._cond.notify_all()
+
+    def set_message(self, msg, static: bool) -> None:
+        """Add every transform of a tf2_msgs/TFMessage."""
+        for ts in msg.transforms:
+            self.set_transform(ts, static)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def _parent(self, frame: str) -> Optional[str]:
+        if frame in self._static:
+            return self._static[frame][0]
+        if frame in self._dynamic:
+            return self._dynamic[frame][0]
+        return None
+
+    def _chain(self, frame: str) -> list[str]:
+        chain = [frame]
+        while True:
+            parent = self._parent(chain[-1])
+            if parent is None or parent in chain:
+                return chain
+            chain.append(parent)
+
+    def _edge(self, child: str, t_ns: int) -> np.ndarray:
+        """parent <- child at t_ns (0: latest)."""
+        from tf_transformations import quaternion_matrix, quaternion_slerp
+
+        if child in self._static:
+            return self._static[child][1]
+        parent, stamps, samples = self._dynamic[child]
+        if t_ns == 0:
+            i = len(stamps) - 1
+            translation, quat = samples[i]
+        else:
+            i = bisect.bisect_left(stamps, t_ns)
+            if i < len(stamps) and stamps[i] == t_ns:
+                translation, quat = samples[i]
+            elif i == 0 or i == len(stamps):
+                newest, oldest = stamps[-1], stamps[0]
+                if t_ns > newest:
+                    what = f"the newest is {(t_ns - newest) / 1e9:.3f} s older than the cloud"
+                else:
+                    what = f"the oldest kept is {(oldest - t_ns) / 1e9:.3f} s newer than the cloud"
+                raise TransformUnavailable(STALE, f"transform {parent} -> {child} is not known at "
+                                                  f"{_stamp_text(t_ns)} ({what})")
+            else:
+                w = (t_ns - stamps[i - 1]) / (stamps[i] - stamps[i - 1])
+                (t0, q0), (t1, q1) = samples[i - 1], samples[i]
+                translation, quat = t0 + w * (t1 - t0), quaternion_slerp(q0, q1, w)
+        m = quaternion_matrix(quat)
+        m[:3, 3] = translation
+        return m
+
+    def _to_root(self, chain: list[str], stop: str, t_ns: int) -> np.ndarray:
+        """stop <- chain[0], walking up ``chain`` until ``stop``."""
+        m = np.eye(4)
+        for child in chain:
+            if child == stop:
+                break
+            m = self._edge(child, t_ns) @ m
+        return m
+
+    def lookup_now(self, target: str, source: str, t_ns: int) -> np.ndarray:
+        """target <- source at t_ns without waiting; raises TransformUnavailable."""
+        from tf_transformations import inverse_matrix
+
+        target, source = target.lstrip("/"), source.lstrip("/")
+        if target == source:
+            return np.eye(4)
+        with self._cond:
+            up_source, up_target = self._chain(source), self._chain(target)
+            common = next((f for f in up_source if f in up_target), None)
+            if common is None:
+                known = sorted(set(self._static) | set(self._dynamic) |
+                               {p for p, *_ in self._static.values()} |
+                               {p for p, *_ in self._dynamic.values()})
+                raise TransformUnavailable(MISSING, f"no transform from '{source}' to '{target}' "
+                                                    f"(frames known: {', '.join(known) or 'none'})")
+            m_source = self._to_root(up_source, common, t_ns)
+            m_target = self._to_root(up_target, common, t_ns)
+        return inverse_matrix(m_target) @ m_source
+
+    def lookup(self, target: str, source: str, t_ns: int, timeout: float) -> np.ndarray:
+        """target <- source at t_ns, waiting up to ``timeout`` s for the transforms to arrive."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                return self.lookup_now(target, source, t_ns)
+            except TransformUnavailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            with self._cond:
+                self._cond.wait(min(left, 0.05))
+
+
+class OwnFrames:
+    """/tf and /tf_static subscriptions (QoS as tf2_ros's listener) filling a TransformBuffer."""
+
+    kind = "own /tf listener"
+
+    def __init__(self, node, cache_time: float = 10.0):
+        from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from tf2_msgs.msg import TFMessage
+
+        self.buffer = TransformBuffer(cache_time)
+        dynamic = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)
+        static = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                            reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._subs = [
+            node.create_subscription(TFMessage, "/tf", lambda m: self.buffer.set_message(m, False),
+                                     dynamic),
+            node.create_subscription(TFMessage, "/tf_static",
+                                     lambda m: self.buffer.set_message(m, True), static),
+        ]
+        self._node = node
+
+    def lookup(self, target: str, source: str, t_ns: int, timeout: float) -> np.ndarray:
+        return self.buffer.lookup(target, source, t_ns, timeout)
+
+    def close(self) -> None:
+        for sub in self._subs:
+            self._node.destroy_subscription(sub)
+        self._subs = []
+
+
+class Tf2Frames:
+    """tf2_ros.Buffer and TransformListener (system ROS 2)."""
+
+    kind = "tf2_ros"
+
+    def __init__(self, node, cache_time: float = 10.0):
+        import tf2_ros
+        from rclpy.duration import Duration
+
+        self._tf2 = tf2_ros
+        self._duration = Duration
+        self.buffer = tf2_ros.Buffer(cache_time=Duration(seconds=cache_time), node=node)
+        self.listener = tf2_ros.TransformListener(self.buffer, node, spin_thread=False)
+
+    def lookup(self, target: str, source: str, t_ns: int, timeout: float) -> np.ndarray:
+        from rclpy.time import Time
+
+        if target.lstrip("/") == source.lstrip("/"):
+            return np.eye(4)
+        try:
+            ts = self.buffer.lookup_transform(target, source, Time(nanoseconds=int(t_ns)),
+                                              timeout=self._duration(seconds=float(timeout)))
+        except self._tf2.ExtrapolationException as exc:
+            raise TransformUnavailable(STALE, f"transform {target} <- {source} at "
+                                              f"{_stamp_text(t_ns)}: {exc}") from None
+        except (self._tf2.LookupException, self._tf2.ConnectivityException,
+                self._tf2.TransformException) as exc:
+            raise TransformUnavailable(MISSING, f"no transform from '{source}' to '{target}' at "
+                                                f"{_stamp_text(t_ns)}: {exc}") from None
+        return matrix_from_transform(ts.transform)
+
+    def close(self) -> None:
+        unregister = getattr(self.listener, "unregister", None)
+        if unregister is not None:
+            unregister()
+
+
+def make_frames(node, cache_time: float = 10.0, prefer: Optional[str] = None,
+                warn: Callable[[str], None] = lambda m: None):
+    """tf2_ros where it imports (``prefer='own'`` forces our listener), else our own listener."""
+    if prefer != "own":
+        try:
+            return Tf2Frames(node, cache_time)
+        except ImportError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a broken tf2_ros install: say so, fall back
+            warn(f"tf2_ros is installed but unusable ({type(exc).__name__}: {exc}); using the "
+                 "node's own /tf listener")
+    return OwnFrames(node, cache_time)

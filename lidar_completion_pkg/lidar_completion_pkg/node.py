@@ -1,0 +1,72 @@
+"""The completion node (rclpy Node): warms up, then subscribes and completes.
+
+    ros2 run lidar_completion_pkg completion_node --ros-args -p steps:=8     # colcon or `make setup`
+    lidar-completion-node --ros-args -p checkpoint:=student.pt -p device:=cuda
+
+Start-up: parameters are declared and checked, the checkpoint is loaded, one synthetic scan is completed
+(``warmup``; /diagnostics says ``warming up`` until then), the TF listener (when a frame parameter is set)
+and the publishers are created, and only then the input subscription: the first real scan costs what
+every other does. /diagnostics then reports ``ready: true``. The work itself: :mod:`.pipeline`.
+Import this module after the Fast DDS environment is set (the console entry point does).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from rclpy.node import Node
+from sensor_msgs.msg import PointCloud2
+
+from .parameters import NODE_NAME
+from .pipeline import CompletionPipeline, declare_parameters
+from .qos import cloud_qos, describe, overridable
+from .stats import ACTIVE, WARMING_UP
+
+
+def create_outputs(node, pipeline: CompletionPipeline, make_publisher: Callable) -> None:
+    """The completed-cloud publishers (``make_publisher``: create_publisher or create_lifecycle_publisher)."""
+    c = pipeline.config
+    qos = cloud_qos(c["output_qos_reliability"], c["output_qos_depth"])
+    pipeline.pub = make_publisher(PointCloud2, c["output_topic"], qos,
+                                  qos_overriding_options=overridable())
+    pipeline.raw_pub = (make_publisher(PointCloud2, c["raw_output_topic"], qos,
+                                       qos_overriding_options=overridable())
+                        if c["publish_raw"] else None)
+
+
+def create_input(node, pipeline: CompletionPipeline):
+    c = pipeline.config
+    return node.create_subscription(PointCloud2, c["input_topic"], pipeline.on_cloud,
+                                    cloud_qos(c["input_qos_reliability"], c["input_qos_depth"]),
+                                    qos_overriding_options=overridable())
+
+
+def qos_summary(pipeline: CompletionPipeline, sub) -> str:
+    return f"QoS in {describe(sub.qos_profile)}, out {describe(pipeline.pub.qos_profile)}"
+
+
+class CompletionNode(Node):
+    """sensor_msgs/PointCloud2 in, completed PointCloud2 (float32 x, y, z) out.
+
+    ``completer_factory(config) -> completer`` replaces the checkpoint loader (tests); a completer needs
+    ``complete(points)`` (and, optionally, ``complete_detailed`` returning ``.points`` / ``.raw``,
+    ``steps`` and ``guidance``). Raises pipeline.StartupError when it cannot start.
+    """
+
+    def __init__(self, completer_factory: Optional[Callable] = None, **node_kwargs):
+        super().__init__(node_kwargs.pop("node_name", NODE_NAME), **node_kwargs)
+        self.config = declare_parameters(self)
+        self.pipeline = CompletionPipeline(self, self.config, state=WARMING_UP)
+        self.pipeline.publish_diagnostics()  # "warming up", before the long part
+        self.pipeline.load(completer_factory)
+        self.pipeline.warm_up()
+        self.pipeline.open_frames()
+        create_outputs(self, self.pipeline, self.create_publisher)
+        self.pipeline.start()
+        self.sub = create_input(self, self.pipeline)
+        self.pipeline.state = ACTIVE
+        self.diag_timer = self.create_timer(self.config["diagnostics_period"],
+                                            self.pipeline.publish_diagnostics)
+        self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
+        self.pipeline.publish_diagnostics()
+        self.get_logger().info(f"ready: completing {self.pipeline.describe()}, "
+                               f"{qos_summary(self.pipeline, self.sub)}")

@@ -1,0 +1,439 @@
+"""What the plain and the lifecycle completion node share: parameters, the checkpoint and its warm-up,
+input handling, the worker thread, frames, publication and diagnostics.
+
+One cloud goes through it like this:
+
+1. the subscription callback (:meth:`CompletionPipeline.on_cloud`) converts the PointCloud2 zero-copy and
+   leaves it in a one-slot mailbox (a newer cloud replaces one the worker has not taken: ``dropped``);
+2. the worker thread looks up ``model_frame <- cloud frame`` at the cloud's stamp (waiting up to
+   ``tf_timeout``), transforms the points, applies the range / z limits and ``max_points`` in the model
+   frame and completes them;
+3. it transforms the completion into ``target_frame`` at the same stamp and publishes it with that
+   ``frame_id`` and the input's stamp. A missing or stale transform drops the scan (``no_transform``,
+   counted by reason, throttled warning, WARN on /diagnostics): never a publication in a wrong frame.
+
+Nothing here raises into rclpy: bad input, failed completions and unusable transforms are counted.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from lidar_completion.errors import CloudFormatError, LidarCompletionError
+from lidar_completion.pointcloud2 import create_cloud_xyz32, read_points_numpy
+
+from . import dds, frames
+from .parameters import BUILTIN, BY_NAME, DYNAMIC, PARAMETERS, STARTUP_ONLY, check_value, completion_settings
+from .stats import ACTIVE, WARMING_UP, Mailbox, Stats, Throttle, diagnostic_summary
+
+#: Points of the synthetic warm-up scan (a street-like ring with a ground plane).
+WARMUP_POINTS = 30_000
+
+
+class StartupError(LidarCompletionError):
+    """The node cannot start (bad parameter, unloadable checkpoint): a one-line fatal message."""
+
+
+def default_completer_factory(config: dict):
+    """The real Completer from the node's Completer parameters (``checkpoint`` '' = the shipped
+    default student; see lidar_completion.settings)."""
+    from lidar_completion.completer import Completer
+
+    return Completer.from_settings(completion_settings(config))
+
+
+# ---------------------------------------------------------------------------------------- parameters
+def _descriptor(p):
+    from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                    ParameterType)
+
+    ptypes = {"string": ParameterType.PARAMETER_STRING, "integer": ParameterType.PARAMETER_INTEGER,
+              "double": ParameterType.PARAMETER_DOUBLE, "bool": ParameterType.PARAMETER_BOOL}
+    d = ParameterDescriptor(name=p.name, type=ptypes[p.type], description=p.description,
+                            additional_constraints=p.constraints, read_only=not p.dynamic)
+    if p.range is not None and p.type == "integer":
+        d.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]), step=1)]
+    elif p.range is not None and p.type == "double":
+        d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]),
+                                                     to_value=float(p.range[1]), step=0.0)]
+    return d
+
+
+def declare_parameters(node) -> dict:
+    """Declare every parameter of the table on ``node``; the checked values. Raises StartupError."""
+    from rclpy.parameter import Parameter
+
+    config = {}
+    overrides = getattr(node, "_parameter_overrides", None)
+    for p in PARAMETERS:
+        override = overrides.get(p.name) if isinstance(overrides, dict) else None
+        if p.type == "double" and override is not None and override.type_ == Parameter.Type.INTEGER:
+            # `-p guidance:=4` / `guidance: 4` in YAML mean 4.0
+            overrides[p.name] = Parameter(p.name, Parameter.Type.DOUBLE, float(override.value))
+        try:
+            value = node.declare_parameter(p.name, p.default, _descriptor(p)).value
+        except Exception as exc:  # noqa: BLE001 - wrong type / out of range overrides
+            raise StartupError(f"invalid parameter {p.name}: {exc}") from None
+        problem = check_value(p.name, value)
+        if problem:
+            raise StartupError(f"invalid parameter: {problem}")
+        config[p.name] = value
+    if config["min_range"] >= config["max_range"]:
+        raise StartupError(f"min_range ({config['min_range']}) must be < max_range "
+                           f"({config['max_range']})")
+    if config["min_z"] >= config["max_z"]:
+        raise StartupError(f"min_z ({config['min_z']}) must be < max_z ({config['max_z']})")
+    for name in ("model_frame", "target_frame"):
+        config[name] = config[name].strip().lstrip("/")
+    return config
+
+
+def warmup_cloud(n: int = WARMUP_POINTS, min_range: float = 3.5, max_range: float = 50.0) -> np.ndarray:
+    """A synthetic street-like scan inside the range limits: ground at -1.7 m and walls."""
+    rng = np.random.default_rng(0)
+    lo, hi = max(min_range + 0.5, 4.0), max(min(max_range - 1.0, 40.0), min_range + 1.0)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    radius = rng.uniform(lo, hi, n)
+    z = np.where(rng.random(n) < 0.5, -1.7, rng.uniform(-1.7, 2.0, n))
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle), z], 1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+class CompletionPipeline:
+    """The completion machinery of one node (``node``: rclpy Node or LifecycleNode).
+
+    The node creates its endpoints and assigns ``pub`` / ``raw_pub`` (publishers, or None); the pipeline
+    does the rest. ``state`` is what /diagnostics reports (stats.WARMING_UP ... ACTIVE).
+    """
+
+    def __init__(self, node, config: dict, state: str = WARMING_UP):
+        self.node, self.config, self.state = node, config, state
+        self.stats = Stats()
+        self.throttle = Throttle(5.0)
+        self.mailbox = Mailbox()
+        self.completer = None
+        self.frames = None
+        self.pub = self.raw_pub = None
+        from diagnostic_msgs.msg import DiagnosticArray
+        # a plain publisher in every node class: /diagnostics reports in every lifecycle state
+        self.diag_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.warmup_s: Optional[float] = None
+        self._pending: dict = {}
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.worker: Optional[threading.Thread] = None
+
+    @property
+    def log(self):
+        return self.node.get_logger()
+
+    # -- model ------------------------------------------------------------------------------
+    def load(self, factory: Optional[Callable] = None) -> None:
+        """Build the completer from the parameters; StartupError naming the checkpoint on failure."""
+        factory = factory or default_completer_factory
+        try:
+            self.completer = factory(self.config)
+        except Exception as exc:  # noqa: BLE001 - every load failure becomes one fatal line
+            what = self.config["checkpoint"] or "the shipped default checkpoint"
+            hint = "" if self.config["checkpoint"] else \
+                " (node parameter: --ros-args -p checkpoint:=/path/model.pt)"
+            raise StartupError(f"cannot load {what}: {exc}{hint}") from exc
+        from rclpy.parameter import Parameter
+
+        resolved = []  # 0 / -1 meant "the checkpoint's default": show the values in use
+        for name, cast in (("steps", int), ("guidance", float)):
+            value = getattr(self.completer, name, None)
+            if self.config[name] == STARTUP_ONLY[name] and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                self.config[name] = cast(value)
+                resolved.append(Parameter(name, value=cast(value)))
+        if resolved:
+            self.node.set_parameters(resolved)
+
+    def warm_up(self) -> Optional[float]:
+        """Complete one synthetic scan (graph capture, kernel tuning, allocator growth happen here
+        rather than on the first real scan); its duration in seconds, None when skipped or failed."""
+        if not self.config["warmup"] or self.completer is None:
+            return None
+        cloud = warmup_cloud(min_range=self.config["min_range"], max_range=self.config["max_range"])
+        t0 = time.monotonic()
+        try:
+            self.completer.complete(cloud)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up is reported, not fatal
+            self.log.warning(f"the warm-up scan failed ({type(exc).__name__}: {exc}); the first real "
+                             "scan will be slower")
+            return None
+        self.warmup_s = time.monotonic() - t0
+        self.log.info(f"warm-up scan completed in {self.warmup_s:.2f} s")
+        return self.warmup_s
+
+    def release(self, drop_model: bool) -> None:
+        """Free accelerator memory: the allocator's cache, and the model itself when ``drop_model``."""
+        if drop_model:
+            self.completer = None
+        gc.collect()
+        try:
+            import torch
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - freeing memory must never fail a transition
+            pass
+
+    # -- frames and worker ----------------------------------------------------------------------
+    def needs_frames(self) -> bool:
+        return bool(self.config["model_frame"] or self.config["target_frame"])
+
+    def open_frames(self) -> None:
+        if self.needs_frames() and self.frames is None:
+            self.frames = frames.make_frames(self.node, warn=self.log.warning,
+                                             prefer=os.environ.get("LIDAR_COMPLETION_TF"))
+
+    def close_frames(self) -> None:
+        if self.frames is not None:
+            self.frames.close()
+            self.frames = None
+
+    def start(self) -> None:
+        """Start the worker thread (a fresh mailbox: nothing from before is completed)."""
+        if self.worker is not None and self.worker.is_alive():
+            return
+        self._stop = threading.Event()
+        self.mailbox = Mailbox()
+        self.worker = threading.Thread(target=self._work, name="completion-worker", daemon=True)
+        self.worker.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the worker (the scan in hand is finished); True when it ended within ``timeout`` s."""
+        self._stop.set()
+        self.mailbox.close()
+        if self.worker is None:
+            return True
+        self.worker.join(timeout)
+        return not self.worker.is_alive()
+
+    def describe(self) -> str:
+        c = self.config
+        steps = getattr(self.completer, "steps", c["steps"])
+        guidance = getattr(self.completer, "guidance", c["guidance"])
+        where = (f"model frame {c['model_frame'] or '(input frame)'}, target frame "
+                 f"{c['target_frame'] or '(input frame)'}")
+        if self.frames is not None:
+            where += f", transforms from {self.frames.kind}"
+        return (f"{c['input_topic']} -> {c['output_topic']} with {c['checkpoint'] or 'the default checkpoint'}"
+                f" (steps {steps}, guidance {guidance}, device {c['device']}; {where}; Fast DDS "
+                f"profile {os.environ.get(dds.PROFILE_ENV) or 'none'})")
+
+    # -- parameters at run time ---------------------------------------------------------------
+    def on_set_parameters(self, params):
+        from rcl_interfaces.msg import SetParametersResult
+
+        updates = {}
+        for param in params:
+            if param.name in BUILTIN or param.name not in BY_NAME:
+                continue  # qos_overrides.* are read-only and undeclared names refused by rclpy
+            if param.name not in DYNAMIC:
+                return SetParametersResult(successful=False, reason=(
+                    f"{param.name} is read-only while the node runs; only {', '.join(DYNAMIC)} "
+                    "can change (restart the node for the others)"))
+            problem = check_value(param.name, param.value, runtime=True)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            updates[param.name] = param.value
+        if updates:
+            with self._pending_lock:
+                self._pending.update(updates)
+            self.config.update(updates)
+            self.log.info(f"parameters changed: {updates} (from the next cloud on)")
+        return SetParametersResult(successful=True)
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for name, value in pending.items():
+            try:
+                setattr(self.completer, name, int(value) if name == "steps" else float(value))
+            except Exception as exc:  # noqa: BLE001
+                self._warn("settings", f"cannot apply {name}={value}: {exc}")
+
+    # -- input ----------------------------------------------------------------------------------
+    def _warn(self, key: str, message: str) -> None:
+        suppressed = self.throttle(key)
+        if suppressed is not None:
+            extra = f" ({suppressed} similar suppressed)" if suppressed else ""
+            self.log.warning(message + extra)
+
+    def _reject(self, reason: str, message: str, frame: str = "") -> None:
+        self.stats.note_rejected(reason, message)
+        where = f" (frame '{frame}')" if frame else ""
+        self._warn("reject." + reason, f"rejected input cloud{where}: {message}")
+
+    def on_cloud(self, msg) -> None:
+        """Subscription callback: convert, check, hand to the worker. Never raises."""
+        t_received = self.stats.note_input()
+        frame = ""
+        try:
+            frame = str(msg.header.frame_id)
+            points = read_points_numpy(msg, ("x", "y", "z"), skip_nans=True)
+            if self.mailbox.put((msg.header, points, t_received)):
+                self.stats.note_dropped()
+        except CloudFormatError as exc:
+            self._reject(getattr(exc, "reason", "malformed"), str(exc), frame)
+        except Exception as exc:  # noqa: BLE001 - never die on a message
+            self._reject("unreadable", f"{type(exc).__name__}: {exc}", frame)
+
+    def _limit(self, points: np.ndarray) -> Optional[np.ndarray]:
+        c = self.config
+        r2 = np.einsum("ij,ij->i", points, points)  # squared range, no temporary (N, 3)
+        z = points[:, 2]
+        keep = (r2 > c["min_range"] ** 2) & (r2 < c["max_range"] ** 2) & (z > c["min_z"]) & \
+            (z < c["max_z"])
+        n_finite = len(points)
+        points = points[keep]
+        if len(points) == 0:
+            self._reject("out_of_limits", f"none of its {n_finite} finite points lies within "
+                         f"{c['min_range']} m < range < {c['max_range']} m and "
+                         f"{c['min_z']} m < z < {c['max_z']} m")
+            return None
+        if len(points) > c["max_points"]:
+            self.stats.note_subsampled()
+            self._warn("subsampled", f"cloud has {len(points)} points within the limits, more "
+                       f"than max_points={c['max_points']}: subsampled evenly to {c['max_points']}")
+            index = np.linspace(0, len(points) - 1, c["max_points"]).astype(np.int64)
+            points = points[index]
+        return np.ascontiguousarray(points, dtype=np.float32)
+
+    def _lookup(self, target: str, source: str, stamp_ns: int) -> Optional[np.ndarray]:
+        """target <- source at the stamp, or None (counted, warned) when unavailable."""
+        if target == source:
+            return None
+        if self.frames is None:  # frames were not opened (no frame parameter set): cannot happen
+            raise RuntimeError("TF lookups requested without a listener")
+        try:
+            return self.frames.lookup(target, source, stamp_ns, self.config["tf_timeout"])
+        except frames.TransformUnavailable as exc:
+            self.stats.note_no_transform(exc.reason, str(exc))
+            self._warn("tf." + exc.reason, f"dropped a scan: {exc}")
+            raise
+
+    # -- worker ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self.mailbox.get(timeout=0.2)
+            if item is None or self._stop.is_set():
+                continue
+            try:
+                self._complete_one(*item)
+            except frames.TransformUnavailable:
+                continue
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                if self._stop.is_set():
+                    return
+                self.stats.note_failed("worker", f"{type(exc).__name__}: {exc}")
+                self._warn("worker", f"completion failed unexpectedly: {type(exc).__name__}: {exc}")
+
+    def _complete_one(self, header, points: np.ndarray, t_received: float) -> None:
+        self._apply_pending()
+        source = str(header.frame_id).lstrip("/")
+        model = self.config["model_frame"] or source
+        target = self.config["target_frame"] or source
+        stamp_ns = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+        to_model = self._lookup(model, source, stamp_ns)
+        if to_model is not None:
+            points = frames.apply(to_model, points)
+        points = self._limit(points)
+        if points is None:
+            return
+        t0 = time.monotonic()
+        try:
+            if hasattr(self.completer, "complete_detailed"):
+                result = self.completer.complete_detailed(points)
+                out, raw = result.points, getattr(result, "raw", None)
+            else:
+                out, raw = self.completer.complete(points), None
+        except CloudFormatError as exc:
+            self._reject(getattr(exc, "reason", "unusable"), str(exc), source)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.stats.note_failed("completion", f"{type(exc).__name__}: {exc}")
+            self._warn("completion", f"completion failed: {type(exc).__name__}: {exc}")
+            return
+        compute_s = time.monotonic() - t0
+        out = self._checked_output(out, "completion")
+        if out is None or self._stop.is_set():
+            return
+        if target == model:
+            to_target = None
+        elif target == source and to_model is not None:
+            from tf_transformations import inverse_matrix
+            to_target = inverse_matrix(to_model)
+        else:
+            to_target = self._lookup(target, model, stamp_ns)
+        from std_msgs.msg import Header
+
+        out_header = Header(stamp=header.stamp, frame_id=target)
+        msg = create_cloud_xyz32(out_header, out if to_target is None else frames.apply(to_target, out))
+        raw_msg = None
+        if self.raw_pub is not None and raw is not None:
+            raw = self._checked_output(raw, "raw completion", count=False)
+            if raw is not None:
+                raw_msg = create_cloud_xyz32(
+                    out_header, raw if to_target is None else frames.apply(to_target, raw))
+        self.pub.publish(msg)
+        if raw_msg is not None:
+            self.raw_pub.publish(raw_msg)
+        age_s = (self.node.get_clock().now().nanoseconds - stamp_ns) / 1e9
+        self.stats.note_published(t_received, compute_s, age_s)
+
+    def _checked_output(self, out, what: str, count: bool = True) -> Optional[np.ndarray]:
+        try:
+            arr = np.asarray(out, dtype=np.float32)
+            if arr.ndim != 2 or arr.shape[1] < 3:
+                raise ValueError(f"shape {arr.shape}, expected (M, 3)")
+            arr = arr[:, :3]
+            finite = np.isfinite(arr).all(axis=1)
+            if not finite.all():
+                self._warn("nonfinite_output", f"{what} had {int((~finite).sum())} non-finite "
+                           "points; they are not published")
+                arr = arr[finite]
+            if len(arr) == 0:
+                raise ValueError("no points")
+            return arr
+        except (TypeError, ValueError) as exc:
+            if count:
+                self.stats.note_failed("bad_output", f"unusable {what}: {exc}")
+            self._warn("bad_output", f"unusable {what} not published: {exc}")
+            return None
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def publish_diagnostics(self) -> None:
+        """Publish the status now (the nodes' timer callback; never raises)."""
+        try:
+            self.diag_pub.publish(self.diagnostics())
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not take the node down
+            self._warn("diagnostics", f"cannot publish diagnostics: {exc}")
+
+    def diagnostics(self):
+        """One DiagnosticArray with this node's status (never raises for a missing completer)."""
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+        alive = self.worker.is_alive() if self.state == ACTIVE and self.worker is not None else None
+        level, message, values = diagnostic_summary(self.stats.snapshot(), alive, self.state)
+        values = values + [("steps", str(getattr(self.completer, "steps", self.config["steps"]))),
+                           ("guidance", str(getattr(self.completer, "guidance",
+                                                    self.config["guidance"]))),
+                           ("device", str(self.config["device"])),
+                           ("checkpoint", self.config["checkpoint"] or "default"),
+                           ("warmup_s", "n/a" if self.warmup_s is None else f"{self.warmup_s:.3f}"),
+                           ("model_frame", self.config["model_frame"] or "(input frame)"),
+                           ("target_frame", self.config["target_frame"] or "(input frame)")]
+        status = DiagnosticStatus(level=bytes([level]), name=f"{self.node.get_name()}: completion",
+                                  message=message, hardware_id=str(self.config["device"]),
+                                  values=[KeyValue(key=k, value=v) for k, v in values])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.node.get_clock().now().to_msg()
+        return array
