@@ -310,3 +310,32 @@ def test_mixed_precision_training(precision, tmp_path, monkeypatch):
     assert main(_args(npz, parted, "--max-steps", "3", *extra)) == 0
     assert main(_args(npz, parted, "--max-steps", "6", "--resume", *extra)) == 0
     _assert_identical(_weights(straight), _weights(parted))
+
+
+class _SlowDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, item):
+        time.sleep(30)
+        return item
+
+
+def test_loader_workers_give_the_same_run(straight_run, tmp_path):
+    """Samples made by two forkserver-started workers: the run is the one made in the trainer."""
+    npz, straight = straight_run
+    out = tmp_path / "workers"
+    args = _args(npz, out, "--max-steps", "20", "--set", "train.lr_schedule={gamma: 0.9, every_epochs: 2}",
+                 "--set", "data.num_workers=2", "--set", "data.loader_start=forkserver")
+    assert main(args) == 0
+    _assert_identical(straight, _weights(out))
+
+
+def test_a_stuck_loader_worker_is_an_error_that_says_what_to_do():
+    from lidar_completion.errors import DatasetError
+    from training.data import make_loader
+    from training.engine import _batches
+
+    loader = make_loader(_SlowDataset(), [[0, 1], [2, 3]], num_workers=1, start="fork", timeout_s=1)
+    with pytest.raises(DatasetError, match="data.num_workers=0"):
+        next(_batches(loader, 1, 1))

@@ -37,6 +37,11 @@ _COMMON: dict = {
         "target_points": 180000,  # target shuffled and tiled/truncated to this size
         "augment": True,
         "num_workers": 2,
+        # how loader workers start: forkserver (a clean process: no inherited CUDA context, thread
+        # pools or locks of the trainer) | spawn | fork; loader_timeout_s: a worker that delivers
+        # no batch in this long stops the run with an error instead of a silent hang (0 = wait forever)
+        "loader_start": "forkserver",
+        "loader_timeout_s": 600,
         # synthetic data (data.kind = synthetic): generated into <out>/data unless root is given
         "synthetic": {"sequences": ["00"], "scans": 4, "seed": 0},
         # refiner only: scans aggregated around the centre scan for the dense target
@@ -203,6 +208,9 @@ def validate(cfg: dict) -> None:
     _check(tr["optimizer"]["name"] in ("adam", "adamw", "sgd"),
            f"train.optimizer.name must be adam|adamw|sgd, got {tr['optimizer']['name']!r}")
     _check(float(tr["optimizer"]["lr"]) > 0, f"train.optimizer.lr must be positive, got {tr['optimizer']['lr']}")
+    _check(cfg["data"].get("loader_start", "forkserver") in ("forkserver", "spawn", "fork"),
+           f"data.loader_start must be forkserver|spawn|fork, got {cfg['data'].get('loader_start')!r}")
+    _check(float(cfg["data"].get("loader_timeout_s", 0) or 0) >= 0, "data.loader_timeout_s must be >= 0")
     _check(cfg["data"]["kind"] in ("semantickitti", "synthetic", "npz"),
            f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
     _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")

@@ -146,9 +146,19 @@ def collate(samples: list) -> dict:
     return out
 
 
-def make_loader(dataset: KeyedDataset, sampler: ShardSampler, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=int(num_workers),
-                      persistent_workers=False, pin_memory=False)
+def make_loader(dataset: KeyedDataset, sampler: ShardSampler, num_workers: int = 0, start: str = "forkserver",
+                timeout_s: float = 0.0) -> DataLoader:
+    """Batches of ``dataset`` in ``sampler``'s order; with ``num_workers`` > 0 the samples are made
+    in worker processes started by ``start``. ``forkserver`` (the default) starts each worker from a
+    clean server process: a forked worker inherits the trainer's CUDA context, thread pools and any
+    lock another thread held at the fork (TensorBoard's writer, logging), which can leave it hung
+    before its first sample. ``timeout_s`` turns a worker that delivers nothing into an error."""
+    workers = int(num_workers)
+    kw = {}
+    if workers > 0:
+        kw = {"multiprocessing_context": start, "timeout": float(timeout_s or 0.0), "prefetch_factor": 2}
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      persistent_workers=False, pin_memory=False, **kw)
 
 
 class ArraySource:

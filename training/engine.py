@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lidar_completion.diffusion import NoiseSchedule
-from lidar_completion.errors import CheckpointError, ConfigError, LidarCompletionError
+from lidar_completion.errors import CheckpointError, ConfigError, DatasetError, LidarCompletionError
 
 from . import distributed as D
 from . import rng as R
@@ -82,6 +82,24 @@ def params_digest(modules: dict) -> str:
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _batches(loader, workers: int, timeout_s):
+    """The loader's batches; a worker timeout becomes an error that says what to change."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if workers and "timed out" in str(exc):
+                raise DatasetError(
+                    f"no batch from {workers} data loader workers within {timeout_s} s ({exc}); run with "
+                    "data.num_workers=0 (samples made in the trainer) or another data.loader_start, or "
+                    "raise data.loader_timeout_s for very slow samples") from exc
+            raise
+        yield batch
 
 
 class Trainer(abc.ABC):
@@ -361,8 +379,10 @@ class Trainer(abc.ABC):
         try:
             if self.step < self.total_steps:
                 self.sampler.set_range(self.step, self.total_steps)
-                loader = make_loader(self.dataset, self.sampler, self.loader_workers)
-                for batch in loader:
+                dcfg = cfg["data"]
+                loader = make_loader(self.dataset, self.sampler, self.loader_workers,
+                                     dcfg.get("loader_start", "forkserver"), dcfg.get("loader_timeout_s", 0))
+                for batch in _batches(loader, self.loader_workers, dcfg.get("loader_timeout_s", 0)):
                     epoch = self.step // self.steps_per_epoch
                     self.apply_lr(epoch)
                     t0 = time.time()
