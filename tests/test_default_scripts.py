@@ -192,3 +192,28 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     again = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == 4, again.stdout
+
+
+@pytest.mark.slow
+def test_train_default_gpu_run_profile_writes_parts_in_bf16(tmp_path):
+    """PROFILE=gpu-run (here on the CPU, torch backend, toy sizes): every stage trains in bf16 and
+    keeps one training state in parts of at most 16 MiB; a bad profile name is refused."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, PROFILE="gpu-run", DEVICE="cpu", LIDAR_COMPLETION_BACKEND="torch",
+               SEQUENCES="1", SCANS="3", BATCH="1", SCAN_POINTS="200", MAX_STEPS_TEACHER="2",
+               MAX_STEPS_REFINER="2", MAX_STEPS_DISTILL="1", OMP_NUM_THREADS="1")
+    script = str(ROOT / "scripts" / "release" / "train_default.sh")
+    res = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("teacher", "refiner", "distill"):
+        cfg = (run / stage / "config.yaml").read_text()
+        assert "precision: bf16" in cfg and "part_mib: 16" in cfg, stage
+        files = [p for p in (run / stage / "checkpoints").iterdir() if p.name != "latest.json"]
+        assert files and all(p.stat().st_size <= 16 * 2 ** 20 for p in files)
+    bad = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=dict(env, PROFILE="fast"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "PROFILE must be" in bad.stderr

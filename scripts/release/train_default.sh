@@ -28,8 +28,14 @@
 #                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
 #   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
-#   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 workers never delivered a
-#                        first batch within 125 s while 0 workers trained at 0.28 s per step)
+#   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 forked workers never
+#                        delivered a first batch within 125 s while 0 workers trained at 0.28 s per
+#                        step; workers now start from a forkserver and time out with an error)
+#   PROFILE [cpu]        gpu-run: one GPU run of under ten minutes that must hand back at most a few
+#                        files of at most 16 MiB (the lent GPU machines here): DEVICE=cuda, the
+#                        Triton backend, bf16 autocast, training states in 16 MiB parts with one kept,
+#                        T_TEACHER=300 T_REFINER=60 T_DISTILL=120 (seconds); the next run - on a GPU or
+#                        the CPU - resumes every unfinished stage from those parts bit-exactly
 #
 # The run is restartable: a stage that finished is skipped (RUN_DIR/<stage>/.stage_done), a stage
 # that was interrupted resumes from its last checkpoint, and the same RUN_DIR with a larger
@@ -39,6 +45,15 @@
 # (student + teacher's condition encoder + refiner), RUN_DIR/calibrate/teacher.pt when calibrated,
 # with TensorBoard logs and metrics.jsonl.
 set -uo pipefail
+precision=()
+if [ "${PROFILE:-cpu}" = gpu-run ]; then
+  DEVICE=${DEVICE:-cuda}
+  export LIDAR_COMPLETION_BACKEND=${LIDAR_COMPLETION_BACKEND:-triton}
+  T_TEACHER=${T_TEACHER:-300}; T_REFINER=${T_REFINER:-60}; T_DISTILL=${T_DISTILL:-120}
+  precision=(--set train.precision=bf16 --set checkpoint.part_mib=16 --set checkpoint.keep=1)
+elif [ "${PROFILE:-cpu}" != cpu ]; then
+  echo "PROFILE must be cpu or gpu-run, got ${PROFILE}" >&2; exit 2
+fi
 RUN=${1:-runs/default}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-auto}
@@ -78,7 +93,8 @@ fi
 
 common=(--device "$DEVICE" --set "data.root=$DATA" --set "data.sequences=$yaml_seqs" --set "seed=$SEED"
         --set "log.progress=false" --set "data.num_workers=${WORKERS:-0}"
-        --set "data.scan_points=$SCAN_POINTS" --set "data.target_points=$((SCAN_POINTS * 10))")
+        --set "data.scan_points=$SCAN_POINTS" --set "data.target_points=$((SCAN_POINTS * 10))"
+        "${precision[@]}")
 
 stage() {  # stage NAME CONFIG SECONDS MAX_STEPS extra-args...  (NAME: teacher, refiner, distill, calibrate)
   local name=$1 cfg=$2 secs=$3 steps=$4; shift 4
