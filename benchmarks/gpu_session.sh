@@ -8,9 +8,11 @@
 #   5. the rest of the CUDA tests (torch backend, CUDA graphs, Triton completions),
 #   6. exact farthest-point sampling on the device against the CPU's.
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
-# (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Not yet run on a GPU: each step has its
-# own timeout so that the whole stays inside a 10-minute call; Triton compiles its kernels on first
-# use and caches them on disk for the later steps.
+# (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Not yet run on a GPU. The steps come in
+# order of importance, each with its own timeout: run it as `set -o pipefail; bash
+# benchmarks/gpu_session.sh 2>&1 | tee $OUT/log`, so that a call cut off at its time limit still
+# returns the earlier steps' output. Triton compiles its kernels on first use and caches them on disk
+# for the later steps.
 #   bash benchmarks/gpu_session.sh            # everything
 #   QUICK=1 bash benchmarks/gpu_session.sh    # steps 1 and 2 only
 set -u
