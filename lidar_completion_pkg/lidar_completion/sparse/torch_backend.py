@@ -100,15 +100,11 @@ def _static_algorithm(manager: CoordinateManager, stride: int) -> tuple[str, int
     return choice
 
 
-class TorchSparseTensor:
-    """Features (..., M, C) on the coordinate set ``manager.levels[stride]``."""
+class SparseTensorBase:
+    """What the torch and Triton backends' tensors share: the coordinate set ``manager.levels[stride]``
+    and arithmetic through the engine of their coordinate manager."""
 
-    __slots__ = ("feats", "stride", "manager")
-
-    def __init__(self, feats: torch.Tensor, stride: int, manager: CoordinateManager):
-        self.feats = feats
-        self.stride = stride
-        self.manager = manager
+    __slots__ = ("stride", "manager")
 
     @property
     def level(self) -> Level:
@@ -118,13 +114,25 @@ class TorchSparseTensor:
     def coords(self) -> torch.Tensor:
         return self.level.coords
 
-    def replace(self, feats: torch.Tensor, stride: int | None = None) -> "TorchSparseTensor":
-        return TorchSparseTensor(feats, self.stride if stride is None else stride, self.manager)
+    def replace(self, feats: torch.Tensor, stride: int | None = None):
+        """A tensor of the same kind on this (or another) stride of the same input."""
+        return type(self)(feats, self.stride if stride is None else stride, self.manager)
 
-    def __add__(self, other: "TorchSparseTensor") -> "TorchSparseTensor":
+    def __add__(self, other):
         if other.manager is not self.manager or other.stride != self.stride:
             raise ValueError("adding sparse tensors on different coordinate sets")
-        return self.replace(self.feats + other.feats)
+        return self.manager.engine.add(self, other)
+
+
+class TorchSparseTensor(SparseTensorBase):
+    """Features (..., M, C) on the coordinate set ``manager.levels[stride]``."""
+
+    __slots__ = ("feats",)
+
+    def __init__(self, feats: torch.Tensor, stride: int, manager: CoordinateManager):
+        self.feats = feats
+        self.stride = stride
+        self.manager = manager
 
 
 def broadcast_groups(fa: torch.Tensor, fb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +207,10 @@ class TorchEngine:
     @staticmethod
     def relu(x) -> TorchSparseTensor:
         return x.replace(F.relu(x.feats))
+
+    @staticmethod
+    def add(a, b) -> TorchSparseTensor:
+        return a.replace(a.feats + b.feats)
 
     @staticmethod
     def cat(a, b) -> TorchSparseTensor:

@@ -28,7 +28,7 @@ from .conv_implicit_gemm import Epilogue
 from .coords import Field
 from .layers import BatchNorm, Convolution, ConvolutionTranspose, frozen
 from .nearest import nearest_cell as _nearest_cell
-from .torch_backend import TORCH_ENGINE, TorchBackend, broadcast_groups, voxelize_points
+from .torch_backend import TORCH_ENGINE, SparseTensorBase, TorchBackend, broadcast_groups, voxelize_points
 
 _KINDS = {1: "identity", 3: "conv3", 2: "down"}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -133,11 +133,11 @@ class _ImplicitGemmConv(torch.autograd.Function):
         return (None, None, None, dw, *grads)
 
 
-class TritonSparseTensor:
+class TritonSparseTensor(SparseTensorBase):
     """Features (..., M, C) on ``manager.levels[stride]``: materialised, two segments of a pending
     concatenation, or a pending convolution (see the module docstring)."""
 
-    __slots__ = ("_feats", "_segments", "_pending", "stride", "manager")
+    __slots__ = ("_feats", "_segments", "_pending")
 
     def __init__(self, feats: torch.Tensor | None, stride: int, manager, segments: tuple | None = None,
                  pending: Pending | None = None):
@@ -167,22 +167,6 @@ class TritonSparseTensor:
         if self._feats is None and self._pending is None:
             return self._segments
         return (self.feats,)
-
-    @property
-    def level(self):
-        return self.manager.levels[self.stride]
-
-    @property
-    def coords(self) -> torch.Tensor:
-        return self.level.coords
-
-    def replace(self, feats: torch.Tensor, stride: int | None = None) -> "TritonSparseTensor":
-        return TritonSparseTensor(feats, self.stride if stride is None else stride, self.manager)
-
-    def __add__(self, other: "TritonSparseTensor") -> "TritonSparseTensor":
-        if other.manager is not self.manager or other.stride != self.stride:
-            raise ValueError("adding sparse tensors on different coordinate sets")
-        return TRITON_ENGINE.add(self, other)
 
 
 def _compute_dtype(segments: tuple, device: torch.device) -> torch.dtype | None:
