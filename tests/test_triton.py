@@ -361,3 +361,28 @@ def test_completer_with_the_triton_backend_completes_like_torch(tmp_path):
         outs.append(c.complete(scan))
     assert outs[0].shape == outs[1].shape and len(outs[0]) > 0
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
+def test_wide_layers_span_several_tiles():
+    """Channel counts past one tile (several K blocks, several output-column programs, not
+    multiples of the tile): forward, input and weight gradients of a 3x3x3 and a 1x1 convolution."""
+    pts, batch = _clouds(n=150)
+    B = sparse.get_backend("torch")
+    torch.manual_seed(9)
+    lift = B.Convolution(3, 150, 1, 1).to(DEVICE)
+    convs = [B.Convolution(150, 290, 3, 1).to(DEVICE), B.Convolution(290, 70, 1, 1).to(DEVICE)]
+    results = []
+    for backend in ("torch", "triton"):
+        _, x = sparse.get_backend(backend).voxelize(pts, batch, 0.05)
+        with torch.no_grad():
+            f = lift(x).feats
+        f = f.detach().clone().requires_grad_(True)
+        y = x.replace(f)
+        for c in convs:
+            y = c(y)
+        (y.feats * torch.linspace(-1, 1, y.feats.numel(), device=DEVICE).view_as(y.feats)).sum().backward()
+        results.append([y.feats.detach(), f.grad] + [c.kernel.grad.clone() for c in convs])
+        for c in convs:
+            c.kernel.grad = None
+    for a, b in zip(*results):
+        _close(b, a, rel=1e-4)
