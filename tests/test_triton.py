@@ -299,7 +299,8 @@ def test_device_farthest_point_sampling_is_exact():
 
 
 # -- selection and tuning -----------------------------------------------------------------------------
-def test_backend_selection():
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv(sparse.ENV_BACKEND, raising=False)   # make test-torch sets what "auto" means
     assert sparse.resolve_backend("triton", DEVICE) == "triton"
     assert "triton" in sparse.BACKENDS
     assert isinstance(sparse.get_backend("triton"), sparse.SparseBackend)
@@ -307,6 +308,8 @@ def test_backend_selection():
     assert sparse.resolve_backend("auto", torch.device("cuda")) == "triton"   # a device object needs no GPU
     with pytest.raises(ConfigError, match="CUDA devices"):
         sparse.resolve_backend("triton", "mps")
+    monkeypatch.setenv(sparse.ENV_BACKEND, "torch")                  # the variable decides "auto"
+    assert sparse.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
 def test_cpu_without_the_interpreter_is_refused_with_the_reason():
