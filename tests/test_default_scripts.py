@@ -167,7 +167,8 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
 @pytest.mark.slow
 def test_train_default_runs_every_stage_with_calibration(tmp_path):
     """scripts/release/train_default.sh end to end at toy sizes: data, teacher, refiner, the calibration
-    stage (teacher without the std regulariser) and a distillation from the calibrated teacher."""
+    stage (teacher without the std regulariser) and a distillation from the calibrated teacher, every
+    stage validated on a held-out drive and the next one started from its best export."""
     import os
     import subprocess
     import sys
@@ -176,7 +177,7 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
                SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
                MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
-               T_DISTILL="900", OMP_NUM_THREADS="1")
+               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -185,10 +186,40 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     calib = load_checkpoint(run / "calibrate" / "teacher.pt", backend="torch")
     assert calib.sampling["process"] == "local" and calib.meta["step"] == 2
     cfg = (run / "calibrate" / "config.yaml").read_text()
-    assert "reg_weight: 0" in cfg and "init: " + str(run / "teacher" / "teacher.pt") in cfg
+    assert "reg_weight: 0" in cfg and "init: " + str(run / "teacher" / "best" / "teacher.pt") in cfg
     distill_cfg = (run / "distill" / "config.yaml").read_text()
-    assert str(run / "calibrate" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
+    assert str(run / "calibrate" / "best" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
+    assert str(run / "refiner" / "best" / "refiner.pt") in distill_cfg
+    for stage, kind in (("teacher", "teacher"), ("refiner", "refiner"), ("calibrate", "teacher"),
+                        ("distill", "distill")):
+        assert (run / stage / "best" / f"{kind}.pt").is_file(), stage
+        steps = [json.loads(line)["step"] for line in (run / stage / "metrics.jsonl").read_text().splitlines()
+                 if "val/cd" in line]
+        assert steps[0] == 0 and steps[-1] >= 1, (stage, steps)    # at the start and at the end
     # a second call finds every stage done and trains nothing
     again = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == 4, again.stdout
+
+
+def test_ship_takes_each_stage_best_by_validation(fake_run, tmp_path):
+    """train_default.sh validates every stage: ship_default ships RUN/<stage>/best/<kind>.pt and
+    records what it was chosen by."""
+    ship = _script("ship_default")
+    samp = {"steps": 8, "guidance": 3.5, "n_fps": 300, "tile": 4}
+    make_random_checkpoint(fake_run / "distill" / "best" / "distill.pt", seed=5, sampling=samp)
+    make_random_checkpoint(fake_run / "refiner" / "best" / "refiner.pt", seed=6)
+    val = {"step": 40, "select": "cd", "value": 0.3, "metrics": {"cd": 0.3, "jsd_bev": 0.4}}
+    (fake_run / "distill" / "best" / "validation.json").write_text(json.dumps(val))
+    (fake_run / "distill" / "metrics.jsonl").write_text(json.dumps({"step": 60, "time": 12.0}))
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest)]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert m["files"]["student.pt"]["validation"] == val
+    assert m["training"]["stages"]["distill"]["steps"] == 60          # the stage folder's figures
+    for name, src, net in (("student.pt", fake_run / "distill" / "best" / "distill.pt", "denoiser"),
+                           ("teacher.pt", fake_run / "refiner" / "best" / "refiner.pt", "refiner")):
+        want = getattr(load_checkpoint(src, backend="torch"), net).state_dict()
+        got = getattr(load_checkpoint(dest / name, backend="torch"), net).state_dict()
+        k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
+        torch.testing.assert_close(got[k], want[k].half().float())
