@@ -146,7 +146,7 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     ev.main(["--data", str(data), "--every", "2", "--limit", "2", "--student", str(fake_run / "distill" / "distill.pt"),
              "--rows", "input,xinit,student1,student1w1local", "--out", str(out), "--emd", "none", "--no-progress",
              "--threads", "1"])
-    md = (out / "table.md").read_text().splitlines()
+    md = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
     names = [line.split("|")[1].strip() for line in md[2:]]
     assert names == ["input scan alone", "x_init, no denoiser", "x_init, no denoiser",
                      "student", "student", "student", "student"]
@@ -154,14 +154,52 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     by = {(r["run"]["label"]): r for r in t["rows"]}
     raw, ref = by["student 1 steps, w=3.5, vp solver"], by["student 1 steps, w=3.5, vp solver + refine"]
     # the unrefined row is the same completion before the refiner: the refined one takes longer
-    assert ref["time_per_scan"]["mean"] > raw["time_per_scan"]["mean"]
-    assert np.isfinite(ref["cd"]["mean"]) and ref["cd"]["mean"] != raw["cd"]["mean"]
+    assert ref["stats"]["time"]["mean"] > raw["stats"]["time"]["mean"]
+    assert np.isfinite(ref["stats"]["cd"]["mean"]) and ref["stats"]["cd"]["mean"] != raw["stats"]["cd"]["mean"]
+    assert ref["stats"]["cd"]["spread"] is None                   # one seed: no spread
     # the suffix picks the solver; the checkpoint names none, so the plain row is the published vp
     assert by["student 1 steps, w=1, local solver + refine"]["run"]["process"] == "local"
     assert raw["run"]["process"] == "vp"
     assert [line.split("|")[3].strip() for line in md[2:]] == ["-", "-", "-", "local", "local", "vp", "vp"]
     with pytest.raises(SystemExit):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
+
+
+def test_eval_default_seeds_sequences_and_the_results_doc(fake_run, tmp_path):
+    """Two drives x two seeds: per seed the frame-weighted mean over the drives, then the mean and
+    standard deviation over the seeds, written into the results block of a Markdown file."""
+    from lidar_completion.data import build_gt, generate_dataset
+    from lidar_completion.data.synthetic import SyntheticConfig
+
+    ev = _script("eval_default")
+    data = tmp_path / "data"
+    generate_dataset(data, sequences=[8, 9], scans=3, seed=1, config=SyntheticConfig(azimuth_steps=256))
+    build_gt(data, ["08", "09"], progress=False)
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{ev.DOC_BEGIN}\nold table\n{ev.DOC_END}\nafter\n")
+    out = tmp_path / "table"
+    args = ["--data", str(data), "--sequence", "08,09", "--seeds", "0,7", "--every", "1", "--limit", "2",
+            "--student", str(fake_run / "distill" / "distill.pt"), "--rows", "input,student1w1local",
+            "--out", str(out), "--emd", "none", "--no-progress", "--threads", "1", "--doc", str(doc)]
+    ev.main(args)
+    t = json.loads((out / "table.json").read_text())
+    assert t["seeds"] == ["0", "7"]
+    row = next(r for r in t["rows"] if r["run"]["label"] == "student 1 steps, w=1, local solver + refine")
+    per_seed = []
+    for seed in (0, 7):
+        parts = [json.loads((out / f"seed{seed}" / q / "student1w1local_refine" / "summary.json").read_text())
+                 for q in ("08", "09")]
+        per_seed.append(sum(p["cd"]["mean"] * p["frames"] for p in parts) / sum(p["frames"] for p in parts))
+    assert [p["frames"] for p in row["per_seed"]] == [4, 4]
+    assert row["stats"]["cd"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert row["stats"]["cd"]["spread"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert per_seed[0] != per_seed[1]                              # the seed changes the completion
+    inp = next(r for r in t["rows"] if r["run"]["label"] == "input scan alone")
+    assert inp["stats"]["cd"]["spread"] == pytest.approx(0.0, abs=1e-12)    # no sampling: no spread
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old table" not in text
+    assert f"{row['stats']['cd']['mean']:.3f} ± {row['stats']['cd']['spread']:.3f}" in text
+    assert "--seeds 0,7" in text and "4 frames of sequences 08, 09 per seed" in text
 
 
 @pytest.mark.slow
