@@ -21,8 +21,7 @@ import torch
 from lidar_completion.diffusion import NoiseSchedule, diffusion_loss
 from lidar_completion.metrics import chamfer_distance
 from lidar_completion.models import Condition
-from test_training_utils import assert_sgd_update, scenes_source, tiny_config
-from training.data import make_loader
+from test_training_utils import assert_sgd_update, recorded_step, scenes_source, tiny_config
 from training.distill import DistillTrainer
 
 LR_STUDENT = 0.5
@@ -39,13 +38,9 @@ def _run_one_step(tmp_path, mode: str, *extra):
                       "distill.aux_updates_per_step=1", "distill.aux_warmup_steps=0",
                       *(["distill.vsd_weight=0"] if mode == "dpo" else []), *extra, mode=mode)
     tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
-    tr.record = True
     before = {"student": copy.deepcopy(tr.student)}
     before.update({n: copy.deepcopy(a) for n, a in tr.aux.items()})
-    tr.sampler.set_epoch(0, 0)
-    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
-    logs = tr.train_step(batch)
-    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+    return recorded_step(tr, before)
 
 
 @pytest.fixture(scope="module")

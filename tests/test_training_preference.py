@@ -12,7 +12,6 @@ import torch
 from lidar_completion import metrics as M
 from lidar_completion.checkpoints import WEIGHTS_DIR
 from lidar_completion.errors import ConfigError
-from lidar_completion.models import Condition
 from test_training_distill import SIGMA, _run_one_step
 from test_training_utils import tiny_config
 from training.engine import set_bn_mode
@@ -152,7 +151,6 @@ def test_several_pairs_per_scan_keep_the_widest_margin(tmp_path):
     keys, counts = tr.sample_keys(batch), batch["x_init_counts"]
     cands = [tr.draw_noise(keys, counts, "distill/z" + ("" if c == 0 else f"/{c}")) for c in range(3)]
     margins = []
-    N = batch["x_init"].shape[0]
     xb, tb, tgt = batch["x_init_batch"], batch["target_batch"].numpy(), batch["target"].numpy()
     for z in cands:
         G = [batch["x_init"] + s * z - SIGMA[999] * _student_eps(step, batch["x_init"] + s * z, 999) for s in (1.0, 1.1)]

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion.metrics import chamfer_distance
-from test_training_utils import assert_sgd_update, scenes_source, tiny_config
-from training.data import make_loader
+from test_training_utils import assert_sgd_update, recorded_step, scenes_source, tiny_config
 from training.engine import set_bn_mode
 from training.teacher_dpo import TeacherDPOTrainer
 
@@ -36,12 +35,7 @@ def _one_step(tmp_path, *extra):
     cfg = tiny_config("teacher-dpo", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR}}}",
                       f"teacher_dpo.beta={BETA}", "teacher_dpo.t_min=100", "teacher_dpo.t_max=900", *extra)
     tr = TeacherDPOTrainer(cfg, tmp_path, source=scenes_source(2))
-    tr.record = True
-    before = copy.deepcopy(tr.net)
-    tr.sampler.set_epoch(0, 0)
-    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
-    logs = tr.train_step(batch)
-    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+    return recorded_step(tr, copy.deepcopy(tr.net))
 
 
 @pytest.fixture(scope="module")

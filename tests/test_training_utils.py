@@ -76,6 +76,17 @@ def assert_sgd_update(before: torch.nn.Module, after: torch.nn.Module, grads, lr
     return changed_weights
 
 
+def recorded_step(tr, before) -> dict:
+    """One step of trainer ``tr`` on the first batch of epoch 0 with its draws recorded
+    (``tr.record``); ``before``: copies of its networks taken before the step."""
+    from training.data import make_loader
+    tr.record = True
+    tr.sampler.set_epoch(0, 0)
+    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
+    logs = tr.train_step(batch)
+    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+
+
 def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     """The shipped tiny config of ``kind`` with test settings: CPU, 1 thread, no workers, no
     TensorBoard / progress bar, SGD (so that an update is -lr * grad)."""
