@@ -325,9 +325,9 @@ def main(argv=None):
                               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     md = table(out)
     print(md)
-    if args.doc:
-        write_doc(Path(args.doc), md, "python scripts/release/eval_default.py " + shlex.join(argv if argv is not None
-                                                                                           else sys.argv[1:]))
+    if args.doc:   # the command that makes the runs (resumable: it reuses those already in OUT)
+        cmd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
+        write_doc(Path(args.doc), md, "python scripts/release/eval_default.py " + shlex.join(cmd))
 
 
 if __name__ == "__main__":
