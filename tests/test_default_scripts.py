@@ -146,7 +146,7 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     ev.main(["--data", str(data), "--every", "2", "--limit", "2", "--student", str(fake_run / "distill" / "distill.pt"),
              "--rows", "input,xinit,student1,student1w1local", "--out", str(out), "--emd", "none", "--no-progress",
              "--threads", "1"])
-    md = (out / "table.md").read_text().splitlines()
+    md = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
     names = [line.split("|")[1].strip() for line in md[2:]]
     assert names == ["input scan alone", "x_init, no denoiser", "x_init, no denoiser",
                      "student", "student", "student", "student"]
@@ -154,8 +154,9 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     by = {(r["run"]["label"]): r for r in t["rows"]}
     raw, ref = by["student 1 steps, w=3.5, vp solver"], by["student 1 steps, w=3.5, vp solver + refine"]
     # the unrefined row is the same completion before the refiner: the refined one takes longer
-    assert ref["time_per_scan"]["mean"] > raw["time_per_scan"]["mean"]
-    assert np.isfinite(ref["cd"]["mean"]) and ref["cd"]["mean"] != raw["cd"]["mean"]
+    assert ref["stats"]["time"]["mean"] > raw["stats"]["time"]["mean"]
+    assert np.isfinite(ref["stats"]["cd"]["mean"]) and ref["stats"]["cd"]["mean"] != raw["stats"]["cd"]["mean"]
+    assert ref["stats"]["cd"]["spread"] is None                   # one seed: no spread
     # the suffix picks the solver; the checkpoint names none, so the plain row is the published vp
     assert by["student 1 steps, w=1, local solver + refine"]["run"]["process"] == "local"
     assert raw["run"]["process"] == "vp"
@@ -164,10 +165,48 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
 
 
+def test_eval_default_seeds_sequences_and_the_results_doc(fake_run, tmp_path):
+    """Two drives x two seeds: per seed the frame-weighted mean over the drives, then the mean and
+    standard deviation over the seeds, written into the results block of a Markdown file."""
+    from lidar_completion.data import build_gt, generate_dataset
+    from lidar_completion.data.synthetic import SyntheticConfig
+
+    ev = _script("eval_default")
+    data = tmp_path / "data"
+    generate_dataset(data, sequences=[8, 9], scans=3, seed=1, config=SyntheticConfig(azimuth_steps=256))
+    build_gt(data, ["08", "09"], progress=False)
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{ev.DOC_BEGIN}\nold table\n{ev.DOC_END}\nafter\n")
+    out = tmp_path / "table"
+    args = ["--data", str(data), "--sequence", "08,09", "--seeds", "0,7", "--every", "1", "--limit", "2",
+            "--student", str(fake_run / "distill" / "distill.pt"), "--rows", "input,student1w1local",
+            "--out", str(out), "--emd", "none", "--no-progress", "--threads", "1", "--doc", str(doc)]
+    ev.main(args)
+    t = json.loads((out / "table.json").read_text())
+    assert t["seeds"] == ["0", "7"]
+    row = next(r for r in t["rows"] if r["run"]["label"] == "student 1 steps, w=1, local solver + refine")
+    per_seed = []
+    for seed in (0, 7):
+        parts = [json.loads((out / f"seed{seed}" / q / "student1w1local_refine" / "summary.json").read_text())
+                 for q in ("08", "09")]
+        per_seed.append(sum(p["cd"]["mean"] * p["frames"] for p in parts) / sum(p["frames"] for p in parts))
+    assert [p["frames"] for p in row["per_seed"]] == [4, 4]
+    assert row["stats"]["cd"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert row["stats"]["cd"]["spread"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert per_seed[0] != per_seed[1]                              # the seed changes the completion
+    inp = next(r for r in t["rows"] if r["run"]["label"] == "input scan alone")
+    assert inp["stats"]["cd"]["spread"] == pytest.approx(0.0, abs=1e-12)    # no sampling: no spread
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old table" not in text
+    assert f"{row['stats']['cd']['mean']:.3f} ± {row['stats']['cd']['spread']:.3f}" in text
+    assert "--seeds 0,7" in text and "4 frames of sequences 08, 09 per seed" in text
+
+
 @pytest.mark.slow
 def test_train_default_runs_every_stage_with_calibration(tmp_path):
     """scripts/release/train_default.sh end to end at toy sizes: data, teacher, refiner, the calibration
-    stage (teacher without the std regulariser) and a distillation from the calibrated teacher."""
+    stage (teacher without the std regulariser) and a distillation from the calibrated teacher, every
+    stage validated on a held-out drive and the next one started from its best export."""
     import os
     import subprocess
     import sys
@@ -176,7 +215,7 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
                SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
                MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
-               T_DISTILL="900", OMP_NUM_THREADS="1")
+               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -185,9 +224,16 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     calib = load_checkpoint(run / "calibrate" / "teacher.pt", backend="torch")
     assert calib.sampling["process"] == "local" and calib.meta["step"] == 2
     cfg = (run / "calibrate" / "config.yaml").read_text()
-    assert "reg_weight: 0" in cfg and "init: " + str(run / "teacher" / "teacher.pt") in cfg
+    assert "reg_weight: 0" in cfg and "init: " + str(run / "teacher" / "best" / "teacher.pt") in cfg
     distill_cfg = (run / "distill" / "config.yaml").read_text()
-    assert str(run / "calibrate" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
+    assert str(run / "calibrate" / "best" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
+    assert str(run / "refiner" / "best" / "refiner.pt") in distill_cfg
+    for stage, kind in (("teacher", "teacher"), ("refiner", "refiner"), ("calibrate", "teacher"),
+                        ("distill", "distill")):
+        assert (run / stage / "best" / f"{kind}.pt").is_file(), stage
+        steps = [json.loads(line)["step"] for line in (run / stage / "metrics.jsonl").read_text().splitlines()
+                 if "val/cd" in line]
+        assert steps[0] == 0 and steps[-1] >= 1, (stage, steps)    # at the start and at the end
     # a second call finds every stage done and trains nothing
     again = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
@@ -205,7 +251,7 @@ def test_train_default_gpu_run_profile_writes_parts_in_bf16(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, PROFILE="gpu-run", DEVICE="cpu", LIDAR_COMPLETION_BACKEND="torch",
                SEQUENCES="1", SCANS="3", BATCH="1", SCAN_POINTS="200", MAX_STEPS_TEACHER="2",
-               MAX_STEPS_REFINER="2", MAX_STEPS_DISTILL="1", OMP_NUM_THREADS="1")
+               MAX_STEPS_REFINER="2", MAX_STEPS_DISTILL="1", OMP_NUM_THREADS="1", VAL_EVERY="0")
     script = str(ROOT / "scripts" / "release" / "train_default.sh")
     res = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -217,3 +263,26 @@ def test_train_default_gpu_run_profile_writes_parts_in_bf16(tmp_path):
     bad = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=dict(env, PROFILE="fast"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "PROFILE must be" in bad.stderr
+
+
+def test_ship_takes_each_stage_best_by_validation(fake_run, tmp_path):
+    """train_default.sh validates every stage: ship_default ships RUN/<stage>/best/<kind>.pt and
+    records what it was chosen by."""
+    ship = _script("ship_default")
+    samp = {"steps": 8, "guidance": 3.5, "n_fps": 300, "tile": 4}
+    make_random_checkpoint(fake_run / "distill" / "best" / "distill.pt", seed=5, sampling=samp)
+    make_random_checkpoint(fake_run / "refiner" / "best" / "refiner.pt", seed=6)
+    val = {"step": 40, "select": "cd", "value": 0.3, "metrics": {"cd": 0.3, "jsd_bev": 0.4}}
+    (fake_run / "distill" / "best" / "validation.json").write_text(json.dumps(val))
+    (fake_run / "distill" / "metrics.jsonl").write_text(json.dumps({"step": 60, "time": 12.0}))
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest)]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert m["files"]["student.pt"]["validation"] == val
+    assert m["training"]["stages"]["distill"]["steps"] == 60          # the stage folder's figures
+    for name, src, net in (("student.pt", fake_run / "distill" / "best" / "distill.pt", "denoiser"),
+                           ("teacher.pt", fake_run / "refiner" / "best" / "refiner.pt", "refiner")):
+        want = getattr(load_checkpoint(src, backend="torch"), net).state_dict()
+        got = getattr(load_checkpoint(dest / name, backend="torch"), net).state_dict()
+        k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
+        torch.testing.assert_close(got[k], want[k].half().float())

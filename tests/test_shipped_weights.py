@@ -1,5 +1,7 @@
 """The models shipped inside the package (lidar_completion/weights): intact, loadable, the default
-everywhere, and useful - the student completes a held-out synthetic scan better than the scan alone."""
+everywhere, and useful - on docs/results.md's held-out frames the student at 8 steps completes better
+than (a) the scan alone, (b) the refiner alone on the undenoised start x_init and (c) the shipped
+teacher at 8 steps at the published teacher guidance (w = 6)."""
 import json
 
 import numpy as np
@@ -116,13 +118,53 @@ def test_student_completion_is_deterministic_and_refined(held_out_frames, studen
     assert chamfer_distance(a.points, gt) < chamfer_distance(a.raw, gt)
 
 
-def test_student_beats_the_input_scan(held_out_frames, student_completions):
+@pytest.fixture(scope="module")
+def student_cd(held_out_frames, student_completions):
+    """The shipped student's mean refined CD over the held-out frames (8 steps, its guidance)."""
     from lidar_completion.metrics import chamfer_distance
     results, _ = student_completions
     assert all(r.process == "local" and r.steps == 8 for r in results)
-    student = np.mean([chamfer_distance(r.points, gt) for r, (_, gt) in zip(results, held_out_frames)])
+    return float(np.mean([chamfer_distance(r.points, gt) for r, (_, gt) in zip(results, held_out_frames)]))
+
+
+def test_student_beats_the_input_scan(held_out_frames, student_cd):
+    from lidar_completion.metrics import chamfer_distance
     scan_alone = np.mean([chamfer_distance(scan, gt) for scan, gt in held_out_frames])
-    assert student < scan_alone, f"student CD {student:.3f} m, input scan alone {scan_alone:.3f} m"
+    assert student_cd < scan_alone, f"student CD {student_cd:.3f} m, input scan alone {scan_alone:.3f} m"
+
+
+def test_student_beats_the_refiner_alone_on_x_init(held_out_frames, student_cd):
+    """The denoiser must add something: the student's refiner applied to x_init (the tiled FPS scan
+    the solver starts from, no denoising) is docs/results.md's "x_init, no denoiser" row."""
+    from lidar_completion.completer import Completer
+    from lidar_completion.metrics import chamfer_distance
+    comp = Completer.from_checkpoint(None, backend="torch")
+    cds = []
+    for scan, gt in held_out_frames:
+        _, _, x_init, _ = comp.prepare(scan)
+        with torch.inference_mode():
+            refined = comp.refine_points(torch.as_tensor(x_init)).numpy()
+        assert len(refined) == 6 * len(x_init)
+        cds.append(chamfer_distance(refined, gt))
+    refiner_alone = float(np.mean(cds))
+    assert student_cd < refiner_alone, f"student CD {student_cd:.3f} m, refiner alone on x_init {refiner_alone:.3f} m"
+
+
+# about 130 s on an idle 2-core machine (six guided 8-step completions with one thread): in the slow
+# suite, which keeps `make test` within its budget
+@pytest.mark.slow
+def test_student_beats_its_teacher_at_the_published_teacher_guidance(held_out_frames, student_cd):
+    """The shipped teacher at 8 steps with LiDiff's published guidance w = 6 (refined, seed = frame).
+    (At the teacher's own best guidance on these scenes it is still ahead of the student:
+    docs/results.md.)"""
+    from lidar_completion.completer import Completer
+    from lidar_completion.metrics import chamfer_distance
+    comp = Completer.from_checkpoint(WEIGHTS_DIR / "teacher.pt", steps=8, guidance=6.0, backend="torch")
+    assert comp.refine and comp.process == "local"
+    cds = [chamfer_distance(comp.complete_detailed(scan, seed=f).points, gt)
+           for (scan, gt), f in zip(held_out_frames, HELD_OUT_FRAMES)]
+    teacher = float(np.mean(cds))
+    assert student_cd < teacher, f"student CD {student_cd:.3f} m, teacher (8 steps, w = 6) {teacher:.3f} m"
 
 
 def test_manifest_is_valid_json_with_provenance():

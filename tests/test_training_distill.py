@@ -21,8 +21,7 @@ import torch
 from lidar_completion.diffusion import NoiseSchedule, diffusion_loss
 from lidar_completion.metrics import chamfer_distance
 from lidar_completion.models import Condition
-from test_training_utils import scenes_source, tiny_config
-from training.data import make_loader
+from test_training_utils import assert_sgd_update, recorded_step, scenes_source, tiny_config
 from training.distill import DistillTrainer
 
 LR_STUDENT = 0.5
@@ -39,13 +38,9 @@ def _run_one_step(tmp_path, mode: str, *extra):
                       "distill.aux_updates_per_step=1", "distill.aux_warmup_steps=0",
                       *(["distill.vsd_weight=0"] if mode == "dpo" else []), *extra, mode=mode)
     tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
-    tr.record = True
     before = {"student": copy.deepcopy(tr.student)}
     before.update({n: copy.deepcopy(a) for n, a in tr.aux.items()})
-    tr.sampler.set_epoch(0, 0)
-    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
-    logs = tr.train_step(batch)
-    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+    return recorded_step(tr, before)
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +87,6 @@ def _winners(step, G):
     return torch.where(rows, G1, G2), torch.where(rows, G2, G1), first, cd
 
 
-def _assert_update(before: torch.nn.Module, after: torch.nn.Module, grads, lr: float):
-    changed_weights = 0
-    for (name, p0), p1, g in zip(before.named_parameters(), after.parameters(), grads):
-        delta = p1.detach() - p0.detach()
-        expected = torch.zeros_like(delta) if g is None else -lr * g
-        scale = float(expected.abs().max())
-        # float32: p1 = fl(p0 - lr g) carries a rounding error of up to half an ulp of p0
-        tol = 2e-3 * expected.abs() + 2e-3 * scale + 4 * torch.finfo(torch.float32).eps * p0.detach().abs()
-        err = (delta - expected).abs()
-        assert bool((err <= tol).all()), f"{name}: update differs from -lr*grad by {float(err.max()):.3g} " \
-                                         f"(largest expected update {scale:.3g})"
-        if ("kernel" in name or name.endswith("weight")) and float(delta.abs().max()) > 0:
-            changed_weights += 1
-    return changed_weights
-
-
 def _check_dpo_student_update(step, alpha: float = 0.0):
     tr, batch, rec = step["tr"], step["batch"], step["rec"]
     student, G, cond = _reference_samples(step, sides=2)
@@ -127,7 +106,7 @@ def _check_dpo_student_update(step, alpha: float = 0.0):
     loss = loss_w - loss_l + alpha * 0.5 * (loss_w + loss_l)
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
     assert abs(float(loss.detach()) - step["logs"]["loss/student"]) < 1e-4 * max(1.0, abs(float(loss.detach())))
-    changed = _assert_update(step["before"]["student"], tr.student, grads, LR_STUDENT)
+    changed = assert_sgd_update(step["before"]["student"], tr.student, grads, LR_STUDENT)
     # trainable weights moved (convolution kernels and linear layers), not only batch-norm buffers
     assert changed > 20, changed
 
@@ -178,7 +157,7 @@ def test_dpo_aux_nets_learn_from_their_own_side(dpo_step):
             return torch.autograd.grad(loss, list(net.parameters()))
 
         grads = update(samples[name])
-        _assert_update(dpo_step["before"][name], tr.aux[name], grads, LR_AUX)
+        assert_sgd_update(dpo_step["before"][name], tr.aux[name], grads, LR_AUX)
         wrong = update(samples[other])
         actual = torch.cat([(p1 - p0).detach().flatten() for p0, p1 in
                             zip(dpo_step["before"][name].parameters(), tr.aux[name].parameters())])
@@ -197,7 +176,7 @@ def test_vsd_step_updates_student_and_aux(vsd_step):
     net = copy.deepcopy(vsd_step["before"]["aux"]).train()
     x_a = G.detach() + SIGMA[t_a][xb].view(-1, 1) * eps_a
     aux_grads = torch.autograd.grad(diffusion_loss(net(x_a, xb, t_a, cond), eps_a), list(net.parameters()))
-    _assert_update(vsd_step["before"]["aux"], tr.aux["aux"], aux_grads, LR_AUX)
+    assert_sgd_update(vsd_step["before"]["aux"], tr.aux["aux"], aux_grads, LR_AUX)
     # student: mean(sg(eps_T - eps_aux) * G)
     t, eps = rec["t"], rec["eps"]
     x = G.detach() + SIGMA[t][xb].view(-1, 1) * eps
@@ -205,7 +184,7 @@ def test_vsd_step_updates_student_and_aux(vsd_step):
         d = tr.teacher(x, xb, t, cond) - tr.aux["aux"].eval()(x, xb, t, cond)
     loss = (d.detach() * G).mean()
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
-    changed = _assert_update(vsd_step["before"]["student"], tr.student, grads, LR_STUDENT)
+    changed = assert_sgd_update(vsd_step["before"]["student"], tr.student, grads, LR_STUDENT)
     assert changed > 20, changed
     assert "metric/winner" not in vsd_step["logs"]
 

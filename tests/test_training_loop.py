@@ -17,7 +17,7 @@ from lidar_completion.errors import CheckpointError, ConfigError
 from test_training_utils import CONFIGS, scenes_source, tiny_config, write_npz
 from training.__main__ import main
 from training.checkpoint import CheckpointManager, load_state, save_state
-from training.config import load_config
+from training.config import KINDS, load_config
 from training.engine import TrainingDivergedError
 from training.teacher import TeacherTrainer
 
@@ -214,7 +214,7 @@ def test_configs_load_and_reject_mistakes(tmp_path):
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(path, overrides=["distill.metric=lidar_completion.metrics.chamfer_distance"]
                           if "distill" in path.name else [])
-        assert cfg["kind"] in ("teacher", "refiner", "distill")
+        assert cfg["kind"] in KINDS
     full = load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=lidar_completion.metrics.chamfer_distance"])
     assert full["train"]["optimizer"]["name"] == "sgd" and full["train"]["optimizer"]["lr"] == 1e-5
     assert full["train"]["grad_clip"] == 0.05 and full["distill"]["noise_scale"] == 1.1
@@ -230,6 +230,11 @@ def test_configs_load_and_reject_mistakes(tmp_path):
         load_config(CONFIGS / "distill_dpo.yaml", overrides=["distill.metric=training.losses.nope"])
     with pytest.raises(ConfigError, match="is for 'teacher'"):
         load_config(CONFIGS / "teacher.yaml", kind="distill")
+    with pytest.raises(ConfigError, match="teacher_dpo.composite"):
+        load_config(CONFIGS / "teacher_dpo.yaml", overrides=["teacher_dpo.metric=composite",
+                                                             "teacher_dpo.composite={cd: 1, emd: 1}"])
+    with pytest.raises(ConfigError, match="validation.select"):
+        load_config(CONFIGS / "teacher.yaml", overrides=["validation.select=emd"])
 
 
 def test_cli_help_lists_the_three_trainings(capsys):

@@ -58,12 +58,44 @@ def assert_same_update(init: dict, a: dict, b: dict, what: str = "", rtol: float
         assert bool((err <= tol + 1e-30).all()), f"{what}{k}: updates differ by {float(err.max()):.3g}"
 
 
+def assert_sgd_update(before: torch.nn.Module, after: torch.nn.Module, grads, lr: float) -> int:
+    """Every parameter of ``after`` is ``before``'s minus ``lr`` times its gradient in ``grads``
+    (one plain SGD step); returns how many weight tensors (kernels, linear weights) moved."""
+    changed_weights = 0
+    for (name, p0), p1, g in zip(before.named_parameters(), after.parameters(), grads):
+        delta = p1.detach() - p0.detach()
+        expected = torch.zeros_like(delta) if g is None else -lr * g
+        scale = float(expected.abs().max())
+        # float32: p1 = fl(p0 - lr g) carries a rounding error of up to half an ulp of p0
+        tol = 2e-3 * expected.abs() + 2e-3 * scale + 4 * torch.finfo(torch.float32).eps * p0.detach().abs()
+        err = (delta - expected).abs()
+        assert bool((err <= tol).all()), f"{name}: update differs from -lr*grad by {float(err.max()):.3g} " \
+                                         f"(largest expected update {scale:.3g})"
+        if ("kernel" in name or name.endswith("weight")) and float(delta.abs().max()) > 0:
+            changed_weights += 1
+    return changed_weights
+
+
+def recorded_step(tr, before) -> dict:
+    """One step of trainer ``tr`` on the first batch of epoch 0 with its draws recorded
+    (``tr.record``); ``before``: copies of its networks taken before the step."""
+    from training.data import make_loader
+    tr.record = True
+    tr.sampler.set_epoch(0, 0)
+    batch = next(iter(make_loader(tr.dataset, tr.sampler, 0)))
+    logs = tr.train_step(batch)
+    return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
+
+
 def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     """The shipped tiny config of ``kind`` with test settings: CPU, 1 thread, no workers, no
     TensorBoard / progress bar, SGD (so that an update is -lr * grad)."""
-    name = {"teacher": "tiny_teacher", "refiner": "tiny_refiner", "distill": f"tiny_distill_{mode}"}[kind]
+    name = {"teacher": "tiny_teacher", "refiner": "tiny_refiner", "distill": f"tiny_distill_{mode}",
+            "teacher-dpo": "tiny_teacher_dpo"}[kind]
     base = ["device=cpu", "backend=torch", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
             "log.render_every_steps=0", "checkpoint.every_steps=0", "train.max_steps=null", "train.epochs=1"]
     if kind == "distill":
         base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=lidar_completion.metrics.chamfer_distance"]
+    if kind == "teacher-dpo":
+        base += ["teacher_dpo.reference=null"]
     return load_config(CONFIGS / f"{name}.yaml", kind=kind, overrides=base + list(overrides))

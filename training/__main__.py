@@ -1,4 +1,4 @@
-"""``lidar-completion-train {teacher,refiner,distill} --config CONFIG.yaml [--out DIR] [--resume [PATH]]
+"""``lidar-completion-train {teacher,refiner,distill,teacher-dpo} --config CONFIG.yaml [--out DIR] [--resume [PATH]]
 [--max-steps N] [--set key=value ...]`` (also ``python -m training ...``).
 
 Several processes / GPUs: ``torchrun --nproc_per_node N -m training distill --config ...``.
@@ -27,6 +27,9 @@ def trainer_class(kind: str):
     if kind == "refiner":
         from .refiner import RefinerTrainer
         return RefinerTrainer
+    if kind == "teacher-dpo":
+        from .teacher_dpo import TeacherDPOTrainer
+        return TeacherDPOTrainer
     from .distill import DistillTrainer
     return DistillTrainer
 
@@ -39,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configs shipped in training/configs/: " + ", ".join(sorted(x.name for x in CONFIG_DIR.glob("*.yaml"))),
     )
-    sub = p.add_subparsers(dest="kind", required=True, metavar="{teacher,refiner,distill}")
+    sub = p.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(KINDS) + "}")
     helps = {"teacher": "LiDiff denoiser + condition encoder (denoising loss, condition dropout 0.1)",
              "refiner": "refinement network (x6 points, Chamfer loss)",
-             "distill": "one-step student from a teacher: distill.mode dpo (Distillation-DPO) or vsd"}
+             "distill": "one-step student from a teacher: distill.mode dpo (Distillation-DPO) or vsd",
+             "teacher-dpo": "Diffusion-DPO fine-tuning of a teacher against a frozen copy of itself "
+                            "(pairs of its samples ranked against the ground truth)"}
     for kind in KINDS:
         s = sub.add_parser(kind, help=helps[kind], description=helps[kind])
         s.add_argument("--config", required=True,

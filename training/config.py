@@ -15,7 +15,7 @@ import yaml
 
 from lidar_completion.errors import ConfigError
 
-KINDS = ("teacher", "refiner", "distill")
+KINDS = ("teacher", "refiner", "distill", "teacher-dpo")
 
 _COMMON: dict = {
     "kind": None,
@@ -69,6 +69,34 @@ _COMMON: dict = {
     "checkpoint": {"every_steps": 500, "keep": 3, "export": True, "part_mib": None},
     "log": {"every_steps": 10, "render_every_steps": 500, "tensorboard": True, "progress": True},
     "diffusion": {"beta_start": 3.5e-5, "beta_end": 0.007, "steps": 1000, "reg_weight": 5.0},
+    # completing held-out frames during training (training/validation.py); every_steps 0: off
+    "validation": {
+        "every_steps": 0,
+        "at_start": True,          # also validate the starting weights (step 0 of a fresh run)
+        "root": None,              # SemanticKITTI-layout root with its gt_cache (None: data.root)
+        # data.kind synthetic without root: a held-out drive generated into <out>/validation
+        "synthetic": {"sequence": "07", "scans": 60, "seed": 2},
+        "sequence": "08",          # the held-out sequence (of root)
+        "every": 10,               # frames 0, every, 2 every, ... (at most `frames`)
+        "frames": 3,
+        "steps": 8,                # sampler steps of the teacher / student
+        "guidance": None,          # None: the exported checkpoint's (teacher 6, student 3.5)
+        "seed": 0,                 # frame i is completed with seed + i
+        "refine": True,            # refine with the refiner (distill.refiner, validation.refiner)
+        "refiner": None,           # refiner checkpoint for the teacher's validation
+        "select": "cd",            # cd | jsd_bev: the metric that picks the best checkpoint
+    },
+}
+
+# the ranking of a preference pair (training/preference.py); distill and teacher_dpo read these keys
+_PREFERENCE: dict = {
+    # cd | iou | jsd_bev | cd_unseen | composite, or a dotted path to (pred, target) -> float
+    "metric": "cd",
+    "metric_lower_is_better": True,    # for a dotted path (the named metrics know their direction)
+    "iou_voxel": 0.5,                  # metric iou: voxel size in metres
+    "unseen_radius": 1.0,              # metric cd_unseen: farther than this from every scan point
+    "composite": {"cd": 1.0, "cd_unseen": 1.0, "jsd_bev": 1.0},   # metric composite: name -> weight
+    "pairs_per_scan": 1,               # K candidate pairs per scan; the widest margin is kept
 }
 
 DEFAULTS: dict = {
@@ -95,8 +123,15 @@ DEFAULTS: dict = {
             # dpo pairs: "scaled" (z and lambda z, published) or "independent" (z and a second draw
             # z2, times lambda): two unrelated samples, a larger winner/loser margin
             "pair_noise": "scaled",
-            "metric": "lidar_completion.metrics.chamfer_distance",
-            "metric_lower_is_better": True,
+            **_PREFERENCE,
+            # the pair's second sample: guided by the student with this weight (1: unguided) and
+            # made in this many steps of the deterministic local sampler (gradient through the last)
+            "pair_guidance": 1.0,
+            "pair_steps": 1,
+            # every spread_every_steps steps (0: never) the metric of spread_samples independent
+            # one-step samples per scan, against which the pair's margin is logged
+            "spread_samples": 4,
+            "spread_every_steps": 0,
             "generator": "local",          # local: G = x_T - sigma_T eps; vp: x_init + (z - sigma_T eps)/alpha_T
             "t_min": 0, "t_max": 999,      # distillation timesteps t ~ U{t_min..t_max}
             "teacher_guidance": 1.0,       # 1 = conditional teacher score (published); w > 1 uses CFG
@@ -112,6 +147,20 @@ DEFAULTS: dict = {
             "aux_grad_clip": "same",       # "same" = train.grad_clip
         },
     },
+    "teacher-dpo": {
+        # Diffusion-DPO fine-tuning of the teacher against a frozen copy of itself (training/teacher_dpo.py)
+        "teacher_dpo": {
+            "reference": None,             # the teacher checkpoint fine-tuned and kept as the reference
+            "beta": 1000.0,                # Diffusion-DPO's beta (per-point mean squared errors)
+            **_PREFERENCE,
+            "pair_noise": "independent",   # independent: two draws; scaled: z and noise_scale z
+            "noise_scale": 1.0,
+            "sample_steps": 1,             # the reference's deterministic local sampler, these steps
+            "sample_guidance": 1.0,        # ... with this guidance weight
+            "t_min": 0, "t_max": 999,
+            "denoise_weight": 0.0,         # + this x the teacher's own loss on the ground truth
+        },
+    },
 }
 
 def deep_merge(base: dict, over: dict, path: str = "", strict: bool = True) -> dict:
@@ -120,7 +169,7 @@ def deep_merge(base: dict, over: dict, path: str = "", strict: bool = True) -> d
         where = f"{path}{k}"
         if strict and k not in out:
             raise ConfigError(f"unknown config key {where!r}; expected one of {sorted(out)}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model",):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model", "composite"):
             out[k] = deep_merge(out[k], v, where + ".", strict=strict and k not in ("synthetic",))
         else:
             out[k] = copy.deepcopy(v)
@@ -182,7 +231,7 @@ def load_config(path: str | os.PathLike | None, kind: str | None = None, overrid
         raise ConfigError(f"config {path} is for {file_kind!r} training, but {kind!r} was requested")
     kind = kind or file_kind
     if not kind:
-        raise ConfigError(f"config {path} does not say which training it is for (kind: teacher|refiner|distill)")
+        raise ConfigError(f"config {path} does not say which training it is for (kind: {'|'.join(KINDS)})")
     cfg = deep_merge(defaults(kind), data)
     cfg["kind"] = kind
     cfg = apply_overrides(cfg, overrides)
@@ -240,8 +289,31 @@ def validate(cfg: dict) -> None:
         _check(d.get("pair_noise", "scaled") in ("scaled", "independent"),
                f"distill.pair_noise must be scaled|independent, got {d.get('pair_noise')!r}")
         _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
+        _check(float(d["pair_guidance"]) > 0, f"distill.pair_guidance must be positive, got {d['pair_guidance']}")
+        _check(int(d["pair_steps"]) >= 1, f"distill.pair_steps must be >= 1, got {d['pair_steps']}")
+        _check(int(d["spread_every_steps"]) >= 0 and (int(d["spread_every_steps"]) == 0 or int(d["spread_samples"]) >= 2),
+               "distill.spread_every_steps must be >= 0, with distill.spread_samples >= 2 when it is on")
         if d["mode"] == "dpo":
-            resolve_callable(d["metric"])  # fail early on a bad dotted path
+            from .preference import check_spec
+            check_spec(d, "distill")   # fail early on a bad metric or dotted path
+    if cfg["kind"] == "teacher-dpo":
+        d = cfg["teacher_dpo"]
+        from .preference import check_spec
+        check_spec(d, "teacher_dpo")
+        _check(float(d["beta"]) > 0, f"teacher_dpo.beta must be positive, got {d['beta']}")
+        _check(d["pair_noise"] in ("scaled", "independent"),
+               f"teacher_dpo.pair_noise must be scaled|independent, got {d['pair_noise']!r}")
+        _check(float(d["noise_scale"]) > 0, f"teacher_dpo.noise_scale must be positive, got {d['noise_scale']}")
+        _check(int(d["sample_steps"]) >= 1, f"teacher_dpo.sample_steps must be >= 1, got {d['sample_steps']}")
+        steps = int(cfg["diffusion"]["steps"])
+        _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
+               f"teacher_dpo.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")
+        _check(float(d["denoise_weight"]) >= 0, "teacher_dpo.denoise_weight must be >= 0")
+    v = cfg["validation"]
+    _check(int(v["every_steps"]) >= 0, f"validation.every_steps must be >= 0, got {v['every_steps']}")
+    _check(v["select"] in ("cd", "jsd_bev"), f"validation.select must be cd|jsd_bev, got {v['select']!r}")
+    _check(int(v["steps"]) >= 1 and int(v["frames"]) >= 1 and int(v["every"]) >= 1,
+           "validation.steps, validation.frames and validation.every must be >= 1")
 
 
 def resolve_callable(dotted: str | Callable) -> Callable:

@@ -24,9 +24,17 @@ One optimisation step on a batch (per rank):
 2. generate with gradient: ``dpo`` two samples per scan from ``x_init + z`` and
    ``x_init + lambda z`` (lambda = 1.1; ``pair_noise: independent``: ``x_init + lambda z2`` with a
    second, independent draw z2) in one batched student pass; ``vsd`` one sample;
-3. ``dpo``: score both against the target with the preference metric (Chamfer distance by default;
-   any callable ``(pred, target) -> float`` on numpy arrays, named by dotted path in the config),
-   the better is the winner ``G_w``, the other the loser ``G_l`` (ties: the z sample wins);
+   The second sample of a pair can also differ in how it is made: ``pair_guidance`` w != 1 guides
+   the student (``eps_u + w (eps_c - eps_u)``), ``pair_steps`` k > 1 makes it in k steps of the
+   deterministic local sampler (:func:`training.preference.local_sample`, gradient through the
+   last step); ``pairs_per_scan`` K > 1 samples K candidate pairs without gradient and keeps, per
+   scan, the pair with the widest metric margin (then made again with gradient);
+3. ``dpo``: score both against the target with the preference metric (``metric``: Chamfer distance
+   by default, IoU, JSD-BEV, CD on what the scan does not see, a composite, or any callable
+   ``(pred, target) -> float`` by dotted path; :mod:`training.preference`), the better is the
+   winner ``G_w``, the other the loser ``G_l`` (ties: the first sample wins); every
+   ``spread_every_steps`` steps the metric's spread over independent samples of each scan is
+   logged beside the pair's margin;
 4. auxiliary update(s): each auxiliary net takes a denoising step on its own side's samples,
    ``x = sg(G_side) + sigma_t' eps'`` with fresh (t', eps') per side, loss = LiDiff's denoising loss
    (``aux_loss: lidiff``) or plain MSE (``mse``, as published);
@@ -56,10 +64,10 @@ from lidar_completion.errors import CheckpointError
 from lidar_completion.models import Condition
 
 from . import distributed as D
-from .config import resolve_callable
 from .engine import Trainer, freeze, make_optimizer
 from .losses import aux_loss, dpo_loss, logsigmoid_weights, vsd_loss
 from .netio import build_networks, export_inference, load_pretrained
+from .preference import PreferenceMetric, guided_eps, local_sample, sample_timesteps, spread, widest_pair
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +152,7 @@ class DistillTrainer(Trainer):
         self.modules.update(self.aux)
         self.trainable["student"] = self.student
         self.trainable.update(self.aux)
-        self.metric = resolve_callable(d["metric"]) if self.mode == "dpo" else None
+        self.metric = PreferenceMetric.from_spec(d) if self.mode == "dpo" else None
         T = self.schedule.num_train_timesteps
         abar = float(self.schedule.alphas_cumprod[T - 1])
         self.t_T = T - 1
@@ -182,19 +190,6 @@ class DistillTrainer(Trainer):
         eps_u = self.teacher(x, xb, t, self.uncond(int(t.shape[0]), n_scan_points))
         return eps_u + w * (eps_c - eps_u)
 
-    def preference(self, G1, G2, xb, target, tb, B):
-        """Per-scan metric of both samples and the winner mask (True: the z sample won)."""
-        lower = bool(self.cfg["distill"]["metric_lower_is_better"])
-        g1, g2 = G1.detach().float().cpu().numpy(), G2.detach().float().cpu().numpy()
-        xb_np, tb_np, tg = xb.cpu().numpy(), tb.cpu().numpy(), target.cpu().numpy()
-        m1, m2 = np.zeros(B), np.zeros(B)
-        for b in range(B):
-            tgt = tg[tb_np == b]
-            m1[b] = float(self.metric(g1[xb_np == b], tgt))
-            m2[b] = float(self.metric(g2[xb_np == b], tgt))
-        first = (m1 <= m2) if lower else (m1 >= m2)
-        return m1, m2, first
-
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
         """One optimisation step: :meth:`sample`, :meth:`update_auxiliaries`, then (after the
@@ -228,33 +223,110 @@ class DistillTrainer(Trainer):
         st.cond_k = Condition.concat([st.cond] * k) if k > 1 else st.cond
         st.Xb = torch.cat([st.xb + i * B for i in range(k)])
 
-        z = self.draw_noise(st.keys, st.counts, "distill/z")
-        noises = [z]
-        if k == 2:   # the pair's second noise: lambda z, or lambda z2 with an independent z2
-            z2 = z if d.get("pair_noise", "scaled") == "scaled" else \
-                self.draw_noise(st.keys, st.counts, "distill/z2")
-            noises.append(float(d["noise_scale"]) * z2)
         self.set_train(self.student, True)
         gen = self.wrapped["student"] if with_grad else self.student
-        with torch.set_grad_enabled(with_grad):
-            st.G_all = one_step_sample(gen, torch.cat([x_init] * k), torch.cat(noises), st.Xb,
-                                       st.cond_k, self.t_T, self.sigma_T, self.alpha_T, d["generator"],
-                                       num_elements=k * B)
-        if k == 2:
-            st.samples = self._rank_pair(st, batch, rec)
-        else:
+        if k == 1:
+            z = self.draw_noise(st.keys, st.counts, "distill/z")
+            z2 = None
+            with torch.set_grad_enabled(with_grad):
+                st.G_all = one_step_sample(gen, x_init, z, st.xb, st.cond, self.t_T, self.sigma_T,
+                                           self.alpha_T, d["generator"], num_elements=B)
             st.samples = {"aux": st.G_all}
+        else:
+            z, z2 = self._choose_pair(st, batch, x_init)
+            G1, G2 = self._pair(gen, x_init, z, z2, st, with_grad)
+            st.G_all = torch.cat([G1, G2])
+            st.samples = self._rank_pair(st, batch, rec)
+            if int(d["spread_every_steps"]) and self.step % int(d["spread_every_steps"]) == 0:
+                st.logs.update(self._spread(st, batch, x_init))
         if rec is not None:
             rec.update(keys=st.keys, z=z.detach().clone(), z2=None if k == 1 else z2.detach().clone(),
                        G=st.G_all.detach().clone(),
                        side_samples={n: v.detach().clone() for n, v in st.samples.items()}, aux=[])
         return st
 
+    # -- preference pairs (training/preference.py) -----------------------------------------------
+    def _pair_noises(self, st: "_Step", c: int):
+        """The noises of candidate pair ``c``: (z, z), or (z, z2) with an independent z2; the second
+        sample starts from x_init + lambda times the second."""
+        d = self.cfg["distill"]
+        tag = "" if c == 0 else f"/{c}"
+        z = self.draw_noise(st.keys, st.counts, f"distill/z{tag}")
+        return z, (z if d["pair_noise"] == "scaled" else self.draw_noise(st.keys, st.counts, f"distill/z2{tag}"))
+
+    def _pair(self, gen, x_init, z1, z2, st: "_Step", with_grad: bool):
+        """The pair's two samples: the one-step sample from x_init + z1 and the second from
+        x_init + z2, made in ``pair_steps`` steps with guidance ``pair_guidance`` (the plain one-step
+        sample when both are 1; then both in one batched pass)."""
+        d = self.cfg["distill"]
+        N, B = st.xb.shape[0], st.B
+        w, steps = float(d["pair_guidance"]), int(d["pair_steps"])
+        z2 = float(d["noise_scale"]) * z2
+        with torch.set_grad_enabled(with_grad):
+            if w == 1.0 and steps == 1:
+                G = one_step_sample(gen, torch.cat([x_init, x_init]), torch.cat([z1, z2]), st.Xb, st.cond_k,
+                                    self.t_T, self.sigma_T, self.alpha_T, d["generator"], num_elements=2 * B)
+                return G[:N], G[N:]
+            G1 = one_step_sample(gen, x_init, z1, st.xb, st.cond, self.t_T, self.sigma_T, self.alpha_T,
+                                 d["generator"], num_elements=B)
+        uncond = self.uncond(B, st.n_scan) if w != 1.0 else None
+
+        def denoise(x, t):
+            tt = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+            return guided_eps(gen, x, st.xb, tt, st.cond, uncond, w, B)
+
+        G2 = local_sample(denoise, x_init + z2, sample_timesteps(steps, self.t_T), self.sigmas,
+                          grad_last=with_grad)
+        return G1, G2
+
+    def _choose_pair(self, st: "_Step", batch: dict, x_init):
+        """The starts (z1, z2) of each scan's pair: with ``pairs_per_scan`` K > 1 the candidate pair
+        with the widest metric margin (candidates sampled without gradient), else the only one."""
+        K = int(self.cfg["distill"]["pairs_per_scan"])
+        cands = [self._pair_noises(st, c) for c in range(K)]
+        if K == 1:
+            return cands[0]
+        m = np.zeros((2, K, st.B))
+        for c, (z1, z2) in enumerate(cands):
+            G1, G2 = self._pair(self.student, x_init, z1, z2, st, False)
+            m[0, c] = self.metric.per_scan(G1, st.xb, batch, st.B)
+            m[1, c] = self.metric.per_scan(G2, st.xb, batch, st.B)
+        pick = widest_pair(m[0], m[1])                        # (B,) candidate per scan
+        rows = torch.as_tensor(pick, device=self.device)[st.xb].view(-1, 1)
+        z1 = torch.stack([c[0] for c in cands])               # (K, N, 3)
+        z2 = torch.stack([c[1] for c in cands])
+        idx = rows.view(1, -1, 1).expand(1, -1, 3)
+        st.logs["metric/candidate_margin"] = float(np.abs(m[0] - m[1]).mean())
+        return z1.gather(0, idx)[0], z2.gather(0, idx)[0]
+
+    def _spread(self, st: "_Step", batch: dict, x_init) -> dict:
+        """The metric's spread over ``spread_samples`` independent one-step samples of every scan
+        (no gradient), and the pair's margin relative to it (``metric/margin_over_spread``)."""
+        d = self.cfg["distill"]
+        S, B = int(d["spread_samples"]), st.B
+        zs = [self.draw_noise(st.keys, st.counts, f"distill/spread/{j}") for j in range(S)]
+        Xb = torch.cat([st.xb + j * B for j in range(S)])
+        with torch.no_grad():
+            G = one_step_sample(self.student, torch.cat([x_init] * S), torch.cat(zs), Xb,
+                                Condition.concat([st.cond] * S), self.t_T, self.sigma_T, self.alpha_T,
+                                d["generator"], num_elements=S * B)
+        N = st.xb.shape[0]
+        vals = np.stack([self.metric.per_scan(G[j * N:(j + 1) * N], st.xb, batch, B) for j in range(S)])
+        absdiff, std = spread(vals)
+        sums = D.all_reduce_sum_nograd(torch.tensor([absdiff.sum(), std.sum()], dtype=torch.float64,
+                                                    device=self.device)).cpu()
+        n = float(D.all_reduce_sum_nograd(torch.tensor([float(B)], dtype=torch.float64, device=self.device)))
+        out = {"metric/spread": float(sums[0]) / n, "metric/spread_std": float(sums[1]) / n}
+        out["metric/margin_over_spread"] = st.logs["metric/margin"] / max(out["metric/spread"], 1e-12)
+        return out
+
     def _rank_pair(self, st: "_Step", batch: dict, rec: dict | None) -> dict:
         """Winner and loser of each scan's pair by the preference metric (logs the margins)."""
         N = st.xb.shape[0]
         G1, G2 = st.G_all[:N], st.G_all[N:]
-        m1, m2, first = self.preference(G1, G2, st.xb, batch["target"], batch["target_batch"], st.B)
+        m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
+        m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
+        first = self.metric.first_wins(m1, m2)
         rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
         mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
         stats = D.all_reduce_sum_nograd(torch.tensor(
@@ -354,6 +426,14 @@ class DistillTrainer(Trainer):
         self.set_train(self.student, True)
         return {"scan": scan.cpu().numpy(), "student, one step": G.cpu().numpy(),
                 "target": batch["target"][batch["target_batch"] == 0].numpy()}
+
+    def validation_predictor(self, guidance: float):
+        """The student at ``validation.steps`` steps, refined with ``distill.refiner``."""
+        from .validation import completer_predictor
+        if not hasattr(self, "_refiner"):
+            src = self.cfg["distill"].get("refiner")
+            self._refiner = load_pretrained(src).refiner if src else None
+        return completer_predictor(self.encoder, self.student, self._refiner, self.cfg, guidance, self.device)
 
     def export(self, path: Path):
         refiner = None

@@ -204,6 +204,11 @@ class Trainer(abc.ABC):
         """Clouds for the bird's-eye image ({name: (N, 3) array}) of the first sample, or None."""
         return None
 
+    def validation_predictor(self, guidance: float):
+        """``predict(scan, seed) -> (M, 3) points`` completing a held-out scan with the current
+        weights (training/validation.py), or None when this kind has nothing to validate."""
+        return None
+
     # -- helpers for subclasses ------------------------------------------------------------------
     def build_source(self):
         from .sources import build_source
@@ -338,6 +343,30 @@ class Trainer(abc.ABC):
         if self.dist.rank < len(rngs):
             R.restore_state(rngs[self.dist.rank])
 
+    # -- validation (training/validation.py) -----------------------------------------------------
+    def make_validator(self):
+        """The run's :class:`~training.validation.Validator`, or None when validation is off."""
+        if int(self.cfg["validation"]["every_steps"]) <= 0:
+            return None
+        from .validation import Validator
+        validator = Validator(self.cfg, self.kind, self.out)
+        if self.step == 0:
+            validator.best = None   # a fresh run: a best of an earlier run in this folder does not count
+        return validator
+
+    def validate(self, validator, logger) -> None:
+        """Rank 0 completes the held-out frames, logs ``val/*`` and exports the weights to
+        ``<out>/best/`` when the selected metric improved; the other ranks wait."""
+        if self.dist.is_main:
+            predict = self.validation_predictor(validator.guidance)
+            if predict is not None:
+                metrics = validator.evaluate(predict)
+                if validator.improved(metrics):
+                    self.export(validator.best_dir / f"{self.kind}.pt")
+                    validator.record_best(self.step, metrics)
+                logger.scalars(self.step, validator.logs(metrics))
+        D.barrier()
+
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None and signum == signal.SIGINT:
@@ -376,7 +405,10 @@ class Trainer(abc.ABC):
         steps_done = 0
         status = "finished"
         step_times = []
+        validator = self.make_validator()
         try:
+            if validator is not None and self.step == 0 and cfg["validation"]["at_start"]:
+                self.validate(validator, logger)
             if self.step < self.total_steps:
                 self.sampler.set_range(self.step, self.total_steps)
                 dcfg = cfg["data"]
@@ -400,6 +432,8 @@ class Trainer(abc.ABC):
                         if clouds:
                             logger.bev(self.step, f"{self.kind}/bev", clouds)
                     logger.progress(1, {k: v for k, v in logs.items() if k.startswith("loss")})
+                    if validator is not None and validator.due(self.step, self.total_steps):
+                        self.validate(validator, logger)
                     stop = D.any_flag(self._stop_signal is not None, self.device)
                     if every_ckpt and self.step % every_ckpt == 0 and not stop:
                         self.save()

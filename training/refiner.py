@@ -67,6 +67,10 @@ class RefinerTrainer(Trainer):
         return {"jittered input": inp.cpu().numpy(), "refined (x6)": out.cpu().numpy(),
                 "target": batch["target"][batch["target_batch"] == 0].numpy()}
 
+    def validation_predictor(self, guidance: float):
+        from .validation import refiner_predictor
+        return refiner_predictor(self.net, self.cfg, self.device)
+
     def export(self, path: Path):
         return export_inference(path, self.model_config, "refiner", refiner=self.net,
                                 meta={"trained_by": "training.refiner", "step": self.step, "config": self.cfg})

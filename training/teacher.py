@@ -18,7 +18,7 @@ from torch import nn
 from . import rng as R
 from .engine import Trainer
 from .losses import denoising_loss_terms
-from .netio import build_networks, export_inference, load_init
+from .netio import build_networks, export_inference, load_init, load_pretrained
 
 
 class TeacherNet(nn.Module):
@@ -49,6 +49,7 @@ class TeacherNet(nn.Module):
 
 class TeacherTrainer(Trainer):
     kind = "teacher"
+    trained_by = "training.teacher"
 
     def build(self) -> None:
         enc, den, _ = build_networks(self.model_config, self.backend, refiner=False)
@@ -106,6 +107,14 @@ class TeacherTrainer(Trainer):
         return {"scan": scan.cpu().numpy(), "x_t (t=500)": x_t.cpu().numpy(),
                 "estimate of x_0": est.cpu().numpy(), "target": x0.cpu().numpy()}
 
+    def validation_predictor(self, guidance: float):
+        from .validation import completer_predictor
+        if not hasattr(self, "_val_refiner"):
+            src = self.cfg["validation"].get("refiner")
+            self._val_refiner = load_pretrained(src).refiner if src else None
+        return completer_predictor(self.net.encoder, self.net.denoiser, self._val_refiner, self.cfg,
+                                   guidance, self.device)
+
     def export(self, path: Path):
         d = self.cfg["data"]
         return export_inference(path, self.model_config, "teacher", encoder=self.net.encoder,
@@ -113,5 +122,5 @@ class TeacherTrainer(Trainer):
                                                                       "process": "local",
                                                                       "n_fps": int(d["scan_points"]),
                                                                       "tile": int(d["tile"])},
-                                meta={"trained_by": "training.teacher", "step": self.step,
+                                meta={"trained_by": self.trained_by, "step": self.step,
                                       "config": self.cfg})

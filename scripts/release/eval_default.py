@@ -16,6 +16,12 @@ variants (the refiner runs on the unrefined cloud, so the "without" row is that 
 Each row is a resumable `lidar_completion.evaluation` run in OUT/<row>/ (frames.jsonl,
 summary.json, summary.md); OUT/table.md and OUT/table.json collect them. Frame i is completed with
 seed SEED + i, so the numbers are reproducible on the same machine and backend.
+
+Several held-out drives and sampling seeds (`--sequence 08,09 --seeds 0,1000,2000`): the runs go to
+OUT/seed<S>/<sequence>/<row>/, and the table gives per row the mean over the seeds of the
+frame-weighted means over the drives, with the standard deviation over the seeds (the run-to-run
+spread). `--doc docs/results.md` writes the table, and the command that made it, into that file's
+results block; `--table-only` rebuilds the table (and the block) from the runs already in OUT.
 """
 from __future__ import annotations
 
@@ -24,9 +30,12 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from lidar_completion.metrics import EMD_MODES
 from lidar_completion.settings import CompletionSettings, add_arguments
@@ -37,7 +46,7 @@ ROWS = ("input", "xinit", "teacher50", "teacher8", "student8", "student4", "stud
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="SemanticKITTI-layout root with a built gt_cache")
-    ap.add_argument("--sequence", default="08")
+    ap.add_argument("--sequence", default="08", help="the held-out sequence, or several: 08,09")
     ap.add_argument("--every", type=int, default=10, help="evaluate every K-th frame (default 10)")
     ap.add_argument("--limit", type=int, default=6, help="at most N frames (default 6)")
     ap.add_argument("--teacher", help="teacher checkpoint (rows teacher50, teacher8)")
@@ -48,6 +57,11 @@ def parse_args(argv=None):
                          "override the guidance weight")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0, help="frame i uses seed + i (default 0)")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="evaluate every row once per seed (OUT/seed<S>/<sequence>/<row>/); the table "
+                         "shows the mean over the seeds and their standard deviation")
+    ap.add_argument("--doc", default=None, metavar="MARKDOWN",
+                    help="also write the table into this file's results block (docs/results.md)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--emd", default="ot", choices=EMD_MODES)
     ap.add_argument("--no-progress", action="store_true")
@@ -163,29 +177,77 @@ def evaluate_row(row: str, args, src):
                          complete_model)
 
 
-def table(out_dir: Path):
-    def order(s: dict):
-        run = s["run"]
-        src = run.get("source")
-        if src == "input scan (no model)":
-            return (0,)
-        if src == "x_init":
-            return (1, bool(run.get("refine")))
-        kind = 2 if run.get("label", "").startswith("teacher") else 3
-        return (kind, -int(run.get("steps") or 0), run.get("process") == "vp",
-                float(run.get("guidance") or 0), bool(run.get("refine")))
+def _row_order(run: dict):
+    src = run.get("source")
+    if src == "input scan (no model)":
+        return (0,)
+    if src == "x_init":
+        return (1, bool(run.get("refine")))
+    kind = 2 if run.get("label", "").startswith("teacher") else 3
+    return (kind, -int(run.get("steps") or 0), run.get("process") == "vp",
+            float(run.get("guidance") or 0), bool(run.get("refine")))
 
-    rows = sorted((json.loads(p.read_text()) for p in out_dir.glob("*/summary.json")), key=order)
+
+def _weighted(parts: list, key: str):
+    """Frame-weighted mean of a summary metric over the parts (sequences) of one seed."""
+    vals = [(p[key]["mean"], p["frames"]) for p in parts if (p.get(key) or {}).get("mean") is not None]
+    n = sum(f for _, f in vals)
+    return sum(v * f for v, f in vals) / n if n else None
+
+
+def aggregate(out_dir: Path) -> list:
+    """Every row's numbers from the evaluation runs under OUT (any depth: OUT/<row>/ for one seed and
+    sequence, OUT/seed<S>/<sequence>/<row>/ for several): per seed, the frame-weighted means over the
+    sequences (IoU from the summed TP/FP/FN); then the mean over seeds and their standard deviation
+    (the run-to-run spread; None with one seed)."""
+    groups: dict = {}
+    for path in sorted(out_dir.rglob("summary.json")):
+        s = json.loads(path.read_text())
+        run = s["run"]
+        key = (run.get("label"), bool(run.get("refine")))
+        groups.setdefault(key, {}).setdefault(run.get("seed"), []).append(s)
+    rows = []
+    for key, by_seed in groups.items():
+        per_seed = []
+        for seed, parts in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
+            iou = {}
+            for k in ("0.5", "0.2"):
+                tp = sum(p["iou"]["full"][k]["tp"] for p in parts)
+                union = tp + sum(p["iou"]["full"][k]["fp"] + p["iou"]["full"][k]["fn"] for p in parts)
+                iou[k] = tp / union if union else None
+            per_seed.append({"seed": seed, "frames": sum(p["frames"] for p in parts),
+                             "sequences": sorted({p["run"].get("sequence") for p in parts}),
+                             "cd": _weighted(parts, "cd"), "jsd_bev": _weighted(parts, "jsd_bev"),
+                             "emd": _weighted(parts, "emd"), "time": _weighted(parts, "time_per_scan"),
+                             "iou": iou})
+        stats = {}
+        for name in ("cd", "jsd_bev", "emd", "time", "iou0.5", "iou0.2"):
+            v = [r["iou"][name[3:]] if name.startswith("iou") else r[name] for r in per_seed]
+            v = np.array([x for x in v if x is not None], dtype=float)
+            stats[name] = {"mean": float(v.mean()) if v.size else None,
+                           "spread": float(v.std(ddof=1)) if v.size > 1 else None}
+        first = next(iter(by_seed.values()))[0]
+        rows.append({"run": first["run"], "per_seed": per_seed, "stats": stats})
+    rows.sort(key=lambda r: _row_order(r["run"]))
+    return rows
+
+
+def table(out_dir: Path):
+    """OUT/table.md and OUT/table.json from the runs under OUT; returns the Markdown."""
+    rows = aggregate(out_dir)
     lines = ["| model | steps | solver | guidance | refine | CD [m] | JSD-BEV | EMD [m] | IoU@0.5 [%] | IoU@0.2 [%] | time per scan [s] |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def f(v, d=3, s=1.0):
-        return "-" if v is None else f"{v * s:.{d}f}"
+    def f(st, d=3, s=1.0, spread=False):
+        if st["mean"] is None:
+            return "-"
+        txt = f"{st['mean'] * s:.{d}f}"
+        if spread and st["spread"] is not None:
+            txt += f" ± {st['spread'] * s:.{d}f}"
+        return txt
 
-    for s in rows:
-        run = s["run"]
-        iou = s["iou"]["full"]
-        t = s.get("time_per_scan") or {}
+    for r in rows:
+        run, st = r["run"], r["stats"]
         label = run.get("label", "")
         if run.get("source") == "completer":
             name = label.split(" ")[0]
@@ -198,19 +260,38 @@ def table(out_dir: Path):
             run.get("process") or ("vp" if run.get("source") == "completer" else "-"),
             f"{run['guidance']:g}" if run.get("guidance") is not None else "-",
             "-" if run.get("source") == "input scan (no model)" else ("yes" if run.get("refine") else "no"),
-            f((s.get("cd") or {}).get("mean")), f((s.get("jsd_bev") or {}).get("mean")),
-            f((s.get("emd") or {}).get("mean"), 2), f(iou["0.5"]["iou"], 1, 100),
-            f(iou["0.2"]["iou"], 1, 100), f(t.get("mean"), 2)]) + " |")
-    frames = rows[0]["frames"] if rows else 0
-    md = "\n".join(lines) + "\n"
+            f(st["cd"], spread=True), f(st["jsd_bev"], spread=True), f(st["emd"], 2),
+            f(st["iou0.5"], 1, 100), f(st["iou0.2"], 1, 100), f(st["time"], 2)]) + " |")
+    seeds = sorted({str(p["seed"]) for r in rows for p in r["per_seed"]})
+    frames = rows[0]["per_seed"][0]["frames"] if rows else 0
+    seqs = rows[0]["per_seed"][0]["sequences"] if rows else []
+    note = (f"\n{frames} frames of sequence{'s' if len(seqs) > 1 else ''} {', '.join(map(str, seqs))} per seed; "
+            f"seeds {', '.join(seeds)} (frame i completed with seed + i)")
+    if len(seeds) > 1:
+        note += "; a ± b: mean over the seeds ± their standard deviation (the run-to-run spread)"
+    md = "\n".join(lines) + "\n" + note + ".\n"
     (out_dir / "table.md").write_text(md)
     (out_dir / "table.json").write_text(json.dumps(
-        {"frames": frames, "rows": [{"run": s["run"], "cd": s.get("cd"), "jsd_bev": s.get("jsd_bev"),
-                                     "emd": s.get("emd"), "iou": s["iou"]["full"],
-                                     "time_per_scan": s.get("time_per_scan")} for s in rows],
+        {"frames": frames, "seeds": seeds,
+         "rows": [{"run": r["run"], "stats": r["stats"], "per_seed": r["per_seed"]} for r in rows],
          "machine": {"python": platform.python_version(), "processor": platform.processor(),
                      "cpus": os.cpu_count()}}, indent=1))
     return md
+
+
+DOC_BEGIN = "<!-- results-table: begin (scripts/release/eval_default.py --doc) -->"
+DOC_END = "<!-- results-table: end -->"
+
+
+def write_doc(doc: Path, md: str, command: str) -> None:
+    """Replace the block between DOC_BEGIN and DOC_END in ``doc`` with the table and its command."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise SystemExit(f"{doc} has no results block ({DOC_BEGIN} ... {DOC_END})")
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    block = f"{DOC_BEGIN}\n{md}\nRegenerated by `{command}`.\n{DOC_END}"
+    doc.write_text(head + block + tail)
 
 
 def main(argv=None):
@@ -227,13 +308,26 @@ def main(argv=None):
         for r in rows:
             if r not in ("input", "xinit"):
                 _row_spec(r, args)
-        src = SequenceSource(args.data, args.sequence, every=args.every, limit=args.limit)
-        for row in rows:
-            t0 = time.perf_counter()
-            res = evaluate_row(row, args, src)
-            for label, s in res.items():
-                print(f"{label}: CD {s['cd']['mean']:.4f} m ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(table(out))
+        seqs = [q.strip() for q in args.sequence.split(",") if q.strip()]
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+        nested = len(seqs) > 1 or args.seeds is not None
+        for seed in seeds:
+            for seq in seqs:
+                # one seed and sequence: OUT/<row>/; several: OUT/seed<S>/<sequence>/<row>/
+                where = out / f"seed{seed}" / seq if nested else out
+                a = argparse.Namespace(**dict(vars(args), seed=seed, sequence=seq, out=str(where)))
+                src = SequenceSource(args.data, seq, every=args.every, limit=args.limit)
+                for row in rows:
+                    t0 = time.perf_counter()
+                    res = evaluate_row(row, a, src)
+                    for label, s in res.items():
+                        print(f"seed {seed}, sequence {seq}, {label}: CD {s['cd']['mean']:.4f} m "
+                              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    md = table(out)
+    print(md)
+    if args.doc:   # the command that makes the runs (resumable: it reuses those already in OUT)
+        cmd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
+        write_doc(Path(args.doc), md, "python scripts/release/eval_default.py " + shlex.join(cmd))
 
 
 if __name__ == "__main__":

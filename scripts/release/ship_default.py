@@ -8,6 +8,9 @@
 Writes, with float16 tensors (loaded back as float32; docs/results.md's table is measured on these
 files, not on the float32 originals):
 
+Each stage's export is its best by validation, RUN/<stage>/best/<kind>.pt, when the stage validated
+(training/validation.py; the manifest records the step and the validation metrics), else its last.
+
   student.pt     the Distillation-DPO student (RUN/distill/distill.pt, or --student), the teacher's
                  condition encoder and the refiner: the default checkpoint of the CLI, the Python
                  API and the node; --student-guidance W replaces the guidance weight it samples with
@@ -75,6 +78,27 @@ def _stage_info(out: Path, log: Path) -> dict:
     return info
 
 
+def _best(path: Path) -> Path:
+    """A stage export's best-by-validation twin (STAGE/best/NAME) when there is one."""
+    best = path.parent / "best" / path.name
+    return best if best.is_file() else path
+
+
+def _stage_dir(export: Path) -> Path:
+    return export.parent.parent if export.parent.name == "best" else export.parent
+
+
+def _validation(export: Path) -> dict | None:
+    """best/validation.json beside a best export (the step and metrics it was chosen by)."""
+    path = export.parent / "validation.json"
+    if export.parent.name != "best" or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 def _student_teacher(meta: dict):
     """The teacher checkpoint named in a distillation export's training config, or None."""
     import yaml
@@ -111,14 +135,14 @@ def main(argv=None) -> int:
 
     run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
-    calibrated = run / "calibrate" / "teacher.pt"
-    student_src = Path(args.student) if args.student else run / "distill" / "distill.pt"
+    calibrated = _best(run / "calibrate" / "teacher.pt")
+    student_src = Path(args.student) if args.student else _best(run / "distill" / "distill.pt")
     try:   # the same range as --guidance and the node's guidance parameter
         GUIDANCE.check(args.student_guidance)
     except ConfigError as exc:
         print(f"error: --student-guidance: {exc}", file=sys.stderr)
         return 2
-    teacher_src = run / "teacher" / "teacher.pt"
+    teacher_src = _best(run / "teacher" / "teacher.pt")
     if student_src.exists() and not args.teacher_only:
         named = _student_teacher(load_checkpoint(student_src).meta)
         if named is not None:
@@ -126,7 +150,7 @@ def main(argv=None) -> int:
     sources = {"student.pt": student_src, "teacher.pt": teacher_src}
     if calibrated.exists() and calibrated.resolve() != teacher_src.resolve():
         sources["teacher_calibrated.pt"] = calibrated
-    refiner_src = run / "refiner" / "refiner.pt"
+    refiner_src = _best(run / "refiner" / "refiner.pt")
     if args.teacher_only:
         sources.pop("student.pt")
     for p in list(sources.values()) + [refiner_src]:
@@ -162,6 +186,8 @@ def main(argv=None) -> int:
                        "training_step": ld.meta.get("step")}
         if override:
             files[name]["sampling_override"] = override
+        if _validation(src):
+            files[name]["validation"] = _validation(src)
     total = sum(f["bytes"] for f in files.values())
     if total > BUDGET_BYTES:
         for name in files:
@@ -171,7 +197,8 @@ def main(argv=None) -> int:
     stages = {s: _stage_info(run / s, run / f"{s}.log") for s in ("teacher", "refiner", "calibrate")
               if s != "calibrate" or calibrated.exists()}
     if "student.pt" in files:
-        stages["distill"] = _stage_info(student_src.parent, student_src.parent.with_suffix(".log"))
+        folder = _stage_dir(student_src)
+        stages["distill"] = _stage_info(folder, folder.with_suffix(".log"))
         stages["distill"]["export"] = str(student_src)
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,

@@ -36,6 +36,12 @@
 #                        Triton backend, bf16 autocast, training states in 16 MiB parts with one kept,
 #                        T_TEACHER=300 T_REFINER=60 T_DISTILL=120 (seconds); the next run - on a GPU or
 #                        the CPU - resumes every unfinished stage from those parts bit-exactly
+#   VAL_EVERY [100]      validate every N steps (0: off) on a held-out drive generated into RUN_DIR/val
+#   VAL_EVERY_DISTILL [20]  (sequence 07 of seed 2, VAL_SCANS [60] scans; VAL_FRAMES [3] frames 0, 10, ...;
+#                        training/validation.py): 8 local steps, teacher at guidance VAL_TEACHER_GUIDANCE
+#                        [2.5], student at VAL_STUDENT_GUIDANCE [2], the refiner on x_init; each stage
+#                        keeps its best weights in RUN_DIR/<stage>/best/, the next stage starts from
+#                        them and scripts/release/ship_default.py ships them
 #
 # The run is restartable: a stage that finished is skipped (RUN_DIR/<stage>/.stage_done), a stage
 # that was interrupted resumes from its last checkpoint, and the same RUN_DIR with a larger
@@ -43,7 +49,8 @@
 #
 # Outputs: RUN_DIR/teacher/teacher.pt, RUN_DIR/refiner/refiner.pt, RUN_DIR/distill/distill.pt
 # (student + teacher's condition encoder + refiner), RUN_DIR/calibrate/teacher.pt when calibrated,
-# with TensorBoard logs and metrics.jsonl.
+# each with its best-by-validation twin RUN_DIR/<stage>/best/<kind>.pt, TensorBoard logs and
+# metrics.jsonl (val/cd, val/jsd_bev at the validation steps).
 set -uo pipefail
 precision=()
 if [ "${PROFILE:-cpu}" = gpu-run ]; then
@@ -64,6 +71,7 @@ BATCH=${BATCH:-8}
 SCAN_POINTS=${SCAN_POINTS:-4000}
 # the shipped run: x0.3 every 3 epochs (240 steps an epoch with 6 x 80 scans at batch 2)
 TEACHER_LR=${TEACHER_LR:-"{gamma: 0.3, every_epochs: 3}"}
+TG=${VAL_TEACHER_GUIDANCE:-2.5}
 export LIDAR_COMPLETION_BACKEND=${LIDAR_COMPLETION_BACKEND:-torch}
 mkdir -p "$RUN"
 DATA="$RUN/data"
@@ -90,6 +98,26 @@ if [ ! -f "$DATA/.complete" ]; then
   for p in "${pids[@]}"; do wait "$p" || { log "build-gt failed"; exit 1; }; done
   echo ok > "$DATA/.complete"
 fi
+
+VAL_EVERY=${VAL_EVERY:-100}
+VAL_DATA="$RUN/val"
+if [ "$VAL_EVERY" -gt 0 ] && [ ! -f "$VAL_DATA/.complete" ]; then
+  log "generating the validation drive (sequence 07, seed 2)"
+  { $PY -m lidar_completion make-synthetic "$VAL_DATA" --sequences 1 --first-sequence 7 --scans "${VAL_SCANS:-60}" \
+        --seed 2 && $PY -m lidar_completion build-gt "$VAL_DATA" --sequences 07; } > "$RUN/make_val.log" 2>&1 \
+    || { log "validation data failed, see $RUN/make_val.log"; exit 1; }
+  echo ok > "$VAL_DATA/.complete"
+fi
+val() {  # val EVERY GUIDANCE: sets VA, the validation settings of a stage
+  VA=(--set "validation.every_steps=0")
+  [ "$VAL_EVERY" -gt 0 ] || return 0
+  VA=(--set "validation.every_steps=$1" --set "validation.root=$VAL_DATA" --set "validation.sequence='07'"
+      --set validation.every=10 --set "validation.frames=${VAL_FRAMES:-3}" --set validation.steps=8
+      --set "validation.guidance=$2")
+}
+best() {  # best STAGE KIND: the stage's best-by-validation export, else its last
+  if [ -f "$RUN/$1/best/$2.pt" ]; then echo "$RUN/$1/best/$2.pt"; else echo "$RUN/$1/$2.pt"; fi
+}
 
 common=(--device "$DEVICE" --set "data.root=$DATA" --set "data.sequences=$yaml_seqs" --set "seed=$SEED"
         --set "log.progress=false" --set "data.num_workers=${WORKERS:-0}"
@@ -131,26 +159,31 @@ stage() {  # stage NAME CONFIG SECONDS MAX_STEPS extra-args...  (NAME: teacher, 
 if [ "${PARALLEL:-0}" = 1 ]; then
   # the refiner does not need the teacher: train both at once, one thread each (on a 2-core CPU
   # this uses both cores with no oversubscription; the teacher goes on alone once the refiner ends)
+  val "$VAL_EVERY" "$TG"
   OMP_NUM_THREADS=1 stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
-      --set "train.batch_size=$BATCH" --set "train.lr_schedule=$TEACHER_LR" & tpid=$!
+      --set "train.batch_size=$BATCH" --set "train.lr_schedule=$TEACHER_LR" "${VA[@]}" & tpid=$!
+  val "$VAL_EVERY" 1
   OMP_NUM_THREADS=1 stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
-      --set "train.batch_size=$BATCH" || exit 1
+      --set "train.batch_size=$BATCH" "${VA[@]}" || exit 1
   wait $tpid || exit 1
 else
+  val "$VAL_EVERY" "$TG"
   stage teacher tiny_teacher.yaml "${T_TEACHER:-150}" "${MAX_STEPS_TEACHER:-100000}" \
-      --set "train.batch_size=$BATCH" --set "train.lr_schedule=$TEACHER_LR" || exit 1
+      --set "train.batch_size=$BATCH" --set "train.lr_schedule=$TEACHER_LR" "${VA[@]}" || exit 1
+  val "$VAL_EVERY" 1
   stage refiner tiny_refiner.yaml "${T_REFINER:-40}" "${MAX_STEPS_REFINER:-100000}" \
-      --set "train.batch_size=$BATCH" || exit 1
+      --set "train.batch_size=$BATCH" "${VA[@]}" || exit 1
 fi
-TEACHER_PT="$RUN/teacher/teacher.pt"
+TEACHER_PT=$(best teacher teacher)
 DISTILL_REG=5.0
 if [ "${MAX_STEPS_CALIBRATE:-0}" -gt 0 ]; then
   # the teacher again, fine-tuned without the std regulariser (constant Adam 3e-4)
+  val "$VAL_EVERY" "$TG"
   stage calibrate tiny_teacher.yaml "${T_CALIBRATE:-100000}" "$MAX_STEPS_CALIBRATE" \
       --set "init=$TEACHER_PT" --set diffusion.reg_weight=0 --set train.optimizer.lr=3e-4 \
-      --set "train.batch_size=$BATCH" || exit 1
+      --set "train.batch_size=$BATCH" "${VA[@]}" || exit 1
   if [ "${DISTILL_FROM:-calibrate}" = calibrate ]; then
-    TEACHER_PT="$RUN/calibrate/teacher.pt"
+    TEACHER_PT=$(best calibrate teacher)
     DISTILL_REG=0
   fi
 fi
@@ -159,7 +192,8 @@ dextra=()
 [ -n "${DISTILL_AUX_WARMUP:-}" ] && dextra+=(--set "distill.aux_warmup_steps=$DISTILL_AUX_WARMUP")
 [ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
 [ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
+val "${VAL_EVERY_DISTILL:-20}" "${VAL_STUDENT_GUIDANCE:-2}"
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
-    --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$RUN/refiner/refiner.pt" \
-    --set "diffusion.reg_weight=$DISTILL_REG" "${dextra[@]}" || exit 1
-log "done: $(ls "$RUN"/*/*.pt)"
+    --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$(best refiner refiner)" \
+    --set "diffusion.reg_weight=$DISTILL_REG" "${VA[@]}" "${dextra[@]}" || exit 1
+log "done: $(ls "$RUN"/*/*.pt "$RUN"/*/best/*.pt 2>/dev/null)"

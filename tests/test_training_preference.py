@@ -1,0 +1,182 @@
+"""Preference options of the distillation (training/preference.py, ``distill.*``): each option changes
+what it says - the ranking metric, how a pair's second sample is made, how many candidate pairs are
+drawn - and the spread diagnostic measures what it says."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion import metrics as M
+from lidar_completion.checkpoints import WEIGHTS_DIR
+from lidar_completion.errors import ConfigError
+from test_training_distill import SIGMA, _run_one_step
+from test_training_utils import tiny_config
+from training.engine import set_bn_mode
+from training.preference import (PreferenceMetric, cd_unseen, local_sample, sample_timesteps, spread,
+                                 widest_pair)
+
+
+# -- the metrics ---------------------------------------------------------------------------------
+def _clouds():
+    rng = np.random.default_rng(0)
+    seen = rng.uniform(-2, 2, (400, 3)).astype(np.float32)             # where the scan looks
+    hidden = (rng.uniform(-2, 2, (400, 3)) + [20, 0, 0]).astype(np.float32)   # what it does not see
+    scan = seen
+    return scan, seen, hidden
+
+
+def test_cd_unseen_ignores_what_the_scan_sees():
+    scan, seen, hidden = _clouds()
+    target = np.concatenate([seen, hidden])
+    wrong_seen = np.concatenate([seen + [0, 0, 0.4], hidden])           # error only near the scan
+    wrong_hidden = np.concatenate([seen, hidden + [0, 0, 0.4]])         # error only away from it
+    assert M.chamfer_distance(wrong_seen, target) > 0.1
+    assert cd_unseen(wrong_seen, target, scan, radius=1.0) == pytest.approx(0.0, abs=1e-6)
+    assert cd_unseen(wrong_hidden, target, scan, radius=1.0) == pytest.approx(
+        M.chamfer_distance(hidden + [0, 0, 0.4], hidden), rel=1e-6)
+    # nothing unseen in the prediction: the whole clouds' CD
+    assert cd_unseen(seen, target, scan, 1.0) == pytest.approx(M.chamfer_distance(seen, target))
+
+
+def test_named_metrics_their_direction_and_the_composite():
+    scan, seen, hidden = _clouds()
+    target = np.concatenate([seen, hidden])
+    pred = np.concatenate([seen, hidden + [0, 0, 0.4]])
+    spec = {"metric": "iou", "iou_voxel": 0.5}
+    iou = PreferenceMetric.from_spec(spec)
+    assert not iou.lower_is_better
+    assert iou.score(pred, target, scan) == pytest.approx(M.iou(pred, target, 0.5))
+    assert list(iou.first_wins(np.array([0.3, 0.1]), np.array([0.2, 0.2]))) == [True, False]
+    comp = PreferenceMetric.from_spec({"metric": "composite", "composite": {"cd": 2.0, "iou": 1.0, "jsd_bev": 0.5},
+                                       "iou_voxel": 0.5})
+    expected = 2.0 * M.chamfer_distance(pred, target) - M.iou(pred, target, 0.5) + 0.5 * M.jsd_bev(pred, target)
+    assert comp.lower_is_better and comp.score(pred, target, scan) == pytest.approx(expected)
+    dotted = PreferenceMetric.from_spec({"metric": "lidar_completion.metrics.jsd_bev", "metric_lower_is_better": True})
+    assert dotted.score(pred, target, scan) == pytest.approx(M.jsd_bev(pred, target))
+
+
+def test_bad_preference_settings_are_refused():
+    with pytest.raises(ConfigError, match="distill.composite"):
+        tiny_config("distill", "distill.metric=composite", "distill.composite={cd: 1, emd: 2}")
+    with pytest.raises(ConfigError, match="pairs_per_scan"):
+        tiny_config("distill", "distill.pairs_per_scan=0")
+    with pytest.raises(ConfigError, match="pair_steps"):
+        tiny_config("distill", "distill.pair_steps=0")
+    with pytest.raises(ConfigError, match="spread_samples"):
+        tiny_config("distill", "distill.spread_every_steps=5", "distill.spread_samples=1")
+    # a composite replaces the default weights rather than adding to them
+    cfg = tiny_config("distill", "distill.metric=composite", "distill.composite={iou: 1}")
+    assert cfg["distill"]["composite"] == {"iou": 1}
+
+
+def test_helpers():
+    assert sample_timesteps(1, 999) == [999]
+    assert sample_timesteps(2, 999) == [999, 500]
+    np.testing.assert_array_equal(widest_pair(np.array([[0.1, 0.5], [0.3, 0.5]]), np.array([[0.2, 0.1], [0.3, 0.45]])),
+                                  [0, 0])
+    absdiff, std = spread(np.array([[1.0, 0.0], [2.0, 0.0], [4.0, 0.0]]))
+    np.testing.assert_allclose(absdiff, [2.0, 0.0])        # (1 + 3 + 2) / 3
+    np.testing.assert_allclose(std, [np.std([1.0, 2.0, 4.0]), 0.0])
+
+
+# -- the options in a distillation step -----------------------------------------------------------
+def _student_eps(step, x, t, with_uncond: float | None = None):
+    tr, batch = step["tr"], step["batch"]
+    student = copy.deepcopy(step["before"]["student"]).train()
+    set_bn_mode(student, tr.bn_mode)
+    xb, B = batch["x_init_batch"], batch["batch_size"]
+    tt = torch.full((B,), int(t), dtype=torch.long)
+    with torch.no_grad():
+        cond = tr.encoder(batch["scan"], batch["scan_batch"])
+        eps_c = student(x, xb, tt, cond)
+        if with_uncond is None:
+            return eps_c
+        n = int(batch["scan_counts"].max())
+        uncond = tr.encoder(torch.zeros(n * B, 3), torch.arange(B).repeat_interleave(n))
+        eps_u = student(x, xb, tt, uncond)
+    return eps_u + with_uncond * (eps_c - eps_u)
+
+
+def test_metric_option_ranks_by_that_metric(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.metric=iou", "distill.iou_voxel=0.5")
+    batch, rec = step["batch"], step["rec"]
+    N = batch["x_init"].shape[0]
+    xb, tb, tgt = batch["x_init_batch"].numpy(), batch["target_batch"].numpy(), batch["target"].numpy()
+    for b in range(2):
+        ious = [M.iou(rec["G"][s * N:(s + 1) * N][xb == b].numpy(), tgt[tb == b], 0.5) for s in (0, 1)]
+        assert [rec["m1"][b], rec["m2"][b]] == pytest.approx(ious)
+        assert rec["first"][b] == (ious[0] >= ious[1])          # higher IoU wins
+
+
+def test_pair_guidance_makes_the_second_sample_guided(tmp_path):
+    # from the shipped teacher: an untrained network hardly uses its condition
+    step = _run_one_step(tmp_path, "dpo", "distill.pair_guidance=3.0", "distill.pair_noise=independent",
+                         "train.batchnorm=frozen", f"distill.teacher={WEIGHTS_DIR / 'teacher.pt'}",
+                         "distill.noise_scale=1.0")
+    batch, rec = step["batch"], step["rec"]
+    N = batch["x_init"].shape[0]
+    x1, x2 = batch["x_init"] + rec["z"], batch["x_init"] + rec["z2"]
+    G1 = x1 - SIGMA[999] * _student_eps(step, x1, 999)
+    G2 = x2 - SIGMA[999] * _student_eps(step, x2, 999, with_uncond=3.0)
+    torch.testing.assert_close(rec["G"][:N], G1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec["G"][N:], G2, rtol=1e-5, atol=1e-5)
+    assert float((G2 - (x2 - SIGMA[999] * _student_eps(step, x2, 999))).abs().max()) > 1e-3   # guidance matters
+    moved = max(float((p1 - p0).detach().abs().max()) for p0, p1 in
+                zip(step["before"]["student"].parameters(), step["tr"].student.parameters()))
+    assert moved > 0
+
+
+def test_pair_steps_make_the_second_sample_in_several_steps(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.pair_steps=2")
+    batch, rec = step["batch"], step["rec"]
+    N = batch["x_init"].shape[0]
+    x = batch["x_init"] + 1.1 * rec["z"]
+    eps = _student_eps(step, x, 999)
+    x0 = x - SIGMA[999] * eps
+    x_mid = x0 + SIGMA[500] * eps                      # deterministic local step 999 -> 500
+    G2 = x_mid - SIGMA[500] * _student_eps(step, x_mid, 500)
+    torch.testing.assert_close(rec["G"][N:], G2, rtol=1e-4, atol=1e-4)
+    # the helper with a fake denoiser: the same recursion
+    d = local_sample(lambda x, t: torch.full_like(x, t / 1000.0), torch.zeros(2, 3), [999, 500], SIGMA)
+    e1, e2 = 0.999, 0.5
+    torch.testing.assert_close(d, torch.full((2, 3), -SIGMA[999] * e1 + SIGMA[500] * e1 - SIGMA[500] * e2))
+
+
+def test_several_pairs_per_scan_keep_the_widest_margin(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.pairs_per_scan=3", "train.batchnorm=frozen")
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    keys, counts = tr.sample_keys(batch), batch["x_init_counts"]
+    cands = [tr.draw_noise(keys, counts, "distill/z" + ("" if c == 0 else f"/{c}")) for c in range(3)]
+    margins = []
+    xb, tb, tgt = batch["x_init_batch"], batch["target_batch"].numpy(), batch["target"].numpy()
+    for z in cands:
+        G = [batch["x_init"] + s * z - SIGMA[999] * _student_eps(step, batch["x_init"] + s * z, 999) for s in (1.0, 1.1)]
+        margins.append([abs(M.chamfer_distance(G[0][xb == b].numpy(), tgt[tb == b])
+                            - M.chamfer_distance(G[1][xb == b].numpy(), tgt[tb == b])) for b in range(2)])
+    margins = np.array(margins)                        # (K, B)
+    pick = margins.argmax(axis=0)
+    for b in range(2):                                 # the kept pair started from the chosen candidate's noise
+        torch.testing.assert_close(rec["z"][xb == b], cands[pick[b]][xb == b])
+    np.testing.assert_allclose(np.abs(rec["m1"] - rec["m2"]), margins.max(axis=0), rtol=1e-3, atol=1e-6)
+    assert step["logs"]["metric/margin"] >= step["logs"]["metric/candidate_margin"]
+
+
+def test_spread_diagnostic_compares_the_margin_with_independent_samples(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.spread_every_steps=1", "distill.spread_samples=3",
+                         "train.batchnorm=frozen")
+    tr, batch, logs = step["tr"], step["batch"], step["logs"]
+    keys, counts = tr.sample_keys(batch), batch["x_init_counts"]
+    xb, tb, tgt = batch["x_init_batch"], batch["target_batch"].numpy(), batch["target"].numpy()
+    vals = []
+    for j in range(3):
+        x = batch["x_init"] + tr.draw_noise(keys, counts, f"distill/spread/{j}")
+        G = x - SIGMA[999] * _student_eps(step, x, 999)
+        vals.append([M.chamfer_distance(G[xb == b].numpy(), tgt[tb == b]) for b in range(2)])
+    absdiff, std = spread(np.array(vals))
+    assert logs["metric/spread"] == pytest.approx(absdiff.mean(), rel=1e-4)
+    assert logs["metric/spread_std"] == pytest.approx(std.mean(), rel=1e-4)
+    assert logs["metric/margin_over_spread"] == pytest.approx(logs["metric/margin"] / logs["metric/spread"])
+    assert "metric/spread" not in _run_one_step(tmp_path / "off", "dpo")["logs"]

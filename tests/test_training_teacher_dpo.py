@@ -1,0 +1,131 @@
+"""The teacher's Diffusion-DPO stage (training/teacher_dpo.py) against its written-out formula, on the
+tiny networks: one SGD step must equal -lr x the autograd gradient of
+
+    L = mean_b -log sigmoid(-beta ((e_model^w - e_ref^w) - (e_model^l - e_ref^l))),
+    e^s = mean |eps - eps(x^s + sigma_t eps, t)|^2 over scan b's points and coordinates,
+
+where x^w / x^l are the reference's one-step samples ranked by Chamfer distance to the ground
+truth. At the first step model = reference, so L = log 2 and the gradient is
+beta / 2 (grad e^w - grad e^l), which must move the weights (the distillation code the method
+builds on shipped a loss whose gradient was zero; this stage must not).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lidar_completion.diffusion import NoiseSchedule
+from lidar_completion.metrics import chamfer_distance
+from test_training_utils import assert_sgd_update, recorded_step, scenes_source, tiny_config
+from training.engine import set_bn_mode
+from training.teacher_dpo import TeacherDPOTrainer
+
+LR = 1e-3
+BETA = 1000.0
+SIGMA = torch.sqrt(1.0 - NoiseSchedule().alphas_cumprod).float()
+
+
+def _one_step(tmp_path, *extra):
+    torch.manual_seed(0)
+    cfg = tiny_config("teacher-dpo", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR}}}",
+                      f"teacher_dpo.beta={BETA}", "teacher_dpo.t_min=100", "teacher_dpo.t_max=900", *extra)
+    tr = TeacherDPOTrainer(cfg, tmp_path, source=scenes_source(2))
+    return recorded_step(tr, copy.deepcopy(tr.net))
+
+
+@pytest.fixture(scope="module")
+def step(tmp_path_factory):
+    return _one_step(tmp_path_factory.mktemp("tdpo"))
+
+
+def _frozen_copy(net):
+    net = copy.deepcopy(net).train()
+    set_bn_mode(net, "frozen")
+    return net
+
+
+def test_pairs_are_the_reference_samples_ranked_against_the_ground_truth(step):
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    xb, tb = batch["x_init_batch"], batch["target_batch"]
+    s1, s2 = rec["samples"][0]
+    # the reference's one-step samples: x_T - sigma_999 eps_ref(x_T, 999)
+    keys = tr.sample_keys(batch)
+    z1 = tr.draw_noise(keys, batch["x_init_counts"], "teacher_dpo/z")
+    z2 = tr.draw_noise(keys, batch["x_init_counts"], "teacher_dpo/z2")
+    assert float((z1 - z2).abs().mean()) > 0.5                    # independent draws
+    with torch.no_grad():
+        cond = tr.ref.encoder(batch["scan"], batch["scan_batch"])
+        for s, z in ((s1, z1), (s2, z2)):
+            x_T = batch["x_init"] + z
+            eps = tr.ref.denoiser(x_T, xb, torch.full((2,), 999, dtype=torch.long), cond)
+            torch.testing.assert_close(s, x_T - SIGMA[999] * eps, rtol=1e-5, atol=1e-5)
+    tgt = batch["target"].numpy()
+    for b in range(2):
+        cd = [chamfer_distance(s[xb == b].numpy(), tgt[tb.numpy() == b]) for s in (s1, s2)]
+        w, l_ = (s1, s2) if cd[0] <= cd[1] else (s2, s1)
+        torch.testing.assert_close(rec["x_w"][xb == b], w[xb == b])
+        torch.testing.assert_close(rec["x_l"][xb == b], l_[xb == b])
+        assert min(cd) == pytest.approx(rec["m1"][b] if rec["first"][b] else rec["m2"][b])
+
+
+def test_step_is_minus_lr_times_the_gradient_of_the_dpo_loss(step):
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    model = _frozen_copy(step["before"])
+    ref = tr.ref
+    scan, sb, xb = batch["scan"], batch["scan_batch"], batch["x_init_batch"]
+    t, eps = rec["t"], rec["eps"]
+    sig = SIGMA[t][xb].view(-1, 1)
+    terms = []
+    for b in range(2):
+        m = xb == b
+        e = {}
+        for side in ("x_w", "x_l"):
+            x = rec[side] + sig * eps
+            pred = model(scan, sb, x, xb, t)
+            with torch.no_grad():
+                pref = ref(scan, sb, x, xb, t)
+            e[side] = (((pred - eps) ** 2)[m].mean(), ((pref - eps) ** 2)[m].mean())
+        inside = (e["x_w"][0] - e["x_w"][1]) - (e["x_l"][0] - e["x_l"][1])
+        terms.append(-F.logsigmoid(-BETA * inside))
+    loss = torch.stack(terms).mean()
+    assert float(loss.detach()) == pytest.approx(math.log(2.0), abs=1e-6)   # model = reference
+    assert step["logs"]["loss/dpo"] == pytest.approx(float(loss.detach()), abs=1e-6)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert max(float(g.abs().max()) for g in grads if g is not None) > 0
+    changed = assert_sgd_update(step["before"], tr.net, grads, LR)
+    assert changed > 20, changed
+    # the reference stays where it was
+    for (k, p0), p1 in zip(step["before"].state_dict().items(), tr.ref.state_dict().values()):
+        assert torch.equal(p0, p1), k
+
+
+def test_the_step_makes_the_model_prefer_the_winners(step):
+    """After the step the model denoises the winners better than the losers, relative to the
+    reference: the implicit margin (e_w - e_ref_w) - (e_l - e_ref_l) is negative."""
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    scan, sb, xb = batch["scan"], batch["scan_batch"], batch["x_init_batch"]
+    t, eps = rec["t"], rec["eps"]
+    sig = SIGMA[t][xb].view(-1, 1)
+    tr.net.eval()
+    with torch.no_grad():
+        e = {}
+        for side in ("x_w", "x_l"):
+            x = rec[side] + sig * eps
+            e[side] = float(((tr.net(scan, sb, x, xb, t) - eps) ** 2).mean() - ((tr.ref(scan, sb, x, xb, t) - eps) ** 2).mean())
+    assert e["x_w"] - e["x_l"] < 0
+
+
+def test_several_pairs_per_scan_keep_the_widest_margin(tmp_path):
+    s = _one_step(tmp_path, "teacher_dpo.pairs_per_scan=3")
+    rec = s["rec"]
+    m = rec["candidates"]                                  # (2, K, B)
+    assert m.shape == (2, 3, 2)
+    margins = np.abs(m[0] - m[1])
+    np.testing.assert_array_equal(rec["pick"], margins.argmax(axis=0))
+    np.testing.assert_allclose(np.abs(rec["m1"] - rec["m2"]), margins.max(axis=0))
+    assert s["logs"]["metric/margin"] == pytest.approx(margins.max(axis=0).mean())

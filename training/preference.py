@@ -1,0 +1,193 @@
+"""Preferences between generated samples: the ranking metrics, the few-step sampler that makes a
+pair's samples differ in content, and the statistics that say whether a preference carries
+information (docs/training.md, "Preferences").
+
+Used by the Distillation-DPO student (``distill.*``) and by the teacher's Diffusion-DPO stage
+(``teacher_dpo.*``); both read the same keys from their own config section:
+
+* ``metric``: a name of :data:`METRICS` or the dotted path of any ``(pred, target) -> float`` on
+  numpy arrays (``metric_lower_is_better`` gives its direction; a named metric knows its own):
+
+  ``cd``         Chamfer distance (:func:`lidar_completion.metrics.chamfer_distance`), lower is better;
+  ``iou``        voxel IoU at ``iou_voxel`` metres, higher is better;
+  ``jsd_bev``    JSD-BEV, lower is better;
+  ``cd_unseen``  Chamfer distance restricted to what the scan does not see: target and sample
+                 points farther than ``unseen_radius`` from every scan point (the whole clouds when
+                 either part is empty), lower is better;
+  ``composite``  sum over ``composite`` (name -> weight) of weight x metric, each metric signed so
+                 that lower is better (IoU enters as -IoU).
+
+* ``pairs_per_scan`` K: K candidate pairs per scan, the pair with the widest margin is kept.
+
+A *margin* is |metric(loser) - metric(winner)|; the *spread* is the mean |metric(a) - metric(b)|
+over pairs of independent one-step samples of the same scan. A margin well below the spread says
+that the pair differs less than any two samples do; a winner that is always the same side of the
+pair (``metric/switch`` near 0 or 1) says that the pair's construction, not the scene, decides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from lidar_completion import metrics as M
+from lidar_completion.errors import ConfigError
+
+from .config import resolve_callable
+
+
+def _cd(pred, target, scan, spec):
+    return M.chamfer_distance(pred, target)
+
+
+def _iou(pred, target, scan, spec):
+    return M.iou(pred, target, float(spec.get("iou_voxel", 0.5)))
+
+
+def _jsd(pred, target, scan, spec):
+    return M.jsd_bev(pred, target)
+
+
+def unseen_mask(points: np.ndarray, scan: np.ndarray, radius: float) -> np.ndarray:
+    """Rows of ``points`` farther than ``radius`` from every point of ``scan``."""
+    d, _ = cKDTree(scan).query(points, k=1, distance_upper_bound=radius)
+    return ~np.isfinite(d)
+
+
+def cd_unseen(pred, target, scan, radius: float = 1.0) -> float:
+    """Chamfer distance between the parts of ``pred`` and ``target`` the scan does not see (farther
+    than ``radius`` from every scan point); the whole clouds' when either part is empty."""
+    p = pred[unseen_mask(pred, scan, radius)]
+    t = target[unseen_mask(target, scan, radius)]
+    if len(p) == 0 or len(t) == 0:
+        return M.chamfer_distance(pred, target)
+    return M.chamfer_distance(p, t)
+
+
+def _cd_unseen(pred, target, scan, spec):
+    return cd_unseen(pred, target, scan, float(spec.get("unseen_radius", 1.0)))
+
+
+#: name -> (function(pred, target, scan, spec) -> float, lower is better)
+METRICS: dict[str, tuple[Callable, bool]] = {
+    "cd": (_cd, True), "iou": (_iou, False), "jsd_bev": (_jsd, True), "cd_unseen": (_cd_unseen, True),
+}
+
+
+def _composite(pred, target, scan, spec):
+    total = 0.0
+    for name, weight in (spec.get("composite") or {}).items():
+        fn, lower = METRICS[name]
+        v = float(fn(pred, target, scan, spec))
+        total += float(weight) * (v if lower else -v)
+    return total
+
+
+METRICS["composite"] = (_composite, True)
+
+
+def check_spec(spec: dict, section: str) -> None:
+    """Refuse a preference configuration that cannot work (a ConfigError naming the key)."""
+    name = spec.get("metric")
+    if name not in METRICS:
+        resolve_callable(name)
+    if name == "composite":
+        weights = spec.get("composite") or {}
+        bad = [k for k in weights if k not in METRICS or k == "composite"]
+        if not weights or bad:
+            raise ConfigError(f"{section}.composite must map metric names ({', '.join(sorted(set(METRICS) - {'composite'}))}) "
+                              f"to weights, got {weights!r}")
+    if int(spec.get("pairs_per_scan", 1)) < 1:
+        raise ConfigError(f"{section}.pairs_per_scan must be >= 1, got {spec.get('pairs_per_scan')}")
+    if not float(spec.get("unseen_radius", 1.0)) > 0 or not float(spec.get("iou_voxel", 0.5)) > 0:
+        raise ConfigError(f"{section}.unseen_radius and {section}.iou_voxel must be positive")
+
+
+@dataclass
+class PreferenceMetric:
+    """The configured ranking metric: ``score(pred, target, scan)`` and its direction."""
+    fn: Callable
+    lower_is_better: bool
+    spec: dict
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "PreferenceMetric":
+        name = spec["metric"]
+        if name in METRICS:
+            fn, lower = METRICS[name]
+            return cls(fn, lower, dict(spec))
+        path_fn = resolve_callable(name)
+        return cls(lambda pred, target, scan, s: path_fn(pred, target),
+                   bool(spec.get("metric_lower_is_better", True)), dict(spec))
+
+    def score(self, pred: np.ndarray, target: np.ndarray, scan: np.ndarray) -> float:
+        return float(self.fn(pred, target, scan, self.spec))
+
+    def per_scan(self, samples: torch.Tensor, rows: torch.Tensor, batch: dict, B: int) -> np.ndarray:
+        """The metric of every scan's sample: ``samples`` (N, 3) with scan index ``rows`` (N,)."""
+        g = samples.detach().float().cpu().numpy()
+        r = rows.cpu().numpy()
+        tb, tg = batch["target_batch"].numpy(), batch["target"].numpy()
+        sb, sc = batch["scan_batch"].numpy(), batch["scan"].numpy()
+        return np.array([self.score(g[r == b], tg[tb == b], sc[sb == b]) for b in range(B)])
+
+    def first_wins(self, m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+        """True where the first sample is preferred (ties: the first)."""
+        return (m1 <= m2) if self.lower_is_better else (m1 >= m2)
+
+
+def widest_pair(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """Index along axis 0 of the candidate pair with the widest margin, per scan: ``m1``, ``m2``
+    (K, B) -> (B,) (ties: the first candidate)."""
+    return np.argmax(np.abs(np.asarray(m1) - np.asarray(m2)), axis=0)
+
+
+def spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean |a - b| over pairs of samples, standard deviation) per scan of ``values`` (S, B)."""
+    v = np.asarray(values, dtype=np.float64)
+    s = v.shape[0]
+    diffs = [np.abs(v[i] - v[j]) for i in range(s) for j in range(i + 1, s)]
+    return np.mean(diffs, axis=0), v.std(axis=0)
+
+
+def sample_timesteps(steps: int, t_top: int) -> list[int]:
+    """``steps`` timesteps from ``t_top`` down, evenly spaced (1 -> [t_top]; 2 -> [999, 500])."""
+    if int(steps) < 1:
+        raise ConfigError(f"sampling steps must be >= 1, got {steps}")
+    return [int(round(t)) for t in np.linspace(t_top, 0, int(steps) + 1)[:-1]]
+
+
+def local_sample(denoise: Callable, x_T: torch.Tensor, timesteps: list[int], sigmas: torch.Tensor,
+                 grad_last: bool = False) -> torch.Tensor:
+    """Deterministic few-step sample of the local process x_t = x_0 + sigma_t eps (DDIM with
+    eta = 0): at each t, x_0 = x - sigma_t eps(x, t) and, unless t is the last, x = x_0 +
+    sigma_t' eps(x, t) at the next t'. ``denoise(x, t) -> eps``. Only the last step records a
+    graph, and only with ``grad_last`` (earlier steps are evaluated without gradient)."""
+    x = x_T
+    for i, t in enumerate(timesteps):
+        last = i == len(timesteps) - 1
+        with torch.set_grad_enabled(grad_last and last):
+            eps = denoise(x if last and grad_last else x.detach(), t)
+            x0 = x - float(sigmas[t]) * eps
+        if last:
+            return x0
+        x = (x0 + float(sigmas[timesteps[i + 1]]) * eps).detach()
+    return x
+
+
+def guided_eps(net, x: torch.Tensor, xb: torch.Tensor, t: torch.Tensor, cond, uncond, guidance: float,
+               num_elements: int) -> torch.Tensor:
+    """``net``'s noise prediction for a batch of ``num_elements`` scans, with classifier-free
+    guidance ``eps_u + w (eps_c - eps_u)`` when ``guidance`` is not 1 (both halves in one call;
+    ``uncond``: the all-zero cloud's condition for every element)."""
+    from lidar_completion.diffusion.guidance import cfg_combine
+    from lidar_completion.models import Condition
+    if float(guidance) == 1.0:
+        return net(x, xb, t, cond)
+    out = net(torch.cat([x, x]), torch.cat([xb, xb + num_elements]), torch.cat([t, t]),
+              Condition.concat([cond, uncond]))
+    n = x.shape[0]
+    return cfg_combine(out[:n], out[n:], float(guidance))
