@@ -196,7 +196,8 @@ class DistillTrainer(Trainer):
         auxiliary-only warm-up) :meth:`update_student`."""
         student_phase = self.step >= int(self.cfg["distill"]["aux_warmup_steps"])
         rec = {} if self.record else None
-        step = self.sample(batch, student_phase, rec)
+        with self.autocast():   # train.precision: the passes in bf16/fp16, samples and losses in fp32
+            step = self.sample(batch, student_phase, rec)
         logs = dict(step.logs)
         logs.update(self.update_auxiliaries(step, rec))
         if student_phase:
@@ -230,12 +231,12 @@ class DistillTrainer(Trainer):
             z2 = None
             with torch.set_grad_enabled(with_grad):
                 st.G_all = one_step_sample(gen, x_init, z, st.xb, st.cond, self.t_T, self.sigma_T,
-                                           self.alpha_T, d["generator"], num_elements=B)
+                                           self.alpha_T, d["generator"], num_elements=B).float()
             st.samples = {"aux": st.G_all}
         else:
             z, z2 = self._choose_pair(st, batch, x_init)
             G1, G2 = self._pair(gen, x_init, z, z2, st, with_grad)
-            st.G_all = torch.cat([G1, G2])
+            st.G_all = torch.cat([G1.float(), G2.float()])
             st.samples = self._rank_pair(st, batch, rec)
             if int(d["spread_every_steps"]) and self.step % int(d["spread_every_steps"]) == 0:
                 st.logs.update(self._spread(st, batch, x_init))
@@ -352,12 +353,14 @@ class DistillTrainer(Trainer):
                 t_a = self.draw_t(st.keys, f"distill/{name}/t/{k}", int(d["t_min"]), int(d["t_max"]))
                 eps_a = self.draw_noise(st.keys, st.counts, f"distill/{name}/eps/{k}")
                 x_a = st.samples[name].detach() + self.sigma(t_a)[st.xb].view(-1, 1) * eps_a
-                losses[name] = aux_loss(self.wrapped[name](x_a, st.xb, t_a, st.cond), eps_a, kind, reg)
+                with self.autocast():
+                    pred = self.wrapped[name](x_a, st.xb, t_a, st.cond)
+                losses[name] = aux_loss(pred.float(), eps_a, kind, reg)
                 total = total + losses[name]
                 draws[name] = (t_a, eps_a)
             self.guard("aux", total)
             self.optimizers["aux"].zero_grad(set_to_none=True)
-            total.backward()
+            self.backward(total, "aux")
             gn = self.clip_and_step("aux", self._aux_clip())
             if rec is not None:
                 rec["aux"].append({n: (t.clone(), e.clone()) for n, (t, e) in draws.items()})
@@ -374,12 +377,12 @@ class DistillTrainer(Trainer):
         sig = self.sigma(t)[st.xb].view(-1, 1)
         for name in st.sides:
             self.aux[name].eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             x = {name: st.samples[name].detach() + sig * eps for name in st.sides}
             k = len(st.sides)
             eps_T = self.teacher_score(torch.cat([x[n] for n in st.sides]), st.Xb, torch.cat([t] * k),
-                                       st.cond_k, st.n_scan).chunk(k)
-            diff = {n: eps_T[i] - self.aux[n](x[n], st.xb, t, st.cond) for i, n in enumerate(st.sides)}
+                                       st.cond_k, st.n_scan).float().chunk(k)
+            diff = {n: eps_T[i] - self.aux[n](x[n], st.xb, t, st.cond).float() for i, n in enumerate(st.sides)}
         logs = {}
         if self.mode == "dpo":
             d_w, d_l, G_w, G_l = diff["aux_w"], diff["aux_l"], st.samples["aux_w"], st.samples["aux_l"]
@@ -402,7 +405,7 @@ class DistillTrainer(Trainer):
             logs["score_diff"] = float(diff["aux"].abs().mean())
         self.guard("student", loss)
         self.optimizers["student"].zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss, "student")
         logs["grad_norm/student"] = self.clip_and_step("student", self.cfg["train"]["grad_clip"])
         logs["loss/student"] = logs["loss"] = float(loss.detach())
         if rec is not None:

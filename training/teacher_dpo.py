@@ -160,7 +160,9 @@ class TeacherDPOTrainer(TeacherTrainer):
         rec = {} if self.record else None
         keys = self.sample_keys(batch)
         B = int(batch["batch_size"])
-        x_w, x_l, logs = self.make_pair(batch, keys, rec)
+        with self.autocast():   # train.precision: the passes in bf16/fp16, samples and losses in fp32
+            x_w, x_l, logs = self.make_pair(batch, keys, rec)
+        x_w, x_l = x_w.float(), x_l.float()
         xb = batch["x_init_batch"].to(dev)
         scan, scan_b = batch["scan"].to(dev), batch["scan_batch"].to(dev)
         t = self.draw_t(keys, "teacher_dpo/t", int(c["t_min"]), int(c["t_max"]))
@@ -169,10 +171,12 @@ class TeacherDPOTrainer(TeacherTrainer):
         x2 = torch.cat([x_w + sig * eps, x_l + sig * eps])
         xb2, t2 = torch.cat([xb, xb + B]), torch.cat([t, t])
         scan2, scan_b2 = torch.cat([scan, scan]), torch.cat([scan_b, scan_b + B])
-        with torch.no_grad():
-            ref = self.ref(scan2, scan_b2, x2, xb2, t2)
+        with torch.no_grad(), self.autocast():
+            ref = self.ref(scan2, scan_b2, x2, xb2, t2).float()
         self.set_train(self.net, True)
-        pred = self.wrapped["teacher"](scan2, scan_b2, x2, xb2, t2)
+        with self.autocast():
+            pred = self.wrapped["teacher"](scan2, scan_b2, x2, xb2, t2)
+        pred = pred.float()
         e_model = per_scan_mse(pred, torch.cat([eps, eps]), xb2, 2 * B)
         e_ref = per_scan_mse(ref, torch.cat([eps, eps]), xb2, 2 * B)
         per_scan = dpo_terms(e_model[:B], e_ref[:B], e_model[B:], e_ref[B:], float(c["beta"]))
@@ -184,7 +188,7 @@ class TeacherDPOTrainer(TeacherTrainer):
         self.guard("loss", loss)
         opt = self.optimizers["main"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         logs["grad_norm"] = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
         logs["loss"] = float(loss.detach())
         with torch.no_grad():
@@ -202,5 +206,6 @@ class TeacherDPOTrainer(TeacherTrainer):
         t = self.draw_t(keys, "teacher_dpo/gt_t")
         eps = self.draw_noise(keys, batch["target_counts"], "teacher_dpo/gt_eps")
         x_t = x0 + self.sigma(t)[x_b].view(-1, 1) * eps
-        pred = self.wrapped["teacher"](scan, scan_b, x_t, x_b, t)
-        return denoising_loss_terms(pred, eps, float(self.cfg["diffusion"]["reg_weight"]))["loss"]
+        with self.autocast():
+            pred = self.wrapped["teacher"](scan, scan_b, x_t, x_b, t)
+        return denoising_loss_terms(pred.float(), eps, float(self.cfg["diffusion"]["reg_weight"]))["loss"]
