@@ -11,7 +11,8 @@
 #      score the completions against the ground truth.
 #
 # Environment: DEMO_OUT [demo_out], DEMO_SCANS [6], DEMO_CHECKPOINT [the shipped student],
-# DEMO_QUICK=1 (2 scans, no EMD: the test suite's mode), DEMO_THREADS [2],
+# DEMO_QUICK=1 (the test suite's mode: 2 scans, no EMD, the live budget DEMO_LIVE_NFPS for the CLI
+# completion and the metrics too), DEMO_THREADS [2],
 # LIDAR_COMPLETION_BACKEND [torch]. Live replay (step 3): DEMO_RATE [1: at most the drive's 10 Hz;
 # the replay is paced by the node], DEMO_LIVE_BACKEND [torch: the faster sparse backend on a CPU at
 # this budget], DEMO_LIVE_NFPS [1000 points per scan on a CPU; the full budget (4000) takes about a
@@ -28,7 +29,8 @@ LIVE_BACKEND=${DEMO_LIVE_BACKEND:-torch}
 LIVE_NFPS=${DEMO_LIVE_NFPS:-1000}
 LIVE_DEVICE=${DEMO_LIVE_DEVICE:-cpu}
 EMD=ot
-if [ "${DEMO_QUICK:-0}" = "1" ]; then SCANS=2; EMD=none; fi
+BUDGET=()   # the checkpoint's point budget for steps 4 and 5
+if [ "${DEMO_QUICK:-0}" = "1" ]; then SCANS=2; EMD=none; BUDGET=(--n-fps "$LIVE_NFPS"); fi
 LC=${LIDAR_COMPLETION:-lidar-completion}
 PY=${PYTHON:-python}
 t0=$(date +%s)
@@ -75,7 +77,7 @@ $LC bag-bench "$OUT/input_bag" --live --pace --rate "$RATE" --threads "$THREADS"
 
 say "4/5 one scan through the CLI -> $OUT/completed_000000.ply, $OUT/input_vs_completion_vs_gt.png"
 $LC complete "$OUT/data/sequences/08/velodyne/000000.bin" -o "$OUT/completed_000000.ply" --seed 0 \
-    "${CKPT_ARGS[@]}"
+    "${CKPT_ARGS[@]}" "${BUDGET[@]}"
 $PY - "$OUT" <<'EOF'
 import sys
 from pathlib import Path
@@ -94,7 +96,7 @@ render_comparison_png(out / "input_vs_completion_vs_gt.png",
 EOF
 
 say "5/5 metrics against the ground truth -> $OUT/metrics"
-$LC evaluate "$OUT/data" --sequence 08 --out "$OUT/metrics" --emd "$EMD" --no-progress "${CKPT_ARGS[@]}" | tail -2
+$LC evaluate "$OUT/data" --sequence 08 --out "$OUT/metrics" --emd "$EMD" --no-progress "${CKPT_ARGS[@]}" "${BUDGET[@]}" | tail -2
 $LC evaluate "$OUT/data" --sequence 08 --out "$OUT/metrics_input_scan" --baseline input --emd "$EMD" \
     --no-plots --no-progress | tail -1
 
