@@ -13,6 +13,7 @@ quantity from the recorded random draws with fresh copies of the networks taken 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,45 @@ def test_pair_noise_setting_is_checked():
 
     with pytest.raises(ConfigError, match="pair_noise"):
         tiny_config("distill", "distill.pair_noise=sometimes", mode="dpo")
+
+
+def test_guided_teacher_score_shares_kernel_maps_and_matches_the_formula(tmp_path, monkeypatch):
+    """teacher_guidance w != 1: the student descends mean(sg(eps_u + w (eps_c - eps_u) - eps_aux) * G),
+    eps_u conditioned on the all-zero cloud, and the teacher's two passes and the auxiliary pass on one
+    noisy sample voxelise it once (sparse.shared_maps) for the student update: one coordinate set
+    per side instead of three."""
+    from lidar_completion.sparse import torch_backend
+    built = []
+
+    class Counting(torch_backend.CoordinateManager):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    # the shipped teacher: at random initialisation the condition does not change the prediction yet
+    shipped = Path(__file__).resolve().parents[1] / "lidar_completion_pkg" / "lidar_completion" / "weights" / "teacher.pt"
+    step = _run_one_step(tmp_path, "vsd", "distill.teacher_guidance=3.0", f"distill.teacher={shipped}")
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    student, G, cond = _reference_samples(step, sides=1)
+    xb, B = batch["x_init_batch"], batch["batch_size"]
+    t, eps = rec["t"], rec["eps"]
+    x = G.detach() + SIGMA[t][xb].view(-1, 1) * eps
+    n_scan = int(batch["scan_counts"].max())
+    with torch.no_grad():
+        uncond = tr.encoder(torch.zeros(n_scan * B, 3), torch.arange(B).repeat_interleave(n_scan))
+        eps_c, eps_u = tr.teacher(x, xb, t, cond), tr.teacher(x, xb, t, uncond)
+        d = eps_u + 3.0 * (eps_c - eps_u) - tr.aux["aux"].eval()(x, xb, t, cond)
+    assert float((eps_c - eps_u).abs().max()) > 1e-4   # the guidance term is not empty
+    loss = (d * G).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    assert_sgd_update(step["before"]["student"], tr.student, grads, LR_STUDENT)
+
+    # the student update of a further step: the teacher (conditional + unconditional) and the
+    # auxiliary net build one coordinate manager for the sample, where separate calls build three
+    from training.distill import _Step
+    _, G, _ = _reference_samples(step, sides=1)   # a fresh graph (the one above was used)
+    monkeypatch.setattr(torch_backend, "CoordinateManager", Counting)
+    st = _Step(keys=tr.sample_keys(batch), B=B, counts=batch["x_init_counts"], xb=xb,
+               n_scan=n_scan, sides=["aux"], cond=cond, samples={"aux": G.detach()}, G_all=G)
+    tr.update_student(st)
+    assert len(built) == 1, len(built)

@@ -40,7 +40,9 @@ One optimisation step on a batch (per rank):
    (``aux_loss: lidiff``) or plain MSE (``mse``, as published);
 5. student update: one (t, eps) per scan shared by both sides, ``x_side = sg(G_side) + sigma_t eps``,
    ``d_side = eps_teacher(x_side) - eps_aux_side(x_side)`` without gradient, using the auxiliary nets
-   *after* their update of this step (at step 1 they equal the teacher, so the order matters), and
+   *after* their update of this step (at step 1 they equal the teacher, so the order matters; the
+   teacher's passes and the side's auxiliary pass share one voxelisation and set of kernel maps,
+   :func:`lidar_completion.sparse.shared_maps`), and
 
        vsd: L = mean(sg(d) * G)
        dpo: L = mean(sg(d_w) * G_w) - mean(sg(d_l) * G_l)
@@ -49,7 +51,9 @@ One optimisation step on a batch (per rank):
 
 Teacher score: ``teacher_guidance: 1`` (default) evaluates the conditional teacher only, as the
 published Distillation-DPO code does; a value w > 1 uses classifier-free guidance
-``eps_u + w (eps_c - eps_u)`` with the all-zero-cloud condition (DMD-style "real score with CFG").
+``eps_u + w (eps_c - eps_u)`` with the all-zero-cloud condition (DMD-style "real score with CFG"),
+as two passes over the same maps (on the CPU as fast as ``forward_cfg``'s feature groups, and the
+auxiliary net's pass reuses the maps as well).
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lidar_completion import sparse
 from lidar_completion.errors import CheckpointError
 from lidar_completion.models import Condition
 
@@ -377,12 +382,14 @@ class DistillTrainer(Trainer):
         sig = self.sigma(t)[st.xb].view(-1, 1)
         for name in st.sides:
             self.aux[name].eval()
-        with torch.no_grad(), self.autocast():
-            x = {name: st.samples[name].detach() + sig * eps for name in st.sides}
-            k = len(st.sides)
-            eps_T = self.teacher_score(torch.cat([x[n] for n in st.sides]), st.Xb, torch.cat([t] * k),
-                                       st.cond_k, st.n_scan).float().chunk(k)
-            diff = {n: eps_T[i] - self.aux[n](x[n], st.xb, t, st.cond).float() for i, n in enumerate(st.sides)}
+        diff = {}
+        for name in st.sides:
+            # the teacher (both guidance passes) and this side's auxiliary net see the same points:
+            # one voxelisation and one set of kernel maps for the three passes
+            with torch.no_grad(), self.autocast(), sparse.shared_maps():
+                x = st.samples[name].detach() + sig * eps
+                eps_T = self.teacher_score(x, st.xb, t, st.cond, st.n_scan).float()
+                diff[name] = eps_T - self.aux[name](x, st.xb, t, st.cond).float()
         logs = {}
         if self.mode == "dpo":
             d_w, d_l, G_w, G_l = diff["aux_w"], diff["aux_l"], st.samples["aux_w"], st.samples["aux_l"]

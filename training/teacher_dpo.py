@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lidar_completion import sparse
 from lidar_completion.errors import CheckpointError
 
 from . import distributed as D
@@ -171,11 +172,14 @@ class TeacherDPOTrainer(TeacherTrainer):
         x2 = torch.cat([x_w + sig * eps, x_l + sig * eps])
         xb2, t2 = torch.cat([xb, xb + B]), torch.cat([t, t])
         scan2, scan_b2 = torch.cat([scan, scan]), torch.cat([scan_b, scan_b + B])
-        with torch.no_grad(), self.autocast():
-            ref = self.ref(scan2, scan_b2, x2, xb2, t2).float()
-        self.set_train(self.net, True)
-        with self.autocast():
-            pred = self.wrapped["teacher"](scan2, scan_b2, x2, xb2, t2)
+        # the reference and the model see the same scans and points: one voxelisation and one set of
+        # kernel maps each for the encoder and the denoiser (the model's gradients are unaffected)
+        with sparse.shared_maps():
+            with torch.no_grad(), self.autocast():
+                ref = self.ref(scan2, scan_b2, x2, xb2, t2).float()
+            self.set_train(self.net, True)
+            with self.autocast():
+                pred = self.wrapped["teacher"](scan2, scan_b2, x2, xb2, t2)
         pred = pred.float()
         e_model = per_scan_mse(pred, torch.cat([eps, eps]), xb2, 2 * B)
         e_ref = per_scan_mse(ref, torch.cat([eps, eps]), xb2, 2 * B)

@@ -137,7 +137,8 @@ class _SparseNet(nn.Module):
             raise CloudFormatError(f"expected a non-empty (N, 3) point tensor, got shape {tuple(points.shape)}")
         if batch is None:
             batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-        return self._B.voxelize(points[:, :3], batch, self.config.voxel_size)
+        # the tensor itself when it has 3 columns: sparse.shared_maps recognises a points tensor by identity
+        return self._B.voxelize(points if points.shape[1] == 3 else points[:, :3], batch, self.config.voxel_size)
 
 
 class ConditionEncoder(_SparseNet):

@@ -16,7 +16,8 @@ Layout (as the sparse engines the field holds up): :mod:`.coords` (voxel indices
 :mod:`.static` (fixed shapes for CUDA graphs), :mod:`.kmap` (kernel-map building), one module per
 convolution algorithm (:mod:`.conv_scatter`, :mod:`.conv_gather`, :mod:`.conv_grouped`,
 :mod:`.conv_implicit_gemm`), :mod:`.layers` (the modules), one module per backend, and
-:mod:`.nearest` (the nearest condition cell).
+:mod:`.nearest` (the nearest condition cell), :mod:`.sharing` (kernel maps shared between networks
+that see the same points: :func:`shared_maps`).
 
 All backends produce modules whose parameters carry MinkowskiEngine's names and layouts (a
 convolution's ``kernel`` of shape ``(kernel_volume, in, out)``, ``(in, out)`` for 1x1; BatchNorm
@@ -39,6 +40,7 @@ from ..errors import ConfigError
 from .coords import Field, pack_keys, unpack_keys, voxel_indices
 from .interface import SparseBackend
 from .nearest import nearest_cell
+from .sharing import shared_maps
 from .static import (PAD_BATCH, StaticShapes, caching_allowed, grow_capacity, static_shapes, tensor_version,
                      use_static_shapes)
 
@@ -48,7 +50,7 @@ ENV_HIDE_MINKOWSKI = "LIDAR_COMPLETION_HIDE_MINKOWSKI"
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "ENV_HIDE_MINKOWSKI", "Field", "PAD_BATCH", "SparseBackend",
            "StaticShapes", "caching_allowed", "get_backend", "grow_capacity", "minkowski_available",
-           "nearest_cell", "pack_keys", "resolve_backend", "static_shapes", "tensor_version",
+           "nearest_cell", "pack_keys", "resolve_backend", "shared_maps", "static_shapes", "tensor_version",
            "triton_available", "triton_interpreted", "unpack_keys", "use_static_shapes", "voxel_indices"]
 
 

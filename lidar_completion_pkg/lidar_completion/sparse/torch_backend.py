@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from . import sharing
 from .conv_gather import gather_gemm, transposed_all_children
 from .conv_grouped import grouped_offsets
 from .conv_scatter import conv3_scatter, down_scatter, up_scatter
@@ -222,9 +223,16 @@ TORCH_ENGINE = TorchEngine()
 
 def voxelize_points(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, engine, tensor_cls):
     """Points (N, 3) and batch index (N,) -> (Field, stride-1 tensor of the mean xyz per voxel)
-    whose coordinate manager uses ``engine``; shared by the torch and Triton backends."""
+    whose coordinate manager uses ``engine``; shared by the torch and Triton backends. Inside a
+    :func:`~.sharing.shared_maps` block a second call with the same tensors reuses the first call's
+    coordinate manager (its kernel maps) and point-to-voxel assignment."""
+    shared = sharing.lookup(points, batch, voxel_size, engine)
+    given = (points, batch)
     if not points.is_floating_point():
         points = points.float()
+    if shared is not None:
+        inverse, rows, manager = shared
+        return Field(inverse, points.shape[0]), tensor_cls(_mean_per_voxel(points, inverse, rows), 1, manager)
     idx = voxel_indices(points, voxel_size)  # always from float32 values, as LiDiff
     coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
     plan = static_shapes()
@@ -246,11 +254,16 @@ def voxelize_points(points: torch.Tensor, batch: torch.Tensor, voxel_size: float
         keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)
         rows = keys.shape[0]
         manager = CoordinateManager(Level(1, keys), engine=engine)
+    sharing.remember(*given, voxel_size, engine, (inverse, rows, manager))
+    return Field(inverse, n), tensor_cls(_mean_per_voxel(points, inverse, rows), 1, manager)
+
+
+def _mean_per_voxel(points: torch.Tensor, inverse: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, C) mean of the points of every voxel (0 for a padding row of static mode)."""
     # per-voxel point counts by a scatter-add (torch.bincount reads the maximum back to the host)
-    counts = points.new_zeros(rows).index_add_(0, inverse, points.new_ones(n))
-    inv_count = 1.0 / counts.clamp(min=1.0)   # padding rows (static mode) have no point
-    feats = points.new_zeros((rows, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
-    return Field(inverse, n), tensor_cls(feats, 1, manager)
+    counts = points.new_zeros(rows).index_add_(0, inverse, points.new_ones(points.shape[0]))
+    inv_count = 1.0 / counts.clamp(min=1.0)
+    return points.new_zeros((rows, points.shape[1])).index_add(0, inverse, points * inv_count[inverse, None])
 
 
 class TorchBackend:
