@@ -117,8 +117,12 @@ def test_nothing_is_shared_where_it_would_be_wrong(setup, monkeypatch):
                 a(x, batch, t, cond)
             with use_static_shapes(StaticShapes()):   # static mode never shares
                 assert not sharing.sharing_active()
+            monkeypatch.setenv(sharing.ENV_SHARE, "0")  # switched off (for measuring what it saves)
+            a(x, batch, t, cond)
+            assert sharing.hits() == 2
+            monkeypatch.delenv(sharing.ENV_SHARE)
         assert sharing.hits() == 0 and getattr(sharing._STATE, "entries", None) is None
-    assert len(built) == 2 + 5
+    assert len(built) == 2 + 6
 
 
 def test_triton_backend_shares_its_plans(monkeypatch):

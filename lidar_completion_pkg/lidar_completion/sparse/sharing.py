@@ -19,19 +19,21 @@ separate calls and the results are those of separate calls. A reuse needs the *s
 (points and batch index) unmodified since (their version counters), the same voxel size and engine
 and the same inference-mode state; anything else voxelises afresh. Nothing is shared in static mode
 (CUDA graph capture), and the MinkowskiEngine backend does not take part (it keeps its own maps).
-Outside a ``shared_maps`` block nothing is kept. The entries hold references to their tensors
+Outside a ``shared_maps`` block nothing is kept. ``LIDAR_COMPLETION_SHARE_MAPS=0`` in the
+environment turns sharing off everywhere (to measure what it saves). The entries hold references to their tensors
 until the block ends, so keep the block around the passes that share, not a whole training loop.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
 
 from .static import caching_allowed, tensor_version
 
-__all__ = ["hits", "lookup", "remember", "shared_maps", "sharing_active"]
+__all__ = ["ENV_SHARE", "hits", "lookup", "remember", "shared_maps", "sharing_active"]
 
 _STATE = threading.local()
 
@@ -51,8 +53,14 @@ def shared_maps():
             _STATE.entries = None
 
 
+ENV_SHARE = "LIDAR_COMPLETION_SHARE_MAPS"
+
+
 def sharing_active() -> bool:
-    return getattr(_STATE, "entries", None) is not None and caching_allowed()
+    """True inside a :func:`shared_maps` block, outside static mode, unless LIDAR_COMPLETION_SHARE_MAPS=0."""
+    if getattr(_STATE, "entries", None) is None or not caching_allowed():
+        return False
+    return os.environ.get(ENV_SHARE, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def hits() -> int:
