@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_training_utils import assert_same_update, write_npz
 from training.checkpoint import CheckpointManager, load_state
@@ -75,6 +76,11 @@ def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     init = load_state(CheckpointManager(tmp_path / "init" / "checkpoints").latest_path())["models"]
     names = ("student", "aux_w", "aux_l") if kind == "distill" else ("teacher",)
     for name in names:
+        # non-finite weights first: a NaN would also read as "did not change" below (NaN > 0 is
+        # False), which is what the one captured failure message of this test said
+        for run, state in (("ddp", a), ("single", b)):
+            bad = [k for k, v in state[name].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            assert not bad, f"{run} run: {name} has non-finite values in {bad[:5]}"
         moved = max(float((b[name][k] - v).abs().max()) for k, v in init[name].items() if v.is_floating_point())
         assert moved > 0, f"{name} did not change"
         assert_same_update(init[name], a[name], b[name], what=f"{name}.")
