@@ -52,7 +52,7 @@ One optimisation step on a batch (per rank):
 Teacher score: ``teacher_guidance: 1`` (default) evaluates the conditional teacher only, as the
 published Distillation-DPO code does; a value w > 1 uses classifier-free guidance
 ``eps_u + w (eps_c - eps_u)`` with the all-zero-cloud condition (DMD-style "real score with CFG"),
-as two passes over the same maps (on the CPU as fast as ``forward_cfg``'s feature groups, and the
+as two passes over the same maps (on the CPU faster than ``forward_cfg``'s feature groups, and the
 auxiliary net's pass reuses the maps as well).
 """
 from __future__ import annotations
