@@ -20,8 +20,9 @@ separate calls and the results are those of separate calls. A reuse needs the *s
 and the same inference-mode state; anything else voxelises afresh. Nothing is shared in static mode
 (CUDA graph capture), and the MinkowskiEngine backend does not take part (it keeps its own maps).
 Outside a ``shared_maps`` block nothing is kept. ``LIDAR_COMPLETION_SHARE_MAPS=0`` in the
-environment turns sharing off everywhere (to measure what it saves). The entries hold references to their tensors
-until the block ends, so keep the block around the passes that share, not a whole training loop.
+environment turns sharing off everywhere (to measure what it saves). The entries hold references to
+their tensors until the block ends, so keep the block around the passes that share, not a whole
+training loop.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import torch
 from .static import caching_allowed, tensor_version
 
 __all__ = ["ENV_SHARE", "hits", "lookup", "remember", "shared_maps", "sharing_active"]
+
+ENV_SHARE = "LIDAR_COMPLETION_SHARE_MAPS"
 
 _STATE = threading.local()
 
@@ -51,9 +54,6 @@ def shared_maps():
     finally:
         if outer is None:
             _STATE.entries = None
-
-
-ENV_SHARE = "LIDAR_COMPLETION_SHARE_MAPS"
 
 
 def sharing_active() -> bool:
