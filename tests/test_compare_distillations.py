@@ -1,0 +1,100 @@
+"""scripts/research/compare_distillations.py: groups of students (one per distillation seed) evaluated
+on the same frames, their training spread, and the comparison of each group with the first."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lidar_completion.checkpoints import make_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_distillations",
+                                                  ROOT / "scripts" / "research" / "compare_distillations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_statistics():
+    cmp = _script()
+    a, b = [0.30, 0.31, 0.32], [0.34, 0.36, 0.35]
+    c = cmp.compare(a, b)
+    assert c["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+    assert c["spread"] == pytest.approx(max(np.std(a, ddof=1), np.std(b, ddof=1)))
+    assert c["ratio"] == pytest.approx(abs(c["diff"]) / c["spread"])
+    from scipy.stats import ttest_ind
+    assert c["p_welch"] == pytest.approx(ttest_ind(b, a, equal_var=False).pvalue)
+    assert c["p_welch"] < 0.05
+    one = cmp.compare([0.3], [0.4])          # one student each: a difference, nothing to weigh it against
+    assert one["diff"] == pytest.approx(0.1) and one["spread"] is None and one["p_welch"] is None
+
+
+def test_groups_are_parsed_and_checked(tmp_path):
+    cmp = _script()
+    assert cmp.parse_group("dpo=a.pt, b.pt") == ("dpo", ["a.pt", "b.pt"])
+    for bad in ("dpo", "=a.pt", "dpo=", "x/y=a.pt"):
+        with pytest.raises(Exception):
+            cmp.parse_group(bad)
+    ck = tmp_path / "s.pt"
+    ck.write_bytes(b"x")
+    with pytest.raises(SystemExit):      # one group: nothing to compare
+        cmp.parse_args(["--group", f"a={ck}", "--data", "d", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):      # the same label twice
+        cmp.parse_args(["--group", f"a={ck}", "--group", f"a={ck}", "--data", "d", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):      # a checkpoint that is not there
+        cmp.parse_args(["--group", f"a={ck}", "--group", f"b={tmp_path / 'nope.pt'}", "--data", "d",
+                        "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):      # --table-only before anything was evaluated
+        cmp.main(["--group", f"a={ck}", "--group", f"b={ck}", "--out", str(tmp_path / "empty"), "--table-only"])
+
+
+def test_two_groups_evaluated_compared_and_written_into_a_doc(tmp_path):
+    from lidar_completion.data import build_gt, generate_dataset
+    from lidar_completion.data.synthetic import SyntheticConfig
+
+    cmp = _script()
+    data = tmp_path / "data"
+    generate_dataset(data, sequences=[8], scans=2, seed=1, config=SyntheticConfig(azimuth_steps=256))
+    build_gt(data, ["08"], progress=False)
+    samp = {"steps": 1, "guidance": 1.0, "n_fps": 300, "tile": 4}
+    ck = {}
+    for name, seed in (("a0", 1), ("a1", 2), ("b0", 3), ("b1", 4)):
+        ck[name] = tmp_path / f"{name}.pt"
+        make_random_checkpoint(ck[name], seed=seed, sampling=samp)
+    doc = tmp_path / "exp.md"
+    doc.write_text(f"intro\n{cmp.DOC_BEGIN}\nold\n{cmp.DOC_END}\nafter\n")
+    out = tmp_path / "cmp"
+    argv = ["--data", str(data), "--sequence", "08", "--every", "1", "--limit", "1",
+            "--group", f"a={ck['a0']},{ck['a1']}", "--group", f"b={ck['b0']},{ck['b1']}",
+            "--rows", "student1w1local", "--out", str(out), "--threads", "1", "--no-progress", "--doc", str(doc)]
+    assert cmp.main(argv) == 0
+    res = json.loads((out / "compare.json").read_text())
+    row = res["rows"]["student 1 steps, w=1, local solver + refine"]
+    cds = {}
+    for label in ("a", "b"):
+        per = []
+        for i in range(2):
+            s = json.loads((out / label / str(i) / "seed0" / "08" / "student1w1local_refine" / "summary.json").read_text())
+            assert s["frames"] == 1
+            per.append(s["cd"]["mean"])
+        cds[label] = per
+        g = row["groups"][label]
+        assert [x["cd"] for x in g["students"]] == pytest.approx(per)
+        assert g["cd"]["mean"] == pytest.approx(np.mean(per))
+        assert g["cd"]["std"] == pytest.approx(np.std(per, ddof=1))
+    assert cds["a"][0] != cds["a"][1]                     # different weights, different completions
+    c = res["comparisons"]["student 1 steps, w=1, local solver + refine"]["b"]
+    assert c["diff"] == pytest.approx(np.mean(cds["b"]) - np.mean(cds["a"]))
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    assert f"{np.mean(cds['b']) - np.mean(cds['a']):+.4f} m of CD" in text
+    assert "--group" in text and "--table-only" not in text
+    # rebuilt from the runs alone: the same result
+    before = (out / "compare.md").read_text()
+    assert cmp.main([a for a in argv if a != str(doc) and a != "--doc"] + ["--table-only"]) == 0
+    assert (out / "compare.md").read_text() == before
