@@ -98,3 +98,7 @@ def test_two_groups_evaluated_compared_and_written_into_a_doc(tmp_path):
     before = (out / "compare.md").read_text()
     assert cmp.main([a for a in argv if a != str(doc) and a != "--doc"] + ["--table-only"]) == 0
     assert (out / "compare.md").read_text() == before
+    # the same folders under other students (a group's files reordered): refused, not misattributed
+    swapped = [f"a={ck['a1']},{ck['a0']}" if a == f"a={ck['a0']},{ck['a1']}" else a for a in argv]
+    with pytest.raises(SystemExit, match="holds the evaluation of"):
+        cmp.main([a for a in swapped if a != str(doc) and a != "--doc"] + ["--table-only"])

@@ -117,7 +117,10 @@ def collect(out: Path, groups, ev) -> dict:
                 run = r["run"]
                 if run.get("source") != "completer":
                     continue
-                key = f"{run['label']}"
+                evaluated = (run.get("checkpoint") or {}).get("path")
+                if evaluated != str(Path(ckpt).resolve()):   # e.g. --table-only with the groups reordered
+                    raise SystemExit(f"{where} holds the evaluation of {evaluated}, not of {label} [{i}] ({ckpt})")
+                key = run["label"]
                 entry = table.setdefault(key, {"run": {k: run.get(k) for k in ("steps", "guidance", "process",
                                                                                    "refine", "label")},
                                                "groups": {}})
@@ -136,6 +139,7 @@ def collect(out: Path, groups, ev) -> dict:
 def compare(a: list, b: list) -> dict:
     """Group b against group a (lists of per-student values): difference of means, the larger
     spread, and Welch's t-test (None with fewer than two students in a group)."""
+    a, b = [x for x in a if x is not None], [x for x in b if x is not None]
     sa, sb = _stat(a), _stat(b)
     out = {"diff": sb["mean"] - sa["mean"], "spread": None, "ratio": None, "p_welch": None}
     spreads = [s for s in (sa["std"], sb["std"]) if s is not None]
@@ -148,11 +152,23 @@ def compare(a: list, b: list) -> dict:
     return out
 
 
-def render(table: dict, labels: list) -> tuple[str, dict]:
+def compare_groups(table: dict, labels: list) -> dict:
+    """{row key: {label: compare(first group's CDs, this group's CDs)}} for every group after the first."""
+    out: dict = {}
+    for key, entry in table.items():
+        base = entry["groups"].get(labels[0])
+        for label in labels[1:]:
+            other = entry["groups"].get(label)
+            if base is not None and other is not None:
+                out.setdefault(key, {})[label] = compare([s["cd"] for s in base["students"]],
+                                                         [s["cd"] for s in other["students"]])
+    return out
+
+
+def render(table: dict, labels: list, comparisons: dict) -> str:
     lines = ["| row | group | students | " + " | ".join(f"{name} per student" if m == "cd" else name
                                                        for m, name, *_ in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
-    comparisons = {}
     for key, entry in table.items():
         run = entry["run"]
         row = (f"{run['steps']} steps, w = {run['guidance']:g}, {'refined' if run['refine'] else 'unrefined'}")
@@ -170,13 +186,6 @@ def render(table: dict, labels: list) -> tuple[str, dict]:
                     txt = ", ".join(f"{s['cd']:.3f}" for s in g["students"]) + f" (mean {txt})"
                 cells.append(txt)
             lines.append(f"| {row} | {label} | {len(g['students'])} | " + " | ".join(cells) + " |")
-        base = entry["groups"].get(labels[0])
-        for label in labels[1:]:
-            other = entry["groups"].get(label)
-            if base is None or other is None:
-                continue
-            c = compare([s["cd"] for s in base["students"]], [s["cd"] for s in other["students"]])
-            comparisons.setdefault(key, {})[label] = c
     notes = []
     for key, per in comparisons.items():
         run = table[key]["run"]
@@ -192,7 +201,7 @@ def render(table: dict, labels: list) -> tuple[str, dict]:
                          f"{c['diff']:+.4f} m of CD; the larger spread {spread} m; {ahead} ahead, {verdict}{p}.")
     md = "\n".join(lines) + "\n\nCD per student: one distillation seed each, in the order given; a ± b: mean ± " \
          "standard deviation over the group's students (the training spread).\n\n" + "\n".join(notes) + "\n"
-    return md, comparisons
+    return md
 
 
 def main(argv=None):
@@ -203,7 +212,9 @@ def main(argv=None):
     if not args.table_only:
         evaluate(args, ev)
     table = collect(out, args.group, ev)
-    md, comparisons = render(table, [g[0] for g in args.group])
+    labels = [g[0] for g in args.group]
+    comparisons = compare_groups(table, labels)
+    md = render(table, labels, comparisons)
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"rows": table, "comparisons": comparisons,
                                                   "groups": [[l, f] for l, f in args.group]}, indent=1))
