@@ -373,9 +373,14 @@ def test_small_shared_memory_warns_and_the_node_still_works(checkpoint, tmp_path
 mount -t tmpfs -o size=8m tmpfs /dev/shm || exit 3
 {shlex.join(node)} > {log} 2>&1 &
 NODE=$!
-{py} -m lidar_completion_pkg.probe listen --topic /completed_points --count 3 --timeout 40 --idle 8 \
-    > {result} &
+{py} -m lidar_completion_pkg.probe listen --topic /completed_points --count 3 --timeout 80 --idle 8 \
+    --wait-publishers 40 > {result} &
 LISTENER=$!
+# the node's first answer is lost unless the listener is matched to its publisher before it is sent
+i=0
+until grep -q '"matched": 1' {result}; do
+    i=$((i+1)); [ $i -le 400 ] || exit 5; sleep 0.1
+done
 {py} -m lidar_completion_pkg.probe publish --count 3 --points 3000 --rate 1 --wait-subscribers 40 \
     > /dev/null || exit 4
 wait $LISTENER

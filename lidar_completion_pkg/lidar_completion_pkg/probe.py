@@ -3,7 +3,8 @@
     python -m lidar_completion_pkg.probe publish --count 20 --points 120000 --rate 10
     python -m lidar_completion_pkg.probe listen --topic /completed_points --count 20 --timeout 30
 
-``listen`` prints one JSON line ({"received": n, "latency_ms": [...], "points": [...]}) where latency
+``listen`` prints a ready line ({"ready": true, "matched": n}; with --wait-publishers only once its
+publishers are matched, or that many seconds have passed), then one JSON line ({"received": n, "latency_ms": [...], "points": [...]}) where latency
 is receipt time minus the header stamp (wall clock of the publisher, same host). ``publish`` waits for
 a subscriber before sending. Neither touches FASTDDS_DEFAULT_PROFILES_FILE: set it (or not) in the
 environment, which is the point of the delivery benchmark.
@@ -88,8 +89,13 @@ def listen(args) -> int:
             latencies.append((now - stamp) * 1e3)
             points.append(msg.width * msg.height)
 
-        node.create_subscription(PointCloud2, args.topic, on_cloud, _qos(args.qos, args.depth))
-        print(json.dumps({"ready": True}), flush=True)
+        sub = node.create_subscription(PointCloud2, args.topic, on_cloud, _qos(args.qos, args.depth))
+        # A message sent before the subscription is matched to its writer is lost (volatile
+        # durability), so a caller that starts the traffic on "ready" can ask for the match first.
+        match_deadline = time.monotonic() + args.wait_publishers
+        while sub.get_publisher_count() < args.publishers and time.monotonic() < match_deadline:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        print(json.dumps({"ready": True, "matched": sub.get_publisher_count()}), flush=True)
         deadline = time.monotonic() + args.timeout
         idle_deadline = None
         while time.monotonic() < deadline and len(latencies) < args.count:
@@ -132,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     lis = sub.choices["listen"]
     lis.add_argument("--timeout", type=float, default=30.0, help="overall seconds")
     lis.add_argument("--idle", type=float, default=3.0, help="stop this long after the last message")
+    lis.add_argument("--publishers", type=int, default=1,
+                     help="with --wait-publishers: the number of matched publishers to wait for")
+    lis.add_argument("--wait-publishers", type=float, default=0.0,
+                     help="seconds to wait for the topic's publishers to be matched before printing "
+                          "the ready line (0: print it at once)")
     lis.set_defaults(func=listen)
     return p
 
