@@ -180,3 +180,79 @@ def test_spread_diagnostic_compares_the_margin_with_independent_samples(tmp_path
     assert logs["metric/spread_std"] == pytest.approx(std.mean(), rel=1e-4)
     assert logs["metric/margin_over_spread"] == pytest.approx(logs["metric/margin"] / logs["metric/spread"])
     assert "metric/spread" not in _run_one_step(tmp_path / "off", "dpo")["logs"]
+
+
+# -- generating on the inference trajectory (distill.gen_steps) -----------------------------------
+def _gen_reference(step, K: int, w: float):
+    """Each scan's sample recomputed alone: k steps of the K-step local solver with the student
+    copy taken before the step (guided with w, the trainer's keyed noises), then the unguided x_0
+    prediction at the k-th timestep with the graph kept."""
+    from lidar_completion.diffusion import DPMSolverSDE
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    student = copy.deepcopy(step["before"]["student"]).train()
+    set_bn_mode(student, tr.bn_mode)
+    solver = DPMSolverSDE(tr.schedule, K, process="local")
+    xb, sb = batch["x_init_batch"], batch["scan_batch"]
+    n_unc = int(batch["scan_counts"].max())
+    one = torch.ones(1, dtype=torch.long)
+    Gs = []
+    for b in range(batch["batch_size"]):
+        rows = xb == b
+        x_init, z = batch["x_init"][rows], rec["z"][rows]
+        zb = torch.zeros(len(x_init), dtype=torch.long)
+        with torch.no_grad():
+            cond = tr.encoder(batch["scan"][sb == b], torch.zeros(int((sb == b).sum()), dtype=torch.long))
+            uncond = tr.encoder(torch.zeros(n_unc, 3), torch.zeros(n_unc, dtype=torch.long))
+            y, prev = z.clone(), None
+            for i in range(int(rec["gen_k"][b])):
+                t = one * int(solver.timesteps[i])
+                e_c, e_u = student(x_init + y, zb, t, cond), student(x_init + y, zb, t, uncond)
+                noise = tr.draw_noise(rec["keys"], batch["x_init_counts"], f"distill/gen/noise/{i}")[rows]
+                y, prev = solver.step(e_u + w * (e_c - e_u), i, y, noise=noise if solver.needs_noise(i) else None,
+                                      prev_x0=prev)
+        t = one * int(solver.timesteps[int(rec["gen_k"][b])])
+        x = x_init + y
+        Gs.append(x - SIGMA[t] * student(x, zb, t, cond))
+    return student, torch.cat(Gs)
+
+
+def test_gen_steps_train_the_student_where_the_solver_uses_it(tmp_path):
+    K, w = 4, 2.0
+    step = _run_one_step(tmp_path, "vsd", f"distill.gen_steps={K}", f"distill.gen_guidance={w}",
+                         "train.batchnorm=frozen", f"distill.teacher={WEIGHTS_DIR / 'teacher.pt'}", "seed=3")
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    k = rec["gen_k"].tolist()
+    # two scans at different depths of the trajectory: one at its start (the one-step sample), one after
+    # three solver steps (second-order and stochastic ones among them)
+    assert sorted(k) == [0, 3], k
+    assert step["logs"]["gen/k"] == pytest.approx(np.mean(k))
+    student, G = _gen_reference(step, K, w)
+    torch.testing.assert_close(rec["G"], G.detach(), rtol=1e-4, atol=1e-4)
+    # the samples are not the one-step ones
+    x_T = batch["x_init"] + rec["z"]
+    assert float((rec["G"] - (x_T - SIGMA[999] * _student_eps(step, x_T, 999))).abs().max()) > 1e-2
+    # the student's update is -lr x the gradient of mean(sg(eps_T - eps_aux) * G) through the last pass
+    xb, t, eps = batch["x_init_batch"], rec["t"], rec["eps"]
+    x = G.detach() + SIGMA[t][xb].view(-1, 1) * eps
+    with torch.no_grad():
+        cond = tr.encoder(batch["scan"], batch["scan_batch"])
+        d = tr.teacher(x, xb, t, cond) - tr.aux["aux"].eval()(x, xb, t, cond)
+    grads = torch.autograd.grad((d * G).mean(), list(student.parameters()), allow_unused=True)
+    from test_training_utils import assert_sgd_update
+    assert assert_sgd_update(step["before"]["student"], tr.student, grads, 0.5) > 20
+
+
+def test_gen_steps_pair_shares_the_trajectory_and_bad_settings_are_refused(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.gen_steps=3", "train.batchnorm=frozen", "seed=3")
+    rec = step["rec"]
+    assert max(rec["gen_k"].tolist()) >= 1, rec["gen_k"]
+    one = copy.deepcopy(step)
+    one["rec"] = dict(rec, z=rec["z"])
+    _, G1 = _gen_reference(one, 3, 1.0)
+    one["rec"] = dict(rec, z=1.1 * rec["z"])
+    _, G2 = _gen_reference(one, 3, 1.0)
+    torch.testing.assert_close(rec["G"], torch.cat([G1, G2]).detach(), rtol=1e-4, atol=1e-4)
+    for bad in (["distill.gen_steps=0"], ["distill.gen_steps=4", "distill.generator=vp"],
+                ["distill.gen_steps=4", "distill.pair_steps=2"], ["distill.gen_guidance=0"]):
+        with pytest.raises(ConfigError, match="gen_"):
+            tiny_config("distill", *bad)

@@ -133,6 +133,10 @@ DEFAULTS: dict = {
             "spread_samples": 4,
             "spread_every_steps": 0,
             "generator": "local",          # local: G = x_T - sigma_T eps; vp: x_init + (z - sigma_T eps)/alpha_T
+            # 1: the one-step sample from t = 999 (published); K > 1: the x_0 prediction after k ~ U{0..K-1}
+            # steps of the K-step inference solver, guided with gen_guidance (training/distill.py)
+            "gen_steps": 1,
+            "gen_guidance": 1.0,
             "t_min": 0, "t_max": 999,      # distillation timesteps t ~ U{t_min..t_max}
             "teacher_guidance": 1.0,       # 1 = conditional teacher score (published); w > 1 uses CFG
             "aux_loss": "lidiff",          # lidiff (MSE + 5 * regulariser) | mse (published aux loss)
@@ -291,6 +295,13 @@ def validate(cfg: dict) -> None:
         _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
         _check(float(d["pair_guidance"]) > 0, f"distill.pair_guidance must be positive, got {d['pair_guidance']}")
         _check(int(d["pair_steps"]) >= 1, f"distill.pair_steps must be >= 1, got {d['pair_steps']}")
+        _check(1 <= int(d["gen_steps"]) <= steps, f"distill.gen_steps must be in 1..{steps}, got {d['gen_steps']}")
+        _check(float(d["gen_guidance"]) > 0, f"distill.gen_guidance must be positive, got {d['gen_guidance']}")
+        if int(d["gen_steps"]) > 1:
+            _check(d["generator"] == "local", "distill.gen_steps > 1 needs distill.generator: local")
+            _check(int(d["pair_steps"]) == 1 and float(d["pair_guidance"]) == 1.0,
+                   "distill.gen_steps > 1 makes both samples of a pair on the solver's trajectory: "
+                   "leave distill.pair_steps and distill.pair_guidance at 1")
         _check(int(d["spread_every_steps"]) >= 0 and (int(d["spread_every_steps"]) == 0 or int(d["spread_samples"]) >= 2),
                "distill.spread_every_steps must be >= 0, with distill.spread_samples >= 2 when it is on")
         if d["mode"] == "dpo":

@@ -49,6 +49,19 @@ One optimisation step on a batch (per rank):
 
    optionally with the per-scan ``logsigmoid`` weight of :func:`training.losses.logsigmoid_weights`.
 
+Generating on the inference trajectory (``gen_steps`` K > 1, generator ``local`` only). The one-step
+sample trains the student's prediction at t = 999 only, while the student is used with the K-step
+solver; its predictions at the later timesteps change only as a side effect of shared weights. With
+K > 1 each scan draws k in 0..K-1 per step, the student runs the first k steps of the K-step local
+SDE-DPM-Solver++ (the inference sampler, guided with ``gen_guidance``) from x_T = x_init + z without
+gradient, keyed noise for the stochastic steps, and the sample is its x_0 prediction at the k-th
+timestep t_k of that solver, with gradient:
+
+    G = x_k - sigma_{t_k} * eps_student(x_k, t_k)
+
+(k = 0 is the one-step sample). Both samples of a ``dpo`` pair use the same k and solver noises; the
+losses, auxiliary updates and preference are unchanged.
+
 Teacher score: ``teacher_guidance: 1`` (default) evaluates the conditional teacher only, as the
 published Distillation-DPO code does; a value w > 1 uses classifier-free guidance
 ``eps_u + w (eps_c - eps_u)`` with the all-zero-cloud condition (DMD-style "real score with CFG"),
@@ -65,6 +78,7 @@ import numpy as np
 import torch
 
 from lidar_completion import sparse
+from lidar_completion.diffusion import DPMSolverSDE
 from lidar_completion.errors import CheckpointError
 from lidar_completion.models import Condition
 
@@ -100,6 +114,7 @@ class _Step:
     sides: list                      # auxiliary nets: ["aux_w", "aux_l"] (dpo) or ["aux"] (vsd)
     cond: object = None              # the frozen encoder's condition of the scans
     cond_k: object = None            # ... repeated once per side
+    gen_k: torch.Tensor | None = None   # gen_steps > 1: the solver steps each scan's sample starts after
     Xb: torch.Tensor | None = None   # scan index of the rows of every side's samples together
     G_all: torch.Tensor | None = None   # the one-step samples, side after side (carry the graph)
     samples: dict = field(default_factory=dict)   # side -> its samples (winner / loser for dpo)
@@ -163,6 +178,8 @@ class DistillTrainer(Trainer):
         self.t_T = T - 1
         self.sigma_T = float(np.sqrt(1.0 - abar))
         self.alpha_T = float(np.sqrt(abar))
+        K = int(d["gen_steps"])
+        self.gen_solver = DPMSolverSDE(self.schedule, K, process="local") if K > 1 else None
         self._uncond_cache: dict = {}
         self.last_record: dict = {}
 
@@ -194,6 +211,43 @@ class DistillTrainer(Trainer):
             return eps_c
         eps_u = self.teacher(x, xb, t, self.uncond(int(t.shape[0]), n_scan_points))
         return eps_u + w * (eps_c - eps_u)
+
+    def generate(self, gen, x_init, z, st: "_Step", copies: int, with_grad: bool) -> torch.Tensor:
+        """The student's samples of ``copies`` stacks of the batch (rows: copy after copy, elements
+        ``c * B + b``; ``x_init``, ``z`` and the condition stacked alike): the one-step sample, or
+        with ``gen_steps`` > 1 the x_0 prediction after each scan's ``st.gen_k`` steps of the
+        inference solver (module docstring)."""
+        d = self.cfg["distill"]
+        B = st.B
+        nb = copies * B
+        Xb = torch.cat([st.xb + c * B for c in range(copies)]) if copies > 1 else st.xb
+        cond = Condition.concat([st.cond] * copies) if copies > 1 else st.cond
+        if self.gen_solver is None:
+            with torch.set_grad_enabled(with_grad):
+                return one_step_sample(gen, x_init, z, Xb, cond, self.t_T, self.sigma_T, self.alpha_T,
+                                       d["generator"], num_elements=nb)
+        solver = self.gen_solver
+        ts = solver.timesteps.to(self.device)
+        k = st.gen_k.repeat(copies)                      # (nb,) steps before the sample
+        k_rows = k[Xb].view(-1, 1)
+        w = float(d["gen_guidance"])
+        uncond = self.uncond(nb, st.n_scan) if w != 1.0 else None
+        y, prev_x0 = z.float(), None
+        with torch.no_grad():
+            for i in range(int(k.max())):
+                tt = torch.full((nb,), int(ts[i]), dtype=torch.long, device=self.device)
+                eps = guided_eps(self.student, x_init + y, Xb, tt, cond, uncond, w, nb).float()
+                noise = None
+                if solver.needs_noise(i):
+                    noise = self.draw_noise(st.keys, st.counts, f"distill/gen/noise/{i}")
+                    noise = torch.cat([noise] * copies) if copies > 1 else noise
+                y_next, prev_x0 = solver.step(eps, i, y, noise=noise, prev_x0=prev_x0)
+                y = torch.where(k_rows > i, y_next, y)   # a scan stops where its sample starts
+        t = ts[k]
+        x = (x_init + y).detach()
+        with torch.set_grad_enabled(with_grad):
+            eps = gen(x, Xb, t, cond)
+            return x - self.sigma(t)[Xb].view(-1, 1) * eps
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
@@ -231,12 +285,13 @@ class DistillTrainer(Trainer):
 
         self.set_train(self.student, True)
         gen = self.wrapped["student"] if with_grad else self.student
+        if self.gen_solver is not None:
+            st.gen_k = self.draw_t(st.keys, "distill/gen_k", 0, self.gen_solver.num_steps - 1)
+            st.logs["gen/k"] = float(st.gen_k.float().mean())
         if k == 1:
             z = self.draw_noise(st.keys, st.counts, "distill/z")
             z2 = None
-            with torch.set_grad_enabled(with_grad):
-                st.G_all = one_step_sample(gen, x_init, z, st.xb, st.cond, self.t_T, self.sigma_T,
-                                           self.alpha_T, d["generator"], num_elements=B).float()
+            st.G_all = self.generate(gen, x_init, z, st, 1, with_grad).float()
             st.samples = {"aux": st.G_all}
         else:
             z, z2 = self._choose_pair(st, batch, x_init)
@@ -246,6 +301,7 @@ class DistillTrainer(Trainer):
             if int(d["spread_every_steps"]) and self.step % int(d["spread_every_steps"]) == 0:
                 st.logs.update(self._spread(st, batch, x_init))
         if rec is not None:
+            rec.update(gen_k=None if st.gen_k is None else st.gen_k.clone())
             rec.update(keys=st.keys, z=z.detach().clone(), z2=None if k == 1 else z2.detach().clone(),
                        G=st.G_all.detach().clone(),
                        side_samples={n: v.detach().clone() for n, v in st.samples.items()}, aux=[])
@@ -268,13 +324,10 @@ class DistillTrainer(Trainer):
         N, B = st.xb.shape[0], st.B
         w, steps = float(d["pair_guidance"]), int(d["pair_steps"])
         z2 = float(d["noise_scale"]) * z2
-        with torch.set_grad_enabled(with_grad):
-            if w == 1.0 and steps == 1:
-                G = one_step_sample(gen, torch.cat([x_init, x_init]), torch.cat([z1, z2]), st.Xb, st.cond_k,
-                                    self.t_T, self.sigma_T, self.alpha_T, d["generator"], num_elements=2 * B)
-                return G[:N], G[N:]
-            G1 = one_step_sample(gen, x_init, z1, st.xb, st.cond, self.t_T, self.sigma_T, self.alpha_T,
-                                 d["generator"], num_elements=B)
+        if w == 1.0 and steps == 1:
+            G = self.generate(gen, torch.cat([x_init, x_init]), torch.cat([z1, z2]), st, 2, with_grad)
+            return G[:N], G[N:]
+        G1 = self.generate(gen, x_init, z1, st, 1, with_grad)
         uncond = self.uncond(B, st.n_scan) if w != 1.0 else None
 
         def denoise(x, t):
@@ -311,11 +364,7 @@ class DistillTrainer(Trainer):
         d = self.cfg["distill"]
         S, B = int(d["spread_samples"]), st.B
         zs = [self.draw_noise(st.keys, st.counts, f"distill/spread/{j}") for j in range(S)]
-        Xb = torch.cat([st.xb + j * B for j in range(S)])
-        with torch.no_grad():
-            G = one_step_sample(self.student, torch.cat([x_init] * S), torch.cat(zs), Xb,
-                                Condition.concat([st.cond] * S), self.t_T, self.sigma_T, self.alpha_T,
-                                d["generator"], num_elements=S * B)
+        G = self.generate(self.student, torch.cat([x_init] * S), torch.cat(zs), st, S, False)
         N = st.xb.shape[0]
         vals = np.stack([self.metric.per_scan(G[j * N:(j + 1) * N], st.xb, batch, B) for j in range(S)])
         absdiff, std = spread(vals)
