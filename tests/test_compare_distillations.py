@@ -34,6 +34,41 @@ def test_compare_statistics():
     assert one["diff"] == pytest.approx(0.1) and one["spread"] is None and one["p_welch"] is None
 
 
+def test_frame_by_frame_consistency(tmp_path):
+    cmp = _script()
+    rng = np.random.default_rng(0)
+    students, frames = np.array([0.0, 0.02, 0.035, 0.05]), rng.uniform(0.2, 0.4, 10)
+    M = 0.3 + students[:, None] + frames[None, :] + rng.normal(0, 0.004, (4, 10))
+    keys = [(0, "08", f"{f:06d}") for f in range(10)]
+    per = [dict(zip(keys, row)) for row in M]
+    per[0][(0, "09", "000000")] = 9.0                   # a frame only one student has: left out
+    c = cmp.consistency(per)
+    assert c["frames"] == 10 and c["students"] == 4
+    assert c["student_sd"] == pytest.approx(np.std(M.mean(1), ddof=1))
+    # the residual of the additive model student + frame, fitted by least squares
+    X = np.zeros((40, 14))
+    for i in range(4):
+        for j in range(10):
+            X[i * 10 + j, i] = 1.0
+            X[i * 10 + j, 4 + j] = 1.0
+    fit, *_ = np.linalg.lstsq(X, M.ravel(), rcond=None)
+    resid = M.ravel() - X @ fit
+    assert c["residual_sd"] == pytest.approx(np.sqrt((resid ** 2).sum() / (3 * 9)))
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    agree = np.mean([(M[a, j] < M[b, j]) for a, b in pairs for j in range(10)])   # means increase with a
+    assert c["order_agreement"] == pytest.approx(agree) and c["order_agreement"] > 0.9
+    assert cmp.consistency(per[:1]) is None and cmp.consistency([{keys[0]: 1.0}, {keys[0]: 2.0}]) is None
+    # per-frame CDs read from an evaluation folder, by row label
+    run = tmp_path / "seed0" / "08" / "row_refine"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"run": {"label": "row", "seed": 0, "sequence": "08"}}))
+    (run / "frames.jsonl").write_text("".join(json.dumps({"frame": f"{j:06d}", "cd": 0.1 * j}) + "\n"
+                                              for j in range(3)))
+    assert cmp.frame_cds(tmp_path, "row") == {(0, "08", "000000"): 0.0, (0, "08", "000001"): 0.1,
+                                              (0, "08", "000002"): pytest.approx(0.2)}
+    assert cmp.frame_cds(tmp_path, "other row") == {}
+
+
 def test_groups_are_parsed_and_checked(tmp_path):
     cmp = _script()
     assert cmp.parse_group("dpo=a.pt, b.pt") == ("dpo", ["a.pt", "b.pt"])

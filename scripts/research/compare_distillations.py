@@ -125,15 +125,55 @@ def collect(out: Path, groups, ev) -> dict:
                                                                                    "refine", "label")},
                                                "groups": {}})
                 g = entry["groups"].setdefault(label, {"students": []})
+                entry.setdefault("frame_cds", []).append(frame_cds(where, key))
                 g["students"].append({"index": i, "checkpoint": str(ckpt),
                                       "frames": r["per_seed"][0]["frames"],
                                       "sampling_seeds": [p["seed"] for p in r["per_seed"]],
                                       **{m: r["stats"][m]["mean"] for m, *_ in METRICS}})
     for entry in table.values():
+        entry["consistency"] = consistency(entry.pop("frame_cds", []))
         for g in entry["groups"].values():
             for m, *_ in METRICS:
                 g[m] = _stat([s[m] for s in g["students"]])
     return table
+
+
+def frame_cds(where: Path, label: str) -> dict:
+    """{(sampling seed, sequence, frame): CD} of row ``label`` in one student's evaluation folder."""
+    out = {}
+    for summary in sorted(where.rglob("summary.json")):
+        run = json.loads(summary.read_text())["run"]
+        frames = summary.parent / "frames.jsonl"
+        if run.get("label") != label or not frames.is_file():
+            continue
+        for line in frames.read_text().splitlines():
+            if line.strip():
+                f = json.loads(line)
+                out[(run.get("seed"), run.get("sequence"), f["frame"])] = float(f["cd"])
+    return out
+
+
+def consistency(per_student: list) -> dict | None:
+    """Is the spread between students a property of the models or noise of the frames? From a
+    student x frame matrix of CDs (the frames all students share): the share of (student pair,
+    frame) on which the pair is ordered as by its mean CD; and the two-way decomposition of the
+    matrix into a student effect (standard deviation of the students' means) and the frame-by-frame
+    residual (what is left after the student and the frame effects)."""
+    if len(per_student) < 2:
+        return None
+    common = sorted(set.intersection(*(set(d) for d in per_student)), key=str)
+    if len(common) < 2:
+        return None
+    M = np.array([[d[k] for k in common] for d in per_student])
+    means = M.mean(1)
+    agree = [np.mean(np.sign(M[a] - M[b]) == np.sign(means[a] - means[b]))
+             for a in range(len(M)) for b in range(a + 1, len(M)) if means[a] != means[b]]
+    resid = M - M.mean(0, keepdims=True) - M.mean(1, keepdims=True) + M.mean()
+    dof = (M.shape[0] - 1) * (M.shape[1] - 1)
+    return {"frames": len(common), "students": int(M.shape[0]),
+            "order_agreement": float(np.mean(agree)) if agree else None,
+            "student_sd": float(means.std(ddof=1)),
+            "residual_sd": float(np.sqrt((resid ** 2).sum() / dof)) if dof else None}
 
 
 def compare(a: list, b: list) -> dict:
@@ -199,6 +239,15 @@ def render(table: dict, labels: list, comparisons: dict) -> str:
             spread = f"{c['spread']:.4f}" if c["spread"] is not None else "-"
             notes.append(f"- {run['steps']} steps, w = {run['guidance']:g}, refined: {label} - {labels[0]} = "
                          f"{c['diff']:+.4f} m of CD; the larger spread {spread} m; {ahead} ahead, {verdict}{p}.")
+    for key, entry in table.items():
+        run, c = entry["run"], entry.get("consistency")
+        if not run["refine"] or not c or c["order_agreement"] is None:
+            continue
+        resid = f"{c['residual_sd']:.4f}" if c["residual_sd"] is not None else "-"
+        notes.append(f"- {run['steps']} steps, w = {run['guidance']:g}, refined, frame by frame: on "
+                     f"{100 * c['order_agreement']:.0f} % of (frame, pair of students) the pair is ordered as by "
+                     f"its mean CD ({c['students']} students, {c['frames']} frames); the students' effect "
+                     f"{c['student_sd']:.4f} m against a frame-by-frame residual of {resid} m.")
     md = "\n".join(lines) + "\n\nCD per student: one distillation seed each, in the order given; a ± b: mean ± " \
          "standard deviation over the group's students (the training spread).\n\n" + "\n".join(notes) + "\n"
     return md
