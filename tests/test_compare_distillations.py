@@ -1,23 +1,16 @@
 """scripts/research/compare_distillations.py: groups of students (one per distillation seed) evaluated
 on the same frames, their training spread, and the comparison of each group with the first."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lidar_completion.checkpoints import make_random_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts_support import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_distillations",
-                                                  ROOT / "scripts" / "research" / "compare_distillations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/research/compare_distillations.py")
 
 
 def test_compare_statistics():

@@ -1,6 +1,5 @@
 """scripts/release/ship_default.py (float16 copies + manifest) and scripts/release/eval_default.py (results table) on a
 fake training run made of random tiny checkpoints."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,13 @@ import torch
 
 from lidar_completion.checkpoints import load_checkpoint, make_random_checkpoint
 from lidar_completion.fileutil import sha256_file
+from scripts_support import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "release" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"scripts/release/{name}.py")
 
 
 @pytest.fixture

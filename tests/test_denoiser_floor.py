@@ -1,22 +1,16 @@
 """scripts/research/denoiser_floor.py: the Bayes-optimal noise prediction and the per-t denoiser diagnostics."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lidar_completion.checkpoints import make_random_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts_support import load_script
 
 
 @pytest.fixture(scope="module")
 def floor():
-    spec = importlib.util.spec_from_file_location("denoiser_floor", ROOT / "scripts" / "research" / "denoiser_floor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/research/denoiser_floor.py")
 
 
 def _plane(spacing=0.05, half=6.0):

@@ -1,23 +1,17 @@
 """scripts/research/validation_curves.py: the val/* curves that training runs log, side by side, with
 each run's start, best and last."""
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from scripts_support import load_script
 from training.logs import RunLogger
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("validation_curves",
-                                                  ROOT / "scripts" / "research" / "validation_curves.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/research/validation_curves.py")
 
 
 def _run(folder: Path, val: dict, train_steps=range(1, 31)) -> Path:
