@@ -13,7 +13,7 @@ from lidar_completion import metrics as M
 from lidar_completion.checkpoints import WEIGHTS_DIR
 from lidar_completion.errors import ConfigError
 from test_training_distill import SIGMA, _run_one_step
-from test_training_utils import tiny_config
+from test_training_utils import assert_sgd_update, tiny_config
 from training.engine import set_bn_mode
 from training.preference import (PreferenceMetric, cd_unseen, local_sample, sample_timesteps, spread,
                                  widest_pair)
@@ -238,7 +238,6 @@ def test_gen_steps_train_the_student_where_the_solver_uses_it(tmp_path):
         cond = tr.encoder(batch["scan"], batch["scan_batch"])
         d = tr.teacher(x, xb, t, cond) - tr.aux["aux"].eval()(x, xb, t, cond)
     grads = torch.autograd.grad((d * G).mean(), list(student.parameters()), allow_unused=True)
-    from test_training_utils import assert_sgd_update
     assert assert_sgd_update(step["before"]["student"], tr.student, grads, 0.5) > 20
 
 

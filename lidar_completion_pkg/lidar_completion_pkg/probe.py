@@ -4,8 +4,8 @@
     python -m lidar_completion_pkg.probe listen --topic /completed_points --count 20 --timeout 30
 
 ``listen`` prints a ready line ({"ready": true, "matched": n}; with --wait-publishers only once its
-publishers are matched, or that many seconds have passed), then one JSON line ({"received": n, "latency_ms": [...], "points": [...]}) where latency
-is receipt time minus the header stamp (wall clock of the publisher, same host). ``publish`` waits for
+publishers are matched, or that many seconds have passed), then one JSON line ({"received": n,
+"latency_ms": [...], "points": [...]}) where latency is receipt time minus the header stamp (wall clock of the publisher, same host). ``publish`` waits for
 a subscriber before sending. Neither touches FASTDDS_DEFAULT_PROFILES_FILE: set it (or not) in the
 environment, which is the point of the delivery benchmark.
 """
@@ -39,6 +39,15 @@ def _stamp_now(msg) -> None:
     msg.header.stamp.nanosec = int((t - int(t)) * 1e9)
 
 
+def _wait_matched(node, count, wanted: int, seconds: float) -> int:
+    """Spin ``node`` until ``count()`` (matched endpoints) reaches ``wanted`` or ``seconds`` pass."""
+    import rclpy
+    deadline = time.monotonic() + seconds
+    while count() < wanted and time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    return count()
+
+
 def publish(args) -> int:
     import rclpy
     from sensor_msgs.msg import PointCloud2
@@ -51,10 +60,7 @@ def publish(args) -> int:
         node = rclpy.create_node("lidar_completion_probe_publisher")
         pub = node.create_publisher(PointCloud2,
                                     args.topic, _qos(args.qos, args.depth))
-        deadline = time.monotonic() + args.wait_subscribers
-        while pub.get_subscription_count() < args.subscribers and time.monotonic() < deadline:
-            rclpy.spin_once(node, timeout_sec=0.05)
-        matched = pub.get_subscription_count()
+        matched = _wait_matched(node, pub.get_subscription_count, args.subscribers, args.wait_subscribers)
         time.sleep(args.settle)
         msgs = [create_cloud_xyz32(Header(frame_id=args.frame_id), synthetic_cloud(args.points, i))
                 for i in range(min(args.count, 4))]
@@ -92,10 +98,8 @@ def listen(args) -> int:
         sub = node.create_subscription(PointCloud2, args.topic, on_cloud, _qos(args.qos, args.depth))
         # A message sent before the subscription is matched to its writer is lost (volatile
         # durability), so a caller that starts the traffic on "ready" can ask for the match first.
-        match_deadline = time.monotonic() + args.wait_publishers
-        while sub.get_publisher_count() < args.publishers and time.monotonic() < match_deadline:
-            rclpy.spin_once(node, timeout_sec=0.05)
-        print(json.dumps({"ready": True, "matched": sub.get_publisher_count()}), flush=True)
+        matched = _wait_matched(node, sub.get_publisher_count, args.publishers, args.wait_publishers)
+        print(json.dumps({"ready": True, "matched": matched}), flush=True)
         deadline = time.monotonic() + args.timeout
         idle_deadline = None
         while time.monotonic() < deadline and len(latencies) < args.count:

@@ -113,6 +113,7 @@ def collect(out: Path, groups, ev) -> dict:
             where = out / label / str(i)
             if not where.is_dir():
                 raise SystemExit(f"no evaluation of {label} [{i}] ({ckpt}) in {where}: run without --table-only")
+            per_frame = frame_cds(where)
             for r in ev.aggregate(where):
                 run = r["run"]
                 if run.get("source") != "completer":
@@ -125,7 +126,7 @@ def collect(out: Path, groups, ev) -> dict:
                                                                                    "refine", "label")},
                                                "groups": {}})
                 g = entry["groups"].setdefault(label, {"students": []})
-                entry.setdefault("frame_cds", []).append(frame_cds(where, key))
+                entry.setdefault("frame_cds", []).append(per_frame.get(key, {}))
                 g["students"].append({"index": i, "checkpoint": str(ckpt),
                                       "frames": r["per_seed"][0]["frames"],
                                       "sampling_seeds": [p["seed"] for p in r["per_seed"]],
@@ -138,18 +139,19 @@ def collect(out: Path, groups, ev) -> dict:
     return table
 
 
-def frame_cds(where: Path, label: str) -> dict:
-    """{(sampling seed, sequence, frame): CD} of row ``label`` in one student's evaluation folder."""
-    out = {}
+def frame_cds(where: Path) -> dict:
+    """{row label: {(sampling seed, sequence, frame): CD}} of one student's evaluation folder."""
+    out: dict = {}
     for summary in sorted(where.rglob("summary.json")):
         run = json.loads(summary.read_text())["run"]
         frames = summary.parent / "frames.jsonl"
-        if run.get("label") != label or not frames.is_file():
+        if not frames.is_file():
             continue
+        row = out.setdefault(run.get("label"), {})
         for line in frames.read_text().splitlines():
             if line.strip():
                 f = json.loads(line)
-                out[(run.get("seed"), run.get("sequence"), f["frame"])] = float(f["cd"])
+                row[(run.get("seed"), run.get("sequence"), f["frame"])] = float(f["cd"])
     return out
 
 
