@@ -111,6 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30, help="rows of each profiler table")
     p.add_argument("--trace", default=None, help="write a gzipped Chrome trace here")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--process", choices=("local", "vp"), default=None,
+                   help="the solver's forward process (default: the checkpoint's; with --config, local, "
+                        "as benchmarks/backends.py runs the published case - under vp the noisy points "
+                        "lie far from the condition, and the exact nearest-cell fallback does more work)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,8 +126,10 @@ def main(argv=None) -> int:
         if args.config is not None:
             cfg = ModelConfig.full() if args.config == "full" else ModelConfig.tiny()
             ckpt = make_random_checkpoint(Path(d) / "random.pt", config=cfg)
+        process = args.process or ("local" if args.config is not None else None)
         c = Completer.from_checkpoint(ckpt, steps=args.steps, guidance=args.guidance, device=str(device),
-                                      seed=0, backend=args.backend, precision=args.precision, **kw)
+                                      seed=0, backend=args.backend, precision=args.precision,
+                                      process=process, **kw)
     print(f"# {c!r} gpu={torch.cuda.get_device_name() if device.type == 'cuda' else None} "
           f"torch={torch.__version__} points={len(scan)}", flush=True)
     c.complete_detailed(scan)  # warm-up: allocator, kernels, unconditional cache
