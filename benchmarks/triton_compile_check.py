@@ -12,6 +12,7 @@ non-zero when a variant fails to compile or spills. Needs only Triton (and this 
 import for the recording pass, which runs with the kernels stubbed out)::
 
     python benchmarks/triton_compile_check.py --widths full --arch 90
+    LIDAR_COMPLETION_TRITON_LOOP=both python benchmarks/triton_compile_check.py   # the flat K loop too
 """
 from __future__ import annotations
 
@@ -101,24 +102,34 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
             for cfg in candidates(1 << 15, ca + cb, n, False, groups) + candidates(2000, ca + cb, n, False, groups):
                 constexprs = dict(KVOL=kvol, IDENTITY=kind == "identity", HAS_B=cb > 0, AFFINE=affine,
                                   RESIDUAL=residual, RELU=relu, DOT_F32=dtype == "fp32",
-                                  PRECISION="tf32" if dtype == "fp32" else "ieee", PAIR=cfg.pair,
-                                  BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
+                                  PRECISION="tf32x3" if dtype == "fp32" else "ieee", PAIR=cfg.pair,
+                                  FLAT=cfg.flat and kind != "identity", BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
                 key = (tuple(sorted(constexprs.items())), dtype, cfg.warps, cfg.stages, ca % 16, cb % 16, n % 16)
                 if key in done:
                     continue
                 done.add(key)
                 signature = {"a_ptr": ptr, "b_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr,
                              "order_ptr": "*i32", "table_ptr": "*i32", "tile_mask_ptr": "*i32",
+                             "tile_list_ptr": "*i32",
                              "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": ptr,
                              "M": "i32", "CA": "i32", "CB": "i32", "N": "i32",
                              "stride_ag": "i32", "stride_am": "i32", "stride_bg": "i32", "stride_bm": "i32",
                              "stride_rg": "i32", "stride_rm": "i32"}
                 signature.update({k: "constexpr" for k in constexprs})
+                # what the launcher's specialisation gives at run time: tensors from torch's
+                # allocator are 16-byte aligned, and channel counts and row strides that are
+                # multiples of 16 are marked so (then the gathers become cp.async copies that the
+                # pipeliner overlaps; without these marks the check compiles another kernel)
+                names = list(signature)
+                aligned = [arg for arg in names if arg.endswith("_ptr")]
+                aligned += [arg for arg, c in (("CA", ca), ("stride_am", ca), ("CB", cb), ("stride_bm", cb),
+                                               ("N", n), ("stride_rm", n)) if c and c % 16 == 0]
+                attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
                 name = (f"{kind} k{kvol} {ca}+{cb}->{n} g{groups} {dtype} {cfg.key()} "
                         f"aff{int(affine)} res{int(residual)} relu{int(relu)}")
                 count += 1
                 try:
-                    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                        target=target, options={"num_warps": cfg.warps, "num_stages": cfg.stages})
                 except Exception as exc:   # noqa: BLE001 - report every failure, keep going
                     failures += 1
@@ -128,17 +139,17 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                 spills += spill > 0
                 print(f"{'SPILL' if spill else 'ok   '} {name}: regs {regs} spill {spill} B smem {k.metadata.shared} B")
     for name, sig, consts, warps in (
-            ("nearest", {"q_ptr": "*i64", "r_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "E": "i32",
-                         "BQ": "constexpr", "BR": "constexpr", "INDEX_BITS": "constexpr"},
-             dict(BQ=128, BR=64, INDEX_BITS=K.NEAREST_INDEX_BITS), 4),
+            ("nearest", {"q_ptr": "*fp64", "r_ptr": "*fp64", "out_ptr": "*i64", "M": "i32", "E": "i32",
+                         "BQ": "constexpr", "BR": "constexpr"},
+             dict(BQ=64, BR=64), 4),
             ("fps", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
                      "out_start_ptr": "*i64", "dist_ptr": "*fp32", "out_ptr": "*i64", "BLOCK": "constexpr"},
-             dict(BLOCK=2048), 16)):
+             dict(BLOCK=1024), 8)):
         kfn = K.nearest_cell_kernel if name == "nearest" else K.fps_kernel
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,
-                               options={"num_warps": warps})
+                               options={"num_warps": warps, "enable_fp_fusion": name != "fps"})
             regs, spill = _resources(k.asm["cubin"])
             spills += spill > 0
             print(f"{'SPILL' if spill else 'ok   '} {name}: regs {regs} spill {spill} B smem {k.metadata.shared} B")

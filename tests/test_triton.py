@@ -258,6 +258,29 @@ def test_gather_plan_sorts_rows_and_masks_tiles(kind, stride):
         assert torch.equal(row_masks, torch.sort(row_masks).values)          # sorted by bitmask
         rows = row_masks.cpu().numpy()
         assert masks.tolist() == [int(np.bitwise_or.reduce(rows[i:i + block])) for i in range(0, len(rows), block)]
+        listed = m.tile_offsets(kind, stride, block).tolist()      # the flat loop's offsets per tile
+        assert len(listed) == len(masks) and all(len(r) == table.shape[1] + 1 for r in listed)
+        for mask, (count, *offsets) in zip(masks.tolist(), listed):
+            assert offsets[:count] == [k for k in range(table.shape[1]) if mask >> k & 1]
+        assert m.tile_offsets(kind, stride, block) is m.tile_offsets(kind, stride, block)   # kept
+
+
+def test_loop_choice_and_tile_keys(monkeypatch):
+    from lidar_completion.sparse import conv_implicit_gemm as ig
+
+    monkeypatch.delenv(ig.ENV_LOOP, raising=False)
+    masked = ig.candidates(100000, 64, 64, interpreted=False, groups=2)
+    assert masked and not any(c.flat for c in masked)                        # the default
+    monkeypatch.setenv(ig.ENV_LOOP, "flat")
+    flat = ig.candidates(100000, 64, 64, interpreted=False, groups=2)
+    assert [c.flat for c in flat] == [True] * len(masked) and {c.stages for c in flat} == {3}
+    monkeypatch.setenv(ig.ENV_LOOP, "both")
+    assert ig.candidates(100000, 64, 64, interpreted=False, groups=2) == masked + flat
+    for c in masked + flat:                                                  # the tuning cache's keys
+        assert ig.Config.parse(c.key()) == c
+    monkeypatch.setenv(ig.ENV_LOOP, "fast")
+    with pytest.raises(ConfigError, match="LIDAR_COMPLETION_TRITON_LOOP"):
+        ig.candidates(1000, 16, 16, interpreted=True)
 
 
 def test_nearest_cell_kernel_is_exact_with_ties_and_batches():
@@ -325,6 +348,7 @@ def test_tuner_times_once_and_remembers_on_disk(tmp_path, monkeypatch):
     from lidar_completion.sparse import conv_implicit_gemm as ig
 
     monkeypatch.setenv(ig.ENV_TUNE_CACHE, str(tmp_path / "tune.json"))
+    monkeypatch.delenv(ig.ENV_TUNE, raising=False)        # benchmarks/gpu_session.sh sets it to 0
     timed = []
     monkeypatch.setattr(ig, "_time", lambda run, cfg, reps=5: timed.append(cfg) or (1.0 if cfg.bm == 128 else 2.0))
     monkeypatch.setattr(ig.Tuner, "_device_tag", lambda self, device: "fake-gpu|triton x")

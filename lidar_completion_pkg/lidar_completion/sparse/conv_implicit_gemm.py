@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ENV_TUNE = "LIDAR_COMPLETION_TRITON_TUNE"          # 0: no timing, first candidate
 ENV_TUNE_CACHE = "LIDAR_COMPLETION_TRITON_CACHE"   # JSON file of tuned choices ('' = none)
+ENV_LOOP = "LIDAR_COMPLETION_TRITON_LOOP"          # masked (default) | flat | both: the K loops tried
+LOOPS = ("masked", "flat", "both")
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,33 @@ class Config:
     warps: int = 4
     stages: int = 2
     pair: bool = False    # two feature groups per program (sharing weight tiles and the table)
+    flat: bool = False    # the K loop over listed (offset, chunk) pairs, no branch (pipelinable)
 
     def key(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}" + ("p" if self.pair else "")
+        return (f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}" + ("p" if self.pair else "")
+                + ("f" if self.flat else ""))
 
     @staticmethod
     def parse(text: str) -> "Config":
+        flat = text.endswith("f")
+        text = text[:-1] if flat else text
         pair = text.endswith("p")
         dims, rest = text.rstrip("p").split("w")
         bm, bn, bk = (int(v) for v in dims.split("x"))
         warps, stages = (int(v) for v in rest.split("s"))
-        return Config(bm, bn, bk, warps, stages, pair)
+        return Config(bm, bn, bk, warps, stages, pair, flat)
+
+
+def loop_choice() -> str:
+    """The K loops the tuner may try (``LIDAR_COMPLETION_TRITON_LOOP``): ``masked`` (a loop over
+    all offsets that tests the tile mask; the default until the flat loop is measured faster on a
+    GPU), ``flat`` (one branch-free loop over the tile's listed offsets and channel chunks, three
+    pipeline stages) or ``both`` (the tuner times both)."""
+    value = os.environ.get(ENV_LOOP, "masked").strip().lower() or "masked"
+    if value not in LOOPS:
+        from ..errors import ConfigError
+        raise ConfigError(f"{ENV_LOOP}={value!r}: expected one of {', '.join(LOOPS)}")
+    return value
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -74,8 +92,9 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
     bk = _pow2(min(cin, 64), 16, 64)
     bn = _pow2(cout, 16, 128)
     pair = groups % 2 == 0
+    loops = loop_choice()
     if interpreted:     # every program is a Python loop over NumPy blocks: few, large programs
-        return [Config(_pow2(rows, 16, 256), bn, bk, 1, 1, pair)]
+        return [Config(_pow2(rows, 16, 256), bn, bk, 1, 1, pair, loops == "flat")]
     out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2)]
     if pair:
         out += [Config(64, min(bn, 64), bk, 4, 2, True), Config(128, min(bn, 64), bk, 8, 2, True)]
@@ -83,6 +102,8 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
         out.append(Config(128, min(bn, 64), bk, 4, 2))
         if rows < 8192:     # small levels: small tiles keep every SM busy
             out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
+    flat = [Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair, True) for c in out]
+    out = {"masked": out, "flat": flat, "both": out + flat}[loops]
     return list(dict.fromkeys(out))
 
 
@@ -223,7 +244,9 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
     ``segments``: one or two input feature matrices (..., M_in, C_i), concatenated along channels;
     ``weight``: (KVOL, sum C_i, N) in the compute dtype, contiguous (KVOL = 1 for a 1x1);
     ``plan_for(block)``: the gather plan (order, table, tile masks) for tiles of ``block`` rows, or
-    None for a 1x1 convolution; ``rows``: output rows. Returns (G, rows, N) or (rows, N)."""
+    None for a 1x1 convolution; ``plan_for(block, listed=True)``: each tile's offsets listed
+    (:meth:`.kmap.CoordinateManager.tile_offsets`, for the flat loop); ``rows``: output rows.
+    Returns (G, rows, N) or (rows, N)."""
     kvol, cin, n = weight.shape
     grouped = [s.shape[0] for s in segments if s.dim() == 3]
     if epilogue.residual is not None and epilogue.residual.dim() == 3:
@@ -249,8 +272,7 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
     b, sbg, sbm = segs[1] if len(segs) > 1 else (a, 0, 0)
     affine = epilogue.scale is not None
     dummy = weight
-    precision = "tf32" if (weight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-                           and device.type == "cuda") else "ieee"
+    precision = dot_precision(weight.dtype, device, interpreted)
     dot_f32 = interpreted or weight.dtype == torch.float32
 
     from . import triton_kernels as K
@@ -258,21 +280,36 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
     def run(cfg: Config):
         plan = plan_for(cfg.bm)
         order, table, tile_masks = plan if plan is not None else (dummy, dummy, dummy)
+        flat = cfg.flat and plan is not None
+        tile_list = plan_for(cfg.bm, listed=True) if flat else dummy
         grid = (-(-rows // cfg.bm), -(-n // cfg.bn), groups // 2 if cfg.pair else groups)
         K.implicit_gemm_kernel[grid](
-            a, b, weight, out, order, table, tile_masks,
+            a, b, weight, out, order, table, tile_masks, tile_list,
             epilogue.scale if affine else dummy, epilogue.shift if affine else dummy,
             res if res is not None else dummy,
             rows, ca, cb, n, sag, sam, sbg, sbm, srg, srm,
             KVOL=kvol, IDENTITY=plan is None, HAS_B=len(segs) > 1, AFFINE=affine,
             RESIDUAL=res is not None, RELU=bool(epilogue.relu), DOT_F32=dot_f32, PRECISION=precision,
-            PAIR=cfg.pair, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+            PAIR=cfg.pair, FLAT=flat, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps,
+            num_stages=cfg.stages)
 
     options = candidates(rows, cin, n, interpreted, groups)
     key = (kind, kvol, _bucket(rows), ca, cb, n, groups, str(weight.dtype), res is not None)
     cfg = TUNER.choose(key, options, run, device)
     run(cfg)
     return out if grouped else out[0]
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device, interpreted: bool) -> str:
+    """``input_precision`` of the fp32 products (bf16 / fp16 operands ignore it). On CUDA: TF32 when
+    torch allows it for matrix products (``torch.backends.cuda.matmul.allow_tf32``), otherwise
+    ``tf32x3`` - each operand split into a TF32 high and low part, three tensor-core products -
+    which keeps fp32 accuracy (about 1e-6 relative per product) at tensor-core speed; Triton's
+    ``ieee`` products run on the plain FMA units, 3.5x slower than the torch backend's cuBLAS on an
+    H200 (docs/benchmarks.md). The interpreter: ``ieee``."""
+    if interpreted or dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, interpreted: bool) -> torch.Tensor:
@@ -291,8 +328,7 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
     if m == 0:
         return dw
     order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
-    precision = "tf32" if (go.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-                           and go.device.type == "cuda") else "ieee"
+    precision = dot_precision(go.dtype, go.device, interpreted)
     br = _pow2(m, 16, 512) if interpreted else 64     # the interpreter: few, large blocks
     bn = _pow2(n, 16, 64)
     splits_wanted = 1 if interpreted else 64

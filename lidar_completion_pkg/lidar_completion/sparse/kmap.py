@@ -273,3 +273,20 @@ class CoordinateManager:
         plan = (order.to(torch.int32), table_sorted.contiguous(), tile_masks.to(torch.int32))
         self._plans[key] = plan
         return plan
+
+    def tile_offsets(self, kind: str, stride: int, block: int) -> torch.Tensor:
+        """The offsets each tile of :meth:`gather_plan` visits, listed: (tiles, K + 1) int32, row i
+        = [count, k_0, k_1, ...] with the ``count`` set bits of tile i's mask in increasing order
+        first (the rest of the row is the clear bits, never read). What a kernel needs to run one
+        flat loop over (offset, channel chunk) pairs without a branch per offset. Kept per
+        (kind, stride, block) like the plan."""
+        key = ("offsets", kind, stride, block)
+        if key in self._plans:
+            return self._plans[key]
+        _, table, masks = self.gather_plan(kind, stride, block)
+        k = table.shape[0]
+        bits = ((masks[:, None] >> torch.arange(k, device=masks.device, dtype=torch.int32)) & 1).bool()
+        listed = torch.argsort((~bits).to(torch.int8), dim=1, stable=True)   # set bits first, in order
+        offsets = torch.cat([bits.sum(1, keepdim=True), listed], 1).to(torch.int32).contiguous()
+        self._plans[key] = offsets
+        return offsets

@@ -65,10 +65,12 @@ class Pending:
         weight = conv.derived(f"igemm-{dtype}", lambda w: w.reshape(kvol, cin, cout).to(dtype).contiguous())
         rows = len(manager.level(out_stride))
         if kind == "identity":
-            def plan_for(block):
+            def plan_for(block, listed=False):
                 return None
         else:
-            def plan_for(block):
+            def plan_for(block, listed=False):
+                if listed:
+                    return manager.tile_offsets(kind, self.in_stride, block)
                 return manager.gather_plan(kind, self.in_stride, block)
         return igemm.implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
                              triton_interpreted())
@@ -113,8 +115,12 @@ class _ImplicitGemmConv(torch.autograd.Function):
             kind, stride = _TRANSPOSED[p.kind](p.in_stride)
             rows = len(manager.level(p.in_stride))
 
-            def plan_for(block):
-                return None if kind == "identity" else manager.gather_plan(kind, stride, block)
+            def plan_for(block, listed=False):
+                if kind == "identity":
+                    return None
+                if listed:
+                    return manager.tile_offsets(kind, stride, block)
+                return manager.gather_plan(kind, stride, block)
             grad_in = igemm.implicit_gemm((grad_out,), _transposed_weight(p.kind, w).to(grad_out.dtype), plan_for,
                                           rows, Epilogue(), grad_out.dtype, kind, interpreted)
             start = 0
@@ -254,28 +260,28 @@ TRITON_ENGINE = TritonEngine()
 def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
                        rb: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Exact nearest reference cell of the same batch element by the Triton brute-force kernel
-    (integer arithmetic, ties to the smallest index); the drop-in for the float64 GEMM fallback
-    of :mod:`.nearest`. With ``check``, raises when a query's batch element has no cell."""
+    (exact float64 arithmetic on the integer coordinates, ties to the smallest index); the drop-in
+    for the float64 GEMM fallback of :mod:`.nearest`. With ``check``, raises when a query's batch
+    element has no cell."""
     from ..errors import CloudFormatError
     from . import triton_kernels as K
 
-    def with_batch(coords, b):
+    def planes(coords, b):
+        """(4, n) float64 planes b, x, y, z (the kernel's layout: contiguous loads per plane)."""
         b = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device) if b is None else b
-        return torch.cat([b.view(-1, 1).long(), coords.long()], 1).contiguous()
+        return torch.cat([b.view(1, -1).double(), coords.t().double()], 0).contiguous()
 
-    query, ref = with_batch(q, qb), with_batch(r, rb)
-    m, e = query.shape[0], ref.shape[0]
+    m, e = q.shape[0], r.shape[0]
     out = torch.empty(m, dtype=torch.long, device=q.device)
     if m == 0:
         return out
-    if e >= (1 << K.NEAREST_INDEX_BITS):
-        raise CloudFormatError(f"condition has {e} cells; at most {(1 << K.NEAREST_INDEX_BITS) - 1} are supported")
-    interpreted = triton_interpreted()
-    bq, br = (64, 64) if interpreted else (128, 64)
-    K.nearest_cell_kernel[(-(-m // bq),)](query, ref, out, m, e, BQ=bq, BR=br,
-                                          INDEX_BITS=K.NEAREST_INDEX_BITS, num_warps=4)
+    if e >= 1 << 29:
+        raise CloudFormatError(f"condition has {e} cells; at most {(1 << 29) - 1} are supported")
+    query, ref = planes(q, qb), planes(r, rb)
+    bq, br = 64, 64
+    K.nearest_cell_kernel[(-(-m // bq),)](query, ref, out, m, e, BQ=bq, BR=br, num_warps=4)
     if check and bool((out < 0).any()):
-        missing = int(query[torch.nonzero(out < 0)[0, 0], 0])
+        missing = int(query[0, torch.nonzero(out < 0)[0, 0]])
         raise CloudFormatError(f"condition has no cells for batch element {missing}")
     return out.clamp_(min=0)
 
@@ -303,7 +309,7 @@ def farthest_point_sample_device(clouds: list, counts: list) -> list:
     block = 256 if triton_interpreted() else 1024
     K.fps_kernel[(len(clouds),)](pts, starts, torch.tensor(sizes, dtype=torch.int32, device=device),
                                  torch.tensor(list(counts), dtype=torch.int32, device=device), out_starts,
-                                 dist, out, BLOCK=block, num_warps=8)
+                                 dist, out, BLOCK=block, num_warps=8, enable_fp_fusion=False)
     return [torch.arange(n, device=device) if k == n else idx - s
             for idx, s, n, k in zip(torch.split(out, list(counts)), starts.tolist(), sizes, counts)]
 

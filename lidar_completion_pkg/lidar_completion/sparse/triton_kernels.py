@@ -4,7 +4,7 @@
   GEMM over a gather table, with the skip concatenation as two K segments and batch norm, residual
   add and ReLU in the epilogue;
 * :func:`nearest_cell_kernel` - exact nearest cell of the same batch element by brute force in
-  int64 (squared distance and index packed into one key, so the minimum breaks ties by index);
+  float64 on integer coordinates (exact), ties to the smallest index;
 * :func:`fps_kernel` - exact farthest-point sampling of one cloud per program.
 
 Under the interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors; its bf16
@@ -59,18 +59,87 @@ def _epilogue_store(acc, g, rows64, out_mask, cols, col_ok, M, N, out_ptr, scale
              mask=out_mask)
 
 
+@triton.jit
+def _masked_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm, w_ptr, table_ptr,
+                     rows, tile_mask, offs, in_range, M, CA, CB, N, cols, col_ok,
+                     KVOL: tl.constexpr, IDENTITY: tl.constexpr, HAS_B: tl.constexpr, PAIR: tl.constexpr,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
+    """The K loop of one tile over all KVOL offsets, skipping those whose bit of the tile mask is
+    clear; per offset the channel chunks of segment a, then of segment b."""
+    cin = CA + CB
+    for k in range(KVOL):
+        if (tile_mask >> k) & 1:
+            if IDENTITY:
+                src = rows.to(tl.int64)
+                valid = in_range
+            else:
+                src32 = tl.load(table_ptr + k * M + offs, mask=in_range, other=-1)
+                valid = src32 >= 0
+                src = tl.where(valid, src32, 0).to(tl.int64)
+            w_k = w_ptr + k * cin * N
+            acc, acc2 = _segment_products(acc, acc2, a_base, stride_ag, stride_am, src, valid, CA, w_k, N,
+                                          cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
+            if HAS_B:
+                acc, acc2 = _segment_products(acc, acc2, b_base, stride_bg, stride_bm, src, valid, CB,
+                                              w_k + CA * N, N, cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
+    return acc, acc2
+
+
+@triton.jit
+def _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm, w_ptr, table_ptr,
+                   list_ptr, offs, in_range, M, CA, CB, N, cols, col_ok,
+                   PAIR: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
+    """The K loop of one tile as one flat loop over (listed offset, channel chunk) pairs - per
+    offset the chunks of segment a, then of segment b - with no branch in its body: the form
+    Triton's software pipeliner can overlap (the next gather's loads under this product).
+    ``list_ptr``: the tile's row of :meth:`.kmap.CoordinateManager.tile_offsets`."""
+    ck = tl.arange(0, BK)
+    chunks_a = tl.cdiv(CA, BK)
+    chunks = chunks_a + tl.cdiv(CB, BK)
+    count = tl.load(list_ptr)
+    cin = CA + CB
+    for it in range(0, count * chunks):
+        j = it // chunks
+        c = it - j * chunks
+        k = tl.load(list_ptr + 1 + j)
+        src32 = tl.load(table_ptr + k * M + offs, mask=in_range, other=-1)
+        valid = src32 >= 0
+        src = tl.where(valid, src32, 0).to(tl.int64)
+        in_a = c < chunks_a
+        c0 = tl.where(in_a, c, c - chunks_a) * BK
+        ch = c0 + ck
+        ch_ok = ch < tl.where(in_a, CA, CB)
+        a_ptrs = tl.where(in_a, a_base + src[:, None] * stride_am, b_base + src[:, None] * stride_bm) + ch[None, :]
+        a_mask = valid[:, None] & ch_ok[None, :]
+        w_rows = tl.where(in_a, c0, CA + c0) + ck
+        w = tl.load(w_ptr + k * cin * N + w_rows[:, None] * N + cols[None, :],
+                    mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a.to(w.dtype), w, acc)
+        if PAIR:
+            a2 = tl.load(a_ptrs + tl.where(in_a, stride_ag, stride_bg), mask=a_mask, other=0.0)
+            if DOT_F32:
+                acc2 = tl.dot(a2.to(tl.float32), w.to(tl.float32), acc2, input_precision=PRECISION)
+            else:
+                acc2 = tl.dot(a2.to(w.dtype), w, acc2)
+    return acc, acc2
+
+
 # Row counts change with every scan: not specialised on (a compiled variant per divisibility class
 # of M would double the compile time for nothing). Channel counts and row strides are per layer.
 @triton.jit(do_not_specialize=["M", "stride_ag", "stride_bg", "stride_rg"])
 def implicit_gemm_kernel(
         a_ptr, b_ptr, w_ptr, out_ptr,
-        order_ptr, table_ptr, tile_mask_ptr,
+        order_ptr, table_ptr, tile_mask_ptr, tile_list_ptr,
         scale_ptr, shift_ptr, res_ptr,
         M, CA, CB, N,
         stride_ag, stride_am, stride_bg, stride_bm, stride_rg, stride_rm,
         KVOL: tl.constexpr, IDENTITY: tl.constexpr, HAS_B: tl.constexpr, AFFINE: tl.constexpr,
         RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-        PAIR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        PAIR: tl.constexpr, FLAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[g, r, n] = epilogue(sum_k sum_c in[g, table[r, k], c] * w[k, c, n]).
 
     Output rows come in tiles of BM in the order of ``order`` (rows sorted by neighbour bitmask);
@@ -83,7 +152,10 @@ def implicit_gemm_kernel(
     classifier-free guidance), loading each weight tile and table entry once for both.
     Epilogue: ``acc * scale + shift`` (``AFFINE``: eval-mode batch norm), ``+ res`` (``RESIDUAL``),
     ``max(., 0)`` (``RELU``); fp32 accumulation, stored in the output's dtype. Every output row is
-    written by exactly one program: no atomics."""
+    written by exactly one program: no atomics. ``FLAT`` (with a table): the tile's offsets come
+    listed (``tile_list``, :meth:`.kmap.CoordinateManager.tile_offsets`) and the K loop is one
+    branch-free loop (:func:`_flat_products`) instead of a loop over all KVOL offsets that tests
+    the tile mask (:func:`_masked_products`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PAIR:
@@ -100,26 +172,18 @@ def implicit_gemm_kernel(
         tile_mask = tl.load(tile_mask_ptr + pid_m)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
-    cin = CA + CB
     a_base = a_ptr + g * stride_ag
     b_base = b_ptr + g * stride_bg
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(KVOL):
-        if (tile_mask >> k) & 1:
-            if IDENTITY:
-                src = rows.to(tl.int64)
-                valid = in_range
-            else:
-                src32 = tl.load(table_ptr + k * M + offs, mask=in_range, other=-1)
-                valid = src32 >= 0
-                src = tl.where(valid, src32, 0).to(tl.int64)
-            w_k = w_ptr + k * cin * N
-            acc, acc2 = _segment_products(acc, acc2, a_base, stride_ag, stride_am, src, valid, CA, w_k, N,
-                                          cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
-            if HAS_B:
-                acc, acc2 = _segment_products(acc, acc2, b_base, stride_bg, stride_bm, src, valid, CB,
-                                              w_k + CA * N, N, cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
+    if FLAT and not IDENTITY:
+        acc, acc2 = _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm, w_ptr,
+                                   table_ptr, tile_list_ptr + pid_m * (KVOL + 1), offs, in_range, M, CA, CB,
+                                   N, cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
+    else:
+        acc, acc2 = _masked_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm,
+                                     w_ptr, table_ptr, rows, tile_mask, offs, in_range, M, CA, CB, N, cols,
+                                     col_ok, KVOL, IDENTITY, HAS_B, PAIR, DOT_F32, PRECISION, BK)
     rows64 = rows.to(tl.int64)
     out_mask = in_range[:, None] & col_ok[None, :]
     _epilogue_store(acc, g, rows64, out_mask, cols, col_ok, M, N, out_ptr, scale_ptr, shift_ptr, res_ptr,
@@ -129,41 +193,49 @@ def implicit_gemm_kernel(
                         res_ptr, stride_rg, stride_rm, AFFINE, RESIDUAL, RELU)
 
 
-# squared distance (< 2**39 for |coordinates| < 2**17) and reference index (< 2**22) in one key
-NEAREST_INDEX_BITS = 22
-
-
 @triton.jit(do_not_specialize=["M", "E"])
-def nearest_cell_kernel(q_ptr, r_ptr, out_ptr, M, E,
-                        BQ: tl.constexpr, BR: tl.constexpr, INDEX_BITS: tl.constexpr):
-    """For each query row (b, x, y, z) of ``q`` (M, 4) int64: the index of the nearest row of ``r``
-    (E, 4) int64 with the same b (squared Euclidean distance over x, y, z; ties to the smallest
-    index), or -1 when no row of ``r`` has that b. Exact: integer arithmetic throughout."""
+def nearest_cell_kernel(q_ptr, r_ptr, out_ptr, M, E, BQ: tl.constexpr, BR: tl.constexpr):
+    """For each query row of ``q``: the index of the nearest row of ``r`` with the same batch
+    element (squared Euclidean distance over x, y, z; ties to the smallest index), or -1 when no
+    row of ``r`` has that batch element.
+
+    ``q`` (4, M) and ``r`` (4, E) are float64 planes b, x, y, z holding integers: every difference,
+    square and sum stays an integer below 2**53 for coordinates below 2**17 in magnitude, so the
+    distances are exact (float64 runs at half the fp32 rate on the GPU; int64 products are
+    emulated). Each program keeps a (BQ, BR) running minimum - column j sees the reference rows
+    j, j + BR, j + 2 BR, ... in increasing order and keeps the first of equal distances - and
+    reduces it once at the end: the smallest distance, then the smallest index among the columns
+    that reach it."""
     pid = tl.program_id(0)
     qs = pid * BQ + tl.arange(0, BQ)
     q_ok = qs < M
-    qb = tl.load(q_ptr + qs * 4, mask=q_ok, other=-1)
-    qx = tl.load(q_ptr + qs * 4 + 1, mask=q_ok, other=0)
-    qy = tl.load(q_ptr + qs * 4 + 2, mask=q_ok, other=0)
-    qz = tl.load(q_ptr + qs * 4 + 3, mask=q_ok, other=0)
-    none = 0x7FFFFFFFFFFFFFFF
-    best = tl.full((BQ,), none, dtype=tl.int64)
+    qb = tl.load(q_ptr + qs, mask=q_ok, other=-1.0)
+    qx = tl.load(q_ptr + M + qs, mask=q_ok, other=0.0)
+    qy = tl.load(q_ptr + 2 * M + qs, mask=q_ok, other=0.0)
+    qz = tl.load(q_ptr + 3 * M + qs, mask=q_ok, other=0.0)
+    inf = float("inf")
+    best_d = tl.full((BQ, BR), inf, tl.float64)
+    best_i = tl.full((BQ, BR), 0, tl.int32)
+    cols = tl.arange(0, BR)
     for r0 in range(0, E, BR):
-        rs = r0 + tl.arange(0, BR)
+        rs = r0 + cols
         r_ok = rs < E
-        rb = tl.load(r_ptr + rs * 4, mask=r_ok, other=-2)
-        rx = tl.load(r_ptr + rs * 4 + 1, mask=r_ok, other=0)
-        ry = tl.load(r_ptr + rs * 4 + 2, mask=r_ok, other=0)
-        rz = tl.load(r_ptr + rs * 4 + 3, mask=r_ok, other=0)
+        rb = tl.load(r_ptr + rs, mask=r_ok, other=-2.0)
+        rx = tl.load(r_ptr + E + rs, mask=r_ok, other=0.0)
+        ry = tl.load(r_ptr + 2 * E + rs, mask=r_ok, other=0.0)
+        rz = tl.load(r_ptr + 3 * E + rs, mask=r_ok, other=0.0)
         dx = qx[:, None] - rx[None, :]
         dy = qy[:, None] - ry[None, :]
         dz = qz[:, None] - rz[None, :]
-        d2 = dx * dx + dy * dy + dz * dz
-        key = (d2 << INDEX_BITS) | rs.to(tl.int64)[None, :]
-        key = tl.where(qb[:, None] == rb[None, :], key, none)
-        best = tl.minimum(best, tl.min(key, axis=1))
-    idx = tl.where(best == none, -1, best & ((1 << INDEX_BITS) - 1))
-    tl.store(out_ptr + qs, idx, mask=q_ok)
+        d = dx * dx + dy * dy + dz * dz
+        d = tl.where(qb[:, None] == rb[None, :], d, inf)
+        better = d < best_d
+        best_d = tl.where(better, d, best_d)
+        best_i = tl.where(better, rs[None, :], best_i)
+    nearest = tl.min(best_d, axis=1)
+    idx = tl.min(tl.where(best_d == nearest[:, None], best_i, 0x7FFFFFFF), axis=1)
+    idx = tl.where(nearest == inf, -1, idx)
+    tl.store(out_ptr + qs, idx.to(tl.int64), mask=q_ok)
 
 
 @triton.jit
