@@ -304,6 +304,23 @@ def test_nearest_cell_kernel_is_exact_with_ties_and_batches():
         int(_nearest_bruteforce(far[:, 1:], cells[:, 1:], far[:, 0], cells[:, 0]))
 
 
+def test_nearest_cell_kernel_breaks_ties_across_tiles():
+    """A full lattice block of cells (several reference tiles) and queries at the centres of its
+    cubes, each equidistant from 8 cells that lie in different tiles: the smallest index wins."""
+    from lidar_completion.sparse.nearest import _nearest_bruteforce
+    from lidar_completion.sparse.triton_backend import bruteforce_nearest
+
+    r = torch.arange(-4, 5) * 16
+    cells = torch.cartesian_prod(torch.zeros(1, dtype=torch.long), r, r, r)           # 729 cells
+    cells = cells[torch.argsort(sparse.pack_keys(cells))].to(DEVICE)
+    centres = torch.cartesian_prod(torch.zeros(1, dtype=torch.long), r[:-1] + 8, r[:-1] + 8, r[:-1] + 8)
+    q = torch.cat([centres, torch.tensor([[0, 5000, -70000, 3]])]).to(DEVICE)
+    got = bruteforce_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0])
+    assert torch.equal(got, _nearest_bruteforce(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0]))
+    corner = centres[:, 1:].to(DEVICE) - 8                      # the smallest of the 8 equidistant cells
+    assert torch.equal(cells[got[:-1], 1:], corner)
+
+
 def test_device_farthest_point_sampling_is_exact():
     """The textbook algorithm from point 0 (fpsample's reference implementation), for several
     clouds in one launch: a scan-like one, a single point, one sampled whole."""
