@@ -387,6 +387,8 @@ def test_tuner_times_once_and_remembers_on_disk(tmp_path, monkeypatch):
     fresh._best[key[:2] + (1 << 10,) + key[3:]] = options[1]
     assert fresh.choose(key, options, None, cuda) == options[2]               # the nearest row count
     assert len(timed) == n
+    flat = [ig.Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair, True) for c in options]
+    assert fresh.choose(key, flat, None, cuda) == flat[0]     # a choice among other loops does not count
 
 
 def test_completer_with_the_triton_backend_completes_like_torch(tmp_path):

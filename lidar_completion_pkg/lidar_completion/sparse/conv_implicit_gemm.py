@@ -164,9 +164,10 @@ class Tuner:
 
     def choose(self, key: tuple, options: list[Config], run, device: torch.device) -> Config:
         """The configuration for ``key``: remembered, else timed now (``run(config)`` launches one),
-        else (no timing allowed) the first option."""
+        else (no timing allowed) the first option. A remembered choice that is not among
+        ``options`` (another K loop setting made it) does not count."""
         hit = self._best.get(key)
-        if hit is not None:
+        if hit is not None and hit in options:
             return hit
         if len(options) == 1 or device.type != "cuda" or os.environ.get(ENV_TUNE, "1") == "0":
             return options[0]
@@ -175,13 +176,13 @@ class Tuner:
             if not self._loaded:
                 self._load(tag)
             hit = self._best.get(key)
-            if hit is not None:
+            if hit is not None and hit in options:
                 return hit
             if torch.cuda.is_current_stream_capturing():
                 # nothing may be timed (or compiled and loaded) inside a capture: the choice made
                 # for the nearest row count of the same convolution (the sizing pass ran it), else
                 # the default
-                return self._nearest_choice(key) or options[0]
+                return self._nearest_choice(key, options) or options[0]
             best = min(options, key=lambda cfg: _time(run, cfg))
             self._best[key] = best
             self._save(tag)
@@ -189,11 +190,11 @@ class Tuner:
             return best
 
 
-    def _nearest_choice(self, key: tuple):
-        """The remembered choice of the key that differs from ``key`` only in its row bucket
-        (position 2), the closest bucket first."""
-        near = [(abs(k[2].bit_length() - key[2].bit_length()), k) for k in self._best
-                if len(k) == len(key) and k[:2] == key[:2] and k[3:] == key[3:]]
+    def _nearest_choice(self, key: tuple, options: list[Config]):
+        """The remembered choice (one of ``options``) of the key that differs from ``key`` only in
+        its row bucket (position 2), the closest bucket first."""
+        near = [(abs(k[2].bit_length() - key[2].bit_length()), k) for k, v in self._best.items()
+                if len(k) == len(key) and k[:2] == key[:2] and k[3:] == key[3:] and v in options]
         return self._best[min(near)[1]] if near else None
 
 
