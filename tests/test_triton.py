@@ -2,9 +2,11 @@
 
 Every layer type (3x3x3 at several strides, 1x1, stride-2, transposed; with the fused batch norm /
 residual / ReLU epilogue and the two-segment skip input; grouped features), whole networks, the
-kernel-map plans, the integer nearest-cell kernel, farthest-point sampling, backend selection and
-the tile tuner. fp32 throughout: the interpreter's bf16 ``tl.dot`` is wrong (triton-lang/triton
-#11584), and fp32 lets the two backends agree to float summation order (1e-5 relative).
+kernel-map plans and each tile's listed offsets (the flat K loop), the exact nearest-cell kernel,
+farthest-point sampling, backend selection and the tile tuner. fp32 throughout: the interpreter's
+bf16 ``tl.dot`` is wrong (triton-lang/triton#11584), and fp32 lets the two backends agree to float
+summation order (1e-5 relative; 1e-4 on CUDA, where fp32 products are tf32x3). The same file runs
+on CUDA, and with ``LIDAR_COMPLETION_TRITON_LOOP=flat`` for the other K loop.
 Clouds are small: every Triton program is a Python loop here.
 """
 import os
@@ -27,7 +29,14 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() and not sparse.triton_interpreted() else "cpu"
 
 
-def _close(a, b, rel=1e-5):
+# fp32 products: IEEE in the interpreter (the backends agree to summation order, 1e-5); on CUDA they
+# are tf32x3 (three TF32 tensor-core products, about 1e-6 relative each, not IEEE): 1e-4 there, the
+# tolerance tests/test_cuda.py gives the GPU comparisons
+FP32_REL = 1e-5 if DEVICE == "cpu" else 1e-4
+
+
+def _close(a, b, rel=None):
+    rel = FP32_REL if rel is None else rel
     scale = max(float(b.abs().max()), 1e-6)
     err = float((a.float() - b.float()).abs().max())
     assert err <= rel * scale, (err, scale)
