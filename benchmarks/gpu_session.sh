@@ -4,8 +4,8 @@
 # (default 540) so that the whole session ends inside one device call:
 #   1. correctness on the GPU: tests/test_triton.py and the Triton tests of tests/test_cuda.py
 #      (fp32 within 1e-4 of the torch backend, bf16 no further from fp32 than torch's own bf16), with
-#      the default tiles (with tuning on, every new layer shape compiles every candidate: the first
-#      session spent its 120 s on nine tests that way); then the layer and network tests again with
+#      the default tiles (with tuning on, every new layer shape compiles every candidate, and nine
+#      tests took 120 s on an H200); then the layer and network tests again with
 #      the flat K loop (LIDAR_COMPLETION_TRITON_LOOP=flat),
 #   2. the headline: benchmarks/backends.py, triton vs torch, published widths and the shipped
 #      student, bf16, default tiles (no tuning: every tuning candidate is one more compilation),
