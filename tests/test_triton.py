@@ -375,6 +375,7 @@ def test_tuner_times_once_and_remembers_on_disk(tmp_path, monkeypatch):
 
     monkeypatch.setenv(ig.ENV_TUNE_CACHE, str(tmp_path / "tune.json"))
     monkeypatch.delenv(ig.ENV_TUNE, raising=False)        # benchmarks/gpu_session.sh sets it to 0
+    monkeypatch.delenv(ig.ENV_LOOP, raising=False)        # the default (masked) candidates
     timed = []
     monkeypatch.setattr(ig, "_time", lambda run, cfg, reps=5: timed.append(cfg) or (1.0 if cfg.bm == 128 else 2.0))
     monkeypatch.setattr(ig.Tuner, "_device_tag", lambda self, device: "fake-gpu|triton x")
