@@ -18,6 +18,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _mma(acc, a, w, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ w: in fp32 with ``PRECISION`` (the interpreter's bf16 product is wrong, and fp32
+    operands choose ieee / tf32 / tf32x3), otherwise in the weights' dtype with fp32 accumulation."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a.to(w.dtype), w, acc)
+
+
+@triton.jit
 def _segment_products(acc, acc2, base, stride_g, stride_m, src, valid, C, w_seg, N, cols, col_ok,
                       PAIR: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
     """acc += in[src, :C] @ w_seg[:C, cols] for one K segment; with ``PAIR`` also acc2 for the next
@@ -28,16 +37,10 @@ def _segment_products(acc, acc2, base, stride_g, stride_m, src, valid, C, w_seg,
         a_mask = valid[:, None] & (c[None, :] < C)
         w = tl.load(w_seg + c[:, None] * N + cols[None, :], mask=(c[:, None] < C) & col_ok[None, :], other=0.0)
         a = tl.load(base + src[:, None] * stride_m + c[None, :], mask=a_mask, other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a.to(w.dtype), w, acc)
+        acc = _mma(acc, a, w, DOT_F32, PRECISION)
         if PAIR:
             a2 = tl.load(base + stride_g + src[:, None] * stride_m + c[None, :], mask=a_mask, other=0.0)
-            if DOT_F32:
-                acc2 = tl.dot(a2.to(tl.float32), w.to(tl.float32), acc2, input_precision=PRECISION)
-            else:
-                acc2 = tl.dot(a2.to(w.dtype), w, acc2)
+            acc2 = _mma(acc2, a2, w, DOT_F32, PRECISION)
     return acc, acc2
 
 
@@ -115,16 +118,10 @@ def _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, s
         w = tl.load(w_ptr + k * cin * N + w_rows[:, None] * N + cols[None, :],
                     mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a.to(w.dtype), w, acc)
+        acc = _mma(acc, a, w, DOT_F32, PRECISION)
         if PAIR:
             a2 = tl.load(a_ptrs + tl.where(in_a, stride_ag, stride_bg), mask=a_mask, other=0.0)
-            if DOT_F32:
-                acc2 = tl.dot(a2.to(tl.float32), w.to(tl.float32), acc2, input_precision=PRECISION)
-            else:
-                acc2 = tl.dot(a2.to(w.dtype), w, acc2)
+            acc2 = _mma(acc2, a2, w, DOT_F32, PRECISION)
     return acc, acc2
 
 
@@ -323,9 +320,6 @@ def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr,
                         other=0.0)
             go = tl.load(go_base + out_rows[:, None] * stride_gm + n[None, :],
                          mask=valid[:, None] & n_ok[None, :], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(tl.trans(x.to(tl.float32)), go.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(tl.trans(x.to(go.dtype)), go, acc)
+            acc = _mma(acc, tl.trans(x), go, DOT_F32, PRECISION)
     tl.atomic_add(dw_ptr + (k * CIN + C_OFF + c[:, None]) * N + n[None, :], acc,
                   mask=c_ok[:, None] & n_ok[None, :])
