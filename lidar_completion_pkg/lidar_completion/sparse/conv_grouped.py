@@ -34,6 +34,9 @@ def grouped_offsets(f: torch.Tensor, out_rows: torch.Tensor, in_rows: torch.Tens
         if dim == 0:
             out.index_add_(0, rows, y)
         else:   # per feature group: rows of contiguous (M, Cout) slices add faster than a strided dim
-            for o, yy in zip(out.view(-1, *out.shape[-2:]), y.view(-1, *y.shape[-2:])):
-                o.index_add_(0, rows, yy)
+            # (indexed one group at a time: autograd refuses in-place writes to the views that
+            # iterating a tensor makes, which training with guidance groups would hit)
+            ov, yv = out.view(-1, *out.shape[-2:]), y.view(-1, *y.shape[-2:])
+            for i in range(ov.shape[0]):
+                ov[i].index_add_(0, rows, yv[i])
     return out
