@@ -43,25 +43,23 @@ from lidar_completion.sparse.conv_implicit_gemm import Config  # noqa: E402
 
 
 def explore_list(cin: int, cout: int, groups: int) -> list[Config]:
-    """The configurations tried per signature: the shipped candidates of both K loops, then
-    larger / smaller tiles, a K chunk of 32, 8 warps and deeper pipelines."""
+    """The configurations tried per signature, most promising first: each tile shape with the
+    masked K loop at 2 and 3 pipeline stages and the flat K loop at 3; the shipped candidates'
+    shapes, then larger / smaller tiles, a K chunk of 32, and pairs of feature groups."""
     bk = igemm._pow2(min(cin, 64), 16, 64)
     bn = igemm._pow2(cout, 16, 128)
     bn64 = min(bn, 64)
-    base = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2), Config(128, bn64, bk, 4, 2),
-            Config(32, bn64, bk, 4, 2), Config(32, bn, bk, 4, 2), Config(16, bn64, bk, 4, 2),
-            Config(64, bn64, bk, 4, 2), Config(128, bn, min(bk, 32), 8, 2), Config(64, bn, min(bk, 32), 4, 2),
-            Config(256, bn64, bk, 8, 2)]
+    base = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2)]
     if cout > 128:
         base.append(Config(64, igemm._pow2(cout, 16, 256), bk, 8, 2))
+        base.append(Config(128, igemm._pow2(cout, 16, 256), bk, 8, 2))
+    base += [Config(128, bn64, bk, 4, 2), Config(64, bn64, bk, 4, 2), Config(32, bn64, bk, 4, 2),
+             Config(64, bn, min(bk, 32), 4, 2), Config(256, bn64, bk, 8, 2)]
     if groups % 2 == 0:
-        base += [Config(64, bn64, bk, 4, 2, True), Config(128, bn64, bk, 8, 2, True),
-                 Config(32, bn64, bk, 4, 2, True), Config(64, bn, bk, 8, 2, True)]
+        base += [Config(64, bn64, bk, 4, 2, True), Config(64, bn, bk, 8, 2, True), Config(128, bn64, bk, 8, 2, True)]
     out = []
     for c in base:
-        out.append(c)
-        out.append(Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair, True))
-        out.append(Config(c.bm, c.bn, c.bk, c.warps, 4, c.pair, True))
+        out += [c, Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair), Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair, True)]
     return list(dict.fromkeys(out))
 
 

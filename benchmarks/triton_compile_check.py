@@ -122,8 +122,10 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                 # pipeliner overlaps; without these marks the check compiles another kernel)
                 names = list(signature)
                 aligned = [arg for arg in names if arg.endswith("_ptr")]
-                aligned += [arg for arg, c in (("CA", ca), ("stride_am", ca), ("CB", cb), ("stride_bm", cb),
-                                               ("N", n), ("stride_rm", n)) if c and c % 16 == 0]
+                # (group strides are rows x channels: multiples of 16 when the channel count is)
+                aligned += [arg for arg, c in (("CA", ca), ("stride_am", ca), ("stride_ag", ca), ("CB", cb),
+                                               ("stride_bm", cb), ("stride_bg", cb), ("N", n), ("stride_rm", n),
+                                               ("stride_rg", n)) if c and c % 16 == 0]
                 attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
                 name = (f"{kind} k{kvol} {ca}+{cb}->{n} g{groups} {dtype} {cfg.key()} "
                         f"aff{int(affine)} res{int(residual)} relu{int(relu)}")

@@ -90,7 +90,7 @@ def _masked_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg,
 
 @triton.jit
 def _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm, w_ptr, table_ptr,
-                   list_ptr, offs, in_range, M, CA, CB, N, cols, col_ok,
+                   list_ptr, offs, in_range, M, CA, CB, N, cols, col_ok, HAS_B: tl.constexpr,
                    PAIR: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
     """The K loop of one tile as one flat loop over (listed offset, channel chunk) pairs - per
     offset the chunks of segment a, then of segment b - with no branch in its body: the form
@@ -98,7 +98,9 @@ def _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, s
     ``list_ptr``: the tile's row of :meth:`.kmap.CoordinateManager.tile_offsets`."""
     ck = tl.arange(0, BK)
     chunks_a = tl.cdiv(CA, BK)
-    chunks = chunks_a + tl.cdiv(CB, BK)
+    chunks = chunks_a
+    if HAS_B:
+        chunks += tl.cdiv(CB, BK)
     count = tl.load(list_ptr)
     cin = CA + CB
     for it in range(0, count * chunks):
@@ -108,26 +110,41 @@ def _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, s
         src32 = tl.load(table_ptr + k * M + offs, mask=in_range, other=-1)
         valid = src32 >= 0
         src = tl.where(valid, src32, 0).to(tl.int64)
-        in_a = c < chunks_a
-        c0 = tl.where(in_a, c, c - chunks_a) * BK
-        ch = c0 + ck
-        ch_ok = ch < tl.where(in_a, CA, CB)
-        a_ptrs = tl.where(in_a, a_base + src[:, None] * stride_am, b_base + src[:, None] * stride_bm) + ch[None, :]
+        if HAS_B:   # segment a's chunks, then segment b's: pointers chosen per iteration
+            in_a = c < chunks_a
+            c0 = tl.where(in_a, c, c - chunks_a) * BK
+            ch = c0 + ck
+            ch_ok = ch < tl.where(in_a, CA, CB)
+            a_ptrs = tl.where(in_a, a_base + src[:, None] * stride_am, b_base + src[:, None] * stride_bm) + ch[None, :]
+            w_rows = tl.where(in_a, c0, CA + c0) + ck
+            g_step = tl.where(in_a, stride_ag, stride_bg)
+        else:       # one segment: plain affine pointers (alignment known, no select)
+            c0 = c * BK
+            ch = c0 + ck
+            ch_ok = ch < CA
+            a_ptrs = a_base + src[:, None] * stride_am + ch[None, :]
+            w_rows = ch
+            g_step = stride_ag
         a_mask = valid[:, None] & ch_ok[None, :]
-        w_rows = tl.where(in_a, c0, CA + c0) + ck
         w = tl.load(w_ptr + k * cin * N + w_rows[:, None] * N + cols[None, :],
                     mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         acc = _mma(acc, a, w, DOT_F32, PRECISION)
         if PAIR:
-            a2 = tl.load(a_ptrs + tl.where(in_a, stride_ag, stride_bg), mask=a_mask, other=0.0)
+            a2 = tl.load(a_ptrs + g_step, mask=a_mask, other=0.0)
             acc2 = _mma(acc2, a2, w, DOT_F32, PRECISION)
     return acc, acc2
 
 
 # Row counts change with every scan: not specialised on (a compiled variant per divisibility class
-# of M would double the compile time for nothing). Channel counts and row strides are per layer.
-@triton.jit(do_not_specialize=["M", "stride_ag", "stride_bg", "stride_rg"])
+# of M would double the compile time for nothing). Channel counts, row strides and the feature-group
+# strides (rows x channels) are specialised: Triton then knows that a row of a gathered tile starts
+# on a 16-byte boundary, and the gathers become vectorised asynchronous copies that the pipeliner
+# overlaps with the products. Left unspecialised, the group strides made every gathered element a
+# separate 2-byte load that the loop waited for (Triton 3.6, sm_90: measured on an H200, see
+# docs/benchmarks.md). A group stride is a multiple of 16 whenever the channel count is, so this
+# costs no extra compilation for any layer but the 3-channel stems.
+@triton.jit(do_not_specialize=["M"])
 def implicit_gemm_kernel(
         a_ptr, b_ptr, w_ptr, out_ptr,
         order_ptr, table_ptr, tile_mask_ptr, tile_list_ptr,
@@ -176,7 +193,7 @@ def implicit_gemm_kernel(
     if FLAT and not IDENTITY:
         acc, acc2 = _flat_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm, w_ptr,
                                    table_ptr, tile_list_ptr + pid_m * (KVOL + 1), offs, in_range, M, CA, CB,
-                                   N, cols, col_ok, PAIR, DOT_F32, PRECISION, BK)
+                                   N, cols, col_ok, HAS_B, PAIR, DOT_F32, PRECISION, BK)
     else:
         acc, acc2 = _masked_products(acc, acc2, a_base, b_base, stride_ag, stride_am, stride_bg, stride_bm,
                                      w_ptr, table_ptr, rows, tile_mask, offs, in_range, M, CA, CB, N, cols,
@@ -282,7 +299,7 @@ def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, 
         tl.store(out_ptr + o + s, start + last)
 
 
-@triton.jit(do_not_specialize=["M", "G", "rows_per_split", "stride_xg", "stride_gg"])
+@triton.jit(do_not_specialize=["M", "G", "rows_per_split"])   # group strides specialised: see above
 def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr,
                        M, CX, C_OFF, CIN, N, G, rows_per_split,
                        stride_xg, stride_xm, stride_gg, stride_gm,
