@@ -199,8 +199,9 @@ def test_convolution_gradients_for_every_map_kind():
     for backend in ("torch", "triton"):
         _, x = sparse.get_backend(backend).voxelize(pts, batch, 0.05)
         f = x.feats.detach().clone().requires_grad_(True)
-        extra = torch.randn(2, f.shape[0], 5, device=DEVICE, generator=torch.Generator().manual_seed(1)
-                            if DEVICE == "cpu" else None).requires_grad_(True)
+        # the same values for both backends on any device (drawn on the CPU from a seeded generator)
+        extra = torch.randn(2, f.shape[0], 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        extra.requires_grad_(True)
         y = sparse.get_backend(backend).cat(x.replace(f), x.replace(extra))   # (M, 3) broadcast | (2, M, 5)
         for m in mods:
             y = m(y)
@@ -287,6 +288,13 @@ def test_loop_choice_and_tile_keys(monkeypatch):
     assert ig.candidates(100000, 64, 64, interpreted=False, groups=2) == masked + flat
     for c in masked + flat:                                                  # the tuning cache's keys
         assert ig.Config.parse(c.key()) == c
+    monkeypatch.delenv(ig.ENV_LOOP, raising=False)
+    # the defaults measured on an H200: 128 x 256 tiles for 256 output channels over many rows, a
+    # third pipeline stage where an offset has several channel chunks, two where it has one
+    assert ig.candidates(100000, 256, 256, interpreted=False)[0] == ig.Config(128, 256, 64, 8, 3)
+    assert ig.candidates(2000, 256, 256, interpreted=False)[0] == ig.Config(64, 128, 64, 4, 3)
+    assert ig.candidates(100000, 128, 128, interpreted=False)[0] == ig.Config(64, 128, 64, 4, 3)
+    assert ig.candidates(100000, 32, 32, interpreted=False)[0] == ig.Config(64, 32, 32, 4, 2)
     monkeypatch.setenv(ig.ENV_LOOP, "fast")
     with pytest.raises(ConfigError, match="LIDAR_COMPLETION_TRITON_LOOP"):
         ig.candidates(1000, 16, 16, interpreted=True)

@@ -86,7 +86,7 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 1) -> list[Config]:
     """Tile configurations worth trying for a convolution of this shape, the default first (at most
-    four: each is compiled once per process, and compilation is what the first scan waits for).
+    five: each is compiled once per process, and compilation is what the first scan waits for).
     ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked. With an
     even number of feature groups (guidance), pairs of groups per program are tried too."""
     bk = _pow2(min(cin, 64), 16, 64)
@@ -95,7 +95,15 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
     loops = loop_choice()
     if interpreted:     # every program is a Python loop over NumPy blocks: few, large programs
         return [Config(_pow2(rows, 16, 256), bn, bk, 1, 1, pair, loops == "flat")]
-    out = [Config(64, bn, bk, 4, 2), Config(128, bn, bk, 8, 2)]
+    # The defaults, from every convolution of a published-width scan timed per tile configuration
+    # on an H200 (benchmarks/gemm_tiles.py, docs/benchmarks.md): 256 output channels run fastest
+    # as 128 x 256 tiles, 8 warps, 3 stages (1.24x and 1.6x over 64 x 128 x 64, 4 warps, 2 stages
+    # on the two heaviest layers); with several channel chunks per offset a third stage pays
+    # (1.2x); one chunk per offset has nothing to overlap in the masked loop.
+    stages = 3 if cin > bk else 2
+    out = [Config(64, bn, bk, 4, stages), Config(128, bn, bk, 8, 2)]
+    if cout > 128 and rows >= 16384:   # (small levels keep smaller tiles: enough programs per SM)
+        out.insert(0, Config(128, _pow2(cout, 16, 256), bk, 8, 3))
     if pair:
         out += [Config(64, min(bn, 64), bk, 4, 2, True), Config(128, min(bn, 64), bk, 8, 2, True)]
     else:
