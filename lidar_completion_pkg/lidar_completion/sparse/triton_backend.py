@@ -64,16 +64,20 @@ class Pending:
         kvol = 1 if kind == "identity" else conv.kernel_size ** 3
         weight = conv.derived(f"igemm-{dtype}", lambda w: w.reshape(kvol, cin, cout).to(dtype).contiguous())
         rows = len(manager.level(out_stride))
+        return igemm.implicit_gemm(self.segments, weight, _plans(manager, kind, self.in_stride), rows,
+                                   self.epilogue, dtype, kind, triton_interpreted())
+
+
+def _plans(manager, kind: str, stride: int):
+    """``plan_for(block, listed=False)`` of :func:`.conv_implicit_gemm.implicit_gemm` for a map of
+    ``kind`` at ``stride``: the gather plan, or with ``listed`` each tile's offsets (None for 1x1)."""
+    def plan_for(block, listed=False):
         if kind == "identity":
-            def plan_for(block, listed=False):
-                return None
-        else:
-            def plan_for(block, listed=False):
-                if listed:
-                    return manager.tile_offsets(kind, self.in_stride, block)
-                return manager.gather_plan(kind, self.in_stride, block)
-        return igemm.implicit_gemm(self.segments, weight, plan_for, rows, self.epilogue, dtype, kind,
-                             triton_interpreted())
+            return None
+        if listed:
+            return manager.tile_offsets(kind, stride, block)
+        return manager.gather_plan(kind, stride, block)
+    return plan_for
 
 
 # the gather plan that carries a convolution's input gradient back: (kind, stride of the plan) as a
@@ -114,15 +118,9 @@ class _ImplicitGemmConv(torch.autograd.Function):
         if any(ctx.needs_input_grad[4:]):
             kind, stride = _TRANSPOSED[p.kind](p.in_stride)
             rows = len(manager.level(p.in_stride))
-
-            def plan_for(block, listed=False):
-                if kind == "identity":
-                    return None
-                if listed:
-                    return manager.tile_offsets(kind, stride, block)
-                return manager.gather_plan(kind, stride, block)
-            grad_in = igemm.implicit_gemm((grad_out,), _transposed_weight(p.kind, w).to(grad_out.dtype), plan_for,
-                                          rows, Epilogue(), grad_out.dtype, kind, interpreted)
+            grad_in = igemm.implicit_gemm((grad_out,), _transposed_weight(p.kind, w).to(grad_out.dtype),
+                                          _plans(manager, kind, stride), rows, Epilogue(), grad_out.dtype, kind,
+                                          interpreted)
             start = 0
             for i, seg in enumerate(segments):
                 c = seg.shape[-1]
@@ -275,7 +273,7 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
     out = torch.empty(m, dtype=torch.long, device=q.device)
     if m == 0:
         return out
-    if e >= 1 << 29:
+    if e >= 1 << 29:   # the kernel addresses the 4 planes with 32-bit offsets (3 E + i < 2**31)
         raise CloudFormatError(f"condition has {e} cells; at most {(1 << 29) - 1} are supported")
     query, ref = planes(q, qb), planes(r, rb)
     bq, br = 64, 64
