@@ -17,7 +17,7 @@ The scan is a synthetic HDL-64E scan from :mod:`lidar_completion.data.synthetic`
 points. Each (case, backend, precision) row gives the median of ``--repeats`` complete scans after
 one warm-up scan (kernel compilation, tile tuning and CUDA graph capture happen there), with the
 Completer's stage times (preprocessing = filters + FPS + tiling; encoder; denoiser per solver step
-(both guidance halves); refiner) and the time to build every kernel map of one denoiser pass
+(both guidance halves); refiner; ``--fps`` picks where the sampling runs) and the time to build every kernel map of one denoiser pass
 (``maps``: voxelisation, the coordinate sets of all strides, the neighbour / child / parent tables
 and, for triton, their bitmask-sorted plans). ``--forward`` adds per-network forward times.
 
@@ -126,9 +126,9 @@ def map_time(backend, device, x_init: torch.Tensor, sigma: float, repeats: int) 
         return timed(build, device, repeats)
 
 
-def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=None):
+def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=None, fps="auto"):
     c = Completer.from_checkpoint(ckpt, steps=steps, guidance=guidance, refine=True, device=str(device),
-                                  seed=0, backend=backend, precision=precision)
+                                  seed=0, backend=backend, precision=precision, fps=fps)
     res = [None]
 
     def run():
@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--forward", action="store_true", help="also time each network's forward pass")
     p.add_argument("--repeats", type=int, default=None, help="timed scans per row (median; default 3, quick 1)")
     p.add_argument("--checkpoint", default=None, help="the student case's checkpoint (default: the shipped one)")
+    p.add_argument("--fps", choices=("auto", "cpu", "device"), default="auto",
+                   help="where the Completer samples the scan (default auto: the device on CUDA with Triton)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--fps-only", action="store_true",
@@ -241,7 +243,8 @@ def main(argv=None) -> int:
                               + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in t.items()), flush=True)
             for b in backends:
                 for prec in precisions:
-                    c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance)
+                    c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
+                                                        args.fps)
                     x_init = torch.from_numpy(c.prepare(scan)[2]).to(device)
                     maps = map_time(b, device, x_init, 0.5, repeats)
                     st = r.timings
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
                            "preprocess_s": st.get("preprocess"), "encoder_s": st.get("encoder"),
                            "denoiser_step_s": st.get("denoiser", float("nan")) / max(1, args.steps),
                            "refiner_s": st.get("refinement"), "points_out": int(len(r.points)),
-                           "budget": [c.n_fps, c.tile]}
+                           "budget": [c.n_fps, c.tile], "fps": "device" if c.fps_on_device else "cpu"}
                     results["rows"].append(row)
                     print(f"complete case={case} backend={b} precision={prec} steps={args.steps} "
                           f"graphs={graphs} time={t * 1000:.1f}ms peak_gpu={peak:.0f}MiB "
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
                           f"encoder={row['encoder_s'] * 1000:.1f}ms "
                           f"denoiser/step={row['denoiser_step_s'] * 1000:.1f}ms "
                           f"refiner={(row['refiner_s'] or float('nan')) * 1000:.1f}ms "
-                          f"out={row['points_out']} budget={c.n_fps}x{c.tile}", flush=True)
+                          f"out={row['points_out']} budget={c.n_fps}x{c.tile} fps={row['fps']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -4,19 +4,20 @@
 # (default 540) so that the whole session ends inside one device call:
 #   1. the headline: benchmarks/backends.py, triton vs torch, published widths and the shipped
 #      student, bf16, default tiles (no tuning: every tuning candidate is one more compilation),
-#   2. the Triton rows of step 1 with the flat K loop (LIDAR_COMPLETION_TRITON_LOOP=flat),
-#   3. correctness on the GPU: tests/test_triton.py and the Triton tests of tests/test_cuda.py
-#      (fp32 within 1e-4 of the torch backend, bf16 no further from fp32 than torch's own bf16), with
-#      the default tiles (with tuning on, every new layer shape compiles every candidate),
-#   4. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
-#      tiles, then a wider list of tile configurations for the heaviest layers (what the defaults
-#      should be; the useful TFLOP/s),
-#   5. training steps per second on the GPU (python -m training.bench), torch vs triton,
-#   6. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
-#   7. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
+#      farthest-point sampling where the Completer puts it by default (the device on CUDA),
+#   2. the published Triton row of step 1 with the sampling on the CPU (fpsample), for comparison,
+#   3. correctness on the GPU: tests/test_triton.py and the Triton and sampling tests of
+#      tests/test_cuda.py (fp32 within 1e-4 of the torch backend, bf16 no further from fp32 than
+#      torch's own bf16), with the default tiles (with tuning on, every new layer shape compiles
+#      every candidate),
+#   4. farthest-point sampling alone: the device kernel against fpsample on the CPU,
+#   5. training steps per second on the GPU (python -m training.bench), triton vs torch,
+#   6. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
 #      the local process, as step 1 runs it),
-#   8. the layer and network tests again with the flat K loop,
-#   9. exact farthest-point sampling on the device against the CPU's,
+#   7. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
+#      tiles, then a wider list of tile configurations for the heaviest layers (the useful TFLOP/s),
+#   8. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
+#   9. the layer and network tests again with the flat K loop,
 #  10. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
@@ -46,21 +47,20 @@ step() {
   local t0=$SECONDS; timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0)) s"
 }
 PYTEST="python3 -m pytest -q -p no:cacheprovider -rf --timeout 100"
-step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
+step 110 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
   --cases published student --precisions bf16 --repeats 3 --json "$OUT/backends_bf16.json"
-step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_LOOP=flat python3 benchmarks/backends.py \
-  --device cuda --cases published student --backends triton --precisions bf16 --repeats 3 \
-  --json "$OUT/backends_flat.json"
-step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k triton
-step 90 python3 benchmarks/gemm_tiles.py --device cuda --budget 30 --json "$OUT/gemm_tiles.json"
-step 60 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
+step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda --cases published \
+  --backends triton --precisions bf16 --repeats 3 --fps cpu --json "$OUT/backends_fps_cpu.json"
+step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "triton or fps or samples"
+step 30 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
+step 100 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 --steps 3
-step 70 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
-  --cases published student --precisions fp32 --repeats 3 --json "$OUT/backends_fp32.json"
 step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/profile_completion.py --device cuda --config full \
   --backend triton --precision bf16 --top 30 --trace "$OUT/trace_triton_full_bf16.json.gz"
+step 90 python3 benchmarks/gemm_tiles.py --device cuda --budget 30 --json "$OUT/gemm_tiles.json"
+step 70 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
+  --cases published student --precisions fp32 --repeats 3 --json "$OUT/backends_fp32.json"
 step 45 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_LOOP=flat $PYTEST tests/test_triton.py \
   -k "convolution or residual or networks or static or completes"
-step 45 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
-step 90 $PYTEST tests/test_cuda.py -k "not triton"
+step 90 $PYTEST tests/test_cuda.py -k "not triton and not fps and not samples"
 echo "=== session done in $SECONDS s"

@@ -146,12 +146,20 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
              dict(BQ=64, BR=64), 4),
             ("fps", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
                      "out_start_ptr": "*i64", "dist_ptr": "*fp32", "out_ptr": "*i64", "BLOCK": "constexpr"},
-             dict(BLOCK=1024), 8)):
-        kfn = K.nearest_cell_kernel if name == "nearest" else K.fps_kernel
+             dict(BLOCK=1024), 8),
+            ("fps_grid", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
+                          "out_start_ptr": "*i64", "slot_ptr": "*i64", "status_ptr": "*i32", "out_ptr": "*i64",
+                          "P": "i32", "max_polls": "i32", "BLOCK": "constexpr", "PB": "constexpr"},
+             dict(BLOCK=1024, PB=128), 1),
+            ("fps_grid", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
+                          "out_start_ptr": "*i64", "slot_ptr": "*i64", "status_ptr": "*i32", "out_ptr": "*i64",
+                          "P": "i32", "max_polls": "i32", "BLOCK": "constexpr", "PB": "constexpr"},
+             dict(BLOCK=8192, PB=256), 8)):
+        kfn = {"nearest": K.nearest_cell_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel}[name]
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,
-                               options={"num_warps": warps, "enable_fp_fusion": name != "fps"})
+                               options={"num_warps": warps, "enable_fp_fusion": not name.startswith("fps")})
             regs, spill = _resources(k.asm["cubin"])
             spills += spill > 0
             print(f"{'SPILL' if spill else 'ok   '} {name}: regs {regs} spill {spill} B smem {k.metadata.shared} B")

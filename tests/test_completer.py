@@ -184,3 +184,12 @@ def test_encoding_the_fps_subset_equals_encoding_the_tiled_x_init(backend):
     assert torch.equal(a.coords, b.coords)
     assert float(a.feats.abs().mean()) > 1e-3
     assert torch.allclose(a.feats, b.feats, rtol=1e-4, atol=1e-5 * float(a.feats.abs().max()))
+
+
+def test_fps_option_is_checked_and_auto_samples_on_the_cpu_without_cuda():
+    with pytest.raises(ConfigError, match="fps must be one of"):
+        _completer(fps="gpu")
+    c = _completer()
+    assert c.fps == "auto" and not c.fps_on_device       # a CPU Completer samples with fpsample
+    res = c.complete_detailed(_scan(1))
+    assert res.num_fps == 200

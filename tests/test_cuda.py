@@ -311,3 +311,49 @@ def test_auto_backend_on_cuda_is_triton(monkeypatch):
     monkeypatch.delenv("LIDAR_COMPLETION_BACKEND", raising=False)
     c = Completer.from_checkpoint(None, device="cuda", seed=0)
     assert c.denoiser.backend == c.encoder.backend == c.refiner.backend == "triton"
+
+
+def _check_farthest_point_sampling(cloud: np.ndarray, idx: np.ndarray):
+    """Each sample is (up to float32 rounding) the point farthest from the samples before it."""
+    pts = cloud.astype(np.float64)
+    assert len(np.unique(idx)) == len(idx) and idx[0] == 0
+    d = np.full(len(pts), np.inf)
+    for s in range(1, len(idx)):
+        d = np.minimum(d, ((pts - pts[idx[s - 1]]) ** 2).sum(1))
+        assert d[idx[s]] >= d.max() * (1 - 1e-5), (s, d[idx[s]], d.max())
+
+
+def test_device_fps_splits_a_scan_over_every_sm():
+    """A 120,000-point cloud spread over all SMs (programs trading their candidates each step) and
+    four clouds sharing the SMs in one launch: valid farthest-point samples, and the one-cloud
+    result equal to the four-cloud one for the same cloud."""
+    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+
+    g = np.random.default_rng(7)
+    r, a = g.uniform(4, 50, 120_000), g.uniform(0, 2 * np.pi, 120_000)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.4, 120_000)], 1).astype(np.float32)
+    one = farthest_point_sample_device([torch.from_numpy(scan).to(CUDA)], [3000])[0].cpu().numpy()
+    _check_farthest_point_sampling(scan, one)
+    clouds = [scan, scan[:5000], scan[:1], scan[7:70_007]]
+    many = farthest_point_sample_device([torch.from_numpy(c).to(CUDA) for c in clouds], [3000, 700, 1, 900])
+    assert np.array_equal(many[0].cpu().numpy(), one)
+    for c, idx in zip(clouds[1:], many[1:]):
+        _check_farthest_point_sampling(c, idx.cpu().numpy())
+
+
+def test_completer_samples_on_the_gpu_by_default():
+    from lidar_completion.completer import Completer
+
+    c = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch")
+    assert c.fps == "auto" and c.fps_on_device
+    g = np.random.default_rng(3)
+    r, a = g.uniform(4, 40, 30000), g.uniform(0, 2 * np.pi, 30000)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.7, 0.05, 30000)], 1).astype(np.float32)
+    res = c.complete_detailed(scan)
+    assert res.num_fps == c.n_fps and np.isfinite(res.points).all()
+    cpu = Completer.from_checkpoint(None, device="cuda", seed=0, backend="torch", fps="cpu")
+    assert not cpu.fps_on_device
+    # both exact: the same samples up to ties, so completions of the same quality
+    from lidar_completion.metrics import chamfer_distance
+    want = chamfer_distance(cpu.complete(scan)[::7], scan)
+    assert abs(chamfer_distance(res.points[::7], scan) - want) < 0.1 * want

@@ -355,6 +355,33 @@ def test_device_farthest_point_sampling_is_exact():
         assert np.array_equal(idx.cpu().numpy(), expect)
 
 
+def test_completer_samples_on_the_device_as_the_textbook_does(monkeypatch):
+    """fps="device" (the Triton kernel; under the interpreter on the CPU) picks the points of the
+    textbook algorithm from point 0, so the completion equals that of a CPU Completer whose
+    sampling is fpsample's textbook loop (its k-d tree variant, the CPU default, is exact too but
+    starts elsewhere)."""
+    import fpsample
+
+    from lidar_completion import preprocess
+    from lidar_completion.completer import Completer
+
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    nets = (ConditionEncoder(cfg, "torch").eval(), Denoiser(cfg, "torch").eval(), Refiner(cfg, "torch").eval())
+    g = np.random.default_rng(2)
+    r, a = g.uniform(4, 30, 1500), g.uniform(0, 2 * np.pi, 1500)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.3, 1500)], 1).astype(np.float32)
+    kw = dict(steps=2, guidance=2.0, seed=4, n_fps=300, tile=3, device=DEVICE)
+    dev, cpu = Completer(*nets, fps="device", **kw), Completer(*nets, fps="cpu", **kw)
+    assert dev.fps_on_device and not cpu.fps_on_device
+    a_res = dev.complete_detailed(scan)
+    monkeypatch.setattr(preprocess, "farthest_point_sample",
+                        lambda p, k: np.asarray(fpsample.fps_sampling(p, k, start_idx=0), dtype=np.int64))
+    b_res = cpu.complete_detailed(scan)
+    assert a_res.num_fps == b_res.num_fps == 300
+    np.testing.assert_array_equal(a_res.points, b_res.points)
+
+
 # -- selection and tuning -----------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv(sparse.ENV_BACKEND, raising=False)   # make test-torch sets what "auto" means

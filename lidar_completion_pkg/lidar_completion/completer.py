@@ -31,7 +31,7 @@ from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedRefiner, graphs
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
-from .settings import PRECISIONS, CompletionSettings, checkpoint_fallback
+from .settings import FPS_MODES, PRECISIONS, CompletionSettings, checkpoint_fallback
 
 __all__ = ["Completer", "CompletionResult", "STAGES", "resolve_device"]
 
@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 #: Stage names of :attr:`CompletionResult.timings`, in pipeline order.
 STAGES = ("preprocess", "encoder", "denoiser", "solver", "postprocess", "refinement")
 _PRECISIONS = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16)))
+
+
+def _device_fps_usable(device: torch.device) -> bool:
+    """Whether the Triton farthest-point-sampling kernel can run on ``device``."""
+    from . import sparse
+    if device.type == "cuda":
+        return sparse.triton_available() and not sparse.triton_interpreted() and torch.cuda.is_available()
+    return device.type == "cpu" and sparse.triton_interpreted()
 
 
 @dataclass
@@ -104,7 +112,10 @@ class Completer:
     accepted. ``cuda_graphs`` replays each solver step's denoiser call and the refiner from CUDA
     graphs (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch backend): True always, False never,
     None (auto, or LIDAR_COMPLETION_CUDA_GRAPHS=auto|1|0) where the first scan measures a replay
-    faster than an ordinary call.
+    faster than an ordinary call. ``fps`` is where farthest-point sampling runs: "cpu"
+    (fpsample), "device" (the exact Triton kernel on the Completer's CUDA device, or on the CPU
+    under ``TRITON_INTERPRET=1``) or "auto" (the device on CUDA with Triton, else the CPU; a
+    failure of the device kernel falls back to the CPU with a warning).
     """
 
     def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
@@ -118,8 +129,9 @@ class Completer:
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
                  min_points: int = 100, schedule: NoiseSchedule | None = None,
                  process: str = checkpoint_fallback("process"),
-                 cuda_graphs: bool | str | None = None):
+                 cuda_graphs: bool | str | None = None, fps: str = "auto"):
         self.device = resolve_device(device)
+        self.fps = fps
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
         self._graphed: GraphedDenoiser | None = None
         self._graphed_refiner: GraphedRefiner | None = None
@@ -149,6 +161,47 @@ class Completer:
         self.post_max_range = post_max_range
         self.min_points = max(2, int(min_points))
         self._uncond_cache: dict = {}
+
+    # -- farthest-point sampling ------------------------------------------------------------------
+    @property
+    def fps(self) -> str:
+        return self._fps
+
+    @fps.setter
+    def fps(self, value: str):
+        if value not in FPS_MODES:
+            raise ConfigError(f"fps must be one of {', '.join(FPS_MODES)}, got {value!r}")
+        if value == "device" and not _device_fps_usable(self.device):
+            raise ConfigError("fps='device' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the "
+                              f"CPU); this Completer runs on {self.device}")
+        self._fps = value
+        self._fps_failed = False
+
+    @property
+    def fps_on_device(self) -> bool:
+        """Whether the next scan's farthest-point sampling runs on the device."""
+        if self._fps == "device":
+            return True
+        return (self._fps == "auto" and not self._fps_failed and self.device.type == "cuda"
+                and _device_fps_usable(self.device))
+
+    def _sample_on_device(self, filtered: np.ndarray):
+        """(scan_fps, x_init) as device tensors, sampled by the Triton kernel; None when "auto"
+        meets a failure of the kernel (then the CPU samples, now and for later scans)."""
+        from .sparse.triton_backend import farthest_point_sample_device
+
+        pts = torch.from_numpy(filtered).to(self.device)
+        try:
+            idx = farthest_point_sample_device([pts], [min(self.n_fps, len(pts))])[0]
+        except RuntimeError as exc:
+            if self._fps == "device":
+                raise
+            log.warning("farthest-point sampling on %s failed (%s); sampling on the CPU from now on",
+                        self.device, exc)
+            self._fps_failed = True
+            return None
+        scan_t = pts.index_select(0, idx)
+        return scan_t, scan_t.repeat(self.tile, 1)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -248,7 +301,15 @@ class Completer:
 
     # -- pipeline pieces ------------------------------------------------------------------------
     def prepare(self, points) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Validated and filtered scan, its FPS subset and ``x_init``; raises CloudFormatError."""
+        """Validated and filtered scan, its FPS subset (on the CPU) and ``x_init``; raises
+        CloudFormatError."""
+        filtered, n_valid = self.filtered(points)
+        scan_fps, x_init = make_x_init(filtered, self.n_fps, self.tile)
+        return filtered, scan_fps, x_init, n_valid
+
+    def filtered(self, points) -> tuple[np.ndarray, int]:
+        """The validated and filtered scan and the number of finite input points; raises
+        CloudFormatError when too few points are left."""
         xyz = as_cloud(points)
         n_valid = len(xyz)
         if n_valid == 0:
@@ -259,8 +320,7 @@ class Completer:
                 f"too few points to complete: {len(filtered)} of {n_valid} finite points lie within "
                 f"{self.min_range} m < range < {self.max_range} m and z > {self.min_z} m; at least "
                 f"{self.min_points} are needed")
-        scan_fps, x_init = make_x_init(filtered, self.n_fps, self.tile)
-        return filtered, scan_fps, x_init, n_valid
+        return filtered, n_valid
 
     def unconditional(self, num_points: int):
         """The condition of an all-zero cloud of ``num_points`` points (cached; scan-independent)."""
@@ -345,9 +405,14 @@ class Completer:
         clock = _Clock(self.device)
         t_start = time.perf_counter()
         with clock("preprocess"):
-            filtered, scan_fps, x_init_np, n_valid = self.prepare(points)
-            scan_t = torch.from_numpy(scan_fps).to(self.device)
-            x_init = torch.from_numpy(x_init_np).to(self.device)
+            sampled = None
+            if self.fps_on_device:
+                filtered, n_valid = self.filtered(points)
+                sampled = self._sample_on_device(filtered)
+            if sampled is None:
+                filtered, scan_fps, x_init_np, n_valid = self.prepare(points)
+                sampled = (torch.from_numpy(scan_fps).to(self.device), torch.from_numpy(x_init_np).to(self.device))
+            scan_t, x_init = sampled
             gen, used_seed = self._generator(self.seed if seed is None else seed)
         with clock("encoder"):
             # voxel averages of the tiled x_init equal those of the FPS subset: encode the subset
@@ -376,7 +441,7 @@ class Completer:
         times["total"] = time.perf_counter() - t_start
         return CompletionResult(points=refined if refined is not None else raw, raw=raw,
                                 refined=refined, timings=times, num_input=n_valid,
-                                num_filtered=len(filtered), num_fps=len(scan_fps), seed=used_seed,
+                                num_filtered=len(filtered), num_fps=len(scan_t), seed=used_seed,
                                 steps=self.steps, guidance=self.guidance, process=self.process)
 
     def refine_points(self, points: torch.Tensor) -> torch.Tensor:
@@ -397,7 +462,7 @@ class Completer:
         return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, "
                 f"refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
-                f"n_fps={self.n_fps}, tile={self.tile}, cuda_graphs={self.graphs_active})")
+                f"n_fps={self.n_fps}, tile={self.tile}, fps={self.fps}, cuda_graphs={self.graphs_active})")
 
 
 def _now(clock: _Clock) -> float:

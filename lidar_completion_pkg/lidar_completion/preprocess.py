@@ -4,7 +4,8 @@ truth" and "Post-processing").
 * :func:`filter_scan`: keep xyz with ``min_range < range < max_range`` and ``z > min_z``
   (3.5 m, 50 m, -4 m published);
 * :func:`farthest_point_sample`: exact farthest-point sampling (the ``fpsample`` package, QuickFPS
-  bucket variant: the same selection as the textbook O(N k) loop, in a fraction of the time);
+  bucket variant: the selection of the textbook O(N k) loop, in a fraction of the time, from a
+  start point of its own choosing - it does not honour ``start_idx=0``);
 * :func:`make_x_init`: FPS to ``n_fps`` points (18,000) and tile ``tile`` times (10 -> 180,000);
 * :func:`postprocess`: keep ``range < max_range`` and
   ``mean_z(x_init) - 2 std_z(x_init) < z < max_z(x_init)``.

@@ -28,10 +28,11 @@ from .preprocess import DEFAULTS
 from .shipped import shipped_sampling
 
 __all__ = ["CompletionSettings", "Option", "OPTIONS", "BY_NAME", "PRECISIONS", "PROCESSES",
-           "GRAPH_MODES", "BACKENDS", "add_arguments", "checkpoint_fallback"]
+           "GRAPH_MODES", "FPS_MODES", "BACKENDS", "add_arguments", "checkpoint_fallback"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GRAPH_MODES = ("auto", "on", "off")
+FPS_MODES = ("auto", "cpu", "device")
 CHECKPOINTS = "the checkpoint's"
 
 
@@ -175,6 +176,9 @@ class CompletionSettings:
     cuda_graphs: str = _opt("auto", "replay the solver steps and the refiner from CUDA graphs (CUDA "
                             "with the torch or triton backend; 'auto' honours LIDAR_COMPLETION_CUDA_GRAPHS and "
                             "keeps graphs where they are faster)", str, choices=GRAPH_MODES)
+    fps: str = _opt("auto", "where farthest-point sampling of the scan runs: 'cpu' (fpsample), 'device' "
+                    "(exact, on the GPU with Triton) or 'auto' (the device on CUDA when Triton is "
+                    "installed, else the CPU); both are exact", str, choices=FPS_MODES)
     seed: Optional[int] = _opt(
         None, "noise seed: the same seed gives the same output for the same input", int,
         range=(0, 2**31 - 1), unset="fresh randomness for every scan (the seed used is logged)",
@@ -257,7 +261,7 @@ class CompletionSettings:
                   device=self.device, seed=self.seed, backend=self.backend,
                   refiner_checkpoint=self.refiner_checkpoint,
                   allow_pickle=True if self.trust_checkpoint else None, precision=self.precision,
-                  cuda_graphs=self.cuda_graphs, min_range=self.min_range, max_range=self.max_range,
+                  cuda_graphs=self.cuda_graphs, fps=self.fps, min_range=self.min_range, max_range=self.max_range,
                   min_z=self.min_z)
         kw.update({k: getattr(self, k) for k in ("n_fps", "tile") if getattr(self, k) is not None})
         return kw

@@ -284,32 +284,71 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
     return out.clamp_(min=0)
 
 
+#: Points one program of :func:`.triton_kernels.fps_grid_kernel` keeps in registers at most.
+FPS_MAX_CHUNK = 8192
+#: Polls of one sampling step before the kernel gives up (about a second): it never hangs.
+FPS_MAX_POLLS = 1 << 20
+
+
+def _device_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 1
+
+
 def farthest_point_sample_device(clouds: list, counts: list) -> list:
-    """Exact farthest-point sampling of several clouds on their device, one program per cloud
-    (:func:`.triton_kernels.fps_kernel`): for cloud i (an (n_i, 3) tensor) the indices of
-    ``counts[i]`` samples, the textbook algorithm from point 0 in float32 (a cloud of ``counts[i]``
-    points: every index, in order). The CPU path (:func:`lidar_completion.preprocess.
-    farthest_point_sample`, fpsample's k-d tree variant) is exact too but starts from a point of
-    its own choosing, so the two pick different, equally valid samples."""
+    """Exact farthest-point sampling of several clouds on their device: for cloud i (an (n_i, 3)
+    tensor) the indices of ``counts[i]`` samples, the textbook algorithm from point 0 in float32
+    without fused multiply-adds, ties to the smallest index (a cloud of ``counts[i]`` points: every
+    index, in order). The CPU path (:func:`lidar_completion.preprocess.farthest_point_sample`,
+    fpsample's k-d tree variant) is the same algorithm from a start point of its own choosing, so
+    the two pick different, equally valid samples.
+
+    Each cloud is split over up to (SMs / clouds) programs of
+    :func:`.triton_kernels.fps_grid_kernel`, whose points stay in registers and which exchange
+    one key per step through global memory; clouds too large for that (over SMs x 8,192 points)
+    take :func:`.triton_kernels.fps_kernel`, one program per cloud streaming its points each step.
+    Under the interpreter every cloud is one program."""
+    import triton
+
     from . import triton_kernels as K
 
     if len(clouds) != len(counts) or not clouds:
         raise ValueError("one sample count per cloud, at least one cloud")
     sizes = [int(c.shape[0]) for c in clouds]
+    counts = [int(k) for k in counts]
     if any(k < 1 or k > n for k, n in zip(counts, sizes)):
         raise ValueError(f"sample counts {counts} must lie in 1..cloud size {sizes}")
+    if max(sizes) >= (1 << 24) - 1:
+        raise ValueError(f"device farthest-point sampling takes clouds of under 16,777,215 points, got {max(sizes)}")
     device = clouds[0].device
     pts = torch.cat([c[:, :3].float() for c in clouds]).contiguous()
     starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
-    out_starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
-    dist = torch.empty(pts.shape[0], dtype=torch.float32, device=device)
-    out = torch.empty(int(sum(counts)), dtype=torch.long, device=device)
-    block = 256 if triton_interpreted() else 1024
-    K.fps_kernel[(len(clouds),)](pts, starts, torch.tensor(sizes, dtype=torch.int32, device=device),
-                                 torch.tensor(list(counts), dtype=torch.int32, device=device), out_starts,
-                                 dist, out, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    out_starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+    sizes_t = torch.tensor(sizes, dtype=torch.int32, device=device)
+    counts_t = torch.tensor(counts, dtype=torch.int32, device=device)
+    out = torch.empty(sum(counts), dtype=torch.long, device=device)
+    interpreted = triton_interpreted()
+    per_cloud = 1 if interpreted else max(1, _device_programs(device) // len(clouds))
+    largest = max(sizes)
+    programs = min(per_cloud, -(-largest // 256))        # at least 256 points per program
+    block = triton.next_power_of_2(-(-largest // programs))
+    if interpreted or block <= FPS_MAX_CHUNK:
+        peers = max(16, triton.next_power_of_2(programs))
+        slots = torch.zeros(len(clouds) * 2 * peers, dtype=torch.long, device=device)
+        status = torch.zeros(1, dtype=torch.int32, device=device)
+        K.fps_grid_kernel[(programs, len(clouds))](
+            pts, starts, sizes_t, counts_t, out_starts, slots, status, out, programs, FPS_MAX_POLLS,
+            BLOCK=block, PB=peers, num_warps=min(8, max(1, block // 1024)), enable_fp_fusion=False)
+        if int(status.item()):
+            raise RuntimeError(f"device farthest-point sampling: a step waited over {FPS_MAX_POLLS} polls "
+                               f"for its {programs} programs (not all resident at once?)")
+    else:
+        dist = torch.empty(pts.shape[0], dtype=torch.float32, device=device)
+        K.fps_kernel[(len(clouds),)](pts, starts, sizes_t, counts_t, out_starts, dist, out, BLOCK=1024,
+                                     num_warps=8, enable_fp_fusion=False)
     return [torch.arange(n, device=device) if k == n else idx - s
-            for idx, s, n, k in zip(torch.split(out, list(counts)), starts.tolist(), sizes, counts)]
+            for idx, s, n, k in zip(torch.split(out, counts), starts.tolist(), sizes, counts)]
 
 
 class TritonBackend(TorchBackend):

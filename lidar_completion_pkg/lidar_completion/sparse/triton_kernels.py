@@ -5,7 +5,9 @@
   add and ReLU in the epilogue;
 * :func:`nearest_cell_kernel` - exact nearest cell of the same batch element by brute force in
   float64 on integer coordinates (exact), ties to the smallest index;
-* :func:`fps_kernel` - exact farthest-point sampling of one cloud per program.
+* :func:`fps_kernel` - exact farthest-point sampling of one cloud per program;
+* :func:`fps_grid_kernel` - the same with each cloud split over many programs that trade their
+  candidates through global memory at every step.
 
 Under the interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors; its bf16
 ``tl.dot`` is wrong (triton-lang/triton#11584), so callers set ``DOT_F32`` there and the operands
@@ -297,6 +299,77 @@ def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, 
         top = tl.max(best_d, axis=0)
         last = tl.min(tl.where(best_d == top, best_i, 0x7FFFFFFF), axis=0)
         tl.store(out_ptr + o + s, start + last)
+
+
+@triton.jit
+def fps_grid_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_ptr, status_ptr, out_ptr,
+                    P, max_polls, BLOCK: tl.constexpr, PB: tl.constexpr):
+    """Exact farthest-point sampling with every cloud split over ``P`` programs that trade their
+    candidates through global memory at each step (program axis 0: the chunk, axis 1: the cloud).
+
+    Inputs as :func:`fps_kernel`. Program ``j`` keeps its chunk of ``ceil(n / P)`` points (at most
+    ``BLOCK``) and their running distances in registers for the whole run. At step ``s`` it
+    publishes one 64-bit key per chunk, ``float bits of the largest distance << 32 | (2**24 - 1 -
+    its index) << 8 | s mod 256``, into ``slot[cloud, s mod 2, j]`` and polls the ``P`` keys of the
+    step until every one carries the step's tag; the largest key is the sample (the farthest point,
+    ties to the smallest index), the same in every program. Each key validates itself by its tag,
+    so no fence or barrier is needed; two slot buffers suffice because no program can start step
+    s + 2 before every program has read step s. ``slot`` (clouds, 2, PB) int64 starts zeroed.
+
+    Every program of a launch must be resident at once (the caller launches at most one per SM),
+    and the interpreter runs programs one after another, so it takes ``P == 1``. A step that polls
+    ``max_polls`` times without completing sets ``status`` to 1 and ends the program instead of
+    hanging. Clouds are limited to 2**24 - 1 points (the index field)."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    start = tl.load(start_ptr + c).to(tl.int64)
+    n = tl.load(count_ptr + c)
+    n_out = tl.load(n_out_ptr + c)
+    o = tl.load(out_start_ptr + c).to(tl.int64)
+    chunk = tl.cdiv(n, P)
+    lanes = tl.arange(0, BLOCK)
+    i = j * chunk + lanes
+    ok = (lanes < chunk) & (i < n)
+    x = tl.load(p_ptr + (start + i) * 3, mask=ok, other=0.0)
+    y = tl.load(p_ptr + (start + i) * 3 + 1, mask=ok, other=0.0)
+    z = tl.load(p_ptr + (start + i) * 3 + 2, mask=ok, other=0.0)
+    dist = tl.where(ok, float("inf"), -1.0)     # -1: no point here, never the farthest
+    slots = slot_ptr + c.to(tl.int64) * 2 * PB
+    peers = tl.arange(0, PB)
+    is_peer = peers < P
+    if j == 0:
+        tl.store(out_ptr + o, start)
+    last = 0
+    failed = 0
+    s = 1
+    while (s < n_out) & (failed == 0):
+        lx = tl.load(p_ptr + (start + last) * 3)
+        ly = tl.load(p_ptr + (start + last) * 3 + 1)
+        lz = tl.load(p_ptr + (start + last) * 3 + 2)
+        d = (x - lx) * (x - lx) + (y - ly) * (y - ly) + (z - lz) * (z - lz)
+        dist = tl.minimum(dist, d)
+        far = tl.max(dist, axis=0)
+        at = tl.min(tl.where(dist == far, i, 0x7FFFFFFF), axis=0)
+        tag = (s & 0xFF).to(tl.int64)
+        key = (far.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((0xFFFFFF - at).to(tl.int64) << 8) | tag
+        key = tl.where(far >= 0.0, key, tag)
+        buf = slots + (s % 2) * PB
+        tl.store(buf + j, key)
+        keys = tl.load(buf + peers, mask=is_peer, other=tag, volatile=True)
+        ready = tl.sum(((keys & 0xFF) == tag).to(tl.int32), axis=0)
+        polls = 1
+        while (ready < PB) & (polls < max_polls):
+            keys = tl.load(buf + peers, mask=is_peer, other=tag, volatile=True)
+            ready = tl.sum(((keys & 0xFF) == tag).to(tl.int32), axis=0)
+            polls += 1
+        if ready < PB:
+            failed = 1
+            tl.store(status_ptr, 1)
+        best = tl.max(keys, axis=0)
+        last = 0xFFFFFF - ((best >> 8) & 0xFFFFFF).to(tl.int32)
+        if j == 0:
+            tl.store(out_ptr + o + s, start + last)
+        s += 1
 
 
 @triton.jit(do_not_specialize=["M", "G", "rows_per_split"])   # group strides specialised: see above
