@@ -300,6 +300,37 @@ def test_loop_choice_and_tile_keys(monkeypatch):
         ig.candidates(1000, 16, 16, interpreted=True)
 
 
+def test_tiles_fit_the_shared_memory_of_the_device():
+    """fp32 operands take twice the shared memory of bf16: on an H200 (227 KiB per block) the
+    128 x 256 x 64 three-stage tile fits in bf16 (144 KiB) and not in fp32 (288 KiB, which
+    failed to launch there); a tile that fails at launch all the same gives way to the next
+    candidate, remembered for its key, and no fitting tile is a clear error."""
+    import triton
+
+    from lidar_completion.sparse import conv_implicit_gemm as ig
+
+    h200 = 232448
+    big = ig.Config(128, 256, 64, 8, 3)
+    assert ig.shared_bytes(big, 2) == 144 * 1024
+    assert ig.candidates(100000, 256, 256, False, itemsize=2, shared_limit=h200)[0] == big
+    fp32 = ig.candidates(100000, 256, 256, False, itemsize=4, shared_limit=h200)
+    assert big not in fp32 and all(ig.shared_bytes(c, 4) * 9 // 8 <= h200 for c in fp32)
+    tiny = ig.candidates(100000, 256, 256, False, itemsize=4, shared_limit=1024)
+    assert len(tiny) == 1       # nothing fits: the smallest, to fail at launch with Triton's message
+
+    tuner, options, ran = ig.Tuner(), ig.candidates(100000, 256, 256, False), []
+
+    def run(cfg):
+        ran.append(cfg)
+        if cfg in options[:2]:
+            raise triton.runtime.errors.OutOfResources(300000, h200, "shared memory")
+
+    assert tuner.fallback(("k",), options, options[0], run) == options[2]
+    assert ran == options[1:3] and tuner._best[("k",)] == options[2]
+    with pytest.raises(RuntimeError, match="no Triton tile configuration"):
+        tuner.fallback(("k2",), options[:2], options[0], run)
+
+
 def test_nearest_cell_kernel_is_exact_with_ties_and_batches():
     from lidar_completion.sparse.nearest import _nearest_bruteforce
     from lidar_completion.sparse.triton_backend import bruteforce_nearest

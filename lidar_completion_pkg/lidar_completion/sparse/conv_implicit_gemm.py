@@ -84,11 +84,22 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 1) -> list[Config]:
+def shared_bytes(cfg: Config, itemsize: int) -> int:
+    """Shared memory the pipelined operand tiles of ``cfg`` take: ``stages`` buffers of the A tile
+    (two with ``pair``) and the weight tile. Compiled for sm_90 this is what Triton allocates for
+    2-byte operands (128 x 256 x 64 at 3 stages: 144 KiB); 4-byte operands take up to an eighth
+    more for the epilogue's layout conversion."""
+    return cfg.stages * (cfg.bm * cfg.bk * (2 if cfg.pair else 1) + cfg.bk * cfg.bn) * itemsize
+
+
+def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 1, itemsize: int = 2,
+               shared_limit: int | None = None) -> list[Config]:
     """Tile configurations worth trying for a convolution of this shape, the default first (at most
     five: each is compiled once per process, and compilation is what the first scan waits for).
     ``tl.dot`` needs every block dimension >= 16; channel counts below that are masked. With an
-    even number of feature groups (guidance), pairs of groups per program are tried too."""
+    even number of feature groups (guidance), pairs of groups per program are tried too. With
+    ``shared_limit`` (bytes per block), tiles whose operands (``itemsize`` bytes each, see
+    :func:`shared_bytes`, plus an eighth) would not fit are left out."""
     bk = _pow2(min(cin, 64), 16, 64)
     bn = _pow2(cout, 16, 128)
     pair = groups % 2 == 0
@@ -112,7 +123,18 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
             out.insert(1, Config(32, min(bn, 64), bk, 4, 2))
     flat = [Config(c.bm, c.bn, c.bk, c.warps, 3, c.pair, True) for c in out]
     out = {"masked": out, "flat": flat, "both": out + flat}[loops]
+    if shared_limit is not None:
+        fits = [c for c in out if shared_bytes(c, itemsize) * 9 // 8 <= shared_limit]
+        out = fits or [min(out, key=lambda c: shared_bytes(c, itemsize))]
     return list(dict.fromkeys(out))
+
+
+def _shared_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (bytes), None when torch does not say."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def _bucket(rows: int) -> int:
@@ -169,6 +191,27 @@ class Tuner:
             os.replace(tmp, path)
         except (OSError, ValueError) as exc:
             log.warning("could not save the Triton tuning cache %s: %s", path, exc)
+
+    def fallback(self, key: tuple, options: list[Config], failed: Config, run) -> Config:
+        """Run the first of ``options`` after ``failed`` that launches (each one that cannot get
+        its resources fails at launch, before it runs) and remember it for ``key`` in this
+        process; re-raises when none does."""
+        import triton
+
+        rest = options[options.index(failed) + 1:] if failed in options else options
+        error = None
+        for cfg in rest:
+            try:
+                run(cfg)
+            except triton.runtime.errors.OutOfResources as exc:
+                log.debug("tile %s does not fit: %s", cfg.key(), exc)
+                error = exc
+                continue
+            log.info("triton tile %s does not fit this device for %s; using %s", failed.key(), key, cfg.key())
+            self._best[key] = cfg
+            return cfg
+        raise RuntimeError(f"no Triton tile configuration of {[c.key() for c in options]} fits this "
+                           f"device's shared memory for convolution {key}") from error
 
     def choose(self, key: tuple, options: list[Config], run, device: torch.device) -> Config:
         """The configuration for ``key``: remembered, else timed now (``run(config)`` launches one),
@@ -302,10 +345,18 @@ def implicit_gemm(segments: tuple, weight: torch.Tensor, plan_for, rows: int, ep
             PAIR=cfg.pair, FLAT=flat, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps,
             num_stages=cfg.stages)
 
-    options = candidates(rows, cin, n, interpreted, groups)
+    options = candidates(rows, cin, n, interpreted, groups, weight.element_size(),
+                         None if interpreted else _shared_limit(device))
     key = (kind, kvol, _bucket(rows), ca, cb, n, groups, str(weight.dtype), res is not None)
     cfg = TUNER.choose(key, options, run, device)
-    run(cfg)
+    import triton
+
+    try:
+        run(cfg)
+    except triton.runtime.errors.OutOfResources:
+        # the estimate let through a tile this device cannot hold (it fails at launch, before
+        # anything runs): the next candidate, remembered for the key
+        cfg = TUNER.fallback(key, options, cfg, run)
     return out if grouped else out[0]
 
 
