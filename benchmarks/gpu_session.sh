@@ -22,8 +22,8 @@
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
-# so that a call cut off at its limit still returns the earlier steps' output. Triton compiles its
-# kernels on first use and caches them on disk for the later steps.
+# so that a call cut off at its limit still returns the earlier steps' output (ONLY="1 3" runs steps
+# 1 and 3 alone). Triton compiles its kernels on first use and caches them on disk for later steps.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
@@ -37,12 +37,16 @@ export LIDAR_COMPLETION_TRITON_CACHE="$OUT/triton-tune.json"   # the tuned tiles
 unset LIDAR_COMPLETION_BACKEND TRITON_INTERPRET
 nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-# step LIMIT CMD...: run CMD under min(LIMIT, what is left of BUDGET - 5 s); skipped under 15 s left
+# step LIMIT CMD...: run CMD under min(LIMIT, what is left of BUDGET - 5 s); skipped under 15 s left,
+# or when ONLY (e.g. ONLY="3 4 8") lists step numbers and not this one
+N=0
 step() {
   local limit=$1; shift
+  N=$((N + 1))
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $N "* ]]; then return 0; fi
   local left=$((BUDGET - SECONDS - 5))
   [ "$left" -lt "$limit" ] && limit=$left
-  echo; echo "=== [$SECONDS s] $* (limit ${limit} s)"
+  echo; echo "=== [$SECONDS s] step $N: $* (limit ${limit} s)"
   if [ "$limit" -lt 15 ]; then echo "=== skipped: out of budget"; return 0; fi
   local t0=$SECONDS; timeout "$limit" "$@"; echo "=== rc=$? in $((SECONDS - t0)) s"
 }
