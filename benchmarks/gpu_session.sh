@@ -23,7 +23,7 @@
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
 # so that a call cut off at its limit still returns the earlier steps' output (ONLY="1 3" runs steps
-# 1 and 3 alone). Triton compiles its kernels on first use and caches them on disk for later steps.
+# 1 and 3 alone; TESTS_K narrows step 3's pytest -k). Triton compiles its kernels on first use and caches them on disk for later steps.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
@@ -55,7 +55,7 @@ step 110 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --dev
   --cases published student --precisions bf16 --repeats 3 --json "$OUT/backends_bf16.json"
 step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda --cases published \
   --backends triton --precisions bf16 --repeats 3 --fps cpu --json "$OUT/backends_fps_cpu.json"
-step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "triton or fps or samples"
+step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
 step 30 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
 step 100 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 --steps 3
