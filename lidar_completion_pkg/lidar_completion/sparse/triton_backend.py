@@ -306,7 +306,7 @@ def farthest_point_sample_device(clouds: list, counts: list) -> list:
 
     Each cloud is split over up to (SMs / clouds) programs of
     :func:`.triton_kernels.fps_grid_kernel`, whose points stay in registers and which exchange
-    one key and one point per step through global memory; clouds too large for that (over SMs x 8,192 points)
+    one key per step through global memory; clouds too large for that (over SMs x 8,192 points)
     take :func:`.triton_kernels.fps_kernel`, one program per cloud streaming its points each step.
     Under the interpreter every cloud is one program."""
     import triton
@@ -335,7 +335,7 @@ def farthest_point_sample_device(clouds: list, counts: list) -> list:
     block = triton.next_power_of_2(-(-largest // programs))
     if interpreted or block <= FPS_MAX_CHUNK:
         peers = max(16, triton.next_power_of_2(programs))
-        slots = torch.zeros(len(clouds) * 8 * peers, dtype=torch.long, device=device)
+        slots = torch.zeros(len(clouds) * 2 * peers, dtype=torch.long, device=device)
         status = torch.zeros(1, dtype=torch.int32, device=device)
         K.fps_grid_kernel[(programs, len(clouds))](
             pts, starts, sizes_t, counts_t, out_starts, slots, status, out, programs, FPS_MAX_POLLS,
