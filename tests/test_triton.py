@@ -413,6 +413,37 @@ def test_completer_samples_on_the_device_as_the_textbook_does(monkeypatch):
     np.testing.assert_array_equal(a_res.points, b_res.points)
 
 
+def test_completer_falls_back_to_cpu_sampling_when_the_kernel_fails(monkeypatch, caplog):
+    """fps="auto" on a device where the kernel fails (here: made to raise) warns once and samples
+    on the CPU from then on; fps="device" reports the failure."""
+    from lidar_completion.completer import Completer
+    from lidar_completion.sparse import triton_backend
+
+    calls = []
+
+    def broken(clouds, counts):
+        calls.append(len(clouds))
+        raise RuntimeError("a step waited too long")
+
+    monkeypatch.setattr(triton_backend, "farthest_point_sample_device", broken)
+    cfg = ModelConfig.tiny()
+    nets = (ConditionEncoder(cfg, "torch").eval(), Denoiser(cfg, "torch").eval(), None)
+    g = np.random.default_rng(4)
+    r, a = g.uniform(4, 30, 800), g.uniform(0, 2 * np.pi, 800)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.3, 800)], 1).astype(np.float32)
+    c = Completer(*nets, steps=1, guidance=1.0, seed=0, n_fps=100, tile=2, device=DEVICE, fps="device")
+    with pytest.raises(RuntimeError, match="waited too long"):
+        c.complete(scan)
+    c.fps = "auto"
+    # "auto" takes the device only on CUDA: force its device path to exercise the fallback
+    monkeypatch.setattr(type(c), "fps_on_device", property(lambda self: not self._fps_failed))
+    with caplog.at_level("WARNING"):
+        res = c.complete_detailed(scan)
+        res2 = c.complete_detailed(scan)
+    assert res.num_fps == res2.num_fps == 100 and len(calls) == 2
+    assert sum("sampling on the CPU from now on" in m for m in caplog.messages) == 1
+
+
 # -- selection and tuning -----------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv(sparse.ENV_BACKEND, raising=False)   # make test-torch sets what "auto" means

@@ -193,7 +193,7 @@ class Completer:
         pts = torch.from_numpy(filtered).to(self.device)
         try:
             idx = farthest_point_sample_device([pts], [min(self.n_fps, len(pts))])[0]
-        except RuntimeError as exc:
+        except Exception as exc:   # a kernel that timed out, failed to compile or to launch
             if self._fps == "device":
                 raise
             log.warning("farthest-point sampling on %s failed (%s); sampling on the CPU from now on",

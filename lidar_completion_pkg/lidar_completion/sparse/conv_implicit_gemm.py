@@ -195,7 +195,7 @@ class Tuner:
     def fallback(self, key: tuple, options: list[Config], failed: Config, run) -> Config:
         """Run the first of ``options`` after ``failed`` that launches (each one that cannot get
         its resources fails at launch, before it runs) and remember it for ``key`` in this
-        process; re-raises when none does."""
+        process; RuntimeError when none does."""
         import triton
 
         rest = options[options.index(failed) + 1:] if failed in options else options
