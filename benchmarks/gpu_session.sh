@@ -55,7 +55,7 @@ step 110 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --dev
   --cases published student --precisions bf16 --repeats 3 --json "$OUT/backends_bf16.json"
 step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda --cases published \
   --backends triton --precisions bf16 --repeats 3 --fps cpu --json "$OUT/backends_fps_cpu.json"
-step 100 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
+step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
 step 30 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
 step 100 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 --steps 3
