@@ -151,7 +151,8 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=
 def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 4_000)) -> int:
     """Farthest-point sampling of ``scan``: fpsample on the CPU (the k-d tree variant the
     Completer uses) against the Triton kernel; ``same_indices`` checks the kernel against fpsample's
-    textbook implementation (both start from point 0)."""
+    textbook implementation (both start from point 0). On CUDA also the kernel with fewer programs
+    per cloud (8-64; the default spreads a cloud over every SM)."""
     import fpsample
 
     from lidar_completion.preprocess import farthest_point_sample
@@ -167,6 +168,15 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
         rows.append({"points": len(scan), "samples": k, "cpu_s": cpu, "device_s": dev, "same_indices": same})
         print(f"fps points={len(scan)} samples={k} cpu={cpu * 1000:.1f}ms device={dev * 1000:.1f}ms "
               f"same_indices={same}", flush=True)
+        if device.type == "cuda":   # fewer programs: less polling traffic per step, more points each
+            want = farthest_point_sample_device([x], [k])[0]
+            for p in (8, 16, 32, 64):
+                t = timed(lambda: farthest_point_sample_device([x], [k], programs=p), device, repeats)
+                same_p = bool(torch.equal(farthest_point_sample_device([x], [k], programs=p)[0], want))
+                rows.append({"points": len(scan), "samples": k, "programs": p, "device_s": t,
+                             "same_as_default": same_p})
+                print(f"fps points={len(scan)} samples={k} programs={p} device={t * 1000:.1f}ms "
+                      f"same_as_default={same_p}", flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return 0

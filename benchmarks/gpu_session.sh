@@ -10,7 +10,8 @@
 #      tests/test_cuda.py (fp32 within 1e-4 of the torch backend, bf16 no further from fp32 than
 #      torch's own bf16), with the default tiles (with tuning on, every new layer shape compiles
 #      every candidate),
-#   4. farthest-point sampling alone: the device kernel against fpsample on the CPU,
+#   4. farthest-point sampling alone: the device kernel against fpsample on the CPU, and with
+#      fewer programs per cloud,
 #   5. training steps per second on the GPU (python -m training.bench), triton vs torch,
 #   6. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
 #      the local process, as step 1 runs it),
@@ -56,7 +57,7 @@ step 110 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --dev
 step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda --cases published \
   --backends triton --precisions bf16 --repeats 3 --fps cpu --json "$OUT/backends_fps_cpu.json"
 step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
-step 30 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
+step 45 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
 step 100 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 --steps 3
 step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/profile_completion.py --device cuda --config full \

@@ -296,7 +296,7 @@ def _device_programs(device: torch.device) -> int:
     return 1
 
 
-def farthest_point_sample_device(clouds: list, counts: list) -> list:
+def farthest_point_sample_device(clouds: list, counts: list, programs: int | None = None) -> list:
     """Exact farthest-point sampling of several clouds on their device: for cloud i (an (n_i, 3)
     tensor) the indices of ``counts[i]`` samples, the textbook algorithm from point 0 in float32
     without fused multiply-adds, ties to the smallest index (a cloud of ``counts[i]`` points: every
@@ -308,6 +308,7 @@ def farthest_point_sample_device(clouds: list, counts: list) -> list:
     :func:`.triton_kernels.fps_grid_kernel`, whose points stay in registers and which exchange
     one key per step through global memory; clouds too large for that (over SMs x 8,192 points)
     take :func:`.triton_kernels.fps_kernel`, one program per cloud streaming its points each step.
+    ``programs`` caps the programs per cloud (a benchmark knob; default: the SMs shared out).
     Under the interpreter every cloud is one program."""
     import triton
 
@@ -330,6 +331,8 @@ def farthest_point_sample_device(clouds: list, counts: list) -> list:
     out = torch.empty(sum(counts), dtype=torch.long, device=device)
     interpreted = triton_interpreted()
     per_cloud = 1 if interpreted else max(1, _device_programs(device) // len(clouds))
+    if programs is not None:
+        per_cloud = max(1, min(per_cloud, int(programs)))
     largest = max(sizes)
     programs = min(per_cloud, -(-largest // 256))        # at least 256 points per program
     block = triton.next_power_of_2(-(-largest // programs))
