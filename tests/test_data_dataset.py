@@ -176,3 +176,15 @@ def test_errors(root, tmp_path):
     assert ds[0]["x_init"].shape == (200, 3)
     with pytest.raises(IndexError):
         ds[10]
+
+
+def test_items_left_unsampled_draw_the_same_augmentation(root):
+    """fps=False (sampling on the trainer's device): no scan / x_init, the filtered scan shuffled
+    (its first point is a random start) and otherwise the same draws: the same target, and the
+    same cloud up to order."""
+    a = TrainingDataset(root, ["00"], n_fps=N_FPS, tile=TILE, seed=3)[2]
+    b = TrainingDataset(root, ["00"], n_fps=N_FPS, tile=TILE, seed=3, fps=False)[2]
+    assert "scan" not in b and "x_init" not in b
+    np.testing.assert_array_equal(a["target"], b["target"])
+    assert len(b["raw_scan"]) == len(a["raw_scan"]) and not np.array_equal(b["raw_scan"], a["raw_scan"])
+    np.testing.assert_allclose(np.sort(b["raw_scan"], axis=0), np.sort(a["raw_scan"], axis=0), atol=1e-5)

@@ -34,6 +34,9 @@ _COMMON: dict = {
         "build_gt": None,         # build missing target caches first (None: yes for synthetic data only)
         "scan_points": 18000,     # farthest-point-sampled scan size
         "tile": 10,               # x_init = scan tiled this many times
+        # where the scans are farthest-point sampled: cpu (in the loader: fpsample) | device (the
+        # trainer's GPU, a batch per launch, exact; Triton) | auto (device on CUDA with Triton)
+        "sample_on": "auto",
         "target_points": 180000,  # target shuffled and tiled/truncated to this size
         "augment": True,
         "num_workers": 2,
@@ -264,6 +267,8 @@ def validate(cfg: dict) -> None:
     _check(cfg["data"].get("loader_start", "forkserver") in ("forkserver", "spawn", "fork"),
            f"data.loader_start must be forkserver|spawn|fork, got {cfg['data'].get('loader_start')!r}")
     _check(float(cfg["data"].get("loader_timeout_s", 0) or 0) >= 0, "data.loader_timeout_s must be >= 0")
+    _check(cfg["data"].get("sample_on", "auto") in ("auto", "cpu", "device"),
+           f"data.sample_on must be auto|cpu|device, got {cfg['data'].get('sample_on')!r}")
     _check(cfg["data"]["kind"] in ("semantickitti", "synthetic", "npz"),
            f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
     _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")

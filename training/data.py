@@ -3,7 +3,9 @@
 A *source* is anything with ``__len__`` and ``sample(index, rng) -> dict`` (or ``__getitem__``)
 returning float32 numpy arrays:
 
-* ``scan``   (n, 3): the farthest-point-sampled input scan (the condition),
+* ``scan``   (n, 3): the farthest-point-sampled input scan (the condition), or instead
+  ``scan_full`` (N, 3): the whole scan, sampled on the trainer's device
+  (:func:`sample_scans_on_device`, ``data.sample_on``),
 * ``x_init`` (n * tile, 3): the scan tiled (optional; built from ``scan`` when absent),
 * ``target`` (m, 3): the dense ground truth (teacher / distillation), or for the refiner
   ``input`` (k, 3) jittered dense points and ``target`` (m, 3) the dense aggregate.
@@ -143,6 +145,36 @@ def collate(samples: list) -> dict:
         out[name + "_counts"] = torch.tensor([len(a) for a in arrs], dtype=torch.long)
     out["key"] = torch.tensor([s["key"] for s in samples], dtype=torch.long)
     out["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    return out
+
+
+def sample_scans_on_device(batch: dict, n_fps: int, tile: int, device) -> dict:
+    """Farthest-point sample a collated batch's unsampled scans (``scan_full``) on ``device``, in
+    one launch for the whole batch (:func:`lidar_completion.sparse.triton_backend.
+    farthest_point_sample_device`: exact, from each cloud's first point - the sources shuffle the
+    cloud when they augment, so the start is random): ``scan`` (n, 3) per element, ``n_fps``
+    points or the whole scan when it has fewer, ``x_init`` each element's scan tiled ``tile``
+    times, with their ``_batch`` and ``_counts``, as device tensors. A batch without
+    ``scan_full`` comes back as it is."""
+    if "scan_full" not in batch:
+        return batch
+    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+
+    device = torch.device(device)
+    counts = [int(c) for c in batch["scan_full_counts"]]
+    if min(counts) < 1:
+        raise DatasetError(f"cannot farthest-point-sample an empty scan (points per scan: {counts})")
+    full = batch["scan_full"].to(device)
+    clouds = list(torch.split(full, counts))
+    want = [min(int(n_fps), c) for c in counts]
+    idx = farthest_point_sample_device(clouds, want)
+    scans = [c.index_select(0, i) for c, i in zip(clouds, idx)]
+    out = {k: v for k, v in batch.items() if not k.startswith("scan_full")}
+    for name, parts in (("scan", scans), ("x_init", [sc.repeat(int(tile), 1) for sc in scans])):
+        sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        out[name] = torch.cat(parts)
+        out[name + "_batch"] = torch.repeat_interleave(torch.arange(len(parts)), sizes).to(device)
+        out[name + "_counts"] = sizes
     return out
 
 

@@ -30,7 +30,7 @@ from . import distributed as D
 from . import rng as R
 from .checkpoint import CheckpointManager, load_state
 from .config import dump, model_config
-from .data import KeyedDataset, ShardSampler, make_loader
+from .data import KeyedDataset, ShardSampler, make_loader, sample_scans_on_device
 from .logs import RunLogger
 
 
@@ -82,6 +82,17 @@ def params_digest(modules: dict) -> str:
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _sampling_on_device(mode: str, device: torch.device) -> bool:
+    """``data.sample_on`` resolved for the trainer's device (see training/config.py)."""
+    from lidar_completion import sparse
+    usable = ((device.type == "cuda" and sparse.triton_available() and not sparse.triton_interpreted())
+              or (device.type == "cpu" and sparse.triton_interpreted()))
+    if mode == "device" and not usable:
+        raise ConfigError("data.sample_on: device needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                          f"on the CPU); the trainer runs on {device}")
+    return mode == "device" or (mode == "auto" and device.type == "cuda" and usable)
 
 
 def _batches(loader, workers: int, timeout_s):
@@ -154,6 +165,7 @@ class Trainer(abc.ABC):
             if self.precision == "fp16":
                 self.scalers[name] = torch.amp.GradScaler(self.device.type)
 
+        self.sample_on_device = _sampling_on_device(cfg["data"].get("sample_on", "auto"), self.device)
         self.source = source if source is not None else self.build_source()
         tile = int(cfg["data"]["tile"])
         self.dataset = KeyedDataset(self.source, self.seed, tile=tile)
@@ -212,7 +224,13 @@ class Trainer(abc.ABC):
     # -- helpers for subclasses ------------------------------------------------------------------
     def build_source(self):
         from .sources import build_source
-        return build_source(self.cfg, self.out, self.kind)
+        return build_source(self.cfg, self.out, self.kind, fps=not self.sample_on_device)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """A loader batch as ``train_step`` takes it: scans left unsampled by the source
+        (``data.sample_on: device``) farthest-point sampled on the trainer's device."""
+        d = self.cfg["data"]
+        return sample_scans_on_device(batch, int(d["scan_points"]), int(d["tile"]), self.device)
 
     def sample_keys(self, batch: dict) -> list:
         return [(int(e), int(p)) for e, p in batch["key"].tolist()]
@@ -418,6 +436,7 @@ class Trainer(abc.ABC):
                     epoch = self.step // self.steps_per_epoch
                     self.apply_lr(epoch)
                     t0 = time.time()
+                    batch = self.prepare_batch(batch)
                     logs = self.train_step(batch)
                     self.step += 1
                     steps_done += 1

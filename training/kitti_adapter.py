@@ -15,7 +15,7 @@ from . import distributed as D
 
 
 class KittiSource:
-    def __init__(self, cfg: dict, root, train: bool = True, whole_target: bool = False):
+    def __init__(self, cfg: dict, root, train: bool = True, whole_target: bool = False, fps: bool = True):
         from lidar_completion.data import TrainingDataset, build_gt
         d = cfg["data"]
         build = d.get("build_gt")
@@ -29,7 +29,7 @@ class KittiSource:
             D.barrier()
         self.ds = TrainingDataset(root, seqs, cache_root=d.get("gt_cache"), n_fps=int(d["scan_points"]),
                                   tile=int(d["tile"]), target_points=None if whole_target else int(d["target_points"]),
-                                  augment=bool(d["augment"]), seed=int(cfg["seed"]))
+                                  augment=bool(d["augment"]), seed=int(cfg["seed"]), fps=fps)
         self.root = Path(root)
 
     def __len__(self) -> int:
@@ -37,4 +37,6 @@ class KittiSource:
 
     def sample(self, index: int, rng) -> dict:
         s = self.ds.sample(index, rng)
+        if "scan" not in s:     # sampled on the device (training.data.sample_scans_on_device)
+            return {"scan_full": s["raw_scan"], "target": s["target"]}
         return {"scan": s["scan"], "x_init": s["x_init"], "target": s["target"]}

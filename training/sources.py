@@ -23,7 +23,7 @@ from lidar_completion.errors import ConfigError, DatasetError
 
 
 class NpzSource:
-    def __init__(self, path, scan_points: int, target_points: int):
+    def __init__(self, path, scan_points: int, target_points: int, fps: bool = True):
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"data.root {path} does not exist (expected an .npz with scan_0, target_0, ...)")
@@ -41,6 +41,7 @@ class NpzSource:
                 self.targets.append(np.asarray(z[f"target_{i}"], dtype=np.float32)[:, :3])
         self.scan_points = int(scan_points)
         self.target_points = int(target_points)
+        self.fps = bool(fps)
         self._fps_cache: dict = {}
 
     def __len__(self) -> int:
@@ -56,7 +57,10 @@ class NpzSource:
         return self._fps_cache[i]
 
     def sample(self, index: int, rng: np.random.Generator) -> dict:
-        return {"scan": self._scan(index), "target": tile_to(self.targets[index], self.target_points, rng)}
+        target = tile_to(self.targets[index], self.target_points, rng)
+        if not self.fps:        # sampled on the device (training.data.sample_scans_on_device)
+            return {"scan_full": self.scans[index], "target": target}
+        return {"scan": self._scan(index), "target": target}
 
 
 class RefinerView:
@@ -80,18 +84,22 @@ class RefinerView:
         return {"input": inp + jit, "target": tile_to(dense, self.target_points, rng)}
 
 
-def _kitti_source(cfg: dict, root, whole_target: bool):
+def _kitti_source(cfg: dict, root, whole_target: bool, fps: bool = True):
     from .kitti_adapter import KittiSource
-    return KittiSource(cfg, root, whole_target=whole_target)
+    return KittiSource(cfg, root, whole_target=whole_target, fps=fps)
 
 
-def build_source(cfg: dict, out_dir, kind: str):
+def build_source(cfg: dict, out_dir, kind: str, fps: bool = True):
+    """The trainer's sample source; ``fps=False`` leaves the scans unsampled (``scan_full``) for
+    :func:`training.data.sample_scans_on_device`."""
     d = cfg["data"]
     k = d["kind"]
+    if kind == "refiner":
+        fps = False     # the refiner never reads the scan (RefinerView keeps only the target): no sampling
     if k == "npz":
         if not d.get("root"):
             raise ConfigError("data.kind npz needs data.root: the .npz file")
-        base = NpzSource(d["root"], d["scan_points"], d["target_points"])
+        base = NpzSource(d["root"], d["scan_points"], d["target_points"], fps=fps)
     elif k in ("semantickitti", "synthetic"):
         root = d.get("root")
         if k == "synthetic" and not root:
@@ -99,7 +107,7 @@ def build_source(cfg: dict, out_dir, kind: str):
             _ensure_synthetic(root, d["synthetic"])
         if not root:
             raise ConfigError("data.kind semantickitti needs data.root (the folder holding sequences/)")
-        base = _kitti_source(cfg, root, whole_target=(kind == "refiner"))
+        base = _kitti_source(cfg, root, whole_target=(kind == "refiner"), fps=fps)
     else:
         raise ConfigError(f"unknown data.kind {k!r}; expected semantickitti, synthetic or npz")
     if d.get("limit"):

@@ -11,6 +11,10 @@ One item (docs/method.md, "Data and ground truth"):
   (training), or (K, 3) the whole target (evaluation, z band -4..4.4 m, unless ``target_points``);
 * ``meta``     dict: sequence, frame, pose (4x4 list), augmentation (3x3 list).
 
+With ``fps=False`` the item has no ``x_init`` and ``scan``: the sampling is left to the caller (the
+trainers sample a batch on the GPU), and in training ``raw_scan`` comes shuffled, so that sampling
+from its first point starts at a random one.
+
 Training applies the same random transform to scan and target: yaw U(0, 2 pi), per-axis rotation
 jitter N(0, 0.06) clipped to +-0.18 rad, scale U(0.95, 1.05), flip of y with p = 0.5. All randomness
 comes from a generator seeded by (seed, epoch, index) - or the one passed to :meth:`sample`, the
@@ -110,7 +114,8 @@ class CompletionDataset(Dataset):
                  cache_root: Optional[PathLike] = None, split: str = "train", n_fps: int = 18000,
                  tile: int = 10, target_points: Optional[int] = -1, augment: Optional[bool] = None,
                  seed: int = 0, config: Optional[gt_mod.GTConfig] = None,
-                 label_filter: Optional[bool] = None, build: bool = False, verify: bool = False):
+                 label_filter: Optional[bool] = None, build: bool = False, verify: bool = False,
+                 fps: bool = True):
         if split not in ("train", "eval"):
             raise ConfigError(f"split must be 'train' or 'eval', found {split!r}")
         if n_fps < 1 or tile < 1:
@@ -129,6 +134,7 @@ class CompletionDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.verify = bool(verify)
+        self.fps = bool(fps)
         ids = [kitti.sequence_id(s) for s in sequences]
         if not ids:
             raise ConfigError("no sequences given")
@@ -182,25 +188,31 @@ class CompletionDataset(Dataset):
             raise DatasetError(f"{where}: no scan point passes the input filter")
         if not len(target):
             raise DatasetError(f"{where}: the ground-truth target is empty")
-        idx = fps_indices(raw, self.n_fps, rng if self.augment else None)
-        fps = raw[idx]
+        if self.fps:
+            fps = raw[fps_indices(raw, self.n_fps, rng if self.augment else None)]
+        else:   # sampled later (on the device, from point 0): a shuffled cloud starts anywhere
+            fps = None
+            if self.augment:
+                raw = np.ascontiguousarray(raw[rng.permutation(len(raw))])
         if self.augment:
             m = augmentation_matrix(rng)
-            fps = rotate(fps, m).astype(np.float32)
+            fps = None if fps is None else rotate(fps, m).astype(np.float32)
             raw = rotate(raw, m).astype(np.float32)
             target = rotate(target, m).astype(np.float32)
         else:
             m = np.eye(3)
         if self.target_points is not None:
             target = tile_to(target, self.target_points, rng)
-        return {
-            "x_init": np.ascontiguousarray(np.tile(fps, (self.tile, 1)), dtype=np.float32),
-            "scan": np.ascontiguousarray(fps, dtype=np.float32),
+        out = {
             "raw_scan": np.ascontiguousarray(raw, dtype=np.float32),
             "target": np.ascontiguousarray(target, dtype=np.float32),
             "meta": {"sequence": seq.sequence, "frame": int(frame),
                      "pose": seq.pose(frame).tolist(), "augmentation": m.tolist()},
         }
+        if fps is not None:
+            out["x_init"] = np.ascontiguousarray(np.tile(fps, (self.tile, 1)), dtype=np.float32)
+            out["scan"] = np.ascontiguousarray(fps, dtype=np.float32)
+        return out
 
 
 class TrainingDataset(CompletionDataset):
