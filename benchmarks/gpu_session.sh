@@ -12,14 +12,16 @@
 #      every candidate),
 #   4. farthest-point sampling alone: the device kernel against fpsample on the CPU, and with
 #      fewer programs per cloud,
-#   5. training steps per second on the GPU (python -m training.bench), triton vs torch,
-#   6. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
+#   5. training steps per second on the GPU (python -m training.bench): the published-width teacher,
+#      triton vs torch, bf16 and fp32 (the target: triton bf16 >= 4x torch fp32),
+#   6. the tiny teacher at batch 8 on Triton, bf16 (the target: >= 20 steps per second),
+#   7. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
 #      the local process, as step 1 runs it),
-#   7. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
+#   8. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
 #      tiles, then a wider list of tile configurations for the heaviest layers (the useful TFLOP/s),
-#   8. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
-#   9. the layer and network tests again with the flat K loop,
-#  10. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
+#   9. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
+#  10. the layer and network tests again with the flat K loop,
+#  11. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
@@ -58,8 +60,10 @@ step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --devi
   --backends triton --precisions bf16 --repeats 3 --fps cpu --json "$OUT/backends_fps_cpu.json"
 step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
 step 45 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
-step 100 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
-  --precisions bf16 --steps 3
+step 150 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
+  --precisions bf16 fp32 --steps 3
+step 60 python3 -m training.bench --device cuda --sizes tiny --kinds teacher --backends triton --precisions bf16 \
+  --batch 8 --steps 5
 step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/profile_completion.py --device cuda --config full \
   --backend triton --precision bf16 --top 30 --trace "$OUT/trace_triton_full_bf16.json.gz"
 step 90 python3 benchmarks/gemm_tiles.py --device cuda --budget 30 --json "$OUT/gemm_tiles.json"
