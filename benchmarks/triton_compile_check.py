@@ -5,7 +5,7 @@ needed, so a kernel that would not compile on the GPU (or that spills registers,
 memory than the chip has) shows up here before any GPU time is spent. The variants are recorded
 from one forward pass of the three networks at the chosen widths: each convolution launch (map kind,
 channel counts, fused epilogue) with every tile configuration the tuner may try on CUDA, in bf16
-and fp32, plus the nearest-cell and farthest-point-sampling kernels.
+and fp32, plus the nearest-cell, farthest-point-sampling and modulation kernels.
 
 Prints one line per compiled variant (registers, spilled bytes, shared memory) and a summary; exits
 non-zero when a variant fails to compile or spills. Needs only Triton (and this package's torch
@@ -48,8 +48,10 @@ def record_launches(widths: str):
 
     from lidar_completion.sparse import triton_backend
     refusal = triton_backend.triton_refusal
+    modulate = triton_backend.TritonBackend.__dict__["modulate"]
     igemm.implicit_gemm = recorder
     triton_backend.triton_refusal = lambda device: None     # nothing runs: the CPU will do
+    triton_backend.TritonBackend.modulate = triton_backend.TorchBackend.__dict__["modulate"]
     try:
         cfg = ModelConfig.full() if widths == "full" else ModelConfig.tiny()
         g = torch.Generator().manual_seed(0)
@@ -65,6 +67,7 @@ def record_launches(widths: str):
     finally:
         igemm.implicit_gemm = real
         triton_backend.triton_refusal = refusal
+        triton_backend.TritonBackend.modulate = modulate
     return seen
 
 
@@ -154,8 +157,15 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
             ("fps_grid", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
                           "out_start_ptr": "*i64", "slot_ptr": "*i64", "status_ptr": "*i32", "out_ptr": "*i64",
                           "P": "i32", "max_polls": "i32", "BLOCK": "constexpr", "PB": "constexpr"},
-             dict(BLOCK=8192, PB=256), 8)):
-        kfn = {"nearest": K.nearest_cell_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel}[name]
+             dict(BLOCK=8192, PB=256), 8),
+            ("modulate", {"f_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16", "M": "i32",
+                          "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
+             dict(BM=32, BC=128), 8),
+            ("modulate", {"f_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
+                          "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
+             dict(BM=64, BC=32), 4)):
+        kfn = {"nearest": K.nearest_cell_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
+               "modulate": K.modulate_kernel}[name]
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,

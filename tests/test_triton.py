@@ -386,6 +386,38 @@ def test_device_farthest_point_sampling_is_exact():
         assert np.array_equal(idx.cpu().numpy(), expect)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_modulation_kernel_equals_the_gathered_product(grouped):
+    """The denoiser's modulation: features times each voxel's condition-cell weight, one feature
+    group per condition - the Triton kernel against the torch backend's gather and product, bf16
+    features with bf16 and fp32 weights (the promoted dtype, one rounding), 200 channels (two
+    column blocks, the second partial) and a row count that is no multiple of the tile."""
+    from lidar_completion.sparse.torch_backend import TorchBackend
+    from lidar_completion.sparse.triton_backend import TritonBackend
+
+    pts, batch = _clouds(n=500)
+    _, x = sparse.get_backend("triton", DEVICE).voxelize(pts, batch, 0.5)
+    m = x.feats.shape[0]
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn((2, m, 200) if grouped else (m, 200), generator=g).to(torch.bfloat16).to(DEVICE)
+    weights = [torch.randn(7, 200, generator=g).to(torch.bfloat16).to(DEVICE),
+               torch.randn(1, 200, generator=g).to(DEVICE)]                       # fp32: promotes
+    rows = [torch.randint(0, 7, (m,), generator=g).to(DEVICE), torch.zeros(m, dtype=torch.long, device=DEVICE)]
+    x = x.replace(f)
+    for ws, rs in ((weights, rows), (weights[:1], rows[:1])):
+        if grouped and len(ws) == 1:
+            continue
+        got = TritonBackend.modulate(x, ws, rs).feats
+        want = TorchBackend.modulate(x, ws, rs).feats
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if DEVICE == "cpu" and got.dtype == torch.bfloat16:
+            # the interpreter truncates float32 -> bfloat16 where compiled code (and torch) rounds
+            # to nearest: one bf16 step at most
+            assert float(((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-30)).max()) <= 2 ** -7
+        else:
+            assert torch.equal(got, want)
+
+
 def test_completer_samples_on_the_device_as_the_textbook_does(monkeypatch):
     """fps="device" (the Triton kernel; under the interpreter on the CPU) picks the points of the
     textbook algorithm from point 0, so the completion equals that of a CPU Completer whose

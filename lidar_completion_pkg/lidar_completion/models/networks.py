@@ -231,7 +231,7 @@ class Denoiser(_SparseNet):
         stride = B.stride(x)
         coords = None
         tau_b = getattr(self, f"{site}_temp")(emb)   # one time MLP per site, shared by the conditions
-        ws = []
+        weights, rows = [], []
         for g, cond in enumerate(conds):
             key = (stride, g)
             if key not in cache:
@@ -241,11 +241,9 @@ class Denoiser(_SparseNet):
                 # has cells; the other levels hold the same batch elements
                 first = all(k[1] != g for k in cache)
                 cache[key] = B.nearest_cell(coords, cond.coords, check_batches=first)
-            ws.append(self._site_weights(site, g, cond, tau_b).index_select(0, cache[key]))
-        f = B.feats(x)
-        if len(conds) == 1:
-            return B.with_feats(x, f * ws[0])
-        return B.with_feats(x, f * torch.stack(ws))  # (G, M, C): f broadcasts when not grouped yet
+            weights.append(self._site_weights(site, g, cond, tau_b))
+            rows.append(cache[key])
+        return B.modulate(x, weights, rows)     # (G, M, C) with several conditions
 
     def _unet(self, x, conds: Sequence[Condition], emb: torch.Tensor):
         B = self._B

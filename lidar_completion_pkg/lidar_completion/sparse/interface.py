@@ -1,7 +1,7 @@
 """The interface every sparse backend implements (MinkowskiEngine, torch, Triton).
 
 The networks are written against this and nothing else: a backend is a namespace of four layer
-factories and ten functions on its own sparse-tensor type, which the networks never look inside.
+factories and eleven functions on its own sparse-tensor type, which the networks never look inside.
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ class SparseBackend(Protocol):
 
     def cat(self, a: Any, b: Any) -> Any:
         """Features of two tensors on the same coordinates, concatenated (a first)."""
+
+    def modulate(self, x: Any, weights: list, rows: list) -> Any:
+        """``x`` with its features times ``weights[g]`` (E_g, C) at ``rows[g]`` (M,) per voxel; with
+        several conditions one feature group each, (G, M, C)."""
 
     def cache(self, x: Any) -> dict:
         """A dictionary that lives as long as the kernel maps of ``x`` (one forward pass)."""

@@ -50,6 +50,12 @@ class MinkowskiBackend:
         return x.F
 
     @staticmethod
+    def modulate(x, weights: list, rows: list):
+        if len(weights) != 1:
+            raise ValueError("MinkowskiEngine tensors carry no feature groups: one condition per pass")
+        return MinkowskiBackend.with_feats(x, x.F * weights[0].index_select(0, rows[0]))
+
+    @staticmethod
     def with_feats(x, feats: torch.Tensor):
         return ME.SparseTensor(features=feats, coordinate_map_key=x.coordinate_map_key,
                                coordinate_manager=x.coordinate_manager)

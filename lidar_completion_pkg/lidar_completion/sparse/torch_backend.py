@@ -292,6 +292,15 @@ class TorchBackend:
         return x.feats
 
     @staticmethod
+    def modulate(x, weights: list, rows: list):
+        """``x`` with its features times a weight row per voxel: ``weights[g][rows[g]]`` for
+        condition g ((E_g, C) tables, (M,) indices); with several conditions one feature group per
+        condition, (G, M, C) (ungrouped features broadcast)."""
+        f = x.feats
+        ws = [w.index_select(0, r) for w, r in zip(weights, rows)]
+        return x.replace(f * ws[0] if len(ws) == 1 else f * torch.stack(ws))
+
+    @staticmethod
     def with_feats(x, feats: torch.Tensor):
         return x.replace(feats)
 

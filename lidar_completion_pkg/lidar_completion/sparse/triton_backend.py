@@ -368,6 +368,35 @@ class TritonBackend(TorchBackend):
     def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
         return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest)
 
+    @staticmethod
+    def modulate(x, weights: list, rows: list):
+        """As the torch backend's, one :func:`.triton_kernels.modulate_kernel` per condition writing
+        its feature group (no gathered weight matrix, no stacking); under autograd the torch form."""
+        f = x.feats
+        if torch.is_grad_enabled() and (f.requires_grad or any(w.requires_grad for w in weights)):
+            return TorchBackend.modulate(x, weights, rows)
+        from . import triton_kernels as K
+
+        m, c = f.shape[-2], f.shape[-1]
+        groups = len(weights)
+        dtype = f.dtype
+        for w in weights:
+            dtype = torch.promote_types(dtype, w.dtype)
+        out = torch.empty((groups, m, c) if groups > 1 else (m, c), dtype=dtype, device=f.device)
+        if m == 0:
+            return x.replace(out)
+        bm = 256 if triton_interpreted() else 32
+        bc = min(128, max(16, 1 << (c - 1).bit_length()))
+        grid = (-(-m // bm), -(-c // bc))
+        for g, (w, r) in enumerate(zip(weights, rows)):
+            fg = f if f.dim() == 2 else f[g if f.shape[0] > 1 else 0]
+            if fg.stride(-1) != 1:
+                fg = fg.contiguous()
+            og = out if groups == 1 else out[g]
+            K.modulate_kernel[grid](fg, w.contiguous(), r.contiguous(), og, m, c, fg.stride(0), og.stride(0),
+                                    BM=bm, BC=bc, num_warps=8 if bc >= 128 else 4)
+        return x.replace(out)
+
 
 BACKEND = TritonBackend()
 

@@ -7,7 +7,8 @@
   float64 on integer coordinates (exact), ties to the smallest index;
 * :func:`fps_kernel` - exact farthest-point sampling of one cloud per program;
 * :func:`fps_grid_kernel` - the same with each cloud split over many programs that trade their
-  candidates through global memory at every step.
+  candidates through global memory at every step;
+* :func:`modulate_kernel` - features times the gathered weight row of each row's condition cell.
 
 Under the interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors; its bf16
 ``tl.dot`` is wrong (triton-lang/triton#11584), so callers set ``DOT_F32`` there and the operands
@@ -373,6 +374,26 @@ def fps_grid_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_
         if j == 0:
             tl.store(out_ptr + o + s, start + last)
         s += 1
+
+
+@triton.jit(do_not_specialize=["M"])
+def modulate_kernel(f_ptr, w_ptr, idx_ptr, out_ptr, M, C, stride_f, stride_o,
+                    BM: tl.constexpr, BC: tl.constexpr):
+    """``out[m, c] = f[m, c] * w[idx[m], c]`` in fp32, rounded once to the output's dtype (what
+    ``f * w.index_select(0, idx)`` computes, without the gathered matrix): the denoiser's
+    modulation of the features by the weight of each row's nearest condition cell. ``w`` (E, C)
+    contiguous, ``idx`` (M,) int64, row strides ``stride_f`` / ``stride_o``."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    r_ok = rows < M
+    ok = r_ok[:, None] & (cols < C)[None, :]
+    src = tl.load(idx_ptr + rows, mask=r_ok, other=0)
+    r64 = rows.to(tl.int64)
+    f = tl.load(f_ptr + r64[:, None] * stride_f + cols[None, :], mask=ok, other=0.0)
+    w = tl.load(w_ptr + src[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    out = f.to(tl.float32) * w.to(tl.float32)
+    # compiled, the cast rounds to nearest even, as torch does (the interpreter truncates)
+    tl.store(out_ptr + r64[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["M", "G", "rows_per_split"])   # group strides specialised: see above
