@@ -171,10 +171,12 @@ class Completer:
     def fps(self, value: str):
         if value not in FPS_MODES:
             raise ConfigError(f"fps must be one of {', '.join(FPS_MODES)}, got {value!r}")
-        if value == "device" and not _device_fps_usable(self.device):
+        usable = _device_fps_usable(self.device)     # the device is fixed: asked once, not per scan
+        if value == "device" and not usable:
             raise ConfigError("fps='device' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the "
                               f"CPU); this Completer runs on {self.device}")
         self._fps = value
+        self._fps_usable = usable
         self._fps_failed = False
 
     @property
@@ -183,7 +185,7 @@ class Completer:
         if self._fps == "device":
             return True
         return (self._fps == "auto" and not self._fps_failed and self.device.type == "cuda"
-                and _device_fps_usable(self.device))
+                and self._fps_usable)
 
     def _sample_on_device(self, filtered: np.ndarray):
         """(scan_fps, x_init) as device tensors, sampled by the Triton kernel; None when "auto"

@@ -24,6 +24,7 @@ captured nothing is timed: the cached choice, or the first candidate.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -129,8 +130,10 @@ def candidates(rows: int, cin: int, cout: int, interpreted: bool, groups: int = 
     return list(dict.fromkeys(out))
 
 
+@functools.lru_cache(maxsize=None)
 def _shared_limit(device: torch.device) -> int | None:
-    """Opt-in shared memory per block of a CUDA device (bytes), None when torch does not say."""
+    """Opt-in shared memory per block of a CUDA device (bytes), None when torch does not say
+    (asked once per device: every convolution call wants it)."""
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)

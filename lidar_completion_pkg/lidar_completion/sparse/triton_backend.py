@@ -334,18 +334,18 @@ def farthest_point_sample_device(clouds: list, counts: list, programs: int | Non
     if programs is not None:
         per_cloud = max(1, min(per_cloud, int(programs)))
     largest = max(sizes)
-    programs = min(per_cloud, -(-largest // 256))        # at least 256 points per program
-    block = triton.next_power_of_2(-(-largest // programs))
+    split = min(per_cloud, -(-largest // 256))           # programs per cloud: >= 256 points each
+    block = triton.next_power_of_2(-(-largest // split))
     if interpreted or block <= FPS_MAX_CHUNK:
-        peers = max(16, triton.next_power_of_2(programs))
+        peers = max(16, triton.next_power_of_2(split))
         slots = torch.zeros(len(clouds) * 2 * peers, dtype=torch.long, device=device)
         status = torch.zeros(1, dtype=torch.int32, device=device)
-        K.fps_grid_kernel[(programs, len(clouds))](
-            pts, starts, sizes_t, counts_t, out_starts, slots, status, out, programs, FPS_MAX_POLLS,
+        K.fps_grid_kernel[(split, len(clouds))](
+            pts, starts, sizes_t, counts_t, out_starts, slots, status, out, split, FPS_MAX_POLLS,
             BLOCK=block, PB=peers, num_warps=min(8, max(1, block // 1024)), enable_fp_fusion=False)
         if int(status.item()):
             raise RuntimeError(f"device farthest-point sampling: a step waited over {FPS_MAX_POLLS} polls "
-                               f"for its {programs} programs (not all resident at once?)")
+                               f"for its {split} programs (not all resident at once?)")
     else:
         dist = torch.empty(pts.shape[0], dtype=torch.float32, device=device)
         K.fps_kernel[(len(clouds),)](pts, starts, sizes_t, counts_t, out_starts, dist, out, BLOCK=1024,
@@ -386,7 +386,7 @@ class TritonBackend(TorchBackend):
         if m == 0:
             return x.replace(out)
         bm = 256 if triton_interpreted() else 32
-        bc = min(128, max(16, 1 << (c - 1).bit_length()))
+        bc = igemm._pow2(c, 16, 128)
         grid = (-(-m // bm), -(-c // bc))
         for g, (w, r) in enumerate(zip(weights, rows)):
             fg = f if f.dim() == 2 else f[g if f.shape[0] > 1 else 0]
