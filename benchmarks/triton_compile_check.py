@@ -5,7 +5,7 @@ needed, so a kernel that would not compile on the GPU (or that spills registers,
 memory than the chip has) shows up here before any GPU time is spent. The variants are recorded
 from one forward pass of the three networks at the chosen widths: each convolution launch (map kind,
 channel counts, fused epilogue) with every tile configuration the tuner may try on CUDA, in bf16
-and fp32, plus the nearest-cell, farthest-point-sampling and modulation kernels.
+and fp32, plus the nearest-cell, farthest-point-sampling, modulation and map-building kernels.
 
 Prints one line per compiled variant (registers, spilled bytes, shared memory) and a summary; exits
 non-zero when a variant fails to compile or spills. Needs only Triton (and this package's torch
@@ -49,8 +49,10 @@ def record_launches(widths: str):
     from lidar_completion.sparse import triton_backend
     refusal = triton_backend.triton_refusal
     modulate = triton_backend.TritonBackend.__dict__["modulate"]
+    maps = triton_backend.TritonEngine.__dict__["maps"]
     igemm.implicit_gemm = recorder
     triton_backend.triton_refusal = lambda device: None     # nothing runs: the CPU will do
+    triton_backend.TritonEngine.maps = None                 # maps from torch operations
     triton_backend.TritonBackend.modulate = triton_backend.TorchBackend.__dict__["modulate"]
     try:
         cfg = ModelConfig.full() if widths == "full" else ModelConfig.tiny()
@@ -68,6 +70,7 @@ def record_launches(widths: str):
         igemm.implicit_gemm = real
         triton_backend.triton_refusal = refusal
         triton_backend.TritonBackend.modulate = modulate
+        triton_backend.TritonEngine.maps = maps
     return seen
 
 
@@ -86,12 +89,45 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return regs, spill
 
 
+def _map_kernels() -> tuple:
+    """(kernel name in :mod:`lidar_completion.sparse.triton_kmap`, signature, constexprs, warps) of
+    the map-building kernels, with the blocks their launchers use."""
+    rows = {"M": "i32", "BM": "constexpr"}
+    out = [("neighbour_kernel", {"keys_ptr": "*i64", "delta_ptr": "*i64", "table_ptr": "*i32", "bits_ptr": "*i32",
+                                 "M": "i32", "iters": "i32", "pad_key": "i64", "K": "constexpr", "KP": "constexpr",
+                                 "BM": "constexpr"}, dict(K=27, KP=32, BM=32), 4)]
+    for name in ("child_kernel", "parent_kernel"):
+        out.append((name, {"parent_ptr": "*i64", "k_ptr": "*i64", "table_ptr": "*i32", "bits_ptr": "*i32", **rows},
+                    dict(BM=128), 4))
+    for k in (27, 8):
+        out.append(("arrange_kernel", {"order_ptr": "*i64", "table_ptr": "*i32", "out_table_ptr": "*i32",
+                                       "out_order_ptr": "*i32", "M": "i32", "K": "constexpr", "KP": "constexpr",
+                                       "BM": "constexpr"}, dict(K=k, KP=32 if k > 8 else 8, BM=64), 4))
+    for block in (16, 32, 64, 128):
+        out.append(("tile_mask_kernel", {"bits_ptr": "*i32", "mask_ptr": "*i32", "M": "i32", "BLOCK": "constexpr"},
+                    dict(BLOCK=block), 4))
+    out += [("parent_keys_kernel", {"keys_ptr": "*i64", "coarse_ptr": "*i64", "k_ptr": "*i64", "M": "i32",
+                                    "sh": "i32", "pad_key": "i64", "AXIS": "constexpr", "BM": "constexpr"},
+             dict(AXIS=18, BM=128), 4),
+            ("first_flag_kernel", {"skeys_ptr": "*i64", "flag_ptr": "*i32", **rows}, dict(BM=128), 4),
+            ("unique_finish_kernel", {"skeys_ptr": "*i64", "order_ptr": "*i64", "ids_ptr": "*i32",
+                                      "ukeys_ptr": "*i64", "dump_ptr": "*i64", "count_ptr": "*i64", "M": "i32",
+                                      "cap": "i32", "pad_key": "i64", "BM": "constexpr"}, dict(BM=128), 4),
+            ("lattice_nearest_kernel", {"q_ptr": "*i64", "stride_qm": "i32", "stride_qc": "i32", "qb_ptr": "*i64",
+                                        "stride_qb": "i32", "skeys_ptr": "*i64", "order_ptr": "*i64",
+                                        "out_ptr": "*i64", "unresolved_ptr": "*i8", "M": "i32", "E": "i32",
+                                        "iters": "i32", "AXIS": "constexpr", "OFFSET": "constexpr",
+                                        "BQ": "constexpr"}, dict(AXIS=18, OFFSET=1 << 17, BQ=32), 4)]
+    return tuple(out)
+
+
 def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lidar_completion.sparse import triton_kernels as K
+    from lidar_completion.sparse import triton_kmap as M
     from lidar_completion.sparse.conv_implicit_gemm import candidates
 
     target = GPUTarget("cuda", arch, 32)
@@ -163,9 +199,9 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
              dict(BM=32, BC=128), 8),
             ("modulate", {"f_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
-             dict(BM=64, BC=32), 4)):
+             dict(BM=64, BC=32), 4)) + _map_kernels():
         kfn = {"nearest": K.nearest_cell_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
-               "modulate": K.modulate_kernel}[name]
+               "modulate": K.modulate_kernel}.get(name) or getattr(M, name)
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,

@@ -104,23 +104,30 @@ class CoordinateManager:
         if stride & (stride - 1) or not 1 <= stride < AXIS_OFFSET // 2:
             raise ValueError(f"tensor strides are powers of two, got {stride}")
         keys = self.levels[stride].keys
-        sh = stride.bit_length() - 1
-        low = (1 << (sh + 1)) - 1
-        coarse = keys & ~(low | (low << AXIS_BITS) | (low << (2 * AXIS_BITS)))
+        maps = self.maps
+        if maps is not None:   # the same keys and offsets in one kernel (padding keys kept)
+            coarse, k = maps.parent_keys(keys, stride)
+        else:
+            sh = stride.bit_length() - 1
+            low = (1 << (sh + 1)) - 1
+            coarse = keys & ~(low | (low << AXIS_BITS) | (low << (2 * AXIS_BITS)))
+            k = (((keys >> (2 * AXIS_BITS + sh)) & 1) + 2 * ((keys >> (AXIS_BITS + sh)) & 1)
+                 + 4 * ((keys >> sh) & 1))
         s2 = 2 * stride
         if self.static is not None:
             plan, m = self.static
             size_key = ("level", m, s2)
             cap = plan.capacity(size_key, keys.shape[0])
-            pkeys, inverse, dump, count = unique_static(torch.where(keys == PAD_KEY, keys, coarse), cap)
+            if maps is not None:
+                pkeys, inverse, dump, count = maps.unique_static(coarse, cap)
+            else:
+                pkeys, inverse, dump, count = unique_static(torch.where(keys == PAD_KEY, keys, coarse), cap)
             plan.size(size_key, count, cap)
             self._down[("dump", stride)] = dump
         else:
             pkeys, inverse = torch.unique(coarse, sorted=True, return_inverse=True)
         if s2 not in self.levels:
             self.levels[s2] = Level(s2, pkeys)
-        k = (((keys >> (2 * AXIS_BITS + sh)) & 1) + 2 * ((keys >> (AXIS_BITS + sh)) & 1)
-             + 4 * ((keys >> sh) & 1))
         self._down[key] = (inverse, k)
         return self._down[key]
 
@@ -242,6 +249,28 @@ class CoordinateManager:
             return self.parent_table(stride // 2), len(self.levels[stride])
         raise ValueError(f"unknown kernel map kind {kind!r}")
 
+    @property
+    def maps(self):
+        """The engine's map-building kernels (:mod:`.triton_kmap` on the Triton engine), or None
+        where the maps are built with torch operations."""
+        return getattr(self.engine, "maps", None)
+
+    def _table_bits(self, kind: str, stride: int):
+        """The table of :meth:`table` as int32 with -1 for "no input", and each row's bitmask, from
+        the engine's kernels."""
+        maps = self.maps
+        if kind == "conv3":
+            keys = self.levels[stride].keys
+            return maps.neighbour_bits(keys, kernel3_deltas(stride, keys.device))
+        if kind == "down":
+            inverse, k = self.parent_map(stride)
+            inverse = self._down.get(("dump", stride), inverse)   # static: padding rows -> dump row
+            return maps.child_bits(inverse, k, len(self.levels[2 * stride]))
+        if kind == "up":
+            inverse, k = self.parent_map(stride // 2)
+            return maps.parent_bits(inverse, k)
+        raise ValueError(f"unknown kernel map kind {kind!r}")
+
     def gather_plan(self, kind: str, stride: int, block: int):
         """The map of :meth:`table` arranged for the masked implicit GEMM with tiles of ``block``
         output rows: ``(order, table, tile_masks)``.
@@ -257,6 +286,14 @@ class CoordinateManager:
         key = (kind, stride, block)
         if key in self._plans:
             return self._plans[key]
+        maps = self.maps
+        if maps is not None:   # the engine's kernels: the same plan in a sort and three launches
+            arranged = self._plans.get(("arranged", kind, stride))
+            if arranged is None:
+                arranged = self._plans[("arranged", kind, stride)] = maps.arrange(*self._table_bits(kind, stride))
+            order, table_sorted, sorted_bits = arranged
+            plan = self._plans[key] = (order, table_sorted, maps.tile_masks(sorted_bits, block))
+            return plan
         table, missing = self.table(kind, stride)
         m, k = table.shape
         # 32-bit throughout (K <= 27 bits): half the bytes of int64 and a 32-bit key sort (on the

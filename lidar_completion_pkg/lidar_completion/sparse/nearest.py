@@ -16,7 +16,7 @@ from .static import StaticShapes, PAD_BATCH, caching_allowed, static_shapes, ten
 
 
 def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True,
-                 bruteforce=None) -> torch.Tensor:
+                 bruteforce=None, lattice=None) -> torch.Tensor:
     """Index into ``ref`` of the nearest cell of the same batch element, for every ``query`` row.
 
     ``query`` (M, 4) and ``ref`` (E, 4) are int64 ``(b, x, y, z)`` integer coordinates; ``ref`` must be
@@ -31,7 +31,8 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
     the same condition share it. ``check_batches=False`` skips the check that every query's batch
     element has cells (for callers that checked the same batch elements already). ``bruteforce``
     replaces the exact fallback off the CPU (the signature of :func:`_nearest_bruteforce`; the
-    Triton backend passes its integer kernel).
+    Triton backend passes its integer kernel), ``lattice`` the lattice search (the signature of
+    :func:`_nearest_lattice`; the Triton backend passes its one-kernel search).
     """
     if query.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=query.device)
@@ -39,9 +40,9 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
         raise CloudFormatError("condition has no cells")
     plan = static_shapes()
     if plan is not None:
-        return _nearest_static(query, ref, check_batches, plan, bruteforce or _nearest_bruteforce)
+        return _nearest_static(query, ref, check_batches, plan, bruteforce or _nearest_bruteforce, lattice)
     if query.device.type != "cpu":
-        return _nearest_device(query, ref, check_batches, bruteforce or _nearest_bruteforce)
+        return _nearest_device(query, ref, check_batches, bruteforce or _nearest_bruteforce, lattice)
     out = torch.empty(query.shape[0], dtype=torch.long)
     qb = query[:, 0]
     rb = ref[:, 0]
@@ -62,7 +63,7 @@ def _without_cells(qb: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True,
-                    bruteforce=None) -> torch.Tensor:
+                    bruteforce=None, lattice=None) -> torch.Tensor:
     """The device path of :func:`nearest_cell` (few large kernels, no per-batch loop on the host)."""
     qb, rb = query[:, 0], ref[:, 0]
     missing = _without_cells(qb, rb) if check_batches else None
@@ -70,7 +71,8 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool 
         if missing is not None and bool(missing.any()):
             _raise_missing(qb, missing)
         return torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    out, unresolved, off_lattice = _nearest_lattice(query[:, 1:], ref[:, 1:], qb, rb, _reference_index(ref))
+    out, unresolved, off_lattice = (lattice or _nearest_lattice)(query[:, 1:], ref[:, 1:], qb, rb,
+                                                                 _reference_index(ref))
     flags = [unresolved.any(), off_lattice] + ([missing.any()] if missing is not None else [])
     any_unresolved, any_off, *any_missing = torch.stack(flags).tolist()     # the one host read
     if any_missing and any_missing[0]:
@@ -85,7 +87,7 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool 
 
 
 def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
-                    plan: StaticShapes, bruteforce=None) -> torch.Tensor:
+                    plan: StaticShapes, bruteforce=None, lattice=None) -> torch.Tensor:
     """:func:`_nearest_device` with fixed shapes and no host read (static mode, any device).
 
     Query rows of batch :data:`PAD_BATCH` are padding: their answer is meaningless and they never
@@ -103,8 +105,11 @@ def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
     if ref.shape[0] == 1:
         plan.size(key, torch.zeros((), dtype=torch.long, device=query.device), cap)
         return torch.zeros(m, dtype=torch.long, device=query.device)
-    out, unresolved, off_lattice = _nearest_lattice(query[:, 1:], ref[:, 1:], qb, rb,
-                                                    _build_reference_index(ref))
+    # the reference side once per pass (every level of a pass looks up the same condition)
+    hit = plan.memo.get(("reference", id(ref)))
+    if hit is None or hit[0] is not ref:
+        hit = plan.memo[("reference", id(ref))] = (ref, _build_reference_index(ref))
+    out, unresolved, off_lattice = (lattice or _nearest_lattice)(query[:, 1:], ref[:, 1:], qb, rb, hit[1])
     plan.flag(off_lattice)
     unresolved = unresolved & real
     plan.size(key, unresolved.sum(), cap)

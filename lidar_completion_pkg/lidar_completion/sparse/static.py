@@ -37,6 +37,7 @@ class StaticShapes:
         self.flags: list = []
         self.sizes: dict = {}
         self._ordinals: dict = {}
+        self.memo: dict = {}    # what one pass computes once and reuses (e.g. a reference index)
 
     def ordinal(self, kind: str) -> int:
         n = self._ordinals.get(kind, 0)

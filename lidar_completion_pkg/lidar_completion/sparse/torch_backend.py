@@ -245,7 +245,8 @@ def voxelize_points(points: torch.Tensor, batch: torch.Tensor, voxel_size: float
         m = plan.ordinal("voxelize")
         size_key = ("level", m, 1)
         cap = plan.capacity(size_key, n)
-        keys, inverse, _, count = unique_static(pack_keys(coords), cap)
+        maps = getattr(engine, "maps", None)     # the engine's kernels where it has them
+        keys, inverse, _, count = (unique_static if maps is None else maps.unique_static)(pack_keys(coords), cap)
         plan.size(size_key, count, cap)
         rows = cap
         manager = CoordinateManager(Level(1, keys), static=(plan, m), engine=engine)

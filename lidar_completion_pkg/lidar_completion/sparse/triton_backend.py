@@ -19,6 +19,8 @@ with batch statistics and ReLU run as torch operations then.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import ConfigError
@@ -31,6 +33,7 @@ from .nearest import nearest_cell as _nearest_cell
 from .torch_backend import TORCH_ENGINE, SparseTensorBase, TorchBackend, broadcast_groups, voxelize_points
 
 _KINDS = {1: "identity", 3: "conv3", 2: "down"}
+ENV_MAPS = "LIDAR_COMPLETION_TRITON_MAPS"   # 0: kernel maps and lattice search from torch operations
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -187,6 +190,16 @@ class TritonEngine:
     """What the layers compute on the Triton backend (see :mod:`.layers`)."""
 
     name = "triton"
+
+    @property
+    def maps(self):
+        """The map-building kernels (:mod:`.triton_kmap`) the coordinate managers of this engine
+        use, or None with ``LIDAR_COMPLETION_TRITON_MAPS=0`` (torch operations then, as on the
+        torch backend: for comparisons)."""
+        if os.environ.get(ENV_MAPS, "1").strip() == "0":
+            return None
+        from . import triton_kmap
+        return triton_kmap
 
     @staticmethod
     def _check_device(device: torch.device) -> None:
@@ -366,7 +379,9 @@ class TritonBackend(TorchBackend):
 
     @staticmethod
     def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
-        return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest)
+        maps = TRITON_ENGINE.maps
+        return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest,
+                             lattice=None if maps is None else maps.lattice_nearest)
 
     @staticmethod
     def modulate(x, weights: list, rows: list):
