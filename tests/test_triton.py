@@ -275,6 +275,75 @@ def test_gather_plan_sorts_rows_and_masks_tiles(kind, stride):
         assert m.tile_offsets(kind, stride, block) is m.tile_offsets(kind, stride, block)   # kept
 
 
+def _both_managers(static_caps=None):
+    """The coordinate managers of one cloud (scan, single point, far points) on the torch engine
+    and on the Triton engine (whose maps come from :mod:`sparse.triton_kmap`), in ordinary or, with
+    ``static_caps``, in static mode with those capacities (padding rows included)."""
+    pts, batch = _clouds(far=True)
+    managers = []
+    for name in ("torch", "triton"):
+        if static_caps is None:
+            _, x = sparse.get_backend(name).voxelize(pts, batch, 0.05)
+        else:
+            with sparse.use_static_shapes(sparse.StaticShapes(static_caps)):
+                _, x = sparse.get_backend(name).voxelize(pts, batch, 0.05)
+        x.manager.level(16)
+        managers.append(x.manager)
+    return managers
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["ordinary", "static"])
+def test_map_kernels_build_the_torch_forms_maps(static):
+    """Every coordinate set, parent map and gather plan (3x3x3, stride-2, transposed; two tile
+    sizes) built by the Triton map kernels equals the torch operations' - in static mode with
+    padding rows at every level and a level whose capacity is too small (its count says so)."""
+    caps = None
+    if static:
+        caps = {("level", 0, 1): 900, ("level", 0, 2): 700, ("level", 0, 4): 500, ("level", 0, 8): 40,
+                ("level", 0, 16): 300}
+    a, b = _both_managers(caps)
+    assert a.maps is None and b.maps is not None
+    for s in (1, 2, 4, 8, 16):
+        assert torch.equal(a.levels[s].keys, b.levels[s].keys), s
+    for s in (1, 2, 4, 8):
+        for x, y in zip(a.parent_map(s), b.parent_map(s)):
+            assert torch.equal(x, y), s
+        if static:
+            assert torch.equal(a._down[("dump", s)], b._down[("dump", s)])
+    if static:
+        _, sa = a.static[0].summary()
+        _, sb = b.static[0].summary()
+        assert torch.equal(sa, sb) and bool(sa[0])     # the 40-row level overflowed in both
+    for kind, strides in (("conv3", (1, 2, 8, 16)), ("down", (1, 4, 8)), ("up", (2, 16))):
+        for s in strides:
+            for block in (16, 64):
+                for x, y in zip(a.gather_plan(kind, s, block), b.gather_plan(kind, s, block)):
+                    assert x.dtype == y.dtype and torch.equal(x, y), (kind, s, block)
+
+
+def test_lattice_kernel_equals_the_torch_lattice_search():
+    """The one-kernel lattice search gives the torch search's answers and unresolved rows: several
+    batch elements, negative and large coordinates, queries far from every cell."""
+    from lidar_completion.sparse.nearest import _build_reference_index, _nearest_lattice
+    from lidar_completion.sparse.triton_kmap import lattice_nearest
+
+    g = torch.Generator().manual_seed(1)
+    cells = torch.cat([torch.randint(0, 3, (300, 1), generator=g),
+                       torch.randint(-8, 8, (300, 3), generator=g) * 16], 1)
+    cells = torch.unique(cells, dim=0)
+    cells = torch.cat([cells, torch.tensor([[1, -130000 // 16 * 16, 129984, 0]])])
+    cells = cells[torch.argsort(sparse.pack_keys(cells))].to(DEVICE)
+    q = torch.cat([torch.randint(0, 4, (900, 1), generator=g),
+                   torch.randint(-160, 160, (900, 3), generator=g)], 1)
+    q = torch.cat([q, torch.tensor([[1, -129990, 129990, 5], [0, 100000, 0, 0]])]).to(DEVICE)
+    index = _build_reference_index(cells)
+    want = _nearest_lattice(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)
+    got = lattice_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)
+    assert torch.equal(got[1], want[1]) and 0 < int(got[1].sum()) < len(q)
+    assert torch.equal(got[0][~got[1]], want[0][~want[1]])
+    assert torch.equal(got[0][-2], sparse.nearest_cell(q[-2:-1], cells)[0])   # the far corner cell
+
+
 def test_loop_choice_and_tile_keys(monkeypatch):
     from lidar_completion.sparse import conv_implicit_gemm as ig
 
@@ -571,3 +640,29 @@ def test_wide_layers_span_several_tiles():
             c.kernel.grad = None
     for a, b in zip(*results):
         _close(b, a, rel=1e-4)
+
+
+def test_map_kernels_issue_fewer_launches_per_pass(capsys, monkeypatch):
+    """benchmarks/launch_count.py: a guided static pass with the Triton map kernels launches far
+    fewer operators and kernels than with the maps built by torch operations. (The convolutions
+    return zeros here: the same in both variants, and the slow part under the interpreter.)"""
+    import importlib.util
+    import pathlib
+
+    from lidar_completion.sparse import conv_implicit_gemm as igemm
+
+    def zeros(segments, weight, plan_for, rows, epilogue, out_dtype, kind, interpreted):
+        plan_for(16)                                   # the plan is built, as a real launch would
+        groups = max([t.shape[0] for t in segments if t.dim() == 3] or [0])
+        shape = (groups, rows, weight.shape[2]) if groups else (rows, weight.shape[2])
+        return torch.zeros(shape, dtype=out_dtype, device=weight.device)
+    monkeypatch.setattr(igemm, "implicit_gemm", zeros)
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "launch_count.py"
+    spec = importlib.util.spec_from_file_location("launch_count", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--points", "400", "--top", "3"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(f.split("=") for f in last.split()[1:])
+    assert int(fields["maps_triton"]) < 0.7 * int(fields["maps_torch"]), last
