@@ -109,6 +109,8 @@ def _map_kernels() -> tuple:
     out += [("parent_keys_kernel", {"keys_ptr": "*i64", "coarse_ptr": "*i64", "k_ptr": "*i64", "M": "i32",
                                     "sh": "i32", "pad_key": "i64", "AXIS": "constexpr", "BM": "constexpr"},
              dict(AXIS=18, BM=128), 4),
+            ("unpack_kernel", {"keys_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "AXIS": "constexpr",
+                               "OFFSET": "constexpr", "BM": "constexpr"}, dict(AXIS=18, OFFSET=1 << 17, BM=128), 4),
             ("first_flag_kernel", {"skeys_ptr": "*i64", "flag_ptr": "*i32", **rows}, dict(BM=128), 4),
             ("unique_finish_kernel", {"skeys_ptr": "*i64", "order_ptr": "*i64", "ids_ptr": "*i32",
                                       "ukeys_ptr": "*i64", "dump_ptr": "*i64", "count_ptr": "*i64", "M": "i32",
@@ -183,6 +185,9 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
             ("nearest", {"q_ptr": "*fp64", "r_ptr": "*fp64", "out_ptr": "*i64", "M": "i32", "E": "i32",
                          "BQ": "constexpr", "BR": "constexpr"},
              dict(BQ=64, BR=64), 4),
+            ("nearest_rows", {"q_ptr": "*i64", "stride_qm": "i32", "stride_qc": "i32", "rows_ptr": "*i64", "n": "i32",
+                              "todo_ptr": "*i8", "r_ptr": "*fp64", "out_ptr": "*i64", "E": "i32", "BQ": "constexpr",
+                              "BR": "constexpr"}, dict(BQ=64, BR=64), 4),
             ("fps", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
                      "out_start_ptr": "*i64", "dist_ptr": "*fp32", "out_ptr": "*i64", "BLOCK": "constexpr"},
              dict(BLOCK=1024), 8),
@@ -200,7 +205,7 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
             ("modulate", {"f_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
              dict(BM=64, BC=32), 4)) + _map_kernels():
-        kfn = {"nearest": K.nearest_cell_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
+        kfn = {"nearest": K.nearest_cell_kernel, "nearest_rows": K.nearest_rows_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
                "modulate": K.modulate_kernel}.get(name) or getattr(M, name)
         count += 1
         try:

@@ -305,6 +305,7 @@ def test_map_kernels_build_the_torch_forms_maps(static):
     assert a.maps is None and b.maps is not None
     for s in (1, 2, 4, 8, 16):
         assert torch.equal(a.levels[s].keys, b.levels[s].keys), s
+        assert torch.equal(b.maps.unpack_keys(b.levels[s].keys), a.levels[s].coords), s   # padding too
     for s in (1, 2, 4, 8):
         for x, y in zip(a.parent_map(s), b.parent_map(s)):
             assert torch.equal(x, y), s
@@ -342,6 +343,25 @@ def test_lattice_kernel_equals_the_torch_lattice_search():
     assert torch.equal(got[1], want[1]) and 0 < int(got[1].sum()) < len(q)
     assert torch.equal(got[0][~got[1]], want[0][~want[1]])
     assert torch.equal(got[0][-2], sparse.nearest_cell(q[-2:-1], cells)[0])   # the far corner cell
+
+    # static mode end to end (lattice, then the listed rows' brute force in place), against the
+    # torch backend's static path and the exact answer; a capacity too small for the fallback
+    # raises the flag in both
+    from lidar_completion.sparse.triton_backend import TritonBackend
+    q = q[q[:, 0] < 3]                                   # batch elements that have cells
+    exact = sparse.nearest_cell(q.cpu(), cells.cpu()).to(DEVICE)
+    unresolved = int(lattice_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)[1].sum())
+    assert unresolved > 5
+    for cap, overflow in ((None, False), (5, True)):
+        results = []
+        for nearest in (TritonBackend.nearest_cell, sparse.get_backend("torch").nearest_cell):
+            plan = sparse.StaticShapes({("unresolved", 0): cap} if cap else None)
+            with sparse.use_static_shapes(plan):
+                results.append(nearest(q, cells))
+            _, summary = plan.summary()
+            assert bool(summary[0]) == overflow and int(summary[1]) == unresolved
+        if not overflow:
+            assert torch.equal(results[0], exact) and torch.equal(results[1], exact)
 
 
 def test_loop_choice_and_tile_keys(monkeypatch):

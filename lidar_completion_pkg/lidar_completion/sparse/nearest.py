@@ -16,7 +16,7 @@ from .static import StaticShapes, PAD_BATCH, caching_allowed, static_shapes, ten
 
 
 def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True,
-                 bruteforce=None, lattice=None) -> torch.Tensor:
+                 bruteforce=None, lattice=None, fill=None) -> torch.Tensor:
     """Index into ``ref`` of the nearest cell of the same batch element, for every ``query`` row.
 
     ``query`` (M, 4) and ``ref`` (E, 4) are int64 ``(b, x, y, z)`` integer coordinates; ``ref`` must be
@@ -32,7 +32,9 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
     element has cells (for callers that checked the same batch elements already). ``bruteforce``
     replaces the exact fallback off the CPU (the signature of :func:`_nearest_bruteforce`; the
     Triton backend passes its integer kernel), ``lattice`` the lattice search (the signature of
-    :func:`_nearest_lattice`; the Triton backend passes its one-kernel search).
+    :func:`_nearest_lattice`; the Triton backend passes its one-kernel search), ``fill`` the
+    static mode's fallback in place (the signature of
+    :func:`~.triton_backend.nearest_rows`; instead of ``bruteforce`` there).
     """
     if query.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=query.device)
@@ -40,7 +42,7 @@ def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = T
         raise CloudFormatError("condition has no cells")
     plan = static_shapes()
     if plan is not None:
-        return _nearest_static(query, ref, check_batches, plan, bruteforce or _nearest_bruteforce, lattice)
+        return _nearest_static(query, ref, check_batches, plan, bruteforce or _nearest_bruteforce, lattice, fill)
     if query.device.type != "cpu":
         return _nearest_device(query, ref, check_batches, bruteforce or _nearest_bruteforce, lattice)
     out = torch.empty(query.shape[0], dtype=torch.long)
@@ -87,7 +89,7 @@ def _nearest_device(query: torch.Tensor, ref: torch.Tensor, check_batches: bool 
 
 
 def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
-                    plan: StaticShapes, bruteforce=None, lattice=None) -> torch.Tensor:
+                    plan: StaticShapes, bruteforce=None, lattice=None, fill=None) -> torch.Tensor:
     """:func:`_nearest_device` with fixed shapes and no host read (static mode, any device).
 
     Query rows of batch :data:`PAD_BATCH` are padding: their answer is meaningless and they never
@@ -115,8 +117,11 @@ def _nearest_static(query: torch.Tensor, ref: torch.Tensor, check_batches: bool,
     plan.size(key, unresolved.sum(), cap)
     # the first ``cap`` unresolved rows (stable order), then resolved ones, whose answers are kept
     rows = torch.argsort((~unresolved).to(torch.uint8), stable=True)[:cap]
-    brute = (bruteforce or _nearest_bruteforce)(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
-    out = out.index_copy(0, rows, torch.where(unresolved[rows], brute, out[rows]))
+    if fill is not None:
+        fill(query, ref, rows, unresolved, out, plan.memo)
+    else:
+        brute = (bruteforce or _nearest_bruteforce)(query[rows, 1:], ref[:, 1:], qb[rows], rb, check=False)
+        out = out.index_copy(0, rows, torch.where(unresolved[rows], brute, out[rows]))
     # padding rows and rows past the capacity hold no answer: keep them a valid index
     return out.clamp_(max=ref.shape[0] - 1)
 

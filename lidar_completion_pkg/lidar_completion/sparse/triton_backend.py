@@ -268,6 +268,20 @@ class TritonEngine:
 TRITON_ENGINE = TritonEngine()
 
 
+def _planes(coords: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """(4, n) float64 planes b, x, y, z of (n, 3) coordinates and their batch index (the layout of
+    the nearest-cell kernels: contiguous loads per plane)."""
+    b = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device) if b is None else b
+    return torch.cat([b.view(1, -1).double(), coords.t().double()], 0).contiguous()
+
+
+def _check_cells(e: int) -> None:
+    """The nearest-cell kernels address the 4 reference planes with 32-bit offsets (3 E + i < 2**31)."""
+    if e >= 1 << 29:
+        from ..errors import CloudFormatError
+        raise CloudFormatError(f"condition has {e} cells; at most {(1 << 29) - 1} are supported")
+
+
 def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
                        rb: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Exact nearest reference cell of the same batch element by the Triton brute-force kernel
@@ -277,24 +291,41 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
     from ..errors import CloudFormatError
     from . import triton_kernels as K
 
-    def planes(coords, b):
-        """(4, n) float64 planes b, x, y, z (the kernel's layout: contiguous loads per plane)."""
-        b = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device) if b is None else b
-        return torch.cat([b.view(1, -1).double(), coords.t().double()], 0).contiguous()
-
     m, e = q.shape[0], r.shape[0]
     out = torch.empty(m, dtype=torch.long, device=q.device)
     if m == 0:
         return out
-    if e >= 1 << 29:   # the kernel addresses the 4 planes with 32-bit offsets (3 E + i < 2**31)
-        raise CloudFormatError(f"condition has {e} cells; at most {(1 << 29) - 1} are supported")
-    query, ref = planes(q, qb), planes(r, rb)
+    _check_cells(e)
+    query, ref = _planes(q, qb), _planes(r, rb)
     bq, br = 64, 64
     K.nearest_cell_kernel[(-(-m // bq),)](query, ref, out, m, e, BQ=bq, BR=br, num_warps=4)
     if check and bool((out < 0).any()):
         missing = int(query[0, torch.nonzero(out < 0)[0, 0]])
         raise CloudFormatError(f"condition has no cells for batch element {missing}")
     return out.clamp_(min=0)
+
+
+def nearest_rows(query: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, todo: torch.Tensor,
+                 out: torch.Tensor, memo: dict | None = None) -> None:
+    """The exact brute-force answer, written into ``out[row]``, for the listed (distinct) ``rows``
+    of ``query`` (M, 4) whose ``todo`` flag is set, against ``ref`` (E, 4) (the static-mode
+    fallback of :mod:`.nearest` in one kernel: no gathered query, no copies back). ``memo``: a
+    dict kept for one pass, where the reference planes are built once."""
+    from . import triton_kernels as K
+
+    n, e = rows.shape[0], ref.shape[0]
+    if n == 0:
+        return
+    _check_cells(e)
+    key = ("planes", id(ref))
+    hit = None if memo is None else memo.get(key)
+    if hit is None or hit[0] is not ref:
+        hit = (ref, _planes(ref[:, 1:], ref[:, 0]))
+        if memo is not None:
+            memo[key] = hit
+    flags = todo.view(torch.int8) if todo.dtype == torch.bool else todo
+    K.nearest_rows_kernel[(-(-n // 64),)](query, query.stride(0), query.stride(1), rows, n, flags, hit[1], out, e,
+                                          BQ=64, BR=64, num_warps=4)
 
 
 #: Points one program of :func:`.triton_kernels.fps_grid_kernel` keeps in registers at most.
@@ -378,10 +409,22 @@ class TritonBackend(TorchBackend):
         return voxelize_points(points, batch, voxel_size, TRITON_ENGINE, TritonSparseTensor)
 
     @staticmethod
+    def coords(x) -> torch.Tensor:
+        """As the torch backend's (kept per level), unpacked by one kernel."""
+        level = x.level
+        if level._coords is None:
+            maps = TRITON_ENGINE.maps
+            if maps is not None:
+                level._coords = maps.unpack_keys(level.keys)
+        return level.coords
+
+    @staticmethod
     def nearest_cell(query: torch.Tensor, ref: torch.Tensor, check_batches: bool = True) -> torch.Tensor:
         maps = TRITON_ENGINE.maps
+        if maps is None:
+            return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest)
         return _nearest_cell(query, ref, check_batches, bruteforce=bruteforce_nearest,
-                             lattice=None if maps is None else maps.lattice_nearest)
+                             lattice=maps.lattice_nearest, fill=nearest_rows)
 
     @staticmethod
     def modulate(x, weights: list, rows: list):
@@ -416,4 +459,4 @@ class TritonBackend(TorchBackend):
 BACKEND = TritonBackend()
 
 __all__ = ["BACKEND", "Field", "TritonBackend", "TritonSparseTensor", "bruteforce_nearest",
-           "farthest_point_sample_device"]
+           "farthest_point_sample_device", "nearest_rows"]

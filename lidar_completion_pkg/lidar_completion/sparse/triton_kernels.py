@@ -4,7 +4,8 @@
   GEMM over a gather table, with the skip concatenation as two K segments and batch norm, residual
   add and ReLU in the epilogue;
 * :func:`nearest_cell_kernel` - exact nearest cell of the same batch element by brute force in
-  float64 on integer coordinates (exact), ties to the smallest index;
+  float64 on integer coordinates (exact), ties to the smallest index; :func:`nearest_rows_kernel`
+  the same for a list of rows, in place;
 * :func:`fps_kernel` - exact farthest-point sampling of one cloud per program;
 * :func:`fps_grid_kernel` - the same with each cloud split over many programs that trade their
   candidates through global memory at every step;
@@ -210,26 +211,14 @@ def implicit_gemm_kernel(
                         res_ptr, stride_rg, stride_rm, AFFINE, RESIDUAL, RELU)
 
 
-@triton.jit(do_not_specialize=["M", "E"])
-def nearest_cell_kernel(q_ptr, r_ptr, out_ptr, M, E, BQ: tl.constexpr, BR: tl.constexpr):
-    """For each query row of ``q``: the index of the nearest row of ``r`` with the same batch
-    element (squared Euclidean distance over x, y, z; ties to the smallest index), or -1 when no
-    row of ``r`` has that batch element.
-
-    ``q`` (4, M) and ``r`` (4, E) are float64 planes b, x, y, z holding integers: every difference,
-    square and sum stays an integer below 2**53 for coordinates below 2**17 in magnitude, so the
-    distances are exact (float64 runs at half the fp32 rate on the GPU; int64 products are
-    emulated). Each program keeps a (BQ, BR) running minimum - column j sees the reference rows
-    j, j + BR, j + 2 BR, ... in increasing order and keeps the first of equal distances - and
-    reduces it once at the end: the smallest distance, then the smallest index among the columns
-    that reach it."""
-    pid = tl.program_id(0)
-    qs = pid * BQ + tl.arange(0, BQ)
-    q_ok = qs < M
-    qb = tl.load(q_ptr + qs, mask=q_ok, other=-1.0)
-    qx = tl.load(q_ptr + M + qs, mask=q_ok, other=0.0)
-    qy = tl.load(q_ptr + 2 * M + qs, mask=q_ok, other=0.0)
-    qz = tl.load(q_ptr + 3 * M + qs, mask=q_ok, other=0.0)
+@triton.jit
+def _nearest_in_ref(qb, qx, qy, qz, r_ptr, E, BQ: tl.constexpr, BR: tl.constexpr):
+    """(squared distance, index) of the nearest row of the float64 planes ``r`` (4, E) with the
+    query's batch element, for a block of queries given as float64 b, x, y, z; (inf, 0) where
+    none. Each program keeps a (BQ, BR) running minimum - column j sees the reference rows j,
+    j + BR, j + 2 BR, ... in increasing order and keeps the first of equal distances - and reduces
+    it once at the end: the smallest distance, then the smallest index among the columns that
+    reach it."""
     inf = float("inf")
     best_d = tl.full((BQ, BR), inf, tl.float64)
     best_i = tl.full((BQ, BR), 0, tl.int32)
@@ -251,8 +240,49 @@ def nearest_cell_kernel(q_ptr, r_ptr, out_ptr, M, E, BQ: tl.constexpr, BR: tl.co
         best_i = tl.where(better, rs[None, :], best_i)
     nearest = tl.min(best_d, axis=1)
     idx = tl.min(tl.where(best_d == nearest[:, None], best_i, 0x7FFFFFFF), axis=1)
-    idx = tl.where(nearest == inf, -1, idx)
+    return nearest, tl.where(nearest == inf, 0, idx)
+
+
+@triton.jit(do_not_specialize=["M", "E"])
+def nearest_cell_kernel(q_ptr, r_ptr, out_ptr, M, E, BQ: tl.constexpr, BR: tl.constexpr):
+    """For each query row of ``q``: the index of the nearest row of ``r`` with the same batch
+    element (squared Euclidean distance over x, y, z; ties to the smallest index), or -1 when no
+    row of ``r`` has that batch element.
+
+    ``q`` (4, M) and ``r`` (4, E) are float64 planes b, x, y, z holding integers: every difference,
+    square and sum stays an integer below 2**53 for coordinates below 2**17 in magnitude, so the
+    distances are exact (float64 runs at half the fp32 rate on the GPU; int64 products are
+    emulated). See :func:`_nearest_in_ref` for the order of the search."""
+    pid = tl.program_id(0)
+    qs = pid * BQ + tl.arange(0, BQ)
+    q_ok = qs < M
+    qb = tl.load(q_ptr + qs, mask=q_ok, other=-1.0)
+    qx = tl.load(q_ptr + M + qs, mask=q_ok, other=0.0)
+    qy = tl.load(q_ptr + 2 * M + qs, mask=q_ok, other=0.0)
+    qz = tl.load(q_ptr + 3 * M + qs, mask=q_ok, other=0.0)
+    nearest, idx = _nearest_in_ref(qb, qx, qy, qz, r_ptr, E, BQ, BR)
+    idx = tl.where(nearest == float("inf"), -1, idx)
     tl.store(out_ptr + qs, idx.to(tl.int64), mask=q_ok)
+
+
+@triton.jit(do_not_specialize=["n", "E"])
+def nearest_rows_kernel(q_ptr, stride_qm, stride_qc, rows_ptr, n, todo_ptr, r_ptr, out_ptr, E,
+                        BQ: tl.constexpr, BR: tl.constexpr):
+    """:func:`nearest_cell_kernel` for the listed rows of an int64 (M, 4) ``(b, x, y, z)`` query
+    whose ``todo`` flag (int8) is set, written in place into ``out[row]`` (0 where the batch element
+    has no cell, as the float64 GEMM fallback gives); the other listed rows are left alone. The
+    listed rows must be distinct."""
+    i = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    ok = i < n
+    row = tl.load(rows_ptr + i, mask=ok, other=0)
+    todo = ok & (tl.load(todo_ptr + row, mask=ok, other=0) != 0)
+    base = q_ptr + row.to(tl.int64) * stride_qm
+    qb = tl.load(base, mask=todo, other=-1).to(tl.float64)
+    qx = tl.load(base + stride_qc, mask=todo, other=0).to(tl.float64)
+    qy = tl.load(base + 2 * stride_qc, mask=todo, other=0).to(tl.float64)
+    qz = tl.load(base + 3 * stride_qc, mask=todo, other=0).to(tl.float64)
+    _, idx = _nearest_in_ref(qb, qx, qy, qz, r_ptr, E, BQ, BR)
+    tl.store(out_ptr + row, idx.to(tl.int64), mask=todo)
 
 
 @triton.jit

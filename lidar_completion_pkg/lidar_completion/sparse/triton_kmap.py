@@ -16,6 +16,7 @@ equals the torch form's (tests/test_triton.py under the interpreter).
   transposed in that order, one OR-ed mask per tile;
 * :func:`parent_keys` - the coarse key and the offset inside the parent cell of every row;
 * :func:`unique_static` - sorted unique keys with a fixed capacity (static mode);
+* :func:`unpack_keys` - the (b, x, y, z) coordinates of packed keys;
 * :func:`lattice_nearest` - the nearest condition cell among the 4x4x4 lattice points around each
   query (the exact search of :func:`.nearest._nearest_lattice`).
 """
@@ -176,6 +177,20 @@ def unique_finish_kernel(skeys_ptr, order_ptr, ids_ptr, ukeys_ptr, dump_ptr, cou
     tl.store(count_ptr + i * 0, tl.where(real, ids + 1, ids), mask=last)
 
 
+@triton.jit(do_not_specialize=["M"])
+def unpack_kernel(keys_ptr, out_ptr, M, AXIS: tl.constexpr, OFFSET: tl.constexpr, BM: tl.constexpr):
+    """(M, 4) int64 ``(b, x, y, z)`` of packed keys (:func:`.coords.unpack_keys`)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ok = rows < M
+    key = tl.load(keys_ptr + rows, mask=ok, other=0)
+    field = (1 << AXIS) - 1
+    cols = tl.arange(0, 4)
+    shift = (3 - cols) * AXIS                               # b, x, y, z from the top field down
+    v = key[:, None] >> shift[None, :]
+    v = tl.where(cols[None, :] == 0, v, (v & field) - OFFSET)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * 4 + cols[None, :], v, mask=ok[:, None])
+
+
 @triton.jit(do_not_specialize=["M", "E", "iters"])
 def lattice_nearest_kernel(q_ptr, stride_qm, stride_qc, qb_ptr, stride_qb, skeys_ptr, order_ptr,
                            out_ptr, unresolved_ptr, M, E, iters,
@@ -309,6 +324,15 @@ def unique_static(keys: torch.Tensor, cap: int):
         ids = torch.cumsum(flags, 0, dtype=torch.int32)
         unique_finish_kernel[_grid(m)](skeys, order, ids, ukeys, dump, count, m, cap, PAD_KEY, BM=_ROWS)
     return ukeys, dump.clamp(max=cap - 1), dump, count
+
+
+def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
+    """:func:`.coords.unpack_keys` in one kernel."""
+    m = keys.shape[0]
+    out = torch.empty((m, 4), dtype=torch.long, device=keys.device)
+    if m:
+        unpack_kernel[_grid(m)](keys, out, m, AXIS=AXIS_BITS, OFFSET=AXIS_OFFSET, BM=_ROWS)
+    return out
 
 
 def lattice_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
