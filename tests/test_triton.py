@@ -322,9 +322,11 @@ def test_map_kernels_build_the_torch_forms_maps(static):
                     assert x.dtype == y.dtype and torch.equal(x, y), (kind, s, block)
 
 
-def test_lattice_kernel_equals_the_torch_lattice_search():
-    """The one-kernel lattice search gives the torch search's answers and unresolved rows: several
-    batch elements, negative and large coordinates, queries far from every cell."""
+def test_lattice_kernel_settles_what_the_torch_search_does_and_more():
+    """The one-kernel lattice search (4x4x4 block, then 6x6x6 where needed) answers exactly every
+    row it settles, settles every row the torch search (4x4x4) settles and some it leaves, over
+    several batch elements, negative and large coordinates and queries far from every cell; in
+    static mode the fallback completes it to the exact answer."""
     from lidar_completion.sparse.nearest import _build_reference_index, _nearest_lattice
     from lidar_completion.sparse.triton_kmap import lattice_nearest
 
@@ -340,9 +342,15 @@ def test_lattice_kernel_equals_the_torch_lattice_search():
     index = _build_reference_index(cells)
     want = _nearest_lattice(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)
     got = lattice_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)
-    assert torch.equal(got[1], want[1]) and 0 < int(got[1].sum()) < len(q)
-    assert torch.equal(got[0][~got[1]], want[0][~want[1]])
-    assert torch.equal(got[0][-2], sparse.nearest_cell(q[-2:-1], cells)[0])   # the far corner cell
+    has_cells = q[:, 0] < 3
+    exact = torch.full((len(q),), -1, dtype=torch.long)
+    exact[has_cells.cpu()] = sparse.nearest_cell(q[has_cells].cpu(), cells.cpu())
+    exact = exact.to(DEVICE)
+    assert not bool((got[1] & ~want[1]).any())                          # settles all torch settles
+    assert int((want[1] & ~got[1]).sum()) > 0 and int(got[1].sum()) > 0  # and more, not all
+    assert bool(got[1][~has_cells].all())                               # no cell in the batch element
+    assert torch.equal(got[0][~got[1]], exact[~got[1]])
+    assert not bool(got[1][-2]) and cells[got[0][-2], 1:].tolist() == [-130000, 129984, 0]   # the far cell
 
     # static mode end to end (lattice, then the listed rows' brute force in place), against the
     # torch backend's static path and the exact answer; a capacity too small for the fallback
@@ -350,11 +358,12 @@ def test_lattice_kernel_equals_the_torch_lattice_search():
     from lidar_completion.sparse.triton_backend import TritonBackend
     q = q[q[:, 0] < 3]                                   # batch elements that have cells
     exact = sparse.nearest_cell(q.cpu(), cells.cpu()).to(DEVICE)
-    unresolved = int(lattice_nearest(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)[1].sum())
-    assert unresolved > 5
+    counts = [int(search(q[:, 1:], cells[:, 1:], q[:, 0], cells[:, 0], index)[1].sum())
+              for search in (lattice_nearest, _nearest_lattice)]
+    assert min(counts) > 5
     for cap, overflow in ((None, False), (5, True)):
         results = []
-        for nearest in (TritonBackend.nearest_cell, sparse.get_backend("torch").nearest_cell):
+        for nearest, unresolved in zip((TritonBackend.nearest_cell, sparse.get_backend("torch").nearest_cell), counts):
             plan = sparse.StaticShapes({("unresolved", 0): cap} if cap else None)
             with sparse.use_static_shapes(plan):
                 results.append(nearest(q, cells))

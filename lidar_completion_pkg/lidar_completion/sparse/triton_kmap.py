@@ -17,8 +17,9 @@ equals the torch form's (tests/test_triton.py under the interpreter).
 * :func:`parent_keys` - the coarse key and the offset inside the parent cell of every row;
 * :func:`unique_static` - sorted unique keys with a fixed capacity (static mode);
 * :func:`unpack_keys` - the (b, x, y, z) coordinates of packed keys;
-* :func:`lattice_nearest` - the nearest condition cell among the 4x4x4 lattice points around each
-  query (the exact search of :func:`.nearest._nearest_lattice`).
+* :func:`lattice_nearest` - the nearest condition cell among the lattice points around each query
+  (the exact search of :func:`.nearest._nearest_lattice`, widened to a 6x6x6 block for the queries
+  the 4x4x4 block leaves, so that fewer rows need the brute force).
 """
 from __future__ import annotations
 
@@ -191,15 +192,45 @@ def unpack_kernel(keys_ptr, out_ptr, M, AXIS: tl.constexpr, OFFSET: tl.constexpr
     tl.store(out_ptr + rows[:, None].to(tl.int64) * 4 + cols[None, :], v, mask=ok[:, None])
 
 
+@triton.jit
+def _lattice_best(x, y, z, b, bx, by, bz, c, width: tl.constexpr, todo, skeys_ptr, order_ptr, E, iters,
+                  AXIS: tl.constexpr, OFFSET: tl.constexpr):
+    """Smallest score (squared distance << 40) + reference index per query among the candidates
+    ``c`` of a ``width`` ** 3 block of lattice points from the query's corner - (width / 2 - 1)
+    cells (int64 max where none; only ``todo`` rows and candidates below width ** 3 are searched)."""
+    half = width // 2 - 1
+    ox = (c // (width * width)) * 16 - 16 * half
+    oy = ((c // width) % width) * 16 - 16 * half
+    oz = (c % width) * 16 - 16 * half
+    cx = bx[:, None] + ox[None, :]
+    cy = by[:, None] + oy[None, :]
+    cz = bz[:, None] + oz[None, :]
+    ckey = (b[:, None] << AXIS) + cx + OFFSET        # packed as coords.pack_keys
+    ckey = (ckey << AXIS) + cy + OFFSET
+    ckey = (ckey << AXIS) + cz + OFFSET
+    pos = _lower_bound(skeys_ptr, E, ckey, iters)
+    inside = todo[:, None] & (c < width * width * width)[None, :] & (pos < E)
+    found = tl.load(skeys_ptr + pos, mask=inside, other=0)
+    hit = inside & (found == ckey)
+    ref = tl.load(order_ptr + pos, mask=hit, other=0)
+    dx = x[:, None] - cx
+    dy = y[:, None] - cy
+    dz = z[:, None] - cz
+    d2 = dx * dx + dy * dy + dz * dz
+    return tl.min(tl.where(hit, (d2 << 40) + ref, 0x7FFFFFFFFFFFFFFF), axis=1)
+
+
 @triton.jit(do_not_specialize=["M", "E", "iters"])
 def lattice_nearest_kernel(q_ptr, stride_qm, stride_qc, qb_ptr, stride_qb, skeys_ptr, order_ptr,
                            out_ptr, unresolved_ptr, M, E, iters,
                            AXIS: tl.constexpr, OFFSET: tl.constexpr, BQ: tl.constexpr):
-    """The nearest reference cell among the 64 lattice points (-16, 0, 16, 32 per axis from the
-    query's own 16-cell corner) of the query's batch element: score (squared distance << 40) +
-    reference index, the smallest wins; ``unresolved`` where none exists or the best is 32 or
-    further (a cell outside the block could then be nearer). ``skeys`` are the reference keys
-    sorted, ``order`` their reference indices."""
+    """The nearest reference cell of the query's batch element among the lattice points around the
+    query's own 16-cell corner: first the 4x4x4 block (-16 ... +32 per axis), which settles a
+    query whose best is closer than 32 (any lattice point outside the block is 32 or further);
+    a program with a query left over then searches the 6x6x6 block (-32 ... +48), which settles
+    below 48. Score (squared distance << 40) + reference index, the smallest wins (ties to the
+    smallest index); ``unresolved`` where the block has no cell or the best is not closer than
+    the bound. ``skeys`` are the reference keys sorted, ``order`` their reference indices."""
     rows = tl.program_id(0) * BQ + tl.arange(0, BQ)
     ok = rows < M
     r64 = rows.to(tl.int64)
@@ -211,30 +242,16 @@ def lattice_nearest_kernel(q_ptr, stride_qm, stride_qc, qb_ptr, stride_qb, skeys
     by = y - (y & 15)
     bz = z - (z & 15)
     c = tl.arange(0, 64)
-    ox = (c // 16) * 16 - 16    # candidate c = 16 ix + 4 iy + iz, offsets -16, 0, 16, 32
-    oy = ((c // 4) % 4) * 16 - 16
-    oz = (c % 4) * 16 - 16
-    cx = bx[:, None] + ox[None, :]
-    cy = by[:, None] + oy[None, :]
-    cz = bz[:, None] + oz[None, :]
-    ckey = (b[:, None] << AXIS) + cx + OFFSET        # packed as coords.pack_keys
-    ckey = (ckey << AXIS) + cy + OFFSET
-    ckey = (ckey << AXIS) + cz + OFFSET
-    pos = _lower_bound(skeys_ptr, E, ckey, iters)
-    inside = ok[:, None] & (pos < E)
-    found = tl.load(skeys_ptr + pos, mask=inside, other=0)
-    hit = inside & (found == ckey)
-    ref = tl.load(order_ptr + pos, mask=hit, other=0)
-    dx = x[:, None] - cx
-    dy = y[:, None] - cy
-    dz = z[:, None] - cz
-    d2 = dx * dx + dy * dy + dz * dz
-    big = 0x7FFFFFFFFFFFFFFF
-    score = tl.where(hit, (d2 << 40) + ref, big)
-    best = tl.min(score, axis=1)
+    best = _lattice_best(x, y, z, b, bx, by, bz, c, 4, ok, skeys_ptr, order_ptr, E, iters, AXIS, OFFSET)
+    more = ok & ((best >> 40) >= 32 * 32)           # also where none was found (int64 max)
+    if tl.max(more.to(tl.int32), axis=0) > 0:
+        for chunk in tl.static_range(4):            # 216 candidates in 4 x 64
+            wide = _lattice_best(x, y, z, b, bx, by, bz, c + 64 * chunk, 6, more, skeys_ptr, order_ptr, E,
+                                 iters, AXIS, OFFSET)
+            best = tl.where(more, tl.minimum(best, wide), best)
     tl.store(out_ptr + rows, best & ((1 << 40) - 1), mask=ok)
-    unresolved = (best == big) | ((best >> 40) >= 1024)
-    tl.store(unresolved_ptr + rows, unresolved.to(tl.int8), mask=ok)
+    bound = tl.where(more, 48 * 48, 32 * 32)
+    tl.store(unresolved_ptr + rows, ((best >> 40) >= bound).to(tl.int8), mask=ok)
 
 
 def _grid(m: int, block: int = _ROWS) -> tuple:
@@ -337,8 +354,9 @@ def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
 
 def lattice_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None = None,
                     rb: torch.Tensor | None = None, index=None):
-    """:func:`.nearest._nearest_lattice` in one kernel (same arguments and outputs; ``index`` is
-    required: the reference cells' sorted keys, their order and the off-lattice flag)."""
+    """:func:`.nearest._nearest_lattice` in one kernel: the same arguments and outputs, with fewer
+    rows left unresolved (the 6x6x6 block where the 4x4x4 one does not settle a row); ``index``
+    is required (the reference cells' sorted keys, their order and the off-lattice flag)."""
     if index is None:
         raise ValueError("lattice_nearest needs the reference index")
     skeys, order, off_lattice = index
