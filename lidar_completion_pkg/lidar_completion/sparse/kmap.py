@@ -17,6 +17,10 @@ Maps, by the convolution that reads them:
 * transposed (up): the parent map read the other way, :meth:`~CoordinateManager.parent_table`;
 * :meth:`~CoordinateManager.gather_plan`: any of these tables with its output rows sorted by their
   neighbour bitmask and one OR-ed mask per tile of rows, for the masked implicit GEMM.
+
+An engine with map kernels (``engine.maps``: the Triton engine's :mod:`.triton_kmap`) builds the
+parent keys, the fixed-capacity unique keys and the gather plans with them instead of the torch
+operations here; the results are the same.
 """
 from __future__ import annotations
 
