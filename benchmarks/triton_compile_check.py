@@ -104,8 +104,9 @@ def _map_kernels() -> tuple:
                                        "out_order_ptr": "*i32", "M": "i32", "K": "constexpr", "KP": "constexpr",
                                        "BM": "constexpr"}, dict(K=k, KP=32 if k > 8 else 8, BM=64), 4))
     for block in (16, 32, 64, 128):
-        out.append(("tile_mask_kernel", {"bits_ptr": "*i32", "mask_ptr": "*i32", "M": "i32", "BLOCK": "constexpr"},
-                    dict(BLOCK=block), 4))
+        for bits in ("*i32", "*u8"):
+            out.append(("tile_mask_kernel", {"bits_ptr": bits, "mask_ptr": "*i32", "M": "i32", "BLOCK": "constexpr"},
+                        dict(BLOCK=block), 4))
     out += [("parent_keys_kernel", {"keys_ptr": "*i64", "coarse_ptr": "*i64", "k_ptr": "*i64", "M": "i32",
                                     "sh": "i32", "pad_key": "i64", "AXIS": "constexpr", "BM": "constexpr"},
              dict(AXIS=18, BM=128), 4),
