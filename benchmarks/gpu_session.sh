@@ -63,7 +63,7 @@ step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_MAPS=0 python
   --cases published --backends triton --precisions bf16 --repeats 3 --json "$OUT/backends_maps_torch.json"
 step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
 step 45 python3 benchmarks/backends.py --device cuda --fps-only --json "$OUT/fps.json"
-step 40 python3 benchmarks/launch_count.py --device cuda --widths full --points 120000
+step 40 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/launch_count.py --device cuda --widths full --points 120000
 step 150 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 fp32 --steps 3
 step 60 python3 -m training.bench --device cuda --sizes tiny --kinds teacher --backends triton --precisions bf16 \
