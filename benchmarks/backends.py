@@ -139,8 +139,8 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=
         torch.cuda.reset_peak_memory_stats()
     t = timed(run, device, repeats, warmup=0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
-    modes = []   # CUDA graphs of the denoiser and the refiner: replay / ordinary (auto) / off
-    for g in (c._graphed, c._graphed_refiner):
+    modes = []   # CUDA graphs of the denoiser, the refiner and the encoder: replay / ordinary (auto) / off
+    for g in (c._graphed, c._graphed_refiner, c._graphed_encoder):
         mode = "off" if g is None else ("replay" if g.replaying else "ordinary")
         if g is not None and g.tuning:
             mode += f"({g.tuning[0] * 1000:.1f}ms/{g.tuning[1] * 1000:.1f}ms)"

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
           + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in r.timings.items()), flush=True)
     print(f"per denoiser call={r.timings['denoiser'] / args.steps * 1000:.1f}ms "
           f"points_out={len(r.points)}", flush=True)
-    for name, g in (("denoiser", c._graphed), ("refiner", c._graphed_refiner)):
+    for name, g in (("denoiser", c._graphed), ("refiner", c._graphed_refiner), ("encoder", c._graphed_encoder)):
         print(f"cuda graphs {name}: active={c.graphs_active}" + ("" if g is None else
               f" captures={g.captures} replays={g.replays} fallbacks={g.fallbacks} replaying={g.replaying}"
               f" tuning(replay s, ordinary s)={g.tuning}"), flush=True)

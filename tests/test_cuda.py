@@ -241,6 +241,30 @@ def test_refiner_graph_equals_the_ordinary_refiner():
     assert r.captures >= 1 and r.replays >= 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_encoder_graph_equals_the_ordinary_encoder(backend):
+    from lidar_completion import sparse
+    from lidar_completion.cuda_graphs import GraphedEncoder
+
+    if backend == "triton" and sparse.triton_refusal(torch.device(CUDA)) is not None:
+        pytest.skip(sparse.triton_refusal(torch.device(CUDA)))
+    c, _, x, _, _ = _student_pieces()
+    enc = c.encoder
+    if backend != enc.backend:
+        other = ConditionEncoder(enc.config, backend).to(CUDA).eval()
+        other.load_state_dict(enc.state_dict())
+        enc = other
+    r = GraphedEncoder(enc)
+    with torch.inference_mode():
+        for n in (4000, 3500, 4000):
+            pts = x[:n] + 0.05 * torch.randn_like(x[:n])
+            got = r(pts)
+            want = enc(pts, torch.zeros(n, dtype=torch.long, device=CUDA))
+            assert torch.equal(got.coords, want.coords), n
+            assert _close(got.feats, want.feats), n
+    assert r.captures >= 1 and r.replays >= 1
+
+
 # -- the Triton backend on the GPU (its CPU checks under the interpreter: tests/test_triton.py) --------
 def _triton_pair(cls, cfg):
     torch.manual_seed(3)

@@ -9,7 +9,7 @@ import torch
 
 from lidar_completion.cuda_graphs import GraphedDenoiser, graphs_requested
 from lidar_completion.diffusion import guided_noise
-from lidar_completion.errors import ConfigError
+from lidar_completion.errors import CloudFormatError, ConfigError
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 from lidar_completion.models.networks import Condition
 from lidar_completion.sparse import PAD_BATCH, StaticShapes, grow_capacity, nearest_cell, use_static_shapes
@@ -194,6 +194,37 @@ def test_graph_runner_without_replays_follows_the_ordinary_path_and_grows():
     for t in (10, 20, 30):
         r2(pts, t, cond, None)
     assert sorted(r2._states) == [20, 30]
+
+
+@torch.inference_mode()
+# the Triton variant takes ~45 s under the interpreter (its static path is covered in the fast suite
+# by tests/test_triton.py's static denoiser pass, the runner by the torch variant)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_encoder_runner_gives_the_ordinary_condition(backend):
+    """The encoder's graph runner (replays off: its static passes eagerly) returns the ordinary
+    call's cells and features - scans of several sizes, the padding points' cell and the padding
+    rows dropped - and plans again for a scan with more points than its capacity."""
+    from lidar_completion import sparse
+    from lidar_completion.cuda_graphs import GraphedEncoder
+
+    if backend == "triton" and not (sparse.triton_available() and sparse.triton_interpreted()):
+        pytest.skip("Triton is not installed with TRITON_INTERPRET=1 (make setup installs it)")
+    enc, _, _ = _nets()
+    if backend == "triton":
+        tri = ConditionEncoder(ModelConfig.tiny(), "triton").eval()
+        tri.load_state_dict(enc.state_dict())
+        enc = tri
+    r = GraphedEncoder(enc, use_graphs=False)
+    pts = _scene()
+    sizes = (900, 800, 900, 2600) if backend == "torch" else (300, 260)   # the interpreter is slow
+    for n in sizes:
+        got = r(pts[:n])
+        want = enc(pts[:n], torch.zeros(n, dtype=torch.long))
+        assert torch.equal(got.coords, want.coords), n
+        assert got.feats.dtype == want.feats.dtype and _close(got.feats, want.feats), n
+    assert len(r._states) == 1 and r._states[0].cap >= max(sizes) and r.fallbacks == 0
+    with pytest.raises(CloudFormatError):
+        r(torch.full((50, 3), 1e6))          # beyond the coordinate range: the ordinary error
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedRefiner, graphs_requested
+from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedEncoder, GraphedRefiner, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
@@ -109,8 +109,9 @@ class Completer:
     "fp16" (autocast, CUDA only; fp32 elsewhere); pre/post-processing limits with the published
     defaults (``min_range`` 3.5 m, ``max_range`` 50 m, ``min_z`` -4 m, ``n_fps`` 18,000,
     ``tile`` 10; ``post_max_range`` 50 m) and ``min_points``, the fewest filtered input points
-    accepted. ``cuda_graphs`` replays each solver step's denoiser call and the refiner from CUDA
-    graphs (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch backend): True always, False never,
+    accepted. ``cuda_graphs`` replays each solver step's denoiser call, the refiner and the condition
+    encoder from CUDA graphs (:mod:`lidar_completion.cuda_graphs`; CUDA with the torch or Triton
+    backend): True always, False never,
     None (auto, or LIDAR_COMPLETION_CUDA_GRAPHS=auto|1|0) where the first scan measures a replay
     faster than an ordinary call. ``fps`` is where farthest-point sampling runs: "cpu"
     (fpsample), "device" (the exact Triton kernel on the Completer's CUDA device, or on the CPU
@@ -135,6 +136,7 @@ class Completer:
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
         self._graphed: GraphedDenoiser | None = None
         self._graphed_refiner: GraphedRefiner | None = None
+        self._graphed_encoder: GraphedEncoder | None = None
         self.encoder = encoder.to(self.device).eval()
         self.denoiser = denoiser.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
@@ -368,6 +370,24 @@ class Completer:
             r = self._graphed_refiner = GraphedRefiner(self.refiner, dtype, autotune=self.cuda_graphs is None)
         return r
 
+    def encoder_runner(self) -> GraphedEncoder | None:
+        """The CUDA-graph runner of the condition encoder when graphs are in use, else None."""
+        if self.graph_runner() is None or getattr(self.encoder, "backend", None) not in GRAPH_BACKENDS:
+            return None
+        dtype = _PRECISIONS[self.precision]
+        r = self._graphed_encoder
+        if r is None or r.autocast != dtype or r.net is not self.encoder:
+            r = self._graphed_encoder = GraphedEncoder(self.encoder, dtype, autotune=self.cuda_graphs is None)
+        return r
+
+    def encode(self, points: torch.Tensor):
+        """The condition of one scan's sampled points (N, 3) on the device."""
+        cond = self._replay(self.encoder_runner(), points)
+        if cond is not None:
+            return cond
+        with self._autocast():
+            return self.encoder(points, torch.zeros(len(points), dtype=torch.long, device=points.device))
+
     def _replay(self, runner, *args) -> torch.Tensor | None:
         """``runner(*args)``; None when there is no runner or CUDA graphs fail here (a capture that
         is not possible on this setup): graphs are then turned off and the caller runs the
@@ -381,7 +401,7 @@ class Completer:
         except RuntimeError as exc:
             log.warning("CUDA graphs turned off after an error (%s); running without them", exc)
             self.cuda_graphs = False
-            self._graphed = self._graphed_refiner = None
+            self._graphed = self._graphed_refiner = self._graphed_encoder = None
             return None
 
     def denoise_guided(self, points: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
@@ -418,9 +438,7 @@ class Completer:
             gen, used_seed = self._generator(self.seed if seed is None else seed)
         with clock("encoder"):
             # voxel averages of the tiled x_init equal those of the FPS subset: encode the subset
-            zero_batch = torch.zeros(len(scan_t), dtype=torch.long, device=self.device)
-            with self._autocast():
-                cond = self.encoder(scan_t, zero_batch)
+            cond = self.encode(scan_t)
             uncond = self.unconditional(len(scan_t)) if self.guidance != 1.0 else None
 
         def denoise(x, t):

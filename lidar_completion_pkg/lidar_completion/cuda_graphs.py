@@ -1,4 +1,6 @@
-"""CUDA graphs for the solver loop: the guided denoiser call captured once, replayed at every step.
+"""CUDA graphs for the solver loop: the guided denoiser call captured once, replayed at every step
+(and the refiner's and the condition encoder's calls, once per scan: :class:`GraphedRefiner`,
+:class:`GraphedEncoder`).
 
 Why: on a GPU the few-step student is host-bound. One guided call of the torch backend issues
 ~1,400 small kernels and waits for the device ~25 times (the noisy points move at every step, so
@@ -99,6 +101,7 @@ class _GraphRunner(abc.ABC):
         self.ordinary_faster: bool | None = None   # autotune's verdict (None: not measured)
         self.captures = self.replays = self.fallbacks = 0
         self.tuning: tuple | None = None    # (seconds per replay, per ordinary call) once measured
+        self.last_sizes: dict = {}          # the sizes the last read pass reported
         # the tensors a graph holds the addresses of (listed once: walking the module tree on
         # every solver step cost 0.6 ms of host time for the student)
         self._weights = [*net.parameters(), *net.buffers()]
@@ -235,7 +238,8 @@ class _GraphRunner(abc.ABC):
 
     def _read(self, st: _State, summary: torch.Tensor) -> tuple[bool, dict]:
         values = summary.tolist()            # the one host read of the call
-        return (not values[0]), dict(zip(st.size_keys, values[1:]))
+        self.last_sizes = dict(zip(st.size_keys, values[1:]))   # of the pass just read
+        return (not values[0]), self.last_sizes
 
     def _capture(self, st: _State) -> None:
         device = st.points.device
@@ -334,12 +338,26 @@ class GraphedDenoiser(_GraphRunner):
         return guided_noise(self.net, st.points, st.t, Condition(*st.cond), uncond, self.guidance)
 
 
-class GraphedRefiner(_GraphRunner):
-    """The refiner's raw output (N, 3k) for the points of one scan, by CUDA graph replay.
+class _PointsRunner(_GraphRunner):
+    """A runner whose input is the points of one scan, padded to a capacity with points of batch
+    element 1 at the origin: a separate batch element, which never shares a cell (and so a
+    neighbour) with element 0's points and only adds one cell per level."""
 
-    The points are padded to a capacity with points of batch element 1 at the origin: a separate
-    batch element, which never shares a cell (and so a neighbour) with element 0's points and only
-    adds one cell per level; their output rows are dropped."""
+    def _load(self, st: _State, args) -> None:
+        (points,) = args
+        n = points.shape[0]
+        if st.points is None:
+            st.points = torch.zeros(st.cap, 3, dtype=torch.float32, device=points.device)
+            st.batch = torch.ones(st.cap, dtype=torch.long, device=points.device)
+        st.points[:n].copy_(points[:, :3])
+        st.points[n:] = 0
+        st.batch[:n] = 0
+        st.batch[n:] = 1
+
+
+class GraphedRefiner(_PointsRunner):
+    """The refiner's raw output (N, 3k) for the points of one scan, by CUDA graph replay (the
+    padding points' output rows are dropped)."""
 
     def __init__(self, refiner: torch.nn.Module, autocast: torch.dtype | None = None, use_graphs: bool = True,
                  margin: float = 1.5, autotune: bool = False):
@@ -359,16 +377,50 @@ class GraphedRefiner(_GraphRunner):
         with self._autocast(capture=False):
             return self.net(points, torch.zeros(points.shape[0], dtype=torch.long, device=points.device)).float()
 
-    def _load(self, st: _State, args) -> None:
-        (points,) = args
-        n = points.shape[0]
-        if st.points is None:
-            st.points = torch.zeros(st.cap, 3, dtype=torch.float32, device=points.device)
-            st.batch = torch.ones(st.cap, dtype=torch.long, device=points.device)
-        st.points[:n].copy_(points[:, :3])
-        st.points[n:] = 0
-        st.batch[:n] = 0
-        st.batch[n:] = 1
-
     def _forward(self, st: _State) -> torch.Tensor:
         return self.net(st.points, st.batch)
+
+
+class GraphedEncoder(_PointsRunner):
+    """The condition encoder's output for the points of one scan, by CUDA graph replay.
+
+    In a static pass the encoder's cells fill a capacity of rows: the scan's cells first (batch
+    element 0 sorts first), then the padding points' cell and padding rows. The pass returns
+    coordinates and features as one float32 matrix (coordinates below 2**17 are exact in float32;
+    features go back to the encoder's dtype exactly) and reports the number of the scan's cells
+    with its one host read, so a replay gives the same :class:`Condition` as an ordinary call."""
+
+    _CELLS = ("encoder", "cells")    # the size key of the scan's cells
+
+    def __init__(self, encoder: torch.nn.Module, autocast: torch.dtype | None = None, use_graphs: bool = True,
+                 margin: float = 1.5, autotune: bool = False):
+        super().__init__(encoder, autocast, use_graphs, margin, autotune, max_states=1)
+        self._dtype = None
+
+    def __call__(self, points: torch.Tensor):
+        from .models.networks import Condition
+
+        self._check()
+        args = (points.float().contiguous(),)
+        if self.ordinary_faster:
+            return self._ordinary(args)
+        n = points.shape[0]
+        st, is_new = self._select((points.device, self.autocast), 0, n, grow_capacity(n, 1.1, 1024))
+        out = self._run(st, is_new, args)
+        if isinstance(out, Condition):       # an invalid input took the ordinary path (which raised)
+            return out
+        cells = int(self.last_sizes[self._CELLS])
+        return Condition(out[:cells, :4].long(), out[:cells, 4:].to(self._dtype))
+
+    def _ordinary(self, args):
+        (points,) = args
+        with self._autocast(capture=False):
+            return self.net(points, torch.zeros(points.shape[0], dtype=torch.long, device=points.device))
+
+    def _forward(self, st: _State) -> torch.Tensor:
+        from .sparse import static_shapes
+
+        cond = self.net(st.points, st.batch)
+        self._dtype = cond.feats.dtype
+        static_shapes().size(self._CELLS, (cond.coords[:, 0] == 0).sum(), None)
+        return torch.cat([cond.coords.float(), cond.feats.float()], 1)

@@ -173,7 +173,7 @@ class CompletionSettings:
                         "triton on the CPU needs TRITON_INTERPRET=1 and is slow)", str, choices=BACKENDS)
     precision: str = _opt("fp32", "autocast precision on CUDA (the CPU always runs fp32)", str,
                           choices=PRECISIONS)
-    cuda_graphs: str = _opt("auto", "replay the solver steps and the refiner from CUDA graphs (CUDA "
+    cuda_graphs: str = _opt("auto", "replay the solver steps, the refiner and the encoder from CUDA graphs (CUDA "
                             "with the torch or triton backend; 'auto' honours LIDAR_COMPLETION_CUDA_GRAPHS and "
                             "keeps graphs where they are faster)", str, choices=GRAPH_MODES)
     fps: str = _opt("auto", "where farthest-point sampling of the scan runs: 'cpu' (fpsample), 'device' "
