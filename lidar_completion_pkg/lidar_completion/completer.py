@@ -360,25 +360,25 @@ class Completer:
                                                 autotune=self.cuda_graphs is None)
         return r
 
-    def refiner_runner(self) -> GraphedRefiner | None:
-        """The CUDA-graph runner of the refiner when graphs are in use, else None."""
-        if self.refiner is None or self.graph_runner() is None:
+    def _points_runner(self, attr: str, net, cls):
+        """The graph runner kept in ``attr`` for ``net`` (one call per scan on its points) when
+        graphs are in use and ``net`` has a backend with a static mode, else None."""
+        if net is None or self.graph_runner() is None or getattr(net, "backend", None) not in GRAPH_BACKENDS:
             return None
         dtype = _PRECISIONS[self.precision]
-        r = self._graphed_refiner
-        if r is None or r.autocast != dtype or r.net is not self.refiner:
-            r = self._graphed_refiner = GraphedRefiner(self.refiner, dtype, autotune=self.cuda_graphs is None)
+        r = getattr(self, attr)
+        if r is None or r.autocast != dtype or r.net is not net:
+            r = cls(net, dtype, autotune=self.cuda_graphs is None)
+            setattr(self, attr, r)
         return r
+
+    def refiner_runner(self) -> GraphedRefiner | None:
+        """The CUDA-graph runner of the refiner when graphs are in use, else None."""
+        return self._points_runner("_graphed_refiner", self.refiner, GraphedRefiner)
 
     def encoder_runner(self) -> GraphedEncoder | None:
         """The CUDA-graph runner of the condition encoder when graphs are in use, else None."""
-        if self.graph_runner() is None or getattr(self.encoder, "backend", None) not in GRAPH_BACKENDS:
-            return None
-        dtype = _PRECISIONS[self.precision]
-        r = self._graphed_encoder
-        if r is None or r.autocast != dtype or r.net is not self.encoder:
-            r = self._graphed_encoder = GraphedEncoder(self.encoder, dtype, autotune=self.cuda_graphs is None)
-        return r
+        return self._points_runner("_graphed_encoder", self.encoder, GraphedEncoder)
 
     def encode(self, points: torch.Tensor):
         """The condition of one scan's sampled points (N, 3) on the device."""
