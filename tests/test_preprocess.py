@@ -77,3 +77,22 @@ def test_as_cloud_validates_and_drops_non_finite_rows():
                      (np.array([["a", "b", "c"]]), "real-valued"), ([[1, 2, 3], [1, 2]], "numpy cannot convert")):
         with pytest.raises(CloudFormatError, match=msg):
             as_cloud(bad)
+
+
+def test_filters_equal_the_plain_numpy_forms():
+    """as_cloud and filter_scan keep exactly the rows of np.isfinite(...).all(1) and of
+    np.linalg.norm(..., axis=1) limits, points on the limits included."""
+    g = np.random.default_rng(4)
+    x = (g.standard_normal((200_000, 4)) * 30).astype(np.float64)
+    x[::7, 1] = np.nan
+    x[::11, 2] = np.inf
+    x[::13, 0] = -np.inf
+    x[:6, :3] = [[3.5, 0, 0], [0, -50, 0], [0, 0, -4], [2.1, 2.8, 0], [30, 40, 0], [0, 3.5, -4]]
+    xyz = as_cloud(x)
+    ref = x[:, :3].astype(np.float32)
+    ref = ref[np.isfinite(ref).all(axis=1)]
+    assert xyz.dtype == np.float32 and np.array_equal(xyz, ref)
+    r = np.linalg.norm(ref, axis=1)
+    want = ref[(r > 3.5) & (r < 50.0) & (ref[:, 2] > -4.0)]
+    assert np.array_equal(filter_scan(xyz, 3.5, 50.0, -4.0), want)
+    assert np.array_equal(filter_scan(xyz, None, 20.0, None), ref[r < 20.0])
