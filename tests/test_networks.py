@@ -182,3 +182,24 @@ def test_cfg_pass_equals_two_passes(backend):
         ec, eu = den.forward_cfg(x, None, t, cond, uncond)
         assert torch.allclose(ec, den(x, None, t, cond), atol=1e-5)
         assert torch.allclose(eu, den(x, None, t, uncond), atol=1e-5)
+
+
+def test_points_gradient_after_a_first_call_in_inference_mode():
+    """Constants kept per device (the voxel size divisor, the time-embedding frequencies) are made
+    outside inference mode: a process whose first completion ran under torch.inference_mode can
+    still differentiate a later call with respect to the points."""
+    from lidar_completion.models import networks
+    from lidar_completion.sparse import coords
+
+    coords._VOXEL_SIZE.clear()
+    networks._FREQS.clear()
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    enc, den = ConditionEncoder(cfg, "torch").eval(), Denoiser(cfg, "torch").eval()
+    pts = torch.randn(300, 3) * 5
+    with torch.inference_mode():
+        cond = enc(pts, None)
+        den(pts, None, torch.tensor([10]), cond)
+    x = pts.clone().requires_grad_(True)
+    g = torch.autograd.grad(den(x, None, torch.tensor([10]), Condition(cond.coords.clone(), cond.feats.clone())).sum(), x)[0]
+    assert g.shape == x.shape and bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0

@@ -26,13 +26,16 @@ def voxel_indices(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
 
     The divisor is a device tensor (a host scalar would be turned into a multiplication by its
     reciprocal on CUDA, which rounds differently); it is kept per device, so no host-to-device copy
-    happens per call (none is allowed while a CUDA graph is captured)."""
+    happens per call (none is allowed while a CUDA graph is captured). It is made outside inference
+    mode, even when the first call runs in it: an inference tensor cannot be saved for the backward
+    pass of a later call that differentiates with respect to the points."""
     if points.dtype != torch.float32:
         points = points.float()
     key = (float(voxel_size), str(points.device))
     vs = _VOXEL_SIZE.get(key)
     if vs is None:
-        vs = _VOXEL_SIZE[key] = torch.tensor(voxel_size, dtype=torch.float32, device=points.device)
+        with torch.inference_mode(False):
+            vs = _VOXEL_SIZE[key] = torch.tensor(voxel_size, dtype=torch.float32, device=points.device)
     return torch.round(points / vs).long()
 
 
