@@ -59,15 +59,38 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [sin(t f_i), cos(t f_i)], f_i = exp(-i ln(10000) / (dim/2 - 1)).
 
     Frequencies in float64 cast to float32; the product in float32 (as the reference)."""
-    half = dim // 2
-    i = torch.arange(half, dtype=torch.float64, device=t.device)
-    freq = torch.exp(-math.log(10000.0) * i / (half - 1)).float()
-    arg = t.float().view(-1, 1) * freq.view(1, -1)
+    key = (dim, str(t.device))
+    freq = _FREQS.get(key)
+    if freq is None:   # a constant: made once per device (five kernels less per denoiser call),
+        half = dim // 2  # outside inference mode (an inference tensor cannot join a later backward)
+        with torch.inference_mode(False):
+            i = torch.arange(half, dtype=torch.float64, device=t.device)
+            freq = _FREQS[key] = torch.exp(-math.log(10000.0) * i / (half - 1)).float().view(1, -1)
+    arg = t.float().view(-1, 1) * freq
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+_FREQS: dict = {}
 
 
 def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cin, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, cout))
+
+
+def _stack_mlps(mlps: Sequence[nn.Sequential]) -> tuple:
+    """S MLPs of one shape as (first layer's weights concatenated (S h, in) and bias (S h), second
+    layer's weights (S, out, h) and bias (S, 1, out))."""
+    return (torch.cat([m[0].weight for m in mlps]), torch.cat([m[0].bias for m in mlps]),
+            torch.stack([m[2].weight for m in mlps]), torch.stack([m[2].bias for m in mlps]).unsqueeze(1))
+
+
+def _apply_stacked(stacked: tuple, x: torch.Tensor) -> torch.Tensor:
+    """The S MLPs of :func:`_stack_mlps` on the same rows x (N, in): (S, N, out), in four kernels
+    instead of 3 S (each row and MLP the same function as its own nn.Sequential)."""
+    w1, b1, w2, b2 = stacked
+    s = w2.shape[0]
+    h = torch.addmm(b1, x, w1.t()).view(x.shape[0], s, -1).transpose(0, 1)
+    return torch.baddbmm(b2, nn.functional.leaky_relu(h, 0.1), w2.transpose(1, 2))
 
 
 class BasicConvolutionBlock(nn.Module):
@@ -194,44 +217,62 @@ class Denoiser(_SparseNet):
                 setattr(self, site, _up(B, cs[4 + j], cs[5 + j], cs[3 - j]))
         self.last = nn.Sequential(nn.Linear(cs[8], config.head_hidden), nn.LeakyReLU(0.1),
                                   nn.Linear(config.head_hidden, 3))
-        self._latent_cache: dict = {}   # inference only, see _latent
+        self._latent_cache = None       # inference only, see _latents
+        self._stack_cache: dict = {}    # inference only, see _stacked
 
     # -- conditioning ---------------------------------------------------------------------------
-    def _latent(self, site: str, g: int, cond: Condition) -> torch.Tensor:
-        """``latent_<site>`` of the condition features. It depends on the condition alone, so at
-        inference (no autograd) it is kept across solver steps for the same condition tensor and
-        recomputed when the tensor or the MLP's weights change (version counters)."""
-        mlp = getattr(self, f"latent_{site}")
+    def _stacked(self, kind: str) -> tuple:
+        """The 8 sites' ``latent_*`` (kind "latent") or ``*_temp`` (kind "temp") MLPs stacked for
+        :func:`_apply_stacked` (all 8 of a kind have one shape). Kept at inference until a weight
+        changes (pointer and version counter); made afresh, differentiably, while autograd records."""
+        mlps = [getattr(self, f"latent_{s}" if kind == "latent" else f"{s}_temp") for s in SITES]
+        params = [p for m in mlps for p in m.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _stack_mlps(mlps)
+        stamp = (tuple((p.data_ptr(), tensor_version(p)) for p in params), torch.is_inference_mode_enabled())
+        hit = self._stack_cache.get(kind)
+        if hit is None or hit[0] != stamp:
+            with torch.no_grad():
+                hit = self._stack_cache[kind] = (stamp, _stack_mlps(mlps))
+        return hit[1]
+
+    def _latents(self, conds: Sequence[Condition]) -> torch.Tensor:
+        """``latent_<site>`` of the cells of all conditions (rows concatenated in order): (8, E, cd).
+        It depends on the conditions alone, so at inference (no autograd) it is kept across solver
+        steps for the same condition tensors and recomputed when they or the weights change."""
+        feats = [c.feats for c in conds]
+        stacked = self._stacked("latent")
+        rows = torch.cat(feats) if len(feats) > 1 else feats[0]
         if torch.is_grad_enabled() or not caching_allowed():
-            return mlp(cond.feats)
-        stamp = (tensor_version(cond.feats), torch.is_inference_mode_enabled(),
-                 tuple((p.data_ptr(), tensor_version(p)) for p in mlp.parameters()))
-        hit = self._latent_cache.get((site, g))
-        if hit is not None and hit[0] is cond.feats and hit[1] == stamp:
-            return hit[2]
-        out = mlp(cond.feats)
-        self._latent_cache[(site, g)] = (cond.feats, stamp, out)
+            return _apply_stacked(stacked, rows)
+        # the tensors themselves (kept alive here, so identity cannot be reused) and their versions
+        key = (stacked, torch.is_inference_mode_enabled(), [(f, tensor_version(f)) for f in feats])
+        hit = self._latent_cache
+        if (hit is not None and hit[0][0] is stacked and hit[0][1] == key[1] and len(hit[0][2]) == len(feats)
+                and all(a is f and v == w for (a, v), (f, w) in zip(hit[0][2], key[2]))):
+            return hit[1]
+        out = _apply_stacked(stacked, rows)
+        self._latent_cache = (key, out)
         return out
 
-    def _site_weights(self, site: str, g: int, cond: Condition, tau_b: torch.Tensor) -> torch.Tensor:
-        """Modulation weight for every condition cell at ``site``: (E, C_site). ``tau_b`` is the
-        site's time MLP output per batch element."""
-        p = self._latent(site, g, cond)
-        b = cond.coords[:, 0]
-        if static_shapes() is not None:   # padding cells carry batch PAD_BATCH: any valid row will do
-            b = b.clamp(max=tau_b.shape[0] - 1)
-        tau = tau_b[b]
+    def _site_weights(self, i: int, site: str, conds: Sequence[Condition], latents: torch.Tensor,
+                      tau_b: torch.Tensor, batch: torch.Tensor) -> list:
+        """Modulation weights of every condition's cells at ``site`` (the ``i``-th): one (E_g, C_site)
+        matrix per condition, from one ``latemp_<site>`` call over all of them. ``tau_b``: the site's
+        time MLP output per batch element; ``batch``: the cells' batch elements, concatenated."""
+        p = latents[i]
+        tau = tau_b[batch]
         h = torch.cat([tau, p], dim=1) if site == "up1" else torch.cat([p, tau], dim=1)
-        return getattr(self, f"latemp_{site}")(h)
+        w = getattr(self, f"latemp_{site}")(h)
+        return list(torch.split(w, [c.coords.shape[0] for c in conds])) if len(conds) > 1 else [w]
 
-    def _modulate(self, x, site: str, conds: Sequence[Condition], emb: torch.Tensor, cache: dict):
+    def _modulate(self, x, conds: Sequence[Condition], weights: list, cache: dict):
         """features * weight of the nearest condition cell; with several conditions, one feature set
         per condition (group dimension in front)."""
         B = self._B
         stride = B.stride(x)
         coords = None
-        tau_b = getattr(self, f"{site}_temp")(emb)   # one time MLP per site, shared by the conditions
-        weights, rows = [], []
+        rows = []
         for g, cond in enumerate(conds):
             key = (stride, g)
             if key not in cache:
@@ -241,22 +282,32 @@ class Denoiser(_SparseNet):
                 # has cells; the other levels hold the same batch elements
                 first = all(k[1] != g for k in cache)
                 cache[key] = B.nearest_cell(coords, cond.coords, check_batches=first)
-            weights.append(self._site_weights(site, g, cond, tau_b))
             rows.append(cache[key])
         return B.modulate(x, weights, rows)     # (G, M, C) with several conditions
+
+    def _conditioning(self, conds: Sequence[Condition], emb: torch.Tensor):
+        """A function of the site index giving the modulation weights of every condition there
+        (the time MLPs of all sites and the latent MLPs of all sites run once, batched)."""
+        taus = _apply_stacked(self._stacked("temp"), emb)        # (8, B, cd)
+        latents = self._latents(conds)                           # (8, E, cd)
+        batch = torch.cat([c.coords[:, 0] for c in conds]) if len(conds) > 1 else conds[0].coords[:, 0]
+        if static_shapes() is not None:   # padding cells carry batch PAD_BATCH: any valid row will do
+            batch = batch.clamp(max=emb.shape[0] - 1)
+        return lambda i: self._site_weights(i, SITES[i], conds, latents, taus[i], batch)
 
     def _unet(self, x, conds: Sequence[Condition], emb: torch.Tensor):
         B = self._B
         cache = {}
+        weights = self._conditioning(conds, emb)
         x0 = self.stem(x)
-        x1 = self.stage1(self._modulate(x0, "stage1", conds, emb, cache))
-        x2 = self.stage2(self._modulate(x1, "stage2", conds, emb, cache))
-        x3 = self.stage3(self._modulate(x2, "stage3", conds, emb, cache))
-        x4 = self.stage4(self._modulate(x3, "stage4", conds, emb, cache))
+        x1 = self.stage1(self._modulate(x0, conds, weights(0), cache))
+        x2 = self.stage2(self._modulate(x1, conds, weights(1), cache))
+        x3 = self.stage3(self._modulate(x2, conds, weights(2), cache))
+        x4 = self.stage4(self._modulate(x3, conds, weights(3), cache))
         y = x4
-        for site, skip in (("up1", x3), ("up2", x2), ("up3", x1), ("up4", x0)):
-            up = getattr(self, site)
-            y = up[0](self._modulate(y, site, conds, emb, cache))
+        for i, skip in ((4, x3), (5, x2), (6, x1), (7, x0)):
+            up = getattr(self, SITES[i])
+            y = up[0](self._modulate(y, conds, weights(i), cache))
             y = up[1](B.cat(y, skip))
         return y
 
