@@ -85,7 +85,7 @@ def _stack_mlps(mlps: Sequence[nn.Sequential]) -> tuple:
 
 
 def _apply_stacked(stacked: tuple, x: torch.Tensor) -> torch.Tensor:
-    """The S MLPs of :func:`_stack_mlps` on the same rows x (N, in): (S, N, out), in four kernels
+    """The S MLPs of :func:`_stack_mlps` on the same rows x (N, in): (S, N, out), in three calls
     instead of 3 S (each row and MLP the same function as its own nn.Sequential)."""
     w1, b1, w2, b2 = stacked
     s = w2.shape[0]
@@ -255,11 +255,12 @@ class Denoiser(_SparseNet):
         self._latent_cache = (key, out)
         return out
 
-    def _site_weights(self, i: int, site: str, conds: Sequence[Condition], latents: torch.Tensor,
+    def _site_weights(self, i: int, conds: Sequence[Condition], latents: torch.Tensor,
                       tau_b: torch.Tensor, batch: torch.Tensor) -> list:
-        """Modulation weights of every condition's cells at ``site`` (the ``i``-th): one (E_g, C_site)
+        """Modulation weights of every condition's cells at the ``i``-th site: one (E_g, C_site)
         matrix per condition, from one ``latemp_<site>`` call over all of them. ``tau_b``: the site's
         time MLP output per batch element; ``batch``: the cells' batch elements, concatenated."""
+        site = SITES[i]
         p = latents[i]
         tau = tau_b[batch]
         h = torch.cat([tau, p], dim=1) if site == "up1" else torch.cat([p, tau], dim=1)
@@ -293,7 +294,7 @@ class Denoiser(_SparseNet):
         batch = torch.cat([c.coords[:, 0] for c in conds]) if len(conds) > 1 else conds[0].coords[:, 0]
         if static_shapes() is not None:   # padding cells carry batch PAD_BATCH: any valid row will do
             batch = batch.clamp(max=emb.shape[0] - 1)
-        return lambda i: self._site_weights(i, SITES[i], conds, latents, taus[i], batch)
+        return lambda i: self._site_weights(i, conds, latents, taus[i], batch)
 
     def _unet(self, x, conds: Sequence[Condition], emb: torch.Tensor):
         B = self._B
