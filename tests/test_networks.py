@@ -203,3 +203,28 @@ def test_points_gradient_after_a_first_call_in_inference_mode():
     x = pts.clone().requires_grad_(True)
     g = torch.autograd.grad(den(x, None, torch.tensor([10]), Condition(cond.coords.clone(), cond.feats.clone())).sum(), x)[0]
     assert g.shape == x.shape and bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0
+
+
+def test_condition_latents_are_kept_across_calls_and_redone_when_inputs_change():
+    """At inference the latent MLPs of a condition run once for repeated calls with the same
+    condition tensors; an in-place change of the condition or of a latent weight recomputes them
+    (the outputs equal a denoiser without any cache)."""
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(1)
+    enc, den = ConditionEncoder(cfg, "torch").eval(), Denoiser(cfg, "torch").eval()
+    fresh = Denoiser(cfg, "torch").eval()
+    pts = torch.randn(300, 3) * 5
+    t = torch.tensor([20])
+    with torch.no_grad():
+        cond = enc(pts, None)
+        den(pts, None, t, cond)
+        kept = den._latent_cache[3]
+        den(pts, None, t, cond)
+        assert den._latent_cache[3] is kept                     # reused
+        cond.feats.mul_(1.5)                                     # the condition changed in place
+        fresh.load_state_dict(den.state_dict())
+        assert torch.allclose(den(pts, None, t, cond), fresh(pts, None, t, cond), atol=1e-6)
+        assert den._latent_cache[3] is not kept
+        den.latent_stage2[0].weight.add_(0.1)                    # a latent weight changed in place
+        fresh.load_state_dict(den.state_dict())
+        assert torch.allclose(den(pts, None, t, cond), fresh(pts, None, t, cond), atol=1e-6)

@@ -245,14 +245,14 @@ class Denoiser(_SparseNet):
         rows = torch.cat(feats) if len(feats) > 1 else feats[0]
         if torch.is_grad_enabled() or not caching_allowed():
             return _apply_stacked(stacked, rows)
-        # the tensors themselves (kept alive here, so identity cannot be reused) and their versions
-        key = (stacked, torch.is_inference_mode_enabled(), [(f, tensor_version(f)) for f in feats])
+        # the tensors themselves (kept alive by the cache, so their identity cannot be reused)
+        versions = (torch.is_inference_mode_enabled(), *(tensor_version(f) for f in feats))
         hit = self._latent_cache
-        if (hit is not None and hit[0][0] is stacked and hit[0][1] == key[1] and len(hit[0][2]) == len(feats)
-                and all(a is f and v == w for (a, v), (f, w) in zip(hit[0][2], key[2]))):
-            return hit[1]
+        if (hit is not None and hit[0] is stacked and hit[1] == versions and len(hit[2]) == len(feats)
+                and all(a is f for a, f in zip(hit[2], feats))):
+            return hit[3]
         out = _apply_stacked(stacked, rows)
-        self._latent_cache = (key, out)
+        self._latent_cache = (stacked, versions, feats, out)
         return out
 
     def _site_weights(self, i: int, conds: Sequence[Condition], latents: torch.Tensor,

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CloudFormatError, ConfigError
 from . import triton_refusal, triton_interpreted
 from . import conv_implicit_gemm as igemm
 from .conv_implicit_gemm import Epilogue
@@ -278,7 +278,6 @@ def _planes(coords: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 def _check_cells(e: int) -> None:
     """The nearest-cell kernels address the 4 reference planes with 32-bit offsets (3 E + i < 2**31)."""
     if e >= 1 << 29:
-        from ..errors import CloudFormatError
         raise CloudFormatError(f"condition has {e} cells; at most {(1 << 29) - 1} are supported")
 
 
@@ -288,7 +287,6 @@ def bruteforce_nearest(q: torch.Tensor, r: torch.Tensor, qb: torch.Tensor | None
     (exact float64 arithmetic on the integer coordinates, ties to the smallest index); the drop-in
     for the float64 GEMM fallback of :mod:`.nearest`. With ``check``, raises when a query's batch
     element has no cell."""
-    from ..errors import CloudFormatError
     from . import triton_kernels as K
 
     m, e = q.shape[0], r.shape[0]
