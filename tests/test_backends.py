@@ -396,3 +396,18 @@ def test_inference_caches_follow_weight_and_condition_changes(monkeypatch):
     y = den(pts + 0.1, batch, t, cond2)                                      # autograd on: no cache
     y.square().sum().backward()
     assert den.latent_stage1[0].weight.grad is not None and den.stem[0].kernel.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_points_are_refused_by_name(backend, value):
+    """A NaN or infinite point becomes an arbitrary voxel index (on the CPU INT64_MIN, whose absolute
+    value overflows to a negative number and passes the range test): the voxelisation of every
+    backend names it instead of computing on it."""
+    from lidar_completion.errors import CloudFormatError
+    pts, batch = _batch_clouds()
+    pts[17, 2] = value
+    pts[4100, 0] = value
+    net = ConditionEncoder(ModelConfig.tiny(), backend).eval()
+    with pytest.raises(CloudFormatError, match="2 of 4701 points are not finite"):
+        with torch.no_grad():
+            net(pts, batch)

@@ -115,6 +115,11 @@ def test_invalid_coordinates_raise_the_flag_not_an_error():
     assert bad
     _, bad, _ = _static(lambda: ref(pts, torch.full_like(batch, PAD_BATCH)))   # reserved batch index
     assert bad
+    for value in (float("nan"), float("inf")):       # a non-finite point, which no coordinate test sees
+        broken = pts.clone()
+        broken[5, 1] = value
+        _, bad, _ = _static(lambda: ref(broken, batch))
+        assert bad, value
 
 
 @torch.inference_mode()

@@ -263,3 +263,26 @@ def test_guided_teacher_score_shares_kernel_maps_and_matches_the_formula(tmp_pat
                n_scan=n_scan, sides=["aux"], cond=cond, samples={"aux": G.detach()}, G_all=G)
     tr.update_student(st)
     assert len(built) == 1, len(built)
+
+
+@pytest.mark.parametrize("mode", ["vsd", "dpo"])
+def test_non_finite_student_samples_stop_the_run_as_divergence(tmp_path, monkeypatch, mode):
+    """A diverged student generates NaN points: the run stops with the trainers' divergence error,
+    which names the samples, before the ranking metric or a network refuses them, and no
+    optimiser step is taken."""
+    from training.engine import TrainingDivergedError
+    cfg = tiny_config("distill", "train.batch_size=1", "distill.aux_warmup_steps=0", "checkpoint.every_steps=1",
+                      "checkpoint.export=false", "train.max_steps=2", mode=mode)
+    tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
+    real = tr.generate
+
+    def poisoned(*args, **kwargs):
+        G = real(*args, **kwargs)
+        return G * float("nan") if tr.step == 1 else G
+
+    monkeypatch.setattr(tr, "generate", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"the one-step samples 'student samples' became nan at step 1"):
+        tr.run()
+    assert tr.step == 1
+    for p in tr.student.parameters():
+        assert torch.isfinite(p).all()

@@ -292,11 +292,13 @@ class DistillTrainer(Trainer):
             z = self.draw_noise(st.keys, st.counts, "distill/z")
             z2 = None
             st.G_all = self.generate(gen, x_init, z, st, 1, with_grad).float()
+            self._guard_samples(st.G_all)
             st.samples = {"aux": st.G_all}
         else:
             z, z2 = self._choose_pair(st, batch, x_init)
             G1, G2 = self._pair(gen, x_init, z, z2, st, with_grad)
             st.G_all = torch.cat([G1.float(), G2.float()])
+            self._guard_samples(st.G_all)
             st.samples = self._rank_pair(st, batch, rec)
             if int(d["spread_every_steps"]) and self.step % int(d["spread_every_steps"]) == 0:
                 st.logs.update(self._spread(st, batch, x_init))
@@ -306,6 +308,11 @@ class DistillTrainer(Trainer):
                        G=st.G_all.detach().clone(),
                        side_samples={n: v.detach().clone() for n, v in st.samples.items()}, aux=[])
         return st
+
+    def _guard_samples(self, G: torch.Tensor) -> None:
+        """A diverged student generates NaN/inf points: stop every rank with the trainers' divergence
+        error here, before the ranking metric or a network's voxelisation refuses them on one rank."""
+        self.guard("student samples", G, what="the one-step samples")
 
     # -- preference pairs (training/preference.py) -----------------------------------------------
     def _pair_noises(self, st: "_Step", c: int):

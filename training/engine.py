@@ -34,6 +34,13 @@ from .data import KeyedDataset, ShardSampler, make_loader, sample_scans_on_devic
 from .logs import RunLogger
 
 
+def _first_bad(value: torch.Tensor) -> float:
+    """The first non-finite element of ``value`` (its first element if none is)."""
+    flat = value.detach().flatten()
+    bad = torch.nonzero(~torch.isfinite(flat))
+    return float(flat[bad[0, 0]] if len(bad) else flat[0])
+
+
 class TrainingDivergedError(LidarCompletionError, FloatingPointError):
     """A loss became NaN or infinite; the run stopped without overwriting the last good checkpoint."""
 
@@ -252,15 +259,16 @@ class Trainer(abc.ABC):
         if train:
             set_bn_mode(module, self.bn_mode)
 
-    def guard(self, name: str, value: torch.Tensor) -> None:
-        """Stop (on every rank) when ``value`` is NaN/inf, before any optimiser step uses it."""
+    def guard(self, name: str, value: torch.Tensor, what: str = "loss") -> None:
+        """Stop (on every rank) when ``value`` is NaN/inf, before any optimiser step uses it.
+        ``what`` names the value in the message (a loss, or e.g. the samples a network generated)."""
         bad = not bool(torch.isfinite(value.detach()).all())
         if D.any_flag(bad, self.device):
             last = self.ckpt.latest_path()
             where = f"the last good checkpoint is {last}" if last and last.exists() else \
                 "no checkpoint was written yet"
             raise TrainingDivergedError(
-                f"{self.kind} training: loss {name!r} became {float(value.detach().flatten()[0])} at step "
+                f"{self.kind} training: {what} {name!r} became {_first_bad(value)} at step "
                 f"{self.step} (epoch {self.step // self.steps_per_epoch}); expected a finite value. The run "
                 f"stopped without saving; {where}. Resume from it with --resume, e.g. with a lower "
                 f"learning rate or gradient clipping.")

@@ -39,12 +39,22 @@ def voxel_indices(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
     return torch.round(points / vs).long()
 
 
-def check_coordinate_range(coords: torch.Tensor) -> None:
-    """Raise CloudFormatError when voxel coordinates cannot be packed into keys (one host read)."""
+def check_coordinate_range(coords: torch.Tensor, points: torch.Tensor | None = None) -> None:
+    """Raise CloudFormatError when voxel coordinates cannot be packed into keys, or when ``points``
+    (the points they were computed from) hold NaN or infinite values (one host read).
+
+    The points are checked, not the coordinates: a non-finite value becomes an arbitrary integer
+    (INT64_MIN on the CPU, whose absolute value overflows to a negative number), so it can pass any
+    range test on the coordinates."""
     if coords.numel() == 0:
         return
-    bmin, bmax, extent = torch.stack([coords[:, 0].min(), coords[:, 0].max(),
-                                      coords[:, 1:].abs().max()]).tolist()
+    checks = [coords[:, 0].min(), coords[:, 0].max(), coords[:, 1:].abs().max()]
+    if points is not None:
+        checks.append((~torch.isfinite(points).all(dim=1)).sum())
+    found = torch.stack(checks).tolist()
+    if points is not None and found[3]:
+        raise CloudFormatError(f"{found[3]} of {points.shape[0]} points are not finite (NaN or inf)")
+    bmin, bmax, extent = found[:3]
     if bmin < 0 or bmax >= MAX_BATCH:
         raise CloudFormatError(f"batch index out of range 0..{MAX_BATCH - 1}")
     if extent >= AXIS_LIMIT:

@@ -34,7 +34,7 @@ class MinkowskiBackend:
         points = points.contiguous()
         idx = voxel_indices(points, voxel_size)  # always from float32 values, as LiDiff
         coords = torch.cat([batch.long().view(-1, 1).to(idx.device), idx], dim=1)
-        check_coordinate_range(coords)
+        check_coordinate_range(coords, points)
         field = ME.TensorField(features=points, coordinates=coords.int(),
                                quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
                                minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,

@@ -239,9 +239,10 @@ def voxelize_points(points: torch.Tensor, batch: torch.Tensor, voxel_size: float
     n = coords.shape[0]
     if plan is not None:
         # the stride-1 level has the plan's capacity of rows; an out-of-range coordinate or a batch
-        # index outside 0..PAD_BATCH-1 raises the plan's flag
+        # index outside 0..PAD_BATCH-1 or a non-finite point raises the plan's flag
         b = coords[:, 0]
-        plan.flag((b.min() < 0) | (b.max() >= PAD_BATCH) | (coords[:, 1:].abs().max() >= AXIS_LIMIT))
+        plan.flag((b.min() < 0) | (b.max() >= PAD_BATCH) | (coords[:, 1:].abs().max() >= AXIS_LIMIT)
+                  | ~torch.isfinite(points).all())
         m = plan.ordinal("voxelize")
         size_key = ("level", m, 1)
         cap = plan.capacity(size_key, n)
@@ -251,7 +252,7 @@ def voxelize_points(points: torch.Tensor, batch: torch.Tensor, voxel_size: float
         rows = cap
         manager = CoordinateManager(Level(1, keys), static=(plan, m), engine=engine)
     else:
-        check_coordinate_range(coords)
+        check_coordinate_range(coords, points)
         keys, inverse = torch.unique(pack_keys(coords), sorted=True, return_inverse=True)
         rows = keys.shape[0]
         manager = CoordinateManager(Level(1, keys), engine=engine)
