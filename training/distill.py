@@ -312,7 +312,7 @@ class DistillTrainer(Trainer):
     def _guard_samples(self, G: torch.Tensor) -> None:
         """A diverged student generates NaN/inf points: stop every rank with the trainers' divergence
         error here, before the ranking metric or a network's voxelisation refuses them on one rank."""
-        self.guard("student samples", G, what="the one-step samples")
+        self.guard("G", G, what="the student's samples")
 
     # -- preference pairs (training/preference.py) -----------------------------------------------
     def _pair_noises(self, st: "_Step", c: int):
