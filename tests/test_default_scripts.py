@@ -131,6 +131,56 @@ def test_ship_refuses_over_budget(fake_run, tmp_path, monkeypatch):
     assert not list(dest.glob("*.pt"))
 
 
+def test_ship_student_only_replaces_the_student_of_the_same_teacher(fake_run, tmp_path, capsys):
+    """--student-only ships a new distillation of the teacher already shipped: student.pt and the
+    manifest's student entry and distill stage change, the teacher's file and entries do not; a student
+    of another teacher (by the sha256 its export records, else the file its config names) is refused
+    and the shipped student stays."""
+    ship = _script("ship_default")
+    dest = tmp_path / "weights"
+    assert ship.main([str(fake_run), "--dest", str(dest), "--command", "whole run"]) == 0
+    before = json.loads((dest / "manifest.json").read_text())
+    teacher_bytes = (dest / "teacher.pt").read_bytes()
+    new = tmp_path / "d2" / "distill.pt"
+    make_random_checkpoint(new, seed=7, sampling={"steps": 8, "guidance": 3.5, "n_fps": 300, "tile": 4})
+    raw = torch.load(new, weights_only=False)
+    raw.setdefault("meta", {})["teacher_sha256"] = sha256_file(dest / "teacher.pt")
+    torch.save(raw, new)
+    (tmp_path / "d2" / "metrics.jsonl").write_text(json.dumps({"step": 9, "time": 90.0}))
+    assert ship.main(["--student-only", str(new), "--dest", str(dest), "--student-guidance", "2",
+                      "--command", "distil again"]) == 0
+    m = json.loads((dest / "manifest.json").read_text())
+    assert (dest / "teacher.pt").read_bytes() == teacher_bytes
+    assert m["files"]["teacher.pt"] == before["files"]["teacher.pt"]
+    assert m["training"]["command"] == "whole run"
+    assert m["training"]["stages"]["teacher"] == before["training"]["stages"]["teacher"]
+    assert m["training"]["stages"]["distill"] == {"steps": 9, "seconds": 90.0, "export": str(new),
+                                                  "command": "distil again"}
+    assert m["files"]["student.pt"]["sha256"] == sha256_file(dest / "student.pt")
+    assert m["files"]["student.pt"]["sampling"]["guidance"] == 2.0
+    want = load_checkpoint(new, backend="torch").denoiser.state_dict()
+    got = load_checkpoint(dest / "student.pt", backend="torch").denoiser.state_dict()
+    k = next(k for k, v in want.items() if v.is_floating_point() and v.numel() > 10)
+    torch.testing.assert_close(got[k], want[k].half().float())
+    shipped = (dest / "student.pt").read_bytes()
+    # a student of another teacher: refused, nothing changes
+    other = tmp_path / "d3" / "distill.pt"
+    make_random_checkpoint(other, seed=8)
+    raw = torch.load(other, weights_only=False)
+    raw.setdefault("meta", {})["training_config"] = f"distill:\n  teacher: {fake_run / 'teacher' / 'teacher.pt'}\n"
+    torch.save(raw, other)
+    capsys.readouterr()
+    assert ship.main(["--student-only", str(other), "--dest", str(dest)]) == 2
+    assert "was not distilled from the shipped teacher" in capsys.readouterr().err
+    assert (dest / "student.pt").read_bytes() == shipped
+    assert json.loads((dest / "manifest.json").read_text()) == m
+    # and the usage errors
+    assert ship.main(["--student-only", str(tmp_path / "nope.pt"), "--dest", str(dest)]) == 2
+    assert ship.main(["--student-only", str(new), "--dest", str(tmp_path / "empty")]) == 2
+    assert ship.main([str(fake_run), "--student-only", str(new), "--dest", str(dest)]) == 2
+    assert ship.main(["--dest", str(dest)]) == 2
+
+
 def test_eval_default_rows_and_table(fake_run, tmp_path):
     from lidar_completion.data import build_gt, generate_dataset
     from lidar_completion.data.synthetic import SyntheticConfig

@@ -282,6 +282,11 @@ def test_distillation_starts_from_a_published_lightning_checkpoint(tmp_path):
         assert torch.equal(tr.encoder.state_dict()[k], v), k
     assert not any(p.requires_grad for p in tr.teacher.parameters())
     assert not any(p.requires_grad for p in tr.encoder.parameters())
+    # the export records the exact teacher file it was distilled from (ship_default --student-only)
+    from lidar_completion.checkpoints import load_checkpoint
+    from lidar_completion.fileutil import sha256_file
+    tr.export(tmp_path / "distill.pt")
+    assert load_checkpoint(tmp_path / "distill.pt", backend="torch").meta["teacher_sha256"] == sha256_file(path)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -138,8 +138,11 @@ class DistillTrainer(Trainer):
         self.mode = d["mode"]
         src = d.get("teacher") or self.cfg.get("init")
         student_init = None
+        self.teacher_sha256 = None
         if src:
             loaded = load_pretrained(src)
+            from lidar_completion.fileutil import sha256_file
+            self.teacher_sha256 = sha256_file(src)   # the export names the exact teacher file it came from
             if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
                 loaded = load_pretrained(src, include=("teacher",))
                 student_init = loaded.denoiser
@@ -511,4 +514,4 @@ class DistillTrainer(Trainer):
                                 refiner=refiner, sampling={"steps": 8, "guidance": 3.5, "process": "local",
                                                            "n_fps": int(dc["scan_points"]), "tile": int(dc["tile"])},
                                 meta={"trained_by": f"training.distill ({self.mode})", "step": self.step,
-                                      "config": self.cfg})
+                                      "teacher_sha256": self.teacher_sha256, "config": self.cfg})

@@ -22,6 +22,13 @@ Each stage's export is its best by validation, RUN/<stage>/best/<kind>.pt, when 
   manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
                  "training": what made them (steps, seconds, hardware, command)}
 
+    python scripts/release/ship_default.py --student-only runs/x/distill.pt --student-guidance 2 --command "..."
+                                   # a new distillation of the teacher already shipped: only student.pt
+                                   # and the manifest's student entry and distill stage change
+
+With --student-only the student must have been distilled from DEST's teacher.pt, byte for byte (the
+sha256 its export records, or else the file its config names); the other files stay as they are.
+
 A file over the size budget (25 MB for everything) is refused. Checkpoints named in the previous
 manifest of DEST that this shipping does not write are deleted, so the folder holds exactly what the
 new manifest lists.
@@ -110,9 +117,101 @@ def _student_teacher(meta: dict):
     return Path(path) if path else None
 
 
+def _ship_file(name: str, src: Path, dest: Path, refiner_src: Path | None, guidance: float | None):
+    """Write DEST/NAME, a float16 copy of checkpoint SRC (with REFINER_SRC's refiner when given, and
+    GUIDANCE as its sampling guidance when given) -> its manifest entry, or None after an error."""
+    from lidar_completion.checkpoints import load_checkpoint, save_checkpoint
+    from lidar_completion.fileutil import sha256_file
+
+    ld = load_checkpoint(src, refiner_path=refiner_src)
+    if ld.refiner is None:
+        print(f"error: {src} has no refiner", file=sys.stderr)
+        return None
+    meta = dict(ld.meta, shipped_from=str(src), source_sha256=sha256_file(src))
+    # our networks are trained on the local process x_t = x_0 + sigma_t eps: sample with the
+    # matching solver (exports made before the solver had the option do not say so)
+    ld.sampling.setdefault("process", "local")
+    override = None
+    if guidance is not None:
+        override = {"guidance": {"export": ld.sampling.get("guidance"), "shipped": guidance}}
+        ld.sampling["guidance"] = float(guidance)
+        meta["sampling_override"] = override
+    digest = save_checkpoint(dest / name, {"encoder": ld.encoder, "denoiser": ld.denoiser,
+                                           "refiner": ld.refiner}, ld.config, sampling=ld.sampling,
+                             kind=ld.kind, meta=meta, half=True)
+    entry = {"sha256": sha256_file(dest / name), "content_hash": digest,
+             "bytes": (dest / name).stat().st_size, "kind": ld.kind,
+             "sampling": ld.sampling, "trained_by": ld.meta.get("trained_by"),
+             "training_step": ld.meta.get("step")}
+    if override:
+        entry["sampling_override"] = override
+    if _validation(src):
+        entry["validation"] = _validation(src)
+    return entry
+
+
+def _ship_student_only(src: Path, dest: Path, guidance: float | None, command: str | None) -> int:
+    """--student-only: replace DEST/student.pt by export SRC, distilled from DEST/teacher.pt."""
+    from lidar_completion.checkpoints import CheckpointError, load_checkpoint
+    from lidar_completion.fileutil import sha256_file
+
+    try:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        teacher_sha = manifest["files"]["teacher.pt"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {dest / 'manifest.json'} names no shipped teacher.pt ({exc}); ship a whole run "
+              "(RUN_DIR) first", file=sys.stderr)
+        return 2
+    if not src.is_file():
+        print(f"error: {src} is missing", file=sys.stderr)
+        return 2
+    try:
+        meta = load_checkpoint(src).meta
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # the teacher the student was distilled from: the sha256 its export recorded, else the file its
+    # config names as it is now
+    recorded = meta.get("teacher_sha256")
+    if recorded is None:
+        named = _student_teacher(meta)
+        recorded = sha256_file(named) if named is not None and named.is_file() else None
+    if recorded != teacher_sha:
+        print(f"error: {src} was not distilled from the shipped teacher ({dest / 'teacher.pt'}, sha256 "
+              f"{teacher_sha[:16]}...; the student's teacher: {recorded[:16] + '...' if recorded else 'unknown'}); "
+              "ship its whole run instead", file=sys.stderr)
+        return 2
+    old = dest / "student.pt"
+    backup = old.read_bytes() if old.is_file() else None
+    entry = _ship_file("student.pt", src, dest, None, guidance)
+    if entry is None:
+        return 2
+    files = dict(manifest.get("files") or {}, **{"student.pt": entry})
+    total = sum(f["bytes"] for f in files.values())
+    if total > BUDGET_BYTES:
+        if backup is not None:                # keep the shipped student
+            old.write_bytes(backup)
+        else:
+            old.unlink()
+        print(f"error: {total / 1e6:.1f} MB exceeds the {BUDGET_BYTES / 1e6:.0f} MB budget", file=sys.stderr)
+        return 2
+    training = dict(manifest.get("training") or {})
+    stages = dict(training.get("stages") or {})
+    folder = _stage_dir(src)
+    stages["distill"] = dict(_stage_info(folder, folder.with_suffix(".log")), export=str(src))
+    if command:
+        stages["distill"]["command"] = command
+    training["stages"] = stages
+    manifest.update(default="student.pt", files=files, training=training)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{old}: {entry['bytes'] / 1e6:.2f} MB sha256 {entry['sha256'][:16]}...")
+    print(f"{dest / 'manifest.json'}: default = student.pt ({total / 1e6:.2f} MB in all)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="RUN_DIR of scripts/release/train_default.sh")
+    ap.add_argument("run", nargs="?", help="RUN_DIR of scripts/release/train_default.sh")
     ap.add_argument("--dest", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--command", default=None, help="the training command to record in the manifest")
     ap.add_argument("--student", default=None,
@@ -121,20 +220,36 @@ def main(argv=None) -> int:
     ap.add_argument("--student-guidance", type=float, default=None, metavar="W",
                     help="the classifier-free guidance weight the shipped student samples with (default: "
                          "the export's, 3.5); the manifest records the export's value beside it")
+    ap.add_argument("--student-only", metavar="EXPORT", default=None,
+                    help="replace only DEST's student.pt by this distillation export, which must have been "
+                         "distilled from DEST's teacher.pt; the other shipped files and their manifest "
+                         "entries stay (no RUN_DIR needed)")
     ap.add_argument("--teacher-only", action="store_true",
                     help="ship the teacher alone (while the student is still training); the manifest "
                          "then names no default")
     args = ap.parse_args(argv)
 
-    from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+    from lidar_completion.checkpoints import WEIGHTS_DIR, load_checkpoint
     from lidar_completion.errors import ConfigError
-    from lidar_completion.fileutil import sha256_file
     from lidar_completion.settings import BY_NAME
 
     GUIDANCE = BY_NAME["guidance"]
 
-    run = Path(args.run)
     dest = Path(args.dest) if args.dest else WEIGHTS_DIR
+    if args.student_only:
+        if args.run or args.student or args.teacher_only:
+            print("error: --student-only takes no RUN_DIR, --student or --teacher-only", file=sys.stderr)
+            return 2
+        try:
+            GUIDANCE.check(args.student_guidance)
+        except ConfigError as exc:
+            print(f"error: --student-guidance: {exc}", file=sys.stderr)
+            return 2
+        return _ship_student_only(Path(args.student_only), dest, args.student_guidance, args.command)
+    if not args.run:
+        print("error: give RUN_DIR (or --student-only EXPORT)", file=sys.stderr)
+        return 2
+    run = Path(args.run)
     calibrated = _best(run / "calibrate" / "teacher.pt")
     student_src = Path(args.student) if args.student else _best(run / "distill" / "distill.pt")
     try:   # the same range as --guidance and the node's guidance parameter
@@ -164,30 +279,11 @@ def main(argv=None) -> int:
         previous = set()
     files = {}
     for name, src in sources.items():
-        ld = load_checkpoint(src, refiner_path=refiner_src if name.startswith("teacher") else None)
-        if ld.refiner is None:
-            print(f"error: {src} has no refiner", file=sys.stderr)
+        entry = _ship_file(name, src, dest, refiner_src if name.startswith("teacher") else None,
+                           args.student_guidance if name == "student.pt" else None)
+        if entry is None:
             return 2
-        meta = dict(ld.meta, shipped_from=str(src), source_sha256=sha256_file(src))
-        # our networks are trained on the local process x_t = x_0 + sigma_t eps: sample with the
-        # matching solver (exports made before the solver had the option do not say so)
-        ld.sampling.setdefault("process", "local")
-        override = None
-        if name == "student.pt" and args.student_guidance is not None:
-            override = {"guidance": {"export": ld.sampling.get("guidance"), "shipped": args.student_guidance}}
-            ld.sampling["guidance"] = float(args.student_guidance)
-            meta["sampling_override"] = override
-        digest = save_checkpoint(dest / name, {"encoder": ld.encoder, "denoiser": ld.denoiser,
-                                               "refiner": ld.refiner}, ld.config, sampling=ld.sampling,
-                                 kind=ld.kind, meta=meta, half=True)
-        files[name] = {"sha256": sha256_file(dest / name), "content_hash": digest,
-                       "bytes": (dest / name).stat().st_size, "kind": ld.kind,
-                       "sampling": ld.sampling, "trained_by": ld.meta.get("trained_by"),
-                       "training_step": ld.meta.get("step")}
-        if override:
-            files[name]["sampling_override"] = override
-        if _validation(src):
-            files[name]["validation"] = _validation(src)
+        files[name] = entry
     total = sum(f["bytes"] for f in files.values())
     if total > BUDGET_BYTES:
         for name in files:
