@@ -262,7 +262,8 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
                SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
                MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
-               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1")
+               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1", DISTILL_MODE="vsd",
+               DISTILL_TEACHER_GUIDANCE="7.5")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -275,6 +276,8 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     distill_cfg = (run / "distill" / "config.yaml").read_text()
     assert str(run / "calibrate" / "best" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
     assert str(run / "refiner" / "best" / "refiner.pt") in distill_cfg
+    assert "mode: vsd" in distill_cfg and "teacher_guidance: 7.5" in distill_cfg   # the shipped recipe's
+    assert load_checkpoint(run / "distill" / "distill.pt", backend="torch").meta["trained_by"] == "training.distill (vsd)"
     for stage, kind in (("teacher", "teacher"), ("refiner", "refiner"), ("calibrate", "teacher"),
                         ("distill", "distill")):
         assert (run / stage / "best" / f"{kind}.pt").is_file(), stage

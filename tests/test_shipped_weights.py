@@ -1,7 +1,8 @@
 """The models shipped inside the package (lidar_completion/weights): intact, loadable, the default
 everywhere, and useful - on docs/results.md's held-out frames the student at 8 steps completes better
 than (a) the scan alone, (b) the refiner alone on the undenoised start x_init and (c) the shipped
-teacher at 8 steps at the published teacher guidance (w = 6)."""
+teacher at 8 steps at the published teacher guidance (w = 6) and at its own best guidance on the
+validation drive (w = 2.5)."""
 import json
 
 import numpy as np
@@ -153,21 +154,24 @@ def test_student_beats_the_refiner_alone_on_x_init(held_out_frames, student_cd):
     assert student_cd < refiner_alone, f"student CD {student_cd:.3f} m, refiner alone on x_init {refiner_alone:.3f} m"
 
 
-# about 130 s on an idle 2-core machine (six guided 8-step completions with one thread): in the slow
-# suite, which keeps `make test` within its budget
+# about 130 s each on an idle 2-core machine (six guided 8-step completions with one thread): in the
+# slow suite, which keeps `make test` within its budget
 @pytest.mark.slow
-def test_student_beats_its_teacher_at_the_published_teacher_guidance(held_out_frames, student_cd):
-    """The shipped teacher at 8 steps with LiDiff's published guidance w = 6 (refined, seed = frame).
-    (At the teacher's own best guidance on these scenes it is still ahead of the student:
-    docs/results.md.)"""
+@pytest.mark.parametrize("guidance", [6.0, 2.5], ids=["published-w6", "teachers-best-w2.5"])
+def test_student_beats_its_teacher(held_out_frames, student_cd, guidance):
+    """The shipped teacher at 8 steps (refined, seed = frame) with LiDiff's published guidance w = 6,
+    and with w = 2.5, the teacher's best on the validation drive (sequence 07 of make-synthetic
+    --seed 2; docs/results.md): the distillation's target, a student at or below its teacher at the
+    same cost per scan."""
     from lidar_completion.completer import Completer
     from lidar_completion.metrics import chamfer_distance
-    comp = Completer.from_checkpoint(WEIGHTS_DIR / "teacher.pt", steps=8, guidance=6.0, backend="torch")
+    comp = Completer.from_checkpoint(WEIGHTS_DIR / "teacher.pt", steps=8, guidance=guidance, backend="torch")
     assert comp.refine and comp.process == "local"
     cds = [chamfer_distance(comp.complete_detailed(scan, seed=f).points, gt)
            for (scan, gt), f in zip(held_out_frames, HELD_OUT_FRAMES)]
     teacher = float(np.mean(cds))
-    assert student_cd < teacher, f"student CD {student_cd:.3f} m, teacher (8 steps, w = 6) {teacher:.3f} m"
+    assert student_cd <= teacher, \
+        f"student CD {student_cd:.4f} m, teacher (8 steps, w = {guidance:g}) {teacher:.4f} m"
 
 
 def test_manifest_is_valid_json_with_provenance():

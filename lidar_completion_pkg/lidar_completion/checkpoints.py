@@ -316,7 +316,7 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, refiner_path
 
 # ----------------------------------------------------------------------------- shipped weights
 def default_checkpoint_path() -> Path:
-    """The shipped Distillation-DPO student (with refiner): the default of the CLI and the node."""
+    """The shipped distilled student (with refiner): the default of the CLI and the node."""
     manifest = shipped_manifest(WEIGHTS_DIR)
     name = manifest.get("default")
     if not name or not (WEIGHTS_DIR / name).exists():

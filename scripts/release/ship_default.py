@@ -11,7 +11,7 @@ files, not on the float32 originals):
 Each stage's export is its best by validation, RUN/<stage>/best/<kind>.pt, when the stage validated
 (training/validation.py; the manifest records the step and the validation metrics), else its last.
 
-  student.pt     the Distillation-DPO student (RUN/distill/distill.pt, or --student), the teacher's
+  student.pt     the distilled student (RUN/distill/distill.pt, or --student), the teacher's
                  condition encoder and the refiner: the default checkpoint of the CLI, the Python
                  API and the node; --student-guidance W replaces the guidance weight it samples with
                  (choose it on data the table does not use)
@@ -43,6 +43,10 @@ import sys
 from pathlib import Path
 
 BUDGET_BYTES = 25 * 1000 * 1000
+DESCRIPTION = ("Small (ModelConfig.tiny) LiDiff teacher, refiner and a student distilled from the teacher "
+               "(its objective: files.student.pt.trained_by), trained on synthetic SemanticKITTI-layout "
+               "street scenes by scripts/release/train_default.sh (training.command; a student shipped "
+               "on its own: training.stages.distill.command)")
 
 
 def _last_status(log: Path) -> dict:
@@ -202,7 +206,7 @@ def _ship_student_only(src: Path, dest: Path, guidance: float | None, command: s
     if command:
         stages["distill"]["command"] = command
     training["stages"] = stages
-    manifest.update(default="student.pt", files=files, training=training)
+    manifest.update(default="student.pt", description=DESCRIPTION, files=files, training=training)
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{old}: {entry['bytes'] / 1e6:.2f} MB sha256 {entry['sha256'][:16]}...")
     print(f"{dest / 'manifest.json'}: default = student.pt ({total / 1e6:.2f} MB in all)")
@@ -298,8 +302,7 @@ def main(argv=None) -> int:
         stages["distill"]["export"] = str(student_src)
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,
-        "description": "Small (ModelConfig.tiny) LiDiff teacher, refiner and Distillation-DPO student "
-                       "trained on synthetic SemanticKITTI-layout street scenes by scripts/release/train_default.sh",
+        "description": DESCRIPTION,
         "files": files,
         "training": {"stages": stages,
                      "command": args.command,

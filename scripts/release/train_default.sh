@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default models: a small (ModelConfig.tiny) LiDiff teacher, a refiner and a
-# Distillation-DPO student, trained on synthetic SemanticKITTI-layout street scenes.
+# student distilled from the teacher, trained on synthetic SemanticKITTI-layout street scenes.
 #
 #   scripts/release/train_default.sh [RUN_DIR]            # default RUN_DIR=runs/default
 #
@@ -27,6 +27,9 @@
 #                        (distill.aux_warmup_steps) and the guidance of the teacher's score
 #                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
 #   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
+#   DISTILL_MODE [dpo]   the distillation objective (distill.mode): dpo (Distillation-DPO) or vsd
+#                        (score distillation alone; the shipped student: vsd with
+#                        DISTILL_TEACHER_GUIDANCE=7.5, docs/experiments/shipped-models.md)
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 forked workers never
 #                        delivered a first batch within 125 s while 0 workers trained at 0.28 s per
@@ -191,6 +194,7 @@ dextra=()
 [ -n "${DISTILL_LR:-}" ] && dextra+=(--set "train.optimizer.lr=$DISTILL_LR")
 [ -n "${DISTILL_AUX_WARMUP:-}" ] && dextra+=(--set "distill.aux_warmup_steps=$DISTILL_AUX_WARMUP")
 [ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
+[ -n "${DISTILL_MODE:-}" ] && dextra+=(--set "distill.mode=$DISTILL_MODE")
 [ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
 val "${VAL_EVERY_DISTILL:-20}" "${VAL_STUDENT_GUIDANCE:-2}"
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
