@@ -130,3 +130,11 @@ def test_two_groups_evaluated_compared_and_written_into_a_doc(tmp_path):
     swapped = [f"a={ck['a1']},{ck['a0']}" if a == f"a={ck['a0']},{ck['a1']}" else a for a in argv]
     with pytest.raises(SystemExit, match="holds the evaluation of"):
         cmp.main([a for a in swapped if a != str(doc) and a != "--doc"] + ["--table-only"])
+    # a second block of the same page, by name; the first stays as it is
+    begin2, end2 = cmp.doc_markers("second")
+    doc.write_text(text + f"{begin2}\nold2\n{end2}\n")
+    assert cmp.main(argv + ["--table-only", "--doc-block", "second"]) == 0
+    again = doc.read_text()
+    assert again.startswith(text) and "old2" not in again and again.count("m of CD") == 2 * text.count("m of CD")
+    with pytest.raises(SystemExit, match="has no block"):
+        cmp.main(argv + ["--table-only", "--doc-block", "third"])

@@ -16,8 +16,9 @@ per group, the mean over its students and their standard deviation - the trainin
 what a comparison of objectives has to beat (the sampling spread over a dozen frames is far smaller).
 Each further group is compared with the first: the difference of the means, the larger of the two
 groups' spreads, and Welch's t-test. OUT/compare.md and OUT/compare.json hold the result; `--doc FILE`
-writes it, with the command, between the markers DOC_BEGIN and DOC_END of that file; `--table-only`
-only rebuilds it from the runs in OUT.
+writes it, with the command, between the markers DOC_BEGIN and DOC_END of that file (`--doc-block
+NAME` for the markers `<!-- NAME: begin ... -->` / `<!-- NAME: end -->`, several comparisons in one
+page); `--table-only` only rebuilds it from the runs in OUT.
 """
 from __future__ import annotations
 
@@ -31,8 +32,16 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DOC_BEGIN = "<!-- distillation-seeds: begin (scripts/research/compare_distillations.py --doc) -->"
-DOC_END = "<!-- distillation-seeds: end -->"
+DOC_BLOCK = "distillation-seeds"
+
+
+def doc_markers(block: str = DOC_BLOCK):
+    """The begin and end markers of a --doc block."""
+    return (f"<!-- {block}: begin (scripts/research/compare_distillations.py --doc) -->",
+            f"<!-- {block}: end -->")
+
+
+DOC_BEGIN, DOC_END = doc_markers()
 METRICS = (("cd", "CD [m]", 1.0, 3), ("jsd_bev", "JSD-BEV", 1.0, 3), ("iou0.5", "IoU@0.5 [%]", 100.0, 1))
 
 
@@ -68,6 +77,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", required=True)
     ap.add_argument("--doc", default=None, metavar="MARKDOWN", help="also write the result into this file's block")
+    ap.add_argument("--doc-block", default=DOC_BLOCK, metavar="NAME",
+                    help=f"the --doc block's name (default {DOC_BLOCK}): markers <!-- NAME: begin ... --> "
+                         "and <!-- NAME: end -->")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the result from the runs in OUT")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -273,7 +285,7 @@ def main(argv=None):
     if args.doc:
         cmd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
         ev.write_doc(Path(args.doc), md, "python scripts/research/compare_distillations.py " + shlex.join(cmd),
-                     DOC_BEGIN, DOC_END)
+                     *doc_markers(args.doc_block))
     return 0
 
 
