@@ -4,6 +4,9 @@
     python scripts/release/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
     python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
         --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
+    python scripts/release/ship_default.py --student-only runs/x/distill.pt --student-guidance 2 \
+        --command "..."      # a new distillation of the teacher already shipped: only student.pt and
+                             # the manifest's student entry and distill stage change
 
 Writes, with float16 tensors (loaded back as float32; docs/results.md's table is measured on these
 files, not on the float32 originals):
@@ -21,10 +24,6 @@ Each stage's export is its best by validation, RUN/<stage>/best/<kind>.pt, when 
                  student was not distilled from it
   manifest.json  {"default": "student.pt", "files": {name: {sha256, content_hash, bytes, ...}},
                  "training": what made them (steps, seconds, hardware, command)}
-
-    python scripts/release/ship_default.py --student-only runs/x/distill.pt --student-guidance 2 --command "..."
-                                   # a new distillation of the teacher already shipped: only student.pt
-                                   # and the manifest's student entry and distill stage change
 
 With --student-only the student must have been distilled from DEST's teacher.pt, byte for byte (the
 sha256 its export records, or else the file its config names); the other files stay as they are.
