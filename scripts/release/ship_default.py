@@ -2,9 +2,9 @@
 """Copy the models of a `scripts/release/train_default.sh` run into the package as the shipped defaults.
 
     python scripts/release/ship_default.py runs/default [--dest lidar_completion_pkg/lidar_completion/weights]
-    python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \
+    python scripts/release/ship_default.py runs/default --student runs/default/distill_x/distill.pt \\
         --student-guidance 2 --command "..."      # another distillation of the run, its own guidance
-    python scripts/release/ship_default.py --student-only runs/x/distill.pt --student-guidance 2 \
+    python scripts/release/ship_default.py --student-only runs/x/distill.pt --student-guidance 2 \\
         --command "..."      # a new distillation of the teacher already shipped: only student.pt and
                              # the manifest's student entry and distill stage change
 
