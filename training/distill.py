@@ -80,6 +80,7 @@ import torch
 from lidar_completion import sparse
 from lidar_completion.diffusion import DPMSolverSDE
 from lidar_completion.errors import CheckpointError
+from lidar_completion.fileutil import sha256_file
 from lidar_completion.models import Condition
 
 from . import distributed as D
@@ -141,7 +142,6 @@ class DistillTrainer(Trainer):
         self.teacher_sha256 = None
         if src:
             loaded = load_pretrained(src)
-            from lidar_completion.fileutil import sha256_file
             self.teacher_sha256 = sha256_file(src)   # the export names the exact teacher file it came from
             if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
                 loaded = load_pretrained(src, include=("teacher",))

@@ -120,13 +120,15 @@ def _student_teacher(meta: dict):
     return Path(path) if path else None
 
 
-def _ship_file(name: str, src: Path, dest: Path, refiner_src: Path | None, guidance: float | None):
+def _ship_file(name: str, src: Path, dest: Path, refiner_src: Path | None, guidance: float | None,
+               loaded=None):
     """Write DEST/NAME, a float16 copy of checkpoint SRC (with REFINER_SRC's refiner when given, and
-    GUIDANCE as its sampling guidance when given) -> its manifest entry, or None after an error."""
+    GUIDANCE as its sampling guidance when given; LOADED: SRC already loaded, without another
+    refiner) -> its manifest entry, or None after an error."""
     from lidar_completion.checkpoints import load_checkpoint, save_checkpoint
     from lidar_completion.fileutil import sha256_file
 
-    ld = load_checkpoint(src, refiner_path=refiner_src)
+    ld = loaded if loaded is not None else load_checkpoint(src, refiner_path=refiner_src)
     if ld.refiner is None:
         print(f"error: {src} has no refiner", file=sys.stderr)
         return None
@@ -148,8 +150,9 @@ def _ship_file(name: str, src: Path, dest: Path, refiner_src: Path | None, guida
              "training_step": ld.meta.get("step")}
     if override:
         entry["sampling_override"] = override
-    if _validation(src):
-        entry["validation"] = _validation(src)
+    validation = _validation(src)
+    if validation:
+        entry["validation"] = validation
     return entry
 
 
@@ -169,15 +172,15 @@ def _ship_student_only(src: Path, dest: Path, guidance: float | None, command: s
         print(f"error: {src} is missing", file=sys.stderr)
         return 2
     try:
-        meta = load_checkpoint(src).meta
+        ld = load_checkpoint(src)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # the teacher the student was distilled from: the sha256 its export recorded, else the file its
     # config names as it is now
-    recorded = meta.get("teacher_sha256")
+    recorded = ld.meta.get("teacher_sha256")
     if recorded is None:
-        named = _student_teacher(meta)
+        named = _student_teacher(ld.meta)
         recorded = sha256_file(named) if named is not None and named.is_file() else None
     if recorded != teacher_sha:
         print(f"error: {src} was not distilled from the shipped teacher ({dest / 'teacher.pt'}, sha256 "
@@ -186,7 +189,7 @@ def _ship_student_only(src: Path, dest: Path, guidance: float | None, command: s
         return 2
     old = dest / "student.pt"
     backup = old.read_bytes() if old.is_file() else None
-    entry = _ship_file("student.pt", src, dest, None, guidance)
+    entry = _ship_file("student.pt", src, dest, None, guidance, loaded=ld)
     if entry is None:
         return 2
     files = dict(manifest.get("files") or {}, **{"student.pt": entry})
