@@ -17,14 +17,15 @@ The scan is a synthetic HDL-64E scan from :mod:`lidar_completion.data.synthetic`
 points. Each (case, backend, precision) row gives the median of ``--repeats`` complete scans after
 one warm-up scan (kernel compilation, tile tuning and CUDA graph capture happen there), with the
 Completer's stage times (preprocessing = filters + FPS + tiling; encoder; denoiser per solver step
-(both guidance halves); refiner; ``--fps`` picks where the sampling runs) and the time to build every kernel map of one denoiser pass
+(both guidance halves); refiner; ``--fps`` picks where the sampling runs, ``--fps-parts`` its
+approximate sector variant, a row per value) and the time to build every kernel map of one denoiser pass
 (``maps``: voxelisation, the coordinate sets of all strides, the neighbour / child / parent tables
 and, for triton, their bitmask-sorted plans). ``--forward`` adds per-network forward times.
 
 The last line is ``triton_vs_torch=<torch seconds / triton seconds per scan, published widths, bf16>
 published8_bf16_s=<triton seconds per scan, published widths, 8 steps, bf16>`` (``nan`` where a side
-did not run); on the CPU, ``torch_vs_minkowski_cpu=<MinkowskiEngine time / torch time>`` of the
-per-network forward passes.
+did not run; the first ``--fps-parts`` value's rows); on the CPU,
+``torch_vs_minkowski_cpu=<MinkowskiEngine time / torch time>`` of the per-network forward passes.
 """
 from __future__ import annotations
 
@@ -126,9 +127,9 @@ def map_time(backend, device, x_init: torch.Tensor, sigma: float, repeats: int) 
         return timed(build, device, repeats)
 
 
-def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=None, fps="auto"):
+def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=None, fps="auto", fps_parts=1):
     c = Completer.from_checkpoint(ckpt, steps=steps, guidance=guidance, refine=True, device=str(device),
-                                  seed=0, backend=backend, precision=precision, fps=fps)
+                                  seed=0, backend=backend, precision=precision, fps=fps, fps_parts=fps_parts)
     res = [None]
 
     def run():
@@ -148,15 +149,25 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=
     return c, t, peak, res[0], ",".join(modes)
 
 
-def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 4_000)) -> int:
+def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 4_000), parts=(1,)) -> int:
     """Farthest-point sampling of ``scan``: fpsample on the CPU (the k-d tree variant the
     Completer uses) against the Triton kernel; ``same_indices`` checks the kernel against fpsample's
     textbook implementation (both start from point 0). On CUDA also the kernel with fewer programs
-    per cloud (8-64; the default spreads a cloud over every SM)."""
+    per cloud (8-64; the default spreads a cloud over every SM). Each ``parts`` value above 1 adds
+    the approximate sector variant on both (``coverage``: the mean distance from a scan point to its
+    nearest sample, against exact sampling's)."""
     import fpsample
 
+    def coverage(samples: np.ndarray) -> float:
+        try:
+            from scipy.spatial import cKDTree
+        except ImportError:   # a GPU machine without scipy: the timings still count
+            return float("nan")
+        return float(cKDTree(samples).query(scan)[0].mean())
+
     from lidar_completion.preprocess import farthest_point_sample
-    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+    from lidar_completion.sparse.triton_backend import (farthest_point_sample_device,
+                                                        farthest_point_sample_sectors_device)
 
     rows = []
     x = torch.from_numpy(scan).to(device)
@@ -177,6 +188,16 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
                              "same_as_default": same_p})
                 print(f"fps points={len(scan)} samples={k} programs={p} device={t * 1000:.1f}ms "
                       f"same_as_default={same_p}", flush=True)
+        exact_cover = coverage(scan[farthest_point_sample(scan, k)])
+        for P in (q for q in parts if q > 1):
+            cpu = timed(lambda: farthest_point_sample(scan, k, P), torch.device("cpu"), repeats)
+            dev = timed(lambda: farthest_point_sample_sectors_device(x, k, P), device, repeats)
+            idx = farthest_point_sample_sectors_device(x, k, P).cpu().numpy()
+            cover = coverage(scan[idx])
+            rows.append({"points": len(scan), "samples": k, "parts": P, "cpu_s": cpu, "device_s": dev,
+                         "coverage_m": cover, "exact_coverage_m": exact_cover})
+            print(f"fps points={len(scan)} samples={k} parts={P} cpu={cpu * 1000:.1f}ms device={dev * 1000:.1f}ms "
+                  f"coverage={cover:.4f}m exact={exact_cover:.4f}m", flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return 0
@@ -205,12 +226,17 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="the student case's checkpoint (default: the shipped one)")
     p.add_argument("--fps", choices=("auto", "cpu", "device"), default="auto",
                    help="where the Completer samples the scan (default auto: the device on CUDA with Triton)")
+    p.add_argument("--fps-parts", type=int, nargs="+", default=[1], metavar="P",
+                   help="farthest-point sampling in P azimuth sectors (1 = exact; default 1); several values: "
+                        "a row each (--fps-only: the sector variants beside the exact one)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--fps-only", action="store_true",
                    help="only time farthest-point sampling of the scan: the CPU's (fpsample) against the "
                         "Triton kernel on the device, 18,000 and 4,000 samples (quick: 1,000 and 200)")
     args = p.parse_args(argv)
+    if any(not 1 <= q <= 256 for q in args.fps_parts):
+        p.error(f"--fps-parts takes values in 1..256, got {args.fps_parts}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -231,7 +257,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     if args.fps_only:
-        return fps_only(scan, device, repeats, args.json, (1_000, 200) if args.quick else (18_000, 4_000))
+        return fps_only(scan, device, repeats, args.json, (1_000, 200) if args.quick else (18_000, 4_000),
+                        args.fps_parts)
     print(f"# device={device} gpu={results['gpu']} torch={torch.__version__} triton={results.get('triton')} "
           f"threads={torch.get_num_threads()} backends={backends} cases={cases} scan={len(scan)}", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -251,33 +278,34 @@ def main(argv=None) -> int:
                         results["forward"].setdefault(case, {})[b] = t
                         print(f"forward case={case} backend={b} points={n} "
                               + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in t.items()), flush=True)
-            for b in backends:
-                for prec in precisions:
-                    c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
-                                                        args.fps)
-                    x_init = torch.from_numpy(c.prepare(scan)[2]).to(device)
-                    maps = map_time(b, device, x_init, 0.5, repeats)
-                    st = r.timings
-                    row = {"case": case, "backend": b, "precision": prec, "steps": args.steps,
-                           "cuda_graphs": graphs, "seconds": t, "peak_mib": peak, "maps_s": maps,
-                           "preprocess_s": st.get("preprocess"), "encoder_s": st.get("encoder"),
-                           "denoiser_step_s": st.get("denoiser", float("nan")) / max(1, args.steps),
-                           "refiner_s": st.get("refinement"), "points_out": int(len(r.points)),
-                           "budget": [c.n_fps, c.tile], "fps": "device" if c.fps_on_device else "cpu"}
-                    results["rows"].append(row)
-                    print(f"complete case={case} backend={b} precision={prec} steps={args.steps} "
-                          f"graphs={graphs} time={t * 1000:.1f}ms peak_gpu={peak:.0f}MiB "
-                          f"preprocess={row['preprocess_s'] * 1000:.1f}ms maps={maps * 1000:.1f}ms "
-                          f"encoder={row['encoder_s'] * 1000:.1f}ms "
-                          f"denoiser/step={row['denoiser_step_s'] * 1000:.1f}ms "
-                          f"refiner={(row['refiner_s'] or float('nan')) * 1000:.1f}ms "
-                          f"out={row['points_out']} budget={c.n_fps}x{c.tile} fps={row['fps']}", flush=True)
+            for b, prec, parts in ((b, q, P) for b in backends for q in precisions for P in args.fps_parts):
+                c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
+                                                    args.fps, parts)
+                x_init = torch.from_numpy(c.prepare(scan)[2]).to(device)
+                maps = map_time(b, device, x_init, 0.5, repeats)
+                st = r.timings
+                row = {"case": case, "backend": b, "precision": prec, "steps": args.steps,
+                       "cuda_graphs": graphs, "seconds": t, "peak_mib": peak, "maps_s": maps,
+                       "preprocess_s": st.get("preprocess"), "encoder_s": st.get("encoder"),
+                       "denoiser_step_s": st.get("denoiser", float("nan")) / max(1, args.steps),
+                       "refiner_s": st.get("refinement"), "points_out": int(len(r.points)),
+                       "budget": [c.n_fps, c.tile], "fps": "device" if c.fps_on_device else "cpu",
+                       "fps_parts": parts}
+                results["rows"].append(row)
+                print(f"complete case={case} backend={b} precision={prec} steps={args.steps} "
+                      f"graphs={graphs} time={t * 1000:.1f}ms peak_gpu={peak:.0f}MiB "
+                      f"preprocess={row['preprocess_s'] * 1000:.1f}ms maps={maps * 1000:.1f}ms "
+                      f"encoder={row['encoder_s'] * 1000:.1f}ms "
+                      f"denoiser/step={row['denoiser_step_s'] * 1000:.1f}ms "
+                      f"refiner={(row['refiner_s'] or float('nan')) * 1000:.1f}ms "
+                      f"out={row['points_out']} budget={c.n_fps}x{c.tile} fps={row['fps']} fps_parts={parts}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
     def seconds(case, backend, prec):
         hit = [r["seconds"] for r in results["rows"]
-               if r["case"] == case and r["backend"] == backend and r["precision"] == prec]
+               if r["case"] == case and r["backend"] == backend and r["precision"] == prec
+               and r["fps_parts"] == args.fps_parts[0]]
         return hit[0] if hit else float("nan")
 
     if cuda or "triton" in backends:

@@ -7,6 +7,7 @@ from torch import nn
 from lidar_completion.completer import STAGES, Completer, CompletionResult
 from lidar_completion.errors import CloudFormatError, ConfigError
 from lidar_completion.models import Condition
+from lidar_completion.settings import CompletionSettings
 
 
 class FakeEncoder(nn.Module):
@@ -184,6 +185,23 @@ def test_encoding_the_fps_subset_equals_encoding_the_tiled_x_init(backend):
     assert torch.equal(a.coords, b.coords)
     assert float(a.feats.abs().mean()) > 1e-3
     assert torch.allclose(a.feats, b.feats, rtol=1e-4, atol=1e-5 * float(a.feats.abs().max()))
+
+
+def test_fps_parts_is_checked_and_samples_the_budget_sector_by_sector():
+    for bad in (0, 257, 1.5, True):
+        with pytest.raises(ConfigError, match="fps_parts"):
+            _completer(fps_parts=bad)
+    with pytest.raises(ConfigError, match="fps_parts"):
+        CompletionSettings(fps_parts=0)
+    exact, parts = _completer(), _completer(fps_parts=8)
+    with pytest.raises(ConfigError, match="fps_parts"):
+        parts.fps_parts = 0                     # checked when set later too; the old value stays
+    assert parts.fps_parts == 8
+    assert "fps_parts=8" in repr(parts)
+    a, b = exact.complete_detailed(_scan(1)), parts.complete_detailed(_scan(1))
+    assert a.num_fps == b.num_fps == 200
+    assert not np.array_equal(a.raw, b.raw)     # another subset of the scan: another x_init
+    assert Completer.from_settings(CompletionSettings(fps_parts=4, checkpoint=None)).fps_parts == 4
 
 
 def test_fps_option_is_checked_and_auto_samples_on_the_cpu_without_cuda():

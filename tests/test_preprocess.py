@@ -5,7 +5,7 @@ import torch
 
 from lidar_completion.errors import CloudFormatError
 from lidar_completion.preprocess import (as_cloud, farthest_point_sample, filter_scan, make_x_init,
-                                         postprocess, postprocess_mask)
+                                         postprocess, postprocess_mask, sector_split)
 
 
 def _naive_fps(points, k, start):
@@ -38,6 +38,75 @@ def test_farthest_point_sampling_is_exact_and_deterministic():
     assert np.array_equal(farthest_point_sample(pts[:50], 300), np.arange(50))
     with pytest.raises(ValueError):
         farthest_point_sample(pts, 0)
+
+
+def test_farthest_point_sampling_of_tiny_clouds():
+    """Clouds smaller than the k-d tree variant's buckets (2^3 points) still sample."""
+    pts = np.array([[0, 0, 0], [1, 0, 0], [5, 0, 0], [0, 2, 0], [0, 0, 9]], dtype=np.float32)
+    idx = farthest_point_sample(pts, 3)
+    assert len(np.unique(idx)) == 3
+    assert np.array_equal(idx, _naive_fps(pts.astype(np.float64), 3, int(idx[0])))
+
+
+def _ring_scan(rng, n=6000):
+    r, a = rng.uniform(4, 40, n), rng.uniform(-np.pi, np.pi, n)
+    return np.stack([r * np.cos(a), r * np.sin(a), rng.normal(-1.6, 0.3, n)], 1).astype(np.float32)
+
+
+def test_sector_split_groups_points_by_azimuth_and_shares_the_samples_out():
+    rng = np.random.default_rng(5)
+    pts = _ring_scan(rng)
+    order, sizes, quotas = sector_split(torch.from_numpy(pts), 500, 8)
+    order = order.numpy()
+    assert sorted(order.tolist()) == list(range(len(pts)))          # a permutation
+    assert sum(sizes) == len(pts) and len(sizes) == len(quotas) == 8
+    assert sum(quotas) == 500 and all(0 <= q <= s for q, s in zip(quotas, sizes))
+    ang = np.arctan2(pts[:, 1], pts[:, 0])
+    start = 0
+    for s, size in enumerate(sizes):                                # sector s spans its 45 degrees
+        a = ang[order[start:start + size]]
+        start += size
+        assert a.min() >= -np.pi + s * np.pi / 4 - 1e-5 and a.max() <= -np.pi + (s + 1) * np.pi / 4 + 1e-5
+    # a uniform ring: every sector covers the same space, so the shares are about equal
+    assert max(quotas) - min(quotas) <= 0.25 * 500 / 8
+    # more samples than points: every point, shared out exactly
+    assert sector_split(torch.from_numpy(pts[:40]), 100, 4)[2] == sector_split(torch.from_numpy(pts[:40]), 40, 4)[1]
+
+
+def test_sector_split_shares_by_covered_space_not_by_point_count():
+    """10,000 points on a 1 m patch (a wall beside the sensor) against 1,000 spread over a
+    20 m x 20 m field: farthest-point sampling would spend nearly every sample on the field, and
+    so does the split, where a share by point count would give the patch ten of every eleven."""
+    rng = np.random.default_rng(6)
+    patch = np.column_stack([rng.uniform(5, 6, 10_000), rng.uniform(0.1, 1.1, 10_000), rng.uniform(-1, 0, 10_000)])
+    field = np.column_stack([rng.uniform(-10, 10, 1_000), rng.uniform(-30, -10, 1_000), np.full(1_000, -1.7)])
+    pts = np.concatenate([patch, field]).astype(np.float32)
+    _, sizes, quotas = sector_split(torch.from_numpy(pts), 200, 2)   # sector 0: y < 0 (the field), 1: y >= 0
+    assert sizes[1] == 10_000 and quotas[0] > 3 * quotas[1] and sum(quotas) == 200
+
+
+def test_approximate_sampling_is_exact_within_each_sector():
+    rng = np.random.default_rng(7)
+    pts = _ring_scan(rng, 3000)
+    idx = farthest_point_sample(pts, 240, parts=6)
+    assert idx.dtype == np.int64 and len(np.unique(idx)) == 240
+    assert np.array_equal(idx, farthest_point_sample(pts, 240, parts=6))      # deterministic
+    order, sizes, quotas = sector_split(torch.from_numpy(pts), 240, 6)
+    order, start, got = order.numpy(), 0, 0
+    for size, quota in zip(sizes, quotas):
+        members = order[start:start + size]
+        start += size
+        chosen = idx[got:got + quota]
+        got += quota
+        assert set(chosen.tolist()) <= set(members.tolist())
+        local = np.searchsorted(np.sort(members), chosen)
+        sub = pts[np.sort(members)].astype(np.float64)
+        assert np.array_equal(local, _naive_fps(sub, quota, int(local[0])))
+    assert np.array_equal(farthest_point_sample(pts, 240, parts=1), farthest_point_sample(pts, 240))
+    with pytest.raises(ValueError, match="parts"):
+        farthest_point_sample(pts, 240, parts=0)
+    scan_fps, x_init = make_x_init(pts, n_fps=240, tile=2, fps_parts=6)
+    assert np.array_equal(scan_fps, pts[idx]) and x_init.shape == (480, 3)
 
 
 def test_make_x_init_tiles_whole_blocks():

@@ -537,8 +537,16 @@ def test_completer_samples_on_the_device_as_the_textbook_does(monkeypatch):
     assert dev.fps_on_device and not cpu.fps_on_device
     a_res = dev.complete_detailed(scan)
     monkeypatch.setattr(preprocess, "farthest_point_sample",
-                        lambda p, k: np.asarray(fpsample.fps_sampling(p, k, start_idx=0), dtype=np.int64))
+                        lambda p, k, parts=1: np.asarray(fpsample.fps_sampling(p, k, start_idx=0), dtype=np.int64))
     b_res = cpu.complete_detailed(scan)
+    assert a_res.num_fps == b_res.num_fps == 300
+    np.testing.assert_array_equal(a_res.points, b_res.points)
+    # fps_parts: the same sectors and shares on both, each sector sampled from its first point
+    monkeypatch.undo()   # the shipped CPU path again, but for the start point within a sector
+    monkeypatch.setattr(preprocess, "_fps_exact",
+                        lambda p, k: np.asarray(fpsample.fps_sampling(p, k, start_idx=0), dtype=np.int64))
+    dev.fps_parts = cpu.fps_parts = 5
+    a_res, b_res = dev.complete_detailed(scan), cpu.complete_detailed(scan)
     assert a_res.num_fps == b_res.num_fps == 300
     np.testing.assert_array_equal(a_res.points, b_res.points)
 

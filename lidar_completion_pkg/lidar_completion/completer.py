@@ -116,7 +116,9 @@ class Completer:
     faster than an ordinary call. ``fps`` is where farthest-point sampling runs: "cpu"
     (fpsample), "device" (the exact Triton kernel on the Completer's CUDA device, or on the CPU
     under ``TRITON_INTERPRET=1``) or "auto" (the device on CUDA with Triton, else the CPU; a
-    failure of the device kernel falls back to the CPU with a warning).
+    failure of the device kernel falls back to the CPU with a warning). ``fps_parts`` > 1 samples
+    approximately, in that many azimuth sectors side by side
+    (:func:`lidar_completion.preprocess.sector_split`), on the CPU and on the device alike.
     """
 
     def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module,
@@ -130,9 +132,10 @@ class Completer:
                  tile: int = DEFAULTS["tile"], post_max_range: float | None = 50.0,
                  min_points: int = 100, schedule: NoiseSchedule | None = None,
                  process: str = checkpoint_fallback("process"),
-                 cuda_graphs: bool | str | None = None, fps: str = "auto"):
+                 cuda_graphs: bool | str | None = None, fps: str = "auto", fps_parts: int = 1):
         self.device = resolve_device(device)
         self.fps = fps
+        self.fps_parts = fps_parts
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
         self._graphed: GraphedDenoiser | None = None
         self._graphed_refiner: GraphedRefiner | None = None
@@ -182,6 +185,17 @@ class Completer:
         self._fps_failed = False
 
     @property
+    def fps_parts(self) -> int:
+        """Azimuth sectors of approximate farthest-point sampling (1: exact)."""
+        return self._fps_parts
+
+    @fps_parts.setter
+    def fps_parts(self, value: int):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 256:
+            raise ConfigError(f"fps_parts must be an integer in 1..256, got {value!r}")
+        self._fps_parts = int(value)
+
+    @property
     def fps_on_device(self) -> bool:
         """Whether the next scan's farthest-point sampling runs on the device."""
         if self._fps == "device":
@@ -192,11 +206,11 @@ class Completer:
     def _sample_on_device(self, filtered: np.ndarray):
         """(scan_fps, x_init) as device tensors, sampled by the Triton kernel; None when "auto"
         meets a failure of the kernel (then the CPU samples, now and for later scans)."""
-        from .sparse.triton_backend import farthest_point_sample_device
+        from .sparse.triton_backend import farthest_point_sample_sectors_device
 
         pts = torch.from_numpy(filtered).to(self.device)
         try:
-            idx = farthest_point_sample_device([pts], [min(self.n_fps, len(pts))])[0]
+            idx = farthest_point_sample_sectors_device(pts, self.n_fps, self.fps_parts)
         except Exception as exc:   # a kernel that timed out, failed to compile or to launch
             if self._fps == "device":
                 raise
@@ -308,7 +322,7 @@ class Completer:
         """Validated and filtered scan, its FPS subset (on the CPU) and ``x_init``; raises
         CloudFormatError."""
         filtered, n_valid = self.filtered(points)
-        scan_fps, x_init = make_x_init(filtered, self.n_fps, self.tile)
+        scan_fps, x_init = make_x_init(filtered, self.n_fps, self.tile, self.fps_parts)
         return filtered, scan_fps, x_init, n_valid
 
     def filtered(self, points) -> tuple[np.ndarray, int]:
@@ -482,7 +496,7 @@ class Completer:
         return (f"Completer(steps={self.steps}, process={self.process}, guidance={self.guidance}, "
                 f"refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
-                f"n_fps={self.n_fps}, tile={self.tile}, fps={self.fps}, cuda_graphs={self.graphs_active})")
+                f"n_fps={self.n_fps}, tile={self.tile}, fps={self.fps}, fps_parts={self.fps_parts}, cuda_graphs={self.graphs_active})")
 
 
 def _now(clock: _Clock) -> float:

@@ -6,6 +6,9 @@ truth" and "Post-processing").
 * :func:`farthest_point_sample`: exact farthest-point sampling (the ``fpsample`` package, QuickFPS
   bucket variant: the selection of the textbook O(N k) loop, in a fraction of the time, from a
   start point of its own choosing - it does not honour ``start_idx=0``);
+* :func:`sector_split`: the approximate variant's partition: azimuth sectors of the scan, each with
+  a share of the samples by how much space it covers (:func:`farthest_point_sample` with
+  ``parts`` > 1, and the device kernel's, :attr:`lidar_completion.completer.Completer.fps_parts`);
 * :func:`make_x_init`: FPS to ``n_fps`` points (18,000) and tile ``tile`` times (10 -> 180,000);
 * :func:`postprocess`: keep ``range < max_range`` and
   ``mean_z(x_init) - 2 std_z(x_init) < z < max_z(x_init)``.
@@ -14,12 +17,15 @@ Arrays are float32 numpy (N, 3) unless stated; :func:`postprocess` also takes to
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 from .errors import CloudFormatError
 
-__all__ = ["DEFAULTS", "as_cloud", "filter_scan", "farthest_point_sample", "make_x_init",
-           "postprocess_mask", "postprocess"]
+__all__ = ["DEFAULTS", "as_cloud", "filter_scan", "farthest_point_sample", "sector_split", "sector_members",
+           "make_x_init", "postprocess_mask", "postprocess"]
 
 #: Published pre/post-processing limits.
 DEFAULTS = dict(min_range=3.5, max_range=50.0, min_z=-4.0, n_fps=18000, tile=10)
@@ -78,32 +84,131 @@ def _bucket_height(n: int) -> int:
     return 7
 
 
-def farthest_point_sample(points: np.ndarray, n_samples: int) -> np.ndarray:
+def farthest_point_sample(points: np.ndarray, n_samples: int, parts: int = 1) -> np.ndarray:
     """Indices (int64) of ``n_samples`` points chosen by farthest-point sampling.
 
     Deterministic: the same cloud gives the same indices. When the cloud has ``n_samples`` points or
-    fewer, every index is returned (in order).
+    fewer, every index is returned (in order). ``parts`` > 1 samples the approximate variant: the
+    cloud split by :func:`sector_split` into that many azimuth sectors, each sampled exactly on its
+    own with its share of ``n_samples`` (the indices sector after sector).
     """
     pts = np.ascontiguousarray(np.asarray(points, dtype=np.float32)[:, :3])
     n = len(pts)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if int(parts) < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if n <= n_samples:
+        return np.arange(n, dtype=np.int64)
+    if int(parts) > 1:
+        members, quotas = sector_members(torch.from_numpy(pts), int(n_samples), int(parts))
+        return np.concatenate([m[_fps_exact(pts[m], q)] for m, q in
+                               zip((m.numpy() for m in members), quotas)]).astype(np.int64)
+    return _fps_exact(pts, int(n_samples))
+
+
+def _fps_exact(pts: np.ndarray, n_samples: int) -> np.ndarray:
+    n = len(pts)
     if n <= n_samples:
         return np.arange(n, dtype=np.int64)
     import fpsample  # listed in install_requires
-    idx = fpsample.bucket_fps_kdline_sampling(pts, int(n_samples), _bucket_height(n), start_idx=0)
+    h = _bucket_height(n)
+    if n < 2 ** h:   # the k-d tree variant needs 2^h points or more: the plain loop for tiny clouds
+        idx = fpsample.fps_sampling(pts, int(n_samples), start_idx=0)
+    else:
+        idx = fpsample.bucket_fps_kdline_sampling(pts, int(n_samples), h, start_idx=0)
     return np.asarray(idx, dtype=np.int64)
 
 
-def make_x_init(points: np.ndarray, n_fps: int = 18000, tile: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """``(scan_fps, x_init)``: the FPS-sampled scan (n, 3) and ``x_init`` = it tiled ``tile`` times.
+def sector_split(points: torch.Tensor, n_samples: int, parts: int) -> tuple[torch.Tensor, list, list]:
+    """The partition of approximate farthest-point sampling: ``(order, sizes, quotas)``.
+
+    The cloud (N, 3), on any device, is cut into ``parts`` equal azimuth sectors about the sensor
+    (the origin); ``order`` (N,) lists the point indices sector after sector, ``sizes[s]`` how many
+    points sector s has and ``quotas[s]`` (summing to ``min(n_samples, N)``) how many of them it
+    samples. The quotas follow the space each sector covers, not its point count: farthest-point
+    sampling spreads its samples evenly over the surface, so a sector full of points close to the
+    sensor deserves no more samples than its area. The measure is the number of voxels a sector
+    occupies at the voxel size at which the whole cloud occupies about ``n_samples`` voxels (the
+    size found in a few steps from the horizontal extent; each step is one ``unique``). Shares are
+    rounded by largest remainder and capped at the sector's points (the rest goes to sectors with
+    room).
+
+    Why sectors: exact sampling is ``n_samples`` strictly sequential steps (18,000 for the published
+    budget: 55 ms on an H200, see docs/benchmarks.md); P sectors sampled side by side take
+    ``n_samples / P`` steps. What it costs: each sector starts from its own point, so samples
+    near a seam may lie closer together than exact sampling would place them.
+    """
+    pts = points[:, :3].float()
+    n = int(pts.shape[0])
+    k = min(int(n_samples), n)
+    sector = ((torch.atan2(pts[:, 1], pts[:, 0]) + math.pi) * (parts / (2 * math.pi))).long().clamp_(0, parts - 1)
+    order = torch.argsort(sector, stable=True)
+    sizes = torch.bincount(sector, minlength=parts).cpu().numpy()
+    lo, hi = pts.min(0).values, pts.max(0).values
+    ext = (hi - lo).double().cpu().numpy()
+    voxel = max(math.sqrt(max(float(ext[0] * ext[1]), 1e-6) / max(k, 1)), 1e-4)
+    for _ in range(6):
+        q = ((pts - lo) / voxel).long()
+        span = q.max(0).values + 1
+        key = ((q[:, 0] * span[1] + q[:, 1]) * span[2] + q[:, 2]) * parts + sector
+        occupied = torch.bincount(torch.unique(key) % parts, minlength=parts).cpu().numpy()
+        total = int(occupied.sum())
+        if abs(total - k) <= 0.05 * k:
+            break
+        voxel *= math.sqrt(total / k) if total else 0.5   # occupied voxels of a surface go as 1 / size^2
+    return order, [int(v) for v in sizes], _quotas(occupied.astype(np.float64), sizes, k)
+
+
+def sector_members(points: torch.Tensor, n_samples: int, parts: int) -> tuple[list, list]:
+    """:func:`sector_split` as the samplers use it: the point indices of every sector that samples
+    anything, and how many it samples (the CPU and the device path share it)."""
+    order, sizes, quotas = sector_split(points, n_samples, parts)
+    kept = [(m, q) for m, q in zip(torch.split(order, sizes), quotas) if q]
+    return [m for m, _ in kept], [q for _, q in kept]
+
+
+def _quotas(weight: np.ndarray, sizes: np.ndarray, k: int) -> list:
+    """``k`` samples shared out in proportion to ``weight`` by largest remainder, none above its
+    sector's ``sizes``; what a full sector cannot take goes to the others the same way."""
+    quota = np.zeros(len(sizes), dtype=np.int64)
+    room = sizes.astype(np.int64).copy()
+    left = int(k)
+    while left > 0:
+        w = np.where(room > 0, weight, 0.0)
+        if w.sum() <= 0:
+            w = (room > 0).astype(np.float64)
+        share = left * w / w.sum()
+        give = np.minimum(np.floor(share).astype(np.int64), room)
+        rest = left - int(give.sum())
+        if rest > 0:   # largest remainders first, among sectors that still have room
+            frac = np.where(room - give > 0, share - np.floor(share), -1.0)
+            for s in np.argsort(-frac, kind="stable")[:rest]:
+                if frac[s] >= 0 and give[s] < room[s]:
+                    give[s] += 1
+        quota += give
+        room -= give
+        given = int(give.sum())
+        if given == 0:   # all remainders were on full sectors: one each to those with room
+            for s in np.flatnonzero(room > 0)[:left]:
+                quota[s] += 1
+                room[s] -= 1
+                given += 1
+        left -= given
+    return [int(v) for v in quota]
+
+
+def make_x_init(points: np.ndarray, n_fps: int = 18000, tile: int = 10,
+                fps_parts: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(scan_fps, x_init)``: the FPS-sampled scan (n, 3) and ``x_init`` = it tiled ``tile`` times
+    (``fps_parts`` > 1: the approximate sampling of :func:`farthest_point_sample`).
 
     Tiling repeats the whole block (``[p0..pn, p0..pn, ...]``), as the published pipeline does.
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     pts = np.asarray(points, dtype=np.float32)[:, :3]
-    scan_fps = np.ascontiguousarray(pts[farthest_point_sample(pts, n_fps)])
+    scan_fps = np.ascontiguousarray(pts[farthest_point_sample(pts, n_fps, fps_parts)])
     return scan_fps, np.tile(scan_fps, (int(tile), 1))
 
 

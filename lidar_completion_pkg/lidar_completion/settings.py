@@ -178,7 +178,12 @@ class CompletionSettings:
                             "keeps graphs where they are faster)", str, choices=GRAPH_MODES)
     fps: str = _opt("auto", "where farthest-point sampling of the scan runs: 'cpu' (fpsample), 'device' "
                     "(exact, on the GPU with Triton) or 'auto' (the device on CUDA when Triton is "
-                    "installed, else the CPU); both are exact", str, choices=FPS_MODES)
+                    "installed, else the CPU); both exact, or both approximate alike with fps_parts > 1", str,
+                    choices=FPS_MODES)
+    fps_parts: int = _opt(1, "farthest-point sampling in this many azimuth sectors side by side, each with a "
+                          "share of n_fps by the space it covers: 1 = exact over the whole scan; more = "
+                          "fewer sequential steps (faster on the GPU), approximate near the sectors' seams",
+                          int, range=(1, 256), metavar="P")
     seed: Optional[int] = _opt(
         None, "noise seed: the same seed gives the same output for the same input", int,
         range=(0, 2**31 - 1), unset="fresh randomness for every scan (the seed used is logged)",
@@ -261,7 +266,7 @@ class CompletionSettings:
                   device=self.device, seed=self.seed, backend=self.backend,
                   refiner_checkpoint=self.refiner_checkpoint,
                   allow_pickle=True if self.trust_checkpoint else None, precision=self.precision,
-                  cuda_graphs=self.cuda_graphs, fps=self.fps, min_range=self.min_range, max_range=self.max_range,
+                  cuda_graphs=self.cuda_graphs, fps=self.fps, fps_parts=self.fps_parts, min_range=self.min_range, max_range=self.max_range,
                   min_z=self.min_z)
         kw.update({k: getattr(self, k) for k in ("n_fps", "tile") if getattr(self, k) is not None})
         return kw

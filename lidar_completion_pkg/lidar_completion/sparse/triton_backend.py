@@ -396,6 +396,23 @@ def farthest_point_sample_device(clouds: list, counts: list, programs: int | Non
             for idx, s, n, k in zip(torch.split(out, counts), starts.tolist(), sizes, counts)]
 
 
+def farthest_point_sample_sectors_device(points: torch.Tensor, count: int, parts: int) -> torch.Tensor:
+    """Indices of ``count`` samples of one cloud (N, 3) on its device: exact
+    (:func:`farthest_point_sample_device`) for ``parts`` = 1, else the approximate variant of
+    :func:`lidar_completion.preprocess.sector_split` - the cloud's azimuth sectors as clouds of their
+    own, sampled side by side in one launch (``count / parts`` sequential steps instead of
+    ``count``), the indices sector after sector."""
+    from ..preprocess import sector_members
+
+    n = int(points.shape[0])
+    count = min(int(count), n)
+    if int(parts) <= 1 or count >= n:
+        return farthest_point_sample_device([points], [count])[0]
+    members, quotas = sector_members(points, count, int(parts))
+    found = farthest_point_sample_device([points.index_select(0, m) for m in members], quotas)
+    return torch.cat([m.index_select(0, i) for m, i in zip(members, found)])
+
+
 class TritonBackend(TorchBackend):
     name = "triton"
     supports_groups = True
