@@ -349,3 +349,29 @@ def test_a_stuck_loader_worker_is_an_error_that_says_what_to_do():
     loader = make_loader(_SlowDataset(), [[0, 1], [2, 3]], num_workers=1, start="fork", timeout_s=1)
     with pytest.raises(DatasetError, match="data.num_workers=0"):
         next(_batches(loader, 1, 1))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_per_step_decay_of_the_learning_rate(tmp_path, kind):
+    """train.lr_schedule.decay_steps N: the rate goes from lr0 at step 0 to lr0 * decay_to at step N
+    and stays there, inside one epoch (where gamma never acts); the logged rate of step s+1 is the
+    one that step used (the schedule evaluated at s)."""
+    import math
+    npz = write_npz(tmp_path / "four.npz", n=4, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    lr0, n, low = 1e-3, 4, 0.1
+    assert main(_args(npz, out, "--max-steps", "6", "--set", "log.every_steps=1",
+                      "--set", f"train.optimizer={{name: adam, lr: {lr0}}}",
+                      "--set", f"train.lr_schedule={{decay_steps: {n}, decay_to: {low}, decay: {kind}}}")) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in logged if "lr" in r}
+
+    def want(s):
+        p = min(s, n) / n
+        return lr0 * ((low + (1 - low) * 0.5 * (1 + math.cos(math.pi * p))) if kind == "cosine" else 1 - (1 - low) * p)
+    for step in range(1, 7):
+        assert lrs[step] == pytest.approx(want(step - 1), rel=1e-9), step
+    assert lrs[6] == pytest.approx(lr0 * low) and lrs[1] == pytest.approx(lr0)
+    for bad, match in (("decay_steps: -1", "decay_steps"), ("decay_to: 1.5", "decay_to"), ("decay: step", "decay")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, "teacher", [f"train.lr_schedule={{{bad}}}"])

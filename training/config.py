@@ -62,8 +62,10 @@ _COMMON: dict = {
         "grad_clip": None,        # max gradient norm, None = off
         "optimizer": {"name": "adam", "lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
                       "momentum": 0.0},
-        # lr = lr0 * gamma ** (epoch // every_epochs); gamma 1 = constant
-        "lr_schedule": {"gamma": 1.0, "every_epochs": 1},
+        # lr = lr0 * gamma ** (epoch // every_epochs); gamma 1 = constant. decay_steps N > 0 also
+        # multiplies by a per-step decay from 1 at step 0 to decay_to at step N (and after):
+        # decay linear or cosine (for runs shorter than an epoch, where gamma never acts)
+        "lr_schedule": {"gamma": 1.0, "every_epochs": 1, "decay_steps": 0, "decay_to": 0.0, "decay": "linear"},
     },
     # every_steps: training-state checkpoint period (0: only at the end / on a signal);
     # export: write the inference checkpoint <out>/<kind>.pt when training finishes;
@@ -264,6 +266,13 @@ def validate(cfg: dict) -> None:
     _check(tr["optimizer"]["name"] in ("adam", "adamw", "sgd"),
            f"train.optimizer.name must be adam|adamw|sgd, got {tr['optimizer']['name']!r}")
     _check(float(tr["optimizer"]["lr"]) > 0, f"train.optimizer.lr must be positive, got {tr['optimizer']['lr']}")
+    ls = tr["lr_schedule"]
+    _check(int(ls.get("decay_steps", 0) or 0) >= 0,
+           f"train.lr_schedule.decay_steps must be >= 0, got {ls.get('decay_steps')}")
+    _check(0.0 <= float(ls.get("decay_to", 0.0)) <= 1.0,
+           f"train.lr_schedule.decay_to must be in [0, 1], got {ls.get('decay_to')}")
+    _check(ls.get("decay", "linear") in ("linear", "cosine"),
+           f"train.lr_schedule.decay must be linear|cosine, got {ls.get('decay')!r}")
     _check(cfg["data"].get("loader_start", "forkserver") in ("forkserver", "spawn", "fork"),
            f"data.loader_start must be forkserver|spawn|fork, got {cfg['data'].get('loader_start')!r}")
     _check(float(cfg["data"].get("loader_timeout_s", 0) or 0) >= 0, "data.loader_timeout_s must be >= 0")

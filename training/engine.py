@@ -14,6 +14,7 @@ import abc
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -302,13 +303,22 @@ class Trainer(abc.ABC):
         return norm
 
     # -- learning rate ---------------------------------------------------------------------------
-    def lr_factor(self, epoch: int) -> float:
+    def lr_factor(self, epoch: int, step: int = 0) -> float:
+        """``gamma ** (epoch // every_epochs)``, times the per-step decay when ``decay_steps`` > 0."""
         s = self.cfg["train"]["lr_schedule"]
         gamma, every = float(s.get("gamma", 1.0)), max(1, int(s.get("every_epochs", 1)))
-        return gamma ** (epoch // every)
+        f = gamma ** (epoch // every)
+        n = int(s.get("decay_steps", 0) or 0)
+        if n > 0:
+            p, low = min(step, n) / n, float(s.get("decay_to", 0.0))
+            if s.get("decay", "linear") == "cosine":
+                f *= low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * p))
+            else:
+                f *= 1.0 - (1.0 - low) * p
+        return f
 
-    def apply_lr(self, epoch: int) -> None:
-        f = self.lr_factor(epoch)
+    def apply_lr(self, epoch: int, step: int = 0) -> None:
+        f = self.lr_factor(epoch, step)
         for name, opt in self.optimizers.items():
             for g, lr0 in zip(opt.param_groups, self.base_lrs[name]):
                 g["lr"] = lr0 * f
@@ -442,7 +452,7 @@ class Trainer(abc.ABC):
                                      dcfg.get("loader_start", "forkserver"), dcfg.get("loader_timeout_s", 0))
                 for batch in _batches(loader, self.loader_workers, dcfg.get("loader_timeout_s", 0)):
                     epoch = self.step // self.steps_per_epoch
-                    self.apply_lr(epoch)
+                    self.apply_lr(epoch, self.step)
                     t0 = time.time()
                     batch = self.prepare_batch(batch)
                     logs = self.train_step(batch)
