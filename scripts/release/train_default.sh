@@ -29,7 +29,7 @@
 #   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
 #   DISTILL_MODE [dpo]   the distillation objective (distill.mode): dpo (Distillation-DPO) or vsd
 #                        (score distillation alone; the shipped student: vsd with
-#                        DISTILL_TEACHER_GUIDANCE=7.5, docs/experiments/shipped-models.md)
+#                        DISTILL_TEACHER_GUIDANCE=10, docs/experiments/shipped-models.md)
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 forked workers never
 #                        delivered a first batch within 125 s while 0 workers trained at 0.28 s per
