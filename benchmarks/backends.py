@@ -188,8 +188,10 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
                              "same_as_default": same_p})
                 print(f"fps points={len(scan)} samples={k} programs={p} device={t * 1000:.1f}ms "
                       f"same_as_default={same_p}", flush=True)
-        exact_cover = coverage(scan[farthest_point_sample(scan, k)])
-        for P in (q for q in parts if q > 1):
+        sector_parts = [q for q in parts if q > 1]
+        # the exact sampling's coverage, the reference of the sector rows (only when there are some)
+        exact_cover = coverage(scan[farthest_point_sample(scan, k)]) if sector_parts else float("nan")
+        for P in sector_parts:
             cpu = timed(lambda: farthest_point_sample(scan, k, P), torch.device("cpu"), repeats)
             dev = timed(lambda: farthest_point_sample_sectors_device(x, k, P), device, repeats)
             idx = farthest_point_sample_sectors_device(x, k, P).cpu().numpy()
