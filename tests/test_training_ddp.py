@@ -48,11 +48,14 @@ def _run(cmd: list, cwd: Path) -> None:
     assert r.returncode == 0, f"{' '.join(cmd[:6])} ... failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
-# In the slow suite (make test-slow): in full fast-suite runs on the shared 2-core machine each
-# variant failed once in about five runs (passing alone every time; cause not yet found - a torchrun
-# rendezvous or state left by an earlier in-process test are the suspects), and a flaky test must not
-# decide whether CI lands.
-@pytest.mark.slow
+def _train(kind: str, common: list, batch: int, out: Path, *extra: str) -> None:
+    """One single-process run in a fresh interpreter, as the DDP ranks run: its result must not
+    depend on what earlier tests left in the pytest process (thread settings, RNG and allocator
+    state, grad mode, worker threads still finishing)."""
+    _run([sys.executable, "-m", "training", kind, *common, *extra, "--set", f"train.batch_size={batch}",
+          "--out", str(out)], ROOT)
+
+
 @pytest.mark.parametrize("kind", ["distill", "teacher"])
 def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     npz = write_npz(tmp_path / "two.npz", n=2, n_target=1600, n_scan=160)
@@ -60,8 +63,7 @@ def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "training", kind, *common, "--set", "train.batch_size=1", "--out", str(ddp_out)], ROOT)
-    from training.__main__ import main   # the single-process run in this process (saves a start-up)
-    assert main([kind, *common, "--set", "train.batch_size=2", "--out", str(single_out)]) == 0
+    _train(kind, common, 2, single_out)
 
     summary = json.loads((ddp_out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 1
@@ -71,8 +73,7 @@ def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     a = load_state(CheckpointManager(ddp_out / "checkpoints").latest_path())["models"]
     b = load_state(CheckpointManager(single_out / "checkpoints").latest_path())["models"]
     # the initial weights (seeded): the same run stopped after 0 steps
-    assert main([kind, *common, "--max-steps", "0", "--set", "train.batch_size=2",
-                 "--out", str(tmp_path / "init")]) == 0
+    _train(kind, common, 2, tmp_path / "init", "--max-steps", "0")
     init = load_state(CheckpointManager(tmp_path / "init" / "checkpoints").latest_path())["models"]
     names = ("student", "aux_w", "aux_l") if kind == "distill" else ("teacher",)
     for name in names:
