@@ -48,11 +48,12 @@ def _run(cmd: list, cwd: Path) -> None:
     assert r.returncode == 0, f"{' '.join(cmd[:6])} ... failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
-def _train(kind: str, common: list, batch: int, out: Path, *extra: str) -> None:
-    """One single-process run in a fresh interpreter, as the DDP ranks run: its result must not
-    depend on what earlier tests left in the pytest process (thread settings, RNG and allocator
-    state, grad mode, worker threads still finishing)."""
-    _run([sys.executable, "-m", "training", kind, *common, *extra, "--set", f"train.batch_size={batch}",
+def _train(kind: str, common: list, batch: int, out: Path, *extra: str, ranks: int = 1) -> None:
+    """One run of ``python -m training`` in fresh processes (``ranks`` > 1: under torchrun), so that
+    nothing an earlier test left in the pytest process (thread settings, RNG and allocator state)
+    reaches the comparison."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    _run([sys.executable, *launch, "-m", "training", kind, *common, *extra, "--set", f"train.batch_size={batch}",
           "--out", str(out)], ROOT)
 
 
@@ -61,8 +62,7 @@ def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
     npz = write_npz(tmp_path / "two.npz", n=2, n_target=1600, n_scan=160)
     common = _common(npz, kind)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "training", kind, *common, "--set", "train.batch_size=1", "--out", str(ddp_out)], ROOT)
+    _train(kind, common, 1, ddp_out, ranks=2)
     _train(kind, common, 2, single_out)
 
     summary = json.loads((ddp_out / "summary.json").read_text())
