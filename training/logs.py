@@ -51,8 +51,13 @@ class RunLogger:
     def progress(self, n: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            # Non-finite values are placeholders (e.g. the student's loss during the distillation's
+            # auxiliary-only warm-up: no student update, so no loss); a real NaN/inf loss never gets
+            # here - the trainer's guard stops the run first. "nan" on the bar would read as divergence.
+            shown = {k: f"{float(v):.4g}" for k, v in (postfix or {}).items()
+                     if v is not None and math.isfinite(float(v))}
+            if postfix is not None:
+                self.bar.set_postfix(shown, refresh=False)
 
     def bev(self, step: int, tag: str, clouds: dict, extent: float | None = None) -> None:
         """Bird's-eye scatter of several clouds side by side (name -> (N, 3) array)."""
