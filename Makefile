@@ -57,8 +57,10 @@ $(DEMO_STAMP):
 	@rm -f $(VENV)/.stamp-demo-*
 	@touch $@
 
+# --durations: every run (CI's included) ends with its slowest tests, the ones to look at when the
+# fast suite nears its 15-minute budget.
 test: setup ## fast test suite (pytest -m "not slow")
-	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup ## slow tests only (pytest -m slow)
 	$(PYTEST) -m slow $(PYTEST_ARGS)
