@@ -3,7 +3,9 @@ everywhere, and useful - on docs/results.md's held-out frames the student at 8 s
 than (a) the scan alone, (b) the refiner alone on the undenoised start x_init and (c) the shipped
 teacher at 8 steps at the published teacher guidance (w = 6) and at its own best guidance on the
 validation drive (w = 2.5)."""
+import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -97,16 +99,31 @@ def held_out_frames(tmp_path_factory):
     return [(item["raw_scan"], item["target"]) for item in items]
 
 
+@contextlib.contextmanager
+def _cores(n: int = 2):
+    """Up to ``n`` torch threads for a while. `make test` pins one OpenMP thread per process because
+    some tests run several processes at once; the completions below, the heaviest fixture of the fast
+    suite, run alone in the pytest process (on the 2-core machine with both cores: the module's fast
+    tests 153 -> 125 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def student_completions(held_out_frames):
     """The shipped student's defaults (8 steps, its solver and guidance, refined), seed = frame as in
     docs/results.md's table (scripts/release/eval_default.py, seed 0 + frame); and the first frame
     twice more at a small budget (500 points), for determinism."""
     from lidar_completion.completer import Completer
-    comp = Completer.from_checkpoint(None, backend="torch")
-    out = [comp.complete_detailed(scan, seed=f) for (scan, _), f in zip(held_out_frames, HELD_OUT_FRAMES)]
-    small = Completer.from_checkpoint(None, backend="torch", n_fps=500)
-    twice = [small.complete_detailed(held_out_frames[0][0], seed=HELD_OUT_FRAMES[0]) for _ in range(2)]
+    with _cores():
+        comp = Completer.from_checkpoint(None, backend="torch")
+        out = [comp.complete_detailed(scan, seed=f) for (scan, _), f in zip(held_out_frames, HELD_OUT_FRAMES)]
+        small = Completer.from_checkpoint(None, backend="torch", n_fps=500)
+        twice = [small.complete_detailed(held_out_frames[0][0], seed=HELD_OUT_FRAMES[0]) for _ in range(2)]
     return out, twice
 
 
