@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -13,6 +14,24 @@ if not torch.cuda.is_available():
 
 # Two cores are shared by the whole suite; more intra-op threads only add contention.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` (at most the machine's cores) for a while, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    """``with torch_threads(n):`` - e.g. 1 to compute exactly as a node started with OMP_NUM_THREADS=1,
+    or 2 for heavy work that runs alone in the pytest process (make test pins one thread per process)."""
+    return _torch_threads
 
 
 def available_backends():

@@ -262,11 +262,10 @@ def publish_until_answered(p, pub, msg, outputs, proc, log, tries=10, wait=3.0):
 
 
 @pytest.mark.ros
-def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp_path):
+def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp_path, torch_threads):
     """The plain node through `ros2 launch`: model_frame / target_frame with static and stale
     transforms, an rviz-QoS subscriber, qos_overrides, `ros2 param` and `ros2 topic`, Ctrl-C."""
     _ros()
-    import torch
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
@@ -336,13 +335,9 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
         a, b = pc.read_points_numpy(out_level), pc.read_points_numpy(out_mount)
         np.testing.assert_array_equal(a, b)
         # ... and target_frame holds map <- lidar_level applied to the completion in the model frame
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the node (OMP_NUM_THREADS=1): the same arithmetic
-        try:
+        with torch_threads(1):  # as the node (OMP_NUM_THREADS=1): the same arithmetic
             mine = Completer.from_checkpoint(checkpoint, steps=STEPS, n_fps=N_FPS, tile=TILE, seed=0,
                                              backend="torch").complete(level)
-        finally:
-            torch.set_num_threads(threads)
         expected = mine @ map_level[:3, :3].T + map_level[:3, 3]
         np.testing.assert_allclose(a, expected, atol=1e-4)
 

@@ -3,9 +3,7 @@ everywhere, and useful - on docs/results.md's held-out frames the student at 8 s
 than (a) the scan alone, (b) the refiner alone on the undenoised start x_init and (c) the shipped
 teacher at 8 steps at the published teacher guidance (w = 6) and at its own best guidance on the
 validation drive (w = 2.5)."""
-import contextlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -99,27 +97,14 @@ def held_out_frames(tmp_path_factory):
     return [(item["raw_scan"], item["target"]) for item in items]
 
 
-@contextlib.contextmanager
-def _cores(n: int = 2):
-    """Up to ``n`` torch threads for a while. `make test` pins one OpenMP thread per process because
-    some tests run several processes at once; the completions below, the heaviest fixture of the fast
-    suite, run alone in the pytest process (on the 2-core machine with both cores: the module's fast
-    tests 153 -> 125 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def student_completions(held_out_frames):
+def student_completions(held_out_frames, torch_threads):
     """The shipped student's defaults (8 steps, its solver and guidance, refined), seed = frame as in
     docs/results.md's table (scripts/release/eval_default.py, seed 0 + frame); and the first frame
-    twice more at a small budget (500 points), for determinism."""
+    twice more at a small budget (500 points), for determinism. The fast suite's heaviest fixture,
+    alone in the pytest process: on both cores (the module's fast tests 153 -> 125 s on 2 cores)."""
     from lidar_completion.completer import Completer
-    with _cores():
+    with torch_threads(2):
         comp = Completer.from_checkpoint(None, backend="torch")
         out = [comp.complete_detailed(scan, seed=f) for (scan, _), f in zip(held_out_frames, HELD_OUT_FRAMES)]
         small = Completer.from_checkpoint(None, backend="torch", n_fps=500)
