@@ -46,6 +46,7 @@ setup(
         "rosbags>=0.10",
         "mcap>=1.1",  # reading truncated .mcap bags record by record (bags.io)
         "psutil",
+        "python-neo-lzf>=0.3",  # LZF of PCL's binary_compressed .pcd files (io); prebuilt wheels
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30"],

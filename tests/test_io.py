@@ -66,6 +66,76 @@ def test_foreign_pcd_with_padding_and_rgb(tmp_path):
     assert read_cloud(ascii_p).tolist() == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
 
 
+def _lzf_literals(data: bytes) -> bytes:
+    """An LZF stream written by hand from the format, not by the decoder's library: literal runs,
+    each a control byte L - 1 (< 32) and then L bytes."""
+    return b"".join(bytes([len(data[i:i + 32]) - 1]) + data[i:i + 32] for i in range(0, len(data), 32))
+
+
+_PCD_HEAD = ("# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\nFIELDS {fields}\nSIZE {sizes}\n"
+             "TYPE {types}\nCOUNT {counts}\nWIDTH {n}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\n"
+             "DATA binary_compressed\n")
+
+
+def test_pcd_binary_compressed_as_pcl_writes_it(tmp_path):
+    # PCL stores the fields one after another (all x, all y, ...), padding fields left out
+    x, y, z = [1.5, -2.0, 3.25], [4.0, 5.5, -6.0], [7.0, 8.0, 9.75]
+    ring = np.array([3, 1, 2], "<u2")
+    normals = np.arange(9, dtype="<f4").reshape(3, 3)
+    body = (np.array(x, "<f4").tobytes() + np.array(y, "<f4").tobytes() + np.array(z, "<f4").tobytes()
+            + normals.tobytes() + ring.tobytes())
+    head = _PCD_HEAD.format(fields="x y z normal _ ring", sizes="4 4 4 4 1 2", types="F F F F U U",
+                            counts="1 1 1 3 4 1", n=3)
+    stream = _lzf_literals(body)
+    p = tmp_path / "pcl.pcd"
+    p.write_bytes(head.encode() + np.array([len(stream), len(body)], "<u4").tobytes() + stream)
+    back = read_cloud(p, xyz_only=False)
+    assert back[:, :3].tolist() == [[1.5, 4.0, 7.0], [-2.0, 5.5, 8.0], [3.25, -6.0, 9.75]]
+    assert back[:, 3].tolist() == [3, 1, 2]       # ring (scalar extra column); normal has COUNT 3
+    # a stream with back references (control byte (len - 2) << 5 | (offset - 1) >> 8, then the low
+    # byte of offset - 1: copy len bytes from offset bytes back): 4 literal bytes of 2.5, then 5 copies
+    # of 8 bytes and one of 4 from 4 bytes back = x, y and z of 4 points at (2.5, 2.5, 2.5)
+    four = np.float32(2.5).tobytes()
+    stream = b"\x03" + four + bytes([(8 - 2) << 5, 3]) * 5 + bytes([(4 - 2) << 5, 3])
+    head = _PCD_HEAD.format(fields="x y z", sizes="4 4 4", types="F F F", counts="1 1 1", n=4)
+    p.write_bytes(head.encode() + np.array([len(stream), 48], "<u4").tobytes() + stream)
+    assert np.array_equal(read_cloud(p), np.full((4, 3), 2.5, np.float32))
+
+
+def test_pcd_binary_compressed_round_trip_of_a_scan(tmp_path, cloud):
+    import lzf
+    soa = b"".join(np.ascontiguousarray(cloud[:, i]).tobytes() for i in range(4))
+    stream = lzf.compress(soa, 2 * len(soa) + 64)      # random floats do not shrink
+    head = _PCD_HEAD.format(fields="x y z intensity", sizes="4 4 4 4", types="F F F F",
+                            counts="1 1 1 1", n=len(cloud))
+    p = tmp_path / "scan.pcd"
+    p.write_bytes(head.encode() + np.array([len(stream), len(soa)], "<u4").tobytes() + stream)
+    assert np.array_equal(read_cloud(p, xyz_only=False), cloud)
+    # an empty compressed cloud
+    p.write_bytes(_PCD_HEAD.format(fields="x y z", sizes="4 4 4", types="F F F", counts="1 1 1", n=0).encode()
+                  + np.zeros(2, "<u4").tobytes())
+    assert read_cloud(p).shape == (0, 3)
+
+
+def test_pcd_binary_compressed_errors(tmp_path, cloud):
+    import lzf
+    soa = b"".join(np.ascontiguousarray(cloud[:, i]).tobytes() for i in range(3))
+    stream = lzf.compress(soa, 2 * len(soa) + 64)      # random floats do not shrink
+    head = _PCD_HEAD.format(fields="x y z", sizes="4 4 4", types="F F F", counts="1 1 1", n=len(cloud)).encode()
+    sizes = np.array([len(stream), len(soa)], "<u4").tobytes()
+    cases = {
+        "no_sizes.pcd": (head + sizes[:5], "8-byte size header"),
+        "short.pcd": (head + sizes + stream[:-20], "compressed block is"),
+        "count.pcd": (head.replace(b"POINTS 1234", b"POINTS 1000") + sizes + stream, "1000 points"),
+        "corrupt.pcd": (head + sizes + b"\xff" * len(stream), "corrupt compressed PCD data"),
+        "long.pcd": (head + np.array([len(stream) + 6], "<u4").tobytes() + sizes[4:] + stream
+                     + _lzf_literals(b"extra!"), "corrupt compressed PCD data"),
+    }
+    for name, (raw, pattern) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        _expect_error(tmp_path / name, pattern)
+
+
 def _expect_error(path, pattern):
     with pytest.raises(CloudFormatError, match=pattern):
         read_cloud(path)
@@ -109,8 +179,8 @@ def test_read_error_paths(tmp_path, cloud):
     p.write_bytes(p.read_bytes()[:-4])
     _expect_error(p, "truncated")
     comp = (tmp_path / "tb.pcd").read_bytes().replace(b"DATA binary", b"DATA binary_compressed")
-    (tmp_path / "c.pcd").write_bytes(comp)
-    _expect_error(tmp_path / "c.pcd", "binary_compressed")
+    (tmp_path / "c.pcd").write_bytes(comp)      # binary data under a compressed header
+    _expect_error(tmp_path / "c.pcd", "compressed block")
     (tmp_path / "h.pcd").write_text("VERSION .7\nFIELDS x y z\nPOINTS 1\nDATA ascii\n1 2 3\n")
     _expect_error(tmp_path / "h.pcd", "SIZE")
     p = write_cloud(tmp_path / "ta.pcd", cloud, binary=False)

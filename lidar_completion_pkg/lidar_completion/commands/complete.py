@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                     "farthest-point sampling, the SDE-DPM-Solver++ with classifier-free guidance, "
                     "post-processing and (unless --no-refine) the x6 refinement network. Input and "
                     "output formats follow the file extensions: .bin (KITTI float32 x,y,z,intensity), "
-                    ".npy, .ply, .pcd (ascii or binary).",
+                    ".npy, .ply, .pcd (ascii, binary or binary_compressed).",
     )
     p.add_argument("input", metavar="IN", help="input scan (.bin, .npy, .ply or .pcd)")
     p.add_argument("-o", "--output", metavar="OUT", required=True,
