@@ -101,6 +101,40 @@ def test_missing_bag_topic_and_wrong_type_are_clear(tmp_path):
         BagWriter(tmp_path / "other", storage="rosbag1")
 
 
+def test_ros1_bag_is_named_and_the_suggested_conversion_reads(tmp_path):
+    # a ROS 1 bag (many public LiDAR datasets) is refused with the command that converts it; running
+    # that command (rosbags' converter, a dependency) gives a bag whose clouds read unchanged
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS1_NOETIC)
+    msg_t = ts.types[CLOUD_TYPE]
+    field_t, header_t, time_t = (ts.types[n] for n in ("sensor_msgs/msg/PointField", "std_msgs/msg/Header",
+                                                       "builtin_interfaces/msg/Time"))
+    clouds = _clouds(3, 50)
+    ros1 = tmp_path / "drive.bag"
+    with Writer(ros1) as w:
+        conn = w.add_connection("/velodyne_points", CLOUD_TYPE, typestore=ts)
+        for i, (t, pts) in enumerate(clouds):
+            msg = msg_t(header=header_t(seq=i, stamp=time_t(sec=t // 10**9, nanosec=t % 10**9), frame_id="velodyne"),
+                        height=1, width=len(pts), is_bigendian=False, point_step=16, row_step=16 * len(pts),
+                        fields=[field_t(name=n, offset=4 * k, datatype=7, count=1) for k, n in enumerate(FIELDS4)],
+                        data=np.frombuffer(pts.tobytes(), np.uint8), is_dense=True)
+            w.write(conn, t, ts.serialize_ros1(msg, CLOUD_TYPE))
+    with pytest.raises(BagError, match="is a ROS 1 bag") as err:
+        BagReader(ros1)
+    cmd = re.search(r"rosbags-convert (.*), then pass (\S+)$", str(err.value))
+    assert cmd, err.value
+    exe = Path(sys.executable).parent / "rosbags-convert"
+    subprocess.run([str(exe)] + cmd.group(1).split(), check=True, capture_output=True)
+    got = list(read_clouds(cmd.group(2), field_names=FIELDS4))
+    assert [c.stamp_ns for c in got] == [t for t, _ in clouds]
+    assert all(c.frame_id == "velodyne" and np.array_equal(c.points, p) for c, (_, p) in zip(got, clouds))
+    renamed = tmp_path / "drive.mcap"                 # the suffix does not decide, the content does
+    renamed.write_bytes(ros1.read_bytes())
+    with pytest.raises(BagError, match="is a ROS 1 bag"):
+        BagReader(renamed)
+
 @pytest.mark.parametrize("storage", STORAGES)
 def test_truncated_bag_reads_what_is_there_and_reports_the_rest(tmp_path, storage):
     # 70k points x 16 B > 1 MiB: each message is its own mcap chunk, so whole messages survive

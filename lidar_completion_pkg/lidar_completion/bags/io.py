@@ -157,6 +157,15 @@ class CloudMessage:
     error: str | None = None
 
 
+def _is_ros1_bag(path: Path) -> bool:
+    """A ROS 1 bag starts with the line '#ROSBAG V2.0'."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(13) == b"#ROSBAG V2.0\n"
+    except OSError:
+        return False
+
+
 def _load_metadata(path: Path) -> dict | None:
     meta = path / "metadata.yaml" if path.is_dir() else None
     if meta is None or not meta.exists():
@@ -198,6 +207,11 @@ class BagReader:
         if not self.path.exists():
             raise BagError(f"bag not found: {self.path} (expected a rosbag2 directory with "
                            "metadata.yaml, or a .mcap / .db3 file)")
+        if self.path.is_file() and _is_ros1_bag(self.path):
+            out = self.path.with_name(self.path.stem + "_ros2")
+            raise BagError(f"{self.path} is a ROS 1 bag; convert it once to rosbag2 with rosbags' "
+                           f"converter (installed with this package): rosbags-convert --src {self.path} "
+                           f"--dst {out} --dst-storage mcap, then pass {out}")
         if self.path.is_file() and self.path.suffix not in _STORAGE_SUFFIX:
             raise BagError(f"{self.path} is not a rosbag2 bag: expected a directory or a .mcap / .db3 "
                            f"file, found a '{self.path.suffix}' file")
