@@ -33,12 +33,12 @@ SETUP_STAMP  := $(VENV)/.stamp-setup-$(SETUP_HASH)
 DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1") 2>/dev/null | sha256sum | cut -c1-16)
 DEMO_STAMP   := $(VENV)/.stamp-demo-$(DEMO_HASH)
 
-.PHONY: help setup demo-setup test test-slow test-torch test-all demo clean distclean
+.PHONY: help setup demo-setup test test-slow test-torch test-minkowski test-all demo clean distclean
 
 help: ## list the targets
 	@echo "lidar-completion - make targets:"
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
-	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
+	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
 	@echo "MinkowskiEngine), PYTHON_SYS=python3.11 (interpreter used to create $(VENV))."
 
@@ -65,8 +65,14 @@ test: setup ## fast test suite (pytest -m "not slow")
 test-slow: setup ## slow tests only (pytest -m slow)
 	$(PYTEST) -m slow $(PYTEST_ARGS)
 
-test-torch: setup ## fast suite on the pure-PyTorch sparse backend, MinkowskiEngine hidden
+test-torch: setup ## fast suite with MinkowskiEngine hidden (every command runs without it)
 	LIDAR_COMPLETION_BACKEND=torch LIDAR_COMPLETION_HIDE_MINKOWSKI=1 $(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+# `auto` takes the torch backend on a CPU; this runs the whole suite again on the reference backend
+test-minkowski: setup ## fast suite with MinkowskiEngine (the reference) wherever a backend is not named
+	@$(PY) -c "import MinkowskiEngine" 2>/dev/null || { echo "MinkowskiEngine does not import in $(VENV):" \
+	    "make setup builds it (not with SKIP_MINKOWSKI=1)"; exit 2; }
+	LIDAR_COMPLETION_BACKEND=minkowski $(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup ## every test, slow ones included
 	$(PYTEST) $(PYTEST_ARGS)

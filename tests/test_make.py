@@ -59,3 +59,17 @@ def test_demo_script_runs_on_the_torch_backend_unless_told_otherwise(tmp_path):
     run = subprocess.run(["bash", str(probe)], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "LIDAR_COMPLETION_BACKEND": "minkowski"})
     assert run.stdout.strip() == "backend=minkowski"
+
+
+def test_ci_runs_the_suite_on_the_default_backend_then_on_minkowski(tmp_path):
+    """`make test` leaves the backend to `auto` (torch on a CPU); `make test-minkowski` makes
+    MinkowskiEngine what `auto` means, after checking that it imports; .ci/run runs both."""
+    venv = tmp_path / "venv"
+    test = [line for line in dry_run("test", venv).splitlines() if "pytest" in line]
+    assert test and not any("LIDAR_COMPLETION_BACKEND" in line for line in test), test
+    mink = dry_run("test-minkowski", venv)
+    assert "import MinkowskiEngine" in mink
+    assert any(line.startswith("LIDAR_COMPLETION_BACKEND=minkowski ") and "pytest" in line
+               for line in mink.splitlines()), mink
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("make test ") < ci.index("make test-minkowski ")

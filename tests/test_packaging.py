@@ -99,14 +99,17 @@ def test_hidden_minkowski_is_not_imported():
     assert not leaked, f"with LIDAR_COMPLETION_HIDE_MINKOWSKI=1, {names} + get_backend() loaded {leaked[:5]}"
 
 
-def test_minkowski_is_the_auto_backend_when_installed():
-    """Counterpart of the test above: without the variable, an installed MinkowskiEngine is used (and
-    shows up in sys.modules, so the check above would see it)."""
+def test_auto_backend_on_the_cpu_is_torch_even_with_minkowski_installed():
+    """On a CPU ``auto`` takes the torch backend (the faster one there) and does not import an
+    installed MinkowskiEngine; naming it loads it (so the checks here would see it)."""
     if not _spec_exists("MinkowskiEngine"):  # not imported here: this process may be hiding it
         pytest.skip("MinkowskiEngine is not installed (scripts/setup/install_minkowski.sh builds it)")
-    mods = _loaded_modules(_BACKEND_PROBE.format(names=_sparse_modules()),
-                           {"LIDAR_COMPLETION_BACKEND": "auto"})
-    assert _minkowski_loaded(mods), "MinkowskiEngine is installed but the auto backend did not load it"
+    probe = _BACKEND_PROBE.format(names=_sparse_modules())
+    env = {"LIDAR_COMPLETION_BACKEND": "auto"}
+    mods = _loaded_modules(probe, env)
+    assert not _minkowski_loaded(mods), "the auto backend on the CPU imported MinkowskiEngine"
+    mods = _loaded_modules(probe, dict(env, LIDAR_COMPLETION_BACKEND="minkowski"))
+    assert _minkowski_loaded(mods), "MinkowskiEngine is installed but naming it did not load it"
 
 
 def _spec_exists(name: str) -> bool:

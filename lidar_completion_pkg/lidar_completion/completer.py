@@ -246,8 +246,8 @@ class Completer:
         :mod:`lidar_completion.diffusion.sampler`). ``refiner_checkpoint`` takes the refiner from a second file (LiDiff ships ``diff_net.ckpt`` and
         ``refine_net.ckpt``); ``allow_pickle=True`` loads Lightning files that need pickled code. ``backend`` is the
         sparse backend ("auto" | "minkowski" | "torch" | "triton"; "auto" or None honours
-        ``LIDAR_COMPLETION_BACKEND``, else takes Triton on CUDA, else MinkowskiEngine when built, else
-        torch). Other keyword arguments go to the constructor.
+        ``LIDAR_COMPLETION_BACKEND``, else takes Triton on CUDA, else torch; MinkowskiEngine only when
+        named). Other keyword arguments go to the constructor.
         """
         from . import checkpoints
         if path is None:

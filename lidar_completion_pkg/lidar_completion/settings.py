@@ -169,7 +169,7 @@ class CompletionSettings:
     refine: bool = _opt(True, "run the x6 refinement network when the checkpoint has one", bool)
     device: str = _opt("cpu", "torch device: cpu, cuda, cuda:N or auto", str)
     backend: str = _opt("auto", "sparse-convolution backend ('auto' honours LIDAR_COMPLETION_BACKEND, "
-                        "then takes triton on CUDA, MinkowskiEngine when it is installed, else torch; "
+                        "then takes triton on CUDA, else torch; minkowski (the reference) only when named; "
                         "triton on the CPU needs TRITON_INTERPRET=1 and is slow)", str, choices=BACKENDS)
     precision: str = _opt("fp32", "autocast precision on CUDA (the CPU always runs fp32)", str,
                           choices=PRECISIONS)

@@ -19,7 +19,7 @@
 # minute per scan on 2 cores], DEMO_LIVE_DEVICE [cpu].
 set -euo pipefail
 # the pure-PyTorch sparse backend: what the shipped models were measured with, and the faster one on
-# a CPU (`auto` would take MinkowskiEngine when `make setup` built it)
+# a CPU (what `auto` takes there; set here so that LIDAR_COMPLETION_BACKEND=... can change it)
 export LIDAR_COMPLETION_BACKEND=${LIDAR_COMPLETION_BACKEND:-torch}
 OUT=${DEMO_OUT:-demo_out}
 SCANS=${DEMO_SCANS:-6}

@@ -26,8 +26,9 @@ into any.
 
 Backend choice: ``backend="auto"|"minkowski"|"torch"|"triton"``; ``None`` and ``"auto"`` follow
 ``LIDAR_COMPLETION_BACKEND`` when it is set. ``auto`` takes Triton on a CUDA device when it imports,
-else MinkowskiEngine when it imports, else torch. ``LIDAR_COMPLETION_HIDE_MINKOWSKI=1`` makes
-MinkowskiEngine invisible (CI uses it to prove that every command runs without it).
+else torch (on a CPU the faster of the two that run there: docs/benchmarks.md); MinkowskiEngine, the
+reference, runs only when named. ``LIDAR_COMPLETION_HIDE_MINKOWSKI=1`` makes MinkowskiEngine
+invisible (CI uses it to prove that every command runs without it).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def resolve_backend(name: str | None = None, device=None) -> str:
     if name == "auto":
         if _device_type(device) == "cuda" and triton_available():
             return "triton"
-        return "minkowski" if minkowski_available() else "torch"
+        return "torch"   # MinkowskiEngine is the reference, slower than torch on a CPU: named only
     if name == "minkowski" and not minkowski_available():
         why = ("it is hidden by LIDAR_COMPLETION_HIDE_MINKOWSKI" if minkowski_hidden()
                else "it does not import (build it with scripts/setup/install_minkowski.sh)")
