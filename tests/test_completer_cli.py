@@ -110,3 +110,59 @@ def test_complete_entry_point_subprocess(ckpt, scan_file, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lidar_completion", "complete", str(tmp_path / "nope.bin"),
                           "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
+
+
+def test_complete_cli_batch_one_model_many_scans(ckpt, scan_file, tmp_path, capsys):
+    """Several inputs (files and folders) -> one completion per scan in the output folder, scan i
+    with seed + i (the same as completing it alone with that seed); a bad scan is reported and
+    skipped, the others are written, and the exit status says that one failed."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    pts = read_cloud(scan_file, xyz_only=False)
+    write_cloud(scans / "a.bin", pts)
+    write_cloud(scans / "b.pcd", pts[::-1])
+    (scans / "notes.txt").write_text("not a scan")                 # not a scan file: not picked up
+    extra = tmp_path / "c.npy"
+    np.save(extra, np.zeros((100, 2), np.float32))                 # unreadable: wrong shape
+    out, png = tmp_path / "dense", tmp_path / "renders"
+    rc = main(["complete", str(scans), str(extra), "-o", str(out), "--render", str(png), *FAST])
+    res = capsys.readouterr()
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.pcd"]
+    assert sorted(p.name for p in png.iterdir()) == ["a.png", "b.png"]
+    assert "error: " in res.err and "c.npy" in res.err
+    assert "completed 2 of 3 scans" in res.out and "1 failed: c.npy" in res.out
+    assert "seed 0)" in res.out and "seed 1)" in res.out
+    # scan 1 (b.pcd) was completed with seed 0 + 1: the same as completing it alone with seed 1
+    alone = tmp_path / "b_alone.pcd"
+    fast1 = [a if a != "0" else "1" for a in FAST]
+    assert main(["complete", str(scans / "b.pcd"), "-o", str(alone), *fast1]) == 0
+    assert np.array_equal(read_cloud(alone), read_cloud(out / "b.pcd"))
+    # --skip-existing leaves what is there; --format chooses the output's format
+    (out / "a.bin").write_bytes(b"kept")
+    capsys.readouterr()
+    assert main(["complete", str(scans), "-o", str(out), "--skip-existing", *FAST]) == 0
+    assert (out / "a.bin").read_bytes() == b"kept" and "2 left as they were" in capsys.readouterr().out
+    assert main(["complete", str(scans / "a.bin"), str(scans / "b.pcd"), "-o", str(out), "--format", "ply",
+                 *FAST]) == 0
+    assert len(read_cloud(out / "a.ply")) > 0 and len(read_cloud(out / "b.ply")) > 0
+
+
+@pytest.mark.parametrize("case", ["file_output", "same_name", "render_png", "format_single", "empty_dir"])
+def test_complete_cli_batch_refuses_bad_arguments_before_loading(ckpt, scan_file, tmp_path, capsys, case):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_cloud(scans / "a.bin", read_cloud(scan_file))
+    write_cloud(tmp_path / "a.bin", read_cloud(scan_file))
+    args, words = {
+        "file_output": ([str(scans), "-o", str(tmp_path / "out.ply")], "is a folder"),
+        "same_name": ([str(scans), str(tmp_path / "a.bin"), "-o", str(tmp_path / "o")], "would both be written"),
+        "render_png": ([str(scans), "-o", str(tmp_path / "o"), "--render", str(tmp_path / "x.png")], "a folder"),
+        "format_single": ([str(scan_file), "-o", str(tmp_path / "o.ply"), "--format", "ply"], "several inputs"),
+        "empty_dir": ([str(tmp_path / "scans_empty"), "-o", str(tmp_path / "o")], "without scan files"),
+    }[case]
+    (tmp_path / "scans_empty").mkdir()
+    assert main(["complete", *args, "--checkpoint", str(ckpt), *FAST]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()

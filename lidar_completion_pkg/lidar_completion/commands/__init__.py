@@ -6,7 +6,7 @@ that a missing optional dependency only disables its own command.
 """
 COMMAND_MODULES = [
     "models",          # parameter counts of the three networks
-    "complete",        # complete one scan file
+    "complete",        # complete scan files
     "make_synthetic",  # synthetic SemanticKITTI-layout dataset
     "build_gt",        # ground-truth maps + per-frame cache
     "evaluate",        # evaluate a checkpoint on a sequence; evaluate-files
