@@ -28,7 +28,8 @@ CONSOLE_SCRIPTS = {"lidar-completion", "lidar-completion-node", "completion_node
 def _loaded_modules(code: str, env_extra: dict[str, str] | None = None) -> set[str]:
     """Run `code` in a fresh interpreter and return the names in its sys.modules afterwards."""
     env = dict(os.environ)
-    env.pop("LIDAR_COMPLETION_HIDE_MINKOWSKI", None)
+    env.pop("LIDAR_COMPLETION_HIDE_MINKOWSKI", None)   # the probe says what it needs (make test-minkowski
+    env.pop("LIDAR_COMPLETION_BACKEND", None)          # and make test-torch set both for the suite)
     env.update(env_extra or {})
     script = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
