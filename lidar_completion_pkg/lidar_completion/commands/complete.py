@@ -123,15 +123,14 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
         raise ConfigError(f"--render {render_dir}: with several inputs it is a folder for one PNG per scan")
     targets = [out_dir / (f.stem + (f".{args.format}" if args.format else f.suffix.lower())) for f in files]
     seen: dict[Path, Path] = {}
-    for src, dst in zip(files, targets):       # two inputs must not write one file
-        if dst in seen:
-            raise ConfigError(f"{seen[dst]} and {src} would both be written to {dst}; give inputs "
-                              "with distinct names (or complete them in separate runs)")
-        seen[dst] = src
     for src, dst in zip(files, targets):
         if dst.suffix not in FORMATS:
             raise CloudFormatError(f"{src}: unsupported extension {src.suffix or '(none)'!r}; expected "
                                    f"one of {', '.join(FORMATS)} (or choose the output's with --format)")
+        if dst in seen:                         # two inputs must not write one file
+            raise ConfigError(f"{seen[dst]} and {src} would both be written to {dst}; give inputs "
+                              "with distinct names (or complete them in separate runs)")
+        seen[dst] = src
 
     completer = Completer.from_settings(settings)
     failed, done, skipped = [], 0, 0
