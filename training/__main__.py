@@ -95,16 +95,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from . import distributed as D
     from .engine import TrainingInterrupted
+    several_ranks = False
     try:
-        return run(args)
+        code = run(args)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
-        return 128 + exc.signum
+        code = 128 + exc.signum
     except LidarCompletionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
+        several_ranks = D.active()
         D.shutdown()
+    if several_ranks:
+        # a rank of a torchrun job: leave without interpreter finalization (see the function)
+        D.exit_without_finalizing(code)
+    return code
 
 
 if __name__ == "__main__":
