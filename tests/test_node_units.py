@@ -198,6 +198,49 @@ def test_warmup_cloud_lies_within_the_limits():
         assert (r > lo).all() and (r < hi).all()
 
 
+def test_load_and_warm_up_run_apart_from_the_thread_that_builds_the_node():
+    """The checkpoint is loaded and the warm-up scan completed in passing threads of their own
+    (pipeline.run_apart: no OpenMP pool is left in the node's main thread), and what fails there
+    still reaches the caller: a load error as StartupError, a warm-up error as a warning."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import pipeline as P
+
+    seen, warnings = [], []
+
+    class Fake:
+        steps, guidance = 8, 2.0
+
+        def complete(self, pts):
+            seen.append(("complete", threading.current_thread()))
+            if len(seen) > 2:
+                raise RuntimeError("out of memory")
+            return pts
+
+    def factory(config):
+        seen.append(("load", threading.current_thread()))
+        return Fake()
+
+    node = NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
+              get_logger=lambda: NS(info=lambda m: None, warning=warnings.append))
+    pipe = P.CompletionPipeline(node, default_values())
+    pipe.load(factory)
+    assert pipe.warm_up() is not None and pipe.warmup_s > 0
+    assert [what for what, _ in seen] == ["load", "complete"]
+    for _, thread in seen:
+        assert thread is not threading.current_thread() and thread.name == "completion-setup"
+        assert not thread.is_alive()
+    # a failing warm-up: reported, not raised; a failing load: StartupError naming the cause
+    assert pipe.warm_up() is None and "out of memory" in warnings[-1]
+
+    def broken(config):
+        raise FileNotFoundError("student.pt is missing")
+
+    with pytest.raises(P.StartupError, match="student.pt is missing"):
+        pipe.load(broken)
+    assert P.run_apart(sum, [1, 2, 3]) == 6
+
+
 # ------------------------------------------------------------------------------ frames (no rclpy)
 def _ts(parent, child, matrix, t_ns=0):
     from tf_transformations import quaternion_from_matrix

@@ -47,6 +47,32 @@ def default_completer_factory(config: dict):
     return Completer.from_settings(completion_settings(config))
 
 
+def run_apart(fn: Callable, *args):
+    """``fn(*args)`` in a thread of its own that ends with it; its result (or exception) comes back here.
+
+    The node loads its checkpoint and completes the warm-up scan this way, so that the thread that
+    builds the node (rclpy's main thread) never runs torch's parallel CPU kernels: with the GNU
+    OpenMP runtime of torch's CPU wheels, a thread that has run parallel regions keeps its pool of
+    OpenMP threads for as long as it lives, and with that pool left in the main thread the worker
+    thread's completions were slower - on a 2-core machine, 2 threads, the shipped student at
+    1,000 x 10 points: paced live replay p50 3.54 / 3.79 s against 2.84 / 3.05 s with the set-up
+    apart (docs/benchmarks.md, ``benchmarks/cpu_threads.py``). A pool ends with its thread."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="completion-setup", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 # ---------------------------------------------------------------------------------------- parameters
 def _descriptor(p):
     from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
@@ -137,7 +163,7 @@ class CompletionPipeline:
         """Build the completer from the parameters; StartupError naming the checkpoint on failure."""
         factory = factory or default_completer_factory
         try:
-            self.completer = factory(self.config)
+            self.completer = run_apart(factory, self.config)
         except Exception as exc:  # noqa: BLE001 - every load failure becomes one fatal line
             what = self.config["checkpoint"] or "the shipped default checkpoint"
             hint = "" if self.config["checkpoint"] else \
@@ -163,7 +189,7 @@ class CompletionPipeline:
         cloud = warmup_cloud(min_range=self.config["min_range"], max_range=self.config["max_range"])
         t0 = time.monotonic()
         try:
-            self.completer.complete(cloud)
+            run_apart(self.completer.complete, cloud)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up is reported, not fatal
             self.log.warning(f"the warm-up scan failed ({type(exc).__name__}: {exc}); the first real "
                              "scan will be slower")
