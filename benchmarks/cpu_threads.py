@@ -6,7 +6,7 @@ completed either in the main thread (the node before run_apart) or in passing th
 
 Every configuration runs in a fresh process (``--one``), so that no OpenMP pool of an earlier one
 is alive; rounds alternate the configurations so that a machine that gets busier shows in every
-row. Each process loads the shipped student (or ``--checkpoint``) on the torch backend, completes
+row. Each process loads the shipped student (or ``--checkpoint``) on the torch backend (or ``--backend``), completes
 one warm-up scan and then ``--repeats`` timed ones of a synthetic 120,000-point scan.
 
     python benchmarks/cpu_threads.py --n-fps 1000 --rounds 3
@@ -51,7 +51,7 @@ def _in_thread(fn, name: str):
     return box.get("value")
 
 
-def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint) -> list[float]:
+def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint, backend: str) -> list[float]:
     import torch
 
     from backends import synthetic_scan
@@ -63,7 +63,7 @@ def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint) -> list
     scan = synthetic_scan(120_000)
 
     def load():
-        return Completer.from_settings(CompletionSettings(backend="torch", n_fps=n_fps, seed=0,
+        return Completer.from_settings(CompletionSettings(backend=backend, n_fps=n_fps, seed=0,
                                                           checkpoint=checkpoint))
 
     comp = load() if setup == "main" else _in_thread(load, "completion-setup")
@@ -91,10 +91,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed completions per process [3]")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds over the configurations [3]")
     p.add_argument("--checkpoint", default=None, help="checkpoint [the shipped student]")
+    p.add_argument("--backend", default="torch", help="sparse backend [torch]")
     p.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        times = one(args.one, args.threads, args.n_fps, args.repeats, args.checkpoint)
+        times = one(args.one, args.threads, args.n_fps, args.repeats, args.checkpoint, args.backend)
         print(" ".join(f"{t:.4f}" for t in times))
         return 0
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for config in CONFIGS:
             cmd = [sys.executable, __file__, "--one", config, "--threads", str(args.threads),
-                   "--n-fps", str(args.n_fps), "--repeats", str(args.repeats)]
+                   "--n-fps", str(args.n_fps), "--repeats", str(args.repeats), "--backend", args.backend]
             if args.checkpoint:
                 cmd += ["--checkpoint", args.checkpoint]
             res = subprocess.run(cmd, capture_output=True, text=True)

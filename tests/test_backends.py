@@ -1,6 +1,7 @@
 """The pure-torch sparse backend against MinkowskiEngine (the reference) and against the measured
 kernel-offset order of the published networks."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -155,6 +156,35 @@ def test_backend_selection(monkeypatch):
         sparse.resolve_backend("minkowski")
     with pytest.raises(ConfigError, match="unknown sparse backend"):
         sparse.resolve_backend("cuda-magic")
+
+
+@pytest.mark.parametrize("user_value", [None, "3"])
+def test_minkowski_loads_its_blas_single_threaded_unless_the_user_chose(monkeypatch, user_value):
+    """OpenBLAS (linked by MinkowskiEngine's CPU build) reads OPENBLAS_NUM_THREADS when it loads:
+    1 at that moment unless the user set a value, and the environment as it was afterwards."""
+    import sys
+    import types
+
+    seen = []
+
+    def fake_import(name):
+        seen.append((name, os.environ.get("OPENBLAS_NUM_THREADS")))
+        raise ImportError("not built here")
+
+    monkeypatch.delitem(sys.modules, "MinkowskiEngine", raising=False)
+    monkeypatch.setattr(sparse.importlib, "import_module", fake_import)
+    if user_value is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", user_value)
+    with pytest.raises(ImportError):
+        sparse.import_minkowski()
+    assert seen == [("MinkowskiEngine", user_value or "1")]
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == user_value
+    # loaded once already: returned as it is, nothing set
+    loaded = types.ModuleType("MinkowskiEngine")
+    monkeypatch.setitem(sys.modules, "MinkowskiEngine", loaded)
+    assert sparse.import_minkowski() is loaded and len(seen) == 1
 
 
 def test_nearest_cell_paths_agree():

@@ -59,12 +59,37 @@ def minkowski_hidden() -> bool:
     return os.environ.get(ENV_HIDE_MINKOWSKI, "").strip().lower() not in ("", "0", "false", "no")
 
 
-@lru_cache(maxsize=1)
-def _minkowski_importable() -> bool:
+def import_minkowski():
+    """Import MinkowskiEngine (every import of it in this package goes through here), with the BLAS
+    library it links single-threaded unless the user chose otherwise.
+
+    Why: its CPU build calls the system OpenBLAS, whose own pthread pool busy-waits between calls,
+    beside torch's OpenMP threads that also spin between parallel regions; the two pools fought
+    for the cores. Shipped student, 1,000 x 10 points, 2 threads on a 2-core machine: 6.5-7.0 s per
+    scan, 3.7-4.1 s with OpenBLAS at one thread (``benchmarks/cpu_threads.py --backend minkowski``,
+    docs/benchmarks.md). OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when the library loads with
+    this import; the variable is set for that moment only, so that child processes and numpy's own
+    BLAS are left as they were."""
+    import sys
+
+    if "MinkowskiEngine" in sys.modules:
+        return sys.modules["MinkowskiEngine"]
+    unset = "OPENBLAS_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:
         with warnings.catch_warnings():  # its CPU-only build warns on every import
             warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
-            importlib.import_module("MinkowskiEngine")
+            return importlib.import_module("MinkowskiEngine")
+    finally:
+        if unset:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+
+
+@lru_cache(maxsize=1)
+def _minkowski_importable() -> bool:
+    try:
+        import_minkowski()
     except Exception:  # ImportError, or a broken build raising OSError/RuntimeError
         return False
     return True

@@ -2,11 +2,13 @@
 MinkowskiEngine's by construction. Imported only when this backend is selected."""
 from __future__ import annotations
 
-import MinkowskiEngine as ME
 import torch
 
+from . import import_minkowski
 from .coords import Field, check_coordinate_range, voxel_indices
 from .nearest import nearest_cell
+
+ME = import_minkowski()
 
 
 def _convolution(in_channels, out_channels, kernel_size=3, stride=1):
