@@ -65,8 +65,8 @@ def import_minkowski():
 
     Why: its CPU build calls the system OpenBLAS, whose own pthread pool busy-waits between calls,
     beside torch's OpenMP threads that also spin between parallel regions; the two pools fought
-    for the cores. Shipped student, 1,000 x 10 points, 2 threads on a 2-core machine: 6.5-7.0 s per
-    scan, 3.7-4.1 s with OpenBLAS at one thread (``benchmarks/cpu_threads.py --backend minkowski``,
+    for the cores. Shipped student, 1,000 x 10 points, 2 threads on a 2-core machine: 6.5-7.3 s per
+    scan, 3.8-4.5 s with OpenBLAS at one thread (``benchmarks/cpu_threads.py --backend minkowski``,
     docs/benchmarks.md). OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when the library loads with
     this import; the variable is set for that moment only, so that child processes and numpy's own
     BLAS are left as they were."""
