@@ -6,8 +6,9 @@ completed either in the main thread (the node before run_apart) or in passing th
 
 Every configuration runs in a fresh process (``--one``), so that no OpenMP pool of an earlier one
 is alive; rounds alternate the configurations so that a machine that gets busier shows in every
-row. Each process loads the shipped student (or ``--checkpoint``) on the torch backend (or ``--backend``), completes
-one warm-up scan and then ``--repeats`` timed ones of a synthetic 120,000-point scan.
+row. Each process loads the shipped student (or ``--checkpoint``) on the torch backend (or
+``--backend``), completes one warm-up scan and then ``--repeats`` timed ones of a synthetic
+120,000-point scan.
 
     python benchmarks/cpu_threads.py --n-fps 1000 --rounds 3
 
@@ -20,7 +21,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,29 +34,13 @@ CONFIGS = {
 }
 
 
-def _in_thread(fn, name: str):
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            box["error"] = exc
-
-    th = threading.Thread(target=target, name=name)
-    th.start()
-    th.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint, backend: str) -> list[float]:
     import torch
 
     from backends import synthetic_scan
     from lidar_completion.completer import Completer
     from lidar_completion.settings import CompletionSettings
+    from lidar_completion_pkg.pipeline import run_apart   # what the node calls (no rclpy import)
 
     setup, where = CONFIGS[config]
     torch.set_num_threads(threads)
@@ -66,11 +50,11 @@ def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint, backend
         return Completer.from_settings(CompletionSettings(backend=backend, n_fps=n_fps, seed=0,
                                                           checkpoint=checkpoint))
 
-    comp = load() if setup == "main" else _in_thread(load, "completion-setup")
+    comp = load() if setup == "main" else run_apart(load)
     if setup == "main":
         comp.complete(scan)
     else:
-        _in_thread(lambda: comp.complete(scan), "completion-setup")
+        run_apart(comp.complete, scan)
 
     def timed():
         out = []
@@ -80,7 +64,7 @@ def one(config: str, threads: int, n_fps: int, repeats: int, checkpoint, backend
             out.append(time.perf_counter() - t)
         return out
 
-    return timed() if where == "main" else _in_thread(timed, "completion-worker")
+    return timed() if where == "main" else run_apart(timed)   # a second thread, as the worker
 
 
 def main(argv=None) -> int:

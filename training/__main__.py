@@ -95,7 +95,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from . import distributed as D
     from .engine import TrainingInterrupted
-    several_ranks = False
     try:
         code = run(args)
     except TrainingInterrupted as exc:
