@@ -8,42 +8,60 @@ from __future__ import annotations
 import torch
 
 
+def _rows_first(fn):
+    """Feature groups (G, M, C) (the two guidance passes of ``Denoiser.forward_cfg``) are convolved
+    as (M, G, C): gathering and scatter-adding whole rows of G x C contiguous values along dim 0 is
+    about 5x faster on the CPU than along dim 1 of (G, M, C), and about 1.6x faster than two
+    separate (M, C) passes (one pass over each map). The two transposes cost less than that."""
+    def wrapped(f: torch.Tensor, *args):
+        if f.dim() == 2:
+            return fn(f, *args)
+        lead = f.shape[:-2]
+        g = f.reshape(-1, *f.shape[-2:]).transpose(0, 1).contiguous()     # (M, G, C)
+        out = fn(g, *args)                                                # (M', G, O)
+        return out.transpose(0, 1).reshape(*lead, *out.shape[:1], out.shape[-1])
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@_rows_first
 def conv3_scatter(f: torch.Tensor, w: torch.Tensor, maps) -> torch.Tensor:
-    """3x3x3 at stride 1: ``maps`` from :meth:`CoordinateManager.neighbour_map` (None for the centre)."""
-    dim = f.dim() - 2
+    """3x3x3 at stride 1: ``maps`` from :meth:`CoordinateManager.neighbour_map` (None for the centre).
+    ``f``: (M, C), or (G, M, C) feature groups."""
     out = f @ w[13]
     for k, m in enumerate(maps):
         if m is None or m[0].numel() == 0:
             continue
         out_rows, in_rows = m
-        out.index_add_(dim, out_rows, f.index_select(dim, in_rows) @ w[k])
+        out.index_add_(0, out_rows, f.index_select(0, in_rows) @ w[k])
     return out
 
 
 def _leading(f: torch.Tensor, rows: int, cout: int) -> list:
+    """Shape of an output of ``rows`` rows (dim 0) and ``cout`` channels (last) shaped like ``f``."""
     shape = list(f.shape)
-    shape[-2], shape[-1] = rows, cout
+    shape[0], shape[-1] = rows, cout
     return shape
 
 
+@_rows_first
 def down_scatter(f: torch.Tensor, w: torch.Tensor, inverse: torch.Tensor, rows: list,
                  n_coarse: int) -> torch.Tensor:
     """2x2x2 stride 2: every fine row adds into its parent cell (``inverse``) through its offset;
     ``rows[k]`` lists the fine rows at offset k (:meth:`CoordinateManager.downsample_map`)."""
-    dim = f.dim() - 2
     out = f.new_zeros(_leading(f, n_coarse, w.shape[-1]))
     for k, r in enumerate(rows):
         if r.numel():
-            out.index_add_(dim, inverse[r], f.index_select(dim, r) @ w[k])
+            out.index_add_(0, inverse[r], f.index_select(0, r) @ w[k])
     return out
 
 
+@_rows_first
 def up_scatter(f: torch.Tensor, w: torch.Tensor, inverse: torch.Tensor, rows: list,
                n_fine: int) -> torch.Tensor:
     """Transposed 2x2x2 stride 2: every fine row reads its parent through its own offset."""
-    dim = f.dim() - 2
     out = f.new_zeros(_leading(f, n_fine, w.shape[-1]))
     for k, r in enumerate(rows):
         if r.numel():
-            out.index_copy_(dim, r, f.index_select(dim, inverse[r]) @ w[k])
+            out.index_copy_(0, r, f.index_select(0, inverse[r]) @ w[k])
     return out
