@@ -210,6 +210,57 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(p.detach(), good["models"]["teacher"][k]), k
 
 
+_DIVERGING_RANK = r"""
+import contextlib, io, json, sys, types
+import torch
+from training import distributed as D
+from training.__main__ import report_error
+from training.engine import Trainer, TrainingDivergedError
+
+info = D.init("cpu")
+last = sys.argv[1]
+ckpt = types.SimpleNamespace(latest_path=lambda: None)
+fake = types.SimpleNamespace(kind="teacher", step=7, steps_per_epoch=5, device=info.device, ckpt=ckpt)
+value = torch.tensor([0.5, float("nan") if info.rank == 1 else 0.25])
+err = io.StringIO()
+try:
+    Trainer.guard(fake, "main", value)
+    message = None
+except TrainingDivergedError as exc:
+    message = str(exc)
+    with contextlib.redirect_stderr(err):
+        report_error(exc)
+D.shutdown()
+print(json.dumps({"rank": info.rank, "message": message, "stderr": err.getvalue()}))
+"""
+
+
+def test_divergence_on_one_rank_stops_every_rank_with_one_message_naming_it(tmp_path):
+    """A NaN on rank 1 only: both ranks stop at the same step with the same message, which names
+    rank 1 and its value (not rank 0's finite one), and only rank 0 prints it."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        procs.append(subprocess.Popen([sys.executable, "-c", _DIVERGING_RANK, str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parents[1]))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr[-3000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    by_rank = {o["rank"]: o for o in out}
+    assert by_rank[0]["message"] == by_rank[1]["message"]
+    assert "became nan at step 7 (epoch 1) on rank 1 of 2" in by_rank[0]["message"]
+    assert by_rank[0]["stderr"] == f"error: {by_rank[0]['message']}\n"
+    assert by_rank[1]["stderr"] == ""
+
+
 def test_configs_load_and_reject_mistakes(tmp_path):
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(path, overrides=["distill.metric=lidar_completion.metrics.chamfer_distance"]

@@ -90,6 +90,15 @@ def run(args) -> int:
     return 0
 
 
+def report_error(exc: LidarCompletionError) -> None:
+    """``error: <message>`` on stderr; an error that every rank of a multi-rank run raised alike (a
+    divergence, whose message names the ranks that saw it) only from rank 0."""
+    from . import distributed as D
+    if getattr(exc, "same_on_every_rank", False) and D.rank() != 0:
+        return
+    print(f"error: {exc}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = 128 + exc.signum
     except LidarCompletionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc)
         code = 1
     finally:
         several_ranks = D.active()

@@ -43,7 +43,12 @@ def _first_bad(value: torch.Tensor) -> float:
 
 
 class TrainingDivergedError(LidarCompletionError, FloatingPointError):
-    """A loss became NaN or infinite; the run stopped without overwriting the last good checkpoint."""
+    """A loss became NaN or infinite; the run stopped without overwriting the last good checkpoint.
+
+    Every rank of a multi-rank run raises it with the same message (which names the ranks that saw
+    the value), so ``same_on_every_rank`` tells the launcher that one rank reporting it is enough."""
+
+    same_on_every_rank = True
 
 
 class TrainingInterrupted(LidarCompletionError):
@@ -268,9 +273,16 @@ class Trainer(abc.ABC):
             last = self.ckpt.latest_path()
             where = f"the last good checkpoint is {last}" if last and last.exists() else \
                 "no checkpoint was written yet"
+            # every rank stops here; each learns which ranks saw the value, so that all of them raise
+            # the same message (one collective more, on this path only)
+            seen = D.gather_objects(_first_bad(value) if bad else None)
+            ranks = [r for r, v in enumerate(seen) if v is not None]
+            became = seen[ranks[0]]
+            on = "" if len(seen) == 1 else \
+                f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {len(seen)}"
             raise TrainingDivergedError(
-                f"{self.kind} training: {what} {name!r} became {_first_bad(value)} at step "
-                f"{self.step} (epoch {self.step // self.steps_per_epoch}); expected a finite value. The run "
+                f"{self.kind} training: {what} {name!r} became {became} at step "
+                f"{self.step} (epoch {self.step // self.steps_per_epoch}){on}; expected a finite value. The run "
                 f"stopped without saving; {where}. Resume from it with --resume, e.g. with a lower "
                 f"learning rate or gradient clipping.")
 
