@@ -204,6 +204,13 @@ def test_nearest_cell_paths_agree():
     assert not bool(off) and 0 < int(unresolved.sum()) < len(q)
     assert torch.equal(lattice[~unresolved], brute[~unresolved])
     assert torch.equal(torch.from_numpy(_nearest_kdtree(q.numpy(), cells.numpy())), brute)
+    # midway between grid cells along 1, 2 or 3 axes: many-way ties (up to 13 here), which the k-d tree
+    # widens its search for (the smallest index wins, as in the brute force)
+    mid = torch.randint(-6, 6, (600, 3), generator=g) * 16 + 8 * torch.randint(0, 2, (600, 3), generator=g)
+    ties = ((mid[:, None, :] - cells[None, :, :]) ** 2).sum(-1)
+    assert (ties == ties.min(1, keepdim=True).values).sum(1).max() > 8   # past the second widening
+    assert torch.equal(torch.from_numpy(_nearest_kdtree(mid.numpy(), cells.numpy())),
+                       _nearest_bruteforce(mid, cells))
     qz = torch.cat([torch.zeros(len(q), 1, dtype=torch.long), q], 1)
     rz = torch.cat([zero, cells], 1)
     assert torch.equal(_nearest_device(qz, rz), brute)

@@ -159,7 +159,10 @@ def _nearest_kdtree(q: np.ndarray, r: np.ndarray) -> np.ndarray:
     qf = q.astype(np.float64)
     result = np.empty(q.shape[0], dtype=np.int64)
     todo = np.arange(q.shape[0])
-    k = min(16, n_ref)
+    # Two neighbours first: ties are rare off the grid's symmetry planes (3 % of the rows of a
+    # denoiser pass), so asking every row for 16 cost 2.8x as much (docs/benchmarks.md, "Sparse
+    # backends on the CPU"); rows whose last neighbour is still tied ask again for 4x as many.
+    k = min(2, n_ref)
     while todo.size:
         d, i = tree.query(qf[todo], k=k)
         if k == 1:
