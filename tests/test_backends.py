@@ -448,3 +448,30 @@ def test_non_finite_points_are_refused_by_name(backend, value):
     with pytest.raises(CloudFormatError, match="2 of 4701 points are not finite"):
         with torch.no_grad():
             net(pts, batch)
+
+
+def test_neighbour_map_equals_a_search_of_every_offset():
+    """The scatter form's maps (offsets past the centre are the mirrored ones' pairs swapped) equal
+    a direct search of each of the 27 offsets against the level's coordinates: ascending rows, every
+    neighbour once, at strides 1, 2 and 4, with negative and large coordinates."""
+    from lidar_completion.sparse import torch_backend as tb
+    from lidar_completion.sparse.coords import KERNEL3_OFFSETS
+    pts, batch = _batch_clouds()
+    pts = pts.clone()
+    pts[: len(pts) // 3] -= 40.0           # negative coordinates
+    pts[-5:] += 3000.0                      # a few far away (isolated rows)
+    _, x = tb.BACKEND.voxelize(pts, batch, 0.05)
+    m = x.manager
+    for stride in (1, 2, 4):
+        coords = m.level(stride).coords.long()
+        index = {tuple(c): i for i, c in enumerate(coords.tolist())}
+        maps = m.neighbour_map(stride)
+        assert maps[13] is None and len(maps) == 27
+        for k, (dx, dy, dz) in enumerate(KERNEL3_OFFSETS):
+            if k == 13:
+                continue
+            pairs = [(i, index[(b, cx + dx * stride, cy + dy * stride, cz + dz * stride)])
+                     for i, (b, cx, cy, cz) in enumerate(coords.tolist())
+                     if (b, cx + dx * stride, cy + dy * stride, cz + dz * stride) in index]
+            out_rows, in_rows = maps[k]
+            assert list(zip(out_rows.tolist(), in_rows.tolist())) == pairs, (stride, k)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .coords import AXIS_BITS, AXIS_OFFSET, kernel3_deltas, offset_key, unpack_keys, KERNEL3_OFFSETS
+from .coords import AXIS_BITS, AXIS_OFFSET, CENTRE, kernel3_deltas, offset_key, unpack_keys, KERNEL3_OFFSETS
 from .static import PAD_KEY, StaticShapes
 
 
@@ -208,23 +208,25 @@ class CoordinateManager:
 
     def neighbour_map(self, stride: int):
         """For the 27 offsets of a 3x3x3 kernel at ``stride``: (out_rows, in_rows) pairs, or None for
-        the centre (identity)."""
+        the centre (identity). Both lists of a pair are ascending.
+
+        Only the first 13 offsets are searched: offset 26 - k is offset k reversed (row i finds row
+        j through +d exactly when j finds i through -d), so its pair is k's with the two lists
+        swapped - the same tensors a search would give, since the keys are sorted and unique."""
         if stride in self._nbr:
             return self._nbr[stride]
         lv = self.levels[stride]
         keys = lv.keys
         n = keys.shape[0]
-        maps = []
-        for dx, dy, dz in KERNEL3_OFFSETS:
-            if dx == 0 and dy == 0 and dz == 0:
-                maps.append(None)
-                continue
+        maps = [None] * len(KERNEL3_OFFSETS)
+        for k, (dx, dy, dz) in enumerate(KERNEL3_OFFSETS[:CENTRE]):
             q = keys + offset_key(dx * stride, dy * stride, dz * stride)
             idx = torch.searchsorted(keys, q)
             idx.clamp_(max=n - 1)
             hit = keys[idx] == q
             out_rows = torch.nonzero(hit, as_tuple=True)[0]
-            maps.append((out_rows, idx[out_rows]))
+            maps[k] = (out_rows, idx[out_rows])
+            maps[len(KERNEL3_OFFSETS) - 1 - k] = (maps[k][1], maps[k][0])
         self._nbr[stride] = maps
         return maps
 
