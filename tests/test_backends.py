@@ -475,3 +475,51 @@ def test_neighbour_map_equals_a_search_of_every_offset():
                      if (b, cx + dx * stride, cy + dy * stride, cz + dz * stride) in index]
             out_rows, in_rows = maps[k]
             assert list(zip(out_rows.tolist(), in_rows.tolist())) == pairs, (stride, k)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_scatter_convolutions_written_out_backward_equals_autograd(groups):
+    """The scatter form's own backward (one input-gradient buffer, nothing gathered kept) gives the
+    gradients autograd gives through the same per-offset operations: 3x3x3, stride-2 and
+    transposed maps, plain rows and feature groups, weights frozen or input without gradient."""
+    from lidar_completion.sparse import conv_scatter as cs
+    from lidar_completion.sparse import torch_backend as tb
+    pts, batch = _batch_clouds()
+    _, x = tb.BACKEND.voxelize(pts, batch, 0.1)
+    m = x.manager
+    m.level(2)
+    n1, n2 = len(m.levels[1]), len(m.levels[2])
+    inverse, rows = m.downsample_map(1)
+    g = torch.Generator().manual_seed(5)
+    lead = () if groups is None else (groups,)
+    cases = {   # name: (input rows, kernel offsets, pairs, output rows, centre, copy)
+        "conv3": (n1, 27, [(k, p[0], p[1]) for k, p in enumerate(m.neighbour_map(1)) if p is not None], n1, True, False),
+        "down": (n1, 8, [(k, inverse[r], r) for k, r in enumerate(rows)], n2, False, False),
+        "up": (n2, 8, [(k, r, inverse[r]) for k, r in enumerate(rows)], n1, False, True),
+    }
+    for name, (n_in, kernel, pairs, n_out, centre, copy) in cases.items():
+        assert sum(len(p[1]) for p in pairs) > 0, name
+        f0 = torch.randn(*lead, n_in, 6, generator=g)
+        w0 = torch.randn(kernel, 6, 5, generator=g)
+        r = torch.randn(*lead, n_out, 5, generator=g)
+        for f_grad, w_grad in ((True, True), (True, False), (False, True)):
+            got, want = [], []
+            for fn, sink in ((cs._ScatterConv.apply, got), (cs._apply, want)):
+                f = f0.clone().requires_grad_(f_grad)
+                w = w0.clone().requires_grad_(w_grad)
+                rows_f = f if groups is None else f.transpose(0, 1).contiguous()
+                out = fn(rows_f, w, pairs, n_out, centre, copy)
+                out = out if groups is None else out.transpose(0, 1)
+                (out * r).sum().backward()
+                sink += [out.detach(), f.grad, w.grad]
+            assert torch.equal(got[0], want[0]), name
+            for a, b in zip(got[1:], want[1:]):
+                assert (a is None) == (b is None), (name, f_grad, w_grad)
+                if a is not None:
+                    assert _close(a, b, rel=1e-5), (name, f_grad, w_grad)
+    # the public functions route through it whenever a gradient is wanted, and not otherwise
+    f = torch.randn(n1, 6, generator=g, requires_grad=True)
+    w = torch.randn(27, 6, 5, generator=g)
+    assert type(cs.conv3_scatter(f, w, m.neighbour_map(1)).grad_fn).__name__ == "_ScatterConvBackward"
+    with torch.no_grad():
+        assert cs.conv3_scatter(f, w, m.neighbour_map(1)).grad_fn is None
