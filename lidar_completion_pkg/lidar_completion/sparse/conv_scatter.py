@@ -11,6 +11,8 @@ one input-gradient buffer takes every offset's contribution, and only the input 
 are kept (docs/benchmarks.md, "Training, time per step")."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .coords import CENTRE
@@ -21,6 +23,7 @@ def _rows_first(fn):
     as (M, G, C): gathering and scatter-adding whole rows of G x C contiguous values along dim 0 is
     3-4.5x faster on the CPU than along dim 1 of (G, M, C) (docs/sparse_engine.md, "Feature groups
     on the CPU"), and one pass over each map serves both groups. The two transposes cost less."""
+    @functools.wraps(fn)
     def wrapped(f: torch.Tensor, *args):
         if f.dim() == 2:
             return fn(f, *args)
@@ -28,7 +31,6 @@ def _rows_first(fn):
         g = f.reshape(-1, *f.shape[-2:]).transpose(0, 1).contiguous()     # (M, G, C)
         out = fn(g, *args)                                                # (M', G, O)
         return out.transpose(0, 1).reshape(*lead, *out.shape[:1], out.shape[-1])
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
 
 
