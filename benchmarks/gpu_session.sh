@@ -32,6 +32,8 @@
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
 # so that a call cut off at its limit still returns the earlier steps' output (ONLY="1 4" runs steps
 # 1 and 4 alone; TESTS_K narrows step 4's pytest -k). Triton compiles its kernels on first use and caches them on disk for later steps.
+# tests/test_gpu_session.py rehearses this script on the CPU with stand-ins for python3 and nvidia-smi:
+# every step's arguments must pass its script's parser and every pytest call must select tests.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
