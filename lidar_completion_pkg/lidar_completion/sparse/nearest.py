@@ -159,9 +159,10 @@ def _nearest_kdtree(q: np.ndarray, r: np.ndarray) -> np.ndarray:
     qf = q.astype(np.float64)
     result = np.empty(q.shape[0], dtype=np.int64)
     todo = np.arange(q.shape[0])
-    # Two neighbours first: ties are rare off the grid's symmetry planes (3 % of the rows of a
-    # denoiser pass), so asking every row for 16 cost 2.8x as much (docs/benchmarks.md, "Sparse
-    # backends on the CPU"); rows whose last neighbour is still tied ask again for 4x as many.
+    # Two neighbours first: most rows have one nearest cell (ties: 3 % of the rows at stride 1,
+    # about a quarter at strides 8 and 16, where rows sit on the condition's 16-grid), so asking
+    # every row for 16 cost 2.8x as much (docs/benchmarks.md, "Sparse backends on the CPU"); rows
+    # whose last neighbour is still tied ask again for 4x as many.
     k = min(2, n_ref)
     while todo.size:
         d, i = tree.query(qf[todo], k=k)
