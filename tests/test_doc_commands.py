@@ -7,13 +7,11 @@ Lines with placeholders (``...``, ``<...>``, ``[--optional]``, ``{a,b}``) are no
 are left out; so are other programs (bash, pytest, colcon, pip)."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
+
+from scripts_support import Refused, command_main, parse_only
 
 from lidar_completion.errors import LidarCompletionError
 
@@ -88,63 +86,6 @@ def doc_commands() -> list[tuple[str, list[str], bool]]:
     return found
 
 
-class _Parsed(Exception):
-    pass
-
-
-class _Refused(Exception):
-    pass
-
-
-def _parse_only(main, argv: list[str]):
-    """Run ``main(argv)`` until its argument parser has accepted ``argv``, then stop: the parsed
-    namespace (None after ``--help``); the parser's complaint as :class:`_Refused`."""
-    real_parse, real_error = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(real_parse(self, args, namespace))
-
-    def refuse(self, message):
-        raise _Refused(message)
-
-    argparse.ArgumentParser.parse_args = parse_then_stop
-    argparse.ArgumentParser.error = refuse
-    try:
-        main(argv)
-    except _Parsed as done:
-        return done.args[0]
-    except SystemExit as e:                         # --help, --version
-        if e.code in (0, None):
-            return None
-        raise _Refused(f"exit {e.code}") from None
-    finally:
-        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error = real_parse, real_error
-    raise _Refused("it ran past its parser without parsing")
-
-
-def _main_of(argv: list[str]):
-    """(main function, arguments) of a documented command."""
-    prog = argv[0].rsplit("/", 1)[-1]
-    if prog == "lidar-completion":
-        from lidar_completion.cli import main
-        return main, argv[1:]
-    if prog == "lidar-completion-train" or argv[:2] == ["-m", "training"]:
-        from training.__main__ import main
-        return main, argv[1:] if prog == "lidar-completion-train" else argv[2:]
-    if argv[0] == "-m":
-        return importlib.import_module(argv[1]).main, argv[2:]
-    path = ROOT / argv[0]
-    assert path.is_file(), f"no such script: {argv[0]}"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_doc_{path.parent.name}_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module.main, argv[1:]
-
-
 def _check_training_config(ns) -> None:
     """A trainer command's config and ``--set`` overrides load and validate as the trainer would
     load them (unknown keys, wrong types and values are errors; paths are not opened). Overrides
@@ -169,11 +110,11 @@ def test_every_documented_command_parses():
     failures = []
     for where, argv, inline in doc_commands():
         try:
-            main, rest = _main_of(argv)
-            ns = _parse_only(main, rest)
+            main, rest = command_main(argv)
+            ns = parse_only(main, rest)
             if ns is not None and getattr(ns, "set", None) is not None and getattr(ns, "config", None):
                 _check_training_config(ns)
-        except _Refused as exc:
+        except Refused as exc:
             # prose may name a command without its positional arguments, or end on an option
             # without its value
             msg = str(exc)
@@ -181,6 +122,6 @@ def test_every_documented_command_parses():
                                   or msg.endswith("expected one argument") and argv[-1].startswith("-"))
             if not excused:
                 failures.append(f"{where}: {shlex.join(argv)}\n    {msg}")
-        except (AssertionError, ImportError, LidarCompletionError) as exc:
+        except (ImportError, LidarCompletionError) as exc:
             failures.append(f"{where}: {shlex.join(argv)}\n    {exc}")
     assert not failures, "\n".join(failures)

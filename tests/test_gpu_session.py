@@ -7,9 +7,6 @@ arguments against its own argument parser (in this process, stopped right after 
 every pytest call's files and ``-k`` by collecting what it would run."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts_support import Refused, command_main, parse_only
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
@@ -63,46 +61,6 @@ def _steps_run(calls: list[dict]) -> list[dict]:
     return [c for c in calls if c["argv"][:1] != ["-c"] and c["argv"][:2] != ["-m", "pip"]]
 
 
-class _Parsed(Exception):
-    pass
-
-
-def _parse_only(monkeypatch, main, argv: list[str]) -> argparse.Namespace:
-    """``main(argv)`` stopped right after its parser accepted ``argv`` (its namespace), or the
-    parser's error as a test failure."""
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(real(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    try:
-        main(argv)
-    except _Parsed as done:
-        return done.args[0]
-    except SystemExit as e:
-        pytest.fail(f"the parser refused {argv}: exit {e.code}")
-    finally:
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
-    pytest.fail(f"{argv} ran past its parser without parsing")
-
-
-def _entry_point(argv: list[str]):
-    """(main function, its arguments) of a recorded ``python3 [-m module | script.py] ...`` call."""
-    if argv[0] == "-m":
-        return importlib.import_module(argv[1]).main, argv[2:]
-    path = ROOT / argv[0]
-    assert path.is_file(), f"no such script: {argv[0]}"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_gpu_session_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module.main, argv[1:]
-
-
 def _collected(selections: list[list[str]]) -> list[int]:
     """How many tests each ``pytest args`` of ``selections`` would run (collection only, all in one
     fresh process: the test modules import torch and Triton once)."""
@@ -144,7 +102,7 @@ def test_the_session_script_is_valid_bash():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_every_step_of_the_gpu_session_parses_and_selects_tests(tmp_path, monkeypatch):
+def test_every_step_of_the_gpu_session_parses_and_selects_tests(tmp_path):
     calls, out = _rehearse(tmp_path)
     steps = [line for line in out.splitlines() if line.startswith("=== [") and " step " in line]
     assert len(steps) >= 10 and "=== session done" in out, out
@@ -161,8 +119,11 @@ def test_every_step_of_the_gpu_session_parses_and_selects_tests(tmp_path, monkey
             assert files and all((ROOT / f).is_file() for f in files), argv
             selections.append(args)
             continue
-        main, rest = _entry_point(argv)
-        ns = _parse_only(monkeypatch, main, rest)
+        try:
+            main, rest = command_main(argv)
+            ns = parse_only(main, rest)
+        except Refused as exc:
+            pytest.fail(f"step {argv}: {exc}")
         if "--device" in rest:
             assert ns.device == "cuda", argv
     assert len(selections) >= 2
