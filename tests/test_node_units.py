@@ -362,3 +362,34 @@ def test_the_venv_is_an_ament_prefix_for_the_package():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["lidar_completion_pkg", "completion_node", "lidar_completion_pkg",
                                    "lifecycle_completion_node"]
+
+
+def test_frames_without_the_transform_packages_say_what_to_do(monkeypatch):
+    """tf2_msgs and tf_transformations are not on PyPI: asking for frames without them is one clear
+    error (what is missing, where it comes from, how to run without frames), not a traceback."""
+    from lidar_completion_pkg import frames
+    monkeypatch.setitem(sys.modules, "tf2_msgs", None)           # import tf2_msgs -> ImportError
+    assert frames.missing_transform_packages()[:1] == ["tf2_msgs"]
+    with pytest.raises(frames.FramesUnavailable) as info:
+        frames.make_frames(node=None)
+    msg = str(info.value)
+    assert "tf2_msgs" in msg and "not on PyPI" in msg and "docs/ros2.md" in msg and "empty" in msg
+    monkeypatch.setitem(sys.modules, "tf_transformations", None)
+    with pytest.raises(frames.FramesUnavailable, match="tf2_msgs and tf_transformations, which are"):
+        frames.check_transform_packages()
+
+
+def test_node_asked_for_frames_without_the_packages_stops_before_loading(tmp_path):
+    """The node process exits 1 with that message before it loads a model (a checkpoint path that
+    does not exist is never reached), and starts without frames as before."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    hide = ("import sys; sys.modules['tf2_msgs'] = None; sys.modules['tf2_ros'] = None; "
+            "from lidar_completion_pkg.completion_node import main; sys.exit(main(sys.argv))")
+    args = ["--ros-args", "-p", "target_frame:=odom", "-p", f"checkpoint:={tmp_path / 'absent.pt'}"]
+    env = rs.ros_env(rs.random_domain(), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", hide, *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "target_frame need tf2_msgs" in out and "absent.pt" not in out, out

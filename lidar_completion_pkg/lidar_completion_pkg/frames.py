@@ -5,7 +5,8 @@ Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` co
 
 * :class:`Tf2Frames` - ``tf2_ros.Buffer`` + ``TransformListener`` where tf2_ros imports (a system ROS 2);
 * :class:`OwnFrames` - the node's own ``/tf`` + ``/tf_static`` listener and buffer where it does not
-  (the PyPI wheels have ``tf2_msgs`` but no tf2_ros): per child frame, the static transform or the
+  (a venv with the ``tf2_msgs`` and ``tf_transformations`` wheels, which PyPI lacks, but no tf2_ros;
+  without them :func:`make_frames` raises :class:`FramesUnavailable`): per child frame, the static transform or the
   recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
   (translation linearly, rotation by ``tf_transformations.quaternion_slerp``), chained through the
   tree like tf2. As in tf2, a stamp outside the buffered span is never extrapolated, and stamp 0
@@ -27,6 +28,38 @@ from lidar_completion.errors import LidarCompletionError
 
 #: Reasons a transform is unavailable (the node counts dropped scans by them).
 MISSING, STALE = "tf_missing", "tf_stale"
+
+
+class FramesUnavailable(LidarCompletionError):
+    """Frames were asked for but the ROS 2 transform packages are not installed."""
+
+
+#: What a node that transforms clouds needs beside rclpy: none of these is on PyPI.
+TRANSFORM_PACKAGES = ("tf2_msgs", "tf_transformations")
+
+
+def missing_transform_packages() -> list:
+    """The packages of :data:`TRANSFORM_PACKAGES` that do not import here."""
+    import importlib
+    missing = []
+    for name in TRANSFORM_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def check_transform_packages() -> None:
+    """:class:`FramesUnavailable` naming what is missing when :data:`TRANSFORM_PACKAGES` do not all
+    import (they come with a system ROS 2, not from PyPI)."""
+    missing = missing_transform_packages()
+    if missing:
+        raise FramesUnavailable(
+            f"model_frame / target_frame need {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed and not on PyPI: use a system ROS 2 "
+            "(source it), or run `make setup` with ROS2_CLI_WHEELS naming a folder of the ROS 2 tool "
+            "wheels (docs/ros2.md); or leave both parameters empty to publish in the cloud's own frame")
 
 
 class TransformUnavailable(LidarCompletionError):
@@ -262,7 +295,11 @@ class Tf2Frames:
 
 def make_frames(node, cache_time: float = 10.0, prefer: Optional[str] = None,
                 warn: Callable[[str], None] = lambda m: None):
-    """tf2_ros where it imports (``prefer='own'`` forces our listener), else our own listener."""
+    """tf2_ros where it imports (``prefer='own'`` forces our listener), else our own listener.
+    :class:`FramesUnavailable` names what is missing when neither can work (``tf2_msgs`` and
+    ``tf_transformations`` come with a system ROS 2, not from PyPI): better said once at start-up
+    than as a failure of every scan."""
+    check_transform_packages()
     if prefer != "own":
         try:
             return Tf2Frames(node, cache_time)

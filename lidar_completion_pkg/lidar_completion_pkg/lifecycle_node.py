@@ -47,13 +47,15 @@ class LifecycleCompletionNode(LifecycleNode):
         self.pipeline.state = WARMING_UP
         self.pipeline.publish_diagnostics()
         try:
+            self.pipeline.check_frames()
             self.pipeline.load(self.completer_factory)
+            self.pipeline.warm_up()
+            self.pipeline.open_frames()
         except StartupError as exc:
             self.get_logger().error(f"configure failed: {exc}")
+            self.pipeline.release(drop_model=True)     # back to the unconfigured state, nothing held
             self.pipeline.state = UNCONFIGURED
             return TransitionCallbackReturn.FAILURE
-        self.pipeline.warm_up()
-        self.pipeline.open_frames()
         create_outputs(self, self.pipeline, self.create_lifecycle_publisher)
         self.pipeline.state = INACTIVE
         self.pipeline.publish_diagnostics()

@@ -57,6 +57,7 @@ class CompletionNode(Node):
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=WARMING_UP)
         self.pipeline.publish_diagnostics()  # "warming up", before the long part
+        self.pipeline.check_frames()
         self.pipeline.load(completer_factory)
         self.pipeline.warm_up()
         self.pipeline.open_frames()

@@ -214,10 +214,24 @@ class CompletionPipeline:
     def needs_frames(self) -> bool:
         return bool(self.config["model_frame"] or self.config["target_frame"])
 
+    def check_frames(self) -> None:
+        """StartupError before anything slow happens when frames are asked for and the transform
+        packages are missing."""
+        if self.needs_frames():
+            try:
+                frames.check_transform_packages()
+            except frames.FramesUnavailable as exc:
+                raise StartupError(str(exc)) from None
+
     def open_frames(self) -> None:
+        """The TF source when ``model_frame`` or ``target_frame`` is set; StartupError when the
+        transform packages are missing."""
         if self.needs_frames() and self.frames is None:
-            self.frames = frames.make_frames(self.node, warn=self.log.warning,
-                                             prefer=os.environ.get("LIDAR_COMPLETION_TF"))
+            try:
+                self.frames = frames.make_frames(self.node, warn=self.log.warning,
+                                                 prefer=os.environ.get("LIDAR_COMPLETION_TF"))
+            except frames.FramesUnavailable as exc:
+                raise StartupError(str(exc)) from None
 
     def close_frames(self) -> None:
         if self.frames is not None:

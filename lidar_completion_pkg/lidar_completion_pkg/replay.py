@@ -362,7 +362,8 @@ class Replay:
             from tf2_msgs.msg import TFMessage
         except ImportError:
             print(f"warning: tf2_msgs is not installed: the bag's {' and '.join(present)} are not "
-                  "replayed (make setup installs it)", file=sys.stderr)
+                  "replayed (it is not on PyPI: a system ROS 2 has it, or `make setup` with "
+                  "ROS2_CLI_WHEELS, docs/ros2.md)", file=sys.stderr)
             return {}
         qos = {"/tf": QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.VOLATILE),
