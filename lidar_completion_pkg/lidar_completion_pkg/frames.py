@@ -5,12 +5,12 @@ Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` co
 
 * :class:`Tf2Frames` - ``tf2_ros.Buffer`` + ``TransformListener`` where tf2_ros imports (a system ROS 2);
 * :class:`OwnFrames` - the node's own ``/tf`` + ``/tf_static`` listener and buffer where it does not
-  (a venv with the ``tf2_msgs`` and ``tf_transformations`` wheels, which PyPI lacks, but no tf2_ros;
-  without them :func:`make_frames` raises :class:`FramesUnavailable`): per child frame, the static transform or the
-  recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
-  (translation linearly, rotation by ``tf_transformations.quaternion_slerp``), chained through the
-  tree like tf2. As in tf2, a stamp outside the buffered span is never extrapolated, and stamp 0
-  means "the latest available".
+  (a venv with the ``tf2_msgs`` and ``tf_transformations`` wheels, which PyPI lacks, but no
+  tf2_ros; without them :func:`make_frames` raises :class:`FramesUnavailable`): per child frame,
+  the static transform or the recent history of dynamic ones (``cache_time`` seconds),
+  interpolated at the requested stamp (translation linearly, rotation by
+  ``tf_transformations.quaternion_slerp``), chained through the tree like tf2. As in tf2, a
+  stamp outside the buffered span is never extrapolated, and stamp 0 means "the latest available".
 
 :func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. Only the rotation algebra comes
 from ``tf_transformations``; nothing here writes quaternion code of its own.
