@@ -392,4 +392,41 @@ def test_node_asked_for_frames_without_the_packages_stops_before_loading(tmp_pat
                           env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert "target_frame need tf2_msgs" in out and "absent.pt" not in out, out
+    assert "FATAL" in out and "target_frame need tf2_msgs" in out and "Traceback" not in out, out
+    assert "absent.pt" not in out, out
+
+
+def test_lifecycle_configure_without_the_packages_fails_and_holds_nothing(tmp_path, monkeypatch):
+    """The managed node's configure fails with the same message and stays unconfigured; when the
+    failure comes after the model was loaded (the frames opened last), the model is released."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("lifecycle_msgs")
+    pytest.importorskip("diagnostic_msgs")
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from lidar_completion.checkpoints import make_random_checkpoint
+    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
+    from lidar_completion_pkg.pipeline import CompletionPipeline
+    from lidar_completion_pkg.stats import UNCONFIGURED
+
+    ckpt = make_random_checkpoint(tmp_path / "tiny.pt", sampling={"steps": 1, "guidance": 1.0, "n_fps": 100,
+                                                                 "tile": 2, "process": "local"})
+    monkeypatch.setitem(sys.modules, "tf2_msgs", None)
+    monkeypatch.setitem(sys.modules, "tf2_ros", None)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        for late in (False, True):
+            if late:   # the early check passes: load and warm-up happen, the frames fail last
+                monkeypatch.setattr(CompletionPipeline, "check_frames", lambda self: None)
+            node = LifecycleCompletionNode(context=context, parameter_overrides=[
+                Parameter("target_frame", value="odom"), Parameter("checkpoint", value=str(ckpt)),
+                Parameter("backend", value="torch")])
+            try:
+                assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+                assert node.pipeline.state == UNCONFIGURED and node.pipeline.completer is None
+            finally:
+                node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
