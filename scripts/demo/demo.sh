@@ -76,7 +76,7 @@ say "3/5 live replay through the ROS 2 node -> $OUT/latency, $OUT/completed_bag"
 FRAME_ARGS=(--node-param model_frame:=velodyne --node-param target_frame:=odom)
 COMPLETED_FRAME=odom
 if [ "${DEMO_FRAMES:-auto}" = 0 ] || { [ "${DEMO_FRAMES:-auto}" = auto ] && \
-     ! $PY -c "import tf2_msgs.msg, tf_transformations" 2>/dev/null; }; then
+     ! $PY -c "from lidar_completion_pkg.frames import check_transform_packages as c; c()" 2>/dev/null; }; then
   FRAME_ARGS=()
   COMPLETED_FRAME="the scans' frame, velodyne"
   echo "note: no transforms (tf2_msgs / tf_transformations are not installed; they are not on PyPI, see"
