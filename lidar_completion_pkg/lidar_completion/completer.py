@@ -304,6 +304,9 @@ class Completer:
         return self._solver
 
     def _autocast(self):
+        # CUDA only: on a CPU with native bf16 products the completion was slower in bf16 (its
+        # element-wise work and autocast's casts outweigh faster products; docs/benchmarks.md,
+        # "Sparse backends on the CPU")
         dtype = _PRECISIONS[self.precision]
         if dtype is None or self.device.type != "cuda":
             return contextlib.nullcontext()
