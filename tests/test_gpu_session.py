@@ -137,3 +137,38 @@ def test_only_and_budget_choose_the_steps(tmp_path):
     assert len(ran) == 2 and ran[0][0] == "benchmarks/backends.py" and ran[1][:2] == ["-m", "pytest"], ran
     calls, out = _rehearse(tmp_path / "short", BUDGET="10")
     assert _steps_run(calls) == [] and "skipped: out of budget" in out
+
+
+PREPARE = ROOT / "benchmarks" / "gpu_prepare.sh"
+
+
+def test_the_preparation_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(PREPARE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_preparation_fetches_fpsample_as_setup_requires_it_for_the_gpu_hosts_python(tmp_path):
+    """With REHEARSE=0 the script only downloads wheels: for the GPU host's Python (3.12), binary
+    only, the fpsample requirement of setup.py (not a copy of it that could drift), into WHEELS."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(_RECORDER.format(python=sys.executable))
+    python3.chmod(0o755)
+    record = tmp_path / "calls.jsonl"
+    wheels = tmp_path / "wheels"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GPU_SESSION_RECORD=str(record),
+               REHEARSE="0", WHEELS=str(wheels), PYTHON_SYS="python3")
+    env.pop("GPU_PY", None)
+    proc = subprocess.run(["bash", str(PREPARE)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = [json.loads(line)["argv"] for line in record.read_text().splitlines()]
+    assert len(calls) == 1, calls                    # the download, and no venv without REHEARSE
+    argv = calls[0]
+    assert argv[:3] == ["-m", "pip", "download"]
+    setup = (ROOT / "lidar_completion_pkg" / "setup.py").read_text()
+    required = [s for s in setup.split('"') if s.startswith("fpsample")]
+    assert len(required) == 1 and argv[-1] == required[0]
+    assert argv[argv.index("--python-version") + 1] == "3.12"
+    assert "--only-binary=:all:" in argv and "--no-deps" in argv
+    assert argv[argv.index("-d") + 1] == str(wheels) and wheels.is_dir()
