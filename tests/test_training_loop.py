@@ -208,6 +208,85 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         assert torch.isfinite(v.float()).all()
     for k, p in tr.net.named_parameters():   # no optimiser step was taken with the NaN loss
         assert torch.equal(p.detach(), good["models"]["teacher"][k]), k
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "became nan at step 3" in summary["error"]
+
+
+def test_a_run_that_fails_says_so_in_its_summary(tmp_path, monkeypatch):
+    cfg = tiny_config("teacher", "checkpoint.export=false", "train.max_steps=3")
+    tr = TeacherTrainer(cfg, tmp_path, source=scenes_source(2, n_target=1200, n_scan=120))
+
+    def broken(batch):
+        raise RuntimeError("a step that breaks")
+
+    monkeypatch.setattr(tr, "train_step", broken)
+    with pytest.raises(RuntimeError, match="a step that breaks"):
+        tr.run()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: a step that breaks"
+
+
+def _ckpt_steps(out: Path) -> list:
+    return sorted(int(p.name[5:14]) for p in (out / "checkpoints").glob("step_*.ckpt"))
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path, capsys):
+    """Without --resume, a run into a folder that holds another run's checkpoints would mix its
+    checkpoints, logs and export with that run's: it stops before building anything."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "2")) == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    capsys.readouterr()
+    assert main(_args(npz, out, "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--resume" in err and "step_000000002.ckpt" in err
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_resuming_an_older_checkpoint_never_deletes_what_it_writes_nor_later_ones(tmp_path):
+    """Rotation removes only this run's past: resumed from step 2 of a folder holding steps 2 and 4,
+    with keep=1, the run's step 3 stays (latest.json names it), step 4 of the abandoned run stays,
+    step 2 goes; the next --resume continues from step 3."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    keep = ("--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=2")
+    assert main(_args(npz, out, "--max-steps", "4", *keep)) == 0
+    assert _ckpt_steps(out) == [2, 4]
+    older = CheckpointManager(out / "checkpoints").path_for(2)
+    assert main(_args(npz, out, "--max-steps", "3", "--resume", str(older),
+                      "--set", "checkpoint.keep=1", "--set", "checkpoint.every_steps=0")) == 0
+    mgr = CheckpointManager(out / "checkpoints")
+    assert _ckpt_steps(out) == [3, 4] and mgr.latest_path() == mgr.path_for(3)
+    assert load_state(mgr.latest_path())["step"] == 3
+    assert main(_args(npz, out, "--max-steps", "5", "--resume")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == str(mgr.path_for(3)) and summary["step"] == 5
+
+
+def test_resume_without_latest_json_takes_the_checkpoint_of_the_highest_step(tmp_path, caplog):
+    """Step files copied back from another machine without their pointer: --resume goes on from
+    the highest step (and says so) instead of silently starting again from step 0."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "3", "--set", "checkpoint.every_steps=1")) == 0
+    (out / "checkpoints" / "latest.json").unlink()
+    with caplog.at_level("WARNING", logger="training.engine"):
+        assert main(_args(npz, out, "--max-steps", "4", "--set", "checkpoint.every_steps=1", "--resume")) == 0
+    assert "no latest.json" in caplog.text and "step_000000003.ckpt" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_000000003.ckpt") and summary["steps_this_run"] == 1
+
+
+def test_the_cli_refuses_a_negative_step_budget_and_an_out_that_is_a_file(tmp_path, capsys):
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    assert main(_args(npz, tmp_path / "run", "--max-steps", "-5")) == 1
+    assert "--max-steps must be >= 0" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(_args(npz, afile, "--max-steps", "1")) == 1
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
+    assert not (tmp_path / "run").exists()
 
 
 _DIVERGING_RANK = r"""
@@ -286,6 +365,50 @@ def test_configs_load_and_reject_mistakes(tmp_path):
                                                              "teacher_dpo.composite={cd: 1, emd: 1}"])
     with pytest.raises(ConfigError, match="validation.select"):
         load_config(CONFIGS / "teacher.yaml", overrides=["validation.select=emd"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=abc", "train.batch_size must be a number, got 'abc'"),
+    ("train.batch_size=1.5", "train.batch_size must be a whole number"),
+    ("seed=abc", "seed must be a number"),
+    ("train.optimizer.lr=[1]", "train.optimizer.lr must be a number"),
+    ("train=5", "train must be a mapping"),
+    ("log.progress=maybe", "log.progress must be true or false"),
+    ("data.kind=[npz]", "data.kind must be a string"),
+    ("train.grad_clip=-1", "train.grad_clip must be null or a number > 0"),
+    ("train.grad_clip=0", "train.grad_clip must be null or a number > 0"),
+    ("data.limit=0", "data.limit must be null or a whole number >= 1"),
+    ("checkpoint.part_mib=abc", "checkpoint.part_mib must be null or a number >= 1"),
+    ("train.optimizer.betas=[2, 3]", "train.optimizer.betas must be two numbers in [0, 1)"),
+    ("train.optimizer={name: sgd}", "train.optimizer.lr must be a positive number"),
+    ("train.lr_schedule.every_epochs=0", "train.lr_schedule.every_epochs must be >= 1"),
+    ("distill.aux_warmup_steps=-1", "distill.aux_warmup_steps must be >= 0"),
+    ("distill.aux_optimizer={name: adam, lr: -1}", "distill.aux_optimizer.lr must be a positive number"),
+    ("distill.aux_grad_clip=-2", "distill.aux_grad_clip"),
+    ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
+    ("validation.sequence=[1]", "validation.sequence: expected a sequence name"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(override, message):
+    """A value a trainer would misread (a truncated batch size, a negative clip that flips the
+    gradient) or crash on (a string where a number goes) is refused before anything is built."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny_distill_dpo.yaml", overrides=[override])
+    assert message in str(e.value)
+
+
+def test_config_values_are_normalised_to_their_defaults_types():
+    """Sequence numbers as YAML reads them (07 -> 7, 00 -> 0, or one number alone) become KITTI
+    sequence names; an integral float stands for an integer, an integer for a float."""
+    cfg = load_config(CONFIGS / "tiny_teacher.yaml", overrides=[
+        "data.sequences=00", "validation.sequence=07", "train.batch_size=2.0", "train.optimizer.lr=1",
+        "data.loader_timeout_s=0.5", "train.grad_clip=5e-2"])
+    assert cfg["data"]["sequences"] == ["00"] and cfg["validation"]["sequence"] == "07"
+    assert cfg["train"]["batch_size"] == 2 and isinstance(cfg["train"]["batch_size"], int)
+    assert cfg["train"]["optimizer"]["lr"] == 1.0 and isinstance(cfg["train"]["optimizer"]["lr"], float)
+    assert cfg["data"]["loader_timeout_s"] == 0.5
+    assert cfg["train"]["grad_clip"] == 0.05     # PyYAML reads 5e-2 as a string: parsed as the number
+    assert load_config(CONFIGS / "tiny_teacher.yaml",
+                       overrides=["data.sequences=[7, '08', 10]"])["data"]["sequences"] == ["07", "08", "10"]
 
 
 def test_cli_help_lists_the_three_trainings(capsys):
@@ -426,3 +549,30 @@ def test_per_step_decay_of_the_learning_rate(tmp_path, kind):
     for bad, match in (("decay_steps: -1", "decay_steps"), ("decay_to: 1.5", "decay_to"), ("decay: step", "decay")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, "teacher", [f"train.lr_schedule={{{bad}}}"])
+
+
+def test_a_training_state_given_as_a_model_checkpoint_is_named_as_such(tmp_path):
+    """``init`` (or a teacher, reference, refiner) pointing at a --resume checkpoint: the error says
+    it is a training state and what to do, under the config key that named it."""
+    state = tmp_path / "step_000000002.ckpt"
+    save_state(state, {"step": 2, "models": {"w": torch.zeros(3)}})
+    cfg = tiny_config("teacher", f"init={state}")
+    with pytest.raises(CheckpointError, match=r"^init: .*is a training state .*--resume"):
+        TeacherTrainer(cfg, tmp_path / "run", source=scenes_source(1, n_target=800, n_scan=80))
+    from training.distill import DistillTrainer
+    cfg = tiny_config("distill", f"distill.teacher={state}")
+    with pytest.raises(CheckpointError, match=r"^distill\.teacher: .*is a training state"):
+        DistillTrainer(cfg, tmp_path / "d", source=scenes_source(1, n_target=800, n_scan=80))
+
+
+def test_the_distillations_refiner_is_read_before_training_not_after(tmp_path):
+    """A mistyped distill.refiner used to surface only at the export, after every step had run."""
+    from training.distill import DistillTrainer
+    cfg = tiny_config("distill", f"distill.refiner={tmp_path / 'refiner_typo.pt'}", "train.max_steps=1")
+    with pytest.raises(CheckpointError, match=r"^distill\.refiner: .*refiner_typo\.pt"):
+        DistillTrainer(cfg, tmp_path / "d", source=scenes_source(1, n_target=800, n_scan=80))
+    assert not (tmp_path / "d" / "checkpoints").exists()
+    shipped = ROOT / "lidar_completion_pkg" / "lidar_completion" / "weights" / "student.pt"
+    cfg = tiny_config("distill", f"distill.refiner={shipped}", "train.max_steps=1")
+    tr = DistillTrainer(cfg, tmp_path / "ok", source=scenes_source(1, n_target=800, n_scan=80))
+    assert tr._refiner is not None

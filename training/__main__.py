@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lidar_completion.errors import LidarCompletionError
+from lidar_completion.errors import ConfigError, LidarCompletionError
 
 from .config import KINDS, load_config
 
@@ -80,8 +80,12 @@ def run(args) -> int:
     overrides = list(args.set)
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0 (0: export the starting weights), got {args.max_steps}")
     cfg = load_config(path, kind=args.kind, overrides=overrides)
     out = Path(args.out) if args.out else Path("runs") / path.stem
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
     trainer = trainer_class(args.kind)(cfg, out, resume=args.resume, max_steps=args.max_steps)
     summary = trainer.run()
     if trainer.dist.is_main:

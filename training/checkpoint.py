@@ -179,7 +179,7 @@ def load_state(path: str | os.PathLike, map_location="cpu") -> dict:
 
 class CheckpointManager:
     """Numbered checkpoints ``step_000000100.ckpt`` in ``folder``, a ``latest.json`` pointer, and
-    rotation keeping the newest ``keep`` files."""
+    rotation keeping the newest ``keep`` files of the run that writes them."""
 
     def __init__(self, folder: str | os.PathLike, keep: int = 3, part_bytes: int | None = None):
         self.folder = Path(folder)
@@ -189,17 +189,24 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.folder / f"step_{int(step):09d}.ckpt"
 
+    def step_files(self) -> list[Path]:
+        """The numbered checkpoints in the folder, by step."""
+        return sorted(p for p in self.folder.glob("step_*.ckpt") if _NAME.match(p.name))
+
     def save(self, state: dict) -> Path:
         step = int(state["step"])
         path = self.path_for(step)
         digest = save_state(path, state, self.part_bytes)
         pointer = {"file": path.name, "step": step, "sha256": digest}
         atomic_write_json(self.folder / LATEST, pointer, indent=1)
-        self._rotate()
+        self._rotate(step)
         return path
 
-    def _rotate(self) -> None:
-        files = sorted(p for p in self.folder.glob("step_*.ckpt") if _NAME.match(p.name))
+    def _rotate(self, step: int) -> None:
+        """Delete the checkpoints of steps before ``step`` beyond the newest ``keep`` (``step``'s own
+        included). Those of later steps - a run resumed from an older checkpoint of its folder -
+        are left alone: they are not this run's past, and the one just written must survive."""
+        files = [p for p in self.step_files() if int(_NAME.match(p.name).group(1)) <= step]
         for p in files[:-self.keep]:
             for f in state_files(p)[::-1]:    # parts, then the index
                 try:
@@ -208,14 +215,21 @@ class CheckpointManager:
                     pass
 
     def latest_path(self) -> Path | None:
+        """The checkpoint ``latest.json`` names; without that file, the numbered checkpoint of the
+        highest step (e.g. step files copied back from another machine without their pointer)."""
         pointer = self.folder / LATEST
         if not pointer.is_file():
-            return None
+            files = self.step_files()
+            return files[-1] if files else None
         try:
             info = json.loads(pointer.read_text(encoding="utf-8"))
             return self.folder / info["file"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{pointer} is corrupt: expected JSON with a 'file' entry ({exc})") from exc
+
+    def holds_checkpoints(self) -> bool:
+        """Whether the folder holds a checkpoint pointer or a numbered checkpoint."""
+        return (self.folder / LATEST).is_file() or bool(self.step_files())
 
     def resolve(self, resume) -> Path | None:
         """``resume`` True -> the latest checkpoint of this folder (None if there is none);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 from typing import Any, Callable
 
 import yaml
@@ -231,6 +232,8 @@ def load_config(path: str | os.PathLike | None, kind: str | None = None, overrid
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
@@ -253,19 +256,124 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# values that may be of another type than their default's (checked by `validate` or where used)
+_ANY_TYPE = {"model", "distill.metric", "teacher_dpo.metric", "distill.aux_grad_clip"}
+# integer defaults that also take a fraction
+_REAL = {"data.loader_timeout_s"}
+# sequence names ("00".."21"): YAML reads 07 as the integer 7 and 00 as 0
+_SEQUENCE_LISTS = {"data.sequences", "data.synthetic.sequences"}
+_SEQUENCES = {"validation.sequence", "validation.synthetic.sequence"}
+
+
+def _sequence_name(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{where}: expected a sequence name like \"08\", got {value!r}")
+    return f"{value:02d}" if isinstance(value, int) else value
+
+
+def _as_number(value):
+    """``value`` as an int or float, or None when it is not a number. Strings are parsed: YAML 1.1
+    (PyYAML) reads 1e-5 as the string '1e-5', and configs write learning rates that way."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return None
+
+
+def _check_types(cfg: dict, base: dict, path: str = "") -> None:
+    """Every value of ``cfg`` of the type of its default in ``base`` (in place: integral floats
+    become ints, ints floats where the default is a float, sequence numbers names), or a
+    ConfigError naming the key; a ``None`` default takes anything (``validate`` checks those)."""
+    for k, default in base.items():
+        if k not in cfg:
+            continue
+        where, v = path + k, cfg[k]
+        if where in _SEQUENCE_LISTS:
+            items = v if isinstance(v, list) else [v]
+            cfg[k] = [_sequence_name(x, where) for x in items]
+        elif where in _SEQUENCES:
+            cfg[k] = _sequence_name(v, where)
+        elif default is None or where in _ANY_TYPE:
+            continue
+        elif isinstance(default, dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where} must be a mapping (e.g. {where}.key=value), got {v!r}")
+            if k != "composite":
+                _check_types(v, default, where + ".")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where} must be true or false, got {v!r}")
+        elif isinstance(default, (int, float)):
+            real = isinstance(default, float) or where in _REAL
+            v = _as_number(v)
+            if v is None:
+                raise ConfigError(f"{where} must be a number, got {cfg[k]!r}")
+            if not real and isinstance(v, float) and not v.is_integer():
+                raise ConfigError(f"{where} must be a whole number, got {v!r}")
+            cfg[k] = float(v) if isinstance(default, float) else (v if real else int(v))
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ConfigError(f"{where} must be a string, got {v!r}")
+        elif isinstance(default, list) and not isinstance(v, list):
+            raise ConfigError(f"{where} must be a list like {default!r}, got {v!r}")
+
+
+def _number_or_none(node: dict, key: str, where: str, minimum: float, integer: bool = False,
+                    above: bool = False) -> None:
+    """``node[key]`` None, or a number >= ``minimum`` (> with ``above``; whole with ``integer``),
+    stored as a number."""
+    value = node[key]
+    if value is None:
+        return
+    n = _as_number(value)
+    ok = n is not None and (n > minimum if above else n >= minimum) and (not integer or float(n).is_integer())
+    kind = "a whole number" if integer else "a number"
+    _check(ok, f"{where} must be null or {kind} {'>' if above else '>='} {minimum:g}, got {value!r}")
+    node[key] = int(n) if integer else n
+
+
+def _check_optimizer(spec, where: str) -> None:
+    _check(isinstance(spec, dict) and spec.get("name", "adam") in ("adam", "adamw", "sgd"),
+           f"{where} must be a mapping with name adam|adamw|sgd, got {spec!r}")
+    lr = _as_number(spec.get("lr"))
+    _check(lr is not None and lr > 0, f"{where}.lr must be a positive number, got {spec.get('lr')!r}")
+    spec["lr"] = float(lr)
+    betas = spec.get("betas", [0.9, 0.999])
+    numbers = [_as_number(b) for b in betas] if isinstance(betas, list) else []
+    _check(len(numbers) == 2 and all(b is not None and 0 <= b < 1 for b in numbers),
+           f"{where}.betas must be two numbers in [0, 1), got {betas!r}")
+    if "betas" in spec:
+        spec["betas"] = [float(b) for b in numbers]
+    for key in ("weight_decay", "momentum"):
+        if key in spec:
+            _number_or_none(spec, key, f"{where}.{key}", 0)
+
+
 def validate(cfg: dict) -> None:
+    _check_types(cfg, defaults(cfg["kind"]))
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]) is not None,
+           f"device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     tr = cfg["train"]
+    _number_or_none(tr, "max_steps", "train.max_steps", 0, integer=True)
+    _number_or_none(tr, "grad_clip", "train.grad_clip", 0, above=True)
+    _number_or_none(cfg["data"], "limit", "data.limit", 1, integer=True)
+    _number_or_none(cfg["checkpoint"], "part_mib", "checkpoint.part_mib", 1)
+    _number_or_none(cfg["validation"], "guidance", "validation.guidance", 0, above=True)
+    _check_optimizer(tr["optimizer"], "train.optimizer")
+    _check(int(tr["lr_schedule"].get("every_epochs", 1)) >= 1,
+           f"train.lr_schedule.every_epochs must be >= 1, got {tr['lr_schedule'].get('every_epochs')}")
     _check(int(tr["batch_size"]) >= 1, f"train.batch_size must be >= 1, got {tr['batch_size']}")
     _check(int(tr["epochs"]) >= 1, f"train.epochs must be >= 1, got {tr['epochs']}")
-    _check(tr["max_steps"] is None or int(tr["max_steps"]) >= 0,
-           f"train.max_steps must be None or >= 0, got {tr['max_steps']}")
     _check(tr.get("precision", "fp32") in ("fp32", "bf16", "fp16"),
            f"train.precision must be fp32|bf16|fp16, got {tr.get('precision')!r}")
     _check(tr["batchnorm"] in ("train", "frozen", "sync"),
            f"train.batchnorm must be train|frozen|sync, got {tr['batchnorm']!r}")
-    _check(tr["optimizer"]["name"] in ("adam", "adamw", "sgd"),
-           f"train.optimizer.name must be adam|adamw|sgd, got {tr['optimizer']['name']!r}")
-    _check(float(tr["optimizer"]["lr"]) > 0, f"train.optimizer.lr must be positive, got {tr['optimizer']['lr']}")
     ls = tr["lr_schedule"]
     _check(int(ls.get("decay_steps", 0) or 0) >= 0,
            f"train.lr_schedule.decay_steps must be >= 0, got {ls.get('decay_steps')}")
@@ -282,8 +390,6 @@ def validate(cfg: dict) -> None:
            f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
     _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")
     _check(int(cfg["checkpoint"]["keep"]) >= 1, "checkpoint.keep must be >= 1")
-    part = cfg["checkpoint"].get("part_mib")
-    _check(part is None or float(part) >= 1, f"checkpoint.part_mib must be null or >= 1, got {part!r}")
     model = cfg["model"]
     _check(model in ("full", "tiny") or (isinstance(model, dict) and "channels" in model),
            f"model must be 'full', 'tiny' or a mapping with 'channels', got {model!r}")
@@ -307,6 +413,11 @@ def validate(cfg: dict) -> None:
         _check(d.get("pair_noise", "scaled") in ("scaled", "independent"),
                f"distill.pair_noise must be scaled|independent, got {d.get('pair_noise')!r}")
         _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
+        _check(int(d["aux_warmup_steps"]) >= 0, f"distill.aux_warmup_steps must be >= 0, got {d['aux_warmup_steps']}")
+        if d["aux_optimizer"] is not None:
+            _check_optimizer(d["aux_optimizer"], "distill.aux_optimizer")
+        if d["aux_grad_clip"] != "same":
+            _number_or_none(d, "aux_grad_clip", "distill.aux_grad_clip (or 'same')", 0, above=True)
         _check(float(d["pair_guidance"]) > 0, f"distill.pair_guidance must be positive, got {d['pair_guidance']}")
         _check(int(d["pair_steps"]) >= 1, f"distill.pair_steps must be >= 1, got {d['pair_steps']}")
         _check(1 <= int(d["gen_steps"]) <= steps, f"distill.gen_steps must be in 1..{steps}, got {d['gen_steps']}")

@@ -140,11 +140,12 @@ class DistillTrainer(Trainer):
         src = d.get("teacher") or self.cfg.get("init")
         student_init = None
         self.teacher_sha256 = None
+        key = "distill.teacher" if d.get("teacher") else "init"
         if src:
-            loaded = load_pretrained(src)
+            loaded = load_pretrained(src, key=key)
             self.teacher_sha256 = sha256_file(src)   # the export names the exact teacher file it came from
             if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
-                loaded = load_pretrained(src, include=("teacher",))
+                loaded = load_pretrained(src, include=("teacher",), key=key)
                 student_init = loaded.denoiser
             if loaded.encoder is None or (loaded.denoiser is None and "teacher" not in loaded.extras):
                 raise CheckpointError(f"{src}: a teacher checkpoint needs a condition encoder and a denoiser")
@@ -157,6 +158,12 @@ class DistillTrainer(Trainer):
         else:
             log.warning("distill.teacher is not set: distilling from a randomly initialised teacher")
             enc, teacher, _ = build_networks(self.model_config, self.backend)
+        # the refiner bundled into the export (and used by validation): read now, not after training
+        self._refiner = None
+        if d.get("refiner"):
+            self._refiner = load_pretrained(d["refiner"], key="distill.refiner").refiner
+            if self._refiner is None:
+                raise CheckpointError(f"distill.refiner: {d['refiner']} has no refiner network")
         self.encoder = freeze(enc)
         self.teacher = freeze(teacher)
         self.student = self._copy_of(teacher)
@@ -499,19 +506,12 @@ class DistillTrainer(Trainer):
     def validation_predictor(self, guidance: float):
         """The student at ``validation.steps`` steps, refined with ``distill.refiner``."""
         from .validation import completer_predictor
-        if not hasattr(self, "_refiner"):
-            src = self.cfg["distill"].get("refiner")
-            self._refiner = load_pretrained(src).refiner if src else None
         return completer_predictor(self.encoder, self.student, self._refiner, self.cfg, guidance, self.device)
 
     def export(self, path: Path):
-        refiner = None
-        ref_src = self.cfg["distill"].get("refiner")
-        if ref_src:
-            refiner = load_pretrained(ref_src).refiner
         dc = self.cfg["data"]
         return export_inference(path, self.model_config, "student", encoder=self.encoder, denoiser=self.student,
-                                refiner=refiner, sampling={"steps": 8, "guidance": 3.5, "process": "local",
+                                refiner=self._refiner, sampling={"steps": 8, "guidance": 3.5, "process": "local",
                                                            "n_fps": int(dc["scan_points"]), "tile": int(dc["tile"])},
                                 meta={"trained_by": f"training.distill ({self.mode})", "step": self.step,
                                       "teacher_sha256": self.teacher_sha256, "config": self.cfg})

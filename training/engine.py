@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .checkpoint import CheckpointManager, load_state
 from .config import dump, model_config
 from .data import KeyedDataset, ShardSampler, make_loader, sample_scans_on_device
 from .logs import RunLogger
+
+log = logging.getLogger(__name__)
 
 
 def _first_bad(value: torch.Tensor) -> float:
@@ -133,6 +136,11 @@ class Trainer(abc.ABC):
                  source=None, dist_info: D.DistInfo | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
+        if not resume and CheckpointManager(self.out / "checkpoints").holds_checkpoints():
+            # a fresh run would mix its checkpoints, logs and export with the earlier run's
+            last = CheckpointManager(self.out / "checkpoints").latest_path()
+            raise ConfigError(f"{self.out} already holds the checkpoints of a run (latest: {last}); continue "
+                              f"it with --resume, or give this run another --out (or delete that folder)")
         self.dist = dist_info or D.init(cfg.get("device", "auto"))
         self.device = self.dist.device
         if int(cfg.get("threads") or 0) > 0:
@@ -200,11 +208,15 @@ class Trainer(abc.ABC):
         if resume:
             path = self.ckpt.resolve(resume)
             if path is None:
-                if resume is True:
-                    pass  # nothing to resume: fresh start (documented behaviour of --resume)
+                if resume is True:   # nothing to resume: fresh start (documented behaviour of --resume)
+                    if self.dist.is_main:
+                        log.info("--resume: no checkpoint in %s, starting a fresh run", self.ckpt.folder)
                 else:
                     raise CheckpointError(f"--resume {resume}: no checkpoint found there")
             else:
+                if resume is True and not (self.ckpt.folder / "latest.json").is_file() and self.dist.is_main:
+                    log.warning("--resume: %s has no latest.json; resuming from its checkpoint of the "
+                                "highest step, %s", self.ckpt.folder, path.name)
                 self.load(path)
                 self.resumed_from = str(path)
 
@@ -271,7 +283,8 @@ class Trainer(abc.ABC):
         bad = not bool(torch.isfinite(value.detach()).all())
         if D.any_flag(bad, self.device):
             last = self.ckpt.latest_path()
-            where = f"the last good checkpoint is {last}" if last and last.exists() else \
+            # "last written", not "good": a value can grow for steps before it stops being finite
+            where = f"the last checkpoint written is {last}" if last and last.exists() else \
                 "no checkpoint was written yet"
             # every rank stops here; each learns which ranks saw the value, so that all of them raise
             # the same message (one collective more, on this path only)
@@ -451,7 +464,7 @@ class Trainer(abc.ABC):
         old = self._install_signals()
         t_start = time.time()
         steps_done = 0
-        status = "finished"
+        status, error = "finished", None
         step_times = []
         validator = self.make_validator()
         try:
@@ -501,6 +514,12 @@ class Trainer(abc.ABC):
         except TrainingInterrupted:
             status = "interrupted"
             raise
+        except TrainingDivergedError as exc:
+            status, error = "diverged", str(exc)
+            raise
+        except BaseException as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             self._restore_signals(old)
             digests = D.gather_objects(params_digest(self.trainable))
@@ -512,6 +531,8 @@ class Trainer(abc.ABC):
                 "world_size": self.dist.world_size, "device": str(self.device),
                 "rank_weight_digests": digests, "resumed_from": self.resumed_from,
             }
+            if error is not None:
+                summary["error"] = error
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -19,10 +19,27 @@ def build_networks(model_config, backend="auto", refiner: bool = False, encoder:
     return enc, den, ref
 
 
-def load_pretrained(path, include=()):
-    """Load a checkpoint on the CPU (any layout the core knows) -> ``Loaded``."""
+def load_pretrained(path, include=(), key: str | None = None):
+    """Load a checkpoint on the CPU (any layout the core knows) -> ``Loaded``. ``key``: the config
+    key that named the file, put in front of any error."""
     from lidar_completion.checkpoints import load_checkpoint
-    return load_checkpoint(str(path), device="cpu", backend="torch", include=tuple(include))
+
+    from .checkpoint import MAGIC, PARTS_MAGIC
+    try:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(max(len(MAGIC), len(PARTS_MAGIC)))
+        except OSError:
+            head = b""   # missing or unreadable: load_checkpoint says which
+        if head.startswith(MAGIC) or head.startswith(PARTS_MAGIC):
+            raise CheckpointError(
+                f"{path} is a training state (what --resume reads), not a model checkpoint: continue its "
+                f"run with --resume {path}, or start from the model that run exported (<run folder>/<kind>.pt)")
+        return load_checkpoint(str(path), device="cpu", backend="torch", include=tuple(include))
+    except CheckpointError as exc:
+        if key is None:
+            raise
+        raise CheckpointError(f"{key}: {exc}") from exc
 
 
 def _copy(dst: nn.Module, src: nn.Module | None, what: str, path) -> None:
@@ -38,7 +55,7 @@ def _copy(dst: nn.Module, src: nn.Module | None, what: str, path) -> None:
 def load_init(path, encoder: nn.Module | None = None, denoiser: nn.Module | None = None,
               refiner: nn.Module | None = None):
     """Copy the weights of checkpoint ``path`` into the given modules; returns the ``Loaded``."""
-    loaded = load_pretrained(path)
+    loaded = load_pretrained(path, key="init")
     if encoder is not None:
         _copy(encoder, loaded.encoder, "condition encoder", path)
     if denoiser is not None:

@@ -111,7 +111,7 @@ class TeacherTrainer(Trainer):
         from .validation import completer_predictor
         if not hasattr(self, "_val_refiner"):
             src = self.cfg["validation"].get("refiner")
-            self._val_refiner = load_pretrained(src).refiner if src else None
+            self._val_refiner = load_pretrained(src, key="validation.refiner").refiner if src else None
         return completer_predictor(self.net.encoder, self.net.denoiser, self._val_refiner, self.cfg,
                                    guidance, self.device)
 

@@ -72,7 +72,7 @@ class TeacherDPOTrainer(TeacherTrainer):
         src = c.get("reference") or self.cfg.get("init")
         loaded = None
         if src:
-            loaded = load_pretrained(src)
+            loaded = load_pretrained(src, key="teacher_dpo.reference" if c.get("reference") else "init")
             if loaded.encoder is None or loaded.denoiser is None:
                 raise CheckpointError(f"{src}: a teacher checkpoint needs a condition encoder and a denoiser")
             if loaded.config != self.model_config:
