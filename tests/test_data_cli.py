@@ -60,3 +60,32 @@ def test_cli_errors(tmp_path, capsys):
                      "--no-progress"]) == 0
     assert cli.main(["build-gt", str(root), "--sequences", "03", "--no-progress"]) == 1
     assert "sequence 03 not found" in capsys.readouterr().err
+
+
+def test_make_synthetic_never_writes_over_an_existing_sequence(tmp_path, capsys):
+    """A second generation into the same sequence (fewer scans, another seed) would leave scans,
+    labels and poses of two generations, or replace a real dataset's: refused, files untouched."""
+    root = tmp_path / "synth"
+    assert cli.main(["make-synthetic", str(root), "--scans", "2", "--azimuth-steps", "128", "--no-progress"]) == 0
+    before = {p: p.read_bytes() for p in sorted((root / "sequences").rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["make-synthetic", str(root), "--scans", "1", "--seed", "5", "--azimuth-steps", "128",
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already holds sequence(s) 00" in err
+    assert {p: p.read_bytes() for p in sorted((root / "sequences").rglob("*")) if p.is_file()} == before
+    assert cli.main(["make-synthetic", str(root), "--scans", "1", "--first-sequence", "1",
+                     "--azimuth-steps", "128", "--no-progress"]) == 0     # another sequence of the root
+    assert cli.main(["make-synthetic", str(root), "--seed", "-1"]) == 1
+    assert "--seed must be >= 0" in capsys.readouterr().err
+
+
+def test_file_system_refusals_are_one_line_errors(tmp_path, capsys):
+    """What the file system refuses (here: a root below a file) is reported like the commands' own
+    errors - one line naming the path, exit 1 - not as a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["make-synthetic", str(afile), "--scans", "1", "--azimuth-steps", "128", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(afile) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

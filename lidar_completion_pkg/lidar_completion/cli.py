@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``<reason>: <path>`` (both paths for a rename) for an OSError, else its text."""
+    if exc.strerror and exc.filename is not None:
+        paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{exc.strerror}: {paths}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,6 +53,11 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except LidarCompletionError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # what the file system refuses (a folder where a file goes, no permission, a full disk):
+        # one line naming the path, as for the command's own errors
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -86,6 +86,7 @@ if [ ! -f "$DATA/.complete" ]; then
   log "generating $SEQUENCES synthetic sequences x $SCANS scans in parallel"
   pids=()
   for i in $(seq 0 $((SEQUENCES - 1))); do
+    rm -rf "$DATA/sequences/$(printf "%02d" "$i")"   # left by an interrupted generation (make-synthetic never overwrites)
     $PY -m lidar_completion make-synthetic "$DATA" --sequences 1 --first-sequence "$i" --scans "$SCANS" \
         --seed "$SEED" > "$RUN/make_synthetic_$i.log" 2>&1 &
     pids+=($!)
@@ -106,6 +107,7 @@ VAL_EVERY=${VAL_EVERY:-100}
 VAL_DATA="$RUN/val"
 if [ "$VAL_EVERY" -gt 0 ] && [ ! -f "$VAL_DATA/.complete" ]; then
   log "generating the validation drive (sequence 07, seed 2)"
+  rm -rf "$VAL_DATA/sequences/07"
   { $PY -m lidar_completion make-synthetic "$VAL_DATA" --sequences 1 --first-sequence 7 --scans "${VAL_SCANS:-60}" \
         --seed 2 && $PY -m lidar_completion build-gt "$VAL_DATA" --sequences 07; } > "$RUN/make_val.log" 2>&1 \
     || { log "validation data failed, see $RUN/make_val.log"; exit 1; }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -53,6 +54,16 @@ def run(args) -> int:
     if args.first_sequence < 0 or args.first_sequence + args.sequences > 100:
         raise ConfigError(f"sequence ids must stay within 00..99, found {args.first_sequence}.."
                           f"{args.first_sequence + args.sequences - 1}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, found {args.seed}")
+    # never write over an existing sequence: its scans, labels and poses would end up from two
+    # generations (fewer scans leave the old ones beyond them), or a real dataset's would be replaced
+    root = Path(args.out)
+    taken = [f"{i:02d}" for i in range(args.first_sequence, args.first_sequence + args.sequences)
+             if (root / "sequences" / f"{i:02d}").is_dir() and any((root / "sequences" / f"{i:02d}").iterdir())]
+    if taken:
+        raise ConfigError(f"{root} already holds sequence(s) {', '.join(taken)}; write to another root, "
+                          f"choose other ids with --first-sequence, or delete those sequence folders first")
     config = SyntheticConfig(azimuth_steps=args.azimuth_steps).validate()
     t0 = time.perf_counter()
     ids = generate_dataset(args.out, args.sequences, args.scans, args.seed, config=config,
