@@ -243,6 +243,27 @@ def test_bag_from_kitti_errors(synthetic_root, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_bag_from_kitti_leaves_no_partial_bag(synthetic_root, tmp_path, capsys):
+    """A scan that cannot be read midway: no bag of the first scans is left behind (it would look
+    like the sequence's and block the rerun, as bags are never overwritten)."""
+    import shutil
+
+    from lidar_completion.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    scan = root / "sequences" / "00" / "velodyne" / "000003.bin"
+    scan.write_bytes(scan.read_bytes()[:1001])
+    out = tmp_path / "bag"
+    assert main(["bag-from-kitti", str(root), "--sequence", "00", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "000003.bin" in err and f"the unfinished bag {out} was removed" in err
+    assert not out.exists()
+    assert main(["bag-from-kitti", str(synthetic_root), "--sequence", "00", "--out", str(out),
+                 "--sensor-height", "nan", "--no-progress"]) == 1
+    assert "sensor height must be a finite number" in capsys.readouterr().err and not out.exists()
+
+
 # ------------------------------------------------------------------------------------ offline bench
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):

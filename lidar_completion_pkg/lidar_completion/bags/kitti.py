@@ -11,11 +11,13 @@ can then take ``velodyne`` as its model frame (the frame the networks were train
 """
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, LidarCompletionError
 from .io import DEFAULT_FRAME, DEFAULT_TOPIC, TF_STATIC_TOPIC, BagWriter, make_cloud, make_tf
 
 # KITTI's times.txt counts seconds from the start of a drive. Bag stamps are offset by a fixed start
@@ -60,20 +62,31 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
         n = min(n, int(limit))
     if int(start_time_ns) < 0:
         raise DatasetError(f"the start time must be >= 0, found {start_time_ns} ns")
+    if not math.isfinite(float(sensor_height)):
+        raise DatasetError(f"the sensor height must be a finite number of metres, found {sensor_height}")
     stamps = [int(start_time_ns) + int(round(float(t) * 1e9)) for t in seq.times[:n]]
     base_from_velo, odom_from_base = base_transforms(seq.poses[:n], sensor_height)
     n_points = 0
-    with BagWriter(out, storage) as bag:
-        bag.write(TF_STATIC_TOPIC, make_tf(stamps[0], base_frame, frame_id, base_from_velo), stamps[0])
-        for i in tqdm(range(n), desc=f"bag-from-kitti {Path(out).name}", unit="scan",
-                      disable=not progress):
-            points = seq.scan(i)
-            if points.ndim != 2 or points.shape[1] < 4:
-                raise DatasetError(f"{seq.scan_path(i)}: expected (N, 4) x, y, z, intensity, "
-                                   f"found {points.shape}")
-            bag.write(topic, make_cloud(points, stamps[i], frame_id, SCAN_FIELDS), stamps[i])
-            bag.write("/tf", make_tf(stamps[i], odom_frame, base_frame, odom_from_base[i]), stamps[i])
-            n_points += int(points.shape[0])
+    bag = BagWriter(out, storage)     # refuses an existing path: whatever is at `out` now is ours
+    try:
+        with bag:
+            bag.write(TF_STATIC_TOPIC, make_tf(stamps[0], base_frame, frame_id, base_from_velo), stamps[0])
+            for i in tqdm(range(n), desc=f"bag-from-kitti {Path(out).name}", unit="scan",
+                          disable=not progress):
+                points = seq.scan(i)
+                if points.ndim != 2 or points.shape[1] < 4:
+                    raise DatasetError(f"{seq.scan_path(i)}: expected (N, 4) x, y, z, intensity, "
+                                       f"found {points.shape}")
+                bag.write(topic, make_cloud(points, stamps[i], frame_id, SCAN_FIELDS), stamps[i])
+                bag.write("/tf", make_tf(stamps[i], odom_frame, base_frame, odom_from_base[i]), stamps[i])
+                n_points += int(points.shape[0])
+    except BaseException as exc:
+        # a bag of the first scans would look like the sequence's and block the rerun (bags are
+        # never overwritten): remove it, and say so
+        shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, LidarCompletionError):
+            raise type(exc)(f"{exc} (the unfinished bag {out} was removed)") from exc
+        raise
     return {"bag": str(out), "storage": storage, "sequence": seq.sequence, "scans": n,
             "points": n_points, "topic": topic, "frame_id": frame_id,
             "frames": f"{odom_frame} -> {base_frame} (/tf) -> {frame_id} (/tf_static)",
