@@ -205,6 +205,43 @@ def test_corrupt_and_partial_files_rebuilt(built, tmp_path):
     assert _manifest(out)["map"]["sha256"] == _manifest(ref_out)["map"]["sha256"]
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped"])
+def test_a_damaged_map_is_rebuilt_when_every_target_is_valid(built, tmp_path, damage):
+    """The map alone damaged: a build used to report the cache "complete and verified" (every
+    target was valid, so nothing was to be built) and leave the map as it was."""
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+    shutil.copytree(ref_out, out)
+    path = out / "00" / "map.bin"
+    good = path.read_bytes()
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        data = bytearray(good)
+        data[40:48] = bytes(8)
+        path.write_bytes(bytes(data))
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats)
+    assert stats.frames_built == 0 and not stats.map_reused and stats.map_points == len(good) // 12
+    assert path.read_bytes() == good
+    assert _manifest(out)["map"]["sha256"] == _manifest(ref_out)["map"]["sha256"]
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats)
+    assert stats.map_reused
+
+
+def test_labels_without_a_static_point_are_an_error_not_an_empty_map(dataset, tmp_path):
+    root = tmp_path / "zeroed"
+    shutil.copytree(dataset, root)
+    for label in (root / "sequences" / "00" / "labels").glob("*.label"):
+        label.write_bytes(bytes(label.stat().st_size))
+    seq = kitti.SemanticKittiSequence(root, "00", require_labels=True)
+    with pytest.raises(DatasetError, match="ground-truth map is empty"):
+        gt.build_sequence(seq, tmp_path / "c")
+
+
 def test_changed_parameters_rebuild(built, tmp_path):
     seq, _, ref_out = built
     out = tmp_path / "cache"

@@ -62,6 +62,7 @@ def run(args) -> int:
                   f"{' (reused)' if st.map_reused else ''}; {per * 1000:.0f} ms per frame; "
                   f"mean target {st.target_points_mean:.0f} points -> {st.cache_dir}")
         else:
+            rebuilt = "" if st.map_reused else "; the map was missing or damaged and was rebuilt"
             print(f"sequence {st.sequence}: {st.frames} frames, cache complete and verified "
-                  f"({st.map_points} map points) -> {st.cache_dir}")
+                  f"({st.map_points} map points{rebuilt}) -> {st.cache_dir}")
     return 0

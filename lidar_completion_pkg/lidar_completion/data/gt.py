@@ -318,6 +318,10 @@ def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
 
 def _build_map(sequence, out: Path, config: GTConfig, tick=None) -> Tuple[np.ndarray, Dict]:
     map_pts = accumulate_map(sequence, config, tick).points
+    if len(map_pts) == 0:
+        raise DatasetError(f"sequence {sequence.sequence}: no scan point carries a static class label, so "
+                           f"the ground-truth map is empty; are its labels ({sequence.path / 'labels'}) all "
+                           f"unlabelled (0)?")
     return map_pts, _array_entry(out, "map.bin", map_pts, type="map")
 
 
@@ -353,7 +357,7 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
     map_ok = map_entry is not None and _entry_valid(out, map_entry, verify)
     todo = [i for i in range(len(sequence)) if i not in valid]
     stats.frames_reused = len(valid)
-    stats.map_reused = map_ok or not todo
+    stats.map_reused = map_ok
     stats.map_points = int(map_entry["points"]) if map_entry else 0
 
     bar = None
@@ -397,8 +401,11 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
                 stats.targets_seconds = time.perf_counter() - t0
                 stats.target_points_mean = total_pts / max(1, len(todo))
                 journal.sync()
-            if map_entry is None:  # every frame was valid but the map record was lost: rebuild it
-                map_entry = _build_map(sequence, out, config)[1]
+            if not todo and not map_ok:
+                # every frame was valid but the map is missing, damaged or its record lost: rebuild it
+                # (it is not needed for the targets, but it is part of what the cache promises)
+                map_pts, map_entry = _build_map(sequence, out, config)
+                stats.map_points = int(len(map_pts))
                 journal.write(map_entry)
     finally:
         if bar is not None:
