@@ -202,3 +202,21 @@ def test_complete_cli_with_published_pair(tmp_path):
     rc = main(["complete", str(tmp_path / "scan.bin"), "-o", str(tmp_path / "x.npy"),
                "--checkpoint", str(tmp_path / "refine_net.ckpt")])
     assert rc == 1  # a refiner-only file cannot complete: a clear error, not a crash
+
+
+def test_a_file_that_is_no_checkpoint_at_all_is_not_called_pickled(tmp_path):
+    """Random bytes or text used to get the advice to trust the file's pickled objects (random
+    bytes) or a bare "101" (text): neither is a checkpoint, and the message says so."""
+    import os
+
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096).replace(b"\x80", b"\x00"))
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    for name in ("random.pt", "text.pt"):
+        with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as e:
+            load_checkpoint(tmp_path / name)
+        assert "trust" not in str(e.value)
+    legacy = tmp_path / "legacy.pt"      # torch.save's pre-1.6 format still gets through to torch.load
+    torch.save({"state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(legacy)
+    assert "not a PyTorch checkpoint" not in str(e.value)

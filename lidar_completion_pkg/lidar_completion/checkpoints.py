@@ -145,6 +145,17 @@ def _torch_load(path: Path, allow_pickle: bool | None):
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+    # torch.save writes a zip archive (a pickle stream, 0x80 first, before torch 1.6): anything else
+    # is not a checkpoint at all, and the advice to trust its pickled objects would be wrong (a
+    # truncated archive still starts like one: torch.load then says it is damaged)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save "
+                              f"writes nor a legacy pickle): a wrong file, or a damaged one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
