@@ -287,6 +287,9 @@ def test_the_cli_refuses_a_negative_step_budget_and_an_out_that_is_a_file(tmp_pa
     assert main(_args(npz, afile, "--max-steps", "1")) == 1
     assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
     assert not (tmp_path / "run").exists()
+    assert main(["teacher", "--config", "tiny_techer", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "config tiny_techer not found" in err and "tiny_teacher" in err
 
 
 _DIVERGING_RANK = r"""
@@ -387,6 +390,7 @@ def test_configs_load_and_reject_mistakes(tmp_path):
     ("distill.aux_grad_clip=-2", "distill.aux_grad_clip"),
     ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
     ("validation.sequence=[1]", "validation.sequence: expected a sequence name"),
+    ("distill.metric=nosuch", "distill.metric must be one of cd, "),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(override, message):
     """A value a trainer would misread (a truncated batch size, a negative clip that flips the
@@ -576,3 +580,28 @@ def test_the_distillations_refiner_is_read_before_training_not_after(tmp_path):
     cfg = tiny_config("distill", f"distill.refiner={shipped}", "train.max_steps=1")
     tr = DistillTrainer(cfg, tmp_path / "ok", source=scenes_source(1, n_target=800, n_scan=80))
     assert tr._refiner is not None
+
+
+def test_resuming_with_another_optimiser_is_refused_before_it_fails_midway(tmp_path, capsys):
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    assert main(_args(npz, out, "--max-steps", "3", "--resume", "--set", "train.optimizer={name: sgd, lr: 0.01}")) == 1
+    err = capsys.readouterr().err
+    assert "optimiser was Adam, this run's is SGD" in err and "init=" in err
+    assert main(_args(npz, out, "--max-steps", "3", "--resume")) == 0
+
+
+def test_a_missing_validation_sequence_stops_the_run_at_start_naming_the_keys(tmp_path):
+    from lidar_completion.data.synthetic import generate_dataset
+    from lidar_completion.errors import DatasetError
+
+    root = tmp_path / "data"
+    generate_dataset(root, sequences=["00"], scans=2, seed=0)
+    cfg = tiny_config("teacher", f"data.root={root}", "data.kind=semantickitti", "data.sequences=['00']",
+                      "validation.every_steps=50", "validation.at_start=false", "train.max_steps=100")
+    tr = TeacherTrainer(cfg, tmp_path / "run", source=scenes_source(2, n_target=1200, n_scan=120))
+    with pytest.raises(DatasetError, match=r"validation \(validation.root .*validation.sequence '08'\)"):
+        tr.run()
+    assert tr.step == 0

@@ -82,6 +82,10 @@ def run(args) -> int:
         overrides.append(f"device={args.device}")
     if args.max_steps is not None and args.max_steps < 0:
         raise ConfigError(f"--max-steps must be >= 0 (0: export the starting weights), got {args.max_steps}")
+    if not path.exists():
+        shipped = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config {args.config} not found (looked for it as a path and in "
+                          f"training/configs/); the shipped configs are: {shipped}")
     cfg = load_config(path, kind=args.kind, overrides=overrides)
     out = Path(args.out) if args.out else Path("runs") / path.stem
     if out.exists() and not out.is_dir():

@@ -362,6 +362,7 @@ class Trainer(abc.ABC):
             "world_size": self.dist.world_size,
             "models": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "optimizer_types": {k: type(o).__name__ for k, o in self.optimizers.items()},
             "scalers": {k: sc.state_dict() for k, sc in self.scalers.items()},
             "rng": rngs,
             "model_config": self.model_config.to_dict(),
@@ -394,7 +395,14 @@ class Trainer(abc.ABC):
                 m.load_state_dict(st["models"][k])
             except RuntimeError as exc:
                 raise CheckpointError(f"{path}: module {k!r} does not match this configuration: {exc}") from exc
+        saved_types = st.get("optimizer_types", {})   # states before this key: not checked
         for k, o in self.optimizers.items():
+            if saved_types.get(k, type(o).__name__) != type(o).__name__:
+                # another optimiser's state loads without complaint and fails at its first step
+                raise CheckpointError(
+                    f"{path}: the {k!r} optimiser was {saved_types[k]}, this run's is {type(o).__name__}; "
+                    f"resume with the optimiser it was trained with, or start a new run from the "
+                    f"weights it exported (init=<run folder>/{self.kind}.pt)")
             o.load_state_dict(st["optimizers"][k])
         for k, sc in self.scalers.items():
             if k in st.get("scalers", {}):
@@ -413,6 +421,8 @@ class Trainer(abc.ABC):
         validator = Validator(self.cfg, self.kind, self.out)
         if self.step == 0:
             validator.best = None   # a fresh run: a best of an earlier run in this folder does not count
+        if self.dist.world_size == 1:
+            validator.frames()      # a wrong validation.root / sequence stops the run now, not at step N
         return validator
 
     def validate(self, validator, logger) -> None:

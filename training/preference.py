@@ -93,6 +93,9 @@ def check_spec(spec: dict, section: str) -> None:
     """Refuse a preference configuration that cannot work (a ConfigError naming the key)."""
     name = spec.get("metric")
     if name not in METRICS:
+        if isinstance(name, str) and "." not in name:
+            raise ConfigError(f"{section}.metric must be one of {', '.join(METRICS)} or a dotted path to a "
+                              f"function (pred, target) -> float, got {name!r}")
         resolve_callable(name)
     if name == "composite":
         weights = spec.get("composite") or {}

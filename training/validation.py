@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from lidar_completion.errors import ConfigError
+from lidar_completion.errors import ConfigError, LidarCompletionError
 from lidar_completion.fileutil import atomic_write_json
 from lidar_completion.metrics import chamfer_distance, jsd_bev
 
@@ -105,8 +105,12 @@ class Validator:
         if self._frames is None:
             from lidar_completion.evaluation import SequenceSource
             root, seq = validation_root(self._full_cfg, self.out)
-            src = SequenceSource(root, seq, build=True, every=int(self.cfg["every"]),
-                                 limit=int(self.cfg["frames"]))
+            try:
+                src = SequenceSource(root, seq, build=True, every=int(self.cfg["every"]),
+                                     limit=int(self.cfg["frames"]))
+            except LidarCompletionError as exc:
+                raise type(exc)(f"validation (validation.root {root}, validation.sequence "
+                                f"{seq!r}): {exc}") from exc
             self._frames = [(i, *src.load(k)) for k, i in zip(src.keys, src.indices)]
         return self._frames
 
