@@ -262,6 +262,14 @@ def test_bag_from_kitti_leaves_no_partial_bag(synthetic_root, tmp_path, capsys):
     assert main(["bag-from-kitti", str(synthetic_root), "--sequence", "00", "--out", str(out),
                  "--sensor-height", "nan", "--no-progress"]) == 1
     assert "sensor height must be a finite number" in capsys.readouterr().err and not out.exists()
+    for option, bad, message in (("--topic", "bad topic", "not a valid ROS 2 topic name"),
+                                 ("--topic", "", "not a valid ROS 2 topic name"),
+                                 ("--topic", "/9points", "not a valid ROS 2 topic name"),
+                                 ("--frame-id", "", "not a valid tf2 frame"),
+                                 ("--frame-id", "/velodyne", "not a valid tf2 frame")):
+        assert main(["bag-from-kitti", str(synthetic_root), "--sequence", "00", "--out", str(out),
+                     option, bad, "--no-progress"]) == 1
+        assert message in capsys.readouterr().err and not out.exists()
 
 
 # ------------------------------------------------------------------------------------ offline bench

@@ -12,6 +12,7 @@ can then take ``velodyne`` as its model frame (the frame the networks were train
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def base_transforms(poses_velo: np.ndarray, sensor_height: float) -> tuple[np.nd
     return base_from_velo, odom_from_base
 
 
+_TOPIC = re.compile(r"(/[A-Za-z_][A-Za-z0-9_]*)+")
+
+
 def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None = None,
                    start_time_ns: int = DEFAULT_START_NS, topic: str = DEFAULT_TOPIC,
                    frame_id: str = DEFAULT_FRAME, odom_frame: str = "odom",
@@ -62,6 +66,14 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
         n = min(n, int(limit))
     if int(start_time_ns) < 0:
         raise DatasetError(f"the start time must be >= 0, found {start_time_ns} ns")
+    if not _TOPIC.fullmatch(topic) or "__" in topic:
+        raise DatasetError(f"topic {topic!r} is not a valid ROS 2 topic name: absolute, slash-separated "
+                           f"tokens of letters, digits and underscores, not starting with a digit "
+                           f"(e.g. /velodyne_points)")
+    for name, frame in (("frame id", frame_id), ("odometry frame", odom_frame), ("base frame", base_frame)):
+        if not frame or frame.startswith("/") or any(c.isspace() for c in frame):
+            raise DatasetError(f"{name} {frame!r} is not a valid tf2 frame: non-empty, no leading "
+                               f"slash, no spaces")
     if not math.isfinite(float(sensor_height)):
         raise DatasetError(f"the sensor height must be a finite number of metres, found {sensor_height}")
     stamps = [int(start_time_ns) + int(round(float(t) * 1e9)) for t in seq.times[:n]]

@@ -30,8 +30,9 @@ def register(subparsers) -> None:
                     "LiDAR --sensor-height above the ground). Written with rosbags: no ROS needed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset_root", help="dataset root holding sequences/SS/velodyne/*.bin")
-    p.add_argument("--sequence", required=True, help="sequence id, e.g. 08")
-    p.add_argument("--out", required=True, help="output bag directory (must not exist)")
+    # required options and the switch below: no "(default: ...)" from the formatter
+    p.add_argument("--sequence", required=True, default=argparse.SUPPRESS, help="sequence id, e.g. 08")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output bag directory (must not exist)")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage")
     p.add_argument("--limit", type=int, default=None, help="write only the first N scans")
     p.add_argument("--topic", default="/velodyne_points", help="PointCloud2 topic")
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--start-time", type=float, default=None,
                    help="seconds since the epoch added to times.txt (default 2011-10-03 00:00 UTC) "
                         "so that no stamp is 0")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
     p.set_defaults(func=run_from_kitti)
 
     b = subparsers.add_parser(
@@ -109,7 +111,7 @@ def run_from_kitti(args) -> int:
     summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
                              limit=args.limit, start_time_ns=start, topic=args.topic,
                              frame_id=args.frame_id, base_frame=args.base_frame,
-                             sensor_height=args.sensor_height, progress=args.progress)
+                             sensor_height=args.sensor_height, progress=getattr(args, "progress", True))
     print(f"wrote {summary['scans']} scans ({summary['points']} points, {summary['duration_s']:.1f} s) "
           f"of sequence {summary['sequence']} to {summary['bag']} ({summary['storage']}): "
           f"{summary['topic']}, /tf and /tf_static ({summary['frames']})")
