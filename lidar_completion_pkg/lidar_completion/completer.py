@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedEncoder, Graphe
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
 from .errors import CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
-from .settings import FPS_MODES, PRECISIONS, CompletionSettings, checkpoint_fallback
+from .settings import BY_NAME, FPS_MODES, PRECISIONS, CompletionSettings, checkpoint_fallback
 
 __all__ = ["Completer", "CompletionResult", "STAGES", "resolve_device"]
 
@@ -74,6 +75,9 @@ def resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        # torch knows more device types (mps, meta, xpu, ...), on which the sparse backends do not run
+        raise ConfigError(f"device {device!r}: expected cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
     return dev
@@ -315,9 +319,12 @@ class Completer:
     def _generator(self, seed: int | None) -> tuple[torch.Generator, int]:
         gen = torch.Generator(device=self.device)
         if seed is None:
-            seed = int(gen.seed())   # fresh, non-deterministic; recorded so the result reproduces
-        else:
-            gen.manual_seed(int(seed))
+            # fresh, non-deterministic and recorded so the result reproduces: drawn in the range
+            # that --seed / CompletionSettings accept (Generator.seed() gives 64 bits, which the
+            # logged seed could then not be passed back as)
+            low, high = BY_NAME["seed"].range
+            seed = low + secrets.randbelow(high - low + 1)
+        gen.manual_seed(int(seed))
         return gen, int(seed)
 
     # -- pipeline pieces ------------------------------------------------------------------------

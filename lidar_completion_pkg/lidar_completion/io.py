@@ -12,7 +12,8 @@ Formats (chosen by file extension):
 :func:`read_cloud` returns float32 (N, 3) xyz (or every numeric column with ``xyz_only=False``);
 :func:`write_cloud` writes (N, >=3) arrays. Problems raise :class:`CloudFormatError` with what was
 expected and what was found. Renders use matplotlib's Agg canvas directly (no pyplot, no global
-backend switch), so they work headless and in threads.
+backend switch), so they work headless and in threads. Clouds and renders are written to a
+temporary file renamed over the final name when complete, so a failed write never leaves a part.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CloudFormatError
+from .fileutil import atomic_write
 
 __all__ = ["FORMATS", "read_cloud", "write_cloud", "render_bev_png", "render_comparison_png"]
 
@@ -130,10 +132,16 @@ def _read_ply(path: Path) -> np.ndarray:
             if tok[0] == "format":
                 fmt = tok[1] if len(tok) > 1 else None
             elif tok[0] == "element":
-                elements.append({"name": tok[1], "count": int(tok[2]), "props": []})
+                if len(tok) != 3:
+                    raise CloudFormatError(f"{path}: malformed PLY header line {line!r}; expected "
+                                           "'element NAME COUNT'")
+                elements.append({"name": tok[1], "count": _count(path, tok[2], line), "props": []})
             elif tok[0] == "property":
                 if not elements:
                     raise CloudFormatError(f"{path}: property before any element in the header")
+                if len(tok) < (5 if tok[1:2] == ["list"] else 3):
+                    raise CloudFormatError(f"{path}: malformed PLY header line {line!r}; expected "
+                                           "'property TYPE NAME' or 'property list COUNT_TYPE TYPE NAME'")
                 if tok[1] == "list":
                     elements[-1]["props"].append(("list", tok[4], tok[2], tok[3]))
                 else:
@@ -160,11 +168,16 @@ def _read_ply(path: Path) -> np.ndarray:
             else:
                 size = sum(np.dtype(p[2]).itemsize for p in el["props"])
                 f.seek(size * el["count"], os.SEEK_CUR)
-        vertex = elements[names.index("vertex")]
+        vi = names.index("vertex")
+        vertex = elements[vi]
         if any(p[0] == "list" for p in vertex["props"]):
             raise CloudFormatError(f"{path}: list properties in the vertex element are not supported")
         dtype = np.dtype([(p[1], endian + p[2]) for p in vertex["props"]])
         count = vertex["count"]
+        # data after the vertices belongs to the elements declared after them (faces, edges); with
+        # none (or only empty ones), more data means the header's vertex count is too small, and
+        # reading just that many would silently drop the rest of the scan
+        last = all(el["count"] == 0 for el in elements[vi + 1:])
         if fmt == "ascii":
             rows = [f.readline() for _ in range(count)]
             if count and not rows[-1]:
@@ -175,6 +188,12 @@ def _read_ply(path: Path) -> np.ndarray:
             if values.size != count * len(dtype.names):
                 raise CloudFormatError(f"{path}: expected {count} vertices x {len(dtype.names)} "
                                        f"values, found {values.size} values")
+            if last:
+                extra = sum(1 for r in f if r.strip())       # blank lines at the end are harmless
+                if extra:
+                    raise CloudFormatError(f"{path}: header announces {count} vertices, the file has "
+                                           f"{extra} more line(s) of data after them (wrong vertex "
+                                           "count in the header?)")
             values = values.reshape(count, len(dtype.names))
             arr = np.zeros(count, dtype=dtype)
             for i, n in enumerate(dtype.names):
@@ -185,8 +204,44 @@ def _read_ply(path: Path) -> np.ndarray:
             if len(raw) < need:
                 raise CloudFormatError(f"{path}: truncated: {count} vertices need {need} bytes of "
                                        f"data, the file has {len(raw)}")
+            if last:
+                _no_extra_bytes(path, f, need, f"{count} vertices", dtype.itemsize)
             arr = np.frombuffer(raw, dtype=dtype, count=count)
     return _columns_from_struct(path, arr, dtype.names)
+
+
+def _count(path: Path, word: str, line: str) -> int:
+    """A point / element count of the header: a non-negative integer, else a CloudFormatError naming
+    the file and the line (a negative count would read as "all the rest" or fail deep inside)."""
+    try:
+        count = int(word)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise CloudFormatError(f"{path}: header line {line!r}: expected a count >= 0, found {word!r}")
+    return count
+
+
+def _no_extra_bytes(path: Path, f, used: int, what: str, record: int, pcl_start: int | None = None) -> None:
+    """CloudFormatError when binary data goes on after the ``used`` bytes the header declares, by
+    at least one ``record`` (a point's bytes: less cannot be a point the header left out, e.g. a
+    newline some writers end the file with).
+
+    ``pcl_start`` (binary PCD: where the data starts) accepts the zero padding of older PCL
+    (1.7 era), which stretched the file to ``getpagesize() + data size`` before mapping header and
+    data into it: zeros that end the file at one page (4 to 64 KiB) past the header's length."""
+    rest = f.read()
+    extra = len(rest)
+    if extra < record:
+        return
+    if extra and pcl_start is not None and not rest.strip(b"\0"):
+        page = pcl_start + extra
+        if 4096 <= page <= 65536 and page & (page - 1) == 0:
+            return
+    if extra:
+        raise CloudFormatError(f"{path}: the header declares {what} ({used} bytes of data), the file "
+                               f"has {used + extra} bytes of data: {extra} more than declared (wrong "
+                               "point count in the header?)")
 
 
 def _read_pcd(path: Path) -> np.ndarray:
@@ -206,13 +261,7 @@ def _read_pcd(path: Path) -> np.ndarray:
         if not (len(fields) == len(sizes) == len(types) == len(counts)):
             raise CloudFormatError(f"{path}: FIELDS/SIZE/TYPE/COUNT have different lengths "
                                    f"({len(fields)}/{len(sizes)}/{len(types)}/{len(counts)})")
-        try:
-            if "POINTS" in meta:
-                npts = int(meta["POINTS"][0])
-            else:
-                npts = int(meta["WIDTH"][0]) * int(meta.get("HEIGHT", ["1"])[0])
-        except (KeyError, IndexError, ValueError):
-            raise CloudFormatError(f"{path}: PCD header gives no valid POINTS or WIDTH/HEIGHT") from None
+        npts = _pcd_points(path, meta)
         cols = []
         for name, size, typ, cnt in zip(fields, sizes, types, counts):
             key = (typ.upper(), int(size))
@@ -248,10 +297,12 @@ def _read_pcd(path: Path) -> np.ndarray:
                 col += w
         elif mode == "binary":
             need = dtype.itemsize * npts
+            start = f.tell()
             raw = f.read(need)
             if len(raw) < need:
                 raise CloudFormatError(f"{path}: truncated: {npts} points need {need} bytes of data, "
                                        f"the file has {len(raw)}")
+            _no_extra_bytes(path, f, need, f"{npts} points", dtype.itemsize, pcl_start=start)
             arr = np.frombuffer(raw, dtype=dtype, count=npts)
         elif mode == "binary_compressed":
             padding = [u[0] for u, c in zip(uniq, cols) if c[0] == "_"]
@@ -260,6 +311,29 @@ def _read_pcd(path: Path) -> np.ndarray:
             raise CloudFormatError(f"{path}: unknown PCD DATA mode {mode!r}; expected ascii, binary "
                                    "or binary_compressed")
     return _columns_from_struct(path, arr, dtype.names)
+
+
+def _pcd_points(path: Path, meta: dict) -> int:
+    """The point count of a PCD header: POINTS, which must equal WIDTH x HEIGHT (HEIGHT 1 when
+    missing) where both are given, or WIDTH x HEIGHT without POINTS."""
+    def count(key):
+        if key not in meta:
+            return None
+        words = meta[key]
+        return _count(path, words[0] if words else "", f"{key} {' '.join(words)}".strip())
+
+    points, width = count("POINTS"), count("WIDTH")
+    height = count("HEIGHT")
+    height = 1 if height is None else height
+    if points is None and width is None:
+        raise CloudFormatError(f"{path}: PCD header gives no valid POINTS or WIDTH/HEIGHT")
+    if width is None:
+        return points
+    if points is not None and width * height != points:
+        # one of them is wrong and nothing tells which: reading either count could drop points
+        raise CloudFormatError(f"{path}: PCD header is inconsistent: POINTS announces {points} points, "
+                               f"WIDTH x HEIGHT = {width} x {height} = {width * height}")
+    return width * height
 
 
 def _pcd_decompress(path: Path, raw: bytes, dtype: np.dtype, npts: int, padding=()) -> np.ndarray:
@@ -310,11 +384,16 @@ def _pcd_decompress(path: Path, raw: bytes, dtype: np.dtype, npts: int, padding=
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def write_cloud(path, points, binary: bool = True, field_names=None) -> Path:
+def write_cloud(path, points, binary: bool = True, field_names=None, durable: bool = True) -> Path:
     """Write an (N, >=3) array; the format follows the extension. ``binary`` selects binary or
     ascii for .ply/.pcd. ``.bin`` always writes x, y, z, intensity (0 when not given). Extra columns
     go to .npy as they are and to .ply/.pcd as ``field_names[3:]`` (default ``intensity`` for the
-    fourth, ``f4``, ``f5``... after it). Creates missing parent directories."""
+    fourth, ``f4``, ``f5``... after it). Creates missing parent directories.
+
+    The file is written under a temporary name in its folder and renamed over ``path`` when
+    complete (:func:`lidar_completion.fileutil.atomic_write`): a write that fails (disk full, a file
+    size limit, Ctrl-C) leaves the previous file as it was, never a truncated one that a resumed
+    batch would take for done. ``durable`` also fsyncs it before the rename."""
     path = Path(path)
     ext = _suffix(path)
     pts = np.asarray(points)
@@ -326,44 +405,44 @@ def write_cloud(path, points, binary: bool = True, field_names=None) -> Path:
         "intensity" if i == 3 else f"f{i}" for i in range(3, pts.shape[1])]
     if len(names) != pts.shape[1]:
         raise CloudFormatError(f"{path}: {len(names)} field names for {pts.shape[1]} columns")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if ext == ".bin":
-        out = np.zeros((len(pts), 4), dtype="<f4")
-        out[:, :min(4, pts.shape[1])] = pts[:, :4]
-        path.write_bytes(out.tobytes())
-    elif ext == ".npy":
-        np.save(path, pts)
-    elif ext == ".ply":
-        _write_ply(path, pts, names, binary)
-    else:
-        _write_pcd(path, pts, names, binary)
-    return path
+
+    def write(f):
+        if ext == ".bin":
+            out = np.zeros((len(pts), 4), dtype="<f4")
+            out[:, :min(4, pts.shape[1])] = pts[:, :4]
+            f.write(out.tobytes())
+        elif ext == ".npy":
+            np.save(f, pts)    # to a file object, so no ".npy" is appended to the temporary name
+        elif ext == ".ply":
+            _write_ply(f, pts, names, binary)
+        else:
+            _write_pcd(f, pts, names, binary)
+
+    return atomic_write(path, write, durable=durable)
 
 
-def _write_ply(path: Path, pts: np.ndarray, names, binary: bool):
+def _write_ply(f, pts: np.ndarray, names, binary: bool):
     fmt = "binary_little_endian" if binary else "ascii"
     header = ["ply", f"format {fmt} 1.0", "comment written by lidar_completion",
               f"element vertex {len(pts)}"] + [f"property float {n}" for n in names] + ["end_header"]
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        if binary:
-            f.write(pts.astype("<f4").tobytes())
-        else:
-            np.savetxt(f, pts, fmt="%.9g")
+    f.write(("\n".join(header) + "\n").encode("ascii"))
+    if binary:
+        f.write(pts.astype("<f4").tobytes())
+    else:
+        np.savetxt(f, pts, fmt="%.9g")
 
 
-def _write_pcd(path: Path, pts: np.ndarray, names, binary: bool):
+def _write_pcd(f, pts: np.ndarray, names, binary: bool):
     k = pts.shape[1]
     header = ["# .PCD v0.7 - Point Cloud Data file format", "VERSION 0.7",
               "FIELDS " + " ".join(names), "SIZE " + " ".join(["4"] * k), "TYPE " + " ".join(["F"] * k),
               "COUNT " + " ".join(["1"] * k), f"WIDTH {len(pts)}", "HEIGHT 1",
               "VIEWPOINT 0 0 0 1 0 0 0", f"POINTS {len(pts)}", "DATA " + ("binary" if binary else "ascii")]
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        if binary:
-            f.write(pts.astype("<f4").tobytes())
-        else:
-            np.savetxt(f, pts, fmt="%.9g")
+    f.write(("\n".join(header) + "\n").encode("ascii"))
+    if binary:
+        f.write(pts.astype("<f4").tobytes())
+    else:
+        np.savetxt(f, pts, fmt="%.9g")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,9 +526,8 @@ def render_comparison_png(path, clouds: dict, extent: float = 30.0, max_points: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    # through a temporary file like the clouds: an interrupted render leaves no partial PNG
+    return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower() or "png"))
 
 
 def render_bev_png(path, points, extent: float = 30.0, completion=None, **kwargs) -> Path:

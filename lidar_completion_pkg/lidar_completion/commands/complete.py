@@ -66,6 +66,25 @@ def _render(path, scan, result, name):
                           title=f"{name}: {result.steps} steps, w={result.guidance:g}")
 
 
+def _check_kept_points(completer, src, scan, result) -> None:
+    """CloudFormatError naming ``src`` when the completion kept no points, instead of writing an
+    empty cloud and reporting success. Post-processing (:func:`lidar_completion.preprocess.postprocess`)
+    keeps the generated points strictly below the highest point of the sampled scan and above its
+    mean height minus 2 standard deviations: a flat scan (all points at one height, or all one
+    point) makes that band empty."""
+    if len(result.points):
+        return
+    heights = completer.filtered(scan)[0][:, 2]
+    low, high = float(heights.min()), float(heights.max())
+    reach = (f" and within {completer.post_max_range:g} m of the sensor"
+             if completer.post_max_range is not None else "")
+    cause = (f"this scan is flat (all its points lie at height {high:g} m), which leaves no such band"
+             if high == low else f"this scan's heights span {low:g} .. {high:g} m")
+    raise CloudFormatError(f"{src}: the completion kept no points: post-processing keeps only points "
+                           f"below the scan's highest point and above its mean height minus 2 standard "
+                           f"deviations{reach}; {cause}")
+
+
 def _line(src, result, out) -> str:
     return (f"{src}: {result.num_input} points -> {len(result.points)} points in "
             f"{result.timings['total']:.2f} s ({result.steps} {result.process} steps, w={result.guidance:g}, "
@@ -97,6 +116,7 @@ def run(args) -> int:
     scan = read_cloud(files[0])            # CloudFormatError for missing / malformed files
     completer = Completer.from_settings(settings)
     result = completer.complete_detailed(scan)
+    _check_kept_points(completer, files[0], scan, result)
     write_cloud(out, result.points, binary=not args.ascii)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
     print(_line(files[0], result, out))
@@ -131,12 +151,21 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             raise ConfigError(f"{seen[dst]} and {src} would both be written to {dst}; give inputs "
                               "with distinct names (or complete them in separate runs)")
         seen[dst] = src
+    renders = [None if render_dir is None else render_dir / f"{f.stem}.png" for f in files]
+    rendered: dict[Path, Path] = {}
+    for src, png in zip(files, renders):
+        if png is None:
+            continue
+        if png in rendered:                     # nor one render (a.bin and a.npy: both a.png)
+            raise ConfigError(f"{rendered[png]} and {src} would both be rendered to {png}; give "
+                              "inputs with distinct names (or complete them in separate runs)")
+        rendered[png] = src
 
     completer = Completer.from_settings(settings)
     failed, done, skipped = [], 0, 0
-    bar = tqdm(list(zip(files, targets)), desc="complete", unit="scan", file=sys.stderr,
+    bar = tqdm(list(zip(files, targets, renders)), desc="complete", unit="scan", file=sys.stderr,
                disable=len(files) < 2 or None)
-    for i, (src, dst) in enumerate(bar):
+    for i, (src, dst, png) in enumerate(bar):
         if args.skip_existing and dst.exists():
             skipped += 1
             continue
@@ -144,9 +173,10 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
         try:
             scan = read_cloud(src)
             result = completer.complete_detailed(scan, seed=seed)
+            _check_kept_points(completer, src, scan, result)
             write_cloud(dst, result.points, binary=not args.ascii)
-            if render_dir is not None:
-                _render(render_dir / f"{src.stem}.png", scan, result, src.name)
+            if png is not None:
+                _render(png, scan, result, src.name)
         except LidarCompletionError as exc:    # a bad file is reported and the batch goes on
             msg = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
             failed.append((src, msg))
