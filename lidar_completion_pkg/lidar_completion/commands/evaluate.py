@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..evaluation.sources import BIN_FORMATS
 from ..metrics import EMD_MODES
 from ..settings import CompletionSettings, add_arguments
 
@@ -21,8 +22,13 @@ metrics (lidar_completion.metrics; docs/method.md, "Metrics"):
                   frames; the legacy +-25 / +-10 / +-5 m variant is reported too
   P / R / F       at 0.05 and 0.10 m, and the published area over 0.05-0.10 m
 
+empty predictions (0 points): recall and F are 0 and count in the means; precision, CD, JSD and EMD
+  are undefined for an empty cloud and leave the frame out of their means; summary.json counts such
+  frames (empty_predictions) and the run ends with a warning naming how many there were.
+
 outputs in OUT: frames.jsonl (one JSON line per frame, appended as it is computed; a rerun skips
-frames already there), run.json, summary.json, summary.md, cd_histogram.png,
+frames already there; a folder written with other settings, or by an earlier version that did
+not record them all, is refused), run.json, summary.json, summary.md, cd_histogram.png,
 metrics_over_sequence.png, bev_best{1,2,3}_*.png and bev_worst{1,2,3}_*.png."""
 
 EVAL_EPILOG = METRICS_TEXT + """
@@ -36,7 +42,11 @@ FILES_EPILOG = METRICS_TEXT + """
 
 examples:
   lidar-completion evaluate-files lidiff_out/ gt/ --out eval/lidiff
-  lidar-completion evaluate-files preds/ gt/ --input-dir scans/ --emd ot"""
+  lidar-completion evaluate-files preds/ gt/ --input-dir scans/ --emd ot
+  lidar-completion evaluate-files preds/ /data/gt_cache/08 --out eval/theirs   # GT-cache targets
+
+predictions that cannot be read or hold NaN/inf coordinates are recorded as failed frames (with the
+file's name) and left out; an unusable ground-truth file stops the run, naming the file."""
 
 
 def _positive(value: str) -> int:
@@ -100,7 +110,15 @@ def register(subparsers) -> None:
     f.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted clouds")
     f.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth clouds (same stems)")
     f.add_argument("--input-dir", metavar="DIR", default=None,
-                   help="folder of input scans (same stems), only drawn in the renders")
+                   help="folder of input scans (same stems, .bin read as KITTI), only drawn in the "
+                        "renders")
+    f.add_argument("--bin-format", choices=BIN_FORMATS, default="auto",
+                   help="how .bin files in PRED_DIR and GT_DIR are read: 'kitti' float32 x, y, z, "
+                        "intensity (16 bytes a point); 'xyz' float32 x, y, z (12 bytes a point, as "
+                        "`build-gt` writes its targets); 'auto' (default) xyz for a folder of the "
+                        "ground-truth cache, recognised by its manifest.json (CACHE/SS or "
+                        "CACHE/SS/targets), KITTI elsewhere: pass xyz for targets copied out of "
+                        "the cache")
     _common(f)
     f.set_defaults(func=run_files)
 
@@ -135,6 +153,6 @@ def run_files(args) -> int:
 
     out = args.out or f"evaluation_{Path(args.pred_dir).resolve().name}"
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
-                             options=_options(args))
+                             options=_options(args), bin_format=args.bin_format)
     print_summary(summary, out)
     return 0

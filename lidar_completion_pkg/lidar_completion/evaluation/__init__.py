@@ -13,9 +13,10 @@ partial run gives the same per-frame numbers as a full one.
 from ..metrics import frame_metrics  # noqa: F401
 from .report import print_summary, summarize, summary_markdown, write_plots  # noqa: F401
 from .runner import FRAMES_FILE, EvalOptions, read_records, run_evaluation  # noqa: F401
-from .sources import (FileSource, SequenceSource, evaluate_files, evaluate_sequence,  # noqa: F401
-                      pair_files)
+from .sources import (BIN_FORMATS, FileSource, SequenceSource, evaluate_files,  # noqa: F401
+                      evaluate_sequence, gt_cache_targets, pair_files)
 
 __all__ = ["EvalOptions", "run_evaluation", "read_records", "evaluate_sequence", "evaluate_files",
            "SequenceSource", "FileSource", "pair_files", "summarize", "summary_markdown",
-           "write_plots", "print_summary", "frame_metrics", "FRAMES_FILE"]
+           "write_plots", "print_summary", "frame_metrics", "FRAMES_FILE", "BIN_FORMATS",
+           "gt_cache_targets"]

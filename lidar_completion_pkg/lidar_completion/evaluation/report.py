@@ -4,6 +4,12 @@
 Aggregation follows the papers: CD, JSD, EMD and P/R/F are means of per-frame values (frames where a
 metric is undefined, or dropped by the published EMD, are left out and counted); IoU accumulates
 TP / FP / FN over all frames. Metric definitions: :mod:`lidar_completion.metrics`.
+
+An empty prediction (0 points) of a non-empty target is a complete miss, not a frame without a score:
+its recall and F-score are 0 and count in the means, its precision is undefined (no predicted point
+to check; ``null`` in the record, left out of the precision mean), and CD, JSD and EMD, undefined for
+an empty cloud, leave it out of their means. Such frames are counted (``empty_predictions``) next to
+every mean they are missing from, and :func:`print_summary` warns about them.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import numpy as np
 from ..metrics import IOU_VOXEL_SIZES, PRF_THRESHOLDS
 
 __all__ = ["summarize", "summary_markdown", "write_plots", "render_frame", "print_summary", "jsonable",
-           "N_EXTREMES"]
+           "N_EXTREMES", "score_empty_prediction", "is_empty_prediction"]
 
 #: Best and worst frames by CD named in the summary and rendered.
 N_EXTREMES = 3
@@ -59,13 +65,35 @@ def _stats(values: Sequence[float]) -> Dict:
             "frames": int(ok.size), "undefined": int(a.size - ok.size)}
 
 
+def is_empty_prediction(rec: Dict) -> bool:
+    """Whether a frame's record scores an empty prediction (0 points) against a non-empty target."""
+    return not rec.get("error") and rec.get("n_pred") == 0 and (rec.get("n_gt") or 0) > 0
+
+
+def score_empty_prediction(rec: Dict) -> Dict:
+    """``rec`` with the P/R/F of an empty prediction scored as a miss: recall 0 and F 0 (no target
+    point is found), precision None (undefined: there is no predicted point to check). The metric
+    functions return NaN for every value of an empty cloud; left so, the frame would drop out of the
+    P/R/F means and a model that predicts nothing would look perfect. Records of other frames, and
+    records already scored (e.g. read back on a resume), are returned unchanged."""
+    if not is_empty_prediction(rec) or "prf" not in rec:
+        return rec
+    return dict(rec, empty_prediction=True, prf={k: [None, 0.0, 0.0] for k in rec["prf"]})
+
+
 def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     """Aggregate per-frame records into the summary dict (also written as summary.json)."""
+    # records of runs made before empty predictions were scored hold NaN P/R/F for them
+    records = [score_empty_prediction(r) for r in records]
+    empty = [r["frame"] for r in records if is_empty_prediction(r)]
     s: Dict = {"run": dict(run or {}), "frames": len(records),
-               "failed_frames": [r["frame"] for r in records if r.get("error")]}
+               "failed_frames": [r["frame"] for r in records if r.get("error")],
+               "empty_predictions": {"count": len(empty), "frames": empty}}
     for name in ("cd", "jsd_bev", "jsd_3d", "emd", "emd_published"):
         if any(name in r for r in records):
             s[name] = _stats([r.get(name) for r in records])
+            # how many of the frames left out of this mean are empty predictions (undefined there)
+            s[name]["empty_predictions"] = len(empty)
     methods: Dict[str, int] = {}
     for r in records:
         if r.get("emd_method"):
@@ -93,6 +121,9 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
                           dtype=np.float64).reshape(-1, 3)
         means = [float(np.nanmean(col)) if np.isfinite(col).any() else None for col in vals.T]
         prf[k] = dict(zip(("precision", "recall", "fscore"), means))
+        # frames in each mean: precision leaves out the empty predictions, recall and F count them
+        prf[k]["frames"] = dict(zip(("precision", "recall", "fscore"),
+                                    (int(np.isfinite(col).sum()) for col in vals.T)))
     s["prf"] = prf
     total = [r["timings"]["total"] for r in records if r.get("timings", {}).get("total") is not None]
     s["time_per_scan"] = _stats(total) if total else None
@@ -123,6 +154,17 @@ def _mean(s: Dict, name: str):
     return (s.get(name) or {}).get("mean")
 
 
+def empty_prediction_note(s: Dict) -> str:
+    """One sentence on the frames whose prediction was empty ("" when there are none)."""
+    empty = (s.get("empty_predictions") or {}).get("frames") or []
+    if not empty:
+        return ""
+    names = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+    return (f"{len(empty)} of {s.get('frames', 0)} frames had an empty prediction (0 points: {names}); "
+            "recall and F count them as 0, precision, CD, JSD and EMD are undefined for an empty "
+            "cloud and leave them out of their means")
+
+
 def summary_markdown(s: Dict) -> str:
     """The summary as Markdown: the papers' table layout, then the published variants, labelled."""
     run = s.get("run", {})
@@ -150,6 +192,11 @@ def summary_markdown(s: Dict) -> str:
             _fmt(prf.get("precision"), 1, 100), _fmt(prf.get("recall"), 1, 100),
             _fmt(prf.get("fscore"), 1, 100), time_txt]) + " |",
         "",
+    ]
+    note = empty_prediction_note(s)
+    if note:
+        lines += [f"**Warning: {note}.**", ""]
+    lines += [
         "Definitions: CD = 0.5 (mean_gt min_pred |g-p| + mean_pred min_gt |p-g|), metres. JSD-BEV = "
         "scipy `jensenshannon` (natural log) of the normalised bird's-eye occupancy of 0.5 m voxels "
         "over [-50, 50]^3 m: the Jensen-Shannon *distance*, which the papers call JSD. EMD (W1, ours) "
@@ -174,7 +221,10 @@ def summary_markdown(s: Dict) -> str:
         value = _fmt(st.get("mean"), 4)
         if st.get("std") is not None:
             value += f" (std {st['std']:.4f}, median {st['median']:.4f})"
-        lines.append(f"| {title} | {value} | {st.get('frames', 0)} | {st.get('undefined', 0)} |")
+        undefined = str(st.get("undefined", 0))
+        if st.get("empty_predictions"):
+            undefined += f" (of which {st['empty_predictions']} empty predictions)"
+        lines.append(f"| {title} | {value} | {st.get('frames', 0)} | {undefined} |")
     emd = s.get("emd") or {}
     if emd.get("methods"):
         lines.append(f"| EMD method per frame | {emd['methods']} (largest error bound "
@@ -188,7 +238,10 @@ def summary_markdown(s: Dict) -> str:
     for k, pr in s.get("prf", {}).items():
         title = "P / R / F (area 0.05-0.10 m, as published)" if k == "auc" else f"P / R / F @ {k} m"
         txt = " / ".join(f"{_fmt(pr.get(n), 1, 100)} %" for n in ("precision", "recall", "fscore"))
-        lines.append(f"| {title} | {txt} | | |")
+        counts = pr.get("frames") or {}
+        frames = " / ".join(str(counts.get(n, "-")) for n in ("precision", "recall", "fscore")) \
+            if counts else ""
+        lines.append(f"| {title} | {txt} | {frames} | |")
     if t and t.get("mean") is not None:
         lines.append(f"| time per scan [s] | {t['mean']:.3f} (median {t['median']:.3f}) | "
                      f"{t['frames']} | |")
@@ -282,13 +335,25 @@ def render_frame(path: Path, frame: str, rank: str, pred, gt, inp, cd: float) ->
 def print_summary(summary: Dict, out, stream=None) -> None:
     """A few lines for the terminal after a run."""
     stream = stream or sys.stdout
+    n_empty = (summary.get("empty_predictions") or {}).get("count", 0)
     parts = [f"frames {summary.get('frames', 0)}"]
     for key, name in (("cd", "CD"), ("jsd_bev", "JSD-BEV"), ("emd", "EMD"),
                       ("emd_published", "EMD(published)")):
-        if summary.get(key) and summary[key].get("mean") is not None:
-            parts.append(f"{name} {summary[key]['mean']:.4f}")
+        st = summary.get(key) or {}
+        if key == "cd" and st and n_empty:    # the mean is over the other frames: say so beside it
+            mean = "-" if st.get("mean") is None else f"{st['mean']:.4f}"
+            n = st.get("frames", 0)
+            parts.append(f"CD {mean} (over {n} frame{'' if n == 1 else 's'}; {n_empty} with an empty "
+                         "prediction left out)")
+        elif st.get("mean") is not None:
+            parts.append(f"{name} {st['mean']:.4f}")
     iou = summary.get("iou", {}).get("full", {}).get("0.5", {}).get("iou")
     if iou is not None:
         parts.append(f"IoU@0.5 {100 * iou:.1f}%")
+    fscore = summary.get("prf", {}).get("auc", {}).get("fscore")
+    if n_empty and fscore is not None:   # the headline number that does count the empty frames
+        parts.append(f"F {100 * fscore:.1f}%")
     print(", ".join(parts), file=stream)
+    if n_empty:
+        print(f"warning: {empty_prediction_note(summary)}", file=sys.stderr)
     print(f"results -> {Path(out) / 'summary.md'}", file=stream)

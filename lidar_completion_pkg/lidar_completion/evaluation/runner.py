@@ -5,7 +5,10 @@ ground truth)``) and a *predictor* (``predict(key, index, input) -> (cloud, timi
 each frame's metrics (:func:`lidar_completion.metrics.frame_metrics`) on worker threads while the
 next frame is predicted, and appends each record to ``OUT/frames.jsonl`` as soon as it is known
 (:class:`RunStore`). An interrupted run resumes where it stopped: frames already in the file are
-skipped, provided the settings that change per-frame numbers (``OUT/run.json``) match.
+skipped, provided the settings that change per-frame numbers (``OUT/run.json``) match; a folder
+whose run.json lacks one of them (written by an earlier version) is refused, not guessed at. A
+prediction that is not a finite cloud is recorded as a failed frame; an empty one is scored
+(:func:`~.report.score_empty_prediction`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import numpy as np
 from ..errors import CloudFormatError, ConfigError
 from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
 from ..metrics import EMD_MODES, frame_metrics
-from .report import N_EXTREMES, jsonable, num, render_frame, summarize, summary_markdown, write_plots
+from .report import (N_EXTREMES, jsonable, num, render_frame, score_empty_prediction, summarize,
+                     summary_markdown, write_plots)
 
 __all__ = ["EvalOptions", "RunStore", "run_evaluation", "read_records", "FRAMES_FILE", "RUN_FILE",
            "Predictor"]
@@ -94,12 +98,18 @@ class RunStore:
             except (OSError, json.JSONDecodeError):
                 old = None
             old_id = (old or {}).get("identity")
-            if old_id is not None and old_id != jsonable(identity):
-                diff = sorted(k for k in set(old_id) | set(identity)
-                              if old_id.get(k) != jsonable(identity).get(k))
+            new_id = jsonable(identity)
+            if old_id is not None and old_id != new_id:
+                diff = sorted(k for k in set(old_id) | set(new_id) if old_id.get(k) != new_id.get(k))
+                # A setting the earlier run did not record cannot be assumed to have had today's
+                # default (an old run made with --n-fps 200 recorded no n_fps): such folders are
+                # refused rather than resumed into, so two settings never mix in one summary.
+                missing = sorted(k for k in new_id if k not in old_id)
+                why = (f"; {', '.join(missing)} not recorded there (written by an earlier version), "
+                       "so its results cannot be matched to this run" if missing else "")
                 raise ConfigError(
-                    f"{self.out} holds results of a different run (settings differ: {', '.join(diff)}); "
-                    "use another --out, or --restart to discard them")
+                    f"{self.out} holds results of a different run (settings differ: {', '.join(diff)}"
+                    f"{why}); use another --out, or --restart to discard them")
         elif self.frames.is_file() and not path.is_file():
             raise ConfigError(f"{self.frames} exists without {RUN_FILE}: cannot tell which run produced "
                               "it; use another --out, or --restart to discard it")
@@ -167,9 +177,19 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     pending: List[Tuple[str, Future, Dict, np.ndarray]] = []
     workers = options.metric_workers
 
+    def fail(key, exc):
+        log.warning("frame %s not evaluated: %s", key, exc)
+        rec = store.append({"frame": key, "index": index_of[key], "error": str(exc)})
+        new_records.append(rec)
+        return rec
+
     def finish(item):
         key, fut, base, pred = item
-        rec = store.append(dict(base, **fut.result()))
+        try:
+            metrics = fut.result()
+        except CloudFormatError as exc:   # a cloud the metrics refuse: that frame fails, not the run
+            return fail(key, CloudFormatError(f"frame {key}: {exc}"))
+        rec = store.append(score_empty_prediction(dict(base, **metrics)))
         new_records.append(rec)
         extremes.offer(key, num(rec.get("cd")), pred)
         return rec
@@ -183,13 +203,11 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
                 inp, gt = load(key)
                 try:
                     pred, timings = predict(key, index_of[key], inp)
+                    pred = _checked_prediction(pred)
                 except CloudFormatError as exc:       # e.g. a scan with too few valid points
-                    log.warning("frame %s not evaluated: %s", key, exc)
-                    new_records.append(store.append({"frame": key, "index": index_of[key],
-                                                     "error": str(exc)}))
+                    fail(key, exc)
                     bar.update(1)
                     continue
-                pred = np.asarray(pred, dtype=np.float32)
                 base = {"frame": key, "index": index_of[key], "timings": timings}
                 pending.append((key, pool.submit(frame_metrics, pred, gt, options.emd), base, pred))
                 while len(pending) > workers:   # metrics of frame i overlap prediction of i+1
@@ -219,6 +237,22 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
             log.warning("plots skipped: %s", exc)
         store.write_summary(summary)
     return summary
+
+
+def _checked_prediction(pred) -> np.ndarray:
+    """``pred`` as float32 (N, 3); a CloudFormatError (that frame is recorded as failed) when it is
+    not a cloud or holds NaN / inf: the metrics would raise in a worker thread and end the run."""
+    pred = np.asarray(pred, dtype=np.float32)
+    if pred.size == 0:       # an empty completion is scored (recall 0), whatever its shape
+        return np.zeros((0, 3), dtype=np.float32)
+    if pred.ndim != 2 or pred.shape[1] < 3:
+        raise CloudFormatError(f"the prediction is not an (N, 3) cloud: shape {pred.shape}")
+    pred = np.ascontiguousarray(pred[:, :3])
+    bad = int((~np.isfinite(pred)).any(axis=1).sum())
+    if bad:
+        raise CloudFormatError(f"the prediction has {bad} of {len(pred)} points with NaN/inf "
+                               "coordinates")
+    return pred
 
 
 def _write_renders(summary, records, extremes, load, predict, index_of, out: Path) -> List[str]:

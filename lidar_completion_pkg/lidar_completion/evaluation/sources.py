@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
@@ -16,13 +18,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, DatasetError
+from ..errors import CloudFormatError, ConfigError, DatasetError
 from ..fileutil import sha256_file
 from ..settings import CompletionSettings
 from .runner import EvalOptions, run_evaluation
 
 __all__ = ["SequenceSource", "FileSource", "evaluate_sequence", "evaluate_files", "pair_files",
-           "CLOUD_EXTS"]
+           "gt_cache_targets", "weights_fingerprint", "CLOUD_EXTS", "BIN_FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,19 @@ class SequenceSource:
         if not self.indices:
             raise DatasetError(f"sequence {self.sequence} has no frames to evaluate")
         self.keys = [f"{f:06d}" for f in self.indices]
+        self.cache = self.dataset.caches[0]
         self._last: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+
+    def gt_fingerprint(self) -> str:
+        """sha256 naming the ground truth by content: the cache's build settings, its source
+        fingerprint and the sha256 its manifest records for every target (the files are not read
+        again), so a cache rebuilt with other settings or from other scans at the same path is told
+        apart, and a copy of the same cache elsewhere is not."""
+        header = self.cache.header
+        content = {"config": header.get("config"), "source": header.get("source"),
+                   "targets": [self.cache.entries[i].get("sha256")
+                               for i in sorted(self.cache.entries)]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def load(self, key: str) -> Tuple[np.ndarray, np.ndarray]:
         if key not in self._last:
@@ -56,9 +70,11 @@ class SequenceSource:
         return self._last[key]
 
     def run_info(self, seed: int, every: int, limit: Optional[int]) -> Dict:
-        """The run record's description of the data (identity keys: dataset, sequence, seed)."""
+        """The run record's description of the data (identity keys: dataset, sequence, seed,
+        gt_cache; ``every`` and ``limit`` choose frames but change no frame's numbers)."""
         return {"dataset": str(self.dataset_root.resolve()), "sequence": self.sequence,
-                "seed": int(seed), "every": every, "limit": limit}
+                "seed": int(seed), "every": every, "limit": limit,
+                "gt_cache": self.gt_fingerprint(), "gt_cache_dir": str(self.cache.dir.resolve())}
 
 
 def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
@@ -79,23 +95,50 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
     src = SequenceSource(dataset_root, sequence, cache_root=cache_root, build=build_gt,
                          every=options.every, limit=options.limit)
     run: Dict = src.run_info(options.seed, options.every, options.limit)
-    identity = ["dataset", "sequence", "seed", "source"]
+    # the input baseline scores the scan as the cache's input filter leaves it: no completion
+    # setting changes it
+    identity = ["dataset", "sequence", "seed", "source", "gt_cache"]
     if baseline == "input":
         run.update(source="input scan (no model)", label=options.label or "input scan alone", steps=None)
         predict_fn = None
     else:
+        checkpoint = settings.checkpoint
         if completer is None:
+            from ..checkpoints import default_checkpoint_path
             from ..completer import Completer
             completer = Completer.from_settings(settings)
-        checkpoint = settings.checkpoint
-        ckpt = None
+            if checkpoint is None:      # the shipped student: recorded by the file it loaded
+                checkpoint = str(default_checkpoint_path())
+        ckpt = refiner = None
         if checkpoint is not None:
             ckpt = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)}
-        run.update(source="completer", checkpoint=ckpt, steps=completer.steps,
+        if settings.refiner_checkpoint is not None:
+            refiner = {"path": str(Path(settings.refiner_checkpoint).resolve()),
+                       "sha256": sha256_file(settings.refiner_checkpoint)}
+        run.update(source="completer", checkpoint=ckpt, refiner_checkpoint=refiner,
+                   weights=weights_fingerprint(completer), steps=completer.steps,
                    guidance=completer.guidance, refine=completer.refine, process=completer.process,
+                   n_fps=completer.n_fps, tile=completer.tile, fps_parts=completer.fps_parts,
+                   min_range=completer.min_range, max_range=completer.max_range,
+                   min_z=completer.min_z, post_max_range=completer.post_max_range,
+                   min_points=completer.min_points,
+                   precision=completer.precision if completer.device.type == "cuda" else "fp32",
+                   noise_device=completer.device.type,
                    device=str(completer.device), completer=repr(completer),
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
-        identity += ["checkpoint", "steps", "guidance", "refine", "process"]
+        # Every setting that changes a frame's completion for a given seed. The checkpoint counts by
+        # the content of the networks the Completer runs (``weights``), not by the path or bytes of
+        # its file: a file retrained in place is a different model, a copy or a re-save of the same
+        # weights is not, and a Completer passed in is covered too. ``noise_device``: the seeded noise
+        # comes from a torch generator on the Completer's device, and the CPU and CUDA generators give
+        # different numbers for one seed. ``precision`` is the effective one (the CPU always runs
+        # fp32): bf16 / fp16 autocast keeps 8 / 11 mantissa bits, far beyond fp32 rounding.
+        # Left out: the sparse backend, the device index, CUDA graphs and where farthest-point
+        # sampling runs (``fps``) compute the same fp32 operations (exact sampling either way) and
+        # change a completion only by rounding, which a resumed run may mix.
+        identity += ["weights", "steps", "guidance", "refine", "process", "n_fps", "tile",
+                     "fps_parts", "min_range", "max_range", "min_z", "post_max_range", "min_points",
+                     "precision", "noise_device"]
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
@@ -114,6 +157,17 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         return res.points, dict(res.timings, seed=res.seed)
 
     return run_evaluation(src.keys, src.load, predict, out, run, options, indices=src.indices)
+
+
+def weights_fingerprint(completer) -> str:
+    """sha256 of the networks a Completer runs (every tensor's name, dtype, shape and bytes, as
+    :func:`lidar_completion.checkpoints.content_hash` hashes a checkpoint); the refiner only when it
+    is used (``refine`` is compared on its own)."""
+    from ..checkpoints import content_hash
+    nets = {"encoder": completer.encoder, "denoiser": completer.denoiser}
+    if completer.refine and completer.refiner is not None:
+        nets["refiner"] = completer.refiner
+    return content_hash({role: net.state_dict() for role, net in nets.items()}, {}, {})
 
 
 # ------------------------------------------------------------------------------ evaluate files
@@ -148,39 +202,146 @@ def pair_files(pred_dir, gt_dir) -> List[Tuple[str, Path, Path]]:
     return [(s, pred[s], gt[s]) for s in stems]
 
 
+#: How ``.bin`` clouds are read: "kitti" float32 (x, y, z, intensity) records of 16 bytes, "xyz"
+#: float32 (x, y, z) records of 12 bytes (the ground-truth cache's ``targets/NNNNNN.bin``), "auto"
+#: xyz in a folder of the ground-truth cache (recognised by its manifest), KITTI elsewhere.
+BIN_FORMATS = ("auto", "kitti", "xyz")
+
+
+def _gt_cache_header(folder: Path) -> Optional[Dict]:
+    """The header of the ground-truth cache whose sequence folder (``CACHE/SS``) is ``folder``;
+    None when ``folder`` holds no manifest of the cache's format."""
+    from ..data.gt import FORMAT
+    for name in ("manifest.json", "manifest.jsonl"):   # consolidated, or the journal of a build
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                first = json.loads(fh.read() if name == "manifest.json" else fh.readline())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        header = first.get("header") if name == "manifest.json" and isinstance(first, dict) else first
+        if isinstance(header, dict) and header.get("format") == FORMAT:
+            return header
+    return None
+
+
+def gt_cache_targets(folder) -> Optional[Path]:
+    """The ``targets`` folder of the ground-truth cache that ``folder`` is (``CACHE/SS``) or is the
+    targets folder of (``CACHE/SS/targets``), recognised by the cache's manifest; None otherwise."""
+    folder = Path(folder)
+    if (folder / "targets").is_dir() and _gt_cache_header(folder) is not None:
+        return folder / "targets"
+    if folder.name == "targets" and folder.is_dir() and _gt_cache_header(folder.parent) is not None:
+        return folder
+    return None
+
+
+def _read_xyz_bin(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if len(raw) % 12:
+        raise CloudFormatError(
+            f"{path}: read as float32 (x, y, z) records of 12 bytes (the ground-truth cache's targets), "
+            f"but the file has {len(raw)} bytes, not a multiple of 12 (truncated, or a KITTI scan: "
+            "pass --bin-format kitti)")
+    return np.frombuffer(raw, dtype="<f4").reshape(-1, 3).copy()
+
+
 class FileSource:
     """PRED_DIR and GT_DIR clouds paired by stem (at most ``limit``); the optional ``input_dir``
-    (same stems) only adds the input scan to the renders."""
+    (same stems) only adds the input scan to the renders.
 
-    def __init__(self, pred_dir, gt_dir, input_dir=None, limit: Optional[int] = None):
-        pairs = pair_files(pred_dir, gt_dir)[:limit]
+    ``bin_format`` (:data:`BIN_FORMATS`) says how the ``.bin`` files of PRED_DIR and GT_DIR are read
+    (input scans are KITTI scans). A folder of the ground-truth cache (``CACHE/SS`` or
+    ``CACHE/SS/targets``) is recognised by its manifest: its targets are paired and, with "auto",
+    read as the 3 float32 per point the cache writes; any other folder's ``.bin`` files are KITTI
+    scans (4 float32 per point) unless "xyz" is given. A prediction that cannot be read or holds
+    NaN / inf is a failed frame (recorded with its file name and left out, as a scan the Completer
+    cannot complete is in ``evaluate``); a ground-truth file that cannot be used ends the run,
+    naming the file: the reference itself is wrong."""
+
+    def __init__(self, pred_dir, gt_dir, input_dir=None, limit: Optional[int] = None,
+                 bin_format: str = "auto"):
+        if bin_format not in BIN_FORMATS:
+            raise ConfigError(f"bin_format: expected one of {', '.join(BIN_FORMATS)}, "
+                              f"got {bin_format!r}")
+        if input_dir is not None and not Path(input_dir).is_dir():
+            raise DatasetError(f"input-scan folder {input_dir} does not exist or is not a folder")
+        self.formats: Dict[str, str] = {}
+        folders = {}
+        for role, d in (("pred", pred_dir), ("gt", gt_dir), ("input", input_dir)):
+            if d is None:
+                continue
+            targets = gt_cache_targets(d)
+            folders[role] = targets if targets is not None else Path(d)
+            # input scans (only drawn) are raw scans: KITTI, whatever the other two folders hold
+            given = bin_format if role != "input" else "auto"
+            self.formats[role] = given if given != "auto" else \
+                ("xyz" if targets is not None else "kitti")
+        self.pred_dir, self.gt_dir = folders["pred"], folders["gt"]
+        pairs = pair_files(self.pred_dir, self.gt_dir)[:limit]
         self.keys = [s for s, _, _ in pairs]
         self._files = {s: (p, g) for s, p, g in pairs}
         self._inputs: Dict[str, Path] = {}
         if input_dir is not None:
-            for p in Path(input_dir).iterdir():
+            for p in folders["input"].iterdir():
                 if p.is_file() and p.suffix.lower() in CLOUD_EXTS:
                     self._inputs[p.stem] = p
+        self._warned: set = set()
+
+    def read(self, path: Path, role: str) -> np.ndarray:
+        """The (N, 3) float32 cloud of ``path`` in folder ``role`` (pred, gt, input), ``.bin`` read
+        as :attr:`formats` says; a CloudFormatError naming the file when it is unusable."""
+        from ..io import read_cloud
+        fmt = self.formats.get(role, "kitti")
+        if path.suffix.lower() != ".bin":
+            cloud = read_cloud(path)
+        elif fmt == "xyz":
+            cloud = _read_xyz_bin(path)
+        else:
+            try:
+                full = read_cloud(path, xyz_only=False)
+            except CloudFormatError as exc:
+                if path.is_file() and path.stat().st_size % 12 == 0:
+                    raise CloudFormatError(f"{exc}; if it holds float32 (x, y, z) only, as the "
+                                           "ground-truth cache's targets do, pass --bin-format xyz") \
+                        from None
+                raise
+            # x, y, z files of 4k points also divide into 16-byte records: read as KITTI, their
+            # "intensity" column is every fourth coordinate, so negative values give them away
+            if role not in self._warned and full.shape[1] > 3 and (full[:, 3] < 0).any():
+                self._warned.add(role)
+                log.warning("%s: read as KITTI (x, y, z, intensity) but some intensities are negative; "
+                            "if the files hold x, y, z only, pass --bin-format xyz", path)
+            cloud = np.ascontiguousarray(full[:, :3])
+        finite = np.isfinite(cloud).all(axis=1)
+        if role == "input":        # only drawn: invalid returns of a raw scan are just not drawn
+            return np.ascontiguousarray(cloud[finite])
+        bad = int(len(cloud) - finite.sum())
+        if bad:
+            raise CloudFormatError(f"{path}: {bad} of {len(cloud)} points have NaN/inf coordinates")
+        return cloud
 
     def load(self, key: str):
-        from ..io import read_cloud
-        gt = read_cloud(self._files[key][1])
-        inp = read_cloud(self._inputs[key]) if key in self._inputs else None
+        gt = self.read(self._files[key][1], "gt")
+        inp = self.read(self._inputs[key], "input") if key in self._inputs else None
         return inp, gt
 
     def predict(self, key: str, index: int, inp):
-        from ..io import read_cloud
         t0 = time.perf_counter()
-        pred = read_cloud(self._files[key][0])
+        pred = self.read(self._files[key][0], "pred")     # CloudFormatError: a failed frame
         return pred, {"read": time.perf_counter() - t0}
 
 
-def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions = EvalOptions()) -> Dict:
+def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions = EvalOptions(),
+                   bin_format: str = "auto") -> Dict:
     """Evaluate completions made elsewhere (see :class:`FileSource`). Returns the summary dict."""
-    src = FileSource(pred_dir, gt_dir, input_dir, options.limit)
-    run = {"pred_dir": str(Path(pred_dir).resolve()), "gt_dir": str(Path(gt_dir).resolve()),
+    src = FileSource(pred_dir, gt_dir, input_dir, options.limit, bin_format)
+    run = {"pred_dir": str(src.pred_dir.resolve()), "gt_dir": str(src.gt_dir.resolve()),
+           "bin_format": {role: src.formats[role] for role in ("pred", "gt")},
            "source": "files", "label": options.label or Path(pred_dir).name, "steps": None,
-           "identity_keys": ["pred_dir", "gt_dir"]}
+           "identity_keys": ["pred_dir", "gt_dir", "bin_format"]}
     run["title"] = f"{run['label']} (files)"
     run["description"] = f"Predictions from {pred_dir}, ground truth from {gt_dir}, paired by stem."
     return run_evaluation(src.keys, src.load, src.predict, out, run, options)

@@ -1,0 +1,244 @@
+"""Findings of the audit of `lidar-completion evaluate` / `evaluate-files`: resuming into a folder
+made with other settings, the ground-truth cache's own target files, empty predictions, and bad
+input folders and files."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lidar_completion.cli import main
+from lidar_completion.errors import ConfigError
+from lidar_completion.evaluation import (EvalOptions, evaluate_files, evaluate_sequence, read_records,
+                                         run_evaluation, summarize)
+from lidar_completion.settings import CompletionSettings
+
+OPTS = EvalOptions(emd="none", progress=False, plots=False, limit=1)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A 3-frame synthetic sequence 08 with its ground-truth cache (DATASET/gt_cache/08)."""
+    from lidar_completion.data import build_gt
+    from lidar_completion.data.synthetic import generate_dataset
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, sequences=["08"], scans=3, seed=0)
+    build_gt(root, ["08"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from lidar_completion.checkpoints import make_random_checkpoint
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
+
+
+def small_completer(path, **kw):
+    """A Completer with a reduced point budget so that CPU runs take seconds."""
+    from lidar_completion.completer import Completer
+    kw = {"steps": 1, "refine": False, "n_fps": 300, "tile": 2, **kw}
+    return Completer.from_checkpoint(path, backend="torch", **kw)
+
+
+def counting(completer):
+    """``completer`` with its completions recorded in ``completer.calls``."""
+    completer.calls = []
+    original = completer.complete_detailed
+
+    def counted(points, seed=None):
+        completer.calls.append(seed)
+        return original(points, seed=seed)
+
+    completer.complete_detailed = counted
+    return completer
+
+
+def differ(*names):
+    """A regex matching the refusal that names each of ``names`` among the differing settings."""
+    return "settings differ: " + "".join(rf"(?=[^)]*\b{n}\b)" for n in names)
+
+
+# ------------------------------------------------------------------------ 1. resume identity
+@pytest.mark.parametrize("change", [{"n_fps": 250}, {"tile": 3}, {"fps_parts": 4},
+                                    {"min_range": 2.5}, {"max_range": 40.0}, {"min_z": -3.0}])
+def test_resume_refuses_other_budgets_and_filters(synth, tiny_ckpt, tmp_path, change):
+    out = tmp_path / "ev"
+    evaluate_sequence(synth, "08", out, completer=small_completer(tiny_ckpt), options=OPTS)
+    other = counting(small_completer(tiny_ckpt, **change))
+    with pytest.raises(ConfigError, match=differ(*change)):
+        evaluate_sequence(synth, "08", out, completer=other, options=EvalOptions(
+            emd="none", progress=False, plots=False))
+    assert other.calls == [] and len(read_records(out / "frames.jsonl")) == 1
+
+
+def test_resume_compares_the_checkpoint_by_content(synth, tmp_path):
+    """A file retrained in place is another model (also with no checkpoint setting, as for the
+    shipped student or a Completer passed in); a copy of the same weights elsewhere is not."""
+    from lidar_completion.checkpoints import make_random_checkpoint
+    path = make_random_checkpoint(tmp_path / "model.pt", seed=0)
+    out = tmp_path / "ev"
+    evaluate_sequence(synth, "08", out, completer=small_completer(path), options=OPTS)
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    same = counting(small_completer(copy))
+    evaluate_sequence(synth, "08", out, settings=CompletionSettings(checkpoint=str(copy)),
+                      completer=same, options=OPTS)
+    assert same.calls == []                                        # resumed: nothing recomputed
+    make_random_checkpoint(path, seed=1)                           # retrained at the same path
+    with pytest.raises(ConfigError, match=differ("weights")):
+        evaluate_sequence(synth, "08", out, completer=small_completer(path), options=OPTS)
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["identity"]["weights"]) == 64 and run["run"]["checkpoint"]["sha256"]
+
+
+def test_resume_refuses_another_ground_truth_cache(synth, tmp_path):
+    from lidar_completion.data import GTConfig, build_gt
+    out = tmp_path / "ev"
+    evaluate_sequence(synth, "08", out, baseline="input", options=OPTS)
+    other = tmp_path / "cache"
+    build_gt(synth, ["08"], out=other, config=GTConfig(z_max_eval=3.0))
+    with pytest.raises(ConfigError, match=differ("gt_cache")):
+        evaluate_sequence(synth, "08", out, baseline="input", cache_root=other, options=OPTS)
+    shutil.copytree(synth / "gt_cache", tmp_path / "copy")          # the same content elsewhere
+    evaluate_sequence(synth, "08", out, baseline="input", cache_root=tmp_path / "copy", options=OPTS)
+
+
+def test_folders_of_earlier_versions_are_refused(synth, tmp_path, capsys):
+    """Their run.json lacks settings that are compared now: they cannot be matched, so they are
+    refused (not resumed as if the missing settings had been today's defaults)."""
+    out = tmp_path / "old"
+    args = ["evaluate", str(synth), "--sequence", "08", "--baseline", "input", "--emd", "none",
+            "--limit", "1", "--no-plots", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    run["identity"].pop("gt_cache")                          # what the earlier version recorded
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "settings differ: gt_cache" in err and "not recorded there" in err
+    assert "--restart" in err and len(err.splitlines()) == 1
+    assert main(args + ["--restart"]) == 0
+
+
+# --------------------------------------------------------------- 2. the GT cache's own targets
+def test_evaluate_files_reads_the_ground_truth_cache_targets(synth, tmp_path, capsys):
+    targets = synth / "gt_cache" / "08" / "targets"
+    for gt_dir in (targets, targets.parent):                 # CACHE/SS/targets or CACHE/SS
+        s = evaluate_files(targets, gt_dir, tmp_path / gt_dir.name, options=EvalOptions(
+            emd="none", progress=False, plots=False))
+        assert s["frames"] == 3 and s["cd"]["mean"] == 0.0 and not s["failed_frames"]
+        assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"}
+    # copied out of the cache (no manifest): --bin-format xyz says how to read them
+    copied = tmp_path / "copied"
+    shutil.copytree(targets, copied)
+    out = tmp_path / "o"
+    assert main(["evaluate-files", str(copied), str(copied), "--bin-format", "xyz", "--emd", "none",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    recs = read_records(out / "frames.jsonl")
+    n = [len(np.fromfile(targets / f"{r['frame']}.bin", dtype=np.float32)) // 3 for r in recs]
+    assert [r["cd"] for r in recs] == [0.0] * 3 and [r["n_gt"] for r in recs] == n
+    # a point count that is not a multiple of 4 is not a KITTI file: the error says what to pass
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    np.zeros((5, 3), np.float32).tofile(odd / "000000.bin")
+    capsys.readouterr()
+    assert main(["evaluate-files", str(odd), str(odd), "--emd", "none", "--no-plots",
+                 "--no-progress", "--out", str(tmp_path / "o2")]) == 1
+    assert "--bin-format xyz" in capsys.readouterr().err
+    assert main(["evaluate-files", str(odd), str(odd), "--bin-format", "xyz", "--emd", "none",
+                 "--no-plots", "--no-progress", "--out", str(tmp_path / "o3")]) == 0
+
+
+def test_evaluate_files_help_documents_bin_format(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate-files", "--help"])
+    assert "--bin-format" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- 3. empty predictions
+def test_an_empty_prediction_is_a_miss_and_is_reported(tmp_path, capsys):
+    r = np.random.default_rng(0)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    gt = r.uniform(-8, 8, (800, 3)).astype(np.float32)
+    for stem in ("a", "b"):
+        np.save(gt_dir / f"{stem}.npy", gt)
+    np.save(pred_dir / "a.npy", gt[:600] + np.float32(0.01))        # good: every point matched
+    np.save(pred_dir / "b.npy", np.zeros((0, 3), np.float32))       # empty
+    out = tmp_path / "o"
+    assert main(["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 2 frames had an empty prediction" in captured.err
+    assert "(over 1 frame; 1 with an empty prediction left out)" in captured.out   # beside CD
+    s = json.loads((out / "summary.json").read_text())
+    assert s["empty_predictions"] == {"count": 1, "frames": ["b"]}
+    assert s["cd"]["frames"] == 1 and s["cd"]["empty_predictions"] == 1
+    recs = {r["frame"]: r for r in read_records(out / "frames.jsonl")}
+    good = recs["a"]["prf"]
+    for k in ("0.05", "0.1", "auc"):
+        assert s["prf"][k]["precision"] == pytest.approx(good[k][0])    # undefined: left out
+        assert s["prf"][k]["recall"] == pytest.approx(good[k][1] / 2)   # the miss counts as 0
+        assert s["prf"][k]["fscore"] == pytest.approx(good[k][2] / 2)
+        assert s["prf"][k]["frames"] == {"precision": 1, "recall": 2, "fscore": 2}
+    assert s["prf"]["auc"]["recall"] < 0.75
+    empty = recs["b"]
+    assert empty["empty_prediction"] is True and empty["prf"]["auc"] == [None, 0.0, 0.0]
+    assert "empty prediction" in (out / "summary.md").read_text()
+
+
+def test_a_model_that_outputs_nothing_is_counted(tmp_path):
+    """`evaluate` takes the same path: a completion of 0 points (here from the predictor), and
+    records of earlier runs that hold NaN P/R/F for such a frame."""
+    gt = np.random.default_rng(1).uniform(-5, 5, (500, 3))
+
+    def predict(key, index, inp):
+        return (gt if key == "a" else np.zeros((0, 3))), {"total": 0.1}
+
+    s = run_evaluation(["a", "b"], lambda key: (None, gt), predict, tmp_path, {"identity_keys": []},
+                       EvalOptions(emd="none", plots=False, progress=False))
+    assert s["empty_predictions"]["count"] == 1 and s["prf"]["auc"]["fscore"] == pytest.approx(0.5)
+    old = sorted(read_records(tmp_path / "frames.jsonl"), key=lambda r: r["frame"])
+    old[1].pop("empty_prediction")
+    old[1]["prf"] = {k: [None, None, None] for k in old[1]["prf"]}
+    assert summarize(old)["prf"]["auc"]["recall"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------- 4. bad folders and files
+def test_missing_input_dir_is_a_one_line_error(tmp_path, capsys):
+    d = tmp_path / "c"
+    d.mkdir()
+    np.save(d / "a.npy", np.random.default_rng(0).uniform(-5, 5, (200, 3)).astype(np.float32))
+    assert main(["evaluate-files", str(d), str(d), "--input-dir", str(tmp_path / "nonexistent"),
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: input-scan folder") and "nonexistent" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_nan_prediction_is_a_failed_frame_named_by_its_file(tmp_path, capsys):
+    r = np.random.default_rng(0)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    for stem in ("a", "b", "c"):
+        gt = r.uniform(-5, 5, (300, 3)).astype(np.float32)
+        np.save(gt_dir / f"{stem}.npy", gt)
+        pred = gt + np.float32(0.01)
+        if stem == "b":
+            pred[7, 1] = np.nan
+        np.save(pred_dir / f"{stem}.npy", pred)
+    out = tmp_path / "o"
+    assert main(["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["failed_frames"] == ["b"] and s["cd"]["frames"] == 2
+    failed = {r["frame"]: r for r in read_records(out / "frames.jsonl")}["b"]
+    assert "b.npy" in failed["error"] and "NaN" in failed["error"]
+    # a ground-truth file with NaN ends the run, naming the file
+    np.save(gt_dir / "a.npy", np.full((10, 3), np.nan, np.float32))
+    capsys.readouterr()
+    assert main(["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
+                 "--no-progress", "--restart", "--out", str(out)]) == 1
+    assert "a.npy" in capsys.readouterr().err
