@@ -37,8 +37,8 @@ def tiny_ckpt(tmp_path_factory):
 def small_completer(path, **kw):
     """The Completer with a reduced point budget (300 x 2) so that CPU tests take seconds."""
     from lidar_completion.completer import Completer
-    kw = {"steps": 1, "refine": False, **kw}
-    return Completer.from_checkpoint(path, n_fps=300, tile=2, backend="torch", **kw)
+    kw = {"steps": 1, "refine": False, "n_fps": 300, "tile": 2, **kw}
+    return Completer.from_checkpoint(path, backend="torch", **kw)
 
 
 def lines(path):

@@ -12,32 +12,11 @@ from lidar_completion.errors import ConfigError
 from lidar_completion.evaluation import (EvalOptions, evaluate_files, evaluate_sequence, read_records,
                                          run_evaluation, summarize)
 from lidar_completion.settings import CompletionSettings
+# the 3-frame synthetic sequence 08 with its cache, the tiny random checkpoint and the small
+# Completer of the evaluation tests
+from test_evaluate import small_completer, synth, tiny_ckpt  # noqa: F401
 
 OPTS = EvalOptions(emd="none", progress=False, plots=False, limit=1)
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """A 3-frame synthetic sequence 08 with its ground-truth cache (DATASET/gt_cache/08)."""
-    from lidar_completion.data import build_gt
-    from lidar_completion.data.synthetic import generate_dataset
-    root = tmp_path_factory.mktemp("synth")
-    generate_dataset(root, sequences=["08"], scans=3, seed=0)
-    build_gt(root, ["08"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from lidar_completion.checkpoints import make_random_checkpoint
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
-
-
-def small_completer(path, **kw):
-    """A Completer with a reduced point budget so that CPU runs take seconds."""
-    from lidar_completion.completer import Completer
-    kw = {"steps": 1, "refine": False, "n_fps": 300, "tile": 2, **kw}
-    return Completer.from_checkpoint(path, backend="torch", **kw)
 
 
 def counting(completer):
