@@ -143,6 +143,8 @@ def _expect_error(path, pattern):
 
 def test_read_error_paths(tmp_path, cloud):
     _expect_error(tmp_path / "missing.bin", "no such file")
+    _expect_error(tmp_path / "missing", "no such file")     # a typo is not an extension problem
+    (tmp_path / "scan.xyz").write_text("0 0 0\n")
     _expect_error(tmp_path / "scan.xyz", "unsupported point-cloud extension")
     (tmp_path / "dir.npy").mkdir()
     _expect_error(tmp_path / "dir.npy", "is a directory")

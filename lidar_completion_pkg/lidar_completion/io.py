@@ -53,9 +53,9 @@ def read_cloud(path, xyz_only: bool = True) -> np.ndarray:
     """Read a point cloud file; float32 (N, 3) xyz, or (N, k) every numeric column if not
     ``xyz_only`` (x, y, z first). Raises :class:`CloudFormatError`."""
     path = Path(path)
-    ext = _suffix(path)
-    if not path.exists():
+    if not path.exists():           # before the extension: "no such file" is what a typo needs to hear
         raise CloudFormatError(f"{path}: no such file")
+    ext = _suffix(path)
     if path.is_dir():
         raise CloudFormatError(f"{path}: is a directory, expected a {ext} point-cloud file")
     reader = {".bin": _read_bin, ".npy": _read_npy, ".ply": _read_ply, ".pcd": _read_pcd}[ext]
