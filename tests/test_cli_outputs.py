@@ -306,3 +306,15 @@ def test_devices_the_sparse_backends_do_not_run_on_are_refused(scan_file, tmp_pa
         assert _complete(scan_file, "-o", tmp_path / "x.ply", "--device", device, *FAST) == 1
         err = capsys.readouterr().err
         assert "expected cpu, cuda, cuda:N or auto" in err and "Traceback" not in err
+
+
+def test_options_that_do_not_apply_say_so(ckpt, scan_file, tmp_path, caplog):
+    """--ascii for a binary-only format, CUDA graphs on a CPU, a refiner file with refinement off:
+    accepted (they are harmless) but no longer silently ignored."""
+    with caplog.at_level("INFO"):
+        assert _complete(scan_file, "-o", tmp_path / "a.bin", "--ascii", "--cuda-graphs", "on",
+                         "--checkpoint", ckpt, "--refiner-checkpoint", ckpt, "--no-refine", *FAST) == 0
+    text = caplog.text
+    assert "--ascii applies to .ply and .pcd outputs" in text
+    assert "cuda_graphs on applies on CUDA only" in text
+    assert "refiner checkpoint was given with refinement off" in text

@@ -141,6 +141,8 @@ class Completer:
         self.fps = fps
         self.fps_parts = fps_parts
         self.cuda_graphs = graphs_requested(cuda_graphs)   # True / False / None (auto); checks it
+        if self.cuda_graphs is True and self.device.type != "cuda":
+            log.info("cuda_graphs on applies on CUDA only; running without graphs on %s", self.device)
         self._graphed: GraphedDenoiser | None = None
         self._graphed_refiner: GraphedRefiner | None = None
         self._graphed_encoder: GraphedEncoder | None = None
@@ -254,6 +256,8 @@ class Completer:
         named). Other keyword arguments go to the constructor.
         """
         from . import checkpoints
+        if refiner_checkpoint is not None and not refine:
+            log.warning("a refiner checkpoint was given with refinement off: it is loaded but not used")
         if path is None:
             path = checkpoints.default_checkpoint_path()   # CheckpointError when none is shipped
         if backend in (None, "", "auto"):

@@ -106,6 +106,8 @@ def run(args) -> int:
         if args.format or args.skip_existing:
             raise ConfigError("--format and --skip-existing are for several inputs; with one, the "
                               "output's extension is its format")
+        if args.ascii and out.suffix.lower() not in (".ply", ".pcd"):
+            log.warning("--ascii applies to .ply and .pcd outputs; %s is written in its binary format", out)
     settings = CompletionSettings.from_args(args)   # ConfigError for values out of range
     if batch:
         return _run_batch(args, settings, files, out)
@@ -142,6 +144,9 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
     if render_dir is not None and render_dir.suffix.lower() == ".png":
         raise ConfigError(f"--render {render_dir}: with several inputs it is a folder for one PNG per scan")
     targets = [out_dir / (f.stem + (f".{args.format}" if args.format else f.suffix.lower())) for f in files]
+    if args.ascii and any(t.suffix not in (".ply", ".pcd") for t in targets):
+        log.warning("--ascii applies to .ply and .pcd outputs; .bin and .npy ones are written in their "
+                    "binary formats")
     seen: dict[Path, Path] = {}
     for src, dst in zip(files, targets):
         if dst.suffix not in FORMATS:
