@@ -338,6 +338,11 @@ def test_bag_bench_cli_errors(synthetic_bag, tmp_path, capsys):
     assert "carries tf2_msgs/msg/TFMessage" in capsys.readouterr().err
     assert main(["bag-bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
     assert "bag not found" in capsys.readouterr().err
+    # live-mode options offline were silently ignored
+    assert main(["bag-bench", str(synthetic_bag), "--rate", "2", "--pace", "--out", str(tmp_path)]) == 1
+    assert "--rate, --pace are for the live mode: add --live" in capsys.readouterr().err
+    assert main(["bag-bench", str(synthetic_bag), "--node-param", "steps:=2", "--out", str(tmp_path)]) == 1
+    assert "--node-param is for the live mode" in capsys.readouterr().err
 
 
 def test_bag_bench_fails_when_no_scan_is_completed(tiny_checkpoint, tmp_path, capsys):

@@ -125,6 +125,14 @@ def _check_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
     if args.rate <= 0:
         raise ConfigError(f"--rate must be > 0, found {args.rate}")
+    if not args.live:
+        # the live-mode options mean nothing offline (scans are completed one after another)
+        given = [flag for flag, on in (("--rate", args.rate != 1.0), ("--pace", args.pace),
+                                       ("--node-param", bool(args.node_param)),
+                                       ("--node-cmd", args.node_cmd is not None)) if on]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the live "
+                              "mode: add --live, or leave them out")
 
 
 def _check_bag(bag, topic) -> None:
