@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -391,6 +392,8 @@ def test_configs_load_and_reject_mistakes(tmp_path):
     ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
     ("validation.sequence=[1]", "validation.sequence: expected a sequence name"),
     ("distill.metric=nosuch", "distill.metric must be one of cd, "),
+    ("data.target_points=0", "data.target_points must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(override, message):
     """A value a trainer would misread (a truncated batch size, a negative clip that flips the
@@ -605,3 +608,18 @@ def test_a_missing_validation_sequence_stops_the_run_at_start_naming_the_keys(tm
     with pytest.raises(DatasetError, match=r"validation \(validation.root .*validation.sequence '08'\)"):
         tr.run()
     assert tr.step == 0
+
+
+def test_an_npz_data_root_that_is_no_archive_is_named(tmp_path):
+    from lidar_completion.errors import DatasetError
+    from training.sources import NpzSource
+
+    text = tmp_path / "data.npz"
+    text.write_text("not an archive\n")
+    with pytest.raises(DatasetError, match=r"data.root .*data.npz is not a readable .npz archive"):
+        NpzSource(text, 100, 1000)
+    one = tmp_path / "one.npz"
+    with open(one, "wb") as fh:
+        np.save(fh, np.zeros((3, 3), np.float32))
+    with pytest.raises(DatasetError, match="holds one array, not an .npz archive"):
+        NpzSource(one, 100, 1000)

@@ -386,6 +386,9 @@ def validate(cfg: dict) -> None:
     _check(float(cfg["data"].get("loader_timeout_s", 0) or 0) >= 0, "data.loader_timeout_s must be >= 0")
     _check(cfg["data"].get("sample_on", "auto") in ("auto", "cpu", "device"),
            f"data.sample_on must be auto|cpu|device, got {cfg['data'].get('sample_on')!r}")
+    for key in ("scan_points", "target_points", "tile"):
+        _check(int(cfg["data"][key]) >= 1, f"data.{key} must be >= 1, got {cfg['data'][key]}")
+    _check(int(cfg["data"]["num_workers"]) >= 0, f"data.num_workers must be >= 0, got {cfg['data']['num_workers']}")
     _check(cfg["data"]["kind"] in ("semantickitti", "synthetic", "npz"),
            f"data.kind must be semantickitti|synthetic|npz, got {cfg['data']['kind']!r}")
     _check(int(cfg["checkpoint"]["every_steps"]) >= 0, "checkpoint.every_steps must be >= 0")

@@ -27,7 +27,15 @@ class NpzSource:
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"data.root {path} does not exist (expected an .npz with scan_0, target_0, ...)")
-        with np.load(path) as z:
+        try:
+            archive = np.load(path)
+        except (OSError, ValueError, EOFError) as exc:   # not an .npz (e.g. a text or pickle file)
+            raise DatasetError(f"data.root {path} is not a readable .npz archive of arrays scan_0, "
+                               f"target_0, ... ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not hasattr(archive, "files"):                # a single .npy array
+            raise DatasetError(f"data.root {path} holds one array, not an .npz archive of arrays scan_0, "
+                               "target_0, ...")
+        with archive as z:
             n = 0
             while f"scan_{n}" in z.files:
                 n += 1
