@@ -139,7 +139,7 @@ stage() {  # stage NAME CONFIG SECONDS MAX_STEPS extra-args...  (NAME: teacher, 
     return 0
   fi
   local resume=()
-  if [ -f "$out/checkpoints/latest.json" ]; then
+  if [ -f "$out/checkpoints/latest.json" ] || compgen -G "$out/checkpoints/step_*.ckpt" > /dev/null; then
     resume=(--resume)   # an interrupted or time-limited stage: go on from its last checkpoint
     log "$name: resuming from $out/checkpoints"
   fi
