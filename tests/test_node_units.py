@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -428,5 +429,38 @@ def test_lifecycle_configure_without_the_packages_fails_and_holds_nothing(tmp_pa
                 assert node.pipeline.state == UNCONFIGURED and node.pipeline.completer is None
             finally:
                 node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
+def test_diagnostics_go_on_under_sim_time_without_a_clock():
+    """With use_sim_time and no /clock publisher (a paused bag, a simulator not started yet), the
+    diagnostics timer stopped with ROS time, and a watcher of /diagnostics took the node for dead;
+    it runs on the steady clock."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("lifecycle_msgs")
+    diagnostic_msgs = pytest.importorskip("diagnostic_msgs.msg")
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        node = LifecycleCompletionNode(context=context, parameter_overrides=[
+            Parameter("use_sim_time", value=True), Parameter("diagnostics_period", value=0.2)])
+        got = []
+        node.create_subscription(diagnostic_msgs.DiagnosticArray, "/diagnostics", got.append, 10)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        try:
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and len(got) < 3:
+                executor.spin_once(timeout_sec=0.1)
+        finally:
+            executor.shutdown()
+            node.destroy_node()
+        assert len(got) >= 3, f"{len(got)} diagnostics in 3 s at a 0.2 s period under sim time"
     finally:
         rclpy.shutdown(context=context)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from .node import create_input, create_outputs, qos_summary
+from .node import create_input, create_outputs, qos_summary, wall_clock
 from .parameters import NODE_NAME
 from .pipeline import CompletionPipeline, StartupError, declare_parameters
 from .stats import ACTIVE, INACTIVE, UNCONFIGURED, WARMING_UP
@@ -37,7 +37,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self.pipeline = CompletionPipeline(self, self.config, state=UNCONFIGURED)
         self.sub = None
         self.diag_timer = self.create_timer(self.config["diagnostics_period"],
-                                            self.pipeline.publish_diagnostics)
+                                            self.pipeline.publish_diagnostics, clock=wall_clock())
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.get_logger().info("unconfigured: configure loads the checkpoint and warms up, activate "
                                "subscribes")

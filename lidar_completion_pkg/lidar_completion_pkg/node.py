@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 
@@ -38,6 +39,13 @@ def create_input(node, pipeline: CompletionPipeline):
     return node.create_subscription(PointCloud2, c["input_topic"], pipeline.on_cloud,
                                     cloud_qos(c["input_qos_reliability"], c["input_qos_depth"]),
                                     qos_overriding_options=overridable())
+
+
+def wall_clock() -> Clock:
+    """The clock of the diagnostics timer: steady wall time. On the node's clock, use_sim_time
+    without a /clock publisher (or a paused bag) stops the timer, and whatever watches /diagnostics
+    for the node's health would take it for dead."""
+    return Clock(clock_type=ClockType.STEADY_TIME)
 
 
 def qos_summary(pipeline: CompletionPipeline, sub) -> str:
@@ -66,7 +74,7 @@ class CompletionNode(Node):
         self.sub = create_input(self, self.pipeline)
         self.pipeline.state = ACTIVE
         self.diag_timer = self.create_timer(self.config["diagnostics_period"],
-                                            self.pipeline.publish_diagnostics)
+                                            self.pipeline.publish_diagnostics, clock=wall_clock())
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.pipeline.publish_diagnostics()
         self.get_logger().info(f"ready: completing {self.pipeline.describe()}, "
