@@ -139,6 +139,11 @@ XYZ = [field("x", 0), field("y", 4), field("z", 8)]
     (NS(height=1, width=1), "no 'point_step'"),
     (cloud(XYZ, pack_xyz32(PTS), -1), ">= 0"),
     (cloud(XYZ, 3.5, 4), "byte buffer"),
+    # the last 'x' won silently and z was read as x (sensor_msgs_py refuses duplicate names too)
+    (cloud(XYZ + [field("x", 8)], pack_xyz32(PTS), 4), r"more than one field named \['x'\]"),
+    (cloud([field("x", 0), field("y", 0), field("z", 8)], pack_xyz32(PTS), 4), "'x' .* and 'y' .* overlap"),
+    (cloud([field("x", 0, F64), field("y", 4), field("z", 8)], pack_xyz32(PTS) * 2, 4, point_step=24),
+     "overlap"),
 ])
 def test_malformed_clouds_raise_named_errors(msg, words):
     with pytest.raises(CloudFormatError, match=words):
@@ -225,3 +230,11 @@ def test_errors_carry_a_reason_for_counting(msg, reason):
     with pytest.raises(CloudFormatError) as info:
         pc.read_points_numpy(msg)
     assert info.value.reason == reason
+
+
+def test_a_repeated_field_the_reader_does_not_use_is_no_problem():
+    """Padding fields may repeat a name (e.g. '_'): only a doubled field that is read is refused."""
+    fields = XYZ + [field("_", 12, pc.UINT8), field("_", 13, pc.UINT8)]
+    data = b"".join(struct.pack("<3f2B2x", *p, 0, 0) for p in PTS)
+    out = pc.read_points_numpy(cloud(fields, data, 4, point_step=16))
+    np.testing.assert_array_equal(out, np.array(PTS, np.float32))

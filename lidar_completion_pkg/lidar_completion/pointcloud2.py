@@ -85,6 +85,9 @@ def _buffer(data) -> np.ndarray:
                            f"array), found {type(data).__name__}")
 
 
+_DUPLICATE = (-1, -1, -1)
+
+
 def _field_table(msg) -> dict:
     fields = getattr(msg, "fields", None)
     if fields is None:
@@ -92,10 +95,14 @@ def _field_table(msg) -> dict:
     table = {}
     for f in fields:
         try:
-            table[str(f.name)] = (int(f.offset), int(f.datatype), int(getattr(f, "count", 1)))
+            entry = (int(f.offset), int(f.datatype), int(getattr(f, "count", 1)))
         except (AttributeError, TypeError, ValueError):
             raise _error("bad_field", f"malformed PointField {f!r}: expected name, offset, datatype, "
                                    "count") from None
+        name = str(f.name)
+        # a name given twice is ambiguous (the last one used to win silently); kept as a marker so
+        # that only a cloud whose *requested* field is doubled is refused (padding fields may repeat)
+        table[name] = _DUPLICATE if name in table else entry
     return table
 
 
@@ -113,6 +120,10 @@ def dtype_from_fields(fields, point_step: int, field_names: Sequence[str] | None
         raise _error("missing_field", f"PointCloud2 lacks field(s) {missing}; it has {sorted(table)}")
     if len(set(names)) != len(names):
         raise _error("bad_request", f"duplicate field names requested: {names}")
+    doubled = [n for n in names if table[n] == _DUPLICATE]
+    if doubled:
+        raise _error("bad_field", f"PointCloud2 has more than one field named {doubled}: which one "
+                                  "holds the values is ambiguous")
     order = ">" if is_bigendian else "<"
     formats, offsets = [], []
     for n in names:
@@ -126,6 +137,10 @@ def dtype_from_fields(fields, point_step: int, field_names: Sequence[str] | None
         if offset + dt.itemsize > point_step:
             raise _error("inconsistent_step", f"field '{n}' ({_DATATYPE_NAMES[datatype]} at offset {offset}) "
                                    f"does not fit in point_step {point_step}")
+        for other, start, size in zip(names, offsets, (f.itemsize for f in formats)):
+            if offset < start + size and start < offset + dt.itemsize:
+                raise _error("bad_field", f"fields '{other}' (offset {start}) and '{n}' (offset {offset}) "
+                                          "overlap in each point")
         formats.append(dt)
         offsets.append(offset)
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": point_step})
