@@ -464,3 +464,30 @@ def test_diagnostics_go_on_under_sim_time_without_a_clock():
         assert len(got) >= 3, f"{len(got)} diagnostics in 3 s at a 0.2 s period under sim time"
     finally:
         rclpy.shutdown(context=context)
+
+
+def test_a_whole_number_for_a_double_parameter_is_taken_at_run_time():
+    """`ros2 param set /lidar_completion guidance 4` means 4.0, as `-p guidance:=4` does at start
+    (rclpy refused it: "Wrong parameter type, expected '3' got '2'"); a string is still refused."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("lifecycle_msgs")
+    pytest.importorskip("diagnostic_msgs")
+    from rclpy.parameter import Parameter
+
+    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        node = LifecycleCompletionNode(context=context)
+        try:
+            result, = node.set_parameters([Parameter("guidance", Parameter.Type.INTEGER, 4)])
+            assert result.successful, result.reason
+            assert node.get_parameter("guidance").value == 4.0
+            assert node.pipeline.config["guidance"] == 4.0
+            result, = node.set_parameters([Parameter("guidance", Parameter.Type.STRING, "nan")])
+            assert not result.successful
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)

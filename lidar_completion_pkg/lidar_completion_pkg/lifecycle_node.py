@@ -38,6 +38,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self.sub = None
         self.diag_timer = self.create_timer(self.config["diagnostics_period"],
                                             self.pipeline.publish_diagnostics, clock=wall_clock())
+        self.add_pre_set_parameters_callback(self.pipeline.pre_set_parameters)
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.get_logger().info("unconfigured: configure loads the checkpoint and warms up, activate "
                                "subscribes")

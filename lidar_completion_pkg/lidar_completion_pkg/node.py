@@ -75,6 +75,7 @@ class CompletionNode(Node):
         self.pipeline.state = ACTIVE
         self.diag_timer = self.create_timer(self.config["diagnostics_period"],
                                             self.pipeline.publish_diagnostics, clock=wall_clock())
+        self.add_pre_set_parameters_callback(self.pipeline.pre_set_parameters)
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.pipeline.publish_diagnostics()
         self.get_logger().info(f"ready: completing {self.pipeline.describe()}, "

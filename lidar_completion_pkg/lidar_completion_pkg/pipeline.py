@@ -269,6 +269,19 @@ class CompletionPipeline:
                 f"profile {os.environ.get(dds.PROFILE_ENV) or 'none'})")
 
     # -- parameters at run time ---------------------------------------------------------------
+    def pre_set_parameters(self, params):
+        """Integers for parameters of type double become doubles (``ros2 param set ... guidance 4``
+        means 4.0, as ``-p guidance:=4`` does at start; rclpy refused it as a wrong type)."""
+        from rclpy.parameter import Parameter
+
+        out = []
+        for param in params:
+            spec = BY_NAME.get(param.name)
+            if spec is not None and spec.type == "double" and param.type_ == Parameter.Type.INTEGER:
+                param = Parameter(param.name, Parameter.Type.DOUBLE, float(param.value))
+            out.append(param)
+        return out
+
     def on_set_parameters(self, params):
         from rcl_interfaces.msg import SetParametersResult
 
