@@ -491,3 +491,34 @@ def test_a_whole_number_for_a_double_parameter_is_taken_at_run_time():
             node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
+
+
+def test_clouds_without_a_frame_are_completed_with_a_warning():
+    """An empty header.frame_id (no frames asked of the node) is completed as it came, but no longer
+    silently: nothing downstream can place a cloud without a frame."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import pipeline as P
+
+    warnings, sent = [], []
+
+    class Fake:
+        steps, guidance = 1, 1.0
+
+        def complete(self, pts):
+            return pts + np.float32(0.5)
+
+    node = NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
+              get_logger=lambda: NS(info=lambda m: None, warning=warnings.append),
+              get_clock=lambda: NS(now=lambda: NS(nanoseconds=7 * 10**9)))
+    pipe = P.CompletionPipeline(node, default_values())
+    pipe.load(lambda config: Fake())
+    pipe.pub = NS(publish=sent.append)
+    points = P.warmup_cloud(500)
+    header = NS(frame_id="", stamp=NS(sec=5, nanosec=0))
+    pipe._complete_one(header, points, time.monotonic())
+    assert len(sent) == 1 and sent[0].header.frame_id == ""
+    assert any("empty header.frame_id" in w for w in warnings), warnings
+    warnings.clear()
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), points, time.monotonic())
+    assert len(sent) == 2 and sent[1].header.frame_id == "velodyne" and not warnings

@@ -428,6 +428,11 @@ class CompletionPipeline:
             to_target = self._lookup(target, model, stamp_ns)
         from std_msgs.msg import Header
 
+        if not target:
+            # completed and published as it came, but nothing downstream (tf, rviz) can place it
+            self._warn("empty_frame", "input clouds have an empty header.frame_id: the completions are "
+                                      "published without a frame too (set the driver's frame, or "
+                                      "model_frame / target_frame)")
         out_header = Header(stamp=header.stamp, frame_id=target)
         msg = create_cloud_xyz32(out_header, out if to_target is None else frames.apply(to_target, out))
         raw_msg = None
