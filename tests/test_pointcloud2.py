@@ -144,6 +144,8 @@ XYZ = [field("x", 0), field("y", 4), field("z", 8)]
     (cloud([field("x", 0), field("y", 0), field("z", 8)], pack_xyz32(PTS), 4), "'x' .* and 'y' .* overlap"),
     (cloud([field("x", 0, F64), field("y", 4), field("z", 8)], pack_xyz32(PTS) * 2, 4, point_step=24),
      "overlap"),
+    # width 2 for 4 points of data: half the scan was completed, or "too few points" misled
+    (cloud(XYZ, pack_xyz32(PTS), 2), r"data has 48 bytes, the header \(height 1 x row_step 24\) declares 24"),
 ])
 def test_malformed_clouds_raise_named_errors(msg, words):
     with pytest.raises(CloudFormatError, match=words):
@@ -238,3 +240,8 @@ def test_a_repeated_field_the_reader_does_not_use_is_no_problem():
     data = b"".join(struct.pack("<3f2B2x", *p, 0, 0) for p in PTS)
     out = pc.read_points_numpy(cloud(fields, data, 4, point_step=16))
     np.testing.assert_array_equal(out, np.array(PTS, np.float32))
+
+
+def test_a_tail_shorter_than_a_point_is_accepted():
+    msg = cloud(XYZ, pack_xyz32(PTS) + b"\0" * 11, 4)
+    np.testing.assert_array_equal(pc.read_points_numpy(msg), np.array(PTS, np.float32))

@@ -173,6 +173,12 @@ def read_points(msg, field_names: Sequence[str] | None = None, skip_nans: bool =
         raise _error("truncated", f"truncated PointCloud2: data has {buf.size} bytes, the header "
                                f"(height {height}, row_step {row_step}, width {width}, point_step "
                                f"{point_step}) needs {needed}")
+    if buf.size - height * row_step >= point_step:
+        # a whole point or more beyond the declared rows: width / height understate the cloud, and
+        # reading only what they declare would complete a fraction of the scan without a word
+        raise _error("inconsistent_step", f"inconsistent PointCloud2: data has {buf.size} bytes, the header "
+                                          f"(height {height} x row_step {row_step}) declares "
+                                          f"{height * row_step}: wrong width or height?")
     if row_step == width * point_step:
         points = np.frombuffer(buf, dtype=dtype, count=height * width)
         if reshape_organized_cloud:
