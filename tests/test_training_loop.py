@@ -608,6 +608,7 @@ def test_a_missing_validation_sequence_stops_the_run_at_start_naming_the_keys(tm
     with pytest.raises(DatasetError, match=r"validation \(validation.root .*validation.sequence '08'\)"):
         tr.run()
     assert tr.step == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
 
 def test_an_npz_data_root_that_is_no_archive_is_named(tmp_path):

@@ -14,10 +14,10 @@ import abc
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
-import logging
 import time
 from pathlib import Path
 
@@ -476,8 +476,9 @@ class Trainer(abc.ABC):
         steps_done = 0
         status, error = "finished", None
         step_times = []
-        validator = self.make_validator()
         try:
+            # inside: a wrong validation root fails the run like any error (summary, signals restored)
+            validator = self.make_validator()
             if validator is not None and self.step == 0 and cfg["validation"]["at_start"]:
                 self.validate(validator, logger)
             if self.step < self.total_steps:
