@@ -199,6 +199,14 @@ def test_warmup_cloud_lies_within_the_limits():
         assert (r > lo).all() and (r < hi).all()
 
 
+def _fake_node(warnings: list, now_ns: int = 0):
+    """What CompletionPipeline asks of its node: publishers (none), parameters, a logger whose
+    warnings go to ``warnings``, a clock that reads ``now_ns``."""
+    return NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
+              get_logger=lambda: NS(info=lambda m: None, warning=warnings.append),
+              get_clock=lambda: NS(now=lambda: NS(nanoseconds=now_ns)))
+
+
 def test_load_and_warm_up_run_apart_from_the_thread_that_builds_the_node():
     """The checkpoint is loaded and the warm-up scan completed in passing threads of their own
     (pipeline.run_apart: no OpenMP pool is left in the node's main thread), and what fails there
@@ -222,9 +230,7 @@ def test_load_and_warm_up_run_apart_from_the_thread_that_builds_the_node():
         seen.append(("load", threading.current_thread()))
         return Fake()
 
-    node = NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
-              get_logger=lambda: NS(info=lambda m: None, warning=warnings.append))
-    pipe = P.CompletionPipeline(node, default_values())
+    pipe = P.CompletionPipeline(_fake_node(warnings), default_values())
     pipe.load(factory)
     assert pipe.warm_up() is not None and pipe.warmup_s > 0
     assert [what for what, _ in seen] == ["load", "complete"]
@@ -508,10 +514,7 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
         def complete(self, pts):
             return pts + np.float32(0.5)
 
-    node = NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
-              get_logger=lambda: NS(info=lambda m: None, warning=warnings.append),
-              get_clock=lambda: NS(now=lambda: NS(nanoseconds=7 * 10**9)))
-    pipe = P.CompletionPipeline(node, default_values())
+    pipe = P.CompletionPipeline(_fake_node(warnings, now_ns=7 * 10**9), default_values())
     pipe.load(lambda config: Fake())
     pipe.pub = NS(publish=sent.append)
     points = P.warmup_cloud(500)

@@ -136,10 +136,11 @@ class Trainer(abc.ABC):
                  source=None, dist_info: D.DistInfo | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
-        if not resume and CheckpointManager(self.out / "checkpoints").holds_checkpoints():
+        earlier = CheckpointManager(self.out / "checkpoints")
+        if not resume and earlier.holds_checkpoints():
             # a fresh run would mix its checkpoints, logs and export with the earlier run's
-            last = CheckpointManager(self.out / "checkpoints").latest_path()
-            raise ConfigError(f"{self.out} already holds the checkpoints of a run (latest: {last}); continue "
+            raise ConfigError(f"{self.out} already holds the checkpoints of a run (latest: "
+                              f"{earlier.latest_path()}); continue "
                               f"it with --resume, or give this run another --out (or delete that folder)")
         self.dist = dist_info or D.init(cfg.get("device", "auto"))
         self.device = self.dist.device

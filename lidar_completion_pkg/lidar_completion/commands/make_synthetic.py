@@ -59,8 +59,8 @@ def run(args) -> int:
     # never write over an existing sequence: its scans, labels and poses would end up from two
     # generations (fewer scans leave the old ones beyond them), or a real dataset's would be replaced
     root = Path(args.out)
-    taken = [f"{i:02d}" for i in range(args.first_sequence, args.first_sequence + args.sequences)
-             if (root / "sequences" / f"{i:02d}").is_dir() and any((root / "sequences" / f"{i:02d}").iterdir())]
+    folders = [root / "sequences" / f"{i:02d}" for i in range(args.first_sequence, args.first_sequence + args.sequences)]
+    taken = [d.name for d in folders if d.is_dir() and any(d.iterdir())]
     if taken:
         raise ConfigError(f"{root} already holds sequence(s) {', '.join(taken)}; write to another root, "
                           f"choose other ids with --first-sequence, or delete those sequence folders first")
