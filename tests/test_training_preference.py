@@ -15,8 +15,8 @@ from lidar_completion.errors import ConfigError
 from test_training_distill import SIGMA, _run_one_step
 from test_training_utils import assert_sgd_update, tiny_config
 from training.engine import set_bn_mode
-from training.preference import (PreferenceMetric, cd_unseen, local_sample, sample_timesteps, spread,
-                                 widest_pair)
+from training.preference import (PreferenceMetric, cd_unseen, local_sample, region_winners, sample_timesteps,
+                                 spread, widest_pair)
 
 
 # -- the metrics ---------------------------------------------------------------------------------
@@ -67,6 +67,8 @@ def test_bad_preference_settings_are_refused():
         tiny_config("distill", "distill.pair_steps=0")
     with pytest.raises(ConfigError, match="spread_samples"):
         tiny_config("distill", "distill.spread_every_steps=5", "distill.spread_samples=1")
+    with pytest.raises(ConfigError, match="pair_regions"):
+        tiny_config("distill", "distill.pair_regions=-1")
     # a composite replaces the default weights rather than adding to them
     cfg = tiny_config("distill", "distill.metric=composite", "distill.composite={iou: 1}")
     assert cfg["distill"]["composite"] == {"iou": 1}
@@ -80,6 +82,42 @@ def test_helpers():
     absdiff, std = spread(np.array([[1.0, 0.0], [2.0, 0.0], [4.0, 0.0]]))
     np.testing.assert_allclose(absdiff, [2.0, 0.0])        # (1 + 3 + 2) / 3
     np.testing.assert_allclose(std, [np.std([1.0, 2.0, 4.0]), 0.0])
+
+
+def test_region_winners_pick_each_regions_better_sample():
+    rng = np.random.default_rng(1)
+    # two scans of the same ground: a 4 m x 4 m plate of target points, anchors on the same grid
+    plate = np.stack(np.meshgrid(np.arange(0.05, 4, 0.1), np.arange(0.05, 4, 0.1)), -1).reshape(-1, 2)
+    target1 = np.concatenate([plate, np.zeros((len(plate), 1))], 1)
+    target = np.concatenate([target1, target1])
+    target_rows = np.repeat([0, 1], len(plate))
+    anchors = np.concatenate([target1[::4], target1[::4]])
+    rows = np.repeat([0, 1], len(anchors) // 2)
+    left = anchors[:, 0] < 2.0
+    jitter = rng.normal(0, 0.01, anchors.shape)
+    # scan 0: g1 is right on the left half, off by 0.3 m on the right half; g2 the other way round.
+    # scan 1: g1 is off everywhere (g2 wins every region of it)
+    off = np.array([0, 0, 0.3])
+    g1 = anchors + jitter + np.where((left & (rows == 0))[:, None], 0, off)
+    g2 = anchors + jitter + np.where((~left & (rows == 0))[:, None] | (rows == 1)[:, None], 0, off)
+    first, stats = region_winners(g1, g2, anchors, rows, target, target_rows, cell=2.0)
+    assert stats["regions"] == 8                        # 2 x 2 squares of 2 m, per scan
+    np.testing.assert_array_equal(first, left & (rows == 0))
+    assert stats["second_won"] == pytest.approx(6 / 8)
+    # both terms of the local CD grow by about the 0.3 m offset (the target's side a little less:
+    # its points were up to 0.2 m from the nearest row already)
+    assert 0.45 < stats["region_margin"] < 0.6
+    # the mosaic of winners is on the target everywhere, the mosaic of losers off it everywhere
+    win = np.where(first[:, None], g1, g2)
+    lose = np.where(first[:, None], g2, g1)
+    assert np.abs(win[:, 2]).max() < 0.05 and np.abs(lose[:, 2] - 0.3).max() < 0.05
+    # one region for everything: the whole-sample comparison; ties go to the first sample
+    first, stats = region_winners(g1, g1.copy(), anchors, rows, target, target_rows, cell=100.0)
+    assert first.all() and stats["regions"] == 2 and stats["second_won"] == 0.0
+    # a region with no target point is judged by its rows' distance to the target alone
+    far = anchors + [50.0, 0, 0]
+    first, stats = region_winners(far + off, far, far, rows, target, target_rows, cell=2.0)
+    assert not first.any() and stats["regions"] == 8
 
 
 # -- the options in a distillation step -----------------------------------------------------------
@@ -162,6 +200,31 @@ def test_several_pairs_per_scan_keep_the_widest_margin(tmp_path):
         torch.testing.assert_close(rec["z"][xb == b], cands[pick[b]][xb == b])
     np.testing.assert_allclose(np.abs(rec["m1"] - rec["m2"]), margins.max(axis=0), rtol=1e-3, atol=1e-6)
     assert step["logs"]["metric/margin"] >= step["logs"]["metric/candidate_margin"]
+
+
+def test_region_pairs_train_each_side_on_the_mosaic_of_regional_winners(tmp_path):
+    step = _run_one_step(tmp_path, "dpo", "distill.pair_noise=independent", "distill.noise_scale=1.0",
+                         "distill.pair_regions=1.5", "train.batchnorm=frozen")
+    batch, rec, logs = step["batch"], step["rec"], step["logs"]
+    N = batch["x_init"].shape[0]
+    G1, G2 = rec["G"][:N].numpy(), rec["G"][N:].numpy()
+    first, stats = region_winners(G1, G2, batch["x_init"].numpy(), batch["x_init_batch"].numpy(),
+                                  batch["target"].numpy(), batch["target_batch"].numpy(), 1.5)
+    assert 0 < first.mean() < 1                        # both samples win somewhere
+    np.testing.assert_array_equal(rec["first_rows"], first)
+    win, lose = rec["side_samples"]["aux_w"].numpy(), rec["side_samples"]["aux_l"].numpy()
+    np.testing.assert_array_equal(win, np.where(first[:, None], G1, G2))
+    np.testing.assert_array_equal(lose, np.where(first[:, None], G2, G1))
+    assert logs["metric/switch"] == pytest.approx(stats["second_won"])
+    assert logs["metric/regions"] == pytest.approx(stats["regions"] / 2)
+    # the mosaic of regional winners beats the loser mosaic by CD on every scan, and by more than
+    # the better of the two whole samples beats the other (the regional differences add up)
+    assert (rec["mw"] < rec["ml"]).all()
+    assert np.abs(rec["ml"] - rec["mw"]).mean() > np.abs(rec["m1"] - rec["m2"]).mean()
+    # the student moved (its gradient flows through both mosaics)
+    moved = sum(float((a - b).detach().abs().sum()) for a, b in zip(step["tr"].student.parameters(),
+                                                         step["before"]["student"].parameters()))
+    assert moved > 0
 
 
 def test_spread_diagnostic_compares_the_margin_with_independent_samples(tmp_path):

@@ -134,6 +134,9 @@ DEFAULTS: dict = {
             # made in this many steps of the deterministic local sampler (gradient through the last)
             "pair_guidance": 1.0,
             "pair_steps": 1,
+            # > 0: rank the pair region by region (squares of this many metres of the ground plane):
+            # winner = the mosaic of each region's better sample, loser = the rest (training/preference.py)
+            "pair_regions": 0.0,
             # every spread_every_steps steps (0: never) the metric of spread_samples independent
             # one-step samples per scan, against which the pair's margin is logged
             "spread_samples": 4,

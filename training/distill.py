@@ -32,7 +32,10 @@ One optimisation step on a batch (per rank):
 3. ``dpo``: score both against the target with the preference metric (``metric``: Chamfer distance
    by default, IoU, JSD-BEV, CD on what the scan does not see, a composite, or any callable
    ``(pred, target) -> float`` by dotted path; :mod:`training.preference`), the better is the
-   winner ``G_w``, the other the loser ``G_l`` (ties: the first sample wins); every
+   winner ``G_w``, the other the loser ``G_l`` (ties: the first sample wins); with
+   ``pair_regions`` r > 0 the comparison is made in every r x r metre square of the ground plane
+   instead (a local Chamfer distance, :func:`training.preference.region_winners`) and ``G_w`` is
+   the mosaic of the better sample's rows of each square, ``G_l`` the rest; every
    ``spread_every_steps`` steps the metric's spread over independent samples of each scan is
    logged beside the pair's margin;
 4. auxiliary update(s): each auxiliary net takes a denoising step on its own side's samples,
@@ -87,7 +90,8 @@ from . import distributed as D
 from .engine import Trainer, freeze, make_optimizer
 from .losses import aux_loss, dpo_loss, logsigmoid_weights, vsd_loss
 from .netio import build_networks, export_inference, load_pretrained
-from .preference import PreferenceMetric, guided_eps, local_sample, sample_timesteps, spread, widest_pair
+from .preference import (PreferenceMetric, guided_eps, local_sample, region_winners, sample_timesteps, spread,
+                         widest_pair)
 
 log = logging.getLogger(__name__)
 
@@ -398,18 +402,36 @@ class DistillTrainer(Trainer):
         G1, G2 = st.G_all[:N], st.G_all[N:]
         m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
         m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
-        first = self.metric.first_wins(m1, m2)
-        rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
-        mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
+        cell = float(self.cfg["distill"]["pair_regions"])
+        if cell > 0:
+            # region by region: each row goes to the side its region's local comparison says
+            first_rows, rstats = region_winners(
+                G1.detach().cpu().numpy(), G2.detach().cpu().numpy(), batch["x_init"].numpy(),
+                st.xb.cpu().numpy(), batch["target"].numpy(), batch["target_batch"].numpy(), cell)
+            rows = torch.as_tensor(first_rows, device=self.device).view(-1, 1)
+            G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
+            mw = self.metric.per_scan(G_w, st.xb, batch, st.B)
+            ml = self.metric.per_scan(G_l, st.xb, batch, st.B)
+            first = self.metric.first_wins(m1, m2)
+            switch = rstats["second_won"] * st.B        # share of the regions the second sample won
+            st.logs["metric/regions"] = float(rstats["regions"]) / st.B
+        else:
+            first = self.metric.first_wins(m1, m2)
+            rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
+            G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
+            mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
+            switch = float((~first).sum())
+            first_rows = None
         stats = D.all_reduce_sum_nograd(torch.tensor(
-            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(st.B)],
+            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(st.B)],
             dtype=torch.float64, device=self.device)).cpu()
         n = float(stats[4])
         st.logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
                         "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
         if rec is not None:
-            rec.update(m1=m1, m2=m2, first=first.copy())
-        return {"aux_w": torch.where(rows, G1, G2), "aux_l": torch.where(rows, G2, G1)}
+            rec.update(m1=m1, m2=m2, first=first.copy(), mw=np.asarray(mw), ml=np.asarray(ml),
+                       first_rows=first_rows)
+        return {"aux_w": G_w, "aux_l": G_l}
 
     def update_auxiliaries(self, st: "_Step", rec: dict | None = None) -> dict:
         """Step 2: each auxiliary net takes ``aux_updates_per_step`` denoising steps on the detached

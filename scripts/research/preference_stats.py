@@ -10,9 +10,10 @@ For every option (a list of ``distill.*`` overrides) and every scan, the distill
 * ``spread``: mean |metric(a) - metric(b)| over independent one-step samples of the same scan;
 * ``margin / spread``;
 * ``second won``: the share of scans where the pair's second sample won (0 or 1: the pair's
-  construction decides, not the scene);
-* ``agree cd / iou / jsd_bev``: the share of pairs that CD, IoU at 0.5 m and JSD-BEV rank the
-  same way as the option's metric (a label that only reflects noise in one metric is not shared
+  construction decides, not the scene); with ``pair_regions`` the share of regions;
+* ``agree cd / iou / jsd_bev``: the share of pairs whose winner (as the distillation uses it: a
+  whole sample or, with ``pair_regions``, the mosaic of regional winners) CD, IoU at 0.5 m and
+  JSD-BEV rank ahead of its loser (a label that only reflects noise in one metric is not shared
   by the others; 100 % for the metric itself).
 
     python scripts/research/preference_stats.py --data runs/default/data --sequence 00 --scans 12 \\
@@ -73,17 +74,20 @@ def option_stats(tr: DistillTrainer, scans: list) -> dict:
         batch = collate([tr.dataset[(i, 0, i)]])
         rec: dict = {}
         st = tr.sample(batch, with_grad=False, rec=rec)
-        N = batch["x_init"].shape[0]
-        G = rec["G"].numpy()
-        g1, g2, tgt = G[:N], G[N:], batch["target"].numpy()
-        first = bool(rec["first"][0])
-        agree = {k: float((fn(g1, tgt) <= fn(g2, tgt)) == first) for k, fn in OTHER.items()}
-        rows.append({"scan": i, "m1": float(rec["m1"][0]), "m2": float(rec["m2"][0]), "first": first,
+        # the winner and loser as the distillation uses them (whole samples, or region mosaics)
+        gw, gl = rec["side_samples"]["aux_w"].numpy(), rec["side_samples"]["aux_l"].numpy()
+        tgt = batch["target"].numpy()
+        agree = {k: float(fn(gw, tgt) <= fn(gl, tgt)) for k, fn in OTHER.items()}
+        regional = rec.get("first_rows") is not None
+        rows.append({"scan": i, "m1": float(rec["m1"][0]), "m2": float(rec["m2"][0]),
+                     "first": bool(rec["first"][0]), "second_won": float(st.logs["metric/switch"]),
                      "margin": st.logs["metric/margin"], "spread": st.logs["metric/spread"],
-                     "winner": st.logs["metric/winner"], **{f"agree_{k}": v for k, v in agree.items()}})
+                     "winner": st.logs["metric/winner"], **{f"agree_{k}": v for k, v in agree.items()},
+                     **({"regions": st.logs["metric/regions"]} if regional else {})})
     out = {k: float(np.mean([r[k] for r in rows])) for k in ("margin", "spread", "winner")}
     out["margin_over_spread"] = out["margin"] / out["spread"]
-    out["second_won"] = float(np.mean([not r["first"] for r in rows]))
+    # whole-scan pairs: the share of scans the second sample won; region pairs: of regions
+    out["second_won"] = float(np.mean([r["second_won"] for r in rows]))
     for k in OTHER:
         out[f"agree_{k}"] = float(np.mean([r[f"agree_{k}"] for r in rows]))
     out["scans"] = rows
