@@ -279,14 +279,17 @@ def test_a_drawn_seed_can_be_passed_back(ckpt, scan_file, tmp_path, capsys):
 
 # ------------------------------------------------------------------------ 5. nothing kept
 @pytest.mark.parametrize("case", ["flat", "identical"])
-def test_a_scan_that_completes_to_no_points_is_an_error(ckpt, tmp_path, capsys, case):
+def test_a_flat_scan_is_refused_before_completing(ckpt, tmp_path, capsys, case):
+    # post-processing keeps points between the scan's mean height - 2 std and its highest point:
+    # nothing for a scan at one height (a 2D laser scan, one point repeated)
     pts = _scan(flat=True) if case == "flat" else np.tile([[10.0, 5.0, -1.2, 0.5]], (600, 1))
     src = write_cloud(tmp_path / f"{case}.bin", pts)
     out = tmp_path / "dense.ply"
     assert _complete(src, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and str(src) in err
-    assert "kept no points" in err and "below the scan's highest point" in err and "flat" in err
+    z = "-1.7" if case == "flat" else "-1.2"
+    assert "flat cloud" in err and f"one height (z = {z} m)" in err and "2D laser scan" in err
     assert not out.exists()
 
 
@@ -296,7 +299,7 @@ def test_a_flat_scan_in_a_batch_is_reported_and_skipped(ckpt, tmp_path, capsys):
     write_cloud(scans / "flat.bin", _scan(seed=2, flat=True))
     assert _complete(scans, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
     res = capsys.readouterr()
-    assert "flat.bin" in res.err and "kept no points" in res.err
+    assert "flat.bin" in res.err and "flat cloud" in res.err
     assert "completed 1 of 2 scans" in res.out and "1 failed: flat.bin" in res.out
     assert [p.name for p in out.iterdir()] == ["a.bin"]
 

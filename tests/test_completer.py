@@ -140,6 +140,13 @@ def test_input_validation():
         c.complete(np.zeros((100, 2)))
     with pytest.raises(CloudFormatError, match=r"too few points to complete: 40 of 140"):
         c.complete(np.concatenate([scan[:40, :3], np.zeros((100, 3), np.float32)]))
+    flat = scan[:, :3].copy()
+    flat[:, 2] = -1.7
+    with pytest.raises(CloudFormatError, match=r"flat cloud: all \d+ points .* one height \(z = -1.7 m\)") as err:
+        c.complete(flat)
+    assert err.value.reason == "flat"
+    flat[0, 2] = -1.6                      # one point off the plane: the band is not empty
+    assert c.complete(flat).shape[1] == 3  # completed (what the untrained test net keeps may be nothing)
     with pytest.raises(ConfigError):
         _completer(steps=0)
     with pytest.raises(ConfigError):

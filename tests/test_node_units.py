@@ -525,3 +525,41 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
     warnings.clear()
     pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), points, time.monotonic())
     assert len(sent) == 2 and sent[1].header.frame_id == "velodyne" and not warnings
+
+
+def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
+    """A cloud at one height (a 2D laser scan published as PointCloud2) is refused by the completer
+    before it runs and counted as rejected input ('flat'), not as a failed completion; a cloud with
+    nothing in the limits likewise ('out_of_limits'); both warnings name the frame."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion.completer import Completer
+    from lidar_completion_pkg import pipeline as P
+
+    warnings, sent = [], []
+
+    class Fake:
+        steps, guidance = 1, 1.0
+        filtered = Completer.filtered                # the real checks of the input
+        min_range, max_range, min_z, min_points = 3.0, 80.0, -4.0, 100
+
+        def complete(self, pts):
+            self.filtered(pts)
+            return pts
+
+    pipe = P.CompletionPipeline(_fake_node(warnings), default_values())
+    pipe.load(lambda config: Fake())
+    pipe.pub = NS(publish=sent.append)
+    flat = P.warmup_cloud(2000)
+    flat[:, 2] = -1.5
+    pipe._complete_one(NS(frame_id="laser", stamp=NS(sec=5, nanosec=0)), flat, time.monotonic())
+    assert not sent and pipe.stats.rejected == 1 and pipe.stats.failed == 0
+    assert pipe.stats.reasons["flat"] == 1
+    assert any("frame 'laser'" in w and "flat cloud" in w for w in warnings), warnings
+    far = P.warmup_cloud(2000) + np.float32(500.0)
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), far, time.monotonic())
+    assert not sent and pipe.stats.rejected == 2 and pipe.stats.reasons["out_of_limits"] == 1
+    assert any("frame 'velodyne'" in w and "none of its 2000" in w for w in warnings), warnings
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=7, nanosec=0)), P.warmup_cloud(2000),
+                       time.monotonic())
+    assert len(sent) == 1 and pipe.stats.rejected == 2

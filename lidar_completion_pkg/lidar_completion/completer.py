@@ -352,6 +352,17 @@ class Completer:
                 f"too few points to complete: {len(filtered)} of {n_valid} finite points lie within "
                 f"{self.min_range} m < range < {self.max_range} m and z > {self.min_z} m; at least "
                 f"{self.min_points} are needed")
+        low, high = float(filtered[:, 2].min()), float(filtered[:, 2].max())
+        if high == low:
+            # post-processing keeps generated points below the scan's highest point and above its
+            # mean height minus 2 standard deviations (preprocess.postprocess): an empty band here
+            exc = CloudFormatError(
+                f"flat cloud: all {len(filtered)} points in the limits lie at one height (z = {high:g} m), "
+                "and the completion keeps only what lies between the scan's mean height minus 2 standard "
+                "deviations and its highest point, so nothing would come out (a 2D laser scan or a "
+                "cloud projected onto a plane cannot be completed)")
+            exc.reason = "flat"
+            raise exc
         return filtered, n_valid
 
     def unconditional(self, num_points: int):

@@ -339,7 +339,7 @@ class CompletionPipeline:
         except Exception as exc:  # noqa: BLE001 - never die on a message
             self._reject("unreadable", f"{type(exc).__name__}: {exc}", frame)
 
-    def _limit(self, points: np.ndarray) -> Optional[np.ndarray]:
+    def _limit(self, points: np.ndarray, frame: str = "") -> Optional[np.ndarray]:
         c = self.config
         r2 = np.einsum("ij,ij->i", points, points)  # squared range, no temporary (N, 3)
         z = points[:, 2]
@@ -350,7 +350,7 @@ class CompletionPipeline:
         if len(points) == 0:
             self._reject("out_of_limits", f"none of its {n_finite} finite points lies within "
                          f"{c['min_range']} m < range < {c['max_range']} m and "
-                         f"{c['min_z']} m < z < {c['max_z']} m")
+                         f"{c['min_z']} m < z < {c['max_z']} m", frame)
             return None
         if len(points) > c["max_points"]:
             self.stats.note_subsampled()
@@ -398,7 +398,7 @@ class CompletionPipeline:
         to_model = self._lookup(model, source, stamp_ns)
         if to_model is not None:
             points = frames.apply(to_model, points)
-        points = self._limit(points)
+        points = self._limit(points, source)
         if points is None:
             return
         t0 = time.monotonic()

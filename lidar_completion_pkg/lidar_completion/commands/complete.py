@@ -70,16 +70,15 @@ def _check_kept_points(completer, src, scan, result) -> None:
     """CloudFormatError naming ``src`` when the completion kept no points, instead of writing an
     empty cloud and reporting success. Post-processing (:func:`lidar_completion.preprocess.postprocess`)
     keeps the generated points strictly below the highest point of the sampled scan and above its
-    mean height minus 2 standard deviations: a flat scan (all points at one height, or all one
-    point) makes that band empty."""
+    mean height minus 2 standard deviations (a flat scan, where that band is empty, is refused
+    before completing: :meth:`lidar_completion.completer.Completer.filtered`)."""
     if len(result.points):
         return
     heights = completer.filtered(scan)[0][:, 2]
     low, high = float(heights.min()), float(heights.max())
     reach = (f" and within {completer.post_max_range:g} m of the sensor"
              if completer.post_max_range is not None else "")
-    cause = (f"this scan is flat (all its points lie at height {high:g} m), which leaves no such band"
-             if high == low else f"this scan's heights span {low:g} .. {high:g} m")
+    cause = f"this scan's heights span {low:g} .. {high:g} m"
     raise CloudFormatError(f"{src}: the completion kept no points: post-processing keeps only points "
                            f"below the scan's highest point and above its mean height minus 2 standard "
                            f"deviations{reach}; {cause}")
@@ -117,7 +116,12 @@ def run(args) -> int:
 
     scan = read_cloud(files[0])            # CloudFormatError for missing / malformed files
     completer = Completer.from_settings(settings)
-    result = completer.complete_detailed(scan)
+    try:
+        result = completer.complete_detailed(scan)
+    except CloudFormatError as exc:        # an unusable scan (too few points, flat): name the file
+        if str(files[0]) in str(exc):
+            raise
+        raise CloudFormatError(f"{files[0]}: {exc}") from None
     _check_kept_points(completer, files[0], scan, result)
     write_cloud(out, result.points, binary=not args.ascii)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
