@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings as warnings_module
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -557,7 +558,10 @@ def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
     assert pipe.stats.reasons["flat"] == 1
     assert any("frame 'laser'" in w and "flat cloud" in w for w in warnings), warnings
     far = P.warmup_cloud(2000) + np.float32(500.0)
-    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), far, time.monotonic())
+    far[0] = 3e38                              # r^2 overflows float32: out of range, no numpy warning
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")
+        pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), far, time.monotonic())
     assert not sent and pipe.stats.rejected == 2 and pipe.stats.reasons["out_of_limits"] == 1
     assert any("frame 'velodyne'" in w and "none of its 2000" in w for w in warnings), warnings
     pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=7, nanosec=0)), P.warmup_cloud(2000),

@@ -68,6 +68,17 @@ def test_float64_xyz():
     np.testing.assert_array_equal(out, np.array(PTS, np.float32))
 
 
+def test_float64_beyond_float32_range_is_dropped_without_a_numpy_warning():
+    import warnings
+    pts = PTS + [(1e300, 0.0, 0.0), (0.0, -1e39, 0.0)]
+    data = b"".join(struct.pack("<3d", *p) for p in pts)
+    msg = cloud([field("x", 0, F64), field("y", 8, F64), field("z", 16, F64)], data, len(pts), point_step=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # numpy's RuntimeWarning would go to stderr
+        out = pc.read_points_numpy(msg)
+    np.testing.assert_array_equal(out, np.array(PTS, np.float32))
+
+
 def test_big_endian():
     fields = [field("x", 0), field("y", 4), field("z", 8), field("t", 12, F64)]
     data = b"".join(struct.pack(">3fd", *p, 0.5) for p in PTS)

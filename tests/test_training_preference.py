@@ -67,6 +67,11 @@ def test_bad_preference_settings_are_refused():
         tiny_config("distill", "distill.pair_steps=0")
     with pytest.raises(ConfigError, match="spread_samples"):
         tiny_config("distill", "distill.spread_every_steps=5", "distill.spread_samples=1")
+    # a dotted path that is no metric fails at start, naming the key
+    with pytest.raises(ConfigError, match=r"distill.metric 'os.path.join' failed on two small point clouds.*TypeError"):
+        tiny_config("distill", "distill.metric=os.path.join")
+    with pytest.raises(ConfigError, match=r"teacher_dpo.metric 'math.log' failed"):
+        tiny_config("teacher-dpo", "teacher_dpo.metric=math.log")
     with pytest.raises(ConfigError, match="pair_regions"):
         tiny_config("distill", "distill.pair_regions=-1")
     # a composite replaces the default weights rather than adding to them

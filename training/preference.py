@@ -92,6 +92,21 @@ def _composite(pred, target, scan, spec):
 METRICS["composite"] = (_composite, True)
 
 
+def _trial(fn: Callable, name: str, section: str) -> None:
+    """Call a dotted-path metric once on two small clouds, so that one that cannot rank point
+    clouds fails at start, naming the key, rather than at the first preference of the run."""
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=(64, 3)).astype(np.float32), rng.normal(size=(80, 3)).astype(np.float32)
+    try:
+        value = float(fn(pred, target))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's function is reported
+        raise ConfigError(f"{section}.metric {name!r} failed on two small point clouds ((64, 3) and (80, 3) "
+                          f"float32 arrays): {type(exc).__name__}: {exc}; it must be (pred, target) -> float") from None
+    if not np.isfinite(value):
+        raise ConfigError(f"{section}.metric {name!r} returned {value} for two small point clouds; "
+                          "it must return a finite number")
+
+
 def check_spec(spec: dict, section: str) -> None:
     """Refuse a preference configuration that cannot work (a ConfigError naming the key)."""
     name = spec.get("metric")
@@ -99,7 +114,7 @@ def check_spec(spec: dict, section: str) -> None:
         if isinstance(name, str) and "." not in name:
             raise ConfigError(f"{section}.metric must be one of {', '.join(METRICS)} or a dotted path to a "
                               f"function (pred, target) -> float, got {name!r}")
-        resolve_callable(name)
+        _trial(resolve_callable(name), name, section)
     if name == "composite":
         weights = spec.get("composite") or {}
         bad = [k for k in weights if k not in METRICS or k == "composite"]

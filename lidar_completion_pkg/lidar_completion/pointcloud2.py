@@ -216,8 +216,11 @@ def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
     view = _float32_view(structured, field_names)
     if view is None:
         out = np.empty((n, len(field_names)), dtype=np.float32)
-        for j, name in enumerate(field_names):
-            out[:, j] = structured[name]
+        # float64 values beyond float32's range become inf (dropped below with skip_nans) without
+        # numpy's overflow warning, which would reach stderr outside the caller's logging
+        with np.errstate(over="ignore", invalid="ignore"):
+            for j, name in enumerate(field_names):
+                out[:, j] = structured[name]
     else:
         out = view
     if skip_nans:
