@@ -526,6 +526,12 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
     warnings.clear()
     pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), points, time.monotonic())
     assert len(sent) == 2 and sent[1].header.frame_id == "velodyne" and not warnings
+    before = pipe.stats.snapshot()
+    assert before["stamp_latency_p50_ms"] == pytest.approx(1500.0)   # now 7 s, stamps 5 and 6 s
+    # a zero stamp (the driver never set it): completed with a warning, kept out of the stamp latency
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=0, nanosec=0)), points, time.monotonic())
+    assert len(sent) == 3 and any("zero header.stamp" in w for w in warnings), warnings
+    assert pipe.stats.snapshot()["stamp_latency_p95_ms"] == before["stamp_latency_p95_ms"]
 
 
 def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():

@@ -444,7 +444,14 @@ class CompletionPipeline:
         self.pub.publish(msg)
         if raw_msg is not None:
             self.raw_pub.publish(raw_msg)
-        age_s = (self.node.get_clock().now().nanoseconds - stamp_ns) / 1e9
+        age_s = None
+        if stamp_ns == 0:
+            # an unset stamp: no stamp latency to measure (it would be the clock's whole reading)
+            self._warn("zero_stamp", "input clouds have a zero header.stamp (the driver did not set it): "
+                                     "the completions carry it too, transforms are looked up as the "
+                                     "latest available, and stamp_latency is not measured for them")
+        else:
+            age_s = (self.node.get_clock().now().nanoseconds - stamp_ns) / 1e9
         self.stats.note_published(t_received, compute_s, age_s)
 
     def _checked_output(self, out, what: str, count: bool = True) -> Optional[np.ndarray]:
