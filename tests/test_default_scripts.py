@@ -210,6 +210,19 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     assert [line.split("|")[3].strip() for line in md[2:]] == ["-", "-", "-", "local", "local", "vp", "vp"]
     with pytest.raises(SystemExit):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
+    # the rows resume only into results made the same way: another input filter, or a student
+    # retrained in place, is refused naming what differs, not mixed in
+    from lidar_completion.errors import ConfigError
+    again = ["--data", str(data), "--every", "2", "--limit", "2", "--rows", "student1", "--out", str(out),
+             "--emd", "none", "--no-progress", "--threads", "1"]
+    with pytest.raises(ConfigError, match="settings differ: min_z"):
+        ev.main(again + ["--student", str(fake_run / "distill" / "distill.pt"), "--min-z", "-2.5"])
+    copy = tmp_path / "student.pt"
+    copy.write_bytes((fake_run / "distill" / "distill.pt").read_bytes())
+    ev.main(again + ["--student", str(copy)])              # the same weights elsewhere: resumed
+    copy.write_bytes((fake_run / "teacher" / "teacher.pt").read_bytes())   # other weights, same path
+    with pytest.raises(ConfigError, match="settings differ: .*weights"):
+        ev.main(again + ["--student", str(copy)])
 
 
 def test_eval_default_seeds_sequences_and_the_results_doc(fake_run, tmp_path):

@@ -91,9 +91,14 @@ def _row_spec(row: str, args):
     return kind, steps, w, process, ckpt
 
 
+# what a row's frames depend on besides the model: the data (and its ground-truth cache's content)
+DATA_IDENTITY = ["dataset", "sequence", "seed", "source", "gt_cache"]
+
+
 def evaluate_row(row: str, args, src):
     """One row (or its two variants) over the frames of ``src`` (an evaluation SequenceSource)."""
     from lidar_completion.evaluation import EvalOptions, run_evaluation
+    from lidar_completion.evaluation.sources import COMPLETER_IDENTITY, completer_record
     from lidar_completion.fileutil import sha256_file
 
     keys, frames, load = src.keys, src.indices, src.load
@@ -102,14 +107,14 @@ def evaluate_row(row: str, args, src):
     settings = CompletionSettings.from_args(args, refine=True)
     if row == "input":
         run = dict(base, source="input scan (no model)", label="input scan alone", steps=None,
-                   identity_keys=["dataset", "sequence", "seed", "source"],
+                   identity_keys=DATA_IDENTITY,
                    title=f"sequence {args.sequence}, input scan alone",
                    description="The filtered input scan itself.")
         return {"input": run_evaluation(keys, load, lambda k, i, inp: (inp, {}), Path(args.out) / row,
                                         run, options, indices=frames)}
     from lidar_completion.completer import Completer
 
-    def both_variants(name, label, run_extra, identity, complete):
+    def both_variants(name, label, run_extra, complete, comp):
         """Rows OUT/<name>_refine and OUT/<name>_raw from one completion per frame:
         ``complete(key, index, inp) -> (refined, timings, raw, raw_timings)``."""
         raw = {}
@@ -127,8 +132,11 @@ def evaluate_row(row: str, args, src):
         res = {}
         for refine, fn in ((True, predict_refined), (False, predict_raw)):
             lab = f"{label}{' + refine' if refine else ''}"
-            run = dict(base, **run_extra, label=lab, refine=refine, identity_keys=identity + ["refine"],
-                       title=f"sequence {args.sequence}, {lab}")
+            # the identity of a resumed row: the data's and the completer's settings and weights
+            # (evaluation.sources.COMPLETER_IDENTITY; one completer makes both variants)
+            run = {**base, **completer_record(comp), **run_extra, "label": lab, "refine": refine,
+                   "identity_keys": DATA_IDENTITY + COMPLETER_IDENTITY,
+                   "title": f"sequence {args.sequence}, {lab}"}
             res[lab] = run_evaluation(keys, load, fn, Path(args.out) / f"{name}_{'refine' if refine else 'raw'}",
                                       run, options, indices=frames)
         return res
@@ -153,9 +161,9 @@ def evaluate_row(row: str, args, src):
                     x_init, {"total": t1 - t0, "preprocess": t1 - t0})
 
         return both_variants("xinit", "x_init (no denoiser)",
-                             dict(source="x_init", steps=0, description="The farthest-point-sampled scan "
+                             dict(source="x_init", steps=0, process=None, guidance=None, description="The farthest-point-sampled scan "
                                   "tiled (the solver's start before noise)"),
-                             ["dataset", "sequence", "seed", "source"], complete_xinit)
+                             complete_xinit, comp)
 
     kind, steps, w, process, ckpt = _row_spec(row, args)
     refiner = args.refiner if kind == "teacher" else None
@@ -173,8 +181,7 @@ def evaluate_row(row: str, args, src):
                               refiner=refiner, backend=args.backend, device=args.device,
                               description=f"{steps} steps, w={comp.guidance:g}, {comp.process} solver, "
                                           f"seed {args.seed} + frame"),
-                         ["dataset", "sequence", "seed", "checkpoint", "steps", "guidance", "process"],
-                         complete_model)
+                         complete_model, comp)
 
 
 def _row_order(run: dict):

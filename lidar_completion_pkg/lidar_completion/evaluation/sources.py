@@ -116,29 +116,9 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
             refiner = {"path": str(Path(settings.refiner_checkpoint).resolve()),
                        "sha256": sha256_file(settings.refiner_checkpoint)}
         run.update(source="completer", checkpoint=ckpt, refiner_checkpoint=refiner,
-                   weights=weights_fingerprint(completer), steps=completer.steps,
-                   guidance=completer.guidance, refine=completer.refine, process=completer.process,
-                   n_fps=completer.n_fps, tile=completer.tile, fps_parts=completer.fps_parts,
-                   min_range=completer.min_range, max_range=completer.max_range,
-                   min_z=completer.min_z, post_max_range=completer.post_max_range,
-                   min_points=completer.min_points,
-                   precision=completer.precision if completer.device.type == "cuda" else "fp32",
-                   noise_device=completer.device.type,
-                   device=str(completer.device), completer=repr(completer),
+                   **completer_record(completer), device=str(completer.device), completer=repr(completer),
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
-        # Every setting that changes a frame's completion for a given seed. The checkpoint counts by
-        # the content of the networks the Completer runs (``weights``), not by the path or bytes of
-        # its file: a file retrained in place is a different model, a copy or a re-save of the same
-        # weights is not, and a Completer passed in is covered too. ``noise_device``: the seeded noise
-        # comes from a torch generator on the Completer's device, and the CPU and CUDA generators give
-        # different numbers for one seed. ``precision`` is the effective one (the CPU always runs
-        # fp32): bf16 / fp16 autocast keeps 8 / 11 mantissa bits, far beyond fp32 rounding.
-        # Left out: the sparse backend, the device index, CUDA graphs and where farthest-point
-        # sampling runs (``fps``) compute the same fp32 operations (exact sampling either way) and
-        # change a completion only by rounding, which a resumed run may mix.
-        identity += ["weights", "steps", "guidance", "refine", "process", "n_fps", "tile",
-                     "fps_parts", "min_range", "max_range", "min_z", "post_max_range", "min_points",
-                     "precision", "noise_device"]
+        identity += COMPLETER_IDENTITY
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
@@ -157,6 +137,32 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         return res.points, dict(res.timings, seed=res.seed)
 
     return run_evaluation(src.keys, src.load, predict, out, run, options, indices=src.indices)
+
+
+# Every setting of a Completer that changes a frame's completion for a given seed. The checkpoint
+# counts by the content of the networks the Completer runs (``weights``), not by the path or bytes of
+# its file: a file retrained in place is a different model, a copy or a re-save of the same weights
+# is not, and a Completer passed in is covered too. ``noise_device``: the seeded noise comes from a
+# torch generator on the Completer's device, and the CPU and CUDA generators give different numbers
+# for one seed. ``precision`` is the effective one (the CPU always runs fp32): bf16 / fp16 autocast
+# keeps 8 / 11 mantissa bits, far beyond fp32 rounding. Left out: the sparse backend, the device
+# index, CUDA graphs and where farthest-point sampling runs (``fps``) compute the same fp32
+# operations (exact sampling either way) and change a completion only by rounding, which a resumed
+# run may mix.
+COMPLETER_IDENTITY = ["weights", "steps", "guidance", "refine", "process", "n_fps", "tile", "fps_parts",
+                      "min_range", "max_range", "min_z", "post_max_range", "min_points", "precision",
+                      "noise_device"]
+
+
+def completer_record(completer) -> Dict:
+    """The values of :data:`COMPLETER_IDENTITY` for ``completer`` (for a run record)."""
+    return {"weights": weights_fingerprint(completer), "steps": completer.steps,
+            "guidance": completer.guidance, "refine": completer.refine, "process": completer.process,
+            "n_fps": completer.n_fps, "tile": completer.tile, "fps_parts": completer.fps_parts,
+            "min_range": completer.min_range, "max_range": completer.max_range, "min_z": completer.min_z,
+            "post_max_range": completer.post_max_range, "min_points": completer.min_points,
+            "precision": completer.precision if completer.device.type == "cuda" else "fp32",
+            "noise_device": completer.device.type}
 
 
 def weights_fingerprint(completer) -> str:
