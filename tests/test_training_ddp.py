@@ -85,3 +85,20 @@ def test_ddp_two_ranks_equal_single_process_on_union_batch(tmp_path, kind):
         moved = max(float((b[name][k] - v).abs().max()) for k, v in init[name].items() if v.is_floating_point())
         assert moved > 0, f"{name} did not change"
         assert_same_update(init[name], a[name], b[name], what=f"{name}.")
+
+
+def test_ddp_a_wrong_validation_root_stops_every_rank_at_start(tmp_path):
+    """Rank 0 alone loads the validation frames; when it cannot, every rank stops before training
+    (the other ranks used to wait at the first validation for a rank 0 that had died)."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1600, n_scan=160)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training", "teacher", *_common(npz, "teacher"), "--set", "train.batch_size=1",
+           "--set", "validation.every_steps=1", "--set", f"validation.root={tmp_path / 'nowhere'}",
+           "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "validation" in out and "nowhere" in out
+    assert "rank 0 could not load the validation frames" in out      # what the other rank says
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

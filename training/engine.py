@@ -422,8 +422,20 @@ class Trainer(abc.ABC):
         validator = Validator(self.cfg, self.kind, self.out)
         if self.step == 0:
             validator.best = None   # a fresh run: a best of an earlier run in this folder does not count
-        if self.dist.world_size == 1:
-            validator.frames()      # a wrong validation.root / sequence stops the run now, not at step N
+        # a wrong validation.root / sequence stops the run now, not at step N. Under DDP rank 0
+        # loads the frames (it alone validates) and tells the other ranks whether it could, so that
+        # every rank stops at once rather than waiting for rank 0 at the first validation
+        error = None
+        if self.dist.is_main:
+            try:
+                validator.frames()
+            except LidarCompletionError as exc:
+                error = exc
+        message = D.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise LidarCompletionError(f"rank 0 could not load the validation frames: {message}")
         return validator
 
     def validate(self, validator, logger) -> None:
