@@ -402,26 +402,26 @@ class DistillTrainer(Trainer):
         G1, G2 = st.G_all[:N], st.G_all[N:]
         m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
         m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
+        first = self.metric.first_wins(m1, m2)                # whole scans (logged either way)
         cell = float(self.cfg["distill"]["pair_regions"])
+        first_rows = None
         if cell > 0:
             # region by region: each row goes to the side its region's local comparison says
             first_rows, rstats = region_winners(
                 G1.detach().cpu().numpy(), G2.detach().cpu().numpy(), batch["x_init"].numpy(),
                 st.xb.cpu().numpy(), batch["target"].numpy(), batch["target_batch"].numpy(), cell)
             rows = torch.as_tensor(first_rows, device=self.device).view(-1, 1)
-            G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
+        else:
+            rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
+        G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
+        if cell > 0:
             mw = self.metric.per_scan(G_w, st.xb, batch, st.B)
             ml = self.metric.per_scan(G_l, st.xb, batch, st.B)
-            first = self.metric.first_wins(m1, m2)
             switch = rstats["second_won"] * st.B        # share of the regions the second sample won
             st.logs["metric/regions"] = float(rstats["regions"]) / st.B
         else:
-            first = self.metric.first_wins(m1, m2)
-            rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
-            G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
             mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
             switch = float((~first).sum())
-            first_rows = None
         stats = D.all_reduce_sum_nograd(torch.tensor(
             [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(st.B)],
             dtype=torch.float64, device=self.device)).cpu()
