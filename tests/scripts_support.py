@@ -23,6 +23,18 @@ def load_script(relpath: str):
     return mod
 
 
+def small_drive(root: Path, sequences=(8,), scans: int = 2, seed: int = 1) -> Path:
+    """A synthetic SemanticKITTI-layout root with a few coarse scans (256 azimuth steps) per
+    sequence and its built ground truth: the data of the scripts' end-to-end tests."""
+    from lidar_completion.data import build_gt, generate_dataset
+    from lidar_completion.data.synthetic import SyntheticConfig
+
+    generate_dataset(root, sequences=list(sequences), scans=scans, seed=seed,
+                     config=SyntheticConfig(azimuth_steps=256))
+    build_gt(root, [f"{s:02d}" for s in sequences], progress=False)
+    return Path(root)
+
+
 class Refused(Exception):
     """The argument parser's complaint (its message), or a command that never parsed."""
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lidar_completion.checkpoints import make_random_checkpoint
-from scripts_support import load_script
+from scripts_support import load_script, small_drive
 
 
 def _script():
@@ -82,13 +82,9 @@ def test_groups_are_parsed_and_checked(tmp_path):
 
 
 def test_two_groups_evaluated_compared_and_written_into_a_doc(tmp_path):
-    from lidar_completion.data import build_gt, generate_dataset
-    from lidar_completion.data.synthetic import SyntheticConfig
-
     cmp = _script()
     data = tmp_path / "data"
-    generate_dataset(data, sequences=[8], scans=2, seed=1, config=SyntheticConfig(azimuth_steps=256))
-    build_gt(data, ["08"], progress=False)
+    small_drive(data, (8,), scans=2, seed=1)
     samp = {"steps": 1, "guidance": 1.0, "n_fps": 300, "tile": 4}
     ck = {}
     for name, seed in (("a0", 1), ("a1", 2), ("b0", 3), ("b1", 4)):

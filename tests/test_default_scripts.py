@@ -9,7 +9,7 @@ import torch
 
 from lidar_completion.checkpoints import load_checkpoint, make_random_checkpoint
 from lidar_completion.fileutil import sha256_file
-from scripts_support import load_script
+from scripts_support import load_script, small_drive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,13 +182,9 @@ def test_ship_student_only_replaces_the_student_of_the_same_teacher(fake_run, tm
 
 
 def test_eval_default_rows_and_table(fake_run, tmp_path):
-    from lidar_completion.data import build_gt, generate_dataset
-    from lidar_completion.data.synthetic import SyntheticConfig
-
     ev = _script("eval_default")
     data = tmp_path / "data"
-    generate_dataset(data, sequences=[8], scans=3, seed=1, config=SyntheticConfig(azimuth_steps=256))
-    build_gt(data, ["08"], progress=False)
+    small_drive(data, (8,), scans=3, seed=1)
     out = tmp_path / "table"
     ev.main(["--data", str(data), "--every", "2", "--limit", "2", "--student", str(fake_run / "distill" / "distill.pt"),
              "--rows", "input,xinit,student1,student1w1local", "--out", str(out), "--emd", "none", "--no-progress",
@@ -228,13 +224,9 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
 def test_eval_default_seeds_sequences_and_the_results_doc(fake_run, tmp_path):
     """Two drives x two seeds: per seed the frame-weighted mean over the drives, then the mean and
     standard deviation over the seeds, written into the results block of a Markdown file."""
-    from lidar_completion.data import build_gt, generate_dataset
-    from lidar_completion.data.synthetic import SyntheticConfig
-
     ev = _script("eval_default")
     data = tmp_path / "data"
-    generate_dataset(data, sequences=[8, 9], scans=3, seed=1, config=SyntheticConfig(azimuth_steps=256))
-    build_gt(data, ["08", "09"], progress=False)
+    small_drive(data, (8, 9), scans=3, seed=1)
     doc = tmp_path / "results.md"
     doc.write_text(f"intro\n{ev.DOC_BEGIN}\nold table\n{ev.DOC_END}\nafter\n")
     out = tmp_path / "table"

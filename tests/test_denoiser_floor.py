@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lidar_completion.checkpoints import make_random_checkpoint
-from scripts_support import load_script
+from scripts_support import load_script, small_drive
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +60,8 @@ def test_stats_of_inflated_and_perfect_predictions(floor):
 
 
 def test_main_prints_bayes_and_model_rows(floor, tmp_path, capsys):
-    from lidar_completion.data import build_gt, generate_dataset
-    from lidar_completion.data.synthetic import SyntheticConfig
-
     data = tmp_path / "data"
-    generate_dataset(data, sequences=[8], scans=2, seed=1, config=SyntheticConfig(azimuth_steps=256))
-    build_gt(data, ["08"], progress=False)
+    small_drive(data, (8,), scans=2, seed=1)
     ckpt = tmp_path / "t.pt"
     make_random_checkpoint(ckpt, seed=3, refine=False)
     out = tmp_path / "floor.json"

@@ -6,17 +6,13 @@ import numpy as np
 import pytest
 
 from lidar_completion.checkpoints import WEIGHTS_DIR
-from scripts_support import load_script
+from scripts_support import load_script, small_drive
 
 
 def test_whole_scan_and_region_options_on_a_small_drive(tmp_path, capsys):
-    from lidar_completion.data import build_gt, generate_dataset
-    from lidar_completion.data.synthetic import SyntheticConfig
-
     ps = load_script("scripts/research/preference_stats.py")
     data = tmp_path / "data"
-    generate_dataset(data, sequences=[0], scans=2, seed=0, config=SyntheticConfig(azimuth_steps=256))
-    build_gt(data, ["00"], progress=False)
+    small_drive(data, (0,), scans=2, seed=0)
     out = tmp_path / "stats.json"
     argv = ["--data", str(data), "--sequence", "00", "--scans", "2", "--step", "1", "--spread-samples", "2",
             "--scan-points", "300", "--teacher", str(WEIGHTS_DIR / "teacher.pt"), "--out", str(out),

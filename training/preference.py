@@ -169,13 +169,13 @@ def widest_pair(m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
     return np.argmax(np.abs(np.asarray(m1) - np.asarray(m2)), axis=0)
 
 
+_ID_GAP = 1.0e6   # metres between ids in the fourth coordinate: beyond any scene's extent
+
+
 def _separated(points: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """``points`` (n, 3) with a fourth coordinate that puts every id far from every other: a
     nearest neighbour in this space is one of the same id whenever the id has points."""
     return np.concatenate([points.astype(np.float64), ids.astype(np.float64)[:, None] * _ID_GAP], axis=1)
-
-
-_ID_GAP = 1.0e6   # metres between ids in the fourth coordinate: beyond any scene's extent
 
 
 def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np.ndarray,
