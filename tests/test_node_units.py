@@ -208,6 +208,18 @@ def _fake_node(warnings: list, now_ns: int = 0):
               get_clock=lambda: NS(now=lambda: NS(nanoseconds=now_ns)))
 
 
+def _loaded_pipeline(completer, warnings: list, now_ns: int = 0):
+    """A CompletionPipeline on a fake node (warnings into ``warnings``) with ``completer`` loaded and
+    its publisher replaced: (pipeline, the list of published messages)."""
+    from lidar_completion_pkg import pipeline as P
+
+    sent = []
+    pipe = P.CompletionPipeline(_fake_node(warnings, now_ns=now_ns), default_values())
+    pipe.load(lambda config: completer)
+    pipe.pub = NS(publish=sent.append)
+    return pipe, sent
+
+
 def test_load_and_warm_up_run_apart_from_the_thread_that_builds_the_node():
     """The checkpoint is loaded and the warm-up scan completed in passing threads of their own
     (pipeline.run_apart: no OpenMP pool is left in the node's main thread), and what fails there
@@ -507,7 +519,7 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
     pytest.importorskip("diagnostic_msgs")
     from lidar_completion_pkg import pipeline as P
 
-    warnings, sent = [], []
+    warnings = []
 
     class Fake:
         steps, guidance = 1, 1.0
@@ -515,9 +527,7 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
         def complete(self, pts):
             return pts + np.float32(0.5)
 
-    pipe = P.CompletionPipeline(_fake_node(warnings, now_ns=7 * 10**9), default_values())
-    pipe.load(lambda config: Fake())
-    pipe.pub = NS(publish=sent.append)
+    pipe, sent = _loaded_pipeline(Fake(), warnings, now_ns=7 * 10**9)
     points = P.warmup_cloud(500)
     header = NS(frame_id="", stamp=NS(sec=5, nanosec=0))
     pipe._complete_one(header, points, time.monotonic())
@@ -543,7 +553,7 @@ def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
     from lidar_completion.completer import Completer
     from lidar_completion_pkg import pipeline as P
 
-    warnings, sent = [], []
+    warnings = []
 
     class Fake:
         steps, guidance = 1, 1.0
@@ -554,9 +564,7 @@ def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
             self.filtered(pts)
             return pts
 
-    pipe = P.CompletionPipeline(_fake_node(warnings), default_values())
-    pipe.load(lambda config: Fake())
-    pipe.pub = NS(publish=sent.append)
+    pipe, sent = _loaded_pipeline(Fake(), warnings)
     flat = P.warmup_cloud(2000)
     flat[:, 2] = -1.5
     pipe._complete_one(NS(frame_id="laser", stamp=NS(sec=5, nanosec=0)), flat, time.monotonic())
