@@ -129,3 +129,92 @@ def test_several_pairs_per_scan_keep_the_widest_margin(tmp_path):
     np.testing.assert_array_equal(rec["pick"], margins.argmax(axis=0))
     np.testing.assert_allclose(np.abs(rec["m1"] - rec["m2"]), margins.max(axis=0))
     assert s["logs"]["metric/margin"] == pytest.approx(margins.max(axis=0).mean())
+
+
+CELL = 2.0
+
+
+@pytest.fixture(scope="module")
+def region_step(tmp_path_factory):
+    return _one_step(tmp_path_factory.mktemp("tdpo_regions"), f"teacher_dpo.pair_regions={CELL}")
+
+
+def _squares(batch):
+    """Each row's (scan, square) of a CELL-metre grid, from its start point, numbered here."""
+    keys = [(int(b), int(np.floor(x / CELL)), int(np.floor(y / CELL)))
+            for b, (x, y) in zip(batch["x_init_batch"].tolist(), batch["x_init"][:, :2].tolist())]
+    ids = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return torch.tensor([ids[k] for k in keys]), [k[0] for k in sorted(ids)]
+
+
+def test_region_pairs_are_mosaics_of_each_squares_better_sample(region_step):
+    rec, batch = region_step["rec"], region_step["batch"]
+    s1, s2 = rec["samples"][0]
+    square, _ = _squares(batch)
+    tgt, tb = batch["target"].numpy(), batch["target_batch"].numpy()
+    won_by_second = 0
+    for r in range(int(square.max()) + 1):
+        m = square == r
+        b = int(batch["x_init_batch"][m][0])
+        first = bool(rec["first_rows"][m.numpy()][0])
+        assert bool((torch.as_tensor(rec["first_rows"])[m] == first).all())     # one label per square
+        w, l_ = (s1, s2) if first else (s2, s1)
+        torch.testing.assert_close(rec["x_w"][m], w[m])
+        torch.testing.assert_close(rec["x_l"][m], l_[m])
+        won_by_second += not first
+        assert b in (0, 1)
+    # both samples win squares: the scene decides, square by square
+    assert 0 < won_by_second < int(square.max()) + 1
+    assert region_step["logs"]["metric/regions"] == pytest.approx((int(square.max()) + 1) / 2)
+    # the labels are region_winners' (tests/test_training_preference.py checks its local distances)
+    from training.preference import region_winners
+    expect, _ = region_winners(s1.numpy(), s2.numpy(), batch["x_init"].numpy(), batch["x_init_batch"].numpy(),
+                               tgt, tb, CELL)
+    np.testing.assert_array_equal(rec["first_rows"], expect)
+
+
+def test_region_step_is_minus_lr_times_the_gradient_of_the_per_square_dpo_loss(region_step):
+    """Every square is a pair of its own: L = mean over scans of the mean over the scan's squares
+    of -log sigmoid(-beta ((e^w_r - e^w_ref,r) - (e^l_r - e^l_ref,r))), e over the square's rows."""
+    tr, batch, rec = region_step["tr"], region_step["batch"], region_step["rec"]
+    model = _frozen_copy(region_step["before"])
+    scan, sb, xb = batch["scan"], batch["scan_batch"], batch["x_init_batch"]
+    t, eps = rec["t"], rec["eps"]
+    sig = SIGMA[t][xb].view(-1, 1)
+    square, scan_of = _squares(batch)
+    err = {}
+    for side in ("x_w", "x_l"):
+        x = rec[side] + sig * eps
+        pred = model(scan, sb, x, xb, t)
+        with torch.no_grad():
+            ref_pred = tr.ref(scan, sb, x, xb, t)
+        err[side] = (((pred - eps) ** 2).sum(1), ((ref_pred - eps) ** 2).sum(1))
+    per_scan = [[], []]
+    for r in range(int(square.max()) + 1):
+        m = square == r
+        e = {s: (err[s][0][m].mean() / 3, err[s][1][m].mean() / 3) for s in err}
+        inside = (e["x_w"][0] - e["x_w"][1]) - (e["x_l"][0] - e["x_l"][1])
+        per_scan[scan_of[r]].append(-F.logsigmoid(-BETA * inside))
+    loss = torch.stack([torch.stack(v).mean() for v in per_scan]).mean()
+    assert float(loss.detach()) == pytest.approx(math.log(2.0), abs=1e-6)   # model = reference
+    assert region_step["logs"]["loss/dpo"] == pytest.approx(float(loss.detach()), abs=1e-6)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
+    changed = assert_sgd_update(region_step["before"], tr.net, grads, LR)
+    assert changed > 20, changed
+    # not the whole-scan loss of the same mosaics: the per-square weighting moves the weights otherwise
+    whole = []
+    for b in range(2):
+        m = xb == b
+        e = {s: (err[s][0][m].mean() / 3, err[s][1][m].mean() / 3) for s in err}
+        whole.append(-F.logsigmoid(-BETA * ((e["x_w"][0] - e["x_w"][1]) - (e["x_l"][0] - e["x_l"][1]))))
+    g_whole = torch.autograd.grad(torch.stack(whole).mean(), list(model.parameters()), allow_unused=True)
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads, g_whole) if a is not None and b is not None)
+    assert diff > 1e-3 * max(float(a.abs().max()) for a in grads if a is not None)
+
+
+def test_region_pairs_need_one_pair_per_scan():
+    from lidar_completion.errors import ConfigError
+    with pytest.raises(ConfigError, match="pairs_per_scan"):
+        tiny_config("teacher-dpo", "teacher_dpo.pair_regions=2", "teacher_dpo.pairs_per_scan=3")
+    with pytest.raises(ConfigError, match="pair_regions"):
+        tiny_config("teacher-dpo", "teacher_dpo.pair_regions=-1")

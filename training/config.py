@@ -172,6 +172,9 @@ DEFAULTS: dict = {
             "sample_guidance": 1.0,        # ... with this guidance weight
             "t_min": 0, "t_max": 999,
             "denoise_weight": 0.0,         # + this x the teacher's own loss on the ground truth
+            # > 0: rank the pair region by region (squares of this many metres of the ground plane),
+            # each region a pair of its own in the loss (training/teacher_dpo.py)
+            "pair_regions": 0.0,
         },
     },
 }
@@ -451,6 +454,8 @@ def validate(cfg: dict) -> None:
         _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
                f"teacher_dpo.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")
         _check(float(d["denoise_weight"]) >= 0, "teacher_dpo.denoise_weight must be >= 0")
+        _check(float(d["pair_regions"]) == 0 or int(d["pairs_per_scan"]) == 1,
+               "teacher_dpo.pair_regions ranks one pair square by square: leave teacher_dpo.pairs_per_scan at 1")
     v = cfg["validation"]
     _check(int(v["every_steps"]) >= 0, f"validation.every_steps must be >= 0, got {v['every_steps']}")
     _check(v["select"] in ("cd", "jsd_bev"), f"validation.select must be cd|jsd_bev, got {v['select']!r}")

@@ -18,9 +18,9 @@ Used by the Distillation-DPO student (``distill.*``) and by the teacher's Diffus
                  that lower is better (IoU enters as -IoU).
 
 * ``pairs_per_scan`` K: K candidate pairs per scan, the pair with the widest margin is kept.
-* ``pair_regions`` r (distillation only): r > 0 ranks the pair region by region instead of scan by
-  scan (:func:`region_winners`): the winner is the mosaic of each region's better sample, the loser
-  the mosaic of the worse ones.
+* ``pair_regions`` r: r > 0 ranks the pair region by region instead of scan by scan
+  (:func:`region_winners`): the winner is the mosaic of each region's better sample, the loser the
+  mosaic of the worse ones (the teacher's DPO stage also takes its loss region by region).
 
 A *margin* is |metric(loser) - metric(winner)|; the *spread* is the mean |metric(a) - metric(b)|
 over pairs of independent one-step samples of the same scan. A margin well below the spread says
@@ -178,6 +178,19 @@ def _separated(points: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.concatenate([points.astype(np.float64), ids.astype(np.float64)[:, None] * _ID_GAP], axis=1)
 
 
+def region_index(anchors: np.ndarray, rows: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """The region of every row: (``region`` (N,) in 0..R-1, ``keys`` (R, 3): scan, square x, square y).
+
+    A region is a ``cell`` x ``cell`` metre square of the ground plane of one scan, and a row belongs
+    to the square of its anchor (its start point). Regions are numbered in the order of their keys,
+    so those of scan 0 come first.
+    """
+    keys = np.concatenate([np.asarray(rows)[:, None].astype(np.int64),
+                           np.floor(np.asarray(anchors)[:, :2] / float(cell)).astype(np.int64)], axis=1)
+    uniq, region = np.unique(keys, axis=0, return_inverse=True)
+    return region.reshape(-1), uniq
+
+
 def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np.ndarray,
                    target: np.ndarray, target_rows: np.ndarray, cell: float) -> tuple[np.ndarray, dict]:
     """Region-wise preference between two samples of the same scans.
@@ -200,10 +213,7 @@ def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np
     mosaic of winners is better than the mosaic of losers by construction, region by region.
     """
     cell = float(cell)
-    keys = np.concatenate([rows[:, None].astype(np.int64),
-                           np.floor(anchors[:, :2] / cell).astype(np.int64)], axis=1)
-    uniq, region = np.unique(keys, axis=0, return_inverse=True)
-    region = region.reshape(-1)
+    region, uniq = region_index(anchors, rows, cell)
     R = len(uniq)
     tkeys = np.concatenate([target_rows[:, None].astype(np.int64),
                             np.floor(target[:, :2] / cell).astype(np.int64)], axis=1)

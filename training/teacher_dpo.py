@@ -22,6 +22,13 @@ One step, per scan (docs/training.md, "Teacher preference fine-tuning"):
    averaged over the scans of the global batch (Diffusion-DPO's loss with our noise model), plus
    ``denoise_weight`` times the teacher's own LiDiff loss on the ground truth (0: off).
 
+With ``pair_regions`` r > 0 the pair is ranked square by square (r x r metres of the ground plane,
+:func:`training.preference.region_winners`) and every square is a preference pair of its own: the
+errors ``e`` are means over the square's rows, the loss above is taken per square, averaged over a
+scan's squares, then over the scans. The label and the loss then have the same granularity: a
+square won by the first sample teaches "denoise this square as the first sample did", whatever the
+rest of the scan says.
+
 At the first step the model equals the reference, the bracket is 0 and the gradient is
 beta / 2 x (grad e_model^w - grad e_model^l): the model moves towards denoising winners better and
 losers worse; it does not vanish unless the two samples coincide (tests/test_training_teacher_dpo.py
@@ -41,14 +48,16 @@ from . import distributed as D
 from .losses import denoising_loss_terms, global_mean
 from .engine import freeze
 from .netio import build_networks, load_pretrained
-from .preference import PreferenceMetric, guided_eps, local_sample, sample_timesteps, widest_pair
+from .preference import (PreferenceMetric, guided_eps, local_sample, region_index, region_winners,
+                         sample_timesteps, widest_pair)
 from .teacher import TeacherNet, TeacherTrainer
 
 log = logging.getLogger(__name__)
 
 
 def per_scan_mse(pred: torch.Tensor, eps: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
-    """(B,) mean over each scan's rows and coordinates of (pred - eps)^2."""
+    """(B,) mean over each group's rows and coordinates of (pred - eps)^2 (a group: a scan, or a
+    region of one)."""
     sq = ((pred - eps) ** 2).sum(1)
     sums = torch.zeros(B, device=pred.device, dtype=sq.dtype).index_add(0, rows, sq)
     counts = torch.zeros(B, device=pred.device, dtype=sq.dtype).index_add(0, rows, torch.ones_like(sq))
@@ -107,7 +116,9 @@ class TeacherDPOTrainer(TeacherTrainer):
 
     @torch.no_grad()
     def make_pair(self, batch: dict, keys, rec: dict | None = None):
-        """(x_w, x_l, logs): each scan's winner and loser among the reference's samples."""
+        """(x_w, x_l, logs, groups): each scan's winner and loser among the reference's samples;
+        ``groups``: None (one pair per scan), or with ``pair_regions`` (the region of every row
+        (N,), the scan of every region (R,)), each region a pair of its own."""
         c = self.cfg["teacher_dpo"]
         dev = self.device
         B = int(batch["batch_size"])
@@ -140,19 +151,38 @@ class TeacherDPOTrainer(TeacherTrainer):
         s2 = torch.stack([b for _, b in cands])
         idx = torch.as_tensor(pick, device=dev)[xb].view(1, -1, 1).expand(1, -1, 3)
         s1, s2 = s1.gather(0, idx)[0], s2.gather(0, idx)[0]
-        rows = torch.as_tensor(first, device=dev)[xb].view(-1, 1)
+        cell = float(c["pair_regions"])
+        groups, first_rows, logs = None, None, {}
+        if cell > 0:
+            # region by region (K = 1, config-checked): each square is decided by its own local CD
+            xb_np, anchors = xb.cpu().numpy(), batch["x_init"].numpy()
+            first_rows, rstats = region_winners(
+                s1.float().cpu().numpy(), s2.float().cpu().numpy(), anchors, xb_np,
+                batch["target"].numpy(), batch["target_batch"].numpy(), cell)
+            region, uniq = region_index(anchors, xb_np, cell)
+            groups = (torch.as_tensor(region, device=dev), torch.as_tensor(uniq[:, 0], device=dev))
+            rows = torch.as_tensor(first_rows, device=dev).view(-1, 1)
+            switch = rstats["second_won"] * B           # the share of the squares the second sample won
+            logs["metric/regions"] = float(rstats["regions"]) / B
+        else:
+            rows = torch.as_tensor(first, device=dev)[xb].view(-1, 1)
+            switch = float((~first).sum())
         x_w, x_l = torch.where(rows, s1, s2), torch.where(rows, s2, s1)
-        mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
+        if cell > 0:
+            mw, ml = self.metric.per_scan(x_w, xb, batch, B), self.metric.per_scan(x_l, xb, batch, B)
+        else:
+            mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
         stats = D.all_reduce_sum_nograd(torch.tensor(
-            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), float((~first).sum()), float(B)],
+            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(B)],
             dtype=torch.float64, device=dev)).cpu()
         n = float(stats[4])
-        logs = {"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
-                "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n}
+        logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
+                     "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
         if rec is not None:
             rec.update(m1=m1, m2=m2, first=first.copy(), x_w=x_w.clone(), x_l=x_l.clone(), candidates=m,
-                       pick=pick, samples=[(a.clone(), b.clone()) for a, b in cands])
-        return x_w, x_l, logs
+                       pick=pick, samples=[(a.clone(), b.clone()) for a, b in cands], first_rows=first_rows,
+                       groups=groups)
+        return x_w, x_l, logs, groups
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
@@ -162,7 +192,7 @@ class TeacherDPOTrainer(TeacherTrainer):
         keys = self.sample_keys(batch)
         B = int(batch["batch_size"])
         with self.autocast():   # train.precision: the passes in bf16/fp16, samples and losses in fp32
-            x_w, x_l, logs = self.make_pair(batch, keys, rec)
+            x_w, x_l, logs, groups = self.make_pair(batch, keys, rec)
         x_w, x_l = x_w.float(), x_l.float()
         xb = batch["x_init_batch"].to(dev)
         scan, scan_b = batch["scan"].to(dev), batch["scan_batch"].to(dev)
@@ -181,9 +211,22 @@ class TeacherDPOTrainer(TeacherTrainer):
             with self.autocast():
                 pred = self.wrapped["teacher"](scan2, scan_b2, x2, xb2, t2)
         pred = pred.float()
-        e_model = per_scan_mse(pred, torch.cat([eps, eps]), xb2, 2 * B)
-        e_ref = per_scan_mse(ref, torch.cat([eps, eps]), xb2, 2 * B)
-        per_scan = dpo_terms(e_model[:B], e_ref[:B], e_model[B:], e_ref[B:], float(c["beta"]))
+        if groups is None:
+            G, g2 = B, xb2                                 # one pair per scan
+        else:
+            region, region_scan = groups                   # one pair per region of a scan
+            G = int(region_scan.shape[0])
+            g2 = torch.cat([region, region + G])
+        e_model = per_scan_mse(pred, torch.cat([eps, eps]), g2, 2 * G)
+        e_ref = per_scan_mse(ref, torch.cat([eps, eps]), g2, 2 * G)
+        per_group = dpo_terms(e_model[:G], e_ref[:G], e_model[G:], e_ref[G:], float(c["beta"]))
+        if groups is None:
+            per_scan = per_group
+        else:                                              # a scan's loss: the mean over its regions
+            n_reg = torch.zeros(B, device=dev, dtype=per_group.dtype).index_add(
+                0, region_scan, torch.ones_like(per_group))
+            per_scan = torch.zeros(B, device=dev, dtype=per_group.dtype).index_add(
+                0, region_scan, per_group) / n_reg
         loss = global_mean(per_scan.sum(), B)
         logs["loss/dpo"] = float(loss.detach())
         wd = float(c["denoise_weight"])
@@ -196,7 +239,7 @@ class TeacherDPOTrainer(TeacherTrainer):
         logs["grad_norm"] = self.clip_and_step("main", self.cfg["train"]["grad_clip"])
         logs["loss"] = float(loss.detach())
         with torch.no_grad():
-            gap = (e_model[:B] - e_ref[:B]) - (e_model[B:] - e_ref[B:])
+            gap = (e_model[:G] - e_ref[:G]) - (e_model[G:] - e_ref[G:])
             logs["dpo/implicit_margin"] = float(gap.mean())   # < 0: winners denoised better than losers
         if rec is not None:
             rec.update(t=t.clone(), eps=eps.clone())
