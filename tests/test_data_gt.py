@@ -1,5 +1,6 @@
 """Ground-truth builder: voxel hash, incremental == batch map, target invariants, resumable cache."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -252,6 +253,32 @@ def test_changed_parameters_rebuild(built, tmp_path):
     assert stats.frames_built == N_SCANS
     assert cache.config.crop_radius == 20.0
     assert np.linalg.norm(cache.load_target(0), axis=1).max() <= 20.0 + 1e-3
+
+
+def test_relabelled_files_of_the_same_size_rebuild(dataset, built, tmp_path, caplog):
+    """A label file rewritten in place keeps its size (one uint32 per point): the cache must
+    notice it all the same (by modification time), rebuild, and say what changed."""
+    _, _, ref_out = built
+    root, out = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(dataset, root)            # copies keep modification times: the cache is reused
+    shutil.copytree(ref_out, out)
+    seq = kitti.SemanticKittiSequence(root, "00", require_labels=True)
+    stats = gt.BuildStats("00")
+    gt.build_sequence(seq, out, stats=stats, verify="size")
+    assert (stats.frames_built, stats.frames_reused) == (0, N_SCANS)
+    label = seq.label_path(2)
+    size, before = label.stat().st_size, label.stat().st_mtime_ns
+    raw = np.fromfile(label, dtype=np.uint32)
+    raw[:] = 0                                # every point of frame 2 unlabelled
+    raw.tofile(label)
+    os.utime(label, ns=(before + 10**9, before + 10**9))
+    assert label.stat().st_size == size
+    stats = gt.BuildStats("00")
+    with caplog.at_level("INFO", logger="lidar_completion.data.gt"):
+        gt.build_sequence(seq, out, stats=stats, verify="size")
+    assert stats.frames_built == N_SCANS
+    assert "modification times of scan or label files" in caplog.text
+    assert "sizes" not in caplog.text.split("changed:")[1]
 
 
 def test_cache_errors(dataset, tmp_path):

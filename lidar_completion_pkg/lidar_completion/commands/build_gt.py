@@ -13,7 +13,8 @@ Build the dense ground truth of SemanticKITTI-layout sequences:
 
 Results go to OUT/SS/{map.bin, targets/NNNNNN.bin, manifest.jsonl, manifest.json} with sizes and
 sha256 checksums. Re-running resumes an interrupted build and rebuilds missing, partial or corrupt
-files; a complete cache is only verified."""
+files; a complete cache is only verified. A sequence whose poses, calibration, or scan and label
+files (their sizes or modification times) changed since its cache was built is rebuilt."""
 
 EPILOG = """\
 examples:

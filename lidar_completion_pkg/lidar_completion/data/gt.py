@@ -184,20 +184,44 @@ def _array_entry(out: Path, rel: str, arr: np.ndarray, **fields) -> Dict:
 
 
 def source_fingerprint(sequence: kitti.SemanticKittiSequence) -> Dict:
-    """What the cache depends on: poses, calibration and the sizes of all scans and labels."""
-    h = hashlib.sha256()
+    """What the cache depends on: poses, calibration, and the sizes and modification times of all
+    scans and labels.
+
+    Why sizes and times, not contents: hashing every scan and label file reads the whole dataset
+    (about 80 GB for SemanticKITTI) on each ``build-gt``; relabelled files keep their size (one
+    uint32 per point), so the sizes alone would keep a stale cache. A copy that does not keep
+    modification times (``cp`` without ``-p``) makes the cache rebuild once; ``--force`` rebuilds at
+    any time.
+    """
+    sizes, mtimes = hashlib.sha256(), hashlib.sha256()
     for i in range(len(sequence)):
-        h.update(str(sequence.scan_path(i).stat().st_size).encode())
-        h.update(b",")
-        if sequence.has_labels:
-            h.update(str(sequence.label_path(i).stat().st_size).encode())
-        h.update(b";")
+        paths = [sequence.scan_path(i)] + ([sequence.label_path(i)] if sequence.has_labels else [])
+        for path in paths:
+            st = path.stat()
+            sizes.update(f"{st.st_size},".encode())
+            mtimes.update(f"{st.st_mtime_ns},".encode())
+        sizes.update(b";")
+        mtimes.update(b";")
     return {
         "frames": len(sequence),
         "poses_sha256": sha256_file(sequence.path / "poses.txt"),
         "calib_sha256": sha256_file(sequence.path / "calib.txt"),
-        "sizes_sha256": h.hexdigest(),
+        "sizes_sha256": sizes.hexdigest(),
+        "mtimes_sha256": mtimes.hexdigest(),
     }
+
+
+_SOURCE_PARTS = {"frames": "the number of frames", "poses_sha256": "poses.txt", "calib_sha256": "calib.txt",
+                 "sizes_sha256": "the sizes of scan or label files",
+                 "mtimes_sha256": "the modification times of scan or label files"}
+
+
+def _what_changed(old: Dict, new: Dict) -> str:
+    """The parts of the cache's header that differ, in words."""
+    parts = [k for k in ("format", "version", "config") if old.get(k) != new.get(k)]
+    src_old, src_new = old.get("source") or {}, new.get("source") or {}
+    parts += [_SOURCE_PARTS.get(k, k) for k in sorted(set(src_old) | set(src_new)) if src_old.get(k) != src_new.get(k)]
+    return ", ".join(parts) or "the header"
 
 
 class GTCache:
@@ -306,7 +330,8 @@ def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
         old = records[0]
         if old.get("type") != "header" or any(old.get(k) != header[k] for k in
                                               ("format", "version", "config", "source")):
-            log.info("cache %s was built from other data or parameters; rebuilding", out)
+            log.info("cache %s was built from other data or parameters (changed: %s); rebuilding",
+                     out, _what_changed(old, header))
             records = []
     if not records:
         (out / "manifest.json").unlink(missing_ok=True)
