@@ -195,13 +195,11 @@ def source_fingerprint(sequence: kitti.SemanticKittiSequence) -> Dict:
     """
     sizes, mtimes = hashlib.sha256(), hashlib.sha256()
     for i in range(len(sequence)):
-        paths = [sequence.scan_path(i)] + ([sequence.label_path(i)] if sequence.has_labels else [])
-        for path in paths:
-            st = path.stat()
-            sizes.update(f"{st.st_size},".encode())
-            mtimes.update(f"{st.st_mtime_ns},".encode())
-        sizes.update(b";")
-        mtimes.update(b";")
+        scan = sequence.scan_path(i).stat()
+        label = sequence.label_path(i).stat() if sequence.has_labels else None
+        # "scan_size,label_size;" per frame (the sizes' digest of caches built before the times)
+        sizes.update(f"{scan.st_size},{label.st_size if label else ''};".encode())
+        mtimes.update(f"{scan.st_mtime_ns},{label.st_mtime_ns if label else ''};".encode())
     return {
         "frames": len(sequence),
         "poses_sha256": sha256_file(sequence.path / "poses.txt"),
