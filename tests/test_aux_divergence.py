@@ -57,7 +57,7 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="no config.yaml"):
         ad.main(["--run", str(tmp_path), "--data", str(tmp_path)])
     (tmp_path / "config.yaml").write_text("kind: distill\n")
-    with pytest.raises(SystemExit, match="latest.json"):
+    with pytest.raises(SystemExit, match="no checkpoint"):
         ad.main(["--run", str(tmp_path), "--data", str(tmp_path)])
     with pytest.raises(SystemExit):
         ad.main(["--run", str(tmp_path), "--data", str(tmp_path), "--timesteps", "5000"])

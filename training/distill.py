@@ -90,7 +90,7 @@ from . import distributed as D
 from .engine import Trainer, freeze, make_optimizer
 from .losses import aux_loss, dpo_loss, logsigmoid_weights, vsd_loss
 from .netio import build_networks, export_inference, load_pretrained
-from .preference import (PreferenceMetric, guided_eps, local_sample, region_winners, sample_timesteps, spread,
+from .preference import (PreferenceMetric, guided_eps, local_sample, rank_pair, sample_timesteps, spread,
                          widest_pair)
 
 log = logging.getLogger(__name__)
@@ -402,35 +402,12 @@ class DistillTrainer(Trainer):
         G1, G2 = st.G_all[:N], st.G_all[N:]
         m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
         m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
-        first = self.metric.first_wins(m1, m2)                # whole scans (logged either way)
-        cell = float(self.cfg["distill"]["pair_regions"])
-        first_rows = None
-        if cell > 0:
-            # region by region: each row goes to the side its region's local comparison says
-            first_rows, rstats = region_winners(
-                G1.detach().cpu().numpy(), G2.detach().cpu().numpy(), batch["x_init"].numpy(),
-                st.xb.cpu().numpy(), batch["target"].numpy(), batch["target_batch"].numpy(), cell)
-            rows = torch.as_tensor(first_rows, device=self.device).view(-1, 1)
-        else:
-            rows = torch.as_tensor(first, device=self.device)[st.xb].view(-1, 1)
-        G_w, G_l = torch.where(rows, G1, G2), torch.where(rows, G2, G1)
-        if cell > 0:
-            mw = self.metric.per_scan(G_w, st.xb, batch, st.B)
-            ml = self.metric.per_scan(G_l, st.xb, batch, st.B)
-            switch = rstats["second_won"] * st.B        # share of the regions the second sample won
-            st.logs["metric/regions"] = float(rstats["regions"]) / st.B
-        else:
-            mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
-            switch = float((~first).sum())
-        stats = D.all_reduce_sum_nograd(torch.tensor(
-            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(st.B)],
-            dtype=torch.float64, device=self.device)).cpu()
-        n = float(stats[4])
-        st.logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
-                        "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
+        ranked = rank_pair(self.metric, G1, G2, m1, m2, st.xb, batch, st.B, float(self.cfg["distill"]["pair_regions"]))
+        st.logs.update(ranked.logs)
         if rec is not None:
-            rec.update(m1=m1, m2=m2, first=first.copy(), mw=np.asarray(mw), ml=np.asarray(ml),
-                       first_rows=first_rows)
+            rec.update(m1=m1, m2=m2, first=ranked.first.copy(), mw=ranked.mw, ml=ranked.ml,
+                       first_rows=ranked.first_rows)
+        G_w, G_l = ranked.x_w, ranked.x_l
         return {"aux_w": G_w, "aux_l": G_l}
 
     def update_auxiliaries(self, st: "_Step", rec: dict | None = None) -> dict:

@@ -39,6 +39,8 @@ from scipy.spatial import cKDTree
 from lidar_completion import metrics as M
 from lidar_completion.errors import ConfigError
 
+from . import distributed as D
+
 from .config import resolve_callable
 
 
@@ -192,7 +194,8 @@ def region_index(anchors: np.ndarray, rows: np.ndarray, cell: float) -> tuple[np
 
 
 def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np.ndarray,
-                   target: np.ndarray, target_rows: np.ndarray, cell: float) -> tuple[np.ndarray, dict]:
+                   target: np.ndarray, target_rows: np.ndarray, cell: float,
+                   regions: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """Region-wise preference between two samples of the same scans.
 
     ``g1``, ``g2`` (N, 3): two samples whose row i comes from the same start point ``anchors[i]``
@@ -205,7 +208,8 @@ def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np
     better; ties go to the first sample.
 
     Returns (``first`` (N,) bool: the row's region is won by ``g1``; statistics: the number of
-    regions and the share of them that ``g2`` won).
+    regions and the share of them that ``g2`` won). ``regions``: :func:`region_index`'s result for
+    these rows, when the caller has it already.
 
     Why: a whole-scan metric of two samples from independent noises sums many regional differences
     that cancel, and which sample is lower is a coin toss no other metric shares
@@ -213,7 +217,7 @@ def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np
     mosaic of winners is better than the mosaic of losers by construction, region by region.
     """
     cell = float(cell)
-    region, uniq = region_index(anchors, rows, cell)
+    region, uniq = regions if regions is not None else region_index(anchors, rows, cell)
     R = len(uniq)
     tkeys = np.concatenate([target_rows[:, None].astype(np.int64),
                             np.floor(target[:, :2] / cell).astype(np.int64)], axis=1)
@@ -236,6 +240,56 @@ def region_winners(g1: np.ndarray, g2: np.ndarray, anchors: np.ndarray, rows: np
     first_region = scores[0] <= scores[1]
     return first_region[region], {"regions": R, "second_won": float((~first_region).mean()),
                                   "region_margin": float(np.abs(scores[0] - scores[1]).mean())}
+
+
+@dataclass
+class RankedPair:
+    """A pair ranked by :func:`rank_pair`: the winner and loser (whole samples, or region mosaics)."""
+    x_w: torch.Tensor
+    x_l: torch.Tensor
+    first: np.ndarray                  # (B,) whole scans: the first sample wins
+    mw: np.ndarray                     # (B,) the metric of each scan's winner / loser as used
+    ml: np.ndarray
+    logs: dict
+    first_rows: np.ndarray | None = None                       # (N,) with regions: the row's region won by s1
+    regions: tuple[np.ndarray, np.ndarray] | None = None       # region_index(...) of the rows
+
+
+def rank_pair(metric: PreferenceMetric, s1: torch.Tensor, s2: torch.Tensor, m1: np.ndarray, m2: np.ndarray,
+              rows: torch.Tensor, batch: dict, B: int, cell: float) -> RankedPair:
+    """Winner and loser of each scan's pair of samples ``s1``, ``s2`` (N, 3) (scan index ``rows``),
+    whose per-scan metrics are ``m1``, ``m2``: whole samples by the metric, or with ``cell`` > 0 the
+    mosaics of each region's better and worse sample (:func:`region_winners`). The winner and loser
+    keep the samples' graphs. ``logs``: ``metric/winner``, ``/loser``, ``/margin`` and ``/switch``
+    (the share of scans, or of regions, the second sample won) summed over the ranks, and with
+    regions ``metric/regions`` (regions per scan). Used by the distillation and the teacher's DPO
+    stage alike."""
+    first = metric.first_wins(m1, m2)
+    logs, first_rows, regions = {}, None, None
+    if cell > 0:
+        xb, anchors = rows.cpu().numpy(), batch["x_init"].numpy()
+        regions = region_index(anchors, xb, cell)
+        first_rows, rstats = region_winners(
+            s1.detach().float().cpu().numpy(), s2.detach().float().cpu().numpy(), anchors, xb,
+            batch["target"].numpy(), batch["target_batch"].numpy(), cell, regions=regions)
+        pick = torch.as_tensor(first_rows, device=s1.device).view(-1, 1)
+        switch = rstats["second_won"] * B
+        logs["metric/regions"] = float(rstats["regions"]) / B
+    else:
+        pick = torch.as_tensor(first, device=s1.device)[rows].view(-1, 1)
+        switch = float((~first).sum())
+    x_w, x_l = torch.where(pick, s1, s2), torch.where(pick, s2, s1)
+    if cell > 0:
+        mw, ml = metric.per_scan(x_w, rows, batch, B), metric.per_scan(x_l, rows, batch, B)
+    else:
+        mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
+    stats = D.all_reduce_sum_nograd(torch.tensor(
+        [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(B)], dtype=torch.float64,
+        device=s1.device)).cpu()
+    n = float(stats[4])
+    logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
+                 "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
+    return RankedPair(x_w, x_l, first, np.asarray(mw), np.asarray(ml), logs, first_rows, regions)
 
 
 def spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

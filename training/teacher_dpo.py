@@ -44,12 +44,10 @@ import torch.nn.functional as F
 from lidar_completion import sparse
 from lidar_completion.errors import CheckpointError
 
-from . import distributed as D
 from .losses import denoising_loss_terms, global_mean
 from .engine import freeze
 from .netio import build_networks, load_pretrained
-from .preference import (PreferenceMetric, guided_eps, local_sample, region_index, region_winners,
-                         sample_timesteps, widest_pair)
+from .preference import PreferenceMetric, guided_eps, local_sample, rank_pair, sample_timesteps, widest_pair
 from .teacher import TeacherNet, TeacherTrainer
 
 log = logging.getLogger(__name__)
@@ -146,42 +144,20 @@ class TeacherDPOTrainer(TeacherTrainer):
             cands.append((s1, s2))
         pick = widest_pair(m[0], m[1])
         m1, m2 = m[0, pick, np.arange(B)], m[1, pick, np.arange(B)]
-        first = self.metric.first_wins(m1, m2)
         s1 = torch.stack([a for a, _ in cands])
         s2 = torch.stack([b for _, b in cands])
         idx = torch.as_tensor(pick, device=dev)[xb].view(1, -1, 1).expand(1, -1, 3)
         s1, s2 = s1.gather(0, idx)[0], s2.gather(0, idx)[0]
-        cell = float(c["pair_regions"])
-        groups, first_rows, logs = None, None, {}
-        if cell > 0:
-            # region by region (K = 1, config-checked): each square is decided by its own local CD
-            xb_np, anchors = xb.cpu().numpy(), batch["x_init"].numpy()
-            first_rows, rstats = region_winners(
-                s1.float().cpu().numpy(), s2.float().cpu().numpy(), anchors, xb_np,
-                batch["target"].numpy(), batch["target_batch"].numpy(), cell)
-            region, uniq = region_index(anchors, xb_np, cell)
-            groups = (torch.as_tensor(region, device=dev), torch.as_tensor(uniq[:, 0], device=dev))
-            rows = torch.as_tensor(first_rows, device=dev).view(-1, 1)
-            switch = rstats["second_won"] * B           # the share of the squares the second sample won
-            logs["metric/regions"] = float(rstats["regions"]) / B
-        else:
-            rows = torch.as_tensor(first, device=dev)[xb].view(-1, 1)
-            switch = float((~first).sum())
-        x_w, x_l = torch.where(rows, s1, s2), torch.where(rows, s2, s1)
-        if cell > 0:
-            mw, ml = self.metric.per_scan(x_w, xb, batch, B), self.metric.per_scan(x_l, xb, batch, B)
-        else:
-            mw, ml = np.where(first, m1, m2), np.where(first, m2, m1)
-        stats = D.all_reduce_sum_nograd(torch.tensor(
-            [mw.sum(), ml.sum(), np.abs(ml - mw).sum(), switch, float(B)],
-            dtype=torch.float64, device=dev)).cpu()
-        n = float(stats[4])
-        logs.update({"metric/winner": float(stats[0]) / n, "metric/loser": float(stats[1]) / n,
-                     "metric/margin": float(stats[2]) / n, "metric/switch": float(stats[3]) / n})
+        ranked = rank_pair(self.metric, s1, s2, m1, m2, xb, batch, B, float(c["pair_regions"]))
+        groups = None
+        if ranked.regions is not None:                 # one pair per region of a scan (K = 1, config-checked)
+            region, keys = ranked.regions
+            groups = (torch.as_tensor(region, device=dev), torch.as_tensor(keys[:, 0], device=dev))
+        x_w, x_l, logs = ranked.x_w, ranked.x_l, ranked.logs
         if rec is not None:
-            rec.update(m1=m1, m2=m2, first=first.copy(), x_w=x_w.clone(), x_l=x_l.clone(), candidates=m,
-                       pick=pick, samples=[(a.clone(), b.clone()) for a, b in cands], first_rows=first_rows,
-                       groups=groups)
+            rec.update(m1=m1, m2=m2, first=ranked.first.copy(), x_w=x_w.clone(), x_l=x_l.clone(), candidates=m,
+                       pick=pick, samples=[(a.clone(), b.clone()) for a, b in cands],
+                       first_rows=ranked.first_rows, groups=groups)
         return x_w, x_l, logs, groups
 
     # -- the step --------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from lidar_completion import metrics as M  # noqa: E402
 from lidar_completion.errors import CheckpointError  # noqa: E402
 
-from training.checkpoint import load_state  # noqa: E402
+from training.checkpoint import CheckpointManager, load_state  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import collate  # noqa: E402
 from training.distill import DistillTrainer  # noqa: E402
@@ -58,10 +58,10 @@ def _checkpoint(spec: str) -> tuple[Path, Path]:
         raise SystemExit(f"--run {spec}: {run} has no config.yaml (not a training run folder)")
     if ckpt:
         return run, Path(ckpt)
-    latest = run / "checkpoints" / "latest.json"
-    if not latest.is_file():
-        raise SystemExit(f"--run {spec}: {latest} does not exist (no checkpoint written yet?)")
-    return run, run / "checkpoints" / json.loads(latest.read_text())["file"]
+    latest = CheckpointManager(run / "checkpoints").latest_path()
+    if latest is None:
+        raise SystemExit(f"--run {spec}: no checkpoint in {run / 'checkpoints'} (none written yet?)")
+    return run, latest
 
 
 def trainer_for(run: Path, ckpt: Path, args, work: Path) -> DistillTrainer:
@@ -72,6 +72,8 @@ def trainer_for(run: Path, ckpt: Path, args, work: Path) -> DistillTrainer:
     if cfg["kind"] != "distill":
         raise SystemExit(f"--run {run}: a {cfg['kind']} run, not a distillation")
     tr = DistillTrainer(cfg, work)
+    # the networks only: Trainer.load would also restore the optimisers and the data order, and
+    # refuses a state written over another dataset (the training drives, not these held-out frames)
     state = load_state(ckpt)
     models = state.get("models", {})
     missing = [n for n in ("student", *tr.aux_names) if n not in models]
