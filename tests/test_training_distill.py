@@ -167,6 +167,36 @@ def test_dpo_aux_nets_learn_from_their_own_side(dpo_step):
         assert float((actual - wrong_delta).abs().max()) > 0.05 * float(actual.abs().max())
 
 
+def test_dpo_aux_nets_draw_apart_unless_shared(tmp_path, dpo_step):
+    """By default each auxiliary net draws its own (t', eps'); with aux_shared_draws both sides are
+    noised by the same draw, and each net still takes its step on its own side's samples."""
+    t_w, eps_w = dpo_step["rec"]["aux"][0]["aux_w"]
+    t_l, eps_l = dpo_step["rec"]["aux"][0]["aux_l"]
+    assert float((eps_w - eps_l).abs().mean()) > 0.5
+    step = _run_one_step(tmp_path, "dpo", "distill.aux_shared_draws=true")
+    tr, batch, rec = step["tr"], step["batch"], step["rec"]
+    t_w, eps_w = rec["aux"][0]["aux_w"]
+    t_l, eps_l = rec["aux"][0]["aux_l"]
+    assert torch.equal(t_w, t_l) and torch.equal(eps_w, eps_l)
+    _, G, cond = _reference_samples(step, sides=2)
+    G_w, G_l, _, _ = _winners(step, G)
+    xb = batch["x_init_batch"]
+    x_sig = SIGMA[t_w][xb].view(-1, 1) * eps_w
+    deltas = {}
+    for name, points in (("aux_w", G_w.detach()), ("aux_l", G_l.detach())):
+        net = copy.deepcopy(step["before"][name]).train()
+        grads = torch.autograd.grad(diffusion_loss(net(points + x_sig, xb, t_w, cond), eps_w),
+                                    list(net.parameters()))
+        assert_sgd_update(step["before"][name], tr.aux[name], grads, LR_AUX)
+        deltas[name] = torch.cat([(-LR_AUX * g).flatten() for g in grads])
+    # same start, same draw: the nets part only because their samples differ
+    assert float((deltas["aux_w"] - deltas["aux_l"]).abs().max()) > 0
+    from lidar_completion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="aux_shared_draws"):
+        tiny_config("distill", "distill.aux_shared_draws=sometimes", mode="dpo")
+
+
 def test_vsd_step_updates_student_and_aux(vsd_step):
     tr, batch, rec = vsd_step["tr"], vsd_step["batch"], vsd_step["rec"]
     student, G, cond = _reference_samples(vsd_step, sides=1)

@@ -151,6 +151,9 @@ DEFAULTS: dict = {
             "aux_loss": "lidiff",          # lidiff (MSE + 5 * regulariser) | mse (published aux loss)
             "aux_updates_per_step": 1,
             "aux_warmup_steps": 0,         # first steps train only the auxiliary network(s)
+            # dpo only: the two auxiliary networks' denoising steps draw one (t', eps') for both sides
+            # (common random numbers), so that what separates them is their samples, not their draws
+            "aux_shared_draws": False,
             "weighting": "linear",         # linear | logsigmoid (Diffusion-DPO style weight, dpo only)
             "dpo_beta": 1.0,
             # dpo only: add vsd_weight * mean of the two sides' score-distillation losses (0 = the
@@ -422,6 +425,8 @@ def validate(cfg: dict) -> None:
         _check(d.get("pair_noise", "scaled") in ("scaled", "independent"),
                f"distill.pair_noise must be scaled|independent, got {d.get('pair_noise')!r}")
         _check(int(d["aux_updates_per_step"]) >= 1, "distill.aux_updates_per_step must be >= 1")
+        _check(isinstance(d["aux_shared_draws"], bool),
+               f"distill.aux_shared_draws must be true|false, got {d['aux_shared_draws']!r}")
         _check(int(d["aux_warmup_steps"]) >= 0, f"distill.aux_warmup_steps must be >= 0, got {d['aux_warmup_steps']}")
         if d["aux_optimizer"] is not None:
             _check_optimizer(d["aux_optimizer"], "distill.aux_optimizer")

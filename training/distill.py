@@ -412,7 +412,8 @@ class DistillTrainer(Trainer):
 
     def update_auxiliaries(self, st: "_Step", rec: dict | None = None) -> dict:
         """Step 2: each auxiliary net takes ``aux_updates_per_step`` denoising steps on the detached
-        samples of its own side, ``x = sg(G_side) + sigma_t' eps'`` with fresh (t', eps')."""
+        samples of its own side, ``x = sg(G_side) + sigma_t' eps'`` with fresh (t', eps') - one draw per
+        side, or one for both sides with ``aux_shared_draws``."""
         d = self.cfg["distill"]
         kind, reg = d["aux_loss"], float(self.cfg["diffusion"]["reg_weight"])
         for k in range(int(d["aux_updates_per_step"])):
@@ -420,8 +421,10 @@ class DistillTrainer(Trainer):
                 self.set_train(self.aux[name], True)
             losses, draws, total = {}, {}, 0.0
             for name in st.sides:
-                t_a = self.draw_t(st.keys, f"distill/{name}/t/{k}", int(d["t_min"]), int(d["t_max"]))
-                eps_a = self.draw_noise(st.keys, st.counts, f"distill/{name}/eps/{k}")
+                # shared draws: both sides are noised alike (both samples have the same rows per scan)
+                key = "aux" if d["aux_shared_draws"] else name
+                t_a = self.draw_t(st.keys, f"distill/{key}/t/{k}", int(d["t_min"]), int(d["t_max"]))
+                eps_a = self.draw_noise(st.keys, st.counts, f"distill/{key}/eps/{k}")
                 x_a = st.samples[name].detach() + self.sigma(t_a)[st.xb].view(-1, 1) * eps_a
                 with self.autocast():
                     pred = self.wrapped[name](x_a, st.xb, t_a, st.cond)
