@@ -25,6 +25,21 @@ def test_compare_statistics():
     assert c["p_welch"] < 0.05
     one = cmp.compare([0.3], [0.4])          # one student each: a difference, nothing to weigh it against
     assert one["diff"] == pytest.approx(0.1) and one["spread"] is None and one["p_welch"] is None
+    assert one["seeds_needed"] is None
+    assert c["seeds_needed"] == cmp.seeds_needed(c["diff"], np.std(a, ddof=1), np.std(b, ddof=1))
+
+
+def test_seeds_needed_matches_the_t_test_sample_sizes():
+    cmp = _script()
+    # students per group of the two-sided two-sample t-test at 5 % and power 80 % for effect sizes
+    # d = 0.5, 0.8, 1 and 2, as the standard power tables (Cohen 1988; G*Power) give them
+    for d, n in ((0.5, 64), (0.8, 26), (1.0, 17), (2.0, 6)):
+        assert cmp.seeds_needed(d * 0.011, 0.011, 0.011) == n
+        assert cmp.seeds_needed(-d * 0.02, 0.02, 0.02) == n        # the sign and the unit do not matter
+    assert cmp.seeds_needed(0.01, 0.005, 0.015) == cmp.seeds_needed(0.01, np.sqrt(0.000125), np.sqrt(0.000125))
+    assert cmp.seeds_needed(0.0, 0.01, 0.01) is None and cmp.seeds_needed(0.01, 0.0, 0.0) is None
+    assert cmp.seeds_needed(100.0, 0.01, 0.01) == 2
+    assert cmp.seeds_needed(0.004, 0.011, 0.011) > cmp.seeds_needed(0.005, 0.011, 0.011)
 
 
 def test_frame_by_frame_consistency(tmp_path):
@@ -117,6 +132,8 @@ def test_two_groups_evaluated_compared_and_written_into_a_doc(tmp_path):
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
     assert f"{np.mean(cds['b']) - np.mean(cds['a']):+.4f} m of CD" in text
+    need = cmp.seeds_needed(c["diff"], np.std(cds["a"], ddof=1), np.std(cds["b"], ddof=1))
+    assert c["seeds_needed"] == need and f"would need about {need} students per group" in text
     assert "--group" in text and "--table-only" not in text
     # rebuilt from the runs alone: the same result
     before = (out / "compare.md").read_text()

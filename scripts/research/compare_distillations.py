@@ -15,7 +15,8 @@ student, the figure is the frame-weighted mean over the drives, averaged over th
 per group, the mean over its students and their standard deviation - the training spread, which is
 what a comparison of objectives has to beat (the sampling spread over a dozen frames is far smaller).
 Each further group is compared with the first: the difference of the means, the larger of the two
-groups' spreads, and Welch's t-test. OUT/compare.md and OUT/compare.json hold the result; `--doc FILE`
+groups' spreads, Welch's t-test, and how many students per group a difference that large would need
+to be shown (two-sided 5 %, power 80 %). OUT/compare.md and OUT/compare.json hold the result; `--doc FILE`
 writes it, with the command, between the markers DOC_BEGIN and DOC_END of that file (`--doc-block
 NAME` for the markers `<!-- NAME: begin ... -->` / `<!-- NAME: end -->`, several comparisons in one
 page); `--table-only` only rebuilds it from the runs in OUT.
@@ -190,12 +191,38 @@ def consistency(per_student: list) -> dict | None:
             "residual_sd": float(np.sqrt((resid ** 2).sum() / dof)) if dof else None}
 
 
+def seeds_needed(diff: float, sd_a: float, sd_b: float, alpha: float = 0.05, power: float = 0.8) -> int | None:
+    """Students per group that a two-sided two-sample t-test at level ``alpha`` needs to show a
+    difference of means ``diff`` with probability ``power``, when the groups' spreads are ``sd_a``
+    and ``sd_b`` (pooled): the smallest n >= 2 whose power, from the noncentral t distribution,
+    reaches ``power``, searched from the normal approximation 2 (z_(1-alpha/2) + z_power)^2
+    (s / diff)^2. None when ``diff`` is 0 or the spreads are."""
+    from scipy.stats import nct, norm, t
+    s = float(np.sqrt((sd_a ** 2 + sd_b ** 2) / 2))
+    if diff == 0 or s == 0:
+        return None
+    d = abs(diff) / s
+
+    def achieved(n: int) -> float:
+        df, ncp = 2 * n - 2, d * np.sqrt(n / 2)
+        tc = t.ppf(1 - alpha / 2, df)
+        return float(nct.sf(tc, df, ncp) + nct.cdf(-tc, df, ncp))
+
+    n = max(2, int(2 * (norm.ppf(1 - alpha / 2) + norm.ppf(power)) ** 2 / d ** 2) - 1)
+    while n > 2 and achieved(n - 1) >= power:
+        n -= 1
+    while achieved(n) < power:
+        n += 1
+    return n
+
+
 def compare(a: list, b: list) -> dict:
     """Group b against group a (lists of per-student values): difference of means, the larger
-    spread, and Welch's t-test (None with fewer than two students in a group)."""
+    spread, Welch's t-test and the students per group a difference this large would need
+    (:func:`seeds_needed`; None with fewer than two students in a group)."""
     a, b = [x for x in a if x is not None], [x for x in b if x is not None]
     sa, sb = _stat(a), _stat(b)
-    out = {"diff": sb["mean"] - sa["mean"], "spread": None, "ratio": None, "p_welch": None}
+    out = {"diff": sb["mean"] - sa["mean"], "spread": None, "ratio": None, "p_welch": None, "seeds_needed": None}
     spreads = [s for s in (sa["std"], sb["std"]) if s is not None]
     if spreads:
         out["spread"] = max(spreads)
@@ -203,6 +230,7 @@ def compare(a: list, b: list) -> dict:
     if sa["n"] > 1 and sb["n"] > 1:
         from scipy.stats import ttest_ind
         out["p_welch"] = float(ttest_ind(b, a, equal_var=False).pvalue)
+        out["seeds_needed"] = seeds_needed(out["diff"], sa["std"], sb["std"])
     return out
 
 
@@ -250,6 +278,9 @@ def render(table: dict, labels: list, comparisons: dict) -> str:
                        else "beyond the training spread" if c["ratio"] is not None else "no spread (one student each)")
             ahead = labels[0] if c["diff"] > 0 else label
             p = f", Welch's t-test p = {c['p_welch']:.3f}" if c["p_welch"] is not None else ""
+            if c.get("seeds_needed") is not None:
+                p += (f"; a difference this large would need about {c['seeds_needed']} students per group to "
+                      f"show (5 %, power 80 %)")
             spread = f"{c['spread']:.4f}" if c["spread"] is not None else "-"
             notes.append(f"- {run['steps']} steps, w = {run['guidance']:g}, refined: {label} - {labels[0]} = "
                          f"{c['diff']:+.4f} m of CD; the larger spread {spread} m; {ahead} ahead, {verdict}{p}.")
