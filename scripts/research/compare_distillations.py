@@ -278,12 +278,11 @@ def render(table: dict, labels: list, comparisons: dict) -> str:
                        else "beyond the training spread" if c["ratio"] is not None else "no spread (one student each)")
             ahead = labels[0] if c["diff"] > 0 else label
             p = f", Welch's t-test p = {c['p_welch']:.3f}" if c["p_welch"] is not None else ""
-            if c.get("seeds_needed") is not None:
-                p += (f"; a difference this large would need about {c['seeds_needed']} students per group to "
-                      f"show (5 %, power 80 %)")
+            need = (f"; a difference this large would need about {c['seeds_needed']} students per group to "
+                    f"show (5 %, power 80 %)") if c.get("seeds_needed") is not None else ""
             spread = f"{c['spread']:.4f}" if c["spread"] is not None else "-"
             notes.append(f"- {run['steps']} steps, w = {run['guidance']:g}, refined: {label} - {labels[0]} = "
-                         f"{c['diff']:+.4f} m of CD; the larger spread {spread} m; {ahead} ahead, {verdict}{p}.")
+                         f"{c['diff']:+.4f} m of CD; the larger spread {spread} m; {ahead} ahead, {verdict}{p}{need}.")
     for key, entry in table.items():
         run, c = entry["run"], entry.get("consistency")
         if not run["refine"] or not c or c["order_agreement"] is None:
