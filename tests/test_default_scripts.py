@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lidar_completion.checkpoints import load_checkpoint, make_random_checkpoint
 from lidar_completion.fileutil import sha256_file
@@ -206,6 +207,12 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     assert [line.split("|")[3].strip() for line in md[2:]] == ["-", "-", "-", "local", "local", "vp", "vp"]
     with pytest.raises(SystemExit):
         ev.main(["--data", str(data), "--rows", "bogus", "--out", str(out)])
+    # a missing checkpoint is named before any row runs (here the input row would come first)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit, match="--teacher checkpoint not found: .*nowhere.pt"):
+        ev.main(["--data", str(data), "--rows", "input,teacher8", "--teacher", str(tmp_path / "nowhere.pt"),
+                 "--out", str(fresh), "--emd", "none", "--no-progress"])
+    assert not (fresh / "input").exists()
     # the rows resume only into results made the same way: another input filter, or a student
     # retrained in place, is refused naming what differs, not mixed in
     from lidar_completion.errors import ConfigError
@@ -267,8 +274,10 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
                SCAN_POINTS="200", MAX_STEPS_TEACHER="2", MAX_STEPS_REFINER="2", MAX_STEPS_CALIBRATE="2",
                MAX_STEPS_DISTILL="1", T_TEACHER="900", T_REFINER="900", T_CALIBRATE="900",
-               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1", DISTILL_MODE="vsd",
-               DISTILL_TEACHER_GUIDANCE="7.5")
+               T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3", VAL_FRAMES="1", DISTILL_MODE="dpo",
+               DISTILL_TEACHER_GUIDANCE="7.5",
+               DISTILL_SET="distill.pair_noise=independent distill.noise_scale=1.0 distill.pair_regions=2 "
+                           "distill.aux_shared_draws=true distill.aux_optimizer.lr=1e-3")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -281,8 +290,11 @@ def test_train_default_runs_every_stage_with_calibration(tmp_path):
     distill_cfg = (run / "distill" / "config.yaml").read_text()
     assert str(run / "calibrate" / "best" / "teacher.pt") in distill_cfg and "reg_weight: 0" in distill_cfg
     assert str(run / "refiner" / "best" / "refiner.pt") in distill_cfg
-    assert "mode: vsd" in distill_cfg and "teacher_guidance: 7.5" in distill_cfg   # the shipped recipe's
-    assert load_checkpoint(run / "distill" / "distill.pt", backend="torch").meta["trained_by"] == "training.distill (vsd)"
+    # the shipped student's recipe: Distillation-DPO with region pairs and shared auxiliary draws
+    d = yaml.safe_load(distill_cfg)["distill"]
+    assert d["mode"] == "dpo" and d["teacher_guidance"] == 7.5 and d["pair_noise"] == "independent"
+    assert d["pair_regions"] == 2 and d["aux_shared_draws"] is True and d["aux_optimizer"]["lr"] == 1e-3
+    assert load_checkpoint(run / "distill" / "distill.pt", backend="torch").meta["trained_by"] == "training.distill (dpo)"
     for stage, kind in (("teacher", "teacher"), ("refiner", "refiner"), ("calibrate", "teacher"),
                         ("distill", "distill")):
         assert (run / stage / "best" / f"{kind}.pt").is_file(), stage
@@ -318,6 +330,22 @@ def test_train_default_gpu_run_profile_writes_parts_in_bf16(tmp_path):
     bad = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=dict(env, PROFILE="fast"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "PROFILE must be" in bad.stderr
+
+
+def test_train_default_refuses_a_malformed_distill_set_before_any_stage(tmp_path):
+    """DISTILL_SET is checked before anything is trained or generated: an entry without '=' stops
+    the script with exit code 2 and names the entry, and the run folder is not created."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu",
+               DISTILL_SET="distill.pair_regions=2 distill.aux_shared_draws")
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "'distill.aux_shared_draws'" in res.stderr, res.stderr
+    assert not run.exists()
 
 
 def test_ship_takes_each_stage_best_by_validation(fake_run, tmp_path):

@@ -88,6 +88,8 @@ def _row_spec(row: str, args):
     ckpt = args.teacher if kind == "teacher" else args.student
     if not ckpt:
         raise SystemExit(f"row {row}: pass --{kind}")
+    if not Path(ckpt).is_file():   # before any row runs, not when this row's turn comes
+        raise SystemExit(f"error: row {row}: --{kind} checkpoint not found: {ckpt}")
     return kind, steps, w, process, ckpt
 
 
@@ -338,4 +340,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lidar_completion.errors import LidarCompletionError
+
+    try:
+        sys.exit(main())
+    except LidarCompletionError as e:   # a corrupt checkpoint, a malformed dataset: its message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

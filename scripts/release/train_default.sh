@@ -28,8 +28,12 @@
 #                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
 #   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
 #   DISTILL_MODE [dpo]   the distillation objective (distill.mode): dpo (Distillation-DPO) or vsd
-#                        (score distillation alone; the shipped student: vsd with
-#                        DISTILL_TEACHER_GUIDANCE=10, docs/experiments/shipped-models.md)
+#                        (score distillation alone)
+#   DISTILL_SET []       more of the distillation's settings, space-separated key=value, each passed
+#                        as --set (the shipped student: DISTILL_TEACHER_GUIDANCE=10 DISTILL_SEED=3
+#                        DISTILL_SET="distill.pair_noise=independent distill.noise_scale=1.0
+#                        distill.pair_regions=2 distill.aux_shared_draws=true
+#                        distill.aux_optimizer.lr=1e-3", docs/experiments/shipped-models.md)
 #   PARALLEL [0]         1: train teacher and refiner at the same time, one thread each (CPU)
 #   WORKERS [0]          DataLoader worker processes (on the H200 run, 6 forked workers never
 #                        delivered a first batch within 125 s while 0 workers trained at 0.28 s per
@@ -64,6 +68,13 @@ if [ "${PROFILE:-cpu}" = gpu-run ]; then
 elif [ "${PROFILE:-cpu}" != cpu ]; then
   echo "PROFILE must be cpu or gpu-run, got ${PROFILE}" >&2; exit 2
 fi
+read -r -a dset <<< "${DISTILL_SET:-}"   # split on spaces, no glob expansion; checked before any stage
+for kv in "${dset[@]}"; do
+  case "$kv" in
+    ?*=*) ;;
+    *) echo "DISTILL_SET takes key=value settings separated by spaces, got '$kv'" >&2; exit 2 ;;
+  esac
+done
 RUN=${1:-runs/default}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-auto}
@@ -198,6 +209,7 @@ dextra=()
 [ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
 [ -n "${DISTILL_MODE:-}" ] && dextra+=(--set "distill.mode=$DISTILL_MODE")
 [ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
+for kv in "${dset[@]}"; do dextra+=(--set "$kv"); done
 val "${VAL_EVERY_DISTILL:-20}" "${VAL_STUDENT_GUIDANCE:-2}"
 stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
     --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$(best refiner refiner)" \
