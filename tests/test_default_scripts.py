@@ -348,6 +348,78 @@ def test_train_default_refuses_a_malformed_distill_set_before_any_stage(tmp_path
     assert not run.exists()
 
 
+@pytest.mark.parametrize("env_extra, message", [
+    ({"DISTILL_SEEDS": "0 x"}, "DISTILL_SEEDS takes integers"),
+    ({"DISTILL_SEEDS": "0 1", "VAL_EVERY_DISTILL": "0"}, "VAL_EVERY and VAL_EVERY_DISTILL must be > 0"),
+    ({"DISTILL_SEEDS": "0 1", "VAL_EVERY": "0"}, "VAL_EVERY and VAL_EVERY_DISTILL must be > 0"),
+])
+def test_train_default_refuses_distill_seeds_it_cannot_choose_among(tmp_path, env_extra, message):
+    """DISTILL_SEEDS chooses by validation: without it, or with a seed that is not an integer, the
+    script stops before anything is generated or trained."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "release" / "train_default.sh"), str(run)], cwd=ROOT,
+                         env=dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", **env_extra),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_train_default_distill_seeds_links_the_best_by_validation(tmp_path):
+    """DISTILL_SEEDS="1 0" at toy sizes: two distillations, RUN/distill links the one whose best
+    validation value is lower (ties: the first listed), distill_choice.json lists both; a second
+    call trains nothing and chooses again from the records; ship_default.py ships the chosen seed's
+    best export and records the choice."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", SEQUENCES="1", SCANS="3", BATCH="1",
+               SCAN_POINTS="200", MAX_STEPS_TEACHER="1", MAX_STEPS_REFINER="1", MAX_STEPS_DISTILL="2",
+               T_TEACHER="900", T_REFINER="900", T_DISTILL="900", OMP_NUM_THREADS="1", VAL_SCANS="3",
+               VAL_FRAMES="1", VAL_EVERY_DISTILL="1", DISTILL_MODE="vsd", DISTILL_SEEDS="1 0")
+    script = str(ROOT / "scripts" / "release" / "train_default.sh")
+    res = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    choice = json.loads((run / "distill_choice.json").read_text())
+    values = {r["seed"]: r["value"] for r in choice["seeds"]}
+    assert set(values) == {0, 1} and choice["by"] == "cd"
+    for r in choice["seeds"]:    # each record is that seed's own best validation
+        own = json.loads((run / f"distill_s{r['seed']}" / "best" / "validation.json").read_text())
+        assert own["value"] == r["value"] and own["step"] == r["step"]
+        assert f"seed: {r['seed']}" in (run / f"distill_s{r['seed']}" / "config.yaml").read_text()
+    # the lowest value; ties (both seeds best at step 0, where each student is the same teacher copy)
+    # go to the first seed listed
+    chosen = 0 if values[0] < values[1] else 1
+    assert choice["chosen"] == chosen
+    assert (run / "distill").is_symlink() and os.readlink(run / "distill") == f"distill_s{chosen}"
+    assert os.readlink(run / "distill.log") == f"distill_s{chosen}.log"
+    # the other seed validated better (its record edited here): a second call trains nothing and
+    # links that one instead
+    other = 1 - chosen
+    rec_path = run / f"distill_s{other}" / "best" / "validation.json"
+    rec = json.loads(rec_path.read_text())
+    rec["value"] = min(values.values()) - 0.5
+    rec_path.write_text(json.dumps(rec))
+    again = subprocess.run(["bash", script, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already done") == 4, again.stdout
+    assert os.readlink(run / "distill") == f"distill_s{other}"
+    assert json.loads((run / "distill_choice.json").read_text())["chosen"] == other
+    dest = tmp_path / "weights"
+    ship = subprocess.run([sys.executable, str(ROOT / "scripts" / "release" / "ship_default.py"), str(run),
+                           "--dest", str(dest)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ship.returncode == 0, ship.stderr
+    m = json.loads((dest / "manifest.json").read_text())
+    d = m["training"]["stages"]["distill"]
+    assert d["chosen_from"]["chosen"] == other and d["export"].endswith("distill/best/distill.pt")
+    assert m["files"]["student.pt"]["validation"]["value"] == rec["value"]
+
+
 def test_ship_takes_each_stage_best_by_validation(fake_run, tmp_path):
     """train_default.sh validates every stage: ship_default ships RUN/<stage>/best/<kind>.pt and
     records what it was chosen by."""

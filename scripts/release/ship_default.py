@@ -13,6 +13,8 @@ files, not on the float32 originals):
 
 Each stage's export is its best by validation, RUN/<stage>/best/<kind>.pt, when the stage validated
 (training/validation.py; the manifest records the step and the validation metrics), else its last.
+When RUN/distill links the seed train_default.sh chose among DISTILL_SEEDS, the manifest also
+records every seed's validation (training.stages.distill.chosen_from).
 
   student.pt     the distilled student (RUN/distill/distill.pt, or --student), the teacher's
                  condition encoder and the refiner: the default checkpoint of the CLI, the Python
@@ -302,6 +304,13 @@ def main(argv=None) -> int:
         folder = _stage_dir(student_src)
         stages["distill"] = _stage_info(folder, folder.with_suffix(".log"))
         stages["distill"]["export"] = str(student_src)
+        choice = folder.parent / "distill_choice.json"   # train_default.sh DISTILL_SEEDS: RUN/distill links the chosen seed
+        if folder.name == "distill" and folder.is_symlink() and choice.is_file():
+            try:
+                stages["distill"]["chosen_from"] = json.loads(choice.read_text())
+            except ValueError:
+                print(f"warning: {choice} is unreadable; the manifest does not record the seed choice",
+                      file=sys.stderr)
     manifest = {
         "default": "student.pt" if "student.pt" in files else None,
         "description": DESCRIPTION,

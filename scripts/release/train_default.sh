@@ -27,6 +27,13 @@
 #                        (distill.aux_warmup_steps) and the guidance of the teacher's score
 #                        (distill.teacher_guidance); unset: tiny_distill_dpo.yaml's 1e-5, 10, 1
 #   DISTILL_SEED [SEED]  the distillation's seed (its draws of t, noise and data order)
+#   DISTILL_SEEDS []     several distillation seeds, e.g. "0 1 2 3" (instead of DISTILL_SEED): each
+#                        trains as RUN/distill_s<seed> (T_DISTILL / MAX_STEPS_DISTILL each), one after
+#                        the other, and RUN/distill becomes a link to the one whose best validation CD
+#                        is lowest (RUN/distill_choice.json lists every seed's; ship_default.py records
+#                        it). The seed spread of a short distillation is larger than the differences
+#                        between objectives, and the validation drive ranks the seeds as held-out
+#                        frames do (docs/experiments/distillation-seeds.md); needs validation on
 #   DISTILL_MODE [dpo]   the distillation objective (distill.mode): dpo (Distillation-DPO) or vsd
 #                        (score distillation alone)
 #   DISTILL_SET []       more of the distillation's settings, space-separated key=value, each passed
@@ -75,6 +82,15 @@ for kv in "${dset[@]}"; do
     *) echo "DISTILL_SET takes key=value settings separated by spaces, got '$kv'" >&2; exit 2 ;;
   esac
 done
+read -r -a dseeds <<< "${DISTILL_SEEDS:-}"
+if [ ${#dseeds[@]} -gt 0 ]; then
+  for s in "${dseeds[@]}"; do
+    [[ "$s" =~ ^[0-9]+$ ]] || { echo "DISTILL_SEEDS takes integers separated by spaces, got '$s'" >&2; exit 2; }
+  done
+  if [ "${VAL_EVERY:-100}" -le 0 ] || [ "${VAL_EVERY_DISTILL:-20}" -le 0 ]; then
+    echo "DISTILL_SEEDS chooses among the seeds by validation: VAL_EVERY and VAL_EVERY_DISTILL must be > 0" >&2; exit 2
+  fi
+fi
 RUN=${1:-runs/default}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-auto}
@@ -144,6 +160,7 @@ stage() {  # stage NAME CONFIG SECONDS MAX_STEPS extra-args...  (NAME: teacher, 
   local name=$1 cfg=$2 secs=$3 steps=$4; shift 4
   local kind=$name
   [ "$name" = calibrate ] && kind=teacher
+  case "$name" in distill_s*) kind=distill ;; esac
   local out="$RUN/$name"
   if [ -f "$out/.stage_done" ] && [ -f "$out/$kind.pt" ]; then
     log "$name: already done ($out/$kind.pt); delete $out/.stage_done to train it further"
@@ -211,7 +228,40 @@ dextra=()
 [ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
 for kv in "${dset[@]}"; do dextra+=(--set "$kv"); done
 val "${VAL_EVERY_DISTILL:-20}" "${VAL_STUDENT_GUIDANCE:-2}"
-stage distill tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}" \
-    --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$(best refiner refiner)" \
-    --set "diffusion.reg_weight=$DISTILL_REG" "${VA[@]}" "${dextra[@]}" || exit 1
+dargs=(tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}"
+       --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$(best refiner refiner)"
+       --set "diffusion.reg_weight=$DISTILL_REG" "${VA[@]}" "${dextra[@]}")
+if [ ${#dseeds[@]} -eq 0 ]; then
+  stage distill "${dargs[@]}" || exit 1
+else
+  if [ -e "$RUN/distill" ] && [ ! -L "$RUN/distill" ]; then
+    log "$RUN/distill is a single-seed distillation: move it away to distil DISTILL_SEEDS into this run"; exit 1
+  fi
+  for s in "${dseeds[@]}"; do
+    stage "distill_s$s" "${dargs[@]}" --set "seed=$s" || exit 1   # the last seed= wins
+  done
+  # the seed whose best validation CD is lowest (ties: the first listed)
+  chosen=$("$PY" - "$RUN" "${dseeds[@]}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+run, seeds = Path(sys.argv[1]), sys.argv[2:]
+rows = []
+for s in seeds:
+    rec = run / f"distill_s{s}" / "best" / "validation.json"
+    try:
+        v = json.loads(rec.read_text())
+        rows.append({"seed": int(s), "folder": f"distill_s{s}", "step": v["step"], "select": v["select"],
+                     "value": float(v["value"]), "metrics": v.get("metrics", {})})
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"no validation record for seed {s} ({rec}): {e}")
+best = min(rows, key=lambda r: r["value"])
+(run / "distill_choice.json").write_text(json.dumps({"chosen": best["seed"], "by": best["select"],
+                                                     "seeds": rows}, indent=1) + "\n")
+print(best["seed"])
+PYEOF
+) || { log "choosing among DISTILL_SEEDS failed"; exit 1; }
+  ln -sfn "distill_s$chosen" "$RUN/distill"
+  ln -sfn "distill_s$chosen.log" "$RUN/distill.log"
+  log "distill: seed $chosen has the lowest validation CD of seeds ${dseeds[*]} -> $RUN/distill ($RUN/distill_choice.json)"
+fi
 log "done: $(ls "$RUN"/*/*.pt "$RUN"/*/best/*.pt 2>/dev/null)"
