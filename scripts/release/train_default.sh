@@ -33,7 +33,9 @@
 #                        is lowest (RUN/distill_choice.json lists every seed's; ship_default.py records
 #                        it). The seed spread of a short distillation is larger than the differences
 #                        between objectives, and the validation drive ranks the seeds as held-out
-#                        frames do (docs/experiments/distillation-seeds.md); needs validation on
+#                        frames do (docs/experiments/distillation-seeds.md). Needs validation
+#                        (VAL_EVERY and VAL_EVERY_DISTILL > 0); that ranking was measured on 12
+#                        frames (every 5th), the default VAL_FRAMES is 3 (every 10th)
 #   DISTILL_MODE [dpo]   the distillation objective (distill.mode): dpo (Distillation-DPO) or vsd
 #                        (score distillation alone)
 #   DISTILL_SET []       more of the distillation's settings, space-separated key=value, each passed
