@@ -31,7 +31,8 @@ SCHED = NoiseSchedule()
 SIGMA = torch.sqrt(1.0 - SCHED.alphas_cumprod).float()
 
 
-def _run_one_step(tmp_path, mode: str, *extra):
+def _trainer(tmp_path, mode: str, *extra):
+    """The test trainer of ``mode`` (SGD, two scans a batch) and copies of its networks."""
     torch.manual_seed(0)
     cfg = tiny_config("distill", "train.batch_size=2", f"train.optimizer={{name: sgd, lr: {LR_STUDENT}}}",
                       f"distill.aux_optimizer={{name: sgd, lr: {LR_AUX}}}", "train.grad_clip=null",
@@ -41,7 +42,11 @@ def _run_one_step(tmp_path, mode: str, *extra):
     tr = DistillTrainer(cfg, tmp_path, source=scenes_source(2))
     before = {"student": copy.deepcopy(tr.student)}
     before.update({n: copy.deepcopy(a) for n, a in tr.aux.items()})
-    return recorded_step(tr, before)
+    return tr, before
+
+
+def _run_one_step(tmp_path, mode: str, *extra):
+    return recorded_step(*_trainer(tmp_path, mode, *extra))
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch
 from lidar_completion import metrics as M
 from lidar_completion.checkpoints import WEIGHTS_DIR
 from lidar_completion.errors import ConfigError
-from test_training_distill import SIGMA, _run_one_step
+from test_training_distill import SIGMA, _run_one_step, _trainer
 from test_training_utils import assert_sgd_update, tiny_config
 from training.engine import set_bn_mode
-from training.preference import (PreferenceMetric, cd_unseen, local_sample, region_winners, sample_timesteps,
-                                 spread, widest_pair)
+from training.preference import (PreferenceMetric, cd_unseen, local_sample, rank_pair, region_winners,
+                                 sample_timesteps, spread, widest_pair)
 
 
 # -- the metrics ---------------------------------------------------------------------------------
@@ -125,6 +125,36 @@ def test_region_winners_pick_each_regions_better_sample():
     assert not first.any() and stats["regions"] == 8
 
 
+def test_rank_pair_by_regions_needs_no_whole_scan_metrics():
+    """With regions the winner and loser mosaics, their metrics and the logs do not depend on the
+    whole-scan metrics m1, m2: passing None (what a training step without a record does) gives the
+    same result without computing them; a whole-scan ranking without them is refused."""
+    rng = np.random.default_rng(3)
+    B, n = 2, 300
+    rows = torch.as_tensor(np.repeat(np.arange(B), n))
+    anchors = rng.uniform(-6, 6, (B * n, 3)).astype(np.float32)
+    target = (anchors + rng.normal(0, 0.05, anchors.shape)).astype(np.float32)
+    batch = {"x_init": torch.as_tensor(anchors), "target": torch.as_tensor(target),
+             "target_batch": torch.as_tensor(np.repeat(np.arange(B), n)),
+             "scan": torch.as_tensor(anchors[::3]), "scan_batch": torch.as_tensor(np.repeat(np.arange(B), n)[::3])}
+    s1 = torch.as_tensor(anchors + rng.normal(0, 0.2, anchors.shape).astype(np.float32))
+    s2 = torch.as_tensor(anchors + rng.normal(0, 0.2, anchors.shape).astype(np.float32))
+    metric = PreferenceMetric.from_spec({"metric": "cd"})
+    m1, m2 = metric.per_scan(s1, rows, batch, B), metric.per_scan(s2, rows, batch, B)
+    full = rank_pair(metric, s1, s2, m1, m2, rows, batch, B, 3.0)
+    lean = rank_pair(metric, s1, s2, None, None, rows, batch, B, 3.0)
+    assert lean.first is None and full.first is not None
+    assert 0 < full.first_rows.mean() < 1                   # a real mosaic: both samples win somewhere
+    torch.testing.assert_close(lean.x_w, full.x_w)
+    torch.testing.assert_close(lean.x_l, full.x_l)
+    np.testing.assert_array_equal(lean.first_rows, full.first_rows)
+    np.testing.assert_allclose(lean.mw, full.mw)
+    np.testing.assert_allclose(lean.ml, full.ml)
+    assert lean.logs == full.logs
+    with pytest.raises(ValueError, match="needs the metrics"):
+        rank_pair(metric, s1, s2, None, None, rows, batch, B, 0.0)
+
+
 # -- the options in a distillation step -----------------------------------------------------------
 def _student_eps(step, x, t, with_uncond: float | None = None):
     tr, batch = step["tr"], step["batch"]
@@ -230,6 +260,17 @@ def test_region_pairs_train_each_side_on_the_mosaic_of_regional_winners(tmp_path
     moved = sum(float((a - b).detach().abs().sum()) for a, b in zip(step["tr"].student.parameters(),
                                                          step["before"]["student"].parameters()))
     assert moved > 0
+    # the same step unrecorded (as training runs: no whole-scan metrics computed) updates the
+    # student exactly as the recorded one, with the same preference logs
+    from training.data import make_loader
+    tr2, _ = _trainer(tmp_path / "plain", "dpo", "distill.pair_noise=independent", "distill.noise_scale=1.0",
+                      "distill.pair_regions=1.5", "train.batchnorm=frozen")
+    tr2.sampler.set_epoch(0, 0)
+    plain_logs = tr2.train_step(next(iter(make_loader(tr2.dataset, tr2.sampler, 0))))
+    assert tr2.last_record == {}                        # nothing recorded
+    for a, b in zip(tr2.student.parameters(), step["tr"].student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert plain_logs["metric/switch"] == logs["metric/switch"] and plain_logs["metric/margin"] == logs["metric/margin"]
 
 
 def test_spread_diagnostic_compares_the_margin_with_independent_samples(tmp_path):

@@ -400,9 +400,12 @@ class DistillTrainer(Trainer):
         """Winner and loser of each scan's pair by the preference metric (logs the margins)."""
         N = st.xb.shape[0]
         G1, G2 = st.G_all[:N], st.G_all[N:]
-        m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
-        m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
-        ranked = rank_pair(self.metric, G1, G2, m1, m2, st.xb, batch, st.B, float(self.cfg["distill"]["pair_regions"]))
+        cell = float(self.cfg["distill"]["pair_regions"])
+        m1 = m2 = None
+        if cell <= 0 or rec is not None:   # with regions the whole-scan metrics only go into the record
+            m1 = self.metric.per_scan(G1, st.xb, batch, st.B)
+            m2 = self.metric.per_scan(G2, st.xb, batch, st.B)
+        ranked = rank_pair(self.metric, G1, G2, m1, m2, st.xb, batch, st.B, cell)
         st.logs.update(ranked.logs)
         if rec is not None:
             rec.update(m1=m1, m2=m2, first=ranked.first.copy(), mw=ranked.mw, ml=ranked.ml,

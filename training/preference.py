@@ -247,7 +247,7 @@ class RankedPair:
     """A pair ranked by :func:`rank_pair`: the winner and loser (whole samples, or region mosaics)."""
     x_w: torch.Tensor
     x_l: torch.Tensor
-    first: np.ndarray                  # (B,) whole scans: the first sample wins
+    first: np.ndarray | None           # (B,) whole scans: the first sample wins (None: regions, no m1/m2)
     mw: np.ndarray                     # (B,) the metric of each scan's winner / loser as used
     ml: np.ndarray
     logs: dict
@@ -263,8 +263,14 @@ def rank_pair(metric: PreferenceMetric, s1: torch.Tensor, s2: torch.Tensor, m1: 
     keep the samples' graphs. ``logs``: ``metric/winner``, ``/loser``, ``/margin`` and ``/switch``
     (the share of scans, or of regions, the second sample won) summed over the ranks, and with
     regions ``metric/regions`` (regions per scan). Used by the distillation and the teacher's DPO
-    stage alike."""
-    first = metric.first_wins(m1, m2)
+    stage alike. With regions the whole-sample metrics are not needed: ``m1`` = ``m2`` = None
+    skips them (``first`` is then None)."""
+    if m1 is None or m2 is None:
+        if cell <= 0:
+            raise ValueError("rank_pair: whole-scan ranking needs the metrics m1 and m2")
+        first = None
+    else:
+        first = metric.first_wins(m1, m2)
     logs, first_rows, regions = {}, None, None
     if cell > 0:
         xb, anchors = rows.cpu().numpy(), batch["x_init"].numpy()
