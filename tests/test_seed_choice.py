@@ -62,3 +62,6 @@ def test_bad_inputs_are_named(tmp_path):
         sc.analyse(tmp_path / "val", [tmp_path / "other"], [None], [1])
     with pytest.raises(SystemExit):
         sc.main(["--val", str(tmp_path / "val"), "--held", str(tmp_path / "held"), "--k", "0"])
+    _folder(tmp_path / "val_bare", [("s0.pt", 0.0), ("s1.pt", 0.0)])         # compare.json without its runs
+    with pytest.raises(SystemExit, match="no validation frame is shared.*s0.pt, s1.pt"):
+        sc.analyse(tmp_path / "val_bare", [tmp_path / "held"], [None], [1])

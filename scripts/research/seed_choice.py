@@ -89,8 +89,12 @@ def analyse(val: Path, held_folders: list[Path], frame_sets: list, ks: list[int]
     frames = {s["checkpoint"]: frame_values(val, s, row, cmp) for s in vstud}
     group = {s["checkpoint"]: s["label"] for s in vstud}
     results = []
+    common = sorted(set.intersection(*(set(f) for f in frames.values())))
+    if not common:
+        empty = [c for c, f in frames.items() if not f]
+        raise SystemExit(f"no validation frame is shared by every student (row {row!r}; without frames.jsonl: "
+                         f"{', '.join(empty) or 'none'})")
     for fs in frame_sets:
-        common = sorted(set.intersection(*(set(f) for f in frames.values())))
         chosen = common if fs is None else [f for f in fs if f in common]
         missing = [] if fs is None else [f for f in fs if f not in common]
         if missing:
