@@ -78,9 +78,10 @@ elif [ "${PROFILE:-cpu}" != cpu ]; then
   echo "PROFILE must be cpu or gpu-run, got ${PROFILE}" >&2; exit 2
 fi
 read -r -a dset <<< "${DISTILL_SET:-}"   # split on spaces, no glob expansion; checked before any stage
+dset_args=()
 for kv in "${dset[@]}"; do
   case "$kv" in
-    ?*=*) ;;
+    ?*=*) dset_args+=(--set "$kv") ;;
     *) echo "DISTILL_SET takes key=value settings separated by spaces, got '$kv'" >&2; exit 2 ;;
   esac
 done
@@ -228,7 +229,7 @@ dextra=()
 [ -n "${DISTILL_TEACHER_GUIDANCE:-}" ] && dextra+=(--set "distill.teacher_guidance=$DISTILL_TEACHER_GUIDANCE")
 [ -n "${DISTILL_MODE:-}" ] && dextra+=(--set "distill.mode=$DISTILL_MODE")
 [ -n "${DISTILL_SEED:-}" ] && dextra+=(--set "seed=$DISTILL_SEED")   # after common's seed=SEED: wins
-for kv in "${dset[@]}"; do dextra+=(--set "$kv"); done
+dextra+=("${dset_args[@]}")
 val "${VAL_EVERY_DISTILL:-20}" "${VAL_STUDENT_GUIDANCE:-2}"
 dargs=(tiny_distill_dpo.yaml "${T_DISTILL:-80}" "${MAX_STEPS_DISTILL:-100000}"
        --set "distill.teacher=$TEACHER_PT" --set "distill.refiner=$(best refiner refiner)"

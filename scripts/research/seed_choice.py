@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,10 +70,7 @@ def best_of_k(val_cd: dict, held: dict, members: list, k: int, rng) -> float | N
     """Mean held-out CD of the validation choice over the k-subsets of ``members``."""
     if k > len(members):
         return None
-    n = 1
-    for i in range(k):
-        n = n * (len(members) - i) // (i + 1)
-    subsets = (itertools.combinations(members, k) if n <= MAX_SUBSETS
+    subsets = (itertools.combinations(members, k) if math.comb(len(members), k) <= MAX_SUBSETS
                else (rng.choice(members, size=k, replace=False) for _ in range(MAX_SUBSETS)))
     return float(np.mean([held[min(sub, key=lambda c: val_cd[c])] for sub in subsets]))
 
