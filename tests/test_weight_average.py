@@ -51,6 +51,7 @@ def test_soup_and_scales_are_the_mean_and_the_line_through_it(tmp_path, capsys):
     assert rep["displacement_norms"] == pytest.approx([n1, 2 * n1], rel=1e-5)
     assert rep["soup_displacement_norm"] == pytest.approx(1.5 * n1, rel=1e-5)
     assert rep["cosines"][0][1] == pytest.approx(1.0)
+    assert rep["distances_from_soup"] == pytest.approx([0.5 * n1, 0.5 * n1], rel=1e-5)
     assert "0.000" not in capsys.readouterr().out.split("cosines")[0]
 
 

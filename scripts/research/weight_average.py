@@ -12,7 +12,8 @@ displacements and writes checkpoints made from them:
   direction).
 
 It also reports, in ``OUT/weight_average.json``, each student's displacement norm, the cosine
-between every two students' displacements and the soup's norm (the shared part of the moves).
+between every two students' displacements, the soup's norm (the shared part of the moves) and
+each student's distance from the soup (its own part).
 Complete the written checkpoints with ``compare_distillations.py`` like any student::
 
     python scripts/research/weight_average.py --teacher lidar_completion_pkg/lidar_completion/weights/teacher.pt \\
@@ -132,10 +133,12 @@ def main(argv=None) -> int:
     norms = [float(d.norm()) for d in disp]
     cos = [[float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else None for b in disp] for a in disp]
     soup_disp = displacement(soup, teacher)
+    residuals = [float((d - soup_disp).norm()) for d in disp]     # each student's distance from the soup
     report = {"teacher": args.teacher, "students": args.student,
               "teacher_norm": float(torch.cat([v.double().reshape(-1) for k, v in sorted(teacher.items())
                                                if v.is_floating_point()]).norm()),
               "displacement_norms": norms, "cosines": cos, "soup_displacement_norm": float(soup_disp.norm()),
+              "distances_from_soup": residuals,
               "written": {}}
 
     out = Path(args.out)
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     print(f"displacement norms {', '.join(f'{n:.4f}' for n in norms)}; soup {report['soup_displacement_norm']:.4f}; "
           f"teacher {report['teacher_norm']:.2f}")
     if len(disp) > 1:
+        print(f"distances from the soup {', '.join(f'{r:.4f}' for r in residuals)}")
         off = [c for i, row in enumerate(cos) for j, c in enumerate(row) if i < j and c is not None]
         if off:
             print(f"cosines between students' displacements: {min(off):.3f} to {max(off):.3f} (mean {sum(off) / len(off):.3f})")
