@@ -80,11 +80,16 @@ def test_broken_inputs_are_named(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a PyTorch checkpoint"):
         wa.main(["--teacher", str(junk), "--student", str(s1), "--out", out])
-    # a student whose refiner differs is not from the same distillation
+    # a student whose refiner differs is not from the same distillation; edited without a new
+    # content hash, the file is refused as modified
     other = torch.load(s2, weights_only=True)
     other["state_dicts"]["refiner"] = {k: v + 1 if v.is_floating_point() else v
                                       for k, v in other["state_dicts"]["refiner"].items()}
-    torch.save(other, tmp_path / "odd.pt")
+    torch.save(other, tmp_path / "edited.pt")
+    with pytest.raises(SystemExit, match="content hash mismatch"):
+        wa.main(["--teacher", str(teacher), "--student", str(s1), "--student", str(tmp_path / "edited.pt"), "--out", out])
+    save_checkpoint(tmp_path / "odd.pt", other["state_dicts"], ModelConfig.from_dict(other["config"]),
+                    sampling=other["sampling"], kind="student")
     with pytest.raises(SystemExit, match="its refiner differs"):
         wa.main(["--teacher", str(teacher), "--student", str(s1), "--student", str(tmp_path / "odd.pt"), "--out", out])
     # a teacher of other widths

@@ -36,16 +36,18 @@ ROLE = "denoiser"
 
 
 def _load(path: str) -> dict:
-    from lidar_completion.checkpoints import CheckpointError, _torch_load
+    """{kind, state_dicts, config, sampling, meta} of a checkpoint (read and hash-checked by the
+    library's reader, so a damaged file is named); it must hold a denoiser."""
+    from lidar_completion.checkpoints import read_state_dicts
+    from lidar_completion.errors import CheckpointError
 
     try:
-        obj = _torch_load(Path(path), allow_pickle=False)
+        kind, sds, config, sampling, meta, _ = read_state_dicts(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
-    if not isinstance(obj, dict) or obj.get("format") != "lidar-completion" or ROLE not in obj.get("state_dicts", {}):
-        raise SystemExit(f"error: {path} is not one of this project's checkpoints with a {ROLE} "
-                         f"(expected the format of lidar_completion.checkpoints.save_checkpoint)")
-    return obj
+    if ROLE not in sds:
+        raise SystemExit(f"error: {path} holds no {ROLE} (it holds: {', '.join(sorted(sds))})")
+    return {"kind": kind, "state_dicts": sds, "config": config, "sampling": sampling, "meta": meta}
 
 
 def _check_same(name: str, ref: dict, other: dict, where: str, any_float: bool = False) -> None:
@@ -117,8 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for scale_<a>.pt and weight_average.json")
     args = ap.parse_args(argv)
 
-    from lidar_completion.checkpoints import content_hash
-    from lidar_completion.fileutil import atomic_write
+    from lidar_completion.checkpoints import save_checkpoint
 
     students = [_load(p) for p in args.student]
     teacher_obj = _load(args.teacher)
@@ -145,13 +146,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = students[0]
     for a in args.scale:
-        obj = dict(base)
-        obj["state_dicts"] = dict(base["state_dicts"], **{ROLE: scaled(soup, teacher, a, like)})
-        obj["meta"] = dict(base.get("meta", {}), weight_average={"students": args.student, "teacher": args.teacher,
-                                                                  "scale": a})
-        obj["content_hash"] = content_hash(obj["state_dicts"], obj["config"], obj["sampling"])
+        sds = dict(base["state_dicts"], **{ROLE: scaled(soup, teacher, a, like)})
+        meta = dict(base["meta"], weight_average={"students": args.student, "teacher": args.teacher, "scale": a})
         path = out / f"scale_{a:g}.pt"
-        atomic_write(path, lambda f, o=obj: torch.save(o, f))
+        save_checkpoint(path, sds, base["config"], sampling=base["sampling"], kind=base["kind"], meta=meta)
         report["written"][f"{a:g}"] = str(path)
         print(f"scale {a:g}: {path}")
     (out / "weight_average.json").write_text(json.dumps(report, indent=1))
