@@ -70,7 +70,8 @@ def displacement(student: dict, teacher: dict) -> torch.Tensor:
 
 
 def average(students: list[dict], paths: list[str]) -> dict:
-    """The first checkpoint with its denoiser replaced by the mean of all; the other networks must agree."""
+    """The mean of the students' denoisers ({name: tensor}, floating tensors in float64); their configs,
+    network sets and other networks must agree (checked, named on failure)."""
     base = students[0]
     for obj, path in zip(students[1:], paths[1:]):
         if obj["config"] != base["config"]:
