@@ -18,20 +18,23 @@ points. Each (case, backend, precision) row gives the median of ``--repeats`` co
 one warm-up scan (kernel compilation, tile tuning and CUDA graph capture happen there), with the
 Completer's stage times (preprocessing = filters + FPS + tiling; encoder; denoiser per solver step
 (both guidance halves); refiner; ``--fps`` picks where the sampling runs, ``--fps-parts`` its
-approximate sector variant, a row per value) and the time to build every kernel map of one denoiser pass
+approximate sector variant, ``--fps-candidates`` how many candidates each program of the device
+kernel offers per exchange, a row per value of either) and the time to build every kernel map of one denoiser pass
 (``maps``: voxelisation, the coordinate sets of all strides, the neighbour / child / parent tables
 and, for triton, their bitmask-sorted plans). ``--forward`` adds per-network forward times.
 
 The last line is ``triton_vs_torch=<torch seconds / triton seconds per scan, published widths, bf16>
 published8_bf16_s=<triton seconds per scan, published widths, 8 steps, bf16>`` (``nan`` where a side
-did not run; the first ``--fps-parts`` value's rows); on the CPU,
+did not run; the rows of the first ``--fps-parts`` and ``--fps-candidates`` values); on the CPU,
 ``torch_vs_minkowski_cpu=<MinkowskiEngine time / torch time>`` of the per-network forward passes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -149,11 +152,14 @@ def end_to_end(ckpt, backend, device, scan, steps, precision, repeats, guidance=
     return c, t, peak, res[0], ",".join(modes)
 
 
-def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 4_000), parts=(1,)) -> int:
+def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 4_000), parts=(1,),
+             candidates=(0,)) -> int:
     """Farthest-point sampling of ``scan``: fpsample on the CPU (the k-d tree variant the
     Completer uses) against the Triton kernel; ``same_indices`` checks the kernel against fpsample's
     textbook implementation (both start from point 0). On CUDA also the kernel with fewer programs
-    per cloud (8-64; the default spreads a cloud over every SM). Each ``parts`` value above 1 adds
+    per cloud (8-64; the default spreads a cloud over every SM), and the kernel with each further
+    ``candidates`` value (K candidates per program and exchange; the first value is the one timed
+    throughout; ``same_as_default`` must hold, both are exact). Each ``parts`` value above 1 adds
     the approximate sector variant on both (``coverage``: the mean distance from a scan point to its
     nearest sample, against exact sampling's)."""
     import fpsample
@@ -171,22 +177,30 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
 
     rows = []
     x = torch.from_numpy(scan).to(device)
+    k0 = candidates[0]
     for k in counts:
         cpu = timed(lambda: farthest_point_sample(scan, k), torch.device("cpu"), repeats)
-        dev = timed(lambda: farthest_point_sample_device([x], [k]), device, repeats)
-        same = bool(np.array_equal(np.asarray(fpsample.fps_sampling(scan, k, start_idx=0)),
-                                   farthest_point_sample_device([x], [k])[0].cpu().numpy()))
-        rows.append({"points": len(scan), "samples": k, "cpu_s": cpu, "device_s": dev, "same_indices": same})
-        print(f"fps points={len(scan)} samples={k} cpu={cpu * 1000:.1f}ms device={dev * 1000:.1f}ms "
-              f"same_indices={same}", flush=True)
+        dev = timed(lambda: farthest_point_sample_device([x], [k], candidates=k0), device, repeats)
+        want = farthest_point_sample_device([x], [k], candidates=k0)[0]
+        same = bool(np.array_equal(np.asarray(fpsample.fps_sampling(scan, k, start_idx=0)), want.cpu().numpy()))
+        rows.append({"points": len(scan), "samples": k, "candidates": k0, "cpu_s": cpu, "device_s": dev,
+                     "same_indices": same})
+        print(f"fps points={len(scan)} samples={k} candidates={k0} cpu={cpu * 1000:.1f}ms "
+              f"device={dev * 1000:.1f}ms same_indices={same}", flush=True)
+        for kc in candidates[1:]:   # more samples per exchange: fewer exchanges, the same samples
+            t = timed(lambda: farthest_point_sample_device([x], [k], candidates=kc), device, repeats)
+            same_c = bool(torch.equal(farthest_point_sample_device([x], [k], candidates=kc)[0], want))
+            rows.append({"points": len(scan), "samples": k, "candidates": kc, "device_s": t,
+                         "same_as_default": same_c})
+            print(f"fps points={len(scan)} samples={k} candidates={kc} device={t * 1000:.1f}ms "
+                  f"same_as_default={same_c}", flush=True)
         if device.type == "cuda":   # fewer programs: less polling traffic per step, more points each
-            want = farthest_point_sample_device([x], [k])[0]
             for p in (8, 16, 32, 64):
-                t = timed(lambda: farthest_point_sample_device([x], [k], programs=p), device, repeats)
-                same_p = bool(torch.equal(farthest_point_sample_device([x], [k], programs=p)[0], want))
-                rows.append({"points": len(scan), "samples": k, "programs": p, "device_s": t,
+                t = timed(lambda: farthest_point_sample_device([x], [k], programs=p, candidates=k0), device, repeats)
+                same_p = bool(torch.equal(farthest_point_sample_device([x], [k], programs=p, candidates=k0)[0], want))
+                rows.append({"points": len(scan), "samples": k, "candidates": k0, "programs": p, "device_s": t,
                              "same_as_default": same_p})
-                print(f"fps points={len(scan)} samples={k} programs={p} device={t * 1000:.1f}ms "
+                print(f"fps points={len(scan)} samples={k} candidates={k0} programs={p} device={t * 1000:.1f}ms "
                       f"same_as_default={same_p}", flush=True)
         sector_parts = [q for q in parts if q > 1]
         # the exact sampling's coverage, the reference of the sector rows (only when there are some)
@@ -203,6 +217,23 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def candidates_env(k: int):
+    """LIDAR_COMPLETION_FPS_CANDIDATES = k inside the block (what the Completer's device sampling
+    reads), the previous value after it."""
+    from lidar_completion.sparse.triton_backend import ENV_FPS_CANDIDATES
+
+    old = os.environ.get(ENV_FPS_CANDIDATES)
+    os.environ[ENV_FPS_CANDIDATES] = str(k)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_FPS_CANDIDATES, None)
+        else:
+            os.environ[ENV_FPS_CANDIDATES] = old
 
 
 def default_backends(device) -> list[str]:
@@ -231,6 +262,10 @@ def main(argv=None) -> int:
     p.add_argument("--fps-parts", type=int, nargs="+", default=[1], metavar="P",
                    help="farthest-point sampling in P azimuth sectors (1 = exact; default 1); several values: "
                         "a row each (--fps-only: the sector variants beside the exact one)")
+    p.add_argument("--fps-candidates", type=int, nargs="+", choices=(0, 1, 2, 4, 8), default=None, metavar="K",
+                   help="device farthest-point sampling with K candidates per program and exchange (0: one "
+                        "sample per exchange; default: LIDAR_COMPLETION_FPS_CANDIDATES, else 0); several values: "
+                        "a row each")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--fps-only", action="store_true",
@@ -239,6 +274,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if any(not 1 <= q <= 256 for q in args.fps_parts):
         p.error(f"--fps-parts takes values in 1..256, got {args.fps_parts}")
+    if args.fps_candidates is None:
+        from lidar_completion.sparse.triton_backend import fps_candidates_default
+        args.fps_candidates = [fps_candidates_default()]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -260,7 +298,7 @@ def main(argv=None) -> int:
         pass
     if args.fps_only:
         return fps_only(scan, device, repeats, args.json, (1_000, 200) if args.quick else (18_000, 4_000),
-                        args.fps_parts)
+                        args.fps_parts, args.fps_candidates)
     print(f"# device={device} gpu={results['gpu']} torch={torch.__version__} triton={results.get('triton')} "
           f"threads={torch.get_num_threads()} backends={backends} cases={cases} scan={len(scan)}", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -280,9 +318,11 @@ def main(argv=None) -> int:
                         results["forward"].setdefault(case, {})[b] = t
                         print(f"forward case={case} backend={b} points={n} "
                               + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in t.items()), flush=True)
-            for b, prec, parts in ((b, q, P) for b in backends for q in precisions for P in args.fps_parts):
-                c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
-                                                    args.fps, parts)
+            for b, prec, parts, kc in ((b, q, P, K) for b in backends for q in precisions for P in args.fps_parts
+                                       for K in args.fps_candidates):
+                with candidates_env(kc):
+                    c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
+                                                        args.fps, parts)
                 x_init = torch.from_numpy(c.prepare(scan)[2]).to(device)
                 maps = map_time(b, device, x_init, 0.5, repeats)
                 st = r.timings
@@ -292,7 +332,7 @@ def main(argv=None) -> int:
                        "denoiser_step_s": st.get("denoiser", float("nan")) / max(1, args.steps),
                        "refiner_s": st.get("refinement"), "points_out": int(len(r.points)),
                        "budget": [c.n_fps, c.tile], "fps": "device" if c.fps_on_device else "cpu",
-                       "fps_parts": parts}
+                       "fps_parts": parts, "fps_candidates": kc}
                 results["rows"].append(row)
                 print(f"complete case={case} backend={b} precision={prec} steps={args.steps} "
                       f"graphs={graphs} time={t * 1000:.1f}ms peak_gpu={peak:.0f}MiB "
@@ -300,14 +340,15 @@ def main(argv=None) -> int:
                       f"encoder={row['encoder_s'] * 1000:.1f}ms "
                       f"denoiser/step={row['denoiser_step_s'] * 1000:.1f}ms "
                       f"refiner={(row['refiner_s'] or float('nan')) * 1000:.1f}ms "
-                      f"out={row['points_out']} budget={c.n_fps}x{c.tile} fps={row['fps']} fps_parts={parts}", flush=True)
+                      f"out={row['points_out']} budget={c.n_fps}x{c.tile} fps={row['fps']} fps_parts={parts} "
+                      f"fps_candidates={kc}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
     def seconds(case, backend, prec):
         hit = [r["seconds"] for r in results["rows"]
                if r["case"] == case and r["backend"] == backend and r["precision"] == prec
-               and r["fps_parts"] == args.fps_parts[0]]
+               and r["fps_parts"] == args.fps_parts[0] and r["fps_candidates"] == args.fps_candidates[0]]
         return hit[0] if hit else float("nan")
 
     if cuda or "triton" in backends:

@@ -5,33 +5,36 @@
 #   1. the headline: benchmarks/backends.py, triton vs torch, published widths and the shipped
 #      student, bf16, default tiles (no tuning: every tuning candidate is one more compilation),
 #      farthest-point sampling where the Completer puts it by default (the device on CUDA),
-#   2. the Triton rows of step 1 with approximate farthest-point sampling in 16 azimuth sectors
+#   2. the Triton rows of step 1 with the exact sampling kernel that takes several samples per
+#      exchange (--fps-candidates 2: each program offers its two farthest points),
+#   3. the Triton rows of step 1 with approximate farthest-point sampling in 16 azimuth sectors
 #      (--fps-parts 16; its effect on CD: docs/benchmarks.md),
-#   3. the published Triton row of step 1 with the kernel maps and lattice search built by torch
+#   4. the published Triton row of step 1 with the kernel maps and lattice search built by torch
 #      operations (LIDAR_COMPLETION_TRITON_MAPS=0), for comparison with the map kernels,
-#   4. correctness on the GPU: tests/test_triton.py and the Triton and sampling tests of
+#   5. correctness on the GPU: tests/test_triton.py and the Triton and sampling tests of
 #      tests/test_cuda.py (fp32 within 1e-4 of the torch backend, bf16 no further from fp32 than
 #      torch's own bf16), with the default tiles (with tuning on, every new layer shape compiles
 #      every candidate),
-#   5. farthest-point sampling alone: the device kernel against fpsample on the CPU, with fewer
-#      programs per cloud, and the approximate sector variant (8, 16 and 32 sectors),
-#   6. launches of one guided published-width pass (benchmarks/launch_count.py): torch operators and
+#   6. farthest-point sampling alone: the device kernel against fpsample on the CPU, with 1-8
+#      candidates per program and exchange, with fewer programs per cloud, and the approximate
+#      sector variant (8, 16 and 32 sectors),
+#   7. launches of one guided published-width pass (benchmarks/launch_count.py): torch operators and
 #      Triton kernels with the map kernels and without,
-#   7. training steps per second on the GPU (python -m training.bench): the published-width teacher,
+#   8. training steps per second on the GPU (python -m training.bench): the published-width teacher,
 #      triton vs torch, bf16 and fp32 (the target: triton bf16 >= 4x torch fp32),
-#   8. the tiny teacher at batch 8 on Triton, bf16 (the target: >= 20 steps per second),
-#   9. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
+#   9. the tiny teacher at batch 8 on Triton, bf16 (the target: >= 20 steps per second),
+#  10. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
 #      the local process, as step 1 runs it),
-#  10. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
+#  11. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
 #      tiles, then a wider list of tile configurations for the heaviest layers (the useful TFLOP/s),
-#  11. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
-#  12. the layer and network tests again with the flat K loop,
-#  13. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
+#  12. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
+#  13. the layer and network tests again with the flat K loop,
+#  14. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
-# so that a call cut off at its limit still returns the earlier steps' output (ONLY="1 4" runs steps
-# 1 and 4 alone; TESTS_K narrows step 4's pytest -k). Triton compiles its kernels on first use and caches them on disk for later steps.
+# so that a call cut off at its limit still returns the earlier steps' output (ONLY="1 5" runs steps
+# 1 and 5 alone; TESTS_K narrows step 5's pytest -k). Triton compiles its kernels on first use and caches them on disk for later steps.
 # tests/test_gpu_session.py rehearses this script on the CPU with stand-ins for python3 and nvidia-smi:
 # every step's arguments must pass its script's parser and every pytest call must select tests.
 set -u
@@ -64,12 +67,16 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider -rf --timeout 100"
 step 110 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
   --cases published student --precisions bf16 --repeats 3 --json "$OUT/backends_bf16.json"
 step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
+  --cases published student --backends triton --precisions bf16 --repeats 3 --fps-candidates 2 \
+  --json "$OUT/backends_fps_candidates2.json"
+step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --device cuda \
   --cases published student --backends triton --precisions bf16 --repeats 3 --fps-parts 16 \
   --json "$OUT/backends_fps16.json"
 step 50 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_MAPS=0 python3 benchmarks/backends.py --device cuda \
   --cases published --backends triton --precisions bf16 --repeats 3 --json "$OUT/backends_maps_torch.json"
 step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/test_cuda.py -k "${TESTS_K:-triton or fps or samples}"
-step 50 python3 benchmarks/backends.py --device cuda --fps-only --fps-parts 1 8 16 32 --json "$OUT/fps.json"
+step 60 python3 benchmarks/backends.py --device cuda --fps-only --fps-candidates 0 1 2 4 8 --fps-parts 1 8 16 32 \
+  --json "$OUT/fps.json"
 step 40 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/launch_count.py --device cuda --widths full --points 120000
 step 150 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 fp32 --steps 3

@@ -200,6 +200,14 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                           "out_start_ptr": "*i64", "slot_ptr": "*i64", "status_ptr": "*i32", "out_ptr": "*i64",
                           "P": "i32", "max_polls": "i32", "BLOCK": "constexpr", "PB": "constexpr"},
              dict(BLOCK=8192, PB=256), 8),
+            *(("fps_rounds", {"p_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i32", "n_out_ptr": "*i32",
+                              "out_start_ptr": "*i64", "slot_ptr": "*i64", "status_ptr": "*i32", "out_ptr": "*i64",
+                              "P": "i32", "max_polls": "i32", "BLOCK": "constexpr", "PB": "constexpr",
+                              "K": "constexpr"},
+               dict(BLOCK=block, PB=256, K=kc), warps)
+              # the launches of farthest_point_sample_device on a 132-SM GPU: a published-budget
+              # scan (1,024 points per program) and the largest chunk it keeps in registers
+              for block, kc, warps in ((1024, 1, 1), (1024, 2, 1), (1024, 4, 2), (1024, 8, 4), (8192, 2, 8))),
             ("modulate", {"f_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16", "M": "i32",
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
              dict(BM=32, BC=128), 8),
@@ -207,7 +215,7 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
              dict(BM=64, BC=32), 4)) + _map_kernels():
         kfn = {"nearest": K.nearest_cell_kernel, "nearest_rows": K.nearest_rows_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
-               "modulate": K.modulate_kernel}.get(name) or getattr(M, name)
+               "fps_rounds": K.fps_rounds_kernel, "modulate": K.modulate_kernel}.get(name) or getattr(M, name)
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,

@@ -365,6 +365,27 @@ def test_device_fps_splits_a_scan_over_every_sm():
         _check_farthest_point_sampling(c, idx.cpu().numpy())
 
 
+@pytest.mark.parametrize("candidates", [1, 2, 4, 8])
+def test_device_fps_with_candidate_rounds_equals_one_sample_per_exchange(candidates):
+    """fps_rounds_kernel over every SM takes the same samples as fps_grid_kernel (both are the
+    textbook loop): a 120,000-point scan at the published budget, in the sensor's azimuth order and
+    shuffled, and four clouds sharing the SMs in one launch."""
+    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+
+    g = np.random.default_rng(8)
+    r, a = g.uniform(4, 50, 120_000), np.sort(g.uniform(0, 2 * np.pi, 120_000))
+    scan = np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.4, 120_000)], 1).astype(np.float32)
+    for cloud in (scan, scan[g.permutation(len(scan))]):
+        x = torch.from_numpy(cloud).to(CUDA)
+        want = farthest_point_sample_device([x], [18_000], candidates=0)[0]
+        assert torch.equal(farthest_point_sample_device([x], [18_000], candidates=candidates)[0], want)
+    clouds = [torch.from_numpy(c).to(CUDA) for c in (scan, scan[:5000], scan[:1], scan[7:70_007])]
+    counts = [3000, 700, 1, 900]
+    for got, want in zip(farthest_point_sample_device(clouds, counts, candidates=candidates),
+                         farthest_point_sample_device(clouds, counts, candidates=0)):
+        assert torch.equal(got, want)
+
+
 def test_completer_samples_on_the_gpu_by_default():
     from lidar_completion.completer import Completer
 

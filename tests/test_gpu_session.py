@@ -132,7 +132,7 @@ def test_every_step_of_the_gpu_session_parses_and_selects_tests(tmp_path):
 
 
 def test_only_and_budget_choose_the_steps(tmp_path):
-    calls, out = _rehearse(tmp_path, ONLY="1 4")
+    calls, out = _rehearse(tmp_path, ONLY="1 5")
     ran = [c["argv"] for c in _steps_run(calls)]
     assert len(ran) == 2 and ran[0][0] == "benchmarks/backends.py" and ran[1][:2] == ["-m", "pytest"], ran
     calls, out = _rehearse(tmp_path / "short", BUDGET="10")

@@ -20,6 +20,7 @@ import torch
 from lidar_completion import sparse
 from lidar_completion.errors import CloudFormatError, ConfigError
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
+from scripts_support import load_script
 
 pytestmark = pytest.mark.skipif(
     not (sparse.triton_available() and (sparse.triton_interpreted() or torch.cuda.is_available())),
@@ -467,9 +468,11 @@ def test_nearest_cell_kernel_breaks_ties_across_tiles():
     assert torch.equal(cells[got[:-1], 1:], corner)
 
 
-def test_device_farthest_point_sampling_is_exact():
+@pytest.mark.parametrize("candidates", [0, 2])
+def test_device_farthest_point_sampling_is_exact(candidates):
     """The textbook algorithm from point 0 (fpsample's reference implementation), for several
-    clouds in one launch: a scan-like one, a single point, one sampled whole."""
+    clouds in one launch: a scan-like one, a single point, one sampled whole - with one sample per
+    exchange (0) and with each program offering two candidates (fps_rounds_kernel)."""
     import fpsample
 
     from lidar_completion.sparse.triton_backend import farthest_point_sample_device
@@ -477,11 +480,47 @@ def test_device_farthest_point_sampling_is_exact():
     g = np.random.default_rng(5)
     clouds = [g.normal(0, 10, (n, 3)).astype(np.float32) for n in (2000, 1, 333)]
     want = [min(k, len(c)) for c, k in zip(clouds, (150, 5, 333))]
-    got = farthest_point_sample_device([torch.from_numpy(c).to(DEVICE) for c in clouds], want)
+    got = farthest_point_sample_device([torch.from_numpy(c).to(DEVICE) for c in clouds], want,
+                                       candidates=candidates)
     for c, k, idx in zip(clouds, want, got):
         assert idx.shape == (k,)
         expect = np.arange(k) if k == len(c) else np.asarray(fpsample.fps_sampling(c, k, start_idx=0))
         assert np.array_equal(idx.cpu().numpy(), expect)
+
+
+@pytest.mark.parametrize("candidates", [1, 4, 8])
+def test_candidate_rounds_break_ties_and_run_out_of_points_as_the_textbook_loop(candidates):
+    """Ties everywhere (a lattice: many points at one distance) and more samples than distinct
+    points (each point five times: once all are taken, the textbook loop takes point 0 again and
+    again): the K-candidate kernel equals the float32 textbook loop, ties to the smallest index
+    (fpsample ties to the largest), as the one-sample kernel does."""
+    from lidar_completion.sparse.triton_backend import farthest_point_sample_device
+
+    textbook = load_script("benchmarks/fps_rounds.py").textbook
+    r = np.arange(-3, 4, dtype=np.float32)
+    lattice = np.stack(np.meshgrid(r, r, r[:3], indexing="ij"), -1).reshape(-1, 3)     # 147 points
+    g = np.random.default_rng(1)
+    repeated = np.repeat(g.normal(0, 1, (7, 3)).astype(np.float32), 5, axis=0)          # 35 rows, 7 points
+    clouds, want = [lattice, repeated], [60, 20]
+    got = farthest_point_sample_device([torch.from_numpy(c).to(DEVICE) for c in clouds], want, candidates=candidates)
+    for c, k, idx in zip(clouds, want, got):
+        assert np.array_equal(idx.cpu().numpy(), textbook(c, k))
+    assert np.array_equal(got[1].cpu().numpy()[7:], np.zeros(13))
+    one = farthest_point_sample_device([torch.from_numpy(lattice).to(DEVICE)], [60], candidates=0)[0]
+    assert torch.equal(one, got[0])
+
+
+def test_fps_candidates_are_checked(monkeypatch):
+    from lidar_completion.sparse import triton_backend
+
+    cloud = [torch.zeros(10, 3, device=DEVICE)]
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        triton_backend.farthest_point_sample_device(cloud, [3], candidates=3)
+    monkeypatch.setenv("LIDAR_COMPLETION_FPS_CANDIDATES", "two")
+    with pytest.raises(ValueError, match="LIDAR_COMPLETION_FPS_CANDIDATES='two'"):
+        triton_backend.farthest_point_sample_device(cloud, [3])
+    monkeypatch.setenv("LIDAR_COMPLETION_FPS_CANDIDATES", "4")
+    assert triton_backend.fps_candidates_default() == 4
 
 
 @pytest.mark.parametrize("grouped", [False, True])

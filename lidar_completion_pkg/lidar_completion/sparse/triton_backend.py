@@ -332,13 +332,34 @@ FPS_MAX_CHUNK = 8192
 FPS_MAX_POLLS = 1 << 20
 
 
+#: Candidates per program and exchange of :func:`.triton_kernels.fps_rounds_kernel` (0: the
+#: one-sample-per-exchange :func:`.triton_kernels.fps_grid_kernel`).
+FPS_CANDIDATES = (0, 1, 2, 4, 8)
+ENV_FPS_CANDIDATES = "LIDAR_COMPLETION_FPS_CANDIDATES"
+
+
+def fps_candidates_default() -> int:
+    """``LIDAR_COMPLETION_FPS_CANDIDATES`` (one of :data:`FPS_CANDIDATES`), else 0."""
+    raw = os.environ.get(ENV_FPS_CANDIDATES, "").strip()
+    if not raw:
+        return 0
+    try:
+        k = int(raw)
+    except ValueError:
+        k = -1
+    if k not in FPS_CANDIDATES:
+        raise ConfigError(f"{ENV_FPS_CANDIDATES}={raw!r}: expected one of {FPS_CANDIDATES}")
+    return k
+
+
 def _device_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).multi_processor_count)
     return 1
 
 
-def farthest_point_sample_device(clouds: list, counts: list, programs: int | None = None) -> list:
+def farthest_point_sample_device(clouds: list, counts: list, programs: int | None = None,
+                                 candidates: int | None = None) -> list:
     """Exact farthest-point sampling of several clouds on their device: for cloud i (an (n_i, 3)
     tensor) the indices of ``counts[i]`` samples, the textbook algorithm from point 0 in float32
     without fused multiply-adds, ties to the smallest index (a cloud of ``counts[i]`` points: every
@@ -351,6 +372,10 @@ def farthest_point_sample_device(clouds: list, counts: list, programs: int | Non
     one key per step through global memory; clouds too large for that (over SMs x 8,192 points)
     take :func:`.triton_kernels.fps_kernel`, one program per cloud streaming its points each step.
     ``programs`` caps the programs per cloud (a benchmark knob; default: the SMs shared out).
+    ``candidates`` = K (1, 2, 4 or 8; default ``LIDAR_COMPLETION_FPS_CANDIDATES``, else 0) takes
+    :func:`.triton_kernels.fps_rounds_kernel` instead, which trades each program's K best
+    points per exchange and takes every sample they settle - the same samples in far fewer
+    exchanges; 0 keeps the one-sample-per-exchange kernel.
     Under the interpreter every cloud is one program."""
     import triton
 
@@ -378,16 +403,32 @@ def farthest_point_sample_device(clouds: list, counts: list, programs: int | Non
     largest = max(sizes)
     split = min(per_cloud, -(-largest // 256))           # programs per cloud: >= 256 points each
     block = triton.next_power_of_2(-(-largest // split))
+    if candidates is None:
+        candidates = fps_candidates_default()
+    candidates = int(candidates)
+    if candidates not in FPS_CANDIDATES:
+        raise ValueError(f"candidates must be one of {FPS_CANDIDATES}, got {candidates}")
     if interpreted or block <= FPS_MAX_CHUNK:
         peers = max(16, triton.next_power_of_2(split))
-        slots = torch.zeros(len(clouds) * 2 * peers, dtype=torch.long, device=device)
         status = torch.zeros(1, dtype=torch.int32, device=device)
-        K.fps_grid_kernel[(split, len(clouds))](
-            pts, starts, sizes_t, counts_t, out_starts, slots, status, out, split, FPS_MAX_POLLS,
-            BLOCK=block, PB=peers, num_warps=min(8, max(1, block // 1024)), enable_fp_fusion=False)
-        if int(status.item()):
+        warps = min(8, max(1, block // 1024))
+        if candidates:
+            slots = torch.zeros(len(clouds) * 2 * peers * (candidates + 1), dtype=torch.long, device=device)
+            K.fps_rounds_kernel[(split, len(clouds))](
+                pts, starts, sizes_t, counts_t, out_starts, slots, status, out, split, FPS_MAX_POLLS,
+                BLOCK=block, PB=peers, K=candidates,
+                num_warps=min(8, max(warps, (peers * candidates) // 512)), enable_fp_fusion=False)
+        else:
+            slots = torch.zeros(len(clouds) * 2 * peers, dtype=torch.long, device=device)
+            K.fps_grid_kernel[(split, len(clouds))](
+                pts, starts, sizes_t, counts_t, out_starts, slots, status, out, split, FPS_MAX_POLLS,
+                BLOCK=block, PB=peers, num_warps=warps, enable_fp_fusion=False)
+        code = int(status.item())
+        if code == 1:
             raise RuntimeError(f"device farthest-point sampling: a step waited over {FPS_MAX_POLLS} polls "
                                f"for its {split} programs (not all resident at once?)")
+        if code:
+            raise RuntimeError("device farthest-point sampling: a round took no sample (kernel fault)")
     else:
         dist = torch.empty(pts.shape[0], dtype=torch.float32, device=device)
         K.fps_kernel[(len(clouds),)](pts, starts, sizes_t, counts_t, out_starts, dist, out, BLOCK=1024,

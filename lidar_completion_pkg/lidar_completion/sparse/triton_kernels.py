@@ -8,7 +8,8 @@
   the same for a list of rows, in place;
 * :func:`fps_kernel` - exact farthest-point sampling of one cloud per program;
 * :func:`fps_grid_kernel` - the same with each cloud split over many programs that trade their
-  candidates through global memory at every step;
+  candidates through global memory at every step; :func:`fps_rounds_kernel` - the same samples
+  with several taken per exchange;
 * :func:`modulate_kernel` - features times the gathered weight row of each row's condition cell.
 
 Under the interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors; its bf16
@@ -404,6 +405,122 @@ def fps_grid_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_
         if j == 0:
             tl.store(out_ptr + o + s, start + last)
         s += 1
+
+
+@triton.jit
+def fps_rounds_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_ptr, status_ptr, out_ptr,
+                      P, max_polls, BLOCK: tl.constexpr, PB: tl.constexpr, K: tl.constexpr):
+    """Exact farthest-point sampling as :func:`fps_grid_kernel` (same inputs, same samples), with
+    several samples taken per exchange instead of one.
+
+    Program ``j`` holds points ``j, j + P, j + 2 P, ...`` (at most ``BLOCK``), not a run of
+    consecutive ones: a scan arrives in the sensor's azimuth order, and a run of it is one patch
+    of space, whose best points lower each other's distances and settle fewer samples per round
+    (on a 120,000-point scan in sensor order, twice the rounds).
+
+    Every point's key is ``float bits of its running distance << 24 | (2**24 - 1 - its index)``:
+    the largest key is the textbook algorithm's next sample (the farthest point, ties to the
+    smallest index), and a key can only fall as samples are added. In each round every program
+    publishes its ``K`` largest keys (the candidates) and its next one, tagged with the round
+    number as in :func:`fps_grid_kernel`; the bound ``B`` is the largest of the programs' next keys,
+    so every point that is no candidate has a key of at most ``B`` for the rest of the round. Then
+    every program runs the textbook loop on the candidates alone - take the largest key, lower the
+    candidates' distances by it - for as long as the largest key exceeds ``B``: each sample so taken
+    is the one the textbook loop takes next, because no other point can reach it. The program folds
+    each sample into its own points' distances as it goes. Every program reads the same keys and
+    takes the same samples; the round's first sample always exceeds ``B``, so every round takes
+    one sample at least, and on a scan about ``K`` times as many per program (18,000 of 120,000
+    points over 132 programs: 17,999 exchanges for :func:`fps_grid_kernel`, about 500 here with
+    ``K`` = 2: ``benchmarks/fps_rounds.py``).
+
+    ``slot`` (clouds, 2, PB, K + 1) int64 starts zeroed; ``status`` is set to 1 when a round polls
+    ``max_polls`` times without every key, and to 2 if a round took no sample (which the argument
+    above rules out), and the program ends instead of hanging. The same residency rule as
+    :func:`fps_grid_kernel` holds; under the interpreter ``P == 1``."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    start = tl.load(start_ptr + c).to(tl.int64)
+    n = tl.load(count_ptr + c)
+    n_out = tl.load(n_out_ptr + c)
+    o = tl.load(out_start_ptr + c).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    i = lanes * P + j                   # every P-th point: each program's points spread over the scan
+    ok = i < n
+    x = tl.load(p_ptr + (start + i) * 3, mask=ok, other=0.0)
+    y = tl.load(p_ptr + (start + i) * 3 + 1, mask=ok, other=0.0)
+    z = tl.load(p_ptr + (start + i) * 3 + 2, mask=ok, other=0.0)
+    inv = (0xFFFFFF - i).to(tl.int64)
+    # the first sample is the cloud's first point
+    lx = tl.load(p_ptr + start * 3)
+    ly = tl.load(p_ptr + start * 3 + 1)
+    lz = tl.load(p_ptr + start * 3 + 2)
+    dist = tl.where(ok, (x - lx) * (x - lx) + (y - ly) * (y - ly) + (z - lz) * (z - lz), -1.0)
+    if j == 0:
+        tl.store(out_ptr + o, start)
+    slots = slot_ptr + c.to(tl.int64) * 2 * PB * (K + 1)
+    peers = tl.arange(0, PB)
+    is_peer = peers < P
+    kk = tl.arange(0, K)
+    s = 1
+    r = 1
+    failed = 0
+    while (s < n_out) & (failed == 0):
+        tag = (r & 0xFF).to(tl.int64)
+        buf = slots + (r % 2) * PB * (K + 1)
+        key = tl.where(ok, (dist.to(tl.int32, bitcast=True).to(tl.int64) << 24) | inv, 0)
+        for q in tl.static_range(K + 1):      # the K largest keys, then the next one
+            top = tl.max(key, axis=0)
+            tl.store(buf + j * (K + 1) + q, (top << 8) | tag)
+            key = tl.where(key == top, 0, key)
+        cptr = buf + peers[:, None] * (K + 1) + kk[None, :]
+        bptr = buf + peers * (K + 1) + K
+        cand = tl.load(cptr, mask=is_peer[:, None], other=tag, volatile=True)
+        nxt = tl.load(bptr, mask=is_peer, other=tag, volatile=True)
+        ready = tl.sum(tl.sum(((cand & 0xFF) == tag).to(tl.int32), axis=1), axis=0) + \
+            tl.sum(((nxt & 0xFF) == tag).to(tl.int32), axis=0)
+        polls = 1
+        while (ready < PB * (K + 1)) & (polls < max_polls):
+            cand = tl.load(cptr, mask=is_peer[:, None], other=tag, volatile=True)
+            nxt = tl.load(bptr, mask=is_peer, other=tag, volatile=True)
+            ready = tl.sum(tl.sum(((cand & 0xFF) == tag).to(tl.int32), axis=1), axis=0) + \
+                tl.sum(((nxt & 0xFF) == tag).to(tl.int32), axis=0)
+            polls += 1
+        if ready < PB * (K + 1):
+            failed = 1
+            tl.store(status_ptr, 1)
+        else:
+            bound = tl.max(nxt >> 8, axis=0)
+            ck = cand >> 8
+            live = ck > bound                  # the others cannot be taken this round
+            ck = tl.where(live, ck, 0)
+            ci = 0xFFFFFF - (ck & 0xFFFFFF)
+            cd = (ck >> 24).to(tl.int32).to(tl.float32, bitcast=True)
+            cx = tl.load(p_ptr + (start + ci) * 3, mask=live, other=0.0)
+            cy = tl.load(p_ptr + (start + ci) * 3 + 1, mask=live, other=0.0)
+            cz = tl.load(p_ptr + (start + ci) * 3 + 2, mask=live, other=0.0)
+            s0 = s
+            more = 1
+            while more == 1:
+                best = tl.max(tl.max(ck, axis=1), axis=0)
+                if (best > bound) & (s < n_out):
+                    at = 0xFFFFFF - (best & 0xFFFFFF)
+                    # the sample's coordinates from the candidates' registers, not a dependent load
+                    hit = ck == best
+                    sx = tl.max(tl.max(tl.where(hit, cx, -float("inf")), axis=1), axis=0)
+                    sy = tl.max(tl.max(tl.where(hit, cy, -float("inf")), axis=1), axis=0)
+                    sz = tl.max(tl.max(tl.where(hit, cz, -float("inf")), axis=1), axis=0)
+                    if j == 0:
+                        tl.store(out_ptr + o + s, start + at)
+                    s += 1
+                    dist = tl.minimum(dist, (x - sx) * (x - sx) + (y - sy) * (y - sy) + (z - sz) * (z - sz))
+                    cd = tl.minimum(cd, (cx - sx) * (cx - sx) + (cy - sy) * (cy - sy) + (cz - sz) * (cz - sz))
+                    ck = tl.where(live, (cd.to(tl.int32, bitcast=True).to(tl.int64) << 24) | (ck & 0xFFFFFF), 0)
+                else:
+                    more = 0
+            if s == s0:
+                failed = 1
+                tl.store(status_ptr, 2)
+        r += 1
 
 
 @triton.jit(do_not_specialize=["M"])
