@@ -369,7 +369,8 @@ def test_device_fps_splits_a_scan_over_every_sm():
 def test_device_fps_with_candidate_rounds_equals_one_sample_per_exchange(candidates):
     """fps_rounds_kernel over every SM takes the same samples as fps_grid_kernel (both are the
     textbook loop): a 120,000-point scan at the published budget, in the sensor's azimuth order and
-    shuffled, and four clouds sharing the SMs in one launch."""
+    shuffled, and five clouds sharing the SMs in one launch (one of 20 points: most of its
+    programs hold none)."""
     from lidar_completion.sparse.triton_backend import farthest_point_sample_device
 
     g = np.random.default_rng(8)
@@ -379,8 +380,8 @@ def test_device_fps_with_candidate_rounds_equals_one_sample_per_exchange(candida
         x = torch.from_numpy(cloud).to(CUDA)
         want = farthest_point_sample_device([x], [18_000], candidates=0)[0]
         assert torch.equal(farthest_point_sample_device([x], [18_000], candidates=candidates)[0], want)
-    clouds = [torch.from_numpy(c).to(CUDA) for c in (scan, scan[:5000], scan[:1], scan[7:70_007])]
-    counts = [3000, 700, 1, 900]
+    clouds = [torch.from_numpy(c).to(CUDA) for c in (scan, scan[:5000], scan[:1], scan[7:70_007], scan[:20])]
+    counts = [3000, 700, 1, 900, 15]
     for got, want in zip(farthest_point_sample_device(clouds, counts, candidates=candidates),
                          farthest_point_sample_device(clouds, counts, candidates=0)):
         assert torch.equal(got, want)

@@ -16,10 +16,10 @@ def _scan(n, seed=0):
     return np.stack([r * np.cos(a), r * np.sin(a), g.normal(-1.6, 0.4, n)], 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("programs,candidates", [(1, 2), (5, 1), (33, 2), (33, 8), (400, 4)])
+@pytest.mark.parametrize("programs,candidates", [(1, 2), (5, 1), (33, 2), (33, 8), (400, 8)])
 def test_rounds_take_the_textbook_samples(programs, candidates):
-    """Any split (one program; chunks of 91 points; 400 programs of 8 points, fewer than K + 1
-    in some) and any K."""
+    """Any split (one program; 91 points per program; 400 programs of 7 or 8 points, fewer than
+    the K + 1 = 9 keys each offers) and any K."""
     cloud = _scan(3000)
     idx, per_round = fr.rounds_model(cloud, 400, programs, candidates)
     assert np.array_equal(idx, fr.textbook(cloud, 400))

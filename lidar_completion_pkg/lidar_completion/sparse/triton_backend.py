@@ -375,7 +375,8 @@ def farthest_point_sample_device(clouds: list, counts: list, programs: int | Non
     ``candidates`` = K (1, 2, 4 or 8; default ``LIDAR_COMPLETION_FPS_CANDIDATES``, else 0) takes
     :func:`.triton_kernels.fps_rounds_kernel` instead, which trades each program's K best
     points per exchange and takes every sample they settle - the same samples in far fewer
-    exchanges; 0 keeps the one-sample-per-exchange kernel.
+    exchanges; 0 keeps the one-sample-per-exchange kernel. (Clouds too large for registers take
+    :func:`.triton_kernels.fps_kernel` whatever ``candidates`` says.)
     Under the interpreter every cloud is one program."""
     import triton
 
