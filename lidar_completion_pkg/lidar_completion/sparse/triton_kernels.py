@@ -287,6 +287,33 @@ def nearest_rows_kernel(q_ptr, stride_qm, stride_qc, rows_ptr, n, todo_ptr, r_pt
 
 
 @triton.jit
+def _fps_cloud(c, start_ptr, count_ptr, n_out_ptr, out_start_ptr):
+    """Cloud ``c`` of a sampling launch: (its first row in the points, its size, its sample count,
+    its first row in the output)."""
+    start = tl.load(start_ptr + c).to(tl.int64)
+    n = tl.load(count_ptr + c)
+    n_out = tl.load(n_out_ptr + c)
+    o = tl.load(out_start_ptr + c).to(tl.int64)
+    return start, n, n_out, o
+
+
+@triton.jit
+def _xyz(p_ptr, rows, ok):
+    """x, y, z of the (N, 3) float32 points at ``rows`` (0 where not ``ok``)."""
+    x = tl.load(p_ptr + rows * 3, mask=ok, other=0.0)
+    y = tl.load(p_ptr + rows * 3 + 1, mask=ok, other=0.0)
+    z = tl.load(p_ptr + rows * 3 + 2, mask=ok, other=0.0)
+    return x, y, z
+
+
+@triton.jit
+def _sq(x, y, z, qx, qy, qz):
+    """Squared distance in float32, evaluated as the textbook loop does (the kernels compile
+    without fused multiply-adds, so each product is rounded)."""
+    return (x - qx) * (x - qx) + (y - qy) * (y - qy) + (z - qz) * (z - qz)
+
+
+@triton.jit
 def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, out_ptr,
                BLOCK: tl.constexpr):
     """Exact farthest-point sampling, one cloud per program.
@@ -296,11 +323,7 @@ def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, 
     sample is the cloud's first point; each next one is the point farthest (Euclidean, ties to the
     smallest index) from every sample so far. ``dist`` (N,) float32 is scratch: the running
     squared distance of each point to the samples."""
-    c = tl.program_id(0)
-    start = tl.load(start_ptr + c).to(tl.int64)
-    n = tl.load(count_ptr + c)
-    n_out = tl.load(n_out_ptr + c)
-    o = tl.load(out_start_ptr + c).to(tl.int64)
+    start, n, n_out, o = _fps_cloud(tl.program_id(0), start_ptr, count_ptr, n_out_ptr, out_start_ptr)
     lanes = tl.arange(0, BLOCK)
     inf = float("inf")
     for b0 in range(0, n, BLOCK):
@@ -317,10 +340,8 @@ def fps_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, dist_ptr, 
         for b0 in range(0, n, BLOCK):
             i = b0 + lanes
             ok = i < n
-            x = tl.load(p_ptr + (start + i) * 3, mask=ok, other=0.0)
-            y = tl.load(p_ptr + (start + i) * 3 + 1, mask=ok, other=0.0)
-            z = tl.load(p_ptr + (start + i) * 3 + 2, mask=ok, other=0.0)
-            d = (x - lx) * (x - lx) + (y - ly) * (y - ly) + (z - lz) * (z - lz)
+            x, y, z = _xyz(p_ptr, start + i, ok)
+            d = _sq(x, y, z, lx, ly, lz)
             old = tl.load(dist_ptr + start + i, mask=ok, other=-1.0)
             d = tl.minimum(old, d)
             tl.store(dist_ptr + start + i, d, mask=ok)
@@ -357,17 +378,12 @@ def fps_grid_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_
     hanging. Clouds are limited to 2**24 - 1 points (the index field)."""
     j = tl.program_id(0)
     c = tl.program_id(1)
-    start = tl.load(start_ptr + c).to(tl.int64)
-    n = tl.load(count_ptr + c)
-    n_out = tl.load(n_out_ptr + c)
-    o = tl.load(out_start_ptr + c).to(tl.int64)
+    start, n, n_out, o = _fps_cloud(c, start_ptr, count_ptr, n_out_ptr, out_start_ptr)
     chunk = tl.cdiv(n, P)
     lanes = tl.arange(0, BLOCK)
     i = j * chunk + lanes
     ok = (lanes < chunk) & (i < n)
-    x = tl.load(p_ptr + (start + i) * 3, mask=ok, other=0.0)
-    y = tl.load(p_ptr + (start + i) * 3 + 1, mask=ok, other=0.0)
-    z = tl.load(p_ptr + (start + i) * 3 + 2, mask=ok, other=0.0)
+    x, y, z = _xyz(p_ptr, start + i, ok)
     dist = tl.where(ok, float("inf"), -1.0)     # -1: no point here, never the farthest
     slots = slot_ptr + c.to(tl.int64) * 2 * PB
     peers = tl.arange(0, PB)
@@ -381,8 +397,7 @@ def fps_grid_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slot_
         lx = tl.load(p_ptr + (start + last) * 3)
         ly = tl.load(p_ptr + (start + last) * 3 + 1)
         lz = tl.load(p_ptr + (start + last) * 3 + 2)
-        d = (x - lx) * (x - lx) + (y - ly) * (y - ly) + (z - lz) * (z - lz)
-        dist = tl.minimum(dist, d)
+        dist = tl.minimum(dist, _sq(x, y, z, lx, ly, lz))
         far = tl.max(dist, axis=0)
         at = tl.min(tl.where(dist == far, i, 0x7FFFFFFF), axis=0)
         tag = (s & 0xFF).to(tl.int64)
@@ -439,22 +454,17 @@ def fps_rounds_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slo
     :func:`fps_grid_kernel` holds; under the interpreter ``P == 1``."""
     j = tl.program_id(0)
     c = tl.program_id(1)
-    start = tl.load(start_ptr + c).to(tl.int64)
-    n = tl.load(count_ptr + c)
-    n_out = tl.load(n_out_ptr + c)
-    o = tl.load(out_start_ptr + c).to(tl.int64)
+    start, n, n_out, o = _fps_cloud(c, start_ptr, count_ptr, n_out_ptr, out_start_ptr)
     lanes = tl.arange(0, BLOCK)
     i = lanes * P + j                   # every P-th point: each program's points spread over the scan
     ok = i < n
-    x = tl.load(p_ptr + (start + i) * 3, mask=ok, other=0.0)
-    y = tl.load(p_ptr + (start + i) * 3 + 1, mask=ok, other=0.0)
-    z = tl.load(p_ptr + (start + i) * 3 + 2, mask=ok, other=0.0)
+    x, y, z = _xyz(p_ptr, start + i, ok)
     inv = (0xFFFFFF - i).to(tl.int64)
     # the first sample is the cloud's first point
     lx = tl.load(p_ptr + start * 3)
     ly = tl.load(p_ptr + start * 3 + 1)
     lz = tl.load(p_ptr + start * 3 + 2)
-    dist = tl.where(ok, (x - lx) * (x - lx) + (y - ly) * (y - ly) + (z - lz) * (z - lz), -1.0)
+    dist = tl.where(ok, _sq(x, y, z, lx, ly, lz), -1.0)
     if j == 0:
         tl.store(out_ptr + o, start)
     slots = slot_ptr + c.to(tl.int64) * 2 * PB * (K + 1)
@@ -495,9 +505,7 @@ def fps_rounds_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slo
             ck = tl.where(live, ck, 0)
             ci = 0xFFFFFF - (ck & 0xFFFFFF)
             cd = (ck >> 24).to(tl.int32).to(tl.float32, bitcast=True)
-            cx = tl.load(p_ptr + (start + ci) * 3, mask=live, other=0.0)
-            cy = tl.load(p_ptr + (start + ci) * 3 + 1, mask=live, other=0.0)
-            cz = tl.load(p_ptr + (start + ci) * 3 + 2, mask=live, other=0.0)
+            cx, cy, cz = _xyz(p_ptr, start + ci, live)
             s0 = s
             more = 1
             while more == 1:
@@ -512,8 +520,8 @@ def fps_rounds_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slo
                     if j == 0:
                         tl.store(out_ptr + o + s, start + at)
                     s += 1
-                    dist = tl.minimum(dist, (x - sx) * (x - sx) + (y - sy) * (y - sy) + (z - sz) * (z - sz))
-                    cd = tl.minimum(cd, (cx - sx) * (cx - sx) + (cy - sy) * (cy - sy) + (cz - sz) * (cz - sz))
+                    dist = tl.minimum(dist, _sq(x, y, z, sx, sy, sz))
+                    cd = tl.minimum(cd, _sq(cx, cy, cz, sx, sy, sz))
                     ck = tl.where(live, (cd.to(tl.int32, bitcast=True).to(tl.int64) << 24) | (ck & 0xFFFFFF), 0)
                 else:
                     more = 0
