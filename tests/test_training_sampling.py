@@ -43,6 +43,20 @@ def test_a_batch_is_sampled_in_one_launch_like_the_textbook():
     assert sample_scans_on_device(plain, 100, 3, DEVICE) is plain
 
 
+def test_a_failed_device_sampling_says_how_to_sample_in_the_loader(monkeypatch):
+    from lidar_completion.sparse import triton_backend
+    from training.data import collate, sample_scans_on_device
+
+    def fails(clouds, counts):
+        raise RuntimeError("device farthest-point sampling: a step waited over 1048576 polls")
+
+    monkeypatch.setattr(triton_backend, "farthest_point_sample_device", fails)
+    cloud = np.zeros((50, 3), np.float32)
+    batch = collate([{"scan_full": cloud, "target": cloud[:5], "key": (0, 0), "index": 0}])
+    with pytest.raises(RuntimeError, match="polls; set data.sample_on=cpu"):
+        sample_scans_on_device(batch, 10, 2, DEVICE)
+
+
 def test_teacher_trains_on_scans_sampled_on_the_device(tmp_path):
     from training.teacher import TeacherTrainer
 

@@ -167,7 +167,10 @@ def sample_scans_on_device(batch: dict, n_fps: int, tile: int, device) -> dict:
     full = batch["scan_full"].to(device)
     clouds = list(torch.split(full, counts))
     want = [min(int(n_fps), c) for c in counts]
-    idx = farthest_point_sample_device(clouds, want)
+    try:
+        idx = farthest_point_sample_device(clouds, want)
+    except RuntimeError as exc:   # e.g. its programs not all resident on a GPU shared with other work
+        raise RuntimeError(f"{exc}; set data.sample_on=cpu to sample the scans in the loader instead") from exc
     scans = [c.index_select(0, i) for c, i in zip(clouds, idx)]
     out = {k: v for k, v in batch.items() if not k.startswith("scan_full")}
     for name, parts in (("scan", scans), ("x_init", [sc.repeat(int(tile), 1) for sc in scans])):
