@@ -619,6 +619,12 @@ def test_completer_falls_back_to_cpu_sampling_when_the_kernel_fails(monkeypatch,
         res2 = c.complete_detailed(scan)
     assert res.num_fps == res2.num_fps == 100 and len(calls) == 2
     assert sum("sampling on the CPU from now on" in m for m in caplog.messages) == 1
+    # a setting to correct is an error, not a kernel fault to fall back from
+    monkeypatch.undo()
+    monkeypatch.setattr(type(c), "fps_on_device", property(lambda self: True))
+    monkeypatch.setenv("LIDAR_COMPLETION_FPS_CANDIDATES", "3")
+    with pytest.raises(ConfigError, match="LIDAR_COMPLETION_FPS_CANDIDATES='3'"):
+        c.complete(scan)
 
 
 # -- selection and tuning -----------------------------------------------------------------------------

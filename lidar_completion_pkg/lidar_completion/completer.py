@@ -217,6 +217,8 @@ class Completer:
         pts = torch.from_numpy(filtered).to(self.device)
         try:
             idx = farthest_point_sample_sectors_device(pts, self.n_fps, self.fps_parts)
+        except ConfigError:        # a setting to correct (LIDAR_COMPLETION_FPS_CANDIDATES), not a kernel fault
+            raise
         except Exception as exc:   # a kernel that timed out, failed to compile or to launch
             if self._fps == "device":
                 raise
