@@ -444,9 +444,9 @@ def fps_rounds_kernel(p_ptr, start_ptr, count_ptr, n_out_ptr, out_start_ptr, slo
     is the one the textbook loop takes next, because no other point can reach it. The program folds
     each sample into its own points' distances as it goes. Every program reads the same keys and
     takes the same samples; the round's first sample always exceeds ``B``, so every round takes
-    one sample at least, and on a scan about ``K`` times as many per program (18,000 of 120,000
-    points over 132 programs: 17,999 exchanges for :func:`fps_grid_kernel`, about 500 here with
-    ``K`` = 2: ``benchmarks/fps_rounds.py``).
+    one sample at least, and on a scan tens of them (18,000 of 120,000 points over 132 programs:
+    17,999 exchanges for :func:`fps_grid_kernel`, about 500 here with ``K`` = 2, about 37 samples
+    each: ``benchmarks/fps_rounds.py``).
 
     ``slot`` (clouds, 2, PB, K + 1) int64 starts zeroed; ``status`` is set to 1 when a round polls
     ``max_polls`` times without every key, and to 2 if a round took no sample (which the argument
