@@ -31,7 +31,6 @@ did not run; the rows of the first ``--fps-parts`` and ``--fps-candidates`` valu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -39,12 +38,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 from lidar_completion import sparse
 from lidar_completion.checkpoints import default_checkpoint_path, make_random_checkpoint
+from lidar_completion.sparse.triton_backend import ENV_FPS_CANDIDATES, FPS_CANDIDATES, fps_candidates_default
 from lidar_completion.completer import Completer
 from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 
@@ -219,23 +220,6 @@ def fps_only(scan: np.ndarray, device, repeats: int, json_path, counts=(18_000, 
     return 0
 
 
-@contextlib.contextmanager
-def candidates_env(k: int):
-    """LIDAR_COMPLETION_FPS_CANDIDATES = k inside the block (what the Completer's device sampling
-    reads), the previous value after it."""
-    from lidar_completion.sparse.triton_backend import ENV_FPS_CANDIDATES
-
-    old = os.environ.get(ENV_FPS_CANDIDATES)
-    os.environ[ENV_FPS_CANDIDATES] = str(k)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_FPS_CANDIDATES, None)
-        else:
-            os.environ[ENV_FPS_CANDIDATES] = old
-
-
 def default_backends(device) -> list[str]:
     if device.type == "cuda":
         return ["torch"] + (["triton"] if sparse.triton_available() else [])
@@ -262,7 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--fps-parts", type=int, nargs="+", default=[1], metavar="P",
                    help="farthest-point sampling in P azimuth sectors (1 = exact; default 1); several values: "
                         "a row each (--fps-only: the sector variants beside the exact one)")
-    p.add_argument("--fps-candidates", type=int, nargs="+", choices=(0, 1, 2, 4, 8), default=None, metavar="K",
+    p.add_argument("--fps-candidates", type=int, nargs="+", choices=FPS_CANDIDATES, default=None, metavar="K",
                    help="device farthest-point sampling with K candidates per program and exchange (0: one "
                         "sample per exchange; default: LIDAR_COMPLETION_FPS_CANDIDATES, else 0); several values: "
                         "a row each")
@@ -275,7 +259,6 @@ def main(argv=None) -> int:
     if any(not 1 <= q <= 256 for q in args.fps_parts):
         p.error(f"--fps-parts takes values in 1..256, got {args.fps_parts}")
     if args.fps_candidates is None:
-        from lidar_completion.sparse.triton_backend import fps_candidates_default
         args.fps_candidates = [fps_candidates_default()]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,7 +303,7 @@ def main(argv=None) -> int:
                               + " ".join(f"{k}={v * 1000:.1f}ms" for k, v in t.items()), flush=True)
             for b, prec, parts, kc in ((b, q, P, K) for b in backends for q in precisions for P in args.fps_parts
                                        for K in args.fps_candidates):
-                with candidates_env(kc):
+                with mock.patch.dict(os.environ, {ENV_FPS_CANDIDATES: str(kc)}):   # what the Completer reads
                     c, t, peak, r, graphs = end_to_end(ckpt, b, device, scan, args.steps, prec, repeats, guidance,
                                                         args.fps, parts)
                 x_init = torch.from_numpy(c.prepare(scan)[2]).to(device)
