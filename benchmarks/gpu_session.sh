@@ -21,8 +21,10 @@
 #   7. launches of one guided published-width pass (benchmarks/launch_count.py): torch operators and
 #      Triton kernels with the map kernels and without,
 #   8. training steps per second on the GPU (python -m training.bench): the published-width teacher,
-#      triton vs torch, bf16 and fp32 (the target: triton bf16 >= 4x torch fp32),
-#   9. the tiny teacher at batch 8 on Triton, bf16 (the target: >= 20 steps per second),
+#      triton vs torch, bf16 and fp32 (the target: triton bf16 >= 4x torch fp32), each row with a
+#      profile of one more step (named regions, top kernels, launches, host synchronisations),
+#   9. the tiny teacher at batch 8 on Triton, bf16 (the target: >= 20 steps per second), profiled
+#      the same way, with the Chrome trace of the profiled step,
 #  10. a profile of one published-width bf16 scan on the Triton backend (which kernels take the time;
 #      the local process, as step 1 runs it),
 #  11. benchmarks/gemm_tiles.py: every convolution of one published-width scan with the default
@@ -79,9 +81,9 @@ step 60 python3 benchmarks/backends.py --device cuda --fps-only --fps-candidates
   --json "$OUT/fps.json"
 step 40 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/launch_count.py --device cuda --widths full --points 120000
 step 150 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
-  --precisions bf16 fp32 --steps 3
+  --precisions bf16 fp32 --steps 3 --profile
 step 60 python3 -m training.bench --device cuda --sizes tiny --kinds teacher --backends triton --precisions bf16 \
-  --batch 8 --steps 5
+  --batch 8 --steps 5 --profile --trace "$OUT/traces"
 step 60 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/profile_completion.py --device cuda --config full \
   --backend triton --precision bf16 --top 30 --trace "$OUT/trace_triton_full_bf16.json.gz"
 step 90 python3 benchmarks/gemm_tiles.py --device cuda --budget 30 --json "$OUT/gemm_tiles.json"

@@ -14,88 +14,24 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
-import inspect
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import synthetic_scan  # noqa: E402
 
-from lidar_completion import completer as completer_mod  # noqa: E402
 from lidar_completion.checkpoints import make_random_checkpoint  # noqa: E402
 from lidar_completion.completer import Completer  # noqa: E402
-from lidar_completion.models import ModelConfig, networks  # noqa: E402
+from lidar_completion.models import ModelConfig  # noqa: E402
+from lidar_completion.profiling import count_syncs, named_regions, summary  # noqa: E402
 from lidar_completion.settings import add_arguments  # noqa: E402
-from lidar_completion.sparse import conv_implicit_gemm, kmap, layers, nearest, torch_backend  # noqa: E402
-
-# (owner, attribute, region name): functions wrapped with a named profiler range
-REGIONS = [
-    (torch_backend.TorchBackend, "voxelize", "voxelize"),
-    (kmap.CoordinateManager, "parent_map", "map.parent"),
-    (kmap.CoordinateManager, "downsample_map", "map.downsample"),
-    (kmap.CoordinateManager, "child_table", "map.children"),
-    (kmap.CoordinateManager, "neighbour_table", "map.neighbour_table"),
-    (kmap.CoordinateManager, "neighbour_map", "map.neighbour_pairs"),
-    (kmap.CoordinateManager, "neighbour_stats", "map.stats"),
-    (kmap.CoordinateManager, "offset_pairs", "map.offset_pairs"),
-    (kmap.CoordinateManager, "gather_plan", "map.gather_plan"),
-    (nearest, "_nearest_bruteforce", "cond.nearest_fallback"),
-    (layers.Convolution, "forward", "conv"),
-    (layers.ConvolutionTranspose, "forward", "deconv"),
-    (layers.BatchNorm, "forward", "batchnorm"),
-    (conv_implicit_gemm, "implicit_gemm", "triton.conv"),
-    (networks.Denoiser, "_site_weights", "cond.site_mlps"),
-    (networks.Denoiser, "_modulate", "cond.modulate"),
-    (completer_mod, "make_x_init", "fps+tile"),
-    (completer_mod, "postprocess", "postprocess"),
-]
-
-
-def _wrap(fn, name):
-    @functools.wraps(fn)
-    def inner(*a, **k):
-        with record_function(name):
-            return fn(*a, **k)
-    return inner
-
-
-def install_regions():
-    # the networks look the nearest cell up through their backend object
-    from lidar_completion.sparse import triton_backend
-    for owner in (torch_backend.TorchBackend, triton_backend.TritonBackend):
-        owner.nearest_cell = staticmethod(_wrap(owner.nearest_cell, "cond.nearest_cell"))
-    for owner, attr, name in REGIONS:
-        wrapped = _wrap(getattr(owner, attr), name)
-        if isinstance(inspect.getattr_static(owner, attr), staticmethod):
-            wrapped = staticmethod(wrapped)
-        setattr(owner, attr, wrapped)
-
-
-def count_syncs(fn):
-    """Number of synchronising CUDA calls (torch's sync debug mode warnings) while running fn."""
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    sites = {}
-    for w in caught:
-        msg = str(w.message)
-        if "synchroniz" in msg.lower():
-            sites[msg[:90]] = sites.get(msg[:90], 0) + 1
-    return sum(sites.values()), sites
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,26 +96,14 @@ def main(argv=None) -> int:
         for msg, k in sorted(sites.items(), key=lambda kv: -kv[1])[:12]:
             print(f"  {k:4d} x {msg}")
 
-    install_regions()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts, record_shapes=False) as prof:
+    with named_regions() as names, profile(activities=acts, record_shapes=False) as prof:
         c.complete_detailed(scan)
     sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ka = prof.key_averages()
-    print("\n## named regions (CPU total includes waiting for the device at syncs)")
-    names = {r[2] for r in REGIONS} | {"cond.nearest_cell"}
-    rows = [e for e in ka if e.key in names]
-    rows.sort(key=lambda e: -e.cpu_time_total)
-    for e in rows:
-        dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
-        print(f"  {e.key:22s} calls={e.count:6d} cpu_total={e.cpu_time_total / 1000:9.1f}ms "
-              f"device_total={dev / 1000:9.1f}ms")
-    print(f"\n## top ops by {sort_dev}")
-    print(ka.table(sort_by=sort_dev, row_limit=args.top, max_name_column_width=48))
-    if device.type == "cuda":
-        launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-        syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key.startswith("cudaMemcpy"))
-        print(f"kernel launches per scan={launches} sync/memcpy calls per scan={syncs}")
+    text = summary(prof, names, device.type, top=args.top)["text"]
+    print("\n" + text.replace("kernel launches=", "per scan: kernel launches="))
+    print(f"\n## the torch profiler's table by {sort_dev}")
+    print(prof.key_averages().table(sort_by=sort_dev, row_limit=args.top, max_name_column_width=48))
     if args.trace:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             prof.export_chrome_trace(tmp.name)

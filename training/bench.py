@@ -6,17 +6,23 @@ published ``teacher.yaml`` / ``refiner.yaml`` / ``distill_dpo.yaml`` for ``full`
 scenes in the SemanticKITTI layout (generated once into ``--data``), runs one warm-up step and then
 ``--steps`` timed steps, and prints one line per (size, kind, backend, precision) - wall seconds and
 CPU seconds of the process per step (on a shared machine other jobs inflate the wall time, much less
-the CPU time), samples per second, peak GPU memory - then, from the measured steps, how long the
+the CPU time), samples per second, peak GPU memory, and what comes before each step: the host's data
+loading (``data.num_workers=0``) with the loop's bookkeeping, and ``prepare_batch`` (farthest-point
+sampling on the device where ``data.sample_on`` puts it there) - then, from the measured steps, how long the
 published recipe would take (96k teacher steps, 239k refiner steps, 96k distillation steps at the
 published per-GPU batch, on 1 and on 8 such GPUs, data-parallel at the measured per-step time), a
 JSON summary, and last ``triton_vs_torch_train=<torch s / triton s per published-width teacher
 step, bf16> teacher_published_bf16_s=<triton s per step>`` (``nan`` where a side did not run).
 Point counts are those of the configs (full: 18,000 x 10 = 180,000 points per sample) unless
-``--points`` says otherwise.
+``--points`` says otherwise. ``--profile`` adds, per row, the torch profiler's view of one more step
+(named regions, the top operators and kernels, kernel launches) and, on CUDA, the host-device
+synchronisations of another; ``--trace DIR`` writes that step's Chrome trace.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import shutil
 import tempfile
@@ -37,8 +43,18 @@ NAMES = {("tiny", "teacher"): "tiny_teacher", ("tiny", "refiner"): "tiny_refiner
 RECIPE_STEPS = {"teacher": 96_000, "refiner": 239_000, "distill": 96_000}
 
 
+def _training_regions() -> list:
+    from .engine import Trainer
+    return [(Trainer, "backward", "train.backward"), (Trainer, "clip_and_step", "train.optimizer"),
+            (Trainer, "guard", "train.guard")]
+
+
 def measure(size: str, kind: str, data_root: Path, steps: int, device: str, threads: int, batch: int | None,
-            backend: str = "torch", points: int | None = None, precision: str = "fp32"):
+            backend: str = "torch", points: int | None = None, precision: str = "fp32",
+            profile: bool = False, top: int = 25, trace: Path | None = None):
+    """One row: the trainer of ``(size, kind)`` run for a warm-up step and ``steps`` timed steps
+    (then, with ``profile``, one step under the torch profiler and on CUDA one under torch's sync
+    debug mode; neither is in the timings)."""
     from .__main__ import trainer_class
     over = [f"device={device}", f"backend={backend}", f"threads={threads}", f"train.precision={precision}",
             "data.kind=synthetic", f"data.root={data_root}",
@@ -55,37 +71,97 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
         over += ["distill.teacher=null", "distill.refiner=null", "distill.aux_warmup_steps=0"]
     cfg = load_config(CONFIGS / f"{NAMES[(size, kind)]}.yaml", kind=kind, overrides=over)
     out = Path(tempfile.mkdtemp(prefix=f"bench_{size}_{kind}_"))
+    cuda = device.startswith("cuda")
+    extra = (1 + int(cuda)) if profile else 0      # the profiled step, the sync-counted step
     try:
-        tr = trainer_class(kind)(cfg, out, max_steps=steps + 1)
-        times, cpu = [], []
-        orig = tr.train_step
+        tr = trainer_class(kind)(cfg, out, max_steps=steps + 1 + extra)
+        times, cpu, loads, prepares = [], [], [], []
+        state = {"call": 0, "end": None, "stack": None, "prof": None, "syncs": None, "names": set()}
+        step_fn, prepare_fn = tr.train_step, tr.prepare_batch
 
-        def timed(batch_):
-            if device.startswith("cuda"):
+        def sync():
+            if cuda:
                 torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            r = orig(batch_)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+
+        def timed_prepare(batch_):
+            # everything between the end of the last step and here is the loader's (num_workers=0)
+            t0 = time.perf_counter()
+            if state["end"] is not None:
+                loads.append(t0 - state["end"])
+            i = state["call"]
+            if i > steps:                   # past the timed steps: profile, then count syncs
+                stack = state["stack"] = contextlib.ExitStack()
+                if i == steps + 1:
+                    from torch.profiler import ProfilerActivity, profile as torch_profile
+                    from lidar_completion.profiling import named_regions
+                    state["names"] = stack.enter_context(named_regions(_training_regions()))
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                    state["prof"] = stack.enter_context(torch_profile(activities=acts, record_shapes=False))
+                else:
+                    from lidar_completion.profiling import sync_counter
+                    state["syncs"] = stack.enter_context(sync_counter())
+            sync()
+            t1 = time.perf_counter()
+            r = prepare_fn(batch_)
+            sync()
+            prepares.append(time.perf_counter() - t1)
             return r
 
-        tr.train_step = timed
-        if device.startswith("cuda"):
+        def timed(batch_):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            r = step_fn(batch_)
+            sync()
+            if state["stack"] is None:
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            else:
+                state["stack"].close()
+                state["stack"] = None
+            state["call"] += 1
+            state["end"] = time.perf_counter()
+            return r
+
+        tr.train_step, tr.prepare_batch = timed, timed_prepare
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         tr.run()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
         per = sum(times[1:]) / max(1, len(times) - 1)
         per_cpu = sum(cpu[1:]) / max(1, len(cpu) - 1)
-        return {"size": size, "kind": kind, "backend": backend, "precision": precision,
-                "batch": int(cfg["train"]["batch_size"]), "steps": len(times) - 1,
-                "s_per_step": round(per, 4), "cpu_s_per_step": round(per_cpu, 3),
-                "samples_per_s": round(int(cfg["train"]["batch_size"]) / per, 2) if per > 0 else None,
-                "first_step_s": round(times[0], 3),
-                "points_per_sample": int(cfg["data"]["scan_points"]) * int(cfg["data"]["tile"])
-                if kind != "refiner" else int(cfg["refiner"]["input_points"]),
-                "peak_gpu_gib": round(peak, 2) if peak is not None else None}
+        n = len(times)
+        # before each timed step: the host's data loading (num_workers=0) and the loop's bookkeeping,
+        # then prepare_batch (farthest-point sampling on the device with data.sample_on auto / device)
+        load = sum(loads[:n - 1]) / max(1, n - 1)
+        prep = sum(prepares[1:n]) / max(1, n - 1)
+        bs = int(cfg["train"]["batch_size"])
+        row = {"size": size, "kind": kind, "backend": backend, "precision": precision,
+               "batch": bs, "steps": n - 1,
+               "s_per_step": round(per, 4), "cpu_s_per_step": round(per_cpu, 3),
+               "samples_per_s": round(bs / per, 2) if per > 0 else None,
+               "data_s_per_step": round(load, 4), "prepare_s_per_step": round(prep, 4),
+               "loop_samples_per_s": round(bs / (per + load + prep), 2) if per > 0 else None,
+               "first_step_s": round(times[0], 3),
+               "points_per_sample": int(cfg["data"]["scan_points"]) * int(cfg["data"]["tile"])
+               if kind != "refiner" else int(cfg["refiner"]["input_points"]),
+               "peak_gpu_gib": round(peak, 2) if peak is not None else None}
+        if state["prof"] is not None:
+            from lidar_completion.profiling import summary
+            prof = state["prof"]
+            got = summary(prof, sorted(state["names"]), "cuda" if cuda else "cpu", top=top)
+            row["profile"] = {k: got[k] for k in ("regions", "top", "launches", "syncs", "total_ms")}
+            row["profile_text"] = got["text"]
+            if trace is not None:
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                    prof.export_chrome_trace(tmp.name)
+                    with open(tmp.name, "rb") as src, gzip.open(trace, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                row["trace"] = str(trace)
+        if state["syncs"] is not None:
+            row["host_syncs_per_step"] = state["syncs"]["count"]
+            row["sync_sites"] = dict(sorted(state["syncs"]["sites"].items(), key=lambda kv: -kv[1])[:10])
+        return row
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -107,7 +183,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the configs' per-process batch size")
     p.add_argument("--data", default=None, help="synthetic dataset folder (default: a temporary one)")
     p.add_argument("--scans", type=int, default=4)
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step (named regions: kernel maps, convolutions, "
+                        "batch norm, backward, optimiser; the top operators and kernels; kernel launches) and, on "
+                        "CUDA, count the host-device synchronisations of another")
+    p.add_argument("--top", type=int, default=25, help="rows of the profile's operator table")
+    p.add_argument("--trace", default=None,
+                   help="with --profile: folder for a gzipped Chrome trace of each row's profiled step")
     a = p.parse_args(argv)
+    if a.trace and not a.profile:
+        p.error("--trace needs --profile")
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="bench_data_"))
     if not (data / "sequences" / "00" / "poses.txt").exists():
         from lidar_completion.data import generate_dataset
@@ -117,15 +202,26 @@ def main(argv=None) -> int:
         for kind in a.kinds:
             for backend in a.backends:
                 for precision in a.precisions:
+                    trace = (Path(a.trace) / f"train_{size}_{kind}_{backend}_{precision}.json.gz"
+                             if a.trace else None)
                     r = measure(size, kind, data, a.steps, a.device, a.threads, a.batch, backend, a.points,
-                                precision)
+                                precision, profile=a.profile, top=a.top, trace=trace)
+                    text = r.pop("profile_text", None)
                     rows.append(r)
                     print(f"{size:5s} {kind:8s} {backend:7s} {precision} batch {r['batch']}  "
                           f"{r['s_per_step']:8.3f} s/step  {r['cpu_s_per_step']:8.3f} CPU-s/step  "
                           f"{r['samples_per_s']} samples/s  "
                           f"(first {r['first_step_s']:.2f} s, {r['points_per_sample']} points/sample"
-                          + (f", peak {r['peak_gpu_gib']} GiB" if r["peak_gpu_gib"] is not None else "") + ")",
+                          + (f", peak {r['peak_gpu_gib']} GiB" if r["peak_gpu_gib"] is not None else "") + "; "
+                          f"before each step: data {r['data_s_per_step']:.3f} s, prepare_batch "
+                          f"{r['prepare_s_per_step']:.3f} s; {r['loop_samples_per_s']} samples/s with them)",
                           flush=True)
+                    if text is not None:
+                        print(f"# profile of one step ({size} {kind} {backend} {precision})\n{text}", flush=True)
+                    if "host_syncs_per_step" in r:
+                        print(f"host syncs in one step: {r['host_syncs_per_step']}", flush=True)
+                        for msg, k in r["sync_sites"].items():
+                            print(f"  {k:4d} x {msg}", flush=True)
     for r in rows:
         if r["size"] == "full" and r["kind"] in RECIPE_STEPS:
             hours = RECIPE_STEPS[r["kind"]] * r["s_per_step"] / 3600
