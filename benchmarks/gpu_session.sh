@@ -31,7 +31,11 @@
 #      tiles, then a wider list of tile configurations for the heaviest layers (the useful TFLOP/s),
 #  12. the fp32 rows of step 1 (fp32 products are tf32x3 on CUDA),
 #  13. the layer and network tests again with the flat K loop,
-#  14. the rest of tests/test_cuda.py (torch backend, CUDA graphs).
+#  14. the rest of tests/test_cuda.py (torch backend, CUDA graphs),
+#  15. the published-width teacher of step 8 (triton, bf16) with the weight gradient looping over
+#      every row of every offset (LIDAR_COMPLETION_TRITON_WGRAD=dense) instead of each offset's
+#      listed pairs: what the listed pairs save (benchmarks/training_work.py counts 1.4x fewer
+#      multiply-adds visited per step).
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
@@ -92,4 +96,6 @@ step 70 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/backends.py --devi
 step 45 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_LOOP=flat $PYTEST tests/test_triton.py \
   -k "convolution or residual or networks or static or completes"
 step 90 $PYTEST tests/test_cuda.py -k "not triton and not fps and not samples"
+step 60 env LIDAR_COMPLETION_TRITON_WGRAD=dense python3 -m training.bench --device cuda --sizes full --kinds teacher \
+  --backends triton --precisions bf16 --steps 3
 echo "=== session done in $SECONDS s"

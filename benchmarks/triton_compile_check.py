@@ -5,7 +5,8 @@ needed, so a kernel that would not compile on the GPU (or that spills registers,
 memory than the chip has) shows up here before any GPU time is spent. The variants are recorded
 from one forward pass of the three networks at the chosen widths: each convolution launch (map kind,
 channel counts, fused epilogue) with every tile configuration the tuner may try on CUDA, in bf16
-and fp32, plus the nearest-cell, farthest-point-sampling, modulation and map-building kernels.
+and fp32, plus the nearest-cell, farthest-point-sampling, modulation and map-building kernels and the
+training's weight-gradient kernel.
 
 Prints one line per compiled variant (registers, spilled bytes, shared memory) and a summary; exits
 non-zero when a variant fails to compile or spills. Needs only Triton (and this package's torch
@@ -208,6 +209,18 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
               # the launches of farthest_point_sample_device on a 132-SM GPU: a published-budget
               # scan (1,024 points per program) and the largest chunk it keeps in registers
               for block, kc, warps in ((1024, 1, 1), (1024, 2, 1), (1024, 4, 2), (1024, 8, 4), (8192, 2, 8))),
+            # training: the weight gradient per offset (3x3x3 and stride-2 maps over each offset's
+            # listed pairs or over every row, 1x1), bf16 and fp32, the launcher's blocks
+            *(("weight_grad", {"x_ptr": f"*{dt}", "go_ptr": f"*{dt}", "dw_ptr": "*fp32", "order_ptr": "*i32",
+                               "table_ptr": "*i32", "count_ptr": "*i32", "M": "i32", "CX": "i32", "C_OFF": "i32",
+                               "CIN": "i32", "N": "i32", "G": "i32", "rows_per_split": "i32", "stride_xg": "i32",
+                               "stride_xm": "i32", "stride_gg": "i32", "stride_gm": "i32",
+                               **{c: "constexpr" for c in ("KVOL", "IDENTITY", "COMPACT", "DOT_F32", "PRECISION",
+                                                           "BR", "BC", "BN")}},
+               dict(KVOL=kv, IDENTITY=kv == 1, COMPACT=compact, DOT_F32=dt == "fp32",
+                    PRECISION="tf32x3" if dt == "fp32" else "ieee", BR=64, BC=bc, BN=64), 4)
+              for dt in ("bf16", "fp32") for kv, compact in ((27, True), (27, False), (8, True), (1, False))
+              for bc in (32, 64)),
             ("modulate", {"f_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16", "M": "i32",
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
              dict(BM=32, BC=128), 8),
@@ -215,7 +228,8 @@ def compile_all(seen: dict, arch: int, dtypes: list[str]) -> int:
                           "C": "i32", "stride_f": "i32", "stride_o": "i32", "BM": "constexpr", "BC": "constexpr"},
              dict(BM=64, BC=32), 4)) + _map_kernels():
         kfn = {"nearest": K.nearest_cell_kernel, "nearest_rows": K.nearest_rows_kernel, "fps": K.fps_kernel, "fps_grid": K.fps_grid_kernel,
-               "fps_rounds": K.fps_rounds_kernel, "modulate": K.modulate_kernel}.get(name) or getattr(M, name)
+               "fps_rounds": K.fps_rounds_kernel, "modulate": K.modulate_kernel,
+               "weight_grad": K.weight_grad_kernel}.get(name) or getattr(M, name)
         count += 1
         try:
             k = triton.compile(ASTSource(fn=kfn, signature=sig, constexprs=consts), target=target,

@@ -187,9 +187,12 @@ def test_gradients_equal_the_torch_backend(cls, train):
         assert err <= 1e-4 * float(ga[k].abs().max()) + floor, (k, err)
 
 
-def test_convolution_gradients_for_every_map_kind():
+@pytest.mark.parametrize("wgrad", ["compact", "dense"])
+def test_convolution_gradients_for_every_map_kind(wgrad, monkeypatch):
     """Each convolution type alone (3x3x3, 1x1, stride 2, transposed; two input segments, one of
-    them broadcast over two feature groups): input and weight gradients equal torch's."""
+    them broadcast over two feature groups): input and weight gradients equal torch's, with the
+    weight gradient over each offset's listed pairs (default) and over every row."""
+    monkeypatch.setenv("LIDAR_COMPLETION_TRITON_WGRAD", wgrad)
     pts, batch = _clouds(far=True)
     B = sparse.get_backend("torch")
     torch.manual_seed(5)
@@ -212,6 +215,32 @@ def test_convolution_gradients_for_every_map_kind():
             m.kernel.grad = None
     for ga, gb in zip(*results):
         _close(gb, ga, rel=1e-4)
+
+
+def test_offset_rows_list_the_plans_pairs_offset_by_offset():
+    """``offset_rows``: for each offset, exactly the plan's (input row, output row) pairs, in the
+    plan's row order, first in the row; a bad weight-gradient mode is a configuration error."""
+    from lidar_completion.errors import ConfigError
+    from lidar_completion.sparse import conv_implicit_gemm as igemm
+    pts, batch = _clouds(far=True)
+    _, x = sparse.get_backend("triton").voxelize(pts, batch, 0.05)
+    m = x.manager
+    for kind, stride in (("conv3", 1), ("down", 1), ("up", 2), ("conv3", 4)):
+        m.level(stride * 2)
+        order, table, _ = m.gather_plan(kind, stride, 64)
+        src, dst, counts = m.offset_rows(kind, stride, 64)
+        assert src.shape == dst.shape == table.shape and counts.shape == (table.shape[0],)
+        assert int(counts.sum()) == int((table >= 0).sum()) > 0
+        for k in range(table.shape[0]):
+            keep = table[k] >= 0
+            n = int(counts[k])
+            assert torch.equal(src[k, :n], table[k][keep]), (kind, stride, k)
+            assert torch.equal(dst[k, :n], order[keep]), (kind, stride, k)
+        assert m.offset_rows(kind, stride, 64) is m.offset_rows(kind, stride, 64)   # kept for the pass
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIDAR_COMPLETION_TRITON_WGRAD", "sparse")
+        with pytest.raises(ConfigError, match="LIDAR_COMPLETION_TRITON_WGRAD"):
+            igemm.weight_gradient_mode()
 
 
 # -- networks -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ENV_TUNE = "LIDAR_COMPLETION_TRITON_TUNE"          # 0: no timing, first candidate
 ENV_TUNE_CACHE = "LIDAR_COMPLETION_TRITON_CACHE"   # JSON file of tuned choices ('' = none)
 ENV_LOOP = "LIDAR_COMPLETION_TRITON_LOOP"          # masked (default) | flat | both: the K loops tried
+ENV_WGRAD = "LIDAR_COMPLETION_TRITON_WGRAD"        # compact (default) | dense: the weight gradient's loop
 LOOPS = ("masked", "flat", "both")
 
 
@@ -375,11 +376,15 @@ def dot_precision(dtype: torch.dtype, device: torch.device, interpreted: bool) -
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, interpreted: bool) -> torch.Tensor:
+def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, interpreted: bool,
+                    rows=None) -> torch.Tensor:
     """The weight gradient (KVOL, sum C_i, N), float32, of a convolution whose input was ``segments``
     and whose output gradient is ``grad_out`` (..., M_out, N): per offset, the gathered input rows
-    transposed times the output gradient rows, over every row and feature group (row splits add with
-    atomics). ``plan``: the forward's gather plan (order, table, tile masks), None for a 1x1."""
+    transposed times the output gradient rows, over every pair and feature group (row splits add
+    with atomics). ``plan``: the forward's gather plan (order, table, tile masks), None for a 1x1;
+    ``rows``: the same pairs listed per offset (``CoordinateManager.offset_rows``), which the kernel
+    then loops over instead of every row of every offset - unless ``LIDAR_COMPLETION_TRITON_WGRAD``
+    is ``dense``."""
     from . import triton_kernels as K
 
     grouped = [t.shape[0] for t in (*segments, grad_out) if t.dim() == 3]
@@ -390,7 +395,12 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
     dw = torch.zeros((kvol, cin, n), dtype=torch.float32, device=grad_out.device)
     if m == 0:
         return dw
-    order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
+    compact = plan is not None and rows is not None and weight_gradient_mode() == "compact"
+    if compact:
+        table, order, counts = rows
+    else:
+        order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
+        counts = dw
     precision = dot_precision(go.dtype, go.device, interpreted)
     br = _pow2(m, 16, 512) if interpreted else 64     # the interpreter: few, large blocks
     bn = _pow2(n, 16, 64)
@@ -404,8 +414,19 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
         bc = _pow2(cx, 16, 64)
         grid = (kvol, splits, -(-cx // bc) * -(-n // bn))
         K.weight_grad_kernel[grid](
-            x, go, dw, order, table, m, cx, offset, cin, n, groups, rows_per_split, sxg, sxm, sgg, sgm,
-            KVOL=kvol, IDENTITY=plan is None, DOT_F32=interpreted or go.dtype == torch.float32,
+            x, go, dw, order, table, counts, m, cx, offset, cin, n, groups, rows_per_split, sxg, sxm, sgg, sgm,
+            KVOL=kvol, IDENTITY=plan is None, COMPACT=compact, DOT_F32=interpreted or go.dtype == torch.float32,
             PRECISION=precision, BR=br, BC=bc, BN=bn, num_warps=4)
         offset += cx
     return dw
+
+
+def weight_gradient_mode() -> str:
+    """``compact`` (default: each offset's pairs listed, the kernel loops over those alone) or
+    ``dense`` (every row of every offset, the missing ones masked) from ``LIDAR_COMPLETION_TRITON_WGRAD``:
+    the two are kept side by side until a GPU has timed them."""
+    mode = os.environ.get(ENV_WGRAD, "compact").strip().lower() or "compact"
+    if mode not in ("compact", "dense"):
+        from ..errors import ConfigError
+        raise ConfigError(f"{ENV_WGRAD}={mode!r}: expected compact or dense")
+    return mode

@@ -14,7 +14,8 @@ features (the next convolution, the modulation, slicing). So ``conv -> BN -> ReL
 Training (autograd recording through the weights or features) runs the same kernel without fusion
 through an autograd function: the input gradient is the implicit GEMM over the transposed map
 (which is another map of the same pass: 3x3x3 onto itself with mirrored offsets, stride-2 onto the
-transposed convolution's map and back), the weight gradient a gather-GEMM per offset. Batch norm
+transposed convolution's map and back), the weight gradient a gather-GEMM per offset over that
+offset's pairs alone (``CoordinateManager.offset_rows``). Batch norm
 with batch statistics and ReLU run as torch operations then.
 """
 from __future__ import annotations
@@ -134,8 +135,12 @@ class _ImplicitGemmConv(torch.autograd.Function):
                 grads[i] = g.to(seg.dtype) if ctx.needs_input_grad[4 + i] else None
         dw = None
         if ctx.needs_input_grad[3]:
-            plan = None if p.kind == "identity" else manager.gather_plan(p.kind, p.in_stride, _PLAN_BLOCK)
-            dw = igemm.weight_gradient(tuple(segments), grad_out, plan, kvol, interpreted)
+            plan = rows = None
+            if p.kind != "identity":
+                plan = manager.gather_plan(p.kind, p.in_stride, _PLAN_BLOCK)
+                if igemm.weight_gradient_mode() == "compact":
+                    rows = manager.offset_rows(p.kind, p.in_stride, _PLAN_BLOCK)
+            dw = igemm.weight_gradient(tuple(segments), grad_out, plan, kvol, interpreted, rows)
             dw = dw.reshape(weight.shape).to(weight.dtype)
         return (None, None, None, dw, *grads)
 

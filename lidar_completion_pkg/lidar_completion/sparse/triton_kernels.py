@@ -552,15 +552,18 @@ def modulate_kernel(f_ptr, w_ptr, idx_ptr, out_ptr, M, C, stride_f, stride_o,
 
 
 @triton.jit(do_not_specialize=["M", "G", "rows_per_split"])   # group strides specialised: see above
-def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr,
+def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr, count_ptr,
                        M, CX, C_OFF, CIN, N, G, rows_per_split,
                        stride_xg, stride_xm, stride_gg, stride_gm,
-                       KVOL: tl.constexpr, IDENTITY: tl.constexpr, DOT_F32: tl.constexpr,
+                       KVOL: tl.constexpr, IDENTITY: tl.constexpr, COMPACT: tl.constexpr, DOT_F32: tl.constexpr,
                        PRECISION: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
     """dW[k, C_OFF + c, n] += sum_g sum_r x[g, table[r, k], c] * grad_out[g, order[r], n] over one
     split of ``rows_per_split`` rows (program axis 1): the weight gradient of one input segment of
     CX channels, as a gather-GEMM per offset (program axis 0). Splits add into the fp32 ``dW``
-    (KVOL, CIN, N) with atomics; ``table`` / ``order`` are a gather plan (any tile size)."""
+    (KVOL, CIN, N) with atomics. ``table`` / ``order`` are a gather plan (any tile size); with
+    ``COMPACT`` they are its pairs listed per offset (``CoordinateManager.offset_rows``: row k of
+    ``table`` the input rows, of ``order`` the output rows, ``count[k]`` of them), and a split
+    covers only the listed pairs (a split past them adds nothing)."""
     k = tl.program_id(0)
     split = tl.program_id(1)
     tiles_n = tl.cdiv(N, BN)
@@ -570,25 +573,34 @@ def weight_grad_kernel(x_ptr, go_ptr, dw_ptr, order_ptr, table_ptr,
     n_ok = n < N
     acc = tl.zeros((BC, BN), dtype=tl.float32)
     start = split * rows_per_split
-    for g in range(G):
-        x_base = x_ptr + g * stride_xg
-        go_base = go_ptr + g * stride_gg
-        for r0 in range(start, start + rows_per_split, BR):
-            r = r0 + tl.arange(0, BR)
-            ok = r < M
-            if IDENTITY:
-                src = r.to(tl.int64)
-                valid = ok
-                out_rows = r.to(tl.int64)
-            else:
-                src32 = tl.load(table_ptr + k * M + r, mask=ok, other=-1)
-                valid = src32 >= 0
-                src = tl.where(valid, src32, 0).to(tl.int64)
-                out_rows = tl.load(order_ptr + r, mask=ok, other=0).to(tl.int64)
-            x = tl.load(x_base + src[:, None] * stride_xm + c[None, :], mask=valid[:, None] & c_ok[None, :],
-                        other=0.0)
-            go = tl.load(go_base + out_rows[:, None] * stride_gm + n[None, :],
-                         mask=valid[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(acc, tl.trans(x), go, DOT_F32, PRECISION)
-    tl.atomic_add(dw_ptr + (k * CIN + C_OFF + c[:, None]) * N + n[None, :], acc,
-                  mask=c_ok[:, None] & n_ok[None, :])
+    end = start + rows_per_split
+    if COMPACT:
+        end = tl.minimum(end, tl.load(count_ptr + k))
+    if end > start:
+        for g in range(G):
+            x_base = x_ptr + g * stride_xg
+            go_base = go_ptr + g * stride_gg
+            for r0 in range(start, end, BR):
+                r = r0 + tl.arange(0, BR)
+                if IDENTITY:
+                    ok = r < M
+                    src = r.to(tl.int64)
+                    valid = ok
+                    out_rows = r.to(tl.int64)
+                elif COMPACT:
+                    valid = r < end
+                    src = tl.load(table_ptr + k * M + r, mask=valid, other=0).to(tl.int64)
+                    out_rows = tl.load(order_ptr + k * M + r, mask=valid, other=0).to(tl.int64)
+                else:
+                    ok = r < M
+                    src32 = tl.load(table_ptr + k * M + r, mask=ok, other=-1)
+                    valid = src32 >= 0
+                    src = tl.where(valid, src32, 0).to(tl.int64)
+                    out_rows = tl.load(order_ptr + r, mask=ok, other=0).to(tl.int64)
+                x = tl.load(x_base + src[:, None] * stride_xm + c[None, :], mask=valid[:, None] & c_ok[None, :],
+                            other=0.0)
+                go = tl.load(go_base + out_rows[:, None] * stride_gm + n[None, :],
+                             mask=valid[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(acc, tl.trans(x), go, DOT_F32, PRECISION)
+        tl.atomic_add(dw_ptr + (k * CIN + C_OFF + c[:, None]) * N + n[None, :], acc,
+                      mask=c_ok[:, None] & n_ok[None, :])
