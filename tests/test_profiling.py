@@ -80,3 +80,20 @@ def test_training_bench_refuses_a_trace_without_profile(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--trace", "x"])
     assert "--trace needs --profile" in capsys.readouterr().err
+
+
+def test_an_inherited_method_is_wrapped_on_the_subclass_and_removed_after():
+    class Base:
+        @staticmethod
+        def f(x):
+            return x + 1
+
+    class Sub(Base):
+        pass
+
+    with profiling.named_regions([(Sub, "f", "sub.f")]) as names:
+        assert "sub.f" in names and "f" in Sub.__dict__
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            assert Sub.f(1) == 2 and Base.f(1) == 2
+    assert "f" not in Sub.__dict__ and Sub.f is Base.f
+    assert [e.count for e in prof.key_averages() if e.key == "sub.f"] == [1]

@@ -76,13 +76,17 @@ def named_regions(extra: Iterable = ()):
             wrapped = _wrap(fn, name)
             if isinstance(raw, staticmethod):
                 wrapped = staticmethod(wrapped)
-            saved.append((owner, attr, raw))
+            own = attr in vars(owner)           # a module's function, or the class's own method
+            saved.append((owner, attr, raw, own))
             setattr(owner, attr, wrapped)
             names.add(name)
         yield names
     finally:
-        for owner, attr, raw in reversed(saved):
-            setattr(owner, attr, raw)
+        for owner, attr, raw, own in reversed(saved):
+            if own:
+                setattr(owner, attr, raw)
+            else:               # inherited: take the class's own wrapper away again
+                delattr(owner, attr)
 
 
 @contextlib.contextmanager
