@@ -84,7 +84,7 @@ step 150 env LIDAR_COMPLETION_TRITON_TUNE=0 $PYTEST tests/test_triton.py tests/t
 step 60 python3 benchmarks/backends.py --device cuda --fps-only --fps-candidates 0 1 2 4 8 --fps-parts 1 8 16 32 \
   --json "$OUT/fps.json"
 step 40 env LIDAR_COMPLETION_TRITON_TUNE=0 python3 benchmarks/launch_count.py --device cuda --widths full --points 120000
-step 150 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
+step 180 python3 -m training.bench --device cuda --sizes full --kinds teacher --backends triton torch \
   --precisions bf16 fp32 --steps 3 --profile
 step 60 python3 -m training.bench --device cuda --sizes tiny --kinds teacher --backends triton --precisions bf16 \
   --batch 8 --steps 5 --profile --trace "$OUT/traces"

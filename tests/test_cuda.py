@@ -403,3 +403,26 @@ def test_completer_samples_on_the_gpu_by_default():
     from lidar_completion.metrics import chamfer_distance
     want = chamfer_distance(cpu.complete(scan)[::7], scan)
     assert abs(chamfer_distance(res.points[::7], scan) - want) < 0.1 * want
+
+
+def test_sync_counter_counts_sites_and_restores_the_debug_mode():
+    """``profiling.sync_counter``: a ``.item()`` counts as a synchronisation at its line; the debug
+    mode comes back as it was and other warnings of the block are issued again."""
+    import warnings
+
+    from lidar_completion.profiling import sync_counter
+    x = torch.ones(4, device="cuda")
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as outer:
+            warnings.simplefilter("always")
+            with sync_counter() as r:
+                float(x.sum().item())
+                warnings.warn("something else", UserWarning)
+        assert torch.cuda.get_sync_debug_mode() == 1          # "warn", as before the block
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert r["count"] >= 1 and all(site.rsplit(":", 1)[1].isdigit() for site in r["sites"])
+    assert any(__file__.endswith(site.rsplit(":", 1)[0].rsplit("/", 1)[-1]) for site in r["sites"])
+    assert [str(w.message) for w in outer] == ["something else"]

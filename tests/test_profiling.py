@@ -68,7 +68,7 @@ def test_training_bench_profiles_one_step_outside_the_timings(tmp_path, capsys):
     # one teacher step: one backward, one optimiser step, the denoiser's convolutions and its 8 sites
     assert regions["train.backward"]["calls"] == 1 and regions["train.optimizer"]["calls"] == 1
     assert regions["conv"]["calls"] > 10 and regions["cond.modulate"]["calls"] == 8
-    assert "# profile of one step (tiny teacher torch fp32)" in out
+    assert "# profile of one step, prepare_batch and train_step (tiny teacher torch fp32)" in out
     assert (tmp_path / "traces" / "train_tiny_teacher_torch_fp32.json.gz").stat().st_size > 1000
     # the regions are gone again
     from training.engine import Trainer
@@ -97,3 +97,29 @@ def test_an_inherited_method_is_wrapped_on_the_subclass_and_removed_after():
             assert Sub.f(1) == 2 and Base.f(1) == 2
     assert "f" not in Sub.__dict__ and Sub.f is Base.f
     assert [e.count for e in prof.key_averages() if e.key == "sub.f"] == [1]
+
+
+def test_a_failing_profiled_step_leaves_no_profiler_or_ranges(tmp_path, monkeypatch):
+    """A step that raises while it is profiled: the error reaches the caller, and the profiler, the
+    named ranges and the benchmark's wrappers are all gone."""
+    from training import bench
+    from training.engine import Trainer
+    from training.teacher import TeacherTrainer
+    before = _statics()
+    calls = {"n": 0}
+    real = TeacherTrainer.train_step
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:          # warm-up, one timed step, then the profiled one
+            raise RuntimeError("boom in the profiled step")
+        return real(self, batch)
+    monkeypatch.setattr(TeacherTrainer, "train_step", flaky)
+    from lidar_completion.data import generate_dataset
+    generate_dataset(tmp_path / "data", sequences=["00"], scans=2, seed=0)
+    with pytest.raises(RuntimeError, match="boom in the profiled step"):
+        bench.measure("tiny", "teacher", tmp_path / "data", 1, "cpu", 2, None, points=2000, profile=True)
+    assert calls["n"] == 3
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert not hasattr(inspect.getattr_static(Trainer, "backward"), "__wrapped__")
+    assert _statics() == before

@@ -73,10 +73,10 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
     out = Path(tempfile.mkdtemp(prefix=f"bench_{size}_{kind}_"))
     cuda = device.startswith("cuda")
     extra = (1 + int(cuda)) if profile else 0      # the profiled step, the sync-counted step
+    state = {"call": 0, "end": None, "stack": None, "open": None, "prof": None, "syncs": None, "names": set()}
     try:
         tr = trainer_class(kind)(cfg, out, max_steps=steps + 1 + extra)
         times, cpu, loads, prepares = [], [], [], []
-        state = {"call": 0, "end": None, "stack": None, "prof": None, "syncs": None, "names": set()}
         step_fn, prepare_fn = tr.train_step, tr.prepare_batch
 
         def sync():
@@ -89,8 +89,12 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
             if state["end"] is not None:
                 loads.append(t0 - state["end"])
             i = state["call"]
+            sync()
             if i > steps:                   # past the timed steps: profile, then count syncs
+                # opened after the benchmark's own synchronisation; it covers prepare_batch and
+                # train_step, and is closed at the end of the step (or in measure's finally)
                 stack = state["stack"] = contextlib.ExitStack()
+                state["open"] = "profile" if i == steps + 1 else "syncs"
                 if i == steps + 1:
                     from torch.profiler import ProfilerActivity, profile as torch_profile
                     from lidar_completion.profiling import named_regions
@@ -100,7 +104,7 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
                 else:
                     from lidar_completion.profiling import sync_counter
                     state["syncs"] = stack.enter_context(sync_counter())
-            sync()
+                return prepare_fn(batch_)
             t1 = time.perf_counter()
             r = prepare_fn(batch_)
             sync()
@@ -108,16 +112,22 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
             return r
 
         def timed(batch_):
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            r = step_fn(batch_)
-            sync()
-            if state["stack"] is None:
+            if state["stack"] is not None:  # the profiled or sync-counted step: no timing
+                r = step_fn(batch_)
+                if state["open"] == "syncs":
+                    state["stack"].close()  # count the step's own synchronisations only
+                    sync()
+                else:
+                    sync()                  # the profiler sees the step's kernels finish
+                    state["stack"].close()
+                state["stack"] = None
+            else:
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                r = step_fn(batch_)
+                sync()
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-            else:
-                state["stack"].close()
-                state["stack"] = None
             state["call"] += 1
             state["end"] = time.perf_counter()
             return r
@@ -163,6 +173,8 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
             row["sync_sites"] = dict(sorted(state["syncs"]["sites"].items(), key=lambda kv: -kv[1])[:10])
         return row
     finally:
+        if state["stack"] is not None:      # a step failed while profiled: profiler and ranges off
+            state["stack"].close()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -217,7 +229,11 @@ def main(argv=None) -> int:
                           f"{r['prepare_s_per_step']:.3f} s; {r['loop_samples_per_s']} samples/s with them)",
                           flush=True)
                     if text is not None:
-                        print(f"# profile of one step ({size} {kind} {backend} {precision})\n{text}", flush=True)
+                        print(f"# profile of one step, prepare_batch and train_step ({size} {kind} {backend} "
+                              f"{precision})\n{text}", flush=True)
+                        if a.device.startswith("cuda"):
+                            print("  (the sync/memcpy calls include the benchmark's one synchronisation that ends "
+                                  "the profiled step)", flush=True)
                     if "host_syncs_per_step" in r:
                         print(f"host syncs in one step: {r['host_syncs_per_step']}", flush=True)
                         for msg, k in r["sync_sites"].items():

@@ -38,6 +38,7 @@ def library_regions() -> list:
         (kmap.CoordinateManager, "neighbour_stats", "map.stats"),
         (kmap.CoordinateManager, "offset_pairs", "map.offset_pairs"),
         (kmap.CoordinateManager, "gather_plan", "map.gather_plan"),
+        (kmap.CoordinateManager, "offset_rows", "map.offset_rows"),
         (nearest, "_nearest_bruteforce", "cond.nearest_fallback"),
         # the networks look the nearest cell up through their backend object
         (torch_backend.TorchBackend, "nearest_cell", "cond.nearest_cell"),
@@ -92,19 +93,24 @@ def named_regions(extra: Iterable = ()):
 @contextlib.contextmanager
 def sync_counter():
     """Counts the synchronising CUDA calls made inside the block (torch's sync debug mode). Yields
-    a dict that holds, after the block, ``count`` and ``sites`` ({message: count})."""
+    a dict that holds, after the block, ``count`` and ``sites`` ({"file:line": count}, where in the
+    Python code each synchronisation was asked for). The debug mode is put back as it was, and the
+    block's other warnings are issued again afterwards."""
     result: dict = {"count": 0, "sites": {}}
+    previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield result
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(previous)
     for w in caught:
-        msg = str(w.message)
-        if "synchroniz" in msg.lower():
-            result["sites"][msg[:90]] = result["sites"].get(msg[:90], 0) + 1
+        if "synchroniz" in str(w.message).lower():
+            site = f"{w.filename}:{w.lineno}"
+            result["sites"][site] = result["sites"].get(site, 0) + 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     result["count"] = sum(result["sites"].values())
 
 
@@ -130,18 +136,23 @@ def summary(prof, names: Sequence[str], device_type: str, top: int = 30, per: in
     the named regions (calls, CPU and device milliseconds, per ``per`` repetitions of the profiled
     work), the ``top`` operators and kernels by self device time (CPU time without a device),
     kernel launches and synchronising / copying runtime calls (CUDA only, else 0)."""
-    ka = prof.key_averages()
+    # kineto also reports each range (ours, the optimiser's, ...) as a device-side "user annotation"
+    # event spanning its kernels: a copy of their time, not a kernel
+    cpu_type = torch.autograd.DeviceType.CPU
+    ka = [e for e in prof.key_averages()
+          if not (getattr(e, "is_user_annotation", False) and getattr(e, "device_type", cpu_type) != cpu_type)]
     cuda = device_type == "cuda"
     per = max(1, int(per))
     regions = []
-    for e in sorted((e for e in ka if e.key in set(names)), key=lambda e: -e.cpu_time_total):
+    host = [e for e in ka if e.key in set(names)]
+    for e in sorted(host, key=lambda e: -e.cpu_time_total):
         regions.append({"name": e.key, "calls": e.count // per, "cpu_ms": round(e.cpu_time_total / 1000 / per, 3),
                         "device_ms": round(_device_us(e) / 1000 / per, 3)})
     self_time = _self_device_us if cuda else (lambda e: float(e.self_cpu_time_total))
     ops = [e for e in ka if e.key not in set(names)]
     if cuda:
         # the kernels and copies themselves: an operator's self device time repeats its kernels'
-        on_device = [e for e in ops if getattr(e, "device_type", None) not in (None, torch.autograd.DeviceType.CPU)]
+        on_device = [e for e in ops if getattr(e, "device_type", None) not in (None, cpu_type)]
         ops = on_device or ops
     ops.sort(key=lambda e: -self_time(e))
     top_rows = [{"name": e.key, "calls": e.count // per, "self_ms": round(self_time(e) / 1000 / per, 3)}
@@ -149,7 +160,8 @@ def summary(prof, names: Sequence[str], device_type: str, top: int = 30, per: in
     launches = sum(e.count for e in ka if e.key in _LAUNCHES) // per if cuda else 0
     syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key.startswith("cudaMemcpy")) // per if cuda else 0
     total = sum(self_time(e) for e in ops) / 1000 / per
-    lines = ["## named regions (CPU time includes waiting for the device at syncs)"]
+    lines = ["## named regions (CPU time includes waiting for the device at syncs; device time counts the "
+             "kernels launched from the range's own thread, so not autograd's backward threads)"]
     for r in regions:
         lines.append(f"  {r['name']:26s} calls={r['calls']:6d} cpu={r['cpu_ms']:9.1f}ms device={r['device_ms']:9.1f}ms")
     what = "self device time" if cuda else "self CPU time"
