@@ -35,7 +35,9 @@
 #  15. the published-width teacher of step 8 (triton, bf16) with the weight gradient looping over
 #      every row of every offset (LIDAR_COMPLETION_TRITON_WGRAD=dense) instead of each offset's
 #      listed pairs: what the listed pairs save (benchmarks/training_work.py counts 1.4x fewer
-#      multiply-adds visited per step).
+#      multiply-adds visited per step),
+#  16. benchmarks/wgrad_tiles.py: every weight-gradient call of one published-width teacher step
+#      with the default blocks and the dense loop, then a wider list of blocks per layer.
 # Runs on a machine with torch and Triton preinstalled and no network: wheels of the missing packages
 # (fpsample) may sit in .whl/. Results go to ${OUT:-gpu_out}/. Run it as
 #   set -o pipefail; BUDGET=400 bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/log
@@ -98,4 +100,5 @@ step 45 env LIDAR_COMPLETION_TRITON_TUNE=0 LIDAR_COMPLETION_TRITON_LOOP=flat $PY
 step 90 $PYTEST tests/test_cuda.py -k "not triton and not fps and not samples"
 step 60 env LIDAR_COMPLETION_TRITON_WGRAD=dense python3 -m training.bench --device cuda --sizes full --kinds teacher \
   --backends triton --precisions bf16 --steps 3
+step 90 python3 benchmarks/wgrad_tiles.py --device cuda --budget 40 --json "$OUT/wgrad_tiles.json"
 echo "=== session done in $SECONDS s"

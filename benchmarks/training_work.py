@@ -83,14 +83,18 @@ class Recorder:
         return torch.zeros((kvol, cin, n), dtype=torch.float32, device=grad_out.device)
 
 
-def teacher(widths: str, data: Path, points: int, out: Path):
+def teacher(widths: str, data: Path, points: int, out: Path, device: str = "cpu", precision: str = "fp32",
+            batch: int = 1):
+    """A teacher trainer on the Triton backend over the synthetic drive in ``data`` (no condition
+    dropout, the scans sampled on the CPU), for one step at a time."""
     from training.__main__ import trainer_class
     from training.bench import CONFIGS, NAMES
     from training.config import load_config
-    over = ["device=cpu", "backend=triton", "threads=2", "data.kind=synthetic", f"data.root={data}",
+    over = [f"device={device}", "backend=triton", "threads=2", "data.kind=synthetic", f"data.root={data}",
             "data.sequences=['00']", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
             "checkpoint.every_steps=0", "checkpoint.export=false", "train.max_steps=null", "data.build_gt=true",
-            "train.batch_size=1", "data.sample_on=cpu", "teacher.cond_dropout=0",
+            f"train.batch_size={batch}", "data.sample_on=cpu", "teacher.cond_dropout=0",
+            f"train.precision={precision}",
             f"data.scan_points={points // 10}", "data.tile=10", f"data.target_points={points}"]
     cfg = load_config(CONFIGS / f"{NAMES[(widths, 'teacher')]}.yaml", kind="teacher", overrides=over)
     return trainer_class("teacher")(cfg, out, max_steps=1)

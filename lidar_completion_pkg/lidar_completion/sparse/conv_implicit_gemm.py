@@ -376,15 +376,35 @@ def dot_precision(dtype: torch.dtype, device: torch.device, interpreted: bool) -
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+@dataclass(frozen=True)
+class WGradConfig:
+    """Blocks of :func:`weight_gradient`'s kernel: ``br`` rows per product, at most ``bc`` input and
+    ``bn`` output channels per program, the rows cut into about ``splits`` programs per offset,
+    ``warps`` and pipeline ``stages`` (None: Triton's default)."""
+    br: int = 64
+    bc: int = 64
+    bn: int = 64
+    splits: int = 64
+    warps: int = 4
+    stages: int | None = None
+
+    def key(self) -> str:
+        return f"r{self.br}c{self.bc}n{self.bn}s{self.splits}w{self.warps}p{self.stages or '-'}"
+
+
+WGRAD_DEFAULT = WGradConfig()
+
+
 def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, interpreted: bool,
-                    rows=None) -> torch.Tensor:
+                    rows=None, config: WGradConfig | None = None) -> torch.Tensor:
     """The weight gradient (KVOL, sum C_i, N), float32, of a convolution whose input was ``segments``
     and whose output gradient is ``grad_out`` (..., M_out, N): per offset, the gathered input rows
     transposed times the output gradient rows, over every pair and feature group (row splits add
     with atomics). ``plan``: the forward's gather plan (order, table, tile masks), None for a 1x1;
     ``rows``: the same pairs listed per offset (``CoordinateManager.offset_rows``), which the kernel
     then loops over instead of every row of every offset - unless ``LIDAR_COMPLETION_TRITON_WGRAD``
-    is ``dense``."""
+    is ``dense``; ``config``: the kernel's blocks (default :data:`WGRAD_DEFAULT`; the interpreter
+    takes few large blocks)."""
     from . import triton_kernels as K
 
     grouped = [t.shape[0] for t in (*segments, grad_out) if t.dim() == 3]
@@ -402,21 +422,25 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
         order, table = (plan[0], plan[1]) if plan is not None else (dw, dw)
         counts = dw
     precision = dot_precision(go.dtype, go.device, interpreted)
-    br = _pow2(m, 16, 512) if interpreted else 64     # the interpreter: few, large blocks
-    bn = _pow2(n, 16, 64)
-    splits_wanted = 1 if interpreted else 64
+    cfg = config or WGRAD_DEFAULT
+    br = _pow2(m, 16, 512) if interpreted and config is None else cfg.br   # the interpreter: few, large blocks
+    bn = _pow2(n, 16, cfg.bn)
+    splits_wanted = 1 if interpreted and config is None else cfg.splits
     rows_per_split = max(br, -(-max(1, -(-m // splits_wanted)) // br) * br)   # whole blocks per split
     splits = -(-m // rows_per_split)
+    launch = {"num_warps": cfg.warps}
+    if cfg.stages is not None:
+        launch["num_stages"] = cfg.stages
     offset = 0
     for seg in segments:
         x, sxg, sxm = _segment(seg, groups)
         cx = x.shape[-1]
-        bc = _pow2(cx, 16, 64)
+        bc = _pow2(cx, 16, cfg.bc)
         grid = (kvol, splits, -(-cx // bc) * -(-n // bn))
         K.weight_grad_kernel[grid](
             x, go, dw, order, table, counts, m, cx, offset, cin, n, groups, rows_per_split, sxg, sxm, sgg, sgm,
             KVOL=kvol, IDENTITY=plan is None, COMPACT=compact, DOT_F32=interpreted or go.dtype == torch.float32,
-            PRECISION=precision, BR=br, BC=bc, BN=bn, num_warps=4)
+            PRECISION=precision, BR=br, BC=bc, BN=bn, **launch)
         offset += cx
     return dw
 
