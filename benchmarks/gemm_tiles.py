@@ -115,21 +115,27 @@ def macs(call, bm: int) -> tuple[float, float]:
     return float(pairs * cin * n * groups), float(int(bits) * bm * cin * n * groups)
 
 
-def time_call(rec: Recorder, call, cfg, device, reps: int) -> tuple[float, torch.Tensor]:
-    out = rec.run(call, cfg)           # compile, warm up
+def median_ms(fn, device, reps: int) -> tuple[float, object]:
+    """(milliseconds of ``fn()``: the median of ``reps`` launches timed with CUDA events, or one
+    wall-clock run off CUDA, the result of a first untimed run (compilation, warm-up))."""
+    out = fn()
     if device.type != "cuda":
         t0 = time.perf_counter()
-        rec.run(call, cfg)
+        fn()
         return (time.perf_counter() - t0) * 1000, out
     times = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(reps):
         start.record()
-        rec.run(call, cfg)
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return float(np.median(times)), out
+
+
+def time_call(rec: Recorder, call, cfg, device, reps: int) -> tuple[float, torch.Tensor]:
+    return median_ms(lambda: rec.run(call, cfg), device, reps)
 
 
 def main(argv=None) -> int:

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm_tiles import median_ms  # noqa: E402
 from training_work import ROOT, teacher  # noqa: E402,F401  (ROOT: the repository on sys.path)
 
 from lidar_completion import sparse  # noqa: E402
@@ -94,20 +94,7 @@ def useful_macs(call) -> float:
 
 
 def time_call(rec: Recorder, call, cfg, device, reps: int, dense=False) -> tuple[float, torch.Tensor]:
-    out = rec.run(call, cfg, dense)           # compile, warm up
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        rec.run(call, cfg, dense)
-        return (time.perf_counter() - t0) * 1000, out
-    times = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(reps):
-        start.record()
-        rec.run(call, cfg, dense)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times)), out
+    return median_ms(lambda: rec.run(call, cfg, dense), device, reps)
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
