@@ -129,12 +129,11 @@ def _self_device_us(event) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
-def summary(prof, names: Sequence[str], device_type: str, top: int = 30, per: int = 1) -> dict:
+def summary(prof, names: Sequence[str], device_type: str, top: int = 30) -> dict:
     """What a profile says, as printable text and figures.
 
-    Returns ``{"text": str, "regions": [...], "top": [...], "launches": int, "syncs": int}``:
-    the named regions (calls, CPU and device milliseconds, per ``per`` repetitions of the profiled
-    work), the ``top`` operators and kernels by self device time (CPU time without a device),
+    Returns ``{"text": str, "regions": [...], "top": [...], "launches": int, "syncs": int,
+    "total_ms": float}``: the named regions (calls, CPU and device milliseconds), the ``top`` operators and kernels by self device time (CPU time without a device),
     kernel launches and synchronising / copying runtime calls (CUDA only, else 0)."""
     # kineto also reports each range (ours, the optimiser's, ...) as a device-side "user annotation"
     # event spanning its kernels: a copy of their time, not a kernel
@@ -142,12 +141,11 @@ def summary(prof, names: Sequence[str], device_type: str, top: int = 30, per: in
     ka = [e for e in prof.key_averages()
           if not (getattr(e, "is_user_annotation", False) and getattr(e, "device_type", cpu_type) != cpu_type)]
     cuda = device_type == "cuda"
-    per = max(1, int(per))
     regions = []
     host = [e for e in ka if e.key in set(names)]
     for e in sorted(host, key=lambda e: -e.cpu_time_total):
-        regions.append({"name": e.key, "calls": e.count // per, "cpu_ms": round(e.cpu_time_total / 1000 / per, 3),
-                        "device_ms": round(_device_us(e) / 1000 / per, 3)})
+        regions.append({"name": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000, 3),
+                        "device_ms": round(_device_us(e) / 1000, 3)})
     self_time = _self_device_us if cuda else (lambda e: float(e.self_cpu_time_total))
     ops = [e for e in ka if e.key not in set(names)]
     if cuda:
@@ -155,11 +153,11 @@ def summary(prof, names: Sequence[str], device_type: str, top: int = 30, per: in
         on_device = [e for e in ops if getattr(e, "device_type", None) not in (None, cpu_type)]
         ops = on_device or ops
     ops.sort(key=lambda e: -self_time(e))
-    top_rows = [{"name": e.key, "calls": e.count // per, "self_ms": round(self_time(e) / 1000 / per, 3)}
+    top_rows = [{"name": e.key, "calls": e.count, "self_ms": round(self_time(e) / 1000, 3)}
                 for e in ops[:top] if self_time(e) > 0]
-    launches = sum(e.count for e in ka if e.key in _LAUNCHES) // per if cuda else 0
-    syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key.startswith("cudaMemcpy")) // per if cuda else 0
-    total = sum(self_time(e) for e in ops) / 1000 / per
+    launches = sum(e.count for e in ka if e.key in _LAUNCHES) if cuda else 0
+    syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key.startswith("cudaMemcpy")) if cuda else 0
+    total = sum(self_time(e) for e in ops) / 1000
     lines = ["## named regions (CPU time includes waiting for the device at syncs; device time counts the "
              "kernels launched from the range's own thread, so not autograd's backward threads)"]
     for r in regions:

@@ -402,9 +402,9 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
     transposed times the output gradient rows, over every pair and feature group (row splits add
     with atomics). ``plan``: the forward's gather plan (order, table, tile masks), None for a 1x1;
     ``rows``: the same pairs listed per offset (``CoordinateManager.offset_rows``), which the kernel
-    then loops over instead of every row of every offset - unless ``LIDAR_COMPLETION_TRITON_WGRAD``
-    is ``dense``; ``config``: the kernel's blocks (default :data:`WGRAD_DEFAULT`; the interpreter
-    takes few large blocks)."""
+    then loops over instead of every row of every offset (the caller leaves them out when
+    :func:`weight_gradient_mode` is ``dense``); ``config``: the kernel's blocks (default
+    :data:`WGRAD_DEFAULT`; the interpreter takes few large blocks)."""
     from . import triton_kernels as K
 
     grouped = [t.shape[0] for t in (*segments, grad_out) if t.dim() == 3]
@@ -415,7 +415,7 @@ def weight_gradient(segments: tuple, grad_out: torch.Tensor, plan, kvol: int, in
     dw = torch.zeros((kvol, cin, n), dtype=torch.float32, device=grad_out.device)
     if m == 0:
         return dw
-    compact = plan is not None and rows is not None and weight_gradient_mode() == "compact"
+    compact = plan is not None and rows is not None
     if compact:
         table, order, counts = rows
     else:
