@@ -218,3 +218,27 @@ def test_fps_option_is_checked_and_auto_samples_on_the_cpu_without_cuda():
     assert c.fps == "auto" and not c.fps_on_device       # a CPU Completer samples with fpsample
     res = c.complete_detailed(_scan(1))
     assert res.num_fps == 200
+
+
+def test_should_stop_abandons_a_completion_between_network_passes():
+    """``should_stop`` is asked before the encoder, each solver step and the refiner: the node's
+    shutdown and deactivate stop within one network pass instead of finishing the scan."""
+    from lidar_completion.errors import Cancelled
+
+    c = _completer(steps=8)
+    asked = []
+
+    def stop_after(n):
+        def should_stop():
+            asked.append(len(c.denoiser.calls))
+            return len(asked) > n
+        return should_stop
+
+    with pytest.raises(Cancelled):
+        c.complete_detailed(_scan(0), should_stop=stop_after(3))   # encoder, steps 1 and 2 run
+    assert len(c.denoiser.calls) == 2 and asked == [0, 0, 1, 2]
+    # never true: the same result as without it, asked once per pass (encoder + 8 steps)
+    asked.clear()
+    full = _completer(steps=8).complete_detailed(_scan(0))
+    again = c.complete_detailed(_scan(0), should_stop=stop_after(100))
+    assert np.array_equal(full.points, again.points) and len(asked) == 9

@@ -330,6 +330,42 @@ def test_latest_only_burst_drops_and_counts_the_rest(checkpoint):
         stop_cleanly(proc)
 
 
+def test_ctrl_c_during_a_long_completion_or_the_warm_up_exits_cleanly(checkpoint):
+    """Ctrl-C while a completion (or the warm-up scan) runs: the completion is abandoned at its next
+    network pass and the node exits with status 0. Before, the worker finished its scan, and when
+    that took over 5 s the interpreter was finalised under a thread inside torch: "terminate called
+    without an active exception", exit status 134."""
+    long = dict(steps=200, n_fps=2000, tile=10)     # many seconds per scan, even for tiny networks
+    domain = random_domain()
+    with node_process(domain, checkpoint, warmup=False, **long) as proc, harness(domain) as h:
+        h.wait_ready(proc)
+        for _ in range(20):   # best effort: the first sample may race discovery
+            h.publish(cloud_msg(scan(3000, 1), sec=50))
+            try:
+                h.wait_diag(lambda d: int(d["received"]) >= 1, 1.5, "", proc)
+                break
+            except AssertionError as exc:
+                if "node exited" in str(exc):
+                    raise
+        h.spin(1.0)
+        d = h.wait_diag(lambda d: int(d["received"]) >= 1, 10, "the cloud to arrive", proc)
+        assert int(d["processed"]) == 0, "the completion should still be running"
+        t0 = time.monotonic()
+        log = stop_cleanly(proc)
+    assert time.monotonic() - t0 < 10 and "did not end within" not in log, log
+    assert not h.outputs_with(50)
+    with node_process(random_domain(), checkpoint, warmup=True, **long) as proc:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "completing a warm-up scan" not in line and time.monotonic() < deadline and \
+                proc.poll() is None:
+            line = proc.stdout.readline()
+        time.sleep(1.0)
+        assert proc.poll() is None
+        log = stop_cleanly(proc)
+    assert "warm-up scan completed" not in log, log
+
+
 def test_unloadable_checkpoint_is_one_fatal_line(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")

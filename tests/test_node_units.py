@@ -581,3 +581,201 @@ def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
     pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=7, nanosec=0)), P.warmup_cloud(2000),
                        time.monotonic())
     assert len(sent) == 1 and pipe.stats.rejected == 2
+
+
+# ------------------------------------------------------------------ stopping, restarting, late TF
+def _wait(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_stop_cancels_the_completion_in_hand():
+    """Ctrl-C and deactivate stop the worker within one network pass of a completer that takes
+    ``should_stop`` (the Completer); nothing of the abandoned scan is published or counted as a
+    failure. Before, the worker finished the scan, and a process exiting under it aborted."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion.errors import Cancelled
+    from lidar_completion_pkg import pipeline as P
+
+    started = threading.Event()
+
+    class Slow:
+        steps, guidance = 200, 1.0
+
+        def complete_detailed(self, pts, seed=None, should_stop=None):
+            started.set()
+            for _ in range(3000):            # 30 s unless cancelled
+                if should_stop is not None and should_stop():
+                    raise Cancelled("cancelled")
+                time.sleep(0.01)
+            return NS(points=pts, raw=None)
+
+    warnings = []
+    pipe, sent = _loaded_pipeline(Slow(), warnings)
+    assert pipe._cancellable
+    pipe.start()
+    pipe.mailbox.put((NS(frame_id="velodyne", stamp=NS(sec=5, nanosec=0)), P.warmup_cloud(500),
+                      time.monotonic()))
+    assert started.wait(10)
+    t0 = time.monotonic()
+    assert pipe.stop(timeout=5.0)
+    assert time.monotonic() - t0 < 2.0
+    assert not sent and pipe.stats.failed == 0 and not warnings
+
+
+def test_a_worker_left_in_a_long_scan_is_replaced_on_start():
+    """A deactivate whose wait ran out (a completer that cannot be cancelled, in a long scan) left the
+    re-activated lifecycle node without a worker: start() returned early on the old one, which then
+    ended. Now each worker has its own stop event and mailbox: the new one completes the next scan,
+    the old one ends after its scan without publishing it."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import pipeline as P
+
+    release, calls = threading.Event(), []
+
+    class Uncancellable:
+        steps, guidance = 8, 1.0
+
+        def complete(self, pts):
+            calls.append(threading.current_thread())
+            if len(calls) == 1:
+                release.wait(10)            # the long first scan
+                return pts + np.float32(1.0)
+            return pts + np.float32(2.0)
+
+    warnings = []
+    pipe, sent = _loaded_pipeline(Uncancellable(), warnings)
+    assert not pipe._cancellable
+    item = (NS(frame_id="velodyne", stamp=NS(sec=5, nanosec=0)), P.warmup_cloud(500), time.monotonic())
+    pipe.start()
+    old = pipe.worker
+    pipe.mailbox.put(item)
+    assert _wait(lambda: len(calls) == 1)
+    assert not pipe.stop(timeout=0.05)          # still in its scan
+    pipe.start()
+    assert pipe.worker is not old and pipe.worker.is_alive()
+    pipe.mailbox.put(item)
+    assert _wait(lambda: len(sent) == 1)
+    release.set()
+    old.join(5)
+    assert not old.is_alive() and pipe.worker.is_alive()
+    assert len(sent) == 1 and calls[1] is pipe.worker
+    np.testing.assert_allclose(pc_xyz(sent[0]), item[1] + 2.0)
+    assert pipe.stop(timeout=5.0)
+
+
+def pc_xyz(msg):
+    from lidar_completion.pointcloud2 import read_points_numpy
+    return read_points_numpy(msg, ("x", "y", "z"))
+
+
+def test_the_target_transform_is_taken_before_a_long_completion():
+    """With target_frame reached through a dynamic transform (odom), a completion that outlasted
+    the TF cache found the transform at the scan's stamp aged out, and the finished scan was dropped
+    as tf_stale. The target transform known at the start is taken then."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import frames
+    from lidar_completion_pkg import pipeline as P
+
+    odom_base = np.eye(4)
+    odom_base[:3, 3] = (100.0, -20.0, 0.0)
+
+    class Frames:
+        known = True
+
+        def lookup(self, target, source, t_ns, timeout):
+            assert (target, source) == ("odom", "velodyne")
+            if not self.known:
+                raise frames.TransformUnavailable(frames.STALE, "aged out of the cache")
+            return odom_base
+
+    tf = Frames()
+
+    class Slow:
+        steps, guidance = 8, 1.0
+
+        def complete(self, pts):
+            tf.known = False                    # the sample at the stamp leaves the cache meanwhile
+            return pts
+
+    warnings = []
+    pipe, sent = _loaded_pipeline(Slow(), warnings)
+    pipe.config.update(model_frame="velodyne", target_frame="odom")
+    pipe.frames = tf
+    points = P.warmup_cloud(500)
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=5, nanosec=0)), points, time.monotonic())
+    assert len(sent) == 1 and sent[0].header.frame_id == "odom", warnings
+    np.testing.assert_allclose(pc_xyz(sent[0]), points + np.float32([100.0, -20.0, 0.0]), atol=1e-4)
+    assert pipe.stats.no_transform == 0
+    # not known before (odometry later than the scan): looked up afterwards, as before
+    tf.known = False
+    late = Slow()
+    late.complete = lambda pts: (setattr(tf, "known", True), pts)[1]
+    pipe.completer = late
+    pipe._complete_one(NS(frame_id="velodyne", stamp=NS(sec=6, nanosec=0)), points, time.monotonic())
+    assert len(sent) == 2 and pipe.stats.no_transform == 0
+
+
+def test_transform_buffer_starts_over_when_time_jumps_back():
+    """A bag played again (or a simulator restarted) sends transforms older than the buffered ones by
+    more than the cache: they were cut off at once, and every scan of the replay was tf_stale."""
+    rs.require("tf_transformations")
+    from tf_transformations import translation_matrix
+
+    from lidar_completion_pkg import frames
+
+    buf = frames.TransformBuffer(cache_time=10.0)
+    s = 10**9
+    for t in range(100, 111):
+        buf.set_transform(_ts("odom", "base", translation_matrix((t, 0, 0)), t * s), static=False)
+    for t in range(0, 6):
+        buf.set_transform(_ts("odom", "base", translation_matrix((t, 0, 0)), t * s), static=False)
+    np.testing.assert_allclose(buf.lookup_now("odom", "base", int(3.5 * s))[:3, 3], (3.5, 0, 0))
+    with pytest.raises(frames.TransformUnavailable):
+        buf.lookup_now("odom", "base", 105 * s)      # the old run's history is gone
+    # an out-of-order sample within the cache is still merged, not a reset
+    buf.set_transform(_ts("odom", "base", translation_matrix((2.5, 0, 0)), int(2.5 * s)), static=False)
+    np.testing.assert_allclose(buf.lookup_now("odom", "base", 1 * s)[:3, 3], (1.0, 0, 0))
+
+
+def test_bad_topic_names_and_settings_stop_the_node_before_the_checkpoint_loads():
+    """An invalid topic name was refused by rclpy only when the endpoint was created, after the load
+    and the warm-up, with a traceback; a setting the completer refuses (device) was reported as a
+    checkpoint problem with a hint to set `checkpoint`."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from rclpy.parameter import Parameter
+
+    from lidar_completion.errors import ConfigError
+    from lidar_completion_pkg import pipeline as P
+    from lidar_completion_pkg.node import CompletionNode
+
+    loads = []
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        for name, value in (("output_topic", "bad topic"), ("input_topic", "/a//b"),
+                            ("raw_output_topic", "1abc")):
+            with pytest.raises(P.StartupError, match=f"invalid parameter {name} '{value}'"):
+                CompletionNode(completer_factory=loads.append, context=context,
+                               parameter_overrides=[Parameter(name, value=value)])
+        assert not loads
+    finally:
+        rclpy.shutdown(context=context)
+
+    def refuses_device(config):
+        raise ConfigError("unknown device 'gpu'")
+
+    pipe = P.CompletionPipeline(_fake_node([]), default_values())
+    with pytest.raises(P.StartupError) as err:
+        pipe.load(refuses_device)
+    assert "unknown device 'gpu'" in str(err.value) and "checkpoint:=" not in str(err.value)
+    with pytest.raises(P.StartupError, match=r"checkpoint:="):
+        pipe.load(lambda config: (_ for _ in ()).throw(FileNotFoundError("student.pt")))

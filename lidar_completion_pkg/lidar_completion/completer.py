@@ -24,13 +24,14 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedEncoder, GraphedRefiner, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
-from .errors import CheckpointError, CloudFormatError, ConfigError
+from .errors import Cancelled, CheckpointError, CloudFormatError, ConfigError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
 from .settings import BY_NAME, FPS_MODES, PRECISIONS, CompletionSettings, checkpoint_fallback
 
@@ -460,11 +461,19 @@ class Completer:
         return self.complete_detailed(points).points
 
     @torch.inference_mode()
-    def complete_detailed(self, points, seed: int | None = None) -> CompletionResult:
+    def complete_detailed(self, points, seed: int | None = None,
+                          should_stop: Callable[[], bool] | None = None) -> CompletionResult:
         """Like :meth:`complete`, returning the intermediate clouds and per-stage timings.
 
-        ``seed`` overrides the Completer's seed for this call.
+        ``seed`` overrides the Completer's seed for this call. ``should_stop()`` is asked before the
+        encoder, before every solver step and before the refiner; when it says True the completion
+        is abandoned with :class:`~lidar_completion.errors.Cancelled` (a node shutting down stops
+        within one network pass instead of finishing a scan nobody will receive).
         """
+        def check():
+            if should_stop is not None and should_stop():
+                raise Cancelled("the completion was cancelled by its caller")
+
         clock = _Clock(self.device)
         t_start = time.perf_counter()
         with clock("preprocess"):
@@ -477,12 +486,14 @@ class Completer:
                 sampled = (torch.from_numpy(scan_fps).to(self.device), torch.from_numpy(x_init_np).to(self.device))
             scan_t, x_init = sampled
             gen, used_seed = self._generator(self.seed if seed is None else seed)
+        check()
         with clock("encoder"):
             # voxel averages of the tiled x_init equal those of the FPS subset: encode the subset
             cond = self.encode(scan_t)
             uncond = self.unconditional(len(scan_t)) if self.guidance != 1.0 else None
 
         def denoise(x, t):
+            check()
             with clock("denoiser"):
                 return self.denoise_guided(x, t, cond, uncond)
 
@@ -496,6 +507,7 @@ class Completer:
             raw = raw_t.float().cpu().numpy()
         refined = None
         if self.refine and self.refiner is not None and len(raw_t) > 0:
+            check()
             with clock("refinement"):
                 refined = self.refine_points(raw_t).cpu().numpy()
         times = dict(clock.times)

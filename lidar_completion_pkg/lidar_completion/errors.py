@@ -23,3 +23,7 @@ class BagError(LidarCompletionError):
 
 class ConfigError(LidarCompletionError, ValueError):
     """A configuration value is invalid."""
+
+
+class Cancelled(LidarCompletionError):
+    """A completion was abandoned because its caller asked it to stop (``should_stop``)."""

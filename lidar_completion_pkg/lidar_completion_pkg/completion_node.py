@@ -13,13 +13,14 @@ at import time, so `--help` works without them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 
 from . import dds
 from .parameters import NODE_NAME, PARAMETERS
-from .pipeline import StartupError, default_completer_factory  # noqa: F401 - public API
+from .pipeline import StartupError, busy_threads, default_completer_factory  # noqa: F401 - public API
 
 LIFECYCLE_EXECUTABLE = "lifecycle_completion_node"
 
@@ -56,6 +57,23 @@ def _interrupt_once(signum, frame):
     after: the second must not interrupt the clean shutdown the first started."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _exit_past_running_completions(code: int) -> int:
+    """``code``, or the process ends here with it when a completer thread is still inside torch (a
+    load, or a scan of a completer that cannot be cancelled): finalising the interpreter under a
+    running torch thread aborts the process ("terminate called without an active exception", exit
+    status 134). Everything worth keeping is flushed first; the ROS context is already shut down."""
+    if not busy_threads():
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _run(argv, lifecycle: bool) -> int:
@@ -106,7 +124,8 @@ def _run(argv, lifecycle: bool) -> int:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
     except KeyboardInterrupt:
-        pass
+        if node is None:
+            rclpy.logging.get_logger(NODE_NAME).info("interrupted while starting; exiting")
     finally:
         if node is not None:
             finished = node.pipeline.stop(timeout=5.0)
@@ -114,7 +133,7 @@ def _run(argv, lifecycle: bool) -> int:
             node.destroy_node()  # before logging: the context may already be shut down (Ctrl-C)
             log = rclpy.logging.get_logger(NODE_NAME)
             if not finished:
-                log.warning("the completion in progress did not finish within 5 s; exiting without it")
+                log.warning("the completion in progress did not end within 5 s; exiting without it")
             log.info(f"shut down: processed {s.processed}, dropped {s.dropped}, rejected "
                      f"{s.rejected}, no transform {s.no_transform}, failed {s.failed}")
         rclpy.try_shutdown()
@@ -123,12 +142,12 @@ def _run(argv, lifecycle: bool) -> int:
 
 def main(argv=None) -> int:
     """`completion_node`, `lidar-completion-node`: the plain node."""
-    return _run(argv, lifecycle=False)
+    return _exit_past_running_completions(_run(argv, lifecycle=False))
 
 
 def main_lifecycle(argv=None) -> int:
     """`lifecycle_completion_node`: the managed node."""
-    return _run(argv, lifecycle=True)
+    return _exit_past_running_completions(_run(argv, lifecycle=True))
 
 
 if __name__ == "__main__":

@@ -119,6 +119,12 @@ class TransformBuffer:
                 old_parent, stamps, samples = self._dynamic.get(child, (parent, [], []))
                 if old_parent != parent:  # re-parented: its history no longer applies
                     stamps, samples = [], []
+                elif stamps and stamp < stamps[-1] - self.cache_ns:
+                    # time went back by more than the cache (a bag played again, a simulator
+                    # restarted): the newer history would hide every new sample, as it is cut
+                    # relative to the newest stamp (tf2_ros's C++ buffer clears itself when ROS
+                    # time jumps back)
+                    stamps, samples = [], []
                 i = bisect.bisect_left(stamps, stamp)
                 if i < len(stamps) and stamps[i] == stamp:
                     samples[i] = sample

@@ -8,8 +8,9 @@
   tuned), create the TF listener and the (lifecycle) publishers. A checkpoint that cannot be loaded
   fails the transition (the node stays unconfigured and says why).
 * ``activate``: start the worker and subscribe to the input; /diagnostics says ``ready: true``.
-* ``deactivate``: unsubscribe, finish the scan in hand, stop the worker and hand the accelerator's cached
-  memory back (the model stays loaded: activate is immediate).
+* ``deactivate``: unsubscribe, cancel the scan in hand (at its next network pass; nothing of it is
+  published), stop the worker and hand the accelerator's cached memory back (the model stays
+  loaded: activate is immediate).
 * ``cleanup``: also drop the model and the publishers (GPU memory freed); ``shutdown``: all of it.
 
 /diagnostics (a plain publisher: it reports in every state) carries ``state`` and ``ready``.
@@ -79,7 +80,8 @@ class LifecycleCompletionNode(LifecycleNode):
             self.destroy_subscription(self.sub)
             self.sub = None
         if not self.pipeline.stop(timeout=30.0):
-            self.get_logger().warning("the scan in progress did not finish within 30 s")
+            # its worker ends after that scan, publishing nothing; activate starts a new one
+            self.get_logger().warning("the scan in progress did not end within 30 s")
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._unsubscribe()

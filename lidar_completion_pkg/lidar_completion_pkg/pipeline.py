@@ -16,7 +16,9 @@ Nothing here raises into rclpy: bad input, failed completions and unusable trans
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import inspect
 import os
 import threading
 import time
@@ -24,7 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from lidar_completion.errors import CloudFormatError, LidarCompletionError
+from lidar_completion.errors import Cancelled, CheckpointError, CloudFormatError, LidarCompletionError
 from lidar_completion.pointcloud2 import create_cloud_xyz32, read_points_numpy
 
 from . import dds, frames
@@ -33,6 +35,34 @@ from .stats import ACTIVE, WARMING_UP, Mailbox, Stats, Throttle, diagnostic_summ
 
 #: Points of the synthetic warm-up scan (a street-like ring with a ground plane).
 WARMUP_POINTS = 30_000
+
+WORKER_THREAD, SETUP_THREAD = "completion-worker", "completion-setup"
+
+# The threads running completer code now. A process must not finalise while one of them is inside
+# torch: Python ends such a thread when it next takes the GIL, which unwinds through torch's C++
+# frames and aborts ("terminate called without an active exception", exit status 134).
+# Thread.is_alive() cannot tell: after a join() that Ctrl-C interrupted, Python 3.11 reports the
+# still running thread as stopped (and a second join returns at once).
+_BUSY: set = set()
+_BUSY_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _busy():
+    me = threading.current_thread()
+    with _BUSY_LOCK:
+        _BUSY.add(me)
+    try:
+        yield
+    finally:
+        with _BUSY_LOCK:
+            _BUSY.discard(me)
+
+
+def busy_threads() -> list:
+    """The threads still inside a load, a warm-up or the worker loop (see above)."""
+    with _BUSY_LOCK:
+        return list(_BUSY)
 
 
 class StartupError(LidarCompletionError):
@@ -47,8 +77,11 @@ def default_completer_factory(config: dict):
     return Completer.from_settings(completion_settings(config))
 
 
-def run_apart(fn: Callable, *args):
+def run_apart(fn: Callable, *args, cancel: Optional[threading.Event] = None, grace: float = 5.0):
     """``fn(*args)`` in a thread of its own that ends with it; its result (or exception) comes back here.
+
+    Interrupted while waiting (Ctrl-C during the load or the warm-up), it sets ``cancel`` (which
+    ``fn`` polls, if it can), gives the thread ``grace`` seconds to end and re-raises.
 
     The node loads its checkpoint and completes the warm-up scan this way, so that the thread that
     builds the node (rclpy's main thread) never runs torch's parallel CPU kernels: with the GNU
@@ -58,16 +91,26 @@ def run_apart(fn: Callable, *args):
     1,000 x 10 points: paced live replay p50 3.54 / 3.79 s against 2.84 / 3.05 s with the set-up
     apart (docs/benchmarks.md, ``benchmarks/cpu_threads.py``). A pool ends with its thread."""
     box: dict = {}
+    done = threading.Event()   # not Thread.join: see _BUSY
 
     def target():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            box["error"] = exc
+        with _busy():
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                box["error"] = exc
+            finally:
+                done.set()
 
-    thread = threading.Thread(target=target, name="completion-setup", daemon=True)
+    thread = threading.Thread(target=target, name=SETUP_THREAD, daemon=True)
     thread.start()
-    thread.join()
+    try:
+        done.wait()
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        done.wait(grace)
+        raise
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -116,7 +159,40 @@ def declare_parameters(node) -> dict:
         raise StartupError(f"min_z ({config['min_z']}) must be < max_z ({config['max_z']})")
     for name in ("model_frame", "target_frame"):
         config[name] = config[name].strip().lstrip("/")
+    for name in ("input_topic", "output_topic", "raw_output_topic"):
+        problem = topic_problem(config[name], node.get_name(), node.get_namespace())
+        if problem:
+            raise StartupError(f"invalid parameter {name} {config[name]!r}: {problem}")
     return config
+
+
+def topic_problem(name: str, node_name: str, namespace: str) -> Optional[str]:
+    """Why ``name`` is not a valid ROS 2 topic name (after expansion for this node), or None.
+    Checked with the parameters, before the checkpoint is loaded: rclpy itself would only refuse
+    it when the endpoint is created, after the load and the warm-up, with a traceback."""
+    from rclpy.expand_topic_name import expand_topic_name
+    from rclpy.validate_full_topic_name import validate_full_topic_name
+    from rclpy.validate_topic_name import validate_topic_name
+
+    try:
+        validate_topic_name(name)
+        validate_full_topic_name(expand_topic_name(name, node_name, namespace))
+    except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException and its kin
+        lines = str(exc).strip().splitlines()
+        return lines[0].rstrip(":") if lines else type(exc).__name__
+    return None
+
+
+def accepts_should_stop(completer) -> bool:
+    """Whether ``completer.complete_detailed`` takes ``should_stop`` (the Completer does; a
+    completer without it is always left to finish its scan)."""
+    method = getattr(completer, "complete_detailed", None)
+    if method is None:
+        return False
+    try:
+        return "should_stop" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def warmup_cloud(n: int = WARMUP_POINTS, min_range: float = 3.5, max_range: float = 50.0) -> np.ndarray:
@@ -152,6 +228,8 @@ class CompletionPipeline:
         self._pending: dict = {}
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
+        self._setup_cancel = threading.Event()   # set by Ctrl-C during the load / warm-up
+        self._cancellable = False
         self.worker: Optional[threading.Thread] = None
 
     @property
@@ -166,9 +244,13 @@ class CompletionPipeline:
             self.completer = run_apart(factory, self.config)
         except Exception as exc:  # noqa: BLE001 - every load failure becomes one fatal line
             what = self.config["checkpoint"] or "the shipped default checkpoint"
+            if not isinstance(exc, (CheckpointError, OSError)):
+                # a setting the completer refuses (device, backend, ...): not the file's fault
+                raise StartupError(f"cannot set up the completer with {what}: {exc}") from exc
             hint = "" if self.config["checkpoint"] else \
                 " (node parameter: --ros-args -p checkpoint:=/path/model.pt)"
             raise StartupError(f"cannot load {what}: {exc}{hint}") from exc
+        self._cancellable = accepts_should_stop(self.completer)
         from rclpy.parameter import Parameter
 
         resolved = []  # 0 / -1 meant "the checkpoint's default": show the values in use
@@ -187,9 +269,15 @@ class CompletionPipeline:
         if not self.config["warmup"] or self.completer is None:
             return None
         cloud = warmup_cloud(min_range=self.config["min_range"], max_range=self.config["max_range"])
+        self.log.info(f"completing a warm-up scan of {len(cloud)} points (warmup:=false skips it)")
         t0 = time.monotonic()
+        self._setup_cancel.clear()
         try:
-            run_apart(self.completer.complete, cloud)
+            if self._cancellable:
+                run_apart(lambda: self.completer.complete_detailed(
+                    cloud, should_stop=self._setup_cancel.is_set), cancel=self._setup_cancel)
+            else:
+                run_apart(self.completer.complete, cloud)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up is reported, not fatal
             self.log.warning(f"the warm-up scan failed ({type(exc).__name__}: {exc}); the first real "
                              "scan will be slower")
@@ -239,16 +327,21 @@ class CompletionPipeline:
             self.frames = None
 
     def start(self) -> None:
-        """Start the worker thread (a fresh mailbox: nothing from before is completed)."""
-        if self.worker is not None and self.worker.is_alive():
+        """Start a worker thread with a stop event and a mailbox of its own (nothing from before is
+        completed). A worker that stop() could not wait for (a completer that cannot be cancelled,
+        in a long scan) keeps its own, set event and ends after that scan, publishing nothing."""
+        if self.worker is not None and self.worker.is_alive() and not self._stop.is_set():
             return
         self._stop = threading.Event()
         self.mailbox = Mailbox()
-        self.worker = threading.Thread(target=self._work, name="completion-worker", daemon=True)
+        self.worker = threading.Thread(target=self._work, args=(self._stop, self.mailbox),
+                                       name=WORKER_THREAD, daemon=True)
         self.worker.start()
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """Stop the worker (the scan in hand is finished); True when it ended within ``timeout`` s."""
+        """Stop the worker: the scan in hand is cancelled at the completer's next network pass
+        (finished, but not published, by a completer that cannot be cancelled); True when the
+        worker ended within ``timeout`` s."""
         self._stop.set()
         self.mailbox.close()
         if self.worker is None:
@@ -373,23 +466,47 @@ class CompletionPipeline:
             self._warn("tf." + exc.reason, f"dropped a scan: {exc}")
             raise
 
+    def _early_target(self, target: str, model: str, source: str, to_model, stamp_ns: int):
+        """(target <- model at the stamp, True) when known before the completion starts, else
+        (None, False): the lookup is then made after it, waiting up to ``tf_timeout``. Taking it
+        first matters when a completion outlasts the TF cache (10 s; a CPU's first scans, LiDiff
+        at 50 steps): looked up only afterwards, the transform at the stamp had aged out and the
+        completed scan was dropped as stale."""
+        if target == model:
+            return None, True
+        if target == source and to_model is not None:
+            from tf_transformations import inverse_matrix
+            return inverse_matrix(to_model), True
+        if self.frames is None:
+            return None, False
+        try:
+            return self.frames.lookup(target, model, stamp_ns, 0.0), True
+        except frames.TransformUnavailable:
+            return None, False   # not there yet (odometry later than the scan): after the completion
+
     # -- worker ---------------------------------------------------------------------------------
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            item = self.mailbox.get(timeout=0.2)
-            if item is None or self._stop.is_set():
+    def _work(self, stop: threading.Event, mailbox: Mailbox) -> None:
+        with _busy():
+            self._serve(stop, mailbox)
+
+    def _serve(self, stop: threading.Event, mailbox: Mailbox) -> None:
+        while not stop.is_set():
+            item = mailbox.get(timeout=0.2)
+            if item is None or stop.is_set():
                 continue
             try:
-                self._complete_one(*item)
-            except frames.TransformUnavailable:
+                self._complete_one(*item, stop=stop)
+            except (frames.TransformUnavailable, Cancelled):
                 continue
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
-                if self._stop.is_set():
+                if stop.is_set():
                     return
                 self.stats.note_failed("worker", f"{type(exc).__name__}: {exc}")
                 self._warn("worker", f"completion failed unexpectedly: {type(exc).__name__}: {exc}")
 
-    def _complete_one(self, header, points: np.ndarray, t_received: float) -> None:
+    def _complete_one(self, header, points: np.ndarray, t_received: float,
+                      stop: Optional[threading.Event] = None) -> None:
+        stop = stop if stop is not None else self._stop
         self._apply_pending()
         source = str(header.frame_id).lstrip("/")
         model = self.config["model_frame"] or source
@@ -401,13 +518,19 @@ class CompletionPipeline:
         points = self._limit(points, source)
         if points is None:
             return
+        to_target, have_target = self._early_target(target, model, source, to_model, stamp_ns)
         t0 = time.monotonic()
         try:
-            if hasattr(self.completer, "complete_detailed"):
+            if self._cancellable:
+                result = self.completer.complete_detailed(points, should_stop=stop.is_set)
+                out, raw = result.points, getattr(result, "raw", None)
+            elif hasattr(self.completer, "complete_detailed"):
                 result = self.completer.complete_detailed(points)
                 out, raw = result.points, getattr(result, "raw", None)
             else:
                 out, raw = self.completer.complete(points), None
+        except Cancelled:
+            return
         except CloudFormatError as exc:
             self._reject(getattr(exc, "reason", "unusable"), str(exc), source)
             return
@@ -417,14 +540,9 @@ class CompletionPipeline:
             return
         compute_s = time.monotonic() - t0
         out = self._checked_output(out, "completion")
-        if out is None or self._stop.is_set():
+        if out is None or stop.is_set():
             return
-        if target == model:
-            to_target = None
-        elif target == source and to_model is not None:
-            from tf_transformations import inverse_matrix
-            to_target = inverse_matrix(to_model)
-        else:
+        if not have_target:
             to_target = self._lookup(target, model, stamp_ns)
         from std_msgs.msg import Header
 
