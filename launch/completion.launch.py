@@ -6,12 +6,17 @@
     ros2 launch lidar_completion_pkg completion.launch.py lifecycle:=true autostart:=false
 
 Works with a system ROS 2 (colcon) and with `make setup`'s venv (`.venv/bin/ros2 launch ...`; there
-rviz2 and `ros2 bag play` are not available). Parameters come from ``params_file`` (default:
-params/completion.yaml next to this file); launch arguments given on the command line override it.
-Arguments left empty are not passed, so the params file keeps its values. The shipped Fast DDS profile
-(fastdds_profile.xml next to this file) is set in FASTDDS_DEFAULT_PROFILES_FILE for every process started
-here (node, bag player, rviz2) unless the environment already names one: large best-effort clouds are
-lost between processes without it.
+rviz2 and `ros2 bag play` are not available, and ``rviz:=true`` / ``bag:=...`` stop the launch with the
+reason before anything starts). Parameters come from ``params_file`` (default: params/completion.yaml
+next to this file); launch arguments given on the command line override it. Arguments left empty are
+not passed, so the params file keeps its values. Every other node parameter can be given as
+``name:=value`` too (``guidance:=4.0 n_fps:=8000``): typed as the node declares it, over the params
+file. A name that is neither is named in a warning (with the nearest valid name): a typo must not
+go unnoticed, but launch hands an included file all of the includer's configurations, so a launch
+file with arguments of its own can include this one. The shipped Fast DDS profile (fastdds_profile.xml next to this file)
+is set in FASTDDS_DEFAULT_PROFILES_FILE for every process started here (node, bag player, rviz2)
+unless the environment already names one: large best-effort clouds are lost between processes
+without it.
 
 ``lifecycle:=true`` starts the managed node (lifecycle_completion_node); with ``autostart:=true`` (the
 default) the launch drives it through configure (checkpoint + warm-up scan) to active, otherwise it waits
@@ -45,7 +50,8 @@ ARGUMENTS = (
     ("target_frame", "", "frame the completion is published in; params file default: empty = the "
                          "input cloud's frame"),
     ("use_sim_time", "", "use /clock; empty = true when bag is given, else false"),
-    ("params_file", os.path.join(HERE, "params", "completion.yaml"), "node parameters (YAML)"),
+    ("params_file", os.path.join(HERE, "params", "completion.yaml"),
+     "node parameters (YAML); any node parameter can also be given as name:=value, over this file"),
     ("lifecycle", "false", "start the managed (lifecycle) node instead of the plain one"),
     ("autostart", "true", "with lifecycle:=true, configure and activate the node at start"),
     ("rviz", "false", "start rviz2 with rviz/completion.rviz (input and completed clouds)"),
@@ -60,6 +66,17 @@ NODE_PARAMETER_ARGUMENTS = {
 RVIZ_CONFIG = os.path.join(HERE, "rviz", "completion.rviz")
 FASTDDS_PROFILE = os.path.join(HERE, "fastdds_profile.xml")
 DEFAULT_TOPICS = {"input_topic": "/velodyne_points", "output_topic": "/completed_points"}
+# Launch configurations that launch / launch_ros set themselves (an including file's PushRosNamespace,
+# SetParameter, SetRemap; a user's emulate_tty): not launch arguments, never an error.
+FRAMEWORK_CONFIGURATIONS = ("ros_namespace", "global_params", "ros_remaps", "emulate_tty")
+RVIZ_MISSING = ("rviz:=true needs rviz2, and there is no package 'rviz2' here (the venv of `make "
+                "setup` has none): launch it with a system ROS 2 that has rviz2 (`apt install "
+                "ros-<distro>-rviz2`), or run rviz2 on another machine (docs/ros2.md, section 8), or "
+                "leave rviz:=false")
+BAG_MISSING = ("bag:=... needs `ros2 bag` (rosbag2: the ros2bag package and `ros2` on the PATH), which "
+               "is not available here (the venv of `make setup` has none): launch it with a system "
+               "ROS 2 (`apt install ros-<distro>-rosbag2`), or replay the bag with `lidar-completion "
+               "bag-bench BAG --live` (docs/bags.md)")
 
 
 def flag(name, text):
@@ -69,14 +86,26 @@ def flag(name, text):
     return text.strip().lower() in ("true", "1")
 
 
-def typed(name, text):
-    """A launch argument's text as the node parameter's type."""
-    kind = NODE_PARAMETER_ARGUMENTS[name]
-    if kind == "integer":
-        return int(text)
+def parse_value(name, kind, text):
+    """``text`` as a value of a node parameter of type ``kind`` (the table's "string", "integer",
+    "double", "bool"). Typed here, not by launch_ros's YAML reading, so that e.g. a double given as
+    ``4`` stays a double and a string that reads as a number or a bool stays a string."""
     if kind == "bool":
         return flag(name, text)
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "double":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind == 'integer' else 'a number'}, "
+                         f"got {text!r}") from None
     return text
+
+
+def typed(name, text):
+    """A launch argument's text as the node parameter's type."""
+    return parse_value(name, NODE_PARAMETER_ARGUMENTS[name], text)
 
 
 def node_overrides(values):
@@ -88,6 +117,71 @@ def node_overrides(values):
     if "use_sim_time" not in overrides and values.get("bag", ""):
         overrides["use_sim_time"] = True  # the bag player publishes /clock
     return overrides
+
+
+def extra_arguments(configurations):
+    """{name: text} of the launch configurations that are not arguments of this file (``name:=value``
+    given on the command line for a name it does not declare), in the order given."""
+    declared = {name for name, _d, _h in ARGUMENTS}
+    return {k: v for k, v in configurations.items()
+            if k not in declared and k not in FRAMEWORK_CONFIGURATIONS and not k.startswith("anon")
+            and isinstance(v, str)}  # (AnonName's "anon<name>" entries; launch_ros keeps lists too)
+
+
+def parameter_overrides(extra, parameter_types):
+    """({parameter: typed value} of the extra arguments that are node parameters, a warning naming
+    the others with the valid names, or None). ``parameter_types``: {name: type} of the node's
+    parameters. The others are not refused: they may be an including launch file's own arguments
+    (launch hands an included file every configuration of its includer)."""
+    unknown = [name for name in extra if name not in parameter_types]
+    warning = None
+    if unknown:
+        import difflib
+        known = [name for name, _d, _h in ARGUMENTS] + sorted(set(parameter_types) -
+                                                              set(NODE_PARAMETER_ARGUMENTS))
+        named = [repr(n) + "".join(f" (did you mean '{m}'?)"
+                                   for m in difflib.get_close_matches(n, known, 1)) for n in unknown]
+        warning = (
+            f"ignored launch argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(named)}: not an argument of this launch file nor a "
+            f"parameter of the node. Launch arguments: {', '.join(n for n, _d, _h in ARGUMENTS)}; "
+            f"node parameters (name:=value; `lidar-completion-node --help` describes them): "
+            f"{', '.join(sorted(set(parameter_types) - set(NODE_PARAMETER_ARGUMENTS)))}")
+    typed = {name: parse_value(name, parameter_types[name], text) for name, text in extra.items()
+             if name in parameter_types}
+    return typed, warning
+
+
+def rviz2_available():
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    try:
+        get_package_share_directory("rviz2")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def ros2_bag_available():
+    """`ros2 bag play` can run: the ros2bag verb is importable and a `ros2` is on the PATH."""
+    import importlib.util
+    import shutil
+    return importlib.util.find_spec("ros2bag") is not None and shutil.which("ros2") is not None
+
+
+def check_tools(values, rviz2=rviz2_available, ros2_bag=ros2_bag_available):
+    """RuntimeError with what is missing for ``rviz`` / ``bag``, raised before any action exists: a
+    launch whose rviz2 or bag player cannot start would otherwise fail after the node started (and
+    leave it running without its launch), or leave it waiting forever for the player's /clock."""
+    problems = []
+    if flag("rviz", values["rviz"]) and not rviz2():
+        problems.append(RVIZ_MISSING)
+    if values["bag"]:
+        if not ros2_bag():
+            problems.append(BAG_MISSING)
+        elif not os.path.exists(values["bag"]):
+            problems.append(f"bag:={values['bag']}: no such file or directory")
+    if problems:
+        raise RuntimeError("; and ".join(problems))
 
 
 def fixed_frame_for(values):
@@ -115,10 +209,11 @@ def generate_launch_description():
     import tempfile
 
     from launch import LaunchDescription
-    from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, OpaqueFunction,
-                                RegisterEventHandler, SetEnvironmentVariable)
+    from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo,
+                                OpaqueFunction, RegisterEventHandler, SetEnvironmentVariable)
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import LifecycleNode, Node
+    from launch_ros.parameter_descriptions import ParameterValue
 
     def managed(node, autostart):
         """The lifecycle node, driven configure -> activate when ``autostart``."""
@@ -143,11 +238,32 @@ def generate_launch_description():
 
     def setup(context, *args, **kwargs):
         values = {name: LaunchConfiguration(name).perform(context) for name, _d, _h in ARGUMENTS}
+        # An exception raised here ends the launch with its message before any action returned runs.
+        # So the tools are checked here: the rviz2 Node action looks for its package only when it
+        # runs, after the completion node has started (which then outlived the failed launch).
+        check_tools(values)
+        overrides = node_overrides(values)
+        extra = extra_arguments(context.launch_configurations)
         actions = []
+        if extra:
+            # (imported only here: the table pulls in torch, a second the plain launch need not pay)
+            from lidar_completion_pkg.parameters import BUILTIN, BY_NAME
+            types = {name: p.type for name, p in BY_NAME.items() if name not in BUILTIN}
+            more, warning = parameter_overrides(extra, types)
+            if warning:
+                import launch.logging
+                launch.logging.get_logger("launch").warning(warning)
+            overrides.update(more)
+            if more:
+                actions.append(LogInfo(msg="node parameters given as launch arguments, over the params "
+                                           "file: " + ", ".join(f"{k}={v!r}" for k, v in more.items())))
         if not os.environ.get(PROFILE_ENV) and os.path.isfile(FASTDDS_PROFILE):
             actions.append(SetEnvironmentVariable(PROFILE_ENV, FASTDDS_PROFILE))
         params = [values["params_file"]] if values["params_file"] else []
-        params.append(node_overrides(values))  # last wins: command line over the params file
+        # last wins: command line over the params file. Strings as ParameterValue(str): launch_ros
+        # reads a plain string as YAML (a topic "on" would become a bool, a checkpoint "2024" an int)
+        params.append({k: ParameterValue(v, value_type=str) if isinstance(v, str) else v
+                       for k, v in overrides.items()})
         common = dict(package=PACKAGE, name=NODE_NAME, output="screen", emulate_tty=True,
                       parameters=params)
         if flag("lifecycle", values["lifecycle"]):

@@ -99,6 +99,56 @@ def test_launch_helpers_type_the_overrides_and_rewrite_the_rviz_config(tmp_path)
         "Fixed Frame"] == "map"
 
 
+def test_undeclared_arguments_are_node_parameters_typed_as_declared_or_named_in_a_warning():
+    m = launch_module()
+    types = {name: p.type for name, p in BY_NAME.items()}
+    # only what the command line adds: not our arguments, nor launch_ros's own configurations
+    configurations = {"steps": "4", "guidance": "4", "n_fps": "500", "publish_raw": "true",
+                      "raw_output_topic": "2024", "ros_namespace": "/robot", "global_params": [],
+                      "anonfoo": "foo_123"}
+    extra = m["extra_arguments"](configurations)
+    assert extra == {"guidance": "4", "n_fps": "500", "publish_raw": "true", "raw_output_topic": "2024"}
+    typed, warning = m["parameter_overrides"](extra, types)
+    assert warning is None
+    assert typed == {"guidance": 4.0, "n_fps": 500, "publish_raw": True, "raw_output_topic": "2024"}
+    assert [type(v) for v in typed.values()] == [float, int, bool, str]
+    assert all(check_value(k, v) is None for k, v in typed.items())
+    with pytest.raises(ValueError, match="n_fps must be an integer, got 'lots'"):
+        m["parameter_overrides"]({"n_fps": "lots"}, types)
+    with pytest.raises(ValueError, match="guidance must be a number"):
+        m["parameter_overrides"]({"guidance": ""}, types)
+    # other names (a typo, or an including launch file's own arguments): left out, named in a warning
+    typed, text = m["parameter_overrides"]({"guidnce": "4", "n_fps": "500", "frobnicate": "1"}, types)
+    assert typed == {"n_fps": 500}
+    assert text.startswith("ignored launch arguments 'guidnce' (did you mean 'guidance'?), "
+                           "'frobnicate':"), text
+    assert "'n_fps'" not in text.split(":")[0]
+    for name in LAUNCH_ARGUMENTS | {"guidance", "n_fps", "tile"}:   # the valid names are listed
+        assert name in text, name
+
+
+def test_rviz_and_bag_without_their_tools_are_refused_before_anything_starts(tmp_path):
+    m = launch_module()
+    check = m["check_tools"]
+    values = {name: default for name, default, _doc in m["ARGUMENTS"]}
+    never = lambda: pytest.fail("looked for a tool that was not asked for")   # noqa: E731
+    check(values, rviz2=never, ros2_bag=never)
+    with pytest.raises(RuntimeError, match="rviz:=true needs rviz2") as err:
+        check({**values, "rviz": "true"}, rviz2=lambda: False, ros2_bag=never)
+    assert "apt install ros-<distro>-rviz2" in str(err.value) and "docs/ros2.md" in str(err.value)
+    check({**values, "rviz": "true"}, rviz2=lambda: True, ros2_bag=never)
+    bag = tmp_path / "run.mcap"
+    bag.write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"bag:=\.\.\. needs `ros2 bag`") as err:
+        check({**values, "bag": str(bag)}, rviz2=never, ros2_bag=lambda: False)
+    assert "apt install ros-<distro>-rosbag2" in str(err.value) and "bag-bench" in str(err.value)
+    check({**values, "bag": str(bag)}, rviz2=never, ros2_bag=lambda: True)
+    with pytest.raises(RuntimeError, match="no such file or directory"):
+        check({**values, "bag": str(tmp_path / "gone")}, rviz2=never, ros2_bag=lambda: True)
+    with pytest.raises(RuntimeError, match="rviz2.*; and bag:="):   # both at once: both named
+        check({**values, "rviz": "true", "bag": str(bag)}, rviz2=lambda: False, ros2_bag=lambda: False)
+
+
 def test_rviz_config_input_best_effort_output_as_rviz_defaults_and_tf():
     vm = yaml.safe_load(RVIZ.read_text())["Visualization Manager"]
     assert vm["Global Options"]["Fixed Frame"] == "velodyne"
@@ -189,6 +239,104 @@ def test_ros2_launch_shows_the_arguments():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in LAUNCH_ARGUMENTS:
         assert f"'{name}'" in proc.stdout, name
+
+
+def setup_actions(monkeypatch, configurations):
+    """The actions the launch file's setup returns for ``configurations`` (the command line's
+    name:=value), with Node / LifecycleNode replaced by recorders of their keyword arguments: nothing
+    is started. Also the context, for evaluating the recorded parameters."""
+    rs.require("launch", "launch_ros")
+    import launch_ros.actions
+    from launch import LaunchContext
+    from launch.launch_description_sources import get_launch_description_from_python_launch_file
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setattr(launch_ros.actions, "Node", Recorder)
+    monkeypatch.setattr(launch_ros.actions, "LifecycleNode", Recorder)
+    description = get_launch_description_from_python_launch_file(str(LAUNCH))
+    context = LaunchContext()
+    context.launch_configurations.update(configurations)
+    actions = []
+    for entity in description.entities:   # the argument declarations, then the OpaqueFunction
+        actions += entity.visit(context) or []
+    return actions, context
+
+
+@pytest.mark.ros
+def test_setup_passes_node_parameters_over_the_params_file(monkeypatch, tmp_path):
+    from launch.actions import LogInfo
+    from launch_ros.utilities import evaluate_parameters, normalize_parameters
+
+    actions, context = setup_actions(monkeypatch, {
+        "steps": "3", "guidance": "4", "n_fps": "500", "model_frame": "on", "raw_output_topic": "2024",
+        "params_file": str(PARAMS)})
+    nodes = [a for a in actions if hasattr(a, "kwargs")]
+    assert len(nodes) == 1 and nodes[0].kwargs["executable"] == "completion_node"
+    params = evaluate_parameters(context, normalize_parameters(nodes[0].kwargs["parameters"]))
+    # the params file first, the command line after it (the later source wins), typed as declared:
+    # a double given as "4" is a double, strings YAML would read as a bool or an int stay strings
+    assert [str(p) for p in params[:1]] == [str(PARAMS)] and len(params) == 2
+    assert params[1] == {"steps": 3, "model_frame": "on", "guidance": 4.0, "n_fps": 500,
+                         "raw_output_topic": "2024"}
+    assert type(params[1]["guidance"]) is float and type(params[1]["model_frame"]) is str
+    logs = [a for a in actions if isinstance(a, LogInfo)]
+    assert len(logs) == 1
+    msg = "".join(s.perform(context) for s in logs[0].msg)
+    assert "over the params file" in msg and "guidance=4.0" in msg and "n_fps=500" in msg
+    # nothing extra: no log line, only the given launch arguments over the params file
+    actions, context = setup_actions(monkeypatch, {"steps": "3"})
+    assert not [a for a in actions if isinstance(a, LogInfo)]
+    node = next(a for a in actions if hasattr(a, "kwargs"))
+    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[1] == {"steps": 3}
+
+
+@pytest.mark.ros
+def test_setup_warns_of_unknown_arguments_and_refuses_missing_rviz2_before_any_action(monkeypatch):
+    import launch.logging
+
+    warned = []
+    monkeypatch.setattr(launch.logging.get_logger("launch"), "warning", warned.append)
+    actions, context = setup_actions(monkeypatch, {"guidnce": "4", "robot": "r2"})
+    assert len(warned) == 1 and "'guidnce' (did you mean 'guidance'?), 'robot'" in warned[0], warned
+    node = next(a for a in actions if hasattr(a, "kwargs"))   # the node still starts, without them
+    from launch_ros.utilities import evaluate_parameters, normalize_parameters
+    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[-1] == {}
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        get_package_share_directory("rviz2")
+        pytest.skip("rviz2 is installed here")
+    except LookupError:   # PackageNotFoundError
+        pass
+    with pytest.raises(RuntimeError, match="rviz:=true needs rviz2"):
+        setup_actions(monkeypatch, {"rviz": "true"})
+
+
+@pytest.mark.ros
+def test_ros2_launch_fails_fast_and_starts_nothing(tmp_path):
+    """The real `ros2 launch` with a mistyped parameter value, and with rviz:=true where rviz2 is
+    missing (the venv): exit status 1 with the reason, and no process of its group left (the node
+    was started before the failure, and orphaned, when rviz2 was only looked for by its Node
+    action)."""
+    _ros()
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    cases = [(("n_fps:=lots",), "n_fps must be an integer, got 'lots'")]
+    try:
+        get_package_share_directory("rviz2")
+    except PackageNotFoundError:
+        cases.append((("rviz:=true",), "rviz:=true needs rviz2"))
+    env = rs.ros_env(rs.random_domain())
+    for args, reason in cases:
+        log = tmp_path / "launch.log"
+        with rs.process_group(launch_cmd(*args), env, log) as proc:
+            rc = proc.wait(60)
+            text = log.read_text(errors="replace")
+            assert rc == 1 and reason in text, text
+            assert "process started" not in text, text
+            with pytest.raises(ProcessLookupError):   # nothing of its process group remains
+                os.killpg(proc.pid, 0)
 
 
 N_FPS, TILE, STEPS = 128, 2, 2
@@ -288,7 +436,7 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
     log = tmp_path / "launch.log"
     cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", "device:=cpu",
                      f"params_file:={params}", "output_topic:=/dense", "model_frame:=lidar_level",
-                     "target_frame:=map")
+                     "target_frame:=map", "input_qos_depth:=30", "max_z:=99")  # (parameters, not arguments)
     with rs.process_group(cmd, env, log) as proc, rs.participant(domain) as p:
         static = p.node.create_publisher(TFMessage, "/tf_static", rs.latched_qos())
         static.publish(rs.static_transforms(0, ("map", "lidar_level", map_level),
@@ -349,6 +497,9 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
         assert values["steps"] == STEPS and values["n_fps"] == N_FPS
         assert (values["model_frame"], values["target_frame"]) == ("lidar_level", "map")
         assert values["output_topic"] == "/dense" and values["output_qos_reliability"] == "reliable"
+        # node parameters given as launch arguments: over the params file, typed as declared
+        assert values["input_qos_depth"] == 30 and values["max_z"] == 99.0
+        assert isinstance(values["max_z"], float)
         overrides = values["qos_overrides"]
         assert overrides["/velodyne_points"]["subscription"]["reliability"] == "reliable"
         assert overrides["/dense"]["publisher"]["reliability"] == "reliable"
@@ -367,6 +518,7 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
     assert rc == 0, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
     assert "shut down: processed 2," in text and "process has finished cleanly" in text, text[-3000:]
+    assert "launch arguments, over the params file: input_qos_depth=30, max_z=99.0" in text, text[:3000]
 
 
 @pytest.mark.ros
