@@ -174,6 +174,66 @@ def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
     assert SUMMARY_RE.match(summary_line(report)).group(3, 4) == (str(report["dropped"]), "5")
 
 
+class FirstCallSlow:
+    """Stand-in completer whose first call reports a huge completer total (its one-time costs), the
+    later ones 2 ms; ``fail_first`` makes the first call fail instead."""
+
+    def __init__(self, fail_first=False):
+        self.calls, self.fail_first = 0, fail_first
+
+    def complete_detailed(self, points):
+        from lidar_completion.errors import CloudFormatError
+
+        self.calls += 1
+        if self.calls == 1 and self.fail_first:
+            raise CloudFormatError("not today")
+        total = 1000.0 if self.calls == 1 else 0.002
+        return types.SimpleNamespace(points=np.asarray(points[::2, :3]), timings={"total": total})
+
+
+def test_offline_bench_warm_up_is_reported_apart_from_the_statistics(tmp_path):
+    """One completion of the first scan before timing: its cost is in ``warmup``, never in the
+    statistics, and its output is not written; --no-warmup (warmup=False) times the first call."""
+    bag = write_clouds(tmp_path / "bag", _clouds(3, 200))
+    slow = FirstCallSlow()
+    report = bench_offline(bag, "/velodyne_points", slow, progress=False, write_bag=tmp_path / "out")
+    assert slow.calls == 4 and report["completed"] == report["total"] == 3
+    warm = report["warmup"]
+    assert warm["enabled"] and warm["scan"] == 0 and warm["seconds"] >= 0 and warm["error"] is None
+    assert report["stages_ms"]["completer total"]["max"] == pytest.approx(2.0)
+    with BagReader(tmp_path / "out") as reader:
+        assert reader.topics["/completed_points"].count == 3
+
+    cold = bench_offline(bag, "/velodyne_points", FirstCallSlow(), progress=False, warmup=False)
+    assert cold["warmup"] == {"enabled": False, "scan": None, "seconds": None, "error": None}
+    assert cold["stages_ms"]["completer total"]["max"] == pytest.approx(1e6)
+
+    # a failed warm-up is reported and the scan is still benchmarked
+    failed = bench_offline(bag, "/velodyne_points", FirstCallSlow(fail_first=True), progress=False)
+    assert failed["warmup"]["error"] == "not today" and failed["warmup"]["seconds"] is None
+    assert failed["completed"] == 3
+
+
+def test_report_tables_name_each_row_once(tmp_path):
+    """The end-to-end total and the completer's own total are two rows with two names; the warm-up
+    and the guidance have rows of their own."""
+    from lidar_completion.bags.report import markdown
+
+    bag = write_clouds(tmp_path / "bag", _clouds(2, 200))
+    report = bench_offline(bag, "/velodyne_points", FirstCallSlow(), progress=False,
+                           meta={"steps": 8, "guidance": 3.5})
+    md = markdown(report)
+    names = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    names = [n for n in names if n]  # not the tables' headers
+    assert len(names) == len(set(names)), names
+    assert {"total", "completer total", "warm-up", "guidance"} <= set(names)
+    assert "| guidance | 3.5 |" in md and "| steps | 8 |" in md
+    assert re.search(r"\| warm-up \| \d+\.\d\d s \(scan 0 completed once before timing; not in the "
+                     r"statistics\) \|", md), md
+    report["warmup"] = {"enabled": False, "scan": None, "seconds": None, "error": None}
+    assert "| warm-up | off (--no-warmup)" in markdown(report)
+
+
 # ------------------------------------------------------------------------------------- KITTI -> bag
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
@@ -313,13 +373,19 @@ def test_offline_bench_report(synthetic_bag, tiny_checkpoint, tmp_path):
     assert 30 < rep["memory"]["peak_rss_mb"] < 24_000
     assert rep["memory"]["gpu_peak_mb"] is None
     stages = rep["stages_ms"]
-    assert {"decode", "complete", "encode", "solver"} <= set(stages)
+    assert {"decode", "complete", "encode", "solver", "completer total"} <= set(stages)
+    assert "total" not in stages  # the completer's own total is named apart from the end-to-end one
+    assert rep["warmup"]["scan"] == 0 and rep["warmup"]["seconds"] > 0
+    assert [s["latency_ms"] is not None for s in rep["scans"]].count(True) == 5  # scan 0 timed too
+    assert re.search(r"^warm-up: \d+\.\d\d s \(scan 0 completed once", proc.stdout, re.M), proc.stdout
     assert all(stages[k]["p50"] <= lat["p50"] for k in ("decode", "complete", "encode"))
     for s in rep["scans"]:
         assert s["status"] == "completed" and s["points_in"] > 0 and s["points_out"] > 0
     assert rep["steps"] == 2 and rep["checkpoint"] == str(tiny_checkpoint)
     md = (out / "report.md").read_text()
     assert "Latency" in md and last in md
+    assert md.count("| total |") == 1 and md.count("| completer total |") == 1
+    assert "| warm-up |" in md
     with BagReader(wb) as reader:
         counts = {t: i.count for t, i in reader.topics.items()}
         assert counts == {"/velodyne_points": 5, "/completed_points": 5, "/tf": 5, "/tf_static": 1}

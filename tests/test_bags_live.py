@@ -58,6 +58,80 @@ def test_live_report_accounts_for_every_input(tmp_path):
     assert "node keeps up | no" in paths["md"].read_text()
 
 
+def _one_scan_events(diagnostics: list[dict]) -> dict:
+    """A paced run of one scan: published at 1 s, completed at 2 s, the player done at 2.003 s."""
+    ms = 1_000_000
+    return {"inputs": [{"index": 0, "stamp_ns": START, "t_pub_ns": 1000 * ms, "points_in": 1000}],
+            "outputs": [{"stamp_ns": START, "t_recv_ns": 2000 * ms, "points_out": 600}],
+            "expected_total": 1, "diagnostics": diagnostics, "memory": [],
+            "t_first_pub_ns": 1000 * ms, "t_last_pub_ns": 1000 * ms, "t_end_ns": 2003 * ms,
+            "node": {"returncode": 0}}
+
+
+def _diag(t_ms: float, received: int, processed: int, **extra) -> dict:
+    values = {"received": str(received), "processed": str(processed), "dropped": "0", "rejected": "0",
+              "failed": "0", "no_transform": "0", **extra}
+    return {"t_ns": int(t_ms * 1_000_000), "values": values}
+
+
+def test_live_report_dates_node_counters_that_miss_the_last_scans(tmp_path):
+    """The node's last /diagnostics came before its last completion (received 1, processed 0 next to
+    completed 1): the report gives their age instead of presenting them as the final counts."""
+    stale = report_from_events(_one_scan_events([_diag(600, 0, 0), _diag(1600, 1, 0)]), bag="b",
+                               topic="/velodyne_points", rate=1.0, paced=True)
+    live = stale["live"]
+    assert stale["completed"] == 1 and live["node_counters"]["processed"] == 0
+    assert not live["node_counters_current"] and live["node_counters_age_s"] == pytest.approx(0.403)
+    md = write_report(stale, tmp_path / "stale")["md"].read_text()
+    assert "received 1, processed 0, dropped 0, rejected 0, failed 0, no_transform 0 (as of 0.4 s " \
+           "before the end" in md
+
+    # a later message (or one that counts every completion) is current, and shown as it is
+    for diags in ([_diag(1600, 1, 0), _diag(2001, 1, 1)], [_diag(1600, 1, 1)]):
+        fresh = report_from_events(_one_scan_events(diags), bag="b", topic="/velodyne_points", rate=1.0)
+        assert fresh["live"]["node_counters_current"] and fresh["live"]["node_counters_age_s"] is None
+        md = write_report(fresh, tmp_path / "fresh")["md"].read_text()
+        assert "processed 1, dropped 0, rejected 0, failed 0, no_transform 0 |" in md
+
+
+def test_live_report_shows_the_steps_and_guidance_the_node_ran_with(tmp_path):
+    """Without --steps the node resolves them from its checkpoint and says so in /diagnostics; a node
+    that does not leaves the report saying "the checkpoint's" rather than None."""
+    said = _one_scan_events([_diag(2001, 1, 1, steps="8", guidance="2.0", warmup_s="52.881")])
+    meta = {"steps": None, "guidance": None, "device": "cpu"}  # what the CLI gives without --steps
+    rep = report_from_events(said, bag="b", topic="/velodyne_points", rate=1.0, meta=meta)
+    assert (rep["steps"], rep["guidance"]) == (8, 2.0)
+    md = write_report(rep, tmp_path / "said")["md"].read_text()
+    assert "| steps | 8 |" in md and "| guidance | 2 |" in md and "None" not in md
+    assert "| warm-up | 52.88 s (the node's: one synthetic scan before it subscribed" in md
+
+    silent = report_from_events(_one_scan_events([_diag(2001, 1, 1, warmup_s="n/a")]), bag="b",
+                                topic="/velodyne_points", rate=1.0, meta=meta)
+    assert (silent["steps"], silent["guidance"]) == ("the checkpoint's", "the checkpoint's")
+    md = write_report(silent, tmp_path / "silent")["md"].read_text()
+    assert "| steps | the checkpoint's |" in md and "| warm-up | none reported by the node" in md
+
+
+def test_no_warmup_reaches_the_node_before_node_params(synthetic_bag, tmp_path, monkeypatch, capsys):
+    """--no-warmup live is the node's warmup parameter (a --node-param still has the last word)."""
+    import lidar_completion.commands.bags as bags_cmd
+
+    seen = {}
+
+    def fake_bench_live(bag, topic, out, **kwargs):
+        seen.update(kwargs)
+        return report_from_events(_one_scan_events([_diag(2001, 1, 1, steps="8", guidance="2.0")]),
+                                  bag=str(bag), topic=topic, rate=1.0, meta=kwargs["meta"])
+
+    monkeypatch.setattr(bags_cmd, "live_runner", lambda: fake_bench_live)
+    assert main(["bag-bench", str(synthetic_bag), "--live", "--no-warmup", "--n-fps", "500",
+                 "--node-param", "warmup:=true", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen["node_params"] == ["n_fps:=500", "warmup:=false", "warmup:=true"]
+    out = capsys.readouterr().out
+    assert "warm-up: none reported by the node" in out
+    assert "| steps | 8 |" in (tmp_path / "report.md").read_text()
+
+
 def test_the_core_finds_the_live_bench_through_its_entry_point():
     from lidar_completion.commands.bags import live_runner
     from lidar_completion_pkg.live_bench import bench_live

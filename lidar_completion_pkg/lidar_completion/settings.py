@@ -198,7 +198,8 @@ class CompletionSettings:
                             range=(0.0, 1000.0), metavar="M")
     max_range: float = _opt(DEFAULTS["max_range"], "input points farther than this (m) are ignored", float,
                             range=(0.1, 1000.0), metavar="M")
-    min_z: float = _opt(DEFAULTS["min_z"], "input points below this height (m, sensor frame) are ignored", float,
+    min_z: float = _opt(DEFAULTS["min_z"], "input points below this height (m, in the frame the networks "
+                        "see: the node's model_frame, else the scan's own) are ignored", float,
                         range=(-1000.0, 1000.0), metavar="M")
 
     def __post_init__(self):

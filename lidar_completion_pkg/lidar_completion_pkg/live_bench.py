@@ -9,7 +9,9 @@ LOCALHOST``; the player adds the Fast DDS profile.
 
 Every input is classified: ``completed`` when an output with its header stamp arrived, otherwise
 ``dropped`` with a reason (unreadable in the bag, or no output - skipped by the node's latest-only
-worker or lost in transport). The node's own dropped count from /diagnostics is reported next to it.
+worker or lost in transport). The node's own counters from /diagnostics are reported next to it, with
+their age when the last message received predates the last scans; the steps, guidance and warm-up
+time in the report are the node's, from the same messages.
 """
 from __future__ import annotations
 
@@ -137,12 +139,61 @@ def unfinished(counters: dict) -> int:
 
 def node_counters(diagnostics: list[dict]) -> dict | None:
     """The node's last counters (received, processed, dropped, ...) from /diagnostics."""
+    last = last_counters(diagnostics)
+    return None if last is None else last[1]
+
+
+def last_counters(diagnostics: list[dict]) -> tuple[int | None, dict] | None:
+    """(receipt time in ns or None, counters) of the last /diagnostics status with the node's
+    counters; None when none had them."""
     last = None
     for d in diagnostics:
         counters = counters_of(d.get("values") or {})
         if counters is not None:
-            last = counters
+            last = (d.get("t_ns"), counters)
     return last
+
+
+#: What the report says for steps / guidance the node did not report (0 / -1 were given to it).
+CHECKPOINTS = "the checkpoint's"
+
+
+def node_value(diagnostics: list[dict], key: str, cast):
+    """The last value of ``key`` in the node's /diagnostics, cast; None when absent or not a number
+    (the node reports "n/a" for what it does not know)."""
+    for d in reversed(diagnostics):
+        value = (d.get("values") or {}).get(key)
+        if value is not None:
+            try:
+                return cast(float(value)) if cast is int else cast(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def counters_age(events: dict, last: tuple[int | None, dict] | None, completed: int,
+                 t_last_receipt: int | None) -> tuple[bool, float | None]:
+    """(current, age): whether the node's last counters are current - received after the last publish
+    and the last completed receipt, or accounting for every scan sent and every completion received -
+    and, when they are not, how many seconds before the end of the run they were received (None when
+    that is unknown).
+
+    A node publishes /diagnostics every ``diagnostics_period`` seconds, and the player stops as soon as
+    every input has come back: counters received before the last completion do not count it yet
+    (e.g. "received 1, processed 0" next to "completed 1")."""
+    if last is None:
+        return False, None
+    t_diag, c = last
+    sent = len(events.get("inputs") or [])
+    if c["received"] >= sent and unfinished(c) == 0 and c["processed"] >= completed:
+        return True, None
+    latest = max([t for t in (events.get("t_last_pub_ns"), t_last_receipt) if t is not None], default=None)
+    if t_diag is not None and (latest is None or t_diag >= latest):
+        return True, None
+    t_end = events.get("t_end_ns") or latest
+    if t_diag is None or t_end is None:
+        return False, None
+    return False, max(0.0, (t_end - t_diag) / 1e9)
 
 
 def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta: dict | None = None,
@@ -189,8 +240,20 @@ def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta:
     report["throughput_hz"] = report["completed"] / span_out if span_out > 0 else float("nan")
     input_hz = (len(inputs) - 1) / span_in if span_in > 0 and len(inputs) > 1 else float("nan")
     no_output = sum(1 for s in scans if s.get("reason") == NO_OUTPUT)
-    counters = node_counters(events.get("diagnostics") or [])
+    diagnostics = events.get("diagnostics") or []
+    last = last_counters(diagnostics)
+    counters = None if last is None else last[1]
+    counters_current, counters_age_s = counters_age(events, last, report["completed"],
+                                                    recv[-1] if recv else None)
     node_dropped = None if counters is None else counters["dropped"]
+    # what the node ran with: its /diagnostics carry the resolved values (0 steps / -1 guidance given
+    # to it mean the checkpoint's); the values given on the command line otherwise
+    for key, cast in (("steps", int), ("guidance", float)):
+        value = node_value(diagnostics, key, cast)
+        if value is None:
+            value = report.get(key)
+        report[key] = CHECKPOINTS if value is None else value
+    report["warmup"] = {"by": "node", "seconds": node_value(diagnostics, "warmup_s", float)}
     ready_s = None
     if events.get("t_ready_ns") and events.get("t_node_start_ns"):
         ready_s = (events["t_ready_ns"] - events["t_node_start_ns"]) / 1e9
@@ -198,6 +261,7 @@ def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta:
         "rate": rate, "paced": bool(paced), "input_hz": input_hz, "ready_s": ready_s,
         "keeps_up": report["total"] > 0 and report["dropped"] == 0,
         "node_dropped": node_dropped, "node_counters": counters,
+        "node_counters_current": counters_current, "node_counters_age_s": counters_age_s,
         # scans with no output that the node does not account for (never arrived, or output lost)
         "unexplained_missing": (None if counters is None else max(0, no_output - (
             counters["dropped"] + counters["rejected"] + counters["failed"] +

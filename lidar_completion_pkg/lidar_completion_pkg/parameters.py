@@ -71,8 +71,9 @@ COMPLETER_PARAMETERS: tuple[Param, ...] = tuple(completer_param(opt) for opt in 
 
 PARAMETERS: tuple[Param, ...] = COMPLETER_PARAMETERS + (
     # input limits of the node itself (before the Completer's own range / z filters)
-    Param("max_z", "double", 100.0, "Input points above this height (m, sensor frame) are ignored",
-          range=(-1000.0, 1000.0)),
+    Param("max_z", "double", 100.0,
+          "Input points above this height (m, in model_frame; empty: the input cloud's frame) are "
+          "ignored", range=(-1000.0, 1000.0)),
     Param("max_points", "integer", 300_000,
           "Clouds with more points (finite, within the range / z limits) are evenly subsampled to "
           "this many, with a warning",

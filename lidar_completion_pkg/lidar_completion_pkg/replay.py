@@ -331,6 +331,36 @@ class Replay:
                 return
             time.sleep(0.02)
 
+    def _diagnostics_period(self) -> float:
+        """The node's diagnostics_period as given with --node-param (the node's default otherwise)."""
+        period = 1.0
+        for p in self.args.node_param or []:
+            name, _, value = str(p).partition(":=")
+            if name.strip() == "diagnostics_period":
+                try:
+                    period = float(value)
+                except ValueError:
+                    pass
+        return period
+
+    def settle_diagnostics(self) -> None:
+        """After the drain, wait up to one diagnostics period + 1 s for a /diagnostics message sent
+        after the last publish and the last receipt: the drain ends as soon as every input has come
+        back, and the node's last counters before that do not count its last completions yet."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with self._lock:
+            latest = max([self.events["t_last_pub_ns"] or 0]
+                         + [o["t_recv_ns"] for o in self.events["outputs"]])
+        deadline = time.monotonic() + self._diagnostics_period() + 1.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._node_counters is not None and self._node_counters[0] > latest:
+                    return
+            if self.proc.poll() is not None:
+                return
+            time.sleep(0.02)
+
     # ----------------------------------------------------------------------------------------- run
     def run(self) -> None:
         a = self.args
@@ -407,6 +437,7 @@ class Replay:
             self.wait_ready(pub, sub)
             self.play(pub, bag, tf_pubs)
             self.drain()
+            self.settle_diagnostics()
             self.events["t_end_ns"] = time.monotonic_ns()
         finally:
             if self.sampler is not None:  # before stopping the node: its shutdown is not measured

@@ -75,6 +75,42 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _show(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def warmup_text(report: dict) -> str | None:
+    """The warm-up as the report states it (None when the report has no warm-up entry)."""
+    warm = report.get("warmup")
+    if warm is None:
+        return None
+    if warm.get("by") == "node":
+        if _finite(warm.get("seconds")):
+            return (f"{_fmt(warm['seconds'], 2)} s (the node's: one synthetic scan before it subscribed; "
+                    "not in the statistics)")
+        return "none reported by the node (its warmup parameter is false, or the warm-up failed: node.log)"
+    if not warm.get("enabled"):
+        return "off (--no-warmup): the first scan's one-time costs are in the statistics"
+    if warm.get("error"):
+        return f"failed ({warm['error']}): the first completed scan's one-time costs are in the statistics"
+    return (f"{_fmt(warm['seconds'], 2)} s (scan {warm['scan']} completed once before timing; not in "
+            "the statistics)")
+
+
+def node_counters_text(live: dict) -> str:
+    """The node's /diagnostics counters of a live report, with their age when they may be stale
+    (the last /diagnostics before the end did not count every scan yet)."""
+    counters = live.get("node_counters")
+    if not counters:
+        return "n/a"
+    text = ", ".join(f"{k} {v}" for k, v in counters.items())
+    if live.get("node_counters_current", True):
+        return text
+    age = live.get("node_counters_age_s")
+    when = f"as of {age:.1f} s before the end" if _finite(age) else "of unknown age"
+    return f"{text} ({when}: no later /diagnostics arrived, so the last scans may be missing)"
+
+
 def _json_safe(obj):
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -98,17 +134,19 @@ def markdown(report: dict) -> str:
     lines += ["| | |", "|---|---|"]
     rows = [("bag", f"`{report['bag']}`"), ("topic", f"`{report['topic']}`"),
             ("checkpoint", f"`{report.get('checkpoint') or 'default'}`"),
-            ("steps", report.get("steps")), ("device", report.get("device")),
+            ("steps", _show(report.get("steps"))), ("guidance", _show(report.get("guidance"))),
+            ("device", report.get("device")),
             ("scans", report["total"]), ("completed", report["completed"]),
             ("dropped", f"{report['dropped']} ({_fmt(100.0 * report['drop_rate'])} %)"),
             ("throughput", f"{_fmt(report['throughput_hz'], 2)} scans/s")]
+    if warmup_text(report) is not None:
+        rows.append(("warm-up", warmup_text(report)))
     if mode == "live":
         live = report["live"]
         paced = ", paced: each scan after the node answered the previous" if live.get("paced") else ""
         rows += [("replay rate", f"{live['rate']}x{paced} ({_fmt(live['input_hz'], 2)} Hz input)"),
                  ("node keeps up", "yes" if live["keeps_up"] else "no"),
-                 ("node counters (/diagnostics)", ", ".join(
-                     f"{k} {v}" for k, v in (live.get("node_counters") or {}).items()) or "n/a"),
+                 ("node counters (/diagnostics)", node_counters_text(live)),
                  ("no output, not explained by the node", live.get("unexplained_missing")),
                  ("node ready after", f"{_fmt(live.get('ready_s'), 2)} s")]
     rows += [("peak RSS", f"{_fmt(mem.get('peak_rss_mb'))} MB ({mem.get('process', 'this process')})"),

@@ -78,6 +78,10 @@ def register(subparsers) -> None:
                    help="storage of --write-bag (default %(default)s)")
     b.add_argument("--output-topic", default="/completed_points",
                    help="topic of the completed clouds (default %(default)s)")
+    b.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="time the first completion like the others (offline: the first usable scan is "
+                        "otherwise completed once before timing, reported as the warm-up and left out "
+                        "of the statistics; live: the node's warmup parameter false)")
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     live = b.add_argument_group("live mode")
     live.add_argument("--live", action="store_true", help="replay through the ROS 2 node over DDS")
@@ -150,7 +154,7 @@ def _meta(settings: CompletionSettings, args) -> dict:
 
 
 def run_bench(args) -> int:
-    from ..bags.report import summary_line, write_report
+    from ..bags.report import summary_line, warmup_text, write_report
 
     _check_args(args)
     settings = CompletionSettings.from_args(args)
@@ -168,6 +172,8 @@ def run_bench(args) -> int:
     print("plots: " + " ".join(str(p) for p in paths["plots"]))
     if report.get("written_bag"):
         print(f"bag with input and completed clouds: {report['written_bag']}")
+    if warmup_text(report) is not None:
+        print(f"warm-up: {warmup_text(report)}")
     if mode == "live":
         live = report["live"]
         print(f"live x{live['rate']}: {report['completed']}/{report['total']} completed, node "
@@ -189,9 +195,9 @@ def no_completion_reason(report: dict) -> str:
     text = f"no scan was completed ({report['completed']}/{report['total']}: {reasons or 'no scans'})"
     live = report.get("live")
     if live is not None:
-        counters = live.get("node_counters")
-        if counters:
-            text += "; the node reported " + ", ".join(f"{k} {v}" for k, v in counters.items())
+        if live.get("node_counters"):
+            from ..bags.report import node_counters_text
+            text += "; the node reported " + node_counters_text(live)
         text += (". A node slower than the replay completes nothing when the replay ends first: "
                  "replay with --pace or a lower --rate, or give the node smaller budgets "
                  "(--n-fps, --steps); its log: " + str(live.get("node_log")))
@@ -213,7 +219,7 @@ def _run_offline(args, settings: CompletionSettings) -> dict:
                 device=str(completer.device))
     return bench_offline(args.bag, args.topic, completer, write_bag=args.write_bag,
                          write_storage=args.write_storage, output_topic=args.output_topic,
-                         limit=args.limit, progress=args.progress, meta=meta)
+                         limit=args.limit, progress=args.progress, meta=meta, warmup=args.warmup)
 
 
 def live_runner():
@@ -230,7 +236,10 @@ def _run_live(args, settings: CompletionSettings, out: Path) -> dict:
     bench_live = live_runner()
 
     # the node's parameters are the same settings (checkpoint and steps have options of their own)
-    params = settings.ros_overrides(exclude=("checkpoint", "steps")) + list(args.node_param)
+    params = list(settings.ros_overrides(exclude=("checkpoint", "steps")))
+    if not args.warmup:
+        params.append("warmup:=false")
+    params += list(args.node_param)  # last: the node takes the last value given for a parameter
     meta = _meta(settings, args)
     meta["device"] = settings.device
     return bench_live(args.bag, args.topic, out, checkpoint=settings.checkpoint, steps=settings.steps,
