@@ -321,3 +321,128 @@ def test_options_that_do_not_apply_say_so(ckpt, scan_file, tmp_path, caplog):
     assert "--ascii applies to .ply and .pcd outputs" in text
     assert "cuda_graphs on applies on CUDA only" in text
     assert "refiner checkpoint was given with refinement off" in text
+
+
+# ------------------------------------------------------------------------ 6. batch failures
+def test_a_write_error_or_a_model_error_skips_one_scan_and_the_batch_goes_on(ckpt, tmp_path,
+                                                                              monkeypatch, capsys):
+    """An OSError writing one completion (no permission, a full disk) and a RuntimeError of the
+    model (out of memory) fail that scan; the scans after it are completed, the summary line is
+    printed, the exit status is 1, and the message names the user's path, not a temporary one."""
+    import lidar_completion.io as lio
+    scans, out = tmp_path / "scans", tmp_path / "dense"
+    for name in ("a", "b", "c", "d"):
+        write_cloud(scans / f"{name}.bin", _scan(seed=ord(name)))
+    real_write = lio.write_cloud
+
+    def write_cloud_(path, *args, **kwargs):
+        if Path(path).name == "b.bin":
+            raise PermissionError(errno.EACCES, "Permission denied", f"{path}.4242.tmp")
+        return real_write(path, *args, **kwargs)
+
+    real_complete = Completer.complete_detailed
+
+    def complete_(self, scan, *args, **kwargs):
+        if len(scan) == len(_scan(seed=ord("c"))) and np.array_equal(scan, _scan(seed=ord("c"))[:, :3]):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real_complete(self, scan, *args, **kwargs)
+
+    monkeypatch.setattr(lio, "write_cloud", write_cloud_)
+    monkeypatch.setattr(Completer, "complete_detailed", complete_)
+    assert _complete(scans, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
+    res = capsys.readouterr()
+    assert "completed 2 of 4 scans" in res.out and "2 failed: b.bin, c.bin" in res.out
+    assert f"Permission denied: {out / 'b.bin'}" in res.err and ".tmp" not in res.err
+    assert "c.bin: RuntimeError: CUDA out of memory" in res.err and "more detail" not in res.err
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "d.bin"]
+
+
+def test_a_folder_where_one_completion_goes_fails_that_scan_only(ckpt, tmp_path, capsys):
+    scans, out = tmp_path / "scans", tmp_path / "dense"
+    for name in ("a", "b", "c"):
+        write_cloud(scans / f"{name}.bin", _scan(seed=ord(name)))
+    (out / "b.bin").mkdir(parents=True)
+    assert _complete(scans, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
+    res = capsys.readouterr()
+    assert f"cannot write {out / 'b.bin'}: it is a folder" in res.err and ".tmp" not in res.err
+    assert "completed 2 of 3 scans" in res.out and "1 failed: b.bin" in res.out
+
+
+# ------------------------------------------------------------------------ 7. output paths
+@pytest.mark.parametrize("case", ["folder", "parent_is_file", "render_folder"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_model_loads(
+        ckpt, scan_file, tmp_path, monkeypatch, capsys, case):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Completer, "from_settings", no_model)
+    (tmp_path / "d.ply").mkdir()
+    (tmp_path / "a_file.npy").write_bytes(b"x")
+    (tmp_path / "r.png").mkdir()
+    out, words = {
+        "folder": (["-o", tmp_path / "d.ply"], f"-o {tmp_path / 'd.ply'}: exists and is a folder"),
+        "parent_is_file": (["-o", tmp_path / "a_file.npy" / "x.ply"],
+                           f"{tmp_path / 'a_file.npy'} is a file, not a folder"),
+        "render_folder": (["-o", tmp_path / "o.ply", "--render", tmp_path / "r.png"],
+                          f"--render {tmp_path / 'r.png'}: exists and is a folder"),
+    }[case]
+    assert _complete(scan_file, *out, "--checkpoint", ckpt, *FAST) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and "\n" not in err and ".tmp" not in err, err
+
+
+def test_an_output_ending_with_a_separator_is_a_folder(ckpt, scan_file, tmp_path, capsys):
+    """`complete scan.bin -o dense/`: the folder (created) receives the completion under the
+    scan's name, in the scan's format or --format's."""
+    out = tmp_path / "dense"
+    assert _complete(scan_file, "-o", f"{out}/", "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
+    assert [p.name for p in out.iterdir()] == [scan_file.name]
+    assert f"-> {out / scan_file.name}" in capsys.readouterr().out
+    assert _complete(scan_file, "-o", f"{out}/", "--format", "ply", "--checkpoint", ckpt, "--seed", "0",
+                     *FAST) == 0
+    assert np.array_equal(read_cloud(out / "scan.ply"), read_cloud(out / scan_file.name))
+    # without the separator, a name without an extension is still refused (and says how)
+    assert _complete(scan_file, "-o", tmp_path / "dense2", "--checkpoint", ckpt, *FAST) == 1
+    assert "end -o with '/'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ 8. .bin layouts
+def test_bin_format_xyz_reads_the_targets_build_gt_writes(ckpt, tmp_path, capsys, caplog):
+    xyz = _scan(600)[:, :3]                                  # 600 points: 7200 bytes = 450 x 16
+    p = tmp_path / "target.bin"
+    xyz.astype("<f4").tofile(p)
+    out = tmp_path / "o.npy"
+    assert _complete(p, "-o", out, "--bin-format", "xyz", "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
+    assert "600 points ->" in capsys.readouterr().out
+    # read as KITTI (the default), its "intensities" are coordinates, some of them negative
+    with caplog.at_level("WARNING"):
+        assert _complete(p, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
+    assert "450 points ->" in capsys.readouterr().out
+    assert "intensities are negative" in caplog.text and "--bin-format xyz" in caplog.text
+    # a size that is a multiple of 12 and not of 16: the error says what to pass
+    xyz[:599].astype("<f4").tofile(p)
+    assert _complete(p, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
+    err = capsys.readouterr().err
+    assert "not a multiple of 16" in err and "--bin-format xyz" in err
+
+
+def test_kitti_scans_raise_no_layout_warning(ckpt, tmp_path, caplog):
+    """No false alarm on KITTI-like scans: those of `make-synthetic` (intensities in [0, 1])."""
+    from lidar_completion.data.synthetic import generate_dataset
+    generate_dataset(tmp_path / "synth", sequences=["00"], scans=1, seed=0)
+    scan = next((tmp_path / "synth").rglob("velodyne/*.bin"))
+    with caplog.at_level("WARNING"):
+        assert _complete(scan, "-o", tmp_path / "o.npy", "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
+    assert "--bin-format" not in caplog.text
+
+
+# ------------------------------------------------------------------------ 9. nothing kept
+def test_a_tiny_fps_sample_is_blamed_not_the_scan(ckpt, scan_file, tmp_path, capsys):
+    """Post-processing keeps the points inside the height band of the farthest-point sample: one
+    point (--n-fps 1) has an empty band, whatever heights the scan spans."""
+    fast = [a if a != "150" else "1" for a in FAST]
+    assert _complete(scan_file, "-o", tmp_path / "o.ply", "--checkpoint", ckpt, "--seed", "0", *fast) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(scan_file) in err
+    assert "kept no points" in err and "sample of 1 point (--n-fps 1)" in err
+    assert "band is empty" in err and "a larger --n-fps" in err

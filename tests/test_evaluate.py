@@ -266,7 +266,7 @@ def test_run_evaluation_records_failed_frames(tmp_path):
     run = {"label": "fake", "identity_keys": []}
     s = run_evaluation(list("abcd"), load, predict, tmp_path, run,
                        EvalOptions(emd="none", plots=False, progress=False, metric_workers=2))
-    assert s["frames"] == 4 and s["failed_frames"] == ["b"] and s["cd"]["frames"] == 3
+    assert s["frames"] == 3 and s["failed_frames"] == ["b"] and s["cd"]["frames"] == 3
     assert s["cd"]["undefined"] == 1 and s["time_per_scan"]["mean"] == 0.5
     assert "could not be completed" in (tmp_path / "summary.md").read_text()
     s = run_evaluation(list("abcd"), load, predict, tmp_path, run,

@@ -1,6 +1,6 @@
-"""Findings of the audit of `lidar-completion evaluate` / `evaluate-files`: resuming into a folder
-made with other settings, the ground-truth cache's own target files, empty predictions, and bad
-input folders and files."""
+"""Findings of the audits of `lidar-completion evaluate` / `evaluate-files`: resuming into a folder
+made with other settings, the ground-truth cache's own target files, empty predictions, bad input
+folders and files, failed frames, serial metrics, seeds and the help."""
 import json
 import shutil
 
@@ -10,7 +10,7 @@ import pytest
 from lidar_completion.cli import main
 from lidar_completion.errors import ConfigError
 from lidar_completion.evaluation import (EvalOptions, evaluate_files, evaluate_sequence, read_records,
-                                         run_evaluation, summarize)
+                                         run_evaluation, summarize, summary_markdown)
 from lidar_completion.settings import CompletionSettings
 # the 3-frame synthetic sequence 08 with its cache, the tiny random checkpoint and the small
 # Completer of the evaluation tests
@@ -210,7 +210,7 @@ def test_nan_prediction_is_a_failed_frame_named_by_its_file(tmp_path, capsys):
         np.save(pred_dir / f"{stem}.npy", pred)
     out = tmp_path / "o"
     assert main(["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
-                 "--no-progress", "--out", str(out)]) == 0
+                 "--no-progress", "--out", str(out)]) == 1           # a failed frame: exit 1
     s = json.loads((out / "summary.json").read_text())
     assert s["failed_frames"] == ["b"] and s["cd"]["frames"] == 2
     failed = {r["frame"]: r for r in read_records(out / "frames.jsonl")}["b"]
@@ -221,3 +221,129 @@ def test_nan_prediction_is_a_failed_frame_named_by_its_file(tmp_path, capsys):
     assert main(["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
                  "--no-progress", "--restart", "--out", str(out)]) == 1
     assert "a.npy" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 5. failed frames are apart
+def test_failed_frames_are_counted_apart_and_the_run_exits_1(tmp_path, capsys):
+    """A prediction that cannot be read is a failed frame: not among the frames evaluated (console
+    line, summary.md headline, IoU rows), named, and the command exits 1."""
+    r = np.random.default_rng(3)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    for stem in ("f0", "f1", "f2", "f3"):
+        gt = r.uniform(-5, 5, (300, 3)).astype(np.float32)
+        np.save(gt_dir / f"{stem}.npy", gt)
+        np.save(pred_dir / f"{stem}.npy", gt + np.float32(0.01))
+    (pred_dir / "f3.npy").write_bytes(b"not an array")                   # unreadable
+    out = tmp_path / "o"
+    args = ["evaluate-files", str(pred_dir), str(gt_dir), "--emd", "none", "--no-plots",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 1
+    res = capsys.readouterr()
+    assert "frames 3 evaluated, 1 failed" in res.out
+    assert "error: 1 of 4 frames failed" in res.err and "f3" in res.err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frames"] == 3 and s["failed_frames"] == ["f3"] and s["iou_frames"] == 3
+    md = (out / "summary.md").read_text()
+    assert "3 frames evaluated, 1 failed" in md
+    iou_rows = [line for line in md.splitlines() if line.startswith("| IoU (")]
+    assert len(iou_rows) == 2 and all(row.split(" | ")[-2] == "3" for row in iou_rows), iou_rows
+    assert main(args) == 1                      # a rerun keeps the failed frame, and says so again
+    # with every frame evaluated, exit 0
+    np.save(pred_dir / "f3.npy", np.load(gt_dir / "f3.npy"))
+    assert main(args + ["--restart"]) == 0
+
+
+def test_summary_md_tables_have_no_stray_cell_separators():
+    """Every row of summary.md's tables has as many cells as its header: a "|" inside a cell
+    (|x| <= 50 m) must be escaped, or Markdown splits the row there."""
+    import re
+    rec = {"frame": "a", "cd": 0.2, "jsd_bev": 0.3, "emd": 1.0, "emd_published": 2.0,
+           "iou": {e: {k: [1, 1, 0] for k in ("0.5", "0.2", "0.1")} for e in ("full", "legacy")},
+           "prf": {k: [0.5, 0.5, 0.5] for k in ("0.05", "0.1", "auc")}, "timings": {"total": 1.0}}
+    md = summary_markdown(summarize([rec, dict(rec, frame="b"), {"frame": "c", "error": "x"}]))
+    cells = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.split(r"(?<!\\)\|", line))
+        cells = n if cells is None else cells
+        assert n == cells, line
+    assert r"\|x\|" in md
+
+
+def test_metric_workers_0_computes_metrics_between_the_timed_completions(tmp_path, monkeypatch):
+    """With 0 metric workers no metric runs while a frame is being completed: each frame's metrics
+    come after its completion and before the next one starts (the time per scan is the
+    completion's alone)."""
+    from lidar_completion.evaluation import runner
+    gt = np.random.default_rng(4).uniform(-5, 5, (300, 3))
+    events = []
+    real = runner.frame_metrics
+
+    def metrics(pred, target, emd):
+        events.append("metrics")
+        return real(pred, target, emd)
+
+    def predict(key, index, inp):
+        events.append(f"predict {key}")
+        return gt + 0.01, {"total": 0.1}
+
+    monkeypatch.setattr(runner, "frame_metrics", metrics)
+    s = run_evaluation(list("abc"), lambda key: (None, gt), predict, tmp_path, {"identity_keys": []},
+                       EvalOptions(emd="none", plots=False, progress=False, metric_workers=0))
+    assert events == ["predict a", "metrics", "predict b", "metrics", "predict c", "metrics"]
+    assert s["frames"] == 3 and s["run"]["metric_workers"] == 0
+    with pytest.raises(ConfigError, match="metric_workers"):
+        EvalOptions(metric_workers=-1)
+
+
+def test_metric_workers_0_from_the_command_line(tmp_path, capsys):
+    d = tmp_path / "c"
+    d.mkdir()
+    np.save(d / "a.npy", np.random.default_rng(0).uniform(-5, 5, (200, 3)).astype(np.float32))
+    assert main(["evaluate-files", str(d), str(d), "--metric-workers", "0", "--emd", "none",
+                 "--no-plots", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    with pytest.raises(SystemExit):
+        main(["evaluate-files", str(d), str(d), "--metric-workers", "-1"])
+    assert "expected an integer >= 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 12. seeds
+@pytest.mark.parametrize("seed", ["-3", "2147483648"])
+def test_evaluate_refuses_a_seed_complete_refuses(tmp_path, capsys, seed):
+    assert main(["evaluate", str(tmp_path / "no_dataset"), "--seed", seed, "--baseline", "input",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "seed" in err and "0..2147483647" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_last_frame_seed_must_be_a_valid_seed(tmp_path):
+    """Frame i is completed with seed + i: that seed must be one `complete --seed` takes."""
+    gt = np.random.default_rng(5).uniform(-5, 5, (200, 3))
+
+    def predict(key, index, inp):
+        return gt, {}
+
+    top = 2**31 - 1
+    with pytest.raises(ConfigError, match=f"frame 20 would be completed with seed {top + 18}"):
+        run_evaluation(["000000", "000010", "000020"], lambda k: (None, gt), predict, tmp_path / "o",
+                       {"identity_keys": []}, EvalOptions(emd="none", plots=False, progress=False,
+                                                          seed=top - 2), indices=[0, 10, 20])
+    assert not (tmp_path / "o").exists()            # refused before anything is written
+    s = run_evaluation(["a", "b"], lambda k: (None, gt), predict, tmp_path / "p", {"identity_keys": []},
+                       EvalOptions(emd="none", plots=False, progress=False, seed=top - 1))
+    assert s["frames"] == 2
+
+
+# ----------------------------------------------------------------------------- 17. help
+@pytest.mark.parametrize("command", ["evaluate", "evaluate-files"])
+def test_help_shows_the_defaults_of_emd_metric_workers_and_out(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default both)" in text and "(default 1)" in text
+    assert "(default evaluation_<" in text
+    assert "exit status" in text

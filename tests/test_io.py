@@ -210,3 +210,70 @@ def test_render_writes_png(tmp_path, cloud):
     assert p3.exists()
     with pytest.raises(CloudFormatError):
         render_bev_png(tmp_path / "bad.png", np.zeros((5, 2)))
+
+
+# ------------------------------------------------------------------------ rows, fields, headers
+@pytest.mark.parametrize("ext", [".ply", ".pcd"])
+def test_an_ascii_row_with_too_few_or_too_many_values_is_named(tmp_path, cloud, ext):
+    """Row 0 short of a value and row 1 with one too many hold the right number of values in all:
+    read as one flat list, every value between them would shift a column without an error."""
+    p = write_cloud(tmp_path / f"rows{ext}", cloud[:5, :3], binary=False)
+    lines = p.read_bytes().split(b"\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith((b"end_header", b"DATA"))) + 1
+    lines[first] = b" ".join(lines[first].split()[:2])
+    lines[first + 1] += b" 7"
+    p.write_bytes(b"\n".join(lines))
+    with pytest.raises(CloudFormatError) as info:
+        read_cloud(p)
+    msg = str(info.value)
+    assert f"line {first + 1} " in msg and "has 2 values, the header declares 3" in msg, msg
+    # a file that ends inside a row is truncated, and says so
+    p = write_cloud(tmp_path / f"cut{ext}", cloud[:5, :3], binary=False)
+    p.write_bytes(p.read_bytes().rstrip(b"\n").rsplit(b" ", 1)[0])
+    _expect_error(p, "truncated: the header announces 5 (vertices|points), the file ends inside")
+
+
+@pytest.mark.parametrize("layout", ["kitti", "xyz"])
+def test_bin_format_reads_12_byte_xyz_records(tmp_path, cloud, layout):
+    """4 x, y, z points are 48 bytes, 3 KITTI points too: only the caller can say which it is."""
+    xyz = cloud[:1232, :3]                                  # 1232 % 4 == 0: divides into 16 bytes
+    p = tmp_path / "xyz.bin"
+    xyz.astype("<f4").tofile(p)
+    if layout == "xyz":
+        assert np.array_equal(read_cloud(p, bin_format="xyz"), xyz)
+        assert np.array_equal(read_cloud(p, xyz_only=False, bin_format="xyz"), xyz)
+    else:
+        assert read_cloud(p).shape == (924, 3)              # the default reads KITTI, as before
+    k = write_cloud(tmp_path / "k.bin", cloud[:5])          # 80 bytes: not a multiple of 12
+    with pytest.raises(CloudFormatError, match="not a multiple of 12"):
+        read_cloud(k, bin_format="xyz")
+    with pytest.raises(CloudFormatError, match="bin_format"):
+        read_cloud(k, bin_format="auto")
+
+
+def test_fields_named_like_xyz_are_kept(tmp_path):
+    """Extra fields called xy, yz or xyz are columns of their own (not parts of "xyz")."""
+    names = ["x", "y", "z", "xy", "yz", "xyz"]
+    pts = np.arange(18, dtype=np.float32).reshape(3, 6)
+    for ext in (".ply", ".pcd"):
+        p = write_cloud(tmp_path / f"f{ext}", pts, field_names=names)
+        assert np.array_equal(read_cloud(p, xyz_only=False), pts)
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "two"])
+def test_a_pcd_count_below_one_is_named(tmp_path, count):
+    p = write_cloud(tmp_path / "c.pcd", np.ones((4, 3), np.float32))
+    p.write_bytes(p.read_bytes().replace(b"COUNT 1 1 1\n", f"COUNT 1 1 {count}\n".encode()))
+    _expect_error(p, f"field 'z' has COUNT '{count}', expected an integer >= 1")
+
+
+def test_a_pcd_viewpoint_away_from_the_origin_is_warned_about(tmp_path, caplog):
+    pts = np.ones((4, 3), np.float32)
+    p = write_cloud(tmp_path / "v.pcd", pts)
+    with caplog.at_level("WARNING", logger="lidar_completion.io"):
+        read_cloud(p)                                   # identity: nothing to say
+    assert "VIEWPOINT" not in caplog.text
+    p.write_bytes(p.read_bytes().replace(b"VIEWPOINT 0 0 0 1 0 0 0", b"VIEWPOINT 12.5 -3 0 1 0 0 0"))
+    with caplog.at_level("WARNING", logger="lidar_completion.io"):
+        assert np.array_equal(read_cloud(p), pts)       # read as stored
+    assert "VIEWPOINT 12.5 -3 0 1 0 0 0" in caplog.text and "sensor" in caplog.text

@@ -33,12 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_os_error(exc: OSError) -> str:
-    """``<reason>: <path>`` (both paths for a rename) for an OSError, else its text."""
+def describe_os_error(exc: OSError, path=None) -> str:
+    """``<reason>: <path>`` (both paths for a rename) for an OSError, else its text.
+
+    ``path``: the file being written, named instead of the private temporary name an atomic write
+    (:func:`lidar_completion.fileutil.atomic_write`) failed on, or of no name at all (a full disk
+    fails ``write()``, which names no file): the user knows the path they gave, not ours."""
+    if path is not None and exc.strerror:
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]
+        if all(str(n) == str(path) or _is_tmp_of(n, path) for n in names):
+            return f"{exc.strerror}: {path}"
     if exc.strerror and exc.filename is not None:
         paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
         return f"{exc.strerror}: {paths}"
     return str(exc) or type(exc).__name__
+
+
+def _is_tmp_of(name, path) -> bool:
+    """Whether ``name`` is a temporary name of ``path`` (``<path>.<pid>.tmp``)."""
+    from pathlib import Path
+    name, path = Path(name), Path(path)
+    return (name.parent == path.parent and name.name.startswith(path.name + ".")
+            and name.suffix == ".tmp")
 
 
 def main(argv=None) -> int:

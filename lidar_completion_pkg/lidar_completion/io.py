@@ -2,7 +2,8 @@
 
 Formats (chosen by file extension):
 
-* ``.bin`` - KITTI / SemanticKITTI velodyne scans: little-endian float32 x, y, z, intensity;
+* ``.bin`` - KITTI / SemanticKITTI velodyne scans: little-endian float32 x, y, z, intensity
+  (``bin_format="xyz"``: float32 x, y, z, as ``build-gt`` writes its targets);
 * ``.npy`` - a numpy array (N, >=3);
 * ``.ply`` - vertex element with float/double/int properties x, y, z (+ others); ascii,
   binary_little_endian and binary_big_endian;
@@ -17,6 +18,7 @@ temporary file renamed over the final name when complete, so a failed write neve
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,9 +27,16 @@ import numpy as np
 from .errors import CloudFormatError
 from .fileutil import atomic_write
 
-__all__ = ["FORMATS", "read_cloud", "write_cloud", "render_bev_png", "render_comparison_png"]
+__all__ = ["FORMATS", "BIN_FORMATS", "read_cloud", "write_cloud", "render_bev_png",
+           "render_comparison_png"]
+
+log = logging.getLogger(__name__)
 
 FORMATS = (".bin", ".npy", ".ply", ".pcd")
+#: How a ``.bin`` is read: "kitti" little-endian float32 (x, y, z, intensity) records of 16 bytes,
+#: "xyz" float32 (x, y, z) records of 12 bytes (the ground-truth cache's targets). Nothing in the
+#: file says which: 3 x 16 bytes are also 4 x 12, so the caller has to.
+BIN_FORMATS = ("kitti", "xyz")
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -49,16 +58,20 @@ def _suffix(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
-def read_cloud(path, xyz_only: bool = True) -> np.ndarray:
+def read_cloud(path, xyz_only: bool = True, bin_format: str = "kitti") -> np.ndarray:
     """Read a point cloud file; float32 (N, 3) xyz, or (N, k) every numeric column if not
-    ``xyz_only`` (x, y, z first). Raises :class:`CloudFormatError`."""
+    ``xyz_only`` (x, y, z first). ``bin_format`` (:data:`BIN_FORMATS`): how a ``.bin`` is read.
+    Raises :class:`CloudFormatError`."""
+    if bin_format not in BIN_FORMATS:
+        raise CloudFormatError(f"bin_format: expected one of {', '.join(BIN_FORMATS)}, got {bin_format!r}")
     path = Path(path)
     if not path.exists():           # before the extension: "no such file" is what a typo needs to hear
         raise CloudFormatError(f"{path}: no such file")
     ext = _suffix(path)
     if path.is_dir():
         raise CloudFormatError(f"{path}: is a directory, expected a {ext} point-cloud file")
-    reader = {".bin": _read_bin, ".npy": _read_npy, ".ply": _read_ply, ".pcd": _read_pcd}[ext]
+    reader = {".bin": _read_bin if bin_format == "kitti" else _read_xyz_bin, ".npy": _read_npy,
+              ".ply": _read_ply, ".pcd": _read_pcd}[ext]
     try:
         cloud = reader(path)
     except CloudFormatError:
@@ -76,6 +89,15 @@ def _read_bin(path: Path) -> np.ndarray:
             f"{path}: a KITTI .bin holds float32 (x, y, z, intensity) records of 16 bytes; the file "
             f"has {len(raw)} bytes, not a multiple of 16 (truncated or not a KITTI scan)")
     return np.frombuffer(raw, dtype="<f4").reshape(-1, 4)
+
+
+def _read_xyz_bin(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if len(raw) % 12:
+        raise CloudFormatError(
+            f"{path}: read as float32 (x, y, z) records of 12 bytes, but the file has {len(raw)} "
+            "bytes, not a multiple of 12 (truncated, or a KITTI scan of 16-byte records)")
+    return np.frombuffer(raw, dtype="<f4").reshape(-1, 3)
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -100,7 +122,7 @@ def _columns_from_struct(path: Path, arr: np.ndarray, names) -> np.ndarray:
     if missing:
         raise CloudFormatError(f"{path}: fields x, y, z are required; found {', '.join(names)} "
                                f"(missing {', '.join(missing)})")
-    order = [lower[c] for c in "xyz"] + [n for n in names if n.lower() not in "xyz"
+    order = [lower[c] for c in "xyz"] + [n for n in names if n.lower() not in ("x", "y", "z")
                                          and arr.dtype[n].kind in "fiu" and arr.dtype[n].shape == ()]
     return np.stack([np.asarray(arr[n], dtype=np.float64) for n in order], axis=1).reshape(-1, len(order))
 
@@ -155,6 +177,7 @@ def _read_ply(path: Path) -> np.ndarray:
         if "vertex" not in names:
             raise CloudFormatError(f"{path}: no 'vertex' element (elements: {', '.join(names) or 'none'})")
         endian = ">" if fmt == "binary_big_endian" else "<"
+        line_no = 1 + len(header)           # lines read so far: error messages name file lines
         for el in elements:
             if el["name"] == "vertex":
                 break
@@ -162,6 +185,7 @@ def _read_ply(path: Path) -> np.ndarray:
             if fmt == "ascii":
                 for _ in range(el["count"]):
                     f.readline()
+                line_no += el["count"]
             elif any(p[0] == "list" for p in el["props"]):
                 raise CloudFormatError(f"{path}: element {el['name']!r} with list properties precedes "
                                        "'vertex' in a binary PLY; this reader needs vertices first")
@@ -183,11 +207,13 @@ def _read_ply(path: Path) -> np.ndarray:
             if count and not rows[-1]:
                 got = sum(1 for r in rows if r)
                 raise CloudFormatError(f"{path}: header announces {count} vertices, the file has {got}")
+            # row by row: in one flat list of values, a row short of a value and a later one with
+            # a value too many would shift every value between them into the wrong column unseen
+            for i, row in enumerate(rows):
+                _check_ascii_row(path, row, len(dtype.names), line_no + 1 + i, f"vertex {i}",
+                                 f"{count} vertices", not row.endswith(b"\n"))
             text = b"".join(rows).decode("ascii", errors="replace")
             values = np.array(text.split(), dtype=np.float64) if count else np.zeros(0)
-            if values.size != count * len(dtype.names):
-                raise CloudFormatError(f"{path}: expected {count} vertices x {len(dtype.names)} "
-                                       f"values, found {values.size} values")
             if last:
                 extra = sum(1 for r in f if r.strip())       # blank lines at the end are harmless
                 if extra:
@@ -208,6 +234,23 @@ def _read_ply(path: Path) -> np.ndarray:
                 _no_extra_bytes(path, f, need, f"{count} vertices", dtype.itemsize)
             arr = np.frombuffer(raw, dtype=dtype, count=count)
     return _columns_from_struct(path, arr, dtype.names)
+
+
+def _check_ascii_row(path: Path, row: bytes, width: int, line_no: int, what: str, announced: str,
+                     cut: bool) -> None:
+    """CloudFormatError naming line ``line_no`` of the file (``what``: e.g. "vertex 12") when that
+    line of an ascii body does not hold ``width`` values; ``cut``: the file ends inside this line
+    (no newline after it), which with too few values is a truncated file (``announced``: what the
+    header announces, e.g. "1234 vertices")."""
+    n = len(row.split())
+    if n == width:
+        return
+    if cut and n < width:
+        raise CloudFormatError(f"{path}: truncated: the header announces {announced}, the file ends "
+                               f"inside {what} (line {line_no}, {n} of {width} values)")
+    text = row.decode("ascii", errors="replace").strip()
+    raise CloudFormatError(f"{path}: line {line_no} ({what}) has {n} values, the header declares "
+                           f"{width}: {text[:80]!r}")
 
 
 def _count(path: Path, word: str, line: str) -> int:
@@ -262,12 +305,20 @@ def _read_pcd(path: Path) -> np.ndarray:
             raise CloudFormatError(f"{path}: FIELDS/SIZE/TYPE/COUNT have different lengths "
                                    f"({len(fields)}/{len(sizes)}/{len(types)}/{len(counts)})")
         npts = _pcd_points(path, meta)
+        _pcd_viewpoint(path, meta)
         cols = []
         for name, size, typ, cnt in zip(fields, sizes, types, counts):
             key = (typ.upper(), int(size))
             if key not in _PCD_TYPES:
                 raise CloudFormatError(f"{path}: unsupported PCD field type {typ}{size} for {name!r}")
-            cnt = int(cnt)
+            word = cnt
+            try:
+                cnt = int(word)
+            except ValueError:
+                cnt = 0
+            if cnt < 1:    # 0 would read as a field without values, -1 fail deep inside numpy
+                raise CloudFormatError(f"{path}: header line 'COUNT {' '.join(counts)}': field {name!r} "
+                                       f"has COUNT {word!r}, expected an integer >= 1 (values per point)")
             if cnt == 1:
                 cols.append((name, "<" + _PCD_TYPES[key]))
             else:
@@ -282,12 +333,23 @@ def _read_pcd(path: Path) -> np.ndarray:
         dtype = np.dtype(uniq)
         mode = meta["DATA"][0].lower()
         if mode == "ascii":
-            text = f.read().decode("ascii", errors="replace")
+            # one point a line; blank lines are harmless. Checked row by row: in one flat list of
+            # values, a short row and a long one would shift every value between them unseen
+            lines = f.read().split(b"\n")
+            first = len(header) + 1
+            numbered = [(first + i, row) for i, row in enumerate(lines) if row.strip()]
             width = sum(int(c) for c in counts)
+            end = first + len(lines) - 1         # the last line: cut when the file ends inside it
+            for k, (no, row) in enumerate(numbered):
+                _check_ascii_row(path, row, width, no, f"point {k}", f"{npts} points", no == end)
+            if len(numbered) != npts:
+                got = len(numbered)
+                more = (f": {got - npts} more than declared (wrong point count in the header?)"
+                        if got > npts else " (truncated file?)")
+                raise CloudFormatError(f"{path}: the header declares {npts} points, the file has {got} "
+                                       f"lines of point values{more}")
+            text = b" ".join(row for _, row in numbered).decode("ascii", errors="replace")
             values = np.array(text.split(), dtype=np.float64) if npts else np.zeros(0)
-            if values.size != npts * width:
-                raise CloudFormatError(f"{path}: expected {npts} points x {width} values, found "
-                                       f"{values.size} values")
             values = values.reshape(npts, width)
             arr = np.zeros(npts, dtype=dtype)
             col = 0
@@ -311,6 +373,23 @@ def _read_pcd(path: Path) -> np.ndarray:
             raise CloudFormatError(f"{path}: unknown PCD DATA mode {mode!r}; expected ascii, binary "
                                    "or binary_compressed")
     return _columns_from_struct(path, arr, dtype.names)
+
+
+def _pcd_viewpoint(path: Path, meta: dict) -> None:
+    """Warn about a VIEWPOINT other than PCL's identity (``0 0 0 1 0 0 0``: translation, then the
+    quaternion w x y z): such a cloud is in a map or world frame with the sensor elsewhere, while
+    the networks assume the sensor at the origin. The points are returned as stored."""
+    words = meta.get("VIEWPOINT")
+    if words is None:
+        return
+    try:
+        ok = len(words) == 7 and np.allclose([float(w) for w in words], [0, 0, 0, 1, 0, 0, 0])
+    except ValueError:
+        ok = False
+    if not ok:
+        log.warning("%s: VIEWPOINT %s: the sensor is not at the origin of the cloud's frame; the "
+                    "points are read as stored, but completion assumes the sensor at the origin "
+                    "(transform the cloud into the sensor frame first)", path, " ".join(words))
 
 
 def _pcd_points(path: Path, meta: dict) -> int:

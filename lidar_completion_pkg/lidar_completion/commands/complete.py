@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import CloudFormatError, ConfigError, LidarCompletionError
+from ..io import BIN_FORMATS
 from ..settings import CompletionSettings, add_arguments
 
 log = logging.getLogger(__name__)
@@ -18,7 +22,8 @@ def register(subparsers) -> None:
         description="Complete LiDAR scans with the few-step diffusion model: range/z filters, "
                     "farthest-point sampling, the SDE-DPM-Solver++ with classifier-free guidance, "
                     "post-processing and (unless --no-refine) the x6 refinement network. Input and "
-                    "output formats follow the file extensions: .bin (KITTI float32 x,y,z,intensity), "
+                    "output formats follow the file extensions: .bin (KITTI float32 x,y,z,intensity; "
+                    "see --bin-format), "
                     ".npy, .ply, .pcd (ascii, binary or binary_compressed). With several inputs or a "
                     "folder, the model loads once, OUT is a folder that receives one completion per "
                     "scan under the scan's name, scan i (in the order given, a folder's files sorted "
@@ -29,17 +34,64 @@ def register(subparsers) -> None:
                    help="input scan(s) (.bin, .npy, .ply or .pcd), or folders of them")
     p.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="output cloud (.bin, .npy, .ply or .pcd), or the output folder when there are "
-                        "several inputs; parent folders are created")
+                        "several inputs or OUT ends with '/' (each completion under its scan's name); "
+                        "parent folders are created")
     p.add_argument("--ascii", action="store_true", help="write .ply/.pcd as ascii instead of binary")
     p.add_argument("--render", metavar="PNG", default=None,
                    help="also draw input vs completion (bird's-eye and oblique views) to this PNG "
                         "(with several inputs: a folder receiving <name>.png per scan)")
     p.add_argument("--format", choices=("bin", "npy", "ply", "pcd"), default=None,
-                   help="with several inputs: the completions' format [each input's own]")
+                   help="with several inputs or an output folder: the completions' format [each "
+                        "input's own]")
+    p.add_argument("--bin-format", choices=BIN_FORMATS, default="kitti",
+                   help="how .bin inputs are read: 'kitti' float32 x, y, z, intensity (16 bytes a "
+                        "point); 'xyz' float32 x, y, z (12 bytes a point, as `build-gt` writes its "
+                        "targets). The file cannot tell: 4 xyz points are 3 KITTI points [kitti]")
     p.add_argument("--skip-existing", action="store_true",
                    help="with several inputs: leave scans whose output file exists (resume a batch)")
     add_arguments(p)
     p.set_defaults(func=run)
+
+
+def _read_scan(path: Path, bin_format: str) -> np.ndarray:
+    """``read_cloud`` with ``--bin-format``, and the hints a .bin of the other layout needs."""
+    from ..io import read_cloud
+
+    if path.suffix.lower() != ".bin" or bin_format != "kitti":
+        return read_cloud(path, bin_format=bin_format)
+    try:
+        full = read_cloud(path, xyz_only=False)
+    except CloudFormatError as exc:
+        if path.is_file() and path.stat().st_size % 12 == 0:
+            raise CloudFormatError(f"{exc}; if it holds float32 (x, y, z) only, as the ground-truth "
+                                   "cache's targets do, pass --bin-format xyz") from None
+        raise
+    # x, y, z files of 4k points (or 20-byte records of 4k points) also divide into 16-byte records;
+    # read as KITTI, the "intensity" column then holds coordinates, and a scan's coordinates are
+    # negative somewhere (the ground below the sensor, half the azimuths) while intensities never are
+    negative = int((full[:, 3] < 0).sum())
+    if negative:
+        log.warning("%s: read as KITTI (x, y, z, intensity), but %d of %d intensities are negative; if "
+                    "the file holds float32 x, y, z only, pass --bin-format xyz", path, negative,
+                    len(full))
+    return np.ascontiguousarray(full[:, :3])
+
+
+def _check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """ConfigError naming ``path`` as given when it cannot be written: a folder where a file goes
+    (with ``folder``: a file where the output folder goes), or a parent that is a file. Checked
+    before the model loads, instead of failing after the scan was completed, on a private
+    temporary name."""
+    if path.exists() and not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is a folder; give a file name (or end it with "
+                          "'/' to write into the folder under the scan's name)")
+    if path.exists() and folder and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
 
 
 def _expand(inputs) -> list[Path]:
@@ -69,19 +121,31 @@ def _render(path, scan, result, name):
 def _check_kept_points(completer, src, scan, result) -> None:
     """CloudFormatError naming ``src`` when the completion kept no points, instead of writing an
     empty cloud and reporting success. Post-processing (:func:`lidar_completion.preprocess.postprocess`)
-    keeps the generated points strictly below the highest point of the sampled scan and above its
-    mean height minus 2 standard deviations (a flat scan, where that band is empty, is refused
-    before completing: :meth:`lidar_completion.completer.Completer.filtered`)."""
+    keeps the generated points strictly below the highest point of ``x_init`` (the scan's
+    farthest-point sample of ``--n-fps`` points, tiled) and above its mean height minus 2 standard
+    deviations (a flat scan, where that band is empty, is refused before completing:
+    :meth:`lidar_completion.completer.Completer.filtered`). The band is that of the sample, not of
+    the scan: a sample of a few points (a tiny ``--n-fps``) can have an empty band of its own."""
     if len(result.points):
         return
-    heights = completer.filtered(scan)[0][:, 2]
-    low, high = float(heights.min()), float(heights.max())
+    filtered, sample, x_init, _ = completer.prepare(scan)      # the same sample, recomputed
+    z = np.asarray(x_init, dtype=np.float64)[:, 2]
+    low = z.mean() - 2.0 * z.std(ddof=1) if len(z) > 1 else float("nan")
+    high = float(z.max())
     reach = (f" and within {completer.post_max_range:g} m of the sensor"
              if completer.post_max_range is not None else "")
-    cause = f"this scan's heights span {low:g} .. {high:g} m"
+    span = f"{float(filtered[:, 2].min()):g} .. {float(filtered[:, 2].max()):g} m"
+    n = len(sample)
+    if not low < high:
+        cause = (f"the sample of {n} point{'' if n == 1 else 's'} (--n-fps {completer.n_fps}) spans "
+                 f"{float(z.min()):g} .. {high:g} m, so that band is empty; the scan's heights span "
+                 f"{span}: a larger --n-fps samples them")
+    else:
+        cause = (f"the sample of {n} points (--n-fps {completer.n_fps}) gives the band {low:.3g} .. "
+                 f"{high:.3g} m (the scan's heights span {span}) and no generated point fell in it")
     raise CloudFormatError(f"{src}: the completion kept no points: post-processing keeps only points "
-                           f"below the scan's highest point and above its mean height minus 2 standard "
-                           f"deviations{reach}; {cause}")
+                           f"below the highest point of the scan's farthest-point sample and above its "
+                           f"mean height minus 2 standard deviations{reach}; {cause}")
 
 
 def _line(src, result, out) -> str:
@@ -90,31 +154,57 @@ def _line(src, result, out) -> str:
             f"seed {result.seed}) -> {out}")
 
 
+def _is_folder_name(name: str) -> bool:
+    """A path written with a trailing separator (``dense/``): a folder, existing or not."""
+    return name.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+
+
+def _write_error(exc: OSError, path) -> str:
+    """One line for an OSError writing ``path``, naming ``path`` (not our temporary file)."""
+    from ..cli import describe_os_error
+    text = describe_os_error(exc, path)
+    return text if text.endswith(f": {path}") else f"cannot write {path}: {text}"
+
+
 def run(args) -> int:
     from ..io import FORMATS
 
     files = _expand(args.inputs)
     batch = len(args.inputs) > 1 or Path(args.inputs[0]).is_dir()
     out = Path(args.output)
+    if not batch and _is_folder_name(args.output):
+        # one scan into a folder: under the scan's name, as a batch names its completions
+        src = files[0]
+        if not args.format and src.suffix.lower() not in FORMATS:
+            raise CloudFormatError(f"{src}: unsupported extension {src.suffix or '(none)'!r}; expected "
+                                   f"one of {', '.join(FORMATS)}")
+        _check_writable(out, "-o", folder=True)
+        out = out / (src.stem + (f".{args.format}" if args.format else src.suffix.lower()))
+    elif args.format and not batch:
+        raise ConfigError("--format is for several inputs or an output folder (-o DIR/); with one "
+                          "output file, its extension is its format")
     if not batch:
         if out.suffix.lower() not in FORMATS:
             raise CloudFormatError(f"output {out}: unsupported extension {out.suffix or '(none)'!r}; "
-                                   f"expected one of {', '.join(FORMATS)}")
+                                   f"expected one of {', '.join(FORMATS)} (or end -o with '/' to write "
+                                   "into a folder)")
         if args.render and Path(args.render).suffix.lower() != ".png":
             raise ConfigError(f"--render expects a .png path, got {args.render!r}")
-        if args.format or args.skip_existing:
-            raise ConfigError("--format and --skip-existing are for several inputs; with one, the "
-                              "output's extension is its format")
+        if args.skip_existing:
+            raise ConfigError("--skip-existing is for several inputs; with one, run the command or not")
         if args.ascii and out.suffix.lower() not in (".ply", ".pcd"):
             log.warning("--ascii applies to .ply and .pcd outputs; %s is written in its binary format", out)
+        _check_writable(out, "-o")
+        if args.render:
+            _check_writable(Path(args.render), "--render")
     settings = CompletionSettings.from_args(args)   # ConfigError for values out of range
     if batch:
         return _run_batch(args, settings, files, out)
 
     from ..completer import Completer
-    from ..io import read_cloud, write_cloud
+    from ..io import write_cloud
 
-    scan = read_cloud(files[0])            # CloudFormatError for missing / malformed files
+    scan = _read_scan(files[0], args.bin_format)    # CloudFormatError for missing / malformed files
     completer = Completer.from_settings(settings)
     try:
         result = completer.complete_detailed(scan)
@@ -123,12 +213,18 @@ def run(args) -> int:
             raise
         raise CloudFormatError(f"{files[0]}: {exc}") from None
     _check_kept_points(completer, files[0], scan, result)
-    write_cloud(out, result.points, binary=not args.ascii)
+    try:
+        write_cloud(out, result.points, binary=not args.ascii)
+    except OSError as exc:                 # a full disk: name the output, not our temporary file
+        raise LidarCompletionError(_write_error(exc, out)) from None
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
     print(_line(files[0], result, out))
     log.info("stage times: %s", times)
     if args.render:
-        _render(args.render, scan, result, files[0].name)
+        try:
+            _render(args.render, scan, result, files[0].name)
+        except OSError as exc:
+            raise LidarCompletionError(_write_error(exc, args.render)) from None
         print(f"render -> {args.render}")
     return 0
 
@@ -137,16 +233,17 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
     from tqdm import tqdm
 
     from ..completer import Completer
-    from ..io import FORMATS, read_cloud, write_cloud
+    from ..io import FORMATS, write_cloud
 
     if out_dir.suffix.lower() in FORMATS:
         raise ConfigError(f"-o {out_dir}: with several inputs the output is a folder, not a "
                           f"{out_dir.suffix} file")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"-o {out_dir}: exists and is not a folder")
+    _check_writable(out_dir, "-o", folder=True)
     render_dir = Path(args.render) if args.render else None
     if render_dir is not None and render_dir.suffix.lower() == ".png":
         raise ConfigError(f"--render {render_dir}: with several inputs it is a folder for one PNG per scan")
+    if render_dir is not None:
+        _check_writable(render_dir, "--render", folder=True)
     targets = [out_dir / (f.stem + (f".{args.format}" if args.format else f.suffix.lower())) for f in files]
     if args.ascii and any(t.suffix not in (".ply", ".pcd") for t in targets):
         log.warning("--ascii applies to .ply and .pcd outputs; .bin and .npy ones are written in their "
@@ -179,15 +276,30 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             skipped += 1
             continue
         seed = None if settings.seed is None else settings.seed + i
+        target = dst
         try:
-            scan = read_cloud(src)
+            for path in (dst, png):         # a folder in the way: found before completing the scan
+                if path is not None and path.is_dir():
+                    raise ConfigError(f"cannot write {path}: it is a folder")
+            scan = _read_scan(src, args.bin_format)
             result = completer.complete_detailed(scan, seed=seed)
             _check_kept_points(completer, src, scan, result)
             write_cloud(dst, result.points, binary=not args.ascii)
             if png is not None:
+                target = png
                 _render(png, scan, result, src.name)
-        except LidarCompletionError as exc:    # a bad file is reported and the batch goes on
-            msg = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
+        # a bad file is reported and the batch goes on; so is a file that cannot be written (no
+        # permission, a full disk) and a scan the model fails on (out of memory): one scan's
+        # problem, and the scans after it may well go through
+        except (LidarCompletionError, OSError, RuntimeError) as exc:
+            if isinstance(exc, OSError):
+                text = _write_error(exc, target)
+            elif isinstance(exc, LidarCompletionError):
+                text = str(exc)
+            else:
+                log.debug("%s failed", src, exc_info=True)
+                text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            msg = text if str(src) in text else f"{src}: {text}"
             failed.append((src, msg))
             bar.write(f"error: {msg}", file=sys.stderr)
             continue

@@ -7,7 +7,7 @@ import argparse
 from ..errors import ConfigError
 from ..evaluation.sources import BIN_FORMATS
 from ..metrics import EMD_MODES
-from ..settings import CompletionSettings, add_arguments
+from ..settings import BY_NAME, CompletionSettings, add_arguments
 
 METRICS_TEXT = """\
 metrics (lidar_completion.metrics; docs/method.md, "Metrics"):
@@ -48,6 +48,12 @@ examples:
 predictions that cannot be read or hold NaN/inf coordinates are recorded as failed frames (with the
 file's name) and left out; an unusable ground-truth file stops the run, naming the file."""
 
+STATUS_TEXT = """
+
+exit status: 0 when every frame was evaluated; 1 for an error, or when frames failed (a scan that
+could not be completed, a prediction that could not be read): they are named, counted apart from
+the evaluated frames (summary.json: frames, failed_frames) and left out of every metric."""
+
 
 def _positive(value: str) -> int:
     try:
@@ -59,16 +65,30 @@ def _positive(value: str) -> int:
     return v
 
 
-def _common(p) -> None:
+def _non_negative(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _common(p, out_default: str) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="output folder (created; a rerun with the same settings resumes there)")
+                   help="output folder (created; a rerun with the same settings resumes there) "
+                        f"(default {out_default})")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
                    help="evaluate at most N frames (after --every)")
     p.add_argument("--emd", choices=EMD_MODES, default="both",
                    help="which EMD to compute: ours (ot), the published variant, both or none "
-                        "(EMD dominates the metric time: seconds per frame)")
-    p.add_argument("--metric-workers", type=_positive, default=1, metavar="N",
-                   help="threads computing metrics while the next frame is predicted")
+                        "(EMD dominates the metric time: seconds per frame) (default both)")
+    p.add_argument("--metric-workers", type=_non_negative, default=1, metavar="N",
+                   help="threads computing metrics while the next frame is predicted, or 0: after "
+                        "each frame's completion, before the next (slower). The time per scan includes "
+                        "what the metric threads take from the completion: on a machine of few cores "
+                        "it is the completion's alone only with 0 (default 1)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and renders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--restart", action="store_true",
@@ -82,7 +102,7 @@ def register(subparsers) -> None:
         description="Complete every frame of a SemanticKITTI-layout sequence in a fixed order with a "
                     "seeded Completer (frame i uses seed + i) and score it against the cached ground "
                     "truth (build it with `lidar-completion build-gt`, or pass --build-gt).",
-        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EVAL_EPILOG + STATUS_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset_root", metavar="DATASET_ROOT",
                    help="folder containing sequences/SS/{velodyne,labels,poses.txt,calib.txt}")
     p.add_argument("--sequence", default="08", metavar="SS", help="sequence id (default 08)")
@@ -91,12 +111,15 @@ def register(subparsers) -> None:
                         "scan itself")
     p.add_argument("--every", type=_positive, default=1, metavar="K",
                    help="evaluate every K-th frame (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; frame i uses seed + i (default 0)")
+    seed = BY_NAME["seed"]
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"base seed; frame i uses seed + i, which must be in {seed.allowed_text()} as "
+                        "--seed of `complete` (default 0)")
     p.add_argument("--gt-cache", metavar="DIR", default=None,
                    help="ground-truth cache folder (default: DATASET_ROOT/gt_cache)")
     p.add_argument("--build-gt", action="store_true",
                    help="build (or finish) the ground-truth cache of the sequence first")
-    _common(p)
+    _common(p, "evaluation_<model|input>_<SS>")
     add_arguments(p, exclude=("seed",))   # --seed above is the base seed of the frames
     p.set_defaults(func=run)
 
@@ -106,7 +129,7 @@ def register(subparsers) -> None:
                     "extension and compute the same metrics and outputs as `evaluate`, so numbers "
                     "from other code (e.g. the original LiDiff / Distillation-DPO) compare side by "
                     "side.",
-        epilog=FILES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=FILES_EPILOG + STATUS_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted clouds")
     f.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth clouds (same stems)")
     f.add_argument("--input-dir", metavar="DIR", default=None,
@@ -119,7 +142,7 @@ def register(subparsers) -> None:
                         "ground-truth cache, recognised by its manifest.json (CACHE/SS or "
                         "CACHE/SS/targets), KITTI elsewhere: pass xyz for targets copied out of "
                         "the cache")
-    _common(f)
+    _common(f, "evaluation_<name of PRED_DIR>")
     f.set_defaults(func=run_files)
 
 
@@ -130,12 +153,30 @@ def _options(args, **extra):
                        metric_workers=args.metric_workers, label=args.label, **extra)
 
 
+def _status(summary, out) -> int:
+    """1, with a line naming them, when frames failed (they are in no metric of the summary, which
+    a script reading only the exit status must not take for a complete evaluation); else 0."""
+    import sys
+    from pathlib import Path
+
+    failed = summary.get("failed_frames") or []
+    if not failed:
+        return 0
+    names = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
+    total = summary.get("frames", 0) + len(failed)
+    print(f"error: {len(failed)} of {total} frames failed and are left out of the summary: {names} "
+          f"(their errors: {Path(out) / 'frames.jsonl'}; a rerun keeps them, --restart computes every "
+          "frame again)", file=sys.stderr)
+    return 1
+
+
 def run(args) -> int:
     from ..evaluation import evaluate_sequence, print_summary
 
     if args.baseline and args.checkpoint:
         raise ConfigError("--baseline input evaluates the input scan without a model; drop "
                           "--checkpoint (or --baseline)")
+    BY_NAME["seed"].check(args.seed)     # the range `complete --seed` has (seed + i: evaluation.runner)
     out = args.out or ("evaluation_" + (args.baseline or "model") + f"_{args.sequence}")
     summary = evaluate_sequence(
         args.dataset_root, sequence=args.sequence, out=out,
@@ -143,7 +184,7 @@ def run(args) -> int:
         options=_options(args, every=args.every, seed=args.seed), baseline=args.baseline,
         cache_root=args.gt_cache, build_gt=args.build_gt)
     print_summary(summary, out)
-    return 0
+    return _status(summary, out)
 
 
 def run_files(args) -> int:
@@ -155,4 +196,4 @@ def run_files(args) -> int:
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
                              options=_options(args), bin_format=args.bin_format)
     print_summary(summary, out)
-    return 0
+    return _status(summary, out)

@@ -10,6 +10,10 @@ its recall and F-score are 0 and count in the means, its precision is undefined 
 to check; ``null`` in the record, left out of the precision mean), and CD, JSD and EMD, undefined for
 an empty cloud, leave it out of their means. Such frames are counted (``empty_predictions``) next to
 every mean they are missing from, and :func:`print_summary` warns about them.
+
+A failed frame (its completion or its prediction file could not be made or read; the record holds
+the ``error``) has no metric at all: ``frames`` counts the frames evaluated, ``failed_frames`` names
+the failed ones, and the commands exit 1 when there are any.
 """
 from __future__ import annotations
 
@@ -86,8 +90,11 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     # records of runs made before empty predictions were scored hold NaN P/R/F for them
     records = [score_empty_prediction(r) for r in records]
     empty = [r["frame"] for r in records if is_empty_prediction(r)]
-    s: Dict = {"run": dict(run or {}), "frames": len(records),
-               "failed_frames": [r["frame"] for r in records if r.get("error")],
+    failed = [r["frame"] for r in records if r.get("error")]
+    # "frames": the frames evaluated; a frame that failed (no completion, an unreadable prediction)
+    # has no metric and is counted apart, in "failed_frames", not as evaluated
+    s: Dict = {"run": dict(run or {}), "frames": len(records) - len(failed),
+               "failed_frames": failed,
                "empty_predictions": {"count": len(empty), "frames": empty}}
     for name in ("cd", "jsd_bev", "jsd_3d", "emd", "emd_published"):
         if any(name in r for r in records):
@@ -104,6 +111,8 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
                                            if r.get("emd_bound") is not None), default=0.0)
     if "emd_published" in s:
         s["emd_published"]["dropped_frames"] = s["emd_published"]["undefined"]
+    # IoU sums TP / FP / FN over the frames that have them: these are its frames
+    s["iou_frames"] = sum(1 for r in records if "iou" in r)
     iou: Dict = {}
     for ext in ("full", "legacy"):
         iou[ext] = {}
@@ -175,10 +184,13 @@ def summary_markdown(s: Dict) -> str:
     time_txt = "-" if not t or t.get("mean") is None else f"{t['mean']:.2f} s"
     iou = s.get("iou", {}).get("full", {})
     prf = s.get("prf", {}).get("auc", {})
+    failed = s.get("failed_frames") or []
+    counted = f"{s.get('frames', 0)} frames evaluated" + (
+        f", {len(failed)} failed (left out, listed below)" if failed else "")
     lines = [
         f"# Evaluation: {run.get('title', label)}",
         "",
-        f"{s.get('frames', 0)} frames. {run.get('description', '')}".rstrip(),
+        f"{counted}. {run.get('description', '')}".rstrip(),
         "",
         "| model | steps | CD [m] | JSD-BEV (Jensen-Shannon distance, as published) | EMD [m] (W1, ours) "
         "| EMD (published variant) | IoU 0.5 [%] | IoU 0.2 [%] | IoU 0.1 [%] | P [%] | R [%] | F [%] "
@@ -229,12 +241,13 @@ def summary_markdown(s: Dict) -> str:
     if emd.get("methods"):
         lines.append(f"| EMD method per frame | {emd['methods']} (largest error bound "
                      f"{_fmt(emd.get('max_error_bound'), 3)} m) | | |")
-    for ext, title in (("full", "IoU (full, |x|,|y|,|z| <= 50 m)"),
+    # "|" inside a table cell must be escaped, or Markdown splits the row there
+    for ext, title in (("full", r"IoU (full, \|x\|, \|y\|, \|z\| <= 50 m)"),
                        ("legacy", "IoU (legacy ScoreLiDAR / DDPO variant: +-25 / +-10 / +-5 m)")):
         vals = s.get("iou", {}).get(ext, {})
         txt = " / ".join(f"{_fmt((vals.get(_key(v)) or {}).get('iou'), 1, 100)} % @ {v:g} m"
                          for v in IOU_VOXEL_SIZES)
-        lines.append(f"| {title} | {txt} | {s.get('frames', 0)} | |")
+        lines.append(f"| {title} | {txt} | {s.get('iou_frames', s.get('frames', 0))} | |")
     for k, pr in s.get("prf", {}).items():
         title = "P / R / F (area 0.05-0.10 m, as published)" if k == "auc" else f"P / R / F @ {k} m"
         txt = " / ".join(f"{_fmt(pr.get(n), 1, 100)} %" for n in ("precision", "recall", "fscore"))
@@ -253,7 +266,8 @@ def summary_markdown(s: Dict) -> str:
     if ms.get("mean") is not None:
         lines.append(f"| metric computation per frame [s] | {ms['mean']:.2f} | | |")
     if s.get("failed_frames"):
-        lines += ["", f"{len(s['failed_frames'])} frames could not be completed and are left out: "
+        lines += ["", f"{len(s['failed_frames'])} frames could not be completed (or their prediction "
+                      "read) and are left out: "
                       f"{', '.join(map(str, s['failed_frames'][:20]))}"
                       f"{' ...' if len(s['failed_frames']) > 20 else ''} (see frames.jsonl)."]
     if s.get("best_frames"):
@@ -336,7 +350,8 @@ def print_summary(summary: Dict, out, stream=None) -> None:
     """A few lines for the terminal after a run."""
     stream = stream or sys.stdout
     n_empty = (summary.get("empty_predictions") or {}).get("count", 0)
-    parts = [f"frames {summary.get('frames', 0)}"]
+    failed = summary.get("failed_frames") or []
+    parts = [f"frames {summary.get('frames', 0)}" + (f" evaluated, {len(failed)} failed" if failed else "")]
     for key, name in (("cd", "CD"), ("jsd_bev", "JSD-BEV"), ("emd", "EMD"),
                       ("emd_published", "EMD(published)")):
         st = summary.get(key) or {}

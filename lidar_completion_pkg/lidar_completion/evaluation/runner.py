@@ -3,7 +3,8 @@
 :func:`run_evaluation` takes frames in a fixed order from a *source* (``load(key) -> (input or None,
 ground truth)``) and a *predictor* (``predict(key, index, input) -> (cloud, timings)``), computes
 each frame's metrics (:func:`lidar_completion.metrics.frame_metrics`) on worker threads while the
-next frame is predicted, and appends each record to ``OUT/frames.jsonl`` as soon as it is known
+next frame is predicted (``metric_workers=0``: after it, so that the timed completions run alone),
+and appends each record to ``OUT/frames.jsonl`` as soon as it is known
 (:class:`RunStore`). An interrupted run resumes where it stopped: frames already in the file are
 skipped, provided the settings that change per-frame numbers (``OUT/run.json``) match; a folder
 whose run.json lacks one of them (written by an earlier version) is refused, not guessed at. A
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import CloudFormatError, ConfigError
 from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
 from ..metrics import EMD_MODES, frame_metrics
+from ..settings import BY_NAME
 from .report import (N_EXTREMES, jsonable, num, render_frame, score_empty_prediction, summarize,
                      summary_markdown, write_plots)
 
@@ -46,7 +48,10 @@ class EvalOptions:
     ``limit``: at most this many frames (after ``every``); ``every``: every K-th frame; ``seed``: frame
     i is completed with ``seed + i``; ``emd``: which EMDs (``metrics.EMD_MODES``); ``plots``: PNG plots
     and renders; ``progress``: a progress bar; ``restart``: discard the records already in OUT;
-    ``metric_workers``: threads computing metrics; ``label``: the model's name in the table.
+    ``metric_workers``: threads computing metrics while the next frame is completed, or 0: each
+    frame's metrics are computed after its completion, before the next one starts (the time per scan
+    is then the completion's alone; with threads, on a machine of few cores, it includes the CPU
+    the metrics take from it); ``label``: the model's name in the table.
     """
     limit: Optional[int] = None
     every: int = 1
@@ -61,11 +66,14 @@ class EvalOptions:
     def __post_init__(self):
         for name in ("every", "metric_workers") + (("limit",) if self.limit is not None else ()):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+            low = 0 if name == "metric_workers" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
         if self.emd not in EMD_MODES:
             raise ConfigError(f"emd: expected one of {', '.join(EMD_MODES)}, got {self.emd!r}")
-        object.__setattr__(self, "seed", 0 if self.seed is None else int(self.seed))
+        seed = 0 if self.seed is None else int(self.seed)
+        BY_NAME["seed"].check(seed)        # the seeds a Completer (and `complete --seed`) accepts
+        object.__setattr__(self, "seed", seed)
 
 
 def read_records(path) -> List[Dict]:
@@ -162,11 +170,20 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     ``options``: emd, plots, progress, restart and metric_workers apply here."""
     from tqdm import tqdm
 
-    run = dict(run, emd=options.emd)
-    run["identity_keys"] = sorted(set(run.get("identity_keys", [])) | {"emd"})
-    store = RunStore(out, run, options.restart)
     keys = list(keys)
     indices = list(indices) if indices is not None else list(range(len(keys)))
+    if indices:
+        # frame i is completed with seed + i: the last frame's seed must be one the Completer takes
+        # (and the one frames.jsonl records must be one `complete --seed` can be given back)
+        last = options.seed + max(indices)
+        high = BY_NAME["seed"].range[1]
+        if last > high:
+            raise ConfigError(f"seed {options.seed}: frame {max(indices)} would be completed with seed "
+                              f"{last}, above {high}; give a seed <= {high - max(indices)}")
+    # metric_workers changes no frame's numbers, only what its time per scan includes
+    run = dict(run, emd=options.emd, metric_workers=options.metric_workers)
+    run["identity_keys"] = sorted(set(run.get("identity_keys", [])) | {"emd"})
+    store = RunStore(out, run, options.restart)
     index_of = dict(zip(keys, indices))
     done = store.records(keys)
     todo = [k for k in keys if k not in done]
@@ -183,6 +200,15 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
         new_records.append(rec)
         return rec
 
+    def serially(fn, *args) -> Future:
+        """``fn(*args)`` computed now, as a finished Future (``metric_workers=0``)."""
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:      # raised again by finish(), as from a worker thread
+            fut.set_exception(exc)
+        return fut
+
     def finish(item):
         key, fut, base, pred = item
         try:
@@ -198,7 +224,8 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
                disable=not options.progress, dynamic_ncols=True, file=sys.stderr)
     cds = [num(r.get("cd")) for r in done.values()]
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics") as pool:
+        with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="metrics") as pool:
+            submit = pool.submit if workers else serially
             for key in todo:
                 inp, gt = load(key)
                 try:
@@ -209,8 +236,9 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
                     bar.update(1)
                     continue
                 base = {"frame": key, "index": index_of[key], "timings": timings}
-                pending.append((key, pool.submit(frame_metrics, pred, gt, options.emd), base, pred))
-                while len(pending) > workers:   # metrics of frame i overlap prediction of i+1
+                pending.append((key, submit(frame_metrics, pred, gt, options.emd), base, pred))
+                # metrics of frame i overlap the prediction of i+1 (none pending with 0 workers)
+                while len(pending) > workers:
                     rec = finish(pending.pop(0))
                     cds.append(num(rec.get("cd")))
                     bar.update(1)
