@@ -220,3 +220,83 @@ def test_a_file_that_is_no_checkpoint_at_all_is_not_called_pickled(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(legacy)
     assert "not a PyTorch checkpoint" not in str(e.value)
+
+
+def _tiny_parts(tmp_path):
+    """The encoder / denoiser / refiner state dicts of a tiny random checkpoint (fast to build)."""
+    make_random_checkpoint(tmp_path / "ours.pt")
+    return torch.load(tmp_path / "ours.pt", weights_only=True)["state_dicts"]
+
+
+def _save_lightning(path, parts: dict):
+    """A Lightning-style file from {prefix: state dict}."""
+    torch.save({"state_dict": {p + k: v for p, sd in parts.items() for k, v in sd.items()}}, path)
+    return path
+
+
+def test_a_mismatched_refiner_file_is_named_not_the_main_checkpoint(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    diff = _save_lightning(tmp_path / "diff_net.ckpt",
+                           {"partial_enc.": obj["encoder"], "model.": obj["denoiser"]})
+    refine = {k: v for k, v in obj["refiner"].items() if k != "last.2.bias"}
+    refine_file = _save_lightning(tmp_path / "refine_missing.ckpt", {"model_refine.": refine})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(diff, backend="torch", refiner_path=refine_file)
+    msg = str(info.value)
+    assert msg.startswith(f"{refine_file}: the refiner weights do not match")
+    assert "1 missing: last.2.bias" in msg
+    assert str(diff) not in msg
+    # a mismatch in the main file is still blamed on the main file
+    bad = dict(obj["denoiser"])
+    del bad["last.2.bias"]
+    _save_lightning(diff, {"partial_enc.": obj["encoder"], "model.": bad})
+    good_refiner = _save_lightning(tmp_path / "refine_net.ckpt", {"model_refine.": obj["refiner"]})
+    with pytest.raises(CheckpointError, match=f"^{diff}: the denoiser weights do not match"):
+        load_checkpoint(diff, backend="torch", refiner_path=good_refiner)
+
+
+def test_misnamed_published_keys_name_the_file_the_layout_and_the_keys_found(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    renamed = {k.replace("stem.", "conv0.", 1) if k.startswith("stem.") else k: v
+               for k, v in obj["denoiser"].items()}
+    path = _save_lightning(tmp_path / "renamed.ckpt", {"partial_enc.": obj["encoder"], "model.": renamed})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, backend="torch")
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: lidiff layout: ")
+    assert "key 'stem.0.kernel' missing under 'model.'" in msg
+    assert "model.conv0.0.kernel" in msg and "modules: conv0, " in msg
+
+
+def test_a_lightning_file_with_model_refine_keys_gives_its_refiner_only_when_named(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    path = _save_lightning(tmp_path / "student_with_refine.ckpt",
+                           {"partial_enc.": obj["encoder"], "generator.": obj["denoiser"],
+                            "model_refine.": obj["refiner"]})
+    kind, roles, _, _, meta, _ = read_state_dicts(path)
+    assert kind == "student" and set(roles) == {"encoder", "denoiser"}
+    assert meta["not_loaded"] == ["model_refine."]
+    assert load_checkpoint(path, backend="torch").refiner is None
+    loaded = load_checkpoint(path, backend="torch", refiner_path=path)
+    assert torch.equal(loaded.refiner.last[2].bias, obj["refiner"]["last.2.bias"])
+    plain = _save_lightning(tmp_path / "student.ckpt",
+                            {"partial_enc.": obj["encoder"], "generator.": obj["denoiser"]})
+    assert read_state_dicts(plain)[4]["not_loaded"] == []
+    with pytest.raises(CheckpointError, match="holds no refiner network"):
+        load_checkpoint(path, backend="torch", refiner_path=plain)
+
+
+@pytest.mark.parametrize("layout,parts", [
+    ("lidiff", {"partial_enc.": "encoder", "model.": "denoiser"}),
+    ("dpo_teacher", {"DM_encoder.": "encoder", "DiffModel.": "denoiser"}),
+    ("student", {"partial_enc.": "encoder", "generator.": "denoiser"}),
+])
+def test_guidance_help_states_what_a_published_file_is_sampled_with(tmp_path, layout, parts):
+    from lidar_completion.settings import BY_NAME, checkpoint_fallback
+
+    lightning_file(tmp_path / "x.ckpt", parts)
+    guidance = read_state_dicts(tmp_path / "x.ckpt")[3]["guidance"]
+    help_text = BY_NAME["guidance"].help
+    rule = "a file that names none gets 6 when it is a published LiDiff or Distillation-DPO teacher file"
+    assert rule in help_text and help_text.endswith(", else the fallback)")
+    assert guidance == (6.0 if layout != "student" else checkpoint_fallback("guidance"))

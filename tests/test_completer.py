@@ -161,6 +161,20 @@ def test_steps_can_change_between_calls():
     assert [ts[0] for _, _, ts in c.denoiser.calls] == [999, 500, 999, 749, 500, 250]
 
 
+def test_steps_accept_the_range_of_the_setting_only():
+    from lidar_completion.settings import BY_NAME
+    low, high = BY_NAME["steps"].range
+    assert (low, high) == (1, 200)
+    c = _completer(steps=high)
+    assert c.steps == high
+    for bad in (low - 1, high + 1, 1000):
+        with pytest.raises(ConfigError, match=f"steps must be an integer in {low}..{high}"):
+            _completer(steps=bad)
+        with pytest.raises(ConfigError):
+            c.steps = bad
+    assert c.steps == high
+
+
 def test_real_tiny_networks_end_to_end():
     from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig, Refiner
     torch.manual_seed(0)

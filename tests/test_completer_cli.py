@@ -41,6 +41,30 @@ def test_from_checkpoint_uses_checkpoint_sampling_defaults(ckpt, monkeypatch):
         Completer.from_checkpoint(None)
 
 
+def test_no_refiner_warning_says_where_a_refiner_can_come_from(ckpt, tmp_path, caplog):
+    """A Lightning file whose model_refine.* is not loaded is not said to have no refiner: the
+    warning names the option that loads it; a file without one points at --refiner-checkpoint."""
+    import torch
+
+    sds = torch.load(ckpt, weights_only=True)["state_dicts"]
+    parts = {"partial_enc.": sds["encoder"], "generator.": sds["denoiser"]}
+    both = tmp_path / "student_with_refine.ckpt"
+    torch.save({"state_dict": {p + k: v for p, sd in {**parts, "model_refine.": sds["refiner"]}.items()
+                               for k, v in sd.items()}}, both)
+    plain = tmp_path / "student.ckpt"
+    torch.save({"state_dict": {p + k: v for p, sd in parts.items() for k, v in sd.items()}}, plain)
+    with caplog.at_level("WARNING", logger="lidar_completion.completer"):
+        assert not Completer.from_checkpoint(both, backend="torch").refine
+    assert "has no refiner" not in caplog.text
+    assert "carries refiner weights (model_refine.*)" in caplog.text
+    assert f"--refiner-checkpoint {both}" in caplog.text
+    assert Completer.from_checkpoint(both, backend="torch", refiner_checkpoint=both).refine
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lidar_completion.completer"):
+        assert not Completer.from_checkpoint(plain, backend="torch").refine
+    assert f"checkpoint {plain} has no refiner" in caplog.text and "--refiner-checkpoint" in caplog.text
+
+
 def test_solver_process_comes_from_the_checkpoint_and_can_be_overridden(ckpt, scan_file, tmp_path, capsys):
     from lidar_completion.errors import ConfigError
     assert Completer.from_checkpoint(ckpt, backend="torch").process == "vp"      # names none: published

@@ -21,6 +21,10 @@ kind                   prefixes                                    roles
 ``dpo_teacher``        ``DM_encoder.`` + ``DiffModel.``            encoder, denoiser
 =====================  ==========================================  =================================
 
+The published files keep the refiner in a file of its own (LiDiff's ``refine_net.ckpt``). A Lightning
+file that carries ``model_refine.`` next to other networks gives that refiner only when it is also
+named as the refiner file (``refiner_path``; CLI ``--refiner-checkpoint``).
+
 Unlike the published inference code (non-strict loading that silently keeps random weights when a
 prefix is wrong), every load here is strict: missing, unexpected or mis-shaped keys are named in a
 :class:`~lidar_completion.errors.CheckpointError`.
@@ -227,6 +231,22 @@ def infer_config(state_dict: dict) -> ModelConfig:
                        refine_up=refine_up, name=name)
 
 
+def _infer_published_config(path, kind: str, role: str, sd: dict) -> ModelConfig:
+    """:func:`infer_config` of the ``role`` network of a published file; a failure names the file,
+    its layout and some of the keys found under the network's prefix (misnamed modules)."""
+    try:
+        return infer_config(sd)
+    except CheckpointError as exc:
+        prefixes = {**OPTIONAL_PREFIXES, **PUBLISHED_LAYOUTS[kind]}
+        prefix = next((p for p, r in prefixes.items() if r == role), "")
+        keys = list(sd)
+        more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+        modules = ", ".join(dict.fromkeys(k.split(".", 1)[0] for k in keys))
+        raise CheckpointError(f"{path}: {kind} layout: {exc} under '{prefix}'; found "
+                              + ", ".join(prefix + k for k in keys[:4]) + more
+                              + f" (modules: {modules})") from None
+
+
 def _build(role: str, config: ModelConfig, sd: dict, backend, device, source: str):
     net = NETWORKS[role](config, backend)
     expected = net.state_dict()
@@ -288,13 +308,17 @@ def read_state_dicts(path, include=(), allow_pickle: bool | None = None):
     stray = sorted({k.split(".", 1)[0] + "." for k in sd} - known)
     if stray:
         raise CheckpointError(f"{path}: unexpected key prefixes {stray} for a {kind} checkpoint")
-    first = roles.get("denoiser") or roles.get("refiner") or roles.get("encoder")
-    config = infer_config(first)
+    first = next(r for r in ("denoiser", "refiner", "encoder") if roles.get(r))
+    config = _infer_published_config(path, kind, first, roles[first])
     sampling = dict(DEFAULT_SAMPLING)
     if kind == "lidiff" or kind == "dpo_teacher":
         sampling["guidance"] = 6.0
+    present = {k.split(".", 1)[0] + "." for k in sd}
     meta = {"source": "published", "layout": kind,
-            "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
+            "epoch": obj.get("epoch"), "global_step": obj.get("global_step"),
+            # optional networks the file holds but that were not asked for
+            "not_loaded": sorted(p for p, r in OPTIONAL_PREFIXES.items()
+                                 if p in present and r not in roles)}
     return kind, roles, config, sampling, meta, None
 
 
@@ -302,27 +326,34 @@ def load_checkpoint(path, device="cpu", backend: str | None = None, refiner_path
                     include=(), allow_pickle: bool | None = None) -> Loaded:
     """Build the networks stored in ``path`` (our format or a published Lightning file).
 
-    ``refiner_path`` adds a refiner from a second file (e.g. LiDiff's ``refine_net.ckpt``).
+    ``refiner_path`` adds a refiner from a second file (e.g. LiDiff's ``refine_net.ckpt``), or from
+    the ``model_refine.`` keys of a Lightning file that holds other networks too (``path`` itself).
+    A network that does not match is blamed on the file it came from.
     ``backend`` (None / "auto": chosen for ``device``, see :func:`lidar_completion.sparse.resolve_backend`)."""
     from . import sparse
     backend = sparse.resolve_backend(backend, device)
     kind, roles, config, sampling, meta, digest = read_state_dicts(path, include, allow_pickle)
     if refiner_path is not None:
-        _, r_roles, r_config, _, _, _ = read_state_dicts(refiner_path, (), allow_pickle)
+        # a Lightning file that carries model_refine.* next to other networks gives its refiner too
+        r_kind, r_roles, r_config, _, r_meta, _ = read_state_dicts(refiner_path, (), allow_pickle)
+        if "refiner" not in r_roles and "model_refine." in r_meta.get("not_loaded", ()):
+            r_roles = read_state_dicts(refiner_path, ("refiner",), allow_pickle)[1]
+            r_config = _infer_published_config(refiner_path, r_kind, "refiner", r_roles["refiner"])
         if "refiner" not in r_roles:
             raise CheckpointError(f"{refiner_path}: holds no refiner network")
         roles["refiner"] = r_roles["refiner"]
         refiner_config = r_config
     else:
         refiner_config = config
-    source = str(path)
     nets = {}
     for role, sd in roles.items():
+        from_refiner_file = role == "refiner" and refiner_path is not None
         cfg = refiner_config if role == "refiner" else config
+        source = str(refiner_path if from_refiner_file else path)   # the file a mismatch is blamed on
         nets[role] = _build(role, cfg, sd, backend, device, source)
     extras = {r: nets.pop(r) for r in list(nets) if r not in ("encoder", "denoiser", "refiner")}
     return Loaded(nets.get("encoder"), nets.get("denoiser"), nets.get("refiner"), config, sampling, meta,
-                  kind, source, digest, extras)
+                  kind, str(path), digest, extras)
 
 
 # ----------------------------------------------------------------------------- shipped weights

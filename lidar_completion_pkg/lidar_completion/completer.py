@@ -107,7 +107,7 @@ class _Clock:
 class Completer:
     """Scene completion with a condition encoder, a denoiser and an optional refiner.
 
-    Parameters: ``steps`` solver steps (1..1000; 8 for the student); ``guidance`` the CFG weight w
+    Parameters: ``steps`` solver steps (1..200; 8 for the student); ``guidance`` the CFG weight w
     (3.5 student, 6 teacher; 1 = conditional only); ``refine`` whether to run the refiner;
     ``device`` ("cpu", "cuda", "cuda:1", "auto"); ``seed`` None for fresh randomness on each call or
     an int for the same output for the same input on every call; ``precision`` "fp32" | "bf16" |
@@ -284,7 +284,15 @@ class Completer:
             if key in sampling and key not in kwargs:
                 kwargs[key] = int(sampling[key])
         if refine and loaded.refiner is None:
-            log.warning("checkpoint %s has no refiner; completions are not refined", path)
+            if "model_refine." in (getattr(loaded, "meta", None) or {}).get("not_loaded", ()):
+                # published students and LiDiff files carry no refiner (refine_net.ckpt is its own
+                # file), so a Lightning file's model_refine.* is only used when named as the refiner
+                log.warning("checkpoint %s carries refiner weights (model_refine.*) that are only used "
+                            "when the file is also given as the refiner checkpoint (--refiner-checkpoint "
+                            "%s); completions are not refined", path, path)
+            else:
+                log.warning("checkpoint %s has no refiner; completions are not refined (a refiner can "
+                            "come from a second file: --refiner-checkpoint)", path)
             refine = False
         return cls(loaded.encoder, loaded.denoiser, loaded.refiner, steps=steps, guidance=guidance,
                    refine=refine, device=dev, seed=seed, process=process, **kwargs)
@@ -296,8 +304,9 @@ class Completer:
 
     @steps.setter
     def steps(self, value: int):
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
-            raise ConfigError(f"steps must be a positive integer, got {value!r}")
+        low, high = BY_NAME["steps"].range   # the range of the CLI and the node, for the API too
+        if isinstance(value, bool) or int(value) != value or not low <= int(value) <= high:
+            raise ConfigError(f"steps must be an integer in {low}..{high}, got {value!r}")
         self._solver = DPMSolverSDE(self.schedule, int(value), process=self._process)
 
     @property

@@ -160,7 +160,8 @@ class CompletionSettings:
         runtime=True, metavar="N")
     guidance: Optional[float] = _opt(
         None, "classifier-free guidance weight w (1 = conditional only; published: 6 for LiDiff's "
-        "teacher, 3.5 for the Distillation-DPO student)", float, range=(0.0, 20.0),
+        "teacher, 3.5 for the Distillation-DPO student; a file that names none gets 6 when it is a "
+        "published LiDiff or Distillation-DPO teacher file, else the fallback)", float, range=(0.0, 20.0),
         from_checkpoint=3.5, ros_unset=-1.0, runtime=True, metavar="W")
     process: Optional[str] = _opt(
         None, "the solver's forward process: 'local' (x_t = x_0 + sigma_t eps, what the networks are "
