@@ -27,8 +27,8 @@ import numpy as np
 from .errors import CloudFormatError
 from .fileutil import atomic_write
 
-__all__ = ["FORMATS", "BIN_FORMATS", "read_cloud", "write_cloud", "render_bev_png",
-           "render_comparison_png"]
+__all__ = ["FORMATS", "BIN_FORMATS", "read_cloud", "read_bin_checked", "write_cloud",
+           "render_bev_png", "render_comparison_png"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def read_cloud(path, xyz_only: bool = True, bin_format: str = "kitti") -> np.nda
 def _read_bin(path: Path) -> np.ndarray:
     raw = path.read_bytes()
     if len(raw) % 16:
+        hint = ("; if it holds float32 (x, y, z) only, as the ground-truth cache's targets do, pass "
+                "--bin-format xyz" if len(raw) % 12 == 0 else "")
         raise CloudFormatError(
             f"{path}: a KITTI .bin holds float32 (x, y, z, intensity) records of 16 bytes; the file "
-            f"has {len(raw)} bytes, not a multiple of 16 (truncated or not a KITTI scan)")
+            f"has {len(raw)} bytes, not a multiple of 16 (truncated or not a KITTI scan){hint}")
     return np.frombuffer(raw, dtype="<f4").reshape(-1, 4)
 
 
@@ -95,9 +97,27 @@ def _read_xyz_bin(path: Path) -> np.ndarray:
     raw = path.read_bytes()
     if len(raw) % 12:
         raise CloudFormatError(
-            f"{path}: read as float32 (x, y, z) records of 12 bytes, but the file has {len(raw)} "
-            "bytes, not a multiple of 12 (truncated, or a KITTI scan of 16-byte records)")
+            f"{path}: read as float32 (x, y, z) records of 12 bytes (the ground-truth cache's "
+            f"targets), but the file has {len(raw)} bytes, not a multiple of 12 (truncated, or a "
+            "KITTI scan of 16-byte records: --bin-format kitti)")
     return np.frombuffer(raw, dtype="<f4").reshape(-1, 3)
+
+
+def read_bin_checked(path, bin_format: str = "kitti", warn=None) -> np.ndarray:
+    """(N, 3) float32 points of a ``.bin`` read as ``bin_format``; a KITTI read whose "intensity"
+    column holds negative values calls ``warn(message)`` (default: a logged warning). x, y, z files
+    of 4k points (or 20-byte records of 4k points) divide into 16-byte records too; read as KITTI,
+    their "intensity" column holds coordinates, and a scan's coordinates are negative somewhere
+    (the ground below the sensor, half the azimuths) while intensities never are."""
+    if bin_format != "kitti":
+        return read_cloud(path, bin_format=bin_format)
+    full = read_cloud(path, xyz_only=False)
+    negative = int((full[:, 3] < 0).sum()) if full.shape[1] > 3 else 0
+    if negative:
+        (warn or log.warning)(f"{path}: read as KITTI (x, y, z, intensity), but {negative} of "
+                              f"{len(full)} intensities are negative; if the file holds float32 "
+                              "x, y, z only, pass --bin-format xyz")
+    return np.ascontiguousarray(full[:, :3])
 
 
 def _read_npy(path: Path) -> np.ndarray:

@@ -54,27 +54,12 @@ def register(subparsers) -> None:
 
 
 def _read_scan(path: Path, bin_format: str) -> np.ndarray:
-    """``read_cloud`` with ``--bin-format``, and the hints a .bin of the other layout needs."""
-    from ..io import read_cloud
+    """``read_cloud`` with ``--bin-format`` (a .bin of the other layout gets a hint)."""
+    from ..io import read_bin_checked, read_cloud
 
-    if path.suffix.lower() != ".bin" or bin_format != "kitti":
-        return read_cloud(path, bin_format=bin_format)
-    try:
-        full = read_cloud(path, xyz_only=False)
-    except CloudFormatError as exc:
-        if path.is_file() and path.stat().st_size % 12 == 0:
-            raise CloudFormatError(f"{exc}; if it holds float32 (x, y, z) only, as the ground-truth "
-                                   "cache's targets do, pass --bin-format xyz") from None
-        raise
-    # x, y, z files of 4k points (or 20-byte records of 4k points) also divide into 16-byte records;
-    # read as KITTI, the "intensity" column then holds coordinates, and a scan's coordinates are
-    # negative somewhere (the ground below the sensor, half the azimuths) while intensities never are
-    negative = int((full[:, 3] < 0).sum())
-    if negative:
-        log.warning("%s: read as KITTI (x, y, z, intensity), but %d of %d intensities are negative; if "
-                    "the file holds float32 x, y, z only, pass --bin-format xyz", path, negative,
-                    len(full))
-    return np.ascontiguousarray(full[:, :3])
+    if path.suffix.lower() == ".bin":
+        return read_bin_checked(path, bin_format)
+    return read_cloud(path)
 
 
 def _check_writable(path: Path, flag: str, folder: bool = False) -> None:

@@ -244,16 +244,6 @@ def gt_cache_targets(folder) -> Optional[Path]:
     return None
 
 
-def _read_xyz_bin(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    if len(raw) % 12:
-        raise CloudFormatError(
-            f"{path}: read as float32 (x, y, z) records of 12 bytes (the ground-truth cache's targets), "
-            f"but the file has {len(raw)} bytes, not a multiple of 12 (truncated, or a KITTI scan: "
-            "pass --bin-format kitti)")
-    return np.frombuffer(raw, dtype="<f4").reshape(-1, 3).copy()
-
-
 class FileSource:
     """PRED_DIR and GT_DIR clouds paired by stem (at most ``limit``); the optional ``input_dir``
     (same stems) only adds the input scan to the renders.
@@ -299,28 +289,15 @@ class FileSource:
     def read(self, path: Path, role: str) -> np.ndarray:
         """The (N, 3) float32 cloud of ``path`` in folder ``role`` (pred, gt, input), ``.bin`` read
         as :attr:`formats` says; a CloudFormatError naming the file when it is unusable."""
-        from ..io import read_cloud
-        fmt = self.formats.get(role, "kitti")
+        from ..io import read_bin_checked, read_cloud
         if path.suffix.lower() != ".bin":
             cloud = read_cloud(path)
-        elif fmt == "xyz":
-            cloud = _read_xyz_bin(path)
         else:
-            try:
-                full = read_cloud(path, xyz_only=False)
-            except CloudFormatError as exc:
-                if path.is_file() and path.stat().st_size % 12 == 0:
-                    raise CloudFormatError(f"{exc}; if it holds float32 (x, y, z) only, as the "
-                                           "ground-truth cache's targets do, pass --bin-format xyz") \
-                        from None
-                raise
-            # x, y, z files of 4k points also divide into 16-byte records: read as KITTI, their
-            # "intensity" column is every fourth coordinate, so negative values give them away
-            if role not in self._warned and full.shape[1] > 3 and (full[:, 3] < 0).any():
-                self._warned.add(role)
-                log.warning("%s: read as KITTI (x, y, z, intensity) but some intensities are negative; "
-                            "if the files hold x, y, z only, pass --bin-format xyz", path)
-            cloud = np.ascontiguousarray(full[:, :3])
+            def warn_once(message):     # once per folder, not for each of thousands of frames
+                if role not in self._warned:
+                    self._warned.add(role)
+                    log.warning(message)
+            cloud = read_bin_checked(path, self.formats.get(role, "kitti"), warn=warn_once)
         finite = np.isfinite(cloud).all(axis=1)
         if role == "input":        # only drawn: invalid returns of a raw scan are just not drawn
             return np.ascontiguousarray(cloud[finite])
