@@ -446,3 +446,20 @@ def test_a_tiny_fps_sample_is_blamed_not_the_scan(ckpt, scan_file, tmp_path, cap
     assert err.startswith("error: ") and "\n" not in err and str(scan_file) in err
     assert "kept no points" in err and "sample of 1 point (--n-fps 1)" in err
     assert "band is empty" in err and "a larger --n-fps" in err
+
+
+def test_a_named_input_of_no_cloud_format_fails_alone(ckpt, tmp_path, capsys):
+    """An input named on the command line with an unsupported extension aborted the whole batch
+    before anything ran, where a bad file in a folder is reported and skipped: now it is one failed
+    scan too (and a batch of nothing but such inputs is refused before the model loads)."""
+    good = write_cloud(tmp_path / "a.bin", _scan(seed=1))
+    odd = tmp_path / "b.xyz"
+    odd.write_text("1 2 3\n")
+    out = tmp_path / "dense"
+    assert _complete(good, odd, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 1
+    res = capsys.readouterr()
+    assert "b.xyz: unsupported extension '.xyz'" in res.err and "Traceback" not in res.err
+    assert "completed 1 of 2 scans" in res.out and "1 failed: b.xyz" in res.out
+    assert [p.name for p in out.iterdir()] == ["a.bin"]
+    assert _complete(odd, tmp_path / "c.txt", "-o", tmp_path / "none", "--checkpoint", ckpt, *FAST) == 1
+    assert "unsupported extension" in capsys.readouterr().err and not (tmp_path / "none").exists()

@@ -234,14 +234,18 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
         log.warning("--ascii applies to .ply and .pcd outputs; .bin and .npy ones are written in their "
                     "binary formats")
     seen: dict[Path, Path] = {}
+    unreadable: dict[Path, str] = {}   # named inputs of no cloud format: failures, as bad files are
     for src, dst in zip(files, targets):
-        if dst.suffix not in FORMATS:
-            raise CloudFormatError(f"{src}: unsupported extension {src.suffix or '(none)'!r}; expected "
-                                   f"one of {', '.join(FORMATS)} (or choose the output's with --format)")
+        if src.suffix.lower() not in FORMATS:
+            unreadable[src] = (f"{src}: unsupported extension {src.suffix or '(none)'!r}; expected one "
+                               f"of {', '.join(FORMATS)}")
+            continue
         if dst in seen:                         # two inputs must not write one file
             raise ConfigError(f"{seen[dst]} and {src} would both be written to {dst}; give inputs "
                               "with distinct names (or complete them in separate runs)")
         seen[dst] = src
+    if len(unreadable) == len(files):       # nothing to complete: say so before loading the model
+        raise CloudFormatError("; ".join(unreadable.values()))
     renders = [None if render_dir is None else render_dir / f"{f.stem}.png" for f in files]
     rendered: dict[Path, Path] = {}
     for src, png in zip(files, renders):
@@ -262,6 +266,10 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             continue
         seed = None if settings.seed is None else settings.seed + i
         target = dst
+        if src in unreadable:
+            failed.append((src, unreadable[src]))
+            bar.write(f"error: {unreadable[src]}", file=sys.stderr)
+            continue
         try:
             for path in (dst, png):         # a folder in the way: found before completing the scan
                 if path is not None and path.is_dir():
