@@ -231,3 +231,29 @@ def test_live_bench_reports_a_node_that_cannot_start(synthetic_bag, tmp_path, ca
     assert "error: the node exited with status 1 before it was ready" in err
     assert "missing.pt" in err and err.count("error:") == 1
     assert (out / "node.log").exists() and not (out / "report.json").exists()
+
+
+def test_a_paced_replay_keeps_up_only_at_the_drives_rate(tmp_path):
+    """Paced, each scan is published after the previous answer, so nothing is ever dropped and "node
+    keeps up" was always yes, even for a node at 0.5 Hz on a 10 Hz drive. Now a paced replay keeps
+    up when its sustained rate reaches the drive's (from the scans' stamps)."""
+    ms, s = 10**6, 10**9
+
+    def paced_events(seconds_per_scan):
+        inputs, outputs, t = [], [], 10 * s
+        for i in range(5):     # a 10 Hz drive: stamps 0.1 s apart
+            stamp = 1_000 * s + i * s // 10
+            inputs.append({"index": i, "stamp_ns": stamp, "t_pub_ns": t, "points_in": 100})
+            t += int(seconds_per_scan * s)
+            outputs.append({"stamp_ns": stamp, "t_recv_ns": t - 1 * ms, "points_out": 10})
+        return {"inputs": inputs, "outputs": outputs, "expected_total": 5,
+                "t_first_pub_ns": inputs[0]["t_pub_ns"], "t_last_pub_ns": inputs[-1]["t_pub_ns"],
+                "node": {"returncode": 0}}
+
+    slow = report_from_events(paced_events(2.0), bag="b", topic="/t", rate=1.0, paced=True)
+    assert slow["dropped"] == 0 and slow["live"]["drive_hz"] == pytest.approx(10.0)
+    assert not slow["live"]["keeps_up"]
+    assert "node keeps up | no (0.50 scans/s sustained against the drive's 10.0 Hz)" in \
+        write_report(slow, tmp_path / "slow")["md"].read_text()
+    fast = report_from_events(paced_events(0.05), bag="b", topic="/t", rate=1.0, paced=True)
+    assert fast["live"]["keeps_up"]

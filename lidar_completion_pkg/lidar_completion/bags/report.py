@@ -145,7 +145,9 @@ def markdown(report: dict) -> str:
         live = report["live"]
         paced = ", paced: each scan after the node answered the previous" if live.get("paced") else ""
         rows += [("replay rate", f"{live['rate']}x{paced} ({_fmt(live['input_hz'], 2)} Hz input)"),
-                 ("node keeps up", "yes" if live["keeps_up"] else "no"),
+                 ("node keeps up", ("yes" if live["keeps_up"] else "no") + (
+                     f" ({_fmt(report['throughput_hz'], 2)} scans/s sustained against the drive's "
+                     f"{_fmt(live.get('drive_hz'), 1)} Hz)" if live.get("paced") else "")),
                  ("node counters (/diagnostics)", node_counters_text(live)),
                  ("no output, not explained by the node", live.get("unexplained_missing")),
                  ("node ready after", f"{_fmt(live.get('ready_s'), 2)} s")]

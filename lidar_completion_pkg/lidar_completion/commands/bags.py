@@ -176,8 +176,12 @@ def run_bench(args) -> int:
         print(f"warm-up: {warmup_text(report)}")
     if mode == "live":
         live = report["live"]
+        pace = ""
+        if live.get("paced"):   # nothing is dropped when paced: say what rate it sustains
+            pace = (f" with the drive ({report['throughput_hz']:.2f} scans/s sustained against the "
+                    f"drive's {live.get('drive_hz', float('nan')):.1f} Hz)")
         print(f"live x{live['rate']}: {report['completed']}/{report['total']} completed, node "
-              f"{'keeps up' if live['keeps_up'] else 'does not keep up'}"
+              f"{'keeps up' if live['keeps_up'] else 'does not keep up'}{pace}"
               f" (node-reported drops: {live['node_dropped'] if live['node_dropped'] is not None else 'n/a'})")
     else:
         print(f"offline: {report['completed']}/{report['total']} completed, "
