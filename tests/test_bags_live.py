@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ros_support as rs
@@ -257,3 +258,26 @@ def test_a_paced_replay_keeps_up_only_at_the_drives_rate(tmp_path):
         write_report(slow, tmp_path / "slow")["md"].read_text()
     fast = report_from_events(paced_events(0.05), bag="b", topic="/t", rate=1.0, paced=True)
     assert fast["live"]["keeps_up"]
+
+
+def test_completions_are_logged_in_the_order_they_came(monkeypatch):
+    """The recorded bag logged each completion at its input's log time plus its latency. Paced, the
+    inputs keep the drive's spacing while the answers come seconds apart, so a quick answer to a
+    later scan was logged before a slow answer to an earlier one, and players showed them out of
+    order. A completion is now never logged before the one written last."""
+    from types import SimpleNamespace as NS
+
+    from lidar_completion.bags.io import make_cloud, serialize
+    from lidar_completion_pkg import replay
+
+    r = replay.Replay(NS(output_topic="/completed_points"))
+    written = []
+    r._writer = NS(write_raw=lambda topic, msgtype, data, log_ns: written.append(log_ns))
+    clock = iter([10_000, 12_000])        # the answers arrive 2 s apart, as monotonic_ns reads them
+    monkeypatch.setattr(replay.time, "monotonic_ns", lambda: next(clock) * 10**6)
+    for sec, log_ms, pub_ms in ((4, 400, 8_000), (5, 500, 11_900)):  # latency 2.0 s, then 0.1 s
+        stamp = sec * 10**9
+        r._stamps_published[stamp] = sec
+        r._log_time_of[stamp] = (log_ms * 10**6, pub_ms * 10**6)
+        r.on_output(serialize(make_cloud(np.zeros((3, 3), np.float32), stamp, "velodyne")))
+    assert written[0] == 2_400 * 10**6 and written[1] > written[0]   # not 600 ms: before the first

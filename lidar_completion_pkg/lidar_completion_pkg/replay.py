@@ -122,6 +122,7 @@ class Replay:
         self._last_activity = time.monotonic()
         self._writer: BagWriter | None = None
         self._log_time_of: dict[int, tuple[int, int]] = {}  # stamp -> (log_time_ns, t_pub_ns)
+        self._last_output_log_ns = 0
         self._node_counters: tuple[int, dict] | None = None  # (t_ns, counters) of the last diagnostics
         self.proc: subprocess.Popen | None = None
         self.sampler: MemorySampler | None = None
@@ -145,7 +146,12 @@ class Replay:
             self._last_activity = time.monotonic()
             if self._writer is not None and stamp in self._log_time_of:
                 log_time, t_pub = self._log_time_of[stamp]
-                self._writer.write_raw(self.args.output_topic, CLOUD_TYPE, data, log_time + (t - t_pub))
+                # its input's time in the bag + its latency, but never before the completion written
+                # last: paced, inputs keep the drive's 0.1 s spacing while answers come seconds
+                # apart, and a fast answer was logged before a slow earlier one (played out of order)
+                out_log = max(log_time + (t - t_pub), self._last_output_log_ns + 1)
+                self._last_output_log_ns = out_log
+                self._writer.write_raw(self.args.output_topic, CLOUD_TYPE, data, out_log)
 
     def on_diagnostics(self, msg) -> None:
         t = time.monotonic_ns()
