@@ -624,3 +624,33 @@ def test_an_npz_data_root_that_is_no_archive_is_named(tmp_path):
         np.save(fh, np.zeros((3, 3), np.float32))
     with pytest.raises(DatasetError, match="holds one array, not an .npz archive"):
         NpzSource(one, 100, 1000)
+
+
+def test_the_last_step_is_saved_once_and_a_resume_takes_the_configured_optimiser(tmp_path, monkeypatch,
+                                                                                 caplog):
+    """A last step that is a multiple of checkpoint.every_steps was written twice (the loop's save,
+    then the final one), which rewrote a split checkpoint's parts in place under the index naming
+    them. And a resume restored every optimiser setting of the checkpoint but the learning rate:
+    changed betas / weight decay were silently dropped while config.yaml recorded them."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    saved = []
+    real_save = CheckpointManager.save
+
+    def spy(self, state, *a, **k):
+        saved.append(state["step"])
+        return real_save(self, state, *a, **k)
+
+    monkeypatch.setattr(CheckpointManager, "save", spy)
+    args = _args(npz, out, "--set", "checkpoint.every_steps=4")
+    assert main(args + ["--max-steps", "8"]) == 0
+    assert saved == [4, 8]
+    saved.clear()
+    with caplog.at_level("INFO", logger="training.engine"):
+        assert main(args + ["--max-steps", "9", "--resume", "--set", "train.optimizer.betas=[0.5, 0.9]",
+                            "--set", "train.optimizer.weight_decay=0.1"]) == 0
+    assert saved == [9]
+    groups = load_state(CheckpointManager(out / "checkpoints").latest_path())["optimizers"]["main"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.9) and g["weight_decay"] == 0.1 for g in groups)
+    assert "betas (0.9, 0.999) -> (0.5, 0.9)" in caplog.text, caplog.text
+    assert "train.optimizer.weight_decay: 0.0 -> 0.1" in caplog.text, caplog.text

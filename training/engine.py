@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -376,7 +377,17 @@ class Trainer(abc.ABC):
         if self.dist.is_main:
             path = self.ckpt.save(st)
         D.barrier()
+        self._saved = (self.step, path)
         return path
+
+    def save_unless_saved(self) -> Path | None:
+        """save(), unless this step's checkpoint was just written (the last step a multiple of
+        checkpoint.every_steps): writing it again cost a full write, and rewrote a split checkpoint's
+        parts in place under the index that named them."""
+        saved = getattr(self, "_saved", None)
+        if saved is not None and saved[0] == self.step:
+            return saved[1]
+        return self.save()
 
     def load(self, path) -> None:
         st = load_state(path, map_location="cpu")
@@ -404,14 +415,62 @@ class Trainer(abc.ABC):
                     f"{path}: the {k!r} optimiser was {saved_types[k]}, this run's is {type(o).__name__}; "
                     f"resume with the optimiser it was trained with, or start a new run from the "
                     f"weights it exported (init=<run folder>/{self.kind}.pt)")
+            fresh = [{h: v for h, v in g.items() if h != "params"} for g in o.param_groups]
             o.load_state_dict(st["optimizers"][k])
+            self._keep_configured_hyperparameters(k, o, fresh)
+        self._log_changed_settings(path, st.get("config_yaml"))
         for k, sc in self.scalers.items():
             if k in st.get("scalers", {}):
                 sc.load_state_dict(st["scalers"][k])
         self.step = int(st["step"])
+        self._saved = (self.step, Path(path))   # nothing to write again before the next step
         rngs = st.get("rng") or []
         if self.dist.rank < len(rngs):
             R.restore_state(rngs[self.dist.rank])
+
+    @staticmethod
+    def _keep_configured_hyperparameters(name: str, opt, fresh: list) -> None:
+        """After ``opt.load_state_dict``: the hyper-parameters of this run's configuration (betas,
+        weight decay, momentum, eps, ...) over the checkpoint's, as the learning rate already is
+        (apply_lr). load_state_dict restores every param-group entry, so a resume with changed
+        betas silently kept the old ones while config.yaml recorded the new ones."""
+        def same(a, b):
+            return (list(a) == list(b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) \
+                else a == b
+        changed = set()
+        for group, want in zip(opt.param_groups, fresh):
+            for key, value in want.items():
+                if key in ("lr", "initial_lr"):
+                    continue
+                if key in group and not same(group[key], value):
+                    changed.add(f"{key} {group[key]} -> {value}")
+                group[key] = value
+        if changed:
+            log.warning("--resume: the %r optimiser takes this run's settings: %s", name,
+                        ", ".join(sorted(changed)))
+
+    def _log_changed_settings(self, path, config_yaml) -> None:
+        """Name every setting that differs from the checkpoint's run (a resume takes this run's)."""
+        if not config_yaml:
+            return
+        try:
+            before = yaml.safe_load(config_yaml)
+        except yaml.YAMLError:
+            return
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in (d or {}).items():
+                if isinstance(v, dict):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = v
+            return out
+        old, new = flat(before), flat(yaml.safe_load(dump(self.cfg)))
+        diffs = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diffs:
+            log.info("--resume: settings changed since %s (this run's apply): %s", path, "; ".join(diffs))
 
     # -- validation (training/validation.py) -----------------------------------------------------
     def make_validator(self):
@@ -530,7 +589,7 @@ class Trainer(abc.ABC):
                             f"{self.kind} training interrupted by signal {int(sig)} at step {self.step}; "
                             f"checkpoint {path or self.ckpt.latest_path()} written; continue with --resume",
                             int(sig))
-            final_ckpt = self.save()
+            final_ckpt = self.save_unless_saved()
             export_path = None
             if self.dist.is_main and cfg["checkpoint"].get("export", True):
                 export_path = self.export(self.out / f"{self.kind}.pt")
