@@ -8,7 +8,7 @@ One setup.py serves both ways of installing it:
 import os
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 PACKAGE = "lidar_completion_pkg"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,7 +22,11 @@ setup(
     name="lidar-completion",
     version="0.1.0",
     description="Few-step diffusion LiDAR scene completion (Distillation-DPO) with a ROS 2 node",
-    packages=find_packages(exclude=["tests", "tests.*"]),
+    # namespace-aware: the weights and assets folders hold no __init__.py but are package data of
+    # their own (with find_packages setuptools warned, on every install, that they would be left out)
+    packages=find_namespace_packages(include=["lidar_completion", "lidar_completion.*",
+                                              "lidar_completion_pkg", "lidar_completion_pkg.*"],
+                                     exclude=["*.__pycache__"]),
     package_data={"lidar_completion": ["weights/*.pt", "weights/*.json", "assets/*"],
                   "lidar_completion_pkg": ["*.xml"]},
     include_package_data=True,
