@@ -654,3 +654,34 @@ def test_the_last_step_is_saved_once_and_a_resume_takes_the_configured_optimiser
     assert all(tuple(g["betas"]) == (0.5, 0.9) and g["weight_decay"] == 0.1 for g in groups)
     assert "betas (0.9, 0.999) -> (0.5, 0.9)" in caplog.text, caplog.text
     assert "train.optimizer.weight_decay: 0.0 -> 0.1" in caplog.text, caplog.text
+
+
+def test_a_resumed_distillation_keeps_and_names_the_teacher_it_was_trained_from(tmp_path, caplog):
+    """Resumed with distill.teacher naming another file, the run went on (rightly) with the teacher
+    weights of its checkpoint, but its export named the new file's SHA-256: a teacher never used."""
+    from lidar_completion.checkpoints import load_checkpoint
+    from lidar_completion.fileutil import sha256_file
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
+    from training.distill import DistillTrainer
+
+    files = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
+        sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
+        sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
+        files.append(tmp_path / f"teacher{seed}.ckpt")
+        torch.save({"state_dict": sd}, files[-1])
+    source = scenes_source(1, n_target=800, n_scan=80)
+    first = DistillTrainer(tiny_config("distill", f"distill.teacher={files[0]}", "checkpoint.export=false",
+                                       mode="dpo"), tmp_path / "run", max_steps=1, source=source)
+    first.run()
+    cfg = tiny_config("distill", f"distill.teacher={files[1]}", "checkpoint.export=false", mode="dpo")
+    with caplog.at_level("WARNING", logger="training.engine"):
+        again = DistillTrainer(cfg, tmp_path / "run", resume=True, max_steps=1, source=source)
+    assert "distill.teacher now names a file" in caplog.text
+    for k, v in first.teacher.state_dict().items():
+        assert torch.equal(again.teacher.state_dict()[k], v), k
+    again.export(tmp_path / "distill.pt")
+    meta = load_checkpoint(tmp_path / "distill.pt", backend="torch").meta
+    assert meta["teacher_sha256"] == sha256_file(files[0]) != sha256_file(files[1])

@@ -143,16 +143,16 @@ class DistillTrainer(Trainer):
         self.mode = d["mode"]
         src = d.get("teacher") or self.cfg.get("init")
         student_init = None
-        self.teacher_sha256 = None
         key = "distill.teacher" if d.get("teacher") else "init"
         if src:
             loaded = load_pretrained(src, key=key)
-            self.teacher_sha256 = sha256_file(src)   # the export names the exact teacher file it came from
+            self.sources[key] = sha256_file(src)   # the export names the exact teacher file it came from
             if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
                 loaded = load_pretrained(src, include=("teacher",), key=key)
                 student_init = loaded.denoiser
             if loaded.encoder is None or (loaded.denoiser is None and "teacher" not in loaded.extras):
-                raise CheckpointError(f"{src}: a teacher checkpoint needs a condition encoder and a denoiser")
+                raise CheckpointError(f"{key}: {src}: a teacher checkpoint needs a condition encoder and "
+                                      "a denoiser")
             if loaded.config != self.model_config:
                 log.info("model size taken from the teacher checkpoint %s: %s", src, loaded.config.channels)
                 self.model_config = loaded.config
@@ -519,4 +519,6 @@ class DistillTrainer(Trainer):
                                 refiner=self._refiner, sampling={"steps": 8, "guidance": 3.5, "process": "local",
                                                            "n_fps": int(dc["scan_points"]), "tile": int(dc["tile"])},
                                 meta={"trained_by": f"training.distill ({self.mode})", "step": self.step,
-                                      "teacher_sha256": self.teacher_sha256, "config": self.cfg})
+                                      "teacher_sha256": self.sources.get("distill.teacher",
+                                                                         self.sources.get("init")),
+                                      "config": self.cfg})

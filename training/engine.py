@@ -160,6 +160,9 @@ class Trainer(abc.ABC):
         self.precision = cfg["train"].get("precision", "fp32")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scalers: dict = {}   # fp16: one GradScaler per optimiser (made in make_optimizers' wake)
+        # {config key: SHA-256} of the files whose weights a run starts from (build() fills it),
+        # saved with every checkpoint: a resume keeps the digests of the run it continues
+        self.sources: dict[str, str] = {}
 
         self.modules: dict[str, nn.Module] = {}     # everything that is saved
         self.trainable: dict[str, nn.Module] = {}   # subset that is optimised (DDP-wrapped)
@@ -369,6 +372,7 @@ class Trainer(abc.ABC):
             "rng": rngs,
             "model_config": self.model_config.to_dict(),
             "config_yaml": dump(self.cfg),
+            "sources": dict(self.sources),
         }
 
     def save(self) -> Path | None:
@@ -419,6 +423,15 @@ class Trainer(abc.ABC):
             o.load_state_dict(st["optimizers"][k])
             self._keep_configured_hyperparameters(k, o, fresh)
         self._log_changed_settings(path, st.get("config_yaml"))
+        for key, digest in (st.get("sources") or {}).items():
+            if self.sources.get(key) != digest:
+                # the weights just loaded came from the file of the checkpoint's run: the export
+                # must name that one, not whatever the key names now
+                log.warning("--resume: %s now names a file with SHA-256 %s, but %s was trained from "
+                            "one with SHA-256 %s; the run goes on with the weights it was trained "
+                            "from, and its export names that file", key, self.sources.get(key), path,
+                            digest)
+                self.sources[key] = digest
         for k, sc in self.scalers.items():
             if k in st.get("scalers", {}):
                 sc.load_state_dict(st["scalers"][k])
