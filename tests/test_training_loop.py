@@ -685,3 +685,17 @@ def test_a_resumed_distillation_keeps_and_names_the_teacher_it_was_trained_from(
     again.export(tmp_path / "distill.pt")
     meta = load_checkpoint(tmp_path / "distill.pt", backend="torch").meta
     assert meta["teacher_sha256"] == sha256_file(files[0]) != sha256_file(files[1])
+
+
+def test_mapping_overrides_and_synthetic_sections_refuse_unknown_keys(tmp_path):
+    """A mapping given to --set replaced its section unchecked (`train.optimizer={..., momentun: 0.9}`
+    meant momentum 0, silently), and the synthetic sections took any key (and ignored it)."""
+    with pytest.raises(ConfigError, match="unknown key 'momentun' in train.optimizer"):
+        load_config(CONFIGS / "tiny_teacher.yaml", "teacher",
+                    ["train.optimizer={name: sgd, lr: 0.01, momentun: 0.9}"])
+    cfg = load_config(CONFIGS / "tiny_teacher.yaml", "teacher", ["train.optimizer={name: sgd, lr: 0.01, momentum: 0.9}"])
+    assert cfg["train"]["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: teacher\ndata: {kind: synthetic, synthetic: {scan: 4}}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.synthetic.scan'"):
+        load_config(bad, "teacher")

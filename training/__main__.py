@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest checkpoint of --out (or from PATH: a checkpoint file "
                             "or run folder); without a checkpoint there it starts fresh")
-        s.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
+        s.add_argument("--max-steps", type=int, default=None,
+                       help="run this many optimiser steps in total, in place of train.epochs (fewer "
+                            "or more than the epochs give)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.optimizer.lr=1e-5 (repeatable)")
         s.add_argument("--device", default=None, help="override `device` (auto, cpu, cuda)")

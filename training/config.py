@@ -55,7 +55,7 @@ _COMMON: dict = {
     "train": {
         "batch_size": 1,          # per process
         "epochs": 1,
-        "max_steps": None,        # stop after this many optimiser steps (overrides epochs when smaller)
+        "max_steps": None,        # run this many optimiser steps instead of the epochs' (fewer or more)
         "batchnorm": "train",     # train | frozen (eval-mode statistics) | sync (SyncBatchNorm, GPU DDP)
         # fp32 | bf16 | fp16: the networks' forward passes under torch.autocast with fp32 master
         # weights and optimiser state; fp16 adds loss scaling (a GradScaler per optimiser)
@@ -189,7 +189,7 @@ def deep_merge(base: dict, over: dict, path: str = "", strict: bool = True) -> d
         if strict and k not in out:
             raise ConfigError(f"unknown config key {where!r}; expected one of {sorted(out)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model", "composite"):
-            out[k] = deep_merge(out[k], v, where + ".", strict=strict and k not in ("synthetic",))
+            out[k] = deep_merge(out[k], v, where + ".", strict=strict)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -226,6 +226,15 @@ def apply_overrides(cfg: dict, overrides) -> dict:
             node = node[k]
         if not isinstance(node, dict) or keys[-1] not in node:
             raise ConfigError(f"override {text!r}: unknown key {keys[-1]!r}")
+        section = node[keys[-1]]
+        if isinstance(value, dict) and isinstance(section, dict) and keys[-1] not in ("model", "composite"):
+            # a mapping replaces the section; its keys are checked as dotted overrides are (a typo
+            # such as momentun would otherwise mean "left at its default", silently)
+            unknown = sorted(set(value) - set(section))
+            if unknown:
+                raise ConfigError(f"override {text!r}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                  f"{', '.join(map(repr, unknown))} in {'.'.join(keys)}; expected "
+                                  f"some of {sorted(section)}")
         node[keys[-1]] = value
     return cfg
 
