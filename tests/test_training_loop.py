@@ -699,3 +699,27 @@ def test_mapping_overrides_and_synthetic_sections_refuse_unknown_keys(tmp_path):
     bad.write_text("kind: teacher\ndata: {kind: synthetic, synthetic: {scan: 4}}\n")
     with pytest.raises(ConfigError, match="unknown config key 'data.synthetic.scan'"):
         load_config(bad, "teacher")
+
+
+def test_logs_of_a_run_without_checkpoint_move_aside_and_a_resume_drops_what_followed_its_checkpoint(
+        tmp_path):
+    """A fresh run into a folder whose earlier run left logs but no checkpoint appended to them
+    (metrics.jsonl read steps 1..6, then 1..8); a run killed between checkpoints had logged steps
+    that the resumed run logged again."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 123.0}\n{"step": 2, "loss": 123.0}\n')
+    args = _args(npz, out, "--set", "checkpoint.every_steps=2", "--set", "log.every_steps=1")
+    assert main(args + ["--max-steps", "4"]) == 0
+    aside = list((out / "earlier").glob("*/metrics.jsonl"))
+    assert len(aside) == 1 and "123.0" in aside[0].read_text()
+
+    def steps():
+        return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps() == [1, 2, 3, 4]
+    with open(out / "metrics.jsonl", "a") as fh:      # what a run killed at step 6 had logged
+        fh.write('{"step": 5, "loss": 123.0}\n{"step": 6, "loss": 123.0}\n{"st')
+    assert main(args + ["--max-steps", "6", "--resume"]) == 0
+    assert steps() == [1, 2, 3, 4, 5, 6] and "123.0" not in (out / "metrics.jsonl").read_text()

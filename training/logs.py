@@ -6,13 +6,17 @@ TensorBoard.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lidar_completion.fileutil import JsonlWriter
+from lidar_completion.fileutil import JsonlWriter, atomic_write
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -26,15 +30,50 @@ class RunLogger:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        self._start_logs(int(initial_step))
         self._jsonl = JsonlWriter(self.out / "metrics.jsonl")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+            # resumed: TensorBoard drops the events after the checkpoint's step, as _start_logs does
+            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"),
+                                        purge_step=int(initial_step) + 1 if initial_step else None)
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                             unit="step", smoothing=0.1)
         self._t0 = time.time()
+
+    def _start_logs(self, initial_step: int) -> None:
+        """A run from step 0 moves the logs of an earlier run in this folder (one that left no
+        checkpoint) to ``earlier/<time>/``, instead of appending to them; a resumed run drops the
+        records after its checkpoint's step (a run killed between checkpoints logged them, and the
+        resumed one logs those steps again)."""
+        jsonl, tb = self.out / "metrics.jsonl", self.out / "tensorboard"
+        if initial_step == 0:
+            earlier = [p for p in (jsonl, tb) if p.exists()]
+            if earlier:
+                aside = self.out / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+                aside.mkdir(parents=True, exist_ok=True)
+                for p in earlier:
+                    p.rename(aside / p.name)
+                log.warning("%s held the logs of an earlier run that left no checkpoint: moved to %s",
+                            self.out, aside)
+            return
+        if not jsonl.exists():
+            return
+        kept, dropped = [], 0
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1          # a line torn by the kill
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) > initial_step:
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            atomic_write(jsonl, [t.encode("utf-8") for t in kept])
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
