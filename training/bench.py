@@ -180,12 +180,15 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=["tiny", "full"])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=["tiny", "full"],
+                   help="model widths and point budgets: tiny (a quarter of LiDiff's widths) and full "
+                        "(LiDiff's; on a CPU about 2.5 min and 14 GB a step) (default: both)")
     p.add_argument("--kinds", nargs="+", default=["teacher", "refiner", "distill"],
-                   choices=["teacher", "refiner", "distill"])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+                   choices=["teacher", "refiner", "distill"], help="trainers to time (default: all)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per row, after one untimed (default 3)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto: the GPU where there is one (default auto)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default 2)")
     p.add_argument("--points", type=int, default=None,
                    help="points per sample instead of the configs' (full: 180,000; tiny: 40,000)")
     p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "triton", "minkowski", "auto"],
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
                    help="train.precision values to compare")
     p.add_argument("--batch", type=int, default=None, help="override the configs' per-process batch size")
     p.add_argument("--data", default=None, help="synthetic dataset folder (default: a temporary one)")
-    p.add_argument("--scans", type=int, default=4)
+    p.add_argument("--scans", type=int, default=4, help="synthetic scans generated for the data (default 4)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile one more step (named regions: kernel maps, convolutions, "
                         "batch norm, backward, optimiser; the top operators and kernels; kernel launches) and, on "
@@ -203,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--trace", default=None,
                    help="with --profile: folder for a gzipped Chrome trace of each row's profiled step")
     a = p.parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.trace and not a.profile:
         p.error("--trace needs --profile")
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="bench_data_"))
