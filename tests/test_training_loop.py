@@ -723,3 +723,16 @@ def test_logs_of_a_run_without_checkpoint_move_aside_and_a_resume_drops_what_fol
         fh.write('{"step": 5, "loss": 123.0}\n{"step": 6, "loss": 123.0}\n{"st')
     assert main(args + ["--max-steps", "6", "--resume"]) == 0
     assert steps() == [1, 2, 3, 4, 5, 6] and "123.0" not in (out / "metrics.jsonl").read_text()
+
+
+def test_resuming_with_another_model_size_is_a_short_error(tmp_path, capsys):
+    """torch lists every mismatched tensor of a state dict (hundreds of lines for another model
+    size); the error names the module and the first few."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "1")) == 0
+    wider = "model={channels: [8, 8, 16, 32, 64, 64, 32, 24, 16], name: other}"
+    assert main(_args(npz, out, "--max-steps", "2", "--resume", "--set", wider)) == 1
+    err = capsys.readouterr().err
+    assert "does not match this configuration (another model size?)" in err
+    assert len(err.strip().splitlines()) == 1 and "more)" in err, err[:2000]

@@ -410,7 +410,11 @@ class Trainer(abc.ABC):
             try:
                 m.load_state_dict(st["models"][k])
             except RuntimeError as exc:
-                raise CheckpointError(f"{path}: module {k!r} does not match this configuration: {exc}") from exc
+                # torch lists every mismatched tensor (hundreds for another model size): the first few
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                more = f" (+{len(lines) - 4} more)" if len(lines) > 4 else ""
+                raise CheckpointError(f"{path}: module {k!r} does not match this configuration (another "
+                                      f"model size?): {' '.join(lines[:4])}{more}") from exc
         saved_types = st.get("optimizer_types", {})   # states before this key: not checked
         for k, o in self.optimizers.items():
             if saved_types.get(k, type(o).__name__) != type(o).__name__:
