@@ -277,3 +277,18 @@ def test_a_pcd_viewpoint_away_from_the_origin_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="lidar_completion.io"):
         assert np.array_equal(read_cloud(p), pts)       # read as stored
     assert "VIEWPOINT 12.5 -3 0 1 0 0 0" in caplog.text and "sensor" in caplog.text
+
+
+@pytest.mark.parametrize("ext", [".ply", ".pcd"])
+def test_an_ascii_integer_field_out_of_its_range_is_refused(tmp_path, ext):
+    """An ascii value of 300 in a uchar field wrapped to 44 without a word."""
+    p = tmp_path / f"c{ext}"
+    if ext == ".ply":
+        p.write_text("ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float y\n"
+                     "property float z\nproperty uchar intensity\nend_header\n1 2 3 10\n4 5 6 300\n")
+    else:
+        p.write_text("VERSION .7\nFIELDS x y z intensity\nSIZE 4 4 4 1\nTYPE F F F U\nCOUNT 1 1 1 1\n"
+                     "WIDTH 2\nHEIGHT 1\nPOINTS 2\nDATA ascii\n1 2 3 10\n4 5 6 300\n")
+    with pytest.raises(CloudFormatError, match="'intensity' is declared uint8 .0..255. but holds values "
+                                               "from 10 to 300"):
+        read_cloud(p, xyz_only=False)

@@ -243,7 +243,7 @@ def _read_ply(path: Path) -> np.ndarray:
             values = values.reshape(count, len(dtype.names))
             arr = np.zeros(count, dtype=dtype)
             for i, n in enumerate(dtype.names):
-                arr[n] = values[:, i]
+                arr[n] = _fitting(path, n, values[:, i], dtype[n])
         else:
             need = dtype.itemsize * count
             raw = f.read(need)
@@ -254,6 +254,18 @@ def _read_ply(path: Path) -> np.ndarray:
                 _no_extra_bytes(path, f, need, f"{count} vertices", dtype.itemsize)
             arr = np.frombuffer(raw, dtype=dtype, count=count)
     return _columns_from_struct(path, arr, dtype.names)
+
+
+def _fitting(path: Path, name: str, values: np.ndarray, field: np.dtype) -> np.ndarray:
+    """``values`` (float64 read from an ascii body) for a field of type ``field``: an integer field
+    refuses values outside its range (numpy would wrap 300 in a uchar to 44, silently)."""
+    if field.kind in "iu" and values.size:
+        info = np.iinfo(field)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if low < info.min or high > info.max:
+            raise CloudFormatError(f"{path}: field {name!r} is declared {field.name} "
+                                   f"({info.min}..{info.max}) but holds values from {low:g} to {high:g}")
+    return values
 
 
 def _check_ascii_row(path: Path, row: bytes, width: int, line_no: int, what: str, announced: str,
@@ -375,7 +387,8 @@ def _read_pcd(path: Path) -> np.ndarray:
             col = 0
             for name in dtype.names:
                 w = int(np.prod(dtype[name].shape)) if dtype[name].shape else 1
-                arr[name] = values[:, col] if w == 1 else values[:, col:col + w]
+                arr[name] = _fitting(path, name, values[:, col] if w == 1 else values[:, col:col + w],
+                                     dtype[name].base)
                 col += w
         elif mode == "binary":
             need = dtype.itemsize * npts
