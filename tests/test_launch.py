@@ -267,6 +267,8 @@ def setup_actions(monkeypatch, configurations):
 
 @pytest.mark.ros
 def test_setup_passes_node_parameters_over_the_params_file(monkeypatch, tmp_path):
+    # before the imports: without the wheels, `import launch` finds the checkout's launch/ folder
+    rs.require("launch", "launch_ros")
     from launch.actions import LogInfo
     from launch_ros.utilities import evaluate_parameters, normalize_parameters
 
@@ -295,6 +297,7 @@ def test_setup_passes_node_parameters_over_the_params_file(monkeypatch, tmp_path
 
 @pytest.mark.ros
 def test_setup_warns_of_unknown_arguments_and_refuses_missing_rviz2_before_any_action(monkeypatch):
+    rs.require("launch", "launch_ros")
     import launch.logging
 
     warned = []
