@@ -137,12 +137,6 @@ def unfinished(counters: dict) -> int:
     return max(0, counters["received"] - handled)
 
 
-def node_counters(diagnostics: list[dict]) -> dict | None:
-    """The node's last counters (received, processed, dropped, ...) from /diagnostics."""
-    last = last_counters(diagnostics)
-    return None if last is None else last[1]
-
-
 def last_counters(diagnostics: list[dict]) -> tuple[int | None, dict] | None:
     """(receipt time in ns or None, counters) of the last /diagnostics status with the node's
     counters; None when none had them."""

@@ -521,11 +521,9 @@ class CompletionPipeline:
         to_target, have_target = self._early_target(target, model, source, to_model, stamp_ns)
         t0 = time.monotonic()
         try:
-            if self._cancellable:
-                result = self.completer.complete_detailed(points, should_stop=stop.is_set)
-                out, raw = result.points, getattr(result, "raw", None)
-            elif hasattr(self.completer, "complete_detailed"):
-                result = self.completer.complete_detailed(points)
+            if hasattr(self.completer, "complete_detailed"):
+                cancel = {"should_stop": stop.is_set} if self._cancellable else {}
+                result = self.completer.complete_detailed(points, **cancel)
                 out, raw = result.points, getattr(result, "raw", None)
             else:
                 out, raw = self.completer.complete(points), None
