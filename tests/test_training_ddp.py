@@ -32,7 +32,7 @@ def _common(npz: Path, kind: str) -> list:
             "--set", "train.batchnorm=frozen", "--set", "checkpoint.export=false",
             "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "train.grad_clip=null"]
     if kind == "distill":
-        args += ["--set", "distill.teacher=null", "--set", "distill.refiner=null",
+        args += ["--set", "distill.teacher=random", "--set", "distill.refiner=null",
                  "--set", "distill.aux_warmup_steps=0", "--set", "distill.aux_updates_per_step=1",
                  "--set", "distill.metric=lidar_completion.metrics.chamfer_distance",
                  "--set", "train.optimizer={name: sgd, lr: 0.5}",

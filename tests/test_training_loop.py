@@ -369,6 +369,15 @@ def test_configs_load_and_reject_mistakes(tmp_path):
                                                              "teacher_dpo.composite={cd: 1, emd: 1}"])
     with pytest.raises(ConfigError, match="validation.select"):
         load_config(CONFIGS / "teacher.yaml", overrides=["validation.select=emd"])
+    # a distillation / DPO stage without its teacher is refused (it used to train from random
+    # networks with a warning); "random" asks for that explicitly
+    with pytest.raises(ConfigError, match=r"distill.teacher is not set.*distill.teacher=PATH"):
+        load_config(CONFIGS / "tiny_distill_vsd.yaml", overrides=["distill.teacher=null"])
+    with pytest.raises(ConfigError, match=r"teacher_dpo.reference is not set"):
+        load_config(CONFIGS / "tiny_teacher_dpo.yaml", overrides=["teacher_dpo.reference=null"])
+    assert load_config(CONFIGS / "tiny_distill_vsd.yaml", overrides=["distill.teacher=random"])["distill"]["teacher"] == "random"
+    assert load_config(CONFIGS / "tiny_distill_vsd.yaml",
+                       overrides=["distill.teacher=null", "init=runs/t.pt"])["init"] == "runs/t.pt"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -95,7 +95,7 @@ def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     base = ["device=cpu", "backend=torch", "threads=1", "data.num_workers=0", "log.tensorboard=false", "log.progress=false",
             "log.render_every_steps=0", "checkpoint.every_steps=0", "train.max_steps=null", "train.epochs=1"]
     if kind == "distill":
-        base += ["distill.teacher=null", "distill.refiner=null", "distill.metric=lidar_completion.metrics.chamfer_distance"]
+        base += ["distill.teacher=random", "distill.refiner=null", "distill.metric=lidar_completion.metrics.chamfer_distance"]
     if kind == "teacher-dpo":
-        base += ["teacher_dpo.reference=null"]
+        base += ["teacher_dpo.reference=random"]
     return load_config(CONFIGS / f"{name}.yaml", kind=kind, overrides=base + list(overrides))

@@ -68,7 +68,7 @@ def measure(size: str, kind: str, data_root: Path, steps: int, device: str, thre
         if kind == "refiner":
             over += [f"refiner.input_points={points}", f"refiner.target_points={2 * points}"]
     if kind == "distill":
-        over += ["distill.teacher=null", "distill.refiner=null", "distill.aux_warmup_steps=0"]
+        over += ["distill.teacher=random", "distill.refiner=null", "distill.aux_warmup_steps=0"]
     cfg = load_config(CONFIGS / f"{NAMES[(size, kind)]}.yaml", kind=kind, overrides=over)
     out = Path(tempfile.mkdtemp(prefix=f"bench_{size}_{kind}_"))
     cuda = device.startswith("cuda")

@@ -17,6 +17,7 @@ import yaml
 from lidar_completion.errors import ConfigError
 
 KINDS = ("teacher", "refiner", "distill", "teacher-dpo")
+RANDOM = "random"   # distill.teacher / teacher_dpo.reference: start from randomly initialised networks
 
 _COMMON: dict = {
     "kind": None,
@@ -123,7 +124,7 @@ DEFAULTS: dict = {
     "distill": {
         "distill": {
             "mode": "dpo",                 # dpo | vsd
-            "teacher": None,               # checkpoint of the teacher (ours or published LiDiff / D-DPO)
+            "teacher": None,               # checkpoint of the teacher (ours or published LiDiff / D-DPO); random: random init
             "refiner": None,               # optional refiner checkpoint copied into the exported model
             "noise_scale": 1.1,            # lambda: the second sample starts from x_init + lambda z
             # dpo pairs: "scaled" (z and lambda z, published) or "independent" (z and a second draw
@@ -422,6 +423,10 @@ def validate(cfg: dict) -> None:
                f"refiner.loss must be chamfer_l2sq|chamfer_l1, got {cfg['refiner']['loss']!r}")
     if cfg["kind"] == "distill":
         d = cfg["distill"]
+        _check(d["teacher"] is not None or cfg.get("init") is not None,
+               "distill.teacher is not set: a distillation needs its teacher's checkpoint "
+               "(--set distill.teacher=PATH; distill.teacher=random distils from a randomly initialised "
+               "teacher, for tests and benchmarks)")
         _check(d["mode"] in ("dpo", "vsd"), f"distill.mode must be dpo|vsd, got {d['mode']!r}")
         _check(d["generator"] in ("local", "vp"), f"distill.generator must be local|vp, got {d['generator']!r}")
         _check(d["aux_loss"] in ("lidiff", "mse"), f"distill.aux_loss must be lidiff|mse, got {d['aux_loss']!r}")
@@ -457,6 +462,10 @@ def validate(cfg: dict) -> None:
             check_spec(d, "distill")   # fail early on a bad metric or dotted path
     if cfg["kind"] == "teacher-dpo":
         d = cfg["teacher_dpo"]
+        _check(d["reference"] is not None or cfg.get("init") is not None,
+               "teacher_dpo.reference is not set: the teacher's DPO stage fine-tunes a trained teacher "
+               "(--set teacher_dpo.reference=PATH; teacher_dpo.reference=random starts from a randomly "
+               "initialised one, for tests and benchmarks)")
         from .preference import check_spec
         check_spec(d, "teacher_dpo")
         _check(float(d["beta"]) > 0, f"teacher_dpo.beta must be positive, got {d['beta']}")

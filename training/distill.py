@@ -87,6 +87,7 @@ from lidar_completion.fileutil import sha256_file
 from lidar_completion.models import Condition
 
 from . import distributed as D
+from .config import RANDOM
 from .engine import Trainer, freeze, make_optimizer
 from .losses import aux_loss, dpo_loss, logsigmoid_weights, vsd_loss
 from .netio import build_networks, export_inference, load_pretrained
@@ -141,7 +142,8 @@ class DistillTrainer(Trainer):
     def build(self) -> None:
         d = self.cfg["distill"]
         self.mode = d["mode"]
-        src = d.get("teacher") or self.cfg.get("init")
+        random_teacher = d.get("teacher") == RANDOM
+        src = None if random_teacher else d.get("teacher") or self.cfg.get("init")
         student_init = None
         key = "distill.teacher" if d.get("teacher") else "init"
         if src:
@@ -160,7 +162,7 @@ class DistillTrainer(Trainer):
             enc.load_state_dict(loaded.encoder.state_dict())
             teacher.load_state_dict(loaded.extras.get("teacher", loaded.denoiser).state_dict())
         else:
-            log.warning("distill.teacher is not set: distilling from a randomly initialised teacher")
+            log.warning("distill.teacher=random: distilling from a randomly initialised teacher")
             enc, teacher, _ = build_networks(self.model_config, self.backend)
         # the refiner bundled into the export (and used by validation): read now, not after training
         self._refiner = None

@@ -45,6 +45,7 @@ from lidar_completion import sparse
 from lidar_completion.errors import CheckpointError
 
 from .losses import denoising_loss_terms, global_mean
+from .config import RANDOM
 from .engine import freeze
 from .netio import build_networks, load_pretrained
 from .preference import PreferenceMetric, guided_eps, local_sample, rank_pair, sample_timesteps, widest_pair
@@ -76,7 +77,7 @@ class TeacherDPOTrainer(TeacherTrainer):
 
     def build(self) -> None:
         c = self.cfg["teacher_dpo"]
-        src = c.get("reference") or self.cfg.get("init")
+        src = None if c.get("reference") == RANDOM else c.get("reference") or self.cfg.get("init")
         loaded = None
         if src:
             loaded = load_pretrained(src, key="teacher_dpo.reference" if c.get("reference") else "init")
@@ -86,7 +87,7 @@ class TeacherDPOTrainer(TeacherTrainer):
                 log.info("model size taken from the reference checkpoint %s: %s", src, loaded.config.channels)
                 self.model_config = loaded.config
         else:
-            log.warning("teacher_dpo.reference is not set: fine-tuning a randomly initialised teacher")
+            log.warning("teacher_dpo.reference=random: fine-tuning a randomly initialised teacher")
         self.net = TeacherNet(*build_networks(self.model_config, self.backend)[:2])
         if loaded is not None:
             self.net.encoder.load_state_dict(loaded.encoder.state_dict())
