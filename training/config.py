@@ -275,6 +275,15 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_teacher_source(cfg: dict, key: str, why: str) -> None:
+    """``key`` (or ``init``) names the checkpoint a stage starts from; ``random`` asks for random
+    networks (tests, benchmarks). Unset, the stage would train from random networks unannounced."""
+    section, name = key.split(".")
+    _check(cfg[section][name] is not None or cfg.get("init") is not None,
+           f"{key} is not set: {why} (--set {key}=PATH; {key}={RANDOM} starts from randomly initialised "
+           "networks, for tests and benchmarks)")
+
+
 # values that may be of another type than their default's (checked by `validate` or where used)
 _ANY_TYPE = {"model", "distill.metric", "teacher_dpo.metric", "distill.aux_grad_clip"}
 # integer defaults that also take a fraction
@@ -423,10 +432,7 @@ def validate(cfg: dict) -> None:
                f"refiner.loss must be chamfer_l2sq|chamfer_l1, got {cfg['refiner']['loss']!r}")
     if cfg["kind"] == "distill":
         d = cfg["distill"]
-        _check(d["teacher"] is not None or cfg.get("init") is not None,
-               "distill.teacher is not set: a distillation needs its teacher's checkpoint "
-               "(--set distill.teacher=PATH; distill.teacher=random distils from a randomly initialised "
-               "teacher, for tests and benchmarks)")
+        _check_teacher_source(cfg, "distill.teacher", "a distillation needs its teacher's checkpoint")
         _check(d["mode"] in ("dpo", "vsd"), f"distill.mode must be dpo|vsd, got {d['mode']!r}")
         _check(d["generator"] in ("local", "vp"), f"distill.generator must be local|vp, got {d['generator']!r}")
         _check(d["aux_loss"] in ("lidiff", "mse"), f"distill.aux_loss must be lidiff|mse, got {d['aux_loss']!r}")
@@ -462,10 +468,7 @@ def validate(cfg: dict) -> None:
             check_spec(d, "distill")   # fail early on a bad metric or dotted path
     if cfg["kind"] == "teacher-dpo":
         d = cfg["teacher_dpo"]
-        _check(d["reference"] is not None or cfg.get("init") is not None,
-               "teacher_dpo.reference is not set: the teacher's DPO stage fine-tunes a trained teacher "
-               "(--set teacher_dpo.reference=PATH; teacher_dpo.reference=random starts from a randomly "
-               "initialised one, for tests and benchmarks)")
+        _check_teacher_source(cfg, "teacher_dpo.reference", "the teacher's DPO stage fine-tunes a trained teacher")
         from .preference import check_spec
         check_spec(d, "teacher_dpo")
         _check(float(d["beta"]) > 0, f"teacher_dpo.beta must be positive, got {d['beta']}")
