@@ -24,7 +24,7 @@ _COMMON: dict = {
     "seed": 0,
     # network widths: "full" (published), "tiny" (a quarter of the widths), or {"channels": [9 ints]}
     "model": "full",
-    "backend": "auto",          # sparse backend: auto | torch | minkowski
+    "backend": "auto",          # sparse backend: auto | torch | triton | minkowski
     "device": "auto",           # auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda
     "threads": 0,               # torch intra-op threads per process; 0 leaves torch's default
     "init": None,               # checkpoint to start from (our inference format or a published one)
@@ -47,7 +47,7 @@ _COMMON: dict = {
         # no batch in this long stops the run with an error instead of a silent hang (0 = wait forever)
         "loader_start": "forkserver",
         "loader_timeout_s": 600,
-        # synthetic data (data.kind = synthetic): generated into <out>/data unless root is given
+        # synthetic data (data.kind = synthetic): generated into <out>/synthetic unless root is given
         "synthetic": {"sequences": ["00"], "scans": 4, "seed": 0},
         # refiner only: scans aggregated around the centre scan for the dense target
         "scan_window": 40,

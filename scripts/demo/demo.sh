@@ -21,8 +21,8 @@
 # LIDAR_COMPLETION_BACKEND [torch], DEMO_FRAMES [auto: the node transforms into odom when the
 # ROS 2 transform packages import; 0: never]. Live replay (step 3): DEMO_RATE [1: at most the drive's 10 Hz;
 # the replay is paced by the node], DEMO_LIVE_BACKEND [torch: the faster sparse backend on a CPU at
-# this budget], DEMO_LIVE_NFPS [1000 points per scan on a CPU; the full budget (4000) takes about a
-# minute per scan on 2 cores], DEMO_LIVE_DEVICE [cpu].
+# this budget], DEMO_LIVE_NFPS [1000 points per scan on a CPU; the full budget (4000) takes about 9 s
+# per scan on 2 cores], DEMO_LIVE_DEVICE [cpu].
 set -euo pipefail
 # the pure-PyTorch sparse backend: what the shipped models were measured with, and the faster one on
 # a CPU (what `auto` takes there; set here so that LIDAR_COMPLETION_BACKEND=... can change it)

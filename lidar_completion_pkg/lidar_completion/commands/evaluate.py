@@ -72,12 +72,12 @@ _positive = _at_least(1, "a positive integer")
 _non_negative = _at_least(0, "an integer >= 0")
 
 
-def _common(p, out_default: str) -> None:
+def _common(p, out_default: str, every: bool) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (created; a rerun with the same settings resumes there) "
                         f"(default {out_default})")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
-                   help="evaluate at most N frames (after --every)")
+                   help="evaluate at most N frames" + (" (after --every)" if every else " (the first in natural file-name order: 2 before 10)"))
     p.add_argument("--emd", choices=EMD_MODES, default="both",
                    help="which EMD to compute: ours (ot), the published variant, both or none "
                         "(EMD dominates the metric time: seconds per frame) (default both)")
@@ -116,7 +116,7 @@ def register(subparsers) -> None:
                    help="ground-truth cache folder (default: DATASET_ROOT/gt_cache)")
     p.add_argument("--build-gt", action="store_true",
                    help="build (or finish) the ground-truth cache of the sequence first")
-    _common(p, "evaluation_<model|input>_<SS>")
+    _common(p, "evaluation_<model|input>_<SS>", every=True)
     add_arguments(p, exclude=("seed",))   # --seed above is the base seed of the frames
     p.set_defaults(func=run)
 
@@ -139,7 +139,7 @@ def register(subparsers) -> None:
                         "ground-truth cache, recognised by its manifest.json (CACHE/SS or "
                         "CACHE/SS/targets), KITTI elsewhere: pass xyz for targets copied out of "
                         "the cache")
-    _common(f, "evaluation_<name of PRED_DIR>")
+    _common(f, "evaluation_<name of PRED_DIR>", every=False)
     f.set_defaults(func=run_files)
 
 
