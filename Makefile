@@ -19,7 +19,7 @@ OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
 # `make setup` is a no-op while none of the files that define the environment change.
-SETUP_INPUTS := Makefile scripts/setup/setup_venv.sh scripts/setup/install_minkowski.sh \
+SETUP_INPUTS := Makefile scripts/setup/setup_venv.sh scripts/setup/install_minkowski.sh scripts/setup/common.sh \
                 lidar_completion_pkg/setup.py pyproject.toml
 # ROS 2 tools (launch, ros2 CLI, tf2_msgs, tf_transformations; not on PyPI) are installed offline from
 # this folder when it exists, as in CI; setup re-runs when its wheels or the ament layout change.

@@ -25,8 +25,8 @@ ME_SDIST_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
 # Bump when the patches below change, so that cached wheels built with older patches are not reused.
 PATCH_REV=1
 
-log() { printf '[install_minkowski] %s\n' "$*" >&2; }
-die() { printf '[install_minkowski] error: %s\n' "$*" >&2; exit 1; }
+LOG_TAG=install_minkowski
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, apt_install
 
 # --- target interpreter -----------------------------------------------------------------------
 if [[ -z "${PYTHON:-}" ]]; then
@@ -81,22 +81,6 @@ find_cached_wheel() {
 }
 
 # --- system prerequisites ----------------------------------------------------------------------
-apt_install() {  # $1: what for; rest: Debian packages
-    local why=$1; shift
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing system packages ($why): $*"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || {
-            apt-get update -q >/dev/null
-            apt-get install -y -q --no-install-recommends "$@" >/dev/null
-        }
-    else
-        die "missing system packages $why: $*
-  install them with:  sudo apt-get install -y $*
-  then run this script again."
-    fi
-}
-
 check_build_prereqs() {
     local missing=()
     if command -v c++ >/dev/null 2>&1; then

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create or update the project's virtual environment (called by `make setup`; safe to re-run).
 #
-#   1. .venv/ with Python 3.11 (the interpreter in $PYTHON_SYS, default python3)
-#   2. torch 2.13.0, CPU build (TORCH_SPEC), pinned for every later step so no CUDA build sneaks in
+#   1. .venv/ with Python 3.10, 3.11 or 3.12 (the interpreter in $PYTHON_SYS, default python3;
+#      3.11 is the one CI and the GPU rehearsal use); python3.X-venv from apt where Debian lacks it
+#   2. torch 2.13.0, CPU build (TORCH_SPEC, from TORCH_INDEX: PyPI has only the CUDA build), pinned
+#      for every later step so no CUDA build sneaks in
 #   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
 #      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
 #   4. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
@@ -13,42 +15,54 @@ cd "$(dirname "$0")/../.."
 PYTHON_SYS="${PYTHON_SYS:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
+# the CPU builds of torch (a local copy that pip already finds, e.g. --find-links, serves as well)
+TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
-log() { printf '[setup] %s\n' "$*" >&2; }
-die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+LOG_TAG=setup
+source scripts/setup/common.sh   # log, die, apt_install
 
-is_py311() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; }
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+is_supported() { "$1" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)' 2>/dev/null; }
 
 if [[ ! -x "$VENV/bin/python" ]]; then
-    command -v "$PYTHON_SYS" >/dev/null 2>&1 || die "$PYTHON_SYS not found; install Python 3.11"
-    is_py311 "$PYTHON_SYS" || die "$PYTHON_SYS is Python $("$PYTHON_SYS" -c 'import sys; print(sys.version.split()[0])'), \
-this project needs 3.11: run 'make setup PYTHON_SYS=python3.11'"
+    command -v "$PYTHON_SYS" >/dev/null 2>&1 || die "$PYTHON_SYS not found; install Python 3.11 (3.10 and 3.12 work too)"
+    is_supported "$PYTHON_SYS" || die "$PYTHON_SYS is Python $("$PYTHON_SYS" -c 'import sys; print(sys.version.split()[0])'), \
+this project needs 3.10, 3.11 or 3.12 (the ROS 2 Kilted wheels' builds): run 'make setup PYTHON_SYS=python3.11'"
     log "creating $VENV with $("$PYTHON_SYS" --version)"
-    "$PYTHON_SYS" -m venv "$VENV"
+    if ! "$PYTHON_SYS" -m venv "$VENV" 2>/dev/null; then
+        # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) apart, in python3.X-venv
+        rm -rf "$VENV"
+        apt_install "to create a virtual environment" "python$(py_version "$PYTHON_SYS")-venv"
+        "$PYTHON_SYS" -m venv "$VENV" || die "cannot create $VENV with $PYTHON_SYS"
+    fi
 fi
 PY="$VENV/bin/python"
-is_py311 "$PY" || die "$VENV holds Python $("$PY" -c 'import sys; print(sys.version.split()[0])'), not 3.11: \
+is_supported "$PY" || die "$VENV holds Python $("$PY" -c 'import sys; print(sys.version.split()[0])'), not 3.10-3.12: \
 remove it (rm -rf $VENV) and run make setup again"
+PY_VERSION=$(py_version "$PY")
 
 # Keep torch pinned to the CPU build in every pip call below.
 CONSTRAINTS="$VENV/.setup-constraints.txt"
 printf '%s\n' "$TORCH_SPEC" "setuptools<80" > "$CONSTRAINTS"
-# (pip's notes about this machine's local index mirrors lacking a project are dropped.)
+# (pip's notes about this machine's local index mirrors lacking a project, and its retries of an
+# unreachable TORCH_INDEX where a local copy serves, are dropped; errors still show.)
 pip_install() {
     "$PY" -m pip install -q -c "$CONSTRAINTS" "$@" \
-        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+        2> >(grep -v -e 'is ignored: it is neither a file nor a directory' \
+                     -e "^WARNING: Retrying .*${TORCH_INDEX#*://}" >&2)
 }
 
 # pip >= 25.1: editable installs go through PEP 660, so the console scripts land in $VENV/bin (older
 # pips run `setup.py develop`, which honours setup.cfg's ament script_dir and hides them in lib/).
 log "pip, torch ($TORCH_SPEC) and build tools"
 pip_install --upgrade "pip>=25.1"
-pip_install "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
+pip_install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
 # Triton: the GPU path of the sparse engine. On this CPU build its kernels run only in the
 # interpreter (TRITON_INTERPRET=1), which the tests use; 3.9 is the first whose interpreter works
-# with numpy 2.4 (CUDA builds of torch bring their own Triton). The demo's setup skips it (SKIP_TRITON=1).
+# with numpy 2.4 (CUDA builds of torch bring their own Triton); 3.9 has no Python 3.10 build, and
+# 3.7.1 serves there (numpy stops at 2.2 on 3.10). The demo's setup skips it (SKIP_TRITON=1).
 if [[ "${SKIP_TRITON:-0}" != 1 ]]; then
-    pip_install "triton==3.9.0"
+    if [[ "$PY_VERSION" == 3.10 ]]; then pip_install "triton==3.7.1"; else pip_install "triton==3.9.0"; fi
 fi
 "$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
 import sys, torch
@@ -77,7 +91,24 @@ pip_install ros-kilted-geometry-msgs ros-kilted-lifecycle-msgs ros-kilted-rcl-in
     ros-kilted-ament-index-python osrf-pycommon argcomplete packaging psutil pyyaml transforms3d
 if compgen -G "$ROS2_CLI_WHEELS/*.whl" >/dev/null; then
     log "ROS 2 launch / CLI / tf wheels from $ROS2_CLI_WHEELS (offline)"
-    "$PY" -m pip install -q --no-index --no-deps "$ROS2_CLI_WHEELS"/*.whl
+    # only the wheels built for this interpreter (tf2_msgs has compiled parts, built for one Python)
+    mapfile -t CLI_WHEELS < <("$PY" - "$ROS2_CLI_WHEELS" <<'PYEOF'
+import pathlib, sys
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+here = set(sys_tags())
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    print(("+" if here & set(parse_wheel_filename(path.name)[3]) else "-") + str(path))
+PYEOF
+)
+    WANT=()
+    for w in "${CLI_WHEELS[@]}"; do
+        if [[ "$w" == +* ]]; then WANT+=("${w#+}"); else
+            log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
+            [[ "$w" == *tf2_msgs* ]] && log "  (without tf2_msgs the node cannot use model_frame / target_frame)"
+        fi
+    done
+    ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
 else
     log "WARNING: no wheels in ROS2_CLI_WHEELS=$ROS2_CLI_WHEELS (launch, launch_ros, ros2cli, tf2_msgs,"
     log "  sensor_msgs_py, tf_transformations): ros2 launch / topic / param and the node's TF frames are"
@@ -88,6 +119,9 @@ fi
 
 if [[ "${SKIP_MINKOWSKI:-0}" == 1 ]]; then
     log "SKIP_MINKOWSKI=1: not installing MinkowskiEngine (the pure-PyTorch backend will be used)"
+elif [[ "$PY_VERSION" != 3.11 && "${SKIP_MINKOWSKI:-}" != 0 ]]; then
+    # its build is patched and verified on 3.11; the tests that compare against it skip without it
+    log "Python $PY_VERSION: not installing MinkowskiEngine (its build is verified on 3.11; SKIP_MINKOWSKI=0 tries it)"
 else
     PYTHON="$PY" bash scripts/setup/install_minkowski.sh
 fi
