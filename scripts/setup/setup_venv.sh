@@ -44,19 +44,23 @@ PY_VERSION=$(py_version "$PY")
 # Keep torch pinned to the CPU build in every pip call below.
 CONSTRAINTS="$VENV/.setup-constraints.txt"
 printf '%s\n' "$TORCH_SPEC" "setuptools<80" > "$CONSTRAINTS"
-# (pip's notes about this machine's local index mirrors lacking a project, and its retries of an
-# unreachable TORCH_INDEX where a local copy serves, are dropped; errors still show.)
+# (pip's notes about this machine's local index mirrors lacking a project are dropped.)
 pip_install() {
     "$PY" -m pip install -q -c "$CONSTRAINTS" "$@" \
-        2> >(grep -v -e 'is ignored: it is neither a file nor a directory' \
-                     -e "^WARNING: Retrying .*${TORCH_INDEX#*://}" >&2)
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 
 # pip >= 25.1: editable installs go through PEP 660, so the console scripts land in $VENV/bin (older
 # pips run `setup.py develop`, which honours setup.cfg's ament script_dir and hides them in lib/).
 log "pip, torch ($TORCH_SPEC) and build tools"
 pip_install --upgrade "pip>=25.1"
-pip_install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
+# TORCH_INDEX only where pip cannot find TORCH_SPEC without it (asked once, without downloading)
+TORCH_FROM=()
+if [[ -n "$TORCH_INDEX" ]] && ! "$PY" -m pip install -q --dry-run --no-deps "$TORCH_SPEC" >/dev/null 2>&1; then
+    log "torch from $TORCH_INDEX"
+    TORCH_FROM=(--extra-index-url "$TORCH_INDEX")
+fi
+pip_install "${TORCH_FROM[@]}" "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja numpy
 # Triton: the GPU path of the sparse engine. On this CPU build its kernels run only in the
 # interpreter (TRITON_INTERPRET=1), which the tests use; 3.9 is the first whose interpreter works
 # with numpy 2.4 (CUDA builds of torch bring their own Triton); 3.9 has no Python 3.10 build, and
