@@ -29,7 +29,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     is_supported "$PYTHON_SYS" || die "$PYTHON_SYS is Python $("$PYTHON_SYS" -c 'import sys; print(sys.version.split()[0])'), \
 this project needs 3.10, 3.11 or 3.12 (the ROS 2 Kilted wheels' builds): run 'make setup PYTHON_SYS=python3.11'"
     log "creating $VENV with $("$PYTHON_SYS" --version)"
-    if ! "$PYTHON_SYS" -m venv "$VENV" 2>/dev/null; then
+    if ! "$PYTHON_SYS" -m venv "$VENV" >/dev/null 2>&1; then
         # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) apart, in python3.X-venv
         rm -rf "$VENV"
         apt_install "to create a virtual environment" "python$(py_version "$PYTHON_SYS")-venv"
