@@ -54,7 +54,8 @@ pip_install() {
 # pips run `setup.py develop`, which honours setup.cfg's ament script_dir and hides them in lib/).
 log "pip, torch ($TORCH_SPEC) and build tools"
 pip_install --upgrade "pip>=25.1"
-# TORCH_INDEX only where pip cannot find TORCH_SPEC without it (asked once, without downloading)
+# TORCH_INDEX only where pip cannot find TORCH_SPEC without it (a dry run; PyPI has no +cpu build,
+# so on a new machine it fails at once, and a local copy of the wheel is found without a download)
 TORCH_FROM=()
 if [[ -n "$TORCH_INDEX" ]] && ! "$PY" -m pip install -q --dry-run --no-deps "$TORCH_SPEC" >/dev/null 2>&1; then
     log "torch from $TORCH_INDEX"
@@ -110,7 +111,7 @@ PYEOF
     for w in "${CLI_WHEELS[@]}"; do
         if [[ "$w" == +* ]]; then WANT+=("${w#+}"); else
             log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
-            [[ "$w" == *tf2_msgs* ]] && log "  (without tf2_msgs the node cannot use model_frame / target_frame)"
+            if [[ "$w" == *tf2_msgs* ]]; then log "  (without tf2_msgs the node cannot use model_frame / target_frame)"; fi
         fi
     done
     ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
