@@ -40,7 +40,8 @@ help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
 	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
-	@echo "MinkowskiEngine), PYTHON_SYS=python3.11 (interpreter used to create $(VENV))."
+	@echo "MinkowskiEngine), PYTHON_SYS=python3.11 (interpreter used to create $(VENV)),"
+	@echo "TORCH_SPEC=torch==2.13.0 (PyPI's CUDA build instead of the CPU one, for an NVIDIA GPU)."
 
 setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, project, ROS 2 wheels); idempotent
 

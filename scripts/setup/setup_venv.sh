@@ -67,7 +67,9 @@ pip_install "${TORCH_FROM[@]}" "$TORCH_SPEC" "setuptools>=64,<80" wheel ninja nu
 # with numpy 2.4 (CUDA builds of torch bring their own Triton); 3.9 has no Python 3.10 build, and
 # 3.7.1 serves there (numpy stops at 2.2 on 3.10). The demo's setup skips it (SKIP_TRITON=1).
 if [[ "${SKIP_TRITON:-0}" != 1 ]]; then
-    if [[ "$PY_VERSION" == 3.10 ]]; then pip_install "triton==3.7.1"; else pip_install "triton==3.9.0"; fi
+    if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
+        log "Triton: the version torch's CUDA build requires (installed with it)"
+    elif [[ "$PY_VERSION" == 3.10 ]]; then pip_install "triton==3.7.1"; else pip_install "triton==3.9.0"; fi
 fi
 "$PY" - "$TORCH_SPEC" <<'EOF' || die "torch in $VENV is not the requested build"
 import sys, torch
