@@ -8,7 +8,8 @@
 #
 #   1. .whl/ (WHEELS): wheels of the packages the host lacks, for its Python (GPU_PY, default 3.12): fpsample.
 #      gpu_session.sh installs them from there; pass .whl in the device call's `carry`.
-#   2. unless REHEARSE=0: a scratch venv (GPU_VENV, default ${TMPDIR:-/tmp}/gpu-host-venv; about
+#   2. unless REHEARSE=0: a scratch venv (GPU_VENV, default ${TMPDIR:-/tmp}/gpu-host-venv; Python
+#      PYTHON_SYS, default python$GPU_PY where it runs, else python3; about
 #      4.7 GB, a minute to install) with torch==$GPU_TORCH (default 2.11.0, the CUDA build from PyPI,
 #      which brings its Triton) and numpy < 2.4 (Triton 3.6's interpreter fails on numpy 2.4), this
 #      project in editable mode and fpsample of the version in .whl/; in it, on the CPU:
@@ -23,8 +24,12 @@ cd "$(dirname "$0")/.."
 GPU_PY=${GPU_PY:-3.12}
 GPU_TORCH=${GPU_TORCH:-2.11.0}
 GPU_VENV=${GPU_VENV:-${TMPDIR:-/tmp}/gpu-host-venv}
-PYTHON_SYS=${PYTHON_SYS:-python3}
 log() { echo "[gpu_prepare] $*"; }
+# the rehearsal's interpreter: the host's Python version where this machine has one that runs
+if [[ -z "${PYTHON_SYS:-}" ]]; then
+    PYTHON_SYS=python3
+    if "python$GPU_PY" -c '' >/dev/null 2>&1; then PYTHON_SYS=python$GPU_PY; fi
+fi
 
 # fpsample as setup.py requires it, as a binary wheel for the host's Python and glibc (its newest
 # releases publish only a source distribution, which the host could not build: pip then takes the
@@ -40,9 +45,11 @@ ls -1 "$WHEELS"
 [ "${REHEARSE:-1}" = 0 ] && exit 0
 
 PY=$GPU_VENV/bin/python
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH')" 2>/dev/null; then
-    log "venv $GPU_VENV with torch==$GPU_TORCH (the GPU host's)"
-    "$PYTHON_SYS" -m venv "$GPU_VENV"
+SYS_PY=$("$PYTHON_SYS" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[[ "$SYS_PY" == "$GPU_PY" ]] || log "note: rehearsing on Python $SYS_PY, the host has $GPU_PY (PYTHON_SYS=python$GPU_PY to match)"
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH' or '%d.%d' % sys.version_info[:2] != '$SYS_PY')" 2>/dev/null; then
+    log "venv $GPU_VENV with Python $SYS_PY and torch==$GPU_TORCH (the GPU host's)"
+    "$PYTHON_SYS" -m venv --clear "$GPU_VENV"
 fi
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
