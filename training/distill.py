@@ -142,8 +142,7 @@ class DistillTrainer(Trainer):
     def build(self) -> None:
         d = self.cfg["distill"]
         self.mode = d["mode"]
-        random_teacher = d.get("teacher") == RANDOM
-        src = None if random_teacher else d.get("teacher") or self.cfg.get("init")
+        src = None if d.get("teacher") == RANDOM else d.get("teacher") or self.cfg.get("init")
         student_init = None
         key = "distill.teacher" if d.get("teacher") else "init"
         if src:

@@ -77,7 +77,8 @@ def _common(p, out_default: str, every: bool) -> None:
                    help="output folder (created; a rerun with the same settings resumes there) "
                         f"(default {out_default})")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
-                   help="evaluate at most N frames" + (" (after --every)" if every else " (the first in natural file-name order: 2 before 10)"))
+                   help="evaluate at most N frames" + (" (after --every)" if every else
+                                                         " (the first in natural file-name order: 2 before 10)"))
     p.add_argument("--emd", choices=EMD_MODES, default="both",
                    help="which EMD to compute: ours (ot), the published variant, both or none "
                         "(EMD dominates the metric time: seconds per frame) (default both)")
