@@ -22,6 +22,12 @@ without it.
 default) the launch drives it through configure (checkpoint + warm-up scan) to active, otherwise it waits
 in ``unconfigured`` for `ros2 lifecycle set /lidar_completion configure` (a lifecycle manager's job).
 
+``bag:=BAG`` plays a rosbag2 with ``ros2 bag play BAG --clock`` (and ``bag_args``), started only once
+the node subscribes to its input (play_when_ready: the node warms up first, seconds on a CPU, and the
+bag's first scans would be published to nobody), with ``use_sim_time`` true unless given. When the
+player ends the node keeps running, or the launch ends with ``exit_after_bag:=true``; when the node
+exits during a replay, the launch ends.
+
 ``launch`` and ``launch_ros`` are imported inside generate_launch_description only, so this file can be
 read (and its tables checked) without a ROS 2 installation.
 """
@@ -31,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = "lidar_completion_pkg"
 EXECUTABLE = "completion_node"
 LIFECYCLE_EXECUTABLE = "lifecycle_completion_node"
+PLAYER_GATE_EXECUTABLE = "play_when_ready"  # runs the bag player once the node subscribes
 NODE_NAME = "lidar_completion"
 PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
 DEFAULT_FIXED_FRAME = "velodyne"
@@ -56,7 +63,11 @@ ARGUMENTS = (
     ("autostart", "true", "with lifecycle:=true, configure and activate the node at start"),
     ("rviz", "false", "start rviz2 with rviz/completion.rviz (input and completed clouds)"),
     ("fixed_frame", "", "rviz fixed frame; empty = target_frame if given, else velodyne"),
-    ("bag", "", "rosbag2 to play with `ros2 bag play --clock` (its cloud topic must be input_topic)"),
+    ("bag", "", "rosbag2 to play with `ros2 bag play --clock` once the node subscribes (its cloud "
+                "topic must be input_topic)"),
+    ("bag_args", "", "more arguments for `ros2 bag play`, shell-quoted, e.g. \"--rate 0.2 --loop\""),
+    ("exit_after_bag", "false", "end the launch when the bag player ends (default: the node keeps "
+                                "running)"),
 )
 # Launch arguments that become node parameters (on top of the params file), with their types.
 NODE_PARAMETER_ARGUMENTS = {
@@ -175,13 +186,36 @@ def check_tools(values, rviz2=rviz2_available, ros2_bag=ros2_bag_available):
     problems = []
     if flag("rviz", values["rviz"]) and not rviz2():
         problems.append(RVIZ_MISSING)
+    if values.get("bag_args", "") and not values["bag"]:
+        problems.append("bag_args:=... given without bag:=...")
     if values["bag"]:
+        try:
+            bag_play_arguments(values)
+        except ValueError as exc:
+            problems.append(str(exc))
         if not ros2_bag():
             problems.append(BAG_MISSING)
         elif not os.path.exists(values["bag"]):
             problems.append(f"bag:={values['bag']}: no such file or directory")
     if problems:
         raise RuntimeError("; and ".join(problems))
+
+
+def bag_play_arguments(values):
+    """`ros2 bag play` arguments for ``bag`` and ``bag_args`` (ValueError naming a bad bag_args)."""
+    import shlex
+    try:
+        extra = shlex.split(values.get("bag_args", ""))
+    except ValueError as exc:
+        raise ValueError(f"bag_args:={values['bag_args']!r} cannot be split into arguments: "
+                         f"{exc}") from None
+    return ["ros2", "bag", "play", values["bag"], "--clock", *extra]
+
+
+def player_command(values, gate):
+    """The bag player behind its gate (``gate``: the play_when_ready executable): the player starts
+    once the node subscribes, so the bag's first scans are not published while it still warms up."""
+    return [gate, "--node", NODE_NAME, "--bag", values["bag"], "--", *bag_play_arguments(values)]
 
 
 def fixed_frame_for(values):
@@ -211,9 +245,43 @@ def generate_launch_description():
     from launch import LaunchDescription
     from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo,
                                 OpaqueFunction, RegisterEventHandler, SetEnvironmentVariable)
+    from launch.event_handlers import OnProcessExit
+    from launch.events import Shutdown
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import LifecycleNode, Node
     from launch_ros.parameter_descriptions import ParameterValue
+    from launch_ros.substitutions import ExecutableInPackage
+
+    def bag_replay(values, node):
+        """The bag player (started when the node subscribes) and what its end, or the node's, does."""
+        player = ExecuteProcess(cmd=player_command(values, ExecutableInPackage(PLAYER_GATE_EXECUTABLE,
+                                                                               PACKAGE)),
+                                name="bag_player", output="screen")
+        exit_after = flag("exit_after_bag", values["exit_after_bag"])
+        node_exited = []
+
+        def after_player(event, context):
+            if node_exited or getattr(context, "is_shutdown", False):
+                return []   # the launch is ending anyway (Ctrl-C, or the node's exit below)
+            if exit_after:
+                return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}): "
+                                    "ending the launch (exit_after_bag:=true; a scan still being "
+                                    "completed is abandoned)"),
+                        EmitEvent(event=Shutdown(reason="the bag player ended"))]
+            return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}); the node "
+                                "keeps running (Ctrl-C ends the launch, exit_after_bag:=true ends it "
+                                "with the bag)")]
+
+        def after_node(event, context):
+            # nothing left to play to: the gate would otherwise wait forever for a subscription
+            node_exited.append(event.returncode)
+            if getattr(context, "is_shutdown", False):
+                return []   # (a second Shutdown would fail in launch_ros: "Cannot shutdown a ROS adapter")
+            return [EmitEvent(event=Shutdown(reason="the completion node exited during a bag replay"))]
+
+        return [player,
+                RegisterEventHandler(OnProcessExit(target_action=player, on_exit=after_player)),
+                RegisterEventHandler(OnProcessExit(target_action=node, on_exit=after_node))]
 
     def managed(node, autostart):
         """The lifecycle node, driven configure -> activate when ``autostart``."""
@@ -270,14 +338,14 @@ def generate_launch_description():
             node = LifecycleNode(executable=LIFECYCLE_EXECUTABLE, namespace="", **common)
             actions += managed(node, flag("autostart", values["autostart"]))
         else:
-            actions.append(Node(executable=EXECUTABLE, **common))
+            node = Node(executable=EXECUTABLE, **common)
+            actions.append(node)
         if flag("rviz", values["rviz"]):
             config = rviz_config_for(values, tempfile.mkdtemp(prefix="lidar_completion_rviz_"))
             actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
                                 arguments=["-d", config]))
         if values["bag"]:
-            actions.append(ExecuteProcess(cmd=["ros2", "bag", "play", values["bag"], "--clock"],
-                                          output="screen"))
+            actions += bag_replay(values, node)
         return actions
 
     return LaunchDescription(

@@ -67,6 +67,7 @@ setup(
             "lidar-completion-node = lidar_completion_pkg.completion_node:main",
             "completion_node = lidar_completion_pkg.completion_node:main",
             "lifecycle_completion_node = lidar_completion_pkg.completion_node:main_lifecycle",
+            "play_when_ready = lidar_completion_pkg.play_when_ready:main",
         ],
         # `lidar-completion bag-bench --live`: the core finds the ROS 2 replay through this group
         "lidar_completion.live_bench": [

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,9 @@ PARAMS = ROOT / "launch" / "params" / "completion.yaml"
 RVIZ = ROOT / "launch" / "rviz" / "completion.rviz"
 LAUNCH_ARGUMENTS = {"checkpoint", "input_topic", "output_topic", "steps", "device", "model_frame",
                     "target_frame", "use_sim_time", "params_file", "lifecycle", "autostart", "rviz",
-                    "fixed_frame", "bag"}
-NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag"}
+                    "fixed_frame", "bag", "bag_args", "exit_after_bag"}
+NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag", "bag_args",
+                  "exit_after_bag"}
 
 
 def launch_module():
@@ -147,6 +149,21 @@ def test_rviz_and_bag_without_their_tools_are_refused_before_anything_starts(tmp
         check({**values, "bag": str(tmp_path / "gone")}, rviz2=never, ros2_bag=lambda: True)
     with pytest.raises(RuntimeError, match="rviz2.*; and bag:="):   # both at once: both named
         check({**values, "rviz": "true", "bag": str(bag)}, rviz2=lambda: False, ros2_bag=lambda: False)
+    with pytest.raises(RuntimeError, match="bag_args:=.* cannot be split into arguments: No closing"):
+        check({**values, "bag": str(bag), "bag_args": "--topics '/a"}, rviz2=never, ros2_bag=lambda: True)
+    with pytest.raises(RuntimeError, match=r"bag_args:=\.\.\. given without bag:="):
+        check({**values, "bag_args": "--rate 2"}, rviz2=never, ros2_bag=never)
+
+
+def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
+    m = launch_module()
+    values = {"bag": "/data/drive 08.mcap", "bag_args": "--rate 0.2 --topics '/velodyne_points' /tf"}
+    assert m["player_command"](values, "GATE") == [
+        "GATE", "--node", "lidar_completion", "--bag", "/data/drive 08.mcap", "--",
+        "ros2", "bag", "play", "/data/drive 08.mcap", "--clock", "--rate", "0.2", "--topics",
+        "/velodyne_points", "/tf"]
+    assert m["player_command"]({"bag": "b"}, "G")[-5:] == ["ros2", "bag", "play", "b", "--clock"]
+    assert m["PLAYER_GATE_EXECUTABLE"] == "play_when_ready"
 
 
 def test_rviz_config_input_best_effort_output_as_rviz_defaults_and_tf():
@@ -570,3 +587,114 @@ def test_ros2_launch_lifecycle_autostart_and_transitions(checkpoint, tmp_path):
     text = log.read_text(errors="replace")
     assert rc == 0 and "Traceback" not in text, text[-4000:]
     assert "shut down: processed 2," in text, text[-3000:]
+
+
+FAKE_PLAYER = r"""
+import json, sys, time
+import numpy as np
+import rclpy
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Header
+from lidar_completion import pointcloud2 as pc
+
+out, argv = sys.argv[1], sys.argv[2:]
+rclpy.init(args=[])
+node = rclpy.create_node("fake_bag_player")
+end = time.monotonic() + 20
+while ("lidar_completion", "/") not in node.get_node_names_and_namespaces() and time.monotonic() < end:
+    rclpy.spin_once(node, timeout_sec=0.05)
+subs = node.get_subscriber_names_and_types_by_node("lidar_completion", "/")
+subscribed = any(t == "/velodyne_points" for t, _types in subs)   # when first seen
+answers = []
+node.create_subscription(PointCloud2, "/completed_points", answers.append, 10)
+pub = node.create_publisher(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+rng = np.random.default_rng(0)
+points = rng.uniform(-20, 20, (1500, 3)).astype(np.float32)
+header = Header(frame_id="velodyne")
+header.stamp.sec = 1
+end = time.monotonic() + 60
+while not answers and time.monotonic() < end:
+    if pub.get_subscription_count():
+        pub.publish(pc.create_cloud_xyz32(header, points))   # (best effort: again until answered)
+    t = time.monotonic() + 2.0
+    while not answers and time.monotonic() < t:
+        rclpy.spin_once(node, timeout_sec=0.05)
+with open(out, "w") as f:
+    json.dump({"argv": argv, "subscribed_when_first_seen": subscribed,
+               "answered": [a.header.stamp.sec for a in answers]}, f)
+"""
+
+
+@pytest.mark.ros
+def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_it(checkpoint, tmp_path):
+    """bag:= through the real `ros2 launch`, with `ros2 bag play` replaced by a fake player (rosbag2
+    is C++, not in the venv): the player starts only once the node has subscribed (so the bag's first
+    scan is completed), gets the bag, --clock and bag_args, and with exit_after_bag:=true its end
+    ends the launch cleanly."""
+    _ros()
+    pytest.importorskip("rosbags")
+    from lidar_completion.bags.io import write_clouds
+
+    bag = write_clouds(tmp_path / "drive.mcap", [(10**9, street(500))])
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "lib" / "ros2bag").mkdir(parents=True)
+    (fake / "lib" / "ros2bag" / "__init__.py").write_text("")   # `ros2 bag` looks installed
+    (fake / "player.py").write_text(FAKE_PLAYER)
+    record = tmp_path / "player.json"
+    ros2 = fake / "bin" / "ros2"
+    ros2.write_text(f'#!/bin/sh\nif [ "$1" = bag ]; then exec "{sys.executable}" "{fake / "player.py"}" '
+                    f'"{record}" "$@"; fi\nexec "{rs.BIN / "ros2"}" "$@"\n')
+    ros2.chmod(0o755)
+    env = rs.ros_env(rs.random_domain())
+    env["PATH"] = f"{fake / 'bin'}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fake / "lib"), env.get("PYTHONPATH")) if p)
+    log = tmp_path / "launch.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", f"params_file:={small_params(tmp_path)}",
+                     f"bag:={bag}", "bag_args:=--rate 2 --topics '/velodyne_points'", "exit_after_bag:=true")
+    with rs.process_group(cmd, env, log) as proc:
+        try:
+            rc = proc.wait(120)   # the launch ends by itself when the player does
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch did not end with the bag player:\n" + log.read_text(errors="replace")[-4000:])
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "Traceback" not in text, text[-4000:]
+    played = json.loads(record.read_text())
+    assert played["argv"] == ["bag", "play", str(bag), "--clock", "--rate", "2", "--topics",
+                              "/velodyne_points"]
+    assert played["subscribed_when_first_seen"], "the player started before the node subscribed"
+    assert played["answered"] and played["answered"][0] == 1, played
+    assert text.index("ready: completing") < text.index("subscribes to /velodyne_points"), text[-4000:]
+    assert "[play_when_ready] WARNING" not in text, text[-3000:]   # the bag has the node's input
+    assert "the bag player has ended (exit status 0): ending the launch" in text, text[-3000:]
+
+    # a node that cannot start: the launch ends instead of its gate waiting forever, nothing played
+    record.unlink()
+    log = tmp_path / "launch_bad.log"
+    cmd = launch_cmd(f"checkpoint:={tmp_path / 'missing.pt'}", f"bag:={bag}")
+    with rs.process_group(cmd, env, log) as proc:
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch outlived its node:\n" + log.read_text(errors="replace")[-4000:])
+    text = log.read_text(errors="replace")
+    assert "missing.pt" in text and "nothing played" in text and not record.exists(), text[-4000:]
+    assert "the bag player has ended" not in text, text[-3000:]   # (it did not: it never started)
+
+    # a lifecycle node left unconfigured never subscribes: the bag waits for its activation; Ctrl-C
+    # then ends the launch cleanly, with nothing played and no word of a player that "ended"
+    log = tmp_path / "launch_lifecycle.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"params_file:={small_params(tmp_path)}",
+                     "lifecycle:=true", "autostart:=false", f"bag:={bag}")
+    with rs.process_group(cmd, env, log) as proc:
+        deadline = time.monotonic() + 30
+        while "waiting for node" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert proc.poll() is None and not record.exists(), log.read_text(errors="replace")[-4000:]
+        rc = rs.stop_group(proc)
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "Traceback" not in text and "nothing played" in text, text[-4000:]
+    assert "the bag player has ended" not in text and not record.exists(), text[-3000:]
+    assert "Caught exception" not in text, text[-3000:]

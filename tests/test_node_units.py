@@ -381,7 +381,7 @@ def test_the_venv_is_an_ament_prefix_for_the_package():
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["lidar_completion_pkg", "completion_node", "lidar_completion_pkg",
-                                   "lifecycle_completion_node"]
+                                   "lifecycle_completion_node", "lidar_completion_pkg", "play_when_ready"]
 
 
 def test_frames_without_the_transform_packages_say_what_to_do(monkeypatch):

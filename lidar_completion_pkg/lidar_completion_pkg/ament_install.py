@@ -30,8 +30,9 @@ import sysconfig
 from pathlib import Path
 
 PACKAGE = "lidar_completion_pkg"
-#: executables `ros2 run` / launch_ros start (console scripts of the same names).
-EXECUTABLES = ("completion_node", "lifecycle_completion_node")
+#: executables `ros2 run` / launch_ros start (console scripts of the same names); play_when_ready
+#: starts the launch file's bag player once the node listens.
+EXECUTABLES = ("completion_node", "lifecycle_completion_node", "play_when_ready")
 PTH_NAME = "lidar_completion_ament.pth"
 # One line, executed by site.py at every start of an interpreter of this prefix (.pth "import" lines).
 PTH_LINE = ("import os, sys; _p = [x for x in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) "

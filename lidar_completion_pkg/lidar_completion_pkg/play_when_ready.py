@@ -1,0 +1,166 @@
+"""Start a bag player once the completion node listens (what the launch file's ``bag:=`` runs).
+
+    play_when_ready --node lidar_completion --bag BAG -- ros2 bag play BAG --clock
+
+The completion node loads its checkpoint and completes a warm-up scan before it subscribes to its
+input (seconds on a CPU; a lifecycle node subscribes when it is activated). A ``ros2 bag play``
+started beside it publishes the bag's first scans to nobody, and a replay meant to show or measure
+every scan silently starts late. This waits on the ROS graph until a node named ``--node`` (in any
+namespace) has a sensor_msgs/PointCloud2 subscription, says which topic, warns when the bag holds
+no messages on that topic (naming the cloud topics it does hold), and then replaces itself with the
+command after ``--``: the player gets the launch's signals directly, and its exit status is this
+process's.
+
+Interrupted while waiting (Ctrl-C, the launch shutting down), it exits with status 0 and plays
+nothing. ``--timeout`` bounds the wait (exit status 1, the bag not played); by default it waits as
+long as the node takes. Imports no torch: it starts in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
+DEFAULT_NODE = "lidar_completion"
+REPORT_EVERY_S = 15.0
+POLL_S = 0.2
+
+
+def log(message: str) -> None:
+    print(f"[play_when_ready] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    if "--" not in argv:
+        command = []
+    else:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(
+        prog="play_when_ready",
+        description="Wait until the completion node subscribes to a PointCloud2 topic, then run the "
+                    "command given after `--` (the bag player) in place of this process.",
+        epilog="example: play_when_ready --node lidar_completion --bag drive.mcap -- "
+               "ros2 bag play drive.mcap --clock")
+    parser.add_argument("--node", default=DEFAULT_NODE,
+                        help="name of the node to wait for, in any namespace (default: %(default)s)")
+    parser.add_argument("--bag", default="",
+                        help="the bag the command plays: checked for messages on the node's input "
+                             "topic (a warning when there are none); empty: no check")
+    parser.add_argument("--timeout", type=float, default=0.0,
+                        help="seconds to wait at most, then exit 1 without playing; 0 (default): "
+                             "as long as the node takes")
+    args = parser.parse_args(argv)
+    if not command:
+        parser.error("no command to run: give it after `--` (e.g. -- ros2 bag play BAG --clock)")
+    if args.timeout < 0:
+        parser.error(f"--timeout must be 0 (no limit) or positive, got {args.timeout}")
+    args.command = command
+    return args
+
+
+def cloud_subscriptions(graph, name: str) -> list[str]:
+    """Topics of the PointCloud2 subscriptions of every node called ``name`` that ``graph`` (an rclpy
+    Node) has discovered, in any namespace."""
+    topics = []
+    for node_name, namespace in graph.get_node_names_and_namespaces():
+        if node_name != name:
+            continue
+        try:
+            subs = graph.get_subscriber_names_and_types_by_node(node_name, namespace)
+        except Exception:  # the node left between the two queries (rclpy's NodeNameNonExistentError)
+            continue
+        topics += [topic for topic, types in subs if CLOUD_TYPE in types]
+    return sorted(set(topics))
+
+
+def wait_for_subscription(graph, name: str, timeout: float = 0.0,
+                          clock: Callable[[], float] = time.monotonic,
+                          sleep: Callable[[float], None] = time.sleep) -> Optional[list[str]]:
+    """The node's PointCloud2 topics once it has one; None when ``timeout`` (> 0) passed first."""
+    start = last_report = clock()
+    while True:
+        topics = cloud_subscriptions(graph, name)
+        if topics:
+            return topics
+        now = clock()
+        if timeout > 0 and now - start >= timeout:
+            return None
+        if now - last_report >= REPORT_EVERY_S:
+            last_report = now
+            log(f"still waiting for node '{name}' to subscribe to its input ({now - start:.0f} s; it "
+                "loads its checkpoint and completes a warm-up scan first; a lifecycle node subscribes "
+                "when activated)")
+        sleep(POLL_S)
+
+
+def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
+    """A warning when the bag has no messages on any of ``topics``; None when it has, or when the bag
+    cannot be inspected here (no rosbags: the player will say what it thinks of the bag)."""
+    try:
+        from lidar_completion.bags.io import CLOUD_TYPE as BAG_CLOUD_TYPE, BagReader
+        from lidar_completion.errors import BagError
+    except ImportError:
+        return None
+    try:
+        with BagReader(bag) as reader:
+            present = reader.topics
+    except BagError as exc:
+        return f"cannot inspect the bag: {exc}"
+    # (a count of None: the bag's index does not say; taken as present)
+    if any(t in present and present[t].count != 0 for t in topics):
+        return None
+    clouds = sorted(t for t, info in present.items() if info.msgtype == BAG_CLOUD_TYPE)
+    where = ", ".join(topics)
+    if clouds:
+        return (f"{bag} has no messages on {where}, the node's input; its PointCloud2 topics: "
+                f"{', '.join(clouds)} (launch with input_topic:={clouds[0]}, or remap with bag_args)")
+    return f"{bag} has no messages on {where}, the node's input, and no PointCloud2 topic at all"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (the launch escalating a shutdown) ends the wait like SIGINT does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    import rclpy
+
+    rclpy.init(args=[])
+    graph = None
+    try:
+        graph = rclpy.create_node("play_when_ready", start_parameter_services=False,
+                                  enable_rosout=False)
+        log(f"waiting for node '{args.node}' to subscribe to its input before running: "
+            f"{' '.join(args.command)}")
+        start = time.monotonic()
+        topics = wait_for_subscription(graph, args.node, args.timeout)
+    except KeyboardInterrupt:
+        log("interrupted before the node subscribed: nothing played")
+        return 0
+    finally:
+        if graph is not None:
+            graph.destroy_node()
+        rclpy.try_shutdown()
+    if topics is None:
+        log(f"node '{args.node}' did not subscribe to a PointCloud2 topic within {args.timeout:g} s: "
+            "nothing played (did it fail to start? see its output)")
+        return 1
+    log(f"node '{args.node}' subscribes to {', '.join(topics)} (after {time.monotonic() - start:.1f} s)")
+    if args.bag:
+        warning = bag_check(args.bag, topics)
+        if warning:
+            log(f"WARNING: {warning}")
+    try:
+        os.execvp(args.command[0], args.command)
+    except OSError as exc:
+        log(f"cannot run {args.command[0]!r}: {exc}")
+        return 127
+    return 0  # (not reached: execvp replaced this process)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
