@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build (once) and install MinkowskiEngine 0.5.4 into the active virtual environment.
 #
-# MinkowskiEngine's last release (2021) does not build or import as published with Python 3.11 and
-# torch 2.x. This script downloads its source distribution from PyPI (hash-checked), patches a copy in
+# MinkowskiEngine's last release (2021) does not build or import as published with Python 3.10-3.12
+# and torch 2.x. This script downloads its source distribution from PyPI (hash-checked), patches a copy in
 # a temporary directory (nothing patched is kept or committed), builds a wheel for the installed torch
 # (CPU; CUDA when nvcc and a CUDA build of torch are both present), caches that wheel under
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/lidar-completion/wheels/<key>/
@@ -189,7 +189,7 @@ leftover = [str(p.relative_to(root)) for p in root.rglob("*.py")
                          p.read_text(), re.M) or "torch._six" in p.read_text()]
 if leftover:
     sys.exit(f"patch: unpatched collections ABC / torch._six imports remain in {leftover}")
-print(f"patched {root.name} for Python 3.11 / torch 2.x ({variant})")
+print(f"patched {root.name} for Python 3.10+ / torch 2.x ({variant})")
 EOF
 }
 
@@ -217,9 +217,13 @@ EOF
     fi
     local flag=--cpu_only
     [[ "$ME_VARIANT" == cuda ]] && flag=--force_cuda
+    # its setup.py imports distutils: the standard library's up to 3.11, setuptools' copy from 3.12
+    # (the standard library has none there)
+    local distutils=stdlib
+    [[ "$PY_TAG" =~ ^cp3([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 12)) && distutils=local
     log "building the wheel (MAX_JOBS=$MAX_JOBS; about 4-10 minutes on 2 cores); log: $work/build.log"
     local start=$SECONDS
-    if ! CFLAGS="-DNDEBUG -fwrapv -O3 -g0" SETUPTOOLS_USE_DISTUTILS=stdlib \
+    if ! CFLAGS="-DNDEBUG -fwrapv -O3 -g0" SETUPTOOLS_USE_DISTUTILS=$distutils \
         "$PYTHON" -m pip wheel -v --no-deps --no-build-isolation -w "$work/dist" \
             --config-settings="--global-option=--blas=openblas" \
             --config-settings="--global-option=$flag" \

@@ -127,9 +127,6 @@ fi
 
 if [[ "${SKIP_MINKOWSKI:-0}" == 1 ]]; then
     log "SKIP_MINKOWSKI=1: not installing MinkowskiEngine (the pure-PyTorch backend will be used)"
-elif [[ "$PY_VERSION" != 3.11 && "${SKIP_MINKOWSKI:-}" != 0 ]]; then
-    # its build is patched and verified on 3.11; the tests that compare against it skip without it
-    log "Python $PY_VERSION: not installing MinkowskiEngine (its build is verified on 3.11; SKIP_MINKOWSKI=0 tries it)"
 else
     PYTHON="$PY" bash scripts/setup/install_minkowski.sh
 fi
