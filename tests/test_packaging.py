@@ -22,7 +22,7 @@ PKG_DIR = ROOT / "lidar_completion_pkg"
 BIN = Path(sys.executable).parent
 EXPECTED_EXEC_DEPENDS = {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs"}
 CONSOLE_SCRIPTS = {"lidar-completion", "lidar-completion-node", "completion_node",
-                   "lidar-completion-train"}
+                   "lifecycle_completion_node", "play_when_ready", "lidar-completion-train"}
 
 
 def _loaded_modules(code: str, env_extra: dict[str, str] | None = None) -> set[str]:
@@ -205,5 +205,5 @@ def test_colcon_builds_the_workspace(tmp_path):
     # With setuptools >= 80 colcon's --symlink-install silently falls back to copying: make setup pins <80.
     assert (prefix / "share" / name / "package.xml").is_symlink(), \
         "colcon --symlink-install copied instead of linking; setuptools must be < 80 in this venv"
-    for exe in ("completion_node", "lidar-completion"):
+    for exe in ("completion_node", "lifecycle_completion_node", "play_when_ready", "lidar-completion"):
         assert (prefix / "lib" / name / exe).is_file(), f"colcon did not install lib/{name}/{exe}"
