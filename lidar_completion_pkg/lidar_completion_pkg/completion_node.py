@@ -13,6 +13,7 @@ at import time, so `--help` works without them.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -106,7 +107,7 @@ def _run(argv, lifecycle: bool) -> int:
     except Exception as exc:  # noqa: BLE001 - e.g. malformed --ros-args
         print(f"error: cannot start ROS 2: {exc}", file=sys.stderr)
         return 1
-    node = None
+    node = executor = None
     try:
         try:
             node = node_cls()
@@ -130,7 +131,14 @@ def _run(argv, lifecycle: bool) -> int:
         if node is not None:
             finished = node.pipeline.stop(timeout=5.0)
             s = node.pipeline.stats
+            if executor is not None:
+                executor.remove_node(node)
             node.destroy_node()  # before logging: the context may already be shut down (Ctrl-C)
+            # A lifecycle node's state machine keeps its handle, and with it its /rosout publisher,
+            # until the node object is collected: logging before that would try the publisher, whose
+            # context Ctrl-C has invalidated ("Failed to publish log message to rosout").
+            node = executor = None
+            gc.collect()
             log = rclpy.logging.get_logger(NODE_NAME)
             if not finished:
                 log.warning("the completion in progress did not end within 5 s; exiting without it")
