@@ -80,7 +80,9 @@ if have != want:
 EOF
 
 log "project (editable, with test extras), training package, ROS 2 wheels, colcon"
-pip_install \
+# (setuptools' 10-line "Editable installation" notice, about folders named like a package in the
+# working directory: lidar_completion_pkg/lidar_completion_pkg and training/ are those packages)
+PYTHONWARNINGS="ignore:Editable installation" pip_install \
     -e "lidar_completion_pkg[test]" -e . \
     "ros-kilted-rclpy[fastrtps]" ros-kilted-sensor-msgs ros-kilted-std-msgs \
     ros-kilted-diagnostic-msgs ros-kilted-visualization-msgs \
