@@ -191,6 +191,7 @@ def check_tools(values, rviz2=rviz2_available, ros2_bag=ros2_bag_available):
     if values["bag"]:
         try:
             bag_play_arguments(values)
+            flag("exit_after_bag", values.get("exit_after_bag", "false"))
         except ValueError as exc:
             problems.append(str(exc))
         if not ros2_bag():

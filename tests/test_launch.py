@@ -151,6 +151,8 @@ def test_rviz_and_bag_without_their_tools_are_refused_before_anything_starts(tmp
         check({**values, "rviz": "true", "bag": str(bag)}, rviz2=lambda: False, ros2_bag=lambda: False)
     with pytest.raises(RuntimeError, match="bag_args:=.* cannot be split into arguments: No closing"):
         check({**values, "bag": str(bag), "bag_args": "--topics '/a"}, rviz2=never, ros2_bag=lambda: True)
+    with pytest.raises(RuntimeError, match="exit_after_bag must be true or false, got 'yes'"):
+        check({**values, "bag": str(bag), "exit_after_bag": "yes"}, rviz2=never, ros2_bag=lambda: True)
     with pytest.raises(RuntimeError, match=r"bag_args:=\.\.\. given without bag:="):
         check({**values, "bag_args": "--rate 2"}, rviz2=never, ros2_bag=never)
 
