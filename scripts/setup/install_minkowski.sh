@@ -4,7 +4,7 @@
 # MinkowskiEngine's last release (2021) does not build or import as published with Python 3.10-3.12
 # and torch 2.x. This script downloads its source distribution from PyPI (hash-checked), patches a copy in
 # a temporary directory (nothing patched is kept or committed), builds a wheel for the installed torch
-# (CPU; CUDA when nvcc and a CUDA build of torch are both present), caches that wheel under
+# (CPU; CUDA with ME_VARIANT=cuda, given nvcc and a CUDA build of torch), caches that wheel under
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/lidar-completion/wheels/<key>/
 # keyed by MinkowskiEngine version, torch version, cpu/cuXY, Python tag and patch revision, and
 # installs it. Later runs reuse the cached wheel and take seconds. It ends with a smoke test: import
@@ -17,7 +17,7 @@
 #   ME_FORCE_REBUILD  1: ignore the cached wheel and build again
 #   ME_SDIST          path to MinkowskiEngine-0.5.4.tar.gz (offline machines; else downloaded)
 #   ME_INDEX_URL      simple index to download from (default https://pypi.org/simple)
-#   ME_VARIANT        cpu | cuda  (default: cuda when nvcc and a CUDA torch are present, else cpu)
+#   ME_VARIANT        cpu | cuda  (default: cpu, the verified build; cuda needs nvcc and a CUDA torch)
 set -euo pipefail
 
 ME_VERSION=0.5.4
@@ -57,10 +57,12 @@ print(version, cuda, tag, plat)
 EOF
 )
 if [[ -z "${ME_VARIANT:-}" ]]; then
+    # The CPU build is the verified one (and imports beside a CUDA torch). The CUDA build is tried
+    # only when asked for: with a CUDA torch and nvcc but no GPU to read the architecture from (a
+    # build machine), torch's extension builder fails before compiling anything.
+    ME_VARIANT=cpu
     if [[ "$TORCH_CUDA" != none ]] && command -v nvcc >/dev/null 2>&1; then
-        ME_VARIANT=cuda
-    else
-        ME_VARIANT=cpu
+        log "building the CPU variant beside torch's CUDA $TORCH_CUDA (ME_VARIANT=cuda tries the CUDA build, not verified here)"
     fi
 fi
 case "$ME_VARIANT" in
