@@ -25,8 +25,9 @@ in ``unconfigured`` for `ros2 lifecycle set /lidar_completion configure` (a life
 ``bag:=BAG`` plays a rosbag2 with ``ros2 bag play BAG --clock`` (and ``bag_args``), started only once
 the node subscribes to its input (play_when_ready: the node warms up first, seconds on a CPU, and the
 bag's first scans would be published to nobody), with ``use_sim_time`` true unless given. When the
-player ends the node keeps running, or the launch ends with ``exit_after_bag:=true``; when the node
-exits during a replay, the launch ends.
+player ends the node keeps running, or the launch ends with ``exit_after_bag:=true`` (once the node
+has finished the scans it received, at most SETTLE_S later); when the node exits during a replay,
+the launch ends.
 
 ``launch`` and ``launch_ros`` are imported inside generate_launch_description only, so this file can be
 read (and its tables checked) without a ROS 2 installation.
@@ -38,6 +39,7 @@ PACKAGE = "lidar_completion_pkg"
 EXECUTABLE = "completion_node"
 LIFECYCLE_EXECUTABLE = "lifecycle_completion_node"
 PLAYER_GATE_EXECUTABLE = "play_when_ready"  # runs the bag player once the node subscribes
+SETTLE_S = 60  # exit_after_bag: at most this long for the node to finish the scans it received
 NODE_NAME = "lidar_completion"
 PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
 DEFAULT_FIXED_FRAME = "velodyne"
@@ -215,8 +217,10 @@ def bag_play_arguments(values):
 
 def player_command(values, gate):
     """The bag player behind its gate (``gate``: the play_when_ready executable): the player starts
-    once the node subscribes, so the bag's first scans are not published while it still warms up."""
-    return [gate, "--node", NODE_NAME, "--bag", values["bag"], "--", *bag_play_arguments(values)]
+    once the node subscribes, so the bag's first scans are not published while it still warms up;
+    with exit_after_bag the gate ends only once the node has finished the scans it received."""
+    settle = ["--settle", str(SETTLE_S)] if flag("exit_after_bag", values.get("exit_after_bag", "false")) else []
+    return [gate, "--node", NODE_NAME, "--bag", values["bag"], *settle, "--", *bag_play_arguments(values)]
 
 
 def fixed_frame_for(values):
@@ -265,9 +269,9 @@ def generate_launch_description():
             if node_exited or getattr(context, "is_shutdown", False):
                 return []   # the launch is ending anyway (Ctrl-C, or the node's exit below)
             if exit_after:
-                return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}): "
-                                    "ending the launch (exit_after_bag:=true; a scan still being "
-                                    "completed is abandoned)"),
+                return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}) and "
+                                    "the node has had its time for the scans it received: ending the "
+                                    "launch (exit_after_bag:=true)"),
                         EmitEvent(event=Shutdown(reason="the bag player ended"))]
             return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}); the node "
                                 "keeps running (Ctrl-C ends the launch, exit_after_bag:=true ends it "

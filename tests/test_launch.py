@@ -165,6 +165,10 @@ def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
         "ros2", "bag", "play", "/data/drive 08.mcap", "--clock", "--rate", "0.2", "--topics",
         "/velodyne_points", "/tf"]
     assert m["player_command"]({"bag": "b"}, "G")[-5:] == ["ros2", "bag", "play", "b", "--clock"]
+    assert "--settle" not in m["player_command"]({"bag": "b", "exit_after_bag": "false"}, "G")
+    command = m["player_command"]({"bag": "b", "exit_after_bag": "true"}, "G")
+    assert command[command.index("--settle") + 1] == str(m["SETTLE_S"]) and command.index("--settle") < \
+        command.index("--")
     assert m["PLAYER_GATE_EXECUTABLE"] == "play_when_ready"
 
 
@@ -623,6 +627,9 @@ while not answers and time.monotonic() < end:
     t = time.monotonic() + 2.0
     while not answers and time.monotonic() < t:
         rclpy.spin_once(node, timeout_sec=0.05)
+header.stamp.sec = 2          # the bag's last scan: sent as the player ends
+pub.publish(pc.create_cloud_xyz32(header, points))
+time.sleep(0.2)
 with open(out, "w") as f:
     json.dump({"argv": argv, "subscribed_when_first_seen": subscribed,
                "answered": [a.header.stamp.sec for a in answers]}, f)
@@ -670,7 +677,10 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     assert played["answered"] and played["answered"][0] == 1, played
     assert text.index("ready: completing") < text.index("subscribes to /velodyne_points"), text[-4000:]
     assert "[play_when_ready] WARNING" not in text, text[-3000:]   # the bag has the node's input
-    assert "the bag player has ended (exit status 0): ending the launch" in text, text[-3000:]
+    # exit_after_bag: the launch ended only once the node had dealt with the last scan as well
+    assert "has dealt with all 2 clouds it received (processed 2," in text, text[-3000:]
+    assert "shut down: processed 2," in text, text[-3000:]
+    assert "the bag player has ended (exit status 0) and the node has had its time" in text, text[-3000:]
 
     # a node that cannot start: the launch ends instead of its gate waiting forever, nothing played
     record.unlink()

@@ -101,6 +101,15 @@ def test_command_line(capsys):
         assert says in capsys.readouterr().err
 
 
+def test_unsettled_counts_what_the_node_has_not_dealt_with():
+    counts = {"received": "7", "processed": "3", "dropped": "2", "rejected": "0", "no_transform": "1",
+              "failed": "0"}
+    assert pw.unsettled(counts) == 1
+    assert pw.unsettled({**counts, "failed": "1"}) == 0
+    assert pw.unsettled({"received": "3"}) is None and pw.unsettled({**counts, "received": "x"}) is None
+    assert pw.parse_args(["--settle", "5", "--", "true"]).settle == 5.0
+
+
 def test_bag_check_names_the_bags_cloud_topics(tmp_path):
     pytest.importorskip("rosbags")
     from lidar_completion.bags.io import write_clouds
@@ -168,3 +177,87 @@ def test_interrupted_wait_plays_nothing_and_a_missing_command_is_named(tmp_path)
         node.record(PointCloud2, "/points", qos_profile_sensor_data)
         node.wait_for(lambda: proc.poll() is not None, 30, "the gate to give up", None, log)
     assert proc.returncode == 127 and "cannot run 'no-such-player-here'" in log.read_text()
+
+
+def diagnostics(name, **counts):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    status = DiagnosticStatus(name=f"{name}: completion", message="ready")
+    status.values = [KeyValue(key=k, value=str(v)) for k, v in counts.items()]
+    return DiagnosticArray(status=[status])
+
+
+@pytest.mark.ros
+def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tmp_path):
+    """--settle: the command runs as a child; once it has ended the gate exits, with the command's
+    status, only after two diagnostics of the node in a row account for every cloud it received
+    (another node's settled diagnostics do not count), or after the settle time."""
+    rs.require("rclpy", "sensor_msgs", "diagnostic_msgs")
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    domain = rs.random_domain()
+    marker = tmp_path / "played"
+    log = tmp_path / "gate.log"
+    code = MARKER + "; sys.exit(3)"
+    cmd = GATE + ["--node", "lidar_completion", "--settle", "60", "--", sys.executable, "-c", code,
+                  str(marker)]
+    busy = dict(received=4, processed=2, dropped=1, rejected=0, no_transform=0, failed=0)
+    done = dict(busy, processed=3)
+    with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
+            rs.participant(domain, "lidar_completion") as node:
+        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        pub = node.node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        node.wait_for(marker.exists, 30, "the command to run", proc, log)
+        node.wait_for(lambda: "waiting at most 60 s" in log.read_text(), 30, "the settle wait", proc, log)
+        for _ in range(6):   # a scan still in progress, and another node that has finished
+            pub.publish(diagnostics("lidar_completion", **busy))
+            pub.publish(diagnostics("other_node", **done))
+            node.spin(0.25)
+        assert proc.poll() is None, log.read_text()
+        pub.publish(diagnostics("lidar_completion", **done))
+        node.spin(0.25)
+        pub.publish(diagnostics("lidar_completion", **done))
+        node.wait_for(lambda: proc.poll() is not None, 20, "the gate to end", None, log)
+    assert proc.returncode == 3, log.read_text()   # the command's exit status
+    assert "has dealt with all 4 clouds it received (processed 3, dropped 1," in log.read_text()
+
+    # no settled diagnostics: the gate gives up after --settle seconds and still exits
+    log = tmp_path / "gate_timeout.log"
+    cmd = GATE + ["--node", "lidar_completion", "--settle", "2", "--", sys.executable, "-c", "pass"]
+    with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
+            rs.participant(domain, "lidar_completion") as node:
+        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        pub = node.node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        end = time.monotonic() + 40
+        while proc.poll() is None and time.monotonic() < end:
+            pub.publish(diagnostics("lidar_completion", **busy))
+            node.spin(0.25)
+    assert proc.returncode == 0, log.read_text()
+    assert "still had 1 cloud(s) to deal with after 2 s" in log.read_text(), log.read_text()
+
+
+@pytest.mark.ros
+def test_settle_passes_the_launchs_signal_on_to_the_command(tmp_path):
+    """The launch stops the gate with SIGINT to its pid only: with --settle the running command gets
+    it, and the gate exits with the command's status without waiting for the node."""
+    rs.require("rclpy", "sensor_msgs")
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    domain = rs.random_domain()
+    ready, marker = tmp_path / "ready", tmp_path / "signalled"
+    code = ("import signal, sys, time\n"
+            f"signal.signal(signal.SIGINT, lambda *a: (open({str(marker)!r}, 'w').write('INT'), sys.exit(5)))\n"
+            f"open({str(ready)!r}, 'w').close()\n"
+            "time.sleep(60)\n")
+    log = tmp_path / "gate.log"
+    cmd = GATE + ["--node", "lidar_completion", "--settle", "60", "--", sys.executable, "-c", code]
+    with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
+            rs.participant(domain, "lidar_completion") as node:
+        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        node.wait_for(ready.exists, 30, "the command to start", proc, log)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(20) == 5, log.read_text()
+    assert marker.read_text() == "INT" and "waiting at most" not in log.read_text(), log.read_text()

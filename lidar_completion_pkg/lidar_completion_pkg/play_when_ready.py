@@ -14,6 +14,13 @@ process's.
 Interrupted while waiting (Ctrl-C, the launch shutting down), it exits with status 0 and plays
 nothing. ``--timeout`` bounds the wait (exit status 1, the bag not played); by default it waits as
 long as the node takes. Imports no torch: it starts in a fraction of a second.
+
+``--settle S`` (the launch's ``exit_after_bag:=true``): the command runs as a child instead (SIGINT /
+SIGTERM are passed on to it, and it gets SIGTERM if this process dies), and when it has ended this
+waits, at most S seconds, until the node has dealt with every cloud it received - its /diagnostics
+count as many completed, dropped, rejected, untransformable or failed clouds as received, twice in a
+row - so that the launch, which ends with this process, does not abandon the bag's last scans.
+Exit status: the command's.
 """
 from __future__ import annotations
 
@@ -55,11 +62,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="seconds to wait at most, then exit 1 without playing; 0 (default): "
                              "as long as the node takes")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="run the command as a child and, once it has ended, wait at most this "
+                             "many seconds until the node has dealt with every cloud it received "
+                             "(its /diagnostics); 0 (default): replace this process by the command")
     args = parser.parse_args(argv)
     if not command:
         parser.error("no command to run: give it after `--` (e.g. -- ros2 bag play BAG --clock)")
-    if args.timeout < 0:
-        parser.error(f"--timeout must be 0 (no limit) or positive, got {args.timeout}")
+    for name in ("timeout", "settle"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or positive, got {getattr(args, name)}")
     args.command = command
     return args
 
@@ -123,6 +135,93 @@ def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
     return f"{bag} has no messages on {where}, the node's input, and no PointCloud2 topic at all"
 
 
+OUTCOMES = ("processed", "dropped", "rejected", "no_transform", "failed")
+
+
+def unsettled(values: dict) -> Optional[int]:
+    """Clouds the node received but has not yet dealt with, from one of its diagnostics' key/values
+    (None when they do not carry the counts)."""
+    try:
+        return int(values["received"]) - sum(int(values[k]) for k in OUTCOMES)
+    except (KeyError, ValueError):
+        return None
+
+
+def wait_until_settled(graph, name: str, timeout: float, clock: Callable[[], float] = time.monotonic) -> str:
+    """Spin ``graph`` (an rclpy Node) on /diagnostics until two reports of node ``name`` in a row
+    show nothing left to deal with, or ``timeout`` seconds pass; a line that says which."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    reports: list = []
+
+    def on_diagnostics(msg) -> None:
+        for status in msg.status:
+            if status.name.split(":")[0].rsplit("/", 1)[-1] == name:
+                reports.append({kv.key: kv.value for kv in status.values})
+
+    graph.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    end = clock() + timeout
+    while clock() < end:
+        rclpy.spin_once(graph, timeout_sec=0.1)
+        if len(reports) >= 2 and unsettled(reports[-1]) == 0 and unsettled(reports[-2]) == 0:
+            last = reports[-1]
+            return (f"node '{name}' has dealt with all {last['received']} clouds it received "
+                    f"({', '.join(f'{k} {last[k]}' for k in OUTCOMES)})")
+    left = unsettled(reports[-1]) if reports else None
+    return (f"node '{name}' still had {left} cloud(s) to deal with after {timeout:g} s" if left
+            else f"no settled diagnostics of node '{name}' within {timeout:g} s")
+
+
+def run_then_settle(command: Sequence[str], name: str, settle: float) -> int:
+    """The command as a child (signals passed on), then :func:`wait_until_settled`; its exit status."""
+    import subprocess
+
+    def parent_death_signal():  # the child gets SIGTERM if this process dies (Linux)
+        try:
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    try:
+        child = subprocess.Popen(list(command), preexec_fn=parent_death_signal)
+    except OSError as exc:
+        log(f"cannot run {command[0]!r}: {exc}")
+        return 127
+    interrupted = []
+
+    def forward(signum, _frame):
+        interrupted.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    rc = child.wait()
+    if interrupted:
+        return rc
+    log(f"{' '.join(command[:3])} ended (exit status {rc}); waiting at most {settle:g} s for node '{name}' to "
+        "finish the clouds it received")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    import rclpy
+
+    rclpy.init(args=[])
+    graph = None
+    try:
+        graph = rclpy.create_node("play_when_ready_settle", start_parameter_services=False,
+                                  enable_rosout=False)
+        log(wait_until_settled(graph, name, settle))
+    except KeyboardInterrupt:
+        log("interrupted while waiting for the node to settle")
+    finally:
+        if graph is not None:
+            graph.destroy_node()
+        rclpy.try_shutdown()
+    return rc
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # SIGTERM (the launch escalating a shutdown) ends the wait like SIGINT does
@@ -154,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warning = bag_check(args.bag, topics)
         if warning:
             log(f"WARNING: {warning}")
+    if args.settle > 0:
+        return run_then_settle(args.command, args.node, args.settle)
     try:
         os.execvp(args.command[0], args.command)
     except OSError as exc:
