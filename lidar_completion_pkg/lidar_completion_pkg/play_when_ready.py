@@ -25,6 +25,7 @@ Exit status: the command's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -205,45 +206,43 @@ def run_then_settle(command: Sequence[str], name: str, settle: float) -> int:
         "finish the clouds it received")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with graph_node("play_when_ready_settle") as graph:
+            log(wait_until_settled(graph, name, settle))
+    except KeyboardInterrupt:
+        log("interrupted while waiting for the node to settle")
+    return rc
+
+
+@contextlib.contextmanager
+def graph_node(node_name: str):
+    """A bare rclpy node (no parameter services, no /rosout) in a context of its own."""
     import rclpy
 
     rclpy.init(args=[])
     graph = None
     try:
-        graph = rclpy.create_node("play_when_ready_settle", start_parameter_services=False,
-                                  enable_rosout=False)
-        log(wait_until_settled(graph, name, settle))
-    except KeyboardInterrupt:
-        log("interrupted while waiting for the node to settle")
+        graph = rclpy.create_node(node_name, start_parameter_services=False, enable_rosout=False)
+        yield graph
     finally:
         if graph is not None:
             graph.destroy_node()
         rclpy.try_shutdown()
-    return rc
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # SIGTERM (the launch escalating a shutdown) ends the wait like SIGINT does
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    import rclpy
-
-    rclpy.init(args=[])
-    graph = None
     try:
-        graph = rclpy.create_node("play_when_ready", start_parameter_services=False,
-                                  enable_rosout=False)
-        log(f"waiting for node '{args.node}' to subscribe to its input before running: "
-            f"{' '.join(args.command)}")
-        start = time.monotonic()
-        topics = wait_for_subscription(graph, args.node, args.timeout)
+        with graph_node("play_when_ready") as graph:
+            log(f"waiting for node '{args.node}' to subscribe to its input before running: "
+                f"{' '.join(args.command)}")
+            start = time.monotonic()
+            topics = wait_for_subscription(graph, args.node, args.timeout)
     except KeyboardInterrupt:
         log("interrupted before the node subscribed: nothing played")
         return 0
-    finally:
-        if graph is not None:
-            graph.destroy_node()
-        rclpy.try_shutdown()
     if topics is None:
         log(f"node '{args.node}' did not subscribe to a PointCloud2 topic within {args.timeout:g} s: "
             "nothing played (did it fail to start? see its output)")
