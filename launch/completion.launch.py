@@ -6,8 +6,8 @@
     ros2 launch lidar_completion_pkg completion.launch.py lifecycle:=true autostart:=false
 
 Works with a system ROS 2 (colcon) and with `make setup`'s venv (`.venv/bin/ros2 launch ...`; there
-rviz2 and `ros2 bag play` are not available, and ``rviz:=true`` / ``bag:=...`` stop the launch with the
-reason before anything starts). Parameters come from ``params_file`` (default: params/completion.yaml
+rviz2 is not available and ``rviz:=true`` stops the launch with the reason before anything starts,
+and ``bag:=...`` plays the bag with this package's player instead of `ros2 bag play`). Parameters come from ``params_file`` (default: params/completion.yaml
 next to this file); launch arguments given on the command line override it. Arguments left empty are
 not passed, so the params file keeps its values. Every other node parameter can be given as
 ``name:=value`` too (``guidance:=4.0 n_fps:=8000``): typed as the node declares it, over the params
@@ -24,7 +24,9 @@ in ``unconfigured`` for `ros2 lifecycle set /lidar_completion configure` (a life
 
 ``bag:=BAG`` plays a rosbag2 with ``ros2 bag play BAG --clock`` (and ``bag_args``), started only once
 the node subscribes to its input (play_when_ready: the node warms up first, seconds on a CPU, and the
-bag's first scans would be published to nobody), with ``use_sim_time`` true unless given. When the
+bag's first scans would be published to nobody), with ``use_sim_time`` true unless given. Without
+rosbag2 (or with ``bag_player:=own``) this package's player (lidar_completion_pkg.replay) plays it:
+the node's input topic and /tf, /tf_static, no /clock (``use_sim_time`` then stays false). When the
 player ends the node keeps running, or the launch ends with ``exit_after_bag:=true`` (once the node
 has finished the scans it received, at most SETTLE_S later); when the node exits during a replay,
 the launch ends.
@@ -58,7 +60,7 @@ ARGUMENTS = (
                         "file default: empty = the input cloud's frame"),
     ("target_frame", "", "frame the completion is published in; params file default: empty = the "
                          "input cloud's frame"),
-    ("use_sim_time", "", "use /clock; empty = true when bag is given, else false"),
+    ("use_sim_time", "", "use /clock; empty = true when `ros2 bag play` plays bag, else false"),
     ("params_file", os.path.join(HERE, "params", "completion.yaml"),
      "node parameters (YAML); any node parameter can also be given as name:=value, over this file"),
     ("lifecycle", "false", "start the managed (lifecycle) node instead of the plain one"),
@@ -67,7 +69,10 @@ ARGUMENTS = (
     ("fixed_frame", "", "rviz fixed frame; empty = target_frame if given, else velodyne"),
     ("bag", "", "rosbag2 to play with `ros2 bag play --clock` once the node subscribes (its cloud "
                 "topic must be input_topic)"),
-    ("bag_args", "", "more arguments for `ros2 bag play`, shell-quoted, e.g. \"--rate 0.2 --loop\""),
+    ("bag_player", "auto", "who plays bag: ros2 (`ros2 bag play --clock`), own (this package's "
+                           "player, no rosbag2 needed: clouds and /tf, no /clock) or auto (ros2 when "
+                           "installed, else own)"),
+    ("bag_args", "", "more arguments for the bag player, shell-quoted, e.g. \"--rate 0.2\""),
     ("exit_after_bag", "false", "end the launch when the bag player ends (default: the node keeps "
                                 "running)"),
 )
@@ -86,10 +91,13 @@ RVIZ_MISSING = ("rviz:=true needs rviz2, and there is no package 'rviz2' here (t
                 "setup` has none): launch it with a system ROS 2 that has rviz2 (`apt install "
                 "ros-<distro>-rviz2`), or run rviz2 on another machine (docs/ros2.md, section 8), or "
                 "leave rviz:=false")
-BAG_MISSING = ("bag:=... needs `ros2 bag` (rosbag2: the ros2bag package and `ros2` on the PATH), which "
-               "is not available here (the venv of `make setup` has none): launch it with a system "
-               "ROS 2 (`apt install ros-<distro>-rosbag2`), or replay the bag with `lidar-completion "
-               "bag-bench BAG --live` (docs/bags.md)")
+BAG_MISSING = ("bag:=... needs `ros2 bag` (rosbag2: the ros2bag package and `ros2` on the PATH) or, "
+               "for bag_player:=own, the rosbags package; {missing}: install rosbag2 with a system "
+               "ROS 2 (`apt install ros-<distro>-rosbag2`) or this package's Python dependencies "
+               "(`pip install rosbags`), or replay the bag with `lidar-completion bag-bench BAG "
+               "--live` (docs/bags.md)")
+BAG_PLAYERS = ("auto", "ros2", "own")
+INPUT_TOPIC_PLACEHOLDER = "{input_topic}"   # play_when_ready puts the node's input topic there
 
 
 def flag(name, text):
@@ -121,14 +129,15 @@ def typed(name, text):
     return parse_value(name, NODE_PARAMETER_ARGUMENTS[name], text)
 
 
-def node_overrides(values):
-    """{parameter: typed value} for the arguments given (non-empty), in ARGUMENTS order."""
+def node_overrides(values, bag_clock=True):
+    """{parameter: typed value} for the arguments given (non-empty), in ARGUMENTS order.
+    ``bag_clock``: the bag player publishes /clock (`ros2 bag play --clock`; this package's does not)."""
     overrides = {}
     for name, _default, _doc in ARGUMENTS:
         if name in NODE_PARAMETER_ARGUMENTS and values.get(name, "") != "":
             overrides[name] = typed(name, values[name])
-    if "use_sim_time" not in overrides and values.get("bag", ""):
-        overrides["use_sim_time"] = True  # the bag player publishes /clock
+    if "use_sim_time" not in overrides and values.get("bag", "") and bag_clock:
+        overrides["use_sim_time"] = True
     return overrides
 
 
@@ -181,46 +190,85 @@ def ros2_bag_available():
     return importlib.util.find_spec("ros2bag") is not None and shutil.which("ros2") is not None
 
 
-def check_tools(values, rviz2=rviz2_available, ros2_bag=ros2_bag_available):
-    """RuntimeError with what is missing for ``rviz`` / ``bag``, raised before any action exists: a
-    launch whose rviz2 or bag player cannot start would otherwise fail after the node started (and
-    leave it running without its launch), or leave it waiting forever for the player's /clock."""
+def own_player_available():
+    """This package's bag player can run: rosbags (which reads the bag) is importable."""
+    import importlib.util
+    return importlib.util.find_spec("rosbags") is not None
+
+
+def choose_bag_player(values, ros2_bag=ros2_bag_available, own=own_player_available):
+    """"ros2" or "own" for ``bag_player`` (auto: ros2 when installed), None when that one cannot run;
+    ValueError for a value that is not a player."""
+    wanted = values.get("bag_player", "auto") or "auto"
+    if wanted not in BAG_PLAYERS:
+        raise ValueError(f"bag_player must be one of {', '.join(BAG_PLAYERS)}, got {wanted!r}")
+    if wanted in ("auto", "ros2") and ros2_bag():
+        return "ros2"
+    if wanted in ("auto", "own") and own():
+        return "own"
+    return None
+
+
+def check_tools(values, rviz2=rviz2_available, ros2_bag=ros2_bag_available, own=own_player_available):
+    """The bag player to use (None without ``bag``), or RuntimeError with what is missing for ``rviz``
+    / ``bag``, raised before any action exists: a launch whose rviz2 or bag player cannot start would
+    otherwise fail after the node started (and leave it running without its launch)."""
     problems = []
+    player = None
     if flag("rviz", values["rviz"]) and not rviz2():
         problems.append(RVIZ_MISSING)
     if values.get("bag_args", "") and not values["bag"]:
         problems.append("bag_args:=... given without bag:=...")
     if values["bag"]:
         try:
-            bag_play_arguments(values)
+            split_bag_args(values)
             flag("exit_after_bag", values.get("exit_after_bag", "false"))
+            player = choose_bag_player(values, ros2_bag, own)
+            if player is None:
+                wanted = values.get("bag_player", "auto") or "auto"
+                missing = {"auto": "neither is available here", "ros2": "`ros2 bag` is not available "
+                           "here (the venv of `make setup` has none)",
+                           "own": "rosbags is not installed"}[wanted]
+                problems.append(BAG_MISSING.format(missing=missing))
+            elif not os.path.exists(values["bag"]):
+                problems.append(f"bag:={values['bag']}: no such file or directory")
         except ValueError as exc:
             problems.append(str(exc))
-        if not ros2_bag():
-            problems.append(BAG_MISSING)
-        elif not os.path.exists(values["bag"]):
-            problems.append(f"bag:={values['bag']}: no such file or directory")
     if problems:
         raise RuntimeError("; and ".join(problems))
+    return player
 
 
-def bag_play_arguments(values):
-    """`ros2 bag play` arguments for ``bag`` and ``bag_args`` (ValueError naming a bad bag_args)."""
+def split_bag_args(values):
+    """``bag_args`` as a list (ValueError naming a bad one)."""
     import shlex
     try:
-        extra = shlex.split(values.get("bag_args", ""))
+        return shlex.split(values.get("bag_args", ""))
     except ValueError as exc:
         raise ValueError(f"bag_args:={values['bag_args']!r} cannot be split into arguments: "
                          f"{exc}") from None
-    return ["ros2", "bag", "play", values["bag"], "--clock", *extra]
 
 
-def player_command(values, gate):
+def bag_play_arguments(values, player="ros2", events=None, python="python3"):
+    """The player's command line: `ros2 bag play BAG --clock`, or this package's player (``python
+    -m lidar_completion_pkg.replay --no-node``, on the node's input topic, its record of what it
+    published and received in ``events``), each with ``bag_args``."""
+    extra = split_bag_args(values)
+    if player == "ros2":
+        return ["ros2", "bag", "play", values["bag"], "--clock", *extra]
+    return [python, "-m", "lidar_completion_pkg.replay", values["bag"], "--no-node",
+            "--topic", INPUT_TOPIC_PLACEHOLDER,
+            "--output-topic", values.get("output_topic") or DEFAULT_TOPICS["output_topic"],
+            "--events", events or os.devnull, "--no-progress", *extra]
+
+
+def player_command(values, gate, player="ros2", events=None, python="python3"):
     """The bag player behind its gate (``gate``: the play_when_ready executable): the player starts
     once the node subscribes, so the bag's first scans are not published while it still warms up;
     with exit_after_bag the gate ends only once the node has finished the scans it received."""
     settle = ["--settle", str(SETTLE_S)] if flag("exit_after_bag", values.get("exit_after_bag", "false")) else []
-    return [gate, "--node", NODE_NAME, "--bag", values["bag"], *settle, "--", *bag_play_arguments(values)]
+    return [gate, "--node", NODE_NAME, "--bag", values["bag"], *settle, "--",
+            *bag_play_arguments(values, player, events, python)]
 
 
 def fixed_frame_for(values):
@@ -245,6 +293,7 @@ def rviz_config_for(values, out_dir):
 
 
 def generate_launch_description():
+    import sys
     import tempfile
 
     from launch import LaunchDescription
@@ -257,11 +306,12 @@ def generate_launch_description():
     from launch_ros.parameter_descriptions import ParameterValue
     from launch_ros.substitutions import ExecutableInPackage
 
-    def bag_replay(values, node):
+    def bag_replay(values, node, which):
         """The bag player (started when the node subscribes) and what its end, or the node's, does."""
-        player = ExecuteProcess(cmd=player_command(values, ExecutableInPackage(PLAYER_GATE_EXECUTABLE,
-                                                                               PACKAGE)),
-                                name="bag_player", output="screen")
+        events = os.path.join(tempfile.mkdtemp(prefix="lidar_completion_bag_"), "events.json")
+        cmd = player_command(values, ExecutableInPackage(PLAYER_GATE_EXECUTABLE, PACKAGE), which,
+                             events, sys.executable)
+        player = ExecuteProcess(cmd=cmd, name="bag_player", output="screen")
         exit_after = flag("exit_after_bag", values["exit_after_bag"])
         node_exited = []
 
@@ -314,8 +364,8 @@ def generate_launch_description():
         # An exception raised here ends the launch with its message before any action returned runs.
         # So the tools are checked here: the rviz2 Node action looks for its package only when it
         # runs, after the completion node has started (which then outlived the failed launch).
-        check_tools(values)
-        overrides = node_overrides(values)
+        which = check_tools(values)
+        overrides = node_overrides(values, bag_clock=which == "ros2")
         extra = extra_arguments(context.launch_configurations)
         actions = []
         if extra:
@@ -350,7 +400,10 @@ def generate_launch_description():
             actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
                                 arguments=["-d", config]))
         if values["bag"]:
-            actions += bag_replay(values, node)
+            if which == "own":
+                actions.append(LogInfo(msg="bag:= played by this package's player (bag_player:=own: "
+                                           "clouds and /tf, no /clock; use_sim_time stays false)"))
+            actions += bag_replay(values, node, which)
         return actions
 
     return LaunchDescription(

@@ -31,9 +31,9 @@ PARAMS = ROOT / "launch" / "params" / "completion.yaml"
 RVIZ = ROOT / "launch" / "rviz" / "completion.rviz"
 LAUNCH_ARGUMENTS = {"checkpoint", "input_topic", "output_topic", "steps", "device", "model_frame",
                     "target_frame", "use_sim_time", "params_file", "lifecycle", "autostart", "rviz",
-                    "fixed_frame", "bag", "bag_args", "exit_after_bag"}
-NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag", "bag_args",
-                  "exit_after_bag"}
+                    "fixed_frame", "bag", "bag_player", "bag_args", "exit_after_bag"}
+NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag", "bag_player",
+                  "bag_args", "exit_after_bag"}
 
 
 def launch_module():
@@ -88,6 +88,7 @@ def test_launch_helpers_type_the_overrides_and_rewrite_the_rviz_config(tmp_path)
     assert m["node_overrides"]({"steps": "4", "target_frame": "odom", "bag": "/b"}) == \
         {"steps": 4, "target_frame": "odom", "use_sim_time": True}
     assert m["node_overrides"]({"bag": "/b", "use_sim_time": "false"}) == {"use_sim_time": False}
+    assert m["node_overrides"]({"bag": "/b"}, bag_clock=False) == {}   # this package's player: no /clock
     with pytest.raises(ValueError, match="lifecycle must be true or false"):
         m["flag"]("lifecycle", "maybe")
     assert m["rviz_config_for"]({}, str(tmp_path)) == str(RVIZ)
@@ -131,30 +132,44 @@ def test_undeclared_arguments_are_node_parameters_typed_as_declared_or_named_in_
 
 def test_rviz_and_bag_without_their_tools_are_refused_before_anything_starts(tmp_path):
     m = launch_module()
-    check = m["check_tools"]
     values = {name: default for name, default, _doc in m["ARGUMENTS"]}
     never = lambda: pytest.fail("looked for a tool that was not asked for")   # noqa: E731
-    check(values, rviz2=never, ros2_bag=never)
+    yes, no = (lambda: True), (lambda: False)
+
+    def check(v, rviz2=never, ros2_bag=never, own=never):
+        return m["check_tools"](v, rviz2=rviz2, ros2_bag=ros2_bag, own=own)
+
+    assert check(values) is None
     with pytest.raises(RuntimeError, match="rviz:=true needs rviz2") as err:
-        check({**values, "rviz": "true"}, rviz2=lambda: False, ros2_bag=never)
+        check({**values, "rviz": "true"}, rviz2=no)
     assert "apt install ros-<distro>-rviz2" in str(err.value) and "docs/ros2.md" in str(err.value)
-    check({**values, "rviz": "true"}, rviz2=lambda: True, ros2_bag=never)
+    check({**values, "rviz": "true"}, rviz2=yes)
     bag = tmp_path / "run.mcap"
     bag.write_bytes(b"")
-    with pytest.raises(RuntimeError, match=r"bag:=\.\.\. needs `ros2 bag`") as err:
-        check({**values, "bag": str(bag)}, rviz2=never, ros2_bag=lambda: False)
-    assert "apt install ros-<distro>-rosbag2" in str(err.value) and "bag-bench" in str(err.value)
-    check({**values, "bag": str(bag)}, rviz2=never, ros2_bag=lambda: True)
+    bagged = {**values, "bag": str(bag)}
+    # which player: auto takes `ros2 bag play` where installed, else this package's; asked-for ones only
+    assert check(bagged, ros2_bag=yes) == "ros2"
+    assert check(bagged, ros2_bag=no, own=yes) == "own"
+    assert check({**bagged, "bag_player": "own"}, own=yes) == "own"
+    for player, kwargs, says in (("auto", dict(ros2_bag=no, own=no), "neither is available here"),
+                                 ("ros2", dict(ros2_bag=no), "`ros2 bag` is not available here"),
+                                 ("own", dict(own=no), "rosbags is not installed")):
+        with pytest.raises(RuntimeError, match=r"bag:=\.\.\. needs `ros2 bag`") as err:
+            check({**bagged, "bag_player": player}, **kwargs)
+        assert says in str(err.value) and "apt install ros-<distro>-rosbag2" in str(err.value)
+        assert "bag-bench" in str(err.value)
+    with pytest.raises(RuntimeError, match="bag_player must be one of auto, ros2, own, got 'rosbag'"):
+        check({**bagged, "bag_player": "rosbag"})
     with pytest.raises(RuntimeError, match="no such file or directory"):
-        check({**values, "bag": str(tmp_path / "gone")}, rviz2=never, ros2_bag=lambda: True)
+        check({**values, "bag": str(tmp_path / "gone")}, ros2_bag=yes)
     with pytest.raises(RuntimeError, match="rviz2.*; and bag:="):   # both at once: both named
-        check({**values, "rviz": "true", "bag": str(bag)}, rviz2=lambda: False, ros2_bag=lambda: False)
+        check({**bagged, "rviz": "true"}, rviz2=no, ros2_bag=no, own=no)
     with pytest.raises(RuntimeError, match="bag_args:=.* cannot be split into arguments: No closing"):
-        check({**values, "bag": str(bag), "bag_args": "--topics '/a"}, rviz2=never, ros2_bag=lambda: True)
+        check({**bagged, "bag_args": "--topics '/a"}, ros2_bag=yes)
     with pytest.raises(RuntimeError, match="exit_after_bag must be true or false, got 'yes'"):
-        check({**values, "bag": str(bag), "exit_after_bag": "yes"}, rviz2=never, ros2_bag=lambda: True)
+        check({**bagged, "exit_after_bag": "yes"}, ros2_bag=yes)
     with pytest.raises(RuntimeError, match=r"bag_args:=\.\.\. given without bag:="):
-        check({**values, "bag_args": "--rate 2"}, rviz2=never, ros2_bag=never)
+        check({**values, "bag_args": "--rate 2"})
 
 
 def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
@@ -170,6 +185,15 @@ def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
     assert command[command.index("--settle") + 1] == str(m["SETTLE_S"]) and command.index("--settle") < \
         command.index("--")
     assert m["PLAYER_GATE_EXECUTABLE"] == "play_when_ready"
+    # this package's player: on the node's input topic (the gate fills it in), its output topic
+    own = m["player_command"]({"bag": "b", "bag_args": "--pace", "output_topic": "/dense"}, "G", "own",
+                              "/tmp/e.json", "PY")
+    assert own[own.index("--") + 1:] == [
+        "PY", "-m", "lidar_completion_pkg.replay", "b", "--no-node", "--topic", "{input_topic}",
+        "--output-topic", "/dense", "--events", "/tmp/e.json", "--no-progress", "--pace"]
+    from lidar_completion_pkg import play_when_ready
+    assert m["INPUT_TOPIC_PLACEHOLDER"] == play_when_ready.INPUT_TOPIC
+    assert "/completed_points" in m["player_command"]({"bag": "b"}, "G", "own")
 
 
 def test_rviz_config_input_best_effort_output_as_rviz_defaults_and_tf():
@@ -711,3 +735,34 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     assert rc == 0 and "Traceback" not in text and "nothing played" in text, text[-4000:]
     assert "the bag player has ended" not in text and not record.exists(), text[-3000:]
     assert "Caught exception" not in text and "Failed to publish log message" not in text, text[-3000:]
+
+
+@pytest.mark.ros
+def test_ros2_launch_bag_with_its_own_player_where_rosbag2_is_missing(checkpoint, tmp_path):
+    """bag:= in the venv, which has no `ros2 bag`: this package's player plays the bag on the node's
+    input topic - once the node listens, every scan with bag_args:=--pace - and with exit_after_bag
+    the launch ends by itself after the node has completed the last one."""
+    _ros()
+    pytest.importorskip("rosbags")
+    import importlib.util
+    if importlib.util.find_spec("ros2bag") is not None:
+        pytest.skip("rosbag2 is installed here: bag_player:=auto takes `ros2 bag play`")
+    from lidar_completion.bags.io import write_clouds
+
+    bag = write_clouds(tmp_path / "drive.mcap",
+                       [(10**9 * (5 + i) // 2, street(800, seed=i)) for i in range(3)], topic="/points")
+    log = tmp_path / "launch.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", f"params_file:={small_params(tmp_path)}",
+                     "input_topic:=/points", f"bag:={bag}", "bag_args:=--pace", "exit_after_bag:=true")
+    with rs.process_group(cmd, rs.ros_env(rs.random_domain()), log) as proc:
+        try:
+            rc = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch did not end with the bag:\n" + log.read_text(errors="replace")[-4000:])
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "Traceback" not in text, text[-4000:]
+    assert "played by this package's player" in text, text[:3000]
+    assert text.index("ready: completing") < text.index("subscribes to /points"), text[-4000:]
+    assert "lidar_completion_pkg.replay" in text and "--topic /points" in text, text[-4000:]
+    assert "shut down: processed 3, dropped 0," in text, text[-3000:]
+    assert "ending the launch (exit_after_bag:=true)" in text, text[-3000:]

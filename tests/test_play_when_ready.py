@@ -138,7 +138,7 @@ def test_runs_the_command_only_once_the_node_subscribes(tmp_path):
     marker = tmp_path / "played"
     log = tmp_path / "gate.log"
     cmd = GATE + ["--node", "lidar_completion", "--", sys.executable, "-c", MARKER, str(marker),
-                  "bag", "--clock"]
+                  "bag", "--clock", "--topic", pw.INPUT_TOPIC]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node, rs.participant(domain, "rviz2") as rviz:
         rviz.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)  # another node's
@@ -147,7 +147,8 @@ def test_runs_the_command_only_once_the_node_subscribes(tmp_path):
         node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
         node.wait_for(lambda: proc.poll() is not None, 30, "the gate to run its command", None, log)
     assert proc.returncode == 0, log.read_text()
-    assert marker.read_text() == "bag --clock"   # the command, its arguments as given
+    # the command, its arguments as given but for the node's input topic in the placeholder
+    assert marker.read_text() == "bag --clock --topic /velodyne_points"
     text = log.read_text()
     assert "subscribes to /velodyne_points" in text, text
 
@@ -211,21 +212,22 @@ def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tm
         pub = node.node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         node.wait_for(marker.exists, 30, "the command to run", proc, log)
         node.wait_for(lambda: "waiting at most 60 s" in log.read_text(), 30, "the settle wait", proc, log)
+        node.wait_for(lambda: pub.get_subscription_count() > 0, 30, "the gate's /diagnostics", proc, log)
         for _ in range(6):   # a scan still in progress, and another node that has finished
             pub.publish(diagnostics("lidar_completion", **busy))
             pub.publish(diagnostics("other_node", **done))
             node.spin(0.25)
         assert proc.poll() is None, log.read_text()
-        pub.publish(diagnostics("lidar_completion", **done))
-        node.spin(0.25)
-        pub.publish(diagnostics("lidar_completion", **done))
-        node.wait_for(lambda: proc.poll() is not None, 20, "the gate to end", None, log)
+        end = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < end:   # the node's reports, settled now
+            pub.publish(diagnostics("lidar_completion", **done))
+            node.spin(0.25)
     assert proc.returncode == 3, log.read_text()   # the command's exit status
     assert "has dealt with all 4 clouds it received (processed 3, dropped 1," in log.read_text()
 
     # no settled diagnostics: the gate gives up after --settle seconds and still exits
     log = tmp_path / "gate_timeout.log"
-    cmd = GATE + ["--node", "lidar_completion", "--settle", "2", "--", sys.executable, "-c", "pass"]
+    cmd = GATE + ["--node", "lidar_completion", "--settle", "6", "--", sys.executable, "-c", "pass"]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node:
         node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
@@ -235,7 +237,7 @@ def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tm
             pub.publish(diagnostics("lidar_completion", **busy))
             node.spin(0.25)
     assert proc.returncode == 0, log.read_text()
-    assert "still had 1 cloud(s) to deal with after 2 s" in log.read_text(), log.read_text()
+    assert "still had 1 cloud(s) to deal with after 6 s" in log.read_text(), log.read_text()
 
 
 @pytest.mark.ros

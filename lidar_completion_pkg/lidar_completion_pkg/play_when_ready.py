@@ -8,8 +8,8 @@ started beside it publishes the bag's first scans to nobody, and a replay meant 
 every scan silently starts late. This waits on the ROS graph until a node named ``--node`` (in any
 namespace) has a sensor_msgs/PointCloud2 subscription, says which topic, warns when the bag holds
 no messages on that topic (naming the cloud topics it does hold), and then replaces itself with the
-command after ``--``: the player gets the launch's signals directly, and its exit status is this
-process's.
+command after ``--`` (an argument ``{input_topic}`` replaced by that topic): the player gets the
+launch's signals directly, and its exit status is this process's.
 
 Interrupted while waiting (Ctrl-C, the launch shutting down), it exits with status 0 and plays
 nothing. ``--timeout`` bounds the wait (exit status 1, the bag not played); by default it waits as
@@ -33,6 +33,9 @@ import time
 from typing import Callable, Optional, Sequence
 
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
+#: an argument of the command equal to this becomes the node's input topic (the launch file's
+#: fallback player, which must publish where the node listens, whatever its params file says)
+INPUT_TOPIC = "{input_topic}"
 DEFAULT_NODE = "lidar_completion"
 REPORT_EVERY_S = 15.0
 POLL_S = 0.2
@@ -171,7 +174,7 @@ def wait_until_settled(graph, name: str, timeout: float, clock: Callable[[], flo
                     f"({', '.join(f'{k} {last[k]}' for k in OUTCOMES)})")
     left = unsettled(reports[-1]) if reports else None
     return (f"node '{name}' still had {left} cloud(s) to deal with after {timeout:g} s" if left
-            else f"no settled diagnostics of node '{name}' within {timeout:g} s")
+            else f"no /diagnostics of node '{name}' within {timeout:g} s")
 
 
 def run_then_settle(command: Sequence[str], name: str, settle: float) -> int:
@@ -252,12 +255,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warning = bag_check(args.bag, topics)
         if warning:
             log(f"WARNING: {warning}")
+    command = [topics[0] if arg == INPUT_TOPIC else arg for arg in args.command]
+    if command != args.command:
+        log(f"running: {' '.join(command)}")
     if args.settle > 0:
-        return run_then_settle(args.command, args.node, args.settle)
+        return run_then_settle(command, args.node, args.settle)
     try:
-        os.execvp(args.command[0], args.command)
+        os.execvp(command[0], command)
     except OSError as exc:
-        log(f"cannot run {args.command[0]!r}: {exc}")
+        log(f"cannot run {command[0]!r}: {exc}")
         return 127
     return 0  # (not reached: execvp replaced this process)
 
