@@ -402,7 +402,7 @@ def generate_launch_description():
         if values["bag"]:
             if which == "own":
                 actions.append(LogInfo(msg="bag:= played by this package's player (bag_player:=own: "
-                                           "clouds and /tf, no /clock; use_sim_time stays false)"))
+                                           "clouds and /tf, no /clock, so use_sim_time is not turned on)"))
             actions += bag_replay(values, node, which)
         return actions
 
