@@ -135,7 +135,7 @@ def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
     where = ", ".join(topics)
     if clouds:
         return (f"{bag} has no messages on {where}, the node's input; its PointCloud2 topics: "
-                f"{', '.join(clouds)} (launch with input_topic:={clouds[0]}, or remap with bag_args)")
+                f"{', '.join(clouds)} (launch with input_topic:={clouds[0]})")
     return f"{bag} has no messages on {where}, the node's input, and no PointCloud2 topic at all"
 
 
