@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="play_when_ready",
         description="Wait until the completion node subscribes to a PointCloud2 topic, then run the "
-                    "command given after `--` (the bag player) in place of this process.",
+                    "command given after `--` (the bag player): in place of this process, or as its "
+                    "child with --settle.",
         epilog="example: play_when_ready --node lidar_completion --bag drive.mcap -- "
                "ros2 bag play drive.mcap --clock")
     parser.add_argument("--node", default=DEFAULT_NODE,
@@ -119,7 +120,7 @@ def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
     """A warning when the bag has no messages on any of ``topics``; None when it has, or when the bag
     cannot be inspected here (no rosbags: the player will say what it thinks of the bag)."""
     try:
-        from lidar_completion.bags.io import CLOUD_TYPE as BAG_CLOUD_TYPE, BagReader
+        from lidar_completion.bags.io import BagReader
         from lidar_completion.errors import BagError
     except ImportError:
         return None
@@ -131,7 +132,7 @@ def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
     # (a count of None: the bag's index does not say; taken as present)
     if any(t in present and present[t].count != 0 for t in topics):
         return None
-    clouds = sorted(t for t, info in present.items() if info.msgtype == BAG_CLOUD_TYPE)
+    clouds = sorted(t for t, info in present.items() if info.msgtype == CLOUD_TYPE)
     where = ", ".join(topics)
     if clouds:
         return (f"{bag} has no messages on {where}, the node's input; its PointCloud2 topics: "
