@@ -128,11 +128,17 @@ GATE = [sys.executable, "-m", "lidar_completion_pkg.play_when_ready"]
 MARKER = "import sys; open(sys.argv[1], 'w').write(' '.join(sys.argv[2:]))"
 
 
+def subscribe(participant, topic="/velodyne_points"):
+    """A PointCloud2 subscription of ``participant`` (a sensor's QoS, as the node's input)."""
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    return participant.record(PointCloud2, topic, qos_profile_sensor_data)
+
+
 @pytest.mark.ros
 def test_runs_the_command_only_once_the_node_subscribes(tmp_path):
     rs.require("rclpy", "sensor_msgs")
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import PointCloud2
 
     domain = rs.random_domain()
     marker = tmp_path / "played"
@@ -141,10 +147,10 @@ def test_runs_the_command_only_once_the_node_subscribes(tmp_path):
                   "bag", "--clock", "--topic", pw.INPUT_TOPIC]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node, rs.participant(domain, "rviz2") as rviz:
-        rviz.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)  # another node's
+        subscribe(rviz, "/velodyne_points")  # another node's
         rviz.spin(3.0)
         assert proc.poll() is None and not marker.exists(), log.read_text()
-        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        subscribe(node, "/velodyne_points")
         node.wait_for(lambda: proc.poll() is not None, 30, "the gate to run its command", None, log)
     assert proc.returncode == 0, log.read_text()
     # the command, its arguments as given but for the node's input topic in the placeholder
@@ -156,8 +162,6 @@ def test_runs_the_command_only_once_the_node_subscribes(tmp_path):
 @pytest.mark.ros
 def test_interrupted_wait_plays_nothing_and_a_missing_command_is_named(tmp_path):
     rs.require("rclpy", "sensor_msgs")
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import PointCloud2
 
     domain = rs.random_domain()
     marker = tmp_path / "played"
@@ -175,7 +179,7 @@ def test_interrupted_wait_plays_nothing_and_a_missing_command_is_named(tmp_path)
     cmd = GATE + ["--node", "lidar_completion", "--", "no-such-player-here", "bag"]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node:
-        node.record(PointCloud2, "/points", qos_profile_sensor_data)
+        subscribe(node, "/points")
         node.wait_for(lambda: proc.poll() is not None, 30, "the gate to give up", None, log)
     assert proc.returncode == 127 and "cannot run 'no-such-player-here'" in log.read_text()
 
@@ -195,8 +199,6 @@ def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tm
     (another node's settled diagnostics do not count), or after the settle time."""
     rs.require("rclpy", "sensor_msgs", "diagnostic_msgs")
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import PointCloud2
 
     domain = rs.random_domain()
     marker = tmp_path / "played"
@@ -208,7 +210,7 @@ def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tm
     done = dict(busy, processed=3)
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node:
-        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        subscribe(node, "/velodyne_points")
         pub = node.node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         node.wait_for(marker.exists, 30, "the command to run", proc, log)
         node.wait_for(lambda: "waiting at most 60 s" in log.read_text(), 30, "the settle wait", proc, log)
@@ -230,7 +232,7 @@ def test_settle_runs_the_command_then_waits_for_the_node_to_finish_its_clouds(tm
     cmd = GATE + ["--node", "lidar_completion", "--settle", "6", "--", sys.executable, "-c", "pass"]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node:
-        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        subscribe(node, "/velodyne_points")
         pub = node.node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         end = time.monotonic() + 40
         while proc.poll() is None and time.monotonic() < end:
@@ -245,8 +247,6 @@ def test_settle_passes_the_launchs_signal_on_to_the_command(tmp_path):
     """The launch stops the gate with SIGINT to its pid only: with --settle the running command gets
     it, and the gate exits with the command's status without waiting for the node."""
     rs.require("rclpy", "sensor_msgs")
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import PointCloud2
 
     domain = rs.random_domain()
     ready, marker = tmp_path / "ready", tmp_path / "signalled"
@@ -258,7 +258,7 @@ def test_settle_passes_the_launchs_signal_on_to_the_command(tmp_path):
     cmd = GATE + ["--node", "lidar_completion", "--settle", "60", "--", sys.executable, "-c", code]
     with rs.process_group(cmd, rs.ros_env(domain), log) as proc, \
             rs.participant(domain, "lidar_completion") as node:
-        node.record(PointCloud2, "/velodyne_points", qos_profile_sensor_data)
+        subscribe(node, "/velodyne_points")
         node.wait_for(ready.exists, 30, "the command to start", proc, log)
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(20) == 5, log.read_text()
