@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from .live_bench import counters_of, unfinished
+
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 #: an argument of the command equal to this becomes the node's input topic (the launch file's
 #: fallback player, which must publish where the node listens, whatever its params file says)
@@ -140,19 +142,14 @@ def bag_check(bag: str, topics: Sequence[str]) -> Optional[str]:
     return f"{bag} has no messages on {where}, the node's input, and no PointCloud2 topic at all"
 
 
-OUTCOMES = ("processed", "dropped", "rejected", "no_transform", "failed")
-
-
 def unsettled(values: dict) -> Optional[int]:
     """Clouds the node received but has not yet dealt with, from one of its diagnostics' key/values
     (None when they do not carry the counts)."""
-    try:
-        return int(values["received"]) - sum(int(values[k]) for k in OUTCOMES)
-    except (KeyError, ValueError):
-        return None
+    counters = counters_of(values)
+    return None if counters is None else unfinished(counters)
 
 
-def wait_until_settled(graph, name: str, timeout: float, clock: Callable[[], float] = time.monotonic) -> str:
+def wait_until_settled(graph, name: str, timeout: float) -> str:
     """Spin ``graph`` (an rclpy Node) on /diagnostics until two reports of node ``name`` in a row
     show nothing left to deal with, or ``timeout`` seconds pass; a line that says which."""
     import rclpy
@@ -166,13 +163,13 @@ def wait_until_settled(graph, name: str, timeout: float, clock: Callable[[], flo
                 reports.append({kv.key: kv.value for kv in status.values})
 
     graph.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-    end = clock() + timeout
-    while clock() < end:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         rclpy.spin_once(graph, timeout_sec=0.1)
         if len(reports) >= 2 and unsettled(reports[-1]) == 0 and unsettled(reports[-2]) == 0:
-            last = reports[-1]
+            last = counters_of(reports[-1])
             return (f"node '{name}' has dealt with all {last['received']} clouds it received "
-                    f"({', '.join(f'{k} {last[k]}' for k in OUTCOMES)})")
+                    f"({', '.join(f'{k} {v}' for k, v in last.items() if k != 'received')})")
     left = unsettled(reports[-1]) if reports else None
     return (f"node '{name}' still had {left} cloud(s) to deal with after {timeout:g} s" if left
             else f"no /diagnostics of node '{name}' within {timeout:g} s")
