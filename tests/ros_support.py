@@ -192,11 +192,34 @@ def participant(domain_id: int, name: str = "test_participant"):
         p.close()
 
 
+def translation_matrix(xyz):
+    """4x4 translation (the tests' transforms come from transforms3d, not from the scipy code under test)."""
+    import numpy as np
+    m = np.eye(4)
+    m[:3, 3] = xyz
+    return m
+
+
+def euler_matrix(roll, pitch, yaw):
+    """4x4 rotation about the static x, then y, then z axes (tf's ``euler_matrix`` default, 'sxyz')."""
+    import numpy as np
+    from transforms3d.euler import euler2mat
+    m = np.eye(4)
+    m[:3, :3] = euler2mat(roll, pitch, yaw, "sxyz")
+    return m
+
+
+def quaternion_xyzw(matrix):
+    """The rotation of a 4x4 matrix as a ROS quaternion (x, y, z, w)."""
+    from transforms3d.quaternions import mat2quat
+    w, x, y, z = mat2quat(matrix[:3, :3])
+    return x, y, z, w
+
+
 def static_transforms(stamp_ns: int, *edges):
-    """tf2_msgs/TFMessage of (parent, child, 4x4 matrix) edges (rotation through tf_transformations)."""
+    """tf2_msgs/TFMessage of (parent, child, 4x4 matrix) edges."""
     from geometry_msgs.msg import TransformStamped
     from tf2_msgs.msg import TFMessage
-    from tf_transformations import quaternion_from_matrix
 
     msg = TFMessage()
     for parent, child, m in edges:
@@ -205,7 +228,7 @@ def static_transforms(stamp_ns: int, *edges):
         ts.header.stamp.sec, ts.header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
         ts.transform.translation.x, ts.transform.translation.y, ts.transform.translation.z = \
             (float(v) for v in m[:3, 3])
-        q = quaternion_from_matrix(m)
+        q = quaternion_xyzw(m)
         (ts.transform.rotation.x, ts.transform.rotation.y, ts.transform.rotation.z,
          ts.transform.rotation.w) = (float(v) for v in q)
         msg.transforms.append(ts)

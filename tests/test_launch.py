@@ -220,8 +220,7 @@ def test_profile_is_shipped_next_to_the_launch_file_and_in_the_package():
 
 # ---------------------------------------------------------------------- the real launch (ROS 2)
 def _ros():
-    rs.require("rclpy", "launch", "launch_ros", "tf2_msgs", "tf_transformations",
-               executables=("ros2",))
+    rs.require("rclpy", "launch", "launch_ros", "tf2_msgs", executables=("ros2",))
 
 
 DUMP_DECLARATIONS = r"""
@@ -468,7 +467,7 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
     from tf2_msgs.msg import TFMessage
-    from tf_transformations import concatenate_matrices, euler_matrix, translation_matrix
+    euler_matrix, translation_matrix = rs.euler_matrix, rs.translation_matrix
 
     from lidar_completion import pointcloud2 as pc
     from lidar_completion.completer import Completer
@@ -476,8 +475,7 @@ def test_ros2_launch_frames_qos_params_topics_and_clean_shutdown(checkpoint, tmp
     # map -> lidar_level (model frame, level) -> lidar_mount: the sensor upside down, turned by 90
     # degrees and shifted; map -> odom -> moving (a dynamic transform that will be stale)
     map_level = translation_matrix((10.0, -4.0, 0.5))
-    level_mount = concatenate_matrices(translation_matrix((0.5, -0.25, 1.5)),
-                                       euler_matrix(math.pi, 0.0, math.pi / 2))
+    level_mount = translation_matrix((0.5, -0.25, 1.5)) @ euler_matrix(math.pi, 0.0, math.pi / 2)
     domain = rs.random_domain()
     env = rs.ros_env(domain)
     # rclpy's qos_overrides: the input subscription made reliable (default best effort)

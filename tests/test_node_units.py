@@ -1,5 +1,5 @@
 """The node's plain-Python pieces: mailbox, throttle, statistics and diagnostics, parameter checks,
-Fast DDS set-up, the TF buffer (against tf_transformations), the ament layout of the venv."""
+Fast DDS set-up, the TF buffer (against transforms3d's rotations), the ament layout of the venv."""
 import math
 import os
 import subprocess
@@ -263,9 +263,7 @@ def test_load_and_warm_up_run_apart_from_the_thread_that_builds_the_node():
 
 # ------------------------------------------------------------------------------ frames (no rclpy)
 def _ts(parent, child, matrix, t_ns=0):
-    from tf_transformations import quaternion_from_matrix
-
-    x, y, z, w = quaternion_from_matrix(matrix)
+    x, y, z, w = rs.quaternion_xyzw(matrix)
     sec, nanosec = divmod(int(t_ns), 10**9)
     return NS(header=NS(frame_id=parent, stamp=NS(sec=sec, nanosec=nanosec)), child_frame_id=child,
               transform=NS(translation=NS(x=matrix[0, 3], y=matrix[1, 3], z=matrix[2, 3]),
@@ -273,14 +271,13 @@ def _ts(parent, child, matrix, t_ns=0):
 
 
 def test_transform_buffer_chains_static_transforms_like_tf2():
-    rs.require("tf_transformations")
-    from tf_transformations import concatenate_matrices, euler_matrix, inverse_matrix, translation_matrix
-
     from lidar_completion_pkg import frames
+
+    euler_matrix, translation_matrix, inverse_matrix = rs.euler_matrix, rs.translation_matrix, np.linalg.inv
 
     buf = frames.TransformBuffer()
     map_a = translation_matrix((10.0, -2.0, 0.5))
-    a_b = concatenate_matrices(translation_matrix((0.3, 0.0, 1.7)), euler_matrix(0.2, -0.4, 2.0))
+    a_b = translation_matrix((0.3, 0.0, 1.7)) @ euler_matrix(0.2, -0.4, 2.0)
     map_c = euler_matrix(0.0, 0.0, -1.0)
     for parent, child, m in (("map", "a", map_a), ("a", "b", a_b), ("/map", "c", map_c)):
         buf.set_transform(_ts(parent, child, m), static=True)
@@ -300,10 +297,9 @@ def test_transform_buffer_chains_static_transforms_like_tf2():
 
 
 def test_transform_buffer_interpolates_and_never_extrapolates():
-    rs.require("tf_transformations")
-    from tf_transformations import euler_matrix, translation_matrix
-
     from lidar_completion_pkg import frames
+
+    euler_matrix, translation_matrix = rs.euler_matrix, rs.translation_matrix
 
     buf = frames.TransformBuffer(cache_time=10.0)
     s = 10**9
@@ -325,7 +321,6 @@ def test_transform_buffer_interpolates_and_never_extrapolates():
 
 
 def test_transform_buffer_lookup_waits_for_a_late_transform():
-    rs.require("tf_transformations")
     from lidar_completion_pkg import frames
 
     buf = frames.TransformBuffer()
@@ -385,18 +380,69 @@ def test_the_venv_is_an_ament_prefix_for_the_package():
 
 
 def test_frames_without_the_transform_packages_say_what_to_do(monkeypatch):
-    """tf2_msgs and tf_transformations are not on PyPI: asking for frames without them is one clear
-    error (what is missing, where it comes from, how to run without frames), not a traceback."""
+    """tf2_msgs is not on PyPI: asking for frames without it is one clear error (what is missing,
+    where it comes from, how to run without frames), not a traceback. tf_transformations is not
+    needed (the rotations are scipy's)."""
     from lidar_completion_pkg import frames
+    monkeypatch.setitem(sys.modules, "tf_transformations", None)
     monkeypatch.setitem(sys.modules, "tf2_msgs", None)           # import tf2_msgs -> ImportError
-    assert frames.missing_transform_packages()[:1] == ["tf2_msgs"]
+    assert frames.missing_transform_packages() == ["tf2_msgs"]
     with pytest.raises(frames.FramesUnavailable) as info:
         frames.make_frames(node=None)
     msg = str(info.value)
-    assert "tf2_msgs" in msg and "not on PyPI" in msg and "docs/ros2.md" in msg and "empty" in msg
-    monkeypatch.setitem(sys.modules, "tf_transformations", None)
-    with pytest.raises(frames.FramesUnavailable, match="tf2_msgs and tf_transformations, which are"):
-        frames.check_transform_packages()
+    assert "need tf2_msgs, which is not installed" in msg and "not on PyPI" in msg, msg
+    assert "make setup" in msg and "docs/ros2.md" in msg and "empty" in msg, msg
+
+
+def test_transform_buffer_ignores_what_tf2_refuses():
+    """Like tf2's buffer: a transform with a NaN or a quaternion that is not of unit length is ignored
+    (it used to be normalised, a zero quaternion taken as no rotation), and a lookup that fails for
+    want of it says that transforms were ignored and why."""
+    from lidar_completion_pkg import frames
+
+    buf = frames.TransformBuffer()
+    good = _ts("map", "base", rs.translation_matrix((1.0, 2.0, 3.0)))
+    buf.set_transform(good, static=True)
+    zero = _ts("map", "lidar", np.eye(4))
+    zero.transform.rotation = NS(x=0.0, y=0.0, z=0.0, w=0.0)
+    nan = _ts("map", "cam", np.eye(4))
+    nan.transform.translation.x = float("nan")
+    long = _ts("map", "imu", np.eye(4))
+    long.transform.rotation = NS(x=0.0, y=0.0, z=0.0, w=1.02)    # |q|^2 = 1.0404
+    almost = _ts("map", "gps", rs.translation_matrix((0.0, 0.0, 1.0)))
+    almost.transform.rotation = NS(x=0.0, y=0.0, z=0.0, w=1.004)  # within tf2's 0.01: kept
+    for ts in (zero, nan, long, almost):
+        buf.set_transform(ts, static=True)
+    assert buf.ignored == 3
+    np.testing.assert_allclose(buf.lookup_now("map", "gps", 0), rs.translation_matrix((0, 0, 1.0)),
+                               atol=1e-12)   # normalised
+    for ts, why in ((zero, "a quaternion of length 0, not 1"), (nan, "a non-finite value"),
+                    (long, "a quaternion of length 1.02, not 1")):
+        assert frames.invalid_transform(ts.transform) == why
+        with pytest.raises(frames.TransformUnavailable) as err:
+            buf.lookup_now("base", ts.child_frame_id, 0)
+        assert err.value.reason == frames.MISSING
+        assert "3 transform(s) ignored, the last map -> imu: a quaternion of length 1.02" in str(err.value)
+    assert frames.invalid_transform(good.transform) is None
+    np.testing.assert_allclose(buf.lookup_now("base", "map", 0),
+                               rs.translation_matrix((-1.0, -2.0, -3.0)), atol=1e-12)
+
+
+def test_transform_buffer_interpolates_rotation_on_the_shorter_arc():
+    """q and -q are one rotation: halfway between a turn of +170 degrees about z and one of -170
+    degrees (written with w of either sign) is a turn of 180 degrees, not of 0."""
+    from lidar_completion_pkg import frames
+
+    s = 10**9
+    for flip in (1.0, -1.0):
+        buf = frames.TransformBuffer()
+        buf.set_transform(_ts("odom", "base", rs.euler_matrix(0, 0, np.radians(170)), 1 * s), static=False)
+        second = _ts("odom", "base", rs.euler_matrix(0, 0, np.radians(-170)), 2 * s)
+        r = second.transform.rotation
+        second.transform.rotation = NS(x=flip * r.x, y=flip * r.y, z=flip * r.z, w=flip * r.w)
+        buf.set_transform(second, static=False)
+        np.testing.assert_allclose(buf.lookup_now("odom", "base", int(1.5 * s)), rs.euler_matrix(0, 0, np.pi),
+                                   atol=1e-9)
 
 
 def test_node_asked_for_frames_without_the_packages_stops_before_loading(tmp_path):
@@ -726,10 +772,9 @@ def test_the_target_transform_is_taken_before_a_long_completion():
 def test_transform_buffer_starts_over_when_time_jumps_back():
     """A bag played again (or a simulator restarted) sends transforms older than the buffered ones by
     more than the cache: they were cut off at once, and every scan of the replay was tf_stale."""
-    rs.require("tf_transformations")
-    from tf_transformations import translation_matrix
-
     from lidar_completion_pkg import frames
+
+    translation_matrix = rs.translation_matrix
 
     buf = frames.TransformBuffer(cache_time=10.0)
     s = 10**9

@@ -5,15 +5,16 @@ Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` co
 
 * :class:`Tf2Frames` - ``tf2_ros.Buffer`` + ``TransformListener`` where tf2_ros imports (a system ROS 2);
 * :class:`OwnFrames` - the node's own ``/tf`` + ``/tf_static`` listener and buffer where it does not
-  (a venv with the ``tf2_msgs`` and ``tf_transformations`` wheels, which PyPI lacks, but no
-  tf2_ros; without them :func:`make_frames` raises :class:`FramesUnavailable`): per child frame,
-  the static transform or the recent history of dynamic ones (``cache_time`` seconds),
-  interpolated at the requested stamp (translation linearly, rotation by
-  ``tf_transformations.quaternion_slerp``), chained through the tree like tf2. As in tf2, a
-  stamp outside the buffered span is never extrapolated, and stamp 0 means "the latest available".
+  (a venv: ``make setup`` builds the ``tf2_msgs`` message package, which PyPI lacks; without it
+  :func:`make_frames` raises :class:`FramesUnavailable`): per child frame, the static transform or
+  the recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
+  (translation linearly, rotation by spherical linear interpolation), chained through the tree like
+  tf2. As in tf2, a stamp outside the buffered span is never extrapolated, stamp 0 means "the latest
+  available", and a transform with a non-finite value or a quaternion that is not of unit length
+  (its squared norm off by more than 0.01) is ignored.
 
-:func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. Only the rotation algebra comes
-from ``tf_transformations``; nothing here writes quaternion code of its own.
+:func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. The rotation algebra is
+scipy's (``scipy.spatial.transform``); nothing here writes quaternion code of its own.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
+from scipy.spatial.transform import Rotation, Slerp
 
 from lidar_completion.errors import LidarCompletionError
 
@@ -34,8 +36,9 @@ class FramesUnavailable(LidarCompletionError):
     """Frames were asked for but the ROS 2 transform packages are not installed."""
 
 
-#: What a node that transforms clouds needs beside rclpy: none of these is on PyPI.
-TRANSFORM_PACKAGES = ("tf2_msgs", "tf_transformations")
+#: What a node that transforms clouds needs beside rclpy: the message package of /tf, which PyPI lacks
+#: (``make setup`` builds it; a system ROS 2 has it).
+TRANSFORM_PACKAGES = ("tf2_msgs",)
 
 
 def missing_transform_packages() -> list:
@@ -58,8 +61,8 @@ def check_transform_packages() -> None:
         raise FramesUnavailable(
             f"model_frame / target_frame need {' and '.join(missing)}, which "
             f"{'is' if len(missing) == 1 else 'are'} not installed and not on PyPI: use a system ROS 2 "
-            "(source it), or run `make setup` with ROS2_CLI_WHEELS naming a folder of the ROS 2 tool "
-            "wheels (docs/ros2.md); or leave both parameters empty to publish in the cloud's own frame")
+            "(source it), or run `make setup`, which builds it into the venv (docs/ros2.md); or leave "
+            "both parameters empty to publish in the cloud's own frame")
 
 
 class TransformUnavailable(LidarCompletionError):
@@ -70,14 +73,40 @@ class TransformUnavailable(LidarCompletionError):
         self.reason = reason
 
 
+def _matrix(translation, rotation: Rotation) -> np.ndarray:
+    """4x4 float64 matrix of a translation and a rotation."""
+    m = np.eye(4)
+    m[:3, :3] = rotation.as_matrix()
+    m[:3, 3] = translation
+    return m
+
+
 def matrix_from_transform(transform) -> np.ndarray:
     """4x4 float64 matrix of a geometry_msgs/Transform (maps child coordinates into the parent)."""
-    from tf_transformations import quaternion_matrix
-
     r, t = transform.rotation, transform.translation
-    m = quaternion_matrix([r.x, r.y, r.z, r.w])
-    m[:3, 3] = (t.x, t.y, t.z)
-    return m
+    return _matrix((t.x, t.y, t.z), Rotation.from_quat([r.x, r.y, r.z, r.w]))  # x, y, z, w as ROS
+
+
+def invalid_transform(transform) -> Optional[str]:
+    """Why tf2 would refuse a geometry_msgs/Transform (a non-finite value, or a quaternion whose
+    squared norm is off 1 by more than 0.01, as tf2's buffer checks), or None when it is usable."""
+    r, t = transform.rotation, transform.translation
+    values = np.array([t.x, t.y, t.z, r.x, r.y, r.z, r.w], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return "a non-finite value"
+    norm2 = float(values[3:] @ values[3:])
+    if abs(norm2 - 1.0) > 0.01:
+        return f"a quaternion of length {norm2 ** 0.5:.3g}, not 1"
+    return None
+
+
+def rigid_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a 4x4 rigid transform (rotation transposed, translation mapped back)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = m[:3, :3].T
+    out[:3, 3] = -m[:3, :3].T @ m[:3, 3]
+    return out
 
 
 def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -101,12 +130,21 @@ class TransformBuffer:
         # child -> (parent, sorted stamps, [(translation (3,), quaternion xyzw (4,))])
         self._dynamic: dict[str, tuple[str, list, list]] = {}
         self._cond = threading.Condition()
+        #: transforms ignored as tf2 would (non-finite, not a unit quaternion), and the last reason
+        self.ignored = 0
+        self.last_ignored = ""
 
     def set_transform(self, ts, static: bool) -> None:
         """Add one geometry_msgs/TransformStamped."""
         parent = str(ts.header.frame_id).lstrip("/")
         child = str(ts.child_frame_id).lstrip("/")
         if not parent or not child or parent == child:
+            return
+        why = invalid_transform(ts.transform)
+        if why is not None:
+            with self._cond:
+                self.ignored += 1
+                self.last_ignored = f"{parent} -> {child}: {why}"
             return
         with self._cond:
             if static:
@@ -158,8 +196,6 @@ class TransformBuffer:
 
     def _edge(self, child: str, t_ns: int) -> np.ndarray:
         """parent <- child at t_ns (0: latest)."""
-        from tf_transformations import quaternion_matrix, quaternion_slerp
-
         if child in self._static:
             return self._static[child][1]
         parent, stamps, samples = self._dynamic[child]
@@ -181,10 +217,9 @@ class TransformBuffer:
             else:
                 w = (t_ns - stamps[i - 1]) / (stamps[i] - stamps[i - 1])
                 (t0, q0), (t1, q1) = samples[i - 1], samples[i]
-                translation, quat = t0 + w * (t1 - t0), quaternion_slerp(q0, q1, w)
-        m = quaternion_matrix(quat)
-        m[:3, 3] = translation
-        return m
+                slerp = Slerp([0.0, 1.0], Rotation.from_quat([q0, q1]))   # the shorter arc
+                return _matrix(t0 + w * (t1 - t0), slerp(w))
+        return _matrix(translation, Rotation.from_quat(quat))
 
     def _to_root(self, chain: list[str], stop: str, t_ns: int) -> np.ndarray:
         """stop <- chain[0], walking up ``chain`` until ``stop``."""
@@ -197,8 +232,6 @@ class TransformBuffer:
 
     def lookup_now(self, target: str, source: str, t_ns: int) -> np.ndarray:
         """target <- source at t_ns without waiting; raises TransformUnavailable."""
-        from tf_transformations import inverse_matrix
-
         target, source = target.lstrip("/"), source.lstrip("/")
         if target == source:
             return np.eye(4)
@@ -209,11 +242,13 @@ class TransformBuffer:
                 known = sorted(set(self._static) | set(self._dynamic) |
                                {p for p, *_ in self._static.values()} |
                                {p for p, *_ in self._dynamic.values()})
+                ignored = (f"; {self.ignored} transform(s) ignored, the last {self.last_ignored}"
+                           if self.ignored else "")
                 raise TransformUnavailable(MISSING, f"no transform from '{source}' to '{target}' "
-                                                    f"(frames known: {', '.join(known) or 'none'})")
+                                                    f"(frames known: {', '.join(known) or 'none'}{ignored})")
             m_source = self._to_root(up_source, common, t_ns)
             m_target = self._to_root(up_target, common, t_ns)
-        return inverse_matrix(m_target) @ m_source
+        return rigid_inverse(m_target) @ m_source
 
     def lookup(self, target: str, source: str, t_ns: int, timeout: float) -> np.ndarray:
         """target <- source at t_ns, waiting up to ``timeout`` s for the transforms to arrive."""
@@ -302,8 +337,8 @@ class Tf2Frames:
 def make_frames(node, cache_time: float = 10.0, prefer: Optional[str] = None,
                 warn: Callable[[str], None] = lambda m: None):
     """tf2_ros where it imports (``prefer='own'`` forces our listener), else our own listener.
-    :class:`FramesUnavailable` names what is missing when neither can work (``tf2_msgs`` and
-    ``tf_transformations`` come with a system ROS 2, not from PyPI): better said once at start-up
+    :class:`FramesUnavailable` names what is missing when neither can work (``tf2_msgs`` comes with
+    a system ROS 2 or ``make setup``, not from PyPI): better said once at start-up
     than as a failure of every scan."""
     check_transform_packages()
     if prefer != "own":

@@ -475,8 +475,7 @@ class CompletionPipeline:
         if target == model:
             return None, True
         if target == source and to_model is not None:
-            from tf_transformations import inverse_matrix
-            return inverse_matrix(to_model), True
+            return frames.rigid_inverse(to_model), True
         if self.frames is None:
             return None, False
         try:
