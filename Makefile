@@ -20,9 +20,12 @@ export OMP_NUM_THREADS
 
 # `make setup` is a no-op while none of the files that define the environment change.
 SETUP_INPUTS := Makefile scripts/setup/setup_venv.sh scripts/setup/install_minkowski.sh scripts/setup/common.sh \
+                scripts/setup/build_tf2_msgs.sh scripts/setup/prefix_wheel.py \
+                $(sort $(wildcard scripts/setup/tf2_msgs/* scripts/setup/tf2_msgs/*/*)) \
                 lidar_completion_pkg/setup.py pyproject.toml
-# ROS 2 tools (launch, ros2 CLI, tf2_msgs, tf_transformations; not on PyPI) are installed offline from
-# this folder when it exists, as in CI; setup re-runs when its wheels or the ament layout change.
+# ROS 2 tools (launch, ros2 CLI, sensor_msgs_py, tf_transformations; not on PyPI, pure Python) are
+# installed offline from this folder when it exists, as in CI; setup re-runs when its wheels or the
+# ament layout change.
 ROS2_CLI_WHEELS ?= ../shared/ros2-cli-wheels
 export ROS2_CLI_WHEELS
 SETUP_INPUTS += lidar_completion_pkg/lidar_completion_pkg/ament_install.py $(wildcard $(ROS2_CLI_WHEELS)/*.whl)

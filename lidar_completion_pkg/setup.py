@@ -53,12 +53,12 @@ setup(
         "python-neo-lzf>=0.3",  # LZF of PCL's binary_compressed .pcd files (io); prebuilt wheels
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30"],
-        # the node; its launch / CLI / tf2_msgs / tf_transformations wheels are not on PyPI (make setup
-        # installs them from ROS2_CLI_WHEELS)
+        # transforms3d: the TF tests' rotations, apart from the scipy code under test
+        "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30", "transforms3d"],
+        # the node; tf2_msgs (its frames) is not on PyPI: make setup builds it; the launch / CLI
+        # tools come with a system ROS 2 (make setup installs them from ROS2_CLI_WHEELS)
         "ros": ["ros-kilted-rclpy[fastrtps]", "ros-kilted-sensor-msgs", "ros-kilted-std-msgs",
-                "ros-kilted-diagnostic-msgs", "ros-kilted-geometry-msgs", "ros-kilted-lifecycle-msgs",
-                "transforms3d"],
+                "ros-kilted-diagnostic-msgs", "ros-kilted-geometry-msgs", "ros-kilted-lifecycle-msgs"],
     },
     zip_safe=True,
     entry_points={

@@ -78,16 +78,16 @@ say "3/5 live replay through the ROS 2 node -> $OUT/latency, $OUT/completed_bag"
 # CPU: --ready-timeout), looks the bag's transforms up (velodyne is the frame the networks were
 # trained in) and publishes the completions into odom. bag-bench fails with the reason when no scan
 # is completed.
-# The transforms need tf2_msgs and tf_transformations, which PyPI does not have (a system ROS 2 or
-# the wheels of ROS2_CLI_WHEELS bring them, docs/ros2.md): without them the node completes in the
-# scans' own frame instead, and the demo says so.
+# The transforms need tf2_msgs, which PyPI does not have (make setup builds it; a system ROS 2 has
+# it, docs/ros2.md): without it the node completes in the scans' own frame instead, and the demo
+# says so.
 FRAME_ARGS=(--node-param model_frame:=velodyne --node-param target_frame:=odom)
 COMPLETED_FRAME=odom
 if [ "${DEMO_FRAMES:-auto}" = 0 ] || { [ "${DEMO_FRAMES:-auto}" = auto ] && \
      ! $PY -c "from lidar_completion_pkg.frames import check_transform_packages as c; c()" 2>/dev/null; }; then
   FRAME_ARGS=()
   COMPLETED_FRAME="the scans' frame, velodyne"
-  echo "note: no transforms (tf2_msgs / tf_transformations are not installed; they are not on PyPI, see"
+  echo "note: no transforms (tf2_msgs is not installed: it is not on PyPI, make setup builds it, see"
   echo "      docs/ros2.md): the node publishes its completions in the scans' own frame, not in odom"
 fi
 echo "node: $LIVE_BACKEND backend, $LIVE_NFPS points per scan, $LIVE_DEVICE, $THREADS threads"

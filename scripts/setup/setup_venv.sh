@@ -7,7 +7,9 @@
 #      for every later step so no CUDA build sneaks in
 #   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
 #      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
-#   4. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
+#   4. tf2_msgs (the message package of /tf; not on PyPI) built with the Kilted build tools through
+#      scripts/setup/build_tf2_msgs.sh, once per Python (cached); SKIP_TF2_MSGS=1 leaves it out
+#   5. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
 #      pure-PyTorch sparse backend then serves)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -89,19 +91,21 @@ PYTHONWARNINGS="ignore:Editable installation" pip_install \
     rosbags mcap mcap-ros2-support colcon-common-extensions
 
 # ---- ROS 2 tools, frames and the ament index ----------------------------------------------------
-# `ros2 launch` / `ros2 topic` / `ros2 param` / `ros2 lifecycle`, launch_ros, tf2_msgs (with its type
-# support), sensor_msgs_py and tf_transformations are not on PyPI: their wheels, built from the ROS 2
-# sources, are installed offline from ROS2_CLI_WHEELS (default ../shared/ros2-cli-wheels next to the
-# checkout, as in CI). --no-deps: PyPI's `launch` is an unrelated package. Then the package is laid out
-# as an ament package in the venv (lib/lidar_completion_pkg/, share/lidar_completion_pkg/, and
+# tf2_msgs (the node's /tf, with its compiled type support) is not on PyPI: build_tf2_msgs.sh builds
+# it with the Kilted build tools from PyPI (cached per Python). `ros2 launch` / `ros2 topic` /
+# `ros2 param` / `ros2 lifecycle`, launch_ros, sensor_msgs_py and tf_transformations are not on PyPI
+# either, and are pure Python: their wheels, built from the ROS 2 sources, are installed offline from
+# ROS2_CLI_WHEELS when it names a folder of them (default ../shared/ros2-cli-wheels next to the
+# checkout, as in CI). --no-deps: PyPI's `launch` is an unrelated package. Then the package is laid
+# out as an ament package in the venv (lib/lidar_completion_pkg/, share/lidar_completion_pkg/, and
 # AMENT_PREFIX_PATH set by a .pth), so `.venv/bin/ros2 launch lidar_completion_pkg ...` just works.
 ROS2_CLI_WHEELS="${ROS2_CLI_WHEELS:-../shared/ros2-cli-wheels}"
 log "ROS 2 message packages and the small dependencies of the ROS 2 tools"
 pip_install ros-kilted-geometry-msgs ros-kilted-lifecycle-msgs ros-kilted-rcl-interfaces \
     ros-kilted-ament-index-python osrf-pycommon argcomplete packaging psutil pyyaml transforms3d
 if compgen -G "$ROS2_CLI_WHEELS/*.whl" >/dev/null; then
-    log "ROS 2 launch / CLI / tf wheels from $ROS2_CLI_WHEELS (offline)"
-    # only the wheels built for this interpreter (tf2_msgs has compiled parts, built for one Python)
+    log "ROS 2 launch / CLI wheels from $ROS2_CLI_WHEELS (offline)"
+    # only the wheels built for this interpreter; a tf2_msgs wheel there is left for our own build
     mapfile -t CLI_WHEELS < <("$PY" - "$ROS2_CLI_WHEELS" <<'PYEOF'
 import pathlib, sys
 from packaging.tags import sys_tags
@@ -113,16 +117,22 @@ PYEOF
 )
     WANT=()
     for w in "${CLI_WHEELS[@]}"; do
+        if [[ "$(basename "$w")" == ros_tf2_msgs-* ]]; then continue; fi
         if [[ "$w" == +* ]]; then WANT+=("${w#+}"); else
             log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
-            if [[ "$w" == *tf2_msgs* ]]; then log "  (without tf2_msgs the node cannot use model_frame / target_frame)"; fi
         fi
     done
     ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
 else
-    log "WARNING: no wheels in ROS2_CLI_WHEELS=$ROS2_CLI_WHEELS (launch, launch_ros, ros2cli, tf2_msgs,"
-    log "  sensor_msgs_py, tf_transformations): ros2 launch / topic / param and the node's TF frames are"
-    log "  unavailable; the ROS tests skip (fail under CI=true). Point ROS2_CLI_WHEELS at the folder."
+    log "WARNING: no wheels in ROS2_CLI_WHEELS=$ROS2_CLI_WHEELS (launch, launch_ros, ros2cli,"
+    log "  sensor_msgs_py, tf_transformations): ros2 launch / topic / param are unavailable (a system"
+    log "  ROS 2 has them); the tests that need them skip (fail under CI=true)."
+fi
+if [[ "${SKIP_TF2_MSGS:-0}" == 1 ]]; then
+    log "SKIP_TF2_MSGS=1: not building tf2_msgs (the node then cannot use model_frame / target_frame)"
+elif ! PYTHON="$PY" bash scripts/setup/build_tf2_msgs.sh; then
+    [[ "${CI:-}" != true ]] || die "tf2_msgs could not be built (see above)"
+    log "WARNING: tf2_msgs could not be built (see above): the node cannot use model_frame / target_frame"
 fi
 "$PY" -m lidar_completion_pkg.ament_install "$VENV" || die "cannot lay out the ament package in $VENV"
 # ---- end of the ROS 2 block ------------------------------------------------------------------------
