@@ -79,6 +79,9 @@ sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyt
     ((${#missing[@]} == 0)) || apt_install "to build tf2_msgs" "${missing[@]}"
 
     local base start
+    # nothing of a sourced ROS 2 (another distribution's generators, libraries, prefixes) may leak in
+    unset PYTHONPATH LD_LIBRARY_PATH AMENT_PREFIX_PATH CMAKE_PREFIX_PATH COLCON_PREFIX_PATH \
+          ROS_DISTRO ROS_VERSION ROS_PYTHON_VERSION
     work=$(mktemp -d "${TMPDIR:-/tmp}/tf2_msgs-build.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     base=$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
@@ -119,7 +122,7 @@ EOF
         cmake --install "$work/build"
     ) >>"$work/build.log" 2>&1 || {
         grep -E -m 30 -B2 -A6 'error|Error' "$work/build.log" >&2 || tail -n 40 "$work/build.log" >&2
-        cp "$work/build.log" "$CACHE_ROOT/last-tf2_msgs-build.log" 2>/dev/null || true
+        mkdir -p "$CACHE_ROOT" && cp "$work/build.log" "$CACHE_ROOT/last-tf2_msgs-build.log" 2>/dev/null || true
         die "tf2_msgs build failed (full log kept in $CACHE_ROOT/last-tf2_msgs-build.log)"
     }
     mkdir -p "$WHEEL_DIR"
