@@ -318,6 +318,11 @@ def generate_launch_description():
         def after_player(event, context):
             if node_exited or getattr(context, "is_shutdown", False):
                 return []   # the launch is ending anyway (Ctrl-C, or the node's exit below)
+            if exit_after and event.returncode != 0:
+                # an exception is how a launch ends with a non-zero exit status (launch logs it as
+                # "Caught exception in launch ...: <message>" and shuts down): a batch replay failed
+                raise RuntimeError(f"the bag player failed (exit status {event.returncode}); ending the "
+                                   "launch (exit_after_bag:=true)")
             if exit_after:
                 return [LogInfo(msg=f"the bag player has ended (exit status {event.returncode}) and "
                                     "the node has had its time for the scans it received: ending the "
@@ -332,7 +337,9 @@ def generate_launch_description():
             node_exited.append(event.returncode)
             if getattr(context, "is_shutdown", False):
                 return []   # (a second Shutdown would fail in launch_ros: "Cannot shutdown a ROS adapter")
-            return [EmitEvent(event=Shutdown(reason="the completion node exited during a bag replay"))]
+            # the replay failed: the launch shuts down and exits with status 1 (see after_player)
+            raise RuntimeError(f"the completion node exited (exit status {event.returncode}) during the "
+                               "bag replay; ending the launch")
 
         return [player,
                 RegisterEventHandler(OnProcessExit(target_action=player, on_exit=after_player)),

@@ -628,6 +628,8 @@ from std_msgs.msg import Header
 from lidar_completion import pointcloud2 as pc
 
 out, argv = sys.argv[1], sys.argv[2:]
+if "--exit" in argv:          # a player that fails (a bag it cannot read)
+    sys.exit(int(argv[argv.index("--exit") + 1]))
 rclpy.init(args=[])
 node = rclpy.create_node("fake_bag_player")
 end = time.monotonic() + 20
@@ -716,6 +718,22 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     text = log.read_text(errors="replace")
     assert "missing.pt" in text and "nothing played" in text and not record.exists(), text[-4000:]
     assert "the bag player has ended" not in text, text[-3000:]   # (it did not: it never started)
+    # ... and the launch says the replay failed, with exit status 1 (a script can tell)
+    assert rc == 1, text[-3000:]
+    assert "the completion node exited (exit status 1) during the bag replay" in text, text[-3000:]
+
+    # a player that fails, with exit_after_bag: the launch ends with exit status 1 and the reason
+    log = tmp_path / "launch_player_fails.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"params_file:={small_params(tmp_path)}", f"bag:={bag}",
+                     "bag_args:=--exit 3", "exit_after_bag:=true")
+    with rs.process_group(cmd, env, log) as proc:
+        try:
+            rc = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch outlived its failed player:\n" + log.read_text(errors="replace")[-4000:])
+    text = log.read_text(errors="replace")
+    assert rc == 1 and "the bag player failed (exit status 3)" in text, text[-3000:]
+    assert "shut down: processed 0," in text and not record.exists(), text[-3000:]
 
     # a lifecycle node left unconfigured never subscribes: the bag waits for its activation; Ctrl-C
     # then ends the launch cleanly, with nothing played and no word of a player that "ended"
