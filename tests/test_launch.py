@@ -407,6 +407,17 @@ def launch_cmd(*args) -> list:
     return [str(rs.BIN / "ros2"), "launch", "lidar_completion_pkg", "completion.launch.py", *args]
 
 
+def launch_to_end(cmd, env, log, timeout, what) -> tuple:
+    """(exit status, log text) of a launch that must end by itself within ``timeout`` s; ``what``
+    says what it should have ended with."""
+    with rs.process_group(cmd, env, log) as proc:
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launch did not end {what}:\n" + log.read_text(errors="replace")[-4000:])
+    return rc, log.read_text(errors="replace")
+
+
 def street(n=2000, seed=0, quantum=2.0 ** -6):
     """A scan-like cloud around the sensor; coordinates on a 1/64 m grid, so that the rigid motions of
     the frames test map them exactly (float32) through float64 arithmetic."""
@@ -687,12 +698,7 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     log = tmp_path / "launch.log"
     cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", f"params_file:={small_params(tmp_path)}",
                      f"bag:={bag}", "bag_args:=--rate 2 --topics '/velodyne_points'", "exit_after_bag:=true")
-    with rs.process_group(cmd, env, log) as proc:
-        try:
-            rc = proc.wait(120)   # the launch ends by itself when the player does
-        except subprocess.TimeoutExpired:
-            pytest.fail("the launch did not end with the bag player:\n" + log.read_text(errors="replace")[-4000:])
-    text = log.read_text(errors="replace")
+    rc, text = launch_to_end(cmd, env, log, 120, "with the bag player")
     assert rc == 0 and "Traceback" not in text, text[-4000:]
     played = json.loads(record.read_text())
     assert played["argv"] == ["bag", "play", str(bag), "--clock", "--rate", "2", "--topics",
@@ -710,12 +716,7 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     record.unlink()
     log = tmp_path / "launch_bad.log"
     cmd = launch_cmd(f"checkpoint:={tmp_path / 'missing.pt'}", f"bag:={bag}")
-    with rs.process_group(cmd, env, log) as proc:
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the launch outlived its node:\n" + log.read_text(errors="replace")[-4000:])
-    text = log.read_text(errors="replace")
+    rc, text = launch_to_end(cmd, env, log, 60, "with its node")
     assert "missing.pt" in text and "nothing played" in text and not record.exists(), text[-4000:]
     assert "the bag player has ended" not in text, text[-3000:]   # (it did not: it never started)
     # ... and the launch says the replay failed, with exit status 1 (a script can tell)
@@ -726,12 +727,7 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     log = tmp_path / "launch_player_fails.log"
     cmd = launch_cmd(f"checkpoint:={checkpoint}", f"params_file:={small_params(tmp_path)}", f"bag:={bag}",
                      "bag_args:=--exit 3", "exit_after_bag:=true")
-    with rs.process_group(cmd, env, log) as proc:
-        try:
-            rc = proc.wait(90)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the launch outlived its failed player:\n" + log.read_text(errors="replace")[-4000:])
-    text = log.read_text(errors="replace")
+    rc, text = launch_to_end(cmd, env, log, 90, "with its failed player")
     assert rc == 1 and "the bag player failed (exit status 3)" in text, text[-3000:]
     assert "shut down: processed 0," in text and not record.exists(), text[-3000:]
 
@@ -769,12 +765,7 @@ def test_ros2_launch_bag_with_its_own_player_where_rosbag2_is_missing(checkpoint
     cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", f"params_file:={small_params(tmp_path)}",
                      "input_topic:=/points", f"bag:={bag}", "bag_player:=own", "bag_args:=--pace",
                      "exit_after_bag:=true")
-    with rs.process_group(cmd, rs.ros_env(rs.random_domain()), log) as proc:
-        try:
-            rc = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the launch did not end with the bag:\n" + log.read_text(errors="replace")[-4000:])
-    text = log.read_text(errors="replace")
+    rc, text = launch_to_end(cmd, rs.ros_env(rs.random_domain()), log, 120, "with the bag")
     assert rc == 0 and "Traceback" not in text, text[-4000:]
     assert "played by this package's player" in text, text[:3000]
     assert text.index("ready: completing") < text.index("subscribes to /points"), text[-4000:]
