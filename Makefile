@@ -30,10 +30,10 @@ ROS2_CLI_WHEELS ?= ../shared/ros2-cli-wheels
 export ROS2_CLI_WHEELS
 SETUP_INPUTS += lidar_completion_pkg/lidar_completion_pkg/ament_install.py $(wildcard $(ROS2_CLI_WHEELS)/*.whl)
 
-SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI)") 2>/dev/null | sha256sum | cut -c1-16)
+SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI) skip_tf2=$(SKIP_TF2_MSGS)") 2>/dev/null | sha256sum | cut -c1-16)
 SETUP_STAMP  := $(VENV)/.stamp-setup-$(SETUP_HASH)
 # the demo's environment: the same inputs, without MinkowskiEngine (a full setup serves as well)
-DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1") 2>/dev/null | sha256sum | cut -c1-16)
+DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1 skip_tf2=$(SKIP_TF2_MSGS)") 2>/dev/null | sha256sum | cut -c1-16)
 DEMO_STAMP   := $(VENV)/.stamp-demo-$(DEMO_HASH)
 
 .PHONY: help setup demo-setup test test-slow test-torch test-minkowski test-all demo clean distclean
@@ -43,13 +43,15 @@ help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
 	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
-	@echo "MinkowskiEngine), PYTHON_SYS=python3.11 (interpreter used to create $(VENV)),"
+	@echo "MinkowskiEngine), SKIP_TF2_MSGS=1 (setup without building tf2_msgs, the node's /tf messages),"
+	@echo "PYTHON_SYS=python3.11 (interpreter used to create $(VENV)),"
 	@echo "TORCH_SPEC=torch==2.13.0 (PyPI's CUDA build instead of the CPU one, for an NVIDIA GPU)."
 
 setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, project, ROS 2 wheels); idempotent
 
 $(SETUP_STAMP):
-	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) bash scripts/setup/setup_venv.sh
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) SKIP_TF2_MSGS=$(SKIP_TF2_MSGS) \
+	    bash scripts/setup/setup_venv.sh
 	@rm -f $(VENV)/.stamp-setup-*
 	@touch $@
 
@@ -57,7 +59,8 @@ demo-setup: ## create/update .venv with what the demo needs (no MinkowskiEngine 
 	@if [ ! -f $(SETUP_STAMP) ]; then $(MAKE) --no-print-directory $(DEMO_STAMP); fi
 
 $(DEMO_STAMP):
-	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=1 SKIP_TRITON=1 bash scripts/setup/setup_venv.sh
+	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=1 SKIP_TRITON=1 SKIP_TF2_MSGS=$(SKIP_TF2_MSGS) \
+	    bash scripts/setup/setup_venv.sh
 	@rm -f $(VENV)/.stamp-demo-*
 	@touch $@
 

@@ -26,11 +26,20 @@ def stamp(target, venv, *extra):
 def test_demo_sets_up_without_minkowski_and_setup_with_it(tmp_path):
     venv = tmp_path / "venv"
     demo = dry_run("demo", venv)
-    assert "SKIP_MINKOWSKI=1 SKIP_TRITON=1 bash scripts/setup/setup_venv.sh" in demo
+    assert "SKIP_MINKOWSKI=1 SKIP_TRITON=1 SKIP_TF2_MSGS= " in demo
     assert "bash scripts/demo/demo.sh" in demo
     for target in ("setup", "test"):
         out = dry_run(target, venv)
-        assert "SKIP_MINKOWSKI= bash scripts/setup/setup_venv.sh" in out, target
+        assert "SKIP_MINKOWSKI= SKIP_TF2_MSGS= " in out and "scripts/setup/setup_venv.sh" in out, target
+
+
+def test_skipping_tf2_msgs_reaches_the_setup_and_is_its_own_environment(tmp_path):
+    """SKIP_TF2_MSGS=1 reaches setup_venv.sh, and a venv set up without tf2_msgs does not pass for
+    one set up with it (nor the other way round)."""
+    venv = tmp_path / "venv"
+    for target in ("setup", "demo"):
+        assert "SKIP_TF2_MSGS=1 " in dry_run(target, venv, "SKIP_TF2_MSGS=1"), target
+        assert stamp(target, venv, "SKIP_TF2_MSGS=1") != stamp(target, venv), target
 
 
 def test_an_existing_setup_is_reused(tmp_path):
