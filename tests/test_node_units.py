@@ -320,6 +320,26 @@ def test_transform_buffer_interpolates_and_never_extrapolates():
         buf.lookup_now("odom", "base", int(1.5 * s))
 
 
+def test_transform_buffer_stamp_zero_is_the_latest_common_time_like_tf2():
+    """Stamp 0 takes every transform of the path at one time, the newest that all of them have
+    reached (tf2's latest common time), not each at its own newest sample."""
+    from lidar_completion_pkg import frames
+
+    s = 10**9
+    buf = frames.TransformBuffer()
+    for t, x in ((1, 0.0), (3, 4.0)):               # map -> odom: newest at 3 s
+        buf.set_transform(_ts("map", "odom", rs.translation_matrix((x, 0, 0)), t * s), static=False)
+    for t, y in ((1, 0.0), (2, 1.0)):               # odom -> base: newest at 2 s
+        buf.set_transform(_ts("odom", "base", rs.translation_matrix((0, y, 0)), t * s), static=False)
+    buf.set_transform(_ts("base", "lidar", rs.translation_matrix((0, 0, 2.0))), static=True)
+    at_two = buf.lookup_now("map", "lidar", 2 * s)
+    np.testing.assert_allclose(at_two[:3, 3], (2.0, 1.0, 2.0))          # odom interpolated at 2 s
+    np.testing.assert_allclose(buf.lookup_now("map", "lidar", 0), at_two)
+    np.testing.assert_allclose(buf.lookup_now("lidar", "map", 0), np.linalg.inv(at_two), atol=1e-12)
+    # a static path has no time: stamp 0 is simply its transform
+    np.testing.assert_allclose(buf.lookup_now("base", "lidar", 0)[:3, 3], (0, 0, 2.0))
+
+
 def test_transform_buffer_lookup_waits_for_a_late_transform():
     from lidar_completion_pkg import frames
 

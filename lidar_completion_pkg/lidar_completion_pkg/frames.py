@@ -9,8 +9,8 @@ Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` co
   :func:`make_frames` raises :class:`FramesUnavailable`): per child frame, the static transform or
   the recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
   (translation linearly, rotation by spherical linear interpolation), chained through the tree like
-  tf2. As in tf2, a stamp outside the buffered span is never extrapolated, stamp 0 means "the latest
-  available", and a transform with a non-finite value or a quaternion that is not of unit length
+  tf2. As in tf2, a stamp outside the buffered span is never extrapolated, stamp 0 means the
+  latest time at which the whole path is known (tf2's latest common time), and a transform with a non-finite value or a quaternion that is not of unit length
   (its squared norm off by more than 0.01) is ignored.
 
 :func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. The rotation algebra is
@@ -230,8 +230,16 @@ class TransformBuffer:
             m = self._edge(child, t_ns) @ m
         return m
 
+    def _latest_common(self, chains: list[list[str]], stop: str) -> int:
+        """tf2's meaning of stamp 0: the newest stamp that every dynamic transform on the path up to
+        ``stop`` has reached, so that the edges are taken at one time (0 when the path is static)."""
+        newest = [self._dynamic[child][1][-1] for chain in chains
+                  for child in chain[:chain.index(stop)] if child not in self._static]
+        return min(newest, default=0)
+
     def lookup_now(self, target: str, source: str, t_ns: int) -> np.ndarray:
-        """target <- source at t_ns without waiting; raises TransformUnavailable."""
+        """target <- source at t_ns (0: the latest time the whole path is known at) without waiting;
+        raises TransformUnavailable."""
         target, source = target.lstrip("/"), source.lstrip("/")
         if target == source:
             return np.eye(4)
@@ -246,6 +254,8 @@ class TransformBuffer:
                            if self.ignored else "")
                 raise TransformUnavailable(MISSING, f"no transform from '{source}' to '{target}' "
                                                     f"(frames known: {', '.join(known) or 'none'}{ignored})")
+            if t_ns == 0:
+                t_ns = self._latest_common([up_source, up_target], common)
             m_source = self._to_root(up_source, common, t_ns)
             m_target = self._to_root(up_target, common, t_ns)
         return rigid_inverse(m_target) @ m_source
