@@ -340,6 +340,23 @@ def test_transform_buffer_stamp_zero_is_the_latest_common_time_like_tf2():
     np.testing.assert_allclose(buf.lookup_now("base", "lidar", 0)[:3, 3], (0, 0, 2.0))
 
 
+def test_transform_buffer_mixes_static_and_dynamic_frames_as_tf2_does():
+    """A frame on /tf_static that later comes on /tf too: the newer message wins and the frame stays
+    static (time-independent); a dynamic frame that comes on /tf_static becomes static."""
+    from lidar_completion_pkg import frames
+
+    s = 10**9
+    buf = frames.TransformBuffer()
+    buf.set_transform(_ts("base", "lidar", rs.translation_matrix((0, 0, 1.0))), static=True)
+    buf.set_transform(_ts("base", "lidar", rs.translation_matrix((0, 0, 2.0)), 5 * s), static=False)
+    for t in (0, 1 * s, 99 * s):
+        np.testing.assert_allclose(buf.lookup_now("base", "lidar", t)[:3, 3], (0, 0, 2.0))
+    buf.set_transform(_ts("odom", "base", rs.translation_matrix((1.0, 0, 0)), 1 * s), static=False)
+    buf.set_transform(_ts("odom", "base", rs.translation_matrix((3.0, 0, 0))), static=True)
+    for t in (0, 1 * s, 99 * s):
+        np.testing.assert_allclose(buf.lookup_now("odom", "base", t)[:3, 3], (3.0, 0, 0))
+
+
 def test_transform_buffer_lookup_waits_for_a_late_transform():
     from lidar_completion_pkg import frames
 

@@ -147,7 +147,9 @@ class TransformBuffer:
                 self.last_ignored = f"{parent} -> {child}: {why}"
             return
         with self._cond:
-            if static:
+            # as tf2's buffer: a frame once static stays static, and a later /tf message for it
+            # replaces its transform; a /tf_static message makes a dynamic frame static
+            if static or child in self._static:
                 self._static[child] = (parent, matrix_from_transform(ts.transform))
                 self._dynamic.pop(child, None)
             else:
