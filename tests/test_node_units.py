@@ -806,6 +806,36 @@ def test_the_target_transform_is_taken_before_a_long_completion():
     assert len(sent) == 2 and pipe.stats.no_transform == 0
 
 
+def test_diagnostics_count_the_transforms_the_own_listener_ignored():
+    """A TF publisher sending broken transforms (NaN, not a unit quaternion) shows up on /diagnostics:
+    how many the node's own listener ignored, and the last one with its reason."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import frames
+
+    class Fake:
+        steps, guidance = 8, 2.0
+
+        def complete(self, pts):
+            return pts
+
+    from builtin_interfaces.msg import Time
+
+    pipe, _sent = _loaded_pipeline(Fake(), [])
+    pipe.node.get_name = lambda: "lidar_completion"
+    pipe.node.get_clock = lambda: NS(now=lambda: NS(to_msg=Time))
+    values = lambda: {kv.key: kv.value for kv in pipe.diagnostics().status[0].values}  # noqa: E731
+    assert "tf_ignored" not in values()                      # no frames asked for
+    pipe.frames = NS(buffer=frames.TransformBuffer(), lookup=None)
+    assert values()["tf_ignored"] == "0" and "tf_ignored_last" not in values()
+    bad = _ts("odom", "base", np.eye(4))
+    bad.transform.rotation = NS(x=0.0, y=0.0, z=0.0, w=0.0)
+    pipe.frames.buffer.set_transform(bad, static=False)
+    pipe.frames.buffer.set_transform(bad, static=True)
+    assert values()["tf_ignored"] == "2"
+    assert values()["tf_ignored_last"] == "odom -> base: a quaternion of length 0, not 1"
+
+
 def test_transform_buffer_starts_over_when_time_jumps_back():
     """A bag played again (or a simulator restarted) sends transforms older than the buffered ones by
     more than the cache: they were cut off at once, and every scan of the replay was tf_stale."""

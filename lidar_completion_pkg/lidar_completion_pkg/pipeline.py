@@ -611,6 +611,11 @@ class CompletionPipeline:
                            ("warmup_s", "n/a" if self.warmup_s is None else f"{self.warmup_s:.3f}"),
                            ("model_frame", self.config["model_frame"] or "(input frame)"),
                            ("target_frame", self.config["target_frame"] or "(input frame)")]
+        buffer = getattr(self.frames, "buffer", None)
+        if isinstance(buffer, frames.TransformBuffer):   # the own listener (tf2_ros logs its own)
+            values.append(("tf_ignored", str(buffer.ignored)))
+            if buffer.ignored:
+                values.append(("tf_ignored_last", buffer.last_ignored))
         status = DiagnosticStatus(level=bytes([level]), name=f"{self.node.get_name()}: completion",
                                   message=message, hardware_id=str(self.config["device"]),
                                   values=[KeyValue(key=k, value=v) for k, v in values])
