@@ -217,10 +217,14 @@ def run_then_settle(command: Sequence[str], name: str, settle: float) -> int:
 
 @contextlib.contextmanager
 def graph_node(node_name: str):
-    """A bare rclpy node (no parameter services, no /rosout) in a context of its own."""
+    """A bare rclpy node (no parameter services, no /rosout) in a context of its own. rclpy's own
+    SIGINT handler is left out: it shuts the context down at once, so a graph query running at that
+    moment failed with "rcl node's context is invalid" (a traceback, exit status 1) instead of the
+    KeyboardInterrupt the callers handle; the context is shut down on the way out instead."""
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=[])
+    rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
     graph = None
     try:
         graph = rclpy.create_node(node_name, start_parameter_services=False, enable_rosout=False)
