@@ -4,7 +4,11 @@ node (or a stand-in) as a separate process: pacing, transforms, recording, exit 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +223,33 @@ def test_live_replay_rate_and_recording_with_a_stand_in_node(synthetic_bag, tmp_
         counts = {t: i.count for t, i in reader.topics.items()}
     assert counts["/velodyne_points"] == 5 and counts["/tf"] == 5 and counts["/tf_static"] == 1
     assert counts.get("/completed_points", 0) == rep["completed"]
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_replay_stops_its_node_and_says_so(synthetic_bag, tmp_path, sig):
+    """Ctrl-C or SIGTERM (a launch escalating, a supervisor) while the replay plays: exit status 130,
+    the events say "interrupted", and the node it started is stopped, not left running."""
+    _ros()
+    events = tmp_path / "events.json"
+    cmd = [sys.executable, "-m", "lidar_completion_pkg.replay", str(synthetic_bag), "--node-cmd",
+           f"{sys.executable} {ECHO_NODE}", "--events", str(events), "--rate", "0.02", "--no-progress",
+           "--ready-timeout", "60"]
+    proc = subprocess.Popen(cmd, start_new_session=True, env=rs.ros_env(rs.random_domain()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6.0)                      # the stand-in node is up; one scan every 5 s of the drive
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.kill(proc.pid, sig)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    ev = json.loads(events.read_text())
+    assert ev["error"] == "interrupted" and ev["node"]["returncode"] is not None, ev.get("node")
+    with pytest.raises(ProcessLookupError):
+        os.kill(ev["node"]["pid"], 0)        # the node is gone
 
 
 @pytest.mark.ros

@@ -416,8 +416,14 @@ class Replay:
         a = self.args
         if not a.no_node:
             self.start_node()
+        from rclpy.signals import SignalHandlerOptions
+
         context = rclpy.Context()
-        rclpy.init(args=["lidar_completion_replay"], context=context)  # not sys.argv: no ROS args here
+        # not sys.argv: no ROS args here. rclpy's signal handler is left out: it shuts the context
+        # down at once, under whatever call is running (a graph query, a publish), which then fails
+        # with an RCLError instead of the interruption main() reports (exit status 130)
+        rclpy.init(args=["lidar_completion_replay"], context=context,
+                   signal_handler_options=SignalHandlerOptions.NO)
         executor = None
         spin = None
         try:
@@ -506,6 +512,9 @@ def main(argv=None) -> int:
         return 2
     from .dds import configure_environment
 
+    # SIGTERM (a launch escalating its shutdown, a supervisor) ends the replay like Ctrl-C: the
+    # node it started is stopped and the events are written
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     configure_environment(os.environ, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     replay = Replay(args)
     rc = 0
