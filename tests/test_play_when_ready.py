@@ -202,6 +202,7 @@ def test_a_signal_during_a_graph_query_is_an_interruption_not_an_error():
     code = (
         "import os, signal, threading\n"
         "from lidar_completion_pkg.play_when_ready import graph_node\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)   # as main() does\n"
         "with graph_node('race') as graph:\n"
         "    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
         "    try:\n"

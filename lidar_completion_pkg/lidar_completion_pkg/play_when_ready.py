@@ -237,7 +237,9 @@ def graph_node(node_name: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # SIGTERM (the launch escalating a shutdown) ends the wait like SIGINT does
+    # SIGINT (the launch's shutdown, Ctrl-C) interrupts the wait even where it was inherited as
+    # ignored (a background job of a shell), and SIGTERM (the launch escalating) does the same
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with graph_node("play_when_ready") as graph:

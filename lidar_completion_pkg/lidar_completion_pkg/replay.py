@@ -512,8 +512,10 @@ def main(argv=None) -> int:
         return 2
     from .dds import configure_environment
 
-    # SIGTERM (a launch escalating its shutdown, a supervisor) ends the replay like Ctrl-C: the
-    # node it started is stopped and the events are written
+    # Ctrl-C, and SIGTERM (a launch escalating its shutdown, a supervisor), end the replay: the node
+    # it started is stopped and the events are written. SIGINT is set too, as it may have been
+    # inherited as ignored (a background job of a shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     configure_environment(os.environ, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     replay = Replay(args)
