@@ -337,6 +337,10 @@ def generate_launch_description():
             node_exited.append(event.returncode)
             if getattr(context, "is_shutdown", False):
                 return []   # (a second Shutdown would fail in launch_ros: "Cannot shutdown a ROS adapter")
+            if event.returncode == 0:
+                # stopped cleanly: a Ctrl-C that reached the node before the launch's own shutdown
+                # began (a terminal signals the whole process group), or a managed shutdown
+                return [EmitEvent(event=Shutdown(reason="the completion node ended during a bag replay"))]
             # the replay failed: the launch shuts down and exits with status 1 (see after_player)
             raise RuntimeError(f"the completion node exited (exit status {event.returncode}) during the "
                                "bag replay; ending the launch")
