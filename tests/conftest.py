@@ -1,5 +1,6 @@
 import contextlib
 import os
+import signal
 import sys
 
 import pytest
@@ -11,6 +12,13 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helper modules (lidiff_ref
 # imported (tests/test_triton.py runs the Triton backend on CPU tensors that way).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests stop the processes they start (ros2 launch, nodes, players) with SIGINT, as a terminal's
+# Ctrl-C does. A suite started as a shell's background job inherits SIGINT ignored and would pass it
+# on to every process it starts; a handled signal is reset to the default at exec, so with Python's
+# handler here they all start as from a terminal, however the suite was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Two cores are shared by the whole suite; more intra-op threads only add contention.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
