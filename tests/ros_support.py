@@ -36,8 +36,9 @@ def require(*modules: str, executables: tuple = ()) -> None:
     missing += [f"{BIN / exe}" for exe in executables if not (BIN / exe).is_file()]
     if not missing:
         return
-    why = ("needs the ROS 2 wheels and tools (make setup installs them; the ROS 2 CLI wheels come from "
-           "ROS2_CLI_WHEELS, default ../shared/ros2-cli-wheels); missing: " + "; ".join(missing))
+    why = ("needs the ROS 2 wheels and tools (make setup installs them and builds tf2_msgs; the ROS 2 "
+           "CLI tools come with a system ROS 2, or from ROS2_CLI_WHEELS, default "
+           "../shared/ros2-cli-wheels); missing: " + "; ".join(missing))
     if IN_CI:
         pytest.fail("CI=true: " + why, pytrace=False)
     pytest.skip(why, allow_module_level=True)

@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 LOG_TAG=tf2_msgs
-source scripts/setup/common.sh   # log, die, apt_install
+source scripts/setup/common.sh   # log, die, apt_install, has_python_headers
 
 if [[ -z "${PYTHON:-}" ]]; then
     [[ -n "${VIRTUAL_ENV:-}" ]] || die "no virtual environment: set PYTHON=.venv/bin/python"
@@ -73,9 +73,7 @@ build_wheel() {
     # compiler and Python headers (the generated Python bindings include Python.h and numpy's headers)
     local missing=()
     command -v c++ >/dev/null 2>&1 && command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-    "$PYTHON" -c 'import os, sys, sysconfig
-sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)' \
-        || missing+=("python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
+    has_python_headers "$PYTHON" || missing+=("python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
     ((${#missing[@]} == 0)) || apt_install "to build tf2_msgs" "${missing[@]}"
 
     local base start

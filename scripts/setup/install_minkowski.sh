@@ -26,7 +26,7 @@ ME_SDIST_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
 PATCH_REV=1
 
 LOG_TAG=install_minkowski
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, apt_install
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, apt_install, has_python_headers
 
 # --- target interpreter -----------------------------------------------------------------------
 if [[ -z "${PYTHON:-}" ]]; then
@@ -92,10 +92,7 @@ check_build_prereqs() {
     else
         missing+=(build-essential libopenblas-dev)
     fi
-    "$PYTHON" - <<'EOF' || missing+=(python3-dev)
-import os, sysconfig, sys
-sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
-EOF
+    has_python_headers "$PYTHON" || missing+=(python3-dev)
     ((${#missing[@]} == 0)) || apt_install "to build MinkowskiEngine" "${missing[@]}"
 }
 

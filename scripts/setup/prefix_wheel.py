@@ -75,11 +75,14 @@ def main(argv=None) -> int:
     partial = target.with_suffix(".partial")
     record = []
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
-        def add(name: str, data: bytes, mode: int = 0o644) -> None:
+        def write(name: str, data: bytes, mode: int = 0o644) -> None:
             zi = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             zi.external_attr = (mode & 0xFFFF) << 16
             zi.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(zi, data)
+
+        def add(name: str, data: bytes, mode: int = 0o644) -> None:
+            write(name, data, mode)
             record.append(record_line(name, data))
 
         for name, path in entries(args.prefix, dist, args.version):
@@ -88,9 +91,7 @@ def main(argv=None) -> int:
         add(f"{info}/WHEEL", wheel.encode())
         add(f"{info}/top_level.txt", f"{args.top_level}\n".encode())
         name = f"{info}/RECORD"
-        zi = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
-        zi.external_attr = 0o644 << 16
-        zf.writestr(zi, "".join(f"{line}\n" for line in [*record, f"{name},,"]))
+        write(name, "".join(f"{line}\n" for line in [*record, f"{name},,"]).encode())
     partial.replace(target)
     print(target)
     return 0
