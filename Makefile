@@ -20,20 +20,20 @@ export OMP_NUM_THREADS
 
 # `make setup` is a no-op while none of the files that define the environment change.
 SETUP_INPUTS := Makefile scripts/setup/setup_venv.sh scripts/setup/install_minkowski.sh scripts/setup/common.sh \
-                scripts/setup/build_tf2_msgs.sh scripts/setup/prefix_wheel.py \
+                scripts/setup/build_interfaces.sh scripts/setup/prefix_wheel.py scripts/setup/ros2_tools.py \
                 $(sort $(wildcard scripts/setup/tf2_msgs/* scripts/setup/tf2_msgs/*/*)) \
                 lidar_completion_pkg/setup.py pyproject.toml
-# ROS 2 tools (launch, ros2 CLI, sensor_msgs_py, tf_transformations; not on PyPI, pure Python) are
-# installed offline from this folder when it exists, as in CI; setup re-runs when its wheels or the
-# ament layout change.
+# ROS 2 tools (launch, ros2 CLI, sensor_msgs_py; not on PyPI, pure Python) are installed offline from
+# this folder when it exists, as in CI, else built from their sources (scripts/setup/ros2_tools.py);
+# setup re-runs when its wheels or the ament layout change.
 ROS2_CLI_WHEELS ?= ../shared/ros2-cli-wheels
 export ROS2_CLI_WHEELS
 SETUP_INPUTS += lidar_completion_pkg/lidar_completion_pkg/ament_install.py $(wildcard $(ROS2_CLI_WHEELS)/*.whl)
 
-SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI) skip_tf2=$(SKIP_TF2_MSGS)") 2>/dev/null | sha256sum | cut -c1-16)
+SETUP_HASH   := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=$(SKIP_MINKOWSKI) skip_tf2=$(SKIP_TF2_MSGS) skip_tools=$(SKIP_ROS2_TOOLS)") 2>/dev/null | sha256sum | cut -c1-16)
 SETUP_STAMP  := $(VENV)/.stamp-setup-$(SETUP_HASH)
 # the demo's environment: the same inputs, without MinkowskiEngine (a full setup serves as well)
-DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1 skip_tf2=$(SKIP_TF2_MSGS)") 2>/dev/null | sha256sum | cut -c1-16)
+DEMO_HASH    := $(shell (cat $(SETUP_INPUTS); echo "skip_minkowski=1 skip_tf2=$(SKIP_TF2_MSGS) skip_tools=$(SKIP_ROS2_TOOLS)") 2>/dev/null | sha256sum | cut -c1-16)
 DEMO_STAMP   := $(VENV)/.stamp-demo-$(DEMO_HASH)
 
 .PHONY: help setup demo-setup test test-slow test-torch test-minkowski test-all demo clean distclean
@@ -44,6 +44,7 @@ help: ## list the targets
 	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
 	@echo "MinkowskiEngine), SKIP_TF2_MSGS=1 (setup without building tf2_msgs, the node's /tf messages),"
+	@echo "SKIP_ROS2_TOOLS=1 (setup without ros2 launch / topic / param where ROS2_CLI_WHEELS has none),"
 	@echo "PYTHON_SYS=python3.11 (interpreter used to create $(VENV)),"
 	@echo "TORCH_SPEC=torch==2.13.0 (PyPI's CUDA build instead of the CPU one, for an NVIDIA GPU)."
 
@@ -51,7 +52,7 @@ setup: $(SETUP_STAMP) ## create/update .venv (torch CPU, MinkowskiEngine, projec
 
 $(SETUP_STAMP):
 	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=$(SKIP_MINKOWSKI) SKIP_TF2_MSGS=$(SKIP_TF2_MSGS) \
-	    bash scripts/setup/setup_venv.sh
+	    SKIP_ROS2_TOOLS=$(SKIP_ROS2_TOOLS) bash scripts/setup/setup_venv.sh
 	@rm -f $(VENV)/.stamp-setup-*
 	@touch $@
 
@@ -60,7 +61,7 @@ demo-setup: ## create/update .venv with what the demo needs (no MinkowskiEngine 
 
 $(DEMO_STAMP):
 	PYTHON_SYS=$(PYTHON_SYS) VENV=$(VENV) SKIP_MINKOWSKI=1 SKIP_TRITON=1 SKIP_TF2_MSGS=$(SKIP_TF2_MSGS) \
-	    bash scripts/setup/setup_venv.sh
+	    SKIP_ROS2_TOOLS=$(SKIP_ROS2_TOOLS) bash scripts/setup/setup_venv.sh
 	@rm -f $(VENV)/.stamp-demo-*
 	@touch $@
 

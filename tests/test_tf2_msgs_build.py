@@ -1,4 +1,4 @@
-"""tf2_msgs as make setup builds it (scripts/setup/build_tf2_msgs.sh): the same interfaces as ROS 2's,
+"""tf2_msgs as make setup builds it (scripts/setup/build_interfaces.sh): the same interfaces as ROS 2's,
 and the wheel packer it uses (scripts/setup/prefix_wheel.py)."""
 from __future__ import annotations
 

@@ -7,8 +7,10 @@
 #      for every later step so no CUDA build sneaks in
 #   3. the project editable with test extras, the training package, the ROS 2 Kilted PyPI wheels,
 #      rosbags/mcap, colcon (setuptools < 80, which colcon's --symlink-install needs)
-#   4. tf2_msgs (the message package of /tf; not on PyPI) built with the Kilted build tools through
-#      scripts/setup/build_tf2_msgs.sh, once per Python (cached); SKIP_TF2_MSGS=1 leaves it out
+#   4. the ROS 2 launch / CLI tools (not on PyPI): from the wheels in ROS2_CLI_WHEELS, else built from
+#      their sources at pinned commits by scripts/setup/ros2_tools.py (cached; SKIP_ROS2_TOOLS=1 leaves
+#      them out); tf2_msgs (the message package of /tf; not on PyPI either) built with the Kilted build
+#      tools through scripts/setup/build_interfaces.sh, once per Python (cached; SKIP_TF2_MSGS=1)
 #   5. MinkowskiEngine 0.5.4 through scripts/setup/install_minkowski.sh (skip with SKIP_MINKOWSKI=1; the
 #      pure-PyTorch sparse backend then serves)
 set -euo pipefail
@@ -91,18 +93,24 @@ PYTHONWARNINGS="ignore:Editable installation" pip_install \
     rosbags mcap mcap-ros2-support colcon-common-extensions
 
 # ---- ROS 2 tools, frames and the ament index ----------------------------------------------------
-# tf2_msgs (the node's /tf, with its compiled type support) is not on PyPI: build_tf2_msgs.sh builds
+# tf2_msgs (the node's /tf, with its compiled type support) is not on PyPI: build_interfaces.sh builds
 # it with the Kilted build tools from PyPI (cached per Python). `ros2 launch` / `ros2 topic` /
-# `ros2 param` / `ros2 lifecycle`, launch_ros, sensor_msgs_py and tf_transformations are not on PyPI
-# either, and are pure Python: their wheels, built from the ROS 2 sources, are installed offline from
-# ROS2_CLI_WHEELS when it names a folder of them (default ../shared/ros2-cli-wheels next to the
-# checkout, as in CI). --no-deps: PyPI's `launch` is an unrelated package. Then the package is laid
-# out as an ament package in the venv (lib/lidar_completion_pkg/, share/lidar_completion_pkg/, and
-# AMENT_PREFIX_PATH set by a .pth), so `.venv/bin/ros2 launch lidar_completion_pkg ...` just works.
+# `ros2 param` / `ros2 lifecycle`, launch_ros and sensor_msgs_py are not on PyPI either, and are pure
+# Python: they are installed offline from ROS2_CLI_WHEELS when it names a folder of their wheels
+# (default ../shared/ros2-cli-wheels next to the checkout, as in CI), else ros2_tools.py builds them
+# from their sources at pinned commits (GitHub, or ROS2_TOOLS_SOURCES; content-hashed; cached), and
+# build_interfaces.sh builds composition_interfaces, which launch_ros imports. --no-deps: PyPI's
+# `launch` is an unrelated package. Then the package is laid out as an ament package in the venv
+# (lib/lidar_completion_pkg/, share/lidar_completion_pkg/, and AMENT_PREFIX_PATH set by a .pth), so
+# `.venv/bin/ros2 launch lidar_completion_pkg ...` just works.
 ROS2_CLI_WHEELS="${ROS2_CLI_WHEELS:-../shared/ros2-cli-wheels}"
 log "ROS 2 message packages and the small dependencies of the ROS 2 tools"
 pip_install ros-kilted-geometry-msgs ros-kilted-lifecycle-msgs ros-kilted-rcl-interfaces \
     ros-kilted-ament-index-python osrf-pycommon argcomplete packaging psutil pyyaml transforms3d
+# composition_interfaces comes as the folder's Python-only wheel or as our build: one at a time
+drop_dist() { ! "$PY" -m pip show -q "$1" >/dev/null 2>&1 || "$PY" -m pip uninstall -q -y "$1"; }
+INTERFACE_SOURCES=()
+[[ "${SKIP_TF2_MSGS:-0}" == 1 ]] || INTERFACE_SOURCES+=(scripts/setup/tf2_msgs)
 if compgen -G "$ROS2_CLI_WHEELS/*.whl" >/dev/null; then
     log "ROS 2 launch / CLI wheels from $ROS2_CLI_WHEELS (offline)"
     # only the wheels built for this interpreter; a tf2_msgs wheel there is left for our own build
@@ -122,18 +130,31 @@ PYEOF
             log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
         fi
     done
+    drop_dist ros-composition-interfaces
     ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
+elif [[ "${SKIP_ROS2_TOOLS:-0}" == 1 ]]; then
+    log "SKIP_ROS2_TOOLS=1: not installing ros2 launch / topic / param (a system ROS 2 has them)"
+elif TOOLS=$("$PY" scripts/setup/ros2_tools.py build); then
+    log "ROS 2 launch / CLI tools built from their sources: $TOOLS"
+    drop_dist composition_interfaces
+    "$PY" -m pip install -q --no-index --no-deps "$TOOLS"/*.whl
+    INTERFACE_SOURCES+=("$TOOLS/interfaces/composition_interfaces")
 else
-    log "WARNING: no wheels in ROS2_CLI_WHEELS=$ROS2_CLI_WHEELS (launch, launch_ros, ros2cli,"
-    log "  sensor_msgs_py, tf_transformations): ros2 launch / topic / param are unavailable (a system"
-    log "  ROS 2 has them); the tests that need them skip (fail under CI=true)."
+    [[ "${CI:-}" != true ]] || die "the ROS 2 launch / CLI tools could not be fetched (above)"
+    log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): ros2 launch / topic / param"
+    log "  are unavailable (a system ROS 2 has them; or set ROS2_CLI_WHEELS to a folder of their wheels,"
+    log "  or ROS2_TOOLS_SOURCES to a mirror of their source archives); the tests that need them skip."
 fi
-if [[ "${SKIP_TF2_MSGS:-0}" == 1 ]]; then
-    log "SKIP_TF2_MSGS=1: not building tf2_msgs (the node then cannot use model_frame / target_frame)"
-elif ! PYTHON="$PY" bash scripts/setup/build_tf2_msgs.sh; then
-    [[ "${CI:-}" != true ]] || die "tf2_msgs could not be built (see above)"
-    log "WARNING: tf2_msgs could not be built (see above): the node cannot use model_frame / target_frame"
-fi
+for src in "${INTERFACE_SOURCES[@]}"; do
+    if ! PYTHON="$PY" bash scripts/setup/build_interfaces.sh "$src"; then
+        [[ "${CI:-}" != true ]] || die "$(basename "$src") could not be built (see above)"
+        case "$(basename "$src")" in
+            tf2_msgs) log "WARNING: tf2_msgs could not be built (see above): the node cannot use model_frame / target_frame" ;;
+            *) log "WARNING: $(basename "$src") could not be built (see above): ros2 launch cannot start" ;;
+        esac
+    fi
+done
+[[ "${SKIP_TF2_MSGS:-0}" != 1 ]] || log "SKIP_TF2_MSGS=1: not building tf2_msgs (the node then cannot use model_frame / target_frame)"
 "$PY" -m lidar_completion_pkg.ament_install "$VENV" || die "cannot lay out the ament package in $VENV"
 # ---- end of the ROS 2 block ------------------------------------------------------------------------
 
