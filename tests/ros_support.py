@@ -37,8 +37,8 @@ def require(*modules: str, executables: tuple = ()) -> None:
     if not missing:
         return
     why = ("needs the ROS 2 wheels and tools (make setup installs them and builds tf2_msgs; the ROS 2 "
-           "CLI tools come with a system ROS 2, or from ROS2_CLI_WHEELS, default "
-           "../shared/ros2-cli-wheels); missing: " + "; ".join(missing))
+           "CLI tools come from ROS2_CLI_WHEELS, default ../shared/ros2-cli-wheels, else from their "
+           "sources on GitHub or ROS2_TOOLS_SOURCES, or with a system ROS 2); missing: " + "; ".join(missing))
     if IN_CI:
         pytest.fail("CI=true: " + why, pytrace=False)
     pytest.skip(why, allow_module_level=True)

