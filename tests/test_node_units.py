@@ -357,6 +357,32 @@ def test_transform_buffer_mixes_static_and_dynamic_frames_as_tf2_does():
         np.testing.assert_allclose(buf.lookup_now("odom", "base", t)[:3, 3], (3.0, 0, 0))
 
 
+def test_transform_buffer_keeps_the_history_of_a_reparented_frame_as_tf2_does():
+    """A frame re-parented (base under odom_a until 2 s, then under odom_b): each sample keeps the
+    parent it came with, so a cloud stamped before the switch is transformed through the tree of its
+    time (the history used to be dropped: tf_stale for every scan still in flight); between two
+    samples of different parents the older one is taken, not interpolated (tf2's rule)."""
+    from lidar_completion_pkg import frames
+
+    s, T = 10**9, rs.translation_matrix
+    buf = frames.TransformBuffer()
+    buf.set_transform(_ts("map", "odom_a", T((0, 0, 0))), static=True)
+    buf.set_transform(_ts("map", "odom_b", T((0, 100.0, 0))), static=True)
+    for t, x in ((1, 1.0), (2, 2.0)):
+        buf.set_transform(_ts("odom_a", "base", T((x, 0, 0)), t * s), static=False)
+    for t, x in ((3, 10.0), (4, 20.0)):
+        buf.set_transform(_ts("odom_b", "base", T((x, 0, 0)), t * s), static=False)
+    for t, want in ((1.5, (1.5, 0, 0)), (2.0, (2.0, 0, 0)), (2.5, (2.0, 0, 0)), (3.0, (10.0, 100.0, 0)),
+                    (3.5, (15.0, 100.0, 0)), (0, (20.0, 100.0, 0))):
+        np.testing.assert_allclose(buf.lookup_now("map", "base", int(t * s))[:3, 3], want, err_msg=str(t))
+    # odom_a <- base: the direct edge at 1.5 s; at 3.5 s the path runs through odom_b and map
+    np.testing.assert_allclose(buf.lookup_now("odom_a", "base", int(1.5 * s))[:3, 3], (1.5, 0, 0))
+    np.testing.assert_allclose(buf.lookup_now("odom_a", "base", int(3.5 * s))[:3, 3], (15.0, 100.0, 0))
+    with pytest.raises(frames.TransformUnavailable, match="not known at") as err:
+        buf.lookup_now("map", "base", int(0.5 * s))
+    assert err.value.reason == frames.STALE
+
+
 def test_transform_buffer_lookup_waits_for_a_late_transform():
     from lidar_completion_pkg import frames
 

@@ -127,8 +127,9 @@ class TransformBuffer:
     def __init__(self, cache_time: float = 10.0):
         self.cache_ns = int(cache_time * 1e9)
         self._static: dict[str, tuple[str, np.ndarray]] = {}
-        # child -> (parent, sorted stamps, [(translation (3,), quaternion xyzw (4,))])
-        self._dynamic: dict[str, tuple[str, list, list]] = {}
+        # child -> (sorted stamps, [(translation (3,), quaternion xyzw (4,))], [parent of each sample]):
+        # as in tf2, a frame may be re-parented, and each sample keeps the parent it was sent with
+        self._dynamic: dict[str, tuple[list, list, list]] = {}
         self._cond = threading.Condition()
         #: transforms ignored as tf2 would (non-finite, not a unit quaternion), and the last reason
         self.ignored = 0
@@ -156,23 +157,22 @@ class TransformBuffer:
                 stamp = int(ts.header.stamp.sec) * 1_000_000_000 + int(ts.header.stamp.nanosec)
                 r, t = ts.transform.rotation, ts.transform.translation
                 sample = (np.array([t.x, t.y, t.z]), np.array([r.x, r.y, r.z, r.w]))
-                old_parent, stamps, samples = self._dynamic.get(child, (parent, [], []))
-                if old_parent != parent:  # re-parented: its history no longer applies
-                    stamps, samples = [], []
-                elif stamps and stamp < stamps[-1] - self.cache_ns:
+                stamps, samples, parents = self._dynamic.get(child, ([], [], []))
+                if stamps and stamp < stamps[-1] - self.cache_ns:
                     # time went back by more than the cache (a bag played again, a simulator
                     # restarted): the newer history would hide every new sample, as it is cut
                     # relative to the newest stamp (tf2_ros's C++ buffer clears itself when ROS
                     # time jumps back)
-                    stamps, samples = [], []
+                    stamps, samples, parents = [], [], []
                 i = bisect.bisect_left(stamps, stamp)
                 if i < len(stamps) and stamps[i] == stamp:
-                    samples[i] = sample
+                    samples[i], parents[i] = sample, parent
                 else:
                     stamps.insert(i, stamp)
                     samples.insert(i, sample)
+                    parents.insert(i, parent)
                 cut = bisect.bisect_left(stamps, stamps[-1] - self.cache_ns)
-                self._dynamic[child] = (parent, stamps[cut:], samples[cut:])
+                self._dynamic[child] = (stamps[cut:], samples[cut:], parents[cut:])
             self._cond.notify_all()
 
     def set_message(self, msg, static: bool) -> None:
@@ -181,17 +181,20 @@ class TransformBuffer:
             self.set_transform(ts, static)
 
     # -- lookup -------------------------------------------------------------------------------
-    def _parent(self, frame: str) -> Optional[str]:
+    def _parent(self, frame: str, t_ns: int = 0) -> Optional[str]:
+        """The frame's parent at t_ns (0: now): a dynamic frame's is that of its sample at or before
+        t_ns (as tf2's), its oldest sample's before its history."""
         if frame in self._static:
             return self._static[frame][0]
         if frame in self._dynamic:
-            return self._dynamic[frame][0]
+            stamps, _samples, parents = self._dynamic[frame]
+            return parents[-1] if t_ns == 0 else parents[max(0, bisect.bisect_right(stamps, t_ns) - 1)]
         return None
 
-    def _chain(self, frame: str) -> list[str]:
+    def _chain(self, frame: str, t_ns: int = 0) -> list[str]:
         chain = [frame]
         while True:
-            parent = self._parent(chain[-1])
+            parent = self._parent(chain[-1], t_ns)
             if parent is None or parent in chain:
                 return chain
             chain.append(parent)
@@ -200,7 +203,8 @@ class TransformBuffer:
         """parent <- child at t_ns (0: latest)."""
         if child in self._static:
             return self._static[child][1]
-        parent, stamps, samples = self._dynamic[child]
+        stamps, samples, parents = self._dynamic[child]
+        parent = self._parent(child, t_ns)
         if t_ns == 0:
             i = len(stamps) - 1
             translation, quat = samples[i]
@@ -216,6 +220,9 @@ class TransformBuffer:
                     what = f"the oldest kept is {(oldest - t_ns) / 1e9:.3f} s newer than the cloud"
                 raise TransformUnavailable(STALE, f"transform {parent} -> {child} is not known at "
                                                   f"{_stamp_text(t_ns)} ({what})")
+            elif parents[i - 1] != parents[i]:
+                # re-parented between the two samples: as tf2, the older one, not interpolated
+                translation, quat = samples[i - 1]
             else:
                 w = (t_ns - stamps[i - 1]) / (stamps[i] - stamps[i - 1])
                 (t0, q0), (t1, q1) = samples[i - 1], samples[i]
@@ -235,7 +242,7 @@ class TransformBuffer:
     def _latest_common(self, chains: list[list[str]], stop: str) -> int:
         """tf2's meaning of stamp 0: the newest stamp that every dynamic transform on the path up to
         ``stop`` has reached, so that the edges are taken at one time (0 when the path is static)."""
-        newest = [self._dynamic[child][1][-1] for chain in chains
+        newest = [self._dynamic[child][0][-1] for chain in chains
                   for child in chain[:chain.index(stop)] if child not in self._static]
         return min(newest, default=0)
 
@@ -247,17 +254,21 @@ class TransformBuffer:
             return np.eye(4)
         with self._cond:
             up_source, up_target = self._chain(source), self._chain(target)
+            if t_ns == 0:
+                common = next((f for f in up_source if f in up_target), None)
+                if common is not None:
+                    t_ns = self._latest_common([up_source, up_target], common)
+            if t_ns != 0:   # the tree at the cloud's time (a frame may have had another parent then)
+                up_source, up_target = self._chain(source, t_ns), self._chain(target, t_ns)
             common = next((f for f in up_source if f in up_target), None)
             if common is None:
                 known = sorted(set(self._static) | set(self._dynamic) |
                                {p for p, *_ in self._static.values()} |
-                               {p for p, *_ in self._dynamic.values()})
+                               {parents[-1] for *_, parents in self._dynamic.values()})
                 ignored = (f"; {self.ignored} transform(s) ignored, the last {self.last_ignored}"
                            if self.ignored else "")
                 raise TransformUnavailable(MISSING, f"no transform from '{source}' to '{target}' "
                                                     f"(frames known: {', '.join(known) or 'none'}{ignored})")
-            if t_ns == 0:
-                t_ns = self._latest_common([up_source, up_target], common)
             m_source = self._to_root(up_source, common, t_ns)
             m_target = self._to_root(up_target, common, t_ns)
         return rigid_inverse(m_target) @ m_source
