@@ -42,6 +42,8 @@ EXECUTABLE = "completion_node"
 LIFECYCLE_EXECUTABLE = "lifecycle_completion_node"
 PLAYER_GATE_EXECUTABLE = "play_when_ready"  # runs the bag player once the node subscribes
 SETTLE_S = 60  # exit_after_bag: at most this long for the node to finish the scans it received
+# exit statuses of a player stopped by SIGINT / SIGTERM (a shell's 128 + N, or Python's -N)
+INTERRUPTED = (130, 143, -2, -15)
 NODE_NAME = "lidar_completion"
 PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
 DEFAULT_FIXED_FRAME = "velodyne"
@@ -318,6 +320,14 @@ def generate_launch_description():
         def after_player(event, context):
             if node_exited or getattr(context, "is_shutdown", False):
                 return []   # the launch is ending anyway (Ctrl-C, or the node's exit below)
+            if event.returncode in INTERRUPTED:
+                # a signal, not a failed replay: a terminal's Ctrl-C reaches the player beside the
+                # launch (whose own shutdown may not have begun yet), or someone stopped the player
+                said = f"the bag player was interrupted (exit status {event.returncode})"
+                if exit_after:
+                    return [LogInfo(msg=said + ": ending the launch (exit_after_bag:=true)"),
+                            EmitEvent(event=Shutdown(reason="the bag player was interrupted"))]
+                return [LogInfo(msg=said)]
             if exit_after and event.returncode != 0:
                 # an exception is how a launch ends with a non-zero exit status (launch logs it as
                 # "Caught exception in launch ...: <message>" and shuts down): a batch replay failed

@@ -731,6 +731,16 @@ def test_ros2_launch_bag_starts_its_player_once_the_node_listens_and_ends_with_i
     assert rc == 1 and "the bag player failed (exit status 3)" in text, text[-3000:]
     assert "shut down: processed 0," in text and not record.exists(), text[-3000:]
 
+    # a player stopped by a signal (exit status 130: a terminal's Ctrl-C that reached it before the
+    # launch's own shutdown began) is no failed replay: the launch ends with status 0
+    log = tmp_path / "launch_player_interrupted.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"params_file:={small_params(tmp_path)}", f"bag:={bag}",
+                     "bag_args:=--exit 130", "exit_after_bag:=true")
+    rc, text = launch_to_end(cmd, env, log, 90, "with its interrupted player")
+    assert rc == 0 and "the bag player was interrupted (exit status 130): ending the launch" in text, \
+        text[-3000:]
+    assert "the bag player failed" not in text and "Caught exception" not in text, text[-3000:]
+
     # a lifecycle node left unconfigured never subscribes: the bag waits for its activation; Ctrl-C
     # then ends the launch cleanly, with nothing played and no word of a player that "ended"
     log = tmp_path / "launch_lifecycle.log"
