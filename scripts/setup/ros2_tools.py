@@ -20,8 +20,10 @@ and prints that folder. A folder that is complete is reused without a download. 
 are the rolling heads of December 2024 (launch 3.7.1, launch_ros 0.28.0, ros2cli 0.36.1), which run
 with the Kilted wheels; every one of these packages is Apache-2.0 or BSD licensed.
 
-Usage:
-    python scripts/setup/ros2_tools.py build [--cache DIR] [--sources URL_OR_DIR]
+Usage (with the venv's python; make setup runs `install`):
+    python scripts/setup/ros2_tools.py install [--cache DIR] [--sources URL_OR_DIR]
+        build (or take from the cache), install the wheels into this venv, build composition_interfaces
+    python scripts/setup/ros2_tools.py build [--cache DIR] [--sources URL_OR_DIR]    (print the folder)
     python scripts/setup/ros2_tools.py hashes --sources URL_OR_DIR   (the content hashes, to pin new commits)
 
 --sources (or ROS2_TOOLS_SOURCES): a base URL (default https://github.com/ros2, fetched as
@@ -223,21 +225,46 @@ def build(cache: Path, sources: str) -> Path:
     return out
 
 
+def install(folder: Path) -> None:
+    """Install the built wheels into this interpreter's venv (no index, no dependencies: PyPI's
+    `launch` is an unrelated package) and build the interface packages with build_interfaces.sh."""
+    if sys.prefix == sys.base_prefix:
+        raise ToolsError(f"{sys.executable} is not inside a virtual environment; run this with the venv's python")
+    pip = [sys.executable, "-m", "pip"]
+    # ROS2_CLI_WHEELS' composition_interfaces (Python classes only) and ours share their files
+    if subprocess.run(pip + ["show", "-q", "composition_interfaces"], capture_output=True).returncode == 0:
+        subprocess.run(pip + ["uninstall", "-q", "-y", "composition_interfaces", "ros-composition-interfaces"],
+                       capture_output=True)
+    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    proc = subprocess.run(pip + ["install", "-q", "--no-index", "--no-deps", *wheels], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolsError("pip could not install the wheels:\n" + proc.stderr[-3000:])
+    script = Path(__file__).resolve().parent / "build_interfaces.sh"
+    for src in sorted((folder / "interfaces").iterdir()):
+        if subprocess.run(["bash", str(script), str(src)], env={**os.environ, "PYTHON": sys.executable}).returncode:
+            raise ToolsError(f"{src.name} could not be built (above): ros2 launch cannot start without it")
+    log(f"installed {len(wheels)} wheels and {', '.join(sorted(p.name for p in (folder / 'interfaces').iterdir()))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     default_sources = os.environ.get("ROS2_TOOLS_SOURCES") or DEFAULT_SOURCES
     default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lidar-completion"
-    b = sub.add_parser("build", help="fetch, check and build the wheels (cached); print their folder")
-    b.add_argument("--cache", type=Path, default=default_cache, help="cache root (default: %(default)s)")
-    b.add_argument("--sources", default=default_sources,
-                   help="base URL or folder of <repo>-<commit>.tar.gz archives (default: %(default)s)")
+    for name, what in (("install", "build (or take from the cache) and install into this venv"),
+                       ("build", "fetch, check and build the wheels (cached); print their folder")):
+        b = sub.add_parser(name, help=what)
+        b.add_argument("--cache", type=Path, default=default_cache, help="cache root (default: %(default)s)")
+        b.add_argument("--sources", default=default_sources,
+                       help="base URL or folder of <repo>-<commit>.tar.gz archives (default: %(default)s)")
     h = sub.add_parser("hashes", help="print the content hash of every package folder of the sources")
     h.add_argument("--sources", default=default_sources)
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
+        if args.command == "install":
+            install(build(args.cache, args.sources))
+        elif args.command == "build":
             print(build(args.cache, args.sources))
         else:
             with tempfile.TemporaryDirectory(prefix="ros2-tools-") as tmp:

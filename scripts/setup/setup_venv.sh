@@ -107,13 +107,6 @@ ROS2_CLI_WHEELS="${ROS2_CLI_WHEELS:-../shared/ros2-cli-wheels}"
 log "ROS 2 message packages and the small dependencies of the ROS 2 tools"
 pip_install ros-kilted-geometry-msgs ros-kilted-lifecycle-msgs ros-kilted-rcl-interfaces \
     ros-kilted-ament-index-python osrf-pycommon argcomplete packaging psutil pyyaml transforms3d
-# composition_interfaces comes as the folder's Python-only wheel or as our build, and the two share
-# their files: where $1 is installed, remove it and $2 (the one about to be installed) alike
-drop_dist() {
-    if "$PY" -m pip show -q "$1" >/dev/null 2>&1; then "$PY" -m pip uninstall -q -y "$1" "$2" 2>/dev/null; fi
-}
-INTERFACE_SOURCES=()
-[[ "${SKIP_TF2_MSGS:-0}" == 1 ]] || INTERFACE_SOURCES+=(scripts/setup/tf2_msgs)
 if compgen -G "$ROS2_CLI_WHEELS/*.whl" >/dev/null; then
     log "ROS 2 launch / CLI wheels from $ROS2_CLI_WHEELS (offline)"
     # only the wheels built for this interpreter; a tf2_msgs wheel there is left for our own build
@@ -133,35 +126,30 @@ PYEOF
             log "WARNING: $(basename "${w#-}") is built for another Python than $PY_VERSION: not installed"
         fi
     done
-    drop_dist ros-composition-interfaces composition_interfaces
+    # composition_interfaces: the folder's Python-only wheel and our build (ros2_tools.py) share
+    # their files; ours goes first, and the folder's with it, to be installed afresh
+    if "$PY" -m pip show -q ros-composition-interfaces >/dev/null 2>&1; then
+        "$PY" -m pip uninstall -q -y ros-composition-interfaces composition_interfaces 2>/dev/null
+    fi
     ((${#WANT[@]} == 0)) || "$PY" -m pip install -q --no-index --no-deps "${WANT[@]}"
 elif [[ "${SKIP_ROS2_TOOLS:-0}" == 1 ]]; then
     log "SKIP_ROS2_TOOLS=1: not installing ros2 launch / topic / param (a system ROS 2 has them)"
-elif TOOLS=$("$PY" scripts/setup/ros2_tools.py build); then
-    log "ROS 2 launch / CLI tools built from their sources: $TOOLS"
-    drop_dist composition_interfaces ros-composition-interfaces
-    "$PY" -m pip install -q --no-index --no-deps "$TOOLS"/*.whl
-    INTERFACE_SOURCES+=("$TOOLS/interfaces/composition_interfaces")
-else
-    [[ "${CI:-}" != true ]] || die "the ROS 2 launch / CLI tools could not be fetched (above)"
+elif ! "$PY" scripts/setup/ros2_tools.py install; then
+    [[ "${CI:-}" != true ]] || die "the ROS 2 launch / CLI tools could not be installed (above)"
     if [[ -x "$VENV/bin/ros2" ]]; then
-        log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): the ones installed before stay"
+        log "WARNING: the ROS 2 launch / CLI tools could not be installed (above): the ones installed before stay"
     else
-        log "WARNING: the ROS 2 launch / CLI tools could not be fetched (above): ros2 launch / topic / param"
+        log "WARNING: the ROS 2 launch / CLI tools could not be installed (above): ros2 launch / topic / param"
         log "  are unavailable (a system ROS 2 has them; or set ROS2_CLI_WHEELS to a folder of their wheels,"
         log "  or ROS2_TOOLS_SOURCES to a mirror of their source archives); the tests that need them skip."
     fi
 fi
-for src in "${INTERFACE_SOURCES[@]}"; do
-    if ! PYTHON="$PY" bash scripts/setup/build_interfaces.sh "$src"; then
-        [[ "${CI:-}" != true ]] || die "$(basename "$src") could not be built (see above)"
-        case "$(basename "$src")" in
-            tf2_msgs) log "WARNING: tf2_msgs could not be built (see above): the node cannot use model_frame / target_frame" ;;
-            *) log "WARNING: $(basename "$src") could not be built (see above): ros2 launch cannot start" ;;
-        esac
-    fi
-done
-[[ "${SKIP_TF2_MSGS:-0}" != 1 ]] || log "SKIP_TF2_MSGS=1: not building tf2_msgs (the node then cannot use model_frame / target_frame)"
+if [[ "${SKIP_TF2_MSGS:-0}" == 1 ]]; then
+    log "SKIP_TF2_MSGS=1: not building tf2_msgs (the node then cannot use model_frame / target_frame)"
+elif ! PYTHON="$PY" bash scripts/setup/build_interfaces.sh scripts/setup/tf2_msgs; then
+    [[ "${CI:-}" != true ]] || die "tf2_msgs could not be built (see above)"
+    log "WARNING: tf2_msgs could not be built (see above): the node cannot use model_frame / target_frame"
+fi
 "$PY" -m lidar_completion_pkg.ament_install "$VENV" || die "cannot lay out the ament package in $VENV"
 # ---- end of the ROS 2 block ------------------------------------------------------------------------
 
