@@ -119,6 +119,21 @@ def test_build_makes_a_wheel_per_package_caches_them_and_keeps_the_interface_sou
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["wheels"]
 
 
+def test_download_saves_checked_archives_that_serve_as_sources(tmp_path, tools):
+    """`download --to DIR` on a machine with GitHub; DIR as --sources on one without."""
+    sources = _sources(tmp_path, tools)
+    saved = tools.download(str(sources), tmp_path / "mirror")
+    assert [p.name for p in saved] == [f"demo-{COMMIT}.tar.gz"]
+    assert saved[0].read_bytes() == (sources / f"demo-{COMMIT}.tar.gz").read_bytes()
+    out = tools.build(tmp_path / "cache", str(tmp_path / "mirror"))
+    assert len(list(out.glob("*.whl"))) == 2
+    (tmp_path / "bad").mkdir()
+    bad = _sources(tmp_path / "bad", tools, tamper=True)
+    with pytest.raises(tools.ToolsError, match="content hash"):
+        tools.download(str(bad), tmp_path / "mirror2")
+    assert not (tmp_path / "mirror2").exists()
+
+
 def test_an_altered_archive_is_refused_and_nothing_is_cached(tmp_path, tools):
     sources = _sources(tmp_path, tools, tamper=True)
     with pytest.raises(tools.ToolsError, match=r"demo @ 01234567, folder demo_b: content hash"):

@@ -24,6 +24,7 @@ Usage (with the venv's python; make setup runs `install`):
     python scripts/setup/ros2_tools.py install [--cache DIR] [--sources URL_OR_DIR]
         build (or take from the cache), install the wheels into this venv, build composition_interfaces
     python scripts/setup/ros2_tools.py build [--cache DIR] [--sources URL_OR_DIR]    (print the folder)
+    python scripts/setup/ros2_tools.py download --to DIR     (the checked archives, for an offline machine)
     python scripts/setup/ros2_tools.py hashes --sources URL_OR_DIR   (the content hashes, to pin new commits)
 
 --sources (or ROS2_TOOLS_SOURCES): a base URL (default https://github.com/ros2, fetched as
@@ -179,6 +180,20 @@ def check(roots: dict[str, Path]) -> None:
                                  f"expected {want[:16]}... (a different or altered archive)")
 
 
+def download(sources: str, to: Path) -> list[Path]:
+    """Fetch and check every archive into ``to`` (a folder that ROS2_TOOLS_SOURCES / --sources can
+    name on a machine without GitHub, e.g. a robot: copy the folder there)."""
+    with tempfile.TemporaryDirectory(prefix="ros2-tools-") as tmp:
+        check(sources_of(sources, Path(tmp)))
+        to.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for repo, (commit, _packages) in REPOS.items():
+            name = f"{repo}-{commit}.tar.gz"
+            shutil.copyfile(Path(tmp) / name, to / name)
+            saved.append(to / name)
+    return saved
+
+
 def key() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
@@ -258,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--cache", type=Path, default=default_cache, help="cache root (default: %(default)s)")
         b.add_argument("--sources", default=default_sources,
                        help="base URL or folder of <repo>-<commit>.tar.gz archives (default: %(default)s)")
+    d = sub.add_parser("download", help="fetch and check the source archives into a folder, for "
+                                         "--sources / ROS2_TOOLS_SOURCES on a machine without GitHub")
+    d.add_argument("--to", type=Path, required=True, help="the folder to write <repo>-<commit>.tar.gz into")
+    d.add_argument("--sources", default=default_sources)
     h = sub.add_parser("hashes", help="print the content hash of every package folder of the sources")
     h.add_argument("--sources", default=default_sources)
     args = parser.parse_args(argv)
@@ -266,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             install(build(args.cache, args.sources))
         elif args.command == "build":
             print(build(args.cache, args.sources))
+        elif args.command == "download":
+            for path in download(args.sources, args.to):
+                print(path)
         else:
             with tempfile.TemporaryDirectory(prefix="ros2-tools-") as tmp:
                 roots = sources_of(args.sources, Path(tmp))
