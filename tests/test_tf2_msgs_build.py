@@ -138,3 +138,34 @@ def test_prefix_wheel_refuses_a_prefix_without_the_package(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "has no __init__.py" in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+BUILD = ROOT / "scripts" / "setup" / "build_interfaces.sh"
+
+
+def _build(src, tmp_path, python=sys.executable):
+    env = {**os.environ, "PYTHON": str(python), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    return subprocess.run(["bash", str(BUILD), str(src)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_the_interface_build_refuses_what_it_cannot_build_before_building(tmp_path):
+    """Wrong sources are named in one line before a build venv is made (nothing cached)."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("needs to run inside a virtual environment (make setup's)")
+    proc = _build(tmp_path / "nowhere", tmp_path)
+    assert proc.returncode == 1 and "usage: build_interfaces.sh SRC" in proc.stderr, proc.stderr
+    src = tmp_path / "demo_msgs"
+    (src / "msg").mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("project(demo_msgs)\n")
+    (src / "package.xml").write_text("<package format='3'>\n  <name>demo_msgs</name>\n"
+                                     "  <version>1.0.0</version>\n  <depend>no_such_msgs</depend>\n</package>\n")
+    proc = _build(src, tmp_path)
+    assert proc.returncode == 1 and "has no interface files in msg/, srv/ or action/" in proc.stderr, proc.stderr
+    (src / "msg" / "Demo.msg").write_text("int32 a\n")
+    proc = _build(src, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "ros-no-such-msgs is not installed" in proc.stderr and "demo_msgs uses no_such_msgs" in proc.stderr
+    (src / "package.xml").write_text("<package format='3'><name>Bad Name</name></package>\n")
+    proc = _build(src, tmp_path)
+    assert proc.returncode == 1 and "names no package or no version" in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.whl"))
