@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -203,6 +204,9 @@ def build(cache: Path, sources: str) -> Path:
     if (out / COMPLETE).is_file():
         log(f"using the cached wheels in {out}")
         return out
+    if importlib.util.find_spec("setuptools") is None:   # (a Python 3.12 venv has none by default)
+        raise ToolsError(f"building the wheels needs setuptools in {sys.prefix} "
+                         f"(make setup installs it; else: {sys.executable} -m pip install setuptools wheel)")
     cache.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ros2-tools-", dir=cache) as tmp:
