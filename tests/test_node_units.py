@@ -621,6 +621,39 @@ def test_a_whole_number_for_a_double_parameter_is_taken_at_run_time():
         rclpy.shutdown(context=context)
 
 
+def test_only_real_parameter_changes_are_logged_and_applied():
+    """The load sets steps / guidance from "the checkpoint's" (0 / -1) to the values in use through
+    the node's parameters; that is no change asked for, and the node logged "parameters changed:
+    {'steps': 8}" at every start. A set to the value in use changes nothing; another value is logged
+    and applied from the next cloud on."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from rclpy.parameter import Parameter
+
+    from lidar_completion_pkg import pipeline as P
+
+    infos, holder = [], {}
+
+    def set_parameters(params):
+        return [holder["pipe"].on_set_parameters(params)]
+
+    node = NS(create_publisher=lambda *a, **k: None, set_parameters=set_parameters,
+              get_logger=lambda: NS(info=infos.append, warning=lambda m: None),
+              get_clock=lambda: NS(now=lambda: NS(nanoseconds=0)))
+    holder["pipe"] = pipe = P.CompletionPipeline(node, default_values())
+    assert pipe.config["steps"] == 0 and pipe.config["guidance"] < 0   # "the checkpoint's"
+    pipe.load(lambda config: NS(steps=8, guidance=2.0, complete=lambda pts: pts))
+    assert pipe.config["steps"] == 8 and pipe.config["guidance"] == 2.0
+    assert not [m for m in infos if "parameters changed" in m], infos
+    assert not pipe._pending
+    assert pipe.on_set_parameters([Parameter("steps", value=8)]).successful
+    assert not [m for m in infos if "parameters changed" in m] and not pipe._pending
+    assert pipe.on_set_parameters([Parameter("steps", value=4), Parameter("guidance", value=2.0)]).successful
+    assert [m for m in infos if "parameters changed" in m] == \
+        ["parameters changed: {'steps': 4} (from the next cloud on)"]
+    assert pipe._pending == {"steps": 4} and pipe.config["steps"] == 4
+
+
 def test_clouds_without_a_frame_are_completed_with_a_warning():
     """An empty header.frame_id (no frames asked of the node) is completed as it came, but no longer
     silently: nothing downstream can place a cloud without a frame."""

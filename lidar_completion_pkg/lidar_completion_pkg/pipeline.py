@@ -389,6 +389,8 @@ class CompletionPipeline:
             problem = check_value(param.name, param.value, runtime=True)
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
+            if self.config.get(param.name) == param.value:
+                continue   # no change (the load's own resolution of the checkpoint's defaults)
             updates[param.name] = param.value
         if updates:
             with self._pending_lock:
