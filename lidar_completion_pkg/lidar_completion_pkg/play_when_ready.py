@@ -243,8 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with graph_node("play_when_ready") as graph:
-            log(f"waiting for node '{args.node}' to subscribe to its input before running: "
-                f"{' '.join(args.command)}")
+            shown = ["<its input topic>" if arg == INPUT_TOPIC else arg for arg in args.command]
+            log(f"waiting for node '{args.node}' to subscribe to its input before running: {' '.join(shown)}")
             start = time.monotonic()
             topics = wait_for_subscription(graph, args.node, args.timeout)
     except KeyboardInterrupt:
