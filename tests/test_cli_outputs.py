@@ -148,6 +148,27 @@ def test_batch_refuses_two_inputs_rendered_to_one_png(ckpt, tmp_path, capsys):
     assert not out.exists() and not renders.exists()        # refused before anything ran
 
 
+def test_a_completion_never_replaces_its_own_scan(ckpt, tmp_path, capsys):
+    """`complete scan.bin -o scan.bin` (or `complete d -o d/`, or through a link) replaced the scan
+    with its completion, silently: refused before the model loads, the scans untouched; another
+    format into the same folder is fine."""
+    scans = tmp_path / "scans"
+    src = write_cloud(scans / "a.bin", _scan(seed=1))
+    write_cloud(scans / "b.bin", _scan(seed=2))
+    (tmp_path / "link").symlink_to(scans)
+    before = {f.name: f.read_bytes() for f in scans.iterdir()}
+    for argv in ((src, "-o", src), (src, "-o", f"{scans}/"), (src, "-o", tmp_path / "link" / "a.bin"),
+                 (scans, "-o", f"{scans}/"), (scans, "-o", tmp_path / "link")):
+        assert _complete(*argv, "--checkpoint", ckpt, *FAST) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert "would be replaced by its completion" in err or "is the input scan itself" in err, err
+    assert {f.name: f.read_bytes() for f in scans.iterdir()} == before
+    assert _complete(scans, "-o", f"{scans}/", "--format", "npy", "--checkpoint", ckpt, *FAST) == 0
+    assert sorted(f.name for f in scans.iterdir()) == ["a.bin", "a.npy", "b.bin", "b.npy"]
+    assert {f.name: f.read_bytes() for f in scans.glob("*.bin")} == before
+
+
 # ------------------------------------------------------------------------ 3. header counts
 def _header_edit(path: Path, old: bytes, new: bytes) -> Path:
     raw = path.read_bytes()

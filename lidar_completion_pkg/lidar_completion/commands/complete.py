@@ -151,6 +151,14 @@ def _write_error(exc: OSError, path) -> str:
     return text if text.endswith(f": {path}") else f"cannot write {path}: {text}"
 
 
+def _is_same_file(a: Path, b: Path) -> bool:
+    """Whether writing ``b`` would replace ``a`` (the same path, or a link to it)."""
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def run(args) -> int:
     from ..io import FORMATS
 
@@ -179,6 +187,9 @@ def run(args) -> int:
             raise ConfigError("--skip-existing is for several inputs; with one, run the command or not")
         if args.ascii and out.suffix.lower() not in (".ply", ".pcd"):
             log.warning("--ascii applies to .ply and .pcd outputs; %s is written in its binary format", out)
+        if _is_same_file(files[0], out):
+            raise ConfigError(f"-o {out} is the input scan itself: its completion would replace it; "
+                              "write the completion to another file")
         _check_writable(out, "-o")
         if args.render:
             _check_writable(Path(args.render), "--render")
@@ -240,6 +251,9 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             unreadable[src] = (f"{src}: unsupported extension {src.suffix or '(none)'!r}; expected one "
                                f"of {', '.join(FORMATS)}")
             continue
+        if _is_same_file(src, dst):             # nor a completion replace its own scan
+            raise ConfigError(f"{src} would be replaced by its completion ({dst}); write the completions "
+                              "to another folder, or in another format (--format)")
         if dst in seen:                         # two inputs must not write one file
             raise ConfigError(f"{seen[dst]} and {src} would both be written to {dst}; give inputs "
                               "with distinct names (or complete them in separate runs)")
