@@ -200,7 +200,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return terms
 
     monkeypatch.setattr(T, "denoising_loss_terms", poisoned)
-    with pytest.raises(TrainingDivergedError, match=r"became nan at step 3.*step_000000003\.ckpt"):
+    with pytest.raises(TrainingDivergedError, match=r"became nan in step 4 .*after 3 completed steps.*"
+                                                     r"step_000000003\.ckpt: resume from it"):
         tr.run()
     mgr = CheckpointManager(tmp_path / "checkpoints")
     good = load_state(mgr.latest_path())
@@ -210,7 +211,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     for k, p in tr.net.named_parameters():   # no optimiser step was taken with the NaN loss
         assert torch.equal(p.detach(), good["models"]["teacher"][k]), k
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "diverged" and "became nan at step 3" in summary["error"]
+    assert summary["status"] == "diverged" and "became nan in step 4" in summary["error"]
 
 
 def test_a_run_that_fails_says_so_in_its_summary(tmp_path, monkeypatch):
@@ -304,6 +305,7 @@ info = D.init("cpu")
 last = sys.argv[1]
 ckpt = types.SimpleNamespace(latest_path=lambda: None)
 fake = types.SimpleNamespace(kind="teacher", step=7, steps_per_epoch=5, device=info.device, ckpt=ckpt)
+fake._stopped_without_saving = types.MethodType(Trainer._stopped_without_saving, fake)
 value = torch.tensor([0.5, float("nan") if info.rank == 1 else 0.25])
 err = io.StringIO()
 try:
@@ -316,6 +318,33 @@ except TrainingDivergedError as exc:
 D.shutdown()
 print(json.dumps({"rank": info.rank, "message": message, "stderr": err.getvalue()}))
 """
+
+
+def test_weights_made_non_finite_by_a_step_stop_the_run_before_they_are_drawn_or_saved(tmp_path, monkeypatch):
+    """A step whose loss was finite can still leave NaN weights (a learning rate far too high): the run
+    crashed in the bird's-eye plot of step 1 (matplotlib: "Axis limits cannot be NaN or Inf") with a
+    traceback, or would have saved them. Now it stops with the divergence error, writes no checkpoint
+    of them, and the summary says diverged."""
+    cfg = tiny_config("teacher", "checkpoint.every_steps=1", "checkpoint.export=false", "train.max_steps=4",
+                      "log.render_every_steps=2")
+    tr = TeacherTrainer(cfg, tmp_path, source=scenes_source(2, n_target=1200, n_scan=120))
+    real = tr.clip_and_step
+
+    def exploding(name, clip):
+        out = real(name, clip)
+        if tr.step == 1:            # the second step's update (step 1 is done and saved)
+            with torch.no_grad():
+                next(tr.net.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(tr, "clip_and_step", exploding)
+    with pytest.raises(TrainingDivergedError, match=r"the weights of teacher became non-finite in step 2 "
+                                                     r".*step_000000001\.ckpt: resume from it"):
+        tr.run()
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert load_state(mgr.latest_path())["step"] == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "weights of teacher" in summary["error"]
 
 
 def test_divergence_on_one_rank_stops_every_rank_with_one_message_naming_it(tmp_path):
@@ -339,7 +368,8 @@ def test_divergence_on_one_rank_stops_every_rank_with_one_message_naming_it(tmp_
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     by_rank = {o["rank"]: o for o in out}
     assert by_rank[0]["message"] == by_rank[1]["message"]
-    assert "became nan at step 7 (epoch 1) on rank 1 of 2" in by_rank[0]["message"]
+    assert "became nan in step 8 (epoch 1) on rank 1 of 2" in by_rank[0]["message"]
+    assert "no checkpoint was written yet: start it again" in by_rank[0]["message"]
     assert by_rank[0]["stderr"] == f"error: {by_rank[0]['message']}\n"
     assert by_rank[1]["stderr"] == ""
 

@@ -282,15 +282,21 @@ class Trainer(abc.ABC):
         if train:
             set_bn_mode(module, self.bn_mode)
 
+    def _stopped_without_saving(self) -> str:
+        last = self.ckpt.latest_path()
+        # "last written", not "good": a value can grow for steps before it stops being finite
+        if last and last.exists():
+            return (f"The run stopped without saving; the last checkpoint written is {last}: resume from it "
+                    "with --resume, e.g. with a lower learning rate or gradient clipping.")
+        return ("The run stopped without saving, and no checkpoint was written yet: start it again, e.g. "
+                "with a lower learning rate or gradient clipping.")
+
     def guard(self, name: str, value: torch.Tensor, what: str = "loss") -> None:
         """Stop (on every rank) when ``value`` is NaN/inf, before any optimiser step uses it.
-        ``what`` names the value in the message (a loss, or e.g. the samples a network generated)."""
+        ``what`` names the value in the message (a loss, or e.g. the samples a network generated).
+        Called inside a training step: ``self.step`` steps are done, this is step ``self.step + 1``."""
         bad = not bool(torch.isfinite(value.detach()).all())
         if D.any_flag(bad, self.device):
-            last = self.ckpt.latest_path()
-            # "last written", not "good": a value can grow for steps before it stops being finite
-            where = f"the last checkpoint written is {last}" if last and last.exists() else \
-                "no checkpoint was written yet"
             # every rank stops here; each learns which ranks saw the value, so that all of them raise
             # the same message (one collective more, on this path only)
             seen = D.gather_objects(_first_bad(value) if bad else None)
@@ -299,10 +305,23 @@ class Trainer(abc.ABC):
             on = "" if len(seen) == 1 else \
                 f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {len(seen)}"
             raise TrainingDivergedError(
-                f"{self.kind} training: {what} {name!r} became {became} at step "
-                f"{self.step} (epoch {self.step // self.steps_per_epoch}){on}; expected a finite value. The run "
-                f"stopped without saving; {where}. Resume from it with --resume, e.g. with a lower "
-                f"learning rate or gradient clipping.")
+                f"{self.kind} training: {what} {name!r} became {became} in step {self.step + 1} "
+                f"(epoch {self.step // self.steps_per_epoch}){on}, after {self.step} completed step"
+                f"{'' if self.step == 1 else 's'}; expected a finite value. {self._stopped_without_saving()}")
+
+    def guard_weights(self) -> None:
+        """Stop when an optimiser step that had a finite loss left a trainable weight NaN/inf (a far
+        too high learning rate): checked before the weights are rendered, saved or exported, so that
+        neither a plot of NaN points nor a checkpoint of them ends the run (the next step's loss
+        would only show it one step later)."""
+        bad = [name for name, m in self.trainable.items()
+               if not all(bool(torch.isfinite(p.detach()).all()) for p in m.parameters())]
+        if D.any_flag(bool(bad), self.device):
+            which = ", ".join(bad) if bad else "the networks (on another rank)"
+            raise TrainingDivergedError(
+                f"{self.kind} training: the weights of {which} became non-finite in step {self.step} "
+                f"(epoch {(self.step - 1) // self.steps_per_epoch}), whose loss was finite: the learning "
+                f"rate is likely far too high. {self._stopped_without_saving()}")
 
     def autocast(self):
         """The context for forward passes and losses: torch.autocast in the run's precision (bf16 or
@@ -589,17 +608,23 @@ class Trainer(abc.ABC):
                     logs["time/step_s"] = step_times[-1]
                     if self.step % every_log == 0 or self.step == 1 or self.step == self.total_steps:
                         logger.scalars(self.step, logs)
-                    if every_render and (self.step % every_render == 0 or self.step == 1):
+                    render_now = every_render and (self.step % every_render == 0 or self.step == 1)
+                    validate_now = validator is not None and validator.due(self.step, self.total_steps)
+                    if render_now or validate_now or (every_ckpt and self.step % every_ckpt == 0) \
+                            or self.step == self.total_steps:
+                        self.guard_weights()   # before the weights are drawn, validated or saved
+                    if render_now:
                         clouds = self.render(batch)
                         if clouds:
                             logger.bev(self.step, f"{self.kind}/bev", clouds)
                     logger.progress(1, {k: v for k, v in logs.items() if k.startswith("loss")})
-                    if validator is not None and validator.due(self.step, self.total_steps):
+                    if validate_now:
                         self.validate(validator, logger)
                     stop = D.any_flag(self._stop_signal is not None, self.device)
                     if every_ckpt and self.step % every_ckpt == 0 and not stop:
                         self.save()
                     if stop:
+                        self.guard_weights()
                         path = self.save()
                         sig = self._stop_signal or signal.SIGTERM
                         raise TrainingInterrupted(
