@@ -256,3 +256,59 @@ def test_should_stop_abandons_a_completion_between_network_passes():
     full = _completer(steps=8).complete_detailed(_scan(0))
     again = c.complete_detailed(_scan(0), should_stop=stop_after(100))
     assert np.array_equal(full.points, again.points) and len(asked) == 9
+
+
+class NaNDenoiser(FakeDenoiser):
+    """A denoiser whose output is NaN (as a network with broken weights or a wild guidance gives)."""
+
+    def forward(self, points, batch, t, cond):
+        return super().forward(points, batch, t, cond) * float("nan")
+
+
+class NaNRefiner(FakeRefiner):
+    def forward(self, points, batch):
+        return super().forward(points, batch) * float("nan")
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_non_finite_network_output_is_blamed_on_the_model_not_on_the_scan(steps):
+    """A valid scan completed by networks that return NaN used to fail with "5000 of 5000 points are
+    not finite", a scan error (CloudFormatError: the node counted it as a rejected input, the CLI
+    named the scan): it is a ModelOutputError that names the weights and the settings."""
+    from lidar_completion.errors import ModelOutputError
+
+    comp = Completer(FakeEncoder(), NaNDenoiser(), None, steps=steps, guidance=3.5, seed=0, n_fps=200, tile=5)
+    with pytest.raises(ModelOutputError, match=r"non-finite values from a valid scan .*guidance w = 3\.5") as err:
+        comp.complete(_scan(0))
+    assert not isinstance(err.value, CloudFormatError)
+    comp = _completer(refiner=NaNRefiner())
+    with pytest.raises(ModelOutputError, match=r"the refiner made (\d+) of \1 points not finite"):
+        comp.complete(_scan(0))
+    with pytest.raises(CloudFormatError):                 # the scan's own NaNs are still the scan's
+        _completer().complete(np.full((3000, 3), np.nan, np.float32))
+
+
+def test_settings_out_of_range_are_refused_on_the_api_as_on_the_cli():
+    """guidance, n_fps and tile are checked like steps (the ranges of the CLI and the node), at
+    construction and when set later: NaN, negative or huge guidance used to run, or fail later with a
+    message about the scan or fpsample's raw ValueError."""
+    comp = _completer()
+    for name, bad in (("guidance", float("nan")), ("guidance", -3.0), ("guidance", 1e9), ("guidance", "2"),
+                      ("n_fps", 0), ("n_fps", 2.5), ("tile", 0), ("tile", float("inf")), ("steps", 0)):
+        with pytest.raises(ConfigError, match=f"{name} must be"):
+            setattr(comp, name, bad)
+        with pytest.raises(ConfigError, match=f"{name} must be"):
+            _completer(**{name: bad})
+    comp.guidance, comp.n_fps, comp.tile = 2, np.int64(150), 4.0
+    assert (comp.guidance, comp.n_fps, comp.tile) == (2.0, 150, 4)
+    assert type(comp.guidance) is float and type(comp.n_fps) is int and type(comp.tile) is int
+
+
+def test_a_checkpoint_with_unusable_sampling_settings_is_named(tmp_path):
+    from lidar_completion.checkpoints import make_random_checkpoint
+    from lidar_completion.errors import CheckpointError
+
+    path = make_random_checkpoint(tmp_path / "nan.pt", sampling={"guidance": float("nan"), "steps": 8})
+    with pytest.raises(CheckpointError, match=r"nan\.pt: its sampling\.guidance is not usable: guidance must"):
+        Completer.from_checkpoint(path, backend="torch")
+    assert Completer.from_checkpoint(path, backend="torch", guidance=2.0).guidance == 2.0   # overridden

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 
 from .cuda_graphs import GRAPH_BACKENDS, GraphedDenoiser, GraphedEncoder, GraphedRefiner, graphs_requested
 from .diffusion import DPMSolverSDE, NoiseSchedule, guided_noise, sample
-from .errors import Cancelled, CheckpointError, CloudFormatError, ConfigError
+from .errors import Cancelled, CheckpointError, CloudFormatError, ConfigError, ModelOutputError
 from .preprocess import DEFAULTS, as_cloud, filter_scan, make_x_init, postprocess
 from .settings import BY_NAME, FPS_MODES, PRECISIONS, CompletionSettings, checkpoint_fallback
 
@@ -153,7 +154,7 @@ class Completer:
         self.schedule = schedule or NoiseSchedule()
         self._process = process
         self.steps = steps            # property: builds the solver (it checks ``process``)
-        self.guidance = float(guidance)
+        self.guidance = guidance      # property: checks the range
         if refine and self.refiner is None:
             log.warning("refinement requested but no refiner network is loaded; returning the "
                         "unrefined completion")
@@ -166,10 +167,8 @@ class Completer:
         if precision != "fp32" and self.device.type != "cuda":
             log.info("precision %s applies on CUDA only; running fp32 on %s", precision, self.device)
         self.precision = precision
-        if int(n_fps) < 1 or int(tile) < 1:
-            raise ConfigError(f"n_fps and tile must be >= 1, got n_fps={n_fps}, tile={tile}")
         self.min_range, self.max_range, self.min_z = min_range, max_range, min_z
-        self.n_fps, self.tile = int(n_fps), int(tile)
+        self.n_fps, self.tile = n_fps, tile   # properties: check the ranges
         self.post_max_range = post_max_range
         self.min_points = max(2, int(min_points))
         self._uncond_cache: dict = {}
@@ -274,6 +273,14 @@ class Completer:
                                   f"{getattr(loaded, 'kind', 'an unknown')} checkpoint); completion "
                                   "needs a condition encoder and a denoiser")
         sampling = dict(getattr(loaded, "sampling", None) or {})
+        given = {"steps": steps, "guidance": guidance, **kwargs}
+        for key in ("steps", "guidance", "n_fps", "tile"):   # the file's own settings: blame the file
+            if key in sampling and given.get(key) is None:
+                try:
+                    _guidance(sampling[key]) if key == "guidance" else _whole(key, sampling[key])
+                except ConfigError as exc:
+                    raise CheckpointError(f"{path or 'the shipped checkpoint'}: its sampling.{key} is not "
+                                          f"usable: {exc}") from None
         if steps is None:
             steps = int(sampling.get("steps", checkpoint_fallback("steps")))
         if guidance is None:
@@ -304,10 +311,34 @@ class Completer:
 
     @steps.setter
     def steps(self, value: int):
-        low, high = BY_NAME["steps"].range   # the range of the CLI and the node, for the API too
-        if isinstance(value, bool) or int(value) != value or not low <= int(value) <= high:
-            raise ConfigError(f"steps must be an integer in {low}..{high}, got {value!r}")
-        self._solver = DPMSolverSDE(self.schedule, int(value), process=self._process)
+        # the range of the CLI and the node, for the API too
+        self._solver = DPMSolverSDE(self.schedule, _whole("steps", value), process=self._process)
+
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance weight w (1: conditional only)."""
+        return self._guidance
+
+    @guidance.setter
+    def guidance(self, value: float):
+        self._guidance = _guidance(value)
+
+    @property
+    def n_fps(self) -> int:
+        """Points farthest-point sampled from the scan (the solver starts from n_fps x tile)."""
+        return self._n_fps
+
+    @n_fps.setter
+    def n_fps(self, value: int):
+        self._n_fps = _whole("n_fps", value)
+
+    @property
+    def tile(self) -> int:
+        return self._tile
+
+    @tile.setter
+    def tile(self, value: int):
+        self._tile = _whole("tile", value)
 
     @property
     def process(self) -> str:
@@ -507,10 +538,17 @@ class Completer:
                 return self.denoise_guided(x, t, cond, uncond)
 
         loop_start = _now(clock)
-        x0 = sample(denoise, x_init, self._solver, gen)
+        try:
+            x0 = sample(denoise, x_init, self._solver, gen)
+        except CloudFormatError as exc:   # the scan passed its checks: the networks' values did not
+            raise self._model_error(f"during the solver: {exc}") from None
         # solver = the loop minus the denoiser calls (noise draws, solver arithmetic)
         clock.times["solver"] = _now(clock) - loop_start - clock.times["denoiser"]
 
+        finite = torch.isfinite(x0).all(dim=-1)
+        if not bool(finite.all()):   # (postprocess would drop them silently: an empty completion)
+            raise self._model_error(f"{int((~finite).sum())} of {len(finite)} points of the solver's "
+                                    "result are not finite")
         with clock("postprocess"):
             raw_t = postprocess(x0, x_init, self.post_max_range)
             raw = raw_t.float().cpu().numpy()
@@ -519,12 +557,20 @@ class Completer:
             check()
             with clock("refinement"):
                 refined = self.refine_points(raw_t).cpu().numpy()
+            if not np.isfinite(refined).all():
+                raise self._model_error(f"the refiner made {int((~np.isfinite(refined).all(1)).sum())} of "
+                                        f"{len(refined)} points not finite")
         times = dict(clock.times)
         times["total"] = time.perf_counter() - t_start
         return CompletionResult(points=refined if refined is not None else raw, raw=raw,
                                 refined=refined, timings=times, num_input=n_valid,
                                 num_filtered=len(filtered), num_fps=len(scan_t), seed=used_seed,
                                 steps=self.steps, guidance=self.guidance, process=self.process)
+
+    def _model_error(self, what: str) -> ModelOutputError:
+        return ModelOutputError(f"the networks produced non-finite values from a valid scan ({what}): "
+                                f"check the checkpoint's weights and the settings (guidance w = "
+                                f"{self.guidance:g}, {self.steps} steps, process {self.process})")
 
     def refine_points(self, points: torch.Tensor) -> torch.Tensor:
         """Refiner: (N, 3 k) offsets in metres, k points per input point -> (k N, 3)."""
@@ -545,6 +591,27 @@ class Completer:
                 f"refine={self.refine}, "
                 f"device={self.device}, seed={self.seed}, precision={self.precision}, "
                 f"n_fps={self.n_fps}, tile={self.tile}, fps={self.fps}, fps_parts={self.fps_parts}, cuda_graphs={self.graphs_active})")
+
+
+def _guidance(value) -> float:
+    """``value`` as a guidance weight within the CLI's and the node's range; ConfigError else."""
+    low, high = BY_NAME["guidance"].range
+    w = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else float("nan")
+    if not low <= w <= high:   # (NaN fails every comparison)
+        raise ConfigError(f"guidance must be a number in {low:g}..{high:g}, got {value!r}")
+    return w
+
+
+def _whole(name: str, value) -> int:
+    """``value`` as an integer within the CLI's and the node's range of ``name``; ConfigError else."""
+    low, high = BY_NAME[name].range
+    try:
+        whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and int(value) == value
+    except (ValueError, OverflowError):   # NaN, inf
+        whole = False
+    if not whole or not low <= int(value) <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
 
 
 def _now(clock: _Clock) -> float:

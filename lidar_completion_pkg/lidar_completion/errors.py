@@ -25,5 +25,10 @@ class ConfigError(LidarCompletionError, ValueError):
     """A configuration value is invalid."""
 
 
+class ModelOutputError(LidarCompletionError):
+    """The networks produced NaN / inf points from a valid scan (their weights or settings, e.g. a
+    guidance weight far out of range, not the scan)."""
+
+
 class Cancelled(LidarCompletionError):
     """A completion was abandoned because its caller asked it to stop (``should_stop``)."""
