@@ -425,3 +425,12 @@ def test_bag_bench_fails_when_no_scan_is_completed(tiny_checkpoint, tmp_path, ca
     assert captured.err.count("too few points") == 2, captured.err
     assert captured.out.strip().splitlines()[-1] == "p50_ms=nan p95_ms=nan dropped=2/2"
     assert (out / "report.json").exists()
+
+
+def test_the_cli_start_time_default_is_the_library_default():
+    """`bag-from-kitti --help` said "(default 2011-10-03 00:00 UTC) ... (default: None)"."""
+    from lidar_completion.bags.kitti import DEFAULT_START_NS
+    from lidar_completion.cli import build_parser
+
+    args = build_parser().parse_args(["bag-from-kitti", "root", "--sequence", "00", "--out", "out"])
+    assert int(round(args.start_time * 1e9)) == DEFAULT_START_NS

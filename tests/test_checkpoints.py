@@ -130,6 +130,10 @@ def test_error_modified_content(tmp_path):
     torch.save(obj, tmp_path / "b.pt")
     with pytest.raises(CheckpointError, match="content hash mismatch"):
         load_checkpoint(tmp_path / "b.pt")
+    del obj["content_hash"]                   # no hash at all: said so, not "mismatch (file None)"
+    torch.save(obj, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="field 'content_hash' missing"):
+        load_checkpoint(tmp_path / "c.pt")
 
 
 def test_error_wrong_prefix_names_the_prefixes(tmp_path):

@@ -312,3 +312,11 @@ def test_a_checkpoint_with_unusable_sampling_settings_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"nan\.pt: its sampling\.guidance is not usable: guidance must"):
         Completer.from_checkpoint(path, backend="torch")
     assert Completer.from_checkpoint(path, backend="torch", guidance=2.0).guidance == 2.0   # overridden
+
+
+def test_a_setting_given_twice_to_from_settings_is_named():
+    """from_settings(CompletionSettings(...), seed=0) failed with Python's "got multiple values for
+    keyword argument 'seed'"."""
+    with pytest.raises(ConfigError, match=r"seed given both in the settings and as keyword argument: set it "
+                                          r"in the settings, e\.g\. dataclasses\.replace\(settings, seed=\.\.\.\)"):
+        Completer.from_settings(CompletionSettings(n_fps=500), seed=0)

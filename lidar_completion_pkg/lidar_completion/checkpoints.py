@@ -284,6 +284,9 @@ def read_state_dicts(path, include=(), allow_pickle: bool | None = None):
         except KeyError as exc:
             raise CheckpointError(f"{path}: incomplete checkpoint, field {exc} missing") from None
         digest = content_hash(sds, cfg, sampling)
+        if obj.get("content_hash") is None:
+            raise CheckpointError(f"{path}: incomplete checkpoint, field 'content_hash' missing (written by "
+                                  "hand, not by save_checkpoint / the trainers' export?)")
         if obj.get("content_hash") != digest:
             raise CheckpointError(f"{path}: content hash mismatch (file {str(obj.get('content_hash'))[:12]}…, "
                                   f"computed {digest[:12]}…): the file was modified or is corrupt")

@@ -236,7 +236,13 @@ class Completer:
         defaults when None); ``kwargs`` are constructor options the settings do not hold
         (``post_max_range``, ``min_points``, ``schedule``)."""
         s = settings if settings is not None else CompletionSettings()
-        return cls.from_checkpoint(s.checkpoint, **s.completer_kwargs(), **kwargs)
+        held = s.completer_kwargs()
+        both = sorted(set(kwargs) & (set(held) | {"checkpoint", "path"}))
+        if both:
+            raise ConfigError(f"{', '.join(both)} given both in the settings and as keyword argument"
+                              f"{'s' if len(both) > 1 else ''}: set {'them' if len(both) > 1 else 'it'} in the "
+                              f"settings, e.g. dataclasses.replace(settings, {both[0]}=...)")
+        return cls.from_checkpoint(s.checkpoint, **held, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path=None, steps: int | None = None, guidance: float | None = None,

@@ -41,9 +41,9 @@ def register(subparsers) -> None:
                    help="vehicle frame on the ground under the LiDAR (odom -> it on /tf)")
     p.add_argument("--sensor-height", type=float, default=1.73,
                    help="height of the LiDAR above --base-frame in metres (KITTI: 1.73)")
-    p.add_argument("--start-time", type=float, default=None,
-                   help="seconds since the epoch added to times.txt (default 2011-10-03 00:00 UTC) "
-                        "so that no stamp is 0")
+    p.add_argument("--start-time", type=float, default=1_317_600_000.0,   # bags.kitti.DEFAULT_START_NS
+                   help="seconds since the epoch added to times.txt so that no stamp is 0 (the default "
+                        "is 2011-10-03 00:00 UTC)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
     p.set_defaults(func=run_from_kitti)
