@@ -775,3 +775,21 @@ def test_resuming_with_another_model_size_is_a_short_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not match this configuration (another model size?)" in err
     assert len(err.strip().splitlines()) == 1 and "more)" in err, err[:2000]
+
+
+def test_a_resume_that_cannot_work_fails_before_data_is_made_or_a_folder_written(tmp_path, monkeypatch):
+    """--resume of a missing file, of a file that is no checkpoint, or of another kind's state was
+    refused only after the networks were built and the data made, and left a run folder behind."""
+    built = []
+    monkeypatch.setattr(TeacherTrainer, "build_source", lambda self: built.append(1))
+    cfg = tiny_config("teacher", "train.max_steps=2")
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint\n")
+    refiner_state = tmp_path / "refiner.ckpt"
+    save_state(refiner_state, {"kind": "refiner", "step": 1})
+    for resume, words in ((tmp_path / "nope.ckpt", "does not exist"), (text, "not"),
+                          (refiner_state, "is a 'refiner' training state, expected 'teacher'")):
+        out = tmp_path / f"run_{resume.stem}"
+        with pytest.raises(CheckpointError, match=words):
+            TeacherTrainer(cfg, out, resume=str(resume), source=None)
+        assert not out.exists() and not built, resume

@@ -143,6 +143,19 @@ class Trainer(abc.ABC):
             raise ConfigError(f"{self.out} already holds the checkpoints of a run (latest: "
                               f"{earlier.latest_path()}); continue "
                               f"it with --resume, or give this run another --out (or delete that folder)")
+        # a --resume that cannot work fails here, before any data is made or folder written
+        self._resume_state = None
+        if resume:
+            path = earlier.resolve(resume)
+            if path is None and resume is not True:
+                raise CheckpointError(f"--resume {resume}: no checkpoint found there")
+            if path is not None:
+                if not path.is_file():
+                    raise CheckpointError(f"--resume {resume}: {path} does not exist")
+                st = load_state(path, map_location="cpu")   # CheckpointError for a corrupt file
+                if st.get("kind") != self.kind:
+                    raise CheckpointError(f"{path} is a {st.get('kind')!r} training state, expected {self.kind!r}")
+                self._resume_state = (path, st)
         self.dist = dist_info or D.init(cfg.get("device", "auto"))
         self.device = self.dist.device
         if int(cfg.get("threads") or 0) > 0:
@@ -413,7 +426,9 @@ class Trainer(abc.ABC):
         return self.save()
 
     def load(self, path) -> None:
-        st = load_state(path, map_location="cpu")
+        early = getattr(self, "_resume_state", None)   # read once, by __init__'s early check
+        st = early[1] if early is not None and early[0] == path else load_state(path, map_location="cpu")
+        self._resume_state = None
         if st.get("kind") != self.kind:
             raise CheckpointError(f"{path} is a {st.get('kind')!r} training state, expected {self.kind!r}")
         gb = self.dist.world_size * int(self.cfg["train"]["batch_size"])
