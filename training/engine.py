@@ -327,8 +327,9 @@ class Trainer(abc.ABC):
         too high learning rate): checked before the weights are rendered, saved or exported, so that
         neither a plot of NaN points nor a checkpoint of them ends the run (the next step's loss
         would only show it one step later)."""
-        bad = [name for name, m in self.trainable.items()
-               if not all(bool(torch.isfinite(p.detach()).all()) for p in m.parameters())]
+        finite = {name: torch.stack([torch.isfinite(p.detach()).all() for p in m.parameters()]).all()
+                  for name, m in self.trainable.items()}   # one device read per network
+        bad = [name for name, ok in finite.items() if not bool(ok)]
         if D.any_flag(bool(bad), self.device):
             which = ", ".join(bad) if bad else "the networks (on another rank)"
             raise TrainingDivergedError(
