@@ -10,8 +10,9 @@ Two sources, one interface (:meth:`lookup` -> 4x4 matrix that maps ``source`` co
   the recent history of dynamic ones (``cache_time`` seconds), interpolated at the requested stamp
   (translation linearly, rotation by spherical linear interpolation), chained through the tree like
   tf2. As in tf2, a stamp outside the buffered span is never extrapolated, stamp 0 means the
-  latest time at which the whole path is known (tf2's latest common time), and a transform with a non-finite value or a quaternion that is not of unit length
-  (its squared norm off by more than 0.01) is ignored.
+  latest time at which the whole path is known (tf2's latest common time), a re-parented frame keeps
+  its history (each sample with its parent), and a transform with a non-finite value or a
+  quaternion that is not of unit length (its squared norm off by more than 0.01) is ignored.
 
 :func:`make_frames` picks one. :func:`apply` transforms an (N, 3) cloud. The rotation algebra is
 scipy's (``scipy.spatial.transform``); nothing here writes quaternion code of its own.
@@ -204,7 +205,6 @@ class TransformBuffer:
         if child in self._static:
             return self._static[child][1]
         stamps, samples, parents = self._dynamic[child]
-        parent = self._parent(child, t_ns)
         if t_ns == 0:
             i = len(stamps) - 1
             translation, quat = samples[i]
@@ -218,6 +218,7 @@ class TransformBuffer:
                     what = f"the newest is {(t_ns - newest) / 1e9:.3f} s older than the cloud"
                 else:
                     what = f"the oldest kept is {(oldest - t_ns) / 1e9:.3f} s newer than the cloud"
+                parent = self._parent(child, t_ns)
                 raise TransformUnavailable(STALE, f"transform {parent} -> {child} is not known at "
                                                   f"{_stamp_text(t_ns)} ({what})")
             elif parents[i - 1] != parents[i]:

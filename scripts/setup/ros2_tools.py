@@ -259,10 +259,11 @@ def install(folder: Path) -> None:
     if proc.returncode != 0:
         raise ToolsError("pip could not install the wheels:\n" + proc.stderr[-3000:])
     script = Path(__file__).resolve().parent / "build_interfaces.sh"
-    for src in sorted((folder / "interfaces").iterdir()):
+    interfaces = sorted((folder / "interfaces").iterdir())
+    for src in interfaces:
         if subprocess.run(["bash", str(script), str(src)], env={**os.environ, "PYTHON": sys.executable}).returncode:
             raise ToolsError(f"{src.name} could not be built (above): ros2 launch cannot start without it")
-    log(f"installed {len(wheels)} wheels and {', '.join(sorted(p.name for p in (folder / 'interfaces').iterdir()))}")
+    log(f"installed {len(wheels)} wheels and {', '.join(p.name for p in interfaces)}")
 
 
 def main(argv: list[str] | None = None) -> int:

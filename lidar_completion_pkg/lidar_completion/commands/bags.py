@@ -109,11 +109,10 @@ def register(subparsers) -> None:
 
 
 def run_from_kitti(args) -> int:
-    from ..bags.kitti import DEFAULT_START_NS, bag_from_kitti
+    from ..bags.kitti import bag_from_kitti
 
-    start = DEFAULT_START_NS if args.start_time is None else int(round(args.start_time * 1e9))
     summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
-                             limit=args.limit, start_time_ns=start, topic=args.topic,
+                             limit=args.limit, start_time_ns=int(round(args.start_time * 1e9)), topic=args.topic,
                              frame_id=args.frame_id, base_frame=args.base_frame,
                              sensor_height=args.sensor_height, progress=getattr(args, "progress", True))
     print(f"wrote {summary['scans']} scans ({summary['points']} points, {summary['duration_s']:.1f} s) "
