@@ -136,6 +136,33 @@ def test_error_modified_content(tmp_path):
         load_checkpoint(tmp_path / "c.pt")
 
 
+def test_non_finite_weights_are_refused_at_save_and_at_load(tmp_path):
+    """A network with NaN / inf weights makes every completion non-finite (the node then refused
+    every scan one by one): save_checkpoint refuses to write it, and a file that holds such weights
+    (a published Lightning file, or ours re-hashed by hand) is refused at load naming the tensor."""
+    cfg = ModelConfig.tiny()
+    den = Denoiser(cfg, "torch")
+    with torch.no_grad():
+        den.last[2].bias[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not saving .*bad\.pt: the denoiser network has non-finite "
+                                              r"values \(NaN/inf\) in last\.2\.bias \(1 of \d+\)"):
+        save_checkpoint(tmp_path / "bad.pt", {"denoiser": den}, cfg)
+    assert not (tmp_path / "bad.pt").exists()
+    with torch.no_grad():                          # finite in float32, inf in float16
+        den.last[2].bias[0] = 1e6
+    with pytest.raises(CheckpointError, match="after the float16 conversion"):
+        save_checkpoint(tmp_path / "half.pt", {"denoiser": den}, cfg, half=True)
+    save_checkpoint(tmp_path / "full.pt", {"denoiser": den}, cfg)   # float32 holds it
+
+    sd = lightning_file(tmp_path / "nan.ckpt", {"model.": "denoiser", "partial_enc.": "encoder"})
+    name = next(k for k in sd if k.startswith("model.") and sd[k].is_floating_point() and sd[k].numel() > 1)
+    sd[name].view(-1)[1] = float("inf")
+    torch.save({"state_dict": sd}, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=rf"nan\.ckpt: the denoiser weights hold non-finite values "
+                                              rf"\(NaN/inf\) in {name[len('model.'):]} \(1 of"):
+        load_checkpoint(tmp_path / "nan.ckpt")
+
+
 def test_error_wrong_prefix_names_the_prefixes(tmp_path):
     lightning_file(tmp_path / "x.ckpt", {"net.": "denoiser"})
     with pytest.raises(CheckpointError, match="unrecognised checkpoint layout.*net\\."):

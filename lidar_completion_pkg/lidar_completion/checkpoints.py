@@ -99,6 +99,20 @@ def content_hash(state_dicts: dict, config: dict, sampling: dict) -> str:
     return h.hexdigest()
 
 
+def _non_finite(state_dict: dict) -> str:
+    """'' when every floating tensor is finite, else which tensors are not (for an error message)."""
+    bad = []
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()})")
+    if not bad:
+        return ""
+    more = f" (+{len(bad) - 4} more tensors)" if len(bad) > 4 else ""
+    return "non-finite values (NaN/inf) in " + ", ".join(bad[:4]) + more
+
+
 def save_checkpoint(path, models: dict, config: ModelConfig, sampling: dict | None = None,
                     kind: str = "student", meta: dict | None = None, half: bool = False) -> str:
     """Save networks (``{"encoder": m, "denoiser": m, "refiner": m}``, any subset; modules or state
@@ -117,6 +131,13 @@ def save_checkpoint(path, models: dict, config: ModelConfig, sampling: dict | No
             if half and v.is_floating_point():
                 v = v.half()
             out[k] = v.clone()
+        # a network that diverged, or a float16 export of values past 65504, would be refused by
+        # every load: refuse to write it (the file on disk, if any, stays as it was)
+        bad = _non_finite(out)
+        if bad:
+            overflow = half and not _non_finite(sd)
+            raise CheckpointError(f"not saving {path}: the {role} network has {bad}"
+                                  + (" after the float16 conversion (values beyond ±65504)" if overflow else ""))
         state_dicts[role] = out
     if not state_dicts:
         raise CheckpointError("nothing to save: no network given")
@@ -262,6 +283,10 @@ def _build(role: str, config: ModelConfig, sd: dict, backend, device, source: st
                 parts.append(f"{len(items)} {label}: " + ", ".join(items[:8]) + more)
         raise CheckpointError(f"{source}: the {role} weights do not match the network - " + "; ".join(parts))
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    bad = _non_finite(sd)
+    if bad:   # such a network makes every completion non-finite: refuse it at load, not per scan
+        raise CheckpointError(f"{source}: the {role} weights hold {bad}: the run that wrote them "
+                              "diverged, or the file was edited")
     net.load_state_dict(sd, strict=True)
     return net.to(device).eval()
 
