@@ -190,3 +190,18 @@ def test_complete_cli_batch_refuses_bad_arguments_before_loading(ckpt, scan_file
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_skip_existing_with_one_scan_into_a_folder(ckpt, scan_file, tmp_path, capsys):
+    """README lists --skip-existing for an -o that ends with '/'; with one scan it was refused ("is
+    for several inputs"), which broke a loop of single-scan calls into one folder."""
+    out = tmp_path / "dense"
+    assert main(["complete", str(scan_file), "-o", f"{out}/", "--skip-existing", *FAST]) == 0
+    done = out / "scan.bin"
+    assert len(read_cloud(done)) > 0
+    done.write_bytes(b"kept")
+    capsys.readouterr()
+    assert main(["complete", str(scan_file), "-o", f"{out}/", "--skip-existing", *FAST]) == 0
+    assert done.read_bytes() == b"kept" and "1 left as it was" in capsys.readouterr().out
+    assert main(["complete", str(scan_file), "-o", str(tmp_path / "one.bin"), "--skip-existing", *FAST]) == 1
+    assert "--skip-existing is for several inputs or an output folder" in capsys.readouterr().err

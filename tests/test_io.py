@@ -292,3 +292,34 @@ def test_an_ascii_integer_field_out_of_its_range_is_refused(tmp_path, ext):
     with pytest.raises(CloudFormatError, match="'intensity' is declared uint8 .0..255. but holds values "
                                                "from 10 to 300"):
         read_cloud(p, xyz_only=False)
+
+
+def test_a_pcd_header_with_tabs_reads_as_pcl_reads_it(tmp_path, cloud):
+    """PCL splits header words on tabs as on spaces: a tab-separated header was refused with "no
+    'DATA' line", although it has one."""
+    pts = cloud[:50, :3]
+    head = "\n".join(["# .PCD v0.7", "VERSION\t0.7", "FIELDS\tx\ty\tz", "SIZE\t4\t4\t4", "TYPE\tF\tF\tF",
+                      "COUNT 1\t1 1", "WIDTH\t50", "HEIGHT\t1", "VIEWPOINT 0 0 0 1 0 0 0", "POINTS\t50",
+                      "DATA\tascii"]) + "\n"
+    body = "".join(f"{x!r}\t{y!r}\t{z!r}\n" for x, y, z in pts.tolist())
+    (tmp_path / "tabs.pcd").write_text(head + body)
+    assert np.array_equal(read_cloud(tmp_path / "tabs.pcd"), pts)
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+def test_a_transposed_npy_is_named_not_read_as_a_few_points(tmp_path, cloud, rows):
+    """A (3, N) array read as 3 points of N coordinates: `complete` said "too few points" of a file of
+    thousands, and evaluate-files scored 3 points."""
+    np.save(tmp_path / "t.npy", cloud[:, :rows].T)
+    with pytest.raises(CloudFormatError, match=r"shape \(%d, 1234\) holds a point per column.*array\.T" % rows):
+        read_cloud(tmp_path / "t.npy")
+    np.save(tmp_path / "few.npy", cloud[:4, :3])            # four real points stay four points
+    assert read_cloud(tmp_path / "few.npy").shape == (4, 3)
+
+
+def test_bin_written_as_xyz_records(tmp_path, cloud):
+    p = write_cloud(tmp_path / "a.bin", cloud, bin_format="xyz")
+    assert p.stat().st_size == 12 * len(cloud)
+    assert np.array_equal(read_cloud(p, bin_format="xyz"), cloud[:, :3])
+    with pytest.raises(CloudFormatError, match="bin_format"):
+        write_cloud(tmp_path / "b.bin", cloud, bin_format="xyzi")

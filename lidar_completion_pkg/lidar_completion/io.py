@@ -133,6 +133,11 @@ def _read_npy(path: Path) -> np.ndarray:
         raise CloudFormatError(f"{path}: expected a numeric array, found dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise CloudFormatError(f"{path}: expected an array of shape (N, 3+), found {arr.shape}")
+    if arr.shape[0] in (3, 4) and arr.shape[1] > 16:
+        # (3, N) or (4, N) reads as 3 or 4 "points" of N coordinates: a cloud stored a column per
+        # point (e.g. saved from a 3 x N matrix), not N rows of x, y, z
+        raise CloudFormatError(f"{path}: an array of shape {arr.shape} holds a point per column, not "
+                               f"per row; expected (N, 3+): save its transpose (array.T)")
     return arr
 
 
@@ -155,7 +160,7 @@ def _read_header_lines(f, path: Path, end_marker: str, max_lines: int = 200) -> 
             raise CloudFormatError(f"{path}: header ended before '{end_marker}' (truncated file)")
         line = raw.decode("ascii", errors="replace").strip()
         lines.append(line)
-        if line.split(" ", 1)[0].upper() == end_marker.upper():
+        if (line.split(None, 1) or [""])[0].upper() == end_marker.upper():
             return lines
     raise CloudFormatError(f"{path}: no '{end_marker}' line in the first {max_lines} header lines")
 
@@ -326,8 +331,8 @@ def _read_pcd(path: Path) -> np.ndarray:
         for line in header:
             if not line or line.startswith("#"):
                 continue
-            key, _, rest = line.partition(" ")
-            meta[key.upper()] = rest.split()
+            key, *rest = line.split()       # any whitespace between words, as PCL reads them
+            meta[key.upper()] = rest
         for key in ("FIELDS", "SIZE", "TYPE", "DATA"):
             if key not in meta:
                 raise CloudFormatError(f"{path}: PCD header lacks the {key} line")
@@ -496,9 +501,11 @@ def _pcd_decompress(path: Path, raw: bytes, dtype: np.dtype, npts: int, padding=
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def write_cloud(path, points, binary: bool = True, field_names=None, durable: bool = True) -> Path:
+def write_cloud(path, points, binary: bool = True, field_names=None, durable: bool = True,
+                bin_format: str = "kitti") -> Path:
     """Write an (N, >=3) array; the format follows the extension. ``binary`` selects binary or
-    ascii for .ply/.pcd. ``.bin`` always writes x, y, z, intensity (0 when not given). Extra columns
+    ascii for .ply/.pcd. ``.bin`` writes float32 x, y, z, intensity (0 when not given) records, or
+    x, y, z records with ``bin_format="xyz"`` (the layout of the ground-truth cache). Extra columns
     go to .npy as they are and to .ply/.pcd as ``field_names[3:]`` (default ``intensity`` for the
     fourth, ``f4``, ``f5``... after it). Creates missing parent directories.
 
@@ -508,6 +515,8 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
     batch would take for done. ``durable`` also fsyncs it before the rename."""
     path = Path(path)
     ext = _suffix(path)
+    if bin_format not in BIN_FORMATS:
+        raise CloudFormatError(f"bin_format: expected one of {', '.join(BIN_FORMATS)}, got {bin_format!r}")
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] < 3 or pts.dtype.kind not in "fiu":
         raise CloudFormatError(f"{path}: can only write a numeric (N, 3+) array, got shape "
@@ -520,8 +529,9 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
 
     def write(f):
         if ext == ".bin":
-            out = np.zeros((len(pts), 4), dtype="<f4")
-            out[:, :min(4, pts.shape[1])] = pts[:, :4]
+            width = 4 if bin_format == "kitti" else 3
+            out = np.zeros((len(pts), width), dtype="<f4")
+            out[:, :min(width, pts.shape[1])] = pts[:, :width]
             f.write(out.tobytes())
         elif ext == ".npy":
             np.save(f, pts)    # to a file object, so no ".npy" is appended to the temporary name

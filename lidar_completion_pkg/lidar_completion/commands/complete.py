@@ -44,11 +44,13 @@ def register(subparsers) -> None:
                    help="with several inputs or an output folder: the completions' format [each "
                         "input's own]")
     p.add_argument("--bin-format", choices=BIN_FORMATS, default="kitti",
-                   help="how .bin inputs are read: 'kitti' float32 x, y, z, intensity (16 bytes a "
-                        "point); 'xyz' float32 x, y, z (12 bytes a point, as `build-gt` writes its "
-                        "targets). The file cannot tell: 4 xyz points are 3 KITTI points [kitti]")
+                   help="how .bin inputs are read and .bin completions written: 'kitti' float32 x, "
+                        "y, z, intensity (16 bytes a point; the completions' intensity is 0); 'xyz' "
+                        "float32 x, y, z (12 bytes a point, as `build-gt` writes its targets). The "
+                        "file cannot tell: 4 xyz points are 3 KITTI points [kitti]")
     p.add_argument("--skip-existing", action="store_true",
-                   help="with several inputs: leave scans whose output file exists (resume a batch)")
+                   help="with several inputs or an output folder (-o DIR/): leave scans whose output "
+                        "file exists (resume a batch)")
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -165,7 +167,8 @@ def run(args) -> int:
     files = _expand(args.inputs)
     batch = len(args.inputs) > 1 or Path(args.inputs[0]).is_dir()
     out = Path(args.output)
-    if not batch and _is_folder_name(args.output):
+    into_folder = not batch and _is_folder_name(args.output)
+    if into_folder:
         # one scan into a folder: under the scan's name, as a batch names its completions
         src = files[0]
         if not args.format and src.suffix.lower() not in FORMATS:
@@ -183,8 +186,9 @@ def run(args) -> int:
                                    "into a folder)")
         if args.render and Path(args.render).suffix.lower() != ".png":
             raise ConfigError(f"--render expects a .png path, got {args.render!r}")
-        if args.skip_existing:
-            raise ConfigError("--skip-existing is for several inputs; with one, run the command or not")
+        if args.skip_existing and not into_folder:
+            raise ConfigError("--skip-existing is for several inputs or an output folder (-o DIR/); "
+                              "with one output file, run the command or not")
         if args.ascii and out.suffix.lower() not in (".ply", ".pcd"):
             log.warning("--ascii applies to .ply and .pcd outputs; %s is written in its binary format", out)
         if _is_same_file(files[0], out):
@@ -194,6 +198,9 @@ def run(args) -> int:
         if args.render:
             _check_writable(Path(args.render), "--render")
     settings = CompletionSettings.from_args(args)   # ConfigError for values out of range
+    if into_folder and args.skip_existing and out.exists():
+        print(f"completed 0 of 1 scans into {out.parent}, 1 left as it was (--skip-existing): {out}")
+        return 0
     if batch:
         return _run_batch(args, settings, files, out)
 
@@ -210,7 +217,7 @@ def run(args) -> int:
         raise CloudFormatError(f"{files[0]}: {exc}") from None
     _check_kept_points(completer, files[0], scan, result)
     try:
-        write_cloud(out, result.points, binary=not args.ascii)
+        write_cloud(out, result.points, binary=not args.ascii, bin_format=args.bin_format)
     except OSError as exc:                 # a full disk: name the output, not our temporary file
         raise LidarCompletionError(_write_error(exc, out)) from None
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
@@ -291,7 +298,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             scan = _read_scan(src, args.bin_format)
             result = completer.complete_detailed(scan, seed=seed)
             _check_kept_points(completer, src, scan, result)
-            write_cloud(dst, result.points, binary=not args.ascii)
+            write_cloud(dst, result.points, binary=not args.ascii, bin_format=args.bin_format)
             if png is not None:
                 target = png
                 _render(png, scan, result, src.name)
