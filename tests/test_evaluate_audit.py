@@ -347,3 +347,110 @@ def test_help_shows_the_defaults_of_emd_metric_workers_and_out(capsys, command):
     assert "(default both)" in text and "(default 1)" in text
     assert "(default evaluation_<" in text
     assert "exit status" in text
+
+
+# ------------------------------------------- 4. evaluate-files: files that change, folders apart
+def _pairs(tmp_path, n=3, seed=0):
+    """``n`` (prediction, ground truth) .npy pairs in tmp_path/pred, tmp_path/gt."""
+    from lidar_completion.io import write_cloud
+    r = np.random.default_rng(seed)
+    for k in range(n):
+        gt = r.uniform(-8, 8, (800, 3)).astype(np.float32)
+        write_cloud(tmp_path / "pred" / f"{k:06d}.npy", gt[:600] + r.normal(0, 0.05, (600, 3)).astype(np.float32))
+        write_cloud(tmp_path / "gt" / f"{k:06d}.npy", gt)
+    return tmp_path / "pred", tmp_path / "gt"
+
+
+def test_a_resumed_evaluate_files_scores_again_the_frames_whose_files_changed(tmp_path, caplog):
+    """Resuming into the same --out used to report the numbers of files that had changed since (the
+    run was named by its folders' paths only): a frame whose prediction or ground truth is another
+    file now (size or modification time) is scored again; the others are kept."""
+    import logging
+    import os
+
+    from lidar_completion.io import read_cloud, write_cloud
+    pred, gt = _pairs(tmp_path)
+    opts = EvalOptions(emd="none", progress=False, plots=False)
+    first = evaluate_files(pred, gt, tmp_path / "o", options=opts)
+    fresh_cd = {r["frame"]: r["cd"] for r in read_records(tmp_path / "o" / "frames.jsonl")}
+    moved = read_cloud(gt / "000001.npy") + np.float32(20.0)
+    write_cloud(gt / "000001.npy", moved)
+    st = (gt / "000001.npy").stat()
+    os.utime(gt / "000001.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # a later time, surely
+    with caplog.at_level(logging.INFO):
+        again = evaluate_files(pred, gt, tmp_path / "o", options=opts)
+    assert "1 frame(s) scored before have other files now" in caplog.text and "000001" in caplog.text
+    recs = read_records(tmp_path / "o" / "frames.jsonl")
+    assert len(recs) == 4 and recs[-1]["frame"] == "000001" and recs[-1]["cd"] > fresh_cd["000001"] + 10
+    reference = evaluate_files(pred, gt, tmp_path / "fresh", options=opts)
+    assert again["cd"]["mean"] == pytest.approx(reference["cd"]["mean"], rel=1e-12)
+    assert again["cd"]["mean"] != pytest.approx(first["cd"]["mean"])
+    # and nothing else changed: a third run computes nothing
+    before = (tmp_path / "o" / "frames.jsonl").read_text()
+    evaluate_files(pred, gt, tmp_path / "o", options=opts)
+    assert (tmp_path / "o" / "frames.jsonl").read_text() == before
+
+
+def test_an_empty_ground_truth_file_ends_the_run_naming_it(tmp_path, capsys):
+    """An empty ground truth used to be scored silently (CD left out, every predicted voxel a false
+    positive of IoU), exit status 0."""
+    pred, gt = _pairs(tmp_path)
+    np.save(gt / "000002.npy", np.zeros((0, 3), np.float32))
+    assert main(["evaluate-files", str(pred), str(gt), "--emd", "none", "--no-plots", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "000002.npy: the ground truth holds no points" in err
+
+
+def test_predictions_and_ground_truth_bin_formats_apart(synth, tmp_path, tiny_ckpt):
+    """`complete` writes KITTI .bin completions; targets copied out of the cache are x, y, z: one
+    --bin-format for both folders read one of them wrongly (a silently wrong CD). --pred-bin-format
+    / --gt-bin-format set each folder's layout; the result equals the cache read in place."""
+    targets = synth / "gt_cache" / "08" / "targets"
+    preds = tmp_path / "preds"
+    assert main(["complete", str(synth / "sequences" / "08" / "velodyne"), "-o", str(preds) + "/",
+                 "--checkpoint", str(tiny_ckpt), "--steps", "1", "--n-fps", "300", "--tile", "2",
+                 "--no-refine", "--seed", "0", "--backend", "torch"]) == 0
+    copied = tmp_path / "copied"
+    shutil.copytree(targets, copied)
+    common = ["--emd", "none", "--no-plots", "--no-progress"]
+    assert main(["evaluate-files", str(preds), str(targets), "--out", str(tmp_path / "in_place")] + common) == 0
+    assert main(["evaluate-files", str(preds), str(copied), "--gt-bin-format", "xyz",
+                 "--out", str(tmp_path / "apart")] + common) == 0
+    in_place = json.loads((tmp_path / "in_place" / "summary.json").read_text())
+    apart = json.loads((tmp_path / "apart" / "summary.json").read_text())
+    assert apart["run"]["bin_format"] == {"pred": "kitti", "gt": "xyz"} == in_place["run"]["bin_format"]
+    assert apart["cd"]["mean"] == in_place["cd"]["mean"]
+    # `complete --bin-format xyz` writes x, y, z .bin completions: read with --pred-bin-format xyz
+    xyz_preds = tmp_path / "xyz_preds"
+    for scan in sorted((synth / "sequences" / "08" / "velodyne").glob("*.bin")):
+        raw = np.fromfile(scan, np.float32).reshape(-1, 4)[:, :3]
+        raw.tofile(tmp_path / scan.name)
+    assert main(["complete", *sorted(str(p) for p in tmp_path.glob("00000*.bin")), "-o", str(xyz_preds),
+                 "--bin-format", "xyz", "--checkpoint", str(tiny_ckpt), "--steps", "1", "--n-fps", "300",
+                 "--tile", "2", "--no-refine", "--seed", "0", "--backend", "torch"]) == 0
+    for p in sorted(xyz_preds.glob("*.bin")):
+        assert np.array_equal(np.fromfile(p, np.float32).reshape(-1, 3),
+                              np.fromfile(preds / p.name, np.float32).reshape(-1, 4)[:, :3])
+    assert main(["evaluate-files", str(xyz_preds), str(copied), "--bin-format", "xyz",
+                 "--out", str(tmp_path / "both_xyz")] + common) == 0
+    both = json.loads((tmp_path / "both_xyz" / "summary.json").read_text())
+    assert both["cd"]["mean"] == in_place["cd"]["mean"]
+
+
+def test_restart_and_reruns_leave_no_renders_of_other_frames(tmp_path):
+    """Renders are named after their frame: a run whose best / worst frames were others left the
+    earlier run's PNGs beside its own, and --restart kept them too."""
+    pred, gt = _pairs(tmp_path, n=4)
+    opts = EvalOptions(emd="none", progress=False)
+    s = evaluate_files(pred, gt, tmp_path / "o", options=opts)
+    (tmp_path / "o" / "bev_best1_999999.png").write_bytes(b"an old render")
+    (tmp_path / "o" / "notes.txt").write_text("the user's own file")
+    evaluate_files(pred, gt, tmp_path / "o", options=opts)
+    renders = sorted(p.name for p in (tmp_path / "o").glob("bev_*.png"))
+    assert renders == sorted(s["renders"])
+    (tmp_path / "o" / "bev_worst1_999999.png").write_bytes(b"an old render")
+    evaluate_files(pred, gt, tmp_path / "o", options=EvalOptions(emd="none", progress=False, plots=False,
+                                                                  restart=True))
+    assert not list((tmp_path / "o").glob("bev_*.png")) and not (tmp_path / "o" / "cd_histogram.png").exists()
+    assert (tmp_path / "o" / "notes.txt").is_file() and (tmp_path / "o" / "summary.json").is_file()

@@ -44,9 +44,13 @@ examples:
   lidar-completion evaluate-files lidiff_out/ gt/ --out eval/lidiff
   lidar-completion evaluate-files preds/ gt/ --input-dir scans/ --emd ot
   lidar-completion evaluate-files preds/ /data/gt_cache/08 --out eval/theirs   # GT-cache targets
+  lidar-completion evaluate-files dense/ gt_copy/ --gt-bin-format xyz  # `complete` .bin vs copied targets
 
 predictions that cannot be read or hold NaN/inf coordinates are recorded as failed frames (with the
-file's name) and left out; an unusable ground-truth file stops the run, naming the file."""
+file's name) and left out; an unusable ground-truth file (unreadable, NaN/inf, no points) stops the
+run, naming the file. A rerun into the same --out keeps the frames already scored, except those
+whose prediction or ground-truth file changed since (size or modification time): they are scored
+again."""
 
 STATUS_TEXT = """
 
@@ -140,6 +144,11 @@ def register(subparsers) -> None:
                         "ground-truth cache, recognised by its manifest.json (CACHE/SS or "
                         "CACHE/SS/targets), KITTI elsewhere: pass xyz for targets copied out of "
                         "the cache")
+    for role, folder in (("pred", "PRED_DIR"), ("gt", "GT_DIR")):
+        f.add_argument(f"--{role}-bin-format", choices=BIN_FORMATS, default=None,
+                       help=f"the same for {folder} alone [--bin-format's]" + (
+                           ": `complete` writes .bin completions as KITTI scans (--bin-format there "
+                           "changes it), the cache's targets are xyz" if role == "pred" else ""))
     _common(f, "evaluation_<name of PRED_DIR>", every=False)
     f.set_defaults(func=run_files)
 
@@ -151,7 +160,7 @@ def _options(args, **extra):
                        metric_workers=args.metric_workers, label=args.label, **extra)
 
 
-def _status(summary, out) -> int:
+def _status(summary, out, files: bool = False) -> int:
     """1, with a line naming them, when frames failed (they are in no metric of the summary, which
     a script reading only the exit status must not take for a complete evaluation); else 0."""
     import sys
@@ -162,9 +171,10 @@ def _status(summary, out) -> int:
         return 0
     names = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
     total = summary.get("frames", 0) + len(failed)
+    rerun = "a rerun scores them again once their files changed" if files else \
+        "a rerun keeps them, --restart computes every frame again"
     print(f"error: {len(failed)} of {total} frames failed and are left out of the summary: {names} "
-          f"(their errors: {Path(out) / 'frames.jsonl'}; a rerun keeps them, --restart computes every "
-          "frame again)", file=sys.stderr)
+          f"(their errors: {Path(out) / 'frames.jsonl'}; {rerun})", file=sys.stderr)
     return 1
 
 
@@ -192,6 +202,8 @@ def run_files(args) -> int:
 
     out = args.out or f"evaluation_{Path(args.pred_dir).resolve().name}"
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
-                             options=_options(args), bin_format=args.bin_format)
+                             options=_options(args),
+                             bin_format={"pred": args.pred_bin_format or args.bin_format,
+                                         "gt": args.gt_bin_format or args.bin_format})
     print_summary(summary, out)
-    return _status(summary, out)
+    return _status(summary, out, files=True)

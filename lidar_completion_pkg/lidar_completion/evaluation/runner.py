@@ -96,8 +96,8 @@ class RunStore:
         """The settings that change per-frame numbers must match those of the records in OUT."""
         path = self.out / RUN_FILE
         identity = {k: v for k, v in run.items() if k in run.get("identity_keys", ())}
-        if restart:
-            for p in (self.frames, path):
+        if restart:      # the records and every output made from them
+            for p in (self.frames, path, *(self.out / n for n in REPORT_FILES), *stale_renders(self.out)):
                 if p.exists():
                     p.unlink()
         if path.is_file() and self.frames.is_file():
@@ -163,11 +163,14 @@ class _Extremes:
 
 def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.ndarray], np.ndarray]],
                    predict: Predictor, out, run: Dict, options: EvalOptions = EvalOptions(),
-                   indices: Optional[Sequence[int]] = None) -> Dict:
+                   indices: Optional[Sequence[int]] = None,
+                   signature: Optional[Callable[[str], Dict]] = None) -> Dict:
     """The shared loop: frames ``keys`` in this order, ``load(key) -> (input or None, gt)``,
     ``predict(key, index, input) -> (cloud, timings)``. Appends to OUT/frames.jsonl (skipping frames
     already there), then writes summary.json, summary.md and the plots; returns the summary dict.
-    ``options``: emd, plots, progress, restart and metric_workers apply here."""
+    ``options``: emd, plots, progress, restart and metric_workers apply here. ``signature(key)``
+    (optional) describes the files a frame was read from; it is stored with the frame's record, and
+    a stored record whose signature differs from the frame's now is computed again."""
     from tqdm import tqdm
 
     keys = list(keys)
@@ -186,6 +189,13 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     store = RunStore(out, run, options.restart)
     index_of = dict(zip(keys, indices))
     done = store.records(keys)
+    signatures = {k: signature(k) for k in keys} if signature is not None else {}
+    changed = [k for k in done if signature is not None and done[k].get("files") != jsonable(signatures[k])]
+    for k in changed:
+        del done[k]
+    if changed:
+        log.info("%d frame(s) scored before have other files now (size or modification time), "
+                 "scored again: %s", len(changed), ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""))
     todo = [k for k in keys if k not in done]
     if done:
         log.info("resuming: %d of %d frames already in %s", len(done), len(keys), store.frames)
@@ -194,9 +204,12 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     pending: List[Tuple[str, Future, Dict, np.ndarray]] = []
     workers = options.metric_workers
 
+    def tagged(key) -> Dict:
+        return {"files": signatures[key]} if key in signatures else {}
+
     def fail(key, exc):
         log.warning("frame %s not evaluated: %s", key, exc)
-        rec = store.append({"frame": key, "index": index_of[key], "error": str(exc)})
+        rec = store.append(dict({"frame": key, "index": index_of[key], "error": str(exc)}, **tagged(key)))
         new_records.append(rec)
         return rec
 
@@ -235,7 +248,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
                     fail(key, exc)
                     bar.update(1)
                     continue
-                base = {"frame": key, "index": index_of[key], "timings": timings}
+                base = dict({"frame": key, "index": index_of[key], "timings": timings}, **tagged(key))
                 pending.append((key, submit(frame_metrics, pred, gt, options.emd), base, pred))
                 # metrics of frame i overlap the prediction of i+1 (none pending with 0 workers)
                 while len(pending) > workers:
@@ -283,8 +296,21 @@ def _checked_prediction(pred) -> np.ndarray:
     return pred
 
 
+# what a run writes beside frames.jsonl and run.json, made anew from the records at its end
+REPORT_FILES = ("summary.json", "summary.md", "cd_histogram.png", "metrics_over_sequence.png")
+
+
+def stale_renders(out: Path) -> List[Path]:
+    """The best / worst frame renders in ``out`` (named after their frame, so a later run whose best
+    frames are others would leave them beside its own)."""
+    return sorted(p for pattern in ("bev_best*_*.png", "bev_worst*_*.png") for p in out.glob(pattern)
+                  if p.is_file())
+
+
 def _write_renders(summary, records, extremes, load, predict, index_of, out: Path) -> List[str]:
     by_frame = {str(r["frame"]): r for r in records}
+    for p in stale_renders(out):
+        p.unlink()
     names = []
     for rank, frames in (("best", summary["best_frames"]), ("worst", summary["worst_frames"])):
         for n, frame in enumerate(frames, 1):

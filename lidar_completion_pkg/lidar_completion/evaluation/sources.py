@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -248,8 +248,8 @@ class FileSource:
     """PRED_DIR and GT_DIR clouds paired by stem (at most ``limit``); the optional ``input_dir``
     (same stems) only adds the input scan to the renders.
 
-    ``bin_format`` (:data:`BIN_FORMATS`) says how the ``.bin`` files of PRED_DIR and GT_DIR are read
-    (input scans are KITTI scans). A folder of the ground-truth cache (``CACHE/SS`` or
+    ``bin_format`` (:data:`BIN_FORMATS`, or ``{"pred": ..., "gt": ...}`` for each folder apart)
+    says how the ``.bin`` files of PRED_DIR and GT_DIR are read (input scans are KITTI scans). A folder of the ground-truth cache (``CACHE/SS`` or
     ``CACHE/SS/targets``) is recognised by its manifest: its targets are paired and, with "auto",
     read as the 3 float32 per point the cache writes; any other folder's ``.bin`` files are KITTI
     scans (4 float32 per point) unless "xyz" is given. A prediction that cannot be read or holds
@@ -258,10 +258,16 @@ class FileSource:
     naming the file: the reference itself is wrong."""
 
     def __init__(self, pred_dir, gt_dir, input_dir=None, limit: Optional[int] = None,
-                 bin_format: str = "auto"):
-        if bin_format not in BIN_FORMATS:
-            raise ConfigError(f"bin_format: expected one of {', '.join(BIN_FORMATS)}, "
-                              f"got {bin_format!r}")
+                 bin_format="auto"):
+        given_formats = dict(bin_format) if isinstance(bin_format, Mapping) else \
+            {"pred": bin_format, "gt": bin_format}
+        for role in ("pred", "gt"):
+            given_formats.setdefault(role, "auto")
+        for role, value in given_formats.items():
+            if role not in ("pred", "gt") or value not in BIN_FORMATS:
+                raise ConfigError(f"bin_format: expected one of {', '.join(BIN_FORMATS)} (or a "
+                                  f"mapping of pred / gt to one), got {role}={value!r}")
+        given_formats["input"] = "auto"  # input scans (only drawn) are raw scans: KITTI
         if input_dir is not None and not Path(input_dir).is_dir():
             raise DatasetError(f"input-scan folder {input_dir} does not exist or is not a folder")
         self.formats: Dict[str, str] = {}
@@ -271,8 +277,7 @@ class FileSource:
                 continue
             targets = gt_cache_targets(d)
             folders[role] = targets if targets is not None else Path(d)
-            # input scans (only drawn) are raw scans: KITTI, whatever the other two folders hold
-            given = bin_format if role != "input" else "auto"
+            given = given_formats[role]
             self.formats[role] = given if given != "auto" else \
                 ("xyz" if targets is not None else "kitti")
         self.pred_dir, self.gt_dir = folders["pred"], folders["gt"]
@@ -304,7 +309,21 @@ class FileSource:
         bad = int(len(cloud) - finite.sum())
         if bad:
             raise CloudFormatError(f"{path}: {bad} of {len(cloud)} points have NaN/inf coordinates")
+        if role == "gt" and not len(cloud):   # nothing to score against: CD and EMD are undefined
+            raise CloudFormatError(f"{path}: the ground truth holds no points")
         return cloud
+
+    def signature(self, key: str) -> Dict[str, List]:
+        """Name, size and modification time of frame ``key``'s prediction and ground truth: a
+        resumed run scores again the frames whose files changed since they were scored."""
+        out = {}
+        for role, path in zip(("pred", "gt"), self._files[key]):
+            try:
+                st = path.stat()
+                out[role] = [path.name, st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[role] = [path.name, None, None]
+        return out
 
     def load(self, key: str):
         gt = self.read(self._files[key][1], "gt")
@@ -318,7 +337,7 @@ class FileSource:
 
 
 def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions = EvalOptions(),
-                   bin_format: str = "auto") -> Dict:
+                   bin_format="auto") -> Dict:
     """Evaluate completions made elsewhere (see :class:`FileSource`). Returns the summary dict."""
     src = FileSource(pred_dir, gt_dir, input_dir, options.limit, bin_format)
     run = {"pred_dir": str(src.pred_dir.resolve()), "gt_dir": str(src.gt_dir.resolve()),
@@ -327,4 +346,4 @@ def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions =
            "identity_keys": ["pred_dir", "gt_dir", "bin_format"]}
     run["title"] = f"{run['label']} (files)"
     run["description"] = f"Predictions from {pred_dir}, ground truth from {gt_dir}, paired by stem."
-    return run_evaluation(src.keys, src.load, src.predict, out, run, options)
+    return run_evaluation(src.keys, src.load, src.predict, out, run, options, signature=src.signature)
