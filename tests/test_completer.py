@@ -93,6 +93,12 @@ def test_seeds():
     assert np.array_equal(fresh.complete_detailed(scan, seed=f1.seed).points, f1.points)
     with pytest.raises(ConfigError):
         _completer(seed="abc")
+    # a per-call seed is checked as --seed is: 2**40 used to give the result of seed 0 (and was
+    # logged as 2**40), -1 or 1.5 ran; a numpy integer is an integer
+    for bad in (2**40, -1, 1.5, "1", True):
+        with pytest.raises(ConfigError, match="seed"):
+            fresh.complete_detailed(scan, seed=bad)
+    assert np.array_equal(fresh.complete_detailed(scan, seed=np.int64(f1.seed)).points, f1.points)
 
 
 def test_guidance_one_runs_only_the_conditional_pass():
@@ -320,3 +326,12 @@ def test_a_setting_given_twice_to_from_settings_is_named():
     with pytest.raises(ConfigError, match=r"seed given both in the settings and as keyword argument: set it "
                                           r"in the settings, e\.g\. dataclasses\.replace\(settings, seed=\.\.\.\)"):
         Completer.from_settings(CompletionSettings(n_fps=500), seed=0)
+
+
+def test_post_max_range_must_be_a_positive_distance():
+    """post_max_range=-1 (or 0) kept no point: every completion came back empty, without an error."""
+    for bad in (-1, 0, float("nan"), float("inf"), "50", True):
+        with pytest.raises(ConfigError, match="post_max_range must be None or a positive number"):
+            _completer(post_max_range=bad)
+    assert _completer(post_max_range=None).post_max_range is None
+    assert _completer(post_max_range=np.float32(30.0)).post_max_range == 30.0

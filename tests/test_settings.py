@@ -8,6 +8,7 @@ import argparse
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -51,6 +52,22 @@ def test_table_is_consistent_and_checks_values():
     assert s.replace(steps=5).steps == 5 and s.steps == 4
     with pytest.raises(ConfigError, match="unknown"):
         s.replace(stepz=5)
+
+
+def test_numpy_scalars_are_numbers_and_empty_paths_are_named():
+    """Values taken from numpy arrays (np.int64 steps, np.float32 guidance) were refused as "not of
+    type int"; an empty checkpoint path was looked up as the folder '.'."""
+    s = CompletionSettings(steps=np.int64(4), guidance=np.float32(2.5), n_fps=np.uint16(500), seed=np.int32(7),
+                           refine=np.bool_(False))
+    assert (s.steps, s.guidance, s.n_fps, s.seed, s.refine) == (4, 2.5, 500, 7, False)
+    assert type(s.steps) is int and type(s.guidance) is float and type(s.refine) is bool
+    for bad in (dict(steps=np.bool_(True)), dict(steps=np.float64(4.0)), dict(seed=np.int64(2**40))):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            CompletionSettings(**bad)
+    with pytest.raises(ConfigError, match="checkpoint is an empty string; leave it unset .*shipped student"):
+        CompletionSettings(checkpoint="")
+    with pytest.raises(ConfigError, match="device is an empty string; leave it unset .*cpu"):
+        CompletionSettings(device=" ")
 
 
 def test_choices_come_from_the_modules_that_use_them():

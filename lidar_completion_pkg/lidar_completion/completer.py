@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 import secrets
 import time
@@ -159,9 +160,7 @@ class Completer:
             log.warning("refinement requested but no refiner network is loaded; returning the "
                         "unrefined completion")
         self.refine = bool(refine) and self.refiner is not None
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
-            raise ConfigError(f"seed must be None or an integer, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        self.seed = BY_NAME["seed"].check(seed)     # None or an integer in --seed's range
         if precision not in _PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
         if precision != "fp32" and self.device.type != "cuda":
@@ -169,6 +168,10 @@ class Completer:
         self.precision = precision
         self.min_range, self.max_range, self.min_z = min_range, max_range, min_z
         self.n_fps, self.tile = n_fps, tile   # properties: check the ranges
+        if post_max_range is not None and (isinstance(post_max_range, bool) or not isinstance(
+                post_max_range, numbers.Real) or not 0 < post_max_range < math.inf):
+            raise ConfigError(f"post_max_range must be None or a positive number of metres, got "
+                              f"{post_max_range!r} (the completion keeps points within it)")
         self.post_max_range = post_max_range
         self.min_points = max(2, int(min_points))
         self._uncond_cache: dict = {}
@@ -520,6 +523,7 @@ class Completer:
             if should_stop is not None and should_stop():
                 raise Cancelled("the completion was cancelled by its caller")
 
+        seed = BY_NAME["seed"].check(seed)       # before any work: a seed --seed would refuse
         clock = _Clock(self.device)
         t_start = time.perf_counter()
         with clock("preprocess"):

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Iterable, Optional
+
+import numpy as np
 
 from .errors import ConfigError
 from .preprocess import DEFAULTS
@@ -89,18 +93,27 @@ class Option:
                 return None
             raise ConfigError(f"{self.name} must be set (default {self.default_text()}), got None")
         expected = self.type
+        # numpy's scalars (np.int64 from an array, np.float32) are numbers as Python's are; a
+        # boolean (Python's or numpy's) is no number here
         if expected is bool:
-            ok = isinstance(value, bool)
+            ok = isinstance(value, (bool, np.bool_))
+            value = bool(value) if ok else value
         elif expected is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+            value = int(value) if ok else value
         elif expected is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
             value = float(value) if ok else value
         else:
             ok = isinstance(value, str)
             value = str(value) if ok else value
         if not ok:
             raise ConfigError(f"{self.name} must be of type {expected.__name__}, got {value!r}")
+        if expected is str and self.choices is None and not value.strip():
+            raise ConfigError(f"{self.name} is an empty string; leave it unset (None) for "
+                              f"{self.none_text() if self.default is None else self.default_text()}")
+        if expected is float and self.range is None and not math.isfinite(value):
+            raise ConfigError(f"{self.name} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{self.name} must be {self.allowed_text()}, got {value!r}")
         if self.range is not None and not self.range[0] <= value <= self.range[1]:
