@@ -87,7 +87,7 @@ def test_summary_aggregates_and_labels():
     assert s8["best_frames"] == ["0", "1", "2"] and s8["worst_frames"] == ["7", "6", "5"]
     md = summary_markdown(s)
     for label in ("JSD-BEV (Jensen-Shannon distance, as published)", "EMD (published variant)",
-                  "legacy ScoreLiDAR / DDPO variant", "IoU 0.5 [%]", "time per scan", "| m | 8 |"):
+                  "legacy: the published tables' variant", "IoU 0.5 [%] (±50 m)", "time per scan", "| m | 8 |"):
         assert label in md
 
 
@@ -267,7 +267,8 @@ def test_run_evaluation_records_failed_frames(tmp_path):
     s = run_evaluation(list("abcd"), load, predict, tmp_path, run,
                        EvalOptions(emd="none", plots=False, progress=False, metric_workers=2))
     assert s["frames"] == 3 and s["failed_frames"] == ["b"] and s["cd"]["frames"] == 3
-    assert s["cd"]["undefined"] == 1 and s["time_per_scan"]["mean"] == 0.5
+    # the failed frame is counted apart (failed_frames), not as a frame where CD is undefined
+    assert s["cd"]["undefined"] == 0 and s["time_per_scan"]["mean"] == 0.5
     assert "could not be completed" in (tmp_path / "summary.md").read_text()
     s = run_evaluation(list("abcd"), load, predict, tmp_path, run,
                        EvalOptions(emd="none", plots=False, progress=False))

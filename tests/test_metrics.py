@@ -1,5 +1,6 @@
 """Metrics against brute-force references, analytic cases, the published variants (issue 8)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -316,3 +317,35 @@ def test_empty_and_malformed_inputs():
         M.iou(p, p, 0.5, extent="wide")
     with pytest.raises(ConfigError):
         M.emd(p, p, method="fast")
+
+
+def test_a_point_beyond_the_integer_grid_is_outside_iou_and_named_by_emd():
+    """One finite float32 point at 1e25 m (a diverged completion) wrapped to int64's smallest value,
+    whose absolute value is negative: it counted as a false positive inside the IoU extent and
+    moved the EMD to about 4.6e15 m, all without an error."""
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(-20, 20, (1000, 3))
+    far = np.vstack([gt, [[1e25, 0.0, 0.0]]]).astype(np.float32)
+    for extent in ("full", "legacy"):
+        for v in (0.5, 0.2, 0.1):
+            assert M.iou_counts(far, gt.astype(np.float32), v, extent) == \
+                M.iou_counts(gt.astype(np.float32), gt.astype(np.float32), v, extent)
+    for fn in (M.emd, M.emd_published):
+        with pytest.raises(CloudFormatError, match="cannot be placed on a 0.5 m voxel grid"):
+            fn(far, gt)
+    rec = M.frame_metrics(gt[:500] + 0.01, gt, emd="none")      # the other metrics are unchanged
+    assert math.isfinite(rec["cd"])
+
+
+def test_summary_counts_failed_frames_apart_and_drops_only_large_frames():
+    """A failed frame was counted as 'undefined' in every mean and as a dropped frame of the
+    published EMD; an empty prediction counted as 'dropped' (> 130k voxels) too."""
+    from lidar_completion.evaluation import summarize
+    ok = {"cd": 0.2, "emd_published": 5.0, "n_pred": 10, "n_gt": 10}
+    recs = [dict(ok, frame="a"), dict(ok, frame="b", emd_published=None),      # dropped by size
+            dict(ok, frame="c", n_pred=0, cd=None, emd_published=None),        # empty prediction
+            {"frame": "d", "error": "unreadable"}]
+    s = summarize(recs)
+    assert s["frames"] == 3 and s["failed_frames"] == ["d"]
+    assert s["cd"]["frames"] == 2 and s["cd"]["undefined"] == 1      # c only: d is failed, not undefined
+    assert s["emd_published"]["undefined"] == 2 and s["emd_published"]["dropped_frames"] == 1

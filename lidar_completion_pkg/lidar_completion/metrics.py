@@ -21,8 +21,9 @@ emd_published             The Distillation-DPO "EMD": Sinkhorn with eps = 0.001 
                           (NaN here). NOT an optimal-transport distance: the kernel underflows and the
                           value tracks the scene's size (mean pairwise distance), not the transport cost.
 iou / iou_counts          |P n G| / |P u G| over occupied voxels, voxel index ``round(p / voxel_size)``;
-                          extent "full" (|x|,|y|,|z| <= 50 m) or "legacy" (indices within +-50, i.e.
-                          +-25 / +-10 / +-5 m at 0.5 / 0.2 / 0.1 m: the ScoreLiDAR / DDPO variant).
+                          extent "full" (voxel centres within |x|,|y|,|z| <= 50 m) or "legacy"
+                          (indices within +-50, i.e. +-25 / +-10 / +-5 m at 0.5 / 0.2 / 0.1 m: the
+                          variant of the published tables, LiDiff's 2024 code, ScoreLiDAR, DDPO).
 precision_recall_fscore   share of predicted points with a ground-truth point closer than the
                           threshold, the converse, and their harmonic mean (fractions, not percent).
 prf_area                  the published P/R/F: the normalised Simpson area of P/R/F over 100
@@ -232,9 +233,10 @@ def iou_counts(pred, gt, voxel_size: float, extent: str = "full"):
     grid, numpy round-half-to-even).
 
     extent "full": voxels whose centre lies within |x|, |y|, |z| <= 50 m, i.e. indices
-    |i| <= round(50 / voxel_size). extent "legacy": the published ScoreLiDAR / Distillation-DPO
-    variant, which bins the *indices* into a +-50 histogram and therefore only counts indices
-    |i| <= 50: +-25 m at 0.5 m, +-10 m at 0.2 m, +-5 m at 0.1 m.
+    |i| <= round(50 / voxel_size). extent "legacy": the variant of the published tables (LiDiff's
+    code as released in 2024, copied by ScoreLiDAR and Distillation-DPO), which bins the *indices*
+    into a +-50 histogram and therefore only counts indices |i| <= 50: +-25 m at 0.5 m, +-10 m at
+    0.2 m, +-5 m at 0.1 m.
     """
     if not voxel_size > 0:
         raise ConfigError(f"voxel_size: expected a positive size in metres, got {voxel_size!r}")
@@ -246,8 +248,10 @@ def iou_counts(pred, gt, voxel_size: float, extent: str = "full"):
         raise ConfigError(f"extent: expected 'full' or 'legacy', got {extent!r}")
     sets = []
     for name, cloud in (("pred", pred), ("gt", gt)):
-        idx = np.round(_points(cloud, name) / voxel_size).astype(np.int64)
-        idx = idx[(np.abs(idx) <= limit).all(axis=1)]
+        idx = np.round(_points(cloud, name) / voxel_size)
+        # outside the extent before the integer cast: a far point's index (beyond int64) would
+        # wrap to a negative one inside it
+        idx = idx[(np.abs(idx) <= limit).all(axis=1)].astype(np.int64)
         span = 2 * limit + 1
         lin = ((idx[:, 0] + limit) * span + (idx[:, 1] + limit)) * span + (idx[:, 2] + limit)
         sets.append(np.unique(lin))
@@ -268,7 +272,13 @@ def iou(pred, gt, voxel_size: float, extent: str = "full") -> float:
 def voxel_masses(points, voxel_size: float = EMD_VOXEL):
     """Occupied voxels (``floor(p / voxel_size)``) -> (centres (K, 3) float64, masses (K,) summing to 1)."""
     p = _points(points, "points")
-    keys, counts = np.unique(np.floor(p / voxel_size).astype(np.int64), axis=0, return_counts=True)
+    cells = np.floor(p / voxel_size)
+    if cells.size and np.abs(cells).max() > 2.0 ** 53:
+        # beyond 2^53 voxels float64 cannot tell neighbouring voxels apart (and int64 wraps): no
+        # completion or ground truth is that far from its sensor
+        raise CloudFormatError(f"points: coordinates up to {np.abs(p).max():.3g} m cannot be placed on a "
+                               f"{voxel_size:g} m voxel grid (a diverged prediction?)")
+    keys, counts = np.unique(cells.astype(np.int64), axis=0, return_counts=True)
     return (keys + 0.5) * voxel_size, counts / counts.sum()
 
 

@@ -96,9 +96,10 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     s: Dict = {"run": dict(run or {}), "frames": len(records) - len(failed),
                "failed_frames": failed,
                "empty_predictions": {"count": len(empty), "frames": empty}}
+    scored = [r for r in records if not r.get("error")]    # a failed frame is in no metric's count
     for name in ("cd", "jsd_bev", "jsd_3d", "emd", "emd_published"):
         if any(name in r for r in records):
-            s[name] = _stats([r.get(name) for r in records])
+            s[name] = _stats([r.get(name) for r in scored])
             # how many of the frames left out of this mean are empty predictions (undefined there)
             s[name]["empty_predictions"] = len(empty)
     methods: Dict[str, int] = {}
@@ -110,7 +111,10 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
         s["emd"]["max_error_bound"] = max((num(r.get("emd_bound")) for r in records
                                            if r.get("emd_bound") is not None), default=0.0)
     if "emd_published" in s:
-        s["emd_published"]["dropped_frames"] = s["emd_published"]["undefined"]
+        # the frames the published code drops (> 130,000 voxels), not those undefined for an empty cloud
+        s["emd_published"]["dropped_frames"] = sum(
+            1 for r in scored if not math.isfinite(num(r.get("emd_published")))
+            and r.get("n_pred") != 0 and r.get("n_gt") != 0)
     # IoU sums TP / FP / FN over the frames that have them: these are its frames
     s["iou_frames"] = sum(1 for r in records if "iou" in r)
     iou: Dict = {}
@@ -193,7 +197,8 @@ def summary_markdown(s: Dict) -> str:
         f"{counted}. {run.get('description', '')}".rstrip(),
         "",
         "| model | steps | CD [m] | JSD-BEV (Jensen-Shannon distance, as published) | EMD [m] (W1, ours) "
-        "| EMD (published variant) | IoU 0.5 [%] | IoU 0.2 [%] | IoU 0.1 [%] | P [%] | R [%] | F [%] "
+        "| EMD (published variant) | IoU 0.5 [%] (±50 m) | IoU 0.2 [%] (±50 m) | IoU 0.1 [%] (±50 m) "
+        "| P [%] | R [%] | F [%] "
         "| time per scan |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         "| " + " | ".join([
@@ -215,8 +220,10 @@ def summary_markdown(s: Dict) -> str:
         "= Wasserstein-1 in metres between 0.5 m voxel masses (exact OT, or exact OT on merged voxels "
         "with a proven error bound). EMD (published variant) = Distillation-DPO's Sinkhorn with eps = "
         "0.001 and a 1e-9 kernel floor: not an optimal-transport distance (it tracks scene size), "
-        "frames with > 130k voxels dropped. IoU over |x|,|y|,|z| <= 50 m with TP/FP/FN accumulated over "
-        "frames. P/R/F = normalised area over thresholds 0.05-0.10 m (as published), mean over frames.",
+        "frames with > 130k voxels dropped. IoU (±50 m) over the voxels round(p / v) whose centre lies "
+        "within |x|,|y|,|z| <= 50 m, TP/FP/FN accumulated over frames; the variant of the published "
+        "tables (LiDiff's code of 2024, ScoreLiDAR, Distillation-DPO), which only covers ±25 / ±10 / "
+        "±5 m, is under All metrics.  P/R/F = normalised area over thresholds 0.05-0.10 m (as published), mean over frames.",
         "",
         "## All metrics",
         "",
@@ -236,14 +243,17 @@ def summary_markdown(s: Dict) -> str:
         undefined = str(st.get("undefined", 0))
         if st.get("empty_predictions"):
             undefined += f" (of which {st['empty_predictions']} empty predictions)"
+        if st.get("dropped_frames"):
+            undefined += f" (of which {st['dropped_frames']} dropped: > 130k voxels)"
         lines.append(f"| {title} | {value} | {st.get('frames', 0)} | {undefined} |")
     emd = s.get("emd") or {}
     if emd.get("methods"):
         lines.append(f"| EMD method per frame | {emd['methods']} (largest error bound "
                      f"{_fmt(emd.get('max_error_bound'), 3)} m) | | |")
     # "|" inside a table cell must be escaped, or Markdown splits the row there
-    for ext, title in (("full", r"IoU (full, \|x\|, \|y\|, \|z\| <= 50 m)"),
-                       ("legacy", "IoU (legacy ScoreLiDAR / DDPO variant: +-25 / +-10 / +-5 m)")):
+    for ext, title in (("full", r"IoU (full: voxel centres within \|x\|, \|y\|, \|z\| <= 50 m)"),
+                       ("legacy", "IoU (legacy: the published tables' variant, LiDiff 2024 / ScoreLiDAR / "
+                                  "DDPO code: +-25 / +-10 / +-5 m)")):
         vals = s.get("iou", {}).get(ext, {})
         txt = " / ".join(f"{_fmt((vals.get(_key(v)) or {}).get('iou'), 1, 100)} % @ {v:g} m"
                          for v in IOU_VOXEL_SIZES)
