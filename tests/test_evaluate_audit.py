@@ -454,3 +454,31 @@ def test_restart_and_reruns_leave_no_renders_of_other_frames(tmp_path):
                                                                   restart=True))
     assert not list((tmp_path / "o").glob("bev_*.png")) and not (tmp_path / "o" / "cd_histogram.png").exists()
     assert (tmp_path / "o" / "notes.txt").is_file() and (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_evaluate_files_crops_predictions_to_the_published_range(tmp_path, capsys):
+    """The published evaluation keeps a completion read from a file within 50 m of the sensor
+    (LiDiff's eval_path: range < max_range) before any metric; without it, points a model put
+    beyond 50 m entered CD, P/R/F and EMD here, and numbers of other code were not comparable."""
+    from lidar_completion import metrics as M
+    from lidar_completion.io import write_cloud
+    r = np.random.default_rng(3)
+    gt = r.uniform(-30, 30, (2000, 3)).astype(np.float32)
+    gt[:, 2] = r.uniform(-2, 2, 2000)
+    far = r.uniform(-80, 80, (300, 3)).astype(np.float32)
+    far = far[np.linalg.norm(far, axis=1) >= 50.5]
+    pred = np.vstack([gt[:1500] + 0.02, far])
+    write_cloud(tmp_path / "pred" / "000000.npy", pred)
+    write_cloud(tmp_path / "gt" / "000000.npy", gt)
+    common = ["--emd", "none", "--no-plots", "--no-progress"]
+    assert main(["evaluate-files", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out",
+                 str(tmp_path / "o")] + common) == 0
+    rec = read_records(tmp_path / "o" / "frames.jsonl")[0]
+    assert rec["n_pred"] == 1500 and rec["cd"] == pytest.approx(M.chamfer_distance(gt[:1500] + 0.02, gt))
+    assert main(["evaluate-files", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out",
+                 str(tmp_path / "all"), "--max-range", "0"] + common) == 0
+    assert read_records(tmp_path / "all" / "frames.jsonl")[0]["n_pred"] == len(pred)
+    capsys.readouterr()                     # another range is another run: not resumed into
+    assert main(["evaluate-files", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out",
+                 str(tmp_path / "o"), "--max-range", "0"] + common) == 1
+    assert "settings differ: pred_max_range" in capsys.readouterr().err

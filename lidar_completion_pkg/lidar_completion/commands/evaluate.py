@@ -76,6 +76,16 @@ _positive = _at_least(1, "a positive integer")
 _non_negative = _at_least(0, "an integer >= 0")
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a distance in metres, got {value!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a distance >= 0 in metres, got {value!r}")
+    return v
+
+
 def _common(p, out_default: str, every: bool) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (created; a rerun with the same settings resumes there) "
@@ -144,6 +154,10 @@ def register(subparsers) -> None:
                         "ground-truth cache, recognised by its manifest.json (CACHE/SS or "
                         "CACHE/SS/targets), KITTI elsewhere: pass xyz for targets copied out of "
                         "the cache")
+    f.add_argument("--max-range", type=_non_negative_float, default=50.0, metavar="M",
+                   help="keep the predicted points closer than M metres to the sensor (the origin), "
+                        "as the published evaluation (LiDiff's eval_path) crops completions read "
+                        "from files; 0 keeps every point (default 50)")
     for role, folder in (("pred", "PRED_DIR"), ("gt", "GT_DIR")):
         f.add_argument(f"--{role}-bin-format", choices=BIN_FORMATS, default=None,
                        help=f"the same for {folder} alone [--bin-format's]" + (
@@ -204,6 +218,7 @@ def run_files(args) -> int:
     summary = evaluate_files(args.pred_dir, args.gt_dir, out, input_dir=args.input_dir,
                              options=_options(args),
                              bin_format={"pred": args.pred_bin_format or args.bin_format,
-                                         "gt": args.gt_bin_format or args.bin_format})
+                                         "gt": args.gt_bin_format or args.bin_format},
+                             max_range=args.max_range or None)
     print_summary(summary, out)
     return _status(summary, out, files=True)

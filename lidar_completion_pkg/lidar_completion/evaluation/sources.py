@@ -255,10 +255,16 @@ class FileSource:
     scans (4 float32 per point) unless "xyz" is given. A prediction that cannot be read or holds
     NaN / inf is a failed frame (recorded with its file name and left out, as a scan the Completer
     cannot complete is in ``evaluate``); a ground-truth file that cannot be used ends the run,
-    naming the file: the reference itself is wrong."""
+    naming the file: the reference itself is wrong. ``max_range`` (metres, None: off) keeps the
+    predicted points closer than it to the origin, as the published evaluation crops completions
+    read from files (the ground truth is not cropped)."""
 
     def __init__(self, pred_dir, gt_dir, input_dir=None, limit: Optional[int] = None,
-                 bin_format="auto"):
+                 bin_format="auto", max_range: Optional[float] = 50.0):
+        if max_range is not None and (isinstance(max_range, bool) or not isinstance(max_range, (int, float))
+                                      or not 0 < max_range < float("inf")):
+            raise ConfigError(f"max_range: expected None or a positive distance in metres, got {max_range!r}")
+        self.max_range = None if max_range is None else float(max_range)
         given_formats = dict(bin_format) if isinstance(bin_format, Mapping) else \
             {"pred": bin_format, "gt": bin_format}
         for role in ("pred", "gt"):
@@ -333,17 +339,22 @@ class FileSource:
     def predict(self, key: str, index: int, inp):
         t0 = time.perf_counter()
         pred = self.read(self._files[key][0], "pred")     # CloudFormatError: a failed frame
+        if self.max_range is not None:
+            pred = pred[np.linalg.norm(pred.astype(np.float64), axis=1) < self.max_range]
         return pred, {"read": time.perf_counter() - t0}
 
 
 def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions = EvalOptions(),
-                   bin_format="auto") -> Dict:
+                   bin_format="auto", max_range: Optional[float] = 50.0) -> Dict:
     """Evaluate completions made elsewhere (see :class:`FileSource`). Returns the summary dict."""
-    src = FileSource(pred_dir, gt_dir, input_dir, options.limit, bin_format)
+    src = FileSource(pred_dir, gt_dir, input_dir, options.limit, bin_format, max_range)
     run = {"pred_dir": str(src.pred_dir.resolve()), "gt_dir": str(src.gt_dir.resolve()),
            "bin_format": {role: src.formats[role] for role in ("pred", "gt")},
+           "pred_max_range": src.max_range,
            "source": "files", "label": options.label or Path(pred_dir).name, "steps": None,
-           "identity_keys": ["pred_dir", "gt_dir", "bin_format"]}
+           "identity_keys": ["pred_dir", "gt_dir", "bin_format", "pred_max_range"]}
     run["title"] = f"{run['label']} (files)"
-    run["description"] = f"Predictions from {pred_dir}, ground truth from {gt_dir}, paired by stem."
+    run["description"] = (f"Predictions from {pred_dir}, ground truth from {gt_dir}, paired by stem"
+                          + (f"; predicted points at {src.max_range:g} m or farther left out." if src.max_range
+                             else "."))
     return run_evaluation(src.keys, src.load, src.predict, out, run, options, signature=src.signature)
