@@ -793,3 +793,42 @@ def test_a_resume_that_cannot_work_fails_before_data_is_made_or_a_folder_written
         with pytest.raises(CheckpointError, match=words):
             TeacherTrainer(cfg, out, resume=str(resume), source=None)
         assert not out.exists() and not built, resume
+
+
+def test_a_resume_keeps_to_its_own_folder_and_its_data(tmp_path, monkeypatch, caplog):
+    """--resume of one run into an --out holding another run's checkpoints deleted those (the
+    rotation) and replaced its export; a resume without the run's --set flags made a whole
+    synthetic dataset before the data order refused it, or went on with other data. Both are
+    refused before anything is built; the same data in another folder is taken, with a warning."""
+    import logging
+
+    from training.config import dump
+    built = []
+    monkeypatch.setattr(TeacherTrainer, "build_source", lambda self: built.append(1))
+    cfg = tiny_config("teacher", "train.max_steps=2", "data.kind=synthetic", "data.scan_points=500")
+    other_run = tmp_path / "other" / "checkpoints"
+    save_state(other_run / "step_000000003.ckpt", {"kind": "teacher", "step": 3, "config_yaml": dump(cfg)})
+    mine = tmp_path / "mine" / "checkpoints"
+    save_state(mine / "step_000000001.ckpt", {"kind": "teacher", "step": 1, "config_yaml": dump(cfg)})
+    with pytest.raises(ConfigError, match=r"continues the run of .*other, but .*mine already holds the "
+                                          r"checkpoints of another run"):
+        TeacherTrainer(cfg, tmp_path / "mine", resume=str(other_run / "step_000000003.ckpt"), source=None)
+    assert sorted(p.name for p in mine.iterdir()) == ["step_000000001.ckpt"] and not built
+
+    (tmp_path / "other" / "config.yaml").write_text(dump(cfg))
+    plain = tiny_config("teacher", "train.max_steps=2")            # the --set flags left out
+    with pytest.raises(ConfigError, match=r"other data or networks \(data\.scan_points: 500 there, \d+ now\).*"
+                                          r"--config .*other/config\.yaml. resumes with all of them"):
+        TeacherTrainer(plain, tmp_path / "fresh", resume=str(other_run), source=None)
+    assert not (tmp_path / "fresh").exists() and not built
+
+    moved = tiny_config("teacher", "train.max_steps=2", "data.kind=synthetic", "data.scan_points=500",
+                        "data.root=/elsewhere/data")
+    save_state(other_run / "step_000000004.ckpt", {"kind": "teacher", "step": 4,
+                                                   "config_yaml": dump(dict(cfg, data=dict(cfg["data"], root="/data")))})
+    with caplog.at_level(logging.WARNING):
+        try:
+            TeacherTrainer(moved, tmp_path / "fresh2", resume=str(other_run / "step_000000004.ckpt"), source=None)
+        except Exception:       # the stand-in state holds no networks: what matters is the check passed
+            pass
+    assert "data.root is /elsewhere/data now, /data in the run that wrote" in caplog.text

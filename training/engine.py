@@ -155,6 +155,14 @@ class Trainer(abc.ABC):
                 st = load_state(path, map_location="cpu")   # CheckpointError for a corrupt file
                 if st.get("kind") != self.kind:
                     raise CheckpointError(f"{path} is a {st.get('kind')!r} training state, expected {self.kind!r}")
+                own = (self.out / "checkpoints").resolve()
+                if earlier.holds_checkpoints() and path.resolve().parent != own:
+                    # the rotation would delete this folder's own checkpoints, the export replace its model
+                    raise ConfigError(f"--resume {resume} continues the run of {path.parent.parent}, but "
+                                      f"{self.out} already holds the checkpoints of another run (latest: "
+                                      f"{earlier.latest_path()}); give an --out that holds none, or resume "
+                                      f"that folder's own run (--resume with --out {self.out})")
+                self._check_resume_settings(path, st.get("config_yaml"))
                 self._resume_state = (path, st)
         self.dist = dist_info or D.init(cfg.get("device", "auto"))
         self.device = self.dist.device
@@ -500,6 +508,48 @@ class Trainer(abc.ABC):
         if changed:
             log.warning("--resume: the %r optimiser takes this run's settings: %s", name,
                         ", ".join(sorted(changed)))
+
+    # what a sample is made of (its scans, sizes, targets) and the networks' widths: a resume must
+    # keep them, or it goes on with other data (or fails) after the data is made
+    RESUME_FIXED = ("model", "data.kind", "data.root", "data.sequences", "data.gt_cache", "data.scan_points",
+                    "data.tile", "data.target_points", "data.augment", "data.synthetic", "data.scan_window",
+                    "data.limit")
+
+    def _check_resume_settings(self, path, config_yaml) -> None:
+        """Refuse, before any data is made, a resume whose sample or network settings differ from
+        those of the run that wrote ``path`` (e.g. the run's --set flags left out)."""
+        if not config_yaml:
+            return
+        try:
+            before = yaml.safe_load(config_yaml) or {}
+        except yaml.YAMLError:
+            return
+
+        def get(cfg, key):
+            for part in key.split("."):
+                if not isinstance(cfg, dict) or part not in cfg:
+                    return None
+                cfg = cfg[part]
+            return cfg
+        now = yaml.safe_load(dump(self.cfg))
+        diffs = []
+        for k in self.RESUME_FIXED:
+            old, new = get(before, k), get(now, k)
+            if old == new:
+                continue
+            if k in ("data.root", "data.gt_cache") and old is not None and new is not None:
+                # the same data moved to another folder is a resume, not another run
+                log.warning("--resume: %s is %s now, %s in the run that wrote %s: taken for the same "
+                            "data in another place", k, new, old, path)
+                continue
+            diffs.append(f"{k}: {old!r} there, {new!r} now")
+        if diffs:
+            saved = Path(path).parent.parent / "config.yaml"
+            hint = (f"; its settings are in {saved}: `--config {saved}` resumes with all of them"
+                    if saved.is_file() else "")
+            raise ConfigError(f"--resume: {path} was written by a run with other data or networks ("
+                              + "; ".join(diffs) + "): a run continues on the data and networks it "
+                              "began with, so give the settings it was started with again" + hint)
 
     def _log_changed_settings(self, path, config_yaml) -> None:
         """Name every setting that differs from the checkpoint's run (a resume takes this run's)."""
