@@ -331,3 +331,17 @@ def test_guidance_help_states_what_a_published_file_is_sampled_with(tmp_path, la
     rule = "a file that names none gets 6 when it is a published LiDiff or Distillation-DPO teacher file"
     assert rule in help_text and help_text.endswith(", else the fallback)")
     assert guidance == (6.0 if layout != "student" else checkpoint_fallback("guidance"))
+
+
+def test_a_training_state_is_named_as_one(tmp_path):
+    """A trainer's step_N.ckpt given as a model was "not a PyTorch checkpoint ... a wrong file, or a
+    damaged one", although the trainer itself recognises it (whole or in parts)."""
+    from training.checkpoint import MAGIC, PARTS_MAGIC, save_state
+    save_state(tmp_path / "step_000000005.ckpt", {"kind": "teacher", "step": 5})
+    assert (tmp_path / "step_000000005.ckpt").read_bytes().startswith(MAGIC)
+    with pytest.raises(CheckpointError, match=r"is a training state of lidar-completion-train .*"
+                                              r"<run folder>/<kind>\.pt"):
+        load_checkpoint(tmp_path / "step_000000005.ckpt")
+    (tmp_path / "parts.ckpt").write_bytes(PARTS_MAGIC + b"x\n")
+    with pytest.raises(CheckpointError, match="is a training state"):
+        load_checkpoint(tmp_path / "parts.ckpt")

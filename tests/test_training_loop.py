@@ -832,3 +832,57 @@ def test_a_resume_keeps_to_its_own_folder_and_its_data(tmp_path, monkeypatch, ca
         except Exception:       # the stand-in state holds no networks: what matters is the check passed
             pass
     assert "data.root is /elsewhere/data now, /data in the run that wrote" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["teacher", "teacher-dpo"])
+def test_the_validation_refiner_is_read_at_start(tmp_path, monkeypatch, kind):
+    """validation.refiner was read at the first validation: a missing file ended the run there,
+    before that step's checkpoint (up to every_steps steps lost); a file without a refiner validated
+    unrefined without a word."""
+    from lidar_completion.checkpoints import make_random_checkpoint
+    from training.teacher_dpo import TeacherDPOTrainer
+    cls = {"teacher": TeacherTrainer, "teacher-dpo": TeacherDPOTrainer}[kind]
+    monkeypatch.setattr(cls, "make_validator", lambda self: None)   # no held-out drive made here
+    src = scenes_source(2, n_target=1200, n_scan=120)
+    no_refiner = make_random_checkpoint(tmp_path / "teacher.pt", refine=False)
+    with_refiner = make_random_checkpoint(tmp_path / "refiner.pt")
+    val = ("validation.every_steps=2", "validation.at_start=false")
+    with pytest.raises(CheckpointError, match="validation.refiner.*not found"):
+        cls(tiny_config(kind, *val, f"validation.refiner={tmp_path / 'nothere.pt'}"), tmp_path / "a", source=src)
+    with pytest.raises(CheckpointError, match=r"validation.refiner: .*teacher\.pt has no refiner network"):
+        cls(tiny_config(kind, *val, f"validation.refiner={no_refiner}"), tmp_path / "b", source=src)
+    t = cls(tiny_config(kind, *val, f"validation.refiner={with_refiner}"), tmp_path / "c", source=src)
+    assert t._val_refiner is not None
+    # validation off, or unrefined: the file is not needed
+    assert cls(tiny_config(kind, f"validation.refiner={tmp_path / 'nothere.pt'}"), tmp_path / "d", source=src)._val_refiner is None
+
+
+def test_the_first_ctrl_c_is_answered_at_once_and_a_second_stops_without_a_traceback(tmp_path, capsys):
+    """The first Ctrl-C printed nothing (a CPU step can take minutes: users pressed it again); the
+    second ended in a raw KeyboardInterrupt traceback and a summary saying 'failed'."""
+    from training.engine import TrainingAborted
+    cfg = tiny_config("teacher", "train.max_steps=2")
+    tr = TeacherTrainer(cfg, tmp_path / "run", source=scenes_source(2, n_target=1200, n_scan=120))
+    tr._stop_signal = None
+    tr._on_signal(signal.SIGINT, None)
+    err = capsys.readouterr().err
+    assert "SIGINT received: the run stops after step 1 and writes its checkpoint there (Ctrl-C again" in err
+    with pytest.raises(TrainingAborted, match="second Ctrl-C in step 1, without a checkpoint; none was "
+                                              "written before, so the run starts again"):
+        tr._on_signal(signal.SIGINT, None)
+    tr._stop_signal = None                      # SIGTERM: the same stop, and no Ctrl-C hint
+    tr._on_signal(signal.SIGTERM, None)
+    assert "SIGTERM received" in capsys.readouterr().err and tr._stop_signal == signal.SIGTERM
+
+
+def test_an_out_below_a_file_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    """--out a/file/sub ended in a NotADirectoryError traceback, after the networks and the data were
+    built."""
+    built = []
+    monkeypatch.setattr(TeacherTrainer, "build", lambda self: built.append(1))
+    (tmp_path / "afile").write_text("x")
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    assert main(_args(npz, tmp_path / "afile" / "sub" / "run", "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'afile' / 'sub' / 'run'}: {tmp_path / 'afile'} is a file" in err
+    assert "Traceback" not in err and not built

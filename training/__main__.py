@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -92,6 +93,13 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / path.stem
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
+    # before the networks and data are built: the first folder on the way that exists must be one
+    # this process can write into
+    existing = next(q for q in (out, *out.absolute().parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so the run folder cannot be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable by this user")
     trainer = trainer_class(args.kind)(cfg, out, resume=args.resume, max_steps=args.max_steps)
     summary = trainer.run()
     if trainer.dist.is_main:
@@ -113,14 +121,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from . import distributed as D
-    from .engine import TrainingInterrupted
+    from .engine import TrainingAborted, TrainingInterrupted
     try:
         code = run(args)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = 128 + exc.signum
+    except TrainingAborted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        code = 130
     except LidarCompletionError as exc:
         report_error(exc)
+        code = 1
+    except OSError as exc:     # a full disk, a folder that vanished: one line, not a traceback
+        logging.getLogger(__name__).debug("the run failed", exc_info=True)
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         code = 1
     finally:
         several_ranks = D.active()

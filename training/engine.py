@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,11 @@ class TrainingInterrupted(LidarCompletionError):
     def __init__(self, msg: str, signum: int):
         super().__init__(msg)
         self.signum = signum
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C while the run finished its step to save: it stopped at once, unsaved (a
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it)."""
 
 
 def set_bn_mode(module: nn.Module, mode: str) -> None:
@@ -615,8 +621,19 @@ class Trainer(abc.ABC):
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            latest = self.ckpt.latest_path() if self.dist.is_main else None
+            raise TrainingAborted(
+                f"stopped at once by a second Ctrl-C in step {self.step + 1}, without a checkpoint; "
+                + (f"--resume continues from the last one, {latest}" if latest else
+                   "none was written before, so the run starts again from the beginning"))
+        first = self._stop_signal is None
         self._stop_signal = signum
+        if first and self.dist.is_main:
+            # a step can take minutes on a CPU: say at once that the signal was taken
+            name = signal.Signals(signum).name
+            print(f"\n{name} received: the run stops after step {self.step + 1} and writes its checkpoint "
+                  "there" + (" (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
 
     def _install_signals(self):
         old = {}
@@ -707,6 +724,9 @@ class Trainer(abc.ABC):
             raise
         except TrainingDivergedError as exc:
             status, error = "diverged", str(exc)
+            raise
+        except TrainingAborted as exc:
+            status, error = "aborted", str(exc)
             raise
         except BaseException as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lidar_completion.errors import CheckpointError
+
 from . import rng as R
 from .engine import Trainer
 from .losses import denoising_loss_terms
@@ -58,6 +60,19 @@ class TeacherTrainer(Trainer):
         self.net = TeacherNet(enc, den)
         self.modules["teacher"] = self.net
         self.trainable["teacher"] = self.net
+        self.load_validation_refiner()
+
+    def load_validation_refiner(self) -> None:
+        """``validation.refiner``, read at start as the config's other files are: a missing file, or
+        one without a refiner, found at the first validation cost the steps since the last checkpoint."""
+        v = self.cfg["validation"]
+        self._val_refiner = None
+        if int(v["every_steps"]) > 0 and v.get("refiner") and v.get("refine", True):
+            self._val_refiner = load_pretrained(v["refiner"], key="validation.refiner").refiner
+            if self._val_refiner is None:
+                raise CheckpointError(f"validation.refiner: {v['refiner']} has no refiner network (a "
+                                      "teacher's or student's export has none: give the refiner's, e.g. "
+                                      "<refiner run>/refiner.pt)")
 
     def train_step(self, batch: dict) -> dict:
         dev = self.device
@@ -109,9 +124,6 @@ class TeacherTrainer(Trainer):
 
     def validation_predictor(self, guidance: float):
         from .validation import completer_predictor
-        if not hasattr(self, "_val_refiner"):
-            src = self.cfg["validation"].get("refiner")
-            self._val_refiner = load_pretrained(src, key="validation.refiner").refiner if src else None
         return completer_predictor(self.net.encoder, self.net.denoiser, self._val_refiner, self.cfg,
                                    guidance, self.device)
 

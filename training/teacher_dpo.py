@@ -80,9 +80,11 @@ class TeacherDPOTrainer(TeacherTrainer):
         src = None if c.get("reference") == RANDOM else c.get("reference") or self.cfg.get("init")
         loaded = None
         if src:
-            loaded = load_pretrained(src, key="teacher_dpo.reference" if c.get("reference") else "init")
+            key = "teacher_dpo.reference" if c.get("reference") else "init"
+            loaded = load_pretrained(src, key=key)
             if loaded.encoder is None or loaded.denoiser is None:
-                raise CheckpointError(f"{src}: a teacher checkpoint needs a condition encoder and a denoiser")
+                raise CheckpointError(f"{key}: {src}: a teacher checkpoint needs a condition encoder and a "
+                                      "denoiser (a refiner's export has neither: give the teacher's)")
             if loaded.config != self.model_config:
                 log.info("model size taken from the reference checkpoint %s: %s", src, loaded.config.channels)
                 self.model_config = loaded.config
@@ -100,6 +102,7 @@ class TeacherDPOTrainer(TeacherTrainer):
         self.metric = PreferenceMetric.from_spec(c)
         self.t_T = self.schedule.num_train_timesteps - 1
         self.last_record: dict = {}
+        self.load_validation_refiner()
 
     # -- pairs -----------------------------------------------------------------------------------
     @torch.no_grad()

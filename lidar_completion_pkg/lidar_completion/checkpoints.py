@@ -165,6 +165,10 @@ def make_random_checkpoint(path, config: ModelConfig | None = None, seed: int = 
 
 
 # ----------------------------------------------------------------------------- reading
+# how the trainers' training-state files begin (training/checkpoint.py: a magic line per layout)
+TRAIN_STATE_PREFIX = b"LIDAR-COMPLETION-TRAIN-STATE"
+
+
 def _torch_load(path: Path, allow_pickle: bool | None):
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -175,9 +179,14 @@ def _torch_load(path: Path, allow_pickle: bool | None):
     # truncated archive still starts like one: torch.load then says it is damaged)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(len(TRAIN_STATE_PREFIX))
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if head == TRAIN_STATE_PREFIX:
+        raise CheckpointError(f"{path} is a training state of lidar-completion-train (what its --resume "
+                              "reads), not a model: use the model that run exported, <run folder>/<kind>.pt "
+                              "(or <run folder>/best/<kind>.pt)")
+    head = head[:4]
     if head != b"PK\x03\x04" and head[:1] != b"\x80":
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save "
                               f"writes nor a legacy pickle): a wrong file, or a damaged one")
