@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or more than the epochs give)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.optimizer.lr=1e-5 (repeatable)")
-        s.add_argument("--device", default=None, help="override `device` (auto, cpu, cuda)")
+        s.add_argument("--device", default=None,
+                       help="override `device`: auto, cpu, cuda or cuda:N (default: the config's, auto in "
+                            "the shipped ones: the GPU when there is one)")
     return p
 
 

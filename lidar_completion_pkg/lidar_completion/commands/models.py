@@ -10,7 +10,7 @@ def register(sub) -> None:
                                    "LiDiff sizes by default) and print their parameter counts.")
     p.add_argument("--config", choices=("full", "tiny"), default="full",
                    help="network widths: the published sizes (full) or the reduced-width family member "
-                        "used for tests and the shipped small models (tiny)")
+                        "used for tests and the shipped small models (tiny) (default full)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
