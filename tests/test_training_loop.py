@@ -766,11 +766,21 @@ def test_logs_of_a_run_without_checkpoint_move_aside_and_a_resume_drops_what_fol
 
 def test_resuming_with_another_model_size_is_a_short_error(tmp_path, capsys):
     """torch lists every mismatched tensor of a state dict (hundreds of lines for another model
-    size); the error names the module and the first few."""
+    size): the resume is refused in one line naming the setting, before anything is built; a state
+    without the run's settings (written before they were saved with it) gets the module and the
+    first few mismatched tensors from load_state_dict."""
     npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
     out = tmp_path / "run"
     assert main(_args(npz, out, "--max-steps", "1")) == 0
     wider = "model={channels: [8, 8, 16, 32, 64, 64, 32, 24, 16], name: other}"
+    assert main(_args(npz, out, "--max-steps", "2", "--resume", "--set", wider)) == 1
+    err = capsys.readouterr().err
+    assert "was written by a run with other data or networks (model: 'tiny' there, {" in err
+    assert len(err.strip().splitlines()) == 1, err[:2000]
+    latest = CheckpointManager(out / "checkpoints").latest_path()
+    st = load_state(latest)
+    del st["config_yaml"]
+    save_state(latest, st)
     assert main(_args(npz, out, "--max-steps", "2", "--resume", "--set", wider)) == 1
     err = capsys.readouterr().err
     assert "does not match this configuration (another model size?)" in err
