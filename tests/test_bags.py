@@ -434,3 +434,87 @@ def test_the_cli_start_time_default_is_the_library_default():
 
     args = build_parser().parse_args(["bag-from-kitti", "root", "--sequence", "00", "--out", "out"])
     assert int(round(args.start_time * 1e9)) == DEFAULT_START_NS
+
+
+# ------------------------------------------------------------ bags without metadata, as users have them
+def _split_without_metadata(tmp_path, n=11, storage="mcap"):
+    """What `ros2 bag record --max-bag-size` leaves while it records: bag_0 ... bag_<n-1>, one
+    message each, no metadata.yaml."""
+    clouds = _clouds(n, 50, seed=5)
+    split = tmp_path / "split"
+    split.mkdir()
+    for i, (stamp, pts) in enumerate(clouds):
+        one = write_clouds(tmp_path / f"one{i}", [(stamp, pts)], storage=storage, field_names=FIELDS4)
+        f = _storage_file(one)
+        f.rename(split / f"split_{i}{f.suffix}")
+    return split, clouds
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_split_bag_without_metadata_reads_in_its_split_order_and_is_not_called_damaged(
+        tmp_path, storage, caplog):
+    """Its files were read in text order (split_10 before split_2: scans out of order, --limit took
+    the wrong ones), and a healthy bag without metadata.yaml was reported as truncated or damaged."""
+    import logging
+    split, clouds = _split_without_metadata(tmp_path, storage=storage)
+    with caplog.at_level(logging.WARNING):
+        with BagReader(split) as reader:
+            got = list(reader.clouds("/velodyne_points", FIELDS4))
+            problems = reader.problems
+    assert [c.stamp_ns for c in got] == [s for s, _ in clouds]
+    assert not problems and "has no metadata.yaml" in caplog.text and "damaged" not in caplog.text
+
+
+def test_a_bag_with_nothing_readable_says_so_not_that_the_topic_is_missing(tmp_path):
+    """A recording cut inside its first chunk was reported as a topic typo ('not in bag ...; the bag
+    has no topics')."""
+    bag = write_clouds(tmp_path / "bag", _clouds(2, 70_000, seed=6), field_names=FIELDS4)
+    (bag / "metadata.yaml").unlink()
+    f = _storage_file(bag)
+    os.truncate(f, 600)
+    with BagReader(bag) as reader:
+        with pytest.raises(BagError, match=r"no message of bag .* can be read \(so neither can "
+                                           r"'/velodyne_points'\): bag\.mcap: .*truncated or damaged "
+                                           r"record after 0 readable message"):
+            reader.require_topic("/velodyne_points")
+
+
+def test_messages_compressed_one_by_one_read_without_metadata(tmp_path):
+    """rosbag2's per-message zstd compression is announced only by metadata.yaml: without it, each
+    message failed with 'Invalid or unsupported CDR encapsulation'."""
+    import zstandard
+    clouds = _clouds(3, 200, seed=7)
+    bag = tmp_path / "bag"
+    with BagWriter(bag, "mcap") as w:
+        for stamp, pts in clouds:
+            data = serialize(make_cloud(pts, stamp, "velodyne", FIELDS4))
+            w.write_raw("/velodyne_points", CLOUD_TYPE, zstandard.ZstdCompressor().compress(bytes(data)), stamp)
+    (bag / "metadata.yaml").unlink()
+    got = read_clouds(bag, field_names=FIELDS4)
+    assert [c.error for c in got] == [None] * 3
+    for (_, pts), c in zip(clouds, got):
+        np.testing.assert_array_equal(c.points, pts)
+
+
+def test_offline_bench_copies_no_undecodable_input_and_keeps_an_empty_frame(tmp_path):
+    """--write-bag copied a message that is no PointCloud2 at all into the new bag (other tools then
+    failed on it: 'Invalid string length'), and a completion of a cloud with an empty frame_id was
+    published in 'velodyne'."""
+    clouds = _clouds(3, 500, seed=8)
+    bag = tmp_path / "bag"
+    with BagWriter(bag, "mcap") as w:
+        for i, (stamp, pts) in enumerate(clouds):
+            data = bytes(serialize(make_cloud(pts, stamp, "", FIELDS4)))
+            w.write_raw("/velodyne_points", CLOUD_TYPE, data if i != 1 else b"\x00\x01\x00\x00" + b"\xff" * 40, stamp)
+
+    class Halver:
+        def complete_detailed(self, points):
+            return types.SimpleNamespace(points=np.asarray(points[::2, :3]), timings={"solver": 0.001})
+
+    report = bench_offline(bag, "/velodyne_points", Halver(), write_bag=tmp_path / "out", progress=False)
+    assert report["completed"] == 2 and report["dropped"] == 1
+    with BagReader(tmp_path / "out") as out:
+        inputs = list(out.clouds("/velodyne_points"))
+        completed = list(out.clouds("/completed_points"))
+    assert [c.error for c in inputs] == [None, None] and len(completed) == 2
+    assert [c.frame_id for c in completed] == ["", ""]

@@ -149,7 +149,10 @@ def _one_scan(raw, index, completer, writer, topic, output_topic, t_start) -> di
     t1 = time.perf_counter()
     rec = {"index": index, "stamp_ns": cloud.stamp_ns, "t_s": t0 - t_start, "points_in": cloud.n_points,
            "points_out": None, "latency_ms": None}
-    if writer is not None:
+    if writer is not None and cloud.stamp_ns is not None:
+        # the input as it came, unless it is not even a PointCloud2 (no header: it did not
+        # deserialize): copied, it would make the new bag unreadable for other tools (as the live
+        # replay, which cannot publish it, leaves it out)
         writer.write_raw(topic, raw.msgtype, raw.data, raw.log_time_ns)
     if cloud.error:
         return {**rec, "status": "dropped", "reason": f"unusable message: {cloud.error}"}
@@ -159,7 +162,7 @@ def _one_scan(raw, index, completer, writer, topic, output_topic, t_start) -> di
         log.warning("scan %d not completed: %s", index, exc)
         return {**rec, "status": "dropped", "reason": f"completion failed: {exc}"}
     t2 = time.perf_counter()
-    out = make_cloud(result.points, cloud.stamp_ns, cloud.frame_id or "velodyne")
+    out = make_cloud(result.points, cloud.stamp_ns, cloud.frame_id)     # the input's header, as it is
     data = serialize(out)
     t3 = time.perf_counter()
     if writer is not None:

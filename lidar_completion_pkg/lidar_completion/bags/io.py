@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shutil
 import sqlite3
 import struct
@@ -185,8 +186,16 @@ def _storage_files(path: Path, meta: dict | None) -> list[Path]:
     names = list((meta or {}).get("relative_file_paths") or [])
     files = [path / n for n in names if (path / n).exists()]
     if not files:
-        files = sorted(p for p in path.iterdir() if p.suffix in _STORAGE_SUFFIX)
+        # a split bag's files in their split order (bag_2 before bag_10), as rosbag2 numbers them
+        files = sorted((p for p in path.iterdir() if p.suffix in _STORAGE_SUFFIX), key=_natural_key)
     return files
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 class BagReader:
@@ -237,9 +246,15 @@ class BagReader:
             if not files:
                 raise BagError(f"cannot read bag {self.path}: {exc}; no .mcap or .db3 storage file "
                                "found in it") from None
-            self.problems.append(f"the bag cannot be opened normally ({exc}); it looks truncated or "
-                                 "damaged, so only the complete messages still in its storage were read")
-            log.warning("%s: %s; salvaging what is readable", self.path, exc)
+            if self.path.is_dir() and not (self.path / "metadata.yaml").exists():
+                # not damage: rosbag2 writes metadata.yaml when a recording ends (or it was not copied)
+                log.warning("%s has no metadata.yaml (a recording still running or stopped without it, "
+                            "or a copy without it): reading its storage file(s) %s directly", self.path,
+                            ", ".join(f.name for f in files))
+            else:
+                self.problems.append(f"the bag cannot be opened normally ({exc}); it looks truncated or "
+                                     "damaged, so only the complete messages still in its storage were read")
+                log.warning("%s: %s; salvaging what is readable", self.path, exc)
             self.salvaged = True
             self._tmpdir = tempfile.TemporaryDirectory(prefix="lc_bag_salvage_")
             self._salvage = _Salvage(files, Path(self._tmpdir.name),
@@ -303,6 +318,10 @@ class BagReader:
         """The topic's info; BagError naming the topics present when it is absent or of another type."""
         topics = self.topics
         if topic not in topics:
+            damage = self._salvage.open_problems if self._salvage is not None else []
+            if not topics and damage:
+                raise BagError(f"no message of bag {self.path} can be read (so neither can {topic!r}): "
+                               + "; ".join(damage))
             raise BagError(f"topic {topic!r} is not in bag {self.path}; topics present: "
                            f"{self.describe_topics()}")
         info = topics[topic]
@@ -370,18 +389,33 @@ class BagReader:
 
 def decode_cloud(raw: RawMessage, index: int, field_names: Sequence[str] = ("x", "y", "z")) -> CloudMessage:
     """Deserialize one PointCloud2 RawMessage into a CloudMessage (errors captured, not raised)."""
+    data = raw.data
     try:
-        msg = deserialize(raw.data, CLOUD_TYPE)
+        msg = deserialize(data, CLOUD_TYPE)
     except Exception as exc:  # rosbags raises assorted errors on damaged CDR
-        return CloudMessage(index, raw.log_time_ns, None, None, None, raw.data,
+        return CloudMessage(index, raw.log_time_ns, None, None, None, data,
                             error=f"cannot deserialize PointCloud2: {exc}")
     stamp, frame = stamp_to_ns(msg.header.stamp), msg.header.frame_id
     n = int(msg.width) * int(msg.height)
     try:
         points = pointcloud2.read_points_numpy(msg, field_names, skip_nans=True)
     except CloudFormatError as exc:
-        return CloudMessage(index, raw.log_time_ns, stamp, frame, None, raw.data, n, error=str(exc))
-    return CloudMessage(index, raw.log_time_ns, stamp, frame, points, raw.data, int(points.shape[0]))
+        return CloudMessage(index, raw.log_time_ns, stamp, frame, None, data, n, error=str(exc))
+    return CloudMessage(index, raw.log_time_ns, stamp, frame, points, data, int(points.shape[0]))
+
+
+def _decompressed(data: bytes) -> bytes:
+    """``data`` itself, or its content when it is a zstd frame: rosbag2's per-message compression,
+    which only metadata.yaml announces (rosbags decompresses such messages when it is there; a
+    bag read without it, or salvaged, hands them over compressed). A CDR message never starts
+    with zstd's magic number (its first bytes are the encapsulation header 00 01 00 00)."""
+    if data[:4] != ZSTD_MAGIC:
+        return data
+    try:
+        import zstandard
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except Exception:  # noqa: BLE001 - not a complete frame after all: the deserializer says so
+        return data
 
 
 class _Salvage:
@@ -395,14 +429,19 @@ class _Salvage:
         for f in files:  # first pass: topics only
             for _ in self._file_messages(f, None, collect_only=True):
                 pass
-        self.problems.clear()  # reported again (once) by the message pass
+        # reported again (once) by the message pass; kept apart for a bag in which no topic could be
+        # read at all (e.g. cut inside its first chunk): that is what a missing topic then means
+        self.open_problems = list(self.problems)
+        self.problems.clear()
 
     def close(self) -> None:
         self._sqlite.clear()
 
     def messages(self, wanted) -> Iterator[RawMessage]:
         for f in self.files:
-            yield from self._file_messages(f, wanted)
+            for raw in self._file_messages(f, wanted):
+                raw.data = _decompressed(raw.data)
+                yield raw
 
     def _file_messages(self, f: Path, wanted, collect_only: bool = False) -> Iterator[RawMessage]:
         if f.suffix == ".mcap":
