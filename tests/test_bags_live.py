@@ -312,3 +312,24 @@ def test_completions_are_logged_in_the_order_they_came(monkeypatch):
         r._log_time_of[stamp] = (log_ms * 10**6, pub_ms * 10**6)
         r.on_output(serialize(make_cloud(np.zeros((3, 3), np.float32), stamp, "velodyne")))
     assert written[0] == 2_400 * 10**6 and written[1] > written[0]   # not 600 ms: before the first
+
+
+def test_a_scan_the_node_rejected_is_reported_with_the_reason():
+    """A cloud the node rejects (no z field, truncated data) was listed as 'no output received
+    (skipped by the node or lost)', although the reason is known: the player decodes what it sent
+    as the node does and the report names it."""
+    from lidar_completion.bags import make_cloud
+    from lidar_completion_pkg.replay import _cloud_problem
+    ms = 1_000_000
+    good = make_cloud(np.zeros((10, 3), np.float32), START)
+    bad = make_cloud(np.zeros((10, 3), np.float32), START + 100 * ms)
+    bad.data = bad.data[:-12]                              # one point short
+    problems = [_cloud_problem(good), _cloud_problem(bad)]
+    assert problems[0] is None and "truncated" in problems[1]
+    events = {"inputs": [{"index": i, "stamp_ns": START + i * 100 * ms, "t_pub_ns": 1000 * ms + i * 100 * ms,
+                          "points_in": 10, "problem": problems[i]} for i in range(2)],
+              "outputs": [{"stamp_ns": START, "t_recv_ns": 1050 * ms, "points_out": 60}],
+              "expected_total": 2, "diagnostics": [], "memory": [],
+              "t_first_pub_ns": 1000 * ms, "t_last_pub_ns": 1100 * ms, "node": {"returncode": 0}}
+    rep = report_from_events(events, bag="b", topic="/velodyne_points", rate=1.0)
+    assert rep["scans"][1]["reason"] == f"rejected by the node: {problems[1]}"

@@ -209,6 +209,8 @@ def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta:
             used.add(stamp)
             rec.update(status="completed", points_out=out.get("points_out"),
                        latency_ms=(out["t_recv_ns"] - inp["t_pub_ns"]) / 1e6)
+        elif inp.get("problem"):      # the player's decode of what it sent: why the node refused it
+            rec.update(status="dropped", reason=f"rejected by the node: {inp['problem']}")
         else:
             rec.update(status="dropped", reason=NO_OUTPUT)
         scans.append(rec)

@@ -78,6 +78,18 @@ def node_command(args) -> list[str]:
     return cmd
 
 
+def _cloud_problem(msg) -> str | None:
+    """Why the node will reject this cloud (its own decode, after the message went out: the report
+    then names the reason of a scan that got no answer), or None."""
+    from lidar_completion.errors import CloudFormatError
+    from lidar_completion.pointcloud2 import read_points_numpy
+    try:
+        read_points_numpy(msg, ("x", "y", "z"), skip_nans=True)
+    except CloudFormatError as exc:
+        return str(exc)
+    return None
+
+
 def _tail(path: Path, n: int = 25) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -296,7 +308,8 @@ class Replay:
                 self._last_activity = time.monotonic()
                 self.events["inputs"].append({"index": index, "stamp_ns": stamp,
                                               "log_time_ns": raw.log_time_ns, "t_pub_ns": t_pub,
-                                              "points_in": n, "duplicate_stamp": duplicate})
+                                              "points_in": n, "duplicate_stamp": duplicate,
+                                              "problem": _cloud_problem(msg)})
                 if self.events["t_first_pub_ns"] is None:
                     self.events["t_first_pub_ns"] = t_pub
                 self.events["t_last_pub_ns"] = t_pub
