@@ -109,6 +109,11 @@ def test_evaluate_files_reads_the_ground_truth_cache_targets(synth, tmp_path, ca
             emd="none", progress=False, plots=False))
         assert s["frames"] == 3 and s["cd"]["mean"] == 0.0 and not s["failed_frames"]
         assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"}
+    # a link to the cache's targets is the cache's targets
+    (tmp_path / "linked").symlink_to(targets, target_is_directory=True)
+    s = evaluate_files(targets, tmp_path / "linked", tmp_path / "via_link", options=EvalOptions(
+        emd="none", progress=False, plots=False))
+    assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"} and s["cd"]["mean"] == 0.0
     # copied out of the cache (no manifest): --bin-format xyz says how to read them
     copied = tmp_path / "copied"
     shutil.copytree(targets, copied)
@@ -125,7 +130,7 @@ def test_evaluate_files_reads_the_ground_truth_cache_targets(synth, tmp_path, ca
     capsys.readouterr()
     assert main(["evaluate-files", str(odd), str(odd), "--emd", "none", "--no-plots",
                  "--no-progress", "--out", str(tmp_path / "o2")]) == 1
-    assert "--bin-format xyz" in capsys.readouterr().err
+    assert "pass --gt-bin-format xyz" in capsys.readouterr().err     # the option of that folder
     assert main(["evaluate-files", str(odd), str(odd), "--bin-format", "xyz", "--emd", "none",
                  "--no-plots", "--no-progress", "--out", str(tmp_path / "o3")]) == 0
 

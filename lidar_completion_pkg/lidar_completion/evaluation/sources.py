@@ -236,7 +236,7 @@ def _gt_cache_header(folder: Path) -> Optional[Dict]:
 def gt_cache_targets(folder) -> Optional[Path]:
     """The ``targets`` folder of the ground-truth cache that ``folder`` is (``CACHE/SS``) or is the
     targets folder of (``CACHE/SS/targets``), recognised by the cache's manifest; None otherwise."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()     # a link to the cache's folder is the cache's folder
     if (folder / "targets").is_dir() and _gt_cache_header(folder) is not None:
         return folder / "targets"
     if folder.name == "targets" and folder.is_dir() and _gt_cache_header(folder.parent) is not None:
@@ -304,11 +304,17 @@ class FileSource:
         if path.suffix.lower() != ".bin":
             cloud = read_cloud(path)
         else:
+            def for_role(message: str) -> str:   # the option of this folder, not of both
+                return message if role == "input" else message.replace("--bin-format", f"--{role}-bin-format")
+
             def warn_once(message):     # once per folder, not for each of thousands of frames
                 if role not in self._warned:
                     self._warned.add(role)
-                    log.warning(message)
-            cloud = read_bin_checked(path, self.formats.get(role, "kitti"), warn=warn_once)
+                    log.warning(for_role(message))
+            try:
+                cloud = read_bin_checked(path, self.formats.get(role, "kitti"), warn=warn_once)
+            except CloudFormatError as exc:
+                raise CloudFormatError(for_role(str(exc))) from None
         finite = np.isfinite(cloud).all(axis=1)
         if role == "input":        # only drawn: invalid returns of a raw scan are just not drawn
             return np.ascontiguousarray(cloud[finite])
