@@ -842,6 +842,14 @@ def test_a_resume_keeps_to_its_own_folder_and_its_data(tmp_path, monkeypatch, ca
         except Exception:       # the stand-in state holds no networks: what matters is the check passed
             pass
     assert "data.root is /elsewhere/data now, /data in the run that wrote" in caplog.text
+    # a state of a version without a key (its config lacks it) is not refused for that key
+    older = dict(cfg, data={k: v for k, v in cfg["data"].items() if k != "scan_window"})
+    save_state(other_run / "step_000000005.ckpt", {"kind": "teacher", "step": 5, "config_yaml": dump(older)})
+    same = tiny_config("teacher", "train.max_steps=2", "data.kind=synthetic", "data.scan_points=500",
+                       "data.scan_window=7")
+    with pytest.raises(Exception) as err:     # passes the check, then meets the stand-in state
+        TeacherTrainer(same, tmp_path / "fresh3", resume=str(other_run / "step_000000005.ckpt"), source=None)
+    assert "other data or networks" not in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["teacher", "teacher-dpo"])

@@ -531,17 +531,19 @@ class Trainer(abc.ABC):
         except yaml.YAMLError:
             return
 
+        unset = object()
+
         def get(cfg, key):
             for part in key.split("."):
                 if not isinstance(cfg, dict) or part not in cfg:
-                    return None
+                    return unset
                 cfg = cfg[part]
             return cfg
         now = yaml.safe_load(dump(self.cfg))
         diffs = []
         for k in self.RESUME_FIXED:
             old, new = get(before, k), get(now, k)
-            if old == new:
+            if old == new or old is unset:    # a key the run's version did not have: not compared
                 continue
             if k in ("data.root", "data.gt_cache") and old is not None and new is not None:
                 # the same data moved to another folder is a resume, not another run
