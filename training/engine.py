@@ -64,6 +64,16 @@ class TrainingInterrupted(LidarCompletionError):
         self.signum = signum
 
 
+def _earlier_config(config_yaml) -> dict | None:
+    """The config a checkpoint's run recorded (its ``config_yaml``), or None when it has none."""
+    if not config_yaml:
+        return None
+    try:
+        return yaml.safe_load(config_yaml) or {}
+    except yaml.YAMLError:
+        return None
+
+
 class TrainingAborted(KeyboardInterrupt):
     """A second Ctrl-C while the run finished its step to save: it stopped at once, unsaved (a
     KeyboardInterrupt, so that no ``except Exception`` on the way swallows it)."""
@@ -524,13 +534,9 @@ class Trainer(abc.ABC):
     def _check_resume_settings(self, path, config_yaml) -> None:
         """Refuse, before any data is made, a resume whose sample or network settings differ from
         those of the run that wrote ``path`` (e.g. the run's --set flags left out)."""
-        if not config_yaml:
+        before = _earlier_config(config_yaml)
+        if before is None:
             return
-        try:
-            before = yaml.safe_load(config_yaml) or {}
-        except yaml.YAMLError:
-            return
-
         unset = object()
 
         def get(cfg, key):
@@ -561,11 +567,8 @@ class Trainer(abc.ABC):
 
     def _log_changed_settings(self, path, config_yaml) -> None:
         """Name every setting that differs from the checkpoint's run (a resume takes this run's)."""
-        if not config_yaml:
-            return
-        try:
-            before = yaml.safe_load(config_yaml)
-        except yaml.YAMLError:
+        before = _earlier_config(config_yaml)
+        if before is None:
             return
 
         def flat(d, prefix=""):

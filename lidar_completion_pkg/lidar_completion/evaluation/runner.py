@@ -189,8 +189,8 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     store = RunStore(out, run, options.restart)
     index_of = dict(zip(keys, indices))
     done = store.records(keys)
-    signatures = {k: signature(k) for k in keys} if signature is not None else {}
-    changed = [k for k in done if signature is not None and done[k].get("files") != jsonable(signatures[k])]
+    signatures = {k: jsonable(signature(k)) for k in keys} if signature is not None else {}
+    changed = [k for k in done if k in signatures and done[k].get("files") != signatures[k]]
     for k in changed:
         del done[k]
     if changed:

@@ -304,17 +304,14 @@ class FileSource:
         if path.suffix.lower() != ".bin":
             cloud = read_cloud(path)
         else:
-            def for_role(message: str) -> str:   # the option of this folder, not of both
-                return message if role == "input" else message.replace("--bin-format", f"--{role}-bin-format")
-
             def warn_once(message):     # once per folder, not for each of thousands of frames
                 if role not in self._warned:
                     self._warned.add(role)
-                    log.warning(for_role(message))
+                    log.warning(_folder_option(message, role))
             try:
                 cloud = read_bin_checked(path, self.formats.get(role, "kitti"), warn=warn_once)
             except CloudFormatError as exc:
-                raise CloudFormatError(for_role(str(exc))) from None
+                raise CloudFormatError(_folder_option(str(exc), role)) from None
         finite = np.isfinite(cloud).all(axis=1)
         if role == "input":        # only drawn: invalid returns of a raw scan are just not drawn
             return np.ascontiguousarray(cloud[finite])
@@ -348,6 +345,12 @@ class FileSource:
         if self.max_range is not None:
             pred = pred[np.linalg.norm(pred.astype(np.float64), axis=1) < self.max_range]
         return pred, {"read": time.perf_counter() - t0}
+
+
+def _folder_option(message: str, role: str) -> str:
+    """A reader's advice to pass --bin-format, made the option of the folder (--gt-bin-format /
+    --pred-bin-format): --bin-format would change the other folder's reading too."""
+    return message if role == "input" else message.replace("--bin-format", f"--{role}-bin-format")
 
 
 def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions = EvalOptions(),
