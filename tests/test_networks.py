@@ -228,3 +228,31 @@ def test_condition_latents_are_kept_across_calls_and_redone_when_inputs_change()
         den.latent_stage2[0].weight.add_(0.1)                    # a latent weight changed in place
         fresh.load_state_dict(den.state_dict())
         assert torch.allclose(den(pts, None, t, cond), fresh(pts, None, t, cond), atol=1e-6)
+
+
+def test_denoiser_gradients_are_bit_equal_between_runs_on_two_threads(torch_threads):
+    """Training is bit-reproducible with torch's default threads on a CPU: a backward pass of the
+    denoiser gives the same gradients every time. Many condition cells share each batch element's
+    time-MLP row; the gather of those rows must not accumulate its gradient with atomic adds in
+    thread order (advanced indexing's backward did, and two identical training runs ended apart)."""
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    den = Denoiser(cfg, "torch").train()
+    side = torch.arange(-12, 13) * 16                  # 25^3 = 15,625 cells for element 0, 5,000 for 1:
+    grid = torch.stack(torch.meshgrid(side, side, side, indexing="ij"), -1).reshape(-1, 3)
+    # the threads' halves of the rows then split element 0's cells, whose row both threads add to
+    coords = torch.cat([torch.cat([torch.full((len(g), 1), b), g], 1) for b, g in ((0, grid), (1, grid[:5000]))])
+    cond = Condition(coords, torch.randn(len(coords), cfg.cond_dim))
+    pts = torch.randn(600, 3) * 3
+    batch = torch.repeat_interleave(torch.tensor([0, 1]), 300)
+    t = torch.tensor([10, 700])
+    grads = []
+    with torch_threads(2):
+        for _ in range(4):
+            den.zero_grad(set_to_none=True)
+            den(pts, batch, t, cond).pow(2).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in den.named_parameters() if p.grad is not None})
+    assert any(n.endswith("_temp.0.weight") for n in grads[0])
+    for other in grads[1:]:
+        for n, g in grads[0].items():
+            assert torch.equal(g, other[n]), f"{n}: gradients differ between identical backward passes"

@@ -262,7 +262,10 @@ class Denoiser(_SparseNet):
         time MLP output per batch element; ``batch``: the cells' batch elements, concatenated."""
         site = SITES[i]
         p = latents[i]
-        tau = tau_b[batch]
+        # index_select, not tau_b[batch]: the backward of advanced indexing accumulates with atomic
+        # adds on a multi-threaded CPU (many cells share one batch element's row), so two identical
+        # training runs ended with different weights; index_select's backward adds in a fixed order
+        tau = tau_b.index_select(0, batch)
         h = torch.cat([tau, p], dim=1) if site == "up1" else torch.cat([p, tau], dim=1)
         w = getattr(self, f"latemp_{site}")(h)
         return list(torch.split(w, [c.coords.shape[0] for c in conds])) if len(conds) > 1 else [w]
