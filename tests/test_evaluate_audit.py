@@ -487,3 +487,26 @@ def test_evaluate_files_crops_predictions_to_the_published_range(tmp_path, capsy
     assert main(["evaluate-files", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out",
                  str(tmp_path / "o"), "--max-range", "0"] + common) == 1
     assert "settings differ: pred_max_range" in capsys.readouterr().err
+
+
+def test_frames_where_a_metric_is_undefined_are_named(tmp_path, capsys):
+    """JSD is undefined on a frame with no point inside its +-50 m cube (a prediction and target
+    far out): left out of the JSD means, the summary names the frame and why (it was only counted)."""
+    from lidar_completion.io import write_cloud
+    r = np.random.default_rng(4)
+    near = r.uniform(-20, 20, (1500, 3)).astype(np.float32)
+    far = near + np.float32([80.0, 0.0, 0.0])                  # x in 60..100 m: outside the cube
+    for stem, cloud in (("000000", near), ("000001", far)):
+        write_cloud(tmp_path / "pred" / f"{stem}.npy", cloud + np.float32(0.02))
+        write_cloud(tmp_path / "gt" / f"{stem}.npy", cloud)
+    out = tmp_path / "o"
+    assert main(["evaluate-files", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(out),
+                 "--max-range", "0", "--emd", "none", "--no-plots", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cd"]["frames"] == 2 and s["cd"]["undefined_frames"] == []
+    for key in ("jsd_bev", "jsd_3d"):
+        assert s[key]["frames"] == 1 and s[key]["undefined"] == 1 and s[key]["undefined_frames"] == ["000001"]
+    assert "JSD-BEV is undefined on 1 frame (000001): no point" in err
+    md = (out / "summary.md").read_text()
+    assert "(frames 000001: no point of the prediction or of the target inside the +-50 m cube)" in md

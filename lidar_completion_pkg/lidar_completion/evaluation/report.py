@@ -102,6 +102,9 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
             s[name] = _stats([r.get(name) for r in scored])
             # how many of the frames left out of this mean are empty predictions (undefined there)
             s[name]["empty_predictions"] = len(empty)
+            # and which frames are left out for another reason (e.g. JSD: no point in its cube)
+            s[name]["undefined_frames"] = [r["frame"] for r in scored if not math.isfinite(num(r.get(name)))
+                                           and not is_empty_prediction(r)]
     methods: Dict[str, int] = {}
     for r in records:
         if r.get("emd_method"):
@@ -165,6 +168,15 @@ def _fmt(v, digits=3, scale=1.0) -> str:
 
 def _mean(s: Dict, name: str):
     return (s.get(name) or {}).get("mean")
+
+
+# why a metric is undefined on a frame whose clouds are not empty (empty predictions are counted apart)
+UNDEFINED_WHY = {"jsd_bev": ": no point of the prediction or of the target inside the +-50 m cube",
+                 "jsd_3d": ": no point of the prediction or of the target inside the +-50 m cube"}
+
+
+def _frame_list(frames: Sequence, most: int = 10) -> str:
+    return ", ".join(map(str, frames[:most])) + (" ..." if len(frames) > most else "")
 
 
 def empty_prediction_note(s: Dict) -> str:
@@ -245,6 +257,9 @@ def summary_markdown(s: Dict) -> str:
             undefined += f" (of which {st['empty_predictions']} empty predictions)"
         if st.get("dropped_frames"):
             undefined += f" (of which {st['dropped_frames']} dropped: > 130k voxels)"
+        other = st.get("undefined_frames") or []
+        if other and not (key == "emd_published" and len(other) == st.get("dropped_frames")):
+            undefined += f" (frames {_frame_list(other)}{UNDEFINED_WHY.get(key, '')})"
         lines.append(f"| {title} | {value} | {st.get('frames', 0)} | {undefined} |")
     emd = s.get("emd") or {}
     if emd.get("methods"):
@@ -381,4 +396,10 @@ def print_summary(summary: Dict, out, stream=None) -> None:
     print(", ".join(parts), file=stream)
     if n_empty:
         print(f"warning: {empty_prediction_note(summary)}", file=sys.stderr)
+    for key, name in (("cd", "CD"), ("jsd_bev", "JSD-BEV"), ("jsd_3d", "JSD-3D"), ("emd", "EMD")):
+        other = (summary.get(key) or {}).get("undefined_frames") or []
+        if other:   # left out of the mean printed above, not as empty predictions: name them
+            print(f"warning: {name} is undefined on {len(other)} frame{'' if len(other) == 1 else 's'} "
+                  f"({_frame_list(other)}){UNDEFINED_WHY.get(key, '')}; its mean is over the others",
+                  file=sys.stderr)
     print(f"results -> {Path(out) / 'summary.md'}", file=stream)
