@@ -55,7 +55,8 @@ def test_frame_metrics_agree_with_metric_functions():
     assert rec["jsd_bev"] == M.jsd_bev(pred, gt) and rec["jsd_3d"] == M.jsd_3d(pred, gt)
     assert rec["emd"] == pytest.approx(M.emd(pred, gt), abs=1e-9) and rec["emd_method"] == "exact"
     assert rec["emd_published"] == pytest.approx(M.emd_published(pred, gt), rel=1e-9)
-    for ext in ("full", "legacy"):
+    assert set(rec["iou"]) == {"full", "legacy", "lidiff2025"}
+    for ext in ("full", "legacy", "lidiff2025"):
         for vs in (0.5, 0.2, 0.1):
             assert tuple(rec["iou"][ext][f"{vs:g}"]) == M.iou_counts(pred, gt, vs, ext)
     for t in (0.05, 0.1):
@@ -85,6 +86,14 @@ def test_summary_aggregates_and_labels():
     many = [dict(recs[0], frame=f"{i}", cd=0.1 * i) for i in range(8)]
     s8 = summarize(many)
     assert s8["best_frames"] == ["0", "1", "2"] and s8["worst_frames"] == ["7", "6", "5"]
+    # frames scored before the lidiff2025 variant existed: it is left out, not summed over part
+    assert set(s["iou"]) == {"full", "legacy"}
+    mixed = summarize([recs[0], dict(recs[1], iou=dict(recs[1]["iou"], lidiff2025=recs[1]["iou"]["full"]))])
+    assert set(mixed["iou"]) == {"full", "legacy"}
+    both = summarize([dict(r, iou=dict(r["iou"], lidiff2025=r["iou"]["full"])) for r in recs])
+    assert both["iou"]["lidiff2025"]["0.5"]["iou"] == pytest.approx(4 / 6)
+    assert "LiDiff's code since June 2025" in summary_markdown(both)
+    assert "LiDiff's code since June 2025" not in summary_markdown(s)
     md = summary_markdown(s)
     for label in ("JSD-BEV (Jensen-Shannon distance, as published)", "EMD (published variant)",
                   "legacy: the published tables' variant", "IoU 0.5 [%] (±50 m)", "time per scan", "| m | 8 |"):

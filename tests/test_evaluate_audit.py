@@ -252,7 +252,7 @@ def test_failed_frames_are_counted_apart_and_the_run_exits_1(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "3 frames evaluated, 1 failed" in md
     iou_rows = [line for line in md.splitlines() if line.startswith("| IoU (")]
-    assert len(iou_rows) == 2 and all(row.split(" | ")[-2] == "3" for row in iou_rows), iou_rows
+    assert len(iou_rows) == 3 and all(row.split(" | ")[-2] == "3" for row in iou_rows), iou_rows
     assert main(args) == 1                      # a rerun keeps the failed frame, and says so again
     # with every frame evaluated, exit 0
     np.save(pred_dir / "f3.npy", np.load(gt_dir / "f3.npy"))

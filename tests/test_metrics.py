@@ -123,6 +123,42 @@ def test_iou_legacy_equals_published_histogram_procedure():
     assert M.iou_counts(p, g, 0.5, "legacy") == tuple(int(v) for v in ref)
 
 
+def test_iou_lidiff2025_equals_that_code_s_histograms():
+    """LiDiff's evaluation since June 2025 bins the raw coordinates with np.histogramdd over
+    [-50, 50]^3 m (int(100 / v) bins per axis). At 0.5 m its dense histograms are compared whole,
+    with points on the bin edges, on +-50 m (50 m itself counts, in the last bin) and outside; at
+    0.2 and 0.1 m (10^8 and 10^9 dense cells) on a window of the same edges around the clouds."""
+    r = rng(12)
+    p, g = random_cloud(13, 3000, 60.0), random_cloud(14, 3000, 60.0)
+    g[:1500] = p[:1500] + r.normal(0, 0.1, (1500, 3))
+    on_edges = np.array([[50.0, 0.0, 0.0], [-50.0, 1.0, 2.0], [49.5, -49.5, 0.0], [50.0000001, 0, 0],
+                         [-50.0000001, 3, 3], [0.5, 0.2, 0.1], [0.0, 0.0, 0.0], [-0.1, -0.2, -0.5]])
+    p, g = np.r_[p, on_edges], np.r_[g, on_edges[::2]]
+
+    def counts(hp, hg):
+        return int((hp & hg).sum()), int((hp & ~hg).sum()), int((~hp & hg).sum())
+
+    def hist(c, **kw):
+        return np.histogramdd(c, **kw)[0].astype(bool)
+
+    ref = counts(hist(p, bins=200, range=[[-50, 50]] * 3), hist(g, bins=200, range=[[-50, 50]] * 3))
+    assert M.iou_counts(p, g, 0.5, "lidiff2025") == ref
+    for vs in (0.2, 0.1):
+        n = int(100 / vs)
+        edges = np.linspace(-50, 50, n + 1)
+        lo, hi = int(np.searchsorted(edges, -4.0)), int(np.searchsorted(edges, 4.0)) + 1
+        window = [edges[lo:hi]] * 3                     # the same edges, a window of them
+        a = r.uniform(-3.9, 3.9, (2000, 3))
+        b = np.r_[np.clip(a[:1000] + r.normal(0, vs / 2, (1000, 3)), -3.9, 3.9), r.uniform(-3.9, 3.9, (500, 3))]
+        a = np.r_[a, edges[lo + 5:lo + 8, None].repeat(3, 1)]   # points exactly on edges
+        assert M.iou_counts(a, b, vs, "lidiff2025") == counts(hist(a, bins=window), hist(b, bins=window)), vs
+    # a floor grid: 0.29 m and 0.31 m share the 0.2 m bin [0.2, 0.4); round(p / v) splits them
+    assert M.iou_counts([[0.29, 0.1, 0.1]], [[0.31, 0.1, 0.1]], 0.2, "lidiff2025") == (1, 0, 0)
+    assert M.iou_counts([[0.29, 0.1, 0.1]], [[0.31, 0.1, 0.1]], 0.2, "full") == (0, 1, 1)
+    with pytest.raises(M.ConfigError):
+        M.iou_counts(p, g, 0.5, "lidiff")
+
+
 def test_iou_legacy_vs_full_extent():
     """Legacy counts voxel indices within +-50 only: +-25 / +-10 / +-5 m at 0.5 / 0.2 / 0.1 m."""
     g = np.array([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0], [8.0, 0.0, 0.0], [20.0, 0.0, 0.0],

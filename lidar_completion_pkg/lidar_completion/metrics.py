@@ -23,7 +23,9 @@ emd_published             The Distillation-DPO "EMD": Sinkhorn with eps = 0.001 
 iou / iou_counts          |P n G| / |P u G| over occupied voxels, voxel index ``round(p / voxel_size)``;
                           extent "full" (voxel centres within |x|,|y|,|z| <= 50 m) or "legacy"
                           (indices within +-50, i.e. +-25 / +-10 / +-5 m at 0.5 / 0.2 / 0.1 m: the
-                          variant of the published tables, LiDiff's 2024 code, ScoreLiDAR, DDPO).
+                          variant of the published tables, LiDiff's 2024 code, ScoreLiDAR, DDPO)
+                          or "lidiff2025" (LiDiff's code since June 2025: raw coordinates in
+                          int(100 / v) histogram bins over [-50, 50] m, a floor grid).
 precision_recall_fscore   share of predicted points with a ground-truth point closer than the
                           threshold, the converse, and their harmonic mean (fractions, not percent).
 prf_area                  the published P/R/F: the normalised Simpson area of P/R/F over 100
@@ -53,7 +55,7 @@ __all__ = [
     "precision_recall_fscore", "nn_distances", "prf_from_distances", "prf_area", "voxel_masses",
     "frame_metrics", "chamfer_from_distances",
     "HIST_RANGE", "HIST_VOXEL", "EMD_VOXEL", "EMD_MAX_EXACT_ENTRIES", "EMD_SINKHORN_EPS",
-    "EMD_PUBLISHED_MAX_VOXELS", "IOU_VOXEL_SIZES", "PRF_THRESHOLDS", "PRF_AREA_THRESHOLDS", "EMD_MODES",
+    "EMD_PUBLISHED_MAX_VOXELS", "IOU_VOXEL_SIZES", "IOU_EXTENTS", "PRF_THRESHOLDS", "PRF_AREA_THRESHOLDS", "EMD_MODES",
 ]
 
 #: Histogram metrics (JSD): half-width of the cube in metres and its voxel size (200 bins per axis).
@@ -70,6 +72,8 @@ EMD_SINKHORN_EPS = 0.05
 EMD_PUBLISHED_MAX_VOXELS = 130_000
 #: Voxel sizes (m) of the IoU columns of a frame record.
 IOU_VOXEL_SIZES = (0.5, 0.2, 0.1)
+# the IoU variants every frame's record holds (iou_counts: the grid and the range of each)
+IOU_EXTENTS = ("full", "legacy", "lidiff2025")
 #: Thresholds (m) of the single-threshold P/R/F columns of a frame record.
 PRF_THRESHOLDS = (0.05, 0.10)
 #: Published P/R/F: normalised Simpson area over 100 thresholds from 0.05 to 0.10 m.
@@ -236,16 +240,19 @@ def iou_counts(pred, gt, voxel_size: float, extent: str = "full"):
     |i| <= round(50 / voxel_size). extent "legacy": the variant of the published tables (LiDiff's
     code as released in 2024, copied by ScoreLiDAR and Distillation-DPO), which bins the *indices*
     into a +-50 histogram and therefore only counts indices |i| <= 50: +-25 m at 0.5 m, +-10 m at
-    0.2 m, +-5 m at 0.1 m.
+    0.2 m, +-5 m at 0.1 m. extent "lidiff2025": LiDiff's code since June 2025, another grid - the
+    raw coordinates in histogram bins over [-50, 50] m (:func:`_iou_counts_lidiff2025`).
     """
     if not voxel_size > 0:
         raise ConfigError(f"voxel_size: expected a positive size in metres, got {voxel_size!r}")
+    if extent == "lidiff2025":
+        return _iou_counts_lidiff2025(pred, gt, voxel_size)
     if extent == "full":
         limit = int(round(HIST_RANGE / voxel_size))
     elif extent == "legacy":
         limit = int(HIST_RANGE)
     else:
-        raise ConfigError(f"extent: expected 'full' or 'legacy', got {extent!r}")
+        raise ConfigError(f"extent: expected one of {', '.join(IOU_EXTENTS)}, got {extent!r}")
     sets = []
     for name, cloud in (("pred", pred), ("gt", gt)):
         idx = np.round(_points(cloud, name) / voxel_size)
@@ -255,6 +262,26 @@ def iou_counts(pred, gt, voxel_size: float, extent: str = "full"):
         span = 2 * limit + 1
         lin = ((idx[:, 0] + limit) * span + (idx[:, 1] + limit)) * span + (idx[:, 2] + limit)
         sets.append(np.unique(lin))
+    tp = int(np.intersect1d(sets[0], sets[1], assume_unique=True).size)
+    return tp, int(sets[0].size - tp), int(sets[1].size - tp)
+
+
+def _iou_counts_lidiff2025(pred, gt, voxel_size: float):
+    """(TP, FP, FN) on the grid of LiDiff's evaluation code since June 2025: the raw coordinates
+    binned into int(100 / voxel_size) equal bins per axis over [-50, 50] m (numpy histogramdd's
+    rule: a bin holds [e_k, e_k+1), the last one also 50 m itself; points outside are not counted).
+    Computed on the occupied bins only: the dense histogram of that code needs 10^9 cells at 0.1 m."""
+    bins = int(2 * HIST_RANGE / voxel_size)
+    if bins < 1:
+        raise ConfigError(f"voxel_size: {voxel_size!r} m leaves no bin in the +-{HIST_RANGE:g} m range")
+    edges = np.linspace(-HIST_RANGE, HIST_RANGE, bins + 1)
+    sets = []
+    for name, cloud in (("pred", pred), ("gt", gt)):
+        a = _points(cloud, name)
+        idx = np.stack([np.searchsorted(edges, a[:, k], side="right") for k in range(3)], axis=1)
+        idx[a == edges[-1]] -= 1                   # 50 m itself: in the last bin, as histogramdd
+        idx = idx[((idx >= 1) & (idx <= bins)).all(axis=1)] - 1
+        sets.append(np.unique((idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]))
     tp = int(np.intersect1d(sets[0], sets[1], assume_unique=True).size)
     return tp, int(sets[0].size - tp), int(sets[1].size - tp)
 
@@ -443,7 +470,7 @@ def frame_metrics(pred, gt, emd: str = "both", workers: int = 1) -> dict:
     """Every metric of one frame as a JSON-ready dict (NaN for undefined values).
 
     Keys: n_pred, n_gt, cd, jsd_bev, jsd_3d, emd (+ emd_method, emd_cell, emd_bound; with ``emd``
-    "both" or "ot"), emd_published ("both" or "published"), iou ({"full"|"legacy": {"0.5": [tp, fp,
+    "both" or "ot"), emd_published ("both" or "published"), iou ({"full"|"legacy"|"lidiff2025": {"0.5": [tp, fp,
     fn], ...}} at :data:`IOU_VOXEL_SIZES`), prf ({"0.05": [p, r, f], "0.1": [...], "auc": the
     :func:`prf_area` variant}), metric_seconds.
     """
@@ -465,7 +492,7 @@ def frame_metrics(pred, gt, emd: str = "both", workers: int = 1) -> dict:
     if emd in ("both", "published"):
         rec["emd_published"] = emd_published(pred, gt)
     rec["iou"] = {ext: {_key(v): list(iou_counts(pred, gt, v, ext)) for v in IOU_VOXEL_SIZES}
-                  for ext in ("full", "legacy")}
+                  for ext in IOU_EXTENTS}
     rec["prf"] = {_key(t): list(prf_from_distances(d_pred, d_gt, t)) for t in PRF_THRESHOLDS}
     rec["prf"]["auc"] = prf_area(d_pred, d_gt)
     rec["metric_seconds"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..metrics import IOU_VOXEL_SIZES, PRF_THRESHOLDS
+from ..metrics import IOU_EXTENTS, IOU_VOXEL_SIZES, PRF_THRESHOLDS
 
 __all__ = ["summarize", "summary_markdown", "write_plots", "render_frame", "print_summary", "jsonable",
            "N_EXTREMES", "score_empty_prediction", "is_empty_prediction"]
@@ -121,7 +121,9 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     # IoU sums TP / FP / FN over the frames that have them: these are its frames
     s["iou_frames"] = sum(1 for r in records if "iou" in r)
     iou: Dict = {}
-    for ext in ("full", "legacy"):
+    for ext in IOU_EXTENTS:
+        if not all(ext in r["iou"] for r in records if "iou" in r):
+            continue     # a variant added since some of these frames were scored: not summed over part
         iou[ext] = {}
         for v in IOU_VOXEL_SIZES:
             k = _key(v)
@@ -268,7 +270,11 @@ def summary_markdown(s: Dict) -> str:
     # "|" inside a table cell must be escaped, or Markdown splits the row there
     for ext, title in (("full", r"IoU (full: voxel centres within \|x\|, \|y\|, \|z\| <= 50 m)"),
                        ("legacy", "IoU (legacy: the published tables' variant, LiDiff 2024 / ScoreLiDAR / "
-                                  "DDPO code: +-25 / +-10 / +-5 m)")):
+                                  "DDPO code: +-25 / +-10 / +-5 m)"),
+                       ("lidiff2025", "IoU (LiDiff's code since June 2025: coordinates binned over "
+                                      "[-50, 50]^3 m)")):
+        if ext not in s.get("iou", {}):
+            continue
         vals = s.get("iou", {}).get(ext, {})
         txt = " / ".join(f"{_fmt((vals.get(_key(v)) or {}).get('iou'), 1, 100)} % @ {v:g} m"
                          for v in IOU_VOXEL_SIZES)
