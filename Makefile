@@ -42,7 +42,8 @@ help: ## list the targets
 	@echo "lidar-completion - make targets:"
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
 	    awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), SKIP_MINKOWSKI=1 (setup without"
+	@echo "Variables: PYTEST_ARGS='-k foo' (extra pytest arguments), TEST_WORKERS=0 (the fast suite in one"
+	@echo "process instead of 2), SKIP_MINKOWSKI=1 (setup without"
 	@echo "MinkowskiEngine), SKIP_TF2_MSGS=1 (setup without building tf2_msgs, the node's /tf messages),"
 	@echo "SKIP_ROS2_TOOLS=1 (setup without ros2 launch / topic / param where ROS2_CLI_WHEELS has none),"
 	@echo "PYTHON_SYS=python3.11 (interpreter used to create $(VENV)),"
@@ -67,20 +68,27 @@ $(DEMO_STAMP):
 
 # --durations: every run (CI's included) ends with its slowest tests, the ones to look at when the
 # fast suite nears its 15-minute budget.
-test: setup ## fast test suite (pytest -m "not slow")
-	$(PYTEST) -m "not slow" --durations=15 $(PYTEST_ARGS)
+# The fast suite (test, test-torch, test-minkowski) runs in TEST_WORKERS processes (pytest-xdist;
+# 0 = one process): each test file in one of them, the files that start ROS 2 nodes all in the same
+# one (tests/conftest.py), so no two DDS tests run at once. Measured on a 2-core CPU: the fast suite
+# took 517 s with 2 workers, 795-864 s in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,)
+
+test: setup ## fast test suite (pytest -m "not slow"), in TEST_WORKERS processes (default 2)
+	$(PYTEST) -m "not slow" $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup ## slow tests only (pytest -m slow)
 	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 test-torch: setup ## fast suite with MinkowskiEngine hidden (every command runs without it)
-	LIDAR_COMPLETION_BACKEND=torch LIDAR_COMPLETION_HIDE_MINKOWSKI=1 $(PYTEST) -m "not slow" $(PYTEST_ARGS)
+	LIDAR_COMPLETION_BACKEND=torch LIDAR_COMPLETION_HIDE_MINKOWSKI=1 $(PYTEST) -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # `auto` takes the torch backend on a CPU; this runs the whole suite again on the reference backend
 test-minkowski: setup ## fast suite with MinkowskiEngine (the reference) wherever a backend is not named
 	@$(PY) -c "import MinkowskiEngine" 2>/dev/null || { echo "MinkowskiEngine does not import in $(VENV):" \
 	    "make setup builds it (not with SKIP_MINKOWSKI=1)"; exit 2; }
-	LIDAR_COMPLETION_BACKEND=minkowski $(PYTEST) -m "not slow" $(PYTEST_ARGS)
+	LIDAR_COMPLETION_BACKEND=minkowski $(PYTEST) -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-all: setup ## every test, slow ones included
 	$(PYTEST) $(PYTEST_ARGS)

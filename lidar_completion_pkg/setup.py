@@ -53,8 +53,9 @@ setup(
         "python-neo-lzf>=0.3",  # LZF of PCL's binary_compressed .pcd files (io); prebuilt wheels
     ],
     extras_require={
-        # transforms3d: the TF tests' rotations, apart from the scipy code under test
-        "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.30", "transforms3d"],
+        # transforms3d: the TF tests' rotations, apart from the scipy code under test; pytest-xdist:
+        # `make test` runs the suite in two processes (tests/conftest.py keeps the ROS 2 files in one)
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.5", "diffusers>=0.30", "transforms3d"],
         # the node; tf2_msgs (its frames) is not on PyPI: make setup builds it; the launch / CLI
         # tools come with a system ROS 2 (make setup installs them from ROS2_CLI_WHEELS)
         "ros": ["ros-kilted-rclpy[fastrtps]", "ros-kilted-sensor-msgs", "ros-kilted-std-msgs",

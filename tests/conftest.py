@@ -24,11 +24,48 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+# ---- `make test` in two processes (pytest-xdist, --dist loadfile) --------------------------------
+# Each test file runs in one worker (its module fixtures are made once), and the files that start
+# ROS 2 nodes, players or rclpy contexts all run in the same worker, one after another as in a single
+# process: they pick random DDS domains, which two workers could draw alike. (xdist's loadgroup does
+# not work with pytest 9: it renames an attribute pytest no longer reads.)
+_ROS_SIGNS = ("ros_support", "pytest.mark.ros")
+_ros_file_cache: dict = {}
+
+
+def xdist_scope(rootpath, nodeid: str) -> str:
+    """The unit of work of a test for the scheduler: "ros" for a ROS 2 file, else its file."""
+    path = nodeid.split("::", 1)[0]
+    if path not in _ros_file_cache:
+        try:
+            text = (rootpath / path).read_text(errors="replace")
+        except OSError:
+            text = ""
+        _ros_file_cache[path] = any(sign in text for sign in _ROS_SIGNS)
+    return "ros" if _ros_file_cache[path] else path
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndRos(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(config.rootpath, nodeid)
+
+    return FilesAndRos(config, log)
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int):
     """torch's intra-op threads set to ``n`` (at most the machine's cores) for a while, then restored."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    # the cores are shared by the pytest-xdist workers (`make test` runs 2): each gets its share, as
+    # more threads than cores slowed the heaviest fixture 3x (70 s alone, 218 s beside a busy worker)
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    torch.set_num_threads(max(1, min(n, share)))
     try:
         yield
     finally:

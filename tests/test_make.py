@@ -1,5 +1,6 @@
 """The Makefile's setup logic, dry-run (`make -n`): `make demo` sets up without building
 MinkowskiEngine, `make setup` / `make test` build it, and a full setup serves the demo."""
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,3 +83,23 @@ def test_ci_runs_the_suite_on_the_default_backend_then_on_minkowski(tmp_path):
                for line in mink.splitlines()), mink
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.index("make test ") < ci.index("make test-minkowski ")
+
+
+DDS_USE = re.compile(r"rclpy\.init\(|create_node\(|\"--live\"|ROS_DOMAIN_ID|Participant\(|participant\(|"
+                     r"random_domain\(|ros2 launch|demo\.sh")
+
+
+def test_make_test_runs_in_two_workers_and_every_dds_test_file_in_one_of_them(tmp_path):
+    """`make test` passes pytest-xdist's loadfile to pytest (TEST_WORKERS=0: one process), and the
+    scheduler of tests/conftest.py puts every test file that opens DDS participants (rclpy, the
+    node, live replays, ros2 launch) into the one "ros" unit: random DDS domains drawn by two
+    workers at once could meet. Other files are their own unit."""
+    from conftest import xdist_scope
+    assert "-n 2 --dist loadfile" in dry_run("test", tmp_path / "v")
+    assert "--dist" not in dry_run("test", tmp_path / "v", "TEST_WORKERS=0")
+    dds = [p for p in sorted((ROOT / "tests").glob("test_*.py"))
+           if p.name != "test_make.py" and DDS_USE.search(p.read_text())]
+    assert len(dds) >= 6, [p.name for p in dds]
+    for p in dds:
+        assert xdist_scope(ROOT, f"tests/{p.name}::t") == "ros", p.name
+    assert xdist_scope(ROOT, "tests/test_io.py::test_x[a::b]") == "tests/test_io.py"

@@ -101,8 +101,9 @@ def held_out_frames(tmp_path_factory):
 def student_completions(held_out_frames, torch_threads):
     """The shipped student's defaults (8 steps, its solver and guidance, refined), seed = frame as in
     docs/results.md's table (scripts/release/eval_default.py, seed 0 + frame); and the first frame
-    twice more at a small budget (500 points), for determinism. The fast suite's heaviest fixture,
-    alone in the pytest process: on both cores (the module's fast tests 153 -> 125 s on 2 cores)."""
+    twice more at a small budget (500 points), for determinism. The fast suite's heaviest fixture:
+    on two threads where the pytest process has both cores (the module's fast tests 153 -> 125 s),
+    on one beside another pytest-xdist worker (tests/conftest.py)."""
     from lidar_completion.completer import Completer
     with torch_threads(2):
         comp = Completer.from_checkpoint(None, backend="torch")
