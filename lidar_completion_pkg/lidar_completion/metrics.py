@@ -241,49 +241,42 @@ def iou_counts(pred, gt, voxel_size: float, extent: str = "full"):
     code as released in 2024, copied by ScoreLiDAR and Distillation-DPO), which bins the *indices*
     into a +-50 histogram and therefore only counts indices |i| <= 50: +-25 m at 0.5 m, +-10 m at
     0.2 m, +-5 m at 0.1 m. extent "lidiff2025": LiDiff's code since June 2025, another grid - the
-    raw coordinates in histogram bins over [-50, 50] m (:func:`_iou_counts_lidiff2025`).
+    raw coordinates in histogram bins over [-50, 50] m (:func:`_lidiff2025_cells`).
     """
     if not voxel_size > 0:
         raise ConfigError(f"voxel_size: expected a positive size in metres, got {voxel_size!r}")
-    if extent == "lidiff2025":
-        return _iou_counts_lidiff2025(pred, gt, voxel_size)
-    if extent == "full":
-        limit = int(round(HIST_RANGE / voxel_size))
-    elif extent == "legacy":
-        limit = int(HIST_RANGE)
-    else:
+    if extent not in IOU_EXTENTS:
         raise ConfigError(f"extent: expected one of {', '.join(IOU_EXTENTS)}, got {extent!r}")
-    sets = []
-    for name, cloud in (("pred", pred), ("gt", gt)):
-        idx = np.round(_points(cloud, name) / voxel_size)
-        # outside the extent before the integer cast: a far point's index (beyond int64) would
-        # wrap to a negative one inside it
-        idx = idx[(np.abs(idx) <= limit).all(axis=1)].astype(np.int64)
-        span = 2 * limit + 1
-        lin = ((idx[:, 0] + limit) * span + (idx[:, 1] + limit)) * span + (idx[:, 2] + limit)
-        sets.append(np.unique(lin))
+    cells = _lidiff2025_cells if extent == "lidiff2025" else _round_cells
+    sets = [cells(_points(cloud, name), voxel_size, extent) for name, cloud in (("pred", pred), ("gt", gt))]
     tp = int(np.intersect1d(sets[0], sets[1], assume_unique=True).size)
     return tp, int(sets[0].size - tp), int(sets[1].size - tp)
 
 
-def _iou_counts_lidiff2025(pred, gt, voxel_size: float):
-    """(TP, FP, FN) on the grid of LiDiff's evaluation code since June 2025: the raw coordinates
-    binned into int(100 / voxel_size) equal bins per axis over [-50, 50] m (numpy histogramdd's
+def _round_cells(a: np.ndarray, voxel_size: float, extent: str) -> np.ndarray:
+    """Sorted unique keys of the occupied voxels ``round(p / voxel_size)`` inside the extent."""
+    limit = int(round(HIST_RANGE / voxel_size)) if extent == "full" else int(HIST_RANGE)
+    idx = np.round(a / voxel_size)
+    # outside the extent before the integer cast: a far point's index (beyond int64) would wrap to
+    # a negative one inside it
+    idx = idx[(np.abs(idx) <= limit).all(axis=1)].astype(np.int64) + limit
+    span = 2 * limit + 1
+    return np.unique((idx[:, 0] * span + idx[:, 1]) * span + idx[:, 2])
+
+
+def _lidiff2025_cells(a: np.ndarray, voxel_size: float, extent: str = "lidiff2025") -> np.ndarray:
+    """Sorted unique keys of the occupied bins of LiDiff's evaluation code since June 2025: the raw
+    coordinates in int(100 / voxel_size) equal bins per axis over [-50, 50] m (numpy histogramdd's
     rule: a bin holds [e_k, e_k+1), the last one also 50 m itself; points outside are not counted).
-    Computed on the occupied bins only: the dense histogram of that code needs 10^9 cells at 0.1 m."""
+    Only the occupied bins: that code's dense histogram needs 10^9 cells at 0.1 m."""
     bins = int(2 * HIST_RANGE / voxel_size)
     if bins < 1:
         raise ConfigError(f"voxel_size: {voxel_size!r} m leaves no bin in the +-{HIST_RANGE:g} m range")
     edges = np.linspace(-HIST_RANGE, HIST_RANGE, bins + 1)
-    sets = []
-    for name, cloud in (("pred", pred), ("gt", gt)):
-        a = _points(cloud, name)
-        idx = np.stack([np.searchsorted(edges, a[:, k], side="right") for k in range(3)], axis=1)
-        idx[a == edges[-1]] -= 1                   # 50 m itself: in the last bin, as histogramdd
-        idx = idx[((idx >= 1) & (idx <= bins)).all(axis=1)] - 1
-        sets.append(np.unique((idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]))
-    tp = int(np.intersect1d(sets[0], sets[1], assume_unique=True).size)
-    return tp, int(sets[0].size - tp), int(sets[1].size - tp)
+    idx = np.stack([np.searchsorted(edges, a[:, k], side="right") for k in range(3)], axis=1)
+    idx[a == edges[-1]] -= 1                   # 50 m itself: in the last bin, as histogramdd
+    idx = idx[((idx >= 1) & (idx <= bins)).all(axis=1)] - 1
+    return np.unique((idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2])
 
 
 def iou(pred, gt, voxel_size: float, extent: str = "full") -> float:

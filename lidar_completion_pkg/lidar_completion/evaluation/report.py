@@ -259,9 +259,8 @@ def summary_markdown(s: Dict) -> str:
             undefined += f" (of which {st['empty_predictions']} empty predictions)"
         if st.get("dropped_frames"):
             undefined += f" (of which {st['dropped_frames']} dropped: > 130k voxels)"
-        other = st.get("undefined_frames") or []
-        if other and not (key == "emd_published" and len(other) == st.get("dropped_frames")):
-            undefined += f" (frames {_frame_list(other)}{UNDEFINED_WHY.get(key, '')})"
+        if st.get("undefined_frames"):
+            undefined += f" (frames {_frame_list(st['undefined_frames'])}{UNDEFINED_WHY.get(key, '')})"
         lines.append(f"| {title} | {value} | {st.get('frames', 0)} | {undefined} |")
     emd = s.get("emd") or {}
     if emd.get("methods"):
