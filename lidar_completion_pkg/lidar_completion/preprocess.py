@@ -23,12 +23,10 @@ import numpy as np
 import torch
 
 from .errors import CloudFormatError
+from .constants import DEFAULTS
 
 __all__ = ["DEFAULTS", "as_cloud", "filter_scan", "farthest_point_sample", "sector_split", "sector_members",
            "make_x_init", "postprocess_mask", "postprocess"]
-
-#: Published pre/post-processing limits.
-DEFAULTS = dict(min_range=3.5, max_range=50.0, min_z=-4.0, n_fps=18000, tile=10)
 
 
 def as_cloud(points, name: str = "points") -> np.ndarray:

@@ -22,13 +22,12 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from collections.abc import Sequence
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
 from .errors import ConfigError
-from .preprocess import DEFAULTS
+from .constants import BACKENDS, DEFAULTS, PROCESSES
 from .shipped import shipped_sampling
 
 __all__ = ["CompletionSettings", "Option", "OPTIONS", "BY_NAME", "PRECISIONS", "PROCESSES",
@@ -123,32 +122,6 @@ class Option:
 
 def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-class _Choices(Sequence):
-    """Allowed values kept by the module that uses them, read on first use: the sparse package and
-    the sampler load torch, which building the command line (and commands without a model) does
-    not need."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def _names(self) -> tuple:
-        import importlib
-        return tuple(getattr(importlib.import_module(self.module), self.name))
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __repr__(self) -> str:
-        return repr(self._names())
-
-
-BACKENDS = _Choices("lidar_completion.sparse", "BACKENDS")
-PROCESSES = _Choices("lidar_completion.diffusion.sampler", "PROCESSES")
 
 
 def _opt(default, help: str, type: type, **kw):
@@ -320,9 +293,6 @@ def add_arguments(parser, exclude: Iterable[str] = (), only: Optional[Iterable[s
         metavar = opt.metavar
         if opt.range is not None:
             text += f"; {opt.allowed_text()}"
-        elif isinstance(opt.choices, _Choices):   # listed when the help is printed
-            text += "; one of %(choices)s"
-            metavar = metavar or "NAME"
         text += f" [{opt.default_text()}]".replace("%", "%%")
         if opt.type is bool:
             group.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from ..evaluation.sources import BIN_FORMATS
+from ..io import BIN_FORMATS
 from ..metrics import EMD_MODES
 from ..settings import BY_NAME, CompletionSettings, add_arguments
 

@@ -34,15 +34,12 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from ..constants import PROCESSES  # "vp" (published) or "local" (see the module docstring)
 from ..errors import ConfigError
 from .schedule import NoiseSchedule
 
 __all__ = ["DPMSolverSDE", "PROCESSES", "StepOutput", "linspace_timesteps", "sample"]
 
-# "vp": the published sampler (diffusers' formulas for x_t = alpha_t x_0 + sigma_t eps applied to the
-# offsets from x_init, although the networks are trained on x_t = x_0 + sigma_t eps); "local": the
-# same solver for the process the networks are trained on (alpha_t = 1; see the module docstring)
-PROCESSES = ("vp", "local")
 
 
 def linspace_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:

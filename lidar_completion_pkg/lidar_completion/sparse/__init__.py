@@ -37,6 +37,7 @@ import os
 import warnings
 from functools import lru_cache
 
+from ..constants import BACKENDS
 from ..errors import ConfigError
 from .coords import Field, pack_keys, unpack_keys, voxel_indices
 from .interface import SparseBackend
@@ -45,7 +46,6 @@ from .sharing import shared_maps
 from .static import (PAD_BATCH, StaticShapes, caching_allowed, grow_capacity, static_shapes, tensor_version,
                      use_static_shapes)
 
-BACKENDS = ("auto", "minkowski", "torch", "triton")
 ENV_BACKEND = "LIDAR_COMPLETION_BACKEND"
 ENV_HIDE_MINKOWSKI = "LIDAR_COMPLETION_HIDE_MINKOWSKI"
 
