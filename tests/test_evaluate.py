@@ -1,4 +1,6 @@
 """`lidar-completion evaluate` / `evaluate-files` and the evaluation loop (issue 8)."""
+import contextlib
+import io
 import json
 from dataclasses import replace
 
@@ -9,7 +11,7 @@ from scipy.integrate import simpson
 from lidar_completion import metrics as M
 from lidar_completion.cli import main
 from lidar_completion.evaluation import (
-    EvalOptions, evaluate_files, evaluate_sequence, frame_metrics, read_records, summarize,
+    EvalOptions, evaluate_files, evaluate_sequence, frame_metrics, print_summary, read_records, summarize,
     summary_markdown,
 )
 from lidar_completion.settings import CompletionSettings
@@ -93,7 +95,15 @@ def test_summary_aggregates_and_labels():
     both = summarize([dict(r, iou=dict(r["iou"], lidiff2025=r["iou"]["full"])) for r in recs])
     assert both["iou"]["lidiff2025"]["0.5"]["iou"] == pytest.approx(4 / 6)
     assert "LiDiff's code since June 2025" in summary_markdown(both)
-    assert "LiDiff's code since June 2025" not in summary_markdown(s)
+    # ... and said so, naming the frames: in summary.md and in the warning after the run
+    assert s["iou_not_scored"] == {"lidiff2025": ["a", "b"]} and mixed["iou_not_scored"] == {"lidiff2025": ["a"]}
+    assert "iou_not_scored" not in both
+    row = next(line for line in summary_markdown(mixed).splitlines() if "LiDiff's code since June 2025" in line)
+    assert "not summed: 1 frame (a)" in row and "--restart" in row and "%" not in row
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        print_summary(mixed, "OUT", stream=io.StringIO())
+    assert "IoU 'lidiff2025' is not in the summary: 1 frame (a)" in err.getvalue()
     md = summary_markdown(s)
     for label in ("JSD-BEV (Jensen-Shannon distance, as published)", "EMD (published variant)",
                   "legacy: the published tables' variant", "IoU 0.5 [%] (±50 m)", "time per scan", "| m | 8 |"):

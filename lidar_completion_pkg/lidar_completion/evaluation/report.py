@@ -122,8 +122,10 @@ def summarize(records: Sequence[Dict], run: Optional[Dict] = None) -> Dict:
     s["iou_frames"] = sum(1 for r in records if "iou" in r)
     iou: Dict = {}
     for ext in IOU_EXTENTS:
-        if not all(ext in r["iou"] for r in records if "iou" in r):
-            continue     # a variant added since some of these frames were scored: not summed over part
+        lacking = [r["frame"] for r in records if "iou" in r and ext not in r["iou"]]
+        if lacking:      # a variant added since some of these frames were scored: not summed over part
+            s.setdefault("iou_not_scored", {})[ext] = lacking
+            continue
         iou[ext] = {}
         for v in IOU_VOXEL_SIZES:
             k = _key(v)
@@ -273,6 +275,11 @@ def summary_markdown(s: Dict) -> str:
                        ("lidiff2025", "IoU (LiDiff's code since June 2025: coordinates binned over "
                                       "[-50, 50]^3 m)")):
         if ext not in s.get("iou", {}):
+            lacking = (s.get("iou_not_scored") or {}).get(ext)
+            if lacking:   # say why the row has no value rather than leave it out unexplained
+                lines.append(f"| {title} | not summed: {len(lacking)} frame{'' if len(lacking) == 1 else 's'} "
+                             f"({_frame_list(lacking)}) were scored before this variant existed; "
+                             "evaluate again with --restart | | |")
             continue
         vals = s.get("iou", {}).get(ext, {})
         txt = " / ".join(f"{_fmt((vals.get(_key(v)) or {}).get('iou'), 1, 100)} % @ {v:g} m"
@@ -407,4 +414,8 @@ def print_summary(summary: Dict, out, stream=None) -> None:
             print(f"warning: {name} is undefined on {len(other)} frame{'' if len(other) == 1 else 's'} "
                   f"({_frame_list(other)}){UNDEFINED_WHY.get(key, '')}; its mean is over the others",
                   file=sys.stderr)
+    for ext, lacking in (summary.get("iou_not_scored") or {}).items():
+        print(f"warning: IoU '{ext}' is not in the summary: {len(lacking)} frame"
+              f"{'' if len(lacking) == 1 else 's'} ({_frame_list(lacking)}) were scored before it "
+              "existed; --restart scores every frame again", file=sys.stderr)
     print(f"results -> {Path(out) / 'summary.md'}", file=stream)
