@@ -104,16 +104,23 @@ def test_folders_of_earlier_versions_are_refused(synth, tmp_path, capsys):
 # --------------------------------------------------------------- 2. the GT cache's own targets
 def test_evaluate_files_reads_the_ground_truth_cache_targets(synth, tmp_path, capsys):
     targets = synth / "gt_cache" / "08" / "targets"
+    # the targets as predictions, kept in the evaluation z band: a perfect score (the cache's
+    # targets are scored in that band, as `evaluate` scores them)
+    banded = tmp_path / "banded"
+    banded.mkdir()
+    for f in sorted(targets.glob("*.bin")):
+        t = np.fromfile(f, dtype=np.float32).reshape(-1, 3)
+        np.save(banded / f"{f.stem}.npy", t[(t[:, 2] > -4.0) & (t[:, 2] < 4.4)])
     for gt_dir in (targets, targets.parent):                 # CACHE/SS/targets or CACHE/SS
-        s = evaluate_files(targets, gt_dir, tmp_path / gt_dir.name, options=EvalOptions(
+        s = evaluate_files(banded, gt_dir, tmp_path / gt_dir.name, options=EvalOptions(
             emd="none", progress=False, plots=False))
         assert s["frames"] == 3 and s["cd"]["mean"] == 0.0 and not s["failed_frames"]
-        assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"}
+        assert s["run"]["bin_format"] == {"pred": "kitti", "gt": "xyz"} and s["run"]["gt_z_band"] == [-4.0, 4.4]
     # a link to the cache's targets is the cache's targets
     (tmp_path / "linked").symlink_to(targets, target_is_directory=True)
     s = evaluate_files(targets, tmp_path / "linked", tmp_path / "via_link", options=EvalOptions(
         emd="none", progress=False, plots=False))
-    assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"} and s["cd"]["mean"] == 0.0
+    assert s["run"]["bin_format"] == {"pred": "xyz", "gt": "xyz"} and s["run"]["gt_z_band"] == [-4.0, 4.4]
     # copied out of the cache (no manifest): --bin-format xyz says how to read them
     copied = tmp_path / "copied"
     shutil.copytree(targets, copied)

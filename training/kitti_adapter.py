@@ -9,9 +9,12 @@ missing ground-truth caches first, on rank 0 while the other ranks wait.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import distributed as D
+
+log = logging.getLogger(__name__)
 
 
 class KittiSource:
@@ -31,12 +34,29 @@ class KittiSource:
                                   tile=int(d["tile"]), target_points=None if whole_target else int(d["target_points"]),
                                   augment=bool(d["augment"]), seed=int(cfg["seed"]), fps=fps)
         self.root = Path(root)
+        self._skipped: set = set()
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def sample(self, index: int, rng) -> dict:
-        s = self.ds.sample(index, rng)
+        """Item ``index``; a frame whose files cannot make one (a scan with no point left by the
+        input filter, an empty target) is replaced by the next usable frame, with a warning once per
+        frame: one bad scan among thousands does not end a run, and the replacement is the same on
+        every run (the frame's checks draw nothing from ``rng``)."""
+        from lidar_completion.errors import DatasetError
+        n = len(self.ds)
+        for k in range(n):
+            i = (index + k) % n
+            try:
+                s = self.ds.sample(i, rng)
+                break
+            except DatasetError as exc:
+                if i not in self._skipped:
+                    self._skipped.add(i)
+                    log.warning("training: frame %s left out, another frame takes its place: %s", i, exc)
+        else:
+            raise DatasetError(f"no frame of the training set ({self.root}) can be used (see the warnings)")
         if "scan" not in s:     # sampled on the device (training.data.sample_scans_on_device)
             return {"scan_full": s["raw_scan"], "target": s["target"]}
         return {"scan": s["scan"], "x_init": s["x_init"], "target": s["target"]}

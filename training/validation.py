@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from lidar_completion.errors import ConfigError, LidarCompletionError
+from lidar_completion.errors import ConfigError, DatasetError, LidarCompletionError
 from lidar_completion.fileutil import atomic_write_json
 from lidar_completion.metrics import chamfer_distance, jsd_bev
 
@@ -111,7 +111,16 @@ class Validator:
             except LidarCompletionError as exc:
                 raise type(exc)(f"validation (validation.root {root}, validation.sequence "
                                 f"{seq!r}): {exc}") from exc
-            self._frames = [(i, *src.load(k)) for k, i in zip(src.keys, src.indices)]
+            frames = []
+            for k, i in zip(src.keys, src.indices):
+                try:
+                    frames.append((i, *src.load(k)))
+                except DatasetError as exc:     # e.g. an empty scan: validate on the others
+                    log.warning("validation: frame %s left out: %s", k, exc)
+            if not frames:
+                raise DatasetError(f"validation (validation.root {root}, validation.sequence {seq!r}): "
+                                   f"none of its {len(src.keys)} frames can be used (see the warnings)")
+            self._frames = frames
         return self._frames
 
     def evaluate(self, predict: Predictor) -> dict:

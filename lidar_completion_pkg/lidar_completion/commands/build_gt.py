@@ -61,7 +61,8 @@ def run(args) -> int:
             print(f"sequence {st.sequence}: {st.frames} frames, built {st.frames_built}, reused "
                   f"{st.frames_reused}; map {st.map_points} points"
                   f"{' (reused)' if st.map_reused else ''}; {per * 1000:.0f} ms per frame; "
-                  f"mean target {st.target_points_mean:.0f} points -> {st.cache_dir}")
+                  f"mean target {st.target_points_mean:.0f} points"
+                  f"{f' (over the {st.frames_built} built)' if st.frames_reused else ''} -> {st.cache_dir}")
         else:
             rebuilt = "" if st.map_reused else "; the map was missing or damaged and was rebuilt"
             print(f"sequence {st.sequence}: {st.frames} frames, cache complete and verified "

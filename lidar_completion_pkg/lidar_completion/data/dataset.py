@@ -145,7 +145,15 @@ class CompletionDataset(Dataset):
             if build:
                 cache = gt_mod.build_sequence(seq, self.cache_root, config, verify="size")
             else:
-                cache = gt_mod.GTCache(self.cache_root, sid)
+                try:
+                    cache = gt_mod.GTCache(self.cache_root, sid)
+                except DatasetError:
+                    if not seq.has_labels:     # nothing to build it from: say that, not "build it"
+                        raise DatasetError(
+                            f"sequence {sid} has no ground truth: it has no semantic labels "
+                            f"({seq.path / 'labels'} missing), which the ground-truth map is built "
+                            "from (SemanticKITTI labels sequences 00-10 only)") from None
+                    raise
             if len(cache) != len(seq):
                 raise DatasetError(f"the cache of sequence {sid} ({cache.dir}) has {len(cache)} "
                                    f"frames but the sequence has {len(seq)} scans; rebuild it with "
@@ -153,6 +161,7 @@ class CompletionDataset(Dataset):
             if not cache.complete:
                 raise DatasetError(f"the cache of sequence {sid} ({cache.dir}) is incomplete; "
                                    "finish it with `lidar-completion build-gt` (it resumes)")
+            cache.check_source(seq)
             self.sequences.append(seq)
             self.caches.append(cache)
         self.config = config or self.caches[0].config
@@ -180,14 +189,18 @@ class CompletionDataset(Dataset):
         raw = scan[gt_mod.input_mask(scan, cfg, labels), :3].astype(np.float32)
         target = cache.load_target(frame, verify=self.verify)
         if self.split == "eval":
-            target = target[(target[:, 2] > cfg.z_min) & (target[:, 2] < cfg.z_max_eval)]
+            target = gt_mod.evaluation_target(target, cfg)
         if self.label_filter:
             target = target[gt_mod.viewpoint_mask(target, raw, cfg.view_voxel)]
         where = f"sequence {seq.sequence} frame {frame}"
         if not len(raw):
-            raise DatasetError(f"{where}: no scan point passes the input filter")
+            raise DatasetError(f"{where} ({seq.scan_path(frame)}, {len(scan)} points): no scan point "
+                               f"passes the input filter ({cfg.min_range:g} m < range < "
+                               f"{cfg.input_max_range:g} m, z > {cfg.z_min:g} m"
+                               f"{', a static class label' if labels is not None else ''})")
         if not len(target):
-            raise DatasetError(f"{where}: the ground-truth target is empty")
+            raise DatasetError(f"{where}: the ground-truth target is empty "
+                               f"({cache.target_path(frame)})")
         if self.fps:
             fps = raw[fps_indices(raw, self.n_fps, rng if self.augment else None)]
         else:   # sampled later (on the device, from point 0): a shuffled cloud starts anywhere

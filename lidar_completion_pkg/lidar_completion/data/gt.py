@@ -102,6 +102,13 @@ def input_mask(points: np.ndarray, config: GTConfig = GTConfig(),
     return m
 
 
+def evaluation_target(target: np.ndarray, config: GTConfig = GTConfig()) -> np.ndarray:
+    """The part of a cached target that evaluation scores: ``z_min < z < z_max_eval`` (scan frame).
+    ``evaluate`` and ``evaluate-files`` on a folder of the cache score the same points."""
+    z = np.asarray(target)[:, 2]
+    return target[(z > config.z_min) & (z < config.z_max_eval)]
+
+
 def sequence_world_points(sequence: kitti.SemanticKittiSequence, frame: int,
                           config: GTConfig = GTConfig()) -> np.ndarray:
     """Map-filtered points of one frame in the world frame (float64)."""
@@ -262,6 +269,19 @@ class GTCache:
     def __len__(self) -> int:
         return self.n_frames
 
+    def check_source(self, sequence: kitti.SemanticKittiSequence) -> None:
+        """A :class:`DatasetError` when ``sequence``'s files are not those the cache was built from
+        (poses, calibration, the number, sizes or modification times of scans and labels, as
+        ``build-gt`` compares them): its targets would be stale, silently."""
+        old = self.header.get("source") or {}
+        now = source_fingerprint(sequence)
+        if old != now:
+            raise DatasetError(
+                f"the ground-truth cache {self.dir} was built from other files than sequence "
+                f"{self.sequence} holds now (changed: {_what_changed({'source': old}, {'source': now})}); "
+                f"rebuild it with `lidar-completion build-gt {sequence.root} --sequences {self.sequence}"
+                f"{'' if self.dir.parent == default_cache_root(sequence.root) else f' --out {self.dir.parent}'}`")
+
     def target_path(self, i: int) -> Path:
         return self.dir / "targets" / f"{i:06d}.bin"
 
@@ -414,7 +434,16 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
                     bar.set_postfix_str("targets")
                 total_pts = 0
                 for i in todo:
-                    target = frame_target(index, sequence.pose(i), sequence.scan(i), config)
+                    scan = sequence.scan(i)
+                    target = frame_target(index, sequence.pose(i), scan, config)
+                    if not len(target):
+                        # cached like any frame (the cache covers the sequence), but said now:
+                        # evaluation and training leave such a frame out when they reach it
+                        log.warning("sequence %s frame %d (%s, %d points): %s; evaluation and "
+                                    "training will leave this frame out", sequence.sequence, i,
+                                    sequence.scan_path(i), len(scan),
+                                    "the target is empty" if input_mask(scan, config).any() else
+                                    "no point passes the input filter")
                     frame_entries[i] = _array_entry(out, f"targets/{i:06d}.bin", target, type="frame",
                                                     frame=i)
                     journal.write(frame_entries[i])

@@ -13,6 +13,7 @@ Poses in the LiDAR frame are ``P_velo = inv(Tr) @ P_cam @ Tr``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..fileutil import atomic_write
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -241,10 +244,29 @@ def dataset_root(root: PathLike) -> Path:
 
 
 def list_sequences(root: PathLike) -> List[str]:
-    """Sequence ids present under a dataset root (folders with a ``velodyne`` directory)."""
+    """Sequence ids present under a dataset root (folders with a ``velodyne`` directory, named with
+    two digits as SemanticKITTI names them). A folder named otherwise (``8`` for ``08``) is left out
+    with a warning that says how to name it: no other command could open it under its id."""
     seq_dir = dataset_root(root) / "sequences"
-    return sorted(p.name for p in seq_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "velodyne").is_dir())
+    found = []
+    for p in seq_dir.iterdir():
+        if not (p.is_dir() and p.name.isdigit() and (p / "velodyne").is_dir()):
+            continue
+        if p.name != sequence_id(p.name):
+            log.warning("%s left out: sequence folders are named with two digits, rename it to %s",
+                        p, sequence_id(p.name))
+            continue
+        found.append(p.name)
+    return sorted(found)
+
+
+def _misnamed_folder(seq_dir: Path, sequence: str) -> Optional[Path]:
+    """A folder of ``seq_dir`` that names ``sequence`` with other digits (``8`` or ``008`` for
+    ``08``), or None."""
+    if not seq_dir.is_dir():
+        return None
+    return next((p for p in sorted(seq_dir.iterdir()) if p.is_dir() and p.name.isdigit()
+                 and p.name != sequence and int(p.name) == int(sequence)), None)
 
 
 class SemanticKittiSequence:
@@ -266,6 +288,10 @@ class SemanticKittiSequence:
         self.sequence = sequence_id(sequence)
         self.path = self.root / "sequences" / self.sequence
         if not self.path.is_dir():
+            other = _misnamed_folder(self.root / "sequences", self.sequence)
+            if other is not None:
+                raise DatasetError(f"sequence {self.sequence}: found the folder {other}, but sequence "
+                                   f"folders are named with two digits; rename it to {self.path}")
             available = ", ".join(list_sequences(self.root)) or "none"
             raise DatasetError(f"sequence {self.sequence} not found under {self.root / 'sequences'} "
                                f"(available: {available})")
@@ -320,6 +346,9 @@ class SemanticKittiSequence:
                 if not lab.is_file():
                     raise DatasetError(f"label file {lab} is missing for scan {scan.name}")
                 lsize = lab.stat().st_size
+                if lsize % 4:
+                    raise DatasetError(f"label file {lab} has {lsize} bytes; expected a multiple of 4 "
+                                       "(one uint32 per point): truncated or not a label file?")
                 if lsize * 4 != size:
                     raise DatasetError(
                         f"label file {lab} has {lsize // 4} labels but scan {scan.name} has "

@@ -310,7 +310,9 @@ def summary_markdown(s: Dict) -> str:
     if s.get("best_frames"):
         lines += ["", f"Best frames by CD: {', '.join(map(str, s['best_frames']))}; worst: "
                       f"{', '.join(map(str, s['worst_frames']))}."]
-    settings = {k: v for k, v in run.items() if k not in ("title", "description", "label")}
+    # (the ground-truth files without a prediction are named in the description, at most ten)
+    settings = {k: v for k, v in run.items()
+                if k not in ("title", "description", "label", "gt_without_prediction")}
     if settings:
         lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))]
     return "\n".join(lines) + "\n"
@@ -414,6 +416,11 @@ def print_summary(summary: Dict, out, stream=None) -> None:
             print(f"warning: {name} is undefined on {len(other)} frame{'' if len(other) == 1 else 's'} "
                   f"({_frame_list(other)}){UNDEFINED_WHY.get(key, '')}; its mean is over the others",
                   file=sys.stderr)
+    missing = (summary.get("run") or {}).get("gt_without_prediction") or []
+    if missing:
+        print(f"warning: {len(missing)} ground-truth file{'' if len(missing) == 1 else 's'} had no "
+              f"prediction and {'is' if len(missing) == 1 else 'are'} not in the means "
+              f"({_frame_list(missing)})", file=sys.stderr)
     for ext, lacking in (summary.get("iou_not_scored") or {}).items():
         print(f"warning: IoU '{ext}' is not in the summary: {len(lacking)} frame"
               f"{'' if len(lacking) == 1 else 's'} ({_frame_list(lacking)}) were scored before it "

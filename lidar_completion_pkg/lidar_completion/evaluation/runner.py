@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import CloudFormatError, ConfigError
+from ..errors import CloudFormatError, ConfigError, DatasetError
 from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
 from ..metrics import EMD_MODES, frame_metrics
 from ..settings import BY_NAME
@@ -240,7 +240,12 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
         with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="metrics") as pool:
             submit = pool.submit if workers else serially
             for key in todo:
-                inp, gt = load(key)
+                try:
+                    inp, gt = load(key)
+                except DatasetError as exc:   # this frame's files (an empty scan): the frame fails
+                    fail(key, exc)
+                    bar.update(1)
+                    continue
                 try:
                     pred, timings = predict(key, index_of[key], inp)
                     pred = _checked_prediction(pred)

@@ -181,9 +181,11 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def pair_files(pred_dir, gt_dir) -> List[Tuple[str, Path, Path]]:
+def pair_files(pred_dir, gt_dir, unpaired: Optional[Dict[str, List[str]]] = None) \
+        -> List[Tuple[str, Path, Path]]:
     """(stem, prediction file, ground-truth file) for every stem present in both folders
-    (.bin/.npy/.ply/.pcd), in natural order; raises DatasetError when nothing pairs."""
+    (.bin/.npy/.ply/.pcd), in natural order; raises DatasetError when nothing pairs. ``unpaired``
+    (a dict, filled when given): the stems of each side ("pred", "gt") that have no partner."""
     found = []
     for d, what in ((Path(pred_dir), "prediction"), (Path(gt_dir), "ground-truth")):
         if not d.is_dir():
@@ -201,7 +203,10 @@ def pair_files(pred_dir, gt_dir) -> List[Tuple[str, Path, Path]]:
     if not stems:
         raise DatasetError(f"no file stem is common to {pred_dir} ({len(pred)} clouds) and {gt_dir} "
                            f"({len(gt)} clouds); files are paired by name without extension")
-    for name, only in (("prediction", set(pred) - set(gt)), ("ground truth", set(gt) - set(pred))):
+    for role, name, only in (("pred", "prediction", set(pred) - set(gt)),
+                             ("gt", "ground truth", set(gt) - set(pred))):
+        if unpaired is not None:
+            unpaired[role] = sorted(only, key=_natural)
         if only:
             log.warning("%d %s files have no partner and are skipped (e.g. %s)", len(only), name,
                         sorted(only, key=_natural)[0])
@@ -252,7 +257,9 @@ class FileSource:
     says how the ``.bin`` files of PRED_DIR and GT_DIR are read (input scans are KITTI scans). A folder of the ground-truth cache (``CACHE/SS`` or
     ``CACHE/SS/targets``) is recognised by its manifest: its targets are paired and, with "auto",
     read as the 3 float32 per point the cache writes; any other folder's ``.bin`` files are KITTI
-    scans (4 float32 per point) unless "xyz" is given. A prediction that cannot be read or holds
+    scans (4 float32 per point) unless "xyz" is given; the cache's targets are scored in the
+    evaluation z band of its build settings (-4 < z < 4.4 m), as ``evaluate`` scores them, so the two
+    commands give the same numbers for the same completions. A prediction that cannot be read or holds
     NaN / inf is a failed frame (recorded with its file name and left out, as a scan the Completer
     cannot complete is in ``evaluate``); a ground-truth file that cannot be used ends the run,
     naming the file: the reference itself is wrong. ``max_range`` (metres, None: off) keeps the
@@ -277,17 +284,22 @@ class FileSource:
         if input_dir is not None and not Path(input_dir).is_dir():
             raise DatasetError(f"input-scan folder {input_dir} does not exist or is not a folder")
         self.formats: Dict[str, str] = {}
+        self.gt_config = None     # the cache's build settings when GT_DIR is a folder of the cache
         folders = {}
         for role, d in (("pred", pred_dir), ("gt", gt_dir), ("input", input_dir)):
             if d is None:
                 continue
             targets = gt_cache_targets(d)
             folders[role] = targets if targets is not None else Path(d)
+            if role == "gt" and targets is not None:
+                from ..data.gt import GTConfig
+                self.gt_config = GTConfig.from_dict((_gt_cache_header(targets.parent) or {}).get("config") or {})
             given = given_formats[role]
             self.formats[role] = given if given != "auto" else \
                 ("xyz" if targets is not None else "kitti")
         self.pred_dir, self.gt_dir = folders["pred"], folders["gt"]
-        pairs = pair_files(self.pred_dir, self.gt_dir)[:limit]
+        self.unpaired: Dict[str, List[str]] = {}
+        pairs = pair_files(self.pred_dir, self.gt_dir, self.unpaired)[:limit]
         self.keys = [s for s, _, _ in pairs]
         self._files = {s: (p, g) for s, p, g in pairs}
         self._inputs: Dict[str, Path] = {}
@@ -334,8 +346,19 @@ class FileSource:
                 out[role] = [path.name, None, None]
         return out
 
+    @property
+    def gt_z_band(self) -> Optional[List[float]]:
+        """[z_min, z_max] of the ground truth scored when GT_DIR is a folder of the cache, else None."""
+        return None if self.gt_config is None else [self.gt_config.z_min, self.gt_config.z_max_eval]
+
     def load(self, key: str):
         gt = self.read(self._files[key][1], "gt")
+        if self.gt_config is not None:
+            from ..data.gt import evaluation_target
+            gt = evaluation_target(gt, self.gt_config)
+            if not len(gt):
+                raise CloudFormatError(f"{self._files[key][1]}: the ground truth holds no point in the "
+                                       f"evaluation z band {self.gt_z_band} m")
         inp = self.read(self._inputs[key], "input") if key in self._inputs else None
         return inp, gt
 
@@ -359,11 +382,22 @@ def evaluate_files(pred_dir, gt_dir, out, input_dir=None, options: EvalOptions =
     src = FileSource(pred_dir, gt_dir, input_dir, options.limit, bin_format, max_range)
     run = {"pred_dir": str(src.pred_dir.resolve()), "gt_dir": str(src.gt_dir.resolve()),
            "bin_format": {role: src.formats[role] for role in ("pred", "gt")},
-           "pred_max_range": src.max_range,
+           "pred_max_range": src.max_range, "gt_z_band": src.gt_z_band,
            "source": "files", "label": options.label or Path(pred_dir).name, "steps": None,
-           "identity_keys": ["pred_dir", "gt_dir", "bin_format", "pred_max_range"]}
+           # the band only where there is one: runs on other folders resume as before
+           "identity_keys": ["pred_dir", "gt_dir", "bin_format", "pred_max_range"]
+           + (["gt_z_band"] if src.gt_z_band else [])}
     run["title"] = f"{run['label']} (files)"
     run["description"] = (f"Predictions from {pred_dir}, ground truth from {gt_dir}, paired by stem"
-                          + (f"; predicted points at {src.max_range:g} m or farther left out." if src.max_range
-                             else "."))
+                          + (f"; predicted points at {src.max_range:g} m or farther left out" if src.max_range
+                             else "")
+                          + (f"; the ground-truth cache's targets scored in {src.gt_z_band[0]:g} < z < "
+                             f"{src.gt_z_band[1]:g} m, as `evaluate` scores them" if src.gt_z_band else "")
+                          + ".")
+    missing = src.unpaired.get("gt") or []
+    if missing:   # a frame a method did not complete is not in its means: the summary says so
+        run["gt_without_prediction"] = missing
+        run["description"] += (f" {len(missing)} ground-truth file{'' if len(missing) == 1 else 's'} "
+                               f"had no prediction and {'is' if len(missing) == 1 else 'are'} not scored: "
+                               + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") + ".")
     return run_evaluation(src.keys, src.load, src.predict, out, run, options, signature=src.signature)
