@@ -345,3 +345,66 @@ def test_a_training_state_is_named_as_one(tmp_path):
     (tmp_path / "parts.ckpt").write_bytes(PARTS_MAGIC + b"x\n")
     with pytest.raises(CheckpointError, match="is a training state"):
         load_checkpoint(tmp_path / "parts.ckpt")
+
+
+def test_a_kernel_of_the_wrong_rank_is_an_error_naming_the_file_and_key(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    for key, value, expect in (("stem.0.kernel", torch.zeros(27, 8), r"stem\.0\.kernel has shape \(27, 8\)"),
+                               ("stage1.1.net.0.kernel", torch.zeros(()), r"stage1\.1\.net\.0\.kernel has shape \(\)"),
+                               ("up1.0.net.0.kernel", torch.zeros(8, 32, 0), r"up1\.0\.net\.0\.kernel has shape \(8, 32, 0\)")):
+        den = dict(obj["denoiser"], **{key: value})
+        enc = dict(obj["encoder"], **({key: value} if key in obj["encoder"] else {}))   # both alike
+        path = _save_lightning(tmp_path / "bad.ckpt", {"partial_enc.": enc, "model.": den})
+        with pytest.raises(CheckpointError, match=f"^{path}: lidiff layout: .*{expect}, expected 3 positive"):
+            load_checkpoint(path, backend="torch")
+    # from the command line: one line, no traceback
+    from lidar_completion.cli import main
+    scan = tmp_path / "scan.npy"
+    import numpy as np
+    np.save(scan, np.random.default_rng(0).normal(size=(500, 3)) * [10, 10, 1])
+    assert main(["complete", str(scan), "-o", str(tmp_path / "o.npy"), "--checkpoint", str(path)]) == 1
+
+
+def test_encoder_and_denoiser_widths_that_disagree_name_both_keys(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    key = "stage3.1.net.0.kernel"
+    k, cin, cout = obj["denoiser"][key].shape
+    den = dict(obj["denoiser"], **{key: torch.zeros(k, cin, cout - 4)})
+    path = _save_lightning(tmp_path / "bad.ckpt", {"partial_enc.": obj["encoder"], "model.": den})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, backend="torch")
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: partial_enc.{key} has shape ({k}, {cin}, {cout}) but model.{key} has "
+                          f"({k}, {cin}, {cout - 4})")
+    assert "encoder weights do not match" not in msg       # the intact encoder is not blamed
+
+
+def test_a_layout_error_names_the_file(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    main_file = _save_lightning(tmp_path / "diff_net.ckpt", {"partial_enc.": obj["encoder"], "model.": obj["denoiser"]})
+    ddp = _save_lightning(tmp_path / "ddp.ckpt", {"module.model_refine.": obj["refiner"]})
+    with pytest.raises(CheckpointError, match=f"^{ddp}: unrecognised checkpoint layout: .*module\\."):
+        load_checkpoint(main_file, backend="torch", refiner_path=ddp)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_weights_of_a_non_float_dtype_are_refused(tmp_path, dtype):
+    obj = _tiny_parts(tmp_path)
+    den = dict(obj["denoiser"])
+    den["last.2.weight"] = den["last.2.weight"].to(dtype)
+    path = _save_lightning(tmp_path / "bad.ckpt", {"partial_enc.": obj["encoder"], "model.": den})
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(CheckpointError, match=f"^{path}: the denoiser weights hold {name} tensors where the "
+                                              r"network has floating-point ones \(last\.2\.weight\)"):
+        load_checkpoint(path, backend="torch")
+
+
+def test_the_unsafe_pickle_message_has_no_terminal_codes(tmp_path):
+    make_random_checkpoint(tmp_path / "a.pt")
+    obj = torch.load(tmp_path / "a.pt", weights_only=True)
+    sd = {"partial_enc." + k: v for k, v in obj["state_dicts"]["encoder"].items()}
+    sd.update({"model." + k: v for k, v in obj["state_dicts"]["denoiser"].items()})
+    torch.save({"state_dict": sd, "hyper_parameters": Opaque()}, tmp_path / "p.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "p.ckpt")
+    assert "\x1b[" not in str(info.value) and "pickled Python objects" in str(info.value)

@@ -335,3 +335,68 @@ def test_post_max_range_must_be_a_positive_distance():
             _completer(post_max_range=bad)
     assert _completer(post_max_range=None).post_max_range is None
     assert _completer(post_max_range=np.float32(30.0)).post_max_range == 30.0
+
+
+def test_the_inputs_a_robotics_stack_has_are_taken():
+    """Structured arrays (PointCloud2's layout), organised clouds, masked arrays and bfloat16
+    tensors are clouds too; a transposed cloud is named as one."""
+    c = _completer()
+    scan = _scan(7)
+    want = c.complete(scan)
+    st = np.zeros(len(scan), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4")])
+    for i, f in enumerate(("x", "y", "z", "intensity")):
+        st[f] = scan[:, i]
+    assert np.array_equal(c.complete(st), want)
+    assert np.array_equal(c.complete(scan.reshape(60, 50, 4)), want)          # rows x columns x channels
+    masked = np.ma.masked_array(np.concatenate([scan, np.full((30, 4), 1e4, np.float32)]))
+    masked[len(scan):] = np.ma.masked                                          # no returns there
+    assert np.array_equal(c.complete(masked), want)
+    as_bf16 = torch.from_numpy(scan).bfloat16()
+    assert np.array_equal(c.complete(as_bf16), c.complete(as_bf16.float().numpy()))
+    with pytest.raises(CloudFormatError, match=r"shape \(4, 3000\), which reads as 4 points .*\(points\.T\)"):
+        c.complete(scan.T)
+    with pytest.raises(CloudFormatError, match="a structured array needs fields x, y and z; it has a, b"):
+        c.complete(np.zeros(10, dtype=[("a", "f4"), ("b", "f4")]))
+
+
+def test_attribute_settings_are_checked_like_the_constructor_s():
+    c = _completer()
+    for name, bad in (("seed", -5), ("seed", "abc"), ("precision", "fp64"), ("min_range", "x"),
+                      ("max_range", 0.0), ("min_z", float("nan"))):
+        with pytest.raises(ConfigError, match=name):
+            setattr(c, name, bad)
+    c.seed, c.min_range, c.max_range = 7, None, 40.0       # None: no limit, as in the constructor
+    assert (c.seed, c.min_range, c.max_range) == (7, None, 40.0)
+    assert c.complete(_scan(8)).shape[1] == 3
+
+
+def test_an_empty_completion_says_why(caplog):
+    """The API returns it (the node and evaluation count it), but says why, as the CLI does."""
+    c = _completer(n_fps=1, tile=1)
+    with caplog.at_level("WARNING", logger="lidar_completion.completer"):
+        res = c.complete_detailed(_scan(9))
+    assert len(res.points) == 0
+    assert "sample of 1 point (n_fps 1)" in res.empty_reason and "band is empty" in res.empty_reason
+    assert "the completion kept no points" in caplog.text
+    assert _completer().complete_detailed(_scan(9)).empty_reason is None
+    # a scan far from its origin: the points are in the band but beyond the 50 m the output keeps
+    far = _scan(10)
+    far[:, 0] += 500.0
+    res = _completer(max_range=1000.0).complete_detailed(far)
+    assert len(res.points) == 0 and "beyond 50 m" in res.empty_reason
+
+
+def test_settings_take_paths_and_torch_devices(tmp_path):
+    from pathlib import Path
+    s = CompletionSettings(checkpoint=Path(tmp_path / "a.pt"), refiner_checkpoint=tmp_path / "r.pt",
+                           device=torch.device("cpu"))
+    assert s.checkpoint == str(tmp_path / "a.pt") and s.refiner_checkpoint == str(tmp_path / "r.pt")
+    assert s.device == "cpu"
+
+
+def test_point_budgets_left_at_none_are_the_checkpoint_s(tmp_path):
+    from lidar_completion.checkpoints import make_random_checkpoint
+    path = make_random_checkpoint(tmp_path / "tiny.pt", seed=0)
+    given = Completer.from_checkpoint(path, backend="torch", n_fps=None, tile=None)
+    default = Completer.from_checkpoint(path, backend="torch")
+    assert (given.n_fps, given.tile) == (default.n_fps, default.tile)

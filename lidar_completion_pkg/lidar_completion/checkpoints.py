@@ -36,18 +36,27 @@ import json
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileutil import atomic_write
 from .settings import checkpoint_fallback
 from .shipped import WEIGHTS_DIR, shipped_manifest  # noqa: F401 (re-exported)
 from .models import ConditionEncoder, Denoiser, ModelConfig, Refiner
 
 log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")   # torch's messages bold some words for a terminal
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message without terminal colour codes (or its type's name)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 FORMAT = "lidar-completion"
 VERSION = 1
@@ -198,16 +207,16 @@ def _torch_load(path: Path, allow_pickle: bool | None):
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} contains pickled Python objects beyond plain tensors, so it cannot be loaded "
-                f"safely (weights_only=True failed: {str(exc).splitlines()[0]}). If you trust the file, "
+                f"safely (weights_only=True failed: {_first_line(exc)}). If you trust the file, "
                 f"pass allow_pickle=True (CLI: --trust-checkpoint) or set {ENV_TRUST}=1.") from None
         log.warning("loading %s with weights_only=False: it runs pickled code from the file", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - any failure of a foreign file is a CheckpointError
-            raise CheckpointError(f"{path} is not a readable checkpoint: {exc2}") from None
+            raise CheckpointError(f"{path} is not a readable checkpoint: {_first_line(exc2)}") from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on damaged files
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                              f"{_first_line(exc)}") from None
 
 
 def split_prefixed(state_dict: dict, prefix: str) -> dict:
@@ -237,16 +246,23 @@ def detect_layout(state_dict: dict) -> str:
 
 def infer_config(state_dict: dict) -> ModelConfig:
     """Channel widths from the shapes of a denoiser / refiner / encoder state dict (prefix removed)."""
+    def kernel(key: str):
+        shape = tuple(state_dict[key].shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise CheckpointError(f"cannot infer the network widths: {key} has shape {shape}, expected "
+                                  "3 positive dimensions (kernel offsets, in, out channels)")
+        return shape
+
     try:
-        cs = [state_dict["stem.0.kernel"].shape[2]]
+        cs = [kernel("stem.0.kernel")[2]]
         for i in range(1, 5):
-            cs.append(state_dict[f"stage{i}.1.net.0.kernel"].shape[2])
+            cs.append(kernel(f"stage{i}.1.net.0.kernel")[2])
         for i in range(1, 5):
             key = f"up{i}.0.net.0.kernel"
             if key not in state_dict:
                 break
-            cs.append(state_dict[key].shape[2])
-        in_ch = state_dict["stem.0.kernel"].shape[1]
+            cs.append(kernel(key)[2])
+        in_ch = kernel("stem.0.kernel")[1]
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the network widths: key {exc} missing") from None
     if len(cs) == 5:  # encoder only: decoder widths are not stored; assume the published ratios
@@ -257,8 +273,32 @@ def infer_config(state_dict: dict) -> ModelConfig:
         refine_up = state_dict["last.2.weight"].shape[0] // 3
     hidden = state_dict["last.0.weight"].shape[0] if "last.0.weight" in state_dict else 20
     name = "full" if tuple(cs) == ModelConfig.full().channels else "custom"
-    return ModelConfig(channels=tuple(int(c) for c in cs), in_channels=int(in_ch), head_hidden=int(hidden),
-                       refine_up=refine_up, name=name)
+    try:
+        return ModelConfig(channels=tuple(int(c) for c in cs), in_channels=int(in_ch), head_hidden=int(hidden),
+                           refine_up=refine_up, name=name)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"the network widths read from its shapes are not usable: {exc}") from None
+
+
+#: the key whose last dimension gives each of the first five widths (and the input channels)
+_WIDTH_KEYS = ("stem.0.kernel",) + tuple(f"stage{i}.1.net.0.kernel" for i in range(1, 5))
+
+
+def _check_shared_widths(path, kind: str, roles: dict) -> None:
+    """The condition encoder and the denoiser share their encoder's widths: when the shapes of the
+    two disagree, name the keys (else the network built from one is blamed on the other)."""
+    enc, den = roles.get("encoder"), roles.get("denoiser")
+    if not enc or not den:
+        return
+    prefixes = {r: p for p, r in {**OPTIONAL_PREFIXES, **PUBLISHED_LAYOUTS[kind]}.items()}
+    for key in _WIDTH_KEYS:
+        if key in enc and key in den:
+            a, b = tuple(enc[key].shape), tuple(den[key].shape)
+            if a != b:
+                raise CheckpointError(
+                    f"{path}: {prefixes.get('encoder', '')}{key} has shape {a} but "
+                    f"{prefixes.get('denoiser', '')}{key} has {b}; the two encoders have the same widths "
+                    "in every published network: one of the files' weights was altered")
 
 
 def _infer_published_config(path, kind: str, role: str, sd: dict) -> ModelConfig:
@@ -291,6 +331,13 @@ def _build(role: str, config: ModelConfig, sd: dict, backend, device, source: st
                 more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
                 parts.append(f"{len(items)} {label}: " + ", ".join(items[:8]) + more)
         raise CheckpointError(f"{source}: the {role} weights do not match the network - " + "; ".join(parts))
+    odd = sorted({str(v.dtype).replace("torch.", "") for k, v in sd.items()
+                  if not v.is_floating_point() and v.dtype != expected[k].dtype})
+    if odd:   # integer, bool or complex weights would be cast (or warned about) without a word
+        keys = [k for k, v in sd.items() if not v.is_floating_point() and v.dtype != expected[k].dtype]
+        raise CheckpointError(f"{source}: the {role} weights hold {', '.join(odd)} tensors where the "
+                              f"network has floating-point ones ({', '.join(keys[:4])}"
+                              f"{f' +{len(keys) - 4} more' if len(keys) > 4 else ''})")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     bad = _non_finite(sd)
     if bad:   # such a network makes every completion non-finite: refuse it at load, not per scan
@@ -330,7 +377,10 @@ def read_state_dicts(path, include=(), allow_pickle: bool | None = None):
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: neither a lidar-completion checkpoint nor a Lightning checkpoint "
                               "with a 'state_dict' of tensors")
-    kind = detect_layout(sd)
+    try:
+        kind = detect_layout(sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     roles = {}
     for prefix, role in PUBLISHED_LAYOUTS[kind].items():
         roles[role] = split_prefixed(sd, prefix)
@@ -346,6 +396,7 @@ def read_state_dicts(path, include=(), allow_pickle: bool | None = None):
     if stray:
         raise CheckpointError(f"{path}: unexpected key prefixes {stray} for a {kind} checkpoint")
     first = next(r for r in ("denoiser", "refiner", "encoder") if roles.get(r))
+    _check_shared_widths(path, kind, roles)
     config = _infer_published_config(path, kind, first, roles[first])
     sampling = dict(DEFAULT_SAMPLING)
     if kind == "lidiff" or kind == "dpo_teacher":

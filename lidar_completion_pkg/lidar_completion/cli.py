@@ -33,6 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_threads_argument(parser, where: str = "this process") -> None:
+    """``--threads N``: torch's intra-op threads (see :func:`apply_threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=f"CPU threads of the networks ({where}); on a machine shared with other work, "
+                             "fewer threads than cores keep the time per scan steady [torch's choice: "
+                             "one per core]")
+
+
+def apply_threads(threads) -> None:
+    """Set the threads ``--threads`` asked for (None: leave torch's choice); ConfigError below 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        from .errors import ConfigError
+        raise ConfigError(f"--threads must be >= 1, found {threads}")
+    import os
+    # OpenMP runtimes other than torch's (MinkowskiEngine's) read the variable when they load
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+
+
 def describe_os_error(exc: OSError, path=None) -> str:
     """``<reason>: <path>`` (both paths for a rename) for an OSError, else its text.
 

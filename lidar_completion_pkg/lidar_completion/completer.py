@@ -68,6 +68,7 @@ class CompletionResult:
     steps: int = 0
     guidance: float = 0.0
     process: str = "vp"            # the solver's forward process ("vp" published, "local")
+    empty_reason: str | None = None   # when ``points`` is empty: why post-processing kept nothing
 
 
 def resolve_device(device) -> torch.device:
@@ -160,13 +161,11 @@ class Completer:
             log.warning("refinement requested but no refiner network is loaded; returning the "
                         "unrefined completion")
         self.refine = bool(refine) and self.refiner is not None
-        self.seed = BY_NAME["seed"].check(seed)     # None or an integer in --seed's range
-        if precision not in _PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+        self.seed = seed              # property: None or an integer in --seed's range
+        self.precision = precision    # property: checks it
         if precision != "fp32" and self.device.type != "cuda":
             log.info("precision %s applies on CUDA only; running fp32 on %s", precision, self.device)
-        self.precision = precision
-        self.min_range, self.max_range, self.min_z = min_range, max_range, min_z
+        self.min_range, self.max_range, self.min_z = min_range, max_range, min_z   # properties
         self.n_fps, self.tile = n_fps, tile   # properties: check the ranges
         if post_max_range is not None and (isinstance(post_max_range, bool) or not isinstance(
                 post_max_range, numbers.Real) or not 0 < post_max_range < math.inf):
@@ -297,8 +296,10 @@ class Completer:
         if process is None:
             process = str(sampling.get("process", checkpoint_fallback("process")))
         for key in ("n_fps", "tile"):  # the point budgets the model was trained with
-            if key in sampling and key not in kwargs:
-                kwargs[key] = int(sampling[key])
+            if kwargs.get(key) is None:    # not given, or None: the checkpoint's, as for steps
+                kwargs.pop(key, None)
+                if key in sampling:
+                    kwargs[key] = int(sampling[key])
         if refine and loaded.refiner is None:
             if "model_refine." in (getattr(loaded, "meta", None) or {}).get("not_loaded", ()):
                 # published students and LiDiff files carry no refiner (refine_net.ckpt is its own
@@ -331,6 +332,53 @@ class Completer:
     @guidance.setter
     def guidance(self, value: float):
         self._guidance = _guidance(value)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of every completion that names none (None: a fresh one each time, logged)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None):
+        self._seed = BY_NAME["seed"].check(value)     # the range --seed and the node take
+
+    @property
+    def precision(self) -> str:
+        """"fp32", "bf16" or "fp16" (the latter two on CUDA only)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str):
+        if value not in _PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {value!r}")
+        self._precision = value
+
+    @property
+    def min_range(self) -> float | None:
+        """Input points closer than this (m) are ignored (None: no limit)."""
+        return self._min_range
+
+    @min_range.setter
+    def min_range(self, value: float | None):
+        self._min_range = _limit("min_range", value)
+
+    @property
+    def max_range(self) -> float | None:
+        """Input points farther than this (m) are ignored (None: no limit)."""
+        return self._max_range
+
+    @max_range.setter
+    def max_range(self, value: float | None):
+        self._max_range = _limit("max_range", value)
+
+    @property
+    def min_z(self) -> float | None:
+        """Input points below this height (m) are ignored (None: no limit)."""
+        return self._min_z
+
+    @min_z.setter
+    def min_z(self, value: float | None):
+        self._min_z = _limit("min_z", value)
 
     @property
     def n_fps(self) -> int:
@@ -562,6 +610,10 @@ class Completer:
         with clock("postprocess"):
             raw_t = postprocess(x0, x_init, self.post_max_range)
             raw = raw_t.float().cpu().numpy()
+        empty_reason = None
+        if not len(raw):     # a result, but rarely what the caller wants: say why (the CLI refuses it)
+            empty_reason = self._empty_reason(x0, x_init, filtered)
+            log.warning("the completion kept no points: %s", empty_reason)
         refined = None
         if self.refine and self.refiner is not None and len(raw_t) > 0:
             check()
@@ -575,7 +627,36 @@ class Completer:
         return CompletionResult(points=refined if refined is not None else raw, raw=raw,
                                 refined=refined, timings=times, num_input=n_valid,
                                 num_filtered=len(filtered), num_fps=len(scan_t), seed=used_seed,
-                                steps=self.steps, guidance=self.guidance, process=self.process)
+                                steps=self.steps, guidance=self.guidance, process=self.process,
+                                empty_reason=empty_reason)
+
+    def _empty_reason(self, x0: torch.Tensor, x_init: torch.Tensor, filtered: np.ndarray) -> str:
+        """Why post-processing (:func:`lidar_completion.preprocess.postprocess`) kept none of the
+        solver's points ``x0``: its height band, taken from ``x_init`` (below the sample's highest
+        point, above its mean height minus 2 standard deviations), and its range cut."""
+        z = x_init[:, 2].double().cpu().numpy()
+        low = z.mean() - 2.0 * z.std(ddof=1) if len(z) > 1 else float("nan")
+        high = float(z.max())
+        n = len(z) // max(1, self.tile)
+        span = f"{float(filtered[:, 2].min()):g} .. {float(filtered[:, 2].max()):g} m"
+        rule = ("post-processing keeps only points below the highest point of the scan's farthest-point "
+                "sample and above its mean height minus 2 standard deviations"
+                + (f", within {self.post_max_range:g} m of the sensor" if self.post_max_range else ""))
+        if not low < high:
+            return (f"{rule}; the sample of {n} point{'' if n == 1 else 's'} (n_fps {self.n_fps}) spans "
+                    f"{float(z.min()):g} .. {high:g} m, so that band is empty; the scan's heights span "
+                    f"{span}: a larger n_fps samples them")
+        pts = x0.double().cpu().numpy()
+        in_band = (pts[:, 2] > low) & (pts[:, 2] < high)
+        cause = (f"the sample of {n} points (n_fps {self.n_fps}) gives the band {low:.3g} .. {high:.3g} m "
+                 f"(the scan's heights span {span})")
+        if in_band.any() and self.post_max_range:
+            near = float(np.linalg.norm(pts[in_band, :3], axis=1).min())
+            return (f"{rule}; {int(in_band.sum())} generated points lie in the band {low:.3g} .. "
+                    f"{high:.3g} m, but the nearest of them is {near:.3g} m from the sensor, beyond "
+                    f"{self.post_max_range:g} m (the scan is far from its origin: complete it in a frame "
+                    "centred on the sensor)")
+        return f"{rule}; {cause} and no generated point fell in it"
 
     def _model_error(self, what: str) -> ModelOutputError:
         return ModelOutputError(f"the networks produced non-finite values from a valid scan ({what}): "
@@ -610,6 +691,11 @@ def _guidance(value) -> float:
     if not low <= w <= high:   # (NaN fails every comparison)
         raise ConfigError(f"guidance must be a number in {low:g}..{high:g}, got {value!r}")
     return w
+
+
+def _limit(name: str, value) -> float | None:
+    """``value`` as one of the input filter's limits (None: no limit); ConfigError else."""
+    return None if value is None else BY_NAME[name].check(value)
 
 
 def _whole(name: str, value) -> int:

@@ -32,20 +32,41 @@ __all__ = ["DEFAULTS", "as_cloud", "filter_scan", "farthest_point_sample", "sect
 def as_cloud(points, name: str = "points") -> np.ndarray:
     """Validate an (N, >=3) real array and return its finite xyz rows as float32 (M, 3).
 
-    Rows with NaN or inf in x, y or z are dropped. Raises :class:`CloudFormatError` for anything
-    that is not a 2-D numeric array with at least 3 columns.
+    Rows with NaN or inf in x, y or z are dropped. Also taken: an organised cloud (H, W, >=3), read
+    row by row; a structured array with fields ``x``, ``y``, ``z`` (what
+    :func:`lidar_completion.pointcloud2.read_points` returns); a numpy masked array, whose masked
+    rows are dropped; a torch tensor of any real dtype. Raises :class:`CloudFormatError` for
+    anything else, naming what it got (and a cloud that looks transposed, (3, N)).
     """
     if hasattr(points, "detach") and hasattr(points, "cpu"):  # torch tensor
-        points = points.detach().cpu().numpy()
+        points = points.detach().cpu()
+        if points.is_floating_point() and points.dtype not in (torch.float16, torch.float32, torch.float64):
+            points = points.float()           # bfloat16 and the like: numpy has no such dtype
+        points = points.numpy()
+    if isinstance(points, np.ma.MaskedArray):  # masked entries are no returns: NaN, dropped below
+        points = np.ma.filled(points.astype(np.float64), np.nan) if points.dtype.kind in "fiu" \
+            else np.ma.getdata(points)
     try:
         arr = np.asarray(points)
     except Exception as exc:  # ragged lists and the like
         raise CloudFormatError(f"{name}: expected an (N, 3+) float array, got an object that numpy "
                                f"cannot convert ({exc})") from None
+    if arr.dtype.names is not None:           # structured: x, y, z fields (PointCloud2's layout)
+        missing = [f for f in "xyz" if f not in arr.dtype.names]
+        if missing:
+            raise CloudFormatError(f"{name}: a structured array needs fields x, y and z; it has "
+                                   f"{', '.join(arr.dtype.names)}")
+        arr = np.stack([arr[f].astype(np.float64, copy=False) for f in "xyz"], axis=-1).reshape(-1, 3)
     if arr.dtype.kind not in "fiu":
         raise CloudFormatError(f"{name}: expected a real-valued (N, 3+) array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] >= 3:   # organised (rows, columns, channels)
+        arr = arr.reshape(-1, arr.shape[2])
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise CloudFormatError(f"{name}: expected shape (N, 3+) (x, y, z first), got {arr.shape}")
+    if arr.shape[0] in (3, 4) and arr.shape[1] > 8:
+        raise CloudFormatError(f"{name}: got shape {arr.shape}, which reads as {arr.shape[0]} points of "
+                               f"{arr.shape[1]} values; a cloud is one row per point (N, 3+): "
+                               "pass the transpose (points.T)")
     xyz = np.asarray(arr[:, :3], dtype=np.float32)
     f = np.isfinite(xyz)
     finite = f[:, 0] & f[:, 1] & f[:, 2]     # = .all(axis=1), 8x faster over 3 columns
@@ -220,14 +241,15 @@ def postprocess_mask(points, x_init, max_range: float | None = 50.0):
     if hasattr(points, "detach"):  # torch
         import torch
         z0 = x_init[:, 2].float()
-        lo = z0.mean() - 2.0 * z0.std()
+        # one point has no spread: an empty band (NaN), without torch's degrees-of-freedom warning
+        lo = z0.mean() - 2.0 * z0.std() if z0.numel() > 1 else z0.new_tensor(float("nan"))
         hi = z0.max()
         keep = (points[:, 2] > lo) & (points[:, 2] < hi)
         if max_range is not None:
             keep &= torch.linalg.vector_norm(points[:, :3], dim=1) < max_range
         return keep
     z0 = np.asarray(x_init, dtype=np.float64)[:, 2]
-    lo = z0.mean() - 2.0 * z0.std(ddof=1)
+    lo = z0.mean() - 2.0 * z0.std(ddof=1) if len(z0) > 1 else float("nan")
     hi = z0.max()
     pts = np.asarray(points)
     keep = (pts[:, 2] > lo) & (pts[:, 2] < hi)

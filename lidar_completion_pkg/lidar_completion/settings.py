@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -104,6 +105,12 @@ class Option:
             ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
             value = float(value) if ok else value
         else:
+            # a path (pathlib.Path, os.PathLike) for the file options, a torch.device for the device:
+            # what a Python caller has at hand, taken as the string they stand for
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif type(value).__name__ == "device" and type(value).__module__.startswith("torch"):
+                value = str(value)
             ok = isinstance(value, str)
             value = str(value) if ok else value
         if not ok:
@@ -183,7 +190,8 @@ class CompletionSettings:
         from_checkpoint=DEFAULTS["tile"], ros_unset=0)
     min_range: float = _opt(DEFAULTS["min_range"], "input points closer than this (m) are ignored", float,
                             range=(0.0, 1000.0), metavar="M")
-    max_range: float = _opt(DEFAULTS["max_range"], "input points farther than this (m) are ignored", float,
+    max_range: float = _opt(DEFAULTS["max_range"], "input points farther than this (m) are ignored (the "
+                            "completion itself is kept within 50 m of the sensor, as published)", float,
                             range=(0.1, 1000.0), metavar="M")
     min_z: float = _opt(DEFAULTS["min_z"], "input points below this height (m, in the frame the networks "
                         "see: the node's model_frame, else the scan's own) are ignored", float,

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..cli import apply_threads
 from ..settings import CompletionSettings, add_arguments
 
 LIVE_BENCH_GROUP = "lidar_completion.live_bench"
@@ -211,11 +212,7 @@ def _run_offline(args, settings: CompletionSettings) -> dict:
     from ..bags.bench import bench_offline
     from ..completer import Completer
 
-    if args.threads is not None:
-        # OpenMP runtimes other than torch's (MinkowskiEngine's) read the variable when they load
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        import torch
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     completer = Completer.from_settings(settings)
     meta = _meta(settings, args)
     meta.update(steps=completer.steps, guidance=completer.guidance, refine=completer.refine,

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import CloudFormatError, ConfigError, LidarCompletionError
 from ..io import BIN_FORMATS
+from ..cli import add_threads_argument, apply_threads
 from ..settings import CompletionSettings, add_arguments
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--skip-existing", action="store_true",
                    help="with several inputs or an output folder (-o DIR/): leave scans whose output "
                         "file exists (resume a batch)")
+    add_threads_argument(p)
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -106,33 +108,13 @@ def _render(path, scan, result, name):
 
 
 def _check_kept_points(completer, src, scan, result) -> None:
-    """CloudFormatError naming ``src`` when the completion kept no points, instead of writing an
-    empty cloud and reporting success. Post-processing (:func:`lidar_completion.preprocess.postprocess`)
-    keeps the generated points strictly below the highest point of ``x_init`` (the scan's
-    farthest-point sample of ``--n-fps`` points, tiled) and above its mean height minus 2 standard
-    deviations (a flat scan, where that band is empty, is refused before completing:
-    :meth:`lidar_completion.completer.Completer.filtered`). The band is that of the sample, not of
-    the scan: a sample of a few points (a tiny ``--n-fps``) can have an empty band of its own."""
+    """CloudFormatError naming ``src`` when the completion kept no points (the Completer says why:
+    :attr:`lidar_completion.completer.CompletionResult.empty_reason`), instead of writing an empty
+    cloud and reporting success."""
     if len(result.points):
         return
-    filtered, sample, x_init, _ = completer.prepare(scan)      # the same sample, recomputed
-    z = np.asarray(x_init, dtype=np.float64)[:, 2]
-    low = z.mean() - 2.0 * z.std(ddof=1) if len(z) > 1 else float("nan")
-    high = float(z.max())
-    reach = (f" and within {completer.post_max_range:g} m of the sensor"
-             if completer.post_max_range is not None else "")
-    span = f"{float(filtered[:, 2].min()):g} .. {float(filtered[:, 2].max()):g} m"
-    n = len(sample)
-    if not low < high:
-        cause = (f"the sample of {n} point{'' if n == 1 else 's'} (--n-fps {completer.n_fps}) spans "
-                 f"{float(z.min()):g} .. {high:g} m, so that band is empty; the scan's heights span "
-                 f"{span}: a larger --n-fps samples them")
-    else:
-        cause = (f"the sample of {n} points (--n-fps {completer.n_fps}) gives the band {low:.3g} .. "
-                 f"{high:.3g} m (the scan's heights span {span}) and no generated point fell in it")
-    raise CloudFormatError(f"{src}: the completion kept no points: post-processing keeps only points "
-                           f"below the highest point of the scan's farthest-point sample and above its "
-                           f"mean height minus 2 standard deviations{reach}; {cause}")
+    why = getattr(result, "empty_reason", None) or "post-processing removed every generated point"
+    raise CloudFormatError(f"{src}: the completion kept no points: {why.replace('n_fps', '--n-fps')}")
 
 
 def _line(src, result, out) -> str:
@@ -198,6 +180,7 @@ def run(args) -> int:
         if args.render:
             _check_writable(Path(args.render), "--render")
     settings = CompletionSettings.from_args(args)   # ConfigError for values out of range
+    apply_threads(args.threads)
     if into_folder and args.skip_existing and out.exists():
         print(f"completed 0 of 1 scans into {out.parent}, 1 left as it was (--skip-existing): {out}")
         return 0

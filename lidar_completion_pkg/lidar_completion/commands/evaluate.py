@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_threads_argument, apply_threads
 from ..errors import ConfigError
 from ..io import BIN_FORMATS
 from ..metrics import EMD_MODES
@@ -132,6 +133,7 @@ def register(subparsers) -> None:
     p.add_argument("--build-gt", action="store_true",
                    help="build (or finish) the ground-truth cache of the sequence first")
     _common(p, "evaluation_<model|input>_<SS>", every=True)
+    add_threads_argument(p)
     add_arguments(p, exclude=("seed",))   # --seed above is the base seed of the frames
     p.set_defaults(func=run)
 
@@ -199,6 +201,7 @@ def run(args) -> int:
         raise ConfigError("--baseline input evaluates the input scan without a model; drop "
                           "--checkpoint (or --baseline)")
     BY_NAME["seed"].check(args.seed)     # the range `complete --seed` has (seed + i: evaluation.runner)
+    apply_threads(args.threads)
     out = args.out or ("evaluation_" + (args.baseline or "model") + f"_{args.sequence}")
     summary = evaluate_sequence(
         args.dataset_root, sequence=args.sequence, out=out,
