@@ -88,7 +88,7 @@ def test_live_report_dates_node_counters_that_miss_the_last_scans(tmp_path):
     assert stale["completed"] == 1 and live["node_counters"]["processed"] == 0
     assert not live["node_counters_current"] and live["node_counters_age_s"] == pytest.approx(0.403)
     md = write_report(stale, tmp_path / "stale")["md"].read_text()
-    assert "received 1, processed 0, dropped 0, rejected 0, failed 0, no_transform 0 (as of 0.4 s " \
+    assert "received 1, processed 0, dropped 0, rejected 0, failed 0, no_transform 0, cancelled 0 (as of 0.4 s " \
            "before the end" in md
 
     # a later message (or one that counts every completion) is current, and shown as it is
@@ -96,7 +96,7 @@ def test_live_report_dates_node_counters_that_miss_the_last_scans(tmp_path):
         fresh = report_from_events(_one_scan_events(diags), bag="b", topic="/velodyne_points", rate=1.0)
         assert fresh["live"]["node_counters_current"] and fresh["live"]["node_counters_age_s"] is None
         md = write_report(fresh, tmp_path / "fresh")["md"].read_text()
-        assert "processed 1, dropped 0, rejected 0, failed 0, no_transform 0 |" in md
+        assert "processed 1, dropped 0, rejected 0, failed 0, no_transform 0, cancelled 0 |" in md
 
 
 def test_live_report_shows_the_steps_and_guidance_the_node_ran_with(tmp_path):

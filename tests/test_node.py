@@ -366,6 +366,30 @@ def test_ctrl_c_during_a_long_completion_or_the_warm_up_exits_cleanly(checkpoint
     assert "warm-up scan completed" not in log, log
 
 
+def test_sigterm_during_the_warm_up_exits_at_once_and_diagnostics_go_on_while_it_runs(checkpoint):
+    """`docker stop` / systemd send SIGTERM and kill 10 s later: during the warm-up, rclpy's handler
+    only shut the context down and the node went on until the warm-up ended (18 s and more on a CPU).
+    While it runs, /diagnostics says "warming up" every period (it was silent until ready)."""
+    long = dict(steps=200, n_fps=2000, tile=10, diagnostics_period=0.25)
+    domain = random_domain()
+    with node_process(domain, checkpoint, warmup=True, **long) as proc, harness(domain) as h:
+        line, deadline = "", time.monotonic() + 60
+        while "completing a warm-up scan" not in line and time.monotonic() < deadline and \
+                proc.poll() is None:
+            line = proc.stdout.readline()
+        h.spin(2.5)
+        states = [{kv.key: kv.value for kv in m.status[0].values}.get("state") for m in h.diagnostics]
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 8, out
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert "warm-up scan completed" not in out and "interrupted while starting" in out, out
+    assert "Failed to publish log message to rosout" not in out, out
+    assert states.count("warming up") >= 4, states
+
+
 def test_unloadable_checkpoint_is_one_fatal_line(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")

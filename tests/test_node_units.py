@@ -205,7 +205,8 @@ def _fake_node(warnings: list, now_ns: int = 0):
     warnings go to ``warnings``, a clock that reads ``now_ns``."""
     return NS(create_publisher=lambda *a, **k: None, set_parameters=lambda params: None,
               get_logger=lambda: NS(info=lambda m: None, warning=warnings.append),
-              get_clock=lambda: NS(now=lambda: NS(nanoseconds=now_ns)))
+              get_clock=lambda: NS(now=lambda: NS(nanoseconds=now_ns)),
+              get_name=lambda: "lidar_completion", get_fully_qualified_name=lambda: "/lidar_completion")
 
 
 def _loaded_pipeline(completer, warnings: list, now_ns: int = 0):
@@ -768,6 +769,11 @@ def test_stop_cancels_the_completion_in_hand():
     assert pipe.stop(timeout=5.0)
     assert time.monotonic() - t0 < 2.0
     assert not sent and pipe.stats.failed == 0 and not warnings
+    # accounted for: received = processed + dropped + rejected + no_transform + failed + cancelled
+    assert pipe.stats.cancelled == 1 and pipe.stats.snapshot()["cancelled"] == 1
+    from lidar_completion_pkg.live_bench import counters_of, unfinished
+    values = dict(diagnostic_summary(dict(pipe.stats.snapshot(), received=1), None)[2])
+    assert values["cancelled"] == "1" and unfinished(counters_of(values)) == 0
 
 
 def test_a_worker_left_in_a_long_scan_is_replaced_on_start():
@@ -950,3 +956,74 @@ def test_bad_topic_names_and_settings_stop_the_node_before_the_checkpoint_loads(
     assert "unknown device 'gpu'" in str(err.value) and "checkpoint:=" not in str(err.value)
     with pytest.raises(P.StartupError, match=r"checkpoint:="):
         pipe.load(lambda config: (_ for _ in ()).throw(FileNotFoundError("student.pt")))
+
+
+def test_parameters_the_node_does_not_have_are_named():
+    """rclpy ignores a -p for a parameter that is not declared (`-p step:=4` for steps) silently."""
+    from lidar_completion_pkg.node import warn_unknown_parameters
+
+    said = []
+    node = NS(_parameter_overrides={"step": 4, "steps": 4, "use_sim_time": True,
+                                    "qos_overrides./velodyne_points.subscription.depth": 1,
+                                    "guidanse": 2.0},
+              has_parameter=lambda name: name == "steps", get_logger=lambda: NS(warning=said.append))
+    warn_unknown_parameters(node)
+    assert len(said) == 1 and "2 parameter(s) this node does not have: guidanse, step" in said[0]
+    said.clear()
+    warn_unknown_parameters(NS(_parameter_overrides={"steps": 4}, has_parameter=lambda n: True,
+                               get_logger=lambda: NS(warning=said.append)))
+    assert not said
+
+
+def test_lifecycle_reports_while_configuring_and_exits_when_finalized():
+    """/diagnostics goes on while configure loads and warms up (the executor, busy in the transition,
+    fires no timer: a watchdog saw one message, then nothing for as long as the warm-up took), and
+    after shutdown it says finalized, and the node's context ends (the process exits)."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("lifecycle_msgs")
+    diagnostic_msgs = pytest.importorskip("diagnostic_msgs.msg")
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
+
+    def slow_load(config):
+        time.sleep(1.5)
+        return NS(steps=8, guidance=2.0, complete=lambda pts: pts)
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        node = LifecycleCompletionNode(completer_factory=slow_load, context=context, parameter_overrides=[
+            Parameter("diagnostics_period", value=0.2), Parameter("warmup", value=False)])
+        listener = rclpy.create_node("listener", context=context)
+        got = []
+        listener.create_subscription(diagnostic_msgs.DiagnosticArray, "/diagnostics", lambda m: got.append(
+            (time.monotonic(), {kv.key: kv.value for kv in m.status[0].values})), 50)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(listener)
+        spinning = threading.Thread(target=lambda: [executor.spin_once(timeout_sec=0.05)
+                                                    for _ in iter(context.ok, False)], daemon=True)
+        spinning.start()
+        try:
+            time.sleep(1.0)                                       # discovery
+            t0 = time.monotonic()
+            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            t1 = time.monotonic()
+            during = [v["state"] for t, v in got if t0 < t < t1]
+            assert during.count("warming up") >= 4, during      # 1.5 s at 0.2 s
+            executor.add_node(node)                                # its timers from here on
+            assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+            deadline = time.monotonic() + 5.0
+            while context.ok() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not context.ok(), "the finalized node did not end its context"
+            assert any(v["state"] == "finalized" for _, v in got), [v["state"] for _, v in got]
+        finally:
+            spinning.join(timeout=5.0)
+            executor.shutdown()
+            node.destroy_node()
+            listener.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)

@@ -45,7 +45,7 @@ def usage(lifecycle: bool = False) -> str:
         extra = f" [{p.constraints}]" if p.constraints else ""
         lines.append(f"  {mark} {p.name} ({p.type}, default {p.default!r}){extra}: {p.description}")
     lines += ["QoS of every topic can also be set with qos_overrides.<topic>.<publisher|subscription>."
-              "<reliability|depth|history>.",
+              "<reliability|depth|history|durability>.",
               "", f"Unless {dds.PROFILE_ENV} is set, the shipped Fast DDS profile is used:",
               f"  {dds.profile_path()}",
               "Set the same variable in every other process that publishes large clouds."]
@@ -53,10 +53,14 @@ def usage(lifecycle: bool = False) -> str:
 
 
 def _interrupt_once(signum, frame):
-    """SIGINT: KeyboardInterrupt the first time (also while loading or warming up), then ignored. A
-    terminal's Ctrl-C reaches the whole process group and `ros2 launch` forwards its own SIGINT right
-    after: the second must not interrupt the clean shutdown the first started."""
+    """SIGINT and SIGTERM: KeyboardInterrupt the first time (also while loading or warming up), then
+    ignored. A terminal's Ctrl-C reaches the whole process group and `ros2 launch` forwards its own
+    SIGINT right after: the second must not interrupt the clean shutdown the first started. SIGTERM
+    (`docker stop`, systemd, `ros2 launch` escalating) gets the same: without it rclpy's own handler
+    only shut the context down, which a load or a warm-up in progress did not notice (tens of
+    seconds, past the 10 s grace before SIGKILL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -101,13 +105,15 @@ def _run(argv, lifecycle: bool) -> int:
               "`make setup` (or `pip install 'lidar-completion[ros]'`) or source a ROS 2 installation.",
               file=sys.stderr)
         return 1
-    signal.signal(signal.SIGINT, _interrupt_once)  # rclpy's own handler chains to it
+    signal.signal(signal.SIGINT, _interrupt_once)  # rclpy's own handlers chain to them
+    signal.signal(signal.SIGTERM, _interrupt_once)
     try:
         rclpy.init(args=argv)
     except Exception as exc:  # noqa: BLE001 - e.g. malformed --ros-args
         print(f"error: cannot start ROS 2: {exc}", file=sys.stderr)
         return 1
     node = executor = None
+    interrupted_start = False
     try:
         try:
             node = node_cls()
@@ -125,8 +131,9 @@ def _run(argv, lifecycle: bool) -> int:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
     except KeyboardInterrupt:
-        if node is None:
-            rclpy.logging.get_logger(NODE_NAME).info("interrupted while starting; exiting")
+        # said below, once the half-built node (and its /rosout publisher, whose context the signal
+        # invalidated) is collected: logging now printed "Failed to publish log message to rosout"
+        interrupted_start = node is None
     finally:
         if node is not None:
             finished = node.pipeline.stop(timeout=5.0)
@@ -143,7 +150,11 @@ def _run(argv, lifecycle: bool) -> int:
             if not finished:
                 log.warning("the completion in progress did not end within 5 s; exiting without it")
             log.info(f"shut down: processed {s.processed}, dropped {s.dropped}, rejected "
-                     f"{s.rejected}, no transform {s.no_transform}, failed {s.failed}")
+                     f"{s.rejected}, no transform {s.no_transform}, failed {s.failed}, "
+                     f"cancelled {s.cancelled}")
+        if interrupted_start:
+            gc.collect()
+            rclpy.logging.get_logger(NODE_NAME).info("interrupted while starting; exiting")
         rclpy.try_shutdown()
     return 0
 

@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from .node import create_input, create_outputs, qos_summary, wall_clock
+from .node import create_input, create_outputs, qos_summary, wall_clock, warn_unknown_parameters
 from .parameters import NODE_NAME
 from .pipeline import CompletionPipeline, StartupError, declare_parameters
-from .stats import ACTIVE, INACTIVE, UNCONFIGURED, WARMING_UP
+from .stats import ACTIVE, FINALIZED, INACTIVE, UNCONFIGURED, WARMING_UP
 
 
 class LifecycleCompletionNode(LifecycleNode):
@@ -36,6 +36,7 @@ class LifecycleCompletionNode(LifecycleNode):
         self.completer_factory = completer_factory
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=UNCONFIGURED)
+        warn_unknown_parameters(self)
         self.sub = None
         self.diag_timer = self.create_timer(self.config["diagnostics_period"],
                                             self.pipeline.publish_diagnostics, clock=wall_clock())
@@ -47,11 +48,12 @@ class LifecycleCompletionNode(LifecycleNode):
     # -- transitions ------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.pipeline.state = WARMING_UP
-        self.pipeline.publish_diagnostics()
         try:
             self.pipeline.check_frames()
-            self.pipeline.load(self.completer_factory)
-            self.pipeline.warm_up()
+            # the executor is busy here: its diagnostics timer does not fire until configure ends
+            with self.pipeline.heartbeat():
+                self.pipeline.load(self.completer_factory)
+                self.pipeline.warm_up()
             self.pipeline.open_frames()
         except StartupError as exc:
             self.get_logger().error(f"configure failed: {exc}")
@@ -72,7 +74,8 @@ class LifecycleCompletionNode(LifecycleNode):
         self.sub = create_input(self, self.pipeline)
         self.pipeline.state = ACTIVE
         self.pipeline.publish_diagnostics()
-        self.get_logger().info(f"active: {qos_summary(self.pipeline, self.sub)}")
+        self.get_logger().info(f"active: {self.pipeline.describe(self.sub.topic_name)}, "
+                               f"{qos_summary(self.pipeline, self.sub)}")
         return TransitionCallbackReturn.SUCCESS
 
     def _unsubscribe(self) -> None:
@@ -108,5 +111,16 @@ class LifecycleCompletionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Everything dropped, /diagnostics says ``finalized``, and the process ends a moment later
+        (after the transition's reply has gone out): a finalized node can do nothing more, and a
+        launch file or supervisor waiting for it sees it exit."""
         self._drop_everything()
+        self.pipeline.state = FINALIZED
+        self.pipeline.publish_diagnostics()
+        self.get_logger().info("finalized: exiting")
+        self._exit_timer = self.create_timer(0.5, self._exit_finalized, clock=wall_clock())
         return TransitionCallbackReturn.SUCCESS
+
+    def _exit_finalized(self) -> None:
+        self._exit_timer.cancel()
+        self.context.try_shutdown()      # the executor's spin ends; the entry point exits with 0

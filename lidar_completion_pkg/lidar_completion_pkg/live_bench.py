@@ -117,7 +117,7 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
 NO_OUTPUT = "no output received (skipped by the node or lost)"
 #: The completion node's counters in /diagnostics; OPTIONAL_COUNTERS may be absent (older nodes).
 NODE_COUNTERS = ("received", "processed", "dropped", "rejected", "failed")
-OPTIONAL_COUNTERS = ("no_transform",)
+OPTIONAL_COUNTERS = ("no_transform", "cancelled")
 
 
 def counters_of(values: dict) -> dict | None:
@@ -133,7 +133,7 @@ def counters_of(values: dict) -> dict | None:
 def unfinished(counters: dict) -> int:
     """Scans the node received and has not finished with (completed, dropped or refused) yet."""
     handled = sum(counters.get(k, 0) for k in ("processed", "dropped", "rejected", "failed",
-                                               "no_transform"))
+                                               "no_transform", "cancelled"))
     return max(0, counters["received"] - handled)
 
 
@@ -271,7 +271,7 @@ def report_from_events(events: dict, *, bag: str, topic: str, rate: float, meta:
         # scans with no output that the node does not account for (never arrived, or output lost)
         "unexplained_missing": (None if counters is None else max(0, no_output - (
             counters["dropped"] + counters["rejected"] + counters["failed"] +
-            counters.get("no_transform", 0)))),
+            counters.get("no_transform", 0) + counters.get("cancelled", 0)))),
         "unmatched_outputs": len(outputs) - len(used),
         "duplicate_input_stamps": sum(1 for i in inputs if i.get("duplicate_stamp")),
         "node_returncode": (events.get("node") or {}).get("returncode"),

@@ -20,7 +20,7 @@ from sensor_msgs.msg import PointCloud2
 from .parameters import NODE_NAME
 from .pipeline import CompletionPipeline, declare_parameters
 from .qos import cloud_qos, describe, overridable
-from .stats import ACTIVE, WARMING_UP
+from .stats import ACTIVE, WARMING_UP  # noqa: F401 (WARMING_UP: the state of a node being built)
 
 
 def create_outputs(node, pipeline: CompletionPipeline, make_publisher: Callable) -> None:
@@ -39,6 +39,21 @@ def create_input(node, pipeline: CompletionPipeline):
     return node.create_subscription(PointCloud2, c["input_topic"], pipeline.on_cloud,
                                     cloud_qos(c["input_qos_reliability"], c["input_qos_depth"]),
                                     qos_overriding_options=overridable())
+
+
+#: parameters every rclpy node takes, besides the table's (qos_overrides.* are prefixes)
+_ROS_OWN = ("use_sim_time", "start_type_description_service", "qos_overrides.")
+
+
+def warn_unknown_parameters(node) -> None:
+    """A warning naming each parameter given at start (-p, a params file) that the node does not
+    have (a typo: ``-p step:=4``); rclpy ignores them without a word."""
+    given = getattr(node, "_parameter_overrides", None) or {}
+    unknown = sorted(n for n in given if not node.has_parameter(n) and not n.startswith(_ROS_OWN))
+    if unknown:
+        node.get_logger().warning(
+            f"ignored {len(unknown)} parameter(s) this node does not have: {', '.join(unknown)} "
+            "(a typo? `lidar-completion-node --help` lists its parameters)")
 
 
 def wall_clock() -> Clock:
@@ -64,10 +79,11 @@ class CompletionNode(Node):
         super().__init__(node_kwargs.pop("node_name", NODE_NAME), **node_kwargs)
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=WARMING_UP)
-        self.pipeline.publish_diagnostics()  # "warming up", before the long part
+        warn_unknown_parameters(self)
         self.pipeline.check_frames()
-        self.pipeline.load(completer_factory)
-        self.pipeline.warm_up()
+        with self.pipeline.heartbeat():      # "warming up" on /diagnostics all along
+            self.pipeline.load(completer_factory)
+            self.pipeline.warm_up()
         self.pipeline.open_frames()
         create_outputs(self, self.pipeline, self.create_publisher)
         self.pipeline.start()
@@ -78,5 +94,5 @@ class CompletionNode(Node):
         self.add_pre_set_parameters_callback(self.pipeline.pre_set_parameters)
         self.add_on_set_parameters_callback(self.pipeline.on_set_parameters)
         self.pipeline.publish_diagnostics()
-        self.get_logger().info(f"ready: completing {self.pipeline.describe()}, "
+        self.get_logger().info(f"ready: completing {self.pipeline.describe(self.sub.topic_name)}, "
                                f"{qos_summary(self.pipeline, self.sub)}")

@@ -236,6 +236,28 @@ class CompletionPipeline:
     def log(self):
         return self.node.get_logger()
 
+    @contextlib.contextmanager
+    def heartbeat(self):
+        """/diagnostics every ``diagnostics_period`` from a thread of its own while the block runs
+        (the load and the warm-up: seconds to minutes in which the executor, busy in them, fires no
+        timer), so a watchdog sees ``warming up`` rather than a node gone silent."""
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(float(self.config["diagnostics_period"])):
+                if not self.node.context.ok():      # Ctrl-C / SIGTERM: the context is going away
+                    return
+                self.publish_diagnostics()
+
+        thread = threading.Thread(target=beat, name="diagnostics-while-starting", daemon=True)
+        self.publish_diagnostics()
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5.0)
+
     # -- model ------------------------------------------------------------------------------
     def load(self, factory: Optional[Callable] = None) -> None:
         """Build the completer from the parameters; StartupError naming the checkpoint on failure."""
@@ -349,7 +371,8 @@ class CompletionPipeline:
         self.worker.join(timeout)
         return not self.worker.is_alive()
 
-    def describe(self) -> str:
+    def describe(self, input_topic: Optional[str] = None) -> str:
+        """One line on what the node does; ``input_topic``: the subscription's resolved name."""
         c = self.config
         steps = getattr(self.completer, "steps", c["steps"])
         guidance = getattr(self.completer, "guidance", c["guidance"])
@@ -357,7 +380,8 @@ class CompletionPipeline:
                  f"{c['target_frame'] or '(input frame)'}")
         if self.frames is not None:
             where += f", transforms from {self.frames.kind}"
-        return (f"{c['input_topic']} -> {c['output_topic']} with {c['checkpoint'] or 'the default checkpoint'}"
+        out_topic = getattr(self.pub, "topic_name", None) or c["output_topic"]   # resolved once created
+        return (f"{input_topic or c['input_topic']} -> {out_topic} with {c['checkpoint'] or 'the default checkpoint'}"
                 f" (steps {steps}, guidance {guidance}, device {c['device']}; {where}; Fast DDS "
                 f"profile {os.environ.get(dds.PROFILE_ENV) or 'none'})")
 
@@ -528,7 +552,8 @@ class CompletionPipeline:
                 out, raw = result.points, getattr(result, "raw", None)
             else:
                 out, raw = self.completer.complete(points), None
-        except Cancelled:
+        except Cancelled:       # deactivate / shutdown: accounted for, not published
+            self.stats.note_cancelled()
             return
         except CloudFormatError as exc:
             self._reject(getattr(exc, "reason", "unusable"), str(exc), source)
@@ -618,7 +643,8 @@ class CompletionPipeline:
             values.append(("tf_ignored", str(buffer.ignored)))
             if buffer.ignored:
                 values.append(("tf_ignored_last", buffer.last_ignored))
-        status = DiagnosticStatus(level=bytes([level]), name=f"{self.node.get_name()}: completion",
+        name = self.node.get_fully_qualified_name().lstrip("/")    # "robot1/lidar_completion"
+        status = DiagnosticStatus(level=bytes([level]), name=f"{name}: completion",
                                   message=message, hardware_id=str(self.config["device"]),
                                   values=[KeyValue(key=k, value=v) for k, v in values])
         array = DiagnosticArray(status=[status])

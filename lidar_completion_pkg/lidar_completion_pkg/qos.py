@@ -4,9 +4,11 @@ The input defaults to best effort (sensor-data QoS, as LiDAR drivers publish; a 
 also receives from reliable publishers), the outputs to reliable (what rviz and most subscribers ask
 for by default; a reliable publisher serves best-effort subscribers too). Each endpoint is created with
 ``qos_overriding_options`` so that ``qos_overrides.<topic>.<publisher|subscription>.<policy>``
+(reliability, history, depth, durability)
 parameters (rclpy's standard mechanism) override these defaults at start-up.
 """
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSPolicyKind
 from rclpy.qos_overriding_options import QoSOverridingOptions
 
 RELIABILITIES = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
@@ -26,8 +28,11 @@ def cloud_qos(reliability: str = "best_effort", depth: int = 5) -> QoSProfile:
 
 
 def overridable() -> QoSOverridingOptions:
-    """qos_overrides.<topic>.* parameters for reliability, history and depth."""
-    return QoSOverridingOptions.with_default_policies()
+    """qos_overrides.<topic>.* parameters for reliability, history, depth and durability
+    (``transient_local`` on an output keeps the last completion for subscribers that come later,
+    an rviz opened after the node)."""
+    return QoSOverridingOptions(policy_kinds=(QoSPolicyKind.RELIABILITY, QoSPolicyKind.HISTORY,
+                                              QoSPolicyKind.DEPTH, QoSPolicyKind.DURABILITY))
 
 
 def describe(qos: QoSProfile) -> str:

@@ -86,6 +86,7 @@ class Stats:
         self.failed = 0         # completion or publication raised, or gave an unusable result
         self.subsampled = 0     # clouds above max_points, subsampled then completed
         self.no_transform = 0   # dropped: the transform to model_frame / target_frame was missing or stale
+        self.cancelled = 0      # abandoned mid-completion by deactivate / shutdown, not published
         self.reasons: collections.Counter = collections.Counter()
         self.last_problem = ""
         self._latencies: collections.deque = collections.deque(maxlen=window)
@@ -110,6 +111,10 @@ class Stats:
     def note_dropped(self, n: int = 1) -> None:
         with self._lock:
             self.dropped += n
+
+    def note_cancelled(self) -> None:
+        with self._lock:
+            self.cancelled += 1
 
     def note_subsampled(self) -> None:
         with self._lock:
@@ -163,7 +168,7 @@ class Stats:
             snap = {
                 "received": self.received, "processed": self.processed, "dropped": self.dropped,
                 "rejected": self.rejected, "failed": self.failed, "subsampled": self.subsampled,
-                "no_transform": self.no_transform,
+                "no_transform": self.no_transform, "cancelled": self.cancelled,
                 "latency_p50_ms": _percentile(lat, 50), "latency_p95_ms": _percentile(lat, 95),
                 "stamp_latency_p50_ms": _percentile(ages, 50),
                 "stamp_latency_p95_ms": _percentile(ages, 95),
@@ -183,7 +188,9 @@ def _percentile(values: np.ndarray, q: float) -> float:
 
 #: Node states in /diagnostics (``state``); only ACTIVE is ``ready``.
 WARMING_UP, UNCONFIGURED, INACTIVE, ACTIVE = "warming up", "unconfigured", "inactive", "active"
+FINALIZED = "finalized"
 _STATE_MESSAGES = {
+    FINALIZED: "finalized (lifecycle): shut down, the process exits",
     WARMING_UP: "warming up (loading the checkpoint, completing a synthetic scan); not subscribed yet",
     UNCONFIGURED: "unconfigured (lifecycle): configure to load the checkpoint",
     INACTIVE: "inactive (lifecycle): configured and warmed up; activate to subscribe",
@@ -214,7 +221,7 @@ def diagnostic_summary(snap: dict, worker_alive: Optional[bool] = True,
 
     keys = ("latency_p50_ms", "latency_p95_ms", "stamp_latency_p50_ms", "stamp_latency_p95_ms",
             "completion_p50_ms", "input_rate_hz", "output_rate_hz", "received", "processed",
-            "dropped", "rejected", "no_transform", "failed", "subsampled")
+            "dropped", "rejected", "no_transform", "failed", "cancelled", "subsampled")
     values = [("ready", "true" if state == ACTIVE else "false"), ("state", state)]
     values += [(k, fmt(snap[k])) for k in keys]
     values += [(f"count.{reason}", str(n)) for reason, n in sorted(snap["reasons"].items())]
