@@ -187,12 +187,18 @@ class Opaque:
     """An arbitrary Python object: not loadable with weights_only=True."""
 
 
-def test_error_unsafe_pickle_refused_then_allowed(tmp_path):
+def _pickled_lightning(tmp_path):
+    """A LiDiff-layout file whose hyper-parameters are an arbitrary pickled object."""
     make_random_checkpoint(tmp_path / "a.pt")
     obj = torch.load(tmp_path / "a.pt", weights_only=True)
     sd = {"partial_enc." + k: v for k, v in obj["state_dicts"]["encoder"].items()}
     sd.update({"model." + k: v for k, v in obj["state_dicts"]["denoiser"].items()})
     torch.save({"state_dict": sd, "hyper_parameters": Opaque()}, tmp_path / "p.ckpt")
+    return tmp_path / "p.ckpt"
+
+
+def test_error_unsafe_pickle_refused_then_allowed(tmp_path):
+    _pickled_lightning(tmp_path)
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         load_checkpoint(tmp_path / "p.ckpt")
     loaded = load_checkpoint(tmp_path / "p.ckpt", allow_pickle=True)
@@ -400,11 +406,6 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path, dtype):
 
 
 def test_the_unsafe_pickle_message_has_no_terminal_codes(tmp_path):
-    make_random_checkpoint(tmp_path / "a.pt")
-    obj = torch.load(tmp_path / "a.pt", weights_only=True)
-    sd = {"partial_enc." + k: v for k, v in obj["state_dicts"]["encoder"].items()}
-    sd.update({"model." + k: v for k, v in obj["state_dicts"]["denoiser"].items()})
-    torch.save({"state_dict": sd, "hyper_parameters": Opaque()}, tmp_path / "p.ckpt")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / "p.ckpt")
+        load_checkpoint(_pickled_lightning(tmp_path))
     assert "\x1b[" not in str(info.value) and "pickled Python objects" in str(info.value)

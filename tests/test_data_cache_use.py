@@ -12,18 +12,16 @@ from lidar_completion.cli import main
 from lidar_completion.data import EvaluationDataset, build_gt, kitti
 from lidar_completion.errors import DatasetError
 from lidar_completion.evaluation import EvalOptions, SequenceSource, evaluate_files, read_records
+# the 3-frame synthetic sequence 08 with its ground-truth cache of the evaluation tests
+from test_evaluate import synth  # noqa: F401
 
 OPTS = dict(emd="none", progress=False, plots=False)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(synth):
     """A 3-frame synthetic sequence 08 with its ground-truth cache (copied before a test changes it)."""
-    from lidar_completion.data.synthetic import generate_dataset
-    root = tmp_path_factory.mktemp("kitti")
-    generate_dataset(root, sequences=["08"], scans=3, seed=0)
-    build_gt(root, ["08"])
-    return root
+    return synth
 
 
 @pytest.fixture
