@@ -161,10 +161,12 @@ def test_error_calib(tiny):
         _seq(tiny)
 
 
-def test_error_missing_files_and_folders(tiny):
+def test_error_missing_files_and_folders(tiny, tmp_path):
     (tiny / "sequences/00/times.txt").unlink()
-    with pytest.raises(DatasetError, match="times.txt does not exist"):
-        _seq(tiny)
+    assert _seq(tiny).times is None          # only a bag needs the stamps: it says so
+    from lidar_completion.bags.kitti import bag_from_kitti
+    with pytest.raises(DatasetError, match=r"times\.txt does not exist: a bag needs each scan's time"):
+        bag_from_kitti(tiny, "00", tmp_path / "bag")
     with pytest.raises(DatasetError, match=r"sequence 05 not found .*\(available: 00\)"):
         kitti.SemanticKittiSequence(tiny, 5)
     with pytest.raises(DatasetError, match="not a SemanticKITTI dataset root"):

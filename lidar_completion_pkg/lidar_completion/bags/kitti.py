@@ -76,6 +76,9 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
                                f"slash, no spaces")
     if not math.isfinite(float(sensor_height)):
         raise DatasetError(f"the sensor height must be a finite number of metres, found {sensor_height}")
+    if seq.times is None:
+        raise DatasetError(f"{seq.path / 'times.txt'} does not exist: a bag needs each scan's time "
+                           "(one line of seconds per scan, as KITTI ships it)")
     stamps = [int(start_time_ns) + int(round(float(t) * 1e9)) for t in seq.times[:n]]
     base_from_velo, odom_from_base = base_transforms(seq.poses[:n], sensor_height)
     n_points = 0

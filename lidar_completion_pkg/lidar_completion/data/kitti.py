@@ -273,13 +273,14 @@ class SemanticKittiSequence:
     """One sequence of a SemanticKITTI-layout dataset.
 
     Opening checks the layout up front: frames must be ``000000.bin`` .. contiguous, ``poses.txt``
-    and ``times.txt`` must have one entry per scan, ``calib.txt`` must hold ``Tr``, and (when a
+    (and ``times.txt`` when there is one: only a bag of the sequence needs it) must have one entry per scan, ``calib.txt`` must hold ``Tr``, and (when a
     ``labels`` folder exists) every scan needs a label file with one label per point. Errors are
     :class:`DatasetError` with the file and what was expected.
 
     Attributes: ``root`` (dataset root), ``sequence`` ("08"), ``path`` (the sequence folder),
     ``tr`` (4x4 velo -> cam), ``calib`` (all calibration keys), ``poses_cam`` / ``poses``
-    ((F, 4, 4), camera frame / LiDAR frame), ``times`` ((F,) seconds), ``has_labels``.
+    ((F, 4, 4), camera frame / LiDAR frame), ``times`` ((F,) seconds, or None without a
+    ``times.txt``), ``has_labels``.
     """
 
     def __init__(self, root: PathLike, sequence: Union[str, int], require_labels: bool = False,
@@ -322,8 +323,10 @@ class SemanticKittiSequence:
                                f"{velodyne} has {self._n} scans; expected one pose per scan")
         self.poses = cam_to_velo_poses(self.poses_cam, self.tr)
         times_path = self.path / "times.txt"
-        self.times = read_times(times_path)
-        if len(self.times) != self._n:
+        # only a bag made from the sequence needs the stamps (bag-from-kitti says so): the ground
+        # truth, evaluation and training open a sequence without them
+        self.times = read_times(times_path) if times_path.is_file() else None
+        if self.times is not None and len(self.times) != self._n:
             raise DatasetError(f"{times_path} has {len(self.times)} timestamps but {velodyne} has "
                                f"{self._n} scans; expected one per scan")
 
