@@ -401,8 +401,16 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path, dtype):
     path = _save_lightning(tmp_path / "bad.ckpt", {"partial_enc.": obj["encoder"], "model.": den})
     name = str(dtype).replace("torch.", "")
     with pytest.raises(CheckpointError, match=f"^{path}: the denoiser weights hold {name} tensors where the "
-                                              r"network has floating-point ones \(last\.2\.weight\)"):
+                                              r"network has float32 ones \(last\.2\.weight\)"):
         load_checkpoint(path, backend="torch")
+
+
+def test_an_integer_buffer_of_another_integer_type_loads(tmp_path):
+    obj = _tiny_parts(tmp_path)
+    den = {k: (v.to(torch.int32) if k.endswith("num_batches_tracked") else v) for k, v in obj["denoiser"].items()}
+    assert any(k.endswith("num_batches_tracked") for k in den)
+    path = _save_lightning(tmp_path / "int32.ckpt", {"partial_enc.": obj["encoder"], "model.": den})
+    assert load_checkpoint(path, backend="torch").denoiser is not None
 
 
 def test_the_unsafe_pickle_message_has_no_terminal_codes(tmp_path):

@@ -338,8 +338,9 @@ def test_post_max_range_must_be_a_positive_distance():
 
 
 def test_the_inputs_a_robotics_stack_has_are_taken():
-    """Structured arrays (PointCloud2's layout), organised clouds, masked arrays and bfloat16
-    tensors are clouds too; a transposed cloud is named as one."""
+    """Structured arrays (PointCloud2's layout), masked arrays (plain or structured) and bfloat16
+    tensors are clouds too; a transposed cloud is named as one, and a 3-D array (an organised cloud
+    or a batch: they cannot be told apart) is refused saying what to pass."""
     c = _completer()
     scan = _scan(7)
     want = c.complete(scan)
@@ -347,10 +348,14 @@ def test_the_inputs_a_robotics_stack_has_are_taken():
     for i, f in enumerate(("x", "y", "z", "intensity")):
         st[f] = scan[:, i]
     assert np.array_equal(c.complete(st), want)
-    assert np.array_equal(c.complete(scan.reshape(60, 50, 4)), want)          # rows x columns x channels
+    with pytest.raises(CloudFormatError, match=r"organised cloud .* points\.reshape\(-1, 4\); a batch"):
+        c.complete(scan.reshape(60, 50, 4))
     masked = np.ma.masked_array(np.concatenate([scan, np.full((30, 4), 1e4, np.float32)]))
     masked[len(scan):] = np.ma.masked                                          # no returns there
     assert np.array_equal(c.complete(masked), want)
+    st_masked = np.ma.masked_array(np.concatenate([st, st[:30]]))
+    st_masked[len(scan):] = np.ma.masked
+    assert np.array_equal(c.complete(st_masked), want)
     as_bf16 = torch.from_numpy(scan).bfloat16()
     assert np.array_equal(c.complete(as_bf16), c.complete(as_bf16.float().numpy()))
     with pytest.raises(CloudFormatError, match=r"shape \(4, 3000\), which reads as 4 points .*\(points\.T\)"):
@@ -367,6 +372,12 @@ def test_attribute_settings_are_checked_like_the_constructor_s():
             setattr(c, name, bad)
     c.seed, c.min_range, c.max_range = 7, None, 40.0       # None: no limit, as in the constructor
     assert (c.seed, c.min_range, c.max_range) == (7, None, 40.0)
+    c.min_range = 3.0
+    with pytest.raises(ConfigError, match="min_range must be below max_range, got 45 and 40"):
+        c.min_range = 45.0
+    with pytest.raises(ConfigError, match="min_range must be below max_range"):
+        _completer(min_range=10.0, max_range=5.0)
+    assert c.min_range == 3.0
     assert c.complete(_scan(8)).shape[1] == 3
 
 

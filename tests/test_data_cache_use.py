@@ -3,6 +3,7 @@ real downloads have: a cache older than its dataset, an empty scan, a sequence f
 a label file of odd size, a sequence without labels, and evaluate-files on the cache's folder."""
 import contextlib
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -78,12 +79,41 @@ def test_a_cache_older_than_its_dataset_is_refused_naming_what_changed(copy, tmp
         TrainingDataset(copy, ["08"], n_fps=100, tile=2)
     build_gt(copy, ["08"])
     assert len(EvaluationDataset(copy, ["08"])) == 3
-    # a scan rewritten with other points of the same size: its modification time tells
+    # other modification times alone (a copy that did not keep them): used, with a warning
     scan = copy / "sequences" / "08" / "velodyne" / "000002.bin"
-    data = np.fromfile(scan, dtype=np.float32)
-    (data[::-1].copy()).tofile(scan)
-    with pytest.raises(DatasetError, match="modification times of scan or label files"):
+    st = scan.stat()
+    os.utime(scan, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with _captured("lidar_completion.data.gt") as records:
+        assert len(EvaluationDataset(copy, ["08"])) == 3
+    assert any("other modification times" in r and "build-gt" in r for r in records), records
+    # a scan of another size is refused again
+    np.concatenate([np.fromfile(scan, np.float32), np.zeros(4, np.float32)]).tofile(scan)
+    lab = copy / "sequences" / "08" / "labels" / "000002.label"
+    np.concatenate([np.fromfile(lab, np.uint32), np.zeros(1, np.uint32)]).tofile(lab)
+    with pytest.raises(DatasetError, match="the sizes of scan or label files"):
         EvaluationDataset(copy, ["08"])
+
+
+def test_a_damaged_cache_ends_the_run_a_frame_with_nothing_fails_alone(copy, tmp_path, capsys):
+    """A target file cut short is the cache's fault (rebuild it), not one frame's: evaluate stops
+    naming it; evaluate-files on a cache target with no point in the evaluation band fails that
+    frame, as evaluate fails a frame with an empty target."""
+    target = copy / "gt_cache" / "08" / "targets" / "000001.bin"
+    whole = target.read_bytes()
+    target.write_bytes(whole[:120])
+    code, err = _run_evaluate(copy, tmp_path / "ev", capsys)
+    assert code == 1 and "000001.bin has 120 bytes but the manifest records" in err
+    assert not (tmp_path / "ev" / "summary.md").exists()
+    # the same size, every point lifted above the band (the manifest's sizes still match)
+    pts = np.frombuffer(whole, np.float32).reshape(-1, 3).copy()
+    pts[:, 2] = 10.0
+    target.write_bytes(pts.tobytes())
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for f in sorted(target.parent.glob("*.bin")):
+        np.save(preds / f"{f.stem}.npy", np.fromfile(f, np.float32).reshape(-1, 3))
+    s = evaluate_files(preds, target.parent, tmp_path / "files", options=EvalOptions(**OPTS))
+    assert s["failed_frames"] == ["000001"] and s["frames"] == 2
 
 
 def test_evaluate_files_on_the_cache_scores_what_evaluate_scores(copy, tmp_path):

@@ -622,10 +622,15 @@ def test_ros2_launch_lifecycle_autostart_and_transitions(checkpoint, tmp_path):
         assert p.change_state("/lidar_completion", "activate")
         p.wait_for(lambda: pub.get_subscription_count() > 0, 10, "the input subscription again")
         publish_until_answered(p, pub, cloud(street(1500, 3), "velodyne", 12), outputs, proc, log)
+        # shutdown: /diagnostics says finalized and the node's process ends by itself
+        assert p.change_state("/lidar_completion", "active_shutdown")
+        p.wait_for(lambda: diag_values(diags).get("state") == "finalized", 10, "finalized diagnostics")
+        p.wait_for(lambda: "process has finished cleanly" in log.read_text(errors="replace"), 20,
+                   "the finalized node to exit", log=log)
         rc = rs.stop_group(proc)
     text = log.read_text(errors="replace")
     assert rc == 0 and "Traceback" not in text, text[-4000:]
-    assert "shut down: processed 2," in text, text[-3000:]
+    assert "finalized: exiting" in text and "process has finished cleanly" in text, text[-3000:]
     assert "Failed to publish log message to rosout" not in text, text[-3000:]
 
 

@@ -387,7 +387,7 @@ def test_sigterm_during_the_warm_up_exits_at_once_and_diagnostics_go_on_while_it
     assert proc.returncode == 0 and "Traceback" not in out, out
     assert "warm-up scan completed" not in out and "interrupted while starting" in out, out
     assert "Failed to publish log message to rosout" not in out, out
-    assert states.count("warming up") >= 4, states
+    assert states.count("warming up") >= 3, states     # 2.5 s at 0.25 s: about 10
 
 
 def test_unloadable_checkpoint_is_one_fatal_line(tmp_path):

@@ -776,6 +776,19 @@ def test_stop_cancels_the_completion_in_hand():
     assert values["cancelled"] == "1" and unfinished(counters_of(values)) == 0
 
 
+def test_a_scan_waiting_for_the_worker_at_stop_is_counted_as_cancelled():
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import pipeline as P
+
+    pipe, sent = _loaded_pipeline(NS(steps=8, guidance=2.0, complete=lambda pts: pts), [])
+    pipe.mailbox.put((NS(frame_id="velodyne", stamp=NS(sec=5, nanosec=0)), P.warmup_cloud(500),
+                      time.monotonic()))
+    pipe.stats.note_input()
+    assert pipe.stop(timeout=1.0)            # no worker ever took it
+    assert not sent and pipe.stats.cancelled == 1
+
+
 def test_a_worker_left_in_a_long_scan_is_replaced_on_start():
     """A deactivate whose wait ran out (a completer that cannot be cancelled, in a long scan) left the
     re-activated lifecycle node without a worker: start() returned early on the old one, which then
@@ -978,7 +991,7 @@ def test_parameters_the_node_does_not_have_are_named():
 def test_lifecycle_reports_while_configuring_and_exits_when_finalized():
     """/diagnostics goes on while configure loads and warms up (the executor, busy in the transition,
     fires no timer: a watchdog saw one message, then nothing for as long as the warm-up took), and
-    after shutdown it says finalized, and the node's context ends (the process exits)."""
+    after shutdown it says finalized and the node is finished (the entry point exits)."""
     rclpy = pytest.importorskip("rclpy")
     pytest.importorskip("lifecycle_msgs")
     diagnostic_msgs = pytest.importorskip("diagnostic_msgs.msg")
@@ -1012,17 +1025,18 @@ def test_lifecycle_reports_while_configuring_and_exits_when_finalized():
             assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
             t1 = time.monotonic()
             during = [v["state"] for t, v in got if t0 < t < t1]
-            assert during.count("warming up") >= 4, during      # 1.5 s at 0.2 s
-            executor.add_node(node)                                # its timers from here on
+            assert during.count("warming up") >= 3, during      # 1.5 s at 0.2 s: about 7
+            assert not node.finished
             assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+            assert node.finished and context.ok()     # the entry point's loop ends; others go on
             deadline = time.monotonic() + 5.0
-            while context.ok() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not any(v["state"] == "finalized" for _, v in got):
                 time.sleep(0.05)
-            assert not context.ok(), "the finalized node did not end its context"
             assert any(v["state"] == "finalized" for _, v in got), [v["state"] for _, v in got]
         finally:
-            spinning.join(timeout=5.0)
             executor.shutdown()
+            rclpy.try_shutdown(context=context)
+            spinning.join(timeout=5.0)
             node.destroy_node()
             listener.destroy_node()
     finally:

@@ -44,14 +44,14 @@ class KittiSource:
         input filter, an empty target) is replaced by the next usable frame, with a warning once per
         frame: one bad scan among thousands does not end a run, and the replacement is the same on
         every run (the frame's checks draw nothing from ``rng``)."""
-        from lidar_completion.errors import DatasetError
+        from lidar_completion.errors import DatasetError, EmptyFrameError
         n = len(self.ds)
         for k in range(n):
             i = (index + k) % n
             try:
                 s = self.ds.sample(i, rng)
                 break
-            except DatasetError as exc:
+            except EmptyFrameError as exc:     # a damaged cache (DatasetError) ends the run
                 if i not in self._skipped:
                     self._skipped.add(i)
                     log.warning("training: frame %s left out, another frame takes its place: %s", i, exc)

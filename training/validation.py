@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from lidar_completion.errors import ConfigError, DatasetError, LidarCompletionError
+from lidar_completion.errors import ConfigError, DatasetError, EmptyFrameError, LidarCompletionError
 from lidar_completion.fileutil import atomic_write_json
 from lidar_completion.metrics import chamfer_distance, jsd_bev
 
@@ -115,7 +115,7 @@ class Validator:
             for k, i in zip(src.keys, src.indices):
                 try:
                     frames.append((i, *src.load(k)))
-                except DatasetError as exc:     # e.g. an empty scan: validate on the others
+                except EmptyFrameError as exc:     # an empty scan: validate on the others
                     log.warning("validation: frame %s left out: %s", k, exc)
             if not frames:
                 raise DatasetError(f"validation (validation.root {root}, validation.sequence {seq!r}): "

@@ -331,12 +331,17 @@ def _build(role: str, config: ModelConfig, sd: dict, backend, device, source: st
                 more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
                 parts.append(f"{len(items)} {label}: " + ", ".join(items[:8]) + more)
         raise CheckpointError(f"{source}: the {role} weights do not match the network - " + "; ".join(parts))
-    odd = sorted({str(v.dtype).replace("torch.", "") for k, v in sd.items()
-                  if not v.is_floating_point() and v.dtype != expected[k].dtype})
-    if odd:   # integer, bool or complex weights would be cast (or warned about) without a word
-        keys = [k for k, v in sd.items() if not v.is_floating_point() and v.dtype != expected[k].dtype]
+    def unfit(k, v) -> bool:
+        """Integer / bool / complex values where the network holds floats (cast without a word
+        otherwise), or bool / complex where it holds integers (a BatchNorm's counter)."""
+        return v.is_complex() or v.dtype == torch.bool or \
+            (expected[k].is_floating_point() and not v.is_floating_point())
+    keys = [k for k, v in sd.items() if unfit(k, v)]
+    if keys:
+        odd = sorted({str(sd[k].dtype).replace("torch.", "") for k in keys})
+        want = sorted({str(expected[k].dtype).replace("torch.", "") for k in keys})
         raise CheckpointError(f"{source}: the {role} weights hold {', '.join(odd)} tensors where the "
-                              f"network has floating-point ones ({', '.join(keys[:4])}"
+                              f"network has {', '.join(want)} ones ({', '.join(keys[:4])}"
                               f"{f' +{len(keys) - 4} more' if len(keys) > 4 else ''})")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     bad = _non_finite(sd)

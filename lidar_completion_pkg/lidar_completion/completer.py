@@ -360,7 +360,7 @@ class Completer:
 
     @min_range.setter
     def min_range(self, value: float | None):
-        self._min_range = _limit("min_range", value)
+        self._min_range = _ordered(_limit("min_range", value), getattr(self, "_max_range", None))
 
     @property
     def max_range(self) -> float | None:
@@ -369,7 +369,7 @@ class Completer:
 
     @max_range.setter
     def max_range(self, value: float | None):
-        self._max_range = _limit("max_range", value)
+        self._max_range = _ordered(getattr(self, "_min_range", None), _limit("max_range", value), value=1)
 
     @property
     def min_z(self) -> float | None:
@@ -696,6 +696,14 @@ def _guidance(value) -> float:
 def _limit(name: str, value) -> float | None:
     """``value`` as one of the input filter's limits (None: no limit); ConfigError else."""
     return None if value is None else BY_NAME[name].check(value)
+
+
+def _ordered(low: float | None, high: float | None, value: int = 0) -> float | None:
+    """``(low, high)[value]`` when min_range < max_range (or either is None); ConfigError else."""
+    if low is not None and high is not None and not low < high:
+        raise ConfigError(f"min_range must be below max_range, got {low:g} and {high:g} m (change "
+                          f"max_range first to raise both)")
+    return (low, high)[value]
 
 
 def _whole(name: str, value) -> int:

@@ -17,6 +17,11 @@ class DatasetError(LidarCompletionError):
     """A dataset (SemanticKITTI layout, GT cache) is missing files or inconsistent."""
 
 
+class EmptyFrameError(DatasetError):
+    """One frame has nothing to work with (a scan with no point left by the input filter, an empty
+    target): that frame is left out, where a damaged dataset or cache ends the run."""
+
+
 class BagError(LidarCompletionError):
     """A rosbag2 file is unreadable, truncated or lacks the requested topic / type."""
 

@@ -32,20 +32,30 @@ __all__ = ["DEFAULTS", "as_cloud", "filter_scan", "farthest_point_sample", "sect
 def as_cloud(points, name: str = "points") -> np.ndarray:
     """Validate an (N, >=3) real array and return its finite xyz rows as float32 (M, 3).
 
-    Rows with NaN or inf in x, y or z are dropped. Also taken: an organised cloud (H, W, >=3), read
-    row by row; a structured array with fields ``x``, ``y``, ``z`` (what
-    :func:`lidar_completion.pointcloud2.read_points` returns); a numpy masked array, whose masked
-    rows are dropped; a torch tensor of any real dtype. Raises :class:`CloudFormatError` for
-    anything else, naming what it got (and a cloud that looks transposed, (3, N)).
+    Rows with NaN or inf in x, y or z are dropped. Also taken: a structured array with fields ``x``,
+    ``y``, ``z`` (what :func:`lidar_completion.pointcloud2.read_points` returns); a numpy masked
+    array, whose masked rows are dropped; a torch tensor of any real dtype. Raises
+    :class:`CloudFormatError` for anything else, naming what it got: a 3-D array says how to pass an
+    organised cloud (it cannot be told from a batch of scans, which is completed one by one), a
+    cloud that looks transposed, (3, N), says so.
     """
     if hasattr(points, "detach") and hasattr(points, "cpu"):  # torch tensor
         points = points.detach().cpu()
         if points.is_floating_point() and points.dtype not in (torch.float16, torch.float32, torch.float64):
             points = points.float()           # bfloat16 and the like: numpy has no such dtype
         points = points.numpy()
-    if isinstance(points, np.ma.MaskedArray):  # masked entries are no returns: NaN, dropped below
-        points = np.ma.filled(points.astype(np.float64), np.nan) if points.dtype.kind in "fiu" \
-            else np.ma.getdata(points)
+    if isinstance(points, np.ma.MaskedArray):  # masked entries are no returns: dropped
+        if points.dtype.names is not None:     # a row is masked when its x, y or z is
+            mask = np.ma.getmaskarray(points)
+            rows = np.zeros(mask.shape, bool)
+            for f in ("x", "y", "z"):
+                if f in mask.dtype.names:
+                    rows |= mask[f]
+            points = np.ma.getdata(points)[~rows]
+        elif points.dtype.kind in "fiu":       # NaN where masked: dropped below
+            points = np.ma.filled(points.astype(np.float64), np.nan)
+        else:
+            points = np.ma.getdata(points)
     try:
         arr = np.asarray(points)
     except Exception as exc:  # ragged lists and the like
@@ -59,8 +69,10 @@ def as_cloud(points, name: str = "points") -> np.ndarray:
         arr = np.stack([arr[f].astype(np.float64, copy=False) for f in "xyz"], axis=-1).reshape(-1, 3)
     if arr.dtype.kind not in "fiu":
         raise CloudFormatError(f"{name}: expected a real-valued (N, 3+) array, got dtype {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] >= 3:   # organised (rows, columns, channels)
-        arr = arr.reshape(-1, arr.shape[2])
+    if arr.ndim == 3:
+        raise CloudFormatError(f"{name}: expected shape (N, 3+), got {arr.shape}: an organised cloud "
+                               f"(rows, columns, channels) is points.reshape(-1, {arr.shape[2]}); a batch "
+                               "of scans is completed one scan at a time")
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise CloudFormatError(f"{name}: expected shape (N, 3+) (x, y, z first), got {arr.shape}")
     if arr.shape[0] in (3, 4) and arr.shape[1] > 8:

@@ -127,7 +127,9 @@ def _run(argv, lifecycle: bool) -> int:
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         try:
-            executor.spin()
+            # until Ctrl-C / SIGTERM, or a lifecycle node's shutdown transition (finalized)
+            while executor.context.ok() and not getattr(node, "finished", False):
+                executor.spin_once(timeout_sec=0.25)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ class LifecycleCompletionNode(LifecycleNode):
     def __init__(self, completer_factory: Optional[Callable] = None, **node_kwargs):
         super().__init__(node_kwargs.pop("node_name", NODE_NAME), **node_kwargs)
         self.completer_factory = completer_factory
+        self.finished = False    # set by the shutdown transition (finalized)
         self.config = declare_parameters(self)
         self.pipeline = CompletionPipeline(self, self.config, state=UNCONFIGURED)
         warn_unknown_parameters(self)
@@ -111,16 +112,13 @@ class LifecycleCompletionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Everything dropped, /diagnostics says ``finalized``, and the process ends a moment later
-        (after the transition's reply has gone out): a finalized node can do nothing more, and a
-        launch file or supervisor waiting for it sees it exit."""
+        """Everything dropped and /diagnostics says ``finalized``; :attr:`finished` tells whoever
+        spins the node that it can do nothing more (the entry point then exits with status 0, so a
+        launch file or supervisor waiting for it sees it end; the context, which other nodes of the
+        process may share, is left alone)."""
         self._drop_everything()
         self.pipeline.state = FINALIZED
         self.pipeline.publish_diagnostics()
         self.get_logger().info("finalized: exiting")
-        self._exit_timer = self.create_timer(0.5, self._exit_finalized, clock=wall_clock())
+        self.finished = True
         return TransitionCallbackReturn.SUCCESS
-
-    def _exit_finalized(self) -> None:
-        self._exit_timer.cancel()
-        self.context.try_shutdown()      # the executor's spin ends; the entry point exits with 0

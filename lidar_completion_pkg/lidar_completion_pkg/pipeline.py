@@ -245,9 +245,12 @@ class CompletionPipeline:
 
         def beat():
             while not done.wait(float(self.config["diagnostics_period"])):
-                if not self.node.context.ok():      # Ctrl-C / SIGTERM: the context is going away
-                    return
-                self.publish_diagnostics()
+                try:
+                    self.diag_pub.publish(self.diagnostics())
+                except Exception as exc:  # noqa: BLE001 - the context may be going away (a signal)
+                    if done.is_set() or not self.node.context.ok():
+                        return            # nothing to say: the node is stopping
+                    self._warn("diagnostics", f"cannot publish diagnostics: {exc}")
 
         thread = threading.Thread(target=beat, name="diagnostics-while-starting", daemon=True)
         self.publish_diagnostics()
@@ -365,7 +368,8 @@ class CompletionPipeline:
         (finished, but not published, by a completer that cannot be cancelled); True when the
         worker ended within ``timeout`` s."""
         self._stop.set()
-        self.mailbox.close()
+        if self.mailbox.close():      # a scan that waited for the worker: never completed
+            self.stats.note_cancelled()
         if self.worker is None:
             return True
         self.worker.join(timeout)
@@ -517,7 +521,10 @@ class CompletionPipeline:
     def _serve(self, stop: threading.Event, mailbox: Mailbox) -> None:
         while not stop.is_set():
             item = mailbox.get(timeout=0.2)
-            if item is None or stop.is_set():
+            if item is None:
+                continue
+            if stop.is_set():         # taken as the worker was stopped: not completed
+                self.stats.note_cancelled()
                 continue
             try:
                 self._complete_one(*item, stop=stop)
@@ -564,6 +571,8 @@ class CompletionPipeline:
             return
         compute_s = time.monotonic() - t0
         out = self._checked_output(out, "completion")
+        if out is not None and stop.is_set():    # finished as the worker was stopped: not published
+            self.stats.note_cancelled()
         if out is None or stop.is_set():
             return
         if not have_target:

@@ -43,10 +43,13 @@ class Mailbox:
             item, self._item, self._full = self._item, None, False
             return item
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """No more items; True when one was left that nobody will take (it is discarded)."""
         with self._cond:
             self._closed = True
+            left, self._item, self._full = self._full, None, False
             self._cond.notify_all()
+            return left
 
 
 class Throttle:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, EmptyFrameError
 from . import gt as gt_mod
 from . import kitti
 from .geometry import rotate
@@ -194,12 +194,12 @@ class CompletionDataset(Dataset):
             target = target[gt_mod.viewpoint_mask(target, raw, cfg.view_voxel)]
         where = f"sequence {seq.sequence} frame {frame}"
         if not len(raw):
-            raise DatasetError(f"{where} ({seq.scan_path(frame)}, {len(scan)} points): no scan point "
+            raise EmptyFrameError(f"{where} ({seq.scan_path(frame)}, {len(scan)} points): no scan point "
                                f"passes the input filter ({cfg.min_range:g} m < range < "
                                f"{cfg.input_max_range:g} m, z > {cfg.z_min:g} m"
                                f"{', a static class label' if labels is not None else ''})")
         if not len(target):
-            raise DatasetError(f"{where}: the ground-truth target is empty "
+            raise EmptyFrameError(f"{where}: the ground-truth target is empty "
                                f"({cache.target_path(frame)})")
         if self.fps:
             fps = raw[fps_indices(raw, self.n_fps, rng if self.augment else None)]

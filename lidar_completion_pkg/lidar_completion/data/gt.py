@@ -271,10 +271,20 @@ class GTCache:
 
     def check_source(self, sequence: kitti.SemanticKittiSequence) -> None:
         """A :class:`DatasetError` when ``sequence``'s files are not those the cache was built from
-        (poses, calibration, the number, sizes or modification times of scans and labels, as
-        ``build-gt`` compares them): its targets would be stale, silently."""
+        (poses, calibration, the number or sizes of scans and labels): its targets would be stale,
+        silently. Other modification times alone are a warning (``build-gt`` rebuilds on them)."""
         old = self.header.get("source") or {}
         now = source_fingerprint(sequence)
+        # the times alone (a copy that did not keep them, a `touch`; or a cache built before they
+        # were recorded): the files may be the same, so use the cache and say how to be sure
+        content = {k: v for k, v in now.items() if k != "mtimes_sha256"}
+        if old != now and {k: old.get(k) for k in content} == content:
+            if "mtimes_sha256" in old:
+                log.warning("%s: the scan / label files of sequence %s have other modification times than "
+                            "when its ground truth was built (the same sizes, poses and calibration): a "
+                            "copy that did not keep them is fine; if files were rewritten, rebuild it with "
+                            "`lidar-completion build-gt` (it rebuilds what changed)", self.dir, self.sequence)
+            return
         if old != now:
             raise DatasetError(
                 f"the ground-truth cache {self.dir} was built from other files than sequence "

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import CloudFormatError, ConfigError, DatasetError
+from ..errors import CloudFormatError, ConfigError, EmptyFrameError
 from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
 from ..metrics import EMD_MODES, frame_metrics
 from ..settings import BY_NAME
@@ -242,7 +242,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
             for key in todo:
                 try:
                     inp, gt = load(key)
-                except DatasetError as exc:   # this frame's files (an empty scan): the frame fails
+                except EmptyFrameError as exc:   # this frame has nothing to score: the frame fails
                     fail(key, exc)
                     bar.update(1)
                     continue

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import CloudFormatError, ConfigError, DatasetError
+from ..errors import CloudFormatError, ConfigError, DatasetError, EmptyFrameError
 from ..fileutil import sha256_file
 from ..settings import CompletionSettings
 from .runner import EvalOptions, run_evaluation
@@ -356,9 +356,9 @@ class FileSource:
         if self.gt_config is not None:
             from ..data.gt import evaluation_target
             gt = evaluation_target(gt, self.gt_config)
-            if not len(gt):
-                raise CloudFormatError(f"{self._files[key][1]}: the ground truth holds no point in the "
-                                       f"evaluation z band {self.gt_z_band} m")
+            if not len(gt):      # a failed frame, as `evaluate` has it
+                raise EmptyFrameError(f"{self._files[key][1]}: the ground truth holds no point in the "
+                                      f"evaluation z band {self.gt_z_band} m")
         inp = self.read(self._inputs[key], "input") if key in self._inputs else None
         return inp, gt
 
