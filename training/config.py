@@ -480,6 +480,12 @@ def validate(cfg: dict) -> None:
         _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
                f"teacher_dpo.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")
         _check(float(d["denoise_weight"]) >= 0, "teacher_dpo.denoise_weight must be >= 0")
+        # the frozen reference runs on its running statistics: a model on batch statistics differs
+        # from it before any update (a first-step loss of 77.7 instead of log 2 on a tiny teacher)
+        _check(cfg["train"]["batchnorm"] == "frozen",
+               "teacher-dpo needs train.batchnorm: frozen (the frozen reference uses the running batch-norm "
+               f"statistics; with {cfg['train']['batchnorm']!r} the model and the reference differ before "
+               "any update, and the preference margin measures that instead of the fine-tuning)")
         _check(float(d["pair_regions"]) == 0 or int(d["pairs_per_scan"]) == 1,
                "teacher_dpo.pair_regions ranks one pair square by square: leave teacher_dpo.pairs_per_scan at 1")
     v = cfg["validation"]
