@@ -420,6 +420,15 @@ def generate_launch_description():
             config = rviz_config_for(values, tempfile.mkdtemp(prefix="lidar_completion_rviz_"))
             actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
                                 arguments=["-d", config]))
+        if not values["bag"]:      # (a replay has its own handler of the node's end)
+            def after_node(event, context):
+                # a managed node's shutdown transition ends its process (finalized): nothing is
+                # left to run, so the launch ends too, with status 0, as a supervisor expects
+                if event.returncode != 0 or getattr(context, "is_shutdown", False):
+                    return []
+                return [EmitEvent(event=Shutdown(reason="the completion node ended"))]
+            actions.append(RegisterEventHandler(OnProcessExit(target_action=lambda action: action is node,
+                                                              on_exit=after_node)))
         if values["bag"]:
             if which == "own":
                 actions.append(LogInfo(msg="bag:= played by this package's player (bag_player:=own: "
