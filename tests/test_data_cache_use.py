@@ -185,6 +185,12 @@ def test_training_and_validation_step_over_an_empty_scan(copy, tmp_path):
     for k in a:                                                  # frame 2 took its place, the same draws
         np.testing.assert_array_equal(a[k], b[k])
         np.testing.assert_array_equal(a[k], again[k])
+    # with data.limit 2, the replacement comes from the first two frames: frame 0
+    from training.sources import _Limited
+    limited = _Limited(KittiSource(cfg, copy), 2)
+    first = limited.sample(0, np.random.default_rng(5))
+    for k, v in limited.sample(1, np.random.default_rng(5)).items():
+        np.testing.assert_array_equal(v, first[k])
     # validation on that sequence leaves the frame out and validates on the others
     from training.validation import Validator
     vcfg = load_config(None, kind="teacher", overrides=[

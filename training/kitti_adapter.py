@@ -35,6 +35,11 @@ class KittiSource:
                                   augment=bool(d["augment"]), seed=int(cfg["seed"]), fps=fps)
         self.root = Path(root)
         self._skipped: set = set()
+        self._within = len(self.ds)      # data.limit: replacements come from the first N frames
+
+    def limit_to(self, n: int) -> None:
+        """Use only the first ``n`` frames (``data.limit``), replacements included."""
+        self._within = max(1, min(int(n), len(self.ds)))
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -45,7 +50,7 @@ class KittiSource:
         frame: one bad scan among thousands does not end a run, and the replacement is the same on
         every run (the frame's checks draw nothing from ``rng``)."""
         from lidar_completion.errors import DatasetError, EmptyFrameError
-        n = len(self.ds)
+        n = self._within
         for k in range(n):
             i = (index + k) % n
             try:

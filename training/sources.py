@@ -129,6 +129,8 @@ def build_source(cfg: dict, out_dir, kind: str, fps: bool = True):
 class _Limited:
     def __init__(self, base, n: int):
         self.base, self.n = base, min(n, len(base))
+        if hasattr(base, "limit_to"):     # a source that replaces unusable items keeps to these
+            base.limit_to(self.n)
 
     def __len__(self) -> int:
         return self.n
