@@ -370,3 +370,27 @@ def test_stale_temporary_files():
     assert stale_tmp(Path(f"000001.bin.{2 ** 22 + 12345}.tmp"))  # no such process
     import os
     assert not stale_tmp(Path(f"000001.bin.{os.getppid()}.tmp"))  # a live writer
+
+
+def test_two_builds_of_one_sequence_at_once_build_it_once(built, tmp_path):
+    """Two build-gt processes started on the same new cache (two training stages launched together):
+    they took turns before, each rebuilding every target and doubling the journal; now the second
+    waits and finds the first's cache complete."""
+    import subprocess
+    import sys
+
+    seq, _, _ = built
+    out = tmp_path / "cache"
+    code = ("import sys, logging; logging.basicConfig(level=logging.INFO)\n"
+            "from lidar_completion.data import gt\n"
+            "st = gt.build_gt(sys.argv[1], ['00'], out=sys.argv[2], verify='size')[0]\n"
+            "print('BUILT', st.frames_built, 'REUSED', st.frames_reused)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seq.root), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    built_counts = sorted(int(o.split("BUILT ")[1].split()[0]) for o, _ in outs)
+    assert built_counts == [0, len(seq)], outs                    # one built them all, the other none
+    records = [json.loads(line) for line in (out / "00" / "manifest.jsonl").read_text().splitlines()]
+    assert sum(r.get("type") == "header" for r in records) == 1
+    assert sum(r.get("type") == "frame" for r in records) == len(seq)

@@ -26,6 +26,7 @@ index are in :mod:`.voxels`, the rigid transforms in :mod:`.geometry`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -386,8 +387,42 @@ def build_sequence(sequence: kitti.SemanticKittiSequence, cache_root: PathLike,
 
     ``verify``: "sha256" (default; re-hash every cached file), "size" (sizes only) - invalid files
     are rebuilt. ``force`` rebuilds everything. ``on_frame(phase, i)`` is called after each frame of
-    each phase ("map", "target"). Returns the :class:`GTCache`.
+    each phase ("map", "target"). Returns the :class:`GTCache`. Processes that build the same
+    sequence's cache at once take turns (a lock file beside its manifest): the second finds the
+    first's cache and verifies it instead of building it again.
     """
+    out = Path(cache_root) / kitti.sequence_id(sequence.sequence)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out / ".build.lock", f"sequence {sequence.sequence}'s ground truth in {out}"):
+        return _build_sequence(sequence, cache_root, config, verify, force, progress, on_frame, stats)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str):
+    """An exclusive lock on ``path`` for the block (fcntl.flock: released when the process ends,
+    however it ends). Waits, saying so, while another process holds it; where the file system
+    does not lock, the block runs unlocked."""
+    try:
+        import fcntl
+        fh = open(path, "a+b")
+    except (ImportError, OSError) as exc:     # no fcntl (Windows), a read-only cache: no lock
+        log.debug("no lock on %s (%s)", path, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s; waiting for it", what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:                # a file system without flock
+            log.debug("no lock on %s (%s)", path, exc)
+        yield
+    finally:
+        fh.close()
+
+
+def _build_sequence(sequence, cache_root, config, verify, force, progress, on_frame, stats) -> GTCache:
     config = config or GTConfig()
     if verify not in ("sha256", "size"):
         raise ConfigError(f"verify must be 'sha256' or 'size', found {verify!r}")
