@@ -1041,3 +1041,28 @@ def test_lifecycle_reports_while_configuring_and_exits_when_finalized():
             listener.destroy_node()
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def test_a_real_node_names_a_parameter_it_does_not_have(capfd):
+    """The same with rclpy's own node: a -p for a name the node does not declare lands in its
+    overrides, unused (rclpy says nothing); the node's warning names it."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("lifecycle_msgs")
+    pytest.importorskip("diagnostic_msgs")
+    from rclpy.parameter import Parameter
+
+    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=rs.random_domain())
+    try:
+        node = LifecycleCompletionNode(context=context, parameter_overrides=[
+            Parameter("step", value=4), Parameter("steps", value=4)])
+        try:
+            assert node.get_parameter("steps").value == 4 and not node.has_parameter("step")
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    err = capfd.readouterr().err
+    assert "ignored 1 parameter(s) this node does not have: step " in err, err
