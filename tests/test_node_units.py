@@ -1,5 +1,6 @@
 """The node's plain-Python pieces: mailbox, throttle, statistics and diagnostics, parameter checks,
 Fast DDS set-up, the TF buffer (against transforms3d's rotations), the ament layout of the venv."""
+import contextlib
 import math
 import os
 import subprocess
@@ -598,24 +599,33 @@ def test_diagnostics_go_on_under_sim_time_without_a_clock():
 def test_a_whole_number_for_a_double_parameter_is_taken_at_run_time():
     """`ros2 param set /lidar_completion guidance 4` means 4.0, as `-p guidance:=4` does at start
     (rclpy refused it: "Wrong parameter type, expected '3' got '2'"); a string is still refused."""
+    pytest.importorskip("rclpy")
+    from rclpy.parameter import Parameter
+
+    with _lifecycle_node() as node:
+        result, = node.set_parameters([Parameter("guidance", Parameter.Type.INTEGER, 4)])
+        assert result.successful, result.reason
+        assert node.get_parameter("guidance").value == 4.0
+        assert node.pipeline.config["guidance"] == 4.0
+        result, = node.set_parameters([Parameter("guidance", Parameter.Type.STRING, "nan")])
+        assert not result.successful
+
+
+@contextlib.contextmanager
+def _lifecycle_node(overrides=()):
+    """A LifecycleCompletionNode (unconfigured: nothing loaded) in a context of its own, with
+    ``overrides`` as its start-up parameters; destroyed and shut down after the block."""
     rclpy = pytest.importorskip("rclpy")
     pytest.importorskip("lifecycle_msgs")
     pytest.importorskip("diagnostic_msgs")
-    from rclpy.parameter import Parameter
-
     from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
 
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=rs.random_domain())
     try:
-        node = LifecycleCompletionNode(context=context)
+        node = LifecycleCompletionNode(context=context, parameter_overrides=list(overrides))
         try:
-            result, = node.set_parameters([Parameter("guidance", Parameter.Type.INTEGER, 4)])
-            assert result.successful, result.reason
-            assert node.get_parameter("guidance").value == 4.0
-            assert node.pipeline.config["guidance"] == 4.0
-            result, = node.set_parameters([Parameter("guidance", Parameter.Type.STRING, "nan")])
-            assert not result.successful
+            yield node
         finally:
             node.destroy_node()
     finally:
@@ -1046,23 +1056,10 @@ def test_lifecycle_reports_while_configuring_and_exits_when_finalized():
 def test_a_real_node_names_a_parameter_it_does_not_have(capfd):
     """The same with rclpy's own node: a -p for a name the node does not declare lands in its
     overrides, unused (rclpy says nothing); the node's warning names it."""
-    rclpy = pytest.importorskip("rclpy")
-    pytest.importorskip("lifecycle_msgs")
-    pytest.importorskip("diagnostic_msgs")
+    pytest.importorskip("rclpy")
     from rclpy.parameter import Parameter
 
-    from lidar_completion_pkg.lifecycle_node import LifecycleCompletionNode
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=rs.random_domain())
-    try:
-        node = LifecycleCompletionNode(context=context, parameter_overrides=[
-            Parameter("step", value=4), Parameter("steps", value=4)])
-        try:
-            assert node.get_parameter("steps").value == 4 and not node.has_parameter("step")
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.shutdown(context=context)
+    with _lifecycle_node([Parameter("step", value=4), Parameter("steps", value=4)]) as node:
+        assert node.get_parameter("steps").value == 4 and not node.has_parameter("step")
     err = capfd.readouterr().err
     assert "ignored 1 parameter(s) this node does not have: step " in err, err

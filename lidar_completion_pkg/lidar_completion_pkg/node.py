@@ -20,7 +20,7 @@ from sensor_msgs.msg import PointCloud2
 from .parameters import NODE_NAME
 from .pipeline import CompletionPipeline, declare_parameters
 from .qos import cloud_qos, describe, overridable
-from .stats import ACTIVE, WARMING_UP  # noqa: F401 (WARMING_UP: the state of a node being built)
+from .stats import ACTIVE, WARMING_UP
 
 
 def create_outputs(node, pipeline: CompletionPipeline, make_publisher: Callable) -> None:

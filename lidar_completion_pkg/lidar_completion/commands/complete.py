@@ -107,7 +107,7 @@ def _render(path, scan, result, name):
                           title=f"{name}: {result.steps} steps, w={result.guidance:g}")
 
 
-def _check_kept_points(completer, src, scan, result) -> None:
+def _check_kept_points(src, result) -> None:
     """CloudFormatError naming ``src`` when the completion kept no points (the Completer says why:
     :attr:`lidar_completion.completer.CompletionResult.empty_reason`), instead of writing an empty
     cloud and reporting success."""
@@ -198,7 +198,7 @@ def run(args) -> int:
         if str(files[0]) in str(exc):
             raise
         raise CloudFormatError(f"{files[0]}: {exc}") from None
-    _check_kept_points(completer, files[0], scan, result)
+    _check_kept_points(files[0], result)
     try:
         write_cloud(out, result.points, binary=not args.ascii, bin_format=args.bin_format)
     except OSError as exc:                 # a full disk: name the output, not our temporary file
@@ -280,7 +280,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
                     raise ConfigError(f"cannot write {path}: it is a folder")
             scan = _read_scan(src, args.bin_format)
             result = completer.complete_detailed(scan, seed=seed)
-            _check_kept_points(completer, src, scan, result)
+            _check_kept_points(src, result)
             write_cloud(dst, result.points, binary=not args.ascii, bin_format=args.bin_format)
             if png is not None:
                 target = png

@@ -161,7 +161,8 @@ class CompletionDataset(Dataset):
             if not cache.complete:
                 raise DatasetError(f"the cache of sequence {sid} ({cache.dir}) is incomplete; "
                                    "finish it with `lidar-completion build-gt` (it resumes)")
-            cache.check_source(seq)
+            if not build:     # (a cache just built or verified is of these files)
+                cache.check_source(seq)
             self.sequences.append(seq)
             self.caches.append(cache)
         self.config = config or self.caches[0].config
