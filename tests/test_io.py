@@ -323,3 +323,19 @@ def test_bin_written_as_xyz_records(tmp_path, cloud):
     assert np.array_equal(read_cloud(p, bin_format="xyz"), cloud[:, :3])
     with pytest.raises(CloudFormatError, match="bin_format"):
         write_cloud(tmp_path / "b.bin", cloud, bin_format="xyzi")
+
+
+def test_an_organised_structured_npy_reads_point_by_point(tmp_path):
+    """An (H, W) structured array - what read_points returns for an organised scan - was read with the
+    fields of different points in one row (x of three points, then y and z mixed with intensity)."""
+    a = np.zeros((2, 3), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4")])
+    a["x"] = np.arange(6).reshape(2, 3)
+    a["y"] = 10 + a["x"]
+    a["z"] = 100 + a["x"]
+    a["intensity"] = 7
+    np.save(tmp_path / "organised.npy", a)
+    got = read_cloud(tmp_path / "organised.npy")
+    i = np.arange(6, dtype=np.float32)
+    assert np.array_equal(got[:, :3], np.stack([i, 10 + i, 100 + i], axis=1))
+    np.save(tmp_path / "flat.npy", a.reshape(-1))                   # the same scan, flat
+    assert np.array_equal(got, read_cloud(tmp_path / "flat.npy"))

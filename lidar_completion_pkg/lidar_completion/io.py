@@ -149,7 +149,9 @@ def _columns_from_struct(path: Path, arr: np.ndarray, names) -> np.ndarray:
                                f"(missing {', '.join(missing)})")
     order = [lower[c] for c in "xyz"] + [n for n in names if n.lower() not in ("x", "y", "z")
                                          and arr.dtype[n].kind in "fiu" and arr.dtype[n].shape == ()]
-    return np.stack([np.asarray(arr[n], dtype=np.float64) for n in order], axis=1).reshape(-1, len(order))
+    # a field per column, the points in row-major order: an organised (H, W) array (as read_points
+    # returns a scan with reshape_organized_cloud) gives H * W rows, one per point
+    return np.stack([np.asarray(arr[n], dtype=np.float64) for n in order], axis=-1).reshape(-1, len(order))
 
 
 def _read_header_lines(f, path: Path, end_marker: str, max_lines: int = 200) -> list:
