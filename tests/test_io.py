@@ -339,3 +339,24 @@ def test_an_organised_structured_npy_reads_point_by_point(tmp_path):
     assert np.array_equal(got[:, :3], np.stack([i, 10 + i, 100 + i], axis=1))
     np.save(tmp_path / "flat.npy", a.reshape(-1))                   # the same scan, flat
     assert np.array_equal(got, read_cloud(tmp_path / "flat.npy"))
+
+
+@pytest.mark.parametrize("name", ["far.npy", "far.ply", "far.pcd", "far_ascii.ply", "far_ascii.pcd"])
+def test_float64_clouds_are_written_as_float64(tmp_path, name):
+    """A completion moved into a UTM-sized map frame was written as float32, 0.25 m steps at 5,400 km;
+    float64 arrays keep float64 in every format that has it (.bin stays KITTI's float32)."""
+    rng = np.random.default_rng(3)
+    far = rng.uniform(-40.0, 40.0, (200, 3)) + [452_317.25, 5_411_883.75, 1.8]
+    path = write_cloud(tmp_path / name.replace("_ascii", ""), far, binary="ascii" not in name)
+    if path.suffix == ".npy":
+        back = np.load(path)
+    else:
+        head, _, body = path.read_bytes().partition(b"end_header\n" if path.suffix == ".ply" else b"DATA ")
+        assert (b"property double x" if path.suffix == ".ply" else b"SIZE 8 8 8") in head
+        if path.suffix == ".pcd":
+            body = body.split(b"\n", 1)[1]
+        back = (np.loadtxt(body.decode().splitlines()) if "ascii" in name
+                else np.frombuffer(body, dtype="<f8").reshape(-1, 3))
+    assert back.dtype == np.float64 and np.array_equal(back, far)
+    assert read_cloud(path).dtype == np.float32            # reading stays float32, as documented
+    np.testing.assert_allclose(read_cloud(path), far, atol=0.5)

@@ -697,6 +697,52 @@ def test_clouds_without_a_frame_are_completed_with_a_warning():
     assert pipe.stats.snapshot()["stamp_latency_p95_ms"] == before["stamp_latency_p95_ms"]
 
 
+def test_map_frame_clouds_keep_their_precision_through_the_node():
+    """A float64 cloud in a UTM-sized map frame was read as float32 before the transform into
+    model_frame, and the completion published as float32: both sides off by up to 0.25 m, silently.
+    Now the networks get the scan at float64 precision, output_float64 publishes float64 x, y, z,
+    and a float32 completion that far out comes with a warning naming the parameter."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion.pointcloud2 import FLOAT32, FLOAT64, create_cloud, make_field, read_points_numpy
+    from lidar_completion_pkg import frames
+
+    east, north = 452_317.25, 5_411_883.75                 # the sensor in the map frame (UTM)
+    rng = np.random.default_rng(0)
+    a, r = rng.uniform(-np.pi, np.pi, 3000), rng.uniform(5.0, 40.0, 3000)
+    local = np.stack([r * np.cos(a), r * np.sin(a), rng.uniform(-1.8, 2.0, 3000)], axis=1)
+    world = local + [east, north, 1.8]
+    fields = [make_field(n, 8 * i, FLOAT64, 1, NS) for i, n in enumerate("xyz")]
+    msg = create_cloud(NS(frame_id="map", stamp=NS(sec=5, nanosec=0)), fields, world, msg_factory=NS)
+
+    class Identity:
+        steps, guidance = 1, 1.0
+
+        def complete(self, pts):
+            self.seen = np.array(pts, dtype=np.float64)
+            return np.asarray(pts, dtype=np.float32)
+
+    for wide in (False, True):
+        warnings, ident = [], Identity()
+        pipe, sent = _loaded_pipeline(ident, warnings, now_ns=6 * 10**9)
+        pipe.config.update(model_frame="velodyne", target_frame="map", output_float64=wide)
+        pipe.frames = frames.TransformBuffer()
+        pipe.frames.set_transform(_ts("map", "velodyne", rs.translation_matrix((east, north, 1.8))),
+                                  static=True)
+        pipe.on_cloud(msg)
+        header, points, t_received = pipe.mailbox.get(timeout=1)
+        pipe._complete_one(header, points, t_received)
+        assert np.abs(ident.seen - local).max() < 1e-5          # float32 around the sensor only
+        assert len(sent) == 1 and sent[0].header.frame_id == "map"
+        assert {f.datatype for f in sent[0].fields} == {FLOAT64 if wide else FLOAT32}
+        error = np.abs(read_points_numpy(sent[0], dtype="float64") - world).max()
+        if wide:
+            assert error < 1e-5 and not warnings, warnings
+        else:
+            assert 0.01 < error < 0.5                           # float32 at 5,400 km: 0.25-0.5 m steps
+            assert len(warnings) == 1 and "set output_float64" in warnings[0], warnings
+
+
 def test_flat_and_out_of_limits_clouds_are_rejected_input_naming_their_frame():
     """A cloud at one height (a 2D laser scan published as PointCloud2) is refused by the completer
     before it runs and counted as rejected input ('flat'), not as a failed completion; a cloud with

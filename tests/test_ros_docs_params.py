@@ -29,7 +29,7 @@ def documented() -> dict[str, tuple[str, bool]]:
     (``min_range``, ``max_range``), with one type for all or one each."""
     out = {}
     for cells in table_rows():
-        names = re.findall(r"`([a-z_]+)`", cells[0])
+        names = re.findall(r"`([a-z_0-9]+)`", cells[0])
         types = [t.strip() for t in cells[1].split(",")]
         assert names and len(types) in (1, len(names)), cells
         for i, name in enumerate(names):

@@ -509,7 +509,8 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
     ascii for .ply/.pcd. ``.bin`` writes float32 x, y, z, intensity (0 when not given) records, or
     x, y, z records with ``bin_format="xyz"`` (the layout of the ground-truth cache). Extra columns
     go to .npy as they are and to .ply/.pcd as ``field_names[3:]`` (default ``intensity`` for the
-    fourth, ``f4``, ``f5``... after it). Creates missing parent directories.
+    fourth, ``f4``, ``f5``... after it). Values are written as float32, or as float64 when the array
+    is float64 (except ``.bin``, float32 by its format). Creates missing parent directories.
 
     The file is written under a temporary name in its folder and renamed over ``path`` when
     complete (:func:`lidar_completion.fileutil.atomic_write`): a write that fails (disk full, a file
@@ -523,7 +524,9 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
     if pts.ndim != 2 or pts.shape[1] < 3 or pts.dtype.kind not in "fiu":
         raise CloudFormatError(f"{path}: can only write a numeric (N, 3+) array, got shape "
                                f"{pts.shape} dtype {pts.dtype}")
-    pts = pts.astype(np.float32)
+    # float32, as read_cloud returns; float64 stays float64 in .npy / .ply / .pcd (coordinates far
+    # from the origin, e.g. a completion moved into a UTM map frame, where float32 steps by 0.25 m)
+    pts = pts.astype(np.float64 if pts.dtype == np.float64 and ext != ".bin" else np.float32)
     names = list(field_names) if field_names else ["x", "y", "z"] + [
         "intensity" if i == 3 else f"f{i}" for i in range(3, pts.shape[1])]
     if len(names) != pts.shape[1]:
@@ -547,26 +550,28 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
 
 def _write_ply(f, pts: np.ndarray, names, binary: bool):
     fmt = "binary_little_endian" if binary else "ascii"
+    kind, text_format = ("double", "%.17g") if pts.dtype == np.float64 else ("float", "%.9g")
     header = ["ply", f"format {fmt} 1.0", "comment written by lidar_completion",
-              f"element vertex {len(pts)}"] + [f"property float {n}" for n in names] + ["end_header"]
+              f"element vertex {len(pts)}"] + [f"property {kind} {n}" for n in names] + ["end_header"]
     f.write(("\n".join(header) + "\n").encode("ascii"))
     if binary:
-        f.write(pts.astype("<f4").tobytes())
+        f.write(pts.astype(f"<f{pts.itemsize}").tobytes())
     else:
-        np.savetxt(f, pts, fmt="%.9g")
+        np.savetxt(f, pts, fmt=text_format)
 
 
 def _write_pcd(f, pts: np.ndarray, names, binary: bool):
     k = pts.shape[1]
     header = ["# .PCD v0.7 - Point Cloud Data file format", "VERSION 0.7",
-              "FIELDS " + " ".join(names), "SIZE " + " ".join(["4"] * k), "TYPE " + " ".join(["F"] * k),
+              "FIELDS " + " ".join(names), "SIZE " + " ".join([str(pts.itemsize)] * k),
+              "TYPE " + " ".join(["F"] * k),
               "COUNT " + " ".join(["1"] * k), f"WIDTH {len(pts)}", "HEIGHT 1",
               "VIEWPOINT 0 0 0 1 0 0 0", f"POINTS {len(pts)}", "DATA " + ("binary" if binary else "ascii")]
     f.write(("\n".join(header) + "\n").encode("ascii"))
     if binary:
-        f.write(pts.astype("<f4").tobytes())
+        f.write(pts.astype(f"<f{pts.itemsize}").tobytes())
     else:
-        np.savetxt(f, pts, fmt="%.9g")
+        np.savetxt(f, pts, fmt="%.17g" if pts.dtype == np.float64 else "%.9g")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ rclpy's message classes and rosbags' dataclasses have the same attributes (heade
 fields[name, offset, datatype, count], is_bigendian, point_step, row_step, data, is_dense), so the node
 and the bag tools share this one converter. The names mirror ``sensor_msgs_py.point_cloud2`` (which is
 not published on PyPI): :func:`read_points`, :func:`read_points_numpy`, :func:`create_cloud`,
-:func:`create_cloud_xyz32`.
+:func:`create_cloud_xyz32` (and :func:`create_cloud_xyz64`, which it lacks).
 
 Reading builds a structured dtype from the fields, offsets, ``point_step`` and endianness and takes a
 ``np.frombuffer`` view of ``msg.data`` (no copy); rows padded to a ``row_step`` larger than
@@ -29,6 +29,7 @@ from .errors import CloudFormatError
 __all__ = [
     "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "FLOAT32", "FLOAT64",
     "DATATYPES", "read_points", "read_points_numpy", "create_cloud", "create_cloud_xyz32",
+    "create_cloud_xyz64",
     "make_fields_xyz32", "make_field", "dtype_from_fields", "CloudFormatError",
 ]
 
@@ -199,11 +200,15 @@ def read_points(msg, field_names: Sequence[str] | None = None, skip_nans: bool =
 
 
 def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
-                      skip_nans: bool = True) -> np.ndarray:
+                      skip_nans: bool = True, dtype="float32") -> np.ndarray:
     """(N, k) float32 array of the named fields, in the requested order.
 
-    When the fields are consecutive native float32 values and rows are unpadded, the result is a strided
-    view of ``msg.data`` (zero-copy, read-only when the message owns immutable bytes); otherwise one copy.
+    ``dtype="float64"`` returns float64; ``dtype="auto"`` float64 when any of the named fields is
+    stored as float64 and float32 otherwise: a cloud in a frame far from its origin (UTM-sized map
+    coordinates, where float32 steps by 0.25-0.5 m) keeps its precision for a transform.
+    When the fields are consecutive native float32 values and rows are unpadded, the float32 result
+    is a strided view of ``msg.data`` (zero-copy, read-only when the message owns immutable bytes);
+    otherwise one copy.
     With ``skip_nans`` points with a NaN or inf in any requested field are dropped; a cloud in which no
     point is finite raises CloudFormatError, as do empty, truncated or inconsistent clouds, missing
     fields and unsupported datatypes.
@@ -211,11 +216,18 @@ def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
     field_names = tuple(field_names)
     if not field_names:
         raise _error("bad_request", "read_points_numpy needs at least one field name")
+    if dtype not in ("float32", "float64", "auto"):
+        raise _error("bad_request", f"read_points_numpy: dtype must be 'float32', 'float64' or 'auto', "
+                                    f"got {dtype!r}")
     structured = read_points(msg, field_names, skip_nans=False)
     n = structured.shape[0]
-    view = _float32_view(structured, field_names)
+    if dtype == "auto":
+        stored = [structured.dtype.fields[name][0] for name in field_names]
+        wide = any(f.kind == "f" and f.itemsize > 4 for f in stored)
+        dtype = "float64" if wide else "float32"
+    view = _float32_view(structured, field_names) if dtype == "float32" else None
     if view is None:
-        out = np.empty((n, len(field_names)), dtype=np.float32)
+        out = np.empty((n, len(field_names)), dtype=dtype)
         # float64 values beyond float32's range become inf (dropped below with skip_nans) without
         # numpy's overflow warning, which would reach stderr outside the caller's logging
         with np.errstate(over="ignore", invalid="ignore"):
@@ -337,6 +349,16 @@ def create_cloud(header, fields: Iterable, points, msg_factory=None, field_facto
 
 def create_cloud_xyz32(header, points, msg_factory=None, field_factory=None):
     """PointCloud2 with float32 x, y, z from an (N, >=3) array (extra columns ignored)."""
+    return _create_cloud_xyz(header, points, FLOAT32, msg_factory, field_factory)
+
+
+def create_cloud_xyz64(header, points, msg_factory=None, field_factory=None):
+    """PointCloud2 with float64 x, y, z from an (N, >=3) array (extra columns ignored): for frames
+    whose coordinates float32 would round (beyond ~131 km of the origin, by 8 mm or more)."""
+    return _create_cloud_xyz(header, points, FLOAT64, msg_factory, field_factory)
+
+
+def _create_cloud_xyz(header, points, datatype: int, msg_factory, field_factory):
     arr = np.asarray(points)
     if arr.ndim == 1 and arr.size == 0:
         arr = arr.reshape(0, 3)
@@ -344,7 +366,8 @@ def create_cloud_xyz32(header, points, msg_factory=None, field_factory=None):
         raise CloudFormatError(f"points must be (N, 3) or wider, found shape {arr.shape}")
     if field_factory is None:
         field_factory = _field_factory_for(msg_factory)
-    xyz = np.ascontiguousarray(arr[:, :3], dtype=np.float32)
+    size = DATATYPES[datatype].itemsize
+    xyz = np.ascontiguousarray(arr[:, :3], dtype=DATATYPES[datatype])
     factory = msg_factory if msg_factory is not None else _default_pointcloud2()
     n = xyz.shape[0]
     raw = xyz.tobytes()
@@ -353,6 +376,7 @@ def create_cloud_xyz32(header, points, msg_factory=None, field_factory=None):
     else:
         data = array.array("B")
         data.frombytes(raw)
-    return factory(header=header, height=1, width=n, fields=make_fields_xyz32(field_factory),
-                   is_bigendian=sys.byteorder == "big", point_step=12, row_step=12 * n, data=data,
+    fields = [make_field(name, size * i, datatype, 1, field_factory) for i, name in enumerate("xyz")]
+    return factory(header=header, height=1, width=n, fields=fields, is_bigendian=sys.byteorder == "big",
+                   point_step=3 * size, row_step=3 * size * n, data=data,
                    is_dense=bool(np.isfinite(xyz).all()))

@@ -110,11 +110,12 @@ def rigid_inverse(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """(N, 3) float32 points mapped by a 4x4 transform (computed in float64)."""
+def apply(matrix: np.ndarray, points: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """(N, 3) points mapped by a 4x4 transform, computed in float64 and returned as ``dtype``
+    (float32 by default; float64 keeps coordinates far from the frame's origin exact)."""
     m = np.asarray(matrix, dtype=np.float64)
     out = np.asarray(points, dtype=np.float64) @ m[:3, :3].T + m[:3, 3]
-    return out.astype(np.float32)
+    return out.astype(dtype, copy=False)
 
 
 def _stamp_text(t_ns: int) -> str:

@@ -85,9 +85,14 @@ PARAMETERS: tuple[Param, ...] = COMPLETER_PARAMETERS + (
 ROS_PARAMETERS: tuple[Param, ...] = (
     # topics
     Param("input_topic", "string", "/velodyne_points", "Input sensor_msgs/PointCloud2 topic"),
-    Param("output_topic", "string", "/completed_points", "Completed cloud (float32 x, y, z)"),
+    Param("output_topic", "string", "/completed_points",
+          "Completed cloud (float32 x, y, z; float64 with output_float64)"),
     Param("publish_raw", "bool", False, "Also publish the unrefined completion on raw_output_topic"),
     Param("raw_output_topic", "string", "/completed_points_raw", "Unrefined completion topic"),
+    Param("output_float64", "bool", False,
+          "Publish float64 x, y, z instead of float32: for a target_frame far from its origin (a "
+          "UTM-sized map frame, where float32 steps by 0.25-0.5 m); float32 completions that reach "
+          "131 km from the origin are warned about"),
     # frames
     Param("model_frame", "string", "",
           "TF frame the networks see: gravity-aligned, origin at the LiDAR (the frame the training "

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from lidar_completion.errors import Cancelled, CheckpointError, CloudFormatError, LidarCompletionError
-from lidar_completion.pointcloud2 import create_cloud_xyz32, read_points_numpy
+from lidar_completion.pointcloud2 import create_cloud_xyz32, create_cloud_xyz64, read_points_numpy
 
 from . import dds, frames
 from .parameters import BUILTIN, BY_NAME, DYNAMIC, PARAMETERS, STARTUP_ONLY, check_value, completion_settings
@@ -37,6 +37,10 @@ from .stats import ACTIVE, WARMING_UP, Mailbox, Stats, Throttle, diagnostic_summ
 WARMUP_POINTS = 30_000
 
 WORKER_THREAD, SETUP_THREAD = "completion-worker", "completion-setup"
+
+#: Distance from a frame's origin (2**17 m) beyond which float32 coordinates step by more than 1.5 cm
+#: (round by 8 mm or more): published float32 completions reaching it are warned about.
+FLOAT32_PRECISE_M = 131_072.0
 
 # The threads running completer code now. A process must not finalise while one of them is inside
 # torch: Python ends such a thread when it next takes the GIL, which unwinds through torch's C++
@@ -454,7 +458,9 @@ class CompletionPipeline:
         frame = ""
         try:
             frame = str(msg.header.frame_id)
-            points = read_points_numpy(msg, ("x", "y", "z"), skip_nans=True)
+            # float64 x, y, z stay float64 until the transform into model_frame: a cloud in a map
+            # frame with UTM-sized coordinates would lose 0.25-0.5 m to float32 first
+            points = read_points_numpy(msg, ("x", "y", "z"), skip_nans=True, dtype="auto")
             if self.mailbox.put((msg.header, points, t_received)):
                 self.stats.note_dropped()
         except CloudFormatError as exc:
@@ -585,13 +591,12 @@ class CompletionPipeline:
                                       "published without a frame too (set the driver's frame, or "
                                       "model_frame / target_frame)")
         out_header = Header(stamp=header.stamp, frame_id=target)
-        msg = create_cloud_xyz32(out_header, out if to_target is None else frames.apply(to_target, out))
+        msg = self._output_cloud(out_header, out, to_target, target)
         raw_msg = None
         if self.raw_pub is not None and raw is not None:
             raw = self._checked_output(raw, "raw completion", count=False)
             if raw is not None:
-                raw_msg = create_cloud_xyz32(
-                    out_header, raw if to_target is None else frames.apply(to_target, raw))
+                raw_msg = self._output_cloud(out_header, raw, to_target, target)
         self.pub.publish(msg)
         if raw_msg is not None:
             self.raw_pub.publish(raw_msg)
@@ -604,6 +609,24 @@ class CompletionPipeline:
         else:
             age_s = (self.node.get_clock().now().nanoseconds - stamp_ns) / 1e9
         self.stats.note_published(t_received, compute_s, age_s)
+
+    def _output_cloud(self, header, points: np.ndarray, to_target, target: str):
+        """The completion in target_frame as a PointCloud2: float64 x, y, z with ``output_float64``;
+        float32 otherwise, with a warning where float32 rounds the coordinates by 8 mm or more."""
+        wide = bool(self.config.get("output_float64", False))
+        if to_target is not None:
+            points = frames.apply(to_target, points, dtype=np.float64 if wide else np.float32)
+        if wide:
+            return create_cloud_xyz64(header, points)
+        if len(points):
+            reach = float(np.abs(points).max())
+            if reach >= FLOAT32_PRECISE_M:
+                step = float(np.spacing(np.float32(reach)))
+                self._warn("float32_output",
+                           f"completed points reach {reach:.0f} m from the origin of frame "
+                           f"'{target}', where float32 coordinates step by {step:.3g} m: set "
+                           f"output_float64 to publish float64 x, y, z")
+        return create_cloud_xyz32(header, points)
 
     def _checked_output(self, out, what: str, count: bool = True) -> Optional[np.ndarray]:
         try:
