@@ -154,6 +154,29 @@ def test_truncated_bag_reads_what_is_there_and_reports_the_rest(tmp_path, storag
     assert f"read {len(got)} of 5 messages; {5 - len(got)} could not be read" in text
 
 
+def test_a_damaged_page_inside_a_sqlite3_bag_costs_only_its_message(tmp_path):
+    """A page of zeros inside one cloud's data (a bad copy, a disk error) raised apsw.CorruptError,
+    which rosbags reads sqlite3 bags with and which is no sqlite3.DatabaseError: bag-bench ended in a
+    traceback without a report. Now the reader says where it stopped and salvages the rest row by
+    row, so only the damaged message is lost."""
+    clouds = _clouds(6, 2000, seed=4)                 # 32 kB a cloud: overflow pages of their own
+    bag = write_clouds(tmp_path / "bag", clouds, storage="sqlite3", field_names=FIELDS4)
+    f = _storage_file(bag)
+    raw = bytearray(f.read_bytes())
+    page = 4096
+    at = raw.find(clouds[2][1][1000:1010].tobytes())          # inside the third cloud's data
+    assert at > page
+    raw[at // page * page:(at // page + 1) * page] = bytes(page)
+    f.write_bytes(bytes(raw))
+    with BagReader(bag) as reader:
+        got = list(reader.clouds("/velodyne_points", FIELDS4))
+        problems = " | ".join(reader.problems)
+    assert [c.stamp_ns for c in got] == [t for i, (t, _) in enumerate(clouds) if i != 2]
+    for c in got:
+        np.testing.assert_array_equal(c.points, dict(clouds)[c.stamp_ns])
+    assert "damaged storage" in problems and "read 5 of 6 messages; 1 could not be read" in problems
+
+
 def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
     clouds = _clouds(5, 70_000, seed=3)
     bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)

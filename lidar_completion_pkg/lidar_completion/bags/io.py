@@ -8,6 +8,7 @@ message type) raises :class:`~lidar_completion.errors.BagError` with a message t
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import re
@@ -364,17 +365,43 @@ class BagReader:
                     self.problems.append(note)
 
     def _messages_rosbags(self, wanted) -> Iterator[RawMessage]:
-        from rosbags.rosbag2 import ReaderError
-
         conns = [c for c in self._reader.connections if wanted is None or c.topic in wanted]
         if not conns:
             return
+        done: collections.Counter = collections.Counter()     # (topic, log time) already yielded
         try:
             for conn, t, data in self._reader.messages(connections=conns):
+                done[(conn.topic, int(t))] += 1
                 yield RawMessage(conn.topic, conn.msgtype, int(t), bytes(data))
-        except (ReaderError, sqlite3.DatabaseError, struct.error, ValueError, OSError) as exc:
-            self.problems.append(f"reading stopped early: {exc}")
-            log.warning("%s: reading stopped early: %s", self.path, exc)
+            return
+        except _storage_errors() as exc:
+            self.problems.append(f"reading stopped at damaged storage ({type(exc).__name__}: {exc}); "
+                                 "the messages after it were salvaged one by one")
+            log.warning("%s: reading stopped at damaged storage (%s); salvaging the messages after it",
+                        self.path, exc)
+        yield from self._salvage_rest(wanted, done)
+
+    def _salvage_rest(self, wanted, done: collections.Counter) -> Iterator[RawMessage]:
+        """The messages a damaged page or chunk cut off from the normal reader: the storage read
+        record by record (row by row), skipping what was already yielded."""
+        files = _storage_files(self.path, self._meta)
+        if not files:
+            return
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="lc_bag_salvage_")
+        salvage = _Salvage(files, Path(self._tmpdir.name), int((self._meta or {}).get("message_count") or 0))
+        try:
+            for raw in salvage.messages(wanted):
+                key = (raw.topic, raw.log_time_ns)
+                if done[key] > 0:
+                    done[key] -= 1
+                    continue
+                yield raw
+        finally:
+            salvage.close()
+        for problem in salvage.problems:
+            if problem not in self.problems:
+                self.problems.append(problem)
 
     def clouds(self, topic: str, field_names: Sequence[str] = ("x", "y", "z"),
                limit: int | None = None) -> Iterator[CloudMessage]:
@@ -537,6 +564,20 @@ class _Salvage:
                                      "missing or damaged pages")
         finally:
             con.close()
+
+
+def _storage_errors() -> tuple:
+    """What a damaged storage file raises through rosbags: its own ReaderError, sqlite3's errors (the
+    standard library's, or apsw's, which rosbags reads sqlite3 bags with and which are not
+    sqlite3.DatabaseError), errors of malformed records and I/O errors."""
+    from rosbags.rosbag2 import ReaderError
+
+    errors = (ReaderError, sqlite3.DatabaseError, struct.error, ValueError, OSError)
+    try:
+        import apsw
+    except ImportError:
+        return errors
+    return errors + (apsw.Error,)
 
 
 # ------------------------------------------------------------------------------------------- writing
