@@ -177,6 +177,68 @@ def test_a_damaged_page_inside_a_sqlite3_bag_costs_only_its_message(tmp_path):
     assert "damaged storage" in problems and "read 5 of 6 messages; 1 could not be read" in problems
 
 
+class _Picky:
+    """Stand-in completer that refuses clouds of under 100 points (as the Completer refuses a scan
+    with nothing in its limits) and is interrupted (Ctrl-C) on call ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = 0, stop_at
+
+    def complete_detailed(self, points):
+        from lidar_completion.errors import CloudFormatError
+
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        if len(points) < 100:
+            raise CloudFormatError("too few points to complete")
+        return types.SimpleNamespace(points=np.asarray(points[:, :3]), timings={"solver": 0.001})
+
+
+def test_the_warm_up_moves_past_scans_the_completer_refuses(tmp_path):
+    """A bag that starts with a near-empty scan (a sensor spinning up, a garage) gave up the warm-up
+    on it, and the first completed scan carried the one-time costs into the statistics."""
+    clouds = _clouds(4, 500, seed=5)
+    clouds[0] = (clouds[0][0], clouds[0][1][:20])
+    bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)
+    report = bench_offline(bag, "/velodyne_points", _Picky(), progress=False)
+    assert report["warmup"]["scan"] == 1 and report["warmup"]["seconds"] is not None
+    assert report["warmup"]["error"] is None
+    assert [s["status"] for s in report["scans"]] == ["dropped", "completed", "completed", "completed"]
+
+
+def test_an_interrupted_offline_bench_reports_the_scans_it_measured(tmp_path, capsys):
+    """Ctrl-C lost every figure of the run (no report at all, only "interrupted")."""
+    bag = write_clouds(tmp_path / "bag", _clouds(6, 500, seed=6), field_names=FIELDS4)
+    # calls: the warm-up (scan 0), then scans 0, 1 and 2, and Ctrl-C during scan 3
+    try:
+        report = bench_offline(bag, "/velodyne_points", _Picky(stop_at=5), progress=False)
+    except KeyboardInterrupt:               # not let through: it would end the whole test session
+        pytest.fail("the interrupt escaped bench_offline without a report")
+    assert report["interrupted"] and report["total"] == report["completed"] == 3
+    assert report["dropped"] == 0                   # the scans not reached are not called unreadable
+    paths = write_report(report, tmp_path / "rep")
+    assert "| interrupted | yes: stopped after 3 scan(s)" in paths["md"].read_text()
+
+
+def test_bag_bench_refuses_what_it_cannot_do_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    """An existing --write-bag was refused only after the model load and the warm-up (18-23 s), and
+    --domain-id 300 started the node, which died with an RTPS error blamed on the ROS 2 install."""
+    from lidar_completion.cli import main
+    from lidar_completion.completer import Completer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Completer, "from_settings", no_model)
+    bag = write_clouds(tmp_path / "bag", _clouds(2, 500), field_names=FIELDS4)
+    (tmp_path / "taken").mkdir()
+    assert main(["bag-bench", str(bag), "--write-bag", str(tmp_path / "taken"), "--no-progress"]) == 1
+    assert "taken exists already" in capsys.readouterr().err
+    assert main(["bag-bench", str(bag), "--live", "--domain-id", "300", "--no-progress"]) == 1
+    assert "--domain-id must be 0..232" in capsys.readouterr().err
+
+
 def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
     clouds = _clouds(5, 70_000, seed=3)
     bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)
@@ -199,17 +261,18 @@ def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
 
 class FirstCallSlow:
     """Stand-in completer whose first call reports a huge completer total (its one-time costs), the
-    later ones 2 ms; ``fail_first`` makes the first call fail instead."""
+    later ones 2 ms; ``fail_first`` makes the first call fail in the networks instead (a refused
+    input moves the warm-up on to the next scan: test_the_warm_up_moves_past_scans_the_completer_refuses)."""
 
     def __init__(self, fail_first=False):
         self.calls, self.fail_first = 0, fail_first
 
     def complete_detailed(self, points):
-        from lidar_completion.errors import CloudFormatError
+        from lidar_completion.errors import ModelOutputError
 
         self.calls += 1
         if self.calls == 1 and self.fail_first:
-            raise CloudFormatError("not today")
+            raise ModelOutputError("not today")
         total = 1000.0 if self.calls == 1 else 0.002
         return types.SimpleNamespace(points=np.asarray(points[::2, :3]), timings={"total": total})
 

@@ -207,6 +207,27 @@ def test_live_bench_fails_when_no_scan_is_completed(synthetic_bag, tmp_path, cap
     assert captured.out.strip().splitlines()[-1] == "p50_ms=nan p95_ms=nan dropped=2/2"
 
 
+def test_no_completion_reason_follows_the_node_counters():
+    """Six scans lost to a missing transform (the node's counters said so) were blamed on speed, with
+    the advice to add --pace, which the run already had."""
+    from lidar_completion.commands.bags import no_completion_reason
+
+    def report(paced, **counters):
+        values = {"received": 6, "processed": 0, "dropped": 0, "rejected": 0, "failed": 0,
+                  "no_transform": 0, "cancelled": 0, **counters}
+        return {"completed": 0, "total": 6, "drop_reasons": {"no output received": 6},
+                "live": {"paced": paced, "node_counters": values, "node_counters_current": True,
+                         "node_log": "rep/node.log"}}
+
+    text = no_completion_reason(report(True, no_transform=6))
+    assert "transforms to model_frame / target_frame were missing or stale" in text
+    assert "slower" not in text and "--pace" not in text and text.endswith("its log: rep/node.log")
+    assert "refused the clouds" in no_completion_reason(report(False, rejected=6))
+    slow = no_completion_reason(report(True, dropped=0))
+    assert "A node slower than the replay" in slow and "--pace" not in slow
+    assert "replay with --pace" in no_completion_reason(report(False, dropped=5))
+
+
 @pytest.mark.ros
 def test_live_replay_rate_and_recording_with_a_stand_in_node(synthetic_bag, tmp_path, capfd):
     _ros()
@@ -289,6 +310,59 @@ def test_a_paced_replay_keeps_up_only_at_the_drives_rate(tmp_path):
         write_report(slow, tmp_path / "slow")["md"].read_text()
     fast = report_from_events(paced_events(0.05), bag="b", topic="/t", rate=1.0, paced=True)
     assert fast["live"]["keeps_up"]
+
+
+def test_unpaced_keeps_up_means_completions_as_fast_as_the_replay():
+    """Unpaced, "keeps up" meant "no drops": a replay of two scans gives a node's one-slot mailbox
+    nothing to drop, and a node at 0.2 scans/s on a 10 Hz drive was said to keep up."""
+    ms = 10**6
+
+    def unpaced(latency_ms):
+        inputs = [{"index": i, "stamp_ns": START + i * 100 * ms, "log_time_ns": START + i * 100 * ms,
+                   "t_pub_ns": 1000 * ms + i * 100 * ms, "points_in": 100} for i in range(2)]
+        outputs = [{"stamp_ns": inp["stamp_ns"], "t_recv_ns": inp["t_pub_ns"] + (i + 1) * latency_ms * ms,
+                    "points_out": 10} for i, inp in enumerate(inputs)]
+        return {"inputs": inputs, "outputs": outputs, "expected_total": 2,
+                "t_first_pub_ns": inputs[0]["t_pub_ns"], "t_last_pub_ns": inputs[-1]["t_pub_ns"],
+                "node": {"returncode": 0}}
+
+    slow = report_from_events(unpaced(5000), bag="b", topic="/t", rate=1.0)
+    assert slow["dropped"] == 0 and not slow["live"]["keeps_up"]
+    fast = report_from_events(unpaced(40), bag="b", topic="/t", rate=1.0)
+    assert fast["dropped"] == 0 and fast["live"]["keeps_up"]
+
+
+def test_inputs_that_share_a_stamp_are_matched_in_order():
+    """Clouds with unset stamps (all 0, a converted bag): the outputs were matched by stamp once
+    only, so 3 completed scans were reported as 1 completed and 2 dropped, and the drive's rate came
+    from the stamps (nan); it comes from the bag's log times now."""
+    ms = 10**6
+    inputs = [{"index": i, "stamp_ns": 0, "log_time_ns": START + i * 100 * ms,
+               "t_pub_ns": 1000 * ms + i * 100 * ms, "points_in": 100, "duplicate_stamp": i > 0}
+              for i in range(3)]
+    outputs = [{"stamp_ns": 0, "t_recv_ns": inp["t_pub_ns"] + 30 * ms, "points_out": 10} for inp in inputs]
+    rep = report_from_events({"inputs": inputs, "outputs": outputs, "expected_total": 3,
+                              "t_first_pub_ns": 1000 * ms, "t_last_pub_ns": 1200 * ms,
+                              "node": {"returncode": 0}}, bag="b", topic="/t", rate=1.0)
+    assert (rep["completed"], rep["dropped"]) == (3, 0)
+    assert [s["latency_ms"] for s in rep["scans"]] == pytest.approx([30.0, 30.0, 30.0])
+    assert rep["live"]["drive_hz"] == pytest.approx(10.0) and rep["live"]["keeps_up"]
+    assert rep["live"]["duplicate_input_stamps"] == 2 and rep["live"]["unmatched_outputs"] == 0
+
+
+def test_node_params_are_checked_before_the_node_starts(tmp_path):
+    """A misspelt --node-param (n_fsp:=300) was ignored by the node, with a warning in node.log only:
+    the benchmark ran with the default budget and said nothing."""
+    from lidar_completion.errors import BagError
+    from lidar_completion_pkg.live_bench import _check_node_params, bench_live
+
+    with pytest.raises(BagError, match=r"no parameter 'n_fsp' \(did you mean n_fps\?\)"):
+        bench_live(tmp_path / "no_bag", "/t", tmp_path / "out", node_params=["n_fsp:=300"])
+    with pytest.raises(BagError, match="expects NAME:=VALUE, found 'n_fps'"):
+        bench_live(tmp_path / "no_bag", "/t", tmp_path / "out", node_params=["n_fps"])
+    _check_node_params(["n_fps:=300", "qos_overrides./x.subscription.depth:=3", "use_sim_time:=true"],
+                       default_node=True)
+    _check_node_params(["own_param:=1"], default_node=False)      # another node: its own names
 
 
 def test_completions_are_logged_in_the_order_they_came(monkeypatch):

@@ -17,7 +17,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 
-from .parameters import NODE_NAME
+from .parameters import NODE_NAME, ROS_OWN
 from .pipeline import CompletionPipeline, declare_parameters
 from .qos import cloud_qos, describe, overridable
 from .stats import ACTIVE, WARMING_UP
@@ -41,15 +41,11 @@ def create_input(node, pipeline: CompletionPipeline):
                                     qos_overriding_options=overridable())
 
 
-#: parameters every rclpy node takes, besides the table's (qos_overrides.* are prefixes)
-_ROS_OWN = ("use_sim_time", "start_type_description_service", "qos_overrides.")
-
-
 def warn_unknown_parameters(node) -> None:
     """A warning naming each parameter given at start (-p, a params file) that the node does not
     have (a typo: ``-p step:=4``); rclpy ignores them without a word."""
     given = getattr(node, "_parameter_overrides", None) or {}
-    unknown = sorted(n for n in given if not node.has_parameter(n) and not n.startswith(_ROS_OWN))
+    unknown = sorted(n for n in given if not node.has_parameter(n) and not n.startswith(ROS_OWN))
     if unknown:
         node.get_logger().warning(
             f"ignored {len(unknown)} parameter(s) this node does not have: {', '.join(unknown)} "

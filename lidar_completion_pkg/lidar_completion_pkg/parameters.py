@@ -128,6 +128,19 @@ BY_NAME = {p.name: p for p in PARAMETERS}
 DYNAMIC = tuple(p.name for p in PARAMETERS if p.dynamic)
 #: Parameters every rclpy node has without declaring them (the launch file may set them).
 BUILTIN = ("use_sim_time",)
+#: Names rclpy itself takes at start (not the node's parameters, never reported as unknown).
+ROS_OWN = ("use_sim_time", "start_type_description_service", "qos_overrides.")
+
+
+def unknown_parameter(name: str):
+    """None for a parameter the node has (or rclpy takes), else a message naming the closest one."""
+    import difflib
+
+    if name in BY_NAME or name.startswith(ROS_OWN):
+        return None
+    close = difflib.get_close_matches(name, list(BY_NAME), n=1)
+    return (f"the node has no parameter '{name}'" + (f" (did you mean {close[0]}?)" if close else "")
+            + "; `lidar-completion-node --help` lists them")
 
 
 def default_values() -> dict:

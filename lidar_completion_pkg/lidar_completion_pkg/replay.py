@@ -507,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the node to match (default %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="after the last publish/receipt, seconds to wait for more output (default %(default)s)")
-    p.add_argument("--settle", type=float, default=0.5, help="seconds to wait after matching")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds to wait after the node is matched, before the first scan (default "
+                        "%(default)s; ros2 bag play's --delay)")
     p.add_argument("--depth", type=int, default=5, help="publisher history depth (default %(default)s)")
     p.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling period in seconds")
     p.add_argument("--write-bag", default=None, help="also record inputs, received outputs and /tf here")

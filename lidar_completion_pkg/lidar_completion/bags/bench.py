@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 
-from ..errors import LidarCompletionError
+from ..errors import CloudFormatError, LidarCompletionError
 from . import report as rep
 from .io import CLOUD_TYPE, BagReader, BagWriter, decode_cloud, make_cloud, serialize, warm_up
 from .memory import MemorySampler
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 TF_TOPICS = ("/tf", "/tf_static")
 OUTPUT_TOPIC = "/completed_points"
+#: Scans the warm-up reads ahead at most, looking for one the completer accepts (they are kept in
+#: memory until the benchmark times them).
+WARMUP_TRIES = 20
 
 
 def _gpu_peak_mb(device: str | None):
@@ -71,6 +74,7 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
         sampler = MemorySampler(interval=0.05).start()
         t_start, t_start_ns = time.perf_counter(), time.monotonic_ns()
         bar = tqdm(total=expected, desc="bag-bench", unit="scan", disable=not progress)
+        interrupted = False
         try:
             index = 0
             for raw in itertools.chain(ahead, messages):
@@ -82,6 +86,11 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
                 scans.append(_one_scan(raw, index, completer, writer, topic, output_topic, t_start))
                 index += 1
                 bar.update(1)
+        except KeyboardInterrupt:
+            # Ctrl-C: the scans measured so far make a report of their own (marked interrupted)
+            # instead of being lost with the run (hours of a CPU benchmark on a long bag)
+            interrupted = True
+            log.warning("interrupted after %d scan(s): reporting those", len(scans))
         finally:
             bar.close()
             wall = time.perf_counter() - t_start
@@ -89,13 +98,14 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
             if writer is not None:
                 writer.close()
         problems = list(bag.problems)
-    if expected is not None and len(scans) < expected:
+    if expected is not None and len(scans) < expected and not interrupted:
         for i in range(len(scans), expected):
             scans.append({"index": i, "status": "dropped", "reason": "unreadable (damaged or truncated bag)",
                           "stamp_ns": None, "t_s": None, "points_in": None, "points_out": None,
                           "latency_ms": None})
     report = {"mode": "offline", "bag": str(bag_path), "topic": topic, **meta, "device": device,
-              "scans": scans, "bag_problems": problems, "wall_s": wall, "warmup": warm}
+              "scans": scans, "bag_problems": problems, "wall_s": wall, "warmup": warm,
+              "interrupted": interrupted}
     rep.finish(report)
     stage_names: list[str] = []
     for s in scans:
@@ -120,7 +130,7 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
 def _warm_up_completer(messages, ahead: list, topic: str, completer, limit) -> dict:
     """Complete the first usable scan of ``topic`` once, untimed by the benchmark; the messages read
     on the way are appended to ``ahead``. Returns the ``warmup`` entries of the report."""
-    scans = 0
+    scans, refused = 0, None
     for raw in messages:
         ahead.append(raw)
         if raw.topic != topic:
@@ -135,11 +145,22 @@ def _warm_up_completer(messages, ahead: list, topic: str, completer, limit) -> d
         t0 = time.perf_counter()
         try:
             completer.complete_detailed(cloud.points)
+        except CloudFormatError as exc:
+            # refused before the networks ran (nothing in the limits, too few points: a sensor
+            # spinning up, a garage): it warmed nothing up, so the next scan is tried
+            refused = (cloud.index, exc)
+            if sum(r.topic == topic for r in ahead) < WARMUP_TRIES:
+                continue
+            break
         except LidarCompletionError as exc:
             log.warning("the warm-up completion of scan %d failed (%s): the first completed scan's "
                         "one-time costs are in the statistics", cloud.index, exc)
             return {"scan": cloud.index, "error": str(exc)}
         return {"scan": cloud.index, "seconds": time.perf_counter() - t0}
+    if refused is not None:
+        log.warning("no scan to warm up with: the completer refused the usable ones (the last, scan "
+                    "%d: %s)", *refused)
+        return {"scan": refused[0], "error": str(refused[1])}
     return {"error": "no usable scan to warm up with"}
 
 

@@ -591,6 +591,14 @@ def _latched_qos():
                zero, QosLiveliness.AUTOMATIC, zero, False)
 
 
+def check_new_bag(path) -> None:
+    """BagError when ``path`` exists: a bag is written only where nothing is (callers check before
+    minutes of work that would end in writing it)."""
+    if Path(path).exists():
+        raise BagError(f"{path} exists already; rosbag2 bags are never overwritten, choose a new "
+                       "output path")
+
+
 class BagWriter:
     """Write a new rosbag2 bag (``storage`` "mcap" or "sqlite3"); never overwrites.
 
@@ -604,9 +612,7 @@ class BagWriter:
         if storage not in STORAGES:
             raise BagError(f"unknown bag storage {storage!r}; expected one of {list(STORAGES)}")
         self.path = Path(path)
-        if self.path.exists():
-            raise BagError(f"{self.path} exists already; rosbag2 bags are never overwritten, choose a "
-                           "new output path")
+        check_new_bag(self.path)
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.storage = storage

@@ -79,6 +79,11 @@ def _show(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def _setting(value) -> str:
+    """A setting of the run as report.md shows it (None: the checkpoint's or the library's default)."""
+    return "default" if value is None else str(value)
+
+
 def warmup_text(report: dict) -> str | None:
     """The warm-up as the report states it (None when the report has no warm-up entry)."""
     warm = report.get("warmup")
@@ -135,10 +140,15 @@ def markdown(report: dict) -> str:
     rows = [("bag", f"`{report['bag']}`"), ("topic", f"`{report['topic']}`"),
             ("checkpoint", f"`{report.get('checkpoint') or 'default'}`"),
             ("steps", _show(report.get("steps"))), ("guidance", _show(report.get("guidance"))),
+            ("budget", ", ".join(f"{k} {_setting(report.get(k))}"
+                                 for k in ("n_fps", "tile", "refine", "backend", "seed", "threads"))),
             ("device", report.get("device")),
             ("scans", report["total"]), ("completed", report["completed"]),
             ("dropped", f"{report['dropped']} ({_fmt(100.0 * report['drop_rate'])} %)"),
             ("throughput", f"{_fmt(report['throughput_hz'], 2)} scans/s")]
+    if report.get("interrupted"):
+        rows.append(("interrupted", f"yes: stopped after {report['total']} scan(s), which the figures "
+                                    "cover"))
     if warmup_text(report) is not None:
         rows.append(("warm-up", warmup_text(report)))
     if mode == "live":

@@ -17,6 +17,8 @@ from ..cli import apply_threads
 from ..settings import CompletionSettings, add_arguments
 
 LIVE_BENCH_GROUP = "lidar_completion.live_bench"
+#: The largest ROS_DOMAIN_ID with which DDS (Fast DDS's port formula) still has ports.
+MAX_DOMAIN_ID = 232
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,14 @@ def _check_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
     if args.rate <= 0:
         raise ConfigError(f"--rate must be > 0, found {args.rate}")
+    if args.domain_id is not None and not 0 <= args.domain_id <= MAX_DOMAIN_ID:
+        # beyond it Fast DDS cannot compute its ports, and the node dies with an RTPS error
+        raise ConfigError(f"--domain-id must be 0..{MAX_DOMAIN_ID} (ROS 2 recommends 0..101), found "
+                          f"{args.domain_id}")
+    if args.write_bag:
+        from ..bags.io import check_new_bag
+
+        check_new_bag(args.write_bag)     # before a model load and a warm-up, not after
     if not args.live:
         # the live-mode options mean nothing offline (scans are completed one after another)
         given = [flag for flag, on in (("--rate", args.rate != 1.0), ("--pace", args.pace),
@@ -180,13 +190,25 @@ def run_bench(args) -> int:
         if live.get("paced"):   # nothing is dropped when paced: say what rate it sustains
             pace = (f" with the drive ({report['throughput_hz']:.2f} scans/s sustained against the "
                     f"drive's {live.get('drive_hz', float('nan')):.1f} Hz)")
+        if report["completed"] == 0:
+            pace = ""                       # no rate to compare: the error below says why
+        verdict = "keeps up" if live["keeps_up"] else "does not keep up"
         print(f"live x{live['rate']}: {report['completed']}/{report['total']} completed, node "
-              f"{'keeps up' if live['keeps_up'] else 'does not keep up'}{pace}"
+              f"{verdict if report['completed'] else 'completed nothing'}{pace}"
               f" (node-reported drops: {live['node_dropped'] if live['node_dropped'] is not None else 'n/a'})")
+        if live.get("duplicate_input_stamps"):
+            print(f"warning: {live['duplicate_input_stamps']} input scan(s) share their header stamp with "
+                  "an earlier one (unset stamps?): outputs, which carry only the stamp, were matched "
+                  "to them in order, so a latency may belong to a neighbour")
     else:
         print(f"offline: {report['completed']}/{report['total']} completed, "
               f"{report['throughput_hz']:.2f} scans/s, peak RSS {report['memory']['peak_rss_mb']:.0f} MB")
+        for reason, n in (report.get("drop_reasons") or {}).items():
+            print(f"dropped {n}: {reason}")
     print(summary_line(report))
+    if report.get("interrupted"):
+        print(f"interrupted: the report covers the {report['total']} scan(s) done", file=sys.stderr)
+        return 130
     if report["completed"] == 0:
         print(f"error: {no_completion_reason(report)}", file=sys.stderr)
         return 1
@@ -199,12 +221,26 @@ def no_completion_reason(report: dict) -> str:
     text = f"no scan was completed ({report['completed']}/{report['total']}: {reasons or 'no scans'})"
     live = report.get("live")
     if live is not None:
-        if live.get("node_counters"):
+        counters = live.get("node_counters") or {}
+        if counters:
             from ..bags.report import node_counters_text
             text += "; the node reported " + node_counters_text(live)
-        text += (". A node slower than the replay completes nothing when the replay ends first: "
-                 "replay with --pace or a lower --rate, or give the node smaller budgets "
-                 "(--n-fps, --steps); its log: " + str(live.get("node_log")))
+        causes = {"no_transform": "the transforms to model_frame / target_frame were missing or stale "
+                                  "(check the frames and that the bag has /tf and /tf_static)",
+                  "rejected": "it refused the clouds as input",
+                  "failed": "its completions failed"}
+        received = counters.get("received") or 0
+        found = [why for key, why in causes.items() if received and counters.get(key, 0) >= received]
+        if found:
+            # the node's counters explain every scan: not a matter of speed
+            text += f". Every scan it received was lost the same way: {found[0]}"
+        else:
+            slower = ("replay with a lower --rate or give the node smaller budgets (--n-fps, --steps)"
+                      if live.get("paced") else "replay with --pace or a lower --rate, or give the "
+                      "node smaller budgets (--n-fps, --steps)")
+            text += (". A node slower than the replay completes nothing when the replay ends first: "
+                     + slower)
+        text += "; its log: " + str(live.get("node_log"))
     return text
 
 
