@@ -24,6 +24,9 @@ from lidar_completion_pkg import dds
 PROBE = [sys.executable, "-m", "lidar_completion_pkg.probe"]
 
 
+#: Clouds per case by default.
+COUNT = 50
+
 def run_case(points: int, count: int, rate: float, qos: str, pub_profile: bool, sub_profile: bool,
              timeout: float) -> dict:
     base = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
@@ -56,14 +59,15 @@ def run_case(points: int, count: int, rate: float, qos: str, pub_profile: bool, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=50, help="clouds per case")
+    ap.add_argument("--count", type=int, default=None, help=f"clouds per case (default {COUNT}; 20 with --quick)")
     ap.add_argument("--points", type=int, default=120_000, help="points per cloud (xyz float32)")
     ap.add_argument("--rate", type=float, default=10.0, help="publish rate, Hz")
     ap.add_argument("--large-points", type=int, default=1_080_000,
                     help="points of the 'refined completion' case (18k x 10 x 6)")
-    ap.add_argument("--quick", action="store_true", help="20 clouds; skip the one-sided cases")
+    ap.add_argument("--quick", action="store_true",
+                    help="20 clouds (unless --count is given); skip the one-sided cases")
     args = ap.parse_args(argv)
-    count = 20 if args.quick else args.count
+    count = args.count if args.count is not None else 20 if args.quick else COUNT
     timeout = count / args.rate + 30
     mb = args.points * 12 / 1e6
     cases = [("sensor QoS, no profile", args.points, "sensor", False, False),
