@@ -132,6 +132,20 @@ def test_output_respects_the_postprocess_band():
     assert res.points[:, 2].max() < scan[:, 2].max() + 1e-6
 
 
+def test_too_few_points_says_where_the_others_are():
+    """A map-frame cloud (UTM coordinates) got "too few points: 0 of 123104 ... within the limits"
+    without a word on why; so did a cloud whose z axis points forward."""
+    c = _completer()
+    scan = _scan(6)[:, :3].astype(np.float64)
+    with pytest.raises(CloudFormatError, match=rf"{len(scan)} at 50 m or beyond \(the nearest point is "
+                                               r"[\d.e+]+ m from the origin: complete the scan in a frame "
+                                               r"centred on the sensor"):
+        c.complete(scan + [452_317.25, 5_411_883.75, 0.0])
+    forward = np.stack([scan[:, 0], scan[:, 1], scan[:, 2] - 30.0], axis=1)   # most far below the floor
+    with pytest.raises(CloudFormatError, match=r"in range but at z <= -4 m \(is the cloud's z axis up"):
+        c.complete(forward[np.linalg.norm(forward, axis=1) < 50.0])
+
+
 def test_input_validation():
     c = _completer()
     scan = _scan(6)

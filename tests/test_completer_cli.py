@@ -124,6 +124,30 @@ def test_complete_cli_bad_input_exits_with_one_line(ckpt, tmp_path, capsys, case
     assert not out.exists()
 
 
+def test_complete_says_what_it_left_out_and_warns_of_a_scan_not_z_up(ckpt, scan_file, tmp_path, capsys,
+                                                                     caplog):
+    """An organised scan's no-return rows and the points outside the limits were dropped without a
+    word; a scan in a z-forward (camera) frame lost everything behind the sensor to min_z silently."""
+    pts = read_cloud(scan_file)
+    holes = np.concatenate([pts, np.full((40, 3), np.nan, np.float32), pts[:25] * 10])   # 25 beyond 50 m
+    write_cloud(tmp_path / "holes.npy", holes)
+    assert main(["complete", str(tmp_path / "holes.npy"), "-o", str(tmp_path / "a.npy"), "--checkpoint", str(ckpt)]
+                + FAST) == 0
+    line = capsys.readouterr().out
+    assert f"holes.npy: {len(holes)} points (left out: 40 non-finite, 25 outside the range / z limits) ->" \
+        in line, line
+    forward = np.stack([-pts[:, 1], -pts[:, 2], pts[:, 0]], axis=1)          # x right, y down, z forward
+    write_cloud(tmp_path / "forward.npy", forward)
+    with caplog.at_level("WARNING"):
+        main(["complete", str(tmp_path / "forward.npy"), "-o", str(tmp_path / "b.npy"), "--checkpoint", str(ckpt)]
+             + FAST)
+    assert any("is the scan's z axis up" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        main(["complete", str(scan_file), "-o", str(tmp_path / "c.npy"), "--checkpoint", str(ckpt)] + FAST)
+    assert not any("z axis" in r.getMessage() for r in caplog.records)
+
+
 def test_complete_entry_point_subprocess(ckpt, scan_file, tmp_path):
     out = tmp_path / "o.pcd"
     proc = subprocess.run([sys.executable, "-m", "lidar_completion", "complete", str(scan_file),

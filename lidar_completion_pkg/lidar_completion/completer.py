@@ -451,7 +451,7 @@ class Completer:
             raise CloudFormatError(
                 f"too few points to complete: {len(filtered)} of {n_valid} finite points lie within "
                 f"{self.min_range} m < range < {self.max_range} m and z > {self.min_z} m; at least "
-                f"{self.min_points} are needed")
+                f"{self.min_points} are needed{self._outside_limits(xyz)}")
         low, high = float(filtered[:, 2].min()), float(filtered[:, 2].max())
         if high == low:
             # post-processing keeps generated points below the scan's highest point and above its
@@ -464,6 +464,23 @@ class Completer:
             exc.reason = "flat"
             raise exc
         return filtered, n_valid
+
+    def _outside_limits(self, xyz: np.ndarray) -> str:
+        """Where the points outside the limits are, and what that suggests: a cloud in a map frame
+        (every point far beyond max_range) or one whose z axis is not up (many in range below min_z)."""
+        pts = np.asarray(xyz, dtype=np.float64)
+        r = np.linalg.norm(pts, axis=1)
+        in_range = (r > self.min_range) & (r < self.max_range)
+        counts = [(int((r >= self.max_range).sum()), f"at {self.max_range:g} m or beyond"),
+                  (int((r <= self.min_range).sum()), f"within {self.min_range:g} m"),
+                  (int((in_range & (pts[:, 2] <= self.min_z)).sum()), f"in range but at z <= {self.min_z:g} m")]
+        text = "; " + ", ".join(f"{n} {where}" for n, where in counts if n)
+        if len(r) and r.min() >= 10 * self.max_range:
+            text += (f" (the nearest point is {r.min():.4g} m from the origin: complete the scan in a "
+                     "frame centred on the sensor, not a map frame)")
+        elif counts[2][0] > in_range.sum() / 2:
+            text += " (is the cloud's z axis up, as the networks were trained?)"
+        return text
 
     def unconditional(self, num_points: int):
         """The condition of an all-zero cloud of ``num_points`` points (cached; scan-independent)."""

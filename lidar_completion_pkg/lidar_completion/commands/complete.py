@@ -117,8 +117,29 @@ def _check_kept_points(src, result) -> None:
     raise CloudFormatError(f"{src}: the completion kept no points: {why.replace('n_fps', '--n-fps')}")
 
 
-def _line(src, result, out) -> str:
-    return (f"{src}: {result.num_input} points -> {len(result.points)} points in "
+def _warn_if_not_z_up(src, scan: np.ndarray, completer) -> None:
+    """A warning when much of what lies within range is below min_z: a scan whose z axis is not up
+    (a camera-style frame, z forward) loses everything behind the sensor to the height limit and is
+    completed as if the ground were a wall."""
+    pts = np.asarray(scan, dtype=np.float64)[:, :3]
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    r = np.linalg.norm(pts, axis=1)
+    in_range = (r > completer.min_range) & (r < completer.max_range)
+    low = int((in_range & (pts[:, 2] <= completer.min_z)).sum())
+    if low > 0.2 * max(1, int(in_range.sum())):
+        log.warning("%s: %d of the %d points within range lie at z <= %g m and are left out: is the "
+                    "scan's z axis up, with its origin at the sensor (the frame the networks were "
+                    "trained in)?", src, low, int(in_range.sum()), completer.min_z)
+
+
+def _line(src, result, out, n_read: int) -> str:
+    """One scan's line: the points read and what of them was left out before completing (rows
+    with NaN / inf - no-returns of an organised scan - and points outside the range / z limits)."""
+    dropped = [f"{n} {what}" for n, what in ((n_read - result.num_input, "non-finite"),
+                                             (result.num_input - result.num_filtered, "outside the range / z limits"))
+               if n > 0]
+    left_out = f" (left out: {', '.join(dropped)})" if dropped else ""
+    return (f"{src}: {n_read} points{left_out} -> {len(result.points)} points in "
             f"{result.timings['total']:.2f} s ({result.steps} {result.process} steps, w={result.guidance:g}, "
             f"seed {result.seed}) -> {out}")
 
@@ -192,6 +213,7 @@ def run(args) -> int:
 
     scan = _read_scan(files[0], args.bin_format)    # CloudFormatError for missing / malformed files
     completer = Completer.from_settings(settings)
+    _warn_if_not_z_up(files[0], scan, completer)
     try:
         result = completer.complete_detailed(scan)
     except CloudFormatError as exc:        # an unusable scan (too few points, flat): name the file
@@ -204,7 +226,7 @@ def run(args) -> int:
     except OSError as exc:                 # a full disk: name the output, not our temporary file
         raise LidarCompletionError(_write_error(exc, out)) from None
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "total" and v > 0)
-    print(_line(files[0], result, out))
+    print(_line(files[0], result, out, len(scan)))
     log.info("stage times: %s", times)
     if args.render:
         try:
@@ -279,6 +301,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
                 if path is not None and path.is_dir():
                     raise ConfigError(f"cannot write {path}: it is a folder")
             scan = _read_scan(src, args.bin_format)
+            _warn_if_not_z_up(src, scan, completer)
             result = completer.complete_detailed(scan, seed=seed)
             _check_kept_points(src, result)
             write_cloud(dst, result.points, binary=not args.ascii, bin_format=args.bin_format)
@@ -301,7 +324,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
             bar.write(f"error: {msg}", file=sys.stderr)
             continue
         done += 1
-        bar.write(_line(src, result, dst))
+        bar.write(_line(src, result, dst, len(scan)))
     bar.close()
     extra = f", {skipped} left as they were (--skip-existing)" if skipped else ""
     print(f"completed {done} of {len(files)} scans into {out_dir}{extra}"
