@@ -308,6 +308,32 @@ def test_non_finite_network_output_is_blamed_on_the_model_not_on_the_scan(steps)
         _completer().complete(np.full((3000, 3), np.nan, np.float32))
 
 
+class ExplodingDenoiser(FakeDenoiser):
+    """A denoiser whose predictions are huge but finite (what the shipped student gives on a scan
+    much sparser than its training scans)."""
+
+    def forward(self, points, batch, t, cond):
+        from lidar_completion.sparse.coords import check_coordinate_range, voxel_indices
+
+        # the real networks voxelize their input first, which checks the coordinates' range
+        idx = voxel_indices(points.float(), 0.05)
+        check_coordinate_range(torch.cat([batch.long().view(-1, 1), idx], dim=1), points)
+        return super().forward(points, batch, t, cond) + 1e5
+
+
+def test_a_diverging_solver_is_named_as_such_not_as_a_bad_cloud():
+    """Finite predictions that fling the points kilometres away failed with "non-finite values"
+    and the cloud-input hint "is the cloud in metres and centred on the sensor?" - neither true."""
+    from lidar_completion.errors import ModelOutputError
+
+    comp = Completer(FakeEncoder(), ExplodingDenoiser(), None, steps=4, guidance=1.0, seed=0, n_fps=200,
+                     tile=5)
+    with pytest.raises(ModelOutputError, match=r"the solver diverged on this scan \(a point reached [\d.]+ km "
+                                               r"from the sensor\).*a smaller n_fps \(now 200\)") as err:
+        comp.complete(_scan(0))
+    assert "centred on the sensor" not in str(err.value) and "non-finite" not in str(err.value)
+
+
 def test_settings_out_of_range_are_refused_on_the_api_as_on_the_cli():
     """guidance, n_fps and tile are checked like steps (the ranges of the CLI and the node), at
     construction and when set later: NaN, negative or huge guidance used to run, or fail later with a
