@@ -239,6 +239,15 @@ def test_bag_bench_refuses_what_it_cannot_do_before_loading_a_model(tmp_path, mo
     assert "--domain-id must be 0..232" in capsys.readouterr().err
 
 
+def test_a_file_compressed_bag_without_metadata_names_its_file(tmp_path):
+    """A folder holding only x.mcap.zstd (rosbag2's file compression) was "no .mcap or .db3 storage
+    file found": the file that is there, and what to do with it, were not named."""
+    (tmp_path / "bag").mkdir()
+    (tmp_path / "bag" / "drive_0.mcap.zstd").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(64))
+    with pytest.raises(BagError, match=r"drive_0\.mcap\.zstd is compressed as a whole file .*zstd -d"):
+        BagReader(tmp_path / "bag")
+
+
 def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
     clouds = _clouds(5, 70_000, seed=3)
     bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)

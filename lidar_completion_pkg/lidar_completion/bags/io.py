@@ -245,8 +245,11 @@ class BagReader:
         except (ReaderError, OSError, KeyError, ValueError) as exc:
             files = _storage_files(self.path, self._meta)
             if not files:
+                packed = sorted(self.path.glob("*.zstd")) if self.path.is_dir() else []
+                hint = (f"; {packed[0].name} is compressed as a whole file (rosbag2's file "
+                        f"compression): decompress it first (zstd -d {packed[0]})" if packed else "")
                 raise BagError(f"cannot read bag {self.path}: {exc}; no .mcap or .db3 storage file "
-                               "found in it") from None
+                               f"found in it{hint}") from None
             if self.path.is_dir() and not (self.path / "metadata.yaml").exists():
                 # not damage: rosbag2 writes metadata.yaml when a recording ends (or it was not copied)
                 log.warning("%s has no metadata.yaml (a recording still running or stopped without it, "

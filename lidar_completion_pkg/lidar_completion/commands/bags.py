@@ -170,7 +170,8 @@ def run_bench(args) -> int:
     settings = CompletionSettings.from_args(args)
     _check_bag(args.bag, args.topic)  # before loading a model or starting a node
     mode = "live" if args.live else "offline"
-    out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{Path(args.bag).name}-{mode}"
+    # the bag's own name, also for a bag given as "." or "drive/" (an empty name otherwise)
+    out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{Path(args.bag).resolve().name}-{mode}"
     if args.live:
         report = _run_live(args, settings, out)
     else:
