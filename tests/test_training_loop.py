@@ -423,7 +423,7 @@ def test_configs_load_and_reject_mistakes(tmp_path):
     ("data.limit=0", "data.limit must be null or a whole number >= 1"),
     ("checkpoint.part_mib=abc", "checkpoint.part_mib must be null or a number >= 1"),
     ("train.optimizer.betas=[2, 3]", "train.optimizer.betas must be two numbers in [0, 1)"),
-    ("train.optimizer={name: sgd}", "train.optimizer.lr must be a positive number"),
+    ("train.optimizer={name: sgd, lr: 0}", "train.optimizer.lr must be a positive number"),
     ("train.lr_schedule.every_epochs=0", "train.lr_schedule.every_epochs must be >= 1"),
     ("distill.aux_warmup_steps=-1", "distill.aux_warmup_steps must be >= 0"),
     ("distill.aux_optimizer={name: adam, lr: -1}", "distill.aux_optimizer.lr must be a positive number"),
@@ -433,6 +433,17 @@ def test_configs_load_and_reject_mistakes(tmp_path):
     ("distill.metric=nosuch", "distill.metric must be one of cd, "),
     ("data.target_points=0", "data.target_points must be >= 1"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    # values that flip a sign (gradient ascent, a rewarded regulariser) or mean something else
+    ("train.lr_schedule.gamma=-1", "train.lr_schedule.gamma must be positive, got -1"),
+    ("diffusion.reg_weight=-1", "diffusion.reg_weight must be >= 0, got -1"),
+    ("distill.vsd_weight=-0.5", "distill.vsd_weight must be >= 0, got -0.5"),
+    ("distill.dpo_beta=0", "distill.dpo_beta must be positive, got 0"),
+    ("distill.teacher_guidance=0", "distill.teacher_guidance must be positive, got 0"),
+    ("threads=-2", "threads must be >= 0 (0: torch's default), got -2"),
+    ("log.render_every_steps=-1", "log.render_every_steps must be >= 0 (0: off), got -1"),
+    ("train.optimizer={name: adam, lr: 0.001, momentum: 0.9}",
+     "train.optimizer.momentum is 0.9, but train.optimizer.name 'adam' has no momentum"),
+    ("kind=refiner", "override kind='refiner': this is a 'distill' run"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(override, message):
     """A value a trainer would misread (a truncated batch size, a negative clip that flips the
@@ -440,6 +451,46 @@ def test_config_values_of_the_wrong_type_or_range_are_refused_naming_the_key(ove
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "tiny_distill_dpo.yaml", overrides=[override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("name, override, message", [
+    ("tiny_refiner", "refiner.jitter_sigma=-0.1", "refiner.jitter_sigma must be >= 0, got -0.1"),
+    ("tiny_refiner", "refiner.input_points=0", "refiner.input_points must be >= 1, got 0"),
+    ("tiny_teacher_dpo", "teacher_dpo.sample_guidance=0", "teacher_dpo.sample_guidance must be positive, got 0"),
+    ("tiny_teacher", "kind=refiner", "override kind='refiner': this is a 'teacher' run"),
+])
+def test_refiner_and_teacher_dpo_values_out_of_range_are_refused_naming_the_key(name, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / f"{name}.yaml", overrides=[override, "teacher_dpo.reference=random"]
+                    if name == "tiny_teacher_dpo" else [override])
+    assert message in str(e.value)
+
+
+def test_the_documented_edge_values_stay_allowed():
+    """vsd_weight 0 is the published objective; guidance below 1 is a weaker condition, not an error."""
+    cfg = load_config(CONFIGS / "tiny_distill_dpo.yaml", overrides=[
+        "distill.teacher=random", "distill.vsd_weight=0", "distill.teacher_guidance=0.5", "threads=0",
+        "log.render_every_steps=0", "diffusion.reg_weight=0"])
+    assert cfg["distill"]["vsd_weight"] == 0 and cfg["distill"]["teacher_guidance"] == 0.5
+
+
+def test_a_mapping_override_is_merged_over_the_section_like_a_config_file(tmp_path):
+    """`--set train.optimizer={lr: ...}` replaced the section: a configured SGD trained with Adam (the
+    default name) unannounced, and `--set train={batch_size: 1}` crashed on the missing max_steps."""
+    sgd = tmp_path / "sgd.yaml"
+    sgd.write_text("kind: teacher\nmodel: tiny\ntrain:\n  max_steps: 3\n"
+                   "  optimizer: {name: sgd, lr: 1.0e-3, momentum: 0.9}\n")
+    cfg = load_config(sgd, "teacher", ["train.optimizer={lr: 1.0e-2}"])
+    assert cfg["train"]["optimizer"]["name"] == "sgd" and cfg["train"]["optimizer"]["momentum"] == 0.9
+    assert cfg["train"]["optimizer"]["lr"] == 0.01
+    cfg = load_config(sgd, "teacher", ["train={batch_size: 2}", "checkpoint={keep: 1}"])
+    assert cfg["train"]["max_steps"] == 3 and cfg["train"]["batch_size"] == 2
+    assert cfg["checkpoint"]["keep"] == 1 and cfg["checkpoint"]["every_steps"] == 500
+    cfg = load_config(sgd, "teacher", ["train={optimizer: {lr: 0.5}}"])   # merged at every depth
+    assert cfg["train"]["optimizer"] == {"name": "sgd", "lr": 0.5, "betas": [0.9, 0.999],
+                                         "weight_decay": 0.0, "momentum": 0.9}
+    with pytest.raises(ConfigError, match="unknown config key 'train.optimizer.momentun'"):
+        load_config(sgd, "teacher", ["train={optimizer: {momentun: 0.5}}"])
 
 
 def test_config_values_are_normalised_to_their_defaults_types():
@@ -733,7 +784,8 @@ def test_mapping_overrides_and_synthetic_sections_refuse_unknown_keys(tmp_path):
         load_config(CONFIGS / "tiny_teacher.yaml", "teacher",
                     ["train.optimizer={name: sgd, lr: 0.01, momentun: 0.9}"])
     cfg = load_config(CONFIGS / "tiny_teacher.yaml", "teacher", ["train.optimizer={name: sgd, lr: 0.01, momentum: 0.9}"])
-    assert cfg["train"]["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+    assert {k: cfg["train"]["optimizer"][k] for k in ("name", "lr", "momentum")} == \
+        {"name": "sgd", "lr": 0.01, "momentum": 0.9}
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: teacher\ndata: {kind: synthetic, synthetic: {scan: 4}}\n")
     with pytest.raises(ConfigError, match="unknown config key 'data.synthetic.scan'"):
@@ -828,7 +880,8 @@ def test_a_resume_keeps_to_its_own_folder_and_its_data(tmp_path, monkeypatch, ca
     (tmp_path / "other" / "config.yaml").write_text(dump(cfg))
     plain = tiny_config("teacher", "train.max_steps=2")            # the --set flags left out
     with pytest.raises(ConfigError, match=r"other data or networks \(data\.scan_points: 500 there, \d+ now\).*"
-                                          r"--config .*other/config\.yaml. resumes with all of them"):
+                                          r"`--config .*other/config\.yaml --out .*fresh --resume .*step_000000003\.ckpt` "
+                                          r"resumes with all of them"):
         TeacherTrainer(plain, tmp_path / "fresh", resume=str(other_run), source=None)
     assert not (tmp_path / "fresh").exists() and not built
 
@@ -901,3 +954,97 @@ def test_an_out_below_a_file_is_one_line_before_anything_is_built(tmp_path, caps
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'afile' / 'sub' / 'run'}: {tmp_path / 'afile'} is a file" in err
     assert "Traceback" not in err and not built
+
+
+def test_resuming_with_a_runs_own_config_continues_that_run(tmp_path, capsys, monkeypatch):
+    """The resume error's hint `--config <run>/config.yaml` started a fresh run in runs/config/ (the
+    default --out is runs/<config stem>): the hint names --out, and --resume with a run's own
+    config.yaml and no --out continues that run."""
+    monkeypatch.chdir(tmp_path)
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "1")) == 0
+    assert main(_args(npz, out, "--max-steps", "2", "--resume", "--set", "data.scan_points=100")) == 1
+    err = capsys.readouterr().err
+    assert f"`--config {out / 'config.yaml'} --out {out} --resume` resumes with all of them" in err
+    assert main(["teacher", "--config", str(out / "config.yaml"), "--resume", "--max-steps", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["resumed_from"].endswith("step_000000001.ckpt")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_latest_json_naming_a_deleted_file_names_it_and_what_is_there(tmp_path, capsys):
+    """`error: --resume True: .../step_000000002.ckpt does not exist` leaked Python's True and said
+    nothing of latest.json or of the checkpoints that were still there."""
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    assert main(_args(npz, out, "--max-steps", "2", "--set", "checkpoint.every_steps=1")) == 0
+    folder = out / "checkpoints"
+    (folder / "step_000000002.ckpt").unlink()
+    assert main(_args(npz, out, "--max-steps", "3", "--resume")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "True" not in err, err
+    assert err == (f"error: --resume: {folder / 'latest.json'} names step_000000002.ckpt, which does not "
+                   f"exist; the checkpoints there are step_000000001.ckpt: give one with --resume "
+                   f"{folder / 'step_000000001.ckpt'}")
+
+
+def test_a_signal_while_the_finished_run_is_saved_says_what_happens(tmp_path, capsys, monkeypatch):
+    """A signal during the final save / export printed 'the run stops after step 3 and writes its
+    checkpoint there' for a 2-step run."""
+    real = TeacherTrainer.export
+
+    def export(self, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, path)
+    monkeypatch.setattr(TeacherTrainer, "export", export)
+    cfg = tiny_config("teacher", "train.max_steps=2", "checkpoint.export=true")
+    summary = TeacherTrainer(cfg, tmp_path / "run", source=scenes_source(2, n_target=1200, n_scan=120)).run()
+    err = capsys.readouterr().err
+    assert "SIGTERM received: the run has done its 2 steps and stops once its final checkpoint and " \
+           "export are written" in err, err
+    assert "step 3" not in err and summary["status"] == "finished" and summary["export"]
+
+
+def test_ctrl_c_before_the_first_step_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the data was generated or its caches built ended in a KeyboardInterrupt traceback."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(TeacherTrainer, "build_source", interrupted)
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    try:
+        code = main(_args(npz, tmp_path / "run", "--max-steps", "1"))
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main(): a traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: Ctrl-C before training began") and len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_distillation_needs_no_teacher_file(tmp_path, caplog):
+    """The training state holds the frozen teacher, but a resume read distill.teacher's file all the
+    same (and failed without it); a fresh run still needs the file."""
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
+    from training.distill import DistillTrainer
+    torch.manual_seed(3)
+    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
+    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
+    teacher = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": sd}, teacher)
+    source = scenes_source(1, n_target=800, n_scan=80)
+    cfg = tiny_config("distill", f"distill.teacher={teacher}", "checkpoint.export=false", mode="dpo")
+    first = DistillTrainer(cfg, tmp_path / "run", max_steps=1, source=source)
+    first.run()
+    digest = first.sources["distill.teacher"]
+    teacher.unlink()
+    with caplog.at_level("WARNING", logger="training.distill"):
+        again = DistillTrainer(cfg, tmp_path / "run", resume=True, max_steps=2, source=source)
+    assert f"distill.teacher {teacher} does not exist; the teacher's weights are taken from the training " \
+           "state" in caplog.text
+    for k, v in first.teacher.state_dict().items():
+        assert torch.equal(again.teacher.state_dict()[k], v), k
+    assert again.sources["distill.teacher"] == digest
+    assert again.run()["status"] == "finished"
+    with pytest.raises(CheckpointError):
+        DistillTrainer(cfg, tmp_path / "fresh", max_steps=1, source=source)

@@ -238,3 +238,31 @@ def test_teacher_dpo_needs_frozen_batch_norm():
     from lidar_completion.errors import ConfigError
     with pytest.raises(ConfigError, match="teacher-dpo needs train.batchnorm: frozen"):
         tiny_config("teacher-dpo", "train.batchnorm=train")
+
+
+def test_a_resume_needs_no_reference_file(tmp_path, caplog):
+    """The training state holds the fine-tuned teacher and the frozen reference, but a resume read
+    teacher_dpo.reference's file all the same (and failed without it); a fresh run still needs it."""
+    from lidar_completion.errors import CheckpointError
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
+    torch.manual_seed(5)
+    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
+    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
+    reference = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": sd}, reference)
+    cfg = tiny_config("teacher-dpo", f"teacher_dpo.reference={reference}", "checkpoint.export=false")
+    source = scenes_source(1, n_target=800, n_scan=80)
+    first = TeacherDPOTrainer(cfg, tmp_path / "run", max_steps=1, source=source)
+    first.run()
+    reference.unlink()
+    with caplog.at_level("WARNING", logger="training.teacher_dpo"):
+        again = TeacherDPOTrainer(cfg, tmp_path / "run", resume=True, max_steps=2, source=source)
+    assert f"teacher_dpo.reference {reference} does not exist; the reference's and the teacher's weights " \
+           "are taken from the training state" in caplog.text
+    for name in ("teacher", "reference"):
+        for k, v in first.modules[name].state_dict().items():
+            assert torch.equal(again.modules[name].state_dict()[k], v), (name, k)
+    assert again.run()["status"] == "finished"
+    with pytest.raises(CheckpointError):
+        TeacherDPOTrainer(cfg, tmp_path / "fresh", max_steps=1, source=source)

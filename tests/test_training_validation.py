@@ -118,3 +118,75 @@ def test_validation_needs_frames():
     cfg = tiny_config("teacher", "validation.every_steps=5", "data.kind=npz", "data.root=x.npz")
     with pytest.raises(ConfigError, match="validation.root"):
         validation_root(cfg, "out")
+
+
+def _best(out, step, select="cd", value=1.0, weights=b"weights"):
+    (out / "best").mkdir(parents=True, exist_ok=True)
+    (out / "best" / "teacher.pt").write_bytes(weights)
+    (out / "best" / "validation.json").write_text(json.dumps(
+        {"step": step, "select": select, "value": value, "metrics": {"cd": value, "jsd_bev": value}}))
+
+
+def test_a_resume_discards_a_best_recorded_after_its_checkpoint(tmp_path, caplog):
+    """A run killed between checkpoints could have recorded a best after its last checkpoint; the
+    resumed run went on beside those weights of a continuation it abandoned (its logs of those
+    steps dropped), and could ship them."""
+    from training.teacher import TeacherTrainer
+    out = tmp_path / "run"
+    cfg = tiny_config("teacher", "train.max_steps=2", "checkpoint.every_steps=2", "checkpoint.export=false")
+    source = scenes_source(2, n_target=1200, n_scan=120)
+    TeacherTrainer(cfg, out, source=source).run()
+    _best(out, 3, weights=b"abandoned")                  # what the killed continuation recorded
+    cfg3 = dict(cfg, train=dict(cfg["train"], max_steps=3))
+    with caplog.at_level("WARNING", logger="training.validation"):
+        TeacherTrainer(cfg3, out, resume=True, source=source).run()
+    assert not (out / "best").exists()
+    moved = list((out / "earlier").glob("*/best/teacher.pt"))
+    assert len(moved) == 1 and moved[0].read_bytes() == b"abandoned"
+    assert "best weights of step 3, after the resumed checkpoint's step 2" in caplog.text
+    # a best of the checkpoint's step or before is the run's own history: kept
+    from training.validation import discard_later_best
+    _best(out, 3, weights=b"own")
+    assert discard_later_best(out, 3) is None and (out / "best" / "teacher.pt").read_bytes() == b"own"
+
+
+def test_a_best_chosen_by_another_metric_does_not_count(tmp_path, caplog):
+    """Resumed with validation.select changed (jsd_bev -> cd), the cd values were compared with the
+    best jsd_bev, so no validation ever counted as an improvement."""
+    from training.validation import Validator
+    _best(tmp_path, 2, select="jsd_bev", value=0.05)
+    cfg = tiny_config("teacher", "validation.every_steps=2", "validation.select=cd")
+    with caplog.at_level("WARNING", logger="training.validation"):
+        v = Validator(cfg, "teacher", tmp_path)
+    assert v.best is None and v.improved({"cd": 0.3, "jsd_bev": 0.05})
+    assert "best by jsd_bev, but validation.select is cd now" in caplog.text
+    _best(tmp_path, 2, select="cd", value=0.05)              # the same metric: kept
+    assert Validator(cfg, "teacher", tmp_path).best["value"] == 0.05
+
+
+def test_a_validation_whose_samples_explode_is_recorded_and_training_goes_on(tmp_path, heldout, monkeypatch,
+                                                                             caplog):
+    """Non-finite network output on a held-out frame ended the run as 'failed', without a
+    checkpoint, in a message naming neither the validation nor the step."""
+    from lidar_completion.errors import ModelOutputError
+    from training.teacher import TeacherTrainer
+    from training.validation import Validator
+    real = Validator.evaluate
+
+    def evaluate(self, predict):
+        if not getattr(self, "_exploded", False):
+            self._exploded = True
+            raise ModelOutputError("the networks produced non-finite values from a valid scan")
+        return real(self, predict)
+    monkeypatch.setattr(Validator, "evaluate", evaluate)
+    out = tmp_path / "run"
+    cfg = tiny_config("teacher", "train.max_steps=2", "checkpoint.every_steps=0", "checkpoint.export=false",
+                      *_val(heldout, 1, "validation.at_start=false"))
+    with caplog.at_level("WARNING", logger="training.engine"):
+        summary = TeacherTrainer(cfg, out, source=scenes_source(2, n_target=1600, n_scan=160)).run()
+    assert summary["status"] == "finished" and summary["step"] == 2 and summary["checkpoint"]
+    assert "validation at step 1 failed: the networks produced non-finite values" in caplog.text
+    logs = _val_logs(out)
+    assert [r["step"] for r in logs] == [1, 2] and logs[0]["val/cd"] == "inf"
+    assert np.isfinite(logs[1]["val/cd"])
+    assert json.loads((out / "best" / "validation.json").read_text())["step"] == 2

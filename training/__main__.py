@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(kind, help=helps[kind], description=helps[kind])
         s.add_argument("--config", required=True,
                        help="YAML config (a name like tiny_teacher.yaml is looked up in training/configs/)")
-        s.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+        s.add_argument("--out", default=None,
+                       help="run folder (default runs/<config name>; with --resume and a run's own "
+                            "<run>/config.yaml as --config: that run folder)")
         s.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest checkpoint of --out (or from PATH: a checkpoint file "
                             "or run folder); without a checkpoint there it starts fresh")
@@ -80,6 +82,15 @@ def resolve_config_path(name: str) -> Path:
     return p
 
 
+def default_out(config: Path, resume) -> Path:
+    """The run folder when --out is not given: runs/<config stem>, except for a --resume whose
+    config is the config.yaml a run wrote into its folder (next to its checkpoints/): that run's
+    folder, which the resume continues (runs/config/ would be a fresh run)."""
+    if resume and config.name == "config.yaml" and (config.parent / "checkpoints").is_dir():
+        return config.parent
+    return Path("runs") / config.stem
+
+
 def run(args) -> int:
     path = resolve_config_path(args.config)
     overrides = list(args.set)
@@ -92,7 +103,7 @@ def run(args) -> int:
         raise ConfigError(f"config {args.config} not found (looked for it as a path and in "
                           f"training/configs/); the shipped configs are: {shipped}")
     cfg = load_config(path, kind=args.kind, overrides=overrides)
-    out = Path(args.out) if args.out else Path("runs") / path.stem
+    out = Path(args.out) if args.out else default_out(path, args.resume)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
     # before the networks and data are built: the first folder on the way that exists must be one
@@ -131,6 +142,12 @@ def main(argv=None) -> int:
         code = 128 + exc.signum
     except TrainingAborted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
+        code = 130
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training steps (the data, its caches or the networks being prepared):
+        # the trainer's handler is not installed yet, so Python raises; one line, not a traceback
+        print("interrupted: Ctrl-C before training began (while the run was prepared); no checkpoint "
+              "was written by this run", file=sys.stderr)
         code = 130
     except LidarCompletionError as exc:
         report_error(exc)

@@ -229,13 +229,20 @@ def apply_overrides(cfg: dict, overrides) -> dict:
             raise ConfigError(f"override {text!r}: unknown key {keys[-1]!r}")
         section = node[keys[-1]]
         if isinstance(value, dict) and isinstance(section, dict) and keys[-1] not in ("model", "composite"):
-            # a mapping replaces the section; its keys are checked as dotted overrides are (a typo
-            # such as momentun would otherwise mean "left at its default", silently)
+            # a mapping is merged over the section's current values, as a config file is merged over
+            # the defaults: `train.optimizer={lr: 0.01}` changes the rate of the configured optimiser
+            # (replacing the section meant Adam in place of a configured SGD, and a missing key
+            # such as train.max_steps a KeyError later). Its keys are checked as dotted overrides
+            # are (a typo such as momentun would otherwise mean "left as it was", silently)
             unknown = sorted(set(value) - set(section))
             if unknown:
                 raise ConfigError(f"override {text!r}: unknown key{'s' if len(unknown) > 1 else ''} "
                                   f"{', '.join(map(repr, unknown))} in {'.'.join(keys)}; expected "
                                   f"some of {sorted(section)}")
+            try:
+                value = deep_merge(section, value, ".".join(keys) + ".")
+            except ConfigError as exc:
+                raise ConfigError(f"override {text!r}: {exc}") from exc
         node[keys[-1]] = value
     return cfg
 
@@ -266,6 +273,10 @@ def load_config(path: str | os.PathLike | None, kind: str | None = None, overrid
     cfg = deep_merge(defaults(kind), data)
     cfg["kind"] = kind
     cfg = apply_overrides(cfg, overrides)
+    # the kind picks the defaults and the trainer: `--set kind=...` cannot change it afterwards
+    # (the other kind's sections are missing, and the run would crash on one of them)
+    _check(cfg["kind"] == kind, f"override kind={cfg['kind']!r}: this is a {kind!r} run (the subcommand "
+                                f"and the config's kind); the training kind cannot be set with --set")
     validate(cfg)
     return cfg
 
@@ -381,6 +392,10 @@ def _check_optimizer(spec, where: str) -> None:
     for key in ("weight_decay", "momentum"):
         if key in spec:
             _number_or_none(spec, key, f"{where}.{key}", 0)
+    # only SGD has a momentum; Adam and AdamW would ignore it without a word (betas are theirs)
+    _check(spec.get("name", "adam") == "sgd" or not spec.get("momentum"),
+           f"{where}.momentum is {spec.get('momentum')!r}, but {where}.name {spec.get('name', 'adam')!r} has "
+           f"no momentum (it takes {where}.betas): use name sgd, or leave momentum at 0")
 
 
 def validate(cfg: dict) -> None:
@@ -394,6 +409,17 @@ def validate(cfg: dict) -> None:
     _number_or_none(cfg["checkpoint"], "part_mib", "checkpoint.part_mib", 1)
     _number_or_none(cfg["validation"], "guidance", "validation.guidance", 0, above=True)
     _check_optimizer(tr["optimizer"], "train.optimizer")
+    _check(int(cfg["threads"]) >= 0, f"threads must be >= 0 (0: torch's default), got {cfg['threads']}")
+    # gamma <= 0 makes the learning rate 0 or negative (gradient ascent) after the first period
+    _check(float(tr["lr_schedule"].get("gamma", 1.0)) > 0,
+           f"train.lr_schedule.gamma must be positive, got {tr['lr_schedule'].get('gamma')}")
+    _check(int(cfg["log"]["every_steps"]) >= 0, f"log.every_steps must be >= 0, got {cfg['log']['every_steps']}")
+    # step % -N is 0 for every step: a negative period rendered every step instead of never
+    _check(int(cfg["log"]["render_every_steps"]) >= 0,
+           f"log.render_every_steps must be >= 0 (0: off), got {cfg['log']['render_every_steps']}")
+    # a negative weight rewards the regulariser's deviation instead of penalising it
+    _check(float(cfg["diffusion"]["reg_weight"]) >= 0,
+           f"diffusion.reg_weight must be >= 0, got {cfg['diffusion']['reg_weight']}")
     _check(int(tr["lr_schedule"].get("every_epochs", 1)) >= 1,
            f"train.lr_schedule.every_epochs must be >= 1, got {tr['lr_schedule'].get('every_epochs')}")
     _check(int(tr["batch_size"]) >= 1, f"train.batch_size must be >= 1, got {tr['batch_size']}")
@@ -428,8 +454,14 @@ def validate(cfg: dict) -> None:
         p = float(cfg["teacher"]["cond_dropout"])
         _check(0.0 <= p < 1.0, f"teacher.cond_dropout must be in [0, 1), got {p}")
     if cfg["kind"] == "refiner":
-        _check(cfg["refiner"]["loss"] in ("chamfer_l2sq", "chamfer_l1"),
-               f"refiner.loss must be chamfer_l2sq|chamfer_l1, got {cfg['refiner']['loss']!r}")
+        r = cfg["refiner"]
+        _check(r["loss"] in ("chamfer_l2sq", "chamfer_l1"),
+               f"refiner.loss must be chamfer_l2sq|chamfer_l1, got {r['loss']!r}")
+        for key in ("jitter_sigma", "jitter_clip"):   # a standard deviation and a bound
+            _check(float(r[key]) >= 0, f"refiner.{key} must be >= 0, got {r[key]}")
+        for key in ("input_points", "target_points"):
+            _check(int(r[key]) >= 1, f"refiner.{key} must be >= 1, got {r[key]}")
+        _check(float(r["target_voxel"]) > 0, f"refiner.target_voxel must be positive, got {r['target_voxel']}")
     if cfg["kind"] == "distill":
         d = cfg["distill"]
         _check_teacher_source(cfg, "distill.teacher", "a distillation needs its teacher's checkpoint")
@@ -456,6 +488,15 @@ def validate(cfg: dict) -> None:
         _check(int(d["pair_steps"]) >= 1, f"distill.pair_steps must be >= 1, got {d['pair_steps']}")
         _check(1 <= int(d["gen_steps"]) <= steps, f"distill.gen_steps must be in 1..{steps}, got {d['gen_steps']}")
         _check(float(d["gen_guidance"]) > 0, f"distill.gen_guidance must be positive, got {d['gen_guidance']}")
+        # guidance weights as pair_guidance / gen_guidance: 1 conditional, w > 1 classifier-free
+        # guidance, 0 < w < 1 towards the unconditional score; w <= 0 turns the condition around
+        _check(float(d["teacher_guidance"]) > 0,
+               f"distill.teacher_guidance must be positive, got {d['teacher_guidance']}")
+        # the logsigmoid weight 2 sigmoid(beta (D_w - D_l)): beta <= 0 favours the pairs the student
+        # already gets right (or weights all alike)
+        _check(float(d["dpo_beta"]) > 0, f"distill.dpo_beta must be positive, got {d['dpo_beta']}")
+        # 0 is the published objective; a negative weight pushes the student away from the teacher
+        _check(float(d["vsd_weight"]) >= 0, f"distill.vsd_weight must be >= 0, got {d['vsd_weight']}")
         if int(d["gen_steps"]) > 1:
             _check(d["generator"] == "local", "distill.gen_steps > 1 needs distill.generator: local")
             _check(int(d["pair_steps"]) == 1 and float(d["pair_guidance"]) == 1.0,
@@ -476,6 +517,8 @@ def validate(cfg: dict) -> None:
                f"teacher_dpo.pair_noise must be scaled|independent, got {d['pair_noise']!r}")
         _check(float(d["noise_scale"]) > 0, f"teacher_dpo.noise_scale must be positive, got {d['noise_scale']}")
         _check(int(d["sample_steps"]) >= 1, f"teacher_dpo.sample_steps must be >= 1, got {d['sample_steps']}")
+        _check(float(d["sample_guidance"]) > 0,
+               f"teacher_dpo.sample_guidance must be positive, got {d['sample_guidance']}")
         steps = int(cfg["diffusion"]["steps"])
         _check(0 <= int(d["t_min"]) <= int(d["t_max"]) < steps,
                f"teacher_dpo.t_min/t_max must satisfy 0 <= t_min <= t_max < {steps}, got {d['t_min']}, {d['t_max']}")

@@ -145,7 +145,21 @@ class DistillTrainer(Trainer):
         src = None if d.get("teacher") == RANDOM else d.get("teacher") or self.cfg.get("init")
         student_init = None
         key = "distill.teacher" if d.get("teacher") else "init"
-        if src:
+        resumed = getattr(self, "_resume_state", None)   # (path, state) of --resume, read by __init__
+        if src and resumed is not None and not Path(src).exists():
+            # the training state holds the frozen teacher and encoder (and everything trained): a
+            # resume needs no teacher file, only its networks' sizes, which the state records
+            path, st = resumed
+            if st.get("model_config"):
+                from lidar_completion.models import ModelConfig
+                self.model_config = ModelConfig.from_dict(st["model_config"])
+            if key in (st.get("sources") or {}):
+                self.sources[key] = st["sources"][key]
+            log.warning("--resume: %s %s does not exist; the teacher's weights are taken from the "
+                        "training state %s", key, src, path)
+            src = None
+            enc, teacher, _ = build_networks(self.model_config, self.backend)
+        elif src:
             loaded = load_pretrained(src, key=key)
             self.sources[key] = sha256_file(src)   # the export names the exact teacher file it came from
             if loaded.kind == "student":   # a published ScoreLiDAR / Distillation-DPO student file
@@ -161,7 +175,8 @@ class DistillTrainer(Trainer):
             enc.load_state_dict(loaded.encoder.state_dict())
             teacher.load_state_dict(loaded.extras.get("teacher", loaded.denoiser).state_dict())
         else:
-            log.warning("distill.teacher=random: distilling from a randomly initialised teacher")
+            if resumed is None:   # resumed, the state's teacher replaces these weights
+                log.warning("distill.teacher=random: distilling from a randomly initialised teacher")
             enc, teacher, _ = build_networks(self.model_config, self.backend)
         # the refiner bundled into the export (and used by validation): read now, not after training
         self._refiner = None

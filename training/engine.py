@@ -28,11 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lidar_completion.diffusion import NoiseSchedule
-from lidar_completion.errors import CheckpointError, ConfigError, DatasetError, LidarCompletionError
+from lidar_completion.errors import (CheckpointError, ConfigError, DatasetError, LidarCompletionError,
+                                     ModelOutputError)
 
 from . import distributed as D
 from . import rng as R
-from .checkpoint import CheckpointManager, load_state
+from .checkpoint import LATEST, CheckpointManager, load_state
 from .config import dump, model_config
 from .data import KeyedDataset, ShardSampler, make_loader, sample_scans_on_device
 from .logs import RunLogger
@@ -167,7 +168,7 @@ class Trainer(abc.ABC):
                 raise CheckpointError(f"--resume {resume}: no checkpoint found there")
             if path is not None:
                 if not path.is_file():
-                    raise CheckpointError(f"--resume {resume}: {path} does not exist")
+                    raise CheckpointError(self._missing_resume_file(resume, path))
                 st = load_state(path, map_location="cpu")   # CheckpointError for a corrupt file
                 if st.get("kind") != self.kind:
                     raise CheckpointError(f"{path} is a {st.get('kind')!r} training state, expected {self.kind!r}")
@@ -261,6 +262,19 @@ class Trainer(abc.ABC):
                                 "highest step, %s", self.ckpt.folder, path.name)
                 self.load(path)
                 self.resumed_from = str(path)
+
+    @staticmethod
+    def _missing_resume_file(resume, path: Path) -> str:
+        """The error of a --resume whose checkpoint file is missing: a latest.json pointing at a
+        deleted file names the pointer and the checkpoints that are there."""
+        flag = "--resume" if resume is True else f"--resume {resume}"
+        pointer = path.parent / LATEST
+        if (resume is True or Path(resume).is_dir()) and pointer.is_file():
+            there = [p.name for p in CheckpointManager(path.parent).step_files()]
+            listing = (f"the checkpoints there are {', '.join(there)}: give one with --resume "
+                       f"{path.parent / there[-1]}" if there else "no checkpoint file is left there")
+            return f"{flag}: {pointer} names {path.name}, which does not exist; {listing}"
+        return f"{flag}: {path} does not exist"
 
     # -- to implement -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -559,7 +573,10 @@ class Trainer(abc.ABC):
             diffs.append(f"{k}: {old!r} there, {new!r} now")
         if diffs:
             saved = Path(path).parent.parent / "config.yaml"
-            hint = (f"; its settings are in {saved}: `--config {saved}` resumes with all of them"
+            # the run folder too: without --out the run would go to runs/config/, a fresh run
+            same = self.out.resolve() == saved.parent.resolve()
+            again = f"--config {saved} --out {self.out} --resume" + ("" if same else f" {path}")
+            hint = (f"; its settings are in {saved}: `{again}` resumes with all of them"
                     if saved.is_file() else "")
             raise ConfigError(f"--resume: {path} was written by a run with other data or networks ("
                               + "; ".join(diffs) + "): a run continues on the data and networks it "
@@ -616,7 +633,14 @@ class Trainer(abc.ABC):
         if self.dist.is_main:
             predict = self.validation_predictor(validator.guidance)
             if predict is not None:
-                metrics = validator.evaluate(predict)
+                try:
+                    metrics = validator.evaluate(predict)
+                except ModelOutputError as exc:
+                    # a held-out sample that explodes is not a diverged run (the guards stop that):
+                    # recorded as an infinite error, never a best, and training goes on
+                    log.warning("validation at step %d failed: %s; recorded as inf (not a best), "
+                                "training goes on", self.step, exc)
+                    metrics = {"cd": math.inf, "jsd_bev": math.inf, "seconds": 0.0, "frames": 0}
                 if validator.improved(metrics):
                     self.export(validator.best_dir / f"{self.kind}.pt")
                     validator.record_best(self.step, metrics)
@@ -625,10 +649,12 @@ class Trainer(abc.ABC):
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
+        finishing = getattr(self, "_finishing", False)
         if self._stop_signal is not None and signum == signal.SIGINT:
             latest = self.ckpt.latest_path() if self.dist.is_main else None
+            where = "while the finished run was being saved" if finishing else f"in step {self.step + 1}"
             raise TrainingAborted(
-                f"stopped at once by a second Ctrl-C in step {self.step + 1}, without a checkpoint; "
+                f"stopped at once by a second Ctrl-C {where}, without a checkpoint; "
                 + (f"--resume continues from the last one, {latest}" if latest else
                    "none was written before, so the run starts again from the beginning"))
         first = self._stop_signal is None
@@ -636,9 +662,15 @@ class Trainer(abc.ABC):
         if first and self.dist.is_main:
             # a step can take minutes on a CPU: say at once that the signal was taken
             name = signal.Signals(signum).name
-            print(f"\n{name} received: the run stops after step {self.step + 1} and writes its checkpoint "
-                  "there" + (" (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""),
-                  file=sys.stderr, flush=True)
+            again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
+            if finishing:
+                # all steps are done: the final checkpoint (and export) are being written
+                what = "checkpoint and export are" if self.cfg["checkpoint"].get("export", True) else "checkpoint is"
+                print(f"\n{name} received: the run has done its {self.step} steps and stops once its final "
+                      f"{what} written{again}", file=sys.stderr, flush=True)
+            else:
+                print(f"\n{name} received: the run stops after step {self.step + 1} and writes its "
+                      f"checkpoint there{again}", file=sys.stderr, flush=True)
 
     def _install_signals(self):
         old = {}
@@ -664,6 +696,11 @@ class Trainer(abc.ABC):
         logger = RunLogger(self.out, self.dist.is_main, tensorboard=bool(logc["tensorboard"]),
                            progress=bool(logc["progress"]), total_steps=self.total_steps,
                            initial_step=self.step, desc=f"{self.kind}")
+        if self.dist.is_main and self.step > 0:
+            # a best of the abandoned continuation (after the checkpoint) is not this run's history
+            from .validation import discard_later_best
+            discard_later_best(self.out, self.step)
+        self._finishing = False
         every_ckpt = int(cfg["checkpoint"]["every_steps"])
         every_log = max(1, int(logc["every_steps"]))
         every_render = int(logc["render_every_steps"] or 0)
@@ -719,6 +756,7 @@ class Trainer(abc.ABC):
                             f"{self.kind} training interrupted by signal {int(sig)} at step {self.step}; "
                             f"checkpoint {path or self.ckpt.latest_path()} written; continue with --resume",
                             int(sig))
+            self._finishing = True    # a signal now: say that the run is being saved, not "after step N+1"
             final_ckpt = self.save_unless_saved()
             export_path = None
             if self.dist.is_main and cfg["checkpoint"].get("export", True):

@@ -19,6 +19,18 @@ from lidar_completion.fileutil import JsonlWriter, atomic_write
 log = logging.getLogger(__name__)
 
 
+def aside_folder(out) -> Path:
+    """A new folder ``<out>/earlier/<time>`` (``-2``, ``-3`` ... when that one exists) for what an
+    earlier run, or an abandoned continuation of this one, left in the run folder."""
+    base = Path(out) / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+    aside, n = base, 1
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    aside.mkdir(parents=True)
+    return aside
+
+
 class RunLogger:
     def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True, progress: bool = True,
                  total_steps: int | None = None, initial_step: int = 0, desc: str = "train"):
@@ -30,7 +42,8 @@ class RunLogger:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._start_logs(int(initial_step))
+        # resumed: the time column goes on from the last record kept, instead of restarting at 0
+        elapsed = self._start_logs(int(initial_step))
         self._jsonl = JsonlWriter(self.out / "metrics.jsonl")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -41,27 +54,28 @@ class RunLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                             unit="step", smoothing=0.1)
-        self._t0 = time.time()
+        self._t0 = time.time() - elapsed
 
-    def _start_logs(self, initial_step: int) -> None:
-        """A run from step 0 moves the logs of an earlier run in this folder (one that left no
-        checkpoint) to ``earlier/<time>/``, instead of appending to them; a resumed run drops the
-        records after its checkpoint's step (a run killed between checkpoints logged them, and the
-        resumed one logs those steps again)."""
+    def _start_logs(self, initial_step: int) -> float:
+        """A run from step 0 moves the logs and the best weights (``best/``) of an earlier run in
+        this folder (one that left no checkpoint) to ``earlier/<time>/``, instead of appending to
+        them or leaving another run's weights beside this one's; a resumed run drops the records
+        after its checkpoint's step (a run killed between checkpoints logged them, and the resumed
+        one logs those steps again). Returns the ``time`` of the last record kept (0 if none)."""
         jsonl, tb = self.out / "metrics.jsonl", self.out / "tensorboard"
         if initial_step == 0:
-            earlier = [p for p in (jsonl, tb) if p.exists()]
+            # best/ too: a release script takes <out>/best/<kind>.pt before <out>/<kind>.pt
+            earlier = [p for p in (jsonl, tb, self.out / "best") if p.exists()]
             if earlier:
-                aside = self.out / "earlier" / time.strftime("%Y%m%d-%H%M%S")
-                aside.mkdir(parents=True, exist_ok=True)
+                aside = aside_folder(self.out)
                 for p in earlier:
                     p.rename(aside / p.name)
-                log.warning("%s held the logs of an earlier run that left no checkpoint: moved to %s",
-                            self.out, aside)
-            return
+                log.warning("%s held the logs%s of an earlier run that left no checkpoint: moved to %s",
+                            self.out, " and best weights" if (aside / "best").exists() else "", aside)
+            return 0.0
         if not jsonl.exists():
-            return
-        kept, dropped = [], 0
+            return 0.0
+        kept, dropped, elapsed = [], 0, 0.0
         for line in jsonl.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
@@ -71,9 +85,12 @@ class RunLogger:
             if isinstance(rec, dict) and int(rec.get("step", 0)) > initial_step:
                 dropped += 1
                 continue
+            if isinstance(rec, dict) and isinstance(rec.get("time"), (int, float)):
+                elapsed = max(elapsed, float(rec["time"]))
             kept.append(line + "\n")
         if dropped:
             atomic_write(jsonl, [t.encode("utf-8") for t in kept])
+        return elapsed
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -89,14 +106,15 @@ class RunLogger:
 
     def progress(self, n: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:
-            self.bar.update(n)
             # Non-finite values are placeholders (e.g. the student's loss during the distillation's
             # auxiliary-only warm-up: no student update, so no loss); a real NaN/inf loss never gets
             # here - the trainer's guard stops the run first. "nan" on the bar would read as divergence.
             shown = {k: f"{float(v):.4g}" for k, v in (postfix or {}).items()
                      if v is not None and math.isfinite(float(v))}
             if postfix is not None:
+                # before update(), which draws the bar: set after it, the values showed a step late
                 self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(n)
 
     def bev(self, step: int, tag: str, clouds: dict, extent: float | None = None) -> None:
         """Bird's-eye scatter of several clouds side by side (name -> (N, 3) array)."""

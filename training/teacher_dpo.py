@@ -37,6 +37,8 @@ checks the update against autograd on this formula). The export is a teacher che
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -79,8 +81,18 @@ class TeacherDPOTrainer(TeacherTrainer):
         c = self.cfg["teacher_dpo"]
         src = None if c.get("reference") == RANDOM else c.get("reference") or self.cfg.get("init")
         loaded = None
-        if src:
-            key = "teacher_dpo.reference" if c.get("reference") else "init"
+        key = "teacher_dpo.reference" if c.get("reference") else "init"
+        resumed = getattr(self, "_resume_state", None)   # (path, state) of --resume, read by __init__
+        if src and resumed is not None and not Path(src).exists():
+            # the training state holds the fine-tuned teacher and the frozen reference: a resume
+            # needs no reference file, only the networks' sizes, which the state records
+            path, st = resumed
+            if st.get("model_config"):
+                from lidar_completion.models import ModelConfig
+                self.model_config = ModelConfig.from_dict(st["model_config"])
+            log.warning("--resume: %s %s does not exist; the reference's and the teacher's weights are "
+                        "taken from the training state %s", key, src, path)
+        elif src:
             loaded = load_pretrained(src, key=key)
             if loaded.encoder is None or loaded.denoiser is None:
                 raise CheckpointError(f"{key}: {src}: a teacher checkpoint needs a condition encoder and a "
@@ -88,7 +100,7 @@ class TeacherDPOTrainer(TeacherTrainer):
             if loaded.config != self.model_config:
                 log.info("model size taken from the reference checkpoint %s: %s", src, loaded.config.channels)
                 self.model_config = loaded.config
-        else:
+        elif resumed is None:   # resumed, the state's weights replace the random ones
             log.warning("teacher_dpo.reference=random: fine-tuning a randomly initialised teacher")
         self.net = TeacherNet(*build_networks(self.model_config, self.backend)[:2])
         if loaded is not None:

@@ -19,7 +19,10 @@ Logged (TensorBoard and ``metrics.jsonl``, at the step): ``val/cd`` and ``val/js
 the frames), ``val/best`` (the best ``validation.select`` value so far) and ``val/seconds``. When the
 selected metric improves, the inference checkpoint is exported to ``<out>/best/<kind>.pt`` and
 ``<out>/best/validation.json`` records the step and the metrics; a resumed run reads it back, so
-"best" spans the whole run. Rank 0 validates; the other ranks wait.
+"best" spans the whole run - unless it was chosen by another ``validation.select`` (then the best is
+chosen afresh) or recorded after the resumed checkpoint's step (then ``best/`` is moved to
+``earlier/``, :func:`discard_later_best`). A validation whose networks output non-finite points is
+logged as inf and training goes on. Rank 0 validates; the other ranks wait.
 """
 from __future__ import annotations
 
@@ -95,10 +98,18 @@ class Validator:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            best = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             log.warning("%s is unreadable; the best checkpoint is chosen afresh", path)
             return None
+        if best.get("select", self.select) != self.select:
+            # values of another metric: a cd compared with a jsd_bev froze the best for the rest
+            # of the run. The next validation becomes the best (and replaces best/)
+            log.warning("%s holds the best by %s, but validation.select is %s now: the best is chosen "
+                        "afresh by %s from the next validation on", path, best["select"], self.select,
+                        self.select)
+            return None
+        return best
 
     def frames(self) -> list:
         """[(frame index, filtered input scan, evaluation target)], loaded once."""
@@ -148,6 +159,30 @@ class Validator:
         return {"val/cd": metrics["cd"], "val/jsd_bev": metrics["jsd_bev"],
                 "val/best": float(self.best["value"]) if self.best else float("nan"),
                 "val/seconds": metrics["seconds"]}
+
+
+def discard_later_best(out, step: int) -> Path | None:
+    """A run resumed from its checkpoint of ``step``: a best recorded after that step was made by
+    the continuation the resume abandons (a run killed between checkpoints), so its weights are
+    not of this run's history. ``best/`` is moved to ``earlier/<time>/best`` (returned), with a
+    warning; the best is then chosen afresh by the resumed run."""
+    from .logs import aside_folder
+    folder = Path(out) / BEST_DIR
+    path = folder / BEST_FILE
+    if not folder.is_dir():
+        return None
+    try:
+        best_step = int(json.loads(path.read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        best_step = None     # unreadable: which step it is of cannot be told, so it cannot be kept
+    if best_step is not None and best_step <= int(step):
+        return None
+    aside = aside_folder(out) / BEST_DIR
+    folder.rename(aside)
+    log.warning("%s held the best weights of step %s, after the resumed checkpoint's step %d (a "
+                "continuation this resume abandons): moved to %s; the best is chosen afresh",
+                folder, "?" if best_step is None else best_step, int(step), aside)
+    return aside
 
 
 def completer_predictor(encoder, denoiser, refiner, cfg: dict, guidance: float, device) -> Predictor:
