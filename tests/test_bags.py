@@ -613,3 +613,16 @@ def test_offline_bench_copies_no_undecodable_input_and_keeps_an_empty_frame(tmp_
         completed = list(out.clouds("/completed_points"))
     assert [c.error for c in inputs] == [None, None] and len(completed) == 2
     assert [c.frame_id for c in completed] == ["", ""]
+
+
+def test_a_bag_without_metadata_is_warned_about_once(tiny_checkpoint, tmp_path, caplog):
+    """The bag is opened twice (checked before the model loads, then benchmarked): its "no
+    metadata.yaml" warning came twice."""
+    from lidar_completion.cli import main
+
+    bag = write_clouds(tmp_path / "bag", _clouds(1, 3000))
+    (bag / "metadata.yaml").unlink()
+    with caplog.at_level("WARNING", logger="lidar_completion.bags.io"):
+        assert main(["bag-bench", str(bag), "--checkpoint", str(tiny_checkpoint), *SMALL, "--out",
+                     str(tmp_path / "report"), "--no-progress", "--no-warmup"]) == 0
+    assert sum("has no metadata.yaml" in r.getMessage() for r in caplog.records) == 1, caplog.text
