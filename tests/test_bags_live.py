@@ -207,6 +207,16 @@ def test_live_bench_fails_when_no_scan_is_completed(synthetic_bag, tmp_path, cap
     assert captured.out.strip().splitlines()[-1] == "p50_ms=nan p95_ms=nan dropped=2/2"
 
 
+def test_a_domain_id_without_dds_ports_is_refused_before_the_node_starts(tmp_path, capsys):
+    """--domain-id 300 started the node, which died with an RTPS error ("port number is too high")
+    that the benchmark blamed on the ROS 2 install."""
+    from lidar_completion.bags import write_clouds
+
+    bag = write_clouds(tmp_path / "bag", [(START, np.zeros((10, 3), np.float32))])
+    assert main(["bag-bench", str(bag), "--live", "--domain-id", "300", "--no-progress"]) == 1
+    assert "--domain-id must be 0..232" in capsys.readouterr().err
+
+
 def test_no_completion_reason_follows_the_node_counters():
     """Six scans lost to a missing transform (the node's counters said so) were blamed on speed, with
     the advice to add --pace, which the run already had."""

@@ -434,11 +434,11 @@ def test_bin_format_xyz_reads_the_targets_build_gt_writes(ckpt, tmp_path, capsys
     xyz.astype("<f4").tofile(p)
     out = tmp_path / "o.npy"
     assert _complete(p, "-o", out, "--bin-format", "xyz", "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
-    assert "600 points ->" in capsys.readouterr().out
+    assert "target.bin: 600 points" in capsys.readouterr().out
     # read as KITTI (the default), its "intensities" are coordinates, some of them negative
     with caplog.at_level("WARNING"):
         assert _complete(p, "-o", out, "--checkpoint", ckpt, "--seed", "0", *FAST) == 0
-    assert "450 points ->" in capsys.readouterr().out
+    assert "target.bin: 450 points" in capsys.readouterr().out
     assert "intensities are negative" in caplog.text and "--bin-format xyz" in caplog.text
     # a size that is a multiple of 12 and not of 16: the error says what to pass
     xyz[:599].astype("<f4").tofile(p)
