@@ -45,7 +45,7 @@ examples:
   lidar-completion evaluate-files lidiff_out/ gt/ --out eval/lidiff
   lidar-completion evaluate-files preds/ gt/ --input-dir scans/ --emd ot
   lidar-completion evaluate-files preds/ /data/gt_cache/08 --out eval/theirs   # GT-cache targets
-  lidar-completion evaluate-files dense/ gt_copy/ --gt-bin-format xyz  # `complete` .bin vs copied targets
+  lidar-completion evaluate-files dense/ gt_copy/ --gt-bin-format xyz  # vs copied targets (scored whole)
 
 predictions that cannot be read or hold NaN/inf coordinates are recorded as failed frames (with the
 file's name) and left out; an unusable ground-truth file (unreadable, NaN/inf, no points) stops the
@@ -149,7 +149,7 @@ def register(subparsers) -> None:
     f.add_argument("--input-dir", metavar="DIR", default=None,
                    help="folder of input scans (same stems, .bin read as KITTI), only drawn in the "
                         "renders")
-    f.add_argument("--bin-format", choices=BIN_FORMATS, default="auto",
+    f.add_argument("--bin-format", choices=("auto",) + BIN_FORMATS, default="auto",
                    help="how .bin files in PRED_DIR and GT_DIR are read: 'kitti' float32 x, y, z, "
                         "intensity (16 bytes a point); 'xyz' float32 x, y, z (12 bytes a point, as "
                         "`build-gt` writes its targets); 'auto' (default) xyz for a folder of the "
@@ -200,6 +200,15 @@ def run(args) -> int:
     if args.baseline and args.checkpoint:
         raise ConfigError("--baseline input evaluates the input scan without a model; drop "
                           "--checkpoint (or --baseline)")
+    if args.baseline:
+        # the baseline is the scan as the dataset filters it: completion settings would be ignored
+        from ..settings import OPTIONS
+        given = [opt.flag for opt in OPTIONS if opt.name in vars(args) and opt.name != "seed"   # evaluate's own
+                 and getattr(args, opt.name) != opt.default]
+        if given:
+            raise ConfigError(f"--baseline input scores the input scan as the dataset filters it (the "
+                              f"ground-truth cache's input limits), without a model: {', '.join(given)} "
+                              f"would change nothing; drop {'it' if len(given) == 1 else 'them'}")
     BY_NAME["seed"].check(args.seed)     # the range `complete --seed` has (seed + i: evaluation.runner)
     apply_threads(args.threads)
     out = args.out or ("evaluation_" + (args.baseline or "model") + f"_{args.sequence}")

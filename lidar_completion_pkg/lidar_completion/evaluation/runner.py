@@ -274,6 +274,12 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     summary = summarize(records, {k: v for k, v in run.items() if k != "identity_keys"})
     store.write_summary(summary)
     (store.out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    if not (options.plots and records):
+        # plots and renders of an earlier run into OUT would sit beside a summary they no longer
+        # show (a resumed run of more frames with --no-plots)
+        for stale in (*(store.out / n for n in REPORT_FILES[2:]), *stale_renders(store.out)):
+            if stale.exists():
+                stale.unlink()
     if options.plots and records:
         try:
             summary["plots"] = [p.name for p in write_plots(records, store.out, run.get("title", ""))]

@@ -118,7 +118,11 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         run.update(source="completer", checkpoint=ckpt, refiner_checkpoint=refiner,
                    **completer_record(completer), device=str(completer.device), completer=repr(completer),
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
-        identity += COMPLETER_IDENTITY
+        identity += COMPLETER_IDENTITY + ["pred_max_range"]
+        # the completion is cut at post_max_range before refinement, which moves points by up to
+        # a metre: the refined points are cut again, at the range evaluate-files cuts completions
+        # read from files at, so that the two commands score the same points
+        run["pred_max_range"] = completer.post_max_range
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
@@ -134,7 +138,10 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         if predict_fn is None:
             return inp, {}
         res = predict_fn(inp, seed=options.seed + int(index))
-        return res.points, dict(res.timings, seed=res.seed)
+        points = res.points
+        if run["pred_max_range"]:
+            points = points[np.linalg.norm(points.astype(np.float64), axis=1) < run["pred_max_range"]]
+        return points, dict(res.timings, seed=res.seed)
 
     return run_evaluation(src.keys, src.load, predict, out, run, options, indices=src.indices)
 
@@ -298,6 +305,13 @@ class FileSource:
             self.formats[role] = given if given != "auto" else \
                 ("xyz" if targets is not None else "kitti")
         self.pred_dir, self.gt_dir = folders["pred"], folders["gt"]
+        if self.gt_config is None and self.formats["gt"] == "xyz":
+            # xyz .bin outside a cache folder: most likely targets copied out of the cache, which
+            # lose its build settings and with them the z band evaluate scores them in
+            log.warning("%s is not a folder of the ground-truth cache: its targets are scored whole, "
+                        "while evaluate scores the cache's targets in its evaluation z band (-4 < z < "
+                        "4.4 m by default); give the cache folder itself (CACHE/SS) for the same "
+                        "numbers", gt_dir)
         self.unpaired: Dict[str, List[str]] = {}
         pairs = pair_files(self.pred_dir, self.gt_dir, self.unpaired)[:limit]
         self.keys = [s for s, _, _ in pairs]
