@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lidar_completion.errors import CheckpointError, ConfigError
-from test_training_utils import CONFIGS, scenes_source, tiny_config, write_npz
+from test_training_utils import CONFIGS, lidiff_teacher_file, scenes_source, tiny_config, write_npz
 from training.__main__ import main
 from training.checkpoint import CheckpointManager, load_state, save_state
 from training.config import KINDS, load_config
@@ -1024,14 +1024,8 @@ def test_ctrl_c_before_the_first_step_is_one_line_and_status_130(tmp_path, capsy
 def test_a_resumed_distillation_needs_no_teacher_file(tmp_path, caplog):
     """The training state holds the frozen teacher, but a resume read distill.teacher's file all the
     same (and failed without it); a fresh run still needs the file."""
-    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
     from training.distill import DistillTrainer
-    torch.manual_seed(3)
-    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
-    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
-    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
-    teacher = tmp_path / "teacher.ckpt"
-    torch.save({"state_dict": sd}, teacher)
+    teacher = lidiff_teacher_file(tmp_path / "teacher.ckpt", seed=3)
     source = scenes_source(1, n_target=800, n_scan=80)
     cfg = tiny_config("distill", f"distill.teacher={teacher}", "checkpoint.export=false", mode="dpo")
     first = DistillTrainer(cfg, tmp_path / "run", max_steps=1, source=source)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion.metrics import chamfer_distance
-from test_training_utils import assert_sgd_update, recorded_step, scenes_source, tiny_config
+from test_training_utils import (assert_sgd_update, lidiff_teacher_file, recorded_step, scenes_source,
+                                 tiny_config)
 from training.engine import set_bn_mode
 from training.teacher_dpo import TeacherDPOTrainer
 
@@ -244,13 +245,7 @@ def test_a_resume_needs_no_reference_file(tmp_path, caplog):
     """The training state holds the fine-tuned teacher and the frozen reference, but a resume read
     teacher_dpo.reference's file all the same (and failed without it); a fresh run still needs it."""
     from lidar_completion.errors import CheckpointError
-    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
-    torch.manual_seed(5)
-    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
-    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
-    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
-    reference = tmp_path / "teacher.ckpt"
-    torch.save({"state_dict": sd}, reference)
+    reference = lidiff_teacher_file(tmp_path / "teacher.ckpt", seed=5)
     cfg = tiny_config("teacher-dpo", f"teacher_dpo.reference={reference}", "checkpoint.export=false")
     source = scenes_source(1, n_target=800, n_scan=80)
     first = TeacherDPOTrainer(cfg, tmp_path / "run", max_steps=1, source=source)

@@ -87,6 +87,17 @@ def recorded_step(tr, before) -> dict:
     return {"tr": tr, "before": before, "batch": batch, "rec": tr.last_record, "logs": logs}
 
 
+def lidiff_teacher_file(path, seed: int):
+    """A tiny teacher with random weights (``seed``) saved in LiDiff's Lightning layout; its path."""
+    from lidar_completion.models import ConditionEncoder, Denoiser, ModelConfig
+    torch.manual_seed(seed)
+    enc, den = ConditionEncoder(ModelConfig.tiny(), "torch"), Denoiser(ModelConfig.tiny(), "torch")
+    sd = {f"DM_encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"DiffModel.{k}": v for k, v in den.state_dict().items()})
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
 def tiny_config(kind: str, *overrides, mode: str = "dpo") -> dict:
     """The shipped tiny config of ``kind`` with test settings: CPU, 1 thread, no workers, no
     TensorBoard / progress bar, SGD (so that an update is -lr * grad)."""

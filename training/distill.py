@@ -145,18 +145,7 @@ class DistillTrainer(Trainer):
         src = None if d.get("teacher") == RANDOM else d.get("teacher") or self.cfg.get("init")
         student_init = None
         key = "distill.teacher" if d.get("teacher") else "init"
-        resumed = getattr(self, "_resume_state", None)   # (path, state) of --resume, read by __init__
-        if src and resumed is not None and not Path(src).exists():
-            # the training state holds the frozen teacher and encoder (and everything trained): a
-            # resume needs no teacher file, only its networks' sizes, which the state records
-            path, st = resumed
-            if st.get("model_config"):
-                from lidar_completion.models import ModelConfig
-                self.model_config = ModelConfig.from_dict(st["model_config"])
-            if key in (st.get("sources") or {}):
-                self.sources[key] = st["sources"][key]
-            log.warning("--resume: %s %s does not exist; the teacher's weights are taken from the "
-                        "training state %s", key, src, path)
+        if self.resumed_without(src, key, "the teacher's weights are"):
             src = None
             enc, teacher, _ = build_networks(self.model_config, self.backend)
         elif src:
@@ -175,7 +164,7 @@ class DistillTrainer(Trainer):
             enc.load_state_dict(loaded.encoder.state_dict())
             teacher.load_state_dict(loaded.extras.get("teacher", loaded.denoiser).state_dict())
         else:
-            if resumed is None:   # resumed, the state's teacher replaces these weights
+            if getattr(self, "_resume_state", None) is None:   # resumed, the state's teacher replaces them
                 log.warning("distill.teacher=random: distilling from a randomly initialised teacher")
             enc, teacher, _ = build_networks(self.model_config, self.backend)
         # the refiner bundled into the export (and used by validation): read now, not after training

@@ -263,6 +263,24 @@ class Trainer(abc.ABC):
                 self.load(path)
                 self.resumed_from = str(path)
 
+    def resumed_without(self, src, key: str, what: str) -> bool:
+        """Whether a --resume stands in for the missing pretrained file ``src`` (config key ``key``):
+        the training state holds every network the file would give (the frozen teacher of a
+        distillation, the reference of teacher-dpo), so only their sizes (and the source digest
+        the export names) are taken from the state, with a warning. False for a fresh run or a file
+        that exists (it is loaded as usual)."""
+        resumed = getattr(self, "_resume_state", None)   # (path, state) of --resume, read by __init__
+        if not src or resumed is None or Path(src).exists():
+            return False
+        path, st = resumed
+        if st.get("model_config"):
+            from lidar_completion.models import ModelConfig
+            self.model_config = ModelConfig.from_dict(st["model_config"])
+        if key in (st.get("sources") or {}):
+            self.sources[key] = st["sources"][key]
+        log.warning("--resume: %s %s does not exist; %s taken from the training state %s", key, src, what, path)
+        return True
+
     @staticmethod
     def _missing_resume_file(resume, path: Path) -> str:
         """The error of a --resume whose checkpoint file is missing: a latest.json pointing at a

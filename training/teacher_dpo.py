@@ -37,7 +37,6 @@ checks the update against autograd on this formula). The export is a teacher che
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,15 +82,8 @@ class TeacherDPOTrainer(TeacherTrainer):
         loaded = None
         key = "teacher_dpo.reference" if c.get("reference") else "init"
         resumed = getattr(self, "_resume_state", None)   # (path, state) of --resume, read by __init__
-        if src and resumed is not None and not Path(src).exists():
-            # the training state holds the fine-tuned teacher and the frozen reference: a resume
-            # needs no reference file, only the networks' sizes, which the state records
-            path, st = resumed
-            if st.get("model_config"):
-                from lidar_completion.models import ModelConfig
-                self.model_config = ModelConfig.from_dict(st["model_config"])
-            log.warning("--resume: %s %s does not exist; the reference's and the teacher's weights are "
-                        "taken from the training state %s", key, src, path)
+        if self.resumed_without(src, key, "the reference's and the teacher's weights are"):
+            pass    # the state's networks replace the file's
         elif src:
             loaded = load_pretrained(src, key=key)
             if loaded.encoder is None or loaded.denoiser is None:
