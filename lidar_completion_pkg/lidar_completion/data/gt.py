@@ -62,19 +62,36 @@ class GTConfig:
     z_max_eval: float = 4.4       # evaluation targets: z < z_max_eval
     view_voxel: float = 10.0      # viewpoint mask cell size (m)
     tile_size: float = 10.0       # map bucketing for crops (m)
+    view_mask: str = "origin"     # viewpoint mask grid: VIEW_MASKS
 
     def __post_init__(self):
         for name in ("voxel_size", "crop_radius", "view_voxel", "tile_size", "input_max_range"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"GTConfig.{name} must be positive, found {getattr(self, name)}")
+        if self.view_mask not in VIEW_MASKS:
+            raise ConfigError(f"GTConfig.view_mask must be one of {', '.join(VIEW_MASKS)}, found "
+                              f"{self.view_mask!r}")
 
-    def to_dict(self) -> Dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+    def to_dict(self) -> Dict:
+        out = {k: v if isinstance(v, str) else float(v) for k, v in asdict(self).items()}
+        if out["view_mask"] == "origin":
+            # left out at its default: the headers of caches built before the choice existed
+            # compare equal, and those caches are not rebuilt
+            del out["view_mask"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Dict) -> "GTConfig":
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: float(v) for k, v in d.items() if k in known})
+        return cls(**{k: (str(v) if k == "view_mask" else float(v)) for k, v in d.items() if k in known})
+
+
+#: Viewpoint masks: "origin" (ours, the default) - 10 m cells anchored at the scan frame's origin,
+#: occupied by the filtered input scan (3.5 m < range < 50 m, z > -4 m); "published" - the rule of
+#: the published evaluation (LiDiff's eval_path): cells anchored at the raw scan's lowest corner
+#: minus half a cell (Open3D's VoxelGrid.create_from_point_cloud), occupied by the raw scan within
+#: 50 m (no near or height limit).
+VIEW_MASKS = ("origin", "published")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,15 +153,23 @@ def accumulate_map(sequence: kitti.SemanticKittiSequence, config: GTConfig = GTC
 # ----------------------------------------------------------------------------------------------
 # crops
 # ----------------------------------------------------------------------------------------------
-def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10.0) -> np.ndarray:
+def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10.0,
+                   anchor: str = "origin") -> np.ndarray:
     """True for ``points`` inside a ``cell``-sized voxel that some ``scan_points`` occupy (both in the
-    same frame). Dense lookup over the scan's cell bounding box: O(N + M)."""
+    same frame). The grid's cells start at the frame's origin (``anchor="origin"``), or at the
+    scan's lowest corner minus half a cell (``"scan_bounds"``: Open3D's
+    VoxelGrid.create_from_point_cloud, whose check_if_included the published evaluation masks
+    with). Dense lookup over the scan's cell bounding box: O(N + M)."""
     pts = np.asarray(points)[:, :3]
     out = np.zeros(len(pts), dtype=bool)
-    scan = np.asarray(scan_points)[:, :3]
+    scan = np.asarray(scan_points)[:, :3].astype(np.float64)
     if not len(scan) or not len(pts):
         return out
-    sc = np.floor(scan.astype(np.float64) / cell).astype(np.int64)
+    if anchor not in ("origin", "scan_bounds"):
+        raise ValueError(f"anchor must be 'origin' or 'scan_bounds', got {anchor!r}")
+    shift = scan.min(0) - cell / 2 if anchor == "scan_bounds" else np.zeros(3)
+    scan = scan - shift
+    sc = np.floor(scan / cell).astype(np.int64)
     lo = sc.min(0)
     dims = sc.max(0) - lo + 1
     grid = np.zeros(int(np.prod(dims)), dtype=bool)
@@ -154,7 +179,7 @@ def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10
     flat = np.zeros(len(pts), dtype=np.int64)
     ok = np.ones(len(pts), dtype=bool)
     for axis in range(3):
-        c = np.floor(pts[:, axis].astype(np.float64) / cell).astype(np.int64) - lo[axis]
+        c = np.floor((pts[:, axis].astype(np.float64) - shift[axis]) / cell).astype(np.int64) - lo[axis]
         ok &= (c >= 0) & (c < dims[axis])
         flat = flat * dims[axis] + np.clip(c, 0, dims[axis] - 1)
     out[ok] = grid[flat[ok]]
@@ -164,16 +189,20 @@ def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10
 def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
                  config: GTConfig = GTConfig(), return_indices: bool = False):
     """The target of one frame: map points within ``crop_radius`` of the pose, in the scan frame,
-    z > ``z_min``, inside the 10 m cells the input scan (range and z filtered) occupies."""
+    z > ``z_min``, inside the 10 m cells the input scan occupies (``config.view_mask``)."""
     if return_indices:
         pts_w, idx = map_index.query(pose[:3, 3], config.crop_radius, return_indices=True)
     else:
         pts_w, idx = map_index.query(pose[:3, 3], config.crop_radius), None
     local = inverse_transform(pts_w, pose)
     inp = np.asarray(scan)[:, :3]
-    inp = inp[input_mask(inp, config)]
     keep = local[:, 2] > config.z_min
-    keep &= viewpoint_mask(local, inp, config.view_voxel)
+    if config.view_mask == "published":
+        # as the published evaluation masks: the raw scan within range, no near or height limit
+        view = inp[range_of(inp) < config.input_max_range]
+        keep &= viewpoint_mask(local, view, config.view_voxel, anchor="scan_bounds")
+    else:
+        keep &= viewpoint_mask(local, inp[input_mask(inp, config)], config.view_voxel)
     out = local[keep].astype(np.float32)
     if return_indices:
         return out, idx[keep]
