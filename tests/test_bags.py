@@ -246,6 +246,17 @@ def test_a_file_compressed_bag_without_metadata_names_its_file(tmp_path):
         BagReader(tmp_path / "bag")
 
 
+def test_an_offline_report_leaves_no_files_of_a_live_run_beside_it(tmp_path):
+    """A report folder reused for an offline run kept the live run's live_events.json and node.log."""
+    bag = write_clouds(tmp_path / "bag", _clouds(2, 500), field_names=FIELDS4)
+    out = tmp_path / "rep"
+    out.mkdir()
+    for name in ("live_events.json", "node.log"):
+        (out / name).write_text("{}")
+    write_report(bench_offline(bag, "/velodyne_points", _Picky(), progress=False), out)
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["report.json", "report.md"]
+
+
 def test_offline_bench_counts_truncated_messages_as_dropped(tmp_path):
     clouds = _clouds(5, 70_000, seed=3)
     bag = write_clouds(tmp_path / "bag", clouds, field_names=FIELDS4)

@@ -250,10 +250,19 @@ def plot_all(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+#: What a live run writes into its report folder besides the report (events and the node's log).
+LIVE_FILES = ("live_events.json", "node.log")
+
+
 def write_report(report: dict, out_dir) -> dict:
     """Write report.json, report.md and the three PNG plots into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if report.get("mode") == "offline":
+        # a live run's own files, left by an earlier run into the same folder, would sit beside an
+        # offline report that they do not belong to
+        for name in LIVE_FILES:
+            (out_dir / name).unlink(missing_ok=True)
     plots = plot_all(report, out_dir)
     (out_dir / REPORT_JSON).write_text(json.dumps(_json_safe(report), indent=1) + "\n")
     (out_dir / REPORT_MD).write_text(markdown(report))
