@@ -59,7 +59,8 @@ def run_case(points: int, count: int, rate: float, qos: str, pub_profile: bool, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=None, help=f"clouds per case (default {COUNT}; 20 with --quick)")
+    ap.add_argument("--count", type=int, default=None,
+                    help=f"clouds per case (default {COUNT}; 20 with --quick)")
     ap.add_argument("--points", type=int, default=120_000, help="points per cloud (xyz float32)")
     ap.add_argument("--rate", type=float, default=10.0, help="publish rate, Hz")
     ap.add_argument("--large-points", type=int, default=1_080_000,

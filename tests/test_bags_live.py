@@ -373,6 +373,9 @@ def test_node_params_are_checked_before_the_node_starts(tmp_path):
     _check_node_params(["n_fps:=300", "qos_overrides./x.subscription.depth:=3", "use_sim_time:=true"],
                        default_node=True)
     _check_node_params(["own_param:=1"], default_node=False)      # another node: its own names
+    _check_node_params(["lidar_completion:n_fps:=300"], default_node=True)   # rcl's node prefix
+    with pytest.raises(BagError, match="no parameter 'n_fsp'"):
+        _check_node_params(["lidar_completion:n_fsp:=300"], default_node=True)
 
 
 def test_completions_are_logged_in_the_order_they_came(monkeypatch):

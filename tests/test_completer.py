@@ -142,8 +142,36 @@ def test_too_few_points_says_where_the_others_are():
                                                r"centred on the sensor"):
         c.complete(scan + [452_317.25, 5_411_883.75, 0.0])
     forward = np.stack([scan[:, 0], scan[:, 1], scan[:, 2] - 30.0], axis=1)   # most far below the floor
-    with pytest.raises(CloudFormatError, match=r"in range but at z <= -4 m \(is the cloud's z axis up"):
+    with pytest.raises(CloudFormatError, match=r"in range but at z <= -4 m \(\d+ of the \d+ points "
+                                               r"within range lie more than 5 m below the sensor: is the "
+                                               r"scan's z axis up"):
         c.complete(forward[np.linalg.norm(forward, axis=1) < 50.0])
+    with pytest.raises(CloudFormatError) as err:          # nothing outside the limits: no dangling "; "
+        c.complete(scan[:50])
+    assert str(err.value).endswith("are needed"), str(err.value)
+
+
+class OutwardRefiner(nn.Module):
+    """Moves every point 0.5-1.5 m away from the sensor (six copies), as a refiner may near the edge."""
+
+    def forward(self, points, batch):
+        out = points[:, :3] / points[:, :3].norm(dim=1, keepdim=True).clamp_min(1e-6)
+        steps = torch.linspace(0.5, 1.5, 6)
+        return (out[:, None, :] * steps[None, :, None]).reshape(points.shape[0], 18)
+
+
+def test_the_refined_completion_is_kept_within_the_range():
+    """The completion was cut at 50 m before refinement, which moved points past it: evaluate scored
+    them, evaluate-files (which cuts completions read from files at 50 m, as published) did not."""
+    rng = np.random.default_rng(2)
+    r, a = rng.uniform(30.0, 49.9, 4000), rng.uniform(0, 2 * np.pi, 4000)
+    scan = np.stack([r * np.cos(a), r * np.sin(a), rng.normal(-1.5, 0.3, 4000)], axis=1).astype(np.float32)
+    c = _completer(refiner=OutwardRefiner(), steps=1)
+    res = c.complete_detailed(scan)
+    raw_r = np.linalg.norm(res.raw, axis=1)
+    assert raw_r.max() < 50.0 and (raw_r > 48.6).any()        # some would be pushed past 50 m
+    assert np.linalg.norm(res.points.astype(np.float64), axis=1).max() < 50.0
+    assert 0 < len(res.points) < 6 * len(res.raw)
 
 
 def test_input_validation():
@@ -328,7 +356,8 @@ def test_a_diverging_solver_is_named_as_such_not_as_a_bad_cloud():
 
     comp = Completer(FakeEncoder(), ExplodingDenoiser(), None, steps=4, guidance=1.0, seed=0, n_fps=200,
                      tile=5)
-    with pytest.raises(ModelOutputError, match=r"the solver diverged on this scan \(a point reached [\d.]+ km "
+    with pytest.raises(ModelOutputError, match=r"the solver diverged on this scan \(a point reached "
+                                               r"[\d.]+ km "
                                                r"from the sensor\).*a smaller n_fps \(now 200\)") as err:
         comp.complete(_scan(0))
     assert "centred on the sensor" not in str(err.value) and "non-finite" not in str(err.value)

@@ -131,16 +131,16 @@ def test_complete_says_what_it_left_out_and_warns_of_a_scan_not_z_up(ckpt, scan_
     pts = read_cloud(scan_file)
     holes = np.concatenate([pts, np.full((40, 3), np.nan, np.float32), pts[:25] * 10])   # 25 beyond 50 m
     write_cloud(tmp_path / "holes.npy", holes)
-    assert main(["complete", str(tmp_path / "holes.npy"), "-o", str(tmp_path / "a.npy"), "--checkpoint", str(ckpt)]
-                + FAST) == 0
+    assert main(["complete", str(tmp_path / "holes.npy"), "-o", str(tmp_path / "a.npy"),
+                 "--checkpoint", str(ckpt)] + FAST) == 0
     line = capsys.readouterr().out
     assert f"holes.npy: {len(holes)} points (left out: 40 non-finite, 25 outside the range / z limits) ->" \
         in line, line
     forward = np.stack([-pts[:, 1], -pts[:, 2], pts[:, 0]], axis=1)          # x right, y down, z forward
     write_cloud(tmp_path / "forward.npy", forward)
     with caplog.at_level("WARNING"):
-        main(["complete", str(tmp_path / "forward.npy"), "-o", str(tmp_path / "b.npy"), "--checkpoint", str(ckpt)]
-             + FAST)
+        main(["complete", str(tmp_path / "forward.npy"), "-o", str(tmp_path / "b.npy"),
+              "--checkpoint", str(ckpt)] + FAST)
     assert any("is the scan's z axis up" in r.getMessage() for r in caplog.records), caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):

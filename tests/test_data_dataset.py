@@ -188,3 +188,48 @@ def test_items_left_unsampled_draw_the_same_augmentation(root):
     np.testing.assert_array_equal(a["target"], b["target"])
     assert len(b["raw_scan"]) == len(a["raw_scan"]) and not np.array_equal(b["raw_scan"], a["raw_scan"])
     np.testing.assert_allclose(np.sort(b["raw_scan"], axis=0), np.sort(a["raw_scan"], axis=0), atol=1e-5)
+
+
+def test_a_published_mask_cache_is_masked_again_on_its_own_grid(root, tmp_path, monkeypatch):
+    """Training masks a target again with the label-filtered scan (no cells of moving objects only).
+    On a `--view-mask published` cache that second mask must use the cache's grid - it starts at the
+    raw scan's lowest corner, near and low points included - not the filtered scan's, or it cuts away
+    cells the cache kept (10 % of a target, measured, with one scan point in a ditch 6 m down)."""
+    import shutil
+
+    from lidar_completion.data import kitti
+
+    data = tmp_path / "data"
+    shutil.copytree(root / "sequences", data / "sequences")
+    scan_file = data / "sequences" / "00" / "velodyne" / "000000.bin"
+    label_file = data / "sequences" / "00" / "labels" / "000000.label"
+    ditch = np.array([[20.0, -7.0, -6.3, 0.0]], np.float32)          # static (road), below z = -4
+    scan_file.write_bytes(scan_file.read_bytes() + ditch.tobytes())
+    label_file.write_bytes(label_file.read_bytes() + np.array([40], np.uint32).tobytes())
+    cfg = gt.GTConfig(view_mask="published")
+    gt.build_gt(data, ["00"], out=tmp_path / "cache", config=cfg, progress=False)
+    ds = TrainingDataset(data, ["00"], cache_root=tmp_path / "cache", n_fps=N_FPS, tile=TILE,
+                         augment=False, target_points=None)
+    assert ds.config.view_mask == "published"
+    seq = kitti.SemanticKittiSequence(data, "00")
+    origins = []
+    mask = gt.viewpoint_mask
+
+    def recorded(points, scan_points, cell=10.0, grid_origin=None):
+        origins.append(grid_origin)
+        return mask(points, scan_points, cell, grid_origin)
+
+    monkeypatch.setattr(gt, "viewpoint_mask", recorded)
+    cached = gt.GTCache(tmp_path / "cache", "00").load_target(0)
+    assert len(ds[0]["target"]) >= 0.97 * len(cached)        # only cells of moving objects alone go
+    expected = gt.published_grid_origin(seq.scan(0), cfg)
+    assert len(origins) == 1 and np.array_equal(origins[0], expected)
+    scan = seq.scan(0)
+    filtered = scan[gt.input_mask(scan, cfg, seq.labels(0)), :3]
+    assert expected[2] < filtered[:, 2].min() - 5.0           # low points the filtered scan lacks
+    monkeypatch.undo()
+    # a consumer that asks for no settings (training, validation, evaluate --build-gt) keeps the
+    # cache's rule instead of rebuilding it by the default one
+    rebuilt = gt.build_sequence(seq, tmp_path / "cache")
+    assert rebuilt.config.view_mask == "published"
+    np.testing.assert_array_equal(rebuilt.load_target(0), cached)

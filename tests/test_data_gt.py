@@ -147,19 +147,20 @@ def test_the_published_viewpoint_mask_is_open3ds_grid_from_the_raw_scan():
     scan = np.concatenate([rng.uniform(-45, 45, (300, 3)) * [1, 1, 0.05],
                            [[1.0, 0.5, -1.0], [2.0, -30.0, -6.0]]])        # near and low: raw only
     pts = rng.uniform(-50, 50, (20000, 3)) * [1, 1, 0.1]
-    origin = scan.min(0) - 5.0
-    cells = {tuple(c) for c in np.floor((scan - origin) / 10.0).astype(int)}
+    raw = scan[np.linalg.norm(scan, axis=1) < 50.0]                        # eval_path: dist < max_range
+    origin = raw.min(0) - 5.0
+    cells = {tuple(c) for c in np.floor((raw - origin) / 10.0).astype(int)}
     want = np.array([tuple(c) in cells for c in np.floor((pts - origin) / 10.0).astype(int)])
-    got = gt.viewpoint_mask(pts, scan, 10.0, anchor="scan_bounds")
+    np.testing.assert_array_equal(gt.published_grid_origin(scan), origin)
+    got = gt.viewpoint_mask(pts, raw, 10.0, gt.published_grid_origin(scan))
     np.testing.assert_array_equal(got, want)
-    assert (got != gt.viewpoint_mask(pts, scan, 10.0)).any()       # the two grids differ
+    assert (got != gt.viewpoint_mask(pts, raw, 10.0)).any()        # the two grids differ
     # frame_target with view_mask "published" masks with that rule and the raw scan within range
     m = np.concatenate([pts, scan + rng.normal(0, 0.01, scan.shape)]).astype(np.float32)
     cfg = gt.GTConfig(view_mask="published")
     target = gt.frame_target(gt.MapIndex(m, cfg.tile_size), np.eye(4), scan.astype(np.float32), cfg)
     local = m[(np.linalg.norm(m.astype(np.float64), axis=1) <= cfg.crop_radius) & (m[:, 2] > cfg.z_min)]
-    raw = scan[np.linalg.norm(scan, axis=1) < cfg.input_max_range]
-    expected = local[gt.viewpoint_mask(local, raw, 10.0, anchor="scan_bounds")]
+    expected = local[gt.viewpoint_mask(local, raw, 10.0, origin)]
     order = lambda a: a[np.lexsort(a.T)]   # noqa: E731 - the same points, whatever their order
     np.testing.assert_array_equal(order(target), order(expected))
     # the default is left out of the cache header: caches built before the option are not rebuilt

@@ -519,33 +519,6 @@ def test_frames_where_a_metric_is_undefined_are_named(tmp_path, capsys):
     assert "(frames 000001: no point of the prediction or of the target inside the +-50 m cube)" in md
 
 
-def test_evaluate_and_evaluate_files_score_the_same_points_of_a_completion(synth, tiny_ckpt, tmp_path):
-    """The completion is cut at 50 m before refinement, which moves points by up to a metre:
-    evaluate scored the refined points beyond 50 m, evaluate-files (which cuts what it reads at 50 m)
-    did not, so the two commands disagreed on the same completion."""
-    from lidar_completion.io import write_cloud
-
-    completer = small_completer(tiny_ckpt)
-    original, made = completer.complete_detailed, {}
-
-    def past_the_cut(points, seed=None):
-        res = original(points, seed=seed)
-        # what refinement can push past the cut
-        res.points = np.concatenate([res.points, np.array([[50.2, 0.0, 0.0], [0.0, -50.6, 0.3]], np.float32)])
-        made["points"] = res.points
-        return res
-
-    completer.complete_detailed = past_the_cut
-    evaluate_sequence(synth, sequence="08", out=tmp_path / "e", options=OPTS, completer=completer,
-                      settings=CompletionSettings(checkpoint=str(tiny_ckpt)))
-    write_cloud(tmp_path / "pred" / "000000.npy", made["points"])
-    evaluate_files(tmp_path / "pred", synth / "gt_cache" / "08", tmp_path / "f", options=OPTS)
-    a, = read_records(tmp_path / "e" / "frames.jsonl")
-    b, = read_records(tmp_path / "f" / "frames.jsonl")
-    assert a["n_pred"] == b["n_pred"] == len(made["points"]) - 2
-    assert a["cd"] == pytest.approx(b["cd"], rel=1e-6) and a["iou"] == b["iou"]
-
-
 def test_the_input_baseline_refuses_completion_settings(synth, tmp_path, capsys):
     """--baseline input with --min-range / --steps scored the cached scan as it is, saying nothing."""
     assert main(["evaluate", str(synth), "--baseline", "input", "--min-range", "10", "--steps", "3",

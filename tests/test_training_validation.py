@@ -160,6 +160,8 @@ def test_a_best_chosen_by_another_metric_does_not_count(tmp_path, caplog):
         v = Validator(cfg, "teacher", tmp_path)
     assert v.best is None and v.improved({"cd": 0.3, "jsd_bev": 0.05})
     assert "best by jsd_bev, but validation.select is cd now" in caplog.text
+    # its weights moved aside: best/ never holds a best by a metric the run no longer selects by
+    assert not (tmp_path / "best").exists() and list((tmp_path / "earlier").glob("*/best/validation.json"))
     _best(tmp_path, 2, select="cd", value=0.05)              # the same metric: kept
     assert Validator(cfg, "teacher", tmp_path).best["value"] == 0.05
 

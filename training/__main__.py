@@ -144,10 +144,11 @@ def main(argv=None) -> int:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = 130
     except KeyboardInterrupt:
-        # Ctrl-C outside the training steps (the data, its caches or the networks being prepared):
-        # the trainer's handler is not installed yet, so Python raises; one line, not a traceback
-        print("interrupted: Ctrl-C before training began (while the run was prepared); no checkpoint "
-              "was written by this run", file=sys.stderr)
+        # Ctrl-C outside the training steps, where the trainer's handler is not installed (the data,
+        # its caches or the networks being prepared, or the run's summary being written after
+        # them): one line, not a traceback
+        print("interrupted: Ctrl-C outside the training steps; the run's checkpoints, if it wrote "
+              "any, are in its checkpoints/ folder (--resume continues from the latest)", file=sys.stderr)
         code = 130
     except LidarCompletionError as exc:
         report_error(exc)

@@ -231,8 +231,8 @@ def apply_overrides(cfg: dict, overrides) -> dict:
         if isinstance(value, dict) and isinstance(section, dict) and keys[-1] not in ("model", "composite"):
             # a mapping is merged over the section's current values, as a config file is merged over
             # the defaults: `train.optimizer={lr: 0.01}` changes the rate of the configured optimiser
-            # (replacing the section meant Adam in place of a configured SGD, and a missing key
-            # such as train.max_steps a KeyError later). Its keys are checked as dotted overrides
+            # and keeps its name and momentum (a replaced section would lose them, and keys such as
+            # train.max_steps that the trainers read). Its keys are checked as dotted overrides
             # are (a typo such as momentun would otherwise mean "left as it was", silently)
             unknown = sorted(set(value) - set(section))
             if unknown:
@@ -413,7 +413,8 @@ def validate(cfg: dict) -> None:
     # gamma <= 0 makes the learning rate 0 or negative (gradient ascent) after the first period
     _check(float(tr["lr_schedule"].get("gamma", 1.0)) > 0,
            f"train.lr_schedule.gamma must be positive, got {tr['lr_schedule'].get('gamma')}")
-    _check(int(cfg["log"]["every_steps"]) >= 0, f"log.every_steps must be >= 0, got {cfg['log']['every_steps']}")
+    _check(int(cfg["log"]["every_steps"]) >= 0,
+           f"log.every_steps must be >= 0, got {cfg['log']['every_steps']}")
     # step % -N is 0 for every step: a negative period rendered every step instead of never
     _check(int(cfg["log"]["render_every_steps"]) >= 0,
            f"log.render_every_steps must be >= 0 (0: off), got {cfg['log']['render_every_steps']}")
@@ -461,7 +462,8 @@ def validate(cfg: dict) -> None:
             _check(float(r[key]) >= 0, f"refiner.{key} must be >= 0, got {r[key]}")
         for key in ("input_points", "target_points"):
             _check(int(r[key]) >= 1, f"refiner.{key} must be >= 1, got {r[key]}")
-        _check(float(r["target_voxel"]) > 0, f"refiner.target_voxel must be positive, got {r['target_voxel']}")
+        _check(float(r["target_voxel"]) > 0,
+               f"refiner.target_voxel must be positive, got {r['target_voxel']}")
     if cfg["kind"] == "distill":
         d = cfg["distill"]
         _check_teacher_source(cfg, "distill.teacher", "a distillation needs its teacher's checkpoint")

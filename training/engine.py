@@ -278,7 +278,8 @@ class Trainer(abc.ABC):
             self.model_config = ModelConfig.from_dict(st["model_config"])
         if key in (st.get("sources") or {}):
             self.sources[key] = st["sources"][key]
-        log.warning("--resume: %s %s does not exist; %s taken from the training state %s", key, src, what, path)
+        log.warning("--resume: %s %s does not exist; %s taken from the training state %s", key, src, what,
+                    path)
         return True
 
     @staticmethod
@@ -683,7 +684,8 @@ class Trainer(abc.ABC):
             again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
             if finishing:
                 # all steps are done: the final checkpoint (and export) are being written
-                what = "checkpoint and export are" if self.cfg["checkpoint"].get("export", True) else "checkpoint is"
+                exporting = self.cfg["checkpoint"].get("export", True)
+                what = "checkpoint and export are" if exporting else "checkpoint is"
                 print(f"\n{name} received: the run has done its {self.step} steps and stops once its final "
                       f"{what} written{again}", file=sys.stderr, flush=True)
             else:

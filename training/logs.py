@@ -112,7 +112,7 @@ class RunLogger:
             shown = {k: f"{float(v):.4g}" for k, v in (postfix or {}).items()
                      if v is not None and math.isfinite(float(v))}
             if postfix is not None:
-                # before update(), which draws the bar: set after it, the values showed a step late
+                # before update(), which draws the bar: the values shown are the step's just counted
                 self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
 

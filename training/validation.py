@@ -103,10 +103,13 @@ class Validator:
             log.warning("%s is unreadable; the best checkpoint is chosen afresh", path)
             return None
         if best.get("select", self.select) != self.select:
-            # values of another metric: a cd compared with a jsd_bev froze the best for the rest
-            # of the run. The next validation becomes the best (and replaces best/)
-            log.warning("%s holds the best by %s, but validation.select is %s now: the best is chosen "
-                        "afresh by %s from the next validation on", path, best["select"], self.select,
+            # values of another metric cannot be compared with this one's; its weights move aside,
+            # so that best/ never holds a best by a metric the run no longer selects by
+            from .logs import aside_folder
+            aside = aside_folder(self.out) / BEST_DIR
+            self.best_dir.rename(aside)
+            log.warning("%s held the best by %s, but validation.select is %s now: moved to %s; the "
+                        "best is chosen afresh by %s", self.best_dir, best["select"], self.select, aside,
                         self.select)
             return None
         return best

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import numbers
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -474,14 +473,30 @@ class Completer:
         in_range = (r > self.min_range) & (r < self.max_range)
         counts = [(int((r >= self.max_range).sum()), f"at {self.max_range:g} m or beyond"),
                   (int((r <= self.min_range).sum()), f"within {self.min_range:g} m"),
-                  (int((in_range & (pts[:, 2] <= self.min_z)).sum()), f"in range but at z <= {self.min_z:g} m")]
-        text = "; " + ", ".join(f"{n} {where}" for n, where in counts if n)
+                  (int((in_range & (pts[:, 2] <= self.min_z)).sum()),
+                   f"in range but at z <= {self.min_z:g} m")]
+        text = ", ".join(f"{n} {where}" for n, where in counts if n)
         if len(r) and r.min() >= 10 * self.max_range:
             text += (f" (the nearest point is {r.min():.4g} m from the origin: complete the scan in a "
                      "frame centred on the sensor, not a map frame)")
-        elif counts[2][0] > in_range.sum() / 2:
-            text += " (is the cloud's z axis up, as the networks were trained?)"
-        return text
+        elif self.not_z_up(pts) is not None:
+            text += f" ({self.not_z_up(pts)})"
+        return "; " + text if text else ""
+
+    def not_z_up(self, points) -> str | None:
+        """A hint when the scan's z axis is likely not up: over a fifth of the points within range lie
+        more than 5 m below the sensor (a level LiDAR sees the ground 1-3 m down; a camera-style
+        frame, z forward, puts what lies behind the sensor there). None otherwise."""
+        pts = np.asarray(points, dtype=np.float64)[:, :3]
+        pts = pts[np.isfinite(pts).all(axis=1)]
+        r = np.linalg.norm(pts, axis=1)
+        in_range = (r > self.min_range) & (r < self.max_range)
+        low = int((in_range & (pts[:, 2] < -5.0)).sum())
+        if low <= 0.2 * max(1, int(in_range.sum())):
+            return None
+        return (f"{low} of the {int(in_range.sum())} points within range lie more than 5 m below the "
+                "sensor: is the scan's z axis up, with its origin at the sensor (the frame the networks "
+                "were trained in)?")
 
     def unconditional(self, num_points: int):
         """The condition of an all-zero cloud of ``num_points`` points (cached; scan-independent)."""
@@ -637,9 +652,16 @@ class Completer:
             check()
             with clock("refinement"):
                 refined = self.refine_points(raw_t).cpu().numpy()
-            if not np.isfinite(refined).all():
-                raise self._model_error(f"the refiner made {int((~np.isfinite(refined).all(1)).sum())} of "
-                                        f"{len(refined)} points not finite")
+                if not np.isfinite(refined).all():
+                    raise self._model_error(f"the refiner made {int((~np.isfinite(refined).all(1)).sum())} "
+                                            f"of {len(refined)} points not finite")
+                if self.post_max_range:
+                    # the refiner moves a point by up to a metre: the completion is cut at the range
+                    # again, as the published evaluation cuts completions read from files, so that
+                    # what is written, published and scored lies within it
+                    far = np.einsum("ij,ij->i", refined, refined) >= self.post_max_range ** 2
+                    if far.any():
+                        refined = refined[~far]
         times = dict(clock.times)
         times["total"] = time.perf_counter() - t_start
         return CompletionResult(points=refined if refined is not None else raw, raw=raw,
@@ -681,11 +703,10 @@ class Completer:
         the settings), or points beyond the sparse engine's coordinate range - the denoiser's
         predictions grew without bound on this scan. Measured with the shipped student: a 64-beam
         scan thinned to every 8th beam diverges at n_fps 4000 and completes at 3000."""
-        found = re.search(r"(\d+) voxels from the origin", str(exc))
-        if not found:
+        if getattr(exc, "reason", None) != "coordinate_range":
             return self._model_error(f"during the solver: {exc}")
         voxel = getattr(getattr(self.denoiser, "config", None), "voxel_size", 0.05)
-        where = f"a point reached {int(found.group(1)) * voxel / 1000:.3g} km from the sensor"
+        where = f"a point reached {exc.extent * voxel / 1000:.3g} km from the sensor"
         return ModelOutputError(
             f"the solver diverged on this scan ({where}): the networks' predictions grew without bound, "
             f"as they can on a scan unlike those the checkpoint was trained on ({n_points} points within "

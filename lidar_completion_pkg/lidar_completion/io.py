@@ -525,7 +525,7 @@ def write_cloud(path, points, binary: bool = True, field_names=None, durable: bo
         raise CloudFormatError(f"{path}: can only write a numeric (N, 3+) array, got shape "
                                f"{pts.shape} dtype {pts.dtype}")
     # float32, as read_cloud returns; float64 stays float64 in .npy / .ply / .pcd (coordinates far
-    # from the origin, e.g. a completion moved into a UTM map frame, where float32 steps by 0.25 m)
+    # from the origin, e.g. a completion moved into a UTM map frame, where float32 steps by up to 1 m)
     pts = pts.astype(np.float64 if pts.dtype == np.float64 and ext != ".bin" else np.float32)
     names = list(field_names) if field_names else ["x", "y", "z"] + [
         "intensity" if i == 3 else f"f{i}" for i in range(3, pts.shape[1])]

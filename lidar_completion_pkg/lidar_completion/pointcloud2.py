@@ -201,11 +201,11 @@ def read_points(msg, field_names: Sequence[str] | None = None, skip_nans: bool =
 
 def read_points_numpy(msg, field_names: Sequence[str] = ("x", "y", "z"),
                       skip_nans: bool = True, dtype="float32") -> np.ndarray:
-    """(N, k) float32 array of the named fields, in the requested order.
+    """(N, k) array of the named fields, in the requested order (float32 unless ``dtype`` says).
 
     ``dtype="float64"`` returns float64; ``dtype="auto"`` float64 when any of the named fields is
     stored as float64 and float32 otherwise: a cloud in a frame far from its origin (UTM-sized map
-    coordinates, where float32 steps by 0.25-0.5 m) keeps its precision for a transform.
+    coordinates, where float32 steps by up to 1 m) keeps its precision for a transform.
     When the fields are consecutive native float32 values and rows are unpadded, the float32 result
     is a strided view of ``msg.data`` (zero-copy, read-only when the message owns immutable bytes);
     otherwise one copy.

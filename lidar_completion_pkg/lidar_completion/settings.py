@@ -191,8 +191,7 @@ class CompletionSettings:
     min_range: float = _opt(DEFAULTS["min_range"], "input points closer than this (m) are ignored", float,
                             range=(0.0, 1000.0), metavar="M")
     max_range: float = _opt(DEFAULTS["max_range"], "input points farther than this (m) are ignored (the "
-                            "completion is cut at 50 m from the sensor before refinement, as published)",
-                            float,
+                            "completion itself is kept within 50 m of the sensor, as published)", float,
                             range=(0.1, 1000.0), metavar="M")
     min_z: float = _opt(DEFAULTS["min_z"], "input points below this height (m, in the frame the networks "
                         "see: the node's model_frame, else the scan's own) are ignored", float,

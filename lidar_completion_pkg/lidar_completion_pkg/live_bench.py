@@ -45,15 +45,17 @@ def live_environment(domain_id: int | None = None, base: dict | None = None) -> 
 
 
 def _check_node_params(node_params, default_node: bool) -> None:
-    """NAME:=VALUE each, and (for our node) names it has: a typo was ignored by the node with a
-    warning only in node.log, and the benchmark ran with the default instead, saying nothing."""
+    """NAME:=VALUE each (or rcl's NODE:NAME:=VALUE), and for our node names it has: the node ignores
+    an unknown name with a warning that only node.log would show, and the run would measure the
+    default instead of what was asked."""
     from .parameters import unknown_parameter
 
     for given in node_params or ():
         name, sep, _value = str(given).partition(":=")
-        if not sep or not name.strip():
+        name = name.strip().rpartition(":")[2]         # rcl's optional node-name prefix
+        if not sep or not name:
             raise BagError(f"--node-param expects NAME:=VALUE, found {given!r}")
-        problem = unknown_parameter(name.strip()) if default_node else None
+        problem = unknown_parameter(name) if default_node else None
         if problem is not None:
             raise BagError(f"--node-param {given}: {problem}")
 
@@ -79,7 +81,7 @@ def bench_live(bag_path, topic: str, out_dir, *, checkpoint=None, steps: int | N
                        "or a .mcap / .db3 file)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    events_path = out_dir / "live_events.json"
+    events_path = out_dir / rep.LIVE_EVENTS
     if events_path.exists():
         events_path.unlink()
     cmd = [sys.executable, "-m", REPLAY_MODULE, str(bag_path), "--topic", topic,

@@ -91,7 +91,7 @@ ROS_PARAMETERS: tuple[Param, ...] = (
     Param("raw_output_topic", "string", "/completed_points_raw", "Unrefined completion topic"),
     Param("output_float64", "bool", False,
           "Publish float64 x, y, z instead of float32: for a target_frame far from its origin (a "
-          "UTM-sized map frame, where float32 steps by 0.25-0.5 m); float32 completions that reach "
+          "UTM-sized map frame, where float32 steps by up to 1 m); float32 completions that reach "
           "131 km from the origin are warned about"),
     # frames
     Param("model_frame", "string", "",

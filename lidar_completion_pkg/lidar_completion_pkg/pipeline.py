@@ -459,7 +459,7 @@ class CompletionPipeline:
         try:
             frame = str(msg.header.frame_id)
             # float64 x, y, z stay float64 until the transform into model_frame: a cloud in a map
-            # frame with UTM-sized coordinates would lose 0.25-0.5 m to float32 first
+            # frame with UTM-sized coordinates would lose up to half a metre to float32 first
             points = read_points_numpy(msg, ("x", "y", "z"), skip_nans=True, dtype="auto")
             if self.mailbox.put((msg.header, points, t_received)):
                 self.stats.note_dropped()

@@ -42,6 +42,7 @@ from lidar_completion.bags.io import (
     CLOUD_TYPE, DEFAULT_TOPIC, BagReader, BagWriter, deserialize, stamp_to_ns,
 )
 from lidar_completion.bags.memory import MemorySampler
+from lidar_completion.bags.report import NODE_LOG
 from lidar_completion.errors import LidarCompletionError
 
 from .live_bench import counters_of, unfinished
@@ -184,7 +185,7 @@ class Replay:
     def start_node(self) -> None:
         out_dir = Path(self.args.events).resolve().parent
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = out_dir / "node.log"
+        log_path = out_dir / NODE_LOG
         cmd = node_command(self.args)
         self.events["node"] = {"cmd": cmd, "log": str(log_path), "pid": None, "returncode": None}
         logf = open(log_path, "wb")

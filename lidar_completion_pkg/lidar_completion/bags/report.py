@@ -250,8 +250,9 @@ def plot_all(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-#: What a live run writes into its report folder besides the report (events and the node's log).
-LIVE_FILES = ("live_events.json", "node.log")
+#: What a live run writes into its report folder besides the report: its events and the node's log.
+LIVE_EVENTS, NODE_LOG = "live_events.json", "node.log"
+LIVE_FILES = (LIVE_EVENTS, NODE_LOG)
 
 
 def write_report(report: dict, out_dir) -> dict:

@@ -178,7 +178,8 @@ def run_bench(args) -> int:
     _check_bag(args.bag, args.topic)  # before loading a model or starting a node
     mode = "live" if args.live else "offline"
     # the bag's own name, also for a bag given as "." or "drive/" (an empty name otherwise)
-    out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{Path(args.bag).resolve().name}-{mode}"
+    name = Path(args.bag).resolve().name
+    out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{name}-{mode}"
     if args.live:
         report = _run_live(args, settings, out)
     else:

@@ -118,26 +118,20 @@ def _check_kept_points(src, result) -> None:
 
 
 def _warn_if_not_z_up(src, scan: np.ndarray, completer) -> None:
-    """A warning when much of what lies within range is below min_z: a scan whose z axis is not up
-    (a camera-style frame, z forward) loses everything behind the sensor to the height limit and is
-    completed as if the ground were a wall."""
-    pts = np.asarray(scan, dtype=np.float64)[:, :3]
-    pts = pts[np.isfinite(pts).all(axis=1)]
-    r = np.linalg.norm(pts, axis=1)
-    in_range = (r > completer.min_range) & (r < completer.max_range)
-    low = int((in_range & (pts[:, 2] <= completer.min_z)).sum())
-    if low > 0.2 * max(1, int(in_range.sum())):
-        log.warning("%s: %d of the %d points within range lie at z <= %g m and are left out: is the "
-                    "scan's z axis up, with its origin at the sensor (the frame the networks were "
-                    "trained in)?", src, low, int(in_range.sum()), completer.min_z)
+    """A warning for a scan whose z axis is likely not up (:meth:`Completer.not_z_up`): it would
+    lose what lies behind the sensor to the height limit and be completed as if the ground were a
+    wall."""
+    hint = completer.not_z_up(scan)
+    if hint is not None:
+        log.warning("%s: %s", src, hint)
 
 
 def _line(src, result, out, n_read: int) -> str:
     """One scan's line: the points read and what of them was left out before completing (rows
     with NaN / inf - no-returns of an organised scan - and points outside the range / z limits)."""
-    dropped = [f"{n} {what}" for n, what in ((n_read - result.num_input, "non-finite"),
-                                             (result.num_input - result.num_filtered, "outside the range / z limits"))
-               if n > 0]
+    counts = ((n_read - result.num_input, "non-finite"),
+              (result.num_input - result.num_filtered, "outside the range / z limits"))
+    dropped = [f"{n} {what}" for n, what in counts if n > 0]
     left_out = f" (left out: {', '.join(dropped)})" if dropped else ""
     return (f"{src}: {n_read} points{left_out} -> {len(result.points)} points in "
             f"{result.timings['total']:.2f} s ({result.steps} {result.process} steps, w={result.guidance:g}, "

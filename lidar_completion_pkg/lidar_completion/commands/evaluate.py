@@ -203,7 +203,8 @@ def run(args) -> int:
     if args.baseline:
         # the baseline is the scan as the dataset filters it: completion settings would be ignored
         from ..settings import OPTIONS
-        given = [opt.flag for opt in OPTIONS if opt.name in vars(args) and opt.name != "seed"   # evaluate's own
+        given = [opt.flag for opt in OPTIONS if opt.name in vars(args)
+                 and opt.name != "seed"                         # evaluate's own --seed
                  and getattr(args, opt.name) != opt.default]
         if given:
             raise ConfigError(f"--baseline input scores the input scan as the dataset filters it (the "

@@ -192,8 +192,9 @@ class CompletionDataset(Dataset):
         if self.split == "eval":
             target = gt_mod.evaluation_target(target, cfg)
         if self.label_filter:
-            target = target[gt_mod.viewpoint_mask(target, raw, cfg.view_voxel, anchor="scan_bounds"
-                                                  if cfg.view_mask == "published" else "origin")]
+            # on the cache's grid (the published rule's starts where the raw scan does)
+            origin = gt_mod.published_grid_origin(scan, cfg) if cfg.view_mask == "published" else None
+            target = target[gt_mod.viewpoint_mask(target, raw, cfg.view_voxel, origin)]
         where = f"sequence {seq.sequence} frame {frame}"
         if not len(raw):
             raise EmptyFrameError(f"{where} ({seq.scan_path(frame)}, {len(scan)} points): no scan point "

@@ -154,20 +154,17 @@ def accumulate_map(sequence: kitti.SemanticKittiSequence, config: GTConfig = GTC
 # crops
 # ----------------------------------------------------------------------------------------------
 def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10.0,
-                   anchor: str = "origin") -> np.ndarray:
+                   grid_origin=None) -> np.ndarray:
     """True for ``points`` inside a ``cell``-sized voxel that some ``scan_points`` occupy (both in the
-    same frame). The grid's cells start at the frame's origin (``anchor="origin"``), or at the
-    scan's lowest corner minus half a cell (``"scan_bounds"``: Open3D's
-    VoxelGrid.create_from_point_cloud, whose check_if_included the published evaluation masks
-    with). Dense lookup over the scan's cell bounding box: O(N + M)."""
+    same frame). The grid's cells start at ``grid_origin`` (the frame's origin when None; the
+    published rule's: :func:`published_grid_origin`). Dense lookup over the scan's cell bounding
+    box: O(N + M)."""
     pts = np.asarray(points)[:, :3]
     out = np.zeros(len(pts), dtype=bool)
     scan = np.asarray(scan_points)[:, :3].astype(np.float64)
     if not len(scan) or not len(pts):
         return out
-    if anchor not in ("origin", "scan_bounds"):
-        raise ValueError(f"anchor must be 'origin' or 'scan_bounds', got {anchor!r}")
-    shift = scan.min(0) - cell / 2 if anchor == "scan_bounds" else np.zeros(3)
+    shift = np.zeros(3) if grid_origin is None else np.asarray(grid_origin, dtype=np.float64)
     scan = scan - shift
     sc = np.floor(scan / cell).astype(np.int64)
     lo = sc.min(0)
@@ -186,6 +183,16 @@ def viewpoint_mask(points: np.ndarray, scan_points: np.ndarray, cell: float = 10
     return out
 
 
+def published_grid_origin(scan: np.ndarray, config: GTConfig = GTConfig()) -> np.ndarray:
+    """Where the published evaluation's viewpoint grid starts: Open3D's
+    VoxelGrid.create_from_point_cloud of the raw scan within ``input_max_range`` (no near or height
+    limit) puts its origin at the scan's lowest corner minus half a cell, and check_if_included
+    floors (p - origin) / cell. Those raw points are also the ones that occupy its cells."""
+    raw = np.asarray(scan)[:, :3].astype(np.float64)
+    raw = raw[range_of(raw) < config.input_max_range]
+    return (raw.min(0) if len(raw) else np.zeros(3)) - config.view_voxel / 2
+
+
 def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
                  config: GTConfig = GTConfig(), return_indices: bool = False):
     """The target of one frame: map points within ``crop_radius`` of the pose, in the scan frame,
@@ -200,7 +207,7 @@ def frame_target(map_index: MapIndex, pose: np.ndarray, scan: np.ndarray,
     if config.view_mask == "published":
         # as the published evaluation masks: the raw scan within range, no near or height limit
         view = inp[range_of(inp) < config.input_max_range]
-        keep &= viewpoint_mask(local, view, config.view_voxel, anchor="scan_bounds")
+        keep &= viewpoint_mask(local, view, config.view_voxel, published_grid_origin(inp, config))
     else:
         keep &= viewpoint_mask(local, inp[input_mask(inp, config)], config.view_voxel)
     out = local[keep].astype(np.float32)
@@ -452,7 +459,13 @@ def _locked(path: Path, what: str):
 
 
 def _build_sequence(sequence, cache_root, config, verify, force, progress, on_frame, stats) -> GTCache:
-    config = config or GTConfig()
+    out = Path(cache_root) / sequence.sequence
+    if config is None:
+        # no settings asked for (training, validation, evaluate --build-gt): those the cache was
+        # built with, not the defaults, which would rebuild a `build-gt --view-mask published` cache
+        old = read_jsonl(out / "manifest.jsonl")[:1]
+        config = GTConfig.from_dict(old[0].get("config") or {}) if old and old[0].get("type") == "header" \
+            else GTConfig()
     if verify not in ("sha256", "size"):
         raise ConfigError(f"verify must be 'sha256' or 'size', found {verify!r}")
     if not sequence.has_labels:
@@ -460,7 +473,6 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
                            "missing); the ground-truth map needs them")
     stats = stats if stats is not None else BuildStats(sequence.sequence)
     stats.frames = len(sequence)
-    out = Path(cache_root) / sequence.sequence
     (out / "targets").mkdir(parents=True, exist_ok=True)
     stats.cache_dir = str(out)
     header = {"type": "header", "format": FORMAT, "version": VERSION,

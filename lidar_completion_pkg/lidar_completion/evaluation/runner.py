@@ -277,7 +277,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     if not (options.plots and records):
         # plots and renders of an earlier run into OUT would sit beside a summary they no longer
         # show (a resumed run of more frames with --no-plots)
-        for stale in (*(store.out / n for n in REPORT_FILES[2:]), *stale_renders(store.out)):
+        for stale in (*(store.out / n for n in PLOT_FILES), *stale_renders(store.out)):
             if stale.exists():
                 stale.unlink()
     if options.plots and records:
@@ -308,7 +308,8 @@ def _checked_prediction(pred) -> np.ndarray:
 
 
 # what a run writes beside frames.jsonl and run.json, made anew from the records at its end
-REPORT_FILES = ("summary.json", "summary.md", "cd_histogram.png", "metrics_over_sequence.png")
+PLOT_FILES = ("cd_histogram.png", "metrics_over_sequence.png")
+REPORT_FILES = ("summary.json", "summary.md") + PLOT_FILES
 
 
 def stale_renders(out: Path) -> List[Path]:

@@ -118,11 +118,7 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         run.update(source="completer", checkpoint=ckpt, refiner_checkpoint=refiner,
                    **completer_record(completer), device=str(completer.device), completer=repr(completer),
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
-        identity += COMPLETER_IDENTITY + ["pred_max_range"]
-        # the completion is cut at post_max_range before refinement, which moves points by up to
-        # a metre: the refined points are cut again, at the range evaluate-files cuts completions
-        # read from files at, so that the two commands score the same points
-        run["pred_max_range"] = completer.post_max_range
+        identity += COMPLETER_IDENTITY
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
@@ -138,10 +134,7 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
         if predict_fn is None:
             return inp, {}
         res = predict_fn(inp, seed=options.seed + int(index))
-        points = res.points
-        if run["pred_max_range"]:
-            points = points[np.linalg.norm(points.astype(np.float64), axis=1) < run["pred_max_range"]]
-        return points, dict(res.timings, seed=res.seed)
+        return res.points, dict(res.timings, seed=res.seed)
 
     return run_evaluation(src.keys, src.load, predict, out, run, options, indices=src.indices)
 

@@ -58,9 +58,11 @@ def check_coordinate_range(coords: torch.Tensor, points: torch.Tensor | None = N
     if bmin < 0 or bmax >= MAX_BATCH:
         raise CloudFormatError(f"batch index out of range 0..{MAX_BATCH - 1}")
     if extent >= AXIS_LIMIT:
-        raise CloudFormatError(
+        exc = CloudFormatError(
             f"a point lies {extent} voxels from the origin; at most {AXIS_LIMIT} are supported "
             "(is the cloud in metres and centred on the sensor?)")
+        exc.reason, exc.extent = "coordinate_range", int(extent)   # read by the Completer
+        raise exc
 
 
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
