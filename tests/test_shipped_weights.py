@@ -119,7 +119,9 @@ def test_student_completion_is_deterministic_and_refined(held_out_frames, studen
     _, gt = held_out_frames[0]
     np.testing.assert_array_equal(once.points, again.points)     # deterministic for a seed
     assert len(once.raw) <= 500 * 10 < len(a.raw)                  # (the small budget was used)
-    assert a.refined is not None and len(a.points) == 6 * len(a.raw)
+    # six points a point, less the few the refiner moved past the 50 m range (cut again)
+    assert a.refined is not None and 0.99 * 6 * len(a.raw) <= len(a.points) <= 6 * len(a.raw)
+    assert np.linalg.norm(a.points.astype(np.float64), axis=1).max() < 50.0
     assert len(a.raw) > 4000                                      # more points than the 4,000 FPS seeds
     # the refiner brings the student's cloud closer to the ground truth
     assert chamfer_distance(a.points, gt) < chamfer_distance(a.raw, gt)
