@@ -479,8 +479,8 @@ class Completer:
         if len(r) and r.min() >= 10 * self.max_range:
             text += (f" (the nearest point is {r.min():.4g} m from the origin: complete the scan in a "
                      "frame centred on the sensor, not a map frame)")
-        elif self.not_z_up(pts) is not None:
-            text += f" ({self.not_z_up(pts)})"
+        elif (hint := self.not_z_up(pts)) is not None:
+            text += f" ({hint})"
         return "; " + text if text else ""
 
     def not_z_up(self, points) -> str | None:

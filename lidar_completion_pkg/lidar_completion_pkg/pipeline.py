@@ -614,18 +614,19 @@ class CompletionPipeline:
         """The completion in target_frame as a PointCloud2: float64 x, y, z with ``output_float64``;
         float32 otherwise, with a warning where float32 rounds the coordinates by 8 mm or more."""
         wide = bool(self.config.get("output_float64", False))
-        if to_target is not None:
-            points = frames.apply(to_target, points, dtype=np.float64 if wide else np.float32)
+        if to_target is None:        # published in the frame it was completed in: within range
+            return create_cloud_xyz32(header, points)
+        points = frames.apply(to_target, points, dtype=np.float64 if wide else np.float32)
         if wide:
             return create_cloud_xyz64(header, points)
-        if len(points):
-            reach = float(np.abs(points).max())
-            if reach >= FLOAT32_PRECISE_M:
-                step = float(np.spacing(np.float32(reach)))
-                self._warn("float32_output",
-                           f"completed points reach {reach:.0f} m from the origin of frame "
-                           f"'{target}', where float32 coordinates step by {step:.3g} m: set "
-                           f"output_float64 to publish float64 x, y, z")
+        # the completion lies within max_range of the sensor, so the sensor's distance from the
+        # target frame's origin says how far out it is: no pass over the points
+        reach = float(np.linalg.norm(to_target[:3, 3]))
+        if reach >= FLOAT32_PRECISE_M:
+            step = float(np.spacing(np.float32(reach)))
+            self._warn("float32_output",
+                       f"the sensor is {reach:.0f} m from the origin of frame '{target}', where float32 "
+                       f"coordinates step by {step:.3g} m: set output_float64 to publish float64 x, y, z")
         return create_cloud_xyz32(header, points)
 
     def _checked_output(self, out, what: str, count: bool = True) -> Optional[np.ndarray]:

@@ -149,7 +149,7 @@ def _warm_up_completer(messages, ahead: list, topic: str, completer, limit) -> d
             # refused before the networks ran (nothing in the limits, too few points: a sensor
             # spinning up, a garage): it warmed nothing up, so the next scan is tried
             refused = (cloud.index, exc)
-            if sum(r.topic == topic for r in ahead) < WARMUP_TRIES:
+            if scans < WARMUP_TRIES:
                 continue
             break
         except LidarCompletionError as exc:

@@ -458,14 +458,25 @@ def _locked(path: Path, what: str):
         fh.close()
 
 
+def _built_config(out: Path) -> Optional[GTConfig]:
+    """The settings a cache in ``out`` was (or is being) built with: its journal's first record,
+    read alone (the journal holds a record per frame), or None."""
+    try:
+        with open(out / "manifest.jsonl", encoding="utf-8") as fh:
+            header = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or header.get("type") != "header":
+        return None
+    return GTConfig.from_dict(header.get("config") or {})
+
+
 def _build_sequence(sequence, cache_root, config, verify, force, progress, on_frame, stats) -> GTCache:
     out = Path(cache_root) / sequence.sequence
     if config is None:
         # no settings asked for (training, validation, evaluate --build-gt): those the cache was
         # built with, not the defaults, which would rebuild a `build-gt --view-mask published` cache
-        old = read_jsonl(out / "manifest.jsonl")[:1]
-        config = GTConfig.from_dict(old[0].get("config") or {}) if old and old[0].get("type") == "header" \
-            else GTConfig()
+        config = _built_config(out) or GTConfig()
     if verify not in ("sha256", "size"):
         raise ConfigError(f"verify must be 'sha256' or 'size', found {verify!r}")
     if not sequence.has_labels:
