@@ -940,6 +940,51 @@ def test_the_target_transform_is_taken_before_a_long_completion():
     assert len(sent) == 2 and pipe.stats.no_transform == 0
 
 
+def test_a_scan_whose_target_frame_has_no_transform_is_dropped_before_completing():
+    """Clouds in a frame with no path to target_frame were completed (seconds each on a CPU) and
+    only then dropped as tf_missing. Without a path after tf_timeout the scan is dropped first;
+    a transform that is known but not yet at the stamp still waits for the completion."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("diagnostic_msgs")
+    from lidar_completion_pkg import frames
+    from lidar_completion_pkg import pipeline as P
+
+    waits = []
+
+    class Frames:
+        reason = frames.MISSING
+
+        def lookup(self, target, source, t_ns, timeout):
+            waits.append(timeout)
+            raise frames.TransformUnavailable(self.reason, f"no transform from '{source}' to '{target}'")
+
+    class Counting:
+        steps, guidance = 8, 1.0
+        calls = 0
+
+        def complete(self, pts):
+            Counting.calls += 1
+            return pts
+
+    warnings = []
+    pipe, sent = _loaded_pipeline(Counting(), warnings)
+    pipe.config.update(model_frame="", target_frame="base_link", tf_timeout=0.05)
+    pipe.frames = tf = Frames()
+    points = P.warmup_cloud(500)
+    header = NS(frame_id="velodyne_b", stamp=NS(sec=5, nanosec=0))
+    with pytest.raises(frames.TransformUnavailable):
+        pipe._complete_one(header, points, time.monotonic())
+    assert Counting.calls == 0 and not sent
+    assert pipe.stats.no_transform == 1 and pipe.stats.reasons[frames.MISSING] == 1
+    assert waits == [0.0, 0.05]            # asked at once, then waited tf_timeout for a path
+    assert any("velodyne_b" in w for w in warnings), warnings
+    # known but not at the stamp yet: completed first, looked up afterwards (and dropped there)
+    tf.reason = frames.STALE
+    with pytest.raises(frames.TransformUnavailable):
+        pipe._complete_one(header, points, time.monotonic())
+    assert Counting.calls == 1 and pipe.stats.reasons[frames.STALE] == 1
+
+
 def test_diagnostics_count_the_transforms_the_own_listener_ignored():
     """A TF publisher sending broken transforms (NaN, not a unit quaternion) shows up on /diagnostics:
     how many the node's own listener ignored, and the last one with its reason."""

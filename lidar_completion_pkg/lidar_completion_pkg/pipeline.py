@@ -504,7 +504,9 @@ class CompletionPipeline:
 
     def _early_target(self, target: str, model: str, source: str, to_model, stamp_ns: int):
         """(target <- model at the stamp, True) when known before the completion starts, else
-        (None, False): the lookup is then made after it, waiting up to ``tf_timeout``. Taking it
+        (None, False) when known but not yet at the stamp: the lookup is then made after it, waiting
+        up to ``tf_timeout``; TransformUnavailable (counted) when no path joins the frames within
+        ``tf_timeout``, so the scan is not completed in vain. Taking it
         first matters when a completion outlasts the TF cache (10 s; a CPU's first scans, LiDiff
         at 50 steps): looked up only afterwards, the transform at the stamp had aged out and the
         completed scan was dropped as stale."""
@@ -516,8 +518,12 @@ class CompletionPipeline:
             return None, False
         try:
             return self.frames.lookup(target, model, stamp_ns, 0.0), True
-        except frames.TransformUnavailable:
-            return None, False   # not there yet (odometry later than the scan): after the completion
+        except frames.TransformUnavailable as exc:
+            if exc.reason != frames.MISSING:
+                return None, False   # not yet at the stamp (odometry later than the scan): after it
+        # no path between the frames at all: wait for one up to tf_timeout as any lookup does, and
+        # drop the scan before completing it when none comes (the completion would be thrown away)
+        return self._lookup(target, model, stamp_ns), True
 
     # -- worker ---------------------------------------------------------------------------------
     def _work(self, stop: threading.Event, mailbox: Mailbox) -> None:
