@@ -98,6 +98,11 @@ class Stats:
         self._arrivals: collections.deque = collections.deque()
         self._outputs: collections.deque = collections.deque()
         self._problems_since_report = 0
+        # a problem since the last published completion: /diagnostics stays WARN until one is
+        # published, not only in the one report after each problem (on a CPU a problem recurring
+        # every few seconds otherwise showed as OK in most reports)
+        self._unpublished_problem = False
+        self._last_arrival: Optional[float] = None
 
     def _trim(self, q: collections.deque, now: float) -> None:
         while q and now - q[0] > self.rate_window_s:
@@ -107,6 +112,7 @@ class Stats:
         now = self.clock()
         with self._lock:
             self.received += 1
+            self._last_arrival = now
             self._arrivals.append(now)
             self._trim(self._arrivals, now)
         return now
@@ -129,6 +135,7 @@ class Stats:
             self.reasons[reason] += 1
             self.last_problem = message
             self._problems_since_report += 1
+            self._unpublished_problem = True
 
     def note_rejected(self, reason: str, message: str) -> None:
         self._note_problem("rejected", reason, message)
@@ -145,6 +152,7 @@ class Stats:
         now = self.clock()
         with self._lock:
             self.processed += 1
+            self._unpublished_problem = False
             self._latencies.append(now - t_received)
             if stamp_age_s is not None:
                 self._ages.append(stamp_age_s)
@@ -180,6 +188,9 @@ class Stats:
                 "output_rate_hz": self._rate(self._outputs, now, self.rate_window_s),
                 "reasons": dict(self.reasons), "last_problem": self.last_problem,
                 "problems_since_report": self._problems_since_report,
+                "problem_since_published": self._unpublished_problem,
+                "last_input_age_s": (now - self._last_arrival if self._last_arrival is not None
+                                     else float("nan")),
             }
             self._problems_since_report = 0
         return snap
@@ -201,21 +212,28 @@ _STATE_MESSAGES = {
 
 
 def diagnostic_summary(snap: dict, worker_alive: Optional[bool] = True,
-                       state: str = ACTIVE) -> tuple[int, str, list]:
+                       state: str = ACTIVE, idle_after_s: float = 5.0) -> tuple[int, str, list]:
     """(level, message, [(key, value str)]) of one DiagnosticStatus from a :meth:`Stats.snapshot`.
 
     ``state``: ACTIVE (subscribed, ``ready`` true) or WARMING_UP / UNCONFIGURED / INACTIVE;
-    ``worker_alive`` None when no worker is expected to run (not active).
+    ``worker_alive`` None when no worker is expected to run (not active). A scan dropped since
+    the last published completion keeps the level at WARN; no cloud for ``idle_after_s`` seconds
+    says so in the message.
     """
     if worker_alive is False:
         level, message = ERROR, "completion worker stopped"
     elif snap["problems_since_report"]:
         level, message = WARN, f"{snap['problems_since_report']} scan(s) dropped as unusable, " \
                                f"untransformable or failed: {snap['last_problem']}"[:300]
+    elif snap.get("problem_since_published") and state == ACTIVE:
+        level, message = WARN, f"no completion published since the last scan dropped: " \
+                               f"{snap['last_problem']}"[:300]
     elif state != ACTIVE:
         level, message = OK, _STATE_MESSAGES.get(state, state)
     elif snap["received"] == 0:
         level, message = OK, "ready, waiting for clouds"
+    elif snap.get("last_input_age_s", 0.0) > idle_after_s:
+        level, message = OK, f"ready, no cloud for {snap['last_input_age_s']:.0f} s"
     else:
         level, message = OK, "ready, completing"
 
@@ -223,7 +241,8 @@ def diagnostic_summary(snap: dict, worker_alive: Optional[bool] = True,
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     keys = ("latency_p50_ms", "latency_p95_ms", "stamp_latency_p50_ms", "stamp_latency_p95_ms",
-            "completion_p50_ms", "input_rate_hz", "output_rate_hz", "received", "processed",
+            "completion_p50_ms", "input_rate_hz", "output_rate_hz", "last_input_age_s",
+            "received", "processed",
             "dropped", "rejected", "no_transform", "failed", "cancelled", "subsampled")
     values = [("ready", "true" if state == ACTIVE else "false"), ("state", state)]
     values += [(k, fmt(snap[k])) for k in keys]
