@@ -4,6 +4,7 @@
     ros2 launch lidar_completion_pkg completion.launch.py checkpoint:=/path/student.pt steps:=4 \\
         model_frame:=velodyne target_frame:=odom rviz:=true bag:=/data/kitti_08.mcap
     ros2 launch lidar_completion_pkg completion.launch.py lifecycle:=true autostart:=false
+    ros2 launch lidar_completion_pkg completion.launch.py namespace:=front   # /front/velodyne_points
 
 Works with a system ROS 2 (colcon) and with `make setup`'s venv (`.venv/bin/ros2 launch ...`; there
 rviz2 is not available and ``rviz:=true`` stops the launch with the reason before anything starts,
@@ -31,6 +32,10 @@ player ends the node keeps running, or the launch ends with ``exit_after_bag:=tr
 has finished the scans it received, at most SETTLE_S later); when the node exits during a replay,
 the launch ends.
 
+``namespace:=NS`` starts the node as /NS/<node_name>: its default topics are relative, so it reads
+/NS/velodyne_points and publishes /NS/completed_points (two sensors: one launch per namespace, or an
+including file with PushRosNamespace). Absolute topic names (``input_topic:=/points``) stay as given.
+
 ``launch`` and ``launch_ros`` are imported inside generate_launch_description only, so this file can be
 read (and its tables checked) without a ROS 2 installation.
 """
@@ -54,8 +59,13 @@ DEFAULT_FIXED_FRAME = "velodyne"
 ARGUMENTS = (
     ("checkpoint", "", "checkpoint file (ours, or a published LiDiff / ScoreLiDAR / Distillation-DPO "
                        "file); empty = the params file's value"),
-    ("input_topic", "", "input PointCloud2 topic (params file default: /velodyne_points)"),
-    ("output_topic", "", "completed PointCloud2 topic (params file default: /completed_points)"),
+    ("input_topic", "", "input PointCloud2 topic (params file default: velodyne_points, relative: "
+                        "/velodyne_points at the root, /NS/velodyne_points with namespace:=NS)"),
+    ("output_topic", "", "completed PointCloud2 topic (params file default: completed_points, "
+                         "relative like input_topic)"),
+    ("namespace", "", "namespace of the node (and of its relative topics); empty = the root, or "
+                      "an including file's PushRosNamespace"),
+    ("node_name", "lidar_completion", "name of the node"),
     ("steps", "", "solver steps per scan; empty = the params file's value"),
     ("device", "", "torch device: cpu, cuda, cuda:N or auto; empty = the params file's value"),
     ("model_frame", "", "TF frame the networks see (gravity-aligned, origin at the LiDAR); params "
@@ -85,7 +95,8 @@ NODE_PARAMETER_ARGUMENTS = {
 }
 RVIZ_CONFIG = os.path.join(HERE, "rviz", "completion.rviz")
 FASTDDS_PROFILE = os.path.join(HERE, "fastdds_profile.xml")
-DEFAULT_TOPICS = {"input_topic": "/velodyne_points", "output_topic": "/completed_points"}
+DEFAULT_TOPICS = {"input_topic": "velodyne_points", "output_topic": "completed_points"}
+RVIZ_TOPICS = {"input_topic": "/velodyne_points", "output_topic": "/completed_points"}  # in RVIZ_CONFIG
 # Launch configurations that launch / launch_ros set themselves (an including file's PushRosNamespace,
 # SetParameter, SetRemap; a user's emulate_tty): not launch arguments, never an error.
 FRAMEWORK_CONFIGURATIONS = ("ros_namespace", "global_params", "ros_remaps", "emulate_tty")
@@ -251,7 +262,32 @@ def split_bag_args(values):
                          f"{exc}") from None
 
 
-def bag_play_arguments(values, player="ros2", events=None, python="python3"):
+def node_namespace(values, pushed=""):
+    """The node's absolute namespace: ``namespace`` (absolute, or under an including file's
+    PushRosNamespace ``pushed``), "/" for none."""
+    ns = (values.get("namespace") or "").strip()
+    if not ns.startswith("/"):
+        ns = "/".join(part for part in ((pushed or "").strip("/"), ns.strip("/")) if part)
+    return "/" + ns.strip("/")
+
+
+def resolved_topic(values, key, pushed=""):
+    """Topic ``key`` (input_topic / output_topic, the argument or the default) as the node resolves
+    it: absolute names as given, relative ones in the node's namespace, ~ under its name."""
+    topic = values.get(key) or DEFAULT_TOPICS[key]
+    if topic.startswith("/"):
+        return topic
+    ns = node_namespace(values, pushed).rstrip("/")
+    if topic.startswith("~"):
+        return f"{ns}/{values.get('node_name') or NODE_NAME}{topic[1:]}"
+    return f"{ns}/{topic}"
+
+
+def node_full_name(values, pushed=""):
+    return node_namespace(values, pushed).rstrip("/") + "/" + (values.get("node_name") or NODE_NAME)
+
+
+def bag_play_arguments(values, player="ros2", events=None, python="python3", pushed=""):
     """The player's command line: `ros2 bag play BAG --clock`, or this package's player (``python
     -m lidar_completion_pkg.replay --no-node``, on the node's input topic, its record of what it
     published and received in ``events``), each with ``bag_args``."""
@@ -260,32 +296,33 @@ def bag_play_arguments(values, player="ros2", events=None, python="python3"):
         return ["ros2", "bag", "play", values["bag"], "--clock", *extra]
     return [python, "-m", "lidar_completion_pkg.replay", values["bag"], "--no-node",
             "--topic", INPUT_TOPIC_PLACEHOLDER,
-            "--output-topic", values.get("output_topic") or DEFAULT_TOPICS["output_topic"],
+            "--output-topic", resolved_topic(values, "output_topic", pushed),
             "--events", events or os.devnull, "--no-progress", *extra]
 
 
-def player_command(values, gate, player="ros2", events=None, python="python3"):
+def player_command(values, gate, player="ros2", events=None, python="python3", pushed=""):
     """The bag player behind its gate (``gate``: the play_when_ready executable): the player starts
     once the node subscribes, so the bag's first scans are not published while it still warms up;
     with exit_after_bag the gate ends only once the node has finished the scans it received."""
     settle = ["--settle", str(SETTLE_S)] if flag("exit_after_bag", values.get("exit_after_bag", "false")) else []
-    return [gate, "--node", NODE_NAME, "--bag", values["bag"], *settle, "--",
-            *bag_play_arguments(values, player, events, python)]
+    return [gate, "--node", node_full_name(values, pushed), "--bag", values["bag"], *settle, "--",
+            *bag_play_arguments(values, player, events, python, pushed)]
 
 
 def fixed_frame_for(values):
     return values.get("fixed_frame") or values.get("target_frame") or DEFAULT_FIXED_FRAME
 
 
-def rviz_config_for(values, out_dir):
-    """The shipped rviz config, with the topics and the fixed frame replaced when given."""
-    topics = {k: values.get(k) or v for k, v in DEFAULT_TOPICS.items()}
+def rviz_config_for(values, out_dir, pushed=""):
+    """The shipped rviz config, with the topics (as the node resolves them) and the fixed frame
+    replaced where they differ from its own."""
+    topics = {k: resolved_topic(values, k, pushed) for k in DEFAULT_TOPICS}
     fixed = fixed_frame_for(values)
-    if topics == DEFAULT_TOPICS and fixed == DEFAULT_FIXED_FRAME:
+    if topics == RVIZ_TOPICS and fixed == DEFAULT_FIXED_FRAME:
         return RVIZ_CONFIG
     with open(RVIZ_CONFIG) as f:
         text = f.read()
-    for key, default in DEFAULT_TOPICS.items():
+    for key, default in RVIZ_TOPICS.items():
         text = text.replace(f"Value: {default}\n", f"Value: {topics[key]}\n")
     text = text.replace(f"Fixed Frame: {DEFAULT_FIXED_FRAME}\n", f"Fixed Frame: {fixed}\n")
     path = os.path.join(out_dir, "lidar_completion.rviz")
@@ -308,11 +345,11 @@ def generate_launch_description():
     from launch_ros.parameter_descriptions import ParameterValue
     from launch_ros.substitutions import ExecutableInPackage
 
-    def bag_replay(values, node, which):
+    def bag_replay(values, node, which, pushed):
         """The bag player (started when the node subscribes) and what its end, or the node's, does."""
         events = os.path.join(tempfile.mkdtemp(prefix="lidar_completion_bag_"), "events.json")
         cmd = player_command(values, ExecutableInPackage(PLAYER_GATE_EXECUTABLE, PACKAGE), which,
-                             events, sys.executable)
+                             events, sys.executable, pushed)
         player = ExecuteProcess(cmd=cmd, name="bag_player", output="screen")
         exit_after = flag("exit_after_bag", values["exit_after_bag"])
         node_exited = []
@@ -386,7 +423,10 @@ def generate_launch_description():
         # So the tools are checked here: the rviz2 Node action looks for its package only when it
         # runs, after the completion node has started (which then outlived the failed launch).
         which = check_tools(values)
-        overrides = node_overrides(values, bag_clock=which == "ros2")
+        pushed = context.launch_configurations.get("ros_namespace") or ""
+        # exit_with_parent: launch stopped by SIGTERM (systemd, docker stop) exits without stopping
+        # the processes it started; the node then notices it was adopted and shuts down
+        overrides = {"exit_with_parent": True, **node_overrides(values, bag_clock=which == "ros2")}
         extra = extra_arguments(context.launch_configurations)
         actions = []
         if extra:
@@ -408,16 +448,17 @@ def generate_launch_description():
         # reads a plain string as YAML (a topic "on" would become a bool, a checkpoint "2024" an int)
         params.append({k: ParameterValue(v, value_type=str) if isinstance(v, str) else v
                        for k, v in overrides.items()})
-        common = dict(package=PACKAGE, name=NODE_NAME, output="screen", emulate_tty=True,
-                      parameters=params)
+        common = dict(package=PACKAGE, name=values["node_name"] or NODE_NAME, output="screen",
+                      emulate_tty=True, parameters=params,
+                      namespace=node_namespace(values, pushed))
         if flag("lifecycle", values["lifecycle"]):
-            node = LifecycleNode(executable=LIFECYCLE_EXECUTABLE, namespace="", **common)
+            node = LifecycleNode(executable=LIFECYCLE_EXECUTABLE, **common)
             actions += managed(node, flag("autostart", values["autostart"]))
         else:
             node = Node(executable=EXECUTABLE, **common)
             actions.append(node)
         if flag("rviz", values["rviz"]):
-            config = rviz_config_for(values, tempfile.mkdtemp(prefix="lidar_completion_rviz_"))
+            config = rviz_config_for(values, tempfile.mkdtemp(prefix="lidar_completion_rviz_"), pushed)
             actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
                                 arguments=["-d", config]))
         if not values["bag"]:      # (a replay has its own handler of the node's end)
@@ -433,7 +474,7 @@ def generate_launch_description():
             if which == "own":
                 actions.append(LogInfo(msg="bag:= played by this package's player (bag_player:=own: "
                                            "clouds and /tf, no /clock, so use_sim_time is not turned on)"))
-            actions += bag_replay(values, node, which)
+            actions += bag_replay(values, node, which, pushed)
         return actions
 
     return LaunchDescription(

@@ -12,8 +12,10 @@ import ast
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +33,10 @@ PARAMS = ROOT / "launch" / "params" / "completion.yaml"
 RVIZ = ROOT / "launch" / "rviz" / "completion.rviz"
 LAUNCH_ARGUMENTS = {"checkpoint", "input_topic", "output_topic", "steps", "device", "model_frame",
                     "target_frame", "use_sim_time", "params_file", "lifecycle", "autostart", "rviz",
-                    "fixed_frame", "bag", "bag_player", "bag_args", "exit_after_bag"}
+                    "fixed_frame", "bag", "bag_player", "bag_args", "exit_after_bag", "namespace",
+                    "node_name"}
 NOT_PARAMETERS = {"params_file", "lifecycle", "autostart", "rviz", "fixed_frame", "bag", "bag_player",
-                  "bag_args", "exit_after_bag"}
+                  "bag_args", "exit_after_bag", "namespace", "node_name"}
 
 
 def launch_module():
@@ -176,7 +179,7 @@ def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
     m = launch_module()
     values = {"bag": "/data/drive 08.mcap", "bag_args": "--rate 0.2 --topics '/velodyne_points' /tf"}
     assert m["player_command"](values, "GATE") == [
-        "GATE", "--node", "lidar_completion", "--bag", "/data/drive 08.mcap", "--",
+        "GATE", "--node", "/lidar_completion", "--bag", "/data/drive 08.mcap", "--",
         "ros2", "bag", "play", "/data/drive 08.mcap", "--clock", "--rate", "0.2", "--topics",
         "/velodyne_points", "/tf"]
     assert m["player_command"]({"bag": "b"}, "G")[-5:] == ["ros2", "bag", "play", "b", "--clock"]
@@ -196,12 +199,38 @@ def test_the_bag_player_waits_behind_its_gate_with_the_extra_arguments():
     assert "/completed_points" in m["player_command"]({"bag": "b"}, "G", "own")
 
 
+def test_a_namespace_moves_the_node_its_topics_the_gate_and_rviz():
+    """namespace:=front (or an including file's PushRosNamespace): the node /front/lidar_completion
+    reads /front/velodyne_points and publishes /front/completed_points; absolute topics stay; the
+    bag gate waits for that node only, and rviz shows its topics."""
+    m = launch_module()
+    assert m["node_namespace"]({}) == "/" and m["node_full_name"]({}) == "/lidar_completion"
+    front = {"namespace": "front"}
+    assert m["node_namespace"](front) == "/front"
+    assert m["node_namespace"](front, pushed="robot1") == "/robot1/front"
+    assert m["node_namespace"]({"namespace": "/abs"}, pushed="robot1") == "/abs"
+    assert m["resolved_topic"](front, "input_topic") == "/front/velodyne_points"
+    assert m["resolved_topic"]({**front, "output_topic": "/dense"}, "output_topic") == "/dense"
+    assert m["resolved_topic"]({**front, "node_name": "c", "output_topic": "~/out"},
+                               "output_topic") == "/front/c/out"
+    command = m["player_command"]({**front, "node_name": "lc", "bag": "b"}, "G", player="own")
+    assert command[:3] == ["G", "--node", "/front/lc"]
+    assert command[command.index("--output-topic") + 1] == "/front/completed_points"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = m["rviz_config_for"](front, tmp)
+        vm = yaml.safe_load(Path(path).read_text())["Visualization Manager"]
+    topics = {d["Topic"]["Value"] for d in vm["Displays"] if d["Class"] == "rviz_default_plugins/PointCloud2"}
+    assert topics == {"/front/velodyne_points", "/front/completed_points"}
+    assert m["rviz_config_for"]({}, "/nonexistent") == m["RVIZ_CONFIG"]   # the shipped file as it is
+
+
 def test_rviz_config_input_best_effort_output_as_rviz_defaults_and_tf():
     vm = yaml.safe_load(RVIZ.read_text())["Visualization Manager"]
     assert vm["Global Options"]["Fixed Frame"] == "velodyne"
     clouds = {d["Topic"]["Value"]: d for d in vm["Displays"]
               if d["Class"] == "rviz_default_plugins/PointCloud2"}
-    assert set(clouds) == {BY_NAME["input_topic"].default, BY_NAME["output_topic"].default}
+    # the node's relative default topics as a node at the root resolves them
+    assert set(clouds) == {"/" + BY_NAME["input_topic"].default, "/" + BY_NAME["output_topic"].default}
     assert len({d["Color"] for d in clouds.values()}) == 2
     # a LiDAR driver publishes best effort: a reliable display would not match it
     assert clouds["/velodyne_points"]["Topic"]["Reliability Policy"] == "Best Effort"
@@ -274,7 +303,7 @@ def test_node_declares_exactly_the_table_and_params_file_order_wins(tmp_path):
     # the later source wins: override file over the params file, -p over both; ints become doubles
     assert decl["steps"]["value"] == 3 and decl["input_topic"]["value"] == "/points"
     assert decl["guidance"]["value"] == 2.0
-    assert decl["output_topic"]["value"] == "/completed_points"
+    assert decl["output_topic"]["value"] == "completed_points"
 
 
 @pytest.mark.ros
@@ -328,7 +357,7 @@ def test_setup_passes_node_parameters_over_the_params_file(monkeypatch, tmp_path
     # a double given as "4" is a double, strings YAML would read as a bool or an int stay strings
     assert [str(p) for p in params[:1]] == [str(PARAMS)] and len(params) == 2
     assert params[1] == {"steps": 3, "model_frame": "on", "guidance": 4.0, "n_fps": 500,
-                         "raw_output_topic": "2024"}
+                         "raw_output_topic": "2024", "exit_with_parent": True}
     assert type(params[1]["guidance"]) is float and type(params[1]["model_frame"]) is str
     logs = [a for a in actions if isinstance(a, LogInfo)]
     assert len(logs) == 1
@@ -338,7 +367,8 @@ def test_setup_passes_node_parameters_over_the_params_file(monkeypatch, tmp_path
     actions, context = setup_actions(monkeypatch, {"steps": "3"})
     assert not [a for a in actions if isinstance(a, LogInfo)]
     node = next(a for a in actions if hasattr(a, "kwargs"))
-    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[1] == {"steps": 3}
+    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[1] == \
+        {"exit_with_parent": True, "steps": 3}
 
 
 @pytest.mark.ros
@@ -352,7 +382,7 @@ def test_setup_warns_of_unknown_arguments_and_refuses_missing_rviz2_before_any_a
     assert len(warned) == 1 and "'guidnce' (did you mean 'guidance'?), 'robot'" in warned[0], warned
     node = next(a for a in actions if hasattr(a, "kwargs"))   # the node still starts, without them
     from launch_ros.utilities import evaluate_parameters, normalize_parameters
-    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[-1] == {}
+    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[-1] == {"exit_with_parent": True}
     try:
         from ament_index_python.packages import get_package_share_directory
         get_package_share_directory("rviz2")
@@ -442,9 +472,10 @@ def level_of(status) -> int:
     return status.level[0] if isinstance(status.level, bytes) else int(status.level)
 
 
-def diag_values(msgs):
-    """{key: value} (plus _level, _message) of the node's latest diagnostics, {} when none yet."""
-    mine = [m for m in msgs if m.status and m.status[0].name.startswith("lidar_completion")]
+def diag_values(msgs, node="lidar_completion"):
+    """{key: value} (plus _level, _message) of the latest diagnostics of ``node`` (its name as the
+    status names it: ``front/lc`` in a namespace), {} when none yet."""
+    mine = [m for m in msgs if m.status and m.status[0].name.startswith(node + ":")]
     if not mine:
         return {}
     st = mine[-1].status[0]
@@ -787,3 +818,58 @@ def test_ros2_launch_bag_with_its_own_player_where_rosbag2_is_missing(checkpoint
     assert "lidar_completion_pkg.replay" in text and "--topic /points" in text, text[-4000:]
     assert "shut down: processed 3, dropped 0," in text, text[-3000:]
     assert "ending the launch (exit_after_bag:=true)" in text, text[-3000:]
+
+
+def _live_members(pgid: int) -> list:
+    """(pid, command) of the processes of group ``pgid`` that are not zombies."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append((int(stat.parent.name), text.split("(", 1)[1].split(")", 1)[0]))
+    return out
+
+
+@pytest.mark.ros
+def test_ros2_launch_in_a_namespace_and_its_node_ends_with_a_sigtermed_launch(checkpoint, tmp_path):
+    """namespace:=front node_name:=lc: the node is /front/lc on /front/velodyne_points ->
+    /front/completed_points. SIGTERM to `ros2 launch` alone (systemd, docker stop) ends launch
+    without stopping its processes; the node (exit_with_parent, set by the launch file) notices it
+    was adopted and shuts down cleanly by itself (it ran on, orphaned, before)."""
+    _ros()
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    domain = rs.random_domain()
+    env = {**rs.ros_env(domain), "ROS_LOG_DIR": str(tmp_path / "ros_log")}   # the node's own log file
+    log = tmp_path / "launch.log"
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", "namespace:=front",
+                     "node_name:=lc", f"params_file:={small_params(tmp_path)}")
+    with rs.process_group(cmd, env, log) as proc, rs.participant(domain) as p:
+        pub = p.node.create_publisher(PointCloud2, "/front/velodyne_points", qos_profile_sensor_data)
+        outputs = p.record(PointCloud2, "/front/completed_points", rs.rviz_qos())
+        diags = p.record(DiagnosticArray, "/diagnostics", 10)
+        p.wait_for(lambda: diag_values(diags, "front/lc").get("ready") == "true" and
+                   pub.get_subscription_count() > 0, 60, "the node to be ready", proc, log)
+        assert ("lc", "/front") in p.node.get_node_names_and_namespaces()
+        publish_until_answered(p, pub, cloud(street(1500, 1), "velodyne", 10), outputs, proc, log)
+        assert [c for _pid, c in _live_members(proc.pid) if "completion" in c], _live_members(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)          # the launch process only, as systemd would
+        proc.wait(20)
+        end = time.monotonic() + 20
+        while _live_members(proc.pid) and time.monotonic() < end:
+            time.sleep(0.2)
+        left = _live_members(proc.pid)
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert not left, f"processes left running after the launch ended: {left}\n{text[-3000:]}"
+    # what the node said after the launch (its output's reader) was gone: in its own log file
+    node_log = "".join(f.read_text(errors="replace") for f in (tmp_path / "ros_log").glob("*.log"))
+    assert "has ended: shutting down (exit_with_parent)" in node_log, node_log[-3000:] or text[-3000:]
+    assert "shut down: processed 1," in node_log, node_log[-3000:]

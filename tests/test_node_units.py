@@ -107,8 +107,9 @@ def test_parameter_table_checks():
     for p in PARAMETERS:
         assert p.description and p.type in ("string", "integer", "double", "bool")
         assert (p.range is None) or p.type in ("integer", "double")
-    assert BY_NAME["input_topic"].default == "/velodyne_points"
-    assert BY_NAME["output_topic"].default == "/completed_points"
+    # relative, so that a node in a namespace has topics of its own (at the root: /velodyne_points)
+    assert BY_NAME["input_topic"].default == "velodyne_points"
+    assert BY_NAME["output_topic"].default == "completed_points"
 
 
 def test_configure_environment_sets_the_shipped_profile(monkeypatch):
@@ -432,10 +433,11 @@ def test_ament_install_lays_the_package_out_in_a_prefix(tmp_path):
         assert link.is_symlink() and not os.path.isabs(os.readlink(link))
         assert subprocess.run([str(link)], capture_output=True, text=True).stdout == "node\n"
     assert ai.install(prefix, site_packages=site) == []  # idempotent
-    # the .pth puts sys.prefix first on AMENT_PREFIX_PATH, once
+    # the .pth puts sys.prefix on AMENT_PREFIX_PATH, once, after what is sourced (a colcon overlay
+    # of this package found the launch files of the venv's copy before)
     code = ("import os, sys; exec(open(sys.argv[1]).read()); "
-            "print(os.environ['AMENT_PREFIX_PATH'] == os.pathsep.join([sys.prefix, '/opt/ros/x']))")
-    for start in ("/opt/ros/x", os.pathsep.join([sys.prefix, "/opt/ros/x"])):
+            "print(os.environ['AMENT_PREFIX_PATH'] == os.pathsep.join(['/opt/ros/x', sys.prefix]))")
+    for start in ("/opt/ros/x", os.pathsep.join(["/opt/ros/x", sys.prefix])):
         out = subprocess.run([sys.executable, "-c", code, str(site / ai.PTH_NAME)], text=True,
                              capture_output=True, env={**os.environ, "AMENT_PREFIX_PATH": start}).stdout
         assert out.strip() == "True", (start, out)
@@ -640,6 +642,14 @@ def _lifecycle_node(overrides=()):
             node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
+
+
+def test_a_configured_lifecycle_node_names_its_input_topic_as_it_will_subscribe():
+    """The 'configured:' line showed the relative input topic as given ('velodyne_points'), the
+    'active:' line the resolved one: both say the resolved name now."""
+    with _lifecycle_node() as node:
+        line = node.pipeline.describe()
+    assert line.startswith("/velodyne_points -> "), line
 
 
 def test_only_real_parameter_changes_are_logged_and_applied():

@@ -76,6 +76,20 @@ def test_any_namespace_and_a_node_that_leaves_mid_query():
     assert pw.cloud_subscriptions(graph, "lidar") == []
 
 
+def test_a_full_name_waits_for_the_node_in_that_namespace_only():
+    """Two launches (front, rear) each gate their bag on their own node: the launch file passes the
+    full name, /front/lidar_completion, and rear's subscription must not start front's player."""
+    graph = FakeGraph([{("lidar_completion", "/rear"): [("/rear/velodyne_points", [CLOUD])],
+                        ("lidar_completion", "/"): [("/velodyne_points", [CLOUD])]}])
+    assert pw.cloud_subscriptions(graph, "/front/lidar_completion") == []
+    assert pw.cloud_subscriptions(graph, "/rear/lidar_completion") == ["/rear/velodyne_points"]
+    assert pw.cloud_subscriptions(graph, "/lidar_completion") == ["/velodyne_points"]
+    assert pw._same_node("front/lidar_completion", "/front/lidar_completion")
+    assert not pw._same_node("rear/lidar_completion", "/front/lidar_completion")
+    assert pw._same_node("lidar_completion", "/lidar_completion")
+    assert pw._same_node("rear/lidar_completion", "lidar_completion")
+
+
 def test_timeout_returns_none_and_no_timeout_waits_on():
     graph = FakeGraph([{}])
     clock = Clock(graph)

@@ -35,9 +35,11 @@ PACKAGE = "lidar_completion_pkg"
 EXECUTABLES = ("completion_node", "lifecycle_completion_node", "play_when_ready")
 PTH_NAME = "lidar_completion_ament.pth"
 # One line, executed by site.py at every start of an interpreter of this prefix (.pth "import" lines).
+# sys.prefix goes last: a sourced workspace (a colcon overlay of this package, a system ROS 2) keeps
+# precedence for share/ resources as its PYTHONPATH has it for modules, not half of each install.
 PTH_LINE = ("import os, sys; _p = [x for x in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) "
             "if x]; sys.prefix in _p or os.environ.__setitem__('AMENT_PREFIX_PATH', "
-            "os.pathsep.join([sys.prefix] + _p))\n")
+            "os.pathsep.join(_p + [sys.prefix]))\n")
 
 
 def source_tree() -> Path | None:

@@ -126,10 +126,16 @@ def _run(argv, lifecycle: bool) -> int:
             return 0  # interrupted while starting: the context is gone
         executor = SingleThreadedExecutor()
         executor.add_node(node)
+        parent = os.getppid() if node.pipeline.config.get("exit_with_parent") else None
         try:
-            # until Ctrl-C / SIGTERM, or a lifecycle node's shutdown transition (finalized)
+            # until Ctrl-C / SIGTERM, or a lifecycle node's shutdown transition (finalized), or with
+            # exit_with_parent the end of the process that started the node (it is then adopted)
             while executor.context.ok() and not getattr(node, "finished", False):
                 executor.spin_once(timeout_sec=0.25)
+                if parent is not None and os.getppid() != parent:
+                    node.get_logger().warning(f"the process that started this node (pid {parent}) "
+                                              "has ended: shutting down (exit_with_parent)")
+                    break
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
     except KeyboardInterrupt:
@@ -153,7 +159,7 @@ def _run(argv, lifecycle: bool) -> int:
                 log.warning("the completion in progress did not end within 5 s; exiting without it")
             log.info(f"shut down: processed {s.processed}, dropped {s.dropped}, rejected "
                      f"{s.rejected}, no transform {s.no_transform}, failed {s.failed}, "
-                     f"cancelled {s.cancelled}")
+                     f"cancelled {s.cancelled}, of {s.received} received")
         if interrupted_start:
             gc.collect()
             rclpy.logging.get_logger(NODE_NAME).info("interrupted while starting; exiting")

@@ -84,11 +84,14 @@ PARAMETERS: tuple[Param, ...] = COMPLETER_PARAMETERS + (
 #: ROS-only parameters: topics, TF frames, per-topic QoS, warm-up and diagnostics.
 ROS_PARAMETERS: tuple[Param, ...] = (
     # topics
-    Param("input_topic", "string", "/velodyne_points", "Input sensor_msgs/PointCloud2 topic"),
-    Param("output_topic", "string", "/completed_points",
+    # relative names: /velodyne_points etc. for a node at the root, /front/velodyne_points for a node
+    # in namespace front (two sensors, two nodes: each its own topics without a params file each)
+    Param("input_topic", "string", "velodyne_points",
+          "Input sensor_msgs/PointCloud2 topic (a relative name resolves in the node's namespace)"),
+    Param("output_topic", "string", "completed_points",
           "Completed cloud (float32 x, y, z; float64 with output_float64)"),
     Param("publish_raw", "bool", False, "Also publish the unrefined completion on raw_output_topic"),
-    Param("raw_output_topic", "string", "/completed_points_raw", "Unrefined completion topic"),
+    Param("raw_output_topic", "string", "completed_points_raw", "Unrefined completion topic"),
     Param("output_float64", "bool", False,
           "Publish float64 x, y, z instead of float32: for a target_frame far from its origin (a "
           "UTM-sized map frame, where float32 steps by up to 1 m); float32 completions that reach "
@@ -121,6 +124,9 @@ ROS_PARAMETERS: tuple[Param, ...] = (
           "the first real scan does not pay for graph capture and kernel tuning"),
     Param("diagnostics_period", "double", 1.0, "Seconds between /diagnostics messages",
           range=(0.1, 60.0)),
+    Param("exit_with_parent", "bool", False,
+          "Shut down when the process that started the node ends (the launch file sets it: "
+          "`ros2 launch` stopped by SIGTERM exits without stopping its nodes)"),
 )
 PARAMETERS = PARAMETERS + ROS_PARAMETERS
 

@@ -187,6 +187,15 @@ def topic_problem(name: str, node_name: str, namespace: str) -> Optional[str]:
     return None
 
 
+def _resolved(node, name: str) -> str:
+    """``name`` as the node will use it (namespace and remappings applied), or as given where the
+    node cannot say (a test's stand-in, an invalid name reported elsewhere)."""
+    try:
+        return node.resolve_topic_name(name)
+    except Exception:  # noqa: BLE001
+        return name
+
+
 def accepts_should_stop(completer) -> bool:
     """Whether ``completer.complete_detailed`` takes ``should_stop`` (the Completer does; a
     completer without it is always left to finish its scan)."""
@@ -389,6 +398,8 @@ class CompletionPipeline:
         if self.frames is not None:
             where += f", transforms from {self.frames.kind}"
         out_topic = getattr(self.pub, "topic_name", None) or c["output_topic"]   # resolved once created
+        if input_topic is None:   # not subscribed yet (a configured lifecycle node): as it will be
+            input_topic = _resolved(self.node, c["input_topic"])
         return (f"{input_topic or c['input_topic']} -> {out_topic} with {c['checkpoint'] or 'the default checkpoint'}"
                 f" (steps {steps}, guidance {guidance}, device {c['device']}; {where}; Fast DDS "
                 f"profile {os.environ.get(dds.PROFILE_ENV) or 'none'})")

@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog="example: play_when_ready --node lidar_completion --bag drive.mcap -- "
                "ros2 bag play drive.mcap --clock")
     parser.add_argument("--node", default=DEFAULT_NODE,
-                        help="name of the node to wait for, in any namespace (default: %(default)s)")
+                        help="name of the node to wait for, in any namespace, or its full name "
+                             "(/front/lidar_completion) (default: %(default)s)")
     parser.add_argument("--bag", default="",
                         help="the bag the command plays: checked for messages on the node's input "
                              "topic (a warning when there are none); empty: no check")
@@ -83,12 +84,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _same_node(reported: str, name: str) -> bool:
+    """A diagnostics status name's node part (``front/lidar_completion``) is node ``name``: a plain
+    name in any namespace, a full name (``/front/lidar_completion``) exactly."""
+    if name.startswith("/"):
+        return "/" + reported.strip("/") == name.rstrip("/")
+    return reported.rsplit("/", 1)[-1] == name
+
+
 def cloud_subscriptions(graph, name: str) -> list[str]:
     """Topics of the PointCloud2 subscriptions of every node called ``name`` that ``graph`` (an rclpy
-    Node) has discovered, in any namespace."""
+    Node) has discovered: in any namespace for a plain name, in that one for a full name
+    (``/front/lidar_completion``)."""
     topics = []
+    wanted_ns, _, wanted = name.rpartition("/") if name.startswith("/") else (None, "", name)
     for node_name, namespace in graph.get_node_names_and_namespaces():
-        if node_name != name:
+        if node_name != wanted:
+            continue
+        if wanted_ns is not None and namespace.rstrip("/") != wanted_ns.rstrip("/"):
             continue
         try:
             subs = graph.get_subscriber_names_and_types_by_node(node_name, namespace)
@@ -159,7 +172,7 @@ def wait_until_settled(graph, name: str, timeout: float) -> str:
 
     def on_diagnostics(msg) -> None:
         for status in msg.status:
-            if status.name.split(":")[0].rsplit("/", 1)[-1] == name:
+            if _same_node(status.name.split(":")[0], name):
                 reports.append({kv.key: kv.value for kv in status.values})
 
     graph.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
