@@ -480,3 +480,31 @@ def test_point_budgets_left_at_none_are_the_checkpoint_s(tmp_path):
     given = Completer.from_checkpoint(path, backend="torch", n_fps=None, tile=None)
     default = Completer.from_checkpoint(path, backend="torch")
     assert (given.n_fps, given.tile) == (default.n_fps, default.tile)
+
+
+def test_a_callers_autocast_default_dtype_and_random_stream_are_left_alone(tmp_path):
+    """An application's own state around the library: a bf16 autocast region open around an fp32
+    Completer changed its output (the seed no longer reproduced it); a model loaded under
+    torch.set_default_dtype(torch.float64) failed on every call (float64 networks, float32 points);
+    loading a model, or writing a random checkpoint, moved or reseeded the caller's torch stream."""
+    from lidar_completion.checkpoints import make_random_checkpoint
+
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    path = make_random_checkpoint(tmp_path / "tiny.pt", seed=0)
+    c = Completer.from_checkpoint(path, backend="torch", steps=1, seed=3, n_fps=150, tile=4)
+    assert torch.equal(torch.rand(4), expected)
+    scan = _scan(7, n=1000)
+    plain = c.complete(scan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert np.array_equal(c.complete(scan), plain)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        c64 = Completer.from_checkpoint(path, backend="torch", steps=1, seed=3, n_fps=150, tile=4)
+        assert {p.dtype for p in c64.denoiser.parameters()} == {torch.float32}
+        out = c64.complete(scan)
+    finally:
+        torch.set_default_dtype(old)
+    assert np.array_equal(out, plain)

@@ -164,10 +164,12 @@ def make_random_checkpoint(path, config: ModelConfig | None = None, seed: int = 
     """A valid checkpoint with randomly initialised networks (for plumbing tests and demos of the
     machinery - its completions are meaningless)."""
     config = config or ModelConfig.tiny()
-    torch.manual_seed(seed)
-    models = {"encoder": ConditionEncoder(config, "torch"), "denoiser": Denoiser(config, "torch")}
-    if refine:
-        models["refiner"] = Refiner(config, "torch")
+    with torch.random.fork_rng(devices=[]):     # seeded here, the caller's random stream untouched
+        torch.manual_seed(seed)
+        models = {"encoder": ConditionEncoder(config, "torch").float(),
+                  "denoiser": Denoiser(config, "torch").float()}
+        if refine:
+            models["refiner"] = Refiner(config, "torch").float()
     save_checkpoint(path, models, config, sampling=sampling, kind="random",
                     meta={"note": "random weights", "seed": seed})
     return Path(path)
@@ -318,7 +320,11 @@ def _infer_published_config(path, kind: str, role: str, sd: dict) -> ModelConfig
 
 
 def _build(role: str, config: ModelConfig, sd: dict, backend, device, source: str):
-    net = NETWORKS[role](config, backend)
+    # the initial weights are overwritten below: drawn from a forked RNG, so that loading a model
+    # leaves the caller's torch random stream as it was, and float32 whatever the caller's default
+    # dtype (under torch.set_default_dtype(torch.float64) every call failed on mixed dtypes)
+    with torch.random.fork_rng(devices=[]):
+        net = NETWORKS[role](config, backend).float()
     expected = net.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]

@@ -335,7 +335,8 @@ class Completer:
 
     @property
     def seed(self) -> int | None:
-        """The seed of every completion that names none (None: a fresh one each time, logged)."""
+        """The seed of every completion that names none (None: a fresh one each time, returned as
+        the result's ``seed``)."""
         return self._seed
 
     @seed.setter
@@ -415,9 +416,11 @@ class Completer:
         # CUDA only: on a CPU with native bf16 products the completion was slower in bf16 (its
         # element-wise work and autocast's casts outweigh faster products; docs/benchmarks.md,
         # "Sparse backends on the CPU")
+        # fp32 turns off any autocast the caller has open around the call (a caller's bf16 region
+        # changed the output of an fp32 Completer and its seed no longer reproduced it)
         dtype = _PRECISIONS[self.precision]
         if dtype is None or self.device.type != "cuda":
-            return contextlib.nullcontext()
+            return torch.autocast(self.device.type, enabled=False)
         return torch.autocast("cuda", dtype=dtype)
 
     def _generator(self, seed: int | None) -> tuple[torch.Generator, int]:
@@ -503,7 +506,7 @@ class Completer:
         key = (int(num_points), str(self.device), self.precision)
         cond = self._uncond_cache.get(key)
         if cond is None:
-            zeros = torch.zeros(int(num_points), 3, device=self.device)
+            zeros = torch.zeros(int(num_points), 3, dtype=torch.float32, device=self.device)
             batch = torch.zeros(int(num_points), dtype=torch.long, device=self.device)
             with torch.inference_mode(), self._autocast():
                 cond = self.encoder(zeros, batch)

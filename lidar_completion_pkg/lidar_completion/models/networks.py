@@ -189,7 +189,7 @@ class ConditionEncoder(_SparseNet):
     def empty_condition(self, num_points: int, batch_size: int = 1, device=None) -> Condition:
         """The unconditional condition: the encoding of ``num_points`` points all at the origin."""
         device = device or next(self.parameters()).device
-        pts = torch.zeros(num_points * batch_size, 3, device=device)
+        pts = torch.zeros(num_points * batch_size, 3, dtype=torch.float32, device=device)
         batch = torch.arange(batch_size, device=device).repeat_interleave(num_points)
         return self(pts, batch)
 
