@@ -156,6 +156,23 @@ def test_console_entry_point_help_lists_every_parameter():
     assert dds.PROFILE_ENV in proc.stdout
 
 
+def test_console_entry_point_refuses_arguments_outside_ros_args_and_says_its_version():
+    """`lidar-completion-node -p steps:=4` (no --ros-args) and `--version` started the node (load and
+    warm-up: a minute on a CPU) with its default settings; refused at once now, exit status 2."""
+    from lidar_completion import __version__
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lidar_completion_pkg.completion_node", *args],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    proc = run("-p", "steps:=4")
+    assert proc.returncode == 2 and "unknown argument(s) -p steps:=4" in proc.stderr, proc.stderr
+    assert "--ros-args" in proc.stderr
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"completion_node {__version__}", proc.stdout
+
+
 def test_node_module_imports_no_ros_until_used():
     code = ("import sys, lidar_completion_pkg.completion_node, lidar_completion_pkg.parameters, "
             "lidar_completion_pkg.dds, lidar_completion.pointcloud2; "

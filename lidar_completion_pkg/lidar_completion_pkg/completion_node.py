@@ -90,6 +90,17 @@ def _run(argv, lifecycle: bool) -> int:
         except BrokenPipeError:  # `--help | head`
             sys.stdout = None
         return 0
+    if "--version" in user_args:
+        from lidar_completion import __version__
+        prog = os.path.basename(argv[0]).removesuffix(".py") if argv else ""
+        print(f"{prog or 'lidar-completion-node'} {__version__}")
+        return 0
+    if user_args:
+        # `-p steps:=4` without --ros-args was ignored: the node started (a minute's load and
+        # warm-up on a CPU) with other settings than asked
+        print(f"error: unknown argument(s) {' '.join(user_args)}: node parameters go after --ros-args "
+              "(`lidar-completion-node --ros-args -p steps:=4`); --help lists them", file=sys.stderr)
+        return 2
     dds.configure_environment(os.environ, warn=lambda m: print(f"[WARN] [{NODE_NAME}]: {m}",
                                                                file=sys.stderr, flush=True))
     try:
