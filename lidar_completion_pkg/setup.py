@@ -6,6 +6,7 @@ One setup.py serves both ways of installing it:
   * pip:              pip install -e lidar_completion_pkg   (core library + CLI, no ROS needed).
 """
 import os
+import sys
 from glob import glob
 
 from setuptools import find_namespace_packages, setup
@@ -18,24 +19,42 @@ def _rel(pattern):
     return [os.path.relpath(p, HERE) for p in glob(os.path.join(HERE, pattern))]
 
 
+def _launch_files():
+    """data_files of the ROS 2 launch folder, which lives beside this package (../launch). An sdist
+    cannot carry a folder outside its project (setuptools even copied it into the tree as
+    lidar_completion_pkg/launch/), so an sdist leaves it out and a wheel built without it stops here:
+    a wheel without its launch files installed a package that `ros2 launch` could not start."""
+    if "sdist" in sys.argv:
+        return []
+    if not os.path.isfile(os.path.join(HERE, "..", "launch", "completion.launch.py")):
+        sys.exit("error: ../launch/completion.launch.py is missing: build lidar_completion_pkg from "
+                 "a checkout of the repository (`pip wheel ./lidar_completion_pkg`, `python -m build "
+                 "--wheel lidar_completion_pkg`, or colcon), not from an sdist, which cannot hold "
+                 "the launch folder beside the package")
+    return [
+        ("share/" + PACKAGE + "/launch", _rel("../launch/*.py") + _rel("../launch/*.xml")),
+        ("share/" + PACKAGE + "/launch/params", _rel("../launch/params/*.yaml")),
+        ("share/" + PACKAGE + "/launch/rviz", _rel("../launch/rviz/*.rviz")),
+    ]
+
+
 setup(
     name="lidar-completion",
     version="0.1.0",
     description="Few-step diffusion LiDAR scene completion (Distillation-DPO) with a ROS 2 node",
-    # namespace-aware: the weights and assets folders hold no __init__.py but are package data of
-    # their own (with find_packages setuptools warned, on every install, that they would be left out)
+    license="MIT",
+    # namespace-aware: the weights folder holds no __init__.py but is package data of
+    # its own (with find_packages setuptools warned, on every install, that it would be left out)
     packages=find_namespace_packages(include=["lidar_completion", "lidar_completion.*",
                                               "lidar_completion_pkg", "lidar_completion_pkg.*"],
                                      exclude=["*.__pycache__"]),
-    package_data={"lidar_completion": ["weights/*.pt", "weights/*.json", "assets/*"],
+    package_data={"lidar_completion": ["weights/*.pt", "weights/*.json"],
                   "lidar_completion_pkg": ["*.xml"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),
         ("share/" + PACKAGE, ["package.xml"]),
-        ("share/" + PACKAGE + "/launch", _rel("../launch/*.py") + _rel("../launch/*.xml")),
-        ("share/" + PACKAGE + "/launch/params", _rel("../launch/params/*.yaml")),
-        ("share/" + PACKAGE + "/launch/rviz", _rel("../launch/rviz/*.rviz")),
+        *_launch_files(),
     ],
     python_requires=">=3.10",
     install_requires=[

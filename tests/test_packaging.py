@@ -158,6 +158,31 @@ def test_package_name_matches_setup_resource_and_scripts_dir():
     assert cfg.get("install", "install_scripts") == f"$base/lib/{name}"
 
 
+def test_a_wheel_without_the_launch_folder_is_refused_naming_how_to_build_it(tmp_path):
+    """The launch files live beside the package (../launch): a wheel built from an sdist (which
+    cannot hold them) came out without them, and `ros2 launch` could not start the installed package.
+    setup.py now stops there with the reason; an sdist leaves the folder out instead of copying it
+    into the tree (it wrote lidar_completion_pkg/launch/ there)."""
+    pkg = tmp_path / "repo" / "lidar_completion_pkg"
+    pkg.mkdir(parents=True)
+    for name in ("setup.py", "setup.cfg", "package.xml"):
+        shutil.copy(PKG_DIR / name, pkg / name)
+    shutil.copytree(PKG_DIR / "resource", pkg / "resource")
+
+    def setup(*args):
+        return subprocess.run([sys.executable, "setup.py", *args], cwd=pkg, capture_output=True,
+                              text=True, timeout=120)
+
+    proc = setup("--version")
+    assert proc.returncode != 0 and "../launch/completion.launch.py is missing" in proc.stderr, proc
+    assert "pip wheel ./lidar_completion_pkg" in proc.stderr
+    assert setup("sdist", "--help").returncode == 0        # an sdist does not need (nor copy) it
+    (tmp_path / "repo" / "launch").mkdir()
+    (tmp_path / "repo" / "launch" / "completion.launch.py").write_text("")
+    proc = setup("--version")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("0.1.0"), proc
+
+
 def test_versions_agree():
     import lidar_completion
 
