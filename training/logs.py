@@ -51,9 +51,9 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"),
                                         purge_step=int(initial_step) + 1 if initial_step else None)
         if progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                            unit="step", smoothing=0.1)
+            from lidar_completion.progress import progress_bar
+            self.bar = progress_bar(total=total_steps, initial=initial_step, desc=desc,
+                                    dynamic_ncols=True, unit="step", smoothing=0.1)
         self._t0 = time.time() - elapsed
 
     def _start_logs(self, initial_step: int) -> float:

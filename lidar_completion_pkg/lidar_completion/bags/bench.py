@@ -50,7 +50,7 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
     ``warmup``: complete the first usable scan once before timing (``report["warmup"]``), outside
     every statistic; False times the first call like the others.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     meta = dict(meta or {})
     device = meta.get("device") or str(getattr(completer, "device", "cpu"))
@@ -73,7 +73,7 @@ def bench_offline(bag_path, topic: str, completer, *, write_bag=None, write_stor
         writer = BagWriter(write_bag, write_storage) if write_bag else None
         sampler = MemorySampler(interval=0.05).start()
         t_start, t_start_ns = time.perf_counter(), time.monotonic_ns()
-        bar = tqdm(total=expected, desc="bag-bench", unit="scan", disable=not progress)
+        bar = progress_bar(total=expected, desc="bag-bench", unit="scan", disable=not progress)
         interrupted = False
         try:
             index = 0

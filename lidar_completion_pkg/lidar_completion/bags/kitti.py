@@ -54,7 +54,7 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
     ``odom_frame`` -> ``base_frame`` from poses.txt (brought into the LiDAR frame with calib.txt's Tr);
     /tf_static carries ``base_frame`` -> ``frame_id`` once, at the first stamp. Returns a summary dict.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..data.kitti import SemanticKittiSequence
 
@@ -86,8 +86,8 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
     try:
         with bag:
             bag.write(TF_STATIC_TOPIC, make_tf(stamps[0], base_frame, frame_id, base_from_velo), stamps[0])
-            for i in tqdm(range(n), desc=f"bag-from-kitti {Path(out).name}", unit="scan",
-                          disable=not progress):
+            for i in progress_bar(range(n), desc=f"bag-from-kitti {Path(out).name}", unit="scan",
+                                  disable=not progress):
                 points = seq.scan(i)
                 if points.ndim != 2 or points.shape[1] < 4:
                     raise DatasetError(f"{seq.scan_path(i)}: expected (N, 4) x, y, z, intensity, "

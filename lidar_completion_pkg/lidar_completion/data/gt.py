@@ -502,9 +502,9 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
 
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=(0 if map_ok else len(sequence)) + len(todo), unit="scan",
-                   desc=f"build-gt {sequence.sequence}")
+        from ..progress import progress_bar
+        bar = progress_bar(total=(0 if map_ok else len(sequence)) + len(todo), unit="scan",
+                           desc=f"build-gt {sequence.sequence}")
 
     def tick(phase, i):
         if bar is not None:

@@ -171,7 +171,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     ``options``: emd, plots, progress, restart and metric_workers apply here. ``signature(key)``
     (optional) describes the files a frame was read from; it is stored with the frame's record, and
     a stored record whose signature differs from the frame's now is computed again."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     keys = list(keys)
     indices = list(indices) if indices is not None else list(range(len(keys)))
@@ -233,8 +233,8 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
         extremes.offer(key, num(rec.get("cd")), pred)
         return rec
 
-    bar = tqdm(total=len(keys), initial=len(done), desc=run.get("label", "evaluate"), unit="frame",
-               disable=not options.progress, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=len(keys), initial=len(done), desc=run.get("label", "evaluate"),
+                       unit="frame", disable=not options.progress, dynamic_ncols=True, file=sys.stderr)
     cds = [num(r.get("cd")) for r in done.values()]
     try:
         with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="metrics") as pool:

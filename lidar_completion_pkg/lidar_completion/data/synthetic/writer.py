@@ -135,8 +135,8 @@ def generate_dataset(out_root: Union[str, os.PathLike], sequences: Union[int, Se
         raise ConfigError(f"scans per sequence must be >= 1, found {scans}")
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(ids) * scans, unit="scan", desc="make-synthetic")
+        from ..progress import progress_bar
+        bar = progress_bar(total=len(ids) * scans, unit="scan", desc="make-synthetic")
     try:
         for seq in ids:
             if bar is not None:
