@@ -71,12 +71,49 @@ def describe_os_error(exc: OSError, path=None) -> str:
     return str(exc) or type(exc).__name__
 
 
+def unwritable_folder(folder):
+    """Why files cannot be written into ``folder`` (an existing one, or one to be created with the
+    folders above it that are missing), or None. Tried with a probe file (or folder) that is removed
+    at once, not read from the permission bits: root passes ``os.access`` where creating a file
+    still fails (/proc, /sys, a read-only mount), and a command should fail before its work, not
+    after it when it writes its results."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))  # "." / "/" exist
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        if existing == folder:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        else:                           # folders to create: the first of them must be creatable
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-probe-"))
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
+    return None
+
+
 def _is_tmp_of(name, path) -> bool:
     """Whether ``name`` is a temporary name of ``path`` (``<path>.<pid>.tmp``)."""
     from pathlib import Path
     name, path = Path(name), Path(path)
     return (name.parent == path.parent and name.name.startswith(path.name + ".")
             and name.suffix == ".tmp")
+
+
+def _silence_stdout() -> None:
+    """Point stdout's file descriptor at devnull (its reader is gone)."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no file descriptor (a replaced sys.stdout): nothing to flush
+        pass
 
 
 def main(argv=None) -> int:
@@ -88,10 +125,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe fails here, not in the interpreter's exit (status 120)
+        return rc
     except LidarCompletionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # stdout's reader went away (`lidar-completion evaluate ... | head -1`): no one reads the
+        # rest, so stop quietly as a process killed by SIGPIPE would, with the shell's status for it
+        # (128 + SIGPIPE). The output still buffered goes to devnull, or the exit's flush fails too
+        _silence_stdout()
+        return 141
     except OSError as exc:
         # what the file system refuses (a folder where a file goes, no permission, a full disk):
         # one line naming the path, as for the command's own errors

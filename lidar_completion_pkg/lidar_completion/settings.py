@@ -126,6 +126,18 @@ class Option:
             raise ConfigError(f"{self.name} must be in {self.allowed_text()}, got {value!r}")
         return value
 
+    def check_flag(self, value):
+        """:meth:`check` for a value given as the option's flag: its errors name ``--steps``,
+        not ``steps``."""
+        try:
+            return self.check(value)
+        except ConfigError as exc:
+            text = str(exc)
+            if not text.startswith(self.name + " "):
+                raise
+            text = text.replace("leave it unset (None) for", "leave the flag out for")
+            raise ConfigError(self.flag + text[len(self.name):]) from None
+
 
 def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -220,8 +232,19 @@ class CompletionSettings:
         keep their defaults; ``overrides`` win)."""
         names = getattr(args, _ADDED, ())
         values = {name: getattr(args, name) for name in names}
+        # a value typed on the command line is refused naming its flag (--steps), which the user
+        # gave, not the field (steps); ``overrides`` come from the caller's code and keep the field
+        typed = [name for name in names if name not in overrides]
+        for name in typed:
+            BY_NAME[name].check_flag(values[name])
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if not (str(exc).startswith("min_range (") and {"min_range", "max_range"} <= set(typed)):
+                raise
+            raise ConfigError(str(exc).replace("min_range", "--min-range")
+                              .replace("max_range", "--max-range")) from None
 
     def to_ros(self) -> dict:
         """Every option as a ROS parameter value (None as the option's ``ros_unset``)."""

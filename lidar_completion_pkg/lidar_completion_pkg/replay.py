@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -252,13 +253,13 @@ class Replay:
             time.sleep(0.01)
 
     def play(self, pub, bag: BagReader, tf_pubs: dict | None = None) -> None:
-        from tqdm import tqdm
+        from lidar_completion.progress import progress_bar
 
         a = self.args
         tf_pubs = tf_pubs or {}
         topics = [a.topic] + [t for t in TF_TOPICS if t in bag.topics and (self._writer or t in tf_pubs)]
-        bar = tqdm(total=self.events["expected_total"], desc="replay", unit="scan",
-                   disable=not a.progress, file=sys.stderr)
+        bar = progress_bar(total=self.events["expected_total"], desc="replay", unit="scan",
+                           disable=not a.progress, file=sys.stderr)
         t0_bag = None
         t0_wall = None
         index = 0
@@ -521,10 +522,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args) -> str | None:
+    """What is wrong with the command line, or None: found before the node starts and the bag plays
+    (a value that makes no sense was taken and played nothing, or forever; an events path that
+    cannot be written failed only after the whole replay, losing it)."""
+    from lidar_completion.cli import unwritable_folder
+
+    if not (args.rate > 0 and math.isfinite(args.rate)):
+        return f"--rate must be a finite number > 0, found {args.rate}"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be >= 1, found {args.limit}"
+    for name in ("ready_timeout", "drain_timeout", "busy_timeout", "settle"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            return f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, found {value}"
+    if not (args.memory_interval > 0 and math.isfinite(args.memory_interval)):
+        return f"--memory-interval must be a finite number of seconds > 0, found {args.memory_interval}"
+    if args.depth < 1:
+        return f"--depth must be >= 1, found {args.depth}"
+    events = Path(args.events)
+    if str(events) == os.devnull:      # the launch file's player keeps no record: nothing to check
+        return None
+    if events.is_dir():
+        return f"--events {events}: is a folder; give the name of a JSON file"
+    problem = unwritable_folder(events.parent)
+    if problem is not None:
+        return f"--events {events}: {problem}; give a file in a folder you can write to"
+    if events.exists() and not os.access(events, os.W_OK):
+        return f"--events {events}: the file is not writable; give another file name"
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rate <= 0:
-        print("error: --rate must be > 0", file=sys.stderr)
+    problem = _check_args(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from .dds import configure_environment
 
@@ -550,8 +583,14 @@ def main(argv=None) -> int:
         ev = replay.events
         ev["profile"] = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
         ev["domain_id"] = os.environ.get("ROS_DOMAIN_ID")
-        Path(args.events).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.events).write_text(json.dumps(ev, default=str) + "\n")
+        try:
+            Path(args.events).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.events).write_text(json.dumps(ev, default=str) + "\n")
+        except OSError as exc:      # the folder went away, or the disk filled up during the replay
+            from lidar_completion.cli import describe_os_error
+            print(f"error: cannot write the events (--events {args.events}): "
+                  f"{describe_os_error(exc, args.events)}", file=sys.stderr)
+            rc = 1
     return rc
 
 

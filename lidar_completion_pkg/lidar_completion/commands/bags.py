@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from importlib import metadata
@@ -19,6 +20,8 @@ from ..settings import CompletionSettings, add_arguments
 LIVE_BENCH_GROUP = "lidar_completion.live_bench"
 #: The largest ROS_DOMAIN_ID with which DDS (Fast DDS's port formula) still has ports.
 MAX_DOMAIN_ID = 232
+#: The latest start time a bag stamp holds: builtin_interfaces/Time's seconds are a uint32.
+MAX_STAMP_S = 2**32 - 1
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--sequence", required=True, default=argparse.SUPPRESS, help="sequence id, e.g. 08")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output bag directory (must not exist)")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage")
-    p.add_argument("--limit", type=int, default=None, help="write only the first N scans")
+    p.add_argument("--limit", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="write only the first N scans (default: all)")
     p.add_argument("--topic", default="/velodyne_points", help="PointCloud2 topic")
     p.add_argument("--frame-id", default="velodyne", help="frame of the clouds (tf child frame)")
     p.add_argument("--base-frame", default="base_link",
@@ -45,8 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--sensor-height", type=float, default=1.73,
                    help="height of the LiDAR above --base-frame in metres (KITTI: 1.73)")
     p.add_argument("--start-time", type=float, default=1_317_600_000.0,   # bags.kitti.DEFAULT_START_NS
-                   help="seconds since the epoch added to times.txt so that no stamp is 0 (the default "
-                        "is 2011-10-03 00:00 UTC)")
+                   metavar="SECONDS",
+                   help=f"seconds since the epoch added to times.txt so that no stamp is 0; "
+                        f"0..{MAX_STAMP_S} (default: %(default).0f, 2011-10-03 00:00 UTC)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
     p.set_defaults(func=run_from_kitti)
@@ -114,8 +119,15 @@ def register(subparsers) -> None:
 def run_from_kitti(args) -> int:
     from ..bags.kitti import bag_from_kitti
 
+    start = args.start_time
+    if not (math.isfinite(start) and 0 <= start <= MAX_STAMP_S):
+        # a stamp's seconds are a uint32: beyond them the first message fails to serialize
+        raise ConfigError(f"--start-time must be a number of seconds in 0..{MAX_STAMP_S} (a ROS "
+                          f"stamp's uint32 seconds), found {start:.15g}; leave it out for the default "
+                          "(2011-10-03 00:00 UTC)")
     summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
-                             limit=args.limit, start_time_ns=int(round(args.start_time * 1e9)), topic=args.topic,
+                             limit=getattr(args, "limit", None), start_time_ns=int(round(start * 1e9)),
+                             topic=args.topic,
                              frame_id=args.frame_id, base_frame=args.base_frame,
                              sensor_height=args.sensor_height, progress=getattr(args, "progress", True))
     print(f"wrote {summary['scans']} scans ({summary['points']} points, {summary['duration_s']:.1f} s) "
@@ -129,8 +141,13 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
-    if args.rate <= 0:
-        raise ConfigError(f"--rate must be > 0, found {args.rate}")
+    if not (args.rate > 0 and math.isfinite(args.rate)):
+        raise ConfigError(f"--rate must be a finite number > 0, found {args.rate}")
+    for name in ("ready_timeout", "drain_timeout", "busy_timeout"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, "
+                              f"found {value}")
     if args.domain_id is not None and not 0 <= args.domain_id <= MAX_DOMAIN_ID:
         # beyond it Fast DDS cannot compute its ports, and the node dies with an RTPS error
         raise ConfigError(f"--domain-id must be 0..{MAX_DOMAIN_ID} (ROS 2 recommends 0..101), found "
@@ -147,6 +164,25 @@ def _check_args(args) -> None:
         if given:
             raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the live "
                               "mode: add --live, or leave them out")
+
+
+def _check_out(out: Path) -> None:
+    """ConfigError when the report cannot be written into ``out``: found before the model loads (or
+    the node starts), not after every scan was completed, which lost the results. A report of an
+    earlier run there is replaced, as the demo and scripts rerunning into one folder expect, but
+    said so on stderr."""
+    from ..bags.report import REPORT_JSON, REPORT_MD
+    from ..cli import unwritable_folder
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give a folder for the report")
+    problem = unwritable_folder(out)
+    if problem is not None:
+        raise ConfigError(f"--out {out}: {problem}; give a report folder you can write to")
+    earlier = [name for name in (REPORT_JSON, REPORT_MD) if (out / name).exists()]
+    if earlier:
+        print(f"note: {out} holds the report of an earlier run ({', '.join(earlier)}): this run "
+              "replaces it", file=sys.stderr)
 
 
 def _check_bag(bag, topic) -> None:
@@ -180,6 +216,7 @@ def run_bench(args) -> int:
     # the bag's own name, also for a bag given as "." or "drive/" (an empty name otherwise)
     name = Path(args.bag).resolve().name
     out = Path(args.out) if args.out else Path("runs") / "bag-bench" / f"{name}-{mode}"
+    _check_out(out)
     if args.live:
         report = _run_live(args, settings, out)
     else:
@@ -269,6 +306,15 @@ def _run_offline(args, settings: CompletionSettings) -> dict:
 
 def live_runner():
     """The ROS 2 layer's live benchmark (entry point group ``lidar_completion.live_bench``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("rclpy") is None:
+        # the entry point is registered by the same install as the core, with or without the ROS 2
+        # libraries: without them the replay died in a traceback of its `import rclpy`
+        raise ConfigError("--live replays the bag to the ROS 2 node, and the ROS 2 Python libraries "
+                          "(rclpy) are not importable here: install them (`make setup`, or pip "
+                          "install 'lidar_completion_pkg[ros]' from a checkout) or source a ROS 2 "
+                          "installation; without --live, bag-bench completes the bag in-process")
     found = list(metadata.entry_points(group=LIVE_BENCH_GROUP))
     if not found:
         raise ConfigError("--live needs the ROS 2 layer, and no installed package registers a "

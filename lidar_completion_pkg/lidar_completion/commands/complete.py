@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import CloudFormatError, ConfigError, LidarCompletionError
 from ..io import BIN_FORMATS
 from ..cli import add_threads_argument, apply_threads
-from ..settings import CompletionSettings, add_arguments
+from ..settings import BY_NAME, CompletionSettings, add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,11 @@ def _read_scan(path: Path, bin_format: str) -> np.ndarray:
 
 def _check_writable(path: Path, flag: str, folder: bool = False) -> None:
     """ConfigError naming ``path`` as given when it cannot be written: a folder where a file goes
-    (with ``folder``: a file where the output folder goes), or a parent that is a file. Checked
-    before the model loads, instead of failing after the scan was completed, on a private
-    temporary name."""
+    (with ``folder``: a file where the output folder goes), a parent that is a file, or a folder
+    that refuses new files (no permission, a read-only mount). Checked before the model loads,
+    instead of failing after the scan was completed, on a private temporary name."""
+    from ..cli import unwritable_folder
+
     if path.exists() and not folder and path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is a folder; give a file name (or end it with "
                           "'/' to write into the folder under the scan's name)")
@@ -80,7 +82,10 @@ def _check_writable(path: Path, flag: str, folder: bool = False) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
-            return
+            break
+    problem = unwritable_folder(path if folder else path.parent)
+    if problem is not None:
+        raise ConfigError(f"{flag} {path}: {problem}; give a path in a folder you can write to")
 
 
 def _expand(inputs) -> list[Path]:
@@ -195,6 +200,14 @@ def run(args) -> int:
         if args.render:
             _check_writable(Path(args.render), "--render")
     settings = CompletionSettings.from_args(args)   # ConfigError for values out of range
+    if batch and settings.seed is not None:
+        # scan i is completed with --seed + i: the last scan's seed must be one the Completer takes,
+        # found now rather than as a failure of that scan after the others were completed
+        last, high = settings.seed + len(files) - 1, BY_NAME["seed"].range[1]
+        if last > high:
+            raise ConfigError(f"--seed {settings.seed}: scan {len(files) - 1} ({files[-1]}) would be "
+                              f"completed with seed {last}, above {high}; give a seed <= "
+                              f"{high - len(files) + 1}")
     apply_threads(args.threads)
     if into_folder and args.skip_existing and out.exists():
         print(f"completed 0 of 1 scans into {out.parent}, 1 left as it was (--skip-existing): {out}")
@@ -232,7 +245,7 @@ def run(args) -> int:
 
 
 def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..completer import Completer
     from ..io import FORMATS, write_cloud
@@ -278,8 +291,8 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
 
     completer = Completer.from_settings(settings)
     failed, done, skipped = [], 0, 0
-    bar = tqdm(list(zip(files, targets, renders)), desc="complete", unit="scan", file=sys.stderr,
-               disable=len(files) < 2 or None)
+    bar = progress_bar(list(zip(files, targets, renders)), desc="complete", unit="scan",
+                       file=sys.stderr, disable=len(files) < 2 or None)
     for i, (src, dst, png) in enumerate(bar):
         if args.skip_existing and dst.exists():
             skipped += 1

@@ -210,7 +210,7 @@ def run(args) -> int:
             raise ConfigError(f"--baseline input scores the input scan as the dataset filters it (the "
                               f"ground-truth cache's input limits), without a model: {', '.join(given)} "
                               f"would change nothing; drop {'it' if len(given) == 1 else 'them'}")
-    BY_NAME["seed"].check(args.seed)     # the range `complete --seed` has (seed + i: evaluation.runner)
+    BY_NAME["seed"].check_flag(args.seed)   # the range of `complete --seed` (seed + i: evaluation.runner)
     apply_threads(args.threads)
     out = args.out or ("evaluation_" + (args.baseline or "model") + f"_{args.sequence}")
     summary = evaluate_sequence(
