@@ -264,10 +264,16 @@ def split_bag_args(values):
 
 def node_namespace(values, pushed=""):
     """The node's absolute namespace: ``namespace`` (absolute, or under an including file's
-    PushRosNamespace ``pushed``), "/" for none."""
+    PushRosNamespace ``pushed``), "/" for none. An includer that pushes its namespace and also
+    passes it on as ``namespace`` (nav2's bringup does both) gets it once, not /robot1/robot1:
+    launch hands an included file the includer's configurations."""
     ns = (values.get("namespace") or "").strip()
+    pushed = (pushed or "").strip("/")
     if not ns.startswith("/"):
-        ns = "/".join(part for part in ((pushed or "").strip("/"), ns.strip("/")) if part)
+        ns = ns.strip("/")
+        if ns and (pushed == ns or pushed.endswith("/" + ns)):
+            ns = ""
+        ns = "/".join(part for part in (pushed, ns) if part)
     return "/" + ns.strip("/")
 
 

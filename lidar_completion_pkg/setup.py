@@ -20,7 +20,8 @@ def _rel(pattern):
 
 
 def _launch_files():
-    """data_files of the ROS 2 launch folder, which lives beside this package (../launch). An sdist
+    """data_files of the repository's files beside this package: the ROS 2 launch folder
+    (../launch) and ../LICENSE (installed to share/lidar_completion_pkg/). An sdist
     cannot carry a folder outside its project (setuptools even copied it into the tree as
     lidar_completion_pkg/launch/), so an sdist leaves it out and a wheel built without it stops here:
     a wheel without its launch files installed a package that `ros2 launch` could not start."""
@@ -32,6 +33,7 @@ def _launch_files():
                  "--wheel lidar_completion_pkg`, or colcon), not from an sdist, which cannot hold "
                  "the launch folder beside the package")
     return [
+        ("share/" + PACKAGE, _rel("../LICENSE")),
         ("share/" + PACKAGE + "/launch", _rel("../launch/*.py") + _rel("../launch/*.xml")),
         ("share/" + PACKAGE + "/launch/params", _rel("../launch/params/*.yaml")),
         ("share/" + PACKAGE + "/launch/rviz", _rel("../launch/rviz/*.rviz")),
@@ -40,7 +42,7 @@ def _launch_files():
 
 setup(
     name="lidar-completion",
-    version="0.1.0",
+    version="0.2.0",
     description="Few-step diffusion LiDAR scene completion (Distillation-DPO) with a ROS 2 node",
     license="MIT",
     # namespace-aware: the weights folder holds no __init__.py but is package data of

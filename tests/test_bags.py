@@ -407,6 +407,20 @@ def test_bag_from_kitti_errors(synthetic_root, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_bag_from_kitti_refuses_a_start_time_its_last_scan_cannot_hold(synthetic_root, tmp_path):
+    """A start time a stamp holds, but the drive's own times (0.4 s here) take the last scans past
+    a stamp's int32 seconds: refused before the bag is begun (a serialisation error midway)."""
+    from lidar_completion.bags.kitti import bag_from_kitti
+    from lidar_completion.errors import DatasetError
+
+    start_ns = (2**31 - 1) * 10**9 + 7 * 10**8           # the last scan at 2**31 + 0.1 s
+    with pytest.raises(DatasetError, match=r"outside a ROS stamp's 0\.\.2147483647 s: give an earlier"):
+        bag_from_kitti(synthetic_root, "00", tmp_path / "b", start_time_ns=start_ns, progress=False)
+    assert not (tmp_path / "b").exists()
+    bag_from_kitti(synthetic_root, "00", tmp_path / "c", start_time_ns=start_ns - 2 * 10**8,
+                   progress=False)                        # ends at 2**31 - 0.1 s: written
+
+
 def test_bag_from_kitti_leaves_no_partial_bag(synthetic_root, tmp_path, capsys):
     """A scan that cannot be read midway: no bag of the first scans is left behind (it would look
     like the sequence's and block the rerun, as bags are never overwritten)."""

@@ -209,6 +209,9 @@ def test_a_namespace_moves_the_node_its_topics_the_gate_and_rviz():
     assert m["node_namespace"](front) == "/front"
     assert m["node_namespace"](front, pushed="robot1") == "/robot1/front"
     assert m["node_namespace"]({"namespace": "/abs"}, pushed="robot1") == "/abs"
+    # nav2-style includes push the namespace and pass it on as `namespace` too: once, not twice
+    assert m["node_namespace"]({"namespace": "robot1"}, pushed="/robot1") == "/robot1"
+    assert m["node_namespace"]({"namespace": "robot1"}, pushed="/fleet/robot1") == "/fleet/robot1"
     assert m["resolved_topic"](front, "input_topic") == "/front/velodyne_points"
     assert m["resolved_topic"]({**front, "output_topic": "/dense"}, "output_topic") == "/dense"
     assert m["resolved_topic"]({**front, "node_name": "c", "output_topic": "~/out"},
@@ -873,3 +876,33 @@ def test_ros2_launch_in_a_namespace_and_its_node_ends_with_a_sigtermed_launch(ch
     node_log = "".join(f.read_text(errors="replace") for f in (tmp_path / "ros_log").glob("*.log"))
     assert "has ended: shutting down (exit_with_parent)" in node_log, node_log[-3000:] or text[-3000:]
     assert "shut down: processed 1," in node_log, node_log[-3000:]
+
+
+@pytest.mark.ros
+def test_a_launch_stopped_during_the_warm_up_takes_its_node_along(checkpoint, tmp_path):
+    """SIGTERM to `ros2 launch` while the node still loads and warms up: the node, adopted before
+    its parameters were read, took its new parent for the one that started it and ran on orphaned.
+    It notes its parent before anything else and ends once it is built."""
+    _ros()
+    env = {**rs.ros_env(rs.random_domain()), "ROS_LOG_DIR": str(tmp_path / "ros_log")}
+    log = tmp_path / "launch.log"
+    # a warm-up of seconds (a large budget) for the signal to land in
+    params = small_params(tmp_path, n_fps=3000, tile=10)
+    cmd = launch_cmd(f"checkpoint:={checkpoint}", f"steps:={STEPS}", f"params_file:={params}")
+    with rs.process_group(cmd, env, log) as proc:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and "completing a warm-up scan" not in log.read_text(errors="replace"):
+            time.sleep(0.05)
+        assert "completing a warm-up scan" in log.read_text(errors="replace"), log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGTERM)          # the launch process only, as systemd would
+        proc.wait(20)
+        end = time.monotonic() + 60
+        while _live_members(proc.pid) and time.monotonic() < end:
+            time.sleep(0.2)
+        left = _live_members(proc.pid)
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+    node_log = "".join(f.read_text(errors="replace") for f in (tmp_path / "ros_log").glob("*.log"))
+    assert not left, f"processes left running after the launch ended: {left}\n{node_log[-3000:]}"
+    assert "has ended: shutting down (exit_with_parent)" in node_log, node_log[-3000:]
+    assert "warm-up scan completed" in node_log    # the signal came during the warm-up

@@ -89,6 +89,14 @@ def test_stats_percentiles_rates_and_summary():
     level, message, values = diagnostic_summary(snap)
     assert level == OK and message == "ready, no cloud for 60 s"
     assert dict(values)["last_input_age_s"] == "60.000"
+    # a drop, then the sensor stops (a bag's end): WARN while clouds come, then idle at OK
+    st.note_input()
+    st.note_rejected("truncated", "truncated PointCloud2: ...")
+    st.snapshot()
+    assert diagnostic_summary(st.snapshot())[0] == WARN
+    clock.t += 6
+    level, message, _ = diagnostic_summary(st.snapshot())
+    assert level == OK and message == "ready, no cloud for 6 s"
 
 
 def test_parameter_table_checks():
@@ -979,8 +987,9 @@ def test_the_target_transform_is_taken_before_a_long_completion():
 
 def test_a_scan_whose_target_frame_has_no_transform_is_dropped_before_completing():
     """Clouds in a frame with no path to target_frame were completed (seconds each on a CPU) and
-    only then dropped as tf_missing. Without a path after tf_timeout the scan is dropped first;
-    a transform that is known but not yet at the stamp still waits for the completion."""
+    only then dropped as tf_missing. Once no path has joined the frames for MISSING_GRACE_S, the
+    scan is dropped first, after tf_timeout; before that (odometry starting after the LiDAR), and
+    for a transform known but not yet at the stamp, the completion goes first as before."""
     pytest.importorskip("rclpy")
     pytest.importorskip("diagnostic_msgs")
     from lidar_completion_pkg import frames
@@ -990,10 +999,12 @@ def test_a_scan_whose_target_frame_has_no_transform_is_dropped_before_completing
 
     class Frames:
         reason = frames.MISSING
+        late = None      # the reason of a second lookup (something came during the wait)
 
         def lookup(self, target, source, t_ns, timeout):
             waits.append(timeout)
-            raise frames.TransformUnavailable(self.reason, f"no transform from '{source}' to '{target}'")
+            reason = self.late if (timeout and self.late) else self.reason
+            raise frames.TransformUnavailable(reason, f"no transform from '{source}' to '{target}'")
 
     class Counting:
         steps, guidance = 8, 1.0
@@ -1009,17 +1020,27 @@ def test_a_scan_whose_target_frame_has_no_transform_is_dropped_before_completing
     pipe.frames = tf = Frames()
     points = P.warmup_cloud(500)
     header = NS(frame_id="velodyne_b", stamp=NS(sec=5, nanosec=0))
-    with pytest.raises(frames.TransformUnavailable):
-        pipe._complete_one(header, points, time.monotonic())
-    assert Counting.calls == 0 and not sent
-    assert pipe.stats.no_transform == 1 and pipe.stats.reasons[frames.MISSING] == 1
-    assert waits == [0.0, 0.05]            # asked at once, then waited tf_timeout for a path
-    assert any("velodyne_b" in w for w in warnings), warnings
-    # known but not at the stamp yet: completed first, looked up afterwards (and dropped there)
-    tf.reason = frames.STALE
-    with pytest.raises(frames.TransformUnavailable):
-        pipe._complete_one(header, points, time.monotonic())
-    assert Counting.calls == 1 and pipe.stats.reasons[frames.STALE] == 1
+
+    def one():
+        with pytest.raises(frames.TransformUnavailable):
+            pipe._complete_one(header, points, time.monotonic())
+
+    one()          # missing for the first time: completed, then dropped (it may still come)
+    assert Counting.calls == 1 and waits == [0.0, 0.05] and pipe.stats.no_transform == 1
+    pipe._missing_since[("base_link", "velodyne_b")] -= P.MISSING_GRACE_S   # missing for that long
+    waits.clear()
+    one()          # asked at once, then waited tf_timeout for a path: dropped, not completed
+    assert Counting.calls == 1 and not sent and waits == [0.0, 0.05]
+    assert pipe.stats.no_transform == 2 and pipe.stats.reasons[frames.MISSING] == 2
+    assert any("before completing it" in w and "velodyne_b" in w for w in warnings), warnings
+    # a transform that came during that wait but not yet at the stamp: completed, looked up after
+    tf.late = frames.STALE
+    one()
+    assert Counting.calls == 2 and ("base_link", "velodyne_b") not in pipe._missing_since
+    # known but not at the stamp: completed first, looked up afterwards (and dropped there)
+    tf.reason, tf.late = frames.STALE, None
+    one()
+    assert Counting.calls == 3 and pipe.stats.reasons[frames.STALE] == 2
 
 
 def test_diagnostics_count_the_transforms_the_own_listener_ignored():

@@ -180,7 +180,7 @@ def test_a_wheel_without_the_launch_folder_is_refused_naming_how_to_build_it(tmp
     (tmp_path / "repo" / "launch").mkdir()
     (tmp_path / "repo" / "launch" / "completion.launch.py").write_text("")
     proc = setup("--version")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("0.1.0"), proc
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("0.2.0"), proc
 
 
 def test_versions_agree():

@@ -307,3 +307,17 @@ def test_refiner_runner_pads_with_a_separate_batch_element():
         assert got.shape == (n, 3 * ref.config.refine_up)
         assert _close(got, ref(pts[:n], torch.zeros(n, dtype=torch.long))), n
     assert r.fallbacks == 0 and len(r._states) == 1
+
+
+@torch.inference_mode()
+def test_an_fp32_graph_runner_keeps_a_callers_autocast_out():
+    """The graph runners (the CUDA path's denoiser, encoder and refiner) ran an fp32 model inside a
+    caller's autocast region in that region's dtype, and a graph captured there would have kept it
+    for later replays: fp32 turns autocast off for the runner's passes as the Completer does."""
+    enc, den, pts, cond = _scene_and_condition()
+    r = GraphedDenoiser(den, 1.0, use_graphs=False)
+    r(pts, 300, cond, None)                  # the sizing pass; then the static passes compared
+    plain = r(pts, 300, cond, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = r(pts, 300, cond, None)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)

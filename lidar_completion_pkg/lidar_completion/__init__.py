@@ -2,7 +2,7 @@
 
 The core library. It never imports rclpy; the ROS 2 node lives in `lidar_completion_pkg`.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import (  # noqa: F401
     LidarCompletionError, CloudFormatError, CheckpointError, DatasetError, BagError, ConfigError,

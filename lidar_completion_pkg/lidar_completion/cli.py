@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         return 2
     try:
         rc = int(args.func(args) or 0)
-        sys.stdout.flush()   # a closed pipe fails here, not in the interpreter's exit (status 120)
+        if sys.stdout is not None:   # (None when started with stdout closed: `... >&-`)
+            sys.stdout.flush()   # a closed pipe fails here, not in the interpreter's exit (status 120)
         return rc
     except LidarCompletionError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,7 +28,6 @@ gather form). Inference only: batch norm must use running statistics.
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
 import os
 import time
@@ -217,7 +216,9 @@ class _GraphRunner(abc.ABC):
 
     def _autocast(self, capture: bool = True):
         if self.autocast is None:
-            return contextlib.nullcontext()
+            # fp32: off, whatever autocast region the caller has open (captured into a graph, a
+            # caller's fp16 would stay in the replays of that shape after the region ended)
+            return torch.autocast(self._device_type(), enabled=False)
         # the autocast weight cache must stay off while capturing (torch.cuda.graph's rule)
         return torch.autocast(self._device_type(), dtype=self.autocast, cache_enabled=not capture)
 

@@ -82,6 +82,9 @@ def _exit_past_running_completions(code: int) -> int:
 
 
 def _run(argv, lifecycle: bool) -> int:
+    # the process that started this one, read first: a launch stopped during the load and warm-up
+    # (a minute on a CPU) has already left it adopted by then, and its parent would seem unchanged
+    started_by = os.getppid()
     argv = list(sys.argv if argv is None else argv)
     user_args = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
     if any(a in ("-h", "--help") for a in user_args):
@@ -137,7 +140,7 @@ def _run(argv, lifecycle: bool) -> int:
             return 0  # interrupted while starting: the context is gone
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        parent = os.getppid() if node.pipeline.config.get("exit_with_parent") else None
+        parent = started_by if node.pipeline.config.get("exit_with_parent") else None
         try:
             # until Ctrl-C / SIGTERM, or a lifecycle node's shutdown transition (finalized), or with
             # exit_with_parent the end of the process that started the node (it is then adopted)

@@ -125,8 +125,9 @@ ROS_PARAMETERS: tuple[Param, ...] = (
     Param("diagnostics_period", "double", 1.0, "Seconds between /diagnostics messages",
           range=(0.1, 60.0)),
     Param("exit_with_parent", "bool", False,
-          "Shut down when the process that started the node ends (the launch file sets it: "
-          "`ros2 launch` stopped by SIGTERM exits without stopping its nodes)"),
+          "Shut down when the process that started the node ends (the launch file sets it true "
+          "over the params file, exit_with_parent:=false there turns it off: `ros2 launch` stopped "
+          "by SIGTERM exits without stopping its nodes)"),
 )
 PARAMETERS = PARAMETERS + ROS_PARAMETERS
 

@@ -42,6 +42,11 @@ WORKER_THREAD, SETUP_THREAD = "completion-worker", "completion-setup"
 #: (round by 8 mm or more): published float32 completions reaching it are warned about.
 FLOAT32_PRECISE_M = 131_072.0
 
+#: Seconds for which no path may join model_frame and target_frame before a scan is dropped ahead of
+#: its completion rather than after it (the TF cache's length: odometry starting after the LiDAR,
+#: the scans of that time are still completed and placed once it comes).
+MISSING_GRACE_S = 10.0
+
 # The threads running completer code now. A process must not finalise while one of them is inside
 # torch: Python ends such a thread when it next takes the GIL, which unwinds through torch's C++
 # frames and aborts ("terminate called without an active exception", exit status 134).
@@ -238,6 +243,7 @@ class CompletionPipeline:
         # a plain publisher in every node class: /diagnostics reports in every lifecycle state
         self.diag_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.warmup_s: Optional[float] = None
+        self._missing_since: dict = {}   # (target, model) -> when no path joined them first
         self._pending: dict = {}
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
@@ -400,7 +406,7 @@ class CompletionPipeline:
         out_topic = getattr(self.pub, "topic_name", None) or c["output_topic"]   # resolved once created
         if input_topic is None:   # not subscribed yet (a configured lifecycle node): as it will be
             input_topic = _resolved(self.node, c["input_topic"])
-        return (f"{input_topic or c['input_topic']} -> {out_topic} with {c['checkpoint'] or 'the default checkpoint'}"
+        return (f"{input_topic} -> {out_topic} with {c['checkpoint'] or 'the default checkpoint'}"
                 f" (steps {steps}, guidance {guidance}, device {c['device']}; {where}; Fast DDS "
                 f"profile {os.environ.get(dds.PROFILE_ENV) or 'none'})")
 
@@ -515,26 +521,44 @@ class CompletionPipeline:
 
     def _early_target(self, target: str, model: str, source: str, to_model, stamp_ns: int):
         """(target <- model at the stamp, True) when known before the completion starts, else
-        (None, False) when known but not yet at the stamp: the lookup is then made after it, waiting
-        up to ``tf_timeout``; TransformUnavailable (counted) when no path joins the frames within
-        ``tf_timeout``, so the scan is not completed in vain. Taking it
+        (None, False): the lookup is then made after it, waiting up to ``tf_timeout``. Taking it
         first matters when a completion outlasts the TF cache (10 s; a CPU's first scans, LiDiff
         at 50 steps): looked up only afterwards, the transform at the stamp had aged out and the
-        completed scan was dropped as stale."""
+        completed scan was dropped as stale.
+
+        When no path has joined the two frames for ``MISSING_GRACE_S`` (a frame nothing publishes),
+        the scan is dropped here, after ``tf_timeout``, instead of being completed (seconds on a
+        CPU) and dropped afterwards; within that time (odometry that starts after the LiDAR) it is
+        completed and looked up afterwards, as a transform not yet at the stamp is."""
         if target == model:
             return None, True
         if target == source and to_model is not None:
             return frames.rigid_inverse(to_model), True
         if self.frames is None:
             return None, False
+        key = (target, model)
         try:
-            return self.frames.lookup(target, model, stamp_ns, 0.0), True
+            found = self.frames.lookup(target, model, stamp_ns, 0.0)
         except frames.TransformUnavailable as exc:
             if exc.reason != frames.MISSING:
                 return None, False   # not yet at the stamp (odometry later than the scan): after it
-        # no path between the frames at all: wait for one up to tf_timeout as any lookup does, and
-        # drop the scan before completing it when none comes (the completion would be thrown away)
-        return self._lookup(target, model, stamp_ns), True
+            first = self._missing_since.setdefault(key, time.monotonic())
+            if time.monotonic() - first < MISSING_GRACE_S:
+                return None, False
+        else:
+            self._missing_since.pop(key, None)
+            return found, True
+        try:
+            found = self.frames.lookup(target, model, stamp_ns, self.config["tf_timeout"])
+        except frames.TransformUnavailable as exc:
+            if exc.reason != frames.MISSING:     # it came meanwhile, not yet at the stamp: after it
+                self._missing_since.pop(key, None)
+                return None, False
+            self.stats.note_no_transform(exc.reason, str(exc))
+            self._warn("tf_early." + exc.reason, f"dropped a scan before completing it: {exc}")
+            raise
+        self._missing_since.pop(key, None)
+        return found, True
 
     # -- worker ---------------------------------------------------------------------------------
     def _work(self, stop: threading.Event, mailbox: Mailbox) -> None:

@@ -217,15 +217,16 @@ def diagnostic_summary(snap: dict, worker_alive: Optional[bool] = True,
 
     ``state``: ACTIVE (subscribed, ``ready`` true) or WARMING_UP / UNCONFIGURED / INACTIVE;
     ``worker_alive`` None when no worker is expected to run (not active). A scan dropped since
-    the last published completion keeps the level at WARN; no cloud for ``idle_after_s`` seconds
-    says so in the message.
+    the last published completion keeps the level at WARN while clouds come; no cloud for
+    ``idle_after_s`` seconds says so in the message, at level OK (the sensor stopped, a bag ended).
     """
     if worker_alive is False:
         level, message = ERROR, "completion worker stopped"
     elif snap["problems_since_report"]:
         level, message = WARN, f"{snap['problems_since_report']} scan(s) dropped as unusable, " \
                                f"untransformable or failed: {snap['last_problem']}"[:300]
-    elif snap.get("problem_since_published") and state == ACTIVE:
+    elif (snap.get("problem_since_published") and state == ACTIVE
+          and not snap.get("last_input_age_s", 0.0) > idle_after_s):
         level, message = WARN, f"no completion published since the last scan dropped: " \
                                f"{snap['last_problem']}"[:300]
     elif state != ACTIVE:

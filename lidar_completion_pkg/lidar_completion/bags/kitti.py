@@ -80,6 +80,12 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
         raise DatasetError(f"{seq.path / 'times.txt'} does not exist: a bag needs each scan's time "
                            "(one line of seconds per scan, as KITTI ships it)")
     stamps = [int(start_time_ns) + int(round(float(t) * 1e9)) for t in seq.times[:n]]
+    if stamps and not 0 <= min(stamps) <= max(stamps) < 2**31 * 10**9:
+        # a stamp's seconds are an int32 (builtin_interfaces/Time): found here, not as a
+        # serialisation error mid-bag
+        raise DatasetError(f"the stamps would run from {min(stamps) / 1e9:.0f} to {max(stamps) / 1e9:.0f} s "
+                           f"(start time + times.txt), outside a ROS stamp's 0..{2**31 - 1} s: give an "
+                           "earlier start time")
     base_from_velo, odom_from_base = base_transforms(seq.poses[:n], sensor_height)
     n_points = 0
     bag = BagWriter(out, storage)     # refuses an existing path: whatever is at `out` now is ours

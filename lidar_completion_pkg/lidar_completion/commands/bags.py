@@ -20,8 +20,8 @@ from ..settings import CompletionSettings, add_arguments
 LIVE_BENCH_GROUP = "lidar_completion.live_bench"
 #: The largest ROS_DOMAIN_ID with which DDS (Fast DDS's port formula) still has ports.
 MAX_DOMAIN_ID = 232
-#: The latest start time a bag stamp holds: builtin_interfaces/Time's seconds are a uint32.
-MAX_STAMP_S = 2**32 - 1
+#: The latest start time a bag stamp holds: builtin_interfaces/Time's seconds are an int32 (2038).
+MAX_STAMP_S = 2**31 - 1
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ def run_from_kitti(args) -> int:
 
     start = args.start_time
     if not (math.isfinite(start) and 0 <= start <= MAX_STAMP_S):
-        # a stamp's seconds are a uint32: beyond them the first message fails to serialize
+        # a stamp's seconds are an int32: beyond them the first message fails to serialize
         raise ConfigError(f"--start-time must be a number of seconds in 0..{MAX_STAMP_S} (a ROS "
-                          f"stamp's uint32 seconds), found {start:.15g}; leave it out for the default "
+                          f"stamp's int32 seconds), found {start:.15g}; leave it out for the default "
                           "(2011-10-03 00:00 UTC)")
     summary = bag_from_kitti(args.dataset_root, args.sequence, args.out, storage=args.storage,
                              limit=getattr(args, "limit", None), start_time_ns=int(round(start * 1e9)),

@@ -520,7 +520,7 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
                     map_pts = np.fromfile(out / map_entry["file"], dtype=np.float32).reshape(-1, 3)
                 else:
                     if bar is not None:
-                        bar.set_postfix_str("map")
+                        bar.set_postfix_str("map", refresh=False)
                     map_pts, map_entry = _build_map(sequence, out, config, lambda i: tick("map", i))
                     journal.write(map_entry)
                 stats.map_seconds = time.perf_counter() - t0
@@ -528,7 +528,7 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
                 t0 = time.perf_counter()
                 index = MapIndex(map_pts, config.tile_size)
                 if bar is not None:
-                    bar.set_postfix_str("targets")
+                    bar.set_postfix_str("targets", refresh=False)
                 total_pts = 0
                 for i in todo:
                     scan = sequence.scan(i)

@@ -262,7 +262,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
                     bar.update(1)
                     ok = [c for c in cds if math.isfinite(c)]
                     if ok:
-                        bar.set_postfix(cd=f"{np.mean(ok):.3f}")
+                        bar.set_postfix(cd=f"{np.mean(ok):.3f}", refresh=False)   # drawn at the bar's pace
             while pending:
                 finish(pending.pop(0))
                 bar.update(1)
