@@ -197,6 +197,33 @@ def test_evaluate_model_end_to_end_with_resume(synth, tiny_ckpt, tmp_path):
             tiny_ckpt, steps=2)))
 
 
+def test_a_refined_run_from_before_the_refined_cut_is_not_resumed(synth, tiny_ckpt, tmp_path):
+    """Since 0.2.0 the refined completion is cut at post_max_range as well: a folder of refined
+    frames written before (its identity holds no such cut) was resumed, appending frames of the new
+    rule to those of the old one in one summary. Unrefined runs, whose numbers did not change, still
+    resume."""
+    import json
+
+    from lidar_completion.errors import ConfigError
+
+    opts = EvalOptions(seed=0, emd="none", progress=False, plots=False, limit=1)
+    for refine, out in ((True, tmp_path / "refined"), (False, tmp_path / "raw")):
+        kw = dict(sequence="08", settings=CompletionSettings(checkpoint=str(tiny_ckpt)),
+                  completer=small_completer(tiny_ckpt, refine=refine))
+        evaluate_sequence(synth, out=out, options=opts, **kw)
+        run = json.loads((out / "run.json").read_text())
+        assert ("refined_max_range" in run["identity"]) is refine
+        for part in (run["identity"], run["run"]):        # as the earlier version wrote it
+            part.pop("refined_max_range", None)
+        part["identity_keys"] = [k for k in part["identity_keys"] if k != "refined_max_range"]
+        (out / "run.json").write_text(json.dumps(run))
+        if refine:
+            with pytest.raises(ConfigError, match="refined_max_range not recorded there"):
+                evaluate_sequence(synth, out=out, options=replace(opts, limit=2), **kw)
+        else:
+            assert evaluate_sequence(synth, out=out, options=replace(opts, limit=2), **kw)["frames"] == 2
+
+
 def test_evaluate_cli_with_checkpoint(synth, tiny_ckpt, tmp_path, monkeypatch):
     """The CLI path loads the checkpoint through Completer.from_checkpoint (point budget reduced)."""
     from lidar_completion.completer import Completer

@@ -119,6 +119,12 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
                    **completer_record(completer), device=str(completer.device), completer=repr(completer),
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
         identity += COMPLETER_IDENTITY
+        if completer.refine and completer.refiner is not None:
+            # the refined completion is cut at post_max_range too (since 0.2.0; before, only the
+            # unrefined one was): a folder of refined frames from before records no such cut and is
+            # refused, not resumed with frames of the other rule
+            run["refined_max_range"] = completer.post_max_range
+            identity.append("refined_max_range")
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
