@@ -275,6 +275,49 @@ def test_labels_without_a_static_point_are_an_error_not_an_empty_map(dataset, tm
         gt.build_sequence(seq, tmp_path / "c")
 
 
+def test_a_cache_from_before_modification_times_were_recorded_is_kept(built, tmp_path, caplog):
+    """A cache whose journal header records no mtimes_sha256 (built by an earlier version) was
+    rebuilt whole by build-gt, "changed: the modification times", though nothing had changed, and
+    the rebuild's new fingerprint refused every evaluation folder made on it. It is verified and
+    kept, header and fingerprint included."""
+    import json
+
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+    shutil.copytree(ref_out, out)
+    journal = out / "00" / "manifest.jsonl"
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["source"]["mtimes_sha256"]
+    journal.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    (out / "00" / "manifest.json").unlink(missing_ok=True)     # as an interrupted old build left it
+    before = journal.read_text().splitlines()[0]
+    stats = gt.BuildStats("00")
+    with caplog.at_level("INFO"):
+        gt.build_sequence(seq, out, stats=stats, verify="size")
+    assert (stats.frames_built, stats.frames_reused) == (0, N_SCANS) and stats.map_reused
+    assert "rebuilding" not in caplog.text
+    assert journal.read_text().splitlines()[0] == before
+    assert json.loads((out / "00" / "manifest.json").read_text())["header"] == header
+
+
+def test_temporary_files_of_a_killed_build_are_removed(built, tmp_path):
+    """A build killed while writing the map left map.bin.<pid>.tmp in the sequence folder (a map
+    of a SemanticKITTI sequence: hundreds of MB) for good: only the targets' were cleaned up."""
+    import subprocess
+
+    seq, _, ref_out = built
+    out = tmp_path / "cache"
+    shutil.copytree(ref_out, out)
+    gone = subprocess.Popen(["true"])          # a writer that is gone
+    gone.wait()
+    litter = [out / "00" / f"map.bin.{gone.pid}.tmp", out / "00" / "targets" / f"000001.bin.{gone.pid}.tmp"]
+    for f in litter:
+        f.write_bytes(b"partial")
+    gt.build_sequence(seq, out, verify="size")
+    assert not any(f.exists() for f in litter)
+
+
 def test_changed_parameters_rebuild(built, tmp_path):
     seq, _, ref_out = built
     out = tmp_path / "cache"

@@ -224,6 +224,32 @@ def test_a_refined_run_from_before_the_refined_cut_is_not_resumed(synth, tiny_ck
             assert evaluate_sequence(synth, out=out, options=replace(opts, limit=2), **kw)["frames"] == 2
 
 
+def test_an_evaluation_into_a_folder_another_one_writes_is_refused(synth, tmp_path):
+    """Two evaluations started on one --out checked its run.json before either wrote, then both
+    appended their frames (two settings in one summary), or a --restart deleted the files of the
+    other while it ran. One evaluation writes a folder at a time: the other is refused before it
+    reads or deletes anything."""
+    import os
+
+    from lidar_completion.errors import ConfigError
+    from lidar_completion.fileutil import hold_folder, release_folder
+
+    out = tmp_path / "shared"
+    opts = EvalOptions(seed=0, emd="none", progress=False, plots=False, limit=1)
+    evaluate_sequence(synth, out=out, sequence="08", baseline="input", options=opts)
+    before = (out / "frames.jsonl").read_bytes()
+    held = hold_folder(out, "evaluation")
+    try:
+        with pytest.raises(ConfigError, match=f"another evaluation \\(process {os.getpid()}\\)"):
+            evaluate_sequence(synth, out=out, sequence="08", baseline="input",
+                              options=replace(opts, restart=True))
+        assert (out / "frames.jsonl").read_bytes() == before        # not deleted by the --restart
+    finally:
+        release_folder(held)
+    assert evaluate_sequence(synth, out=out, sequence="08", baseline="input",
+                             options=replace(opts, limit=2))["frames"] == 2
+
+
 def test_evaluate_cli_with_checkpoint(synth, tiny_ckpt, tmp_path, monkeypatch):
     """The CLI path loads the checkpoint through Completer.from_checkpoint (point budget reduced)."""
     from lidar_completion.completer import Completer

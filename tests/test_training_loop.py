@@ -132,6 +132,21 @@ def test_checkpoint_in_parts_resumes_bit_exactly(straight_run, tmp_path):
     _assert_identical(straight, _weights(out))
 
 
+def test_a_checkpoint_a_killed_run_was_writing_is_removed_at_the_next_save(tmp_path):
+    """A run killed while writing a checkpoint left step_N.ckpt.<pid>.tmp (a checkpoint's size)
+    in checkpoints/ for good; the next save removes it (not a live writer's)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    mgr.folder.mkdir(parents=True)
+    dead = mgr.folder / f"step_000000001.ckpt.{gone.pid}.tmp"
+    live = mgr.folder / f"step_000000001.ckpt.{os.getppid()}.tmp"     # a process that is running
+    for f in (dead, live):
+        f.write_bytes(b"partial")
+    mgr.save({"step": 2, "models": {"w": torch.zeros(3)}})
+    assert not dead.exists() and live.exists()
+
+
 def test_checkpoint_parts_are_checked(tmp_path):
     from training.checkpoint import state_files
     path = tmp_path / "state.ckpt"
@@ -244,6 +259,26 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--resume" in err and "step_000000002.ckpt" in err
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, capsys):
+    """Two runs started on one folder before the first checkpoint (or a --resume of a run still
+    going) both passed the checks, then the second moved the first one's logs aside and the two
+    mixed checkpoints, config and export. One run writes a folder at a time: the other is refused,
+    naming the process that holds it, before it writes anything."""
+    from lidar_completion.fileutil import LOCK_NAME, hold_folder, release_folder
+
+    npz = write_npz(tmp_path / "two.npz", n=2, n_target=1200, n_scan=120)
+    out = tmp_path / "run"
+    held = hold_folder(out, "training run")          # as the first run holds it while it trains
+    try:
+        assert main(_args(npz, out, "--max-steps", "1")) == 1
+        err = capsys.readouterr().err
+        assert f"being written by another training run (process {os.getpid()})" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]      # nothing written
+    finally:
+        release_folder(held)
+    assert main(_args(npz, out, "--max-steps", "1")) == 0                 # free again
 
 
 def test_resuming_an_older_checkpoint_never_deletes_what_it_writes_nor_later_ones(tmp_path):

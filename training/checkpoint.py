@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lidar_completion.errors import CheckpointError
-from lidar_completion.fileutil import atomic_write, atomic_write_json
+from lidar_completion.fileutil import atomic_write, atomic_write_json, stale_tmp
 
 MAGIC = b"LIDAR-COMPLETION-TRAIN-STATE v1\n"
 PARTS_MAGIC = b"LIDAR-COMPLETION-TRAIN-STATE-PARTS v1\n"
@@ -213,6 +213,10 @@ class CheckpointManager:
                     f.unlink()
                 except OSError:
                     pass
+        # what a killed run was writing (a checkpoint-sized file nothing reads): gone with it
+        for tmp in self.folder.glob("*.tmp"):
+            if stale_tmp(tmp):
+                tmp.unlink(missing_ok=True)
 
     def latest_path(self) -> Path | None:
         """The checkpoint ``latest.json`` names; without that file, the numbered checkpoint of the

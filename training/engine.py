@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion.errors import (CheckpointError, ConfigError, DatasetError, LidarCompletionError,
                                      ModelOutputError)
+from lidar_completion.fileutil import hold_folder, release_folder
 
 from . import distributed as D
 from . import rng as R
@@ -708,6 +709,16 @@ class Trainer(abc.ABC):
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
+        # one run writes into a folder at a time: a second started on it (a fresh run before the
+        # first checkpoint, a --resume of a run still going) passed the checks above, then moved
+        # the first one's logs aside and mixed checkpoints, config and export of two runs
+        held = hold_folder(self.out, "training run") if self.dist.is_main else None
+        try:
+            return self._run()
+        finally:
+            release_folder(held)
+
+    def _run(self) -> dict:
         cfg = self.cfg
         logc = cfg["log"]
         if self.dist.is_main:

@@ -7,6 +7,8 @@
   that a killed writer cannot spoil: a torn last line is ended before the next append and skipped
   by the reader.
 * :func:`stale_tmp`: whether a temporary file left in a folder belongs to a writer that is gone.
+* :func:`hold_folder` / :func:`release_folder`: one writer per output folder (an evaluation, a
+  training run), so that two processes started on one folder cannot mix their records.
 """
 from __future__ import annotations
 
@@ -69,6 +71,53 @@ def fsync_dir(path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ folder locks
+#: The lock file of an output folder held by :func:`hold_folder` (it holds the writer's pid).
+LOCK_NAME = ".lock"
+
+
+def hold_folder(folder, what: str):
+    """An exclusive lock (fcntl.flock on ``folder/.lock``) for one writer of ``folder``: the handle
+    to pass to :func:`release_folder`; the lock also ends with the process, however it ends.
+    ConfigError naming the holder when another process has it: two evaluations, or two training
+    runs, started on one folder checked it before either had written, then both wrote, mixing two
+    runs' records (or one run's files deleted under the other by --restart). Where the file system
+    cannot lock (or without fcntl), None: the folder is used unguarded, as before."""
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+        fh = open(folder / LOCK_NAME, "a+", encoding="utf-8")
+    except (ImportError, OSError) as exc:
+        log.debug("no lock on %s (%s)", folder, exc)
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise ConfigError(f"{folder} is being written by another {what} (process {holder or 'unknown'}):"
+                          f" let it finish, or give this one another --out") from None
+    except OSError as exc:          # a file system without flock
+        fh.close()
+        log.debug("no lock on %s (%s)", folder, exc)
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def release_folder(handle) -> None:
+    """Ends the hold of :func:`hold_folder` (None: nothing held)."""
+    if handle is not None:
+        handle.close()
 
 
 def atomic_write(path, data: Data, durable: bool = True) -> Path:

@@ -386,6 +386,18 @@ def _entry_valid(dir_: Path, entry: Dict, verify: str) -> bool:
     return True
 
 
+def _same_source(old, now) -> bool:
+    """Whether a journal's recorded ``source`` is the data's ``now``. A cache built before the
+    files' modification times were recorded (no ``mtimes_sha256``) matches on the rest, as
+    GTCache.check_source takes it: it was rebuilt whole (hours on SemanticKITTI), said to be for
+    "changed modification times", and its new fingerprint refused every evaluation folder made on
+    it. Its header is kept as it is, so that fingerprint does not change either."""
+    if old == now:
+        return True
+    return (isinstance(old, dict) and isinstance(now, dict) and "mtimes_sha256" not in old
+            and old == {k: v for k, v in now.items() if k != "mtimes_sha256"})
+
+
 def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
     """The records of ``manifest.jsonl`` when it belongs to ``header``; else a fresh journal holding
     only the header (and no consolidated manifest)."""
@@ -394,7 +406,8 @@ def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
     if records:
         old = records[0]
         if old.get("type") != "header" or any(old.get(k) != header[k] for k in
-                                              ("format", "version", "config", "source")):
+                                              ("format", "version", "config")) \
+                or not _same_source(old.get("source"), header["source"]):
             log.info("cache %s was built from other data or parameters (changed: %s); rebuilding",
                      out, _what_changed(old, header))
             records = []
@@ -490,6 +503,7 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
               "sequence": sequence.sequence, "config": config.to_dict(),
               "source": source_fingerprint(sequence)}
     records = _journal(out, header, force)
+    header = records[0]     # the journal's own: an older cache's is kept (and with it its fingerprint)
     map_entry = next((r for r in reversed(records) if r.get("type") == "map"), None)
     frame_entries = {int(r["frame"]): r for r in records
                      if r.get("type") == "frame" and 0 <= int(r.get("frame", -1)) < len(sequence)}
@@ -562,7 +576,7 @@ def _build_sequence(sequence, cache_root, config, verify, force, progress, on_fr
     manifest = {"header": header, "map": map_entry,
                 "frames": [frame_entries[i] for i in range(len(sequence))]}
     atomic_write_json(out / "manifest.json", manifest, indent=1)
-    for tmp in out.glob("targets/*.tmp"):
+    for tmp in (*out.glob("targets/*.tmp"), *out.glob("*.tmp")):   # (map.bin's of a killed build)
         if stale_tmp(tmp):
             tmp.unlink(missing_ok=True)
     return GTCache(cache_root, sequence.sequence)

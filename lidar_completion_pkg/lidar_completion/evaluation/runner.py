@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CloudFormatError, ConfigError, EmptyFrameError
-from ..fileutil import JsonlWriter, atomic_write_json, read_jsonl
+from ..fileutil import JsonlWriter, atomic_write, atomic_write_json, hold_folder, read_jsonl, release_folder
 from ..metrics import EMD_MODES, frame_metrics
 from ..settings import BY_NAME
 from .report import (N_EXTREMES, jsonable, num, render_frame, score_empty_prediction, summarize,
@@ -170,9 +170,8 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     already there), then writes summary.json, summary.md and the plots; returns the summary dict.
     ``options``: emd, plots, progress, restart and metric_workers apply here. ``signature(key)``
     (optional) describes the files a frame was read from; it is stored with the frame's record, and
-    a stored record whose signature differs from the frame's now is computed again."""
-    from ..progress import progress_bar
-
+    a stored record whose signature differs from the frame's now is computed again. One evaluation
+    writes into OUT at a time (ConfigError for a second one, before it reads or deletes anything)."""
     keys = list(keys)
     indices = list(indices) if indices is not None else list(range(len(keys)))
     if indices:
@@ -183,6 +182,16 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
         if last > high:
             raise ConfigError(f"seed {options.seed}: frame {max(indices)} would be completed with seed "
                               f"{last}, above {high}; give a seed <= {high - max(indices)}")
+    held = hold_folder(out, "evaluation")      # (after the checks: a refused run leaves no folder)
+    try:
+        return _run_evaluation(keys, load, predict, out, run, options, indices, signature)
+    finally:
+        release_folder(held)
+
+
+def _run_evaluation(keys, load, predict, out, run: Dict, options: EvalOptions, indices, signature) -> Dict:
+    from ..progress import progress_bar
+
     # metric_workers changes no frame's numbers, only what its time per scan includes
     run = dict(run, emd=options.emd, metric_workers=options.metric_workers)
     run["identity_keys"] = sorted(set(run.get("identity_keys", [])) | {"emd"})
@@ -273,7 +282,7 @@ def run_evaluation(keys: Sequence[str], load: Callable[[str], Tuple[Optional[np.
     records = [done[k] if k in done else by_key[k] for k in keys]
     summary = summarize(records, {k: v for k, v in run.items() if k != "identity_keys"})
     store.write_summary(summary)
-    (store.out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    atomic_write(store.out / "summary.md", summary_markdown(summary))
     if not (options.plots and records):
         # plots and renders of an earlier run into OUT would sit beside a summary they no longer
         # show (a resumed run of more frames with --no-plots)
