@@ -217,6 +217,25 @@ def test_a_domain_id_without_dds_ports_is_refused_before_the_node_starts(tmp_pat
     assert "--domain-id must be 0..232" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--rate", "nan"], "--rate must be a finite number > 0, found nan"),
+    (["--rate", "inf"], "--rate must be a finite number > 0, found inf"),
+    (["--ready-timeout", "-1"], "--ready-timeout must be a finite number of seconds >= 0"),
+    (["--drain-timeout", "nan"], "--drain-timeout must be a finite number of seconds >= 0"),
+    (["--busy-timeout", "inf"], "--busy-timeout must be a finite number of seconds >= 0"),
+])
+def test_live_rates_and_timeouts_out_of_range_are_refused_before_the_node_starts(tmp_path, capsys,
+                                                                                 argv, words):
+    """--rate nan and --ready-timeout -1 were taken (nan slips through "rate <= 0")."""
+    from lidar_completion.bags import write_clouds
+
+    bag = write_clouds(tmp_path / "bag", [(START, np.zeros((10, 3), np.float32))])
+    assert main(["bag-bench", str(bag), "--live", *argv, "--out", str(tmp_path / "rep"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+
+
 def test_no_completion_reason_follows_the_node_counters():
     """Six scans lost to a missing transform (the node's counters said so) were blamed on speed, with
     the advice to add --pace, which the run already had."""

@@ -201,6 +201,9 @@ def test_eval_default_rows_and_table(fake_run, tmp_path):
     assert ref["stats"]["time"]["mean"] > raw["stats"]["time"]["mean"]
     assert np.isfinite(ref["stats"]["cd"]["mean"]) and ref["stats"]["cd"]["mean"] != raw["stats"]["cd"]["mean"]
     assert ref["stats"]["cd"]["spread"] is None                   # one seed: no spread
+    # a refined row records the refined cut (a row of refined frames from before it is not
+    # resumed with frames of the new rule); the unrefined row has none
+    assert ref["run"]["refined_max_range"] == 50.0 and "refined_max_range" not in raw["run"]
     # the suffix picks the solver; the checkpoint names none, so the plain row is the published vp
     assert by["student 1 steps, w=1, local solver + refine"]["run"]["process"] == "local"
     assert raw["run"]["process"] == "vp"

@@ -240,7 +240,7 @@ def test_an_evaluation_into_a_folder_another_one_writes_is_refused(synth, tmp_pa
     before = (out / "frames.jsonl").read_bytes()
     held = hold_folder(out, "evaluation")
     try:
-        with pytest.raises(ConfigError, match=f"another evaluation \\(process {os.getpid()}\\)"):
+        with pytest.raises(ConfigError, match=f"another evaluation \\(host:process [^:]+:{os.getpid()}\\)"):
             evaluate_sequence(synth, out=out, sequence="08", baseline="input",
                               options=replace(opts, restart=True))
         assert (out / "frames.jsonl").read_bytes() == before        # not deleted by the --restart

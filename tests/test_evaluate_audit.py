@@ -565,3 +565,22 @@ def test_targets_copied_out_of_the_cache_are_said_to_be_scored_whole(synth, tmp_
     with caplog.at_level("WARNING", logger="lidar_completion.evaluation.sources"):
         evaluate_files(copied, synth / "gt_cache" / "08", tmp_path / "o2", options=OPTS, bin_format="xyz")
     assert "scored whole" not in caplog.text
+
+
+def test_an_interrupted_evaluation_frees_its_folder_for_the_next(tmp_path):
+    """The folder lock an evaluation holds ends with it however it ends (Ctrl-C here): the next
+    evaluation into the folder, in the same process, resumes instead of being refused."""
+    gt = np.random.default_rng(5).uniform(-5, 5, (200, 3))
+
+    def interrupted(key, index, inp):
+        if key == "b":
+            raise KeyboardInterrupt
+        return gt, {}
+
+    opts = EvalOptions(emd="none", plots=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(["a", "b"], lambda k: (None, gt), interrupted, tmp_path / "o",
+                       {"identity_keys": []}, opts)
+    s = run_evaluation(["a", "b"], lambda k: (None, gt), lambda k, i, x: (gt, {}), tmp_path / "o",
+                       {"identity_keys": []}, opts)
+    assert s["frames"] == 2

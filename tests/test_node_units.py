@@ -1041,6 +1041,19 @@ def test_a_scan_whose_target_frame_has_no_transform_is_dropped_before_completing
     tf.reason, tf.late = frames.STALE, None
     one()
     assert Counting.calls == 3 and pipe.stats.reasons[frames.STALE] == 2
+    # missing at start-up (its grace begins), then a path that lags the scans for a long time: a
+    # later spell without a path has a grace of its own (the first spell's start, kept, made it
+    # drop at once)
+    pipe._missing_since.clear()
+    tf.reason = frames.MISSING
+    one()
+    tf.reason = frames.STALE
+    one()
+    for key in pipe._missing_since:
+        pipe._missing_since[key] -= 60.0
+    tf.reason = frames.MISSING
+    one()
+    assert Counting.calls == 6
 
 
 def test_diagnostics_count_the_transforms_the_own_listener_ignored():

@@ -188,8 +188,12 @@ def test_versions_agree():
 
     xml_version = _package_xml().findtext("version").strip()
     setup_version = _setup_py_constants().get("setup.version")
-    assert xml_version == setup_version == lidar_completion.__version__, \
-        (xml_version, setup_version, lidar_completion.__version__)
+    # the training distribution (top-level pyproject.toml) is released with the core
+    # (read by a pattern: tomllib is 3.11+, and 3.10 is supported)
+    import re
+    training_version = re.search(r'(?m)^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert xml_version == setup_version == lidar_completion.__version__ == training_version, \
+        (xml_version, setup_version, lidar_completion.__version__, training_version)
 
 
 def test_workspace_symlink_is_relative_and_resolves():

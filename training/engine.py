@@ -184,6 +184,20 @@ class Trainer(abc.ABC):
                 self._resume_state = (path, st)
         self.dist = dist_info or D.init(cfg.get("device", "auto"))
         self.device = self.dist.device
+        # one run writes into a folder at a time: a second one started on it (a fresh run before
+        # the first checkpoint, a --resume of a run still going) passed the checks above, then
+        # moved the first one's logs aside and mixed checkpoints, config and export of two runs.
+        # Held from here (before data is made, synthetic data into the folder included) to the end
+        # of run(); every rank learns of a refusal, so none waits in a collective for rank 0.
+        self._held, refused = None, None
+        if self.dist.is_main:
+            try:
+                self._held = hold_folder(self.out, "training run")
+            except ConfigError as exc:
+                refused = exc
+        if D.any_flag(refused is not None, self.device):
+            raise refused or ConfigError(f"{self.out} is being written by another training run (the "
+                                         "main rank was refused it)")
         if int(cfg.get("threads") or 0) > 0:
             torch.set_num_threads(int(cfg["threads"]))
         self.seed = int(cfg["seed"])
@@ -709,14 +723,12 @@ class Trainer(abc.ABC):
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
-        # one run writes into a folder at a time: a second started on it (a fresh run before the
-        # first checkpoint, a --resume of a run still going) passed the checks above, then moved
-        # the first one's logs aside and mixed checkpoints, config and export of two runs
-        held = hold_folder(self.out, "training run") if self.dist.is_main else None
+        # the folder, held since __init__, is free again once the run ends, however it ends
         try:
             return self._run()
         finally:
-            release_folder(held)
+            release_folder(self._held)
+            self._held = None
 
     def _run(self) -> dict:
         cfg = self.cfg

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Iterable, Union
 
@@ -79,8 +80,9 @@ LOCK_NAME = ".lock"
 
 
 def hold_folder(folder, what: str):
-    """An exclusive lock (fcntl.flock on ``folder/.lock``) for one writer of ``folder``: the handle
-    to pass to :func:`release_folder`; the lock also ends with the process, however it ends.
+    """An exclusive lock (fcntl.flock on ``folder/.lock``, which names the holder's host and pid) for
+    one writer of ``folder``: a :class:`FolderHold` to pass to :func:`release_folder`; the lock also
+    ends with the process, however it ends.
     ConfigError naming the holder when another process has it: two evaluations, or two training
     runs, started on one folder checked it before either had written, then both wrote, mixing two
     runs' records (or one run's files deleted under the other by --restart). Where the file system
@@ -101,23 +103,43 @@ def hold_folder(folder, what: str):
         fh.seek(0)
         holder = fh.read().strip()
         fh.close()
-        raise ConfigError(f"{folder} is being written by another {what} (process {holder or 'unknown'}):"
-                          f" let it finish, or give this one another --out") from None
+        raise ConfigError(f"{folder} is being written by another {what} (host:process "
+                          f"{holder or 'unknown'}): let it finish, or write this one elsewhere") from None
     except OSError as exc:          # a file system without flock
         fh.close()
-        log.debug("no lock on %s (%s)", folder, exc)
+        log.warning("cannot lock %s (%s): another process writing into it would not be noticed",
+                    folder, exc)
         return None
     fh.seek(0)
     fh.truncate()
-    fh.write(f"{os.getpid()}\n")
+    fh.write(f"{socket.gethostname()}:{os.getpid()}\n")
     fh.flush()
-    return fh
+    return FolderHold(fh)
 
 
-def release_folder(handle) -> None:
+class FolderHold:
+    """The lock :func:`hold_folder` took. A copy (``copy.deepcopy`` of a trainer that keeps it, a
+    pickle) holds nothing: only the original releases the folder."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __deepcopy__(self, memo):
+        return FolderHold(None)
+
+    def __reduce__(self):
+        return (FolderHold, (None,))
+
+
+def release_folder(hold) -> None:
     """Ends the hold of :func:`hold_folder` (None: nothing held)."""
-    if handle is not None:
-        handle.close()
+    if hold is not None:
+        hold.release()
 
 
 def atomic_write(path, data: Data, durable: bool = True) -> Path:

@@ -378,6 +378,7 @@ class CompletionPipeline:
             return
         self._stop = threading.Event()
         self.mailbox = Mailbox()
+        self._missing_since = {}     # an activation starts its frames' grace afresh
         self.worker = threading.Thread(target=self._work, args=(self._stop, self.mailbox),
                                        name=WORKER_THREAD, daemon=True)
         self.worker.start()
@@ -541,7 +542,12 @@ class CompletionPipeline:
             found = self.frames.lookup(target, model, stamp_ns, 0.0)
         except frames.TransformUnavailable as exc:
             if exc.reason != frames.MISSING:
-                return None, False   # not yet at the stamp (odometry later than the scan): after it
+                # not yet at the stamp (odometry later than the scan): after it; a path exists, so a
+                # later spell without one starts its own grace
+                self._missing_since.pop(key, None)
+                return None, False
+            if key not in self._missing_since and len(self._missing_since) >= 64:
+                self._missing_since.pop(next(iter(self._missing_since)))  # frame ids that came and went
             first = self._missing_since.setdefault(key, time.monotonic())
             if time.monotonic() - first < MISSING_GRACE_S:
                 return None, False
@@ -624,6 +630,7 @@ class CompletionPipeline:
             return
         if not have_target:
             to_target = self._lookup(target, model, stamp_ns)
+            self._missing_since.pop((target, model), None)     # joined after all: grace ends
         from std_msgs.msg import Header
 
         if not target:

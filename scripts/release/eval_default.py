@@ -100,7 +100,8 @@ DATA_IDENTITY = ["dataset", "sequence", "seed", "source", "gt_cache"]
 def evaluate_row(row: str, args, src):
     """One row (or its two variants) over the frames of ``src`` (an evaluation SequenceSource)."""
     from lidar_completion.evaluation import EvalOptions, run_evaluation
-    from lidar_completion.evaluation.sources import COMPLETER_IDENTITY, completer_record
+    from lidar_completion.evaluation.sources import (COMPLETER_IDENTITY, REFINED_CUT, completer_record,
+                                                     refined_cut_record)
     from lidar_completion.fileutil import sha256_file
 
     keys, frames, load = src.keys, src.indices, src.load
@@ -139,6 +140,9 @@ def evaluate_row(row: str, args, src):
             run = {**base, **completer_record(comp), **run_extra, "label": lab, "refine": refine,
                    "identity_keys": DATA_IDENTITY + COMPLETER_IDENTITY,
                    "title": f"sequence {args.sequence}, {lab}"}
+            if refine:    # rows of refined frames from before the refined cut are not resumed
+                run.update(refined_cut_record(comp))
+                run["identity_keys"] = run["identity_keys"] + [REFINED_CUT]
             res[lab] = run_evaluation(keys, load, fn, Path(args.out) / f"{name}_{'refine' if refine else 'raw'}",
                                       run, options, indices=frames)
         return res

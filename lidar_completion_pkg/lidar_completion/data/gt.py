@@ -411,6 +411,10 @@ def _journal(out: Path, header: Dict, force: bool) -> List[Dict]:
             log.info("cache %s was built from other data or parameters (changed: %s); rebuilding",
                      out, _what_changed(old, header))
             records = []
+        elif "mtimes_sha256" not in (old.get("source") or {}):
+            log.info("cache %s was built before file modification times were recorded: kept as it "
+                     "is; a label file rewritten in place with the same size is not noticed in it "
+                     "(build-gt --force rebuilds it)", out)
     if not records:
         (out / "manifest.json").unlink(missing_ok=True)
         with JsonlWriter(jsonl, truncate=True) as journal:

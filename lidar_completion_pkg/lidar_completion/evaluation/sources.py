@@ -120,11 +120,8 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
                    label=options.label or (Path(checkpoint).stem if checkpoint else "model"))
         identity += COMPLETER_IDENTITY
         if completer.refine and completer.refiner is not None:
-            # the refined completion is cut at post_max_range too (since 0.2.0; before, only the
-            # unrefined one was): a folder of refined frames from before records no such cut and is
-            # refused, not resumed with frames of the other rule
-            run["refined_max_range"] = completer.post_max_range
-            identity.append("refined_max_range")
+            run.update(refined_cut_record(completer))
+            identity.append(REFINED_CUT)
         predict_fn = completer.complete_detailed
     run["identity_keys"] = identity
     run["title"] = f"sequence {src.sequence}, {run['label']}"
@@ -158,6 +155,17 @@ def evaluate_sequence(dataset_root, sequence="08", out="evaluation",
 COMPLETER_IDENTITY = ["weights", "steps", "guidance", "refine", "process", "n_fps", "tile", "fps_parts",
                       "min_range", "max_range", "min_z", "post_max_range", "min_points", "precision",
                       "noise_device"]
+
+
+#: The identity key of refined rows: the refined completion is cut at post_max_range too (since
+#: 0.2.0; before, only the unrefined one was). A folder of refined frames from before records no
+#: such cut and is refused, not resumed with frames of the other rule.
+REFINED_CUT = "refined_max_range"
+
+
+def refined_cut_record(completer) -> Dict:
+    """{REFINED_CUT: the cut} for a run whose frames are the refined completion."""
+    return {REFINED_CUT: completer.post_max_range}
 
 
 def completer_record(completer) -> Dict:
