@@ -837,6 +837,20 @@ def _live_members(pgid: int) -> list:
     return out
 
 
+def _sigterm_the_launch_alone(proc, wait_s: float) -> list:
+    """SIGTERM to the launch process only, as systemd or `docker stop` send it; then up to
+    ``wait_s`` for its group to empty. What was left running (then killed)."""
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(20)
+    end = time.monotonic() + wait_s
+    while _live_members(proc.pid) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = _live_members(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return left
+
+
 @pytest.mark.ros
 def test_ros2_launch_in_a_namespace_and_its_node_ends_with_a_sigtermed_launch(checkpoint, tmp_path):
     """namespace:=front node_name:=lc: the node is /front/lc on /front/velodyne_points ->
@@ -862,14 +876,7 @@ def test_ros2_launch_in_a_namespace_and_its_node_ends_with_a_sigtermed_launch(ch
         assert ("lc", "/front") in p.node.get_node_names_and_namespaces()
         publish_until_answered(p, pub, cloud(street(1500, 1), "velodyne", 10), outputs, proc, log)
         assert [c for _pid, c in _live_members(proc.pid) if "completion" in c], _live_members(proc.pid)
-        os.kill(proc.pid, signal.SIGTERM)          # the launch process only, as systemd would
-        proc.wait(20)
-        end = time.monotonic() + 20
-        while _live_members(proc.pid) and time.monotonic() < end:
-            time.sleep(0.2)
-        left = _live_members(proc.pid)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = _sigterm_the_launch_alone(proc, 20)
     text = log.read_text(errors="replace")
     assert not left, f"processes left running after the launch ended: {left}\n{text[-3000:]}"
     # what the node said after the launch (its output's reader) was gone: in its own log file
@@ -894,14 +901,7 @@ def test_a_launch_stopped_during_the_warm_up_takes_its_node_along(checkpoint, tm
         while time.monotonic() < end and "completing a warm-up scan" not in log.read_text(errors="replace"):
             time.sleep(0.05)
         assert "completing a warm-up scan" in log.read_text(errors="replace"), log.read_text()[-3000:]
-        os.kill(proc.pid, signal.SIGTERM)          # the launch process only, as systemd would
-        proc.wait(20)
-        end = time.monotonic() + 60
-        while _live_members(proc.pid) and time.monotonic() < end:
-            time.sleep(0.2)
-        left = _live_members(proc.pid)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = _sigterm_the_launch_alone(proc, 60)
     node_log = "".join(f.read_text(errors="replace") for f in (tmp_path / "ros_log").glob("*.log"))
     assert not left, f"processes left running after the launch ended: {left}\n{node_log[-3000:]}"
     assert "has ended: shutting down (exit_with_parent)" in node_log, node_log[-3000:]

@@ -152,7 +152,10 @@ class Trainer(abc.ABC):
     kind = "base"
 
     def __init__(self, cfg: dict, out_dir: str | os.PathLike, resume=None, max_steps: int | None = None,
-                 source=None, dist_info: D.DistInfo | None = None):
+                 source=None, dist_info: D.DistInfo | None = None, hold: bool = True):
+        """``hold``: keep other runs out of ``out_dir`` from here to the end of :meth:`run`; False
+        for a trainer built to be driven step by step or inspected, never run as a whole (the
+        research scripts build several on one work folder)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         earlier = CheckpointManager(self.out / "checkpoints")
@@ -190,12 +193,12 @@ class Trainer(abc.ABC):
         # Held from here (before data is made, synthetic data into the folder included) to the end
         # of run(); every rank learns of a refusal, so none waits in a collective for rank 0.
         self._held, refused = None, None
-        if self.dist.is_main:
+        if hold and self.dist.is_main:
             try:
                 self._held = hold_folder(self.out, "training run")
             except ConfigError as exc:
                 refused = exc
-        if D.any_flag(refused is not None, self.device):
+        if hold and D.any_flag(refused is not None, self.device):
             raise refused or ConfigError(f"{self.out} is being written by another training run (the "
                                          "main rank was refused it)")
         if int(cfg.get("threads") or 0) > 0:

@@ -71,7 +71,7 @@ def trainer_for(run: Path, ckpt: Path, args, work: Path) -> DistillTrainer:
         "log.tensorboard=false", "log.progress=false", "validation.every_steps=0"])
     if cfg["kind"] != "distill":
         raise SystemExit(f"--run {run}: a {cfg['kind']} run, not a distillation")
-    tr = DistillTrainer(cfg, work)
+    tr = DistillTrainer(cfg, work, hold=False)   # driven step by step, never run whole
     # the networks only: Trainer.load would also restore the optimisers and the data order, and
     # refuses a state written over another dataset (the training drives, not these held-out frames)
     state = load_state(ckpt)

@@ -60,7 +60,7 @@ def trainer_for(args, overrides: list) -> DistillTrainer:
         "log.tensorboard=false", "log.progress=false", f"distill.teacher={args.teacher}",
         "distill.refiner=null", "distill.spread_every_steps=1", f"distill.spread_samples={args.spread_samples}",
         "train.batchnorm=frozen", *overrides])
-    tr = DistillTrainer(cfg, args.work)
+    tr = DistillTrainer(cfg, args.work, hold=False)   # several on one work folder, none run whole
     if args.student:
         from lidar_completion.checkpoints import load_checkpoint
         tr.student.load_state_dict(load_checkpoint(args.student, backend="torch").denoiser.state_dict())
