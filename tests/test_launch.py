@@ -385,7 +385,8 @@ def test_setup_warns_of_unknown_arguments_and_refuses_missing_rviz2_before_any_a
     assert len(warned) == 1 and "'guidnce' (did you mean 'guidance'?), 'robot'" in warned[0], warned
     node = next(a for a in actions if hasattr(a, "kwargs"))   # the node still starts, without them
     from launch_ros.utilities import evaluate_parameters, normalize_parameters
-    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[-1] == {"exit_with_parent": True}
+    assert evaluate_parameters(context, normalize_parameters(node.kwargs["parameters"]))[-1] == \
+        {"exit_with_parent": True}
     try:
         from ament_index_python.packages import get_package_share_directory
         get_package_share_directory("rviz2")

@@ -275,7 +275,8 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, capsys)
     try:
         assert main(_args(npz, out, "--max-steps", "1")) == 1
         err = capsys.readouterr().err
-        assert f"being written by another training run (host:process {socket.gethostname()}:{os.getpid()})" in err, err
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        assert f"being written by another training run (host:process {holder})" in err, err
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]      # nothing written
     finally:
         release_folder(held)

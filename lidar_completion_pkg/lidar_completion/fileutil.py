@@ -75,7 +75,7 @@ def fsync_dir(path) -> None:
 
 
 # ------------------------------------------------------------------------------------ folder locks
-#: The lock file of an output folder held by :func:`hold_folder` (it holds the writer's pid).
+#: The lock file of an output folder held by :func:`hold_folder` (it names the writer: host:pid).
 LOCK_NAME = ".lock"
 
 
