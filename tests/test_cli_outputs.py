@@ -134,6 +134,27 @@ def test_skip_existing_resumes_after_a_failed_write(ckpt, scan_file, tmp_path, m
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
 
 
+def test_a_killed_batchs_temporary_files_are_removed_by_the_next(ckpt, tmp_path, capsys):
+    """A batch killed while writing left <output>.<pid>.tmp beside its outputs for good (the rerun
+    with --skip-existing never looked at it); one of a batch still running is left alone."""
+    import os
+    import subprocess
+
+    scans, out = tmp_path / "scans", tmp_path / "dense"
+    write_cloud(scans / "a.bin", _scan(seed=1))
+    write_cloud(scans / "b.bin", _scan(seed=2))
+    out.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, live = out / f"b.bin.{gone.pid}.tmp", out / f"a.bin.{os.getppid()}.tmp"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"being written")
+    assert _complete(scans, "-o", out, "--skip-existing", "--no-progress", "--checkpoint", ckpt,
+                     "--seed", "0", *FAST) == 0
+    assert "completed 2 of 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.bin", "b.bin", live.name])
+
+
 # ------------------------------------------------------------------------ 2. render names
 def test_batch_refuses_two_inputs_rendered_to_one_png(ckpt, tmp_path, capsys):
     scans = tmp_path / "scans"

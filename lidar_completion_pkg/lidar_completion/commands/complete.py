@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--skip-existing", action="store_true",
                    help="with several inputs or an output folder (-o DIR/): leave scans whose output "
                         "file exists (resume a batch)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar over a batch (there is one on a terminal only)")
     add_threads_argument(p)
     add_arguments(p)
     p.set_defaults(func=run)
@@ -244,6 +246,18 @@ def run(args) -> int:
     return 0
 
 
+def _remove_stale_temporaries(targets: list[Path]) -> None:
+    """The temporary files (``<output>.<pid>.tmp``) a killed batch left beside its outputs: never
+    read (--skip-existing looks at finished names only), but full-sized scans. Those of a batch
+    still running into the folder are left alone."""
+    from ..fileutil import stale_tmp
+
+    for target in targets:
+        for tmp in target.parent.glob(target.name + ".*.tmp"):
+            if stale_tmp(tmp):
+                tmp.unlink(missing_ok=True)
+
+
 def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
     from ..progress import progress_bar
 
@@ -260,6 +274,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
     if render_dir is not None:
         _check_writable(render_dir, "--render", folder=True)
     targets = [out_dir / (f.stem + (f".{args.format}" if args.format else f.suffix.lower())) for f in files]
+    _remove_stale_temporaries(targets)
     if args.ascii and any(t.suffix not in (".ply", ".pcd") for t in targets):
         log.warning("--ascii applies to .ply and .pcd outputs; .bin and .npy ones are written in their "
                     "binary formats")
@@ -292,7 +307,7 @@ def _run_batch(args, settings, files: list[Path], out_dir: Path) -> int:
     completer = Completer.from_settings(settings)
     failed, done, skipped = [], 0, 0
     bar = progress_bar(list(zip(files, targets, renders)), desc="complete", unit="scan",
-                       file=sys.stderr, disable=len(files) < 2 or None)
+                       file=sys.stderr, disable=len(files) < 2 or getattr(args, "no_progress", False) or None)
     for i, (src, dst, png) in enumerate(bar):
         if args.skip_existing and dst.exists():
             skipped += 1
