@@ -825,16 +825,16 @@ def test_ros2_launch_bag_with_its_own_player_where_rosbag2_is_missing(checkpoint
 
 
 def _live_members(pgid: int) -> list:
-    """(pid, command) of the processes of group ``pgid`` that are not zombies."""
+    """(pid, name) of the processes of group ``pgid`` that are not zombies."""
+    import psutil
+
     out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in psutil.process_iter(["name", "status"]):
         try:
-            text = stat.read_text()
-        except OSError:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append((proc.pid, proc.info["name"]))
+        except (OSError, psutil.Error):     # gone meanwhile
             continue
-        fields = text.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append((int(stat.parent.name), text.split("(", 1)[1].split(")", 1)[0]))
     return out
 
 

@@ -80,8 +80,14 @@ def test_valid_values_reach_the_replay(tmp_path, monkeypatch, no_replay):
     assert ran and json.loads(events.read_text())["error"] is None
 
 
-def test_the_launch_files_player_without_a_record_passes_the_checks():
+def test_the_launch_files_player_without_a_record_passes_the_checks(monkeypatch):
     """The launch file runs this player with --events /dev/null (no record kept): the writability
-    check of the events' folder must not refuse it where /dev takes no new files (a non-root user)."""
+    check of the events' folder must not refuse it where /dev takes no new files (a non-root user,
+    as the check says for /dev here; root may create files there)."""
+    import lidar_completion.cli as cli
+
+    monkeypatch.setattr(cli, "unwritable_folder", lambda folder: f"cannot create files in {folder}")
     args = replay.build_parser().parse_args(["bag", "--no-node", "--events", os.devnull])
     assert replay._check_args(args) is None
+    other = replay.build_parser().parse_args(["bag", "--no-node", "--events", "/dev/e.json"])
+    assert "cannot create files in /dev" in replay._check_args(other)

@@ -97,6 +97,21 @@ def unwritable_folder(folder):
     return None
 
 
+def pacing_problem(args, timeouts) -> str | None:
+    """Why a replay's ``--rate`` (finite, > 0) or one of its ``timeouts`` (attribute names of
+    seconds: finite, >= 0) cannot be taken, or None. Shared by bag-bench --live and the replay it
+    runs: nan passed "rate <= 0" and played forever or nothing."""
+    import math
+
+    if not (args.rate > 0 and math.isfinite(args.rate)):
+        return f"--rate must be a finite number > 0, found {args.rate}"
+    for name in timeouts:
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            return f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, found {value}"
+    return None
+
+
 def _is_tmp_of(name, path) -> bool:
     """Whether ``name`` is a temporary name of ``path`` (``<path>.<pid>.tmp``)."""
     from pathlib import Path

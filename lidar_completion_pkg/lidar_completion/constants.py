@@ -4,7 +4,7 @@ without a model read them here without loading torch. The modules that act on th
 """
 from __future__ import annotations
 
-__all__ = ["DEFAULTS", "BACKENDS", "PROCESSES"]
+__all__ = ["DEFAULTS", "BACKENDS", "PROCESSES", "MAX_STAMP_S"]
 
 #: Published pre/post-processing limits (docs/method.md, "Data and ground truth"): ranges in metres,
 #: the scan's farthest-point sample size ``n_fps`` and how many times it is tiled into the starting
@@ -19,3 +19,6 @@ BACKENDS = ("auto", "minkowski", "torch", "triton")
 #: from x_init, although the networks are trained on x_t = x_0 + sigma_t eps); "local": the same
 #: solver for the process the networks are trained on (alpha_t = 1).
 PROCESSES = ("vp", "local")
+
+#: The latest second a bag stamp holds: builtin_interfaces/Time's seconds are an int32 (2038).
+MAX_STAMP_S = 2**31 - 1

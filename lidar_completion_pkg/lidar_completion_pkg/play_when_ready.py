@@ -97,11 +97,8 @@ def cloud_subscriptions(graph, name: str) -> list[str]:
     Node) has discovered: in any namespace for a plain name, in that one for a full name
     (``/front/lidar_completion``)."""
     topics = []
-    wanted_ns, _, wanted = name.rpartition("/") if name.startswith("/") else (None, "", name)
     for node_name, namespace in graph.get_node_names_and_namespaces():
-        if node_name != wanted:
-            continue
-        if wanted_ns is not None and namespace.rstrip("/") != wanted_ns.rstrip("/"):
+        if not _same_node(f"{namespace.rstrip('/')}/{node_name}", name):
             continue
         try:
             subs = graph.get_subscriber_names_and_types_by_node(node_name, namespace)

@@ -526,16 +526,13 @@ def _check_args(args) -> str | None:
     """What is wrong with the command line, or None: found before the node starts and the bag plays
     (a value that makes no sense was taken and played nothing, or forever; an events path that
     cannot be written failed only after the whole replay, losing it)."""
-    from lidar_completion.cli import unwritable_folder
+    from lidar_completion.cli import pacing_problem, unwritable_folder
 
-    if not (args.rate > 0 and math.isfinite(args.rate)):
-        return f"--rate must be a finite number > 0, found {args.rate}"
+    problem = pacing_problem(args, ("ready_timeout", "drain_timeout", "busy_timeout", "settle"))
+    if problem is not None:
+        return problem
     if args.limit is not None and args.limit < 1:
         return f"--limit must be >= 1, found {args.limit}"
-    for name in ("ready_timeout", "drain_timeout", "busy_timeout", "settle"):
-        value = getattr(args, name)
-        if not (value >= 0 and math.isfinite(value)):
-            return f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, found {value}"
     if not (args.memory_interval > 0 and math.isfinite(args.memory_interval)):
         return f"--memory-interval must be a finite number of seconds > 0, found {args.memory_interval}"
     if args.depth < 1:

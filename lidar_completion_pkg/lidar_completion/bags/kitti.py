@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import MAX_STAMP_S
 from ..errors import DatasetError, LidarCompletionError
 from .io import DEFAULT_FRAME, DEFAULT_TOPIC, TF_STATIC_TOPIC, BagWriter, make_cloud, make_tf
 
@@ -80,11 +81,10 @@ def bag_from_kitti(root, sequence, out, storage: str = "mcap", limit: int | None
         raise DatasetError(f"{seq.path / 'times.txt'} does not exist: a bag needs each scan's time "
                            "(one line of seconds per scan, as KITTI ships it)")
     stamps = [int(start_time_ns) + int(round(float(t) * 1e9)) for t in seq.times[:n]]
-    if stamps and not 0 <= min(stamps) <= max(stamps) < 2**31 * 10**9:
-        # a stamp's seconds are an int32 (builtin_interfaces/Time): found here, not as a
-        # serialisation error mid-bag
+    if stamps and not 0 <= min(stamps) <= max(stamps) < (MAX_STAMP_S + 1) * 10**9:
+        # found here, not as a serialisation error mid-bag
         raise DatasetError(f"the stamps would run from {min(stamps) / 1e9:.0f} to {max(stamps) / 1e9:.0f} s "
-                           f"(start time + times.txt), outside a ROS stamp's 0..{2**31 - 1} s: give an "
+                           f"(start time + times.txt), outside a ROS stamp's 0..{MAX_STAMP_S} s: give an "
                            "earlier start time")
     base_from_velo, odom_from_base = base_transforms(seq.poses[:n], sensor_height)
     n_points = 0

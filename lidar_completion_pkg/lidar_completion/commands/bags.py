@@ -13,15 +13,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..cli import apply_threads, pacing_problem
+from ..constants import MAX_STAMP_S
 from ..errors import ConfigError
-from ..cli import apply_threads
 from ..settings import CompletionSettings, add_arguments
 
 LIVE_BENCH_GROUP = "lidar_completion.live_bench"
 #: The largest ROS_DOMAIN_ID with which DDS (Fast DDS's port formula) still has ports.
 MAX_DOMAIN_ID = 232
-#: The latest start time a bag stamp holds: builtin_interfaces/Time's seconds are an int32 (2038).
-MAX_STAMP_S = 2**31 - 1
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +140,9 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {value}")
-    if not (args.rate > 0 and math.isfinite(args.rate)):
-        raise ConfigError(f"--rate must be a finite number > 0, found {args.rate}")
-    for name in ("ready_timeout", "drain_timeout", "busy_timeout"):
-        value = getattr(args, name)
-        if not (value >= 0 and math.isfinite(value)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, "
-                              f"found {value}")
+    problem = pacing_problem(args, ("ready_timeout", "drain_timeout", "busy_timeout"))
+    if problem is not None:
+        raise ConfigError(problem)
     if args.domain_id is not None and not 0 <= args.domain_id <= MAX_DOMAIN_ID:
         # beyond it Fast DDS cannot compute its ports, and the node dies with an RTPS error
         raise ConfigError(f"--domain-id must be 0..{MAX_DOMAIN_ID} (ROS 2 recommends 0..101), found "
